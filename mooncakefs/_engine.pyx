@@ -1,0 +1,421 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Hot paths in Cython: buffer copies and CRC-32C with the GIL released, the DRAM pool allocator,
+the pool arena and the compact index entry.
+
+Each has a pure-Python twin in ``mooncakefs._reference`` that the tests run against this module.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free as c_free, malloc, realloc
+from libc.string cimport memcpy
+
+mc_crc32c_init()
+
+cdef extern from *:
+    """
+    /* Copies at least this large release the GIL (below it, the release costs more than it frees). */
+    #define MC_GIL_FREE_BYTES 65536
+    /* The allocator works in 64-byte units: values start on cache-line boundaries. */
+    #define MC_UNIT 64
+    #define MC_NONE 0xFFFFFFFFu
+    #define MC_NUM_BINS 256
+    enum { MC_FREE = 0, MC_USED = 1, MC_SPARE = 2 };
+    """
+    const size_t GIL_FREE_BYTES "MC_GIL_FREE_BYTES"
+    const size_t UNIT "MC_UNIT"
+    const uint32_t NONE "MC_NONE"
+    const int NUM_BINS "MC_NUM_BINS"
+    const uint8_t FREE "MC_FREE"
+    const uint8_t USED "MC_USED"
+    const uint8_t SPARE "MC_SPARE"
+
+ALLOC_UNIT = UNIT
+
+
+cdef inline int _get_read(object obj, Py_buffer *view, str what) except -1:
+    try:
+        PyObject_GetBuffer(obj, view, PyBUF_SIMPLE)
+    except BufferError as exc:
+        raise TypeError(f"{what} must be a C-contiguous bytes-like object: {exc}") from None
+    except TypeError:
+        raise TypeError(f"{what} must be a bytes-like object (bytes, bytearray, memoryview, numpy array), "
+                        f"not {type(obj).__name__}") from None
+    return 0
+
+
+cdef inline int _get_write(object obj, Py_buffer *view, str what) except -1:
+    try:
+        PyObject_GetBuffer(obj, view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+    except (BufferError, ValueError) as exc:  # numpy says ValueError for read-only arrays
+        raise TypeError(f"{what} must be a writable, C-contiguous buffer (bytearray, numpy array, "
+                        f"writable memoryview): {exc}") from None
+    except TypeError:
+        raise TypeError(f"{what} must be a writable buffer (bytearray, numpy array, writable memoryview), "
+                        f"not {type(obj).__name__}") from None
+    return 0
+
+
+cdef inline void _memcpy(void *dst, const void *src, size_t n) noexcept:
+    if n >= GIL_FREE_BYTES:
+        with nogil:
+            memcpy(dst, src, n)
+    else:
+        memcpy(dst, src, n)
+
+
+cdef inline uint32_t _crc(uint32_t crc, const uint8_t *p, size_t n) noexcept:
+    if n >= GIL_FREE_BYTES:
+        with nogil:
+            return mc_crc32c(crc, p, n)
+    return mc_crc32c(crc, p, n)
+
+
+def nbytes(obj) -> int:
+    """Length in bytes of any C-contiguous buffer (TypeError otherwise)."""
+    cdef Py_buffer view
+    _get_read(obj, &view, "value")
+    cdef Py_ssize_t n = view.len
+    PyBuffer_Release(&view)
+    return n
+
+
+def copy(dst, src) -> int:
+    """Copy the bytes of ``src`` into the start of ``dst``; returns the number of bytes copied."""
+    cdef Py_buffer s, d
+    _get_read(src, &s, "source")
+    try:
+        _get_write(dst, &d, "destination")
+        try:
+            if d.len < s.len:
+                raise ValueError(f"destination holds {d.len} bytes, source has {s.len}")
+            _memcpy(d.buf, s.buf, s.len)
+            return s.len
+        finally:
+            PyBuffer_Release(&d)
+    finally:
+        PyBuffer_Release(&s)
+
+
+def crc32c(data, uint32_t crc=0) -> int:
+    """CRC-32C (Castagnoli) of ``data``, continuing from ``crc`` (hardware-accelerated where possible)."""
+    cdef Py_buffer v
+    _get_read(data, &v, "data")
+    try:
+        return _crc(crc, <const uint8_t *>v.buf, v.len)
+    finally:
+        PyBuffer_Release(&v)
+
+
+def crc32c_portable(data, uint32_t crc=0) -> int:
+    """The table-driven CRC-32C, whatever the CPU offers: lets tests check both C paths."""
+    cdef Py_buffer v
+    _get_read(data, &v, "data")
+    try:
+        return mc_crc32c_portable(crc, <const uint8_t *>v.buf, v.len)
+    finally:
+        PyBuffer_Release(&v)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Offset allocator: a two-level segregated-fit allocator over 64-byte units with O(1) alloc and free.
+# Free blocks sit in 256 bins spaced like a tiny float (3 mantissa bits: ~12.5% apart); a block is
+# binned by its size rounded down and a request looks from its size rounded up, so any block found
+# fits.  Blocks keep address-order neighbour links, so a freed block merges with free neighbours.
+# All bookkeeping lives outside the pool (the pool is shared memory other processes may map).
+
+cdef inline uint32_t _bin_down(uint32_t units) noexcept nogil:
+    if units < 8:
+        return units
+    cdef int high = 31 - __builtin_clz(units)
+    cdef int shift = high - 3
+    return ((<uint32_t>(shift + 1)) << 3) | ((units >> shift) & 7)
+
+
+cdef inline uint32_t _bin_up(uint32_t units) noexcept nogil:
+    if units < 8:
+        return units
+    cdef int high = 31 - __builtin_clz(units)
+    cdef int shift = high - 3
+    cdef uint32_t b = ((<uint32_t>(shift + 1)) << 3) | ((units >> shift) & 7)
+    if units & ((1u << shift) - 1):
+        b += 1
+    return b
+
+
+cdef class OffsetAllocator:
+    """Hands out byte ranges of a pool of ``capacity`` bytes; ``alloc`` returns a handle or -1."""
+
+    def __cinit__(self, size_t capacity):
+        if capacity // UNIT >= NONE:
+            raise ValueError(f"pool of {capacity} bytes is too large for 32-bit units")
+        self.capacity = (capacity // UNIT) * UNIT
+        self.units = capacity // UNIT
+        self.room = 64
+        self.n_off = <uint32_t *>malloc(self.room * sizeof(uint32_t))
+        self.n_size = <uint32_t *>malloc(self.room * sizeof(uint32_t))
+        self.n_bin_prev = <uint32_t *>malloc(self.room * sizeof(uint32_t))
+        self.n_bin_next = <uint32_t *>malloc(self.room * sizeof(uint32_t))
+        self.n_addr_prev = <uint32_t *>malloc(self.room * sizeof(uint32_t))
+        self.n_addr_next = <uint32_t *>malloc(self.room * sizeof(uint32_t))
+        self.n_state = <uint8_t *>malloc(self.room * sizeof(uint8_t))
+        self.spare = <uint32_t *>malloc(self.room * sizeof(uint32_t))
+        if not (self.n_off and self.n_size and self.n_bin_prev and self.n_bin_next and self.n_addr_prev
+                and self.n_addr_next and self.n_state and self.spare):
+            raise MemoryError()
+        cdef int i
+        for i in range(NUM_BINS):
+            self.heads[i] = NONE
+        for i in range(32):
+            self.leaf_mask[i] = 0
+        if self.units:
+            n = self._new_node()
+            self.n_off[n] = 0
+            self.n_size[n] = self.units
+            self.n_addr_prev[n] = NONE
+            self.n_addr_next[n] = NONE
+            self._insert_free(n)
+
+    def __dealloc__(self):
+        c_free(self.n_off); c_free(self.n_size); c_free(self.n_bin_prev); c_free(self.n_bin_next)
+        c_free(self.n_addr_prev); c_free(self.n_addr_next); c_free(self.n_state); c_free(self.spare)
+
+    cdef uint32_t _new_node(self) except 0xFFFFFFFF:
+        cdef uint32_t n
+        if self.spare_len:
+            self.spare_len -= 1
+            return self.spare[self.spare_len]
+        if self.count == self.room:
+            room = self.room * 2
+            self.n_off = <uint32_t *>_grow(self.n_off, room * sizeof(uint32_t))
+            self.n_size = <uint32_t *>_grow(self.n_size, room * sizeof(uint32_t))
+            self.n_bin_prev = <uint32_t *>_grow(self.n_bin_prev, room * sizeof(uint32_t))
+            self.n_bin_next = <uint32_t *>_grow(self.n_bin_next, room * sizeof(uint32_t))
+            self.n_addr_prev = <uint32_t *>_grow(self.n_addr_prev, room * sizeof(uint32_t))
+            self.n_addr_next = <uint32_t *>_grow(self.n_addr_next, room * sizeof(uint32_t))
+            self.n_state = <uint8_t *>_grow(self.n_state, room * sizeof(uint8_t))
+            self.spare = <uint32_t *>_grow(self.spare, room * sizeof(uint32_t))
+            self.room = room
+        n = self.count
+        self.count += 1
+        return n
+
+    cdef void _insert_free(self, uint32_t n) noexcept nogil:
+        cdef uint32_t b = _bin_down(self.n_size[n])
+        cdef uint32_t head = self.heads[b]
+        self.n_state[n] = FREE
+        self.n_bin_prev[n] = NONE
+        self.n_bin_next[n] = head
+        if head != NONE:
+            self.n_bin_prev[head] = n
+        self.heads[b] = n
+        self.top_mask |= 1u << (b >> 3)
+        self.leaf_mask[b >> 3] |= <uint8_t>(1u << (b & 7))
+
+    cdef void _remove_free(self, uint32_t n) noexcept nogil:
+        cdef uint32_t b = _bin_down(self.n_size[n])
+        cdef uint32_t prev = self.n_bin_prev[n], nxt = self.n_bin_next[n]
+        if prev != NONE:
+            self.n_bin_next[prev] = nxt
+        else:
+            self.heads[b] = nxt
+        if nxt != NONE:
+            self.n_bin_prev[nxt] = prev
+        if self.heads[b] == NONE:
+            self.leaf_mask[b >> 3] &= <uint8_t>~(1u << (b & 7))
+            if self.leaf_mask[b >> 3] == 0:
+                self.top_mask &= ~(1u << (b >> 3))
+
+    cdef uint32_t _find_bin(self, uint32_t b) noexcept nogil:
+        cdef uint32_t t = b >> 3
+        cdef uint32_t leaf = self.leaf_mask[t] & ((0xFF << (b & 7)) & 0xFF)
+        if leaf:
+            return (t << 3) | <uint32_t>__builtin_ctz(leaf)
+        cdef uint64_t above = (<uint64_t>self.top_mask) & ~((<uint64_t>2 << t) - 1)
+        if above == 0:
+            return NONE
+        t = <uint32_t>__builtin_ctzll(above)
+        return (t << 3) | <uint32_t>__builtin_ctz(self.leaf_mask[t])
+
+    def alloc(self, size_t nbytes) -> int:
+        """A handle for ``nbytes`` (at least one unit), or -1 when no free block is large enough.
+
+        O(1) unless the pool is nearly full: then the one bin holding blocks within 12.5% of the request
+        is scanned."""
+        cdef size_t want = (nbytes + UNIT - 1) // UNIT
+        if want == 0:
+            want = 1
+        if want > self.units:
+            return -1
+        cdef uint32_t units = <uint32_t>want
+        cdef uint32_t b = _bin_up(units)
+        cdef uint32_t n = NONE
+        if b < NUM_BINS:
+            b = self._find_bin(b)
+            if b != NONE:
+                n = self.heads[b]
+        if n == NONE:
+            # Every block in the bins searched fits; a block in the request's own rounded-down bin may
+            # fit too (its size lies between two bin sizes).  Look there before giving up.
+            n = self.heads[_bin_down(units)]
+            while n != NONE and self.n_size[n] < units:
+                n = self.n_bin_next[n]
+            if n == NONE:
+                return -1
+        self._remove_free(n)
+        cdef uint32_t rest, after
+        if self.n_size[n] > units:
+            rest = self._new_node()
+            self.n_off[rest] = self.n_off[n] + units
+            self.n_size[rest] = self.n_size[n] - units
+            after = self.n_addr_next[n]
+            self.n_addr_prev[rest] = n
+            self.n_addr_next[rest] = after
+            if after != NONE:
+                self.n_addr_prev[after] = rest
+            self.n_addr_next[n] = rest
+            self.n_size[n] = units
+            self._insert_free(rest)
+        self.n_state[n] = USED
+        self.used_units += units
+        return n
+
+    def free(self, long long handle) -> None:
+        """Return a block; it merges with free neighbours."""
+        if handle < 0 or handle >= self.count or self.n_state[handle] != USED:
+            raise ValueError(f"handle {handle} is not allocated")
+        cdef uint32_t n = <uint32_t>handle
+        cdef uint32_t other
+        self.used_units -= self.n_size[n]
+        other = self.n_addr_prev[n]
+        if other != NONE and self.n_state[other] == FREE:
+            self._remove_free(other)
+            self.n_off[n] = self.n_off[other]
+            self.n_size[n] += self.n_size[other]
+            self.n_addr_prev[n] = self.n_addr_prev[other]
+            if self.n_addr_prev[other] != NONE:
+                self.n_addr_next[self.n_addr_prev[other]] = n
+            self._retire(other)
+        other = self.n_addr_next[n]
+        if other != NONE and self.n_state[other] == FREE:
+            self._remove_free(other)
+            self.n_size[n] += self.n_size[other]
+            self.n_addr_next[n] = self.n_addr_next[other]
+            if self.n_addr_next[other] != NONE:
+                self.n_addr_prev[self.n_addr_next[other]] = n
+            self._retire(other)
+        self._insert_free(n)
+
+    cdef void _retire(self, uint32_t n) noexcept nogil:
+        self.n_state[n] = SPARE
+        self.spare[self.spare_len] = n
+        self.spare_len += 1
+
+    def offset(self, long long handle) -> int:
+        """Byte offset of an allocated block in the pool."""
+        return <size_t>self.n_off[handle] * UNIT
+
+    def block_size(self, long long handle) -> int:
+        """Bytes reserved for a block (the request rounded up to the unit)."""
+        return <size_t>self.n_size[handle] * UNIT
+
+    @property
+    def used(self) -> int:
+        """Bytes handed out (each request rounded up to 64 bytes)."""
+        return self.used_units * UNIT
+
+    @property
+    def free_bytes(self) -> int:
+        return (self.units - self.used_units) * UNIT
+
+
+cdef void *_grow(void *p, size_t n) except NULL:
+    cdef void *q = realloc(p, n)
+    if q == NULL:
+        raise MemoryError()
+    return q
+
+
+# ---------------------------------------------------------------------------------------------------
+
+cdef class Arena:
+    """A writable pool buffer (the DRAM tier's shared-memory map) pinned once so that every copy in
+    and out is a bounds-checked memcpy without per-call buffer set-up."""
+
+    def __cinit__(self, pool):
+        _get_write(pool, &self.buf, "pool")
+        self.held = True
+        self.base = <uint8_t *>self.buf.buf
+        self.size = self.buf.len
+
+    def release(self) -> None:
+        """Unpin the pool buffer so its owner (an mmap) can close."""
+        if self.held:
+            PyBuffer_Release(&self.buf)
+            self.held = False
+            self.base = NULL
+            self.size = 0
+
+    def __dealloc__(self):
+        if self.held:
+            PyBuffer_Release(&self.buf)
+
+    cdef int _check(self, size_t off, size_t n) except -1:
+        if not self.held:
+            raise ValueError("arena is released")
+        if off > self.size or n > self.size - off:
+            raise ValueError(f"range [{off}, {off + n}) is outside the {self.size}-byte pool")
+        return 0
+
+    def write(self, size_t off, src) -> int:
+        """Copy buffer ``src`` into the pool at ``off``; returns its length."""
+        cdef Py_buffer s
+        _get_read(src, &s, "value")
+        try:
+            self._check(off, s.len)
+            _memcpy(self.base + off, s.buf, s.len)
+            return s.len
+        finally:
+            PyBuffer_Release(&s)
+
+    def read_into(self, size_t off, size_t n, dst) -> int:
+        """Copy ``n`` pool bytes at ``off`` into the start of writable buffer ``dst``."""
+        cdef Py_buffer d
+        self._check(off, n)
+        _get_write(dst, &d, "buffer")
+        try:
+            if <size_t>d.len < n:
+                raise ValueError(f"buffer holds {d.len} bytes, {n} needed")
+            _memcpy(d.buf, self.base + off, n)
+            return n
+        finally:
+            PyBuffer_Release(&d)
+
+    def read(self, size_t off, size_t n) -> bytes:
+        """A new bytes object holding ``n`` pool bytes at ``off``."""
+        self._check(off, n)
+        out = PyBytes_FromStringAndSize(NULL, n)
+        _memcpy(PyBytes_AS_STRING(out), self.base + off, n)
+        return out
+
+    def crc32c(self, size_t off, size_t n) -> int:
+        """CRC-32C of ``n`` pool bytes at ``off``."""
+        self._check(off, n)
+        return _crc(0, self.base + off, n)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+cdef class Entry:
+    """Where one object lives: a DRAM block and/or an SSD segment record (-1 when absent), its size,
+    CRC-32C (-1 until first computed), expiry (unix time, 0 for none), read leases and SSD hits.
+    A C struct with attribute access: 80 bytes, not tracked by the garbage collector."""
+
+    def __cinit__(self, long long size=0):
+        self.size = size
+        self.dram = -1
+        self.dram_off = -1
+        self.seg = -1
+        self.seg_off = -1
+        self.crc = -1

@@ -1,0 +1,243 @@
+"""Pure-Python twins of the Cython hot paths in ``mooncakefs._engine``.
+
+They run the same algorithms step for step (the allocator hands out the same handles and offsets for
+the same calls), slowly and obviously, so the tests can check the fast versions against them.
+"""
+
+from __future__ import annotations
+
+ALLOC_UNIT = 64
+_NONE = -1
+_NUM_BINS = 256
+_FREE, _USED, _SPARE = 0, 1, 2
+_POLY = 0x82F63B78
+
+
+def _read_view(obj: object, what: str) -> memoryview:
+    try:
+        view = memoryview(obj)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{what} must be a bytes-like object, not {type(obj).__name__}") from None
+    if not view.c_contiguous:
+        raise TypeError(f"{what} must be a C-contiguous bytes-like object")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _write_view(obj: object, what: str) -> memoryview:
+    view = _read_view(obj, what)
+    if view.readonly:
+        raise TypeError(f"{what} must be a writable buffer")
+    return view
+
+
+def nbytes(obj: object) -> int:
+    return _read_view(obj, "value").nbytes
+
+
+def copy(dst: object, src: object) -> int:
+    s = _read_view(src, "source")
+    d = _write_view(dst, "destination")
+    if d.nbytes < s.nbytes:
+        raise ValueError(f"destination holds {d.nbytes} bytes, source has {s.nbytes}")
+    d[: s.nbytes] = s
+    return s.nbytes
+
+
+def crc32c(data: object, crc: int = 0) -> int:
+    """Bit-at-a-time CRC-32C: the definition, with no tables to get wrong."""
+    reg = crc ^ 0xFFFFFFFF
+    for byte in _read_view(data, "data").tobytes():
+        reg ^= byte
+        for _ in range(8):
+            reg = (reg >> 1) ^ (_POLY & -(reg & 1))
+    return reg ^ 0xFFFFFFFF
+
+
+crc32c_portable = crc32c
+
+
+def _bin_down(units: int) -> int:
+    if units < 8:
+        return units
+    shift = units.bit_length() - 4
+    return ((shift + 1) << 3) | ((units >> shift) & 7)
+
+
+def _bin_up(units: int) -> int:
+    b = _bin_down(units)
+    if units >= 8 and units & ((1 << (units.bit_length() - 4)) - 1):
+        b += 1
+    return b
+
+
+class OffsetAllocator:
+    """Segregated-fit allocator over 64-byte units (see the Cython version for the design)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.units = capacity // ALLOC_UNIT
+        if self.units >= 0xFFFFFFFF:
+            raise ValueError(f"pool of {capacity} bytes is too large for 32-bit units")
+        self.capacity = self.units * ALLOC_UNIT
+        self.used_units = 0
+        self.off: list[int] = []
+        self.size: list[int] = []
+        self.bin_prev: list[int] = []
+        self.bin_next: list[int] = []
+        self.addr_prev: list[int] = []
+        self.addr_next: list[int] = []
+        self.state: list[int] = []
+        self.spare: list[int] = []
+        self.heads = [_NONE] * _NUM_BINS
+        if self.units:
+            n = self._new_node()
+            self.off[n], self.size[n] = 0, self.units
+            self._insert_free(n)
+
+    def _new_node(self) -> int:
+        if self.spare:
+            return self.spare.pop()
+        for column in (self.off, self.size, self.bin_prev, self.bin_next, self.addr_prev, self.addr_next,
+                       self.state):
+            column.append(_NONE)
+        return len(self.off) - 1
+
+    def _insert_free(self, n: int) -> None:
+        b = _bin_down(self.size[n])
+        head = self.heads[b]
+        self.state[n], self.bin_prev[n], self.bin_next[n] = _FREE, _NONE, head
+        if head != _NONE:
+            self.bin_prev[head] = n
+        self.heads[b] = n
+
+    def _remove_free(self, n: int) -> None:
+        b = _bin_down(self.size[n])
+        prev, nxt = self.bin_prev[n], self.bin_next[n]
+        if prev != _NONE:
+            self.bin_next[prev] = nxt
+        else:
+            self.heads[b] = nxt
+        if nxt != _NONE:
+            self.bin_prev[nxt] = prev
+
+    def alloc(self, nbytes: int) -> int:
+        units = max(1, -(-nbytes // ALLOC_UNIT))
+        if units > self.units:
+            return -1
+        found = next((i for i in range(_bin_up(units), _NUM_BINS) if self.heads[i] != _NONE), None)
+        if found is not None:
+            n = self.heads[found]
+        else:  # a block in the request's rounded-down bin may still be large enough
+            n = self.heads[_bin_down(units)]
+            while n != _NONE and self.size[n] < units:
+                n = self.bin_next[n]
+            if n == _NONE:
+                return -1
+        self._remove_free(n)
+        if self.size[n] > units:
+            rest = self._new_node()
+            self.off[rest], self.size[rest] = self.off[n] + units, self.size[n] - units
+            after = self.addr_next[n]
+            self.addr_prev[rest], self.addr_next[rest] = n, after
+            if after != _NONE:
+                self.addr_prev[after] = rest
+            self.addr_next[n] = rest
+            self.size[n] = units
+            self._insert_free(rest)
+        self.state[n] = _USED
+        self.used_units += units
+        return n
+
+    def free(self, handle: int) -> None:
+        if not 0 <= handle < len(self.state) or self.state[handle] != _USED:
+            raise ValueError(f"handle {handle} is not allocated")
+        n = handle
+        self.used_units -= self.size[n]
+        other = self.addr_prev[n]
+        if other != _NONE and self.state[other] == _FREE:
+            self._remove_free(other)
+            self.off[n] = self.off[other]
+            self.size[n] += self.size[other]
+            self.addr_prev[n] = self.addr_prev[other]
+            if self.addr_prev[other] != _NONE:
+                self.addr_next[self.addr_prev[other]] = n
+            self._retire(other)
+        other = self.addr_next[n]
+        if other != _NONE and self.state[other] == _FREE:
+            self._remove_free(other)
+            self.size[n] += self.size[other]
+            self.addr_next[n] = self.addr_next[other]
+            if self.addr_next[other] != _NONE:
+                self.addr_prev[self.addr_next[other]] = n
+            self._retire(other)
+        self._insert_free(n)
+
+    def _retire(self, n: int) -> None:
+        self.state[n] = _SPARE
+        self.spare.append(n)
+
+    def offset(self, handle: int) -> int:
+        return self.off[handle] * ALLOC_UNIT
+
+    def block_size(self, handle: int) -> int:
+        return self.size[handle] * ALLOC_UNIT
+
+    @property
+    def used(self) -> int:
+        return self.used_units * ALLOC_UNIT
+
+    @property
+    def free_bytes(self) -> int:
+        return (self.units - self.used_units) * ALLOC_UNIT
+
+
+class Arena:
+    """The pool buffer, copied in and out through memoryview slices."""
+
+    def __init__(self, pool: object) -> None:
+        self._view: memoryview | None = _write_view(pool, "pool")
+        self.size = self._view.nbytes
+
+    def release(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view, self.size = None, 0
+
+    def _range(self, off: int, n: int) -> memoryview:
+        if self._view is None:
+            raise ValueError("arena is released")
+        if off < 0 or n < 0 or off + n > self.size:
+            raise ValueError(f"range [{off}, {off + n}) is outside the {self.size}-byte pool")
+        return self._view[off : off + n]
+
+    def write(self, off: int, src: object) -> int:
+        s = _read_view(src, "value")
+        self._range(off, s.nbytes)[:] = s
+        return s.nbytes
+
+    def read_into(self, off: int, n: int, dst: object) -> int:
+        src = self._range(off, n)
+        d = _write_view(dst, "buffer")
+        if d.nbytes < n:
+            raise ValueError(f"buffer holds {d.nbytes} bytes, {n} needed")
+        d[:n] = src
+        return n
+
+    def read(self, off: int, n: int) -> bytes:
+        return self._range(off, n).tobytes()
+
+    def crc32c(self, off: int, n: int) -> int:
+        return crc32c(self._range(off, n))
+
+
+class Entry:
+    """Same fields as the Cython entry."""
+
+    __slots__ = ("crc", "dead", "dram", "dram_off", "expires", "hits", "pinned", "readers", "seg",
+                 "seg_off", "size")
+
+    def __init__(self, size: int = 0) -> None:
+        self.size = size
+        self.dram = self.dram_off = self.seg = self.seg_off = self.crc = -1
+        self.expires = 0.0
+        self.readers = self.hits = 0
+        self.pinned = self.dead = False

@@ -1,0 +1,132 @@
+"""The ``mooncakefs`` command."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+import mooncakefs
+from mooncakefs.units import format_size, parse_size
+
+DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "synthetic_trace.jsonl"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(mooncakefs.__version__, prog_name="mooncakefs")
+def main() -> None:
+    """mooncakefs: tiered DRAM + SSD KVCache storage with a zero-copy Python API.
+
+    Start with `mooncakefs demo`, or in Python: `mooncakefs.open("./kv", dram="2GiB", ssd="20GiB")`.
+    """
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_size(value, what=param.name or "size")
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _trace_requests(path: Path, limit: int) -> Iterator[list[int]]:
+    with path.open() as f:
+        for n, line in enumerate(f):
+            if n >= limit:
+                return
+            yield json.loads(line)["hash_ids"]
+
+
+def _synthetic_requests(limit: int, seed: int = 7) -> Iterator[list[int]]:
+    """Requests shaped like Mooncake's traces: conversations whose turns extend a shared prefix, a
+    few system prompts shared by many, popularity skewed toward recent conversations."""
+    rng = random.Random(seed)
+    next_block = 0
+    conversations: list[list[int]] = []
+    system_prompts = [list(range(i * 8, i * 8 + 8)) for i in range(4)]
+    next_block = 32
+    for _ in range(limit):
+        if conversations and rng.random() < 0.6:
+            chain = conversations[min(int(rng.expovariate(0.1)), len(conversations) - 1)]
+        else:
+            chain = list(rng.choice(system_prompts))
+            conversations.insert(0, chain)
+        grow = rng.randint(1, 12)
+        chain.extend(range(next_block, next_block + grow))
+        next_block += grow
+        yield list(chain)
+
+
+@main.command()
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path),
+              help="Data dir to use (default: a temporary dir, deleted afterwards).")
+@click.option("--dram", default="256MiB", show_default=True, callback=_size, help="DRAM pool size.")
+@click.option("--ssd", default="1GiB", show_default=True, callback=_size, help="SSD tier size (0: none).")
+@click.option("--block-size", default="64KiB", show_default=True, callback=_size,
+              help="Bytes per KV block (one block is 512 tokens of KV cache).")
+@click.option("--trace", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A Mooncake-format JSONL trace (one request a line, with hash_ids). "
+                   "Default: the shared trace if present, else a synthetic workload.")
+@click.option("--requests", "limit", default=4000, show_default=True, help="Requests to replay.")
+def demo(data: Path | None, dram: int, ssd: int, block_size: int, trace: Path | None, limit: int) -> None:
+    """Replay a prefix-caching workload against an embedded store.
+
+    Each request is a chain of KV-block keys.  Like an inference engine's connector, the demo asks
+    `match_prefix` how much of the chain is cached, loads those blocks with `batch_get_into`, checks
+    every byte it loaded, and stores the blocks it had to "compute" with `batch_put`."""
+    import numpy as np
+
+    if trace is None and DEFAULT_TRACE.exists():
+        trace = DEFAULT_TRACE
+    requests = list(_trace_requests(trace, limit) if trace else _synthetic_requests(limit))
+    patterns = [np.full(block_size, i, dtype=np.uint8) for i in range(64)]  # block b holds byte b % 64
+    longest = max(map(len, requests))
+    buffers = [np.empty(block_size, dtype=np.uint8) for _ in range(longest)]
+    tmp = None if data else tempfile.mkdtemp(prefix="mooncakefs-demo-")
+    source = f"trace {trace}" if trace else "synthetic workload"
+    click.echo(f"replaying {len(requests)} requests ({source}), {format_size(block_size)} blocks, "
+               f"dram {format_size(dram)}, ssd {format_size(ssd) if ssd else 'none'}")
+    looked_up = hit = 0
+    start = time.perf_counter()
+    try:
+        with mooncakefs.open(data or tmp, dram=dram, ssd=ssd or None) as store:
+            with click.progressbar(requests, label="requests", show_pos=True) as bar:
+                for chain in bar:
+                    keys = [f"blk/{b}" for b in chain]
+                    cached = store.match_prefix(keys)
+                    results = store.batch_get_into(keys[:cached], buffers[:cached])
+                    for b, buf, res in zip(chain, buffers, results, strict=False):
+                        if isinstance(res, Exception):  # evicted between match and load: recompute
+                            continue
+                        if buf[0] != b % 64 or buf[-1] != b % 64:
+                            raise click.ClickException(f"block {b} came back with the wrong bytes")
+                        hit += 1
+                    looked_up += len(chain)
+                    missing = [(k, patterns[b % 64]) for k, b, res in
+                               zip(keys, chain, results + [None] * (len(keys) - cached), strict=True)
+                               if res is None or isinstance(res, Exception)]
+                    store.batch_put(missing)
+            elapsed = time.perf_counter() - start
+            stats = store.stats()
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    click.echo(f"\n{looked_up} block lookups, {hit} served from the cache "
+               f"({100 * hit / max(looked_up, 1):.1f}% hit rate), {len(requests) / elapsed:.0f} requests/s, "
+               f"{hit * block_size / elapsed / 1e9:.2f} GB/s loaded")
+    click.echo(f"{'tier':<6}{'capacity':>10}{'used':>10}{'objects':>9}{'hits':>9}{'misses':>9}"
+               f"{'evictions':>11}{'promotions':>12}")
+    for tier in ("dram", "ssd"):
+        if tier in stats:
+            t = stats[tier]
+            click.echo(f"{tier:<6}{format_size(t['capacity']):>10}{format_size(t['used']):>10}{t['objects']:>9}"
+                       f"{t['hits']:>9}{t['misses']:>9}{t['evictions']:>11}{t['promotions']:>12}")
+
+
+if __name__ == "__main__":
+    main()

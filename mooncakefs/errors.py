@@ -1,0 +1,69 @@
+"""One error hierarchy for every mooncakefs failure.
+
+Each class also derives from the builtin a Python user would reach for (``KeyError`` for a missing key,
+``ValueError`` for bad input), so ordinary ``except`` clauses keep working.  Messages name the key and
+the reason.
+"""
+
+from __future__ import annotations
+
+
+def describe_key(key: bytes | str) -> str:
+    """A short printable form of a key for error messages."""
+    if isinstance(key, bytes):
+        try:
+            key = key.decode()
+        except UnicodeDecodeError:
+            return repr(key[:80]) + ("…" if len(key) > 80 else "")
+    return repr(key[:80] + ("…" if len(key) > 80 else ""))
+
+
+class MooncakeError(Exception):
+    """Base class of every error mooncakefs raises on purpose."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() its message
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class KeyNotFound(MooncakeError, KeyError):
+    """The key is not in the store (never put, removed, evicted or expired)."""
+
+    def __init__(self, key: bytes | str, reason: str = "not in the store") -> None:
+        super().__init__(f"key {describe_key(key)}: {reason}")
+        self.key = key
+
+
+class KeyExists(MooncakeError):
+    """``put(..., if_absent=True)`` found the key already present."""
+
+    def __init__(self, key: bytes | str) -> None:
+        super().__init__(f"key {describe_key(key)}: already exists (put with if_absent=True)")
+        self.key = key
+
+
+class InvalidKey(MooncakeError, ValueError):
+    """The key is not a str or bytes of 1 to 1024 bytes."""
+
+
+class BufferTooSmall(MooncakeError, ValueError):
+    """The destination buffer cannot hold the value."""
+
+    def __init__(self, key: bytes | str, needed: int, given: int) -> None:
+        super().__init__(f"key {describe_key(key)}: value is {needed} bytes but the buffer holds {given}")
+        self.key, self.needed, self.given = key, needed, given
+
+
+class OutOfSpace(MooncakeError):
+    """No tier can take the value, even after evicting everything evictable."""
+
+
+class ChecksumError(MooncakeError):
+    """Bytes read back do not match the checksum taken when they were written; the entry is dropped."""
+
+
+class StoreClosed(MooncakeError):
+    """The store was closed; open it again to use it."""
+
+
+class StoreLocked(MooncakeError):
+    """Another process holds the data directory."""

@@ -1,0 +1,709 @@
+"""The embedded store: one index over a DRAM pool and an SSD tier, behind the KV API.
+
+Concurrency model.  One lock guards the index, the tiers' bookkeeping and the counters.  Small values
+(< 64 KiB) are copied while it is held: the copy is cheaper than handing off.  Large copies and SSD
+reads run outside it, under a read lease (``Entry.readers``): a leased block is never freed or evicted,
+so a reader keeps the bytes it started with even if the key is overwritten or removed meanwhile.  The
+copies themselves release the GIL (``mooncakefs._engine``).
+
+Atomicity.  A put fills a fresh block that no reader can see, then publishes it by swapping the
+index entry under the lock; the old entry is retired and its block freed once its last lease ends.
+
+Tiering.  DRAM-resident, unpinned objects sit in an LRU list.  A put that would take DRAM past the
+high watermark first evicts down to the low watermark: an object with an SSD copy just gives up its
+DRAM block; one without is written to SSD (demoted), or dropped when there is no SSD tier.  An
+SSD-only object read ``promote_after`` times is copied back into DRAM, keeping its SSD copy so a later
+eviction costs nothing.  Checksums (CRC-32C) are taken when a value first leaves DRAM, and checked on
+every SSD read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mooncakefs import _engine
+from mooncakefs._engine import Entry
+from mooncakefs.datadir import DataDirLock, default_path
+from mooncakefs.errors import (
+    BufferTooSmall,
+    ChecksumError,
+    InvalidKey,
+    KeyExists,
+    KeyNotFound,
+    MooncakeError,
+    OutOfSpace,
+    StoreClosed,
+)
+from mooncakefs.tiers import DramTier, SsdTier
+from mooncakefs.units import format_size, parse_size
+
+MAX_KEY_BYTES = 1024
+LOCKED_COPY_MAX = 64 * 1024  # values below this are copied under the store lock
+Key = str | bytes
+
+
+def encode_key(key: object) -> bytes:
+    """The canonical bytes of a key: str keys are UTF-8, so "a" and b"a" are the same key."""
+    if type(key) is str:
+        try:
+            raw = key.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidKey(f"key {key!r} is not valid UTF-8: {exc.reason}") from None
+    elif type(key) is bytes:
+        raw = key
+    elif isinstance(key, str | bytes):
+        raw = key.encode() if isinstance(key, str) else bytes(key)
+    else:
+        raise InvalidKey(f"key must be str or bytes, not {type(key).__name__} ({key!r:.80})")
+    if not 0 < len(raw) <= MAX_KEY_BYTES:
+        what = "empty" if not raw else f"{len(raw)} bytes long"
+        raise InvalidKey(f"key {key!r:.80} is {what}; keys are 1 to {MAX_KEY_BYTES} bytes")
+    return raw
+
+
+def decode_key(raw: bytes) -> Key:
+    """Keys come back as str when they are UTF-8 (as every str key is), else as bytes."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What ``Store.stat`` reports about one object."""
+
+    key: Key
+    size: int
+    checksum: int  # CRC-32C of the value
+    tier: str  # "dram" or "ssd": the fastest tier holding it
+    pinned: bool
+    expires: float | None  # unix time, or None
+
+
+class Store:
+    """A tiered key-value store in one process.  Use ``mooncakefs.open()`` to make one."""
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        dram: int | str = "1GiB",
+        ssd: int | str | None = None,
+        ssd_dir: str | Path | None = None,
+        segment_size: int | str = "64MiB",
+        high_watermark: float = 0.95,
+        low_watermark: float = 0.85,
+        promote_after: int = 2,
+    ) -> None:
+        if not 0 < low_watermark <= high_watermark <= 1:
+            raise ValueError(
+                f"watermarks must satisfy 0 < low <= high <= 1, got low={low_watermark} high={high_watermark}"
+            )
+        if promote_after < 1:
+            raise ValueError(f"promote_after must be at least 1, got {promote_after}")
+        dram_bytes = parse_size(dram, what="dram")
+        ssd_bytes = None if ssd is None else parse_size(ssd, what="ssd")
+        self.path = Path(path if path is not None else default_path()).expanduser().resolve()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._datadir_lock = DataDirLock(self.path)
+        try:
+            self._dram = DramTier(dram_bytes, label=f"mooncakefs:{self.path}")
+            self._ssd = None
+            if ssd_bytes:
+                self._ssd = SsdTier(
+                    Path(ssd_dir) if ssd_dir else self.path / "ssd",
+                    ssd_bytes,
+                    segment_size=parse_size(segment_size, what="segment_size"),
+                    index_path=self.path / "index.sqlite",
+                )
+        except BaseException:
+            self._datadir_lock.release()
+            if getattr(self, "_dram", None):
+                self._dram.close()
+            raise
+        self._high = int(self._dram.capacity * high_watermark)
+        self._low = int(self._dram.capacity * low_watermark)
+        self._promote_after = promote_after
+        self._index: dict[bytes, Entry] = {}
+        self._lru: OrderedDict[bytes, Entry] = OrderedDict()  # unpinned DRAM residents, oldest first
+        self._expiring: list[tuple[float, int, bytes, Entry]] = []  # heap by expiry time
+        self._tiebreak = itertools.count()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # close() waits here for unlocked copies to end
+        self._unlocked_ops = 0
+        self._closed = False
+        self._counters = {
+            tier: dict.fromkeys(("hits", "misses", "evictions", "promotions"), 0) for tier in ("dram", "ssd")
+        }
+        if self._ssd is not None:
+            for rec in self._ssd.load(time.time()):
+                entry = Entry(rec.size)
+                entry.seg, entry.seg_off, entry.crc = rec.seg, rec.off, rec.crc
+                entry.expires, entry.pinned = rec.expires, rec.pinned
+                self._index[rec.key] = entry
+                if entry.expires:
+                    heapq.heappush(self._expiring, (entry.expires, next(self._tiebreak), rec.key, entry))
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Wait for copies in flight, then release the pool, the SSD files and the data dir."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            while self._unlocked_ops:
+                self._idle.wait()
+            self._dram.close()
+            if self._ssd is not None:
+                self._ssd.close()
+            self._index.clear()
+            self._lru.clear()
+            self._datadir_lock.release()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return f"<mooncakefs.Store {self.path} (closed)>"
+        tiers = f"dram {format_size(self._dram.used)}/{format_size(self._dram.capacity)}"
+        if self._ssd is not None:
+            tiers += f", ssd {format_size(self._ssd.used)}/{format_size(self._ssd.capacity)}"
+        return f"<mooncakefs.Store {self.path}: {len(self._index)} objects, {tiers}>"
+
+    # -- writing ----------------------------------------------------------------------------------------
+
+    def put(
+        self,
+        key: Key,
+        value: Any,
+        *,
+        pin: bool = False,
+        ttl: float | None = None,
+        if_absent: bool = False,
+        durable: bool = False,
+    ) -> None:
+        """Store ``value`` (any C-contiguous buffer) under ``key``, atomically replacing what was there.
+
+        ``pin`` keeps it in DRAM, never evicted; ``ttl`` (seconds) expires it; ``if_absent`` raises
+        KeyExists rather than replace; ``durable`` returns only once it is flushed to the SSD tier."""
+        raw = encode_key(key)
+        size = _engine.nbytes(value)
+        expires = 0.0
+        if ttl is not None:
+            if not ttl > 0 or math.isinf(ttl):
+                raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+            expires = time.time() + ttl
+        if durable and self._ssd is None:
+            raise ValueError(f"put({key!r:.80}, durable=True) needs an SSD tier: open the store with ssd=...")
+        entry = Entry(size)
+        entry.pinned, entry.expires = pin, expires
+        with self._lock:
+            self._check_open()
+            self._reap_expired()
+            if if_absent and self._lookup(raw) is not None:
+                raise KeyExists(key)
+            handle, offset = self._alloc_dram(size)
+            if handle < 0:
+                self._put_ssd_only(raw, key, entry, value)
+                return
+            entry.dram, entry.dram_off = handle, offset
+            if size < LOCKED_COPY_MAX:
+                self._fill(entry, value)
+                self._publish(raw, key, entry, if_absent, durable)
+                return
+            self._unlocked_ops += 1
+        try:
+            self._dram.arena.write(offset, value)
+        finally:
+            with self._lock:
+                self._end_unlocked_op()
+                if self._closed:
+                    raise StoreClosed(f"store {self.path} was closed during put({key!r:.80})")
+        with self._lock:
+            self._publish(raw, key, entry, if_absent, durable)
+
+    def _fill(self, entry: Entry, value: Any) -> None:
+        try:
+            self._dram.arena.write(entry.dram_off, value)
+        except BaseException:
+            self._dram.free(entry.dram)
+            raise
+
+    def _publish(self, raw: bytes, key: Key, entry: Entry, if_absent: bool, durable: bool) -> None:
+        """Make a filled entry the key's value (lock held)."""
+        if self._closed:
+            raise StoreClosed(f"store {self.path} is closed")
+        if if_absent and self._lookup(raw) is not None:
+            self._dram.free(entry.dram)
+            raise KeyExists(key)
+        if durable:
+            try:
+                self._write_to_ssd(raw, entry, self._dram.view[entry.dram_off : entry.dram_off + entry.size])
+            except BaseException:
+                self._dram.free(entry.dram)
+                raise
+        old = self._index.get(raw)
+        self._index[raw] = entry
+        if old is not None:
+            self._lru.pop(raw, None)
+            self._discard(raw, old)
+        if not entry.pinned:
+            self._lru[raw] = entry
+        if entry.expires:
+            heapq.heappush(self._expiring, (entry.expires, next(self._tiebreak), raw, entry))
+        self._commit({entry.seg} if durable else None)
+
+    def _put_ssd_only(self, raw: bytes, key: Key, entry: Entry, value: Any) -> None:
+        """No DRAM block can be had: store straight to SSD if the value may live there (lock held)."""
+        if entry.pinned or self._ssd is None:
+            pinned = "a pinned value" if entry.pinned else "a value"
+            raise OutOfSpace(
+                f"key {key!r:.80}: no room for {pinned} of {format_size(entry.size)} in DRAM "
+                f"({format_size(self._dram.used)} of {format_size(self._dram.capacity)} used by pinned or "
+                f"in-use objects{'' if self._ssd else ', and there is no SSD tier'})"
+            )
+        old = self._index.get(raw)
+        if old is not None:  # the old value's space may be what this one needs
+            del self._index[raw]
+            self._lru.pop(raw, None)
+            self._discard(raw, old)
+        self._write_to_ssd(raw, entry, memoryview(value).cast("B"))
+        self._index[raw] = entry
+        if entry.expires:
+            heapq.heappush(self._expiring, (entry.expires, next(self._tiebreak), raw, entry))
+        self._commit({entry.seg})
+
+    def _write_to_ssd(self, raw: bytes, entry: Entry, data: memoryview) -> None:
+        """Give an entry an SSD copy of ``data`` (lock held); OutOfSpace if the tier has no room."""
+        assert self._ssd is not None
+        if not self._ssd_room(entry.size):
+            raise OutOfSpace(
+                f"key {decode_key(raw)!r:.80}: no room for {format_size(entry.size)} on the SSD tier "
+                f"({format_size(self._ssd.used)} of {format_size(self._ssd.capacity)} used)"
+            )
+        if entry.crc < 0:
+            entry.crc = _engine.crc32c(data)
+        entry.seg, entry.seg_off = self._ssd.append(raw, data, entry.crc, entry.expires, entry.pinned)
+
+    def _commit(self, durable_segments: set[int] | None = None) -> None:
+        if self._ssd is not None:
+            self._ssd.commit(durable_segments=durable_segments)
+
+    # -- space ------------------------------------------------------------------------------------------
+
+    def _alloc_dram(self, size: int) -> tuple[int, int]:
+        """A DRAM block for ``size`` bytes, evicting LRU objects as needed; (-1, -1) if impossible."""
+        dram = self._dram
+        if size > self._high:
+            return -1, -1
+        if dram.used + size > self._high:
+            while dram.used + size > self._low and self._evict_one():
+                pass
+        handle, offset = dram.alloc(size)
+        while handle < 0 and self._evict_one():
+            handle, offset = dram.alloc(size)
+        return handle, offset
+
+    def _evict_one(self) -> bool:
+        """Move the least recently used unleased object out of DRAM (lock held); False if none."""
+        victim = next(((k, e) for k, e in self._lru.items() if not e.readers), None)
+        if victim is None:
+            return False
+        raw, entry = victim
+        del self._lru[raw]
+        self._counters["dram"]["evictions"] += 1
+        if entry.seg < 0 and self._ssd is not None:
+            with contextlib.suppress(OutOfSpace):  # then it is dropped below
+                self._write_to_ssd(raw, entry, self._dram.view[entry.dram_off : entry.dram_off + entry.size])
+        if entry.seg < 0:  # nowhere to demote it: it leaves the store
+            del self._index[raw]
+            self._discard(raw, entry)
+        else:
+            self._dram.free(entry.dram)
+            entry.dram = entry.dram_off = -1
+        return True
+
+    def _ssd_room(self, size: int) -> bool:
+        """Make room for ``size`` bytes on SSD by emptying segments (lock held); False if impossible."""
+        ssd = self._ssd
+        assert ssd is not None
+        if size > ssd.capacity:
+            return False
+        while not ssd.fits(size):
+            seg = ssd.victim()
+            if seg is None:
+                return False
+            relocate = []
+            for raw in ssd.keys_in(seg.id):
+                entry = self._index.get(raw)
+                if entry is None or entry.seg != seg.id:
+                    continue
+                if entry.pinned:  # keeps its SSD copy: move it to a new segment
+                    relocate.append((raw, entry, ssd.read(ssd.segments[seg.id], entry.seg_off, entry.size)))
+                elif entry.dram >= 0:
+                    entry.seg = entry.seg_off = -1  # still in DRAM: only the SSD copy goes
+                else:
+                    del self._index[raw]
+                    entry.dead = True
+                    entry.seg = entry.seg_off = -1
+                    self._counters["ssd"]["evictions"] += 1
+            ssd.remove_segment(seg)
+            for raw, entry, data in relocate:
+                entry.seg, entry.seg_off = ssd.append(raw, memoryview(data), entry.crc, entry.expires, True)
+        return True
+
+    def _discard(self, raw: bytes, entry: Entry) -> None:
+        """An entry left the index (replaced, removed, expired, evicted): free what no lease holds."""
+        entry.dead = True
+        if entry.seg >= 0:
+            self._ssd.drop(raw, entry.seg, entry.seg_off, entry.size)  # type: ignore[union-attr]
+            entry.seg = entry.seg_off = -1
+        if entry.dram >= 0 and not entry.readers:
+            self._dram.free(entry.dram)
+            entry.dram = entry.dram_off = -1
+
+    def _release_lease(self, entry: Entry) -> None:
+        entry.readers -= 1
+        if entry.dead and not entry.readers and entry.dram >= 0:
+            self._dram.free(entry.dram)
+            entry.dram = entry.dram_off = -1
+
+    def _end_unlocked_op(self) -> None:
+        self._unlocked_ops -= 1
+        if not self._unlocked_ops:
+            self._idle.notify_all()
+
+    # -- reading ----------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"store {self.path} is closed")
+
+    def _lookup(self, raw: bytes) -> Entry | None:
+        """The live entry for a key, expiring it if its time has come (lock held)."""
+        entry = self._index.get(raw)
+        if entry is not None and entry.expires and entry.expires <= time.time():
+            self._remove(raw, entry)
+            return None
+        return entry
+
+    def _find(self, raw: bytes, key: Key) -> Entry:
+        """``_lookup`` for a read: counts the hit or miss, refreshes LRU order (lock held)."""
+        self._check_open()
+        entry = self._lookup(raw)
+        dram, ssd = self._counters["dram"], self._counters["ssd"]
+        if entry is None:
+            dram["misses"] += 1
+            if self._ssd is not None:
+                ssd["misses"] += 1
+            raise KeyNotFound(key)
+        if entry.dram >= 0:
+            dram["hits"] += 1
+            if not entry.pinned:
+                self._lru.move_to_end(raw)
+        else:
+            dram["misses"] += 1
+            ssd["hits"] += 1
+        return entry
+
+    def _remove(self, raw: bytes, entry: Entry) -> None:
+        del self._index[raw]
+        self._lru.pop(raw, None)
+        self._discard(raw, entry)
+        self._commit()
+
+    def get(self, key: Key) -> bytes:
+        """The value as a new bytes object (KeyNotFound if absent)."""
+        raw = encode_key(key)
+        with self._lock:
+            entry = self._find(raw, key)
+            if entry.dram >= 0 and entry.size < LOCKED_COPY_MAX:
+                return self._dram.arena.read(entry.dram_off, entry.size)
+            seg = self._lease(entry)
+        try:
+            if seg is None:
+                return self._dram.arena.read(entry.dram_off, entry.size)
+            data = self._ssd.read(seg, entry.seg_off, entry.size)  # type: ignore[union-attr]
+            self._verify(raw, key, entry, data)
+            return data
+        finally:
+            self._end_lease(raw, entry, seg, data if seg is not None else None)
+
+    def get_into(self, key: Key, buffer: Any) -> int:
+        """Copy the value into the start of writable ``buffer``; returns its length in bytes.
+
+        BufferTooSmall (nothing written) if the buffer is shorter than the value."""
+        raw = encode_key(key)
+        room = _engine.nbytes(buffer)
+        with self._lock:
+            entry = self._find(raw, key)
+            if entry.size > room:
+                raise BufferTooSmall(key, entry.size, room)
+            if entry.dram >= 0 and entry.size < LOCKED_COPY_MAX:
+                return self._dram.arena.read_into(entry.dram_off, entry.size, buffer)
+            seg = self._lease(entry)
+        dst = None
+        try:
+            if seg is None:
+                return self._dram.arena.read_into(entry.dram_off, entry.size, buffer)
+            dst = memoryview(buffer).cast("B")[: entry.size]
+            if dst.readonly:
+                raise TypeError("buffer must be writable")
+            self._ssd.read_into(seg, entry.seg_off, entry.size, dst)  # type: ignore[union-attr]
+            self._verify(raw, key, entry, dst)
+            return entry.size
+        finally:
+            self._end_lease(raw, entry, seg, dst)
+
+    @contextmanager
+    def view(self, key: Key) -> Iterator[memoryview]:
+        """A read-only memoryview of the value, valid inside the ``with`` block.
+
+        A DRAM-resident value is viewed in place, without a copy; the block stays leased (never evicted
+        or reused) until the block exits, even if the key is overwritten or removed meanwhile."""
+        raw = encode_key(key)
+        with self._lock:
+            entry = self._find(raw, key)
+            if entry.dram >= 0:
+                entry.readers += 1
+                seg = None
+                mv = self._dram.readonly_view(entry.dram_off, entry.size)
+        if entry.dram < 0 or seg is not None:
+            mv = memoryview(self.get(key))
+        try:
+            yield mv
+        finally:
+            if seg is None and entry.readers:
+                mv.release()
+                with self._lock:
+                    self._release_lease(entry)
+
+    def _lease(self, entry: Entry):  # -> Segment | None
+        """Hold an entry (and its SSD segment, if that is where it is read from) across an unlocked
+        copy (lock held)."""
+        entry.readers += 1
+        self._unlocked_ops += 1
+        return None if entry.dram >= 0 else self._ssd.pin(entry.seg)  # type: ignore[union-attr]
+
+    def _verify(self, raw: bytes, key: Key, entry: Entry, data: Any) -> None:
+        if _engine.crc32c(data) != entry.crc:
+            with self._lock:
+                if self._index.get(raw) is entry:
+                    self._remove(raw, entry)
+            raise ChecksumError(
+                f"key {key!r:.80}: the SSD copy fails its CRC-32C check (corrupted on disk); "
+                "the entry was dropped"
+            )
+
+    def _end_lease(self, raw: bytes, entry: Entry, seg: Any, data: Any) -> None:
+        """Release a lease taken by ``_lease``; an SSD read that completed may promote the object."""
+        with self._lock:
+            self._release_lease(entry)
+            self._end_unlocked_op()
+            if seg is None:
+                return
+            self._ssd.unpin(seg)  # type: ignore[union-attr]
+            if data is None or entry.dead or entry.dram >= 0 or self._closed:
+                return
+            entry.hits += 1
+            if entry.hits >= self._promote_after and not entry.pinned:
+                handle, offset = self._alloc_dram(entry.size)
+                if handle >= 0:
+                    self._dram.arena.write(offset, data)
+                    entry.dram, entry.dram_off, entry.hits = handle, offset, 0
+                    self._lru[raw] = entry
+                    self._counters["dram"]["promotions"] += 1
+
+    # -- queries ----------------------------------------------------------------------------------------
+
+    def exists(self, key: Key) -> bool:
+        raw = encode_key(key)
+        with self._lock:
+            self._check_open()
+            return self._lookup(raw) is not None
+
+    def remove(self, key: Key) -> bool:
+        """Remove a key; False if it was not there."""
+        raw = encode_key(key)
+        with self._lock:
+            self._check_open()
+            entry = self._lookup(raw)
+            if entry is None:
+                return False
+            self._remove(raw, entry)
+            return True
+
+    def remove_prefix(self, prefix: Key) -> int:
+        """Remove every key starting with ``prefix``; returns how many were removed."""
+        raw = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
+        with self._lock:
+            self._check_open()
+            doomed = [(k, e) for k, e in self._index.items() if k.startswith(raw)]
+            now = time.time()
+            for k, e in doomed:
+                del self._index[k]
+                self._lru.pop(k, None)
+                self._discard(k, e)
+            self._commit()
+            return sum(1 for _, e in doomed if not e.expires or e.expires > now)
+
+    def stat(self, key: Key) -> ObjectInfo:
+        raw = encode_key(key)
+        with self._lock:
+            self._check_open()
+            entry = self._lookup(raw)
+            if entry is None:
+                raise KeyNotFound(key)
+            if entry.crc < 0:  # DRAM-only values get their checksum when first asked for
+                entry.crc = self._dram.arena.crc32c(entry.dram_off, entry.size)
+            return ObjectInfo(
+                key=decode_key(raw),
+                size=entry.size,
+                checksum=entry.crc,
+                tier="dram" if entry.dram >= 0 else "ssd",
+                pinned=bool(entry.pinned),
+                expires=entry.expires or None,
+            )
+
+    def keys(self, prefix: Key = "") -> Iterator[Key]:
+        """The keys present now (a snapshot), optionally only those starting with ``prefix``."""
+        raw = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
+        with self._lock:
+            self._check_open()
+            self._reap_expired()
+            snapshot = [k for k in self._index if k.startswith(raw)]
+        return map(decode_key, snapshot)
+
+    def match_prefix(self, keys: Iterable[Key]) -> int:
+        """How many leading keys of ``keys`` are present: the cached prefix of a KV-cache block chain."""
+        with self._lock:
+            self._check_open()
+            hits = 0
+            for key in keys:
+                try:
+                    raw = encode_key(key)
+                except InvalidKey:
+                    break
+                entry = self._lookup(raw)
+                if entry is None:
+                    break
+                if entry.dram >= 0 and not entry.pinned:
+                    self._lru.move_to_end(raw)
+                hits += 1
+            return hits
+
+    def stats(self) -> dict[str, Any]:
+        """Per-tier capacity, bytes used, object count and hit/miss/eviction/promotion counters.
+
+        "evictions" counts objects that left a tier (DRAM: demoted or dropped; SSD: dropped);
+        "promotions" counts objects copied up into DRAM."""
+        with self._lock:
+            self._check_open()
+            in_dram = sum(1 for e in self._index.values() if e.dram >= 0)
+            tiers: dict[str, Any] = {
+                "dram": {"capacity": self._dram.capacity, "used": self._dram.used, "objects": in_dram,
+                         **self._counters["dram"]},
+            }
+            if self._ssd is not None:
+                tiers["ssd"] = {"capacity": self._ssd.capacity, "used": self._ssd.used,
+                                "objects": sum(1 for e in self._index.values() if e.seg >= 0),
+                                "segments": len(self._ssd.segments), **self._counters["ssd"]}
+            tiers["objects"] = len(self._index)
+            return tiers
+
+    def _reap_expired(self) -> None:
+        now = time.time()
+        heap = self._expiring
+        while heap and heap[0][0] <= now:
+            _, _, raw, entry = heapq.heappop(heap)
+            if self._index.get(raw) is entry:
+                self._remove(raw, entry)
+
+    # -- batches ----------------------------------------------------------------------------------------
+
+    def batch_put(self, items: Mapping[Key, Any] | Iterable[tuple[Key, Any]], **options: Any) -> list[Any]:
+        """Put many values; one result per item, in order: None, or the exception that item raised."""
+        pairs = items.items() if isinstance(items, Mapping) else items
+        return [self._each(self.put, key, value, **options) for key, value in pairs]
+
+    def batch_get_into(self, keys: Iterable[Key], buffers: Iterable[Any]) -> list[Any]:
+        """get_into for many keys; one result per key: the byte count, or the exception for that key."""
+        keys, buffers = list(keys), list(buffers)
+        if len(keys) != len(buffers):
+            raise ValueError(f"batch_get_into got {len(keys)} keys but {len(buffers)} buffers")
+        return [self._each(self.get_into, key, buf) for key, buf in zip(keys, buffers, strict=True)]
+
+    def batch_get(self, keys: Iterable[Key]) -> list[bytes | None]:
+        """The values of many keys, None for each key that is missing (or invalid, or corrupted)."""
+        out = [self._each(self.get, key) for key in keys]
+        return [None if isinstance(v, Exception) else v for v in out]
+
+    def batch_exists(self, keys: Iterable[Key]) -> list[bool]:
+        out = [self._each(self.exists, key) for key in keys]
+        return [v is True for v in out]
+
+    def _each(self, op: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return op(*args, **kwargs)
+        except StoreClosed:
+            raise
+        except (MooncakeError, TypeError, ValueError) as exc:
+            return exc
+
+    # -- the mapping protocol ---------------------------------------------------------------------------
+
+    def __getitem__(self, key: Key) -> bytes:
+        return self.get(key)
+
+    def __setitem__(self, key: Key, value: Any) -> None:
+        self.put(key, value)
+
+    def __delitem__(self, key: Key) -> None:
+        if not self.remove(key):
+            raise KeyNotFound(key)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return self.exists(key)  # type: ignore[arg-type]
+        except InvalidKey:
+            return False
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._check_open()
+            self._reap_expired()
+            return len(self._index)
+
+    def __iter__(self) -> Iterator[Key]:
+        return self.keys()
+
+
+def open(path: str | Path | None = None, *, dram: int | str = "1GiB", ssd: int | str | None = None,
+         **options: Any) -> Store:
+    """Open (creating if needed) the store in ``path`` (default: $MOONCAKEFS_DATA or
+    ~/.local/share/mooncakefs) with a DRAM pool of ``dram`` bytes and, if ``ssd`` is given, an SSD tier.
+
+    Options: ssd_dir (default <path>/ssd), segment_size ("64MiB"), high_watermark (0.95),
+    low_watermark (0.85), promote_after (2 SSD hits)."""
+    return Store(path, dram=dram, ssd=ssd, **options)

@@ -1,0 +1,44 @@
+"""Human sizes: "512MiB", "2GiB", "10GB", "4k" <-> bytes."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kb": 1000, "kib": 1024,
+    "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1024**4, "tb": 1000**4, "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: int | str, *, what: str = "size") -> int:
+    """Bytes from an int or a string such as "512MiB", "2GiB", "10GB" (powers of 1000) or "4k" (1024)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an int or a string like '2GiB', not a bool")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{what} must not be negative, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be an int or a string like '2GiB', not {type(value).__name__}")
+    match = _SIZE.match(value)
+    unit = match and _UNITS.get(match.group(2).lower())
+    if not match or unit is None:
+        raise ValueError(f"{what} {value!r} is not a size: give bytes or a string like '512MiB', '10GB'")
+    return int(float(match.group(1)) * unit)
+
+
+def format_size(n: float) -> str:
+    """The shortest readable binary size: 1536 -> '1.5KiB'."""
+    unit = "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024:
+            break
+        n /= 1024
+        unit = bigger
+    digits = 0 if unit == "B" or abs(n) >= 100 else 1 if abs(n) >= 10 else 2
+    text = f"{n:.{digits}f}"
+    return (text.rstrip("0").rstrip(".") if "." in text else text) + unit

@@ -1,0 +1,480 @@
+"""The Cython hot paths (mooncakefs._engine) against the pure-Python reference (mooncakefs._reference).
+
+Both modules provide copy(), crc32c() and OffsetAllocator and must behave identically; the allocator runs
+the same deterministic algorithm in both, so the same alloc/free sequence gives the same handles and offsets.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+UNIT = 64  # the allocator's allocation unit, in bytes
+
+IMPLEMENTATIONS = ["mooncakefs._engine", "mooncakefs._reference"]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def impl(request):
+    # A plain import (not importorskip): a missing or broken extension must fail, not skip.
+    return importlib.import_module(request.param)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return importlib.import_module("mooncakefs._engine")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return importlib.import_module("mooncakefs._reference")
+
+
+# --------------------------------------------------------------------------------------------- crc32c
+
+def _crc32c_bitwise(data: bytes, crc: int = 0) -> int:
+    """Independent CRC-32C (Castagnoli, reflected poly 0x82F63B78), one bit at a time."""
+    crc ^= 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
+def test_bitwise_oracle_is_right():
+    assert _crc32c_bitwise(b"123456789") == 0xE3069283
+
+
+def test_crc32c_check_value(impl):
+    assert impl.crc32c(b"123456789") == 0xE3069283
+
+
+def test_crc32c_empty(impl):
+    assert impl.crc32c(b"") == 0
+    assert impl.crc32c(b"", 0x12345678) == 0x12345678
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"\x00" * 32, 0x8A9136AA),  # RFC 3720 B.4 test vectors
+        (b"\xff" * 32, 0x62A8AB43),
+        (bytes(range(32)), 0x46DD794E),
+        (bytes(range(31, -1, -1)), 0x113FDB5C),
+        (b"a", 0xC1D04330),
+    ],
+)
+def test_crc32c_known_vectors(impl, data, expected):
+    assert impl.crc32c(data) == expected
+    assert _crc32c_bitwise(data) == expected
+
+
+def test_crc32c_returns_unsigned_32_bit_int(impl):
+    for n in (0, 1, 7, 8, 9, 63, 64, 65, 1000, 4096):
+        value = impl.crc32c(random.Random(n).randbytes(n))
+        assert isinstance(value, int)
+        assert 0 <= value <= 0xFFFFFFFF
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        bytes,
+        bytearray,
+        memoryview,
+        lambda b: memoryview(bytearray(b)),
+        lambda b: np.frombuffer(b, dtype=np.uint8).copy(),
+    ],
+    ids=["bytes", "bytearray", "memoryview", "memoryview-rw", "numpy-u8"],
+)
+def test_crc32c_accepts_buffers(impl, make):
+    data = random.Random(5).randbytes(1000)
+    assert impl.crc32c(make(data)) == _crc32c_bitwise(data)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.float32, np.float64, np.complex128])
+def test_crc32c_numpy_any_dtype_is_over_its_bytes(impl, dtype):
+    arr = np.arange(257, dtype=dtype) * 3
+    assert impl.crc32c(arr) == _crc32c_bitwise(arr.tobytes())
+
+
+def test_crc32c_2d_numpy(impl):
+    arr = np.arange(12 * 17, dtype=np.float32).reshape(12, 17)
+    assert impl.crc32c(arr) == _crc32c_bitwise(arr.tobytes())
+
+
+def test_crc32c_unaligned_memoryview_slice(impl):
+    data = random.Random(9).randbytes(4099)
+    for start in range(0, 9):
+        view = memoryview(data)[start : start + 3001]
+        assert impl.crc32c(view) == _crc32c_bitwise(data[start : start + 3001])
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(max_size=3000), seed=st.integers(0, 0xFFFFFFFF))
+def test_crc32c_engine_matches_reference_and_oracle(engine, reference, data, seed):
+    expected = _crc32c_bitwise(data)
+    assert reference.crc32c(data) == expected
+    assert engine.crc32c(data) == expected
+    assert engine.crc32c(data, seed) == reference.crc32c(data, seed) == _crc32c_bitwise(data, seed)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(max_size=2000), cut=st.integers(0, 2000))
+def test_crc32c_incremental(engine, reference, data, cut):
+    a, b = data[:cut], data[cut:]
+    for impl in (engine, reference):
+        assert impl.crc32c(b, impl.crc32c(a)) == impl.crc32c(a + b)
+
+
+def test_crc32c_large_buffer_matches(engine, reference):
+    data = random.Random(1).randbytes(3 * (1 << 20) + 13)
+    assert engine.crc32c(data) == reference.crc32c(data)
+    # incremental over many odd-sized chunks
+    crc = 0
+    pos = 0
+    rng = random.Random(2)
+    while pos < len(data):
+        n = rng.randint(1, 100_000)
+        crc = engine.crc32c(memoryview(data)[pos : pos + n], crc)
+        pos += n
+    assert crc == engine.crc32c(data)
+
+
+# ----------------------------------------------------------------------------------------------- copy
+
+def test_copy_basic(impl):
+    src = random.Random(3).randbytes(1000)
+    dst = bytearray(1000)
+    assert impl.copy(dst, src) == 1000
+    assert bytes(dst) == src
+
+
+def test_copy_into_larger_buffer_leaves_the_rest(impl):
+    src = b"hello world"
+    dst = bytearray(b"\xaa" * 64)
+    assert impl.copy(dst, src) == len(src)
+    assert bytes(dst[: len(src)]) == src
+    assert bytes(dst[len(src) :]) == b"\xaa" * (64 - len(src))
+
+
+def test_copy_empty(impl):
+    dst = bytearray(b"xyz")
+    assert impl.copy(dst, b"") == 0
+    assert dst == bytearray(b"xyz")
+    assert impl.copy(bytearray(), b"") == 0
+
+
+def test_copy_into_memoryview_slice(impl):
+    backing = bytearray(b"\x00" * 100)
+    view = memoryview(backing)[10:60]
+    assert impl.copy(view, b"\x01" * 50) == 50
+    assert backing == bytearray(10) + b"\x01" * 50 + bytearray(40)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32, np.float32, np.float64, np.complex128])
+def test_copy_numpy_src_counts_bytes(impl, dtype):
+    src = (np.arange(100) * 7).astype(dtype)
+    dst = bytearray(src.nbytes + 5)
+    assert impl.copy(dst, src) == src.nbytes
+    assert bytes(dst[: src.nbytes]) == src.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.int64])
+def test_copy_into_numpy_dst(impl, dtype):
+    expected = (np.arange(64) * 3).astype(dtype)
+    dst = np.zeros(64, dtype=dtype)
+    assert impl.copy(dst, expected.tobytes()) == expected.nbytes
+    np.testing.assert_array_equal(dst, expected)
+
+
+def test_copy_into_2d_numpy_dst(impl):
+    expected = np.arange(6 * 7, dtype=np.float64).reshape(6, 7)
+    dst = np.zeros((6, 7), dtype=np.float64)
+    assert impl.copy(dst, expected) == expected.nbytes
+    np.testing.assert_array_equal(dst, expected)
+
+
+def test_copy_dst_too_small(impl):
+    with pytest.raises(ValueError):
+        impl.copy(bytearray(9), b"0123456789")
+    with pytest.raises(ValueError):
+        impl.copy(np.zeros(2, dtype=np.float32), b"123456789")  # 8 bytes < 9
+
+
+@pytest.mark.parametrize(
+    "dst",
+    [b"\x00" * 16, memoryview(b"\x00" * 16), memoryview(bytearray(16)).toreadonly()],
+    ids=["bytes", "memoryview-of-bytes", "readonly-memoryview"],
+)
+def test_copy_readonly_dst(impl, dst):
+    with pytest.raises(TypeError):
+        impl.copy(dst, b"abc")
+
+
+def test_copy_readonly_numpy_dst(impl):
+    arr = np.zeros(16, dtype=np.uint8)
+    arr.flags.writeable = False
+    with pytest.raises(TypeError):
+        impl.copy(arr, b"abc")
+
+
+@settings(max_examples=100, deadline=None)
+@given(src=st.binary(max_size=5000), extra=st.integers(0, 100))
+def test_copy_engine_matches_reference(engine, reference, src, extra):
+    a = bytearray(b"\x5a" * (len(src) + extra))
+    b = bytearray(b"\x5a" * (len(src) + extra))
+    assert engine.copy(a, src) == reference.copy(b, src) == len(src)
+    assert a == b
+    assert bytes(a[: len(src)]) == src
+
+
+def test_copy_large(impl):
+    src = random.Random(4).randbytes(8 << 20)
+    dst = bytearray(8 << 20)
+    assert impl.copy(dst, src) == len(src)
+    assert dst == src
+
+
+# ------------------------------------------------------------------------------------ OffsetAllocator
+
+def _round_up(n: int) -> int:
+    return (n + UNIT - 1) // UNIT * UNIT
+
+
+class CheckedAllocator:
+    """Wraps an OffsetAllocator and checks every invariant after every call."""
+
+    def __init__(self, module, capacity: int):
+        self.alloc_obj = module.OffsetAllocator(capacity)
+        self.capacity = capacity
+        self.live: dict[int, tuple[int, int]] = {}  # handle -> (offset, rounded size)
+
+    def alloc(self, nbytes: int) -> int:
+        used_before = self.alloc_obj.used
+        handle = self.alloc_obj.alloc(nbytes)
+        assert isinstance(handle, int)
+        if handle == -1:
+            assert self.alloc_obj.used == used_before
+            return handle
+        assert handle >= 0
+        assert handle not in self.live, "handle of a live allocation handed out twice"
+        offset = self.alloc_obj.offset(handle)
+        size = _round_up(nbytes)
+        assert 0 <= offset, offset
+        assert offset + nbytes <= self.capacity, (offset, nbytes, self.capacity)
+        assert offset % UNIT == 0, offset
+        for other, (o_off, o_size) in self.live.items():
+            assert offset + size <= o_off or o_off + o_size <= offset, (
+                f"allocation {handle} [{offset}, {offset + size}) overlaps {other} [{o_off}, {o_off + o_size})"
+            )
+        self.live[handle] = (offset, size)
+        self.check_used()
+        return handle
+
+    def free(self, handle: int) -> None:
+        self.alloc_obj.free(handle)
+        del self.live[handle]
+        self.check_used()
+
+    def check_used(self) -> None:
+        assert self.alloc_obj.used == sum(size for _, size in self.live.values())
+        assert self.alloc_obj.used <= self.capacity
+        assert self.alloc_obj.capacity == self.capacity
+
+
+def test_allocator_capacity_and_empty(impl):
+    a = impl.OffsetAllocator(1 << 20)
+    assert a.capacity == 1 << 20
+    assert a.used == 0
+
+
+def test_allocator_used_is_rounded_to_unit(impl):
+    a = CheckedAllocator(impl, 1 << 16)
+    h1 = a.alloc(1)
+    assert a.alloc_obj.used == 64
+    h2 = a.alloc(65)
+    assert a.alloc_obj.used == 64 + 128
+    h3 = a.alloc(128)
+    assert a.alloc_obj.used == 64 + 128 + 128
+    for h in (h2, h1, h3):
+        a.free(h)
+    assert a.alloc_obj.used == 0
+
+
+def test_allocator_offsets_readable_until_freed(impl):
+    a = CheckedAllocator(impl, 1 << 16)
+    handles = [a.alloc(100 * (i + 1)) for i in range(10)]
+    offsets = [a.alloc_obj.offset(h) for h in handles]
+    assert len(set(offsets)) == len(offsets)
+    for h, off in zip(handles, offsets):
+        assert a.alloc_obj.offset(h) == off
+
+
+def test_allocator_too_big_fails(impl):
+    a = CheckedAllocator(impl, 1 << 16)
+    assert a.alloc((1 << 16) + 1) == -1
+    assert a.alloc(1 << 30) == -1
+    assert a.alloc_obj.used == 0
+
+
+def test_allocator_full_then_fails(impl):
+    capacity = 64 * 64
+    a = CheckedAllocator(impl, capacity)
+    handles = [a.alloc(64) for _ in range(64)]
+    assert all(h >= 0 for h in handles)
+    assert a.alloc_obj.used == capacity
+    assert a.alloc(1) == -1
+    a.free(handles[17])
+    h = a.alloc(64)
+    assert h >= 0
+    assert a.alloc_obj.offset(h) == 17 * 64  # the only free slot
+    assert a.alloc(1) == -1
+
+
+@pytest.mark.parametrize("capacity", [1 << 20, 1 << 16, 64 << 20])
+def test_allocator_whole_capacity_power_of_two(impl, capacity):
+    a = CheckedAllocator(impl, capacity)
+    h = a.alloc(capacity)
+    assert h >= 0
+    assert a.alloc_obj.offset(h) == 0
+    assert a.alloc(1) == -1
+    a.free(h)
+    assert a.alloc_obj.used == 0
+
+
+@pytest.mark.parametrize("capacity", [64 * 1000, 64 * 12345, 3 * (1 << 20), 1000 * 1000 * 64])
+def test_allocator_whole_capacity_not_power_of_two(impl, capacity):
+    a = CheckedAllocator(impl, capacity)
+    h = a.alloc(capacity)
+    assert h >= 0, f"fresh allocator of {capacity} bytes could not allocate all of it"
+    assert a.alloc_obj.offset(h) == 0
+
+
+@pytest.mark.parametrize("capacity", [1 << 20, 64 * 12345])
+def test_allocator_coalescing_after_random_churn(impl, capacity):
+    """Allocate and free at random, then free everything: one allocation of the full capacity must succeed."""
+    rng = random.Random(capacity)
+    a = CheckedAllocator(impl, capacity)
+    for _ in range(2000):
+        if a.live and rng.random() < 0.45:
+            a.free(rng.choice(list(a.live)))
+        else:
+            a.alloc(rng.choice([1, 63, 64, 65, 200, 1000, 4096, 10_000, 50_000]))
+    for h in list(a.live):
+        a.free(h)
+    assert a.alloc_obj.used == 0
+    h = a.alloc(capacity)
+    assert h >= 0, "after freeing everything the free space did not coalesce back into one block"
+    assert a.alloc_obj.offset(h) == 0
+
+
+def test_allocator_coalescing_in_every_free_order(impl):
+    """Four neighbours freed in each of the orders that merge left, right and both sides."""
+    import itertools
+
+    capacity = 4 * 4096
+    for order in itertools.permutations(range(4)):
+        a = CheckedAllocator(impl, capacity)
+        handles = [a.alloc(4096) for _ in range(4)]
+        assert all(h >= 0 for h in handles)
+        for i in order:
+            a.free(handles[i])
+        h = a.alloc(capacity)
+        assert h >= 0, f"free order {order} did not coalesce"
+
+
+def test_allocator_reuses_freed_space(impl):
+    capacity = 1 << 20
+    a = CheckedAllocator(impl, capacity)
+    for _ in range(1000):
+        h = a.alloc(300_000)
+        assert h >= 0
+        h2 = a.alloc(500_000)
+        assert h2 >= 0
+        a.free(h)
+        a.free(h2)
+    assert a.alloc_obj.used == 0
+
+
+def test_allocator_fails_when_sum_exceeds_capacity(impl):
+    """Whatever the allocation policy, alloc must fail when the used bytes plus the request exceed capacity."""
+    capacity = 1 << 16
+    rng = random.Random(11)
+    a = CheckedAllocator(impl, capacity)
+    for _ in range(3000):
+        if a.live and rng.random() < 0.4:
+            a.free(rng.choice(list(a.live)))
+            continue
+        n = rng.randint(1, 9000)
+        used_before = a.alloc_obj.used
+        h = a.alloc(n)
+        if used_before + _round_up(n) > capacity:
+            assert h == -1
+
+
+# Hypothesis: the same random sequence of alloc/free on both implementations gives the same results.
+
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("alloc"), st.integers(min_value=1, max_value=300_000)),
+        st.tuples(st.just("alloc"), st.sampled_from([1, 63, 64, 65, 127, 128, 4095, 4096, 4097])),
+        st.tuples(st.just("free"), st.integers(min_value=0, max_value=10_000)),
+    ),
+    max_size=200,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(capacity_units=st.integers(min_value=1, max_value=32768), ops=_ops)
+def test_allocator_engine_matches_reference(engine, reference, capacity_units, ops):
+    capacity = capacity_units * UNIT
+    e = CheckedAllocator(engine, capacity)
+    r = CheckedAllocator(reference, capacity)
+    live: list[int] = []
+    for op, arg in ops:
+        if op == "alloc":
+            he = e.alloc(arg)
+            hr = r.alloc(arg)
+            assert he == hr, f"alloc({arg}): engine handle {he} != reference handle {hr}"
+            if he >= 0:
+                assert e.alloc_obj.offset(he) == r.alloc_obj.offset(hr)
+                live.append(he)
+        elif live:
+            h = live.pop(arg % len(live))
+            e.free(h)
+            r.free(h)
+        assert e.alloc_obj.used == r.alloc_obj.used
+    # and both coalesce fully
+    for h in live:
+        e.free(h)
+        r.free(h)
+    assert e.alloc_obj.used == r.alloc_obj.used == 0
+
+
+def test_allocator_engine_matches_reference_long_run(engine, reference):
+    """A long deterministic churn (many size classes, many free-list states) gives identical results."""
+    rng = random.Random(2024)
+    capacity = 8 << 20
+    e = engine.OffsetAllocator(capacity)
+    r = reference.OffsetAllocator(capacity)
+    live: list[int] = []
+    for step in range(20_000):
+        if live and rng.random() < 0.48:
+            h = live.pop(rng.randrange(len(live)))
+            e.free(h)
+            r.free(h)
+        else:
+            n = int(rng.paretovariate(1.2) * 100) if rng.random() < 0.9 else rng.randint(1, 2 << 20)
+            he, hr = e.alloc(n), r.alloc(n)
+            assert he == hr, f"step {step}: alloc({n}) engine {he} != reference {hr}"
+            if he >= 0:
+                assert e.offset(he) == r.offset(hr), f"step {step}"
+                live.append(he)
+        assert e.used == r.used, f"step {step}"
