@@ -281,6 +281,13 @@ cdef class OffsetAllocator:
         self.used_units += units
         return n
 
+    def reserve(self, size_t nbytes) -> tuple:
+        """``alloc`` and ``offset`` in one call: (handle, byte offset), or (-1, -1)."""
+        cdef long long handle = self.alloc(nbytes)
+        if handle < 0:
+            return (-1, -1)
+        return (handle, <size_t>self.n_off[handle] * UNIT)
+
     def free(self, long long handle) -> None:
         """Return a block; it merges with free neighbours."""
         if handle < 0 or handle >= self.count or self.n_state[handle] != USED:

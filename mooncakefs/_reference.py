@@ -147,6 +147,10 @@ class OffsetAllocator:
         self.used_units += units
         return n
 
+    def reserve(self, nbytes: int) -> tuple[int, int]:
+        handle = self.alloc(nbytes)
+        return (handle, self.offset(handle)) if handle >= 0 else (-1, -1)
+
     def free(self, handle: int) -> None:
         if not 0 <= handle < len(self.state) or self.state[handle] != _USED:
             raise ValueError(f"handle {handle} is not allocated")

@@ -46,6 +46,7 @@ from mooncakefs.errors import (
     StoreClosed,
 )
 from mooncakefs.tiers import DramTier, SsdTier
+from mooncakefs.tiers.ssd import Segment
 from mooncakefs.units import format_size, parse_size
 
 MAX_KEY_BYTES = 1024
@@ -207,34 +208,21 @@ class Store:
 
         ``pin`` keeps it in DRAM, never evicted; ``ttl`` (seconds) expires it; ``if_absent`` raises
         KeyExists rather than replace; ``durable`` returns only once it is flushed to the SSD tier."""
-        raw = encode_key(key)
-        size = _engine.nbytes(value)
-        expires = 0.0
-        if ttl is not None:
-            if not ttl > 0 or math.isinf(ttl):
-                raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
-            expires = time.time() + ttl
-        if durable and self._ssd is None:
-            raise ValueError(f"put({key!r:.80}, durable=True) needs an SSD tier: open the store with ssd=...")
-        entry = Entry(size)
-        entry.pinned, entry.expires = pin, expires
+        raw, entry = self._prepare_put(key, value, pin, ttl, durable)
+        self._put_prepared(raw, key, entry, value, if_absent, durable)
+
+    def _put_prepared(self, raw: bytes, key: Key, entry: Entry, value: Any, if_absent: bool,
+                      durable: bool) -> None:
         with self._lock:
-            self._check_open()
-            self._reap_expired()
-            if if_absent and self._lookup(raw) is not None:
-                raise KeyExists(key)
-            handle, offset = self._alloc_dram(size)
-            if handle < 0:
-                self._put_ssd_only(raw, key, entry, value)
-                return
-            entry.dram, entry.dram_off = handle, offset
-            if size < LOCKED_COPY_MAX:
-                self._fill(entry, value)
-                self._publish(raw, key, entry, if_absent, durable)
+            if self._put_locked(raw, key, entry, value, if_absent, durable):
                 return
             self._unlocked_ops += 1
         try:
-            self._dram.arena.write(offset, value)
+            self._dram.arena.write(entry.dram_off, value)
+        except BaseException:
+            with self._lock:
+                self._dram.free(entry.dram)
+            raise
         finally:
             with self._lock:
                 self._end_unlocked_op()
@@ -243,12 +231,42 @@ class Store:
         with self._lock:
             self._publish(raw, key, entry, if_absent, durable)
 
-    def _fill(self, entry: Entry, value: Any) -> None:
+    def _prepare_put(self, key: Key, value: Any, pin: bool, ttl: float | None, durable: bool
+                     ) -> tuple[bytes, Entry]:
+        """Check a put's arguments (no lock needed): the key's bytes and a fresh entry."""
+        raw = encode_key(key)
+        entry = Entry(_engine.nbytes(value))
+        if ttl is not None:
+            if not ttl > 0 or math.isinf(ttl):
+                raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+            entry.expires = time.time() + ttl
+        if durable and self._ssd is None:
+            raise ValueError(f"put({key!r:.80}, durable=True) needs an SSD tier: open the store with ssd=...")
+        entry.pinned = pin
+        return raw, entry
+
+    def _put_locked(self, raw: bytes, key: Key, entry: Entry, value: Any, if_absent: bool,
+                    durable: bool) -> bool:
+        """The part of a put done under the lock: True if that was all, False if the entry got a DRAM
+        block that the caller must fill without the lock and then publish."""
+        self._check_open()
+        if self._expiring:
+            self._reap_expired()
+        if if_absent and self._lookup(raw) is not None:
+            raise KeyExists(key)
+        entry.dram, entry.dram_off = self._alloc_dram(entry.size)
+        if entry.dram < 0:
+            self._put_ssd_only(raw, key, entry, value)
+            return True
+        if entry.size >= LOCKED_COPY_MAX:
+            return False
         try:
             self._dram.arena.write(entry.dram_off, value)
         except BaseException:
             self._dram.free(entry.dram)
             raise
+        self._publish(raw, key, entry, if_absent, durable)
+        return True
 
     def _publish(self, raw: bytes, key: Key, entry: Entry, if_absent: bool, durable: bool) -> None:
         """Make a filled entry the key's value (lock held)."""
@@ -272,7 +290,8 @@ class Store:
             self._lru[raw] = entry
         if entry.expires:
             heapq.heappush(self._expiring, (entry.expires, next(self._tiebreak), raw, entry))
-        self._commit({entry.seg} if durable else None)
+        if self._ssd is not None:
+            self._ssd.commit(durable_segments={entry.seg} if durable else None)
 
     def _put_ssd_only(self, raw: bytes, key: Key, entry: Entry, value: Any) -> None:
         """No DRAM block can be had: store straight to SSD if the value may live there (lock held)."""
@@ -441,14 +460,7 @@ class Store:
             if entry.dram >= 0 and entry.size < LOCKED_COPY_MAX:
                 return self._dram.arena.read(entry.dram_off, entry.size)
             seg = self._lease(entry)
-        try:
-            if seg is None:
-                return self._dram.arena.read(entry.dram_off, entry.size)
-            data = self._ssd.read(seg, entry.seg_off, entry.size)  # type: ignore[union-attr]
-            self._verify(raw, key, entry, data)
-            return data
-        finally:
-            self._end_lease(raw, entry, seg, data if seg is not None else None)
+        return self._read_leased(raw, key, entry, seg, None)
 
     def get_into(self, key: Key, buffer: Any) -> int:
         """Copy the value into the start of writable ``buffer``; returns its length in bytes.
@@ -463,18 +475,7 @@ class Store:
             if entry.dram >= 0 and entry.size < LOCKED_COPY_MAX:
                 return self._dram.arena.read_into(entry.dram_off, entry.size, buffer)
             seg = self._lease(entry)
-        dst = None
-        try:
-            if seg is None:
-                return self._dram.arena.read_into(entry.dram_off, entry.size, buffer)
-            dst = memoryview(buffer).cast("B")[: entry.size]
-            if dst.readonly:
-                raise TypeError("buffer must be writable")
-            self._ssd.read_into(seg, entry.seg_off, entry.size, dst)  # type: ignore[union-attr]
-            self._verify(raw, key, entry, dst)
-            return entry.size
-        finally:
-            self._end_lease(raw, entry, seg, dst)
+        return self._read_leased(raw, key, entry, seg, buffer)
 
     @contextmanager
     def view(self, key: Key) -> Iterator[memoryview]:
@@ -485,21 +486,47 @@ class Store:
         raw = encode_key(key)
         with self._lock:
             entry = self._find(raw, key)
-            if entry.dram >= 0:
+            in_dram = entry.dram >= 0
+            if in_dram:
                 entry.readers += 1
-                seg = None
                 mv = self._dram.readonly_view(entry.dram_off, entry.size)
-        if entry.dram < 0 or seg is not None:
-            mv = memoryview(self.get(key))
+            else:
+                seg = self._lease(entry)
+        if not in_dram:  # on SSD: a private copy (the read may promote it)
+            mv = memoryview(self._read_leased(raw, key, entry, seg, None))
         try:
             yield mv
         finally:
-            if seg is None and entry.readers:
+            if in_dram:
                 mv.release()
                 with self._lock:
                     self._release_lease(entry)
 
-    def _lease(self, entry: Entry):  # -> Segment | None
+    def _read_leased(self, raw: bytes, key: Key, entry: Entry, seg: Segment | None, dst: Any) -> Any:
+        """Finish a read whose lease ``_lease`` took: into ``dst`` (returns the byte count) or, with no
+        ``dst``, into new bytes (returned).  SSD bytes are checked against the entry's CRC."""
+        data = None
+        try:
+            if seg is None:
+                if dst is None:
+                    return self._dram.arena.read(entry.dram_off, entry.size)
+                return self._dram.arena.read_into(entry.dram_off, entry.size, dst)
+            if dst is None:
+                data = self._ssd.read(seg, entry.seg_off, entry.size)  # type: ignore[union-attr]
+            else:
+                data = memoryview(dst).cast("B")[: entry.size]
+                if data.readonly:
+                    raise TypeError("buffer must be writable")
+                self._ssd.read_into(seg, entry.seg_off, entry.size, data)  # type: ignore[union-attr]
+            self._verify(raw, key, entry, data)
+            return data if dst is None else entry.size
+        except BaseException:
+            data = None  # nothing to promote
+            raise
+        finally:
+            self._end_lease(raw, entry, seg, data)
+
+    def _lease(self, entry: Entry) -> Segment | None:
         """Hold an entry (and its SSD segment, if that is where it is read from) across an unlocked
         copy (lock held)."""
         entry.readers += 1
@@ -642,10 +669,28 @@ class Store:
 
     # -- batches ----------------------------------------------------------------------------------------
 
-    def batch_put(self, items: Mapping[Key, Any] | Iterable[tuple[Key, Any]], **options: Any) -> list[Any]:
+    def batch_put(
+        self,
+        items: Mapping[Key, Any] | Iterable[tuple[Key, Any]],
+        *,
+        pin: bool = False,
+        ttl: float | None = None,
+        if_absent: bool = False,
+        durable: bool = False,
+    ) -> list[Any]:
         """Put many values; one result per item, in order: None, or the exception that item raised."""
         pairs = items.items() if isinstance(items, Mapping) else items
-        return [self._each(self.put, key, value, **options) for key, value in pairs]
+        results: list[Any] = []
+        for key, value in pairs:
+            try:
+                raw, entry = self._prepare_put(key, value, pin, ttl, durable)
+                self._put_prepared(raw, key, entry, value, if_absent, durable)
+                results.append(None)
+            except StoreClosed:
+                raise
+            except (MooncakeError, TypeError, ValueError) as exc:
+                results.append(exc)
+        return results
 
     def batch_get_into(self, keys: Iterable[Key], buffers: Iterable[Any]) -> list[Any]:
         """get_into for many keys; one result per key: the byte count, or the exception for that key."""

@@ -33,18 +33,13 @@ class DramTier:
         self.arena = _engine.Arena(self.map)
         self.allocator = _engine.OffsetAllocator(capacity)
         self.capacity = self.allocator.capacity
+        # (handle, byte offset) of a block for n bytes, or (-1, -1) when none is free; and its inverse.
+        self.alloc = self.allocator.reserve
+        self.free = self.allocator.free
 
     @property
     def used(self) -> int:
         return self.allocator.used
-
-    def alloc(self, size: int) -> tuple[int, int]:
-        """(handle, byte offset) of a block for ``size`` bytes, or (-1, -1) when none is free."""
-        handle = self.allocator.alloc(size)
-        return (handle, self.allocator.offset(handle)) if handle >= 0 else (-1, -1)
-
-    def free(self, handle: int) -> None:
-        self.allocator.free(handle)
 
     def readonly_view(self, offset: int, size: int) -> memoryview:
         return self.view[offset : offset + size].toreadonly()

@@ -116,7 +116,7 @@ class SsdTier:
             "SELECT key, seg, off, size, crc, expires, pinned FROM objects"
         ):
             seg = self.segments.get(seg_id)
-            if seg is None or off + size > seg.size or (expires and expires <= now):
+            if seg is None or off + size > max(seg.size, off) or (expires and expires <= now):
                 stale.append((key,))
                 continue
             seg.live += aligned(size)
@@ -170,13 +170,12 @@ class SsdTier:
         self._begin()
         self.db.execute("UPDATE objects SET pinned = ? WHERE key = ?", (int(pinned), key))
 
-    def drop(self, key: bytes, seg_id: int, size: int, *, unindex: bool = True) -> None:
+    def drop(self, key: bytes, seg_id: int, off: int, size: int) -> None:
         """Forget one stored value: its bytes become garbage, and an emptied sealed segment goes."""
         seg = self.segments[seg_id]
         seg.live -= aligned(size)
-        if unindex:
-            self._begin()
-            self.db.execute("DELETE FROM objects WHERE key = ? AND seg = ?", (key, seg_id))
+        self._begin()
+        self.db.execute("DELETE FROM objects WHERE key = ? AND seg = ? AND off = ?", (key, seg_id, off))
         if seg.live == 0 and seg is not self.active:
             self._delete(seg)
 
