@@ -1,0 +1,458 @@
+"""Thread safety: byte-exact results under concurrent puts/gets, atomic overwrites, views under overwrite."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import MiB, rand_bytes, run_python
+
+import mooncakefs
+
+THREADS = 8
+PER_THREAD = 100
+
+
+def run_threads(n: int, target, *args) -> list:
+    """Run ``target(index, *args)`` in ``n`` threads started together; re-raise the first failure."""
+    barrier = threading.Barrier(n)
+
+    def wrapped(i):
+        barrier.wait()
+        return target(i, *args)
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        futures = [pool.submit(wrapped, i) for i in range(n)]
+        return [f.result() for f in futures]
+
+
+# ------------------------------------------------------------------------ 8 threads x 100 x 1 MiB
+
+
+class Values:
+    """1 MiB values rebuilt from their key: a 16-byte header (thread, index) + per-thread noise."""
+
+    def __init__(self, threads: int):
+        self.bases = [rand_bytes(MiB, ("base", t)) for t in range(threads)]
+
+    @staticmethod
+    def key(t: int, i: int) -> str:
+        return f"t{t}/v{i}"
+
+    def value(self, t: int, i: int) -> bytes:
+        return struct.pack("<QQ", t, i) + self.bases[t][16:]
+
+
+def _hammer(t: int, store, values: Values, committed: list) -> int:
+    rng = random.Random(t)
+    buf = bytearray(MiB)
+    checked = 0
+    for i in range(PER_THREAD):
+        key, value = Values.key(t, i), values.value(t, i)
+        store.put(key, value)
+        got = store.get(key)
+        assert got == value, f"{key}: read back wrong bytes right after put"
+        committed.append((t, i))
+        # read someone else's (or our own) earlier value through get_into
+        ot, oi = committed[rng.randrange(len(committed))]
+        n = store.get_into(Values.key(ot, oi), buf)
+        assert n == MiB
+        assert buf == values.value(ot, oi), f"{Values.key(ot, oi)}: wrong bytes read by thread {t}"
+        checked += 1
+    return checked
+
+
+def _check_all(store, values: Values) -> None:
+    for t in range(THREADS):
+        for i in range(PER_THREAD):
+            assert store.get(Values.key(t, i)) == values.value(t, i), Values.key(t, i)
+    assert len(store) == THREADS * PER_THREAD
+
+
+def test_8_threads_x_100_x_1mib(store_factory):
+    store = store_factory(dram="1GiB", ssd=None)
+    values = Values(THREADS)
+    committed: list = []
+    assert sum(run_threads(THREADS, _hammer, store, values, committed)) == THREADS * PER_THREAD
+    _check_all(store, values)
+    assert store.stats()["dram"]["evictions"] == 0
+
+
+@pytest.mark.slow
+def test_8_threads_x_100_x_1mib_with_eviction_to_ssd(store_factory):
+    store = store_factory(dram="128MiB", ssd="1GiB", segment_size="16MiB")
+    values = Values(THREADS)
+    committed: list = []
+    run_threads(THREADS, _hammer, store, values, committed)
+    _check_all(store, values)
+    stats = store.stats()
+    assert stats["dram"]["evictions"] > 0
+    assert stats["dram"]["used"] <= stats["dram"]["capacity"]
+
+
+# ------------------------------------------------------------------------------ atomic overwrites
+
+
+def uniform_value(b: int) -> bytes:
+    """Self-describing: byte b repeated (b + 1) * 4 KiB times, so any mix of two values shows."""
+    return bytes([b]) * ((b + 1) * 4096)
+
+
+def check_uniform(data, where: str) -> None:
+    data = bytes(data)
+    assert data, f"{where}: empty read"
+    b = data[0]
+    assert len(data) == (b + 1) * 4096, f"{where}: length {len(data)} does not match fill byte {b}"
+    assert data.count(data[:1]) == len(data), f"{where}: mixed bytes (torn write)"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(dram="64MiB", ssd=None), dict(dram="4MiB", ssd="64MiB", segment_size="4MiB")],
+    ids=["dram-only", "small-dram-with-ssd"],
+)
+def test_concurrent_overwrites_are_atomic(store_factory, options):
+    store = store_factory(**options)
+    keys = [f"hot{i}" for i in range(4)]
+    for k in keys:
+        store.put(k, uniform_value(0))
+    writers_done = threading.Event()
+    reads = [0]
+
+    def writer(w: int) -> None:
+        rng = random.Random(w)
+        for _ in range(150):
+            store.put(rng.choice(keys), uniform_value(rng.randrange(256)))
+
+    def reader(r: int) -> None:
+        rng = random.Random(100 + r)
+        buf = bytearray(256 * 4096)
+        while True:
+            key = rng.choice(keys)
+            mode = r % 3
+            if mode == 0:
+                check_uniform(store.get(key), f"get {key}")
+            elif mode == 1:
+                n = store.get_into(key, buf)
+                check_uniform(memoryview(buf)[:n], f"get_into {key}")
+            else:
+                with store.view(key) as mv:
+                    first = bytes(mv)
+                    check_uniform(first, f"view {key}")
+                    check_uniform(mv, f"view {key} re-read")
+                    assert bytes(mv) == first, "a view changed while it was held"
+            reads[0] += 1
+            if writers_done.is_set():
+                return
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        wfuts = [pool.submit(writer, i) for i in range(4)]
+        rfuts = [pool.submit(reader, i) for i in range(4)]
+        try:
+            for f in wfuts:
+                f.result()
+        finally:
+            writers_done.set()
+        for f in rfuts:
+            f.result()
+    assert reads[0] > 0
+    for k in keys:
+        check_uniform(store.get(k), f"final {k}")
+
+
+def test_views_held_while_another_thread_overwrites(store_factory):
+    store = store_factory(dram="16MiB", ssd=None)
+    original = rand_bytes(MiB, "original")
+    store.put("k", original)
+    view_open = threading.Event()
+    writes_done = threading.Event()
+    errors: list = []
+
+    def holder():
+        try:
+            with store.view("k") as mv:
+                view_open.set()
+                while not writes_done.is_set():
+                    assert bytes(mv[:4096]) == original[:4096]
+                assert bytes(mv) == original
+        except BaseException as exc:
+            errors.append(exc)
+            view_open.set()
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert view_open.wait(30)
+    try:
+        for i in range(30):
+            store.put("k", rand_bytes(MiB, i))  # reuses the freed space: the view must not see it
+            store.remove("k")
+            store.put(f"other{i}", rand_bytes(MiB, ("o", i)))
+            store.remove(f"other{i}")
+    finally:
+        writes_done.set()
+        t.join(60)
+    assert not errors, errors[0]
+
+
+def test_many_threads_viewing_and_overwriting(store_factory):
+    store = store_factory(dram="32MiB", ssd=None)
+    keys = [f"k{i}" for i in range(8)]
+    for k in keys:
+        store.put(k, uniform_value(1))
+
+    def work(t: int) -> None:
+        rng = random.Random(t)
+        for _ in range(200):
+            key = rng.choice(keys)
+            if rng.random() < 0.4:
+                store.put(key, uniform_value(rng.randrange(64)))
+            else:
+                with store.view(key) as mv:
+                    before = bytes(mv)
+                    check_uniform(before, key)
+                    store.put(rng.choice(keys), uniform_value(rng.randrange(64)))
+                    assert bytes(mv) == before
+
+    run_threads(8, work)
+
+
+# ---------------------------------------------------------------------------- mixed operations
+
+
+def _value_of(key: str, version: int) -> bytes:
+    header = f"{key}|{version}|".encode()
+    return header + rand_bytes(random.Random(header).randint(0, 50_000), header)
+
+
+def _check_versioned(key: str, data: bytes) -> None:
+    k, version, _ = data.split(b"|", 2)
+    assert k.decode() == key, f"{key} holds {k!r}'s value"
+    assert data == _value_of(key, int(version)), f"{key}: bytes of version {int(version)} are wrong"
+
+
+def test_concurrent_mixed_operations(store_factory):
+    store = store_factory(dram="64MiB", ssd=None)
+    keys = [f"m{i}" for i in range(16)]
+
+    def work(t: int) -> None:
+        rng = random.Random(t)
+        buf = bytearray(60_000)
+        for step in range(300):
+            key = rng.choice(keys)
+            op = rng.random()
+            if op < 0.3:
+                store.put(key, _value_of(key, t * 1000 + step))
+            elif op < 0.4:
+                store.remove(key)
+            elif op < 0.5:
+                assert isinstance(store.exists(key), bool)
+            elif op < 0.6:
+                try:
+                    n = store.get_into(key, buf)
+                except mooncakefs.KeyNotFound:
+                    continue
+                _check_versioned(key, bytes(buf[:n]))
+            elif op < 0.7:
+                batch = rng.sample(keys, 4)
+                store.batch_put({k: _value_of(k, t * 1000 + step) for k in batch})
+            elif op < 0.8:
+                batch = rng.sample(keys, 4)
+                for k, v in zip(batch, store.batch_get(batch), strict=True):
+                    if v is not None:
+                        _check_versioned(k, v)
+            elif op < 0.85:
+                list(store.keys("m"))
+                len(store)
+                store.stats()
+            else:
+                with contextlib.suppress(mooncakefs.KeyNotFound):
+                    _check_versioned(key, store.get(key))
+
+    run_threads(8, work)
+    present = [k for k in keys if store.exists(k)]
+    assert len(store) == len(present) == len(list(store.keys()))
+    for k in present:
+        _check_versioned(k, store.get(k))
+
+
+def test_concurrent_if_absent_has_one_winner(store_factory):
+    store = store_factory(dram="32MiB", ssd=None)
+    keys = [f"race{i}" for i in range(50)]
+
+    def work(t: int) -> list:
+        won = []
+        for k in keys:
+            try:
+                store.put(k, f"{k} by {t}".encode(), if_absent=True)
+            except mooncakefs.KeyExists:
+                continue
+            won.append(k)
+        return won
+
+    results = run_threads(8, work)
+    winners: dict[str, int] = {}
+    for t, won in enumerate(results):
+        for k in won:
+            assert k not in winners, f"{k} was put with if_absent=True by both {winners[k]} and {t}"
+            winners[k] = t
+    assert set(winners) == set(keys)
+    for k, t in winners.items():
+        assert store.get(k) == f"{k} by {t}".encode()
+
+
+def test_concurrent_remove_has_one_winner(store_factory):
+    store = store_factory(dram="32MiB", ssd=None)
+    keys = [f"rm{i}" for i in range(200)]
+    for k in keys:
+        store.put(k, b"x")
+
+    def work(t: int) -> int:
+        return sum(1 for k in keys if store.remove(k))
+
+    assert sum(run_threads(8, work)) == len(keys)
+    assert len(store) == 0
+
+
+# ------------------------------------------------------------------------------ close under load
+
+CLOSE_UNDER_LOAD = r"""
+import random, sys, threading
+import mooncakefs
+
+store = mooncakefs.open(sys.argv[1], dram="32MiB", ssd="64MiB", segment_size="4MiB")
+for i in range(32):
+    store.put(f"k{i}", bytes([i]) * 500_000)
+started = threading.Barrier(9)
+bad = []
+
+def work(t):
+    rng = random.Random(t)
+    started.wait()
+    buf = bytearray(500_000)
+    try:
+        while True:
+            i = rng.randrange(32)
+            op = rng.randrange(4)
+            try:
+                if op == 0:
+                    store.put(f"k{i}", bytes([i]) * 500_000)
+                elif op == 1:
+                    v = store.get(f"k{i}")
+                    if v != bytes([i]) * 500_000:
+                        bad.append(f"get k{i} wrong bytes")
+                elif op == 2:
+                    store.get_into(f"k{i}", buf)
+                else:
+                    with store.view(f"k{i}") as mv:
+                        if mv[0] != i:
+                            bad.append(f"view k{i} wrong bytes")
+            except mooncakefs.KeyNotFound:
+                pass
+    except mooncakefs.StoreClosed:
+        return
+    except BaseException as exc:
+        bad.append(repr(exc))
+
+threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+for t in threads:
+    t.start()
+started.wait()
+import time
+time.sleep(0.3)
+store.close()
+for t in threads:
+    t.join(60)
+print("ALIVE" if not any(t.is_alive() for t in threads) else "HUNG", flush=True)
+print("BAD", bad[:5], flush=True)
+"""
+
+
+def test_close_while_threads_are_working(tmp_path):
+    """Closing under load: each op succeeds or raises StoreClosed; no crash, no hang (in a subprocess)."""
+    proc = run_python(CLOSE_UNDER_LOAD, str(tmp_path / "db"), timeout=120)
+    assert proc.returncode == 0, f"child died (rc {proc.returncode}): {proc.stderr[-3000:]}"
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "ALIVE", "threads still running after close()"
+    assert lines[1] == "BAD []", lines[1]
+
+
+def test_keys_iteration_while_other_threads_modify(store_factory):
+    store = store_factory(dram="32MiB", ssd=None)
+    for i in range(500):
+        store.put(f"it{i}", b"x")
+    stop = threading.Event()
+
+    def mutate(t: int) -> None:
+        rng = random.Random(t)
+        while not stop.is_set():
+            i = rng.randrange(1000)
+            if rng.random() < 0.5:
+                store.put(f"it{i}", b"y")
+            else:
+                store.remove(f"it{i}")
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futs = [pool.submit(mutate, t) for t in range(2)]
+        try:
+            for _ in range(20):
+                seen = []
+                for key in store.keys("it"):
+                    seen.append(key)
+                    store.exists(key)
+                assert len(seen) == len(set(seen)), "keys() yielded a key twice"
+                assert all(isinstance(k, (str, bytes)) for k in seen)
+        finally:
+            stop.set()
+        for f in futs:
+            f.result()
+
+
+def test_ssd_reads_during_segment_reclamation(store_factory):
+    """Readers of SSD values while another thread churns the SSD tier (segments emptied and deleted)."""
+    store = store_factory(dram="2MiB", ssd="16MiB", segment_size="2MiB", promote_after=1000)
+    stable = {f"stable{i}": rand_bytes(300_000, ("s", i)) for i in range(6)}
+    for k, v in stable.items():
+        store.put(k, v, durable=True)
+    done = threading.Event()
+
+    def churn() -> None:
+        try:
+            live = []
+            for i in range(80):
+                key = f"churn{i}"
+                store.put(key, rand_bytes(MiB, key), durable=True)
+                live.append(key)
+                if len(live) > 4:
+                    store.remove(live.pop(0))
+        finally:
+            done.set()
+
+    def read(r: int) -> int:
+        rng = random.Random(r)
+        buf = bytearray(300_000)
+        n_reads = 0
+        while not done.is_set() or n_reads == 0:
+            key = rng.choice(list(stable))
+            try:
+                if r % 3 == 0:
+                    assert store.get(key) == stable[key], key
+                elif r % 3 == 1:
+                    assert store.get_into(key, buf) == 300_000
+                    assert buf == stable[key], key
+                else:
+                    with store.view(key) as mv:
+                        assert bytes(mv) == stable[key], key
+            except mooncakefs.KeyNotFound:
+                pass  # a full SSD tier may evict; what is read must never be wrong
+            n_reads += 1
+        return n_reads
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        churner = pool.submit(churn)
+        readers = [pool.submit(read, r) for r in range(3)]
+        churner.result()
+        assert all(f.result() > 0 for f in readers)

@@ -1,0 +1,556 @@
+#!/usr/bin/env python3
+"""Baseline numbers for the REAL Mooncake store, for side-by-side comparison with mooncakefs.
+
+Runs inside the venv made by ``tools/bench/setup_mooncake_venv.sh`` (stdlib + numpy + mooncake
+only; it deliberately does not import mooncakefs). It starts ``mooncake_master`` on free loopback
+ports, sets up one ``MooncakeDistributedStore`` in this process (protocol tcp, P2PHANDSHAKE
+metadata, so no etcd/http metadata service is needed) and measures single and batched put/get,
+bytes and zero-copy, for a list of value sizes. Each number is the median of several time-bounded
+repetitions because the target VMs are small and noisy.
+
+Output: a human table on stderr and a JSON document on stdout (or ``--json PATH``)::
+
+    {"system": "mooncake", "version": "...", "results": [{"op": "get_into", "size": 16777216,
+     "ops_per_s": ..., "gbps": ..., "reps": [...]}, ...]}
+
+``ops_per_s`` counts keys (for batch ops too: keys/s, not batches/s); ``gbps`` is 1e9 bytes/s.
+
+Example::
+
+    tools/bench/setup_mooncake_venv.sh /tmp/mooncake-venv
+    /tmp/mooncake-venv/bin/python tools/bench/mooncake_baseline.py --json /tmp/mooncake.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import ctypes
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mooncake.store import MooncakeDistributedStore
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+OPS_SINGLE = ("put", "get", "get_into", "put_from")
+OPS_BATCH = ("batch_put", "batch_get", "batch_get_into", "batch_put_from")
+# Batched ops are only measured for small values, as in the brief (KV-page sized objects).
+BATCH_MAX_SIZE = 64 * KiB
+
+
+def parse_size(text: str) -> int:
+    """Parse '4KiB', '64k', '1MiB', '2G', '4096' into bytes (binary units)."""
+    t = text.strip().lower().replace("ib", "").replace("b", "")
+    mult = 1
+    for suffix, m in (("k", KiB), ("m", MiB), ("g", GiB)):
+        if t.endswith(suffix):
+            t, mult = t[: -len(suffix)], m
+            break
+    return int(float(t) * mult)
+
+
+def fmt_size(n: int) -> str:
+    """Short binary-unit label for tables."""
+    for unit, m in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= m and n % m == 0:
+            return f"{n // m}{unit}"
+    return f"{n}B"
+
+
+def free_port() -> int:
+    """Ask the kernel for an unused loopback TCP port (small race window is acceptable here)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def find_master_binary(override: str | None) -> str:
+    """Locate mooncake_master: the wheel ships an ELF inside the package plus a console script."""
+    if override:
+        return override
+    import mooncake
+
+    pkg_bin = Path(mooncake.__file__).resolve().parent / "mooncake_master"
+    if pkg_bin.is_file():
+        if not os.access(pkg_bin, os.X_OK):
+            pkg_bin.chmod(pkg_bin.stat().st_mode | 0o111)
+        return str(pkg_bin)
+    for cand in (Path(sys.prefix) / "bin" / "mooncake_master", shutil.which("mooncake_master")):
+        if cand and Path(cand).is_file():
+            return str(cand)
+    raise FileNotFoundError("mooncake_master not found; run setup_mooncake_venv.sh")
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM the master if this process dies (even by SIGKILL) so it never leaks."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Master:
+    """mooncake_master as a child process on free loopback ports, stopped cleanly at exit."""
+
+    def __init__(self, binary: str, log_path: str, extra: list[str]) -> None:
+        self.rpc_port = free_port()
+        self.metrics_port = free_port()
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        cmd = [
+            binary,
+            f"--rpc_port={self.rpc_port}",
+            "--rpc_address=127.0.0.1",
+            f"--metrics_port={self.metrics_port}",
+            "--metrics_host=127.0.0.1",
+            "--logtostderr",
+            *extra,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
+        atexit.register(self.stop)
+        self._wait_ready(timeout=20.0)
+
+    @property
+    def addr(self) -> str:
+        """master_server_addr for setup()."""
+        return f"127.0.0.1:{self.rpc_port}"
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mooncake_master exited rc={self.proc.returncode}; see {self.log_path}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.rpc_port), 0.2):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"mooncake_master not listening after {timeout}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        """SIGTERM (the master handles it as a graceful shutdown), then SIGKILL if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+
+
+@dataclass
+class Result:
+    """One (op, size) measurement; reps hold per-repetition keys/s."""
+
+    op: str
+    size: int
+    batch: int
+    reps: list[float] = field(default_factory=list)
+
+    @property
+    def ops_per_s(self) -> float:
+        return statistics.median(self.reps) if self.reps else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        ops = self.ops_per_s
+        return {
+            "op": self.op,
+            "size": self.size,
+            "batch": self.batch,
+            "ops_per_s": round(ops, 1),
+            "gbps": round(ops * self.size / 1e9, 4),
+            "reps": [round(r, 1) for r in self.reps],
+        }
+
+
+def check(rc: int, what: str) -> None:
+    """Mooncake returns 0 / negative error codes (-200 out of space, -600 bad params, ...)."""
+    if rc != 0:
+        raise RuntimeError(f"{what} failed rc={rc}")
+
+
+class Bench:
+    """Holds the store, registered buffers and the per-op timing loops."""
+
+    def __init__(self, store: MooncakeDistributedStore, args: argparse.Namespace) -> None:
+        self.s = store
+        self.args = args
+        self.batch = args.batch
+        self.max_size = max(args.sizes)
+        # Both zero-copy buffers must hold one max-size value or one full batch of small values.
+        nbytes = max(self.max_size, self.batch * min(BATCH_MAX_SIZE, self.max_size))
+        rng = np.random.default_rng(1234)
+        self.src = rng.integers(0, 256, size=nbytes, dtype=np.uint8)  # written => prefaulted
+        self.dst = np.ones(nbytes, dtype=np.uint8)  # ones, not zeros: forces page faults now
+        check(self.s.register_buffer(self.src.ctypes.data, self.src.nbytes), "register_buffer(src)")
+        check(self.s.register_buffer(self.dst.ctypes.data, self.dst.nbytes), "register_buffer(dst)")
+        self.src_ptr = int(self.src.ctypes.data)
+        self.dst_ptr = int(self.dst.ctypes.data)
+        self.seq = 0
+        # Space a measurement may occupy at once; stays well below the 0.90 eviction watermark.
+        self.budget = int(args.segment * args.fill)
+
+    def close(self) -> None:
+        """Unregister the zero-copy buffers before the store is closed."""
+        self.s.unregister_buffer(self.src_ptr)
+        self.s.unregister_buffer(self.dst_ptr)
+
+    def fresh_keys(self, n: int, tag: str) -> list[str]:
+        """Never-used keys: Mooncake put is write-once, a re-put silently does nothing."""
+        base = self.seq
+        self.seq += n
+        return [f"bench/{tag}/{base + i}" for i in range(n)]
+
+    def remove(self, keys: list[str]) -> None:
+        """Force-remove (skips read leases, which every get takes for 10 s)."""
+        for i in range(0, len(keys), 1024):
+            chunk = keys[i : i + 1024]
+            rcs = self.s.batch_remove(chunk, True)
+            bad = [rc for rc in rcs if rc not in (0, -704)]
+            if bad:
+                raise RuntimeError(f"batch_remove failed: {bad[:5]}")
+
+    # ---- timing loops -------------------------------------------------------------------
+
+    def time_puts(self, size: int, per_call: int, call: Callable[[list[str]], None]) -> float:
+        """Keys/s for one repetition of a write op.
+
+        Puts go in chunks that fit in the segment budget; each chunk is force-removed outside the
+        timed region, so the rep can run its full time without filling the segment.
+        """
+        chunk_calls = max(1, self.budget // (size * per_call))
+        elapsed, keys_done = 0.0, 0
+        max_keys = self.args.max_ops
+        while elapsed < self.args.rep_time and keys_done < max_keys:
+            written: list[str] = []
+            t0 = time.perf_counter()
+            for _ in range(chunk_calls):
+                keys = self.fresh_keys(per_call, "w")
+                call(keys)
+                written.extend(keys)
+                if time.perf_counter() - t0 + elapsed >= self.args.rep_time:
+                    break
+                if keys_done + len(written) >= max_keys:
+                    break
+            elapsed += time.perf_counter() - t0
+            keys_done += len(written)
+            self.remove(written)
+        return keys_done / elapsed
+
+    def time_gets(self, pool: list[str], per_call: int, call: Callable[[list[str]], None]) -> float:
+        """Keys/s for one repetition of a read op, cycling over a prefilled key pool."""
+        groups = [pool[i : i + per_call] for i in range(0, len(pool) - per_call + 1, per_call)]
+        n = 0
+        t0 = time.perf_counter()
+        deadline = t0 + self.args.rep_time
+        while True:
+            call(groups[n % len(groups)])
+            n += 1
+            now = time.perf_counter()
+            if now >= deadline or n * per_call >= self.args.max_ops:
+                break
+        return n * per_call / (now - t0)
+
+    # ---- op bodies ------------------------------------------------------------------------
+
+    def make_ops(self, size: int, value: bytes) -> dict[str, tuple[str, int, Callable[[list[str]], None]]]:
+        """op name -> (kind, keys per call, callable). Callables raise on any failure."""
+        s, b = self.s, self.batch
+        src, dst = self.src_ptr, self.dst_ptr
+        ptrs_src = [src + i * size for i in range(b)]
+        ptrs_dst = [dst + i * size for i in range(b)]
+        sizes = [size] * b
+        values = [value] * b
+
+        def put(keys: list[str]) -> None:
+            check(s.put(keys[0], value), "put")
+
+        def put_from(keys: list[str]) -> None:
+            check(s.put_from(keys[0], src, size), "put_from")
+
+        def get(keys: list[str]) -> None:
+            if len(s.get(keys[0])) != size:
+                raise RuntimeError(f"get {keys[0]} returned wrong length")
+
+        def get_into(keys: list[str]) -> None:
+            rc = s.get_into(keys[0], dst, size)
+            if rc != size:
+                raise RuntimeError(f"get_into rc={rc}")
+
+        def batch_put(keys: list[str]) -> None:
+            check(s.put_batch(keys, values), "put_batch")
+
+        def batch_put_from(keys: list[str]) -> None:
+            rcs = s.batch_put_from(keys, ptrs_src, sizes)
+            if any(rcs):
+                raise RuntimeError(f"batch_put_from rcs={rcs}")
+
+        def batch_get(keys: list[str]) -> None:
+            out = s.get_batch(keys)
+            if len(out) != b or any(len(v) != size for v in out):
+                raise RuntimeError("get_batch returned short/missing values")
+
+        def batch_get_into(keys: list[str]) -> None:
+            rcs = s.batch_get_into(keys, ptrs_dst, sizes)
+            if any(rc != size for rc in rcs):
+                raise RuntimeError(f"batch_get_into rcs={rcs}")
+
+        return {
+            "put": ("w", 1, put),
+            "put_from": ("w", 1, put_from),
+            "get": ("r", 1, get),
+            "get_into": ("r", 1, get_into),
+            "batch_put": ("w", b, batch_put),
+            "batch_put_from": ("w", b, batch_put_from),
+            "batch_get": ("r", b, batch_get),
+            "batch_get_into": ("r", b, batch_get_into),
+        }
+
+    def verify(self, size: int, value: bytes) -> None:
+        """Once per size: bytes and zero-copy paths both return exactly what was put."""
+        k1, k2 = self.fresh_keys(2, "verify")
+        check(self.s.put(k1, value), "verify put")
+        if self.s.get(k1) != value:
+            raise RuntimeError(f"get mismatch at size {size}")
+        self.dst[:size] = 0
+        if self.s.get_into(k1, self.dst_ptr, size) != size or not np.array_equal(
+            self.dst[:size], np.frombuffer(value, dtype=np.uint8)
+        ):
+            raise RuntimeError(f"get_into mismatch at size {size}")
+        check(self.s.put_from(k2, self.src_ptr, size), "verify put_from")
+        if self.s.get(k2) != self.src[:size].tobytes():
+            raise RuntimeError(f"put_from/get mismatch at size {size}")
+        self.remove([k1, k2])
+
+    def run_size(self, size: int, ops: list[str]) -> list[Result]:
+        """All requested ops for one value size: writes first, then reads over a prefilled pool."""
+        value = self.src[:size].tobytes()
+        self.verify(size, value)
+        table = self.make_ops(size, value)
+        results: list[Result] = []
+        wanted = [op for op in ops if op in table and (op in OPS_SINGLE or size <= BATCH_MAX_SIZE)]
+
+        for op in (o for o in wanted if table[o][0] == "w"):
+            _, per_call, call = table[op]
+            res = Result(op, size, per_call)
+            self.time_puts(size, per_call, call)  # warm-up rep (connections, allocator, page faults)
+            for _ in range(self.args.reps):
+                res.reps.append(self.time_puts(size, per_call, call))
+            results.append(res)
+
+        readers = [o for o in wanted if table[o][0] == "r"]
+        if readers:
+            # Distinct keys, capped by the segment budget: overfilling past the 0.90 watermark
+            # makes the master evict prefilled keys and gets then return b"".
+            n_pool = min(self.args.pool, self.budget // size)
+            if any(table[o][1] > n_pool for o in readers):
+                raise RuntimeError(f"segment budget holds {n_pool} keys of {size} B < batch {self.batch}")
+            pool = self.fresh_keys(n_pool, "r")
+            for i in range(0, n_pool, self.batch):
+                keys = pool[i : i + self.batch]
+                rcs = self.s.batch_put_from(keys, [self.src_ptr] * len(keys), [size] * len(keys))
+                if any(rcs):
+                    raise RuntimeError(f"prefill failed rcs={rcs[:5]}")
+            try:
+                for op in readers:
+                    _, per_call, call = table[op]
+                    res = Result(op, size, per_call)
+                    self.time_gets(pool, per_call, call)  # warm-up rep
+                    for _ in range(self.args.reps):
+                        res.reps.append(self.time_gets(pool, per_call, call))
+                    results.append(res)
+            finally:
+                self.remove(pool)
+        order = {op: i for i, op in enumerate(ops)}
+        return sorted(results, key=lambda r: order[r.op])
+
+    def prefault_segment(self) -> None:
+        """Touch the whole mounted segment once (put then remove big objects).
+
+        setup() mounts the segment lazily (1 GiB mounts in ~20 ms), so without this the first
+        puts would pay first-touch page faults that later puts do not.
+        """
+        size = min(self.max_size, 64 * MiB)
+        keys = self.fresh_keys(max(1, self.budget // size), "prefault")
+        for k in keys:
+            check(self.s.put_from(k, self.src_ptr, size), "prefault put_from")
+        self.remove(keys)
+
+
+def print_table(results: list[Result], header: str) -> None:
+    """Human table on stderr."""
+    out = sys.stderr
+    print(header, file=out)
+    print(f"{'op':<16}{'size':>8}{'keys/s':>14}{'GB/s':>10}   reps (keys/s)", file=out)
+    for r in results:
+        reps = " ".join(f"{x:.0f}" for x in r.reps)
+        gbps = r.ops_per_s * r.size / 1e9
+        print(f"{r.op:<16}{fmt_size(r.size):>8}{r.ops_per_s:>14,.0f}{gbps:>10.3f}   {reps}", file=out)
+
+
+@contextlib.contextmanager
+def native_stderr_to(path: str | None) -> Iterator[None]:
+    """Send fd 2 (glog output of the C++ client: INFO per mount, per op errors) to a file.
+
+    GLOG_minloglevel in the environment does not silence the wheel's logging, so the fd is
+    redirected instead; Python's sys.stderr keeps pointing at the real terminal.
+    """
+    if path is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    old_stderr = sys.stderr
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    sys.stderr = open(saved, "w", buffering=1, closefd=False)  # noqa: SIM115 - restored below
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        sys.stderr = old_stderr
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit so finally-blocks close the store and stop the master."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="4KiB,64KiB,1MiB,16MiB,64MiB", help="comma-separated value sizes")
+    p.add_argument("--ops", default=",".join(OPS_SINGLE + OPS_BATCH), help="comma-separated op names")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per (op, size); median reported")
+    p.add_argument("--rep-time", type=float, default=0.3, help="seconds per repetition")
+    p.add_argument("--max-ops", type=int, default=200_000, help="cap on keys per repetition")
+    p.add_argument("--batch", type=int, default=32, help="keys per batched call")
+    p.add_argument("--pool", type=int, default=1024, help="max prefilled keys for read ops")
+    p.add_argument("--segment", default="2GiB", help="global_segment_size this client contributes")
+    p.add_argument("--local-buffer", default="256MiB", help="local_buffer_size (copy APIs stage here)")
+    p.add_argument("--fill", type=float, default=0.6, help="max fraction of the segment in use at once")
+    p.add_argument("--master-bin", default=None, help="path to mooncake_master (default: from the wheel)")
+    p.add_argument(
+        "--master-arg",
+        action="append",
+        default=[],
+        help="extra master flag, e.g. --master-arg=--client_ttl=30",
+    )
+    p.add_argument("--json", default=None, help="write JSON here instead of stdout")
+    p.add_argument("--verbose", action="store_true", help="keep Mooncake INFO logging")
+    a = p.parse_args(argv)
+    a.sizes = [parse_size(x) for x in a.sizes.split(",") if x.strip()]
+    a.ops = [x.strip() for x in a.ops.split(",") if x.strip()]
+    unknown = set(a.ops) - set(OPS_SINGLE + OPS_BATCH)
+    if unknown:
+        p.error(f"unknown ops: {sorted(unknown)}")
+    a.segment = parse_size(a.segment)
+    a.local_buffer = parse_size(a.local_buffer)
+    if max(a.sizes) > a.local_buffer:
+        p.error("--local-buffer must be >= the largest size (put/get stage through it)")
+    if max(a.sizes) > a.segment * a.fill:
+        p.error("--segment * --fill must be >= the largest size")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    version = importlib.metadata.version("mooncake-transfer-engine-non-cuda")
+    log_dir = tempfile.mkdtemp(prefix="mooncake-baseline-")
+    t_start = time.perf_counter()
+    client_log = None if args.verbose else os.path.join(log_dir, "client.log")
+    with sigterm_as_exit(), native_stderr_to(client_log):
+        master = Master(
+            find_master_binary(args.master_bin), os.path.join(log_dir, "master.log"), args.master_arg
+        )
+        store = MooncakeDistributedStore()
+        try:
+            rc = store.setup(
+                "127.0.0.1",  # local_hostname
+                "P2PHANDSHAKE",  # metadata_server: no etcd/http metadata service needed
+                args.segment,  # global_segment_size
+                args.local_buffer,  # local_buffer_size
+                "tcp",  # protocol
+                "",  # rdma_devices
+                master.addr,  # master_server_addr
+            )
+            check(rc, "setup")
+            bench = Bench(store, args)
+            try:
+                bench.prefault_segment()
+                results: list[Result] = []
+                for size in args.sizes:
+                    t0 = time.perf_counter()
+                    res = bench.run_size(size, args.ops)
+                    results.extend(res)
+                    print(f"[{fmt_size(size)} done in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
+            finally:
+                bench.close()
+        except BaseException:
+            print(f"mooncake logs kept in {log_dir}", file=sys.stderr)
+            raise
+        finally:
+            store.close()
+            master.stop()
+
+    elapsed = time.perf_counter() - t_start
+    header = (
+        f"mooncake {version}: 1 in-process client, tcp, P2PHANDSHAKE, segment {fmt_size(args.segment)}, "
+        f"batch {args.batch}, median of {args.reps} x {args.rep_time}s reps, total {elapsed:.0f}s"
+    )
+    print_table(results, header)
+    doc = {
+        "system": "mooncake",
+        "version": version,
+        "config": {
+            "protocol": "tcp",
+            "metadata_server": "P2PHANDSHAKE",
+            "global_segment_size": args.segment,
+            "local_buffer_size": args.local_buffer,
+            "batch": args.batch,
+            "reps": args.reps,
+            "rep_time_s": args.rep_time,
+            "ops_per_s_unit": "keys/s",
+            "gbps_unit": "1e9 bytes/s",
+        },
+        "results": [r.to_json() for r in results],
+    }
+    text = json.dumps(doc, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    else:
+        print(text)
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
