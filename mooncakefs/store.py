@@ -27,7 +27,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +90,41 @@ class ObjectInfo:
     tier: str  # "dram" or "ssd": the fastest tier holding it
     pinned: bool
     expires: float | None  # unix time, or None
+
+
+class ValueView:
+    """The context manager ``Store.view`` returns: a lease on a value, shown as a read-only memoryview."""
+
+    __slots__ = ("_entry", "_key", "_store", "_view")
+
+    def __init__(self, store: Store, key: Key) -> None:
+        self._store, self._key = store, key
+        self._entry: Entry | None = None
+        self._view: memoryview | None = None
+
+    def __enter__(self) -> memoryview:
+        store, key = self._store, self._key
+        raw = encode_key(key)
+        with store._lock:
+            entry = store._find(raw, key)
+            if entry.dram >= 0:
+                entry.readers += 1
+                self._entry = entry
+                self._view = store._dram.readonly_view(entry.dram_off, entry.size)
+                return self._view
+            seg = store._lease(entry)
+        # On SSD: a private copy (the read may promote the object).
+        self._view = memoryview(store._read_leased(raw, key, entry, seg, None))
+        return self._view
+
+    def __exit__(self, *exc: object) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._entry is not None:
+            with self._store._lock:
+                self._store._release_lease(self._entry)
+            self._entry = None
 
 
 class Store:
@@ -249,7 +283,8 @@ class Store:
                     durable: bool) -> bool:
         """The part of a put done under the lock: True if that was all, False if the entry got a DRAM
         block that the caller must fill without the lock and then publish."""
-        self._check_open()
+        if self._closed:
+            raise StoreClosed(f"store {self.path} is closed")
         if self._expiring:
             self._reap_expired()
         if if_absent and self._lookup(raw) is not None:
@@ -333,15 +368,15 @@ class Store:
 
     def _alloc_dram(self, size: int) -> tuple[int, int]:
         """A DRAM block for ``size`` bytes, evicting LRU objects as needed; (-1, -1) if impossible."""
-        dram = self._dram
+        allocator = self._dram.allocator
         if size > self._high:
             return -1, -1
-        if dram.used + size > self._high:
-            while dram.used + size > self._low and self._evict_one():
+        if allocator.used + size > self._high:
+            while allocator.used + size > self._low and self._evict_one():
                 pass
-        handle, offset = dram.alloc(size)
+        handle, offset = allocator.reserve(size)
         while handle < 0 and self._evict_one():
-            handle, offset = dram.alloc(size)
+            handle, offset = allocator.reserve(size)
         return handle, offset
 
     def _evict_one(self) -> bool:
@@ -477,30 +512,12 @@ class Store:
             seg = self._lease(entry)
         return self._read_leased(raw, key, entry, seg, buffer)
 
-    @contextmanager
-    def view(self, key: Key) -> Iterator[memoryview]:
-        """A read-only memoryview of the value, valid inside the ``with`` block.
+    def view(self, key: Key) -> ValueView:
+        """A read-only memoryview of the value, for use as ``with store.view(key) as mv: ...``.
 
         A DRAM-resident value is viewed in place, without a copy; the block stays leased (never evicted
         or reused) until the block exits, even if the key is overwritten or removed meanwhile."""
-        raw = encode_key(key)
-        with self._lock:
-            entry = self._find(raw, key)
-            in_dram = entry.dram >= 0
-            if in_dram:
-                entry.readers += 1
-                mv = self._dram.readonly_view(entry.dram_off, entry.size)
-            else:
-                seg = self._lease(entry)
-        if not in_dram:  # on SSD: a private copy (the read may promote it)
-            mv = memoryview(self._read_leased(raw, key, entry, seg, None))
-        try:
-            yield mv
-        finally:
-            if in_dram:
-                mv.release()
-                with self._lock:
-                    self._release_lease(entry)
+        return ValueView(self, key)
 
     def _read_leased(self, raw: bytes, key: Key, entry: Entry, seg: Segment | None, dst: Any) -> Any:
         """Finish a read whose lease ``_lease`` took: into ``dst`` (returns the byte count) or, with no
@@ -678,31 +695,91 @@ class Store:
         if_absent: bool = False,
         durable: bool = False,
     ) -> list[Any]:
-        """Put many values; one result per item, in order: None, or the exception that item raised."""
+        """Put many values; one result per item, in order: None, or the exception that item raised.
+
+        Consecutive small values are stored under one acquisition of the lock."""
         pairs = items.items() if isinstance(items, Mapping) else items
         results: list[Any] = []
+        small: list[tuple[int, bytes, Key, Entry, Any]] = []  # a run waiting for the lock
         for key, value in pairs:
+            results.append(None)
             try:
                 raw, entry = self._prepare_put(key, value, pin, ttl, durable)
+                if entry.size < LOCKED_COPY_MAX:
+                    small.append((len(results) - 1, raw, key, entry, value))
+                    continue
+                self._put_run(small, results, if_absent, durable)
                 self._put_prepared(raw, key, entry, value, if_absent, durable)
-                results.append(None)
             except StoreClosed:
                 raise
             except (MooncakeError, TypeError, ValueError) as exc:
-                results.append(exc)
+                results[-1] = exc
+        self._put_run(small, results, if_absent, durable)
         return results
+
+    def _put_run(self, run: list[tuple[int, bytes, Key, Entry, Any]], results: list[Any], if_absent: bool,
+                 durable: bool) -> None:
+        """Store a run of small prepared values under one lock acquisition, then empty the run."""
+        if not run:
+            return
+        with self._lock:
+            self._check_open()
+            for i, raw, key, entry, value in run:
+                try:
+                    self._put_locked(raw, key, entry, value, if_absent, durable)
+                except (MooncakeError, TypeError, ValueError) as exc:
+                    results[i] = exc
+        run.clear()
 
     def batch_get_into(self, keys: Iterable[Key], buffers: Iterable[Any]) -> list[Any]:
         """get_into for many keys; one result per key: the byte count, or the exception for that key."""
         keys, buffers = list(keys), list(buffers)
         if len(keys) != len(buffers):
             raise ValueError(f"batch_get_into got {len(keys)} keys but {len(buffers)} buffers")
-        return [self._each(self.get_into, key, buf) for key, buf in zip(keys, buffers, strict=True)]
+        arena = self._dram.arena
+
+        def copy_out(i: int, key: Key, entry: Entry) -> int:
+            room = _engine.nbytes(buffers[i])
+            if entry.size > room:
+                raise BufferTooSmall(key, entry.size, room)
+            return arena.read_into(entry.dram_off, entry.size, buffers[i])
+
+        results = self._batch_read(keys, copy_out)
+        return [r if r is not None else self._each(self.get_into, keys[i], buffers[i])
+                for i, r in enumerate(results)]
 
     def batch_get(self, keys: Iterable[Key]) -> list[bytes | None]:
         """The values of many keys, None for each key that is missing (or invalid, or corrupted)."""
-        out = [self._each(self.get, key) for key in keys]
+        keys = list(keys)
+        arena = self._dram.arena
+        results = self._batch_read(keys, lambda i, key, entry: arena.read(entry.dram_off, entry.size))
+        out = [self._each(self.get, keys[i]) if r is None else r for i, r in enumerate(results)]
         return [None if isinstance(v, Exception) else v for v in out]
+
+    def _batch_read(self, keys: list[Key], copy_out: Any) -> list[Any]:
+        """Read the small DRAM-resident values among ``keys`` under one acquisition of the lock.
+
+        Returns one slot per key: ``copy_out(i, key, entry)``'s result or exception, or None where the
+        single-key path must do the work (misses, SSD, large or expiring values)."""
+        results: list[Any] = [None] * len(keys)
+        hits = 0
+        with self._lock:
+            self._check_open()
+            index, lru = self._index, self._lru
+            for i, key in enumerate(keys):
+                try:
+                    raw = encode_key(key)
+                    entry = index.get(raw)
+                    if entry is None or entry.dram < 0 or entry.size >= LOCKED_COPY_MAX or entry.expires:
+                        continue
+                    results[i] = copy_out(i, key, entry)
+                    hits += 1
+                    if not entry.pinned:
+                        lru.move_to_end(raw)
+                except (MooncakeError, TypeError, ValueError) as exc:
+                    results[i] = exc
+            self._counters["dram"]["hits"] += hits
+        return results
 
     def batch_exists(self, keys: Iterable[Key]) -> list[bool]:
         out = [self._each(self.exists, key) for key in keys]
