@@ -59,4 +59,5 @@ cdef class Entry:
     cdef public int readers
     cdef public int hits
     cdef public bint pinned
+    cdef public bint sticky
     cdef public bint dead

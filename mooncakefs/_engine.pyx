@@ -416,7 +416,8 @@ cdef class Arena:
 
 cdef class Entry:
     """Where one object lives: a DRAM block and/or an SSD segment record (-1 when absent), its size,
-    CRC-32C (-1 until first computed), expiry (unix time, 0 for none), read leases and SSD hits.
+    CRC-32C (-1 until first computed), expiry (unix time, 0 for none), read leases, SSD hits, and
+    whether it is pinned (never leaves DRAM) or sticky (may be demoted, never dropped).
     A C struct with attribute access: 80 bytes, not tracked by the garbage collector."""
 
     def __cinit__(self, long long size=0):

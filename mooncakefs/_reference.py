@@ -237,11 +237,11 @@ class Entry:
     """Same fields as the Cython entry."""
 
     __slots__ = ("crc", "dead", "dram", "dram_off", "expires", "hits", "pinned", "readers", "seg",
-                 "seg_off", "size")
+                 "seg_off", "size", "sticky")
 
     def __init__(self, size: int = 0) -> None:
         self.size = size
         self.dram = self.dram_off = self.seg = self.seg_off = self.crc = -1
         self.expires = 0.0
         self.readers = self.hits = 0
-        self.pinned = self.dead = False
+        self.pinned = self.sticky = self.dead = False

@@ -19,7 +19,6 @@ every SSD read.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import itertools
 import math
@@ -45,12 +44,22 @@ from mooncakefs.errors import (
     StoreClosed,
 )
 from mooncakefs.tiers import DramTier, SsdTier
-from mooncakefs.tiers.ssd import Segment
+from mooncakefs.tiers.ssd import PINNED, STICKY, Segment, aligned
 from mooncakefs.units import format_size, parse_size
 
 MAX_KEY_BYTES = 1024
 LOCKED_COPY_MAX = 64 * 1024  # values below this are copied under the store lock
+INTERNAL_PREFIX = b"\xc0\x80"  # never valid UTF-8, so no str key has it; bytes keys may not use it
 Key = str | bytes
+
+
+class InternalKey(bytes):
+    """A key in mooncakefs's own namespace (the filesystem's file chunks): it starts with
+    INTERNAL_PREFIX, is hidden from ``keys()`` and ``remove_prefix()``, and its objects are sticky —
+    evicted from DRAM only by demotion to SSD, never dropped."""
+
+    def __new__(cls, name: bytes) -> InternalKey:
+        return super().__new__(cls, INTERNAL_PREFIX + name)
 
 
 def encode_key(key: object) -> bytes:
@@ -62,8 +71,12 @@ def encode_key(key: object) -> bytes:
             raise InvalidKey(f"key {key!r} is not valid UTF-8: {exc.reason}") from None
     elif type(key) is bytes:
         raw = key
+        if raw.startswith(INTERNAL_PREFIX):
+            raise InvalidKey(f"key {key!r:.80} starts with {INTERNAL_PREFIX!r}, which mooncakefs reserves")
+    elif type(key) is InternalKey:
+        raw = bytes(key)
     elif isinstance(key, str | bytes):
-        raw = key.encode() if isinstance(key, str) else bytes(key)
+        return encode_key(str(key) if isinstance(key, str) else bytes(key))
     else:
         raise InvalidKey(f"key must be str or bytes, not {type(key).__name__} ({key!r:.80})")
     if not 0 < len(raw) <= MAX_KEY_BYTES:
@@ -90,6 +103,10 @@ class ObjectInfo:
     tier: str  # "dram" or "ssd": the fastest tier holding it
     pinned: bool
     expires: float | None  # unix time, or None
+
+
+def _flags(entry: Entry) -> int:
+    return (PINNED if entry.pinned else 0) | (STICKY if entry.sticky else 0)
 
 
 class ValueView:
@@ -186,7 +203,8 @@ class Store:
             for rec in self._ssd.load(time.time()):
                 entry = Entry(rec.size)
                 entry.seg, entry.seg_off, entry.crc = rec.seg, rec.off, rec.crc
-                entry.expires, entry.pinned = rec.expires, rec.pinned
+                entry.expires = rec.expires
+                entry.pinned, entry.sticky = bool(rec.flags & PINNED), bool(rec.flags & STICKY)
                 self._index[rec.key] = entry
                 if entry.expires:
                     heapq.heappush(self._expiring, (entry.expires, next(self._tiebreak), rec.key, entry))
@@ -207,6 +225,23 @@ class Store:
             self._index.clear()
             self._lru.clear()
             self._datadir_lock.release()
+
+    def persist(self) -> int:
+        """Write every sticky object that lives only in DRAM to SSD and flush it all to the disk, so a
+        restart finds it (the filesystem calls this on unmount).  Returns how many were written."""
+        with self._lock:
+            self._check_open()
+            if self._ssd is None:
+                return 0
+            segments: set[int] = set()
+            count = 0
+            for raw, entry in list(self._index.items()):
+                if entry.sticky and entry.seg < 0 and entry.dram >= 0:
+                    self._write_to_ssd(raw, entry, self._dram_bytes(entry))
+                    segments.add(entry.seg)
+                    count += 1
+            self._ssd.commit(durable_segments=segments or None)
+            return count
 
     def __enter__(self) -> Store:
         return self
@@ -277,6 +312,7 @@ class Store:
         if durable and self._ssd is None:
             raise ValueError(f"put({key!r:.80}, durable=True) needs an SSD tier: open the store with ssd=...")
         entry.pinned = pin
+        entry.sticky = type(key) is InternalKey
         return raw, entry
 
     def _put_locked(self, raw: bytes, key: Key, entry: Entry, value: Any, if_absent: bool,
@@ -312,7 +348,7 @@ class Store:
             raise KeyExists(key)
         if durable:
             try:
-                self._write_to_ssd(raw, entry, self._dram.view[entry.dram_off : entry.dram_off + entry.size])
+                self._write_to_ssd(raw, entry, self._dram_bytes(entry))
             except BaseException:
                 self._dram.free(entry.dram)
                 raise
@@ -321,12 +357,20 @@ class Store:
         if old is not None:
             self._lru.pop(raw, None)
             self._discard(raw, old)
-        if not entry.pinned:
+        if self._evictable(entry):
             self._lru[raw] = entry
         if entry.expires:
             heapq.heappush(self._expiring, (entry.expires, next(self._tiebreak), raw, entry))
         if self._ssd is not None:
             self._ssd.commit(durable_segments={entry.seg} if durable else None)
+
+    def _dram_bytes(self, entry: Entry) -> memoryview:
+        return self._dram.view[entry.dram_off : entry.dram_off + entry.size]
+
+    def _evictable(self, entry: Entry) -> bool:
+        """Whether a DRAM-resident entry belongs in the LRU: pinned ones stay put, and sticky ones can
+        only leave by demotion, so without an SSD tier they stay put too."""
+        return not entry.pinned and (not entry.sticky or self._ssd is not None)
 
     def _put_ssd_only(self, raw: bytes, key: Key, entry: Entry, value: Any) -> None:
         """No DRAM block can be had: store straight to SSD if the value may live there (lock held)."""
@@ -358,7 +402,7 @@ class Store:
             )
         if entry.crc < 0:
             entry.crc = _engine.crc32c(data)
-        entry.seg, entry.seg_off = self._ssd.append(raw, data, entry.crc, entry.expires, entry.pinned)
+        entry.seg, entry.seg_off = self._ssd.append(raw, data, entry.crc, entry.expires, _flags(entry))
 
     def _commit(self, durable_segments: set[int] | None = None) -> None:
         if self._ssd is not None:
@@ -380,16 +424,25 @@ class Store:
         return handle, offset
 
     def _evict_one(self) -> bool:
-        """Move the least recently used unleased object out of DRAM (lock held); False if none."""
-        victim = next(((k, e) for k, e in self._lru.items() if not e.readers), None)
-        if victim is None:
+        """Move the least recently used unleased object out of DRAM (lock held); False if none can go.
+
+        It is demoted to SSD unless it already has a copy there; with no SSD tier (or no room on it)
+        it is dropped, unless it is sticky, in which case the next candidate is tried."""
+        ssd_full = self._ssd is None
+        for raw, entry in self._lru.items():
+            if entry.readers:
+                continue
+            if entry.seg < 0 and not ssd_full:
+                try:
+                    self._write_to_ssd(raw, entry, self._dram_bytes(entry))
+                except OutOfSpace:
+                    ssd_full = True
+            if entry.seg >= 0 or not entry.sticky:
+                break
+        else:
             return False
-        raw, entry = victim
         del self._lru[raw]
         self._counters["dram"]["evictions"] += 1
-        if entry.seg < 0 and self._ssd is not None:
-            with contextlib.suppress(OutOfSpace):  # then it is dropped below
-                self._write_to_ssd(raw, entry, self._dram.view[entry.dram_off : entry.dram_off + entry.size])
         if entry.seg < 0:  # nowhere to demote it: it leaves the store
             del self._index[raw]
             self._discard(raw, entry)
@@ -399,32 +452,39 @@ class Store:
         return True
 
     def _ssd_room(self, size: int) -> bool:
-        """Make room for ``size`` bytes on SSD by emptying segments (lock held); False if impossible."""
+        """Make room for ``size`` bytes on SSD by emptying segments (lock held); False if impossible.
+
+        Emptying a segment evicts its plain objects (those also in DRAM just lose their SSD copy) and
+        moves its pinned and sticky ones to the active segment; a segment holding nothing else is
+        left alone, since emptying it would gain nothing."""
         ssd = self._ssd
         assert ssd is not None
         if size > ssd.capacity:
             return False
+        tried: set[int] = set()
         while not ssd.fits(size):
-            seg = ssd.victim()
+            seg = ssd.victim(skip=tried)
             if seg is None:
                 return False
-            relocate = []
-            for raw in ssd.keys_in(seg.id):
-                entry = self._index.get(raw)
-                if entry is None or entry.seg != seg.id:
+            tried.add(seg.id)
+            residents = [(raw, self._index.get(raw)) for raw in ssd.keys_in(seg.id)]
+            residents = [(raw, e) for raw, e in residents if e is not None and e.seg == seg.id]
+            keep = [(raw, e) for raw, e in residents if e.pinned or e.sticky]
+            if sum(aligned(e.size) for _, e in keep) >= seg.size:
+                continue
+            moved = [(raw, e, ssd.read(seg, e.seg_off, e.size)) for raw, e in keep]
+            for raw, entry in residents:
+                if entry.pinned or entry.sticky:
                     continue
-                if entry.pinned:  # keeps its SSD copy: move it to a new segment
-                    relocate.append((raw, entry, ssd.read(ssd.segments[seg.id], entry.seg_off, entry.size)))
-                elif entry.dram >= 0:
-                    entry.seg = entry.seg_off = -1  # still in DRAM: only the SSD copy goes
-                else:
+                entry.seg = entry.seg_off = -1
+                if entry.dram < 0:  # its only copy: it leaves the store
                     del self._index[raw]
                     entry.dead = True
-                    entry.seg = entry.seg_off = -1
                     self._counters["ssd"]["evictions"] += 1
             ssd.remove_segment(seg)
-            for raw, entry, data in relocate:
-                entry.seg, entry.seg_off = ssd.append(raw, memoryview(data), entry.crc, entry.expires, True)
+            for raw, entry, data in moved:
+                entry.seg, entry.seg_off = ssd.append(raw, memoryview(data), entry.crc, entry.expires,
+                                                      _flags(entry))
         return True
 
     def _discard(self, raw: bytes, entry: Entry) -> None:
@@ -474,7 +534,7 @@ class Store:
             raise KeyNotFound(key)
         if entry.dram >= 0:
             dram["hits"] += 1
-            if not entry.pinned:
+            if not entry.pinned and (not entry.sticky or self._ssd is not None):  # i.e. in the LRU
                 self._lru.move_to_end(raw)
         else:
             dram["misses"] += 1
@@ -603,7 +663,8 @@ class Store:
         raw = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
         with self._lock:
             self._check_open()
-            doomed = [(k, e) for k, e in self._index.items() if k.startswith(raw)]
+            doomed = [(k, e) for k, e in self._index.items()
+                      if k.startswith(raw) and not k.startswith(INTERNAL_PREFIX)]
             now = time.time()
             for k, e in doomed:
                 del self._index[k]
@@ -636,7 +697,7 @@ class Store:
         with self._lock:
             self._check_open()
             self._reap_expired()
-            snapshot = [k for k in self._index if k.startswith(raw)]
+            snapshot = [k for k in self._index if k.startswith(raw) and not k.startswith(INTERNAL_PREFIX)]
         return map(decode_key, snapshot)
 
     def match_prefix(self, keys: Iterable[Key]) -> int:
@@ -652,7 +713,7 @@ class Store:
                 entry = self._lookup(raw)
                 if entry is None:
                     break
-                if entry.dram >= 0 and not entry.pinned:
+                if entry.dram >= 0 and self._evictable(entry):
                     self._lru.move_to_end(raw)
                 hits += 1
             return hits
@@ -774,7 +835,7 @@ class Store:
                         continue
                     results[i] = copy_out(i, key, entry)
                     hits += 1
-                    if not entry.pinned:
+                    if not entry.pinned and (not entry.sticky or self._ssd is not None):
                         lru.move_to_end(raw)
                 except (MooncakeError, TypeError, ValueError) as exc:
                     results[i] = exc

@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS objects (
     size INTEGER NOT NULL,
     crc INTEGER NOT NULL,
     expires REAL NOT NULL DEFAULT 0,
-    pinned INTEGER NOT NULL DEFAULT 0
+    flags INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS objects_by_seg ON objects(seg);
 """
@@ -61,6 +61,9 @@ class Segment:
     dir_synced: bool = False  # its directory entry is known to be on disk
 
 
+PINNED, STICKY = 1, 2  # bits of the index's flags column
+
+
 @dataclass(frozen=True)
 class Record:
     """One index row, as loaded at open."""
@@ -71,7 +74,7 @@ class Record:
     size: int
     crc: int
     expires: float
-    pinned: bool
+    flags: int
 
 
 class SsdTier:
@@ -112,15 +115,15 @@ class SsdTier:
                 self.segments[seg_id] = Segment(seg_id, path, fd, size=os.fstat(fd).st_size, dir_synced=True)
                 self._next_id = max(self._next_id, seg_id + 1)
         records, stale = [], []
-        for key, seg_id, off, size, crc, expires, pinned in self.db.execute(
-            "SELECT key, seg, off, size, crc, expires, pinned FROM objects"
+        for key, seg_id, off, size, crc, expires, flags in self.db.execute(
+            "SELECT key, seg, off, size, crc, expires, flags FROM objects"
         ):
             seg = self.segments.get(seg_id)
             if seg is None or off + size > max(seg.size, off) or (expires and expires <= now):
                 stale.append((key,))
                 continue
             seg.live += aligned(size)
-            records.append(Record(bytes(key), seg_id, off, size, crc, expires, bool(pinned)))
+            records.append(Record(bytes(key), seg_id, off, size, crc, expires, flags))
         self.db.execute("BEGIN")
         self.db.executemany("DELETE FROM objects WHERE key = ?", stale)
         self.db.execute("COMMIT")
@@ -135,7 +138,7 @@ class SsdTier:
     def fits(self, size: int) -> bool:
         return self.used + aligned(size) <= self.capacity
 
-    def append(self, key: bytes, data: memoryview, crc: int, expires: float, pinned: bool) -> tuple[int, int]:
+    def append(self, key: bytes, data: memoryview, crc: int, expires: float, flags: int) -> tuple[int, int]:
         """Write one value and index it (uncommitted); returns (segment id, offset).  The caller checked
         ``fits``.  A value larger than a segment gets a segment of its own."""
         size = data.nbytes
@@ -151,9 +154,9 @@ class SsdTier:
         self.used += aligned(size)
         self._begin()
         self.db.execute(
-            "INSERT OR REPLACE INTO objects (key, seg, off, size, crc, expires, pinned) "
+            "INSERT OR REPLACE INTO objects (key, seg, off, size, crc, expires, flags) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (key, seg.id, off, size, crc, expires, int(pinned)),
+            (key, seg.id, off, size, crc, expires, flags),
         )
         return seg.id, off
 
@@ -165,10 +168,6 @@ class SsdTier:
         seg = self.segments[seg_id] = Segment(seg_id, path, fd)
         self.active = seg
         return seg
-
-    def update(self, key: bytes, *, pinned: bool) -> None:
-        self._begin()
-        self.db.execute("UPDATE objects SET pinned = ? WHERE key = ?", (int(pinned), key))
 
     def drop(self, key: bytes, seg_id: int, off: int, size: int) -> None:
         """Forget one stored value: its bytes become garbage, and an emptied sealed segment goes."""
@@ -234,10 +233,11 @@ class SsdTier:
 
     # -- reclaiming ------------------------------------------------------------------------------------
 
-    def victim(self) -> Segment | None:
+    def victim(self, skip: set[int]) -> Segment | None:
         """The segment whose removal frees the most for the least loss: fewest live bytes, oldest
-        first.  The active segment qualifies too (it is sealed first) so a tier of one segment works."""
-        candidates = [seg for seg in self.segments.values() if seg.size]
+        first, leaving out ``skip``.  The active segment qualifies too (it is sealed first) so a tier
+        of one segment works."""
+        candidates = [seg for seg in self.segments.values() if seg.size and seg.id not in skip]
         if not candidates:
             return None
         seg = min(candidates, key=lambda s: (s.live, s.id))
