@@ -23,7 +23,8 @@ def test_internal_keys_are_hidden_from_listing_and_prefix_removal(tmp_path):
 
 @pytest.mark.parametrize("key", [INTERNAL_PREFIX, INTERNAL_PREFIX + b"fs/1"])
 def test_the_reserved_prefix_is_refused_for_user_keys(tmp_path, key):
-    with mooncakefs.open(tmp_path, dram="16MiB") as store, pytest.raises(mooncakefs.InvalidKey, match="reserves"):
+    store = mooncakefs.open(tmp_path, dram="16MiB")
+    with store, pytest.raises(mooncakefs.InvalidKey, match="reserves"):
         store.put(key, b"x")
 
 
