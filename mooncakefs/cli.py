@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -126,6 +128,85 @@ def demo(data: Path | None, dram: int, ssd: int, block_size: int, trace: Path | 
             t = stats[tier]
             click.echo(f"{tier:<6}{format_size(t['capacity']):>10}{format_size(t['used']):>10}{t['objects']:>9}"
                        f"{t['hits']:>9}{t['misses']:>9}{t['evictions']:>11}{t['promotions']:>12}")
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path),
+              help="Data dir (default: $MOONCAKEFS_DATA or ~/.local/share/mooncakefs).")
+@click.option("--dram", default="1GiB", show_default=True, callback=_size, help="DRAM pool size.")
+@click.option("--ssd", default="16GiB", show_default=True,
+              help="SSD tier: SIZE in the data dir, or PATH:SIZE elsewhere.  0 for none: then the filesystem "
+                   "lives in memory only and starts empty at every mount.")
+@click.option("--chunk-size", default="4MiB", show_default=True, callback=_size,
+              help="Bytes per chunk object of file data (fixed when the filesystem is created).")
+@click.option("--background", is_flag=True, help="Return once mounted; the daemon logs to <data>/mount.log.")
+@click.option("--allow-other", is_flag=True, help="Let users other than the mounter use the mount.")
+@click.option("--debug", is_flag=True, help="Log every FUSE request.")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), hidden=True)
+def mount(mountpoint: Path, data: Path | None, dram: int, ssd: str, chunk_size: int, background: bool,
+          allow_other: bool, debug: bool, log_file: Path | None) -> None:
+    """Mount the store as a filesystem at MOUNTPOINT.
+
+    Runs until the filesystem is unmounted (umount MOUNTPOINT, fusermount3 -u MOUNTPOINT) or the daemon
+    gets SIGINT/SIGTERM; either way, everything written and closed is flushed to the SSD tier first.
+    The KV API's objects appear read-only under MOUNTPOINT/.kv/, live statistics in
+    MOUNTPOINT/.mooncakefs/stats.json.  A mount left behind by a killed daemon is cleared first."""
+    from mooncakefs.datadir import default_path
+    from mooncakefs.fuse import mount as fuse_mount
+
+    try:
+        fuse_mount.parse_ssd(ssd)
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--ssd") from None
+    if background:
+        args = [str(mountpoint), "--dram", str(dram), "--ssd", ssd, "--chunk-size", str(chunk_size)]
+        args += ["--data", str(data)] if data else []
+        args += ["--allow-other"] if allow_other else []
+        args += ["--debug"] if debug else []
+        raise SystemExit(fuse_mount.serve_in_background(args, (data or default_path()) / "mount.log"))
+    _configure_logging(debug, log_file)
+
+    def announce(line: str) -> None:
+        click.echo(line)
+        sys.stdout.flush()
+        if log_file:  # the parent stops reading now: send what follows to the log
+            fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+
+    try:
+        fuse_mount.serve(mountpoint, data=data, dram=dram, ssd=ssd, chunk_size=chunk_size, debug=debug,
+                         allow_other=allow_other, announce=announce)
+    except mooncakefs.MooncakeError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _configure_logging(debug: bool, log_file: Path | None) -> None:
+    import logging
+
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
+
+
+@main.command("install-mount-helper")
+@click.option("--prefix", default="/sbin", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where mount(8) looks for mount.<type> helpers.")
+def install_mount_helper(prefix: Path) -> None:
+    """Link PREFIX/mount.mooncakefs to this installation, so `mount -t mooncakefs DATA DIR -o dram=...`
+    and /etc/fstab entries work."""
+    helper = Path(sys.executable).parent / "mount.mooncakefs"  # not a shim: mount(8) runs it as root
+    if not helper.exists():
+        helper = Path(shutil.which("mount.mooncakefs") or helper)
+    if not helper.exists():
+        raise click.ClickException("mount.mooncakefs is not installed next to this Python; reinstall mooncakefs")
+    link = prefix / "mount.mooncakefs"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(helper)
+    click.echo(f"{link} -> {helper}")
 
 
 if __name__ == "__main__":

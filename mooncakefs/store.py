@@ -226,22 +226,30 @@ class Store:
             self._lru.clear()
             self._datadir_lock.release()
 
-    def persist(self) -> int:
-        """Write every sticky object that lives only in DRAM to SSD and flush it all to the disk, so a
-        restart finds it (the filesystem calls this on unmount).  Returns how many were written."""
+    def persist(self, keys: Iterable[Key] | None = None) -> int:
+        """Make objects survive power loss: write those that live only in DRAM to SSD, then flush their
+        segments and the index to the disk.  ``keys`` names the objects (missing ones are skipped);
+        by default, every sticky object (the filesystem's data: it calls this on unmount).  Returns how
+        many objects were written."""
         with self._lock:
             self._check_open()
             if self._ssd is None:
                 return 0
+            if keys is None:
+                chosen = [(raw, e) for raw, e in self._index.items() if e.sticky]
+            else:
+                chosen = [(raw, self._index.get(raw)) for raw in map(encode_key, keys)]
             segments: set[int] = set()
-            count = 0
-            for raw, entry in list(self._index.items()):
-                if entry.sticky and entry.seg < 0 and entry.dram >= 0:
+            written = 0
+            for raw, entry in chosen:
+                if entry is None:
+                    continue
+                if entry.seg < 0:
                     self._write_to_ssd(raw, entry, self._dram_bytes(entry))
-                    segments.add(entry.seg)
-                    count += 1
+                    written += 1
+                segments.add(entry.seg)
             self._ssd.commit(durable_segments=segments or None)
-            return count
+            return written
 
     def __enter__(self) -> Store:
         return self

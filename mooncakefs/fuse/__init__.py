@@ -1,0 +1,1 @@
+"""mooncakefs as a mounted filesystem (pyfuse3 + trio)."""

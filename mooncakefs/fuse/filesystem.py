@@ -1,0 +1,646 @@
+"""The store as a POSIX filesystem: pyfuse3 request handlers over a Namespace and a Store.
+
+File data lives in chunk objects (``InternalKey``s, so they are sticky: demoted to SSD under pressure,
+never dropped).  Writes collect in per-inode chunk buffers; a buffer is stored as soon as a write fills
+it, and the rest when the file is flushed (every close: close-to-open consistency) or fsync'd (durably).
+Reads of stored chunks are served from the DRAM pool itself: the reply is a memoryview of a leased
+block, so no copy is made before the kernel's.
+
+Reserved names: ``/.kv/`` shows the KV API's objects read-only (keys escaped into file names) and
+``/.mooncakefs/stats.json`` the live statistics.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+
+from mooncakefs.errors import ChecksumError, KeyNotFound, OutOfSpace
+from mooncakefs.fuse.namespace import ROOT, Inode, Namespace, fail
+from mooncakefs.store import INTERNAL_PREFIX, InternalKey, Store, ValueView
+
+log = logging.getLogger("mooncakefs.fuse")
+
+NAME_MAX = 255
+ATTR_TIMEOUT = 10.0  # this daemon makes every change, and the kernel invalidates what it changes
+KV_DIR = 1 << 62  # inode numbers above every real one: the reserved names
+CONTROL_DIR = KV_DIR + 1
+STATS_FILE = KV_DIR + 2
+KV_FIRST = KV_DIR + 16
+RESERVED = {b".kv": KV_DIR, b".mooncakefs": CONTROL_DIR}
+DIRTY_LIMIT = 256 << 20  # unflushed bytes per file before its buffers are stored
+LEASES_HELD = 64  # zero-copy replies: a view is released this many reads later, long after the reply
+
+
+def chunk_key(ino: int, idx: int) -> InternalKey:
+    return InternalKey(b"fs/" + ino.to_bytes(8, "big") + idx.to_bytes(8, "big"))
+
+
+def kv_name(key: bytes) -> bytes:
+    """A KV key as a file name: '/', '%', control bytes and invalid UTF-8 become %XX; a name longer
+    than 255 bytes is cut to 200 bytes plus '~' and a 16-hex-digit hash of the key."""
+    out = []
+    for ch in key.decode(errors="surrogateescape"):
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"%{code - 0xDC00:02X}")
+        elif ch in "/%" or code < 0x20 or code == 0x7F:
+            out.append(f"%{code:02X}")
+        else:
+            out.append(ch)
+    name = "".join(out).encode()
+    if len(name) > NAME_MAX:
+        digest = hashlib.blake2b(key, digest_size=8).hexdigest().encode()
+        name = name[:200].decode(errors="ignore").encode() + b"~" + digest
+    return name
+
+
+def unescape_kv_name(name: bytes) -> bytes:
+    raw, i = bytearray(), 0
+    while i < len(name):
+        if name[i : i + 1] == b"%" and i + 3 <= len(name):
+            try:
+                raw.append(int(name[i + 1 : i + 3], 16))
+                i += 3
+                continue
+            except ValueError:
+                pass
+        raw.append(name[i])
+        i += 1
+    return bytes(raw)
+
+
+@dataclass
+class OpenInode:
+    """What an open regular file has that its namespace row does not yet: buffered chunks, its
+    current size, and chunks stored since the last fsync."""
+
+    size: int
+    opens: int = 0
+    dirty: dict[int, bytearray] = field(default_factory=dict)
+    unsynced: set[int] = field(default_factory=set)
+    meta_dirty: bool = False
+
+
+def _handler(method: Any) -> Any:
+    """Turn an unexpected exception into EIO (logged with its traceback): the mount keeps serving."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OutOfSpace as exc:
+            log.warning("%s: %s", method.__name__, exc)
+            raise fail(errno.ENOSPC) from None
+        except (ChecksumError, KeyNotFound) as exc:
+            log.error("%s: %s", method.__name__, exc)
+            raise fail(errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s", method.__name__)
+            raise fail(errno.EIO) from None
+
+    return wrapper
+
+
+class _GuardedHandlers(type):
+    def __new__(mcs, name: str, bases: tuple[type, ...], namespace: dict[str, Any]) -> type:
+        for attr, value in namespace.items():
+            if inspect.iscoroutinefunction(value) and hasattr(pyfuse3.Operations, attr):
+                namespace[attr] = _handler(value)
+        return super().__new__(mcs, name, bases, namespace)
+
+
+class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, store: Store, namespace: Namespace) -> None:
+        super().__init__()
+        self.store = store
+        self.ns = namespace
+        self.chunk_size = namespace.chunk_size
+        self.zeros = memoryview(bytes(self.chunk_size))
+        self.files: dict[int, OpenInode] = {}  # open regular files by inode
+        self.handles: dict[int, tuple[int, Any]] = {}  # fh -> (inode, per-handle data)
+        self.next_fh = 1
+        self.leases: collections.deque[ValueView] = collections.deque()
+        self.spare_buffers: list[bytearray] = []
+        self.changed_since_open: set[int] = set()
+        self.kv_inodes: dict[bytes, int] = {}
+        self.kv_keys: dict[int, bytes] = {}
+        self.started = time.time()
+
+    # -- start and stop --------------------------------------------------------------------------------
+
+    def collect_orphans(self) -> int:
+        """Delete inodes unlinked while open when the last mount ended; returns how many."""
+        orphans = self.ns.orphans()
+        for ino in orphans:
+            self._delete_inode(ino)
+        return len(orphans)
+
+    def shutdown(self) -> None:
+        """Store every buffered write and make all file data durable (a clean unmount)."""
+        for ino in list(self.files):
+            self._flush(ino)
+        self._release_leases(0)
+        self.store.persist()
+        self.ns.sync()
+
+    # -- attributes ------------------------------------------------------------------------------------
+
+    def _attrs(self, node: Inode) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = node.ino
+        attrs.st_mode, attrs.st_nlink = node.mode, node.nlink
+        attrs.st_uid, attrs.st_gid, attrs.st_rdev = node.uid, node.gid, node.rdev
+        open_file = self.files.get(node.ino)
+        attrs.st_size = open_file.size if open_file else node.size
+        attrs.st_blksize = 1 << 20  # cp and friends size their buffers by this: ask for large requests
+        attrs.st_blocks = -(-attrs.st_size // 512)
+        attrs.st_atime_ns, attrs.st_mtime_ns, attrs.st_ctime_ns = node.atime, node.mtime, node.ctime
+        attrs.entry_timeout = attrs.attr_timeout = ATTR_TIMEOUT
+        return attrs
+
+    def _synthetic(self, ino: int, mode: int, size: int = 0) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino, attrs.st_mode, attrs.st_size = ino, mode, size
+        attrs.st_nlink = 2 if stat.S_ISDIR(mode) else 1
+        attrs.st_uid, attrs.st_gid = os.getuid(), os.getgid()
+        attrs.st_blksize = 1 << 20
+        attrs.st_blocks = -(-size // 512)
+        started = int(self.started * 1e9)
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = started
+        attrs.entry_timeout = attrs.attr_timeout = 1.0  # the KV namespace changes behind the kernel's back
+        return attrs
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        if inode < KV_DIR:
+            return self._attrs(self.ns.inode(inode))
+        if inode in (KV_DIR, CONTROL_DIR):
+            return self._synthetic(inode, stat.S_IFDIR | 0o555)
+        if inode == STATS_FILE:
+            return self._synthetic(inode, stat.S_IFREG | 0o444, len(self._stats_json()))
+        key = self.kv_keys.get(inode)
+        if key is None:
+            raise fail(errno.ENOENT)
+        try:
+            size = self.store.stat(key).size
+        except KeyNotFound:
+            raise fail(errno.ENOENT) from None
+        attrs = self._synthetic(inode, stat.S_IFREG | 0o444, size)
+        return attrs
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._writable(inode)
+        node = self.ns.inode(inode)
+        now = time.time_ns()
+        if fields.update_size:
+            self._truncate(node, attr.st_size)
+            node.size = attr.st_size
+            node.mtime = now
+        if fields.update_mode:
+            node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            node.uid = attr.st_uid
+        if fields.update_gid:
+            node.gid = attr.st_gid
+        if fields.update_atime:
+            node.atime = attr.st_atime_ns
+        if fields.update_mtime:
+            node.mtime = attr.st_mtime_ns
+        node.ctime = attr.st_ctime_ns if fields.update_ctime else now
+        self.ns.update(node)
+        return self._attrs(node)
+
+    # -- names -----------------------------------------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if len(name) > NAME_MAX:
+            raise fail(errno.ENAMETOOLONG)
+        if parent_inode == ROOT and name in RESERVED:
+            return await self.getattr(RESERVED[name])
+        if parent_inode == CONTROL_DIR:
+            if name != b"stats.json":
+                raise fail(errno.ENOENT)
+            return await self.getattr(STATS_FILE)
+        if parent_inode == KV_DIR:
+            return await self.getattr(self._kv_inode(self._kv_key(name)))
+        ino = self.ns.lookup(parent_inode, name)
+        if ino is None:
+            raise fail(errno.ENOENT)
+        return self._attrs(self.ns.inode(ino))
+
+    def _check_new_name(self, parent: int, name: bytes) -> None:
+        self._writable(parent)
+        if len(name) > NAME_MAX:
+            raise fail(errno.ENAMETOOLONG)
+        if parent == ROOT and name in RESERVED:
+            raise fail(errno.EEXIST)
+
+    @staticmethod
+    def _writable(inode: int) -> None:
+        if inode >= KV_DIR:
+            raise fail(errno.EROFS)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+                    ) -> pyfuse3.EntryAttributes:
+        self._check_new_name(parent_inode, name)
+        return self._attrs(self.ns.create(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid, ctx.gid))
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+                    ) -> pyfuse3.EntryAttributes:
+        self._check_new_name(parent_inode, name)
+        return self._attrs(self.ns.create(parent_inode, name, mode, ctx.uid, ctx.gid, rdev=rdev))
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+                      ) -> pyfuse3.EntryAttributes:
+        self._check_new_name(parent_inode, name)
+        return self._attrs(self.ns.create(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, target=target))
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.ns.inode(inode)
+        if not stat.S_ISLNK(node.mode):
+            raise fail(errno.EINVAL)
+        return node.target or b""
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.EntryAttributes:
+        self._writable(inode)
+        self._check_new_name(new_parent_inode, new_name)
+        return self._attrs(self.ns.link(inode, new_parent_inode, new_name))
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_removable(parent_inode, name)
+        self._maybe_delete(self.ns.unlink(parent_inode, name, rmdir=False))
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_removable(parent_inode, name)
+        self._maybe_delete(self.ns.unlink(parent_inode, name, rmdir=True))
+
+    def _check_removable(self, parent: int, name: bytes) -> None:
+        self._writable(parent)
+        if parent == ROOT and name in RESERVED:
+            raise fail(errno.EROFS)
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self._check_removable(parent_inode_old, name_old)
+        self._check_removable(parent_inode_new, name_new)
+        if len(name_new) > NAME_MAX:
+            raise fail(errno.ENAMETOOLONG)
+        replaced = self.ns.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        if replaced is not None:
+            self._maybe_delete(replaced)
+
+    def _maybe_delete(self, node: Inode) -> None:
+        """An inode lost its last name: its data goes now, or at its last close if it is open."""
+        if node.nlink == 0 and node.ino not in self.files:
+            self._delete_inode(node.ino)
+
+    def _delete_inode(self, ino: int) -> None:
+        for idx in self.ns.remove_inode(ino):
+            self.store.remove(chunk_key(ino, idx))
+
+    # -- directories -----------------------------------------------------------------------------------
+
+    def _new_handle(self, ino: int, data: Any = None) -> int:
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = (ino, data)
+        return fh
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode == KV_DIR:  # a snapshot of the keys, so the listing is stable while it is read
+            keys = sorted(self.store.keys())
+            return self._new_handle(inode, [k.encode() if isinstance(k, str) else k for k in keys])
+        if inode < KV_DIR and not self.ns.inode(inode).is_dir:
+            raise fail(errno.ENOTDIR)
+        return self._new_handle(inode)
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        ino, snapshot = self.handles[fh]
+        if ino == KV_DIR:
+            for i in range(start_id, len(snapshot)):
+                key = snapshot[i]
+                try:
+                    attrs = await self.getattr(self._kv_inode(key))
+                except pyfuse3.FUSEError:
+                    continue  # removed since the snapshot
+                if not pyfuse3.readdir_reply(token, kv_name(key), attrs, i + 1):
+                    return
+            return
+        if ino == CONTROL_DIR:
+            if start_id == 0:
+                pyfuse3.readdir_reply(token, b"stats.json", await self.getattr(STATS_FILE), 1)
+            return
+        # Cookies: 1 and 2 are the reserved names in the root; entry ids are shifted past them.
+        if ino == ROOT:
+            for cookie, (name, reserved) in enumerate(RESERVED.items(), start=1):
+                if start_id < cookie and not pyfuse3.readdir_reply(token, name, await self.getattr(reserved), cookie):
+                    return
+        after = max(start_id - 2, 0)
+        while True:
+            rows = self.ns.entries(ino, after)
+            if not rows:
+                return
+            for entry_id, name, child in rows:
+                node = self.ns.get(child)
+                if node is not None and not pyfuse3.readdir_reply(token, name, self._attrs(node), entry_id + 2):
+                    return
+                after = entry_id
+
+    async def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        tiers = self.store.stats()
+        tier = tiers.get("ssd", tiers["dram"])
+        inodes, _ = self.ns.counts()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = out.f_frsize = 4096
+        out.f_blocks = tier["capacity"] // 4096
+        out.f_bfree = out.f_bavail = max(tier["capacity"] - tier["used"], 0) // 4096
+        out.f_files = 1 << 32
+        out.f_ffree = out.f_favail = (1 << 32) - inodes
+        out.f_namemax = NAME_MAX
+        return out
+
+    # -- extended attributes ---------------------------------------------------------------------------
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable(inode)
+        if not name.startswith(b"user."):
+            raise fail(errno.EOPNOTSUPP)
+        self.ns.inode(inode)
+        self.ns.setxattr(inode, name, value)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = self.ns.getxattr(inode, name) if inode < KV_DIR else None
+        if value is None:
+            raise fail(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self.ns.listxattr(inode) if inode < KV_DIR else []
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable(inode)
+        if not self.ns.removexattr(inode, name):
+            raise fail(pyfuse3.ENOATTR)
+
+    # -- the KV namespace (read-only) ------------------------------------------------------------------
+
+    def _kv_key(self, name: bytes) -> bytes:
+        if b"~" in name and len(name) > 200:  # a shortened long name: find the key it stands for
+            for key in iter(self.store):
+                raw = key.encode() if isinstance(key, str) else key
+                if kv_name(raw) == name:
+                    return raw
+            raise fail(errno.ENOENT)
+        key = unescape_kv_name(name)
+        if key.startswith(INTERNAL_PREFIX) or not self.store.exists(key):
+            raise fail(errno.ENOENT)
+        return key
+
+    def _kv_inode(self, key: bytes) -> int:
+        ino = self.kv_inodes.get(key)
+        if ino is None:
+            ino = self.kv_inodes[key] = KV_FIRST + len(self.kv_inodes)
+            self.kv_keys[ino] = key
+        return ino
+
+    def _stats_json(self) -> bytes:
+        stats = self.store.stats()
+        inodes, chunks = self.ns.counts()
+        stats["fs"] = {"inodes": inodes, "chunks": chunks, "chunk_size": self.chunk_size,
+                       "open_files": len(self.files), "uptime_s": round(time.time() - self.started, 3)}
+        return json.dumps(stats, indent=2).encode() + b"\n"
+
+    # -- open, read, write -----------------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if inode >= KV_DIR:
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+                raise fail(errno.EROFS)
+            if inode == STATS_FILE:
+                return pyfuse3.FileInfo(fh=self._new_handle(inode, self._stats_json()), direct_io=True)
+            if inode not in self.kv_keys:
+                raise fail(errno.ENOENT)
+            return pyfuse3.FileInfo(fh=self._new_handle(inode), keep_cache=True)
+        node = self.ns.inode(inode)
+        if node.is_dir:
+            raise fail(errno.EISDIR)
+        return self._open_file(node, flags)
+
+    def _open_file(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
+        state = self.files.get(node.ino)
+        if state is None:
+            state = self.files[node.ino] = OpenInode(size=node.size)
+        state.opens += 1
+        if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
+            self._truncate(node, 0)
+            node.size, node.mtime, node.ctime = 0, time.time_ns(), time.time_ns()
+            self.ns.update(node)
+        keep_cache = node.ino not in self.changed_since_open
+        self.changed_since_open.discard(node.ino)
+        return pyfuse3.FileInfo(fh=self._new_handle(node.ino), keep_cache=keep_cache)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._check_new_name(parent_inode, name)
+        node = self.ns.create(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid)
+        return self._open_file(node, flags & ~os.O_TRUNC), self._attrs(node)
+
+    async def read(self, fh: int, off: int, size: int) -> Any:
+        ino, data = self.handles[fh]
+        if ino >= KV_DIR:
+            if ino == STATS_FILE:
+                return data[off : off + size]
+            return self._read_kv(self.kv_keys[ino], off, size)
+        state = self.files[ino]
+        end = min(off + size, state.size)
+        if off >= end:
+            return b""
+        cs = self.chunk_size
+        pieces = []
+        while off < end:
+            idx, within = divmod(off, cs)
+            n = min(end - off, cs - within)
+            pieces.append(self._chunk_slice(ino, state, idx, within, n))
+            off += n
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _chunk_slice(self, ino: int, state: OpenInode, idx: int, within: int, n: int) -> Any:
+        """``n`` bytes of chunk ``idx`` from ``within``: from its write buffer, from the pool without a
+        copy, or zeros for a hole."""
+        buf = state.dirty.get(idx)
+        if buf is not None:
+            return memoryview(buf)[within : within + n]
+        view = ValueView(self.store, chunk_key(ino, idx))
+        try:
+            mv = view.__enter__()
+        except KeyNotFound:
+            if self.ns.has_chunk(ino, idx):
+                log.error("inode %d: chunk %d is recorded but missing from the store (lost)", ino, idx)
+                raise fail(errno.EIO) from None
+            return self.zeros[:n]
+        self._hold(view)
+        have = max(min(len(mv) - within, n), 0)
+        if have == n:
+            return mv[within : within + n]
+        return bytes(mv[within : within + have]) + bytes(n - have)  # a chunk shorter than the file here
+
+    def _read_kv(self, key: bytes, off: int, size: int) -> Any:
+        view = ValueView(self.store, key)
+        try:
+            mv = view.__enter__()
+        except KeyNotFound:
+            raise fail(errno.ENOENT) from None
+        self._hold(view)
+        return mv[off : off + size]
+
+    def _hold(self, view: ValueView) -> None:
+        """Keep a view's lease until well after the reply pyfuse3 sends from it."""
+        self.leases.append(view)
+        self._release_leases(LEASES_HELD)
+
+    def _release_leases(self, keep: int) -> None:
+        while len(self.leases) > keep:
+            self.leases.popleft().__exit__(None, None, None)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        ino, _ = self.handles[fh]
+        self._writable(ino)
+        state = self.files[ino]
+        cs = self.chunk_size
+        end = off + len(buf)
+        src = memoryview(buf)
+        pos = off
+        while pos < end:
+            idx, within = divmod(pos, cs)
+            n = min(end - pos, cs - within)
+            chunk = self._dirty_chunk(ino, state, idx)
+            chunk[within : within + n] = src[pos - off : pos - off + n]
+            pos += n
+            if end > state.size:
+                state.size = end
+            if within + n == cs:  # the chunk is complete: store it now, keeping memory bounded
+                self._store_chunk(ino, state, idx)
+        state.meta_dirty = True
+        self.changed_since_open.add(ino)
+        if len(state.dirty) * cs > DIRTY_LIMIT:
+            self._store_chunks(ino, state)
+        return len(buf)
+
+    def _dirty_chunk(self, ino: int, state: OpenInode, idx: int) -> bytearray:
+        """The write buffer of chunk ``idx``, holding what the chunk holds now (zeros past its end)."""
+        chunk = state.dirty.get(idx)
+        if chunk is not None:
+            return chunk
+        chunk = self.spare_buffers.pop() if self.spare_buffers else bytearray(self.chunk_size)
+        if idx * self.chunk_size < state.size and self.ns.has_chunk(ino, idx):
+            n = self.store.get_into(chunk_key(ino, idx), chunk)
+            chunk[n:] = self.zeros[: self.chunk_size - n]
+        else:
+            chunk[:] = self.zeros
+        state.dirty[idx] = chunk
+        return chunk
+
+    def _store_chunk(self, ino: int, state: OpenInode, idx: int, durable: bool = False) -> None:
+        chunk = state.dirty[idx]
+        n = min(self.chunk_size, state.size - idx * self.chunk_size)
+        if n > 0:
+            self.store.put(chunk_key(ino, idx), memoryview(chunk)[:n], durable=durable)
+            self.ns.add_chunks(ino, [idx])
+            if not durable:
+                state.unsynced.add(idx)
+        del state.dirty[idx]
+        self.spare_buffers.append(chunk)
+
+    def _store_chunks(self, ino: int, state: OpenInode, durable: bool = False) -> None:
+        for idx in sorted(state.dirty):
+            self._store_chunk(ino, state, idx, durable)
+
+    def _flush(self, ino: int, durable: bool = False) -> None:
+        """Store an open file's buffered chunks and its size and times (close-to-open consistency);
+        with ``durable``, make all of its data survive power loss."""
+        state = self.files[ino]
+        self._store_chunks(ino, state, durable)
+        if durable and state.unsynced:
+            self.store.persist([chunk_key(ino, idx) for idx in state.unsynced])
+            state.unsynced.clear()
+        if state.meta_dirty:
+            node = self.ns.get(ino)
+            if node is not None:
+                node.size, node.mtime = state.size, time.time_ns()
+                node.ctime = node.mtime
+                self.ns.update(node)
+            state.meta_dirty = False
+        if durable:
+            self.ns.sync()
+
+    def _truncate(self, node: Inode, size: int) -> None:
+        """Cut or extend a file to ``size``: chunks past the end go, the last one is trimmed."""
+        cs = self.chunk_size
+        state = self.files.get(node.ino)
+        keep = -(-size // cs)  # chunks that still hold data
+        for idx in [i for i in (state.dirty if state else {}) if i >= keep]:
+            self.spare_buffers.append(state.dirty.pop(idx))  # type: ignore[union-attr]
+        for idx in self.ns.drop_chunks_from(node.ino, keep):
+            self.store.remove(chunk_key(node.ino, idx))
+        tail = size % cs
+        if tail and size < (state.size if state else node.size):
+            last = size // cs
+            if state is not None and last in state.dirty:
+                state.dirty[last][tail:] = self.zeros[: cs - tail]
+            elif self.ns.has_chunk(node.ino, last):
+                key = chunk_key(node.ino, last)
+                data = self.store.get(key)
+                if len(data) > tail:
+                    self.store.put(key, data[:tail])
+        if state is not None:
+            state.size = size
+            state.unsynced = {i for i in state.unsynced if i < keep}
+        self.changed_since_open.add(node.ino)
+
+    async def flush(self, fh: int) -> None:
+        ino, _ = self.handles[fh]
+        if ino in self.files:
+            self._flush(ino)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        ino, _ = self.handles[fh]
+        if ino in self.files:
+            self._flush(ino, durable=True)
+
+    async def release(self, fh: int) -> None:
+        ino, _ = self.handles.pop(fh)
+        state = self.files.get(ino)
+        if state is None:
+            return
+        state.opens -= 1
+        if state.opens:
+            return
+        try:
+            self._flush(ino)
+        finally:
+            del self.files[ino]
+            node = self.ns.get(ino)
+            if node is not None and node.nlink == 0:
+                self._delete_inode(ino)

@@ -1,0 +1,162 @@
+"""Running a mount: open the store, serve requests until unmounted or signalled, flush, close.
+
+``serve`` runs in the foreground; ``serve_in_background`` starts the same thing in a detached child
+and returns once the mount answers (what ``--background`` and ``mount -t mooncakefs`` use).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+import mooncakefs
+from mooncakefs.errors import MooncakeError
+from mooncakefs.fuse.filesystem import MooncakeFS
+from mooncakefs.fuse.namespace import Namespace
+from mooncakefs.fuse.tuning import is_stale_mount, mount_device, tune_mount
+from mooncakefs.units import parse_size
+
+log = logging.getLogger("mooncakefs.fuse")
+READY = "mounted"  # the word the foreground daemon prints once the mount answers
+
+
+def parse_ssd(value: str) -> tuple[int | None, Path | None]:
+    """--ssd: "SIZE", "PATH:SIZE", or "0" for no SSD tier."""
+    path, _, size = value.rpartition(":")
+    nbytes = parse_size(size, what="--ssd")
+    return (nbytes or None), (Path(path) if path else None)
+
+
+def prepare_mountpoint(mountpoint: Path) -> str:
+    """The absolute mountpoint, after clearing the stale mount a killed daemon left behind."""
+    path = str(mountpoint.absolute())
+    if is_stale_mount(path):
+        log.warning("%s is a stale mount (its daemon died): unmounting it", path)
+        subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, check=False)
+        if is_stale_mount(path):
+            subprocess.run(["umount", "-l", path], capture_output=True, check=False)
+    elif mount_device(path) is not None and os.path.ismount(path):
+        raise MooncakeError(f"{path} is already a mount point")
+    if not os.path.isdir(path):
+        raise MooncakeError(f"mount point {path} is not a directory")
+    return path
+
+
+def serve(mountpoint: Path, *, data: Path | None, dram: int, ssd: str, chunk_size: int, debug: bool = False,
+          allow_other: bool = False, announce: Callable[[str], None] = print) -> None:
+    """Mount the store at ``mountpoint`` and serve it until it is unmounted or SIGINT/SIGTERM arrives."""
+    path = prepare_mountpoint(mountpoint)
+    ssd_size, ssd_dir = parse_ssd(ssd)
+    store = mooncakefs.open(data, dram=dram, ssd=ssd_size, ssd_dir=ssd_dir)
+    namespace = None
+    try:
+        # Without an SSD tier no file data outlives the process, so neither may the namespace.
+        namespace = Namespace(store.path / "fs.sqlite", chunk_size=chunk_size, fresh=ssd_size is None)
+        fs = MooncakeFS(store, namespace)
+        if orphans := fs.collect_orphans():
+            log.info("deleted %d files that were unlinked while open when the last mount ended", orphans)
+        options = set(pyfuse3.default_options) | {f"fsname={store.path}", "subtype=mooncakefs", "noatime"}
+        if debug:
+            options.add("debug")
+        if allow_other:
+            options.add("allow_other")
+        pyfuse3.init(fs, path, options)
+        signalled = False
+        try:
+            threading.Thread(target=_when_answering, args=(path, store.path, announce), daemon=True).start()
+            signalled = trio.run(_serve_until_unmounted)
+        finally:
+            fs.shutdown()
+            pyfuse3.close(unmount=signalled)
+    finally:
+        if namespace is not None:
+            namespace.close()
+        store.close()
+
+
+def _when_answering(path: str, data: Path, announce: Callable[[str], None]) -> None:
+    """Wait (off the serving thread) until the kernel has done its INIT exchange, then tune and tell."""
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        log.error("the new mount at %s does not answer: %s", path, exc)
+        return
+    applied = tune_mount(path)
+    log.info("tuned %s: %s", path, applied or "nothing (not root?)")
+    announce(f"{READY} {data} at {path}")
+
+
+async def _serve_until_unmounted() -> bool:
+    """Serve requests; returns True if a signal (rather than an unmount) ended it."""
+    signalled = False
+
+    async def watch_signals(cancel: trio.CancelScope) -> None:
+        nonlocal signalled
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("%s: unmounting", signal.Signals(signum).name)
+                signalled = True
+                pyfuse3.terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_signals, nursery.cancel_scope)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    return signalled
+
+
+def serve_in_background(args: Sequence[str], log_file: Path) -> int:
+    """Run ``mooncakefs mount ARGS`` (foreground) as a detached child logging to ``log_file``; return 0
+    once it reports the mount ready, or 1 with its output if it exits first."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mooncakefs.cli", "mount", *args, "--log-file", str(log_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+        start_new_session=True,
+    )
+    assert child.stdout is not None
+    output = []
+    for line in child.stdout:
+        output.append(line)
+        if line.startswith(READY):
+            print(line, end="", flush=True)
+            return 0
+    child.wait()
+    sys.stderr.write("".join(output))
+    return child.returncode or 1
+
+
+def mount_helper(argv: Sequence[str] | None = None) -> int:
+    """``mount.mooncakefs DATA MOUNTPOINT [-o opts]``: what ``mount -t mooncakefs`` (and fstab) run.
+
+    Options: dram=SIZE, ssd=SIZE|PATH:SIZE, chunk_size=SIZE, allow_other, debug; the generic mount
+    options (rw, defaults, noauto, user, _netdev, ...) are accepted and ignored."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="mount.mooncakefs", description=mount_helper.__doc__)
+    parser.add_argument("data")
+    parser.add_argument("mountpoint")
+    parser.add_argument("-o", dest="options", default="")
+    for flag in ("-s", "-f", "-n", "-v"):  # mount(8) may pass these: sloppy, fake, no-mtab, verbose
+        parser.add_argument(flag, action="store_true")
+    parser.add_argument("-t", dest="type", default="mooncakefs")
+    ns = parser.parse_args(argv)
+    args = ["--data", ns.data]
+    for option in filter(None, ns.options.split(",")):
+        name, _, value = option.partition("=")
+        if name in ("dram", "ssd", "chunk_size") and value:
+            args += [f"--{name.replace('_', '-')}", value]
+        elif name in ("allow_other", "debug"):
+            args.append(f"--{name.replace('_', '-')}")
+    if ns.f:
+        return 0
+    return serve_in_background([*args, ns.mountpoint], Path(ns.data) / "mount.log")

@@ -1,0 +1,343 @@
+"""The filesystem namespace: inodes, directory entries, extended attributes and chunk maps in SQLite.
+
+File bytes are not here: they are chunk objects in the store, keyed by (inode, chunk index).  The
+``chunks`` table records which chunks were written, so a hole (never written: reads as zeros) can be
+told apart from a lost chunk (recorded but gone from the store: reads fail with EIO).
+
+Every method runs in one transaction, committed before it returns (WAL mode: a commit survives a
+crash of this process; ``sync()`` also makes it survive power loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+
+ROOT = pyfuse3.ROOT_INODE
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS inodes (
+    ino INTEGER PRIMARY KEY,
+    mode INTEGER NOT NULL,
+    nlink INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    rdev INTEGER NOT NULL DEFAULT 0,
+    size INTEGER NOT NULL DEFAULT 0,
+    atime INTEGER NOT NULL,
+    mtime INTEGER NOT NULL,
+    ctime INTEGER NOT NULL,
+    target BLOB
+);
+CREATE TABLE IF NOT EXISTS dentries (
+    id INTEGER PRIMARY KEY,
+    parent INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    ino INTEGER NOT NULL,
+    UNIQUE (parent, name)
+);
+CREATE TABLE IF NOT EXISTS xattrs (
+    ino INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (ino, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunks (
+    ino INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    PRIMARY KEY (ino, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def fail(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+@dataclass
+class Inode:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    atime: int
+    mtime: int
+    ctime: int
+    target: bytes | None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+class Namespace:
+    def __init__(self, path: Path, *, chunk_size: int, fresh: bool = False) -> None:
+        if fresh:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+        stored = self.db.execute("SELECT value FROM settings WHERE name = 'chunk_size'").fetchone()
+        if stored is None:
+            self.db.execute("INSERT INTO settings VALUES ('chunk_size', ?)", (str(chunk_size),))
+        self.chunk_size = int(stored[0]) if stored else chunk_size  # files keep the size they were made with
+        if self.get(ROOT) is None:
+            now = time.time_ns()
+            self.db.execute(
+                "INSERT INTO inodes (ino, mode, nlink, uid, gid, atime, mtime, ctime) VALUES (?,?,?,?,?,?,?,?)",
+                (ROOT, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(), now, now, now),
+            )
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def sync(self) -> None:
+        """Make every committed change survive power loss (a WAL commit is an append to -wal)."""
+        fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- inodes ----------------------------------------------------------------------------------------
+
+    def get(self, ino: int) -> Inode | None:
+        row = self.db.execute("SELECT * FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        return Inode(*row) if row else None
+
+    def inode(self, ino: int) -> Inode:
+        node = self.get(ino)
+        if node is None:
+            raise fail(errno.ENOENT)
+        return node
+
+    def update(self, node: Inode) -> None:
+        self.db.execute(
+            "UPDATE inodes SET mode=?, nlink=?, uid=?, gid=?, rdev=?, size=?, atime=?, mtime=?, ctime=?, target=? "
+            "WHERE ino=?",
+            (node.mode, node.nlink, node.uid, node.gid, node.rdev, node.size, node.atime, node.mtime, node.ctime,
+             node.target, node.ino),
+        )
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        row = self.db.execute("SELECT ino FROM dentries WHERE parent = ? AND name = ?", (parent, name)).fetchone()
+        return row[0] if row else None
+
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, *, rdev: int = 0,
+               target: bytes | None = None) -> Inode:
+        """A new inode linked at parent/name (EEXIST if the name is taken)."""
+        parent_node = self._directory(parent)
+        now = time.time_ns()
+        is_dir = stat.S_ISDIR(mode)
+        with self._transaction():
+            if self.lookup(parent, name) is not None:
+                raise fail(errno.EEXIST)
+            ino = self.db.execute(
+                "INSERT INTO inodes (mode, nlink, uid, gid, rdev, size, atime, mtime, ctime, target) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (mode, 2 if is_dir else 1, uid, gid, rdev, len(target or b""), now, now, now, target),
+            ).lastrowid
+            self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?,?,?)", (parent, name, ino))
+            parent_node.mtime = parent_node.ctime = now
+            parent_node.nlink += is_dir
+            self.update(parent_node)
+        return self.inode(ino)
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        node = self.inode(ino)
+        if node.is_dir:
+            raise fail(errno.EPERM)
+        parent_node = self._directory(parent)
+        with self._transaction():
+            if self.lookup(parent, name) is not None:
+                raise fail(errno.EEXIST)
+            self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?,?,?)", (parent, name, ino))
+            node.nlink += 1
+            node.ctime = parent_node.mtime = parent_node.ctime = time.time_ns()
+            self.update(node)
+            self.update(parent_node)
+        return node
+
+    def unlink(self, parent: int, name: bytes, *, rmdir: bool) -> Inode:
+        """Remove a directory entry; returns the inode with its new link count (0: no names left)."""
+        ino = self.lookup(parent, name)
+        if ino is None:
+            raise fail(errno.ENOENT)
+        node = self.inode(ino)
+        if rmdir and not node.is_dir:
+            raise fail(errno.ENOTDIR)
+        if not rmdir and node.is_dir:
+            raise fail(errno.EISDIR)
+        if rmdir and self.db.execute("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (ino,)).fetchone():
+            raise fail(errno.ENOTEMPTY)
+        with self._transaction():
+            self._drop_entry(parent, name, node)
+        return node
+
+    def _drop_entry(self, parent: int, name: bytes, node: Inode) -> None:
+        """Unlink ``name`` (inside a transaction)."""
+        self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
+        parent_node = self.inode(parent)
+        now = time.time_ns()
+        parent_node.mtime = parent_node.ctime = now
+        if node.is_dir:
+            parent_node.nlink -= 1
+            node.nlink = 0
+        else:
+            node.nlink -= 1
+        node.ctime = now
+        self.update(parent_node)
+        self.update(node)
+
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> Inode | None:
+        """Move an entry; returns the inode a plain rename replaced (its link count already dropped)."""
+        ino = self.lookup(old_parent, old_name)
+        if ino is None:
+            raise fail(errno.ENOENT)
+        self._directory(new_parent)
+        node = self.inode(ino)
+        target_ino = self.lookup(new_parent, new_name)
+        target = self.inode(target_ino) if target_ino is not None else None
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            if target is None:
+                raise fail(errno.ENOENT)
+            with self._transaction():
+                self._set_entry(old_parent, old_name, target.ino)
+                self._set_entry(new_parent, new_name, node.ino)
+                if node.is_dir != target.is_dir and old_parent != new_parent:
+                    moved_dir = 1 if node.is_dir else -1
+                    self._adjust_nlink(old_parent, -moved_dir)
+                    self._adjust_nlink(new_parent, moved_dir)
+                self._touch(old_parent, new_parent, node, target)
+            return None
+        if target is not None:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise fail(errno.EEXIST)
+            if target.ino == node.ino:
+                return None  # two names of one file: POSIX says do nothing
+            if target.is_dir and not node.is_dir:
+                raise fail(errno.EISDIR)
+            if node.is_dir and not target.is_dir:
+                raise fail(errno.ENOTDIR)
+            if target.is_dir and self.db.execute(
+                "SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (target.ino,)
+            ).fetchone():
+                raise fail(errno.ENOTEMPTY)
+        with self._transaction():
+            if target is not None:
+                self._drop_entry(new_parent, new_name, target)
+            self.db.execute(
+                "UPDATE dentries SET parent = ?, name = ? WHERE parent = ? AND name = ?",
+                (new_parent, new_name, old_parent, old_name),
+            )
+            if node.is_dir and old_parent != new_parent:
+                self._adjust_nlink(old_parent, -1)
+                self._adjust_nlink(new_parent, 1)
+            self._touch(old_parent, new_parent, node)
+        return target
+
+    def _set_entry(self, parent: int, name: bytes, ino: int) -> None:
+        self.db.execute("UPDATE dentries SET ino = ? WHERE parent = ? AND name = ?", (ino, parent, name))
+
+    def _adjust_nlink(self, ino: int, delta: int) -> None:
+        self.db.execute("UPDATE inodes SET nlink = nlink + ? WHERE ino = ?", (delta, ino))
+
+    def _touch(self, old_parent: int, new_parent: int, *nodes: Inode) -> None:
+        now = time.time_ns()
+        self.db.execute(
+            "UPDATE inodes SET mtime = ?, ctime = ? WHERE ino IN (?, ?)", (now, now, old_parent, new_parent)
+        )
+        for node in nodes:
+            self.db.execute("UPDATE inodes SET ctime = ? WHERE ino = ?", (now, node.ino))
+
+    def remove_inode(self, ino: int) -> list[int]:
+        """Delete an inode that has no names and no open handles; returns its chunk indexes."""
+        with self._transaction():
+            chunks = [idx for (idx,) in self.db.execute("SELECT idx FROM chunks WHERE ino = ?", (ino,))]
+            self.db.execute("DELETE FROM chunks WHERE ino = ?", (ino,))
+            self.db.execute("DELETE FROM xattrs WHERE ino = ?", (ino,))
+            self.db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
+        return chunks
+
+    def orphans(self) -> list[int]:
+        """Inodes left with no names (unlinked while open when the last mount ended)."""
+        return [ino for (ino,) in self.db.execute("SELECT ino FROM inodes WHERE nlink = 0 AND ino != ?", (ROOT,))]
+
+    def _directory(self, ino: int) -> Inode:
+        node = self.inode(ino)
+        if not node.is_dir:
+            raise fail(errno.ENOTDIR)
+        return node
+
+    # -- directories -----------------------------------------------------------------------------------
+
+    def entries(self, parent: int, after: int, limit: int = 1024) -> list[tuple[int, bytes, int]]:
+        """(cookie, name, ino) of a directory's entries after cookie ``after``, in a stable order."""
+        return self.db.execute(
+            "SELECT id, name, ino FROM dentries WHERE parent = ? AND id > ? ORDER BY id LIMIT ?",
+            (parent, after, limit),
+        ).fetchall()
+
+    # -- chunks ----------------------------------------------------------------------------------------
+
+    def has_chunk(self, ino: int, idx: int) -> bool:
+        return self.db.execute("SELECT 1 FROM chunks WHERE ino = ? AND idx = ?", (ino, idx)).fetchone() is not None
+
+    def add_chunks(self, ino: int, indexes: list[int]) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?)", [(ino, i) for i in indexes])
+
+    def drop_chunks_from(self, ino: int, first: int) -> list[int]:
+        """Forget chunks ``first`` and beyond (truncation); returns their indexes."""
+        dropped = [i for (i,) in self.db.execute("SELECT idx FROM chunks WHERE ino = ? AND idx >= ?", (ino, first))]
+        self.db.execute("DELETE FROM chunks WHERE ino = ? AND idx >= ?", (ino, first))
+        return dropped
+
+    # -- extended attributes ---------------------------------------------------------------------------
+
+    def getxattr(self, ino: int, name: bytes) -> bytes | None:
+        row = self.db.execute("SELECT value FROM xattrs WHERE ino = ? AND name = ?", (ino, name)).fetchone()
+        return row[0] if row else None
+
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        with self._transaction():
+            self.db.execute("INSERT OR REPLACE INTO xattrs VALUES (?, ?, ?)", (ino, name, value))
+            self.db.execute("UPDATE inodes SET ctime = ? WHERE ino = ?", (time.time_ns(), ino))
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return [name for (name,) in self.db.execute("SELECT name FROM xattrs WHERE ino = ?", (ino,))]
+
+    def removexattr(self, ino: int, name: bytes) -> bool:
+        with self._transaction():
+            return self.db.execute("DELETE FROM xattrs WHERE ino = ? AND name = ?", (ino, name)).rowcount > 0
+
+    def counts(self) -> tuple[int, int]:
+        """(inodes, chunks) in the namespace."""
+        inodes = self.db.execute("SELECT count(*) FROM inodes").fetchone()[0]
+        chunks = self.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        return inodes, chunks
