@@ -186,6 +186,8 @@ def mount(mountpoint: Path, data: Path | None, dram: int, ssd: str, chunk_size: 
 def _configure_logging(debug: bool, log_file: Path | None) -> None:
     import logging
 
+    if log_file:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])

@@ -55,8 +55,9 @@ Key = str | bytes
 
 class InternalKey(bytes):
     """A key in mooncakefs's own namespace (the filesystem's file chunks): it starts with
-    INTERNAL_PREFIX, is hidden from ``keys()`` and ``remove_prefix()``, and its objects are sticky —
-    evicted from DRAM only by demotion to SSD, never dropped."""
+    INTERNAL_PREFIX, is hidden from ``keys()`` and ``remove_prefix()``, and its objects are sticky:
+    written through to SSD as they are put (so they survive a crash of the process; ``durable`` also
+    flushes them to the disk), evicted from DRAM only by demotion, never dropped."""
 
     def __new__(cls, name: bytes) -> InternalKey:
         return super().__new__(cls, INTERNAL_PREFIX + name)
@@ -354,7 +355,7 @@ class Store:
         if if_absent and self._lookup(raw) is not None:
             self._dram.free(entry.dram)
             raise KeyExists(key)
-        if durable:
+        if durable or (entry.sticky and self._ssd is not None):
             try:
                 self._write_to_ssd(raw, entry, self._dram_bytes(entry))
             except BaseException:

@@ -65,13 +65,16 @@ def test_plain_objects_make_way_for_sticky_ones_on_a_full_ssd(tmp_path):
             assert store.get(chunk(i)) == bytes([i]) * MiB
 
 
-def test_persist_writes_dram_only_sticky_objects_for_the_next_open(tmp_path):
+def test_sticky_objects_are_written_through_and_persist_flushes_named_keys(tmp_path):
     with mooncakefs.open(tmp_path, dram="32MiB", ssd="64MiB") as store:
         for i in range(5):
             store.put(chunk(i), bytes([i]) * 1000)
-        store.put("plain", b"not persisted")
-        assert store.persist() == 5
-        assert store.persist() == 0
+        store.put("plain", b"persisted on request")
+        store.put("volatile", b"in DRAM only")
+        assert store.stat(chunk(0)).tier == "dram"  # written through, still served from DRAM
+        assert store.persist() == 0  # the sticky objects are on SSD already
+        assert store.persist(["plain", "missing"]) == 1
     with mooncakefs.open(tmp_path, dram="32MiB", ssd="64MiB") as store:
         assert [store.get(chunk(i)) for i in range(5)] == [bytes([i]) * 1000 for i in range(5)]
-        assert "plain" not in store
+        assert store.get("plain") == b"persisted on request"
+        assert "volatile" not in store

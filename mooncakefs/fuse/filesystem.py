@@ -91,7 +91,7 @@ class OpenInode:
     opens: int = 0
     dirty: dict[int, bytearray] = field(default_factory=dict)
     unsynced: set[int] = field(default_factory=set)
-    meta_dirty: bool = False
+    mtime: int | None = None  # of the last write not yet recorded in the namespace
 
 
 def _handler(method: Any) -> Any:
@@ -140,6 +140,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         self.leases: collections.deque[ValueView] = collections.deque()
         self.spare_buffers: list[bytearray] = []
         self.changed_since_open: set[int] = set()
+        self.lookups: collections.Counter[int] = collections.Counter()  # the kernel's references
         self.kv_inodes: dict[bytes, int] = {}
         self.kv_keys: dict[int, bytes] = {}
         self.started = time.time()
@@ -162,6 +163,20 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         self.ns.sync()
 
     # -- attributes ------------------------------------------------------------------------------------
+
+    def _entry(self, node: Inode) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that hands the kernel a reference (lookup, create, readdirplus...)."""
+        self.lookups[node.ino] += 1
+        return self._attrs(node)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.lookups[ino] -= count
+            if self.lookups[ino] <= 0:
+                del self.lookups[ino]
+                node = self.ns.get(ino) if ino < KV_DIR else None
+                if node is not None:
+                    self._maybe_delete(node)
 
     def _attrs(self, node: Inode) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
@@ -208,6 +223,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._writable(inode)
+        if inode in self.files:  # record buffered writes first: what is set here outranks them
+            self._flush(inode)
         node = self.ns.inode(inode)
         now = time.time_ns()
         if fields.update_size:
@@ -244,7 +261,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         ino = self.ns.lookup(parent_inode, name)
         if ino is None:
             raise fail(errno.ENOENT)
-        return self._attrs(self.ns.inode(ino))
+        return self._entry(self.ns.inode(ino))
 
     def _check_new_name(self, parent: int, name: bytes) -> None:
         self._writable(parent)
@@ -261,17 +278,17 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
                     ) -> pyfuse3.EntryAttributes:
         self._check_new_name(parent_inode, name)
-        return self._attrs(self.ns.create(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid, ctx.gid))
+        return self._entry(self.ns.create(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid, ctx.gid))
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
                     ) -> pyfuse3.EntryAttributes:
         self._check_new_name(parent_inode, name)
-        return self._attrs(self.ns.create(parent_inode, name, mode, ctx.uid, ctx.gid, rdev=rdev))
+        return self._entry(self.ns.create(parent_inode, name, mode, ctx.uid, ctx.gid, rdev=rdev))
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
                       ) -> pyfuse3.EntryAttributes:
         self._check_new_name(parent_inode, name)
-        return self._attrs(self.ns.create(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, target=target))
+        return self._entry(self.ns.create(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, target=target))
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.ns.inode(inode)
@@ -283,7 +300,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
                    ) -> pyfuse3.EntryAttributes:
         self._writable(inode)
         self._check_new_name(new_parent_inode, new_name)
-        return self._attrs(self.ns.link(inode, new_parent_inode, new_name))
+        return self._entry(self.ns.link(inode, new_parent_inode, new_name))
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_removable(parent_inode, name)
@@ -309,8 +326,9 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             self._maybe_delete(replaced)
 
     def _maybe_delete(self, node: Inode) -> None:
-        """An inode lost its last name: its data goes now, or at its last close if it is open."""
-        if node.nlink == 0 and node.ino not in self.files:
+        """Delete an inode with no names left once nothing uses it: no open file, and no reference the
+        kernel still holds (a process may have looked the name up just before it went)."""
+        if node.nlink == 0 and node.ino not in self.files and node.ino not in self.lookups:
             self._delete_inode(node.ino)
 
     def _delete_inode(self, ino: int) -> None:
@@ -327,8 +345,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if inode == KV_DIR:  # a snapshot of the keys, so the listing is stable while it is read
-            keys = sorted(self.store.keys())
-            return self._new_handle(inode, [k.encode() if isinstance(k, str) else k for k in keys])
+            keys = sorted(k.encode() if isinstance(k, str) else k for k in iter(self.store))
+            return self._new_handle(inode, keys)
         if inode < KV_DIR and not self.ns.inode(inode).is_dir:
             raise fail(errno.ENOTDIR)
         return self._new_handle(inode)
@@ -361,8 +379,11 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
                 return
             for entry_id, name, child in rows:
                 node = self.ns.get(child)
-                if node is not None and not pyfuse3.readdir_reply(token, name, self._attrs(node), entry_id + 2):
+                if node is None:
+                    continue
+                if not pyfuse3.readdir_reply(token, name, self._attrs(node), entry_id + 2):
                     return
+                self.lookups[node.ino] += 1  # readdirplus: the kernel now holds a reference
                 after = entry_id
 
     async def releasedir(self, fh: int) -> None:
@@ -465,7 +486,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._check_new_name(parent_inode, name)
         node = self.ns.create(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid)
-        return self._open_file(node, flags & ~os.O_TRUNC), self._attrs(node)
+        return self._open_file(node, flags & ~os.O_TRUNC), self._entry(node)
 
     async def read(self, fh: int, off: int, size: int) -> Any:
         ino, data = self.handles[fh]
@@ -542,7 +563,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
                 state.size = end
             if within + n == cs:  # the chunk is complete: store it now, keeping memory bounded
                 self._store_chunk(ino, state, idx)
-        state.meta_dirty = True
+        state.mtime = time.time_ns()
         self.changed_since_open.add(ino)
         if len(state.dirty) * cs > DIRTY_LIMIT:
             self._store_chunks(ino, state)
@@ -585,13 +606,12 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         if durable and state.unsynced:
             self.store.persist([chunk_key(ino, idx) for idx in state.unsynced])
             state.unsynced.clear()
-        if state.meta_dirty:
+        if state.mtime is not None:
             node = self.ns.get(ino)
             if node is not None:
-                node.size, node.mtime = state.size, time.time_ns()
-                node.ctime = node.mtime
+                node.size, node.mtime, node.ctime = state.size, state.mtime, max(state.mtime, node.ctime)
                 self.ns.update(node)
-            state.meta_dirty = False
+            state.mtime = None
         if durable:
             self.ns.sync()
 
@@ -642,5 +662,5 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         finally:
             del self.files[ino]
             node = self.ns.get(ino)
-            if node is not None and node.nlink == 0:
-                self._delete_inode(ino)
+            if node is not None:
+                self._maybe_delete(node)

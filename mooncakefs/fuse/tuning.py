@@ -55,9 +55,10 @@ def tune_mount(mountpoint: str, *, read_ahead_kb: int = 1024, max_background: in
 
 
 def is_stale_mount(mountpoint: str) -> bool:
-    """A FUSE mount whose daemon died: any access fails with ENOTCONN."""
+    """A FUSE mount whose daemon died: any request fails with ENOTCONN.  (statfs, because stat may be
+    answered from the kernel's attribute cache without asking the dead daemon.)"""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
