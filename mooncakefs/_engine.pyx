@@ -11,6 +11,19 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free as c_free, malloc, realloc
 from libc.string cimport memcpy
 
+
+cdef extern from "<sys/mman.h>" nogil:
+    int madvise(void *addr, size_t length, int advice)
+
+
+cdef extern from *:
+    """
+    #ifndef MADV_POPULATE_WRITE
+    #define MADV_POPULATE_WRITE 23
+    #endif
+    """
+    const int MADV_POPULATE_WRITE
+
 mc_crc32c_init()
 
 cdef extern from *:
@@ -410,6 +423,21 @@ cdef class Arena:
         """CRC-32C of ``n`` pool bytes at ``off``."""
         self._check(off, n)
         return _crc(0, self.base + off, n)
+
+    def prefault(self, size_t step=64 << 20) -> bool:
+        """Make the kernel back the whole pool with memory now, ``step`` bytes at a time with the GIL
+        released (on these VMs first-touching memory runs at ~0.5 GB/s: better in a background thread
+        than inside a put).  False if the kernel lacks MADV_POPULATE_WRITE (Linux < 5.14)."""
+        cdef size_t off = 0, n
+        cdef int rc = 0
+        while off < self.size and self.held:
+            n = min(step, self.size - off)
+            with nogil:
+                rc = madvise(self.base + off, n, MADV_POPULATE_WRITE)
+            if rc != 0:
+                return False
+            off += n
+        return True
 
 
 # ---------------------------------------------------------------------------------------------------

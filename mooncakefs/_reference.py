@@ -232,6 +232,12 @@ class Arena:
     def crc32c(self, off: int, n: int) -> int:
         return crc32c(self._range(off, n))
 
+    def prefault(self, step: int = 64 << 20) -> bool:
+        for off in range(0, self.size, 4096):  # touch every page
+            view = self._range(off, 1)
+            view[0] = view[0]
+        return True
+
 
 class Entry:
     """Same fields as the Cython entry."""

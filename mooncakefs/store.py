@@ -159,6 +159,7 @@ class Store:
         high_watermark: float = 0.95,
         low_watermark: float = 0.85,
         promote_after: int = 2,
+        prefault: bool = False,
     ) -> None:
         if not 0 < low_watermark <= high_watermark <= 1:
             raise ValueError(
@@ -172,7 +173,7 @@ class Store:
         self.path.mkdir(parents=True, exist_ok=True)
         self._datadir_lock = DataDirLock(self.path)
         try:
-            self._dram = DramTier(dram_bytes, label=f"mooncakefs:{self.path}")
+            self._dram = DramTier(dram_bytes, label=f"mooncakefs:{self.path}", prefault=prefault)
             self._ssd = None
             if ssd_bytes:
                 self._ssd = SsdTier(
@@ -730,6 +731,8 @@ class Store:
     def stats(self) -> dict[str, Any]:
         """Per-tier capacity, bytes used, object count and hit/miss/eviction/promotion counters.
 
+        For SSD, "used" is the bytes of its segment files and "live" the part still holding values (the
+        rest is reclaimed when space is needed).
         "evictions" counts objects that left a tier (DRAM: demoted or dropped; SSD: dropped);
         "promotions" counts objects copied up into DRAM."""
         with self._lock:
@@ -740,7 +743,7 @@ class Store:
                          **self._counters["dram"]},
             }
             if self._ssd is not None:
-                tiers["ssd"] = {"capacity": self._ssd.capacity, "used": self._ssd.used,
+                tiers["ssd"] = {"capacity": self._ssd.capacity, "used": self._ssd.used, "live": self._ssd.live,
                                 "objects": sum(1 for e in self._index.values() if e.seg >= 0),
                                 "segments": len(self._ssd.segments), **self._counters["ssd"]}
             tiers["objects"] = len(self._index)
@@ -897,5 +900,6 @@ def open(path: str | Path | None = None, *, dram: int | str = "1GiB", ssd: int |
     ~/.local/share/mooncakefs) with a DRAM pool of ``dram`` bytes and, if ``ssd`` is given, an SSD tier.
 
     Options: ssd_dir (default <path>/ssd), segment_size ("64MiB"), high_watermark (0.95),
-    low_watermark (0.85), promote_after (2 SSD hits)."""
+    low_watermark (0.85), promote_after (2 SSD hits), prefault (False: back the whole DRAM pool with
+    memory in a background thread now, rather than page by page on first use)."""
     return Store(path, dram=dram, ssd=ssd, **options)

@@ -151,3 +151,81 @@ def ssd_store(store_factory):
 def _isolated_default_data_dir(tmp_path, monkeypatch):
     """No test may touch the user's default data dir: point MOONCAKEFS_DATA at a tmp dir for all of them."""
     monkeypatch.setenv("MOONCAKEFS_DATA", str(tmp_path / "default-data-dir"))
+
+
+# ------------------------------------------------------------------------------------ FUSE mount fixtures
+# Used by tests/test_fuse_*.py; the machinery (FuseMount, Watchdog, ...) is in tests/fuse_helpers.py.
+
+
+@pytest.fixture
+def fuse_watchdog(request):
+    """A per-test watchdog: a test that overruns its limit gets its mount daemons SIGKILLed (blocked
+    syscalls then fail with ENOTCONN) and an error at teardown, instead of hanging the suite."""
+    import fuse_helpers
+
+    fuse_helpers.require_fuse()
+    limit = fuse_helpers.SLOW_TEST_TIMEOUT if request.node.get_closest_marker("slow") else fuse_helpers.TEST_TIMEOUT
+    dog = fuse_helpers.Watchdog(limit, request.node.nodeid)
+    yield dog
+    dog.cancel()
+    if dog.fired:
+        pytest.fail(f"watchdog: {request.node.nodeid} ran over {limit:.0f} s; the mount hung and was killed")
+
+
+@pytest.fixture
+def mount_factory(tmp_path, fuse_watchdog):
+    """``make(data="data", mnt="mnt", dram="64MiB", ssd="256MiB", chunk_size=None, extra=(), env=None,
+    start=True)``: a ``FuseMount`` under tmp_path (relative paths are taken under tmp_path), started unless
+    ``start=False``.  Every mount made here is unmounted (or its daemon killed) at teardown."""
+    import fuse_helpers
+
+    made: list = []
+
+    def make(data="data", mnt="mnt", *, start=True, **options):
+        data_path = None if data is None else (tmp_path / data if not os.path.isabs(data) else Path(data))
+        mnt_path = tmp_path / mnt if not os.path.isabs(mnt) else Path(mnt)
+        m = fuse_watchdog.watch(fuse_helpers.FuseMount(data_path, mnt_path, **options))
+        made.append(m)
+        if start:
+            m.start()
+        return m
+
+    yield make
+
+    for m in reversed(made):
+        m.stop()
+        # shown by pytest (captured stderr) only when the test fails
+        sys.stderr.write(f"\n{m.describe()}\n")
+
+
+@pytest.fixture(scope="module")
+def shared_mount(tmp_path_factory):
+    """One mount (64 MiB DRAM, 256 MiB SSD, 64 KiB chunks) shared by a test module; tests use ``fuse_dir``."""
+    import fuse_helpers
+
+    fuse_helpers.require_fuse()
+    base = tmp_path_factory.mktemp("shared-mount")
+    m = fuse_helpers.FuseMount(base / "data", base / "mnt", dram="64MiB", ssd="256MiB", chunk_size="64KiB")
+    m.start()
+    yield m
+    m.stop()
+
+
+_fuse_dir_counter = iter(range(1_000_000))
+
+
+@pytest.fixture
+def fuse_dir(request, shared_mount, fuse_watchdog):
+    """A fresh, empty directory on the module's shared mount (remounted first if an earlier test killed it)."""
+    import fuse_helpers
+
+    if not shared_mount.alive or not os.path.ismount(shared_mount.mnt):
+        shared_mount.stop()
+        shared_mount.start()
+    fuse_watchdog.watch(shared_mount)
+    shared_mount.lines.append(f"=== {request.node.nodeid}\n")  # so its log shows which test did what
+    name = "".join(c if c.isalnum() else "_" for c in request.node.name)[:100]
+    path = shared_mount.mnt / f"t{next(_fuse_dir_counter)}-{name}"
+    fuse_helpers.guarded(shared_mount, os.mkdir, path, timeout=30)
+    yield path
+    sys.stderr.write(f"\n{shared_mount.describe()}\n")  # shown by pytest only when the test fails

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyfuse3
+import trio
 
 from mooncakefs.errors import ChecksumError, KeyNotFound, OutOfSpace
 from mooncakefs.fuse.namespace import ROOT, Inode, Namespace, fail
@@ -41,6 +42,7 @@ STATS_FILE = KV_DIR + 2
 KV_FIRST = KV_DIR + 16
 RESERVED = {b".kv": KV_DIR, b".mooncakefs": CONTROL_DIR}
 DIRTY_LIMIT = 256 << 20  # unflushed bytes per file before its buffers are stored
+STORES_IN_FLIGHT = 2  # full chunks stored by worker threads while the next writes are taken
 LEASES_HELD = 64  # zero-copy replies: a view is released this many reads later, long after the reply
 
 
@@ -83,15 +85,26 @@ def unescape_kv_name(name: bytes) -> bytes:
 
 
 @dataclass
+class DirtyChunk:
+    """A chunk's write buffer.  Bytes past ``filled`` are stale (buffers are reused unzeroed): a write
+    that starts beyond it zeroes the gap first, and nothing past it is ever read or stored."""
+
+    buf: bytearray
+    filled: int
+
+
+@dataclass
 class OpenInode:
     """What an open regular file has that its namespace row does not yet: buffered chunks, its
     current size, and chunks stored since the last fsync."""
 
     size: int
     opens: int = 0
-    dirty: dict[int, bytearray] = field(default_factory=dict)
+    dirty: dict[int, DirtyChunk] = field(default_factory=dict)
     unsynced: set[int] = field(default_factory=set)
     mtime: int | None = None  # of the last write not yet recorded in the namespace
+    storing: dict[int, tuple[DirtyChunk, trio.Event]] = field(default_factory=dict)  # chunks in flight
+    error: Exception | None = None  # a background store failed: reported by the next write or flush
 
 
 def _handler(method: Any) -> Any:
@@ -139,6 +152,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         self.next_fh = 1
         self.leases: collections.deque[ValueView] = collections.deque()
         self.spare_buffers: list[bytearray] = []
+        self.nursery: trio.Nursery | None = None  # set by the mount: where background stores run
+        self.store_slots = trio.Semaphore(STORES_IN_FLIGHT)
         self.changed_since_open: set[int] = set()
         self.lookups: collections.Counter[int] = collections.Counter()  # the kernel's references
         self.kv_inodes: dict[bytes, int] = {}
@@ -157,7 +172,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
     def shutdown(self) -> None:
         """Store every buffered write and make all file data durable (a clean unmount)."""
         for ino in list(self.files):
-            self._flush(ino)
+            self._commit_file(ino)
         self._release_leases(0)
         self.store.persist()
         self.ns.sync()
@@ -224,7 +239,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._writable(inode)
         if inode in self.files:  # record buffered writes first: what is set here outranks them
-            self._flush(inode)
+            await self._flush(inode)
         node = self.ns.inode(inode)
         now = time.time_ns()
         if fields.update_size:
@@ -391,12 +406,13 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         tiers = self.store.stats()
-        tier = tiers.get("ssd", tiers["dram"])
+        tier = tiers.get("ssd", tiers["dram"])  # where file data must fit
+        used = tier.get("live", tier["used"])  # garbage in SSD segments is free space on demand
         inodes, _ = self.ns.counts()
         out = pyfuse3.StatvfsData()
         out.f_bsize = out.f_frsize = 4096
         out.f_blocks = tier["capacity"] // 4096
-        out.f_bfree = out.f_bavail = max(tier["capacity"] - tier["used"], 0) // 4096
+        out.f_bfree = out.f_bavail = max(tier["capacity"] - used, 0) // 4096
         out.f_files = 1 << 32
         out.f_ffree = out.f_favail = (1 << 32) - inodes
         out.f_namemax = NAME_MAX
@@ -412,7 +428,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         self.ns.setxattr(inode, name, value)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        value = self.ns.getxattr(inode, name) if inode < KV_DIR else None
+        # ls -l asks every file for security.selinux: answer without touching the namespace.
+        value = self.ns.getxattr(inode, name) if inode < KV_DIR and name.startswith(b"user.") else None
         if value is None:
             raise fail(pyfuse3.ENOATTR)
         return value
@@ -467,6 +484,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         node = self.ns.inode(inode)
         if node.is_dir:
             raise fail(errno.EISDIR)
+        if flags & os.O_TRUNC and inode in self.files:
+            await self._drain(self.files[inode])
         return self._open_file(node, flags)
 
     def _open_file(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
@@ -510,9 +529,12 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
     def _chunk_slice(self, ino: int, state: OpenInode, idx: int, within: int, n: int) -> Any:
         """``n`` bytes of chunk ``idx`` from ``within``: from its write buffer, from the pool without a
         copy, or zeros for a hole."""
-        buf = state.dirty.get(idx)
-        if buf is not None:
-            return memoryview(buf)[within : within + n]
+        dirty = state.dirty.get(idx) or (state.storing[idx][0] if idx in state.storing else None)
+        if dirty is not None:
+            have = max(min(dirty.filled - within, n), 0)
+            if have == n:
+                return memoryview(dirty.buf)[within : within + n]
+            return bytes(memoryview(dirty.buf)[within : within + have]) + bytes(n - have)
         view = ValueView(self.store, chunk_key(ino, idx))
         try:
             mv = view.__enter__()
@@ -549,6 +571,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         ino, _ = self.handles[fh]
         self._writable(ino)
         state = self.files[ino]
+        self._raise_stored_error(state)
         cs = self.chunk_size
         end = off + len(buf)
         src = memoryview(buf)
@@ -556,51 +579,112 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         while pos < end:
             idx, within = divmod(pos, cs)
             n = min(end - pos, cs - within)
+            if idx in state.storing:  # rewriting a chunk on its way to the store: let it land first
+                await state.storing[idx][1].wait()
             chunk = self._dirty_chunk(ino, state, idx)
-            chunk[within : within + n] = src[pos - off : pos - off + n]
+            if within > chunk.filled:
+                chunk.buf[chunk.filled : within] = self.zeros[: within - chunk.filled]
+            chunk.buf[within : within + n] = src[pos - off : pos - off + n]
+            chunk.filled = max(chunk.filled, within + n)
             pos += n
             if end > state.size:
                 state.size = end
-            if within + n == cs:  # the chunk is complete: store it now, keeping memory bounded
-                self._store_chunk(ino, state, idx)
+            if within + n == cs:  # the chunk is complete: store it, keeping memory bounded
+                await self._store_behind(ino, state, idx)
         state.mtime = time.time_ns()
         self.changed_since_open.add(ino)
         if len(state.dirty) * cs > DIRTY_LIMIT:
             self._store_chunks(ino, state)
         return len(buf)
 
-    def _dirty_chunk(self, ino: int, state: OpenInode, idx: int) -> bytearray:
-        """The write buffer of chunk ``idx``, holding what the chunk holds now (zeros past its end)."""
+    async def _store_behind(self, ino: int, state: OpenInode, idx: int) -> None:
+        """Store a full chunk on a worker thread while this write is answered and the next one taken
+        (a sequential writer sends one write at a time).  Flushes wait for it; reads see its buffer,
+        and writes to it wait until it has landed."""
+        chunk = state.dirty.pop(idx, None)
+        if chunk is None:  # another writer completed it first
+            return
+        if self.nursery is None:  # not serving (tests driving the class directly): store inline
+            state.dirty[idx] = chunk
+            self._store_chunk(ino, state, idx)
+            return
+        landed = trio.Event()
+        state.storing[idx] = (chunk, landed)  # before any await: no other request may take it
+        try:
+            await self.store_slots.acquire()  # backpressure: at most STORES_IN_FLIGHT chunks in flight
+        except BaseException:
+            del state.storing[idx]
+            state.dirty[idx] = chunk
+            landed.set()
+            raise
+        self.nursery.start_soon(self._store_task, ino, state, idx, chunk, landed)
+
+    async def _store_task(self, ino: int, state: OpenInode, idx: int, chunk: DirtyChunk, landed: trio.Event) -> None:
+        try:
+            data = memoryview(chunk.buf)[: chunk.filled]
+            await trio.to_thread.run_sync(self.store.put, chunk_key(ino, idx), data)
+            self.ns.add_chunks(ino, [idx])
+            state.unsynced.add(idx)
+            self.spare_buffers.append(chunk.buf)
+        except Exception as exc:  # keep the bytes: the next flush retries, and reports the error
+            log.warning("inode %d: storing chunk %d failed: %s", ino, idx, exc)
+            state.error = exc
+            state.dirty.setdefault(idx, chunk)
+        finally:
+            del state.storing[idx]
+            landed.set()
+            self.store_slots.release()
+
+    @staticmethod
+    async def _drain(state: OpenInode) -> None:
+        """Wait until none of a file's chunks are in flight."""
+        while state.storing:
+            await next(iter(state.storing.values()))[1].wait()
+
+    @staticmethod
+    def _raise_stored_error(state: OpenInode) -> None:
+        if state.error is not None:
+            exc, state.error = state.error, None
+            raise exc
+
+    def _dirty_chunk(self, ino: int, state: OpenInode, idx: int) -> DirtyChunk:
+        """The write buffer of chunk ``idx``, filled with what the chunk holds now."""
         chunk = state.dirty.get(idx)
         if chunk is not None:
             return chunk
-        chunk = self.spare_buffers.pop() if self.spare_buffers else bytearray(self.chunk_size)
+        buf = self.spare_buffers.pop() if self.spare_buffers else bytearray(self.chunk_size)
+        filled = 0
         if idx * self.chunk_size < state.size and self.ns.has_chunk(ino, idx):
-            n = self.store.get_into(chunk_key(ino, idx), chunk)
-            chunk[n:] = self.zeros[: self.chunk_size - n]
-        else:
-            chunk[:] = self.zeros
-        state.dirty[idx] = chunk
+            filled = self.store.get_into(chunk_key(ino, idx), buf)
+        chunk = state.dirty[idx] = DirtyChunk(buf, filled)
         return chunk
 
     def _store_chunk(self, ino: int, state: OpenInode, idx: int, durable: bool = False) -> None:
         chunk = state.dirty[idx]
         n = min(self.chunk_size, state.size - idx * self.chunk_size)
         if n > 0:
-            self.store.put(chunk_key(ino, idx), memoryview(chunk)[:n], durable=durable)
+            if n > chunk.filled:  # the file was extended past what was written: zeros
+                chunk.buf[chunk.filled : n] = self.zeros[: n - chunk.filled]
+            self.store.put(chunk_key(ino, idx), memoryview(chunk.buf)[:n], durable=durable)
             self.ns.add_chunks(ino, [idx])
             if not durable:
                 state.unsynced.add(idx)
         del state.dirty[idx]
-        self.spare_buffers.append(chunk)
+        self.spare_buffers.append(chunk.buf)
 
     def _store_chunks(self, ino: int, state: OpenInode, durable: bool = False) -> None:
         for idx in sorted(state.dirty):
             self._store_chunk(ino, state, idx, durable)
 
-    def _flush(self, ino: int, durable: bool = False) -> None:
+    async def _flush(self, ino: int, durable: bool = False) -> None:
         """Store an open file's buffered chunks and its size and times (close-to-open consistency);
-        with ``durable``, make all of its data survive power loss."""
+        with ``durable``, make all of its data survive power loss.  Reports a failed background store."""
+        state = self.files[ino]
+        await self._drain(state)
+        state.error = None  # its chunk is back among the dirty ones: committing retries it
+        self._commit_file(ino, durable)
+
+    def _commit_file(self, ino: int, durable: bool = False) -> None:
         state = self.files[ino]
         self._store_chunks(ino, state, durable)
         if durable and state.unsynced:
@@ -616,19 +700,20 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             self.ns.sync()
 
     def _truncate(self, node: Inode, size: int) -> None:
-        """Cut or extend a file to ``size``: chunks past the end go, the last one is trimmed."""
+        """Cut or extend a file to ``size``: chunks past the end go, the last one is trimmed.  The
+        caller has drained the file's in-flight chunks."""
         cs = self.chunk_size
         state = self.files.get(node.ino)
         keep = -(-size // cs)  # chunks that still hold data
         for idx in [i for i in (state.dirty if state else {}) if i >= keep]:
-            self.spare_buffers.append(state.dirty.pop(idx))  # type: ignore[union-attr]
+            self.spare_buffers.append(state.dirty.pop(idx).buf)  # type: ignore[union-attr]
         for idx in self.ns.drop_chunks_from(node.ino, keep):
             self.store.remove(chunk_key(node.ino, idx))
         tail = size % cs
         if tail and size < (state.size if state else node.size):
             last = size // cs
             if state is not None and last in state.dirty:
-                state.dirty[last][tail:] = self.zeros[: cs - tail]
+                state.dirty[last].filled = min(state.dirty[last].filled, tail)
             elif self.ns.has_chunk(node.ino, last):
                 key = chunk_key(node.ino, last)
                 data = self.store.get(key)
@@ -642,12 +727,12 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
     async def flush(self, fh: int) -> None:
         ino, _ = self.handles[fh]
         if ino in self.files:
-            self._flush(ino)
+            await self._flush(ino)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         ino, _ = self.handles[fh]
         if ino in self.files:
-            self._flush(ino, durable=True)
+            await self._flush(ino, durable=True)
 
     async def release(self, fh: int) -> None:
         ino, _ = self.handles.pop(fh)
@@ -658,7 +743,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         if state.opens:
             return
         try:
-            self._flush(ino)
+            await self._flush(ino)
         finally:
             del self.files[ino]
             node = self.ns.get(ino)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import threading
 
 from mooncakefs import _engine
 
@@ -19,7 +20,7 @@ class DramTier:
 
     name = "dram"
 
-    def __init__(self, capacity: int, *, label: str = "mooncakefs-dram") -> None:
+    def __init__(self, capacity: int, *, label: str = "mooncakefs-dram", prefault: bool = False) -> None:
         if capacity < _engine.ALLOC_UNIT:
             raise ValueError(f"dram must be at least {_engine.ALLOC_UNIT} bytes, got {capacity}")
         self.fd = os.memfd_create(label, os.MFD_CLOEXEC)
@@ -31,6 +32,10 @@ class DramTier:
             raise
         self.view = memoryview(self.map)
         self.arena = _engine.Arena(self.map)
+        self._prefaulter = None
+        if prefault:  # back the pool with memory now, off the request path
+            self._prefaulter = threading.Thread(target=self.arena.prefault, name="mooncakefs-prefault", daemon=True)
+            self._prefaulter.start()
         self.allocator = _engine.OffsetAllocator(capacity)
         self.capacity = self.allocator.capacity
         # (handle, byte offset) of a block for n bytes, or (-1, -1) when none is free; and its inverse.
@@ -46,7 +51,9 @@ class DramTier:
 
     def close(self) -> None:
         """Unmap the pool.  Views a caller still holds keep the mapping alive until they go away."""
-        self.arena.release()
+        self.arena.release()  # also tells the prefault thread to stop after its current step
+        if self._prefaulter is not None:
+            self._prefaulter.join()
         self.view.release()
         with contextlib.suppress(BufferError):  # a caller still holds a view: the map goes with the last one
             self.map.close()

@@ -135,6 +135,11 @@ class SsdTier:
 
     # -- writing ---------------------------------------------------------------------------------------
 
+    @property
+    def live(self) -> int:
+        """Bytes of values still indexed (``used`` also counts garbage not yet reclaimed)."""
+        return sum(seg.live for seg in self.segments.values())
+
     def fits(self, size: int) -> bool:
         return self.used + aligned(size) <= self.capacity
 
@@ -175,7 +180,7 @@ class SsdTier:
         seg.live -= aligned(size)
         self._begin()
         self.db.execute("DELETE FROM objects WHERE key = ? AND seg = ? AND off = ?", (key, seg_id, off))
-        if seg.live == 0 and seg is not self.active:
+        if seg.live == 0:  # nothing left in it (the active one too: the next value starts a new one)
             self._delete(seg)
 
     def _begin(self) -> None:
