@@ -16,7 +16,6 @@ import shutil
 import stat
 import tempfile
 
-import pytest
 from conftest import rand_bytes
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -174,22 +173,9 @@ class FsMachine(RuleBasedStateMachine):
         )
 
 
-@pytest.fixture(scope="module")
-def stateful_mount(tmp_path_factory):
-    import fuse_helpers
-
-    fuse_helpers.require_fuse()
-    base = tmp_path_factory.mktemp("stateful-mount")
-    m = fuse_helpers.FuseMount(base / "data", base / "mnt", dram="64MiB", ssd="256MiB", chunk_size="64KiB")
-    m.start()
-    yield m
-    m.stop()
-
-
-@pytest.mark.slow
-def test_mount_matches_local_filesystem(stateful_mount, fuse_watchdog, tmp_path):
-    fuse_watchdog.watch(stateful_mount)
-    FsMachine.MOUNT = str(stateful_mount.mnt)
+def test_mount_matches_local_filesystem(shared_mount, fuse_watchdog, tmp_path):
+    fuse_watchdog.watch(shared_mount)
+    FsMachine.MOUNT = str(shared_mount.mnt)
     FsMachine.LOCAL = tempfile.mkdtemp(dir=tmp_path)
     FsMachine.tally.clear()
     run_state_machine_as_test(
