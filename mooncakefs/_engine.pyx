@@ -94,6 +94,15 @@ def nbytes(obj) -> int:
     return n
 
 
+def address(obj) -> int:
+    """Memory address of a buffer's first byte (to check alignment for O_DIRECT I/O)."""
+    cdef Py_buffer view
+    _get_read(obj, &view, "buffer")
+    cdef size_t addr = <size_t>view.buf
+    PyBuffer_Release(&view)
+    return addr
+
+
 def copy(dst, src) -> int:
     """Copy the bytes of ``src`` into the start of ``dst``; returns the number of bytes copied."""
     cdef Py_buffer s, d

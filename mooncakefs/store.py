@@ -308,7 +308,7 @@ class Store:
                 if self._closed:
                     raise StoreClosed(f"store {self.path} was closed during put({key!r:.80})")
         with self._lock:
-            self._publish(raw, key, entry, if_absent, durable)
+            self._publish(raw, key, entry, if_absent, durable, value)
 
     def _prepare_put(self, key: Key, value: Any, pin: bool, ttl: float | None, durable: bool
                      ) -> tuple[bytes, Entry]:
@@ -346,11 +346,13 @@ class Store:
         except BaseException:
             self._dram.free(entry.dram)
             raise
-        self._publish(raw, key, entry, if_absent, durable)
+        self._publish(raw, key, entry, if_absent, durable, value)
         return True
 
-    def _publish(self, raw: bytes, key: Key, entry: Entry, if_absent: bool, durable: bool) -> None:
-        """Make a filled entry the key's value (lock held)."""
+    def _publish(self, raw: bytes, key: Key, entry: Entry, if_absent: bool, durable: bool, value: Any) -> None:
+        """Make a filled entry the key's value (lock held).  ``value`` is what it was filled from: an SSD
+        copy is written from there (the caller's buffer may be aligned for O_DIRECT; the pool block
+        need not be)."""
         if self._closed:
             raise StoreClosed(f"store {self.path} is closed")
         if if_absent and self._lookup(raw) is not None:
@@ -358,7 +360,7 @@ class Store:
             raise KeyExists(key)
         if durable or (entry.sticky and self._ssd is not None):
             try:
-                self._write_to_ssd(raw, entry, self._dram_bytes(entry))
+                self._write_to_ssd(raw, entry, memoryview(value).cast("B"))
             except BaseException:
                 self._dram.free(entry.dram)
                 raise

@@ -19,6 +19,7 @@ import hashlib
 import inspect
 import json
 import logging
+import mmap
 import os
 import stat
 import time
@@ -89,7 +90,7 @@ class DirtyChunk:
     """A chunk's write buffer.  Bytes past ``filled`` are stale (buffers are reused unzeroed): a write
     that starts beyond it zeroes the gap first, and nothing past it is ever read or stored."""
 
-    buf: bytearray
+    buf: mmap.mmap
     filled: int
 
 
@@ -151,7 +152,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         self.handles: dict[int, tuple[int, Any]] = {}  # fh -> (inode, per-handle data)
         self.next_fh = 1
         self.leases: collections.deque[ValueView] = collections.deque()
-        self.spare_buffers: list[bytearray] = []
+        self.spare_buffers: list[mmap.mmap] = []
         self.nursery: trio.Nursery | None = None  # set by the mount: where background stores run
         self.store_slots = trio.Semaphore(STORES_IN_FLIGHT)
         self.changed_since_open: set[int] = set()
@@ -652,7 +653,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         chunk = state.dirty.get(idx)
         if chunk is not None:
             return chunk
-        buf = self.spare_buffers.pop() if self.spare_buffers else bytearray(self.chunk_size)
+        # Page-aligned (mmap) buffers: the store can write them through to SSD with O_DIRECT.
+        buf = self.spare_buffers.pop() if self.spare_buffers else mmap.mmap(-1, self.chunk_size)
         filled = 0
         if idx * self.chunk_size < state.size and self.ns.has_chunk(ino, idx):
             filled = self.store.get_into(chunk_key(ino, idx), buf)

@@ -21,7 +21,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mooncakefs import _engine
+
 ALIGN = 512
+DIRECT_ALIGN = 4096  # O_DIRECT needs page-aligned memory, offsets and lengths
+DIRECT_MIN = 1 << 20  # below this the page cache is cheaper than a device round trip
 _SEGMENT_FILE = re.compile(r"^seg-(\d{8})\.dat$")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -45,6 +49,12 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _close(seg: Segment) -> None:
+    os.close(seg.fd)
+    if seg.direct_fd >= 0:
+        os.close(seg.direct_fd)
+
+
 def aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN if n else ALIGN
 
@@ -59,6 +69,7 @@ class Segment:
     readers: int = 0    # reads in flight: the fd stays open until they finish
     doomed: bool = False
     dir_synced: bool = False  # its directory entry is known to be on disk
+    direct_fd: int = -1  # an O_DIRECT descriptor for large aligned appends (-1: none yet, -2: refused)
 
 
 PINNED, STICKY = 1, 2  # bits of the index's flags column
@@ -145,15 +156,24 @@ class SsdTier:
 
     def append(self, key: bytes, data: memoryview, crc: int, expires: float, flags: int) -> tuple[int, int]:
         """Write one value and index it (uncommitted); returns (segment id, offset).  The caller checked
-        ``fits``.  A value larger than a segment gets a segment of its own."""
+        ``fits``.  A value larger than a segment gets a segment of its own.  Large page-aligned values
+        bypass the page cache (O_DIRECT): filling fresh page-cache pages is slow, and they would only
+        push out what readers use."""
         size = data.nbytes
         seg = self.active
-        if seg is None or (seg.size and seg.size + size > self.segment_size):
+        if seg is None or (seg.size and seg.size + size + DIRECT_ALIGN > self.segment_size):
             seg = self._new_segment()
+        fd = self._direct_fd(seg, data)
+        if fd >= 0:
+            gap = -seg.size % DIRECT_ALIGN
+            seg.size += gap  # padding: garbage, like the end of any record
+            self.used += gap
+        else:
+            fd = seg.fd
         off = seg.size
         written = 0
         while written < size:
-            written += os.pwrite(seg.fd, data[written:], off + written)
+            written += os.pwrite(fd, data[written:], off + written)
         seg.size += aligned(size)
         seg.live += aligned(size)
         self.used += aligned(size)
@@ -164,6 +184,20 @@ class SsdTier:
             (key, seg.id, off, size, crc, expires, flags),
         )
         return seg.id, off
+
+    @staticmethod
+    def _direct_fd(seg: Segment, data: memoryview) -> int:
+        """The segment's O_DIRECT descriptor if ``data`` can be written through it, else -1."""
+        size = data.nbytes
+        if size < DIRECT_MIN or size % DIRECT_ALIGN or _engine.address(data) % DIRECT_ALIGN or seg.direct_fd == -2:
+            return -1
+        if seg.direct_fd == -1:
+            try:
+                seg.direct_fd = os.open(seg.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError:  # a filesystem without O_DIRECT: use the page cache
+                seg.direct_fd = -2
+                return -1
+        return seg.direct_fd
 
     def _new_segment(self) -> Segment:
         seg_id = self._next_id
@@ -217,7 +251,7 @@ class SsdTier:
     def unpin(self, seg: Segment) -> None:
         seg.readers -= 1
         if seg.doomed and seg.readers == 0:
-            os.close(seg.fd)
+            _close(seg)
 
     @staticmethod
     def read_into(seg: Segment, off: int, size: int, dst: memoryview) -> None:
@@ -268,7 +302,7 @@ class SsdTier:
         if seg.readers:
             seg.doomed = True
         else:
-            os.close(seg.fd)
+            _close(seg)
 
     def segment_files(self) -> Iterator[Path]:
         return (seg.path for seg in self.segments.values())
@@ -278,7 +312,7 @@ class SsdTier:
         self.db.close()
         for seg in self.segments.values():
             if not seg.readers:
-                os.close(seg.fd)
+                _close(seg)
             else:
                 seg.doomed = True
         self.segments.clear()
