@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -697,3 +698,26 @@ def test_prefixes_with_special_bytes(tmp_path, where):
         assert store.get(b"pre\x00fix") == b"v:pre\x00fix"
     finally:
         store.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_disk_under_the_ssd_tier_is_out_of_space(tmp_path):
+    """The tier thinks it has room but its disk does not: puts fail with OutOfSpace, nothing is lost."""
+    import subprocess
+
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], check=True)
+    try:
+        with mooncakefs.open(tmp_path / "data", dram="8MiB", ssd="64MiB", ssd_dir=disk, segment_size="1MiB") as store:
+            stored = {}
+            with pytest.raises(mooncakefs.OutOfSpace, match="disk under the SSD tier"):
+                for i in range(16):
+                    value = bytes([i]) * (512 << 10)
+                    store.put(f"k{i}", value, durable=True)
+                    stored[f"k{i}"] = value
+            assert len(stored) >= 3
+            for key, value in stored.items():
+                assert store.get(key) == value
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -14,6 +14,7 @@ readers pin a segment so its file descriptor outlives a concurrent delete.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sqlite3
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mooncakefs import _engine
+from mooncakefs.errors import OutOfSpace
 
 ALIGN = 512
 DIRECT_ALIGN = 4096  # O_DIRECT needs page-aligned memory, offsets and lengths
@@ -172,8 +174,13 @@ class SsdTier:
             fd = seg.fd
         off = seg.size
         written = 0
-        while written < size:
-            written += os.pwrite(fd, data[written:], off + written)
+        try:
+            while written < size:
+                written += os.pwrite(fd, data[written:], off + written)
+        except OSError as exc:  # nothing was indexed: the bytes written so far are garbage to overwrite
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpace(f"the disk under the SSD tier ({self.dir}) is full: {exc.strerror}") from None
+            raise
         seg.size += aligned(size)
         seg.live += aligned(size)
         self.used += aligned(size)
