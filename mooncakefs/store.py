@@ -172,9 +172,10 @@ class Store:
         self.path = Path(path if path is not None else default_path()).expanduser().resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         self._datadir_lock = DataDirLock(self.path)
+        self._dram: DramTier | None = None
+        self._ssd: SsdTier | None = None
         try:
             self._dram = DramTier(dram_bytes, label=f"mooncakefs:{self.path}", prefault=prefault)
-            self._ssd = None
             if ssd_bytes:
                 self._ssd = SsdTier(
                     Path(ssd_dir) if ssd_dir else self.path / "ssd",
@@ -182,11 +183,17 @@ class Store:
                     segment_size=parse_size(segment_size, what="segment_size"),
                     index_path=self.path / "index.sqlite",
                 )
-        except BaseException:
-            self._datadir_lock.release()
-            if getattr(self, "_dram", None):
+            self._init_state(high_watermark, low_watermark, promote_after)
+        except BaseException:  # leave nothing held: the data dir must open again
+            if self._ssd is not None:
+                self._ssd.close()
+            if self._dram is not None:
                 self._dram.close()
+            self._datadir_lock.release()
             raise
+
+    def _init_state(self, high_watermark: float, low_watermark: float, promote_after: int) -> None:
+        """The index and policy state, with whatever the SSD tier already holds."""
         self._high = int(self._dram.capacity * high_watermark)
         self._low = int(self._dram.capacity * low_watermark)
         self._promote_after = promote_after

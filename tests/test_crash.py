@@ -544,3 +544,16 @@ else:
     assert all(o[0] in ("OPENED", "LOCKED") for o in outputs), outputs
     for (_, end1), (start2, _) in itertools.pairwise(held):
         assert end1 <= start2, f"two processes held the data dir at once: {held}"
+
+
+def test_unreadable_ssd_index_is_a_clear_error_and_leaves_the_dir_usable(tmp_path):
+    with mooncakefs.open(tmp_path, dram="16MiB", ssd="64MiB") as store:
+        store.put("k", b"v", durable=True)
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"index.sqlite{suffix}").unlink(missing_ok=True)
+    (tmp_path / "index.sqlite").write_bytes(b"not a database" * 512)
+    for _ in range(2):  # a failed open must not leave the data dir locked
+        with pytest.raises(mooncakefs.MooncakeError, match=r"index\.sqlite is unreadable"):
+            mooncakefs.open(tmp_path, dram="16MiB", ssd="64MiB")
+    with mooncakefs.open(tmp_path, dram="16MiB") as store:  # without the SSD tier it opens
+        store.put("k", b"fresh")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mooncakefs import _engine
-from mooncakefs.errors import OutOfSpace
+from mooncakefs.errors import MooncakeError, OutOfSpace
 
 ALIGN = 512
 DIRECT_ALIGN = 4096  # O_DIRECT needs page-aligned memory, offsets and lengths
@@ -107,9 +107,16 @@ class SsdTier:
         self.used = 0
         self._dirty = False
         self.db = sqlite3.connect(index_path, check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise MooncakeError(
+                f"the SSD tier's index {index_path} is unreadable ({exc}); the segments in {self.dir} cannot be "
+                "used without it: move both aside to start with an empty SSD tier"
+            ) from None
         self._next_id = 1
         self._wal_path = Path(f"{index_path}-wal")
 
