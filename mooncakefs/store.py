@@ -400,12 +400,11 @@ class Store:
                 f"({format_size(self._dram.used)} of {format_size(self._dram.capacity)} used by pinned or "
                 f"in-use objects{'' if self._ssd else ', and there is no SSD tier'})"
             )
+        self._write_to_ssd(raw, entry, memoryview(value).cast("B"))  # OutOfSpace leaves the old value
         old = self._index.get(raw)
-        if old is not None:  # the old value's space may be what this one needs
-            del self._index[raw]
+        if old is not None:
             self._lru.pop(raw, None)
             self._discard(raw, old)
-        self._write_to_ssd(raw, entry, memoryview(value).cast("B"))
         self._index[raw] = entry
         if entry.expires:
             heapq.heappush(self._expiring, (entry.expires, next(self._tiebreak), raw, entry))

@@ -721,3 +721,12 @@ def test_full_disk_under_the_ssd_tier_is_out_of_space(tmp_path):
                 assert store.get(key) == value
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_failed_overwrite_straight_to_ssd_keeps_the_old_value(tmp_path):
+    """A value too big for DRAM goes to SSD; if SSD has no room either, the key keeps its old value."""
+    with mooncakefs.open(tmp_path, dram="4MiB", ssd="8MiB", segment_size="1MiB") as store:
+        store.put("k", b"old value", durable=True)
+        with pytest.raises(mooncakefs.OutOfSpace):
+            store.put("k", bytes(12 * MiB))  # larger than DRAM and than the SSD tier
+        assert store.get("k") == b"old value"
