@@ -112,7 +112,7 @@ async def _serve_until_unmounted(fs: MooncakeFS) -> bool:
     """Serve requests; returns True if a signal (rather than an unmount) ended it."""
     signalled = False
 
-    async def watch_signals(cancel: trio.CancelScope) -> None:
+    async def watch_signals() -> None:
         nonlocal signalled
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
@@ -122,7 +122,7 @@ async def _serve_until_unmounted(fs: MooncakeFS) -> bool:
                 return
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_signals, nursery.cancel_scope)
+        nursery.start_soon(watch_signals)
         async with trio.open_nursery() as stores:  # background chunk stores: they finish before we exit
             fs.nursery = stores
             await pyfuse3.main()
