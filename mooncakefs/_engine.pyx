@@ -345,18 +345,10 @@ cdef class OffsetAllocator:
         """Byte offset of an allocated block in the pool."""
         return <size_t>self.n_off[handle] * UNIT
 
-    def block_size(self, long long handle) -> int:
-        """Bytes reserved for a block (the request rounded up to the unit)."""
-        return <size_t>self.n_size[handle] * UNIT
-
     @property
     def used(self) -> int:
         """Bytes handed out (each request rounded up to 64 bytes)."""
         return self.used_units * UNIT
-
-    @property
-    def free_bytes(self) -> int:
-        return (self.units - self.used_units) * UNIT
 
 
 cdef void *_grow(void *p, size_t n) except NULL:

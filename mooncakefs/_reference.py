@@ -182,16 +182,9 @@ class OffsetAllocator:
     def offset(self, handle: int) -> int:
         return self.off[handle] * ALLOC_UNIT
 
-    def block_size(self, handle: int) -> int:
-        return self.size[handle] * ALLOC_UNIT
-
     @property
     def used(self) -> int:
         return self.used_units * ALLOC_UNIT
-
-    @property
-    def free_bytes(self) -> int:
-        return (self.units - self.used_units) * ALLOC_UNIT
 
 
 class Arena:

@@ -536,7 +536,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             if have == n:
                 return memoryview(dirty.buf)[within : within + n]
             return bytes(memoryview(dirty.buf)[within : within + have]) + bytes(n - have)
-        view = ValueView(self.store, chunk_key(ino, idx))
+        view = self.store.view(chunk_key(ino, idx))
         try:
             mv = view.__enter__()
         except KeyNotFound:
@@ -551,7 +551,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         return bytes(mv[within : within + have]) + bytes(n - have)  # a chunk shorter than the file here
 
     def _read_kv(self, key: bytes, off: int, size: int) -> Any:
-        view = ValueView(self.store, key)
+        view = self.store.view(key)
         try:
             mv = view.__enter__()
         except KeyNotFound:

@@ -18,7 +18,6 @@ import errno
 import os
 import re
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -317,9 +316,6 @@ class SsdTier:
             seg.doomed = True
         else:
             _close(seg)
-
-    def segment_files(self) -> Iterator[Path]:
-        return (seg.path for seg in self.segments.values())
 
     def close(self) -> None:
         self.commit()
