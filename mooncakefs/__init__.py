@@ -6,6 +6,7 @@
         n = store.get_into("model/layer0/blk-17", out)
 """
 
+from mooncakefs.client import RemoteStore, connect
 from mooncakefs.errors import (
     BufferTooSmall,
     ChecksumError,
@@ -16,6 +17,7 @@ from mooncakefs.errors import (
     OutOfSpace,
     StoreClosed,
     StoreLocked,
+    Unavailable,
 )
 from mooncakefs.store import ObjectInfo, Store, open
 
@@ -30,9 +32,12 @@ __all__ = [
     "MooncakeError",
     "ObjectInfo",
     "OutOfSpace",
+    "RemoteStore",
     "Store",
     "StoreClosed",
     "StoreLocked",
+    "Unavailable",
     "__version__",
+    "connect",
     "open",
 ]

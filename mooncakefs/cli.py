@@ -8,6 +8,7 @@ import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import click
 
 import mooncakefs
-from mooncakefs.units import format_size, parse_size
+from mooncakefs.units import format_size, parse_size, parse_ssd
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "synthetic_trace.jsonl"
 
@@ -156,7 +157,7 @@ def mount(mountpoint: Path, data: Path | None, dram: int, ssd: str, chunk_size: 
     from mooncakefs.fuse import mount as fuse_mount
 
     try:
-        fuse_mount.parse_ssd(ssd)
+        parse_ssd(ssd)
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="--ssd") from None
     if background:
@@ -181,6 +182,90 @@ def mount(mountpoint: Path, data: Path | None, dram: int, ssd: str, chunk_size: 
                          allow_other=allow_other, announce=announce)
     except mooncakefs.MooncakeError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _address(text: str, what: str) -> tuple[str, int] | None:
+    """HOST:PORT (IPv6 as [::1]:PORT), or None for "none"/"off"."""
+    if text.lower() in ("none", "off", ""):
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter(f"expected HOST:PORT or 'none', got {text!r}", param_hint=what)
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@main.command()
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path),
+              help="Data dir (default: $MOONCAKEFS_DATA or ~/.local/share/mooncakefs).")
+@click.option("--dram", default="1GiB", show_default=True, callback=_size, help="DRAM pool size.")
+@click.option("--ssd", default="0", show_default=True,
+              help="SSD tier: SIZE in the data dir, or PATH:SIZE elsewhere; 0 for none.")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Unix socket for clients on this host [default: $MOONCAKEFS_SOCKET, "
+                   "/run/mooncakefs/node.sock as root, else $XDG_RUNTIME_DIR/mooncakefs/node.sock].")
+@click.option("--socket-mode", default="0600", show_default=True,
+              help="Permissions of the Unix socket (0660 with --socket-group to share it with a group).")
+@click.option("--socket-group", default=None, help="Group owning the Unix socket.")
+@click.option("--listen", default="127.0.0.1:7480", show_default=True,
+              help="TCP address for clients on other hosts, or 'none'.  Listening beyond loopback "
+                   "without --secret-file is refused.")
+@click.option("--secret-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="File holding the cluster secret TCP clients must prove they know [default: $MOONCAKEFS_SECRET].")
+@click.option("--metrics", default="127.0.0.1:7481", show_default=True,
+              help="Address of the Prometheus /metrics endpoint, or 'none'.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--prefault/--no-prefault", default=True, show_default=True,
+              help="Back the whole DRAM pool with memory at start (in the background).")
+def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socket_mode: str,
+         socket_group: str | None, listen: str, secret_file: Path | None, metrics: str, log_format: str,
+         prefault: bool) -> None:
+    """Run the node daemon: own this host's DRAM and SSD pools and serve them to every process.
+
+    Clients on this host connect with mooncakefs.connect("unix://SOCKET") and move data by memcpy
+    through the shared pool; others with mooncakefs.connect("tcp://HOST:PORT").  Stops cleanly on
+    SIGTERM or SIGINT: puts acknowledged as durable are on disk, unfinished ones are discarded."""
+    import logging
+    import signal
+
+    from mooncakefs.client import default_socket
+    from mooncakefs.node import Node
+    from mooncakefs.node.metrics import JsonFormatter, serve_metrics
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    try:
+        ssd_size, ssd_dir = parse_ssd(ssd)
+        mode = int(socket_mode, 8)
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc)) from None
+    tcp = _address(listen, "--listen")
+    metrics_at = _address(metrics, "--metrics")
+    secret = secret_file.read_bytes().strip() if secret_file else os.environ.get("MOONCAKEFS_SECRET", "").encode()
+    if tcp and tcp[0] not in ("127.0.0.1", "::1", "localhost") and not secret:
+        raise click.UsageError(f"--listen {listen} reaches beyond this host: give the node a --secret-file "
+                               "(or MOONCAKEFS_SECRET) so only cluster members get in")
+    try:
+        store = mooncakefs.open(data, dram=dram, ssd=ssd_size, ssd_dir=ssd_dir, prefault=prefault)
+    except mooncakefs.MooncakeError as exc:
+        raise click.ClickException(str(exc)) from None
+    server = Node(store, unix_path=socket_path or default_socket(), tcp=tcp, secret=secret or None,
+                  socket_mode=mode, socket_group=socket_group)
+    try:
+        server.start()
+        if metrics_at:
+            host, port = serve_metrics(server, *metrics_at)
+            logging.getLogger("mooncakefs.node").info("metrics", extra={"http": f"{host}:{port}"})
+    except (OSError, mooncakefs.MooncakeError) as exc:
+        server.stop()
+        raise click.ClickException(str(exc)) from None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: threading.Thread(target=server.stop).start())
+    click.echo(f"mooncakefs node ready: unix://{server.unix_path}"
+               + (f" tcp://{server.tcp[0]}:{server.tcp[1]}" if server.tcp else ""), err=True)
+    server.wait()
+    server.stop()
 
 
 def _configure_logging(debug: bool, log_file: Path | None) -> None:

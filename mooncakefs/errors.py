@@ -67,3 +67,19 @@ class StoreClosed(MooncakeError):
 
 class StoreLocked(MooncakeError):
     """Another process holds the data directory."""
+
+
+class Unavailable(MooncakeError, ConnectionError):
+    """A node cannot be reached, went away mid-request, or did not answer in time."""
+
+
+class AuthenticationError(MooncakeError, PermissionError):
+    """The node refused this client: it lacks the node's cluster secret (or the secret differs)."""
+
+
+class ProtocolError(MooncakeError):
+    """A peer sent a frame that breaks the wire protocol; the connection is dropped."""
+
+
+class TransferError(MooncakeError):
+    """A transfer between two endpoints failed on every connection it was tried on."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import mmap
 import threading
 import time
 from collections import OrderedDict
@@ -135,6 +136,11 @@ class ValueView:
         self._view = memoryview(store._read_leased(raw, key, entry, seg, None))
         return self._view
 
+    @property
+    def pool_offset(self) -> int:
+        """Where the value sits in the DRAM pool (entered views only), or -1 for a private SSD copy."""
+        return self._entry.dram_off if self._entry is not None else -1
+
     def __exit__(self, *exc: object) -> None:
         if self._view is not None:
             self._view.release()
@@ -143,6 +149,28 @@ class ValueView:
             with self._store._lock:
                 self._store._release_lease(self._entry)
             self._entry = None
+
+
+class PendingPut:
+    """A put whose bytes arrive later (the node fills it from a socket or a client's memcpy).
+
+    ``buffer`` is where the value goes: its DRAM block (``pool_offset`` >= 0), or, when DRAM has no
+    room, a private buffer written to SSD at ``Store.end_put``.  Nobody sees it until then."""
+
+    __slots__ = ("buffer", "durable", "entry", "if_absent", "key", "raw")
+
+    def __init__(self, raw: bytes, key: Key, entry: Entry, buffer: memoryview, if_absent: bool,
+                 durable: bool) -> None:
+        self.raw, self.key, self.entry, self.buffer = raw, key, entry, buffer
+        self.if_absent, self.durable = if_absent, durable
+
+    @property
+    def pool_offset(self) -> int:
+        return self.entry.dram_off
+
+    @property
+    def size(self) -> int:
+        return self.entry.size
 
 
 class Store:
@@ -260,6 +288,11 @@ class Store:
             self._ssd.commit(durable_segments=segments or None)
             return written
 
+    def shared_pool(self) -> tuple[int, int]:
+        """The DRAM pool's shared-memory file descriptor and size, for the node to hand to local clients."""
+        self._check_open()
+        return self._dram.fd, self._dram.capacity
+
     def __enter__(self) -> Store:
         return self
 
@@ -294,8 +327,50 @@ class Store:
 
         ``pin`` keeps it in DRAM, never evicted; ``ttl`` (seconds) expires it; ``if_absent`` raises
         KeyExists rather than replace; ``durable`` returns only once it is flushed to the SSD tier."""
-        raw, entry = self._prepare_put(key, value, pin, ttl, durable)
+        raw, entry = self._prepare_put(key, _engine.nbytes(value), pin, ttl, durable)
         self._put_prepared(raw, key, entry, value, if_absent, durable)
+
+    def begin_put(self, key: Key, size: int, *, pin: bool = False, ttl: float | None = None,
+                  if_absent: bool = False, durable: bool = False) -> PendingPut:
+        """Reserve room for a ``size``-byte value: fill ``.buffer``, then ``end_put`` (or ``abort_put``).
+
+        This is ``put`` in two halves, for callers that receive the bytes straight into place."""
+        if not 0 <= size < 1 << 48:
+            raise ValueError(f"value size must be 0 to 2**48 bytes, got {size}")
+        raw, entry = self._prepare_put(key, size, pin, ttl, durable)
+        with self._lock:
+            self._check_open()
+            if self._expiring:
+                self._reap_expired()
+            if if_absent and self._lookup(raw) is not None:
+                raise KeyExists(key)
+            entry.dram, entry.dram_off = self._alloc_dram(size)
+            if entry.dram >= 0:
+                buffer = self._dram.view[entry.dram_off : entry.dram_off + size]
+            elif entry.pinned or self._ssd is None:
+                self._put_ssd_only(raw, key, entry, b"")  # raises the OutOfSpace a put would
+            else:
+                buffer = memoryview(mmap.mmap(-1, size) if size else bytearray())  # page-aligned, for O_DIRECT
+        return PendingPut(raw, key, entry, buffer, if_absent, durable)
+
+    def end_put(self, pending: PendingPut) -> None:
+        """Publish a filled ``begin_put``: from here on readers see the new value."""
+        raw, key, entry = pending.raw, pending.key, pending.entry
+        with self._lock:
+            if entry.dram >= 0:
+                self._publish(raw, key, entry, pending.if_absent, pending.durable, pending.buffer)
+                return
+            self._check_open()
+            if pending.if_absent and self._lookup(raw) is not None:
+                raise KeyExists(key)
+            self._put_ssd_only(raw, key, entry, pending.buffer)
+
+    def abort_put(self, pending: PendingPut) -> None:
+        """Give back a ``begin_put`` that will not be published (its writer went away)."""
+        with self._lock:
+            if pending.entry.dram >= 0 and not self._closed:
+                self._dram.free(pending.entry.dram)
+            pending.entry.dram = pending.entry.dram_off = -1
 
     def _put_prepared(self, raw: bytes, key: Key, entry: Entry, value: Any, if_absent: bool,
                       durable: bool) -> None:
@@ -317,11 +392,11 @@ class Store:
         with self._lock:
             self._publish(raw, key, entry, if_absent, durable, value)
 
-    def _prepare_put(self, key: Key, value: Any, pin: bool, ttl: float | None, durable: bool
+    def _prepare_put(self, key: Key, size: int, pin: bool, ttl: float | None, durable: bool
                      ) -> tuple[bytes, Entry]:
         """Check a put's arguments (no lock needed): the key's bytes and a fresh entry."""
         raw = encode_key(key)
-        entry = Entry(_engine.nbytes(value))
+        entry = Entry(size)
         if ttl is not None:
             if not ttl > 0 or math.isinf(ttl):
                 raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
@@ -785,7 +860,7 @@ class Store:
         for key, value in pairs:
             results.append(None)
             try:
-                raw, entry = self._prepare_put(key, value, pin, ttl, durable)
+                raw, entry = self._prepare_put(key, _engine.nbytes(value), pin, ttl, durable)
                 if entry.size < LOCKED_COPY_MAX:
                     small.append((len(results) - 1, raw, key, entry, value))
                     continue

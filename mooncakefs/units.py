@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 _UNITS = {
     "": 1, "b": 1,
@@ -42,3 +43,10 @@ def format_size(n: float) -> str:
     digits = 0 if unit == "B" or abs(n) >= 100 else 1 if abs(n) >= 10 else 2
     text = f"{n:.{digits}f}"
     return (text.rstrip("0").rstrip(".") if "." in text else text) + unit
+
+
+def parse_ssd(value: str) -> tuple[int | None, Path | None]:
+    """The --ssd option: "SIZE", "PATH:SIZE", or "0" for no SSD tier."""
+    path, _, size = value.rpartition(":")
+    nbytes = parse_size(size, what="--ssd")
+    return (nbytes or None), (Path(path) if path else None)

@@ -24,17 +24,10 @@ from mooncakefs.errors import MooncakeError
 from mooncakefs.fuse.filesystem import MooncakeFS
 from mooncakefs.fuse.namespace import Namespace
 from mooncakefs.fuse.tuning import is_stale_mount, mount_device, tune_mount
-from mooncakefs.units import parse_size
+from mooncakefs.units import parse_ssd
 
 log = logging.getLogger("mooncakefs.fuse")
 READY = "mounted"  # the word the foreground daemon prints once the mount answers
-
-
-def parse_ssd(value: str) -> tuple[int | None, Path | None]:
-    """--ssd: "SIZE", "PATH:SIZE", or "0" for no SSD tier."""
-    path, _, size = value.rpartition(":")
-    nbytes = parse_size(size, what="--ssd")
-    return (nbytes or None), (Path(path) if path else None)
 
 
 def prepare_mountpoint(mountpoint: Path) -> str:

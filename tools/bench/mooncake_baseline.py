@@ -8,9 +8,21 @@ metadata, so no etcd/http metadata service is needed) and measures single and ba
 bytes and zero-copy, for a list of value sizes. Each number is the median of several time-bounded
 repetitions because the target VMs are small and noisy.
 
+Layouts (``--layout``):
+
+* ``local`` (default): the measuring client also contributes the segment that holds the data, so
+  every transfer stays inside one process.
+* ``remote``: Mooncake's cross-process path. A second process (this script in a hidden
+  ``--serve-segment`` mode) contributes the segment (``--segment``); the measuring client
+  contributes none (global_segment_size=0), so every put/get moves its bytes over TCP on loopback
+  between the two processes. Before measuring, the script checks that a put fails while no serving
+  process exists and that the replica's transport endpoint is a socket owned by the serving
+  process. ``--cpus A,B`` pins the measuring process to CPU A and the serving process to CPU B
+  (the master stays unpinned); the default is no pinning.
+
 Output: a human table on stderr and a JSON document on stdout (or ``--json PATH``)::
 
-    {"system": "mooncake", "version": "...", "results": [{"op": "get_into", "size": 16777216,
+    {"system": "mooncake", "version": "...", "layout": "local", "results": [{"op": "get_into", "size": 16777216,
      "ops_per_s": ..., "gbps": ..., "reps": [...]}, ...]}
 
 ``ops_per_s`` counts keys (for batch ops too: keys/s, not batches/s); ``gbps`` is 1e9 bytes/s.
@@ -19,6 +31,7 @@ Example::
 
     tools/bench/setup_mooncake_venv.sh /tmp/mooncake-venv
     /tmp/mooncake-venv/bin/python tools/bench/mooncake_baseline.py --json /tmp/mooncake.json
+    /tmp/mooncake-venv/bin/python tools/bench/mooncake_baseline.py --layout remote --cpus 0,1
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import ctypes
 import importlib.metadata
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -100,9 +114,53 @@ def find_master_binary(override: str | None) -> str:
 
 
 def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM the master if this process dies (even by SIGKILL) so it never leaks."""
+    """preexec_fn: SIGTERM the child if this process dies (even by SIGKILL) so it never leaks."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def pin_process(cpu: int | None) -> None:
+    """Pin every thread of this process (sched_setaffinity is per thread on Linux) to one CPU.
+
+    Threads created later inherit the mask, so call this before the store starts its threads.
+    """
+    if cpu is None:
+        return
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), {cpu})
+
+
+def setup_store(store: MooncakeDistributedStore, segment: int, local_buffer: int, master_addr: str) -> None:
+    """setup() over tcp with P2PHANDSHAKE metadata (no etcd/http metadata service needed)."""
+    rc = store.setup(
+        "127.0.0.1",  # local_hostname
+        "P2PHANDSHAKE",  # metadata_server
+        segment,  # global_segment_size this client contributes (0: none)
+        local_buffer,  # local_buffer_size (put/get stage through it)
+        "tcp",  # protocol
+        "",  # rdma_devices
+        master_addr,  # master_server_addr
+    )
+    check(rc, "setup")
+
+
+def listening_socket_owner(port: int, pids: list[int]) -> int | None:
+    """Which of ``pids`` holds a listening TCP socket on ``port`` (from /proc), or None."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in list(f)[1:]:
+                cols = line.split()
+                if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "0A":  # 0A = LISTEN
+                    inodes.add(f"socket:[{cols[9]}]")
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            with contextlib.suppress(OSError):
+                if os.readlink(os.path.join(fd_dir, fd)) in inodes:
+                    return pid
+    return None
 
 
 class Master:
@@ -122,8 +180,10 @@ class Master:
             "--logtostderr",
             *extra,
         ]
+        # Own session: a Ctrl-C in the terminal reaches only this script, which then stops its
+        # children in order (store first, master last) instead of all of them dying at once.
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, start_new_session=True
         )
         atexit.register(self.stop)
         self._wait_ready(timeout=20.0)
@@ -154,6 +214,99 @@ class Master:
                 self.proc.wait()
         if not self._log.closed:
             self._log.close()
+
+
+class SegmentServer:
+    """A second Mooncake client process (this script, ``--serve-segment``) that only contributes
+    a memory segment. It exits when its stdin closes (this process stopped or died) or on SIGTERM.
+    """
+
+    def __init__(self, master_addr: str, segment: int, cpu: int | None, log_path: str) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        cmd = [sys.executable, os.path.abspath(__file__), "--serve-segment", master_addr, "--segment", str(segment)]
+        if cpu is not None:
+            cmd += ["--serve-cpu", str(cpu)]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,
+        )
+        atexit.register(self.stop)
+        self.pid = self.proc.pid
+        self.hostname = self._wait_ready(timeout=60.0)
+
+    def _wait_ready(self, timeout: float) -> str:
+        """Wait for the 'READY <hostname>' line printed after setup() returned."""
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline().decode().split() if ready else []
+        if len(line) != 2 or line[0] != "READY":
+            self.stop()
+            raise RuntimeError(f"segment server not ready after {timeout}s (got {line}); see {self.log_path}")
+        return line[1]
+
+    def stop(self) -> None:
+        """Close its stdin (it closes its store and exits), then SIGTERM / SIGKILL if it hangs."""
+        if self.proc.poll() is None:
+            if self.proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+
+
+def serve_segment(args: argparse.Namespace) -> int:
+    """Hidden ``--serve-segment`` mode: contribute ``--segment`` bytes until stdin closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    pin_process(args.serve_cpu)
+    with sigterm_as_exit():
+        store = MooncakeDistributedStore()
+        try:
+            setup_store(store, args.segment, 0, args.serve_segment)  # serves only: no local buffer
+            print(f"READY {store.get_hostname()}", flush=True)
+            sys.stdin.buffer.read()  # returns at EOF: the measuring process is done or gone
+        finally:
+            store.close()
+    return 0
+
+
+def check_remote_placement(store: MooncakeDistributedStore, server: SegmentServer, key: str, value: bytes) -> str:
+    """Put ``key`` and prove its only replica lives in the serving process; returns its endpoint.
+
+    The measuring client has no segment, so the put must land elsewhere; on top of that the
+    replica's transport endpoint must be a listening socket of the serving process, not ours.
+    """
+    deadline = time.monotonic() + 20.0
+    while (rc := store.put(key, value)) != 0:  # the served segment may mount a little after setup
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"put into the served segment failed rc={rc}; see {server.log_path}")
+        time.sleep(0.1)
+    replicas = store.get_replica_desc(key)
+    if not replicas:
+        raise RuntimeError("no replica descriptor for the probe key")
+    endpoints = []
+    for r in replicas:
+        if not r.is_memory_replica():
+            raise RuntimeError("probe replica is not a memory replica")
+        endpoint = r.get_memory_descriptor().buffer_descriptor.transport_endpoint
+        owner = listening_socket_owner(int(endpoint.rsplit(":", 1)[1]), [server.pid, os.getpid()])
+        if owner != server.pid:
+            raise RuntimeError(f"replica endpoint {endpoint} is owned by pid {owner}, not server {server.pid}")
+        endpoints.append(endpoint)
+    return ",".join(endpoints)
 
 
 @dataclass
@@ -388,10 +541,12 @@ class Bench:
         setup() mounts the segment lazily (1 GiB mounts in ~20 ms), so without this the first
         puts would pay first-touch page faults that later puts do not.
         """
-        size = min(self.max_size, 64 * MiB)
+        # Big objects whatever --sizes says: 4 KiB ones would take ~300k puts (minutes over TCP).
+        size = min(64 * MiB, self.args.local_buffer, self.budget)
+        value = bytes(size)
         keys = self.fresh_keys(max(1, self.budget // size), "prefault")
         for k in keys:
-            check(self.s.put_from(k, self.src_ptr, size), "prefault put_from")
+            check(self.s.put(k, value), "prefault put")
         self.remove(keys)
 
 
@@ -454,7 +609,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-ops", type=int, default=200_000, help="cap on keys per repetition")
     p.add_argument("--batch", type=int, default=32, help="keys per batched call")
     p.add_argument("--pool", type=int, default=1024, help="max prefilled keys for read ops")
-    p.add_argument("--segment", default="2GiB", help="global_segment_size this client contributes")
+    p.add_argument(
+        "--layout",
+        choices=("local", "remote"),
+        default="local",
+        help="local: this process holds the segment; remote: a second process does (bytes cross TCP)",
+    )
+    p.add_argument(
+        "--cpus",
+        default=None,
+        metavar="A,B",
+        help="remote layout: pin the measuring process to CPU A and the serving process to CPU B",
+    )
+    p.add_argument(
+        "--segment", default="2GiB", help="global_segment_size of the client holding the data (see --layout)"
+    )
     p.add_argument("--local-buffer", default="256MiB", help="local_buffer_size (copy APIs stage here)")
     p.add_argument("--fill", type=float, default=0.6, help="max fraction of the segment in use at once")
     p.add_argument("--master-bin", default=None, help="path to mooncake_master (default: from the wheel)")
@@ -466,6 +635,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", default=None, help="write JSON here instead of stdout")
     p.add_argument("--verbose", action="store_true", help="keep Mooncake INFO logging")
+    p.add_argument("--serve-segment", default=None, metavar="MASTER_ADDR", help=argparse.SUPPRESS)
+    p.add_argument("--serve-cpu", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.sizes = [parse_size(x) for x in a.sizes.split(",") if x.strip()]
     a.ops = [x.strip() for x in a.ops.split(",") if x.strip()]
@@ -473,6 +644,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown ops: {sorted(unknown)}")
     a.segment = parse_size(a.segment)
+    if a.cpus is not None:
+        if a.layout != "remote":
+            p.error("--cpus needs --layout remote")
+        try:
+            a.cpus = [int(x) for x in a.cpus.split(",")]
+        except ValueError:
+            a.cpus = []
+        if len(a.cpus) != 2 or not set(a.cpus) <= os.sched_getaffinity(0):
+            p.error(f"--cpus wants two CPU numbers out of {sorted(os.sched_getaffinity(0))}")
+    if a.serve_segment is not None:
+        return a
     a.local_buffer = parse_size(a.local_buffer)
     if max(a.sizes) > a.local_buffer:
         p.error("--local-buffer must be >= the largest size (put/get stage through it)")
@@ -481,65 +663,88 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def run_bench(args: argparse.Namespace, log_dir: str) -> tuple[list[Result], dict[str, Any]]:
+    """Start master (+ segment server for --layout remote) and the measuring client; measure."""
+    remote = args.layout == "remote"
+    cpu_here, cpu_server = args.cpus if args.cpus else (None, None)
+    master = Master(find_master_binary(args.master_bin), os.path.join(log_dir, "master.log"), args.master_arg)
+    server: SegmentServer | None = None
+    extra: dict[str, Any] = {}
+    pin_process(cpu_here)  # after the master started: it inherits nothing and stays unpinned
+    store = MooncakeDistributedStore()
+    try:
+        setup_store(store, 0 if remote else args.segment, args.local_buffer, master.addr)
+        if remote:
+            # Nothing holds a segment yet, so a put must fail: the measuring client stores nothing.
+            rc = store.put("bench/probe/no-segment", b"x")
+            if rc == 0:
+                raise RuntimeError("put succeeded with no serving process: some local segment exists")
+            server = SegmentServer(master.addr, args.segment, cpu_server, os.path.join(log_dir, "server.log"))
+            endpoint = check_remote_placement(store, server, "bench/probe/remote", b"x" * 4096)
+            check(store.remove("bench/probe/remote", True), "remove probe")
+            print(f"[remote segment: pid {server.pid}, endpoint {endpoint}, put without it rc={rc}]", file=sys.stderr)
+            extra = {"server_pid": server.pid, "replica_transport_endpoint": endpoint, "put_without_server_rc": rc}
+        bench = Bench(store, args)
+        try:
+            bench.prefault_segment()
+            results: list[Result] = []
+            for size in args.sizes:
+                t0 = time.perf_counter()
+                results.extend(bench.run_size(size, args.ops))
+                print(f"[{fmt_size(size)} done in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
+        finally:
+            bench.close()
+    except BaseException:
+        print(f"mooncake logs kept in {log_dir}", file=sys.stderr)
+        raise
+    finally:
+        store.close()
+        if server is not None:
+            server.stop()
+        master.stop()
+    return results, extra
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.serve_segment is not None:
+        return serve_segment(args)
     version = importlib.metadata.version("mooncake-transfer-engine-non-cuda")
     log_dir = tempfile.mkdtemp(prefix="mooncake-baseline-")
     t_start = time.perf_counter()
     client_log = None if args.verbose else os.path.join(log_dir, "client.log")
     with sigterm_as_exit(), native_stderr_to(client_log):
-        master = Master(
-            find_master_binary(args.master_bin), os.path.join(log_dir, "master.log"), args.master_arg
-        )
-        store = MooncakeDistributedStore()
-        try:
-            rc = store.setup(
-                "127.0.0.1",  # local_hostname
-                "P2PHANDSHAKE",  # metadata_server: no etcd/http metadata service needed
-                args.segment,  # global_segment_size
-                args.local_buffer,  # local_buffer_size
-                "tcp",  # protocol
-                "",  # rdma_devices
-                master.addr,  # master_server_addr
-            )
-            check(rc, "setup")
-            bench = Bench(store, args)
-            try:
-                bench.prefault_segment()
-                results: list[Result] = []
-                for size in args.sizes:
-                    t0 = time.perf_counter()
-                    res = bench.run_size(size, args.ops)
-                    results.extend(res)
-                    print(f"[{fmt_size(size)} done in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
-            finally:
-                bench.close()
-        except BaseException:
-            print(f"mooncake logs kept in {log_dir}", file=sys.stderr)
-            raise
-        finally:
-            store.close()
-            master.stop()
+        results, extra = run_bench(args, log_dir)
 
     elapsed = time.perf_counter() - t_start
+    if args.layout == "remote":
+        where = "client without segment + segment-server process"
+        if args.cpus:
+            where += f" (cpus {args.cpus[0]},{args.cpus[1]})"
+    else:
+        where = "1 in-process client"
     header = (
-        f"mooncake {version}: 1 in-process client, tcp, P2PHANDSHAKE, segment {fmt_size(args.segment)}, "
+        f"mooncake {version} [{args.layout}]: {where}, tcp, P2PHANDSHAKE, segment {fmt_size(args.segment)}, "
         f"batch {args.batch}, median of {args.reps} x {args.rep_time}s reps, total {elapsed:.0f}s"
     )
     print_table(results, header)
     doc = {
         "system": "mooncake",
         "version": version,
+        "layout": args.layout,
         "config": {
             "protocol": "tcp",
             "metadata_server": "P2PHANDSHAKE",
             "global_segment_size": args.segment,
+            "segment_owner": "server process" if args.layout == "remote" else "measuring process",
             "local_buffer_size": args.local_buffer,
+            "cpus": args.cpus,
             "batch": args.batch,
             "reps": args.reps,
             "rep_time_s": args.rep_time,
             "ops_per_s_unit": "keys/s",
             "gbps_unit": "1e9 bytes/s",
+            **extra,
         },
         "results": [r.to_json() for r in results],
     }

@@ -1,0 +1,610 @@
+"""The client of a node: ``mooncakefs.connect(url)`` gives the same Store API as ``mooncakefs.open()``.
+
+Over the node's Unix socket the client maps the node's DRAM pool, so large values move by memcpy in
+this process and the socket only carries the control messages; small ones travel inside the request
+or reply, which is one round trip.  Over TCP the bytes travel in frames, received straight into the
+caller's buffer, large ones striped over several connections by the transfer engine.
+
+Every request is bounded by ``timeout``: a node that dies or stops answering is an ``Unavailable``
+error, never a hang.  A connection found dead when it is taken from the pool is replaced once (the
+node restarted); a restarted node's new pool is mapped again.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from mooncakefs.errors import (
+    AuthenticationError,
+    BufferTooSmall,
+    KeyNotFound,
+    MooncakeError,
+    ProtocolError,
+    Unavailable,
+)
+from mooncakefs.store import Key, ObjectInfo, decode_key, encode_key
+from mooncakefs.transfer import READ, WRITE, Region, Transfer, TransferEngine, Transport
+from mooncakefs.transfer.local import LocalTransport
+from mooncakefs.transfer.tcp import DEFAULT_STRIPE, TcpTransport
+from mooncakefs.wire import (
+    DURABLE,
+    IF_ABSENT,
+    PIN,
+    VERSION,
+    Channel,
+    Op,
+    auth_proof,
+    error_from_meta,
+)
+
+T = TypeVar("T")
+DEFAULT_PORT = 7480
+LOCAL_INLINE_MAX = 32 << 10  # same host: above this a value moves by memcpy through the mapped pool
+# Over TCP, one connection streaming a value is as fast as striping it on these 2-core hosts (2.9 vs
+# 2.4-2.6 GB/s for 16 MiB, tools/bench/node_bench.py); stripes pay off only for very large values.
+TCP_INLINE_MAX = 64 << 20
+BATCH_INLINE_MAX = 4 << 20  # a batched put up to this size goes in one frame
+
+
+def default_socket() -> Path:
+    """Where a node listens by default: $MOONCAKEFS_SOCKET, else the user's runtime dir."""
+    if env := os.environ.get("MOONCAKEFS_SOCKET"):
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/mooncakefs/node.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/mooncakefs-{os.geteuid()}"
+    return Path(runtime) / "mooncakefs" / "node.sock"
+
+
+def parse_url(url: str | os.PathLike[str] | None) -> tuple[str, Any]:
+    """("unix", path) or ("tcp", (host, port)) from "unix:///p", "/p", "tcp://host:port"."""
+    if url is None:
+        return "unix", str(default_socket())
+    text = os.fspath(url)
+    if text.startswith("/") or text.startswith("."):
+        return "unix", text
+    parts = urlsplit(text)
+    if parts.scheme == "unix":
+        return "unix", parts.path
+    if parts.scheme == "tcp" and parts.hostname:
+        return "tcp", (parts.hostname, parts.port or DEFAULT_PORT)
+    raise ValueError(f"node URL must be unix:///path/to/node.sock or tcp://host:port, got {text!r}")
+
+
+def _flags(pin: bool, if_absent: bool, durable: bool) -> int:
+    return (PIN if pin else 0) | (IF_ABSENT if if_absent else 0) | (DURABLE if durable else 0)
+
+
+def _bytes_of(value: Any) -> memoryview:
+    view = memoryview(value)
+    if not view.c_contiguous:
+        raise TypeError("value must be a C-contiguous buffer")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _writable_bytes_of(buffer: Any) -> memoryview:
+    view = _bytes_of(buffer)
+    if view.readonly:
+        raise TypeError("buffer must be writable")
+    return view
+
+
+class RemoteValueView:
+    """``RemoteStore.view``'s context manager: the value in the mapped pool (no copy) under a lease, or
+    a private copy of it."""
+
+    def __init__(self, store: RemoteStore, key: Key) -> None:
+        self._store, self._key = store, key
+        self._view: memoryview | None = None
+        self._lease: tuple[Channel, int] | None = None
+
+    def __enter__(self) -> memoryview:
+        self._view, self._lease = self._store._view(self._key)
+        return self._view
+
+    def __exit__(self, *exc: object) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._lease is not None:
+            self._store._release(*self._lease)
+            self._lease = None
+
+
+class RemoteStore:
+    """A node's store, seen from a client process.  Thread-safe: each thread borrows a connection."""
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str] | None = None,
+        *,
+        secret: bytes | str | None = None,
+        timeout: float = 10.0,
+        connections: int = 4,
+        stripe: int = DEFAULT_STRIPE,
+        inline_max: int | None = None,
+        map_pool: bool = True,
+    ) -> None:
+        self.kind, self.address = parse_url(url)
+        self.url = f"unix://{self.address}" if self.kind == "unix" else f"tcp://{self.address[0]}:{self.address[1]}"
+        self.path = self.url  # what the embedded Store calls its location
+        secret = secret if secret is not None else os.environ.get("MOONCAKEFS_SECRET")
+        self._secret = secret.encode() if isinstance(secret, str) else secret
+        self.timeout = timeout
+        self._idle: list[Channel] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._instance: str | None = None
+        self._pool: mmap.mmap | None = None
+        self._pool_view: memoryview | None = None
+        self._map_pool = map_pool and self.kind == "unix"
+        # Values up to inline_max travel inside the request or reply; larger ones through the engine.
+        self.inline_max = inline_max if inline_max is not None else (
+            LOCAL_INLINE_MAX if self._map_pool else TCP_INLINE_MAX)
+        self._tcp = TcpTransport(self._connect, connections=connections, stripe=stripe)
+        self._engine = TransferEngine([self._tcp])
+        self._give_back(self._connect())  # fail now, clearly, if the node is not there
+
+    # -- connections ------------------------------------------------------------------------------------
+
+    def _connect(self) -> Channel:
+        """A fresh connection, past the handshake (and the pool mapped, the first time or after the node
+        restarted)."""
+        family = socket.AF_UNIX if self.kind == "unix" else socket.AF_INET6 if ":" in self.address[0] else \
+            socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.address)
+        except OSError as exc:
+            sock.close()
+            raise Unavailable(f"cannot reach the node at {self.url}: {exc.strerror or exc}") from None
+        sock.settimeout(None)
+        ch = Channel(sock, self.url, timeout=self.timeout)
+        try:
+            op, _flags, meta, _n = ch.read_frame()
+            if op != Op.HELLO or not isinstance(meta, list) or len(meta) != 3:
+                raise ProtocolError(f"{self.url}: not a mooncakefs node (opcode {op})")
+            version, instance, nonce = meta
+            if version != VERSION:
+                raise ProtocolError(f"{self.url}: node speaks protocol {version}, this client {VERSION}")
+            if nonce is not None and self._secret is None:
+                raise AuthenticationError(f"{self.url}: the node requires a cluster secret: pass secret=... "
+                                          "or set MOONCAKEFS_SECRET")
+            ch.send(Op.AUTH, [VERSION, auth_proof(self._secret, nonce) if nonce is not None else None])
+            ch.read_reply()
+            if instance != self._instance:
+                self._attach(ch, instance)
+        except BaseException:
+            ch.close()
+            raise
+        return ch
+
+    def _attach(self, ch: Channel, instance: str) -> None:
+        """A node instance seen for the first time: map its pool (same host) and route through it."""
+        with self._lock:
+            if instance == self._instance:
+                return
+            transports: list[Transport] = [self._tcp]
+            if self._map_pool:
+                ch.send(Op.MAP)
+                op, _flags, meta, _n, fds = ch.read_frame_with_fds(1)
+                if op == Op.ERROR:
+                    raise error_from_meta(meta)
+                if len(fds) != 1:
+                    raise ProtocolError(f"{self.url}: the node did not pass its pool")
+                try:
+                    self._pool = mmap.mmap(fds[0], meta[0], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                finally:
+                    os.close(fds[0])
+                self._pool_view = memoryview(self._pool)
+                transports.insert(0, LocalTransport(self._pool_view))
+            self._engine = TransferEngine(transports)
+            self._instance = instance
+
+    def _take(self) -> tuple[Channel, bool]:
+        with self._lock:
+            if self._closed:
+                raise Unavailable(f"client of {self.url} is closed")
+            if self._idle:
+                return self._idle.pop(), True
+        return self._connect(), False
+
+    def _give_back(self, ch: Channel) -> None:
+        with self._lock:
+            if not self._closed and not ch.closed:
+                self._idle.append(ch)
+                return
+        ch.close()
+
+    def _call(self, fn: Callable[[Channel], T]) -> T:
+        """Run one request on a pooled connection; a pooled connection that turns out dead (the node
+        restarted) is replaced and the request tried once more."""
+        ch, reused = self._take()
+        try:
+            result = fn(ch)
+        except Unavailable:
+            if not reused:
+                raise
+            ch, _ = self._connect(), False
+            try:
+                result = fn(ch)
+            except BaseException:
+                ch.close()
+                raise
+        except (MooncakeError, ValueError, TypeError) as exc:
+            if isinstance(exc, ProtocolError):
+                ch.close()
+            else:
+                self._give_back(ch)
+            raise
+        except BaseException:
+            ch.close()
+            raise
+        self._give_back(ch)
+        return result
+
+    def _rpc(self, op: int, meta: Any) -> Any:
+        def call(ch: Channel) -> Any:
+            ch.send(op, meta)
+            return ch.read_reply()[0]
+
+        return self._call(call)
+
+    def _release(self, ch: Channel | None, lease: int) -> None:
+        """End a read lease (no reply is awaited; the connection that took the lease must send it)."""
+        if ch is None or ch.closed:
+            return  # the connection died: the node released it already
+        try:
+            ch.send(Op.RELEASE, [lease])
+        except Unavailable:
+            return
+        self._give_back(ch)
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for ch in idle:
+            ch.close()
+        self._engine.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> RemoteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<mooncakefs.RemoteStore {self.url}{' closed' if self._closed else ''}>"
+
+    # -- writing ----------------------------------------------------------------------------------------
+
+    def put(self, key: Key, value: Any, *, pin: bool = False, ttl: float | None = None, if_absent: bool = False,
+            durable: bool = False) -> None:
+        """As ``Store.put``."""
+        raw, src = encode_key(key), _bytes_of(value)
+        head = [raw, len(src), _flags(pin, if_absent, durable), ttl]
+        if len(src) <= self.inline_max:
+            def put_inline(ch: Channel) -> None:
+                ch.send(Op.PUT, head, src)
+                ch.read_reply()
+
+            self._call(put_inline)
+            return
+
+        def put_through_engine(ch: Channel) -> None:
+            ch.send(Op.PUT_BEGIN, head)
+            (put_id, pool_offset), _ = ch.read_reply()
+            try:
+                self._engine.run([Transfer(WRITE, src, Region(put_id, len(src), pool_offset))])
+            except BaseException:
+                if not ch.closed:
+                    ch.send(Op.PUT_ABORT, [put_id])
+                    ch.read_reply()
+                raise
+            ch.send(Op.PUT_END, [put_id])
+            ch.read_reply()
+
+        self._call(put_through_engine)
+
+    def batch_put(self, items: Mapping[Key, Any] | Iterable[tuple[Key, Any]], *, pin: bool = False,
+                  ttl: float | None = None, if_absent: bool = False, durable: bool = False) -> list[Any]:
+        """As ``Store.batch_put``: one result per item, None or the exception it raised.  Small values go
+        in one frame; large ones one by one."""
+        pairs = list(items.items() if isinstance(items, Mapping) else items)
+        results: list[Any] = [None] * len(pairs)
+        keys: list[bytes] = []
+        values: list[memoryview] = []
+        where: list[int] = []
+        total = 0
+        for i, (key, value) in enumerate(pairs):
+            try:
+                raw, src = encode_key(key), _bytes_of(value)
+            except (MooncakeError, TypeError, ValueError) as exc:
+                results[i] = exc
+                continue
+            if total + len(src) > BATCH_INLINE_MAX:
+                results[i] = self._each(self.put, key, src, pin=pin, ttl=ttl, if_absent=if_absent, durable=durable)
+                continue
+            keys.append(raw)
+            values.append(src)
+            where.append(i)
+            total += len(src)
+        if keys:
+            meta = [keys, [len(v) for v in values], _flags(pin, if_absent, durable), ttl]
+
+            def send_batch(ch: Channel) -> Any:
+                ch.send(Op.BATCH_PUT, meta, values)
+                return ch.read_reply()[0][0]
+
+            for i, err in zip(where, self._call(send_batch), strict=True):
+                results[i] = None if err is None else error_from_meta(err)
+        return results
+
+    # -- reading ----------------------------------------------------------------------------------------
+
+    def get(self, key: Key) -> bytes:
+        """As ``Store.get``."""
+        return bytes(self._read(key, None))
+
+    def get_into(self, key: Key, buffer: Any) -> int:
+        """As ``Store.get_into``: BufferTooSmall (nothing written) if ``buffer`` is too short."""
+        return self._read(key, _writable_bytes_of(buffer))
+
+    def _read(self, key: Key, dst: memoryview | None) -> Any:
+        raw = encode_key(key)
+        room = len(dst) if dst is not None else 1 << 62
+        lease_on: list[Channel] = []
+
+        def ask(ch: Channel) -> Any:
+            ch.send(Op.GET, [raw, min(room, self.inline_max)])
+            (size, lease, pool_offset), _ = ch.read_reply()
+            if lease:
+                lease_on.append(ch)
+                return size, lease, pool_offset
+            out = dst if dst is not None else memoryview(bytearray(size))
+            ch.read_payload_into(out[:size])
+            return size if dst is not None else out.obj
+
+        # The connection that took a lease stays out of the pool until the lease is released.
+        ch, reused = self._take()
+        try:
+            answer = ask(ch)
+        except Unavailable:
+            if not reused:
+                raise
+            ch = self._connect()
+            answer = ask(ch)
+        except BaseException:
+            self._give_back(ch)
+            raise
+        if not lease_on:
+            self._give_back(ch)
+            return answer
+        size, lease, pool_offset = answer
+        try:
+            if size > room:
+                raise BufferTooSmall(key, size, room)
+            out = dst[:size] if dst is not None else memoryview(bytearray(size))
+            self._engine.run([Transfer(READ, out, Region(lease, size, pool_offset))])
+            return size if dst is not None else out.obj
+        finally:
+            self._release(ch, lease)
+
+    def _view(self, key: Key) -> tuple[memoryview, tuple[Channel, int] | None]:
+        """A value in the mapped pool under a lease (no copy), else a private copy."""
+        if self._pool_view is None:
+            return memoryview(self.get(key)), None
+        raw = encode_key(key)
+        ch = self._take()[0]
+        try:
+            ch.send(Op.GET, [raw, 0])
+            (size, lease, pool_offset), _ = ch.read_reply()
+        except BaseException:
+            self._give_back(ch)
+            raise
+        if not lease:  # empty: nothing to hold
+            self._give_back(ch)
+            return memoryview(b""), None
+        if pool_offset < 0 or self._pool_view is None:
+            try:
+                out = memoryview(bytearray(size))
+                self._engine.run([Transfer(READ, out, Region(lease, size, -1))])
+                return out.toreadonly(), None
+            finally:
+                self._release(ch, lease)
+        return self._pool_view[pool_offset : pool_offset + size].toreadonly(), (ch, lease)
+
+    def view(self, key: Key) -> RemoteValueView:
+        """As ``Store.view``: on the node's host, the value in place in the shared pool (no copy), held
+        until the block exits; elsewhere a private copy."""
+        return RemoteValueView(self, key)
+
+    def batch_get_into(self, keys: Iterable[Key], buffers: Iterable[Any]) -> list[Any]:
+        """As ``Store.batch_get_into``: one result per key, the byte count or the exception."""
+        keys, buffers = list(keys), list(buffers)
+        if len(keys) != len(buffers):
+            raise ValueError(f"batch_get_into got {len(keys)} keys but {len(buffers)} buffers")
+        dsts: list[Any] = []
+        for b in buffers:
+            try:
+                dsts.append(_writable_bytes_of(b))
+            except TypeError as exc:
+                dsts.append(exc)
+        return self._batch_read(keys, dsts)
+
+    def batch_get(self, keys: Iterable[Key]) -> list[bytes | None]:
+        """As ``Store.batch_get``: the values, None where a key is missing."""
+        keys = list(keys)
+        out = self._batch_read(keys, [None] * len(keys))
+        return [bytes(v) if isinstance(v, bytearray) else None for v in out]
+
+    def _batch_read(self, keys: list[Key], dsts: list[Any]) -> list[Any]:
+        results: list[Any] = [None] * len(keys)
+        raws: list[bytes] = []
+        limits: list[int] = []
+        where: list[int] = []
+        for i, key in enumerate(keys):
+            if isinstance(dsts[i], Exception):
+                results[i] = dsts[i]
+                continue
+            try:
+                raws.append(encode_key(key))
+            except MooncakeError as exc:
+                results[i] = exc
+                continue
+            limits.append(min(self.inline_max, len(dsts[i]) if dsts[i] is not None else 1 << 62))
+            where.append(i)
+        if not raws:
+            return results
+        ch, _ = self._take()
+        leases: list[int] = []
+        transfers: list[Transfer] = []
+        try:
+            ch.send(Op.BATCH_GET, [raws, limits])
+            (infos,), _ = ch.read_reply()
+            for i, info in zip(where, infos, strict=True):
+                if len(info) != 3:
+                    results[i] = error_from_meta(info)
+                    continue
+                size, lease, pool_offset = info
+                dst = dsts[i]
+                if lease:
+                    leases.append(lease)
+                if dst is not None and size > len(dst):
+                    results[i] = BufferTooSmall(keys[i], size, len(dst))
+                    continue
+                out = dst[:size] if dst is not None else memoryview(bytearray(size))
+                if lease:
+                    transfers.append(Transfer(READ, out, Region(lease, size, pool_offset)))
+                else:
+                    ch.read_payload_into(out)
+                results[i] = size if dst is not None else out.obj
+            if transfers:
+                self._engine.run(transfers)
+        except BaseException:
+            if leases:
+                self._release_many(ch, leases)
+            else:
+                self._give_back(ch)
+            raise
+        if leases:
+            self._release_many(ch, leases)
+        else:
+            self._give_back(ch)
+        return results
+
+    def _release_many(self, ch: Channel, leases: list[int]) -> None:
+        if ch.closed:
+            return
+        try:
+            ch.send(Op.RELEASE, leases)
+        except Unavailable:
+            return
+        self._give_back(ch)
+
+    # -- queries ----------------------------------------------------------------------------------------
+
+    def exists(self, key: Key) -> bool:
+        return self._rpc(Op.EXISTS, [encode_key(key)])[0]
+
+    def batch_exists(self, keys: Iterable[Key]) -> list[bool]:
+        raws = []
+        for key in keys:
+            try:
+                raws.append(encode_key(key))
+            except MooncakeError:
+                raws.append(b"")  # never a valid key: reported absent, as Store.batch_exists does
+        return self._rpc(Op.BATCH_EXISTS, [raws])[0]
+
+    def remove(self, key: Key) -> bool:
+        return self._rpc(Op.REMOVE, [encode_key(key)])[0]
+
+    def remove_prefix(self, prefix: Key) -> int:
+        return self._rpc(Op.REMOVE_PREFIX, [prefix.encode() if isinstance(prefix, str) else bytes(prefix)])[0]
+
+    def stat(self, key: Key) -> ObjectInfo:
+        size, checksum, tier, pinned, expires = self._rpc(Op.STAT, [encode_key(key)])
+        return ObjectInfo(key, size, checksum, tier, pinned, expires)
+
+    def keys(self, prefix: Key = "") -> Iterator[Key]:
+        raw = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
+        return map(decode_key, self._rpc(Op.KEYS, [raw])[0])
+
+    def match_prefix(self, keys: Iterable[Key]) -> int:
+        raws = []
+        for key in keys:
+            try:
+                raws.append(encode_key(key))
+            except MooncakeError:
+                break
+        return self._rpc(Op.MATCH_PREFIX, [raws])[0]
+
+    def stats(self) -> dict[str, Any]:
+        return self._rpc(Op.STATS, [])[0]
+
+    def persist(self, keys: Iterable[Key] | None = None) -> int:
+        return self._rpc(Op.PERSIST, [None if keys is None else [encode_key(k) for k in keys]])[0]
+
+    def ping(self) -> str:
+        """The node's instance id (it changes when the node restarts)."""
+        return self._rpc(Op.PING, [])[0]
+
+    def _each(self, op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return op(*args, **kwargs)
+        except Unavailable:
+            raise
+        except (MooncakeError, TypeError, ValueError) as exc:
+            return exc
+
+    # -- the mapping protocol ---------------------------------------------------------------------------
+
+    def __getitem__(self, key: Key) -> bytes:
+        return self.get(key)
+
+    def __setitem__(self, key: Key, value: Any) -> None:
+        self.put(key, value)
+
+    def __delitem__(self, key: Key) -> None:
+        if not self.remove(key):
+            raise KeyNotFound(key)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return self.exists(key)  # type: ignore[arg-type]
+        except MooncakeError:
+            return False
+
+    def __len__(self) -> int:
+        return self.stats()["objects"]
+
+    def __iter__(self) -> Iterator[Key]:
+        return self.keys()
+
+
+def connect(url: str | os.PathLike[str] | None = None, **options: Any) -> RemoteStore:
+    """A client of the node at ``url``: "unix:///run/mooncakefs/node.sock" (same host: data moves by
+    memcpy through the shared pool) or "tcp://host:7480".  Default: the local node's socket.
+
+    Options: secret (the cluster secret, default $MOONCAKEFS_SECRET), timeout (seconds a request may
+    wait on the node, 10), connections (TCP connections for large transfers, 4), stripe (bytes per
+    stripe of a large transfer, 16 MiB), inline_max (largest value carried in the request or reply
+    itself: 32 KiB on the Unix socket, 64 MiB over TCP)."""
+    return RemoteStore(url, **options)

@@ -1,0 +1,511 @@
+"""The node daemon: one per host, owning the host's tier pools and serving them to every process.
+
+Local clients connect over a Unix socket and are handed the DRAM pool's shared-memory file once
+(SCM_RIGHTS), so their reads and writes of large values are a memcpy in their own process: the socket
+only carries the small control messages (where is it, hold it, publish it).  Remote clients connect
+over TCP and move the bytes through the framed protocol in ``mooncakefs.wire``.
+
+Each connection is served by its own thread; the store's lock orders what they do.  Whatever a
+connection holds (read leases, half-written puts) is given back when it goes away, however it goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mooncakefs.errors import AuthenticationError, MooncakeError, ProtocolError, Unavailable
+from mooncakefs.store import INTERNAL_PREFIX, InternalKey, Key, PendingPut, Store, ValueView
+from mooncakefs.wire import (
+    DURABLE,
+    IF_ABSENT,
+    MAX_BATCH,
+    PIN,
+    VERSION,
+    Channel,
+    Op,
+    auth_proof,
+    error_meta,
+)
+
+log = logging.getLogger("mooncakefs.node")
+
+BATCH_STAGE_MAX = 4 << 20  # a batched put this small is received whole, then stored under one lock
+ACCEPT_BACKLOG = 128
+
+
+def wire_key(raw: Any) -> Key:
+    """A key as the store wants it: internal ones (file chunks) marked so; the store checks the rest."""
+    if type(raw) is bytes and raw.startswith(INTERNAL_PREFIX):
+        return InternalKey(raw[len(INTERNAL_PREFIX) :])
+    return raw
+
+
+def put_options(flags: int, ttl: Any) -> dict[str, Any]:
+    return {"pin": bool(flags & PIN), "if_absent": bool(flags & IF_ABSENT), "durable": bool(flags & DURABLE),
+            "ttl": ttl}
+
+
+class Session:
+    """One client connection and what it holds."""
+
+    def __init__(self, channel: Channel, local: bool) -> None:
+        self.channel = channel
+        self.local = local  # on the Unix socket: may be handed the pool
+        self.mapped = False  # it has the pool mapped, so pool offsets mean something to it
+        self.leases: set[int] = set()
+        self.pending: set[int] = set()
+
+
+class Node:
+    """Serve a Store on a Unix socket and, optionally, TCP.  ``start()``, then ``stop()``."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        unix_path: str | Path | None = None,
+        tcp: tuple[str, int] | None = None,
+        secret: bytes | None = None,
+        socket_mode: int = 0o600,
+        socket_group: str | int | None = None,
+    ) -> None:
+        if unix_path is None and tcp is None:
+            raise ValueError("a node needs a Unix socket path, a TCP address, or both")
+        self.store = store
+        self.unix_path = Path(unix_path) if unix_path is not None else None
+        self.tcp = tcp
+        self.secret = secret
+        self.socket_mode, self.socket_group = socket_mode, socket_group
+        self.instance = uuid.uuid4().hex  # changes on every start: clients remap the pool when it does
+        self.requests: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.bytes_in = self.bytes_out = 0
+        self.started = time.time()
+        self._listeners: list[socket.socket] = []
+        self._sessions: set[Session] = set()
+        self._threads: list[threading.Thread] = []
+        self._leases: dict[int, tuple[ValueView, memoryview, Session]] = {}
+        self._pending: dict[int, tuple[PendingPut, Session]] = {}
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # guards _sessions and _threads
+        self._handlers: dict[int, Callable[[Session, Any, int], None]] = {
+            Op.PING: self._ping, Op.MAP: self._map,
+            Op.PUT: self._put, Op.PUT_BEGIN: self._put_begin, Op.WRITE: self._write,
+            Op.PUT_END: self._put_end, Op.PUT_ABORT: self._put_abort,
+            Op.GET: self._get, Op.READ: self._read, Op.RELEASE: self._release,
+            Op.EXISTS: self._exists, Op.REMOVE: self._remove, Op.REMOVE_PREFIX: self._remove_prefix,
+            Op.STAT: self._stat, Op.KEYS: self._keys, Op.MATCH_PREFIX: self._match_prefix,
+            Op.STATS: self._stats, Op.PERSIST: self._persist,
+            Op.BATCH_PUT: self._batch_put, Op.BATCH_GET: self._batch_get, Op.BATCH_EXISTS: self._batch_exists,
+        }
+        self._op_names = {v: k.lower() for k, v in vars(Op).items() if isinstance(v, int)}
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def start(self) -> Node:
+        try:
+            if self.unix_path is not None:
+                self._listen_unix(self.unix_path)
+            if self.tcp is not None:
+                sock = socket.create_server(self.tcp, backlog=ACCEPT_BACKLOG, reuse_port=False)
+                self.tcp = sock.getsockname()[:2]  # the real port when 0 was asked for
+                self._listeners.append(sock)
+                log.info("listening", extra={"tcp": f"{self.tcp[0]}:{self.tcp[1]}", "auth": bool(self.secret)})
+        except BaseException:
+            self._close_listeners()
+            raise
+        for sock in self._listeners:
+            self._spawn(self._accept_loop, sock, name="mooncakefs-accept")
+        return self
+
+    def _listen_unix(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.closing(probe):
+            if probe.connect_ex(str(path)) == 0:
+                raise MooncakeError(f"another node already serves {path}")
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a stale socket from a node that died
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o777 & ~self.socket_mode)  # never visible with looser permissions
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, self.socket_mode)
+        if self.socket_group is not None:
+            import grp
+
+            gid = self.socket_group if isinstance(self.socket_group, int) else grp.getgrnam(self.socket_group).gr_gid
+            os.chown(path, -1, gid)
+        sock.listen(ACCEPT_BACKLOG)
+        self._listeners.append(sock)
+        log.info("listening", extra={"unix": str(path), "mode": oct(self.socket_mode)})
+
+    def stop(self) -> None:
+        """Stop serving: refuse new clients, drop connections (their unfinished puts are discarded),
+        close the store.  Every put a client saw acknowledged as durable is on disk already."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._close_listeners()
+        with self._lock:
+            for session in list(self._sessions):
+                with contextlib.suppress(OSError):
+                    session.channel.sock.shutdown(socket.SHUT_RDWR)
+            threads = list(self._threads)
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(timeout=10)
+        self.store.close()
+        if self.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.unix_path.unlink()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        self._stopping.wait()
+
+    def _close_listeners(self) -> None:
+        for sock in self._listeners:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._listeners.clear()
+
+    def _spawn(self, target: Callable[..., None], *args: Any, name: str) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+        t.start()
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        local = listener.family == socket.AF_UNIX
+        while not self._stopping.is_set():
+            try:
+                sock, addr = listener.accept()
+            except OSError:
+                return
+            peer = "unix" if local else f"{addr[0]}:{addr[1]}"
+            self._spawn(self._serve, sock, peer, local, name=f"mooncakefs-conn-{peer}")
+
+    # -- one connection ---------------------------------------------------------------------------------
+
+    def _serve(self, sock: socket.socket, peer: str, local: bool) -> None:
+        session = Session(Channel(sock, peer), local)
+        with self._lock:
+            self._sessions.add(session)
+        try:
+            self._handshake(session)
+            self._loop(session)
+        except (Unavailable, ProtocolError, AuthenticationError) as exc:
+            if not self._stopping.is_set():
+                level = logging.DEBUG if isinstance(exc, Unavailable) else logging.WARNING
+                log.log(level, "client dropped", extra={"peer": peer, "why": str(exc)})
+        except Exception:
+            log.exception("connection failed", extra={"peer": peer})
+        finally:
+            self._end_session(session)
+
+    def _handshake(self, session: Session) -> None:
+        ch = session.channel
+        nonce = secrets.token_bytes(16) if self.secret and not session.local else None
+        ch.send(Op.HELLO, [VERSION, self.instance, nonce])
+        op, _flags, meta, _n = ch.read_frame()
+        if op != Op.AUTH or not isinstance(meta, list) or len(meta) != 2 or meta[0] != VERSION:
+            raise ProtocolError(f"{ch.peer}: bad handshake (opcode {op}, {meta!r:.100})")
+        if nonce is not None:
+            proof = meta[1]
+            assert self.secret is not None
+            if not isinstance(proof, bytes) or not secrets.compare_digest(proof, auth_proof(self.secret, nonce)):
+                ch.send(Op.ERROR, error_meta(AuthenticationError(
+                    "this node requires the cluster secret: connect with secret=... (or MOONCAKEFS_SECRET)")))
+                raise AuthenticationError(f"{ch.peer}: wrong or missing cluster secret")
+        ch.send(Op.OK, [])
+
+    def _loop(self, session: Session) -> None:
+        ch, handlers, names = session.channel, self._handlers, self._op_names
+        while True:
+            op, _flags, meta, payload_len = ch.read_frame()
+            handler = handlers.get(op)
+            name = names.get(op, "unknown")
+            self.requests[name] += 1
+            if handler is None:
+                raise ProtocolError(f"{ch.peer}: unknown opcode {op}")
+            try:
+                if not isinstance(meta, list):
+                    raise TypeError(f"request meta must be an array, got {type(meta).__name__}")
+                handler(session, meta, payload_len)
+            except (MooncakeError, ValueError, TypeError, KeyError, IndexError) as exc:
+                if isinstance(exc, Unavailable | ProtocolError):
+                    raise
+                self.errors[type(exc).__name__] += 1
+                ch.skip_payload()
+                if op != Op.RELEASE:
+                    ch.send(Op.ERROR, error_meta(exc if isinstance(exc, MooncakeError | ValueError | TypeError)
+                                                 else ValueError(f"malformed request: {exc!r:.100}")))
+
+    def _end_session(self, session: Session) -> None:
+        """Give back everything the connection held: a client killed mid-put leaks nothing."""
+        session.channel.close()
+        with self._lock:
+            self._sessions.discard(session)
+        for lease_id in list(session.leases):
+            self._drop_lease(lease_id)
+        for put_id in list(session.pending):
+            item = self._pending.pop(put_id, None)
+            if item is not None:
+                self.store.abort_put(item[0])
+
+    # -- handlers: each reads its payload, then sends exactly one reply ------------------------------
+
+    def _ok(self, session: Session, meta: Any = (), payload: Any = None) -> None:
+        session.channel.send(Op.OK, meta, payload)
+
+    def _ping(self, session: Session, meta: list[Any], _n: int) -> None:
+        self._ok(session, [self.instance])
+
+    def _map(self, session: Session, meta: list[Any], _n: int) -> None:
+        if not session.local:
+            raise ValueError("the pool can only be mapped over the node's Unix socket")
+        fd, size = self.store.shared_pool()
+        session.channel.send_with_fds(Op.OK, [size], [fd])
+        session.mapped = True
+
+    def _receive_put(self, session: Session, pending: PendingPut) -> None:
+        """Receive a put's payload into its reserved room, then publish it."""
+        try:
+            session.channel.read_payload_into(pending.buffer)
+        except BaseException:
+            self.store.abort_put(pending)
+            raise
+        self.bytes_in += pending.size
+        self.store.end_put(pending)
+
+    def _put(self, session: Session, meta: list[Any], payload_len: int) -> None:
+        key, size, flags, ttl = meta
+        if size != payload_len:
+            raise ValueError(f"put declares {size} bytes but carries {payload_len}")
+        self._receive_put(session, self.store.begin_put(wire_key(key), size, **put_options(flags, ttl)))
+        self._ok(session)
+
+    def _put_begin(self, session: Session, meta: list[Any], _n: int) -> None:
+        key, size, flags, ttl = meta
+        pending = self.store.begin_put(wire_key(key), size, **put_options(flags, ttl))
+        put_id = secrets.randbits(63)
+        self._pending[put_id] = (pending, session)
+        session.pending.add(put_id)
+        self._ok(session, [put_id, pending.pool_offset if session.mapped else -1])
+
+    def _pending_of(self, session: Session, put_id: Any) -> PendingPut:
+        item = self._pending.get(put_id)
+        if item is None or item[1] is not session:
+            raise ValueError(f"no unfinished put {put_id!r:.30} on this connection")
+        return item[0]
+
+    def _write(self, session: Session, meta: list[Any], payload_len: int) -> None:
+        put_id, offset = meta
+        item = self._pending.get(put_id)  # any connection of the client may carry a stripe
+        if item is None:
+            raise ValueError(f"no unfinished put {put_id!r:.30}")
+        buffer = item[0].buffer
+        if not (type(offset) is int and offset >= 0 and offset + payload_len <= len(buffer)):
+            raise ValueError(f"write of {payload_len} bytes at {offset!r:.30} outside a {len(buffer)}-byte value")
+        session.channel.read_payload_into(buffer[offset : offset + payload_len])
+        self.bytes_in += payload_len
+        self._ok(session)
+
+    def _put_end(self, session: Session, meta: list[Any], _n: int) -> None:
+        (put_id,) = meta
+        pending = self._pending_of(session, put_id)
+        del self._pending[put_id]
+        session.pending.discard(put_id)
+        self.store.end_put(pending)
+        self._ok(session)
+
+    def _put_abort(self, session: Session, meta: list[Any], _n: int) -> None:
+        (put_id,) = meta
+        pending = self._pending_of(session, put_id)
+        del self._pending[put_id]
+        session.pending.discard(put_id)
+        self.store.abort_put(pending)
+        self._ok(session)
+
+    def _lease(self, session: Session, key: Any, inline_max: int) -> tuple[list[int], _InlineValue | None]:
+        """Look a value up for a reader: ([size, lease id, pool offset], bytes to send inline or None).
+        Values larger than ``inline_max`` stay leased until the client releases them."""
+        view = self.store.view(wire_key(key))
+        data = view.__enter__()
+        size = len(data)
+        if size <= inline_max:
+            self.bytes_out += size
+            return [size, 0, -1], _InlineValue(view, data)
+        lease_id = secrets.randbits(63)
+        self._leases[lease_id] = (view, data, session)
+        session.leases.add(lease_id)
+        return [size, lease_id, view.pool_offset if session.mapped else -1], None
+
+    def _get(self, session: Session, meta: list[Any], _n: int) -> None:
+        key, inline_max = meta
+        info, inline = self._lease(session, key, inline_max)
+        if inline is None:
+            self._ok(session, info)
+            return
+        with inline:
+            self._ok(session, info, inline.data)
+
+    def _read(self, session: Session, meta: list[Any], _n: int) -> None:
+        lease_id, offset, length = meta
+        item = self._leases.get(lease_id)
+        if item is None:
+            raise ValueError(f"no lease {lease_id!r:.30} (released, or its client went away)")
+        data = item[1]
+        if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0
+                and offset + length <= len(data)):
+            raise ValueError(f"read of {length!r:.30} bytes at {offset!r:.30} outside a {len(data)}-byte value")
+        self.bytes_out += length
+        self._ok(session, (), data[offset : offset + length])
+
+    def _release(self, session: Session, meta: list[Any], _n: int) -> None:
+        for lease_id in meta:
+            if lease_id in session.leases:
+                session.leases.discard(lease_id)
+                self._drop_lease(lease_id)
+
+    def _drop_lease(self, lease_id: int) -> None:
+        item = self._leases.pop(lease_id, None)
+        if item is not None:
+            item[0].__exit__(None, None, None)
+
+    def _exists(self, session: Session, meta: list[Any], _n: int) -> None:
+        (key,) = meta
+        self._ok(session, [self.store.exists(wire_key(key))])
+
+    def _remove(self, session: Session, meta: list[Any], _n: int) -> None:
+        (key,) = meta
+        self._ok(session, [self.store.remove(wire_key(key))])
+
+    def _remove_prefix(self, session: Session, meta: list[Any], _n: int) -> None:
+        (prefix,) = meta
+        if type(prefix) is not bytes:
+            raise TypeError("prefix must be bytes")
+        self._ok(session, [self.store.remove_prefix(prefix)])
+
+    def _stat(self, session: Session, meta: list[Any], _n: int) -> None:
+        (key,) = meta
+        info = self.store.stat(wire_key(key))
+        self._ok(session, [info.size, info.checksum, info.tier, info.pinned, info.expires])
+
+    def _keys(self, session: Session, meta: list[Any], _n: int) -> None:
+        (prefix,) = meta
+        if type(prefix) is not bytes:
+            raise TypeError("prefix must be bytes")
+        keys = [k.encode() if isinstance(k, str) else k for k in self.store.keys(prefix)]
+        self._ok(session, [keys])
+
+    def _match_prefix(self, session: Session, meta: list[Any], _n: int) -> None:
+        (keys,) = meta
+        self._ok(session, [self.store.match_prefix([wire_key(k) for k in _batch(keys)])])
+
+    def _stats(self, session: Session, meta: list[Any], _n: int) -> None:
+        self._ok(session, [self.store.stats()])
+
+    def _persist(self, session: Session, meta: list[Any], _n: int) -> None:
+        (keys,) = meta
+        self._ok(session, [self.store.persist(None if keys is None else [wire_key(k) for k in _batch(keys)])])
+
+    def _batch_put(self, session: Session, meta: list[Any], payload_len: int) -> None:
+        keys, sizes, flags, ttl = meta
+        keys, sizes = _batch(keys), _batch(sizes)
+        if len(keys) != len(sizes) or any(type(s) is not int or s < 0 for s in sizes) or sum(sizes) != payload_len:
+            raise ValueError("batch put: keys, sizes and payload do not agree")
+        options = put_options(flags, ttl)
+        ch = session.channel
+        results: list[Any] = []
+        if payload_len <= BATCH_STAGE_MAX:  # small values: stage them, then one trip through the store lock
+            staged = memoryview(ch.read_payload(payload_len))
+            self.bytes_in += payload_len
+            offsets = [0]
+            for s in sizes:
+                offsets.append(offsets[-1] + s)
+            results = self.store.batch_put(
+                [(wire_key(k), staged[offsets[i] : offsets[i + 1]]) for i, k in enumerate(keys)], **options)
+        else:
+            for key, size in zip(keys, sizes, strict=True):
+                try:
+                    pending = self.store.begin_put(wire_key(key), size, **options)
+                except (MooncakeError, ValueError, TypeError) as exc:
+                    if isinstance(exc, Unavailable):
+                        raise
+                    ch.read_payload(size)  # skip this value's bytes
+                    results.append(exc)
+                    continue
+                try:
+                    self._receive_put(session, pending)
+                    results.append(None)
+                except (MooncakeError, ValueError) as exc:
+                    if isinstance(exc, Unavailable | ProtocolError):
+                        raise
+                    results.append(exc)
+        self._ok(session, [[None if r is None else error_meta(r) for r in results]])
+
+    def _batch_get(self, session: Session, meta: list[Any], _n: int) -> None:
+        keys, limits = meta  # limits: per key, the largest value to send inline
+        if len(_batch(limits)) != len(_batch(keys)):
+            raise ValueError("batch get: one inline limit per key")
+        infos: list[Any] = []
+        inline: list[_InlineValue] = []
+        try:
+            for key, inline_max in zip(keys, limits, strict=True):
+                try:
+                    info, value = self._lease(session, key, inline_max)
+                except (MooncakeError, ValueError, TypeError) as exc:
+                    if isinstance(exc, Unavailable):
+                        raise
+                    infos.append(error_meta(exc))
+                    continue
+                infos.append(info)
+                if value is not None:
+                    inline.append(value)
+            self._ok(session, [infos], [v.data for v in inline])
+        finally:
+            for v in inline:
+                v.__exit__()
+
+    def _batch_exists(self, session: Session, meta: list[Any], _n: int) -> None:
+        (keys,) = meta
+        self._ok(session, [self.store.batch_exists([wire_key(k) for k in _batch(keys)])])
+
+
+class _InlineValue:
+    """A value sent inside the reply: its lease ends once the reply is out."""
+
+    __slots__ = ("data", "view")
+
+    def __init__(self, view: ValueView, data: memoryview) -> None:
+        self.view, self.data = view, data
+
+    def __enter__(self) -> _InlineValue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.view.__exit__(None, None, None)
+
+
+def _batch(items: Any) -> list[Any]:
+    if type(items) is not list or len(items) > MAX_BATCH:
+        raise ValueError(f"a batch is a list of at most {MAX_BATCH} items")
+    return items
+

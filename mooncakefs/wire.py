@@ -1,0 +1,240 @@
+"""The wire protocol between clients and nodes: length-prefixed frames over a stream socket.
+
+A frame is a 16-byte header (magic, opcode, flags, meta length, payload length), then ``meta`` (a
+msgpack array of the request's arguments, at most MAX_META bytes), then ``payload`` (raw value bytes).
+Both lengths are checked before anything is allocated for them, and a payload is received straight
+into its destination (a pool block, the caller's buffer), never staged.  Conversation is strictly
+request then reply on each connection, except RELEASE, which has no reply.  See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import hmac
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+
+from mooncakefs import errors
+from mooncakefs.errors import MooncakeError, ProtocolError, Unavailable
+
+MAGIC = 0x434D  # b"MC"
+VERSION = 1
+HEADER = struct.Struct("<HBBIQ")  # magic, opcode, flags, meta length, payload length
+MAX_META = 8 << 20  # a batch of 4096 keys of 1 KiB fits
+MAX_PAYLOAD = 1 << 48
+MAX_BATCH = 4096
+RECV_BUFFER = 256 << 10
+SMALL_SEND = 64 << 10  # payloads up to this are copied next to the header: one send() per frame
+
+
+class Op:
+    """Opcodes.  Requests from clients, then the two replies."""
+
+    HELLO, AUTH, MAP, PING = 1, 2, 3, 4
+    PUT, PUT_BEGIN, PUT_END, PUT_ABORT, WRITE = 10, 11, 12, 13, 14
+    GET, READ, RELEASE = 20, 21, 22
+    EXISTS, REMOVE, REMOVE_PREFIX, STAT, KEYS, MATCH_PREFIX, STATS, PERSIST = 30, 31, 32, 33, 34, 35, 36, 37
+    BATCH_PUT, BATCH_GET, BATCH_EXISTS = 40, 41, 42
+    OK, ERROR = 100, 101
+
+
+# Put flags, in the meta of PUT, PUT_BEGIN and BATCH_PUT.
+PIN, IF_ABSENT, DURABLE = 1, 2, 4
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def auth_proof(secret: bytes, nonce: bytes) -> bytes:
+    """What a client sends to prove it holds the cluster secret without revealing it."""
+    return hmac.new(secret, b"mooncakefs-client\0" + nonce, hashlib.sha256).digest()
+
+
+def error_meta(exc: BaseException) -> list[Any]:
+    """An exception as ERROR meta: [class name, message, key, needed, given]."""
+    return [type(exc).__name__, str(exc), getattr(exc, "key", None), getattr(exc, "needed", 0),
+            getattr(exc, "given", 0)]
+
+
+_WIRE_ERRORS: dict[str, type[BaseException]] = {
+    name: cls for name, cls in vars(errors).items() if isinstance(cls, type) and issubclass(cls, MooncakeError)
+} | {"ValueError": ValueError, "TypeError": TypeError}
+
+
+def error_from_meta(meta: Sequence[Any]) -> BaseException:
+    """The exception an ERROR frame describes, as the same class the node raised where it can be."""
+    try:
+        name, message, key, needed, given = meta
+        cls = _WIRE_ERRORS.get(name, MooncakeError)
+        if cls is errors.KeyNotFound:
+            return errors.KeyNotFound(key, message.split(": ", 1)[-1])
+        if cls is errors.KeyExists:
+            return errors.KeyExists(key)
+        if cls is errors.BufferTooSmall:
+            return errors.BufferTooSmall(key, needed, given)
+        return cls(message)
+    except (TypeError, ValueError, AttributeError):
+        return ProtocolError(f"malformed error reply: {meta!r:.200}")
+
+
+class Channel:
+    """One framed connection.  Not thread-safe: one request at a time, by one thread.
+
+    Reads are buffered, so a small frame costs one ``recv``; payloads bigger than what is buffered are
+    received straight into the caller's memory."""
+
+    def __init__(self, sock: socket.socket, peer: str, timeout: float | None = None) -> None:
+        self.sock, self.peer = sock, peer
+        if timeout is not None:  # kernel-side timeouts keep the socket blocking: one syscall per recv
+            tv = struct.pack("ll", int(timeout), int(timeout % 1 * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0
+        self.payload_left = 0  # bytes of the current frame's payload not yet read
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+
+    # -- sending ----------------------------------------------------------------------------------------
+
+    def send(self, op: int, meta: Any = (), payload: Any = None, flags: int = 0) -> None:
+        """Send one frame; ``payload`` is a buffer or a list of buffers (sent without copying if large)."""
+        m = _pack(meta)
+        parts = payload if isinstance(payload, list) else ([] if payload is None else [payload])
+        size = sum(memoryview(p).nbytes for p in parts) if len(parts) != 1 else memoryview(parts[0]).nbytes
+        head = HEADER.pack(MAGIC, op, flags, len(m), size) + m
+        try:
+            if size <= SMALL_SEND:
+                self.sock.sendall(b"".join([head, *parts]) if parts else head)
+            else:
+                self.sock.sendall(head)
+                for p in parts:
+                    self.sock.sendall(p)
+        except OSError as exc:
+            raise self._lost(exc) from None
+
+    def send_with_fds(self, op: int, meta: Any, fds: list[int]) -> None:
+        m = _pack(meta)
+        socket.send_fds(self.sock, [HEADER.pack(MAGIC, op, 0, len(m), 0) + m], fds)
+
+    # -- receiving --------------------------------------------------------------------------------------
+
+    def read_frame(self) -> tuple[int, int, Any, int]:
+        """The next frame's (opcode, flags, meta, payload length); read the payload next."""
+        if self.payload_left:
+            self.skip_payload()
+        self._fill(HEADER.size)
+        magic, op, flags, meta_len, payload_len = HEADER.unpack_from(self._buf, self._start)
+        if magic != MAGIC:
+            raise ProtocolError(f"{self.peer}: bad frame magic {magic:#06x}")
+        if meta_len > MAX_META or payload_len > MAX_PAYLOAD:
+            raise ProtocolError(f"{self.peer}: frame too large (meta {meta_len}, payload {payload_len})")
+        self._start += HEADER.size
+        meta = self._read_meta(meta_len) if meta_len else ()
+        self.payload_left = payload_len
+        return op, flags, meta, payload_len
+
+    def read_frame_with_fds(self, max_fds: int) -> tuple[int, int, Any, int, list[int]]:
+        """``read_frame`` for a reply carrying file descriptors (SCM_RIGHTS); nothing may be buffered."""
+        assert self._start == self._end
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, RECV_BUFFER, max_fds)
+        except OSError as exc:
+            raise self._lost(exc) from None
+        if not data:
+            raise self._lost(None)
+        self._buf[: len(data)] = data
+        self._start, self._end = 0, len(data)
+        return (*self.read_frame(), fds)
+
+    def read_reply(self) -> tuple[Any, int]:
+        """The reply to a request: (meta, payload length); an ERROR reply is raised as its exception."""
+        op, _flags, meta, payload_len = self.read_frame()
+        if op == Op.OK:
+            return meta, payload_len
+        if op == Op.ERROR:
+            raise error_from_meta(meta)
+        raise ProtocolError(f"{self.peer}: expected a reply, got opcode {op}")
+
+    def read_payload_into(self, dst: memoryview) -> None:
+        """Fill ``dst`` (a byte view) from the current payload."""
+        n = len(dst)
+        if n > self.payload_left:
+            raise ProtocolError(f"{self.peer}: payload has {self.payload_left} bytes left, {n} wanted")
+        self.payload_left -= n
+        have = min(n, self._end - self._start)
+        if have:
+            dst[:have] = self._view[self._start : self._start + have]
+            self._start += have
+        while have < n:
+            try:
+                got = self.sock.recv_into(dst[have:], n - have, socket.MSG_WAITALL)
+            except OSError as exc:
+                raise self._lost(exc) from None
+            if not got:
+                raise self._lost(None)
+            have += got
+
+    def read_payload(self, n: int) -> bytearray:
+        out = bytearray(n)
+        self.read_payload_into(memoryview(out))
+        return out
+
+    def skip_payload(self) -> None:
+        """Drain what is left of the current payload (a request that failed before reading it)."""
+        while self.payload_left:
+            n = min(self.payload_left, RECV_BUFFER)
+            self.read_payload_into(memoryview(bytearray(n)))
+
+    def _read_meta(self, n: int) -> Any:
+        if n <= RECV_BUFFER:
+            self._fill(n)
+            raw: Any = self._view[self._start : self._start + n]
+            self._start += n
+        else:
+            raw = bytearray(n)
+            self.payload_left = n
+            self.read_payload_into(memoryview(raw))
+        try:
+            return msgpack.unpackb(raw, use_list=True, raw=False, strict_map_key=False)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise ProtocolError(f"{self.peer}: undecodable frame meta ({exc})") from None
+
+    def _fill(self, n: int) -> None:
+        """Make at least ``n`` bytes (at most RECV_BUFFER) readable from the buffer."""
+        if self._end - self._start >= n:
+            return
+        if self._start + n > RECV_BUFFER:  # no room behind: move what is left to the front
+            left = self._end - self._start
+            self._buf[:left] = self._view[self._start : self._end]
+            self._start, self._end = 0, left
+        while self._end - self._start < n:
+            try:
+                got = self.sock.recv_into(self._view[self._end :])
+            except OSError as exc:
+                raise self._lost(exc) from None
+            if not got:
+                raise self._lost(None)
+            self._end += got
+
+    def _lost(self, exc: OSError | None) -> Unavailable:
+        """The peer is gone or silent: this channel is done for."""
+        self.close()
+        if exc is None:
+            why = "closed by the peer"
+        elif exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or isinstance(exc, TimeoutError):
+            why = "timed out"
+        else:
+            why = f"failed: {exc.strerror or exc}"
+        return Unavailable(f"{self.peer}: connection {why}")
