@@ -58,6 +58,7 @@ cdef class Entry:
     cdef public double expires
     cdef public int readers
     cdef public int hits
+    cdef public unsigned int seen
     cdef public bint pinned
     cdef public bint sticky
     cdef public bint dead

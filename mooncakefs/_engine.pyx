@@ -7,9 +7,16 @@ Each has a pure-Python twin in ``mooncakefs._reference`` that the tests run agai
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free as c_free, malloc, realloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
+
+
+cdef extern from *:
+    """
+    #define mc_store_i64(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+    """
+    void mc_store_i64(int64_t *p, int64_t v) nogil
 
 
 cdef extern from "<sys/mman.h>" nogil:
@@ -456,3 +463,168 @@ cdef class Entry:
         self.seg = -1
         self.seg_off = -1
         self.crc = -1
+
+
+# ---------------------------------------------------------------------------------------------------
+
+cdef extern from "_shared_index.h" nogil:
+    ctypedef struct mc_idx_header:
+        uint64_t magic
+        uint64_t slots
+        int64_t heartbeat
+    ctypedef struct mc_idx_slot:
+        uint32_t seq
+        uint32_t hits
+    const uint64_t MC_IDX_MAGIC
+    const uint32_t MC_TOMB
+    int64_t mc_now_ns()
+    mc_idx_slot *mc_idx_find(void *base, uint64_t h1, uint64_t h2)
+    int mc_idx_publish(void *base, uint64_t h1, uint64_t h2, uint32_t off, uint32_t size)
+    int mc_idx_remove(void *base, uint64_t h1, uint64_t h2)
+    int64_t mc_idx_read(void *base, const uint8_t *pool, uint64_t pool_size, uint64_t h1, uint64_t h2,
+                        uint8_t *dst, uint64_t room)
+
+INDEX_HEADER_BYTES = sizeof(mc_idx_header)
+INDEX_SLOT_BYTES = sizeof(mc_idx_slot)
+INDEX_MAX_VALUE = MC_TOMB - 1
+
+
+cdef inline int _split(bytes digest, uint64_t *h1, uint64_t *h2) except -1:
+    if len(digest) != 16:
+        raise ValueError("a shared-index key digest is 16 bytes")
+    memcpy(h1, PyBytes_AS_STRING(digest), 8)
+    memcpy(h2, PyBytes_AS_STRING(digest) + 8, 8)
+    return 0
+
+
+cdef class SharedIndex:
+    """The node's index of DRAM-resident values, in shared memory, read by clients with no round trip.
+
+    The node (``create=True``) publishes and removes entries under its store lock; clients, given the
+    pool too, copy values out lock-free (``read_into``), checking a seqlock per slot: any doubt is a
+    miss (-1), and the caller asks the node.  Keys are 16-byte digests of the key bytes.  The layout
+    and the protocol are in ``_shared_index.h``."""
+
+    cdef Py_buffer table
+    cdef Py_buffer pool
+    cdef bint held_table, held_pool
+    cdef mc_idx_header *head
+    cdef readonly uint64_t slots
+
+    def __cinit__(self, table, pool=None, *, bint create=False):
+        _get_write(table, &self.table, "index table")
+        self.held_table = True
+        self.head = <mc_idx_header *>self.table.buf
+        cdef size_t n = <size_t>self.table.len
+        if n < sizeof(mc_idx_header) + sizeof(mc_idx_slot):
+            raise ValueError("index table too small")
+        if create:
+            memset(self.table.buf, 0, n)
+            self.head.slots = 1
+            while self.head.slots * 2 * sizeof(mc_idx_slot) + sizeof(mc_idx_header) <= n:
+                self.head.slots *= 2
+            self.head.magic = MC_IDX_MAGIC
+            self.head.heartbeat = mc_now_ns()
+        elif self.head.magic != MC_IDX_MAGIC or self.head.slots * sizeof(mc_idx_slot) + sizeof(mc_idx_header) > n:
+            raise ValueError("not a mooncakefs shared index")
+        self.slots = self.head.slots
+        if pool is not None:
+            _get_read(pool, &self.pool, "pool")
+            self.held_pool = True
+
+    def release(self) -> None:
+        if self.held_pool:
+            PyBuffer_Release(&self.pool)
+            self.held_pool = False
+        if self.held_table:
+            PyBuffer_Release(&self.table)
+            self.held_table = False
+            self.head = NULL
+
+    def __dealloc__(self):
+        self.release()
+
+    cdef inline int _check(self) except -1:
+        if not self.held_table:
+            raise ValueError("shared index released")
+        return 0
+
+    # -- the node's side --
+
+    def publish(self, bytes digest, size_t offset, size_t size) -> bool:
+        """Make the value at pool ``offset`` (a multiple of 64) of ``size`` bytes readable; False if it
+        cannot be (no slot within the probe limit, too large, or too far into the pool)."""
+        cdef uint64_t h1, h2
+        self._check()
+        _split(digest, &h1, &h2)
+        if (h1 == 0 and h2 == 0) or size >= MC_TOMB or offset % 64 or offset // 64 >= MC_TOMB:
+            self.remove(digest)
+            return False
+        if mc_idx_publish(self.head, h1, h2, <uint32_t>(offset // 64), <uint32_t>size):
+            return True
+        return False
+
+    def remove(self, bytes digest) -> bool:
+        cdef uint64_t h1, h2
+        self._check()
+        _split(digest, &h1, &h2)
+        return mc_idx_remove(self.head, h1, h2) == 1
+
+    def hits(self, bytes digest) -> int:
+        """How many shared-memory reads the entry has had since it was published (approximate)."""
+        cdef uint64_t h1, h2
+        self._check()
+        _split(digest, &h1, &h2)
+        cdef mc_idx_slot *s = mc_idx_find(self.head, h1, h2)
+        return 0 if s == NULL or s.seq & 1 else s.hits
+
+    def beat(self) -> None:
+        """Tell readers the node is alive (it must say so at least every two seconds)."""
+        self._check()
+        mc_store_i64(&self.head.heartbeat, mc_now_ns())
+
+    def stop(self) -> None:
+        """Tell readers the node is gone: from now on every read asks the node (and learns it is down)."""
+        self._check()
+        mc_store_i64(&self.head.heartbeat, 0)
+
+    # -- the clients' side --
+
+    def read_into(self, bytes digest, dst) -> int:
+        """Copy the value into ``dst``: its size; -1 to ask the node; -2 - size if ``dst`` is too small."""
+        cdef uint64_t h1, h2
+        cdef Py_buffer d
+        cdef int64_t n
+        self._check()
+        if not self.held_pool:
+            raise ValueError("this index was opened without the pool")
+        _split(digest, &h1, &h2)
+        _get_write(dst, &d, "buffer")
+        try:
+            if d.len >= GIL_FREE_BYTES:
+                with nogil:
+                    n = mc_idx_read(self.head, <const uint8_t *>self.pool.buf, self.pool.len, h1, h2,
+                                    <uint8_t *>d.buf, d.len)
+            else:
+                n = mc_idx_read(self.head, <const uint8_t *>self.pool.buf, self.pool.len, h1, h2,
+                                <uint8_t *>d.buf, d.len)
+            return n
+        finally:
+            PyBuffer_Release(&d)
+
+    def read(self, bytes digest, size_t room=65536):
+        """The value as new bytes if it is at most ``room`` bytes, else None (ask the node)."""
+        buf = PyBytes_FromStringAndSize(NULL, room)
+        n = self.read_into_bytes(digest, buf)
+        if n < 0:
+            return None
+        return buf[:n] if n != room else buf
+
+    cdef int64_t read_into_bytes(self, bytes digest, bytes buf) except? -3:
+        cdef uint64_t h1, h2
+        self._check()
+        if not self.held_pool:
+            raise ValueError("this index was opened without the pool")
+        _split(digest, &h1, &h2)
+        return mc_idx_read(self.head, <const uint8_t *>self.pool.buf, self.pool.len, h1, h2,
+                           <uint8_t *>PyBytes_AS_STRING(buf), len(buf))

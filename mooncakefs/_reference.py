@@ -6,6 +6,10 @@ the same calls), slowly and obviously, so the tests can check the fast versions 
 
 from __future__ import annotations
 
+import struct
+import time
+from collections.abc import Iterator
+
 ALLOC_UNIT = 64
 _NONE = -1
 _NUM_BINS = 256
@@ -235,12 +239,127 @@ class Arena:
 class Entry:
     """Same fields as the Cython entry."""
 
-    __slots__ = ("crc", "dead", "dram", "dram_off", "expires", "hits", "pinned", "readers", "seg",
+    __slots__ = ("crc", "dead", "dram", "dram_off", "expires", "hits", "pinned", "readers", "seen", "seg",
                  "seg_off", "size", "sticky")
 
     def __init__(self, size: int = 0) -> None:
         self.size = size
         self.dram = self.dram_off = self.seg = self.seg_off = self.crc = -1
         self.expires = 0.0
-        self.readers = self.hits = 0
+        self.readers = self.hits = self.seen = 0
         self.pinned = self.sticky = self.dead = False
+
+
+INDEX_HEADER_BYTES, INDEX_SLOT_BYTES = 64, 32
+_HEAD = struct.Struct("<QQq")  # magic, slots, heartbeat (ns)
+_SLOT = struct.Struct("<IIQQII")  # seq, hits, h1, h2, off (64-byte units), size
+_IDX_MAGIC, _TOMB, _PROBES, _STALE_NS = 0x31584449434D4F4F, 0xFFFFFFFF, 32, 2_000_000_000
+
+
+class SharedIndex:
+    """The shared index's layout and protocol in plain Python (one process: no real concurrency)."""
+
+    def __init__(self, table: object, pool: object = None, *, create: bool = False) -> None:
+        self.table = _write_view(table, "index table")
+        self.pool = None if pool is None else _read_view(pool, "pool")
+        n = len(self.table)
+        if create:
+            self.table[:] = bytes(n)
+            slots = 1
+            while slots * 2 * INDEX_SLOT_BYTES + INDEX_HEADER_BYTES <= n:
+                slots *= 2
+            _HEAD.pack_into(self.table, 0, _IDX_MAGIC, slots, time.monotonic_ns())
+        magic, self.slots, _ = _HEAD.unpack_from(self.table, 0)
+        if magic != _IDX_MAGIC:
+            raise ValueError("not a mooncakefs shared index")
+
+    def _slot(self, i: int) -> list[int]:
+        return list(_SLOT.unpack_from(self.table, INDEX_HEADER_BYTES + i * INDEX_SLOT_BYTES))
+
+    def _write(self, i: int, h1: int, h2: int, off: int, size: int) -> None:
+        seq = self._slot(i)[0]
+        _SLOT.pack_into(self.table, INDEX_HEADER_BYTES + i * INDEX_SLOT_BYTES, seq + 2, 0, h1, h2, off, size)
+
+    def _probe(self, h1: int) -> Iterator[int]:
+        for p in range(_PROBES):
+            yield (h1 + p) & (self.slots - 1)
+
+    def _find(self, h1: int, h2: int) -> int:
+        for i in self._probe(h1):
+            s = self._slot(i)
+            if (s[2], s[3]) == (h1, h2):
+                return i
+            if s[2] == s[3] == 0:
+                return -1
+        return -1
+
+    def publish(self, digest: bytes, offset: int, size: int) -> bool:
+        h1, h2 = struct.unpack("<QQ", digest)
+        if (h1 == h2 == 0) or size >= _TOMB or offset % 64 or offset // 64 >= _TOMB:
+            self.remove(digest)
+            return False
+        free = -1
+        for i in self._probe(h1):
+            s = self._slot(i)
+            if (s[2], s[3]) == (h1, h2):
+                self._write(i, h1, h2, offset // 64, size)
+                return True
+            empty = s[2] == s[3] == 0
+            if free < 0 and (empty or s[5] == _TOMB):
+                free = i
+            if empty:
+                break
+        if free < 0:
+            return False
+        self._write(free, h1, h2, offset // 64, size)
+        return True
+
+    def remove(self, digest: bytes) -> bool:
+        h1, h2 = struct.unpack("<QQ", digest)
+        i = self._find(h1, h2)
+        if i < 0 or self._slot(i)[5] == _TOMB:
+            return False
+        self._write(i, h1, h2, 0, _TOMB)
+        return True
+
+    def hits(self, digest: bytes) -> int:
+        i = self._find(*struct.unpack("<QQ", digest))
+        return 0 if i < 0 else self._slot(i)[1]
+
+    def beat(self) -> None:
+        struct.pack_into("<q", self.table, 16, time.monotonic_ns())
+
+    def stop(self) -> None:
+        struct.pack_into("<q", self.table, 16, 0)
+
+    def read_into(self, digest: bytes, dst: object) -> int:
+        if self.pool is None:
+            raise ValueError("this index was opened without the pool")
+        out = _write_view(dst, "buffer")
+        beat = _HEAD.unpack_from(self.table, 0)[2]
+        if beat == 0 or time.monotonic_ns() - beat > _STALE_NS:
+            return -1
+        h1, h2 = struct.unpack("<QQ", digest)
+        i = self._find(h1, h2)
+        if i < 0:
+            return -1
+        seq, hits, _, _, off, size = self._slot(i)
+        if seq & 1 or size == _TOMB or off * 64 + size > len(self.pool):
+            return -1
+        if size > len(out):
+            return -2 - size
+        out[:size] = self.pool[off * 64 : off * 64 + size]
+        if self._slot(i)[0] != seq:  # the node changed the slot mid-copy: the block may be reused
+            return -1
+        _SLOT.pack_into(self.table, INDEX_HEADER_BYTES + i * INDEX_SLOT_BYTES, seq, hits + 1, h1, h2, off, size)
+        return size
+
+    def read(self, digest: bytes, room: int = 65536) -> bytes | None:
+        buf = bytearray(room)
+        n = self.read_into(digest, buf)
+        return None if n < 0 else bytes(buf[:n])
+
+    def release(self) -> None:
+        self.table.release()
+        if self.pool is not None:
+            self.pool.release()

@@ -144,9 +144,13 @@ def demo(data: Path | None, dram: int, ssd: int, block_size: int, trace: Path | 
 @click.option("--background", is_flag=True, help="Return once mounted; the daemon logs to <data>/mount.log.")
 @click.option("--allow-other", is_flag=True, help="Let users other than the mounter use the mount.")
 @click.option("--debug", is_flag=True, help="Log every FUSE request.")
+@click.option("--node", default=None,
+              help="Keep file data in a node's pool (unix:///…/node.sock or tcp://host:port) instead of a pool "
+                   "of the mount's own; --dram and --ssd are then the node's business, and --data holds only "
+                   "the namespace.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), hidden=True)
 def mount(mountpoint: Path, data: Path | None, dram: int, ssd: str, chunk_size: int, background: bool,
-          allow_other: bool, debug: bool, log_file: Path | None) -> None:
+          allow_other: bool, debug: bool, node: str | None, log_file: Path | None) -> None:
     """Mount the store as a filesystem at MOUNTPOINT.
 
     Runs until the filesystem is unmounted (umount MOUNTPOINT, fusermount3 -u MOUNTPOINT) or the daemon
@@ -165,6 +169,7 @@ def mount(mountpoint: Path, data: Path | None, dram: int, ssd: str, chunk_size: 
         args += ["--data", str(data)] if data else []
         args += ["--allow-other"] if allow_other else []
         args += ["--debug"] if debug else []
+        args += ["--node", node] if node else []
         raise SystemExit(fuse_mount.serve_in_background(args, (data or default_path()) / "mount.log"))
     _configure_logging(debug, log_file)
 
@@ -179,7 +184,7 @@ def mount(mountpoint: Path, data: Path | None, dram: int, ssd: str, chunk_size: 
 
     try:
         fuse_mount.serve(mountpoint, data=data, dram=dram, ssd=ssd, chunk_size=chunk_size, debug=debug,
-                         allow_other=allow_other, announce=announce)
+                         allow_other=allow_other, announce=announce, node=node)
     except mooncakefs.MooncakeError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from mooncakefs._engine import SharedIndex
 from mooncakefs.errors import (
     AuthenticationError,
     BufferTooSmall,
@@ -29,7 +30,7 @@ from mooncakefs.errors import (
     ProtocolError,
     Unavailable,
 )
-from mooncakefs.store import Key, ObjectInfo, decode_key, encode_key
+from mooncakefs.store import Key, ObjectInfo, decode_key, encode_key, key_digest
 from mooncakefs.transfer import READ, WRITE, Region, Transfer, TransferEngine, Transport
 from mooncakefs.transfer.local import LocalTransport
 from mooncakefs.transfer.tcp import DEFAULT_STRIPE, TcpTransport
@@ -144,6 +145,7 @@ class RemoteStore:
         self._instance: str | None = None
         self._pool: mmap.mmap | None = None
         self._pool_view: memoryview | None = None
+        self._index: SharedIndex | None = None  # the node's index of DRAM values, read with no round trip
         self._map_pool = map_pool and self.kind == "unix"
         # Values up to inline_max travel inside the request or reply; larger ones through the engine.
         self.inline_max = inline_max if inline_max is not None else (
@@ -195,16 +197,20 @@ class RemoteStore:
             transports: list[Transport] = [self._tcp]
             if self._map_pool:
                 ch.send(Op.MAP)
-                op, _flags, meta, _n, fds = ch.read_frame_with_fds(1)
-                if op == Op.ERROR:
-                    raise error_from_meta(meta)
-                if len(fds) != 1:
-                    raise ProtocolError(f"{self.url}: the node did not pass its pool")
+                op, _flags, meta, _n, fds = ch.read_frame_with_fds(2)
                 try:
-                    self._pool = mmap.mmap(fds[0], meta[0], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                    if op == Op.ERROR:
+                        raise error_from_meta(meta)
+                    if len(fds) != 2:
+                        raise ProtocolError(f"{self.url}: the node did not pass its pool and index")
+                    rw = mmap.PROT_READ | mmap.PROT_WRITE
+                    self._pool = mmap.mmap(fds[0], meta[0], mmap.MAP_SHARED, rw)
+                    index_map = mmap.mmap(fds[1], meta[1], mmap.MAP_SHARED, rw)
                 finally:
-                    os.close(fds[0])
+                    for fd in fds:
+                        os.close(fd)
                 self._pool_view = memoryview(self._pool)
+                self._index = SharedIndex(index_map, self._pool)
                 transports.insert(0, LocalTransport(self._pool_view))
             self._engine = TransferEngine(transports)
             self._instance = instance
@@ -361,10 +367,18 @@ class RemoteStore:
 
     def get(self, key: Key) -> bytes:
         """As ``Store.get``."""
+        if self._index is not None:
+            value = self._index.read(key_digest(encode_key(key)))
+            if value is not None:
+                return value
         return bytes(self._read(key, None))
 
     def get_into(self, key: Key, buffer: Any) -> int:
         """As ``Store.get_into``: BufferTooSmall (nothing written) if ``buffer`` is too short."""
+        if self._index is not None:
+            n = self._index.read_into(key_digest(encode_key(key)), buffer)
+            if n >= 0:
+                return n
         return self._read(key, _writable_bytes_of(buffer))
 
     def _read(self, key: Key, dst: memoryview | None) -> Any:
@@ -453,22 +467,33 @@ class RemoteStore:
         """As ``Store.batch_get``: the values, None where a key is missing."""
         keys = list(keys)
         out = self._batch_read(keys, [None] * len(keys))
-        return [bytes(v) if isinstance(v, bytearray) else None for v in out]
+        return [bytes(v) if isinstance(v, bytearray) else v if isinstance(v, bytes) else None for v in out]
 
     def _batch_read(self, keys: list[Key], dsts: list[Any]) -> list[Any]:
         results: list[Any] = [None] * len(keys)
         raws: list[bytes] = []
         limits: list[int] = []
         where: list[int] = []
+        index = self._index
         for i, key in enumerate(keys):
             if isinstance(dsts[i], Exception):
                 results[i] = dsts[i]
                 continue
             try:
-                raws.append(encode_key(key))
+                raw = encode_key(key)
             except MooncakeError as exc:
                 results[i] = exc
                 continue
+            if index is not None:  # served from shared memory, if the index has it
+                if dsts[i] is not None:
+                    n = index.read_into(key_digest(raw), dsts[i])
+                    if n >= 0:
+                        results[i] = n
+                        continue
+                elif (value := index.read(key_digest(raw))) is not None:
+                    results[i] = value
+                    continue
+            raws.append(raw)
             limits.append(min(self.inline_max, len(dsts[i]) if dsts[i] is not None else 1 << 62))
             where.append(i)
         if not raws:

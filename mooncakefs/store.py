@@ -19,6 +19,7 @@ every SSD read.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import math
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mooncakefs import _engine
-from mooncakefs._engine import Entry
+from mooncakefs._engine import Entry, SharedIndex
 from mooncakefs.datadir import DataDirLock, default_path
 from mooncakefs.errors import (
     BufferTooSmall,
@@ -85,6 +86,11 @@ def encode_key(key: object) -> bytes:
         what = "empty" if not raw else f"{len(raw)} bytes long"
         raise InvalidKey(f"key {key!r:.80} is {what}; keys are 1 to {MAX_KEY_BYTES} bytes")
     return raw
+
+
+def key_digest(raw: bytes) -> bytes:
+    """A key's name in the shared index: 128 bits of BLAKE2b, so distinct keys never meet."""
+    return hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def decode_key(raw: bytes) -> Key:
@@ -233,6 +239,7 @@ class Store:
         self._idle = threading.Condition(self._lock)  # close() waits here for unlocked copies to end
         self._unlocked_ops = 0
         self._closed = False
+        self._shared: SharedIndex | None = None
         self._counters = {
             tier: dict.fromkeys(("hits", "misses", "evictions", "promotions"), 0) for tier in ("dram", "ssd")
         }
@@ -448,6 +455,8 @@ class Store:
                 raise
         old = self._index.get(raw)
         self._index[raw] = entry
+        if self._shared is not None:
+            self._share(raw, entry)
         if old is not None:
             self._lru.pop(raw, None)
             self._discard(raw, old)
@@ -477,6 +486,7 @@ class Store:
             )
         self._write_to_ssd(raw, entry, memoryview(value).cast("B"))  # OutOfSpace leaves the old value
         old = self._index.get(raw)
+        self._unshare(raw)
         if old is not None:
             self._lru.pop(raw, None)
             self._discard(raw, old)
@@ -496,6 +506,40 @@ class Store:
         if entry.crc < 0:
             entry.crc = _engine.crc32c(data)
         entry.seg, entry.seg_off = self._ssd.append(raw, data, entry.crc, entry.expires, _flags(entry))
+
+    # -- the shared index (node mode) -------------------------------------------------------------------
+
+    def share_index(self, index: SharedIndex) -> None:
+        """Keep ``index`` (in shared memory) in step with the DRAM-resident values, so that processes
+        mapping the pool can read them with no round trip to the node."""
+        with self._lock:
+            self._check_open()
+            self._shared = index
+            for raw, entry in self._index.items():
+                self._share(raw, entry)
+
+    def _share(self, raw: bytes, entry: Entry) -> None:
+        """Publish an entry that just became a key's DRAM value (lock held).  Values that may expire
+        are left out: only the node can tell a reader they are gone."""
+        assert self._shared is not None
+        if entry.dram >= 0 and not entry.expires:
+            self._shared.publish(key_digest(raw), entry.dram_off, entry.size)
+        else:
+            self._shared.remove(key_digest(raw))
+
+    def _unshare(self, raw: bytes) -> None:
+        """Withdraw a key from the shared index before its block can be freed (lock held)."""
+        if self._shared is not None:
+            self._shared.remove(key_digest(raw))
+
+    def _read_shared_since(self, raw: bytes, entry: Entry) -> bool:
+        """Whether clients read the entry through the shared index since eviction last looked at it."""
+        assert self._shared is not None
+        hits = self._shared.hits(key_digest(raw))
+        if hits == entry.seen:
+            return False
+        entry.seen = hits
+        return True
 
     def _commit(self, durable_segments: set[int] | None = None) -> None:
         if self._ssd is not None:
@@ -522,8 +566,12 @@ class Store:
         It is demoted to SSD unless it already has a copy there; with no SSD tier (or no room on it)
         it is dropped, unless it is sticky, in which case the next candidate is tried."""
         ssd_full = self._ssd is None
+        refreshed: list[bytes] = []  # read through the shared index since last looked at: not cold
         for raw, entry in self._lru.items():
             if entry.readers:
+                continue
+            if self._shared is not None and self._read_shared_since(raw, entry):
+                refreshed.append(raw)
                 continue
             if entry.seg < 0 and not ssd_full:
                 try:
@@ -533,9 +581,14 @@ class Store:
             if entry.seg >= 0 or not entry.sticky:
                 break
         else:
+            raw = None
+        for r in refreshed:
+            self._lru.move_to_end(r)
+        if raw is None:
             return False
         del self._lru[raw]
         self._counters["dram"]["evictions"] += 1
+        self._unshare(raw)
         if entry.seg < 0:  # nowhere to demote it: it leaves the store
             del self._index[raw]
             self._discard(raw, entry)
@@ -636,6 +689,7 @@ class Store:
 
     def _remove(self, raw: bytes, entry: Entry) -> None:
         del self._index[raw]
+        self._unshare(raw)
         self._lru.pop(raw, None)
         self._discard(raw, entry)
         self._commit()
@@ -731,6 +785,8 @@ class Store:
                     entry.dram, entry.dram_off, entry.hits = handle, offset, 0
                     self._lru[raw] = entry
                     self._counters["dram"]["promotions"] += 1
+                    if self._shared is not None:
+                        self._share(raw, entry)
 
     # -- queries ----------------------------------------------------------------------------------------
 
@@ -761,6 +817,7 @@ class Store:
             now = time.time()
             for k, e in doomed:
                 del self._index[k]
+                self._unshare(k)
                 self._lru.pop(k, None)
                 self._discard(k, e)
             self._commit()

@@ -15,11 +15,13 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
 import mooncakefs
+from mooncakefs.datadir import default_path
 from mooncakefs.errors import MooncakeError
 from mooncakefs.fuse.filesystem import MooncakeFS
 from mooncakefs.fuse.namespace import Namespace
@@ -57,16 +59,27 @@ def keep_freed_memory() -> None:
 
 
 def serve(mountpoint: Path, *, data: Path | None, dram: int, ssd: str, chunk_size: int, debug: bool = False,
-          allow_other: bool = False, announce: Callable[[str], None] = print) -> None:
-    """Mount the store at ``mountpoint`` and serve it until it is unmounted or SIGINT/SIGTERM arrives."""
+          allow_other: bool = False, announce: Callable[[str], None] = print, node: str | None = None) -> None:
+    """Mount the store at ``mountpoint`` and serve it until it is unmounted or SIGINT/SIGTERM arrives.
+
+    With ``node`` (a node URL) the file data lives in that node's pool, shared with its other clients,
+    and only the namespace (``<data>/fs.sqlite``) is kept here."""
     path = prepare_mountpoint(mountpoint)
     ssd_size, ssd_dir = parse_ssd(ssd)
     keep_freed_memory()
-    store = mooncakefs.open(data, dram=dram, ssd=ssd_size, ssd_dir=ssd_dir, prefault=True)
+    store: Any
+    if node is not None:
+        store = mooncakefs.connect(node)
+        meta_dir = Path(data or default_path())
+        meta_dir.mkdir(parents=True, exist_ok=True)
+        fresh = not store.stats().get("ssd")  # the node keeps file data only as long as it has an SSD tier
+    else:
+        store = mooncakefs.open(data, dram=dram, ssd=ssd_size, ssd_dir=ssd_dir, prefault=True)
+        meta_dir, fresh = store.path, ssd_size is None
     namespace = None
     try:
         # Without an SSD tier no file data outlives the process, so neither may the namespace.
-        namespace = Namespace(store.path / "fs.sqlite", chunk_size=chunk_size, fresh=ssd_size is None)
+        namespace = Namespace(meta_dir / "fs.sqlite", chunk_size=chunk_size, fresh=fresh)
         fs = MooncakeFS(store, namespace)
         if orphans := fs.collect_orphans():
             log.info("deleted %d files that were unlinked while open when the last mount ended", orphans)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import secrets
 import socket
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mooncakefs import _engine
 from mooncakefs.errors import AuthenticationError, MooncakeError, ProtocolError, Unavailable
 from mooncakefs.store import INTERNAL_PREFIX, InternalKey, Key, PendingPut, Store, ValueView
 from mooncakefs.wire import (
@@ -41,6 +43,8 @@ from mooncakefs.wire import (
 log = logging.getLogger("mooncakefs.node")
 
 BATCH_STAGE_MAX = 4 << 20  # a batched put this small is received whole, then stored under one lock
+HEARTBEAT_S = 0.5  # readers of the shared index give up on a node silent for 2 s
+INDEX_OBJECT_GUESS = 4096  # the shared index has two slots per this many bytes of pool
 ACCEPT_BACKLOG = 128
 
 
@@ -98,6 +102,7 @@ class Node:
         self._leases: dict[int, tuple[ValueView, memoryview, Session]] = {}
         self._pending: dict[int, tuple[PendingPut, Session]] = {}
         self._stopping = threading.Event()
+        self.index: _engine.SharedIndex | None = None
         self._lock = threading.Lock()  # guards _sessions and _threads
         self._handlers: dict[int, Callable[[Session, Any, int], None]] = {
             Op.PING: self._ping, Op.MAP: self._map,
@@ -114,6 +119,7 @@ class Node:
     # -- lifecycle --------------------------------------------------------------------------------------
 
     def start(self) -> Node:
+        self._share_index()
         try:
             if self.unix_path is not None:
                 self._listen_unix(self.unix_path)
@@ -128,6 +134,23 @@ class Node:
         for sock in self._listeners:
             self._spawn(self._accept_loop, sock, name="mooncakefs-accept")
         return self
+
+    def _share_index(self) -> None:
+        """Put the index of DRAM-resident values in shared memory, so local clients read them with no
+        round trip; a heartbeat thread tells them the node is alive."""
+        _fd, pool_size = self.store.shared_pool()
+        slots = max(1024, 1 << (2 * pool_size // INDEX_OBJECT_GUESS - 1).bit_length())
+        size = _engine.INDEX_HEADER_BYTES + slots * _engine.INDEX_SLOT_BYTES
+        self._index_fd = os.memfd_create("mooncakefs-index", os.MFD_CLOEXEC)
+        os.ftruncate(self._index_fd, size)
+        self._index_map = mmap.mmap(self._index_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.index = _engine.SharedIndex(self._index_map, create=True)
+        self.store.share_index(self.index)
+        self._spawn(self._heartbeat, name="mooncakefs-heartbeat")
+
+    def _heartbeat(self) -> None:
+        while not self._stopping.wait(HEARTBEAT_S):
+            self.index.beat()
 
     def _listen_unix(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +182,8 @@ class Node:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        if self.index is not None:
+            self.index.stop()  # clients stop reading shared memory and ask the node, which is going
         self._close_listeners()
         with self._lock:
             for session in list(self._sessions):
@@ -169,6 +194,10 @@ class Node:
             if t is not threading.current_thread():
                 t.join(timeout=10)
         self.store.close()
+        if self.index is not None:
+            self.index.release()
+            self._index_map.close()
+            os.close(self._index_fd)
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.unix_path.unlink()
@@ -281,7 +310,7 @@ class Node:
         if not session.local:
             raise ValueError("the pool can only be mapped over the node's Unix socket")
         fd, size = self.store.shared_pool()
-        session.channel.send_with_fds(Op.OK, [size], [fd])
+        session.channel.send_with_fds(Op.OK, [size, len(self._index_map)], [fd, self._index_fd])
         session.mapped = True
 
     def _receive_put(self, session: Session, pending: PendingPut) -> None:
