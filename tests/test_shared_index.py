@@ -184,3 +184,33 @@ def test_same_host_reads_skip_the_node_and_see_every_update(small_node):
     store.put("t", b"expiring", ttl=60)  # values that may expire are never in the shared index
     assert store.get("t") == b"expiring"
     assert os.path.exists(small_node[len("unix://"):])
+
+
+def test_a_slot_changed_during_the_copy_is_a_miss():
+    """The reader's second sequence check, made deterministic: a copy of 256 MiB runs without the GIL,
+    and meanwhile another thread republishes the slot (as the node does before reusing a block)."""
+    import threading
+
+    size = 256 << 20
+    pool = bytearray(size + 4096)
+    table = bytearray(HEADER + 64 * _engine.INDEX_SLOT_BYTES)
+    node = _engine.SharedIndex(table, create=True)
+    reader = _engine.SharedIndex(table, pool)
+    d = digest(b"big")
+    node.publish(d, 0, size)
+    dst = bytearray(size)
+    result = []
+    started = threading.Event()
+
+    def read() -> None:
+        started.set()
+        result.append(reader.read_into(d, dst))
+
+    t = threading.Thread(target=read)
+    t.start()
+    started.wait()
+    time.sleep(0.002)  # the copy is under way (it takes tens of milliseconds)
+    node.publish(d, 4096, size)  # the slot moves on: the block may be reused from here
+    t.join()
+    assert result == [-1]
+    assert reader.read_into(d, dst) == size  # unchanged slot: a hit
