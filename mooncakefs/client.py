@@ -399,14 +399,15 @@ class RemoteStore:
         # The connection that took a lease stays out of the pool until the lease is released.
         ch, reused = self._take()
         try:
-            answer = ask(ch)
-        except Unavailable:
-            if not reused:
-                raise
-            ch = self._connect()
-            answer = ask(ch)
+            try:
+                answer = ask(ch)
+            except Unavailable:
+                if not reused:
+                    raise
+                ch = self._connect()  # the node restarted since this connection was pooled
+                answer = ask(ch)
         except BaseException:
-            self._give_back(ch)
+            self._give_back(ch)  # a dead one is closed, not pooled
             raise
         if not lease_on:
             self._give_back(ch)

@@ -51,6 +51,7 @@ from mooncakefs.units import format_size, parse_size
 
 MAX_KEY_BYTES = 1024
 LOCKED_COPY_MAX = 64 * 1024  # values below this are copied under the store lock
+STAGING_MIN = 1 << 30  # begin_put may stage at least this much in memory for values bound for SSD
 INTERNAL_PREFIX = b"\xc0\x80"  # never valid UTF-8, so no str key has it; bytes keys may not use it
 Key = str | bytes
 
@@ -240,6 +241,7 @@ class Store:
         self._unlocked_ops = 0
         self._closed = False
         self._shared: SharedIndex | None = None
+        self._staged = 0  # bytes of begin_put values waiting in memory to go to SSD
         self._counters = {
             tier: dict.fromkeys(("hits", "misses", "evictions", "promotions"), 0) for tier in ("dram", "ssd")
         }
@@ -341,9 +343,11 @@ class Store:
                   if_absent: bool = False, durable: bool = False) -> PendingPut:
         """Reserve room for a ``size``-byte value: fill ``.buffer``, then ``end_put`` (or ``abort_put``).
 
-        This is ``put`` in two halves, for callers that receive the bytes straight into place."""
-        if not 0 <= size < 1 << 48:
-            raise ValueError(f"value size must be 0 to 2**48 bytes, got {size}")
+        This is ``put`` in two halves, for callers that receive the bytes straight into place.  A value
+        that must go straight to SSD is staged in memory first; staging is limited in all (to the DRAM
+        pool's size, or STAGING_MIN if more), so puts in flight cannot take the host's memory."""
+        if type(size) is not int or not 0 <= size < 1 << 48:
+            raise ValueError(f"value size must be an integer from 0 to 2**48, got {size!r:.40}")
         raw, entry = self._prepare_put(key, size, pin, ttl, durable)
         with self._lock:
             self._check_open()
@@ -353,11 +357,22 @@ class Store:
                 raise KeyExists(key)
             entry.dram, entry.dram_off = self._alloc_dram(size)
             if entry.dram >= 0:
-                buffer = self._dram.view[entry.dram_off : entry.dram_off + size]
-            elif entry.pinned or self._ssd is None:
+                return PendingPut(raw, key, entry, self._dram.view[entry.dram_off : entry.dram_off + size],
+                                  if_absent, durable)
+            if entry.pinned or self._ssd is None:
                 self._put_ssd_only(raw, key, entry, b"")  # raises the OutOfSpace a put would
-            else:
+            budget = max(self._dram.capacity, STAGING_MIN)
+            if size > self._ssd.capacity or self._staged + size > budget:  # type: ignore[union-attr]
+                raise OutOfSpace(
+                    f"key {key!r:.80}: no room to stage {format_size(size)} for the SSD tier "
+                    f"({format_size(self._staged)} staged by puts in flight, SSD tier "
+                    f"{format_size(self._ssd.capacity)})"  # type: ignore[union-attr]
+                )
+            try:
                 buffer = memoryview(mmap.mmap(-1, size) if size else bytearray())  # page-aligned, for O_DIRECT
+            except OSError as exc:
+                raise OutOfSpace(f"key {key!r:.80}: cannot stage {format_size(size)}: {exc.strerror}") from None
+            self._staged += size
         return PendingPut(raw, key, entry, buffer, if_absent, durable)
 
     def end_put(self, pending: PendingPut) -> None:
@@ -367,17 +382,28 @@ class Store:
             if entry.dram >= 0:
                 self._publish(raw, key, entry, pending.if_absent, pending.durable, pending.buffer)
                 return
-            self._check_open()
-            if pending.if_absent and self._lookup(raw) is not None:
-                raise KeyExists(key)
-            self._put_ssd_only(raw, key, entry, pending.buffer)
+            try:
+                self._check_open()
+                if pending.if_absent and self._lookup(raw) is not None:
+                    raise KeyExists(key)
+                self._put_ssd_only(raw, key, entry, pending.buffer)
+            finally:
+                self._unstage(pending)
 
     def abort_put(self, pending: PendingPut) -> None:
         """Give back a ``begin_put`` that will not be published (its writer went away)."""
         with self._lock:
-            if pending.entry.dram >= 0 and not self._closed:
-                self._dram.free(pending.entry.dram)
-            pending.entry.dram = pending.entry.dram_off = -1
+            if pending.entry.dram >= 0:
+                if not self._closed:
+                    self._dram.free(pending.entry.dram)
+                pending.entry.dram = pending.entry.dram_off = -1
+            else:
+                self._unstage(pending)
+
+    def _unstage(self, pending: PendingPut) -> None:
+        if pending.buffer is not None:
+            self._staged -= len(pending.buffer)
+            pending.buffer = None  # type: ignore[assignment]
 
     def _put_prepared(self, raw: bytes, key: Key, entry: Entry, value: Any, if_absent: bool,
                       durable: bool) -> None:

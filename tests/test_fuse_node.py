@@ -7,15 +7,13 @@ client process using the KV API on the same pool at the same time.
 from __future__ import annotations
 
 import filecmp
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
-
-from tests.conftest import child_env, rand_bytes, run_python
-from tests.fuse_helpers import FuseMount, require_fuse
+from conftest import child_env, rand_bytes, run_python
+from fuse_helpers import FuseMount, require_fuse
+from node_helpers import NodeProcess
 
 pytestmark = pytest.mark.slow
 
@@ -32,19 +30,9 @@ print(sum(1 for _ in store.keys("kv/")))
 
 @pytest.fixture
 def node(tmp_path):
-    sock = tmp_path / "node.sock"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mooncakefs.cli", "node", "--data", str(tmp_path / "node"), "--dram", "128MiB",
-         "--ssd", "512MiB", "--socket", str(sock), "--listen", "none", "--metrics", "none"],
-        env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while not sock.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "the node did not start"
-        time.sleep(0.05)
-    yield f"unix://{sock}"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    node = NodeProcess(tmp_path, dram="128MiB", ssd="512MiB", listen="none").start()
+    yield node.unix_url
+    assert node.terminate() == 0
 
 
 def test_mount_through_a_node_shares_its_pool_with_kv_clients(node, tmp_path):

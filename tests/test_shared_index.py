@@ -10,18 +10,15 @@ import hashlib
 import multiprocessing as mp
 import os
 import random
-import signal
 import struct
-import subprocess
-import sys
 import time
 import zlib
 
 import pytest
+from node_helpers import NodeProcess
 
 import mooncakefs
 from mooncakefs import _engine, _reference
-from tests.conftest import child_env
 
 HEADER = _engine.INDEX_HEADER_BYTES
 
@@ -134,19 +131,9 @@ def reader(url: str, seconds: float, keys: int, out: mp.Queue) -> None:
 
 @pytest.fixture
 def small_node(tmp_path):
-    sock = tmp_path / "node.sock"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mooncakefs.cli", "node", "--data", str(tmp_path / "data"), "--dram", "2MiB",
-         "--socket", str(sock), "--listen", "none", "--metrics", "none"],
-        env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while not sock.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "the node did not start"
-        time.sleep(0.05)
-    yield f"unix://{sock}"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=20) == 0
+    node = NodeProcess(tmp_path, dram="2MiB", ssd="0", listen="none").start()
+    yield node.unix_url
+    assert node.terminate() == 0
 
 
 def test_readers_racing_evictions_and_overwrites_never_see_a_wrong_value(small_node):

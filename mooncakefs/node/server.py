@@ -103,6 +103,7 @@ class Node:
         self._pending: dict[int, tuple[PendingPut, Session]] = {}
         self._stopping = threading.Event()
         self.index: _engine.SharedIndex | None = None
+        self._owns_socket = False
         self._lock = threading.Lock()  # guards _sessions and _threads
         self._handlers: dict[int, Callable[[Session, Any, int], None]] = {
             Op.PING: self._ping, Op.MAP: self._map,
@@ -161,6 +162,7 @@ class Node:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a stale socket from a node that died
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._owns_socket = True
         old_umask = os.umask(0o777 & ~self.socket_mode)  # never visible with looser permissions
         try:
             sock.bind(str(path))
@@ -198,9 +200,9 @@ class Node:
             self.index.release()
             self._index_map.close()
             os.close(self._index_fd)
-        if self.unix_path is not None:
+        if self._owns_socket:  # never another node's: a refused second node must not unlink it
             with contextlib.suppress(FileNotFoundError):
-                self.unix_path.unlink()
+                self.unix_path.unlink()  # type: ignore[union-attr]
         log.info("stopped")
 
     def wait(self) -> None:

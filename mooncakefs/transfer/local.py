@@ -25,6 +25,10 @@ class LocalTransport:
         for t in transfers:
             start = t.region.pool_offset + t.offset
             remote = self.pool[start : start + len(t.buffer)]
+            if len(remote) != len(t.buffer):
+                batch.fail(ValueError(f"region at {start} (+{len(t.buffer)}) runs past the "
+                                      f"{len(self.pool)}-byte pool"))
+                return
             try:
                 if t.op == READ:
                     _engine.copy(t.buffer, remote)
