@@ -127,6 +127,24 @@ def copy(dst, src) -> int:
         PyBuffer_Release(&s)
 
 
+cdef extern from "Python.h":
+    object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
+    int PyBUF_WRITE
+
+
+def fill_bytes(Py_ssize_t n, fill) -> bytes:
+    """A new bytes object of ``n`` bytes that ``fill(view)`` writes through a writable memoryview
+    before anyone else can see it: a value received from a socket lands in its final object, with no
+    bytearray to copy from."""
+    out = PyBytes_FromStringAndSize(NULL, n)
+    view = PyMemoryView_FromMemory(PyBytes_AS_STRING(out), n, PyBUF_WRITE)
+    try:
+        fill(view)
+    finally:
+        view.release()
+    return out
+
+
 def crc32c(data, uint32_t crc=0) -> int:
     """CRC-32C (Castagnoli) of ``data``, continuing from ``crc`` (hardware-accelerated where possible)."""
     cdef Py_buffer v

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 ALLOC_UNIT = 64
 _NONE = -1
@@ -45,6 +45,12 @@ def copy(dst: object, src: object) -> int:
         raise ValueError(f"destination holds {d.nbytes} bytes, source has {s.nbytes}")
     d[: s.nbytes] = s
     return s.nbytes
+
+
+def fill_bytes(n: int, fill: Callable[[memoryview], object]) -> bytes:
+    buf = bytearray(n)
+    fill(memoryview(buf))
+    return bytes(buf)
 
 
 def crc32c(data: object, crc: int = 0) -> int:

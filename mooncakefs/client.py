@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from mooncakefs._engine import SharedIndex
+from mooncakefs._engine import SharedIndex, fill_bytes
 from mooncakefs.errors import (
     AuthenticationError,
     BufferTooSmall,
@@ -371,7 +371,7 @@ class RemoteStore:
             value = self._index.read(key_digest(encode_key(key)))
             if value is not None:
                 return value
-        return bytes(self._read(key, None))
+        return self._read(key, None)
 
     def get_into(self, key: Key, buffer: Any) -> int:
         """As ``Store.get_into``: BufferTooSmall (nothing written) if ``buffer`` is too short."""
@@ -392,9 +392,10 @@ class RemoteStore:
             if lease:
                 lease_on.append(ch)
                 return size, lease, pool_offset
-            out = dst if dst is not None else memoryview(bytearray(size))
-            ch.read_payload_into(out[:size])
-            return size if dst is not None else out.obj
+            if dst is None:
+                return fill_bytes(size, ch.read_payload_into)
+            ch.read_payload_into(dst[:size])
+            return size
 
         # The connection that took a lease stays out of the pool until the lease is released.
         ch, reused = self._take()
@@ -416,9 +417,11 @@ class RemoteStore:
         try:
             if size > room:
                 raise BufferTooSmall(key, size, room)
-            out = dst[:size] if dst is not None else memoryview(bytearray(size))
-            self._engine.run([Transfer(READ, out, Region(lease, size, pool_offset))])
-            return size if dst is not None else out.obj
+            region = Region(lease, size, pool_offset)
+            if dst is None:
+                return fill_bytes(size, lambda out: self._engine.run([Transfer(READ, out, region)]))
+            self._engine.run([Transfer(READ, dst[:size], region)])
+            return size
         finally:
             self._release(ch, lease)
 

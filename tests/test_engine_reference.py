@@ -482,3 +482,11 @@ def test_allocator_engine_matches_reference_long_run(engine, reference):
                 assert e.offset(he) == r.offset(hr), f"step {step}"
                 live.append(he)
         assert e.used == r.used, f"step {step}"
+
+
+def test_fill_bytes_hands_a_writable_view_then_bytes(impl):
+    out = impl.fill_bytes(6, lambda view: view.__setitem__(slice(None), b"abcdef"))
+    assert type(out) is bytes and out == b"abcdef"
+    assert impl.fill_bytes(0, lambda view: None) == b""
+    with pytest.raises(ZeroDivisionError):  # the filler's error propagates; no half-filled bytes escape
+        impl.fill_bytes(3, lambda view: 1 / 0)

@@ -1,0 +1,677 @@
+#!/usr/bin/env python3
+"""Throughput of a mooncakefs node (daemon + transfer engine) seen from a client process, beside the
+physical references and, optionally, the real Mooncake's cross-process layout, all in one run.
+
+The benchmark starts a real node process (``python -m mooncakefs.cli node``, DRAM only, its own Unix
+socket and loopback TCP port, no metrics), waits until it accepts and has finished prefaulting its pool,
+and measures from this process through ``mooncakefs.connect``:
+
+* ``unix://`` (same host: large values move by memcpy through the shared pool) and ``tcp://`` (forced
+  TCP on loopback): get_into, get and put of 16 MiB; get, get_into and put of 4 KiB; batch_get_into and
+  batch_put of 32 x 4 KiB.  ops/s counts keys (batch rows too).
+
+Physical references, in the same run; one repetition of a row's reference runs right before each
+repetition of the row, so the drift of a noisy host reaches both sides of the ratio alike:
+
+* numpy copy of 16 MiB (rotating sources, one fixed destination), for the unix 16 MiB rows;
+* a plain Python loop over loopback TCP between this process and a child process, 16 MiB messages from
+  and into prefaulted, reused buffers: child ``sendall`` -> parent ``recv_into(MSG_WAITALL)`` (the
+  reference of get), and parent ``sendall`` -> child ``recv_into`` + a 1-byte ack (the reference of put);
+* a 4 KiB ping-pong between two processes over loopback TCP and over a Unix socket (round trips/s), for
+  the 4 KiB single-op rows of the same transport.  Batch rows have no physical reference.
+
+With ``--vs-mooncake VENV`` it then runs ``tools/bench/mooncake_baseline.py --layout remote`` inside VENV
+(the real Mooncake, a client without a segment plus a segment-serving process, bytes over loopback TCP)
+and prints each row's ratio to the same Mooncake op and size next to the issue's targets.
+
+Method, for small noisy VMs: every buffer is allocated and written once before timing and then reused;
+values are prefilled; each row runs one warm-up pass, then --reps time-bounded repetitions, and the
+median is reported.  The node and every child process are stopped on exit, Ctrl-C or SIGTERM, and die
+with this process if it is killed.
+
+Output: a plain table on stdout (progress on stderr) and JSON at --json.
+
+Examples::
+
+    python tools/bench/node_bench.py
+    python tools/bench/node_bench.py --vs-mooncake /tmp/mooncake-venv --json bench-results/node_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import GB, format_size, format_table, machine_info, measure, prefaulted, write_json
+
+import mooncakefs
+
+KiB, MiB = 1024, 1024**2
+SMALL, LARGE = 4 * KiB, 16 * MiB
+VIAS = ("unix", "tcp")
+# (op, size) rows measured for each transport, in table order.
+ROWS: tuple[tuple[str, int], ...] = (
+    ("get_into", LARGE),
+    ("get", LARGE),
+    ("put", LARGE),
+    ("get", SMALL),
+    ("get_into", SMALL),
+    ("put", SMALL),
+    ("batch_get_into", SMALL),
+    ("batch_put", SMALL),
+)
+# Physical references: name -> what it is (for the table notes and the JSON).
+COPY, LOOP_RECV, LOOP_SEND, PP_TCP, PP_UNIX = "copy", "loop-recv", "loop-send", "pp-tcp", "pp-unix"
+REFERENCE_TEXT = {
+    COPY: "numpy copy 16MiB, GB/s",
+    LOOP_RECV: "tcp loop 16MiB child sendall -> bench recv_into(MSG_WAITALL), GB/s",
+    LOOP_SEND: "tcp loop 16MiB bench sendall -> child recv_into + 1-byte ack, GB/s",
+    PP_TCP: "tcp ping-pong 4KiB between two processes, round trips/s",
+    PP_UNIX: "unix-socket ping-pong 4KiB between two processes, round trips/s",
+}
+NODE_READY_TIMEOUT = 60.0
+NODE_SETTLE_TIMEOUT = 180.0  # the node prefaults its pool in the background: wait until it is idle
+PEER_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal from the issue: ``metric`` of a row at least ``minimum``.
+
+    ``x_ref`` is the ratio to the row's physical reference, ``x_mooncake`` to Mooncake's same op and size,
+    ``ops_per_s`` an absolute rate.
+    """
+
+    metric: str
+    minimum: float
+
+    def label(self, reference: str | None) -> str:
+        if self.metric == "ops_per_s":
+            return f">={self.minimum / 1e3:g}k/s"
+        return f">={self.minimum:g}x {reference if self.metric == 'x_ref' else 'mc'}"
+
+
+_VS_MC_LARGE = (Target("x_mooncake", 1.5), Target("x_ref", 0.8))
+TARGETS: dict[tuple[str, str, int], tuple[Target, ...]] = {
+    ("unix", "get_into", LARGE): (Target("x_ref", 0.75),),
+    ("tcp", "get_into", LARGE): _VS_MC_LARGE,
+    ("tcp", "get", LARGE): _VS_MC_LARGE,
+    ("tcp", "put", LARGE): _VS_MC_LARGE,
+    ("unix", "get", SMALL): (Target("x_mooncake", 2.0), Target("ops_per_s", 100e3)),
+    ("tcp", "get", SMALL): (Target("x_mooncake", 2.0),),
+    **{(via, "put", SMALL): (Target("x_mooncake", 2.0),) for via in VIAS},
+    **{(via, op, SMALL): (Target("x_mooncake", 1.5),) for via in VIAS for op in ("batch_get_into", "batch_put")},
+}
+
+
+def reference_of(via: str, op: str, size: int) -> str | None:
+    """The physical reference a row is divided by (None for batches: no single physical analogue)."""
+    if op.startswith("batch"):
+        return None
+    if size == LARGE:
+        return COPY if via == "unix" else LOOP_SEND if op == "put" else LOOP_RECV
+    return PP_UNIX if via == "unix" else PP_TCP
+
+
+@dataclass
+class Row:
+    """One (transport, op, size) measurement.  ``ops_per_s`` counts keys, for batch calls too."""
+
+    via: str
+    op: str
+    size: int
+    batch: int = 1
+    reps_ops_per_s: list[float] = field(default_factory=list)
+    ops_per_s: float = 0.0
+    gbps: float = 0.0
+    reference: str | None = None
+    reference_reps: list[float] = field(default_factory=list)  # one before each of the row's repetitions
+    reference_value: float | None = None  # their median
+    x_ref: float | None = None  # GB/s over the reference's GB/s, or keys/s over its round trips/s
+    mooncake_ops_per_s: float | None = None
+    x_mooncake: float | None = None
+    targets: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ child processes
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when this process dies, even by SIGKILL."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def child_process(cmd: Sequence[str], **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``cmd`` in its own session (a Ctrl-C reaches only this process, which then stops it) that
+    dies with this process; on leaving, SIGTERM it, and SIGKILL it if it has not exited 10 s later."""
+    proc = subprocess.Popen(list(cmd), start_new_session=True, preexec_fn=_die_with_parent, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_shmem(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass
+class NodeInfo:
+    cmd: list[str]
+    pid: int
+    unix_url: str
+    tcp_url: str
+    ready_s: float
+    settled_s: float
+    pool_resident_bytes: int
+
+
+@contextlib.contextmanager
+def running_node(root: Path, dram: str, port: int) -> Iterator[NodeInfo]:
+    """A node process serving ``root/node.sock`` and 127.0.0.1:``port`` (0: any free port), ready to
+    use: its sockets accept and its background pool prefault is over (the process has gone idle)."""
+    sock_path = root / "node.sock"
+    log_path = root / "node.log"
+    cmd = [sys.executable, "-m", "mooncakefs.cli", "node", "--data", str(root / "data"), "--dram", dram,
+           "--socket", str(sock_path), "--listen", f"127.0.0.1:{port}", "--metrics", "none"]
+    progress("starting node: " + shlex.join(cmd))
+    t0 = time.perf_counter()
+    with log_path.open("wb") as log, child_process(cmd, stdout=log, stderr=subprocess.STDOUT) as proc:
+        try:
+            tcp_port = _wait_ready(proc, log_path)
+            ready_s = time.perf_counter() - t0
+            _wait_accepting(sock_path, tcp_port)
+            settled_s = _wait_idle(proc.pid) - t0
+        except BaseException:
+            progress("node log:\n" + log_path.read_text(errors="replace")[-4000:])
+            raise
+        info = NodeInfo(cmd, proc.pid, f"unix://{sock_path}", f"tcp://127.0.0.1:{tcp_port}", ready_s, settled_s,
+                        rss_shmem(proc.pid))
+        progress(f"node pid {proc.pid} ready in {ready_s:.1f}s, idle (pool prefaulted: "
+                 f"{format_size(info.pool_resident_bytes)} resident) after {settled_s:.1f}s")
+        yield info
+        if proc.poll() is not None:
+            raise RuntimeError(f"the node exited early ({proc.returncode}): {log_path.read_text()[-2000:]}")
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path) -> int:
+    """The TCP port from the node's "ready" line."""
+    deadline = time.monotonic() + NODE_READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the node exited with {proc.returncode} before it was ready")
+        for line in log_path.read_text(errors="replace").splitlines():
+            if "node ready:" in line and "tcp://" in line:
+                return int(line.rsplit(":", 1)[1])
+        time.sleep(0.05)
+    raise TimeoutError(f"the node was not ready after {NODE_READY_TIMEOUT:.0f}s")
+
+
+def _wait_accepting(sock_path: Path, port: int) -> None:
+    for family, address in ((socket.AF_UNIX, str(sock_path)), (socket.AF_INET, ("127.0.0.1", port))):
+        deadline = time.monotonic() + NODE_READY_TIMEOUT
+        while True:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                if s.connect_ex(address) == 0:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the node does not accept on {address}")
+            time.sleep(0.05)
+
+
+def _wait_idle(pid: int, window: float = 0.25, busy: float = 0.05) -> float:
+    """Wait until the process uses under ``busy`` of a core over two consecutive windows; when it was."""
+    deadline = time.monotonic() + NODE_SETTLE_TIMEOUT
+    quiet, last = 0, cpu_seconds(pid)
+    while quiet < 2 and time.monotonic() < deadline:
+        time.sleep(window)
+        now = cpu_seconds(pid)
+        quiet = quiet + 1 if now - last < busy * window else 0
+        last = now
+    if quiet < 2:
+        progress(f"warning: the node was still busy after {NODE_SETTLE_TIMEOUT:.0f}s; measuring anyway")
+    return time.perf_counter()
+
+
+# -------------------------------------------------------------------------------- physical references
+
+
+def peer_main(mode: str, address: str, size: int) -> int:
+    """The child side of the socket references (``--peer``): connect to ``address`` and serve until EOF.
+
+    send: sendall ``size``-byte messages forever; sink: recv_into each message, answer a 1-byte ack;
+    echo: recv_into each message and send it back.
+    """
+    kind, _, where = address.partition(":")
+    if kind == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(where)
+    else:
+        host, _, port = where.rpartition(":")
+        sock = socket.create_connection((host, int(port)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = prefaulted(size)
+    with sock, contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        if mode == "send":
+            while True:
+                sock.sendall(buf)
+        else:
+            while sock.recv_into(buf, size, socket.MSG_WAITALL) == size:
+                sock.sendall(b"k" if mode == "sink" else buf)
+    return 0
+
+
+@contextlib.contextmanager
+def peer(mode: str, kind: str, size: int, root: Path) -> Iterator[socket.socket]:
+    """A blocking connection to a child process running ``peer_main(mode)`` over ``kind`` (tcp/unix)."""
+    if kind == "unix":
+        path = root / f"peer-{mode}.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(1)
+        address = f"unix:{path}"
+    else:
+        listener = socket.create_server(("127.0.0.1", 0))
+        address = f"tcp:127.0.0.1:{listener.getsockname()[1]}"
+    cmd = [sys.executable, __file__, "--peer", mode, "--peer-address", address, "--peer-size", str(size)]
+    with listener, child_process(cmd) as proc:
+        listener.settimeout(PEER_TIMEOUT)
+        conn, _ = listener.accept()
+        conn.setblocking(True)
+        if kind == "tcp":
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn:
+            yield conn
+            conn.shutdown(socket.SHUT_RDWR)  # the child sees EOF or EPIPE and exits
+        proc.wait(timeout=10)
+
+
+def recv_exactly(conn: socket.socket, buf: np.ndarray | bytearray, n: int) -> None:
+    if conn.recv_into(buf, n, socket.MSG_WAITALL) != n:
+        raise ConnectionError("the peer process closed the connection early")
+
+
+@dataclass
+class Reference:
+    """A physical reference: ``run(start, count)`` does ``count`` ops, each worth ``scale`` (GB or 1 round
+    trip).  ``samples`` collects one value per repetition, each taken right before a repetition of a row
+    that is compared with it."""
+
+    name: str
+    run: Callable[[int, int], object]
+    period: int
+    scale: float
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def unit(self) -> str:
+        return "GB/s" if self.scale != 1 else "round trips/s"
+
+    def warm_up(self, seconds: float) -> None:
+        measure(self.run, period=self.period, reps=1, rep_seconds=seconds)
+
+    def rep(self, seconds: float) -> float:
+        value = measure(self.run, period=self.period, reps=1, rep_seconds=seconds, warmup=False)[0] * self.scale
+        self.samples.append(value)
+        return value
+
+    def paired(self, seconds: float, into: list[float]) -> Callable[[], None]:
+        """A ``before_rep`` for ``measure``: one repetition of this reference, its value appended to ``into``."""
+        return lambda: into.append(self.rep(seconds))
+
+    def summary(self) -> dict[str, Any]:
+        return {"value": float(np.median(self.samples)) if self.samples else None, "unit": self.unit,
+                "what": REFERENCE_TEXT[self.name], "samples": self.samples}
+
+
+def copy_reference(src: np.ndarray, dst: np.ndarray) -> Reference:
+    """numpy copy of 16 MiB from rotating source slices into one fixed destination (what get_into does)."""
+    slots = [src[i * LARGE : (i + 1) * LARGE] for i in range(len(src) // LARGE)] * 2
+    fixed = dst[:LARGE]
+
+    def run(start: int, count: int) -> None:
+        for j in range(start, start + count):
+            np.copyto(fixed, slots[j])
+
+    return Reference(COPY, run, len(slots) // 2, LARGE / GB)
+
+
+def stream_reference(conn: socket.socket, inbound: bool) -> Reference:
+    """16 MiB messages over a peer connection: received (peer in "send" mode) or sent and acknowledged
+    (peer in "sink" mode)."""
+    buf, ack = prefaulted(LARGE), bytearray(1)
+
+    def recv(start: int, count: int) -> None:
+        for _ in range(count):
+            recv_exactly(conn, buf, LARGE)
+
+    def send(start: int, count: int) -> None:
+        for _ in range(count):
+            conn.sendall(buf)
+            recv_exactly(conn, ack, 1)
+
+    return Reference(LOOP_RECV if inbound else LOOP_SEND, recv if inbound else send, 1, LARGE / GB)
+
+
+def ping_pong_reference(conn: socket.socket, kind: str) -> Reference:
+    """4 KiB out, the same 4 KiB back, over a peer connection in "echo" mode."""
+    out, back = prefaulted(SMALL), prefaulted(SMALL)
+
+    def run(start: int, count: int) -> None:
+        for _ in range(count):
+            conn.sendall(out)
+            recv_exactly(conn, back, SMALL)
+
+    return Reference(PP_UNIX if kind == "unix" else PP_TCP, run, 256, 1.0)
+
+
+@contextlib.contextmanager
+def references(via: str, root: Path, src: np.ndarray, dst: np.ndarray) -> Iterator[dict[str, Reference]]:
+    """The references of ``via``'s rows, their peer processes running (idle between repetitions)."""
+    with contextlib.ExitStack() as stack:
+        if via == "unix":
+            echo = stack.enter_context(peer("echo", "unix", SMALL, root))
+            refs = [copy_reference(src, dst), ping_pong_reference(echo, "unix")]
+        else:
+            refs = [
+                stream_reference(stack.enter_context(peer("send", "tcp", LARGE, root)), inbound=True),
+                stream_reference(stack.enter_context(peer("sink", "tcp", LARGE, root)), inbound=False),
+                ping_pong_reference(stack.enter_context(peer("echo", "tcp", SMALL, root)), "tcp"),
+            ]
+        yield {r.name: r for r in refs}
+
+
+# ------------------------------------------------------------------------------------ mooncakefs rows
+
+
+class Workload:
+    """Keys of one value size with their values (views into one prefaulted buffer), and the buffers
+    reads write into (one value for get_into, a whole batch for batch_get_into)."""
+
+    def __init__(self, prefix: str, size: int, count: int, batch: int, src: np.ndarray, dst: np.ndarray) -> None:
+        self.size, self.batch = size, batch
+        self.keys = [f"{prefix}/{format_size(size)}/{i}" for i in range(count)]
+        self.values = [src[i * size : (i + 1) * size] for i in range(count)]
+        self.buffers = [dst[i * size : (i + 1) * size] for i in range(batch)]
+
+    def runner(self, store: Any, op: str) -> tuple[Callable[[int, int], object], int, int]:
+        """``(run(start, count), period, keys_per_call)`` for ``measure``; lists are doubled so that
+        ``start .. start + count`` never wraps."""
+        keys2, values2, dst = self.keys * 2, self.values * 2, self.buffers[0]
+        if op.startswith("batch"):
+            n = len(self.keys) // self.batch
+            groups = [self.keys[j * self.batch : (j + 1) * self.batch] for j in range(n)] * 2
+            items = [list(zip(g, self.values[j * self.batch : (j + 1) * self.batch], strict=True))
+                     for j, g in enumerate(groups[:n])] * 2
+            batch_get_into, batch_put, buffers = store.batch_get_into, store.batch_put, self.buffers
+
+            def run_batch_put(start: int, count: int) -> None:
+                for j in range(start, start + count):
+                    batch_put(items[j])
+
+            def run_batch_get_into(start: int, count: int) -> None:
+                for j in range(start, start + count):
+                    batch_get_into(groups[j], buffers)
+
+            return run_batch_put if op == "batch_put" else run_batch_get_into, n, self.batch
+        call = {"get": store.get, "put": store.put, "get_into": store.get_into}[op]
+        second = values2 if op == "put" else None if op == "get" else [dst] * len(keys2)
+
+        def run(start: int, count: int) -> None:
+            if second is None:
+                for j in range(start, start + count):
+                    call(keys2[j])
+            else:
+                for j in range(start, start + count):
+                    call(keys2[j], second[j])
+
+        return run, len(self.keys), 1
+
+    def check(self, store: Any, op: str) -> None:
+        """One untimed call of ``op`` whose result is compared with the source bytes."""
+        def same(got: Any, j: int) -> bool:
+            return np.array_equal(np.frombuffer(got, dtype=np.uint8), self.values[j])
+
+        n, b = self.size, self.batch
+        if op == "put":
+            store.put(self.keys[0], self.values[0])
+            ok = same(store.get(self.keys[0]), 0)
+        elif op == "get":
+            ok = same(store.get(self.keys[0]), 0)
+        elif op == "get_into":
+            ok = store.get_into(self.keys[0], self.buffers[0]) == n and same(self.buffers[0], 0)
+        elif op == "batch_put":
+            ok = store.batch_put(list(zip(self.keys[:b], self.values[:b], strict=True))) == [None] * b
+            ok = ok and all(same(store.get(k), j) for j, k in enumerate(self.keys[:b]))
+        else:
+            ok = store.batch_get_into(self.keys[:b], self.buffers) == [n] * b
+            ok = ok and all(same(buf, j) for j, buf in enumerate(self.buffers))
+        if not ok:
+            raise AssertionError(f"wrong result from {op} of {format_size(n)} values")
+
+
+def measure_rows(args: argparse.Namespace, url: str, via: str, src: np.ndarray, dst: np.ndarray,
+                 refs: dict[str, Reference]) -> list[Row]:
+    """Every (op, size) of ROWS through one client of the node, values prefilled first.  Each repetition
+    of a row follows one repetition of its physical reference, so drift on a noisy host hits both."""
+    loads = {
+        SMALL: Workload(via, SMALL, args.small_keys, args.batch, src, dst),
+        LARGE: Workload(via, LARGE, args.large_keys, 1, src, dst),
+    }
+    for ref in refs.values():
+        ref.warm_up(args.rep_seconds)
+    rows = []
+    with mooncakefs.connect(url) as store:
+        for w in loads.values():
+            for key, value in zip(w.keys, w.values, strict=True):
+                store.put(key, value)
+        for op, size in ROWS:
+            w = loads[size]
+            row = Row(via, op, size, batch=w.batch if op.startswith("batch") else 1)
+            row.reference = reference_of(via, op, size)
+            ref = refs.get(row.reference or "")
+            try:
+                w.check(store, op)
+                run, period, per_call = w.runner(store, op)
+                before = ref.paired(args.rep_seconds, row.reference_reps) if ref else None
+                reps = measure(run, period=period, reps=args.reps, rep_seconds=args.rep_seconds, before_rep=before)
+                row.reps_ops_per_s = [r * per_call for r in reps]
+                row.ops_per_s = float(np.median(row.reps_ops_per_s))
+                row.gbps = row.ops_per_s * size / GB
+                progress(f"{via} {op} {format_size(size)}: {row.ops_per_s:,.0f} keys/s {row.gbps:.3f} GB/s")
+            except Exception as exc:  # one failing op must not hide the other rows
+                row.error = f"{type(exc).__name__}: {exc}"
+                progress(f"{via} {op} {format_size(size)}: FAILED {row.error}")
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ mooncake
+
+
+def run_mooncake(venv: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Mooncake's remote (cross-process) layout via mooncake_baseline.py in ``venv``: its JSON, or
+    ``{"error": ...}``."""
+    out = root / "mooncake.json"
+    cmd = [str(Path(venv) / "bin" / "python"), str(Path(__file__).with_name("mooncake_baseline.py")),
+           "--layout", "remote", "--sizes", f"{format_size(SMALL)},{format_size(LARGE)}",
+           "--reps", str(args.mooncake_reps), "--json", str(out)]
+    progress("running " + shlex.join(cmd))
+    with child_process(cmd, stdout=sys.stderr) as proc:  # its own table goes to our stderr
+        rc = proc.wait()
+    if rc != 0 or not out.exists():
+        return {"error": f"{shlex.join(cmd)} exited {rc}", "command": cmd}
+    return {**json.loads(out.read_text()), "command": cmd}
+
+
+# -------------------------------------------------------------------------------------------- report
+
+
+def finish_rows(rows: Sequence[Row], mooncake: dict[str, Any] | None) -> None:
+    """Ratios to the paired physical reference and to Mooncake's same op and size; the targets' verdicts."""
+    theirs = {(r["op"], r["size"]): r["ops_per_s"] for r in (mooncake or {}).get("results", [])}
+    for row in rows:
+        if row.error:
+            continue
+        if row.reference_reps:
+            row.reference_value = float(np.median(row.reference_reps))
+            row.x_ref = (row.gbps if row.size == LARGE else row.ops_per_s) / row.reference_value
+        if theirs.get((row.op, row.size)):
+            row.mooncake_ops_per_s = theirs[row.op, row.size]
+            row.x_mooncake = row.ops_per_s / row.mooncake_ops_per_s
+        for t in TARGETS.get((row.via, row.op, row.size), ()):
+            value = {"x_ref": row.x_ref, "x_mooncake": row.x_mooncake, "ops_per_s": row.ops_per_s}[t.metric]
+            row.targets.append({**asdict(t), "label": t.label(row.reference), "value": value,
+                                "pass": None if value is None else value >= t.minimum})
+
+
+def _number(value: float) -> str:
+    return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+
+
+def render(rows: Sequence[Row], refs: dict[str, dict[str, Any]], notes: Sequence[str]) -> str:
+    ref_rows = [[name, _number(v["value"]) if v["value"] else "-", str(len(v["samples"])), v["what"]]
+                for name, v in refs.items()]
+    header = ["via", "op", "size", "keys/s", "GB/s", "ref", "ref value", "x ref", "mc keys/s", "x mc", "target"]
+    right = [False, False, True, True, True, False, True, True, True, True, False]
+    body, failures = [], []
+    for r in rows:
+        size = format_size(r.size) if r.batch == 1 else f"{r.batch}x{format_size(r.size)}"
+        verdicts = [f"{t['label']} {'?' if t['pass'] is None else 'ok' if t['pass'] else 'MISS'}" for t in r.targets]
+        if r.error:
+            failures.append(f"failed: {r.via} {r.op} {size}: {r.error}")
+            body.append([r.via, r.op, size, "FAILED", "", "", "", "", "", "", "; ".join(verdicts)])
+            continue
+        body.append([
+            r.via, r.op, size, f"{r.ops_per_s:,.0f}", f"{r.gbps:.3f}", r.reference or "",
+            _number(r.reference_value) if r.reference_value else "",
+            f"{r.x_ref:.2f}" if r.x_ref is not None else "",
+            f"{r.mooncake_ops_per_s:,.0f}" if r.mooncake_ops_per_s else "",
+            f"{r.x_mooncake:.2f}" if r.x_mooncake is not None else "", "; ".join(verdicts),
+        ])
+    return "\n".join([
+        "physical references (median of all their repetitions in this run):",
+        format_table(["ref", "value", "reps", "what"], ref_rows, [False, True, True, False]),
+        "",
+        format_table(header, body, right),
+        *failures,
+        *(f"note: {n}" for n in notes),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per row, median reported (%(default)s)")
+    p.add_argument("--rep-seconds", type=float, default=0.3, help="time bound of one repetition (%(default)s)")
+    p.add_argument("--dram", default="2GiB", help="DRAM pool of the node (%(default)s)")
+    p.add_argument("--port", type=int, default=0, help="the node's loopback TCP port (default: a free one)")
+    p.add_argument("--small-keys", type=int, default=1024, help="distinct 4KiB keys (%(default)s)")
+    p.add_argument("--large-keys", type=int, default=4, help="distinct 16MiB keys (%(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="keys per batch call (%(default)s)")
+    p.add_argument("--via", default=",".join(VIAS), help="transports to measure (%(default)s)")
+    p.add_argument("--vs-mooncake", metavar="VENV", help="also run mooncake_baseline.py --layout remote in VENV")
+    p.add_argument("--mooncake-reps", type=int, default=3, help="repetitions of the Mooncake run (%(default)s)")
+    p.add_argument("--dir", help="parent of the node's data dir and sockets (default: the system temp dir)")
+    p.add_argument("--json", default="bench-results/node_bench.json", help="JSON results (%(default)s)")
+    p.add_argument("--peer", choices=("send", "sink", "echo"), help=argparse.SUPPRESS)
+    p.add_argument("--peer-address", help=argparse.SUPPRESS)
+    p.add_argument("--peer-size", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.via = [v.strip() for v in args.via.split(",") if v.strip()]
+    if not set(args.via) <= set(VIAS):
+        p.error(f"--via takes {','.join(VIAS)}")
+    if args.reps < 1 or args.small_keys < args.batch or args.large_keys < 1 or args.batch < 1:
+        p.error("--reps, --batch and --large-keys must be positive, --small-keys at least --batch")
+    args.small_keys -= args.small_keys % args.batch
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.peer:
+        return peer_main(args.peer, args.peer_address, args.peer_size)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # run the cleanups below
+    started = time.perf_counter()
+    # Client-side buffers, touched once here: the sources of every put and the destinations of every read.
+    src = prefaulted(max(args.small_keys * SMALL, args.large_keys * LARGE))
+    dst = prefaulted(max(args.batch * SMALL, LARGE))
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="node_bench-", dir=args.dir) as tmp:
+        root = Path(tmp)
+        refs: dict[str, dict[str, Any]] = {}
+        with running_node(root, args.dram, args.port) as node:
+            for via in args.via:
+                with references(via, root, src, dst) as paired:
+                    rows += measure_rows(args, node.unix_url if via == "unix" else node.tcp_url, via, src, dst, paired)
+                refs.update({name: ref.summary() for name, ref in paired.items()})
+        mooncake = run_mooncake(args.vs_mooncake, args, root) if args.vs_mooncake else None
+    notes = [
+        f"median of {args.reps} reps of <= {args.rep_seconds}s after a warm-up pass; keys/s counts keys, "
+        "GB/s = 1e9 B/s",
+        "ref value: median of the reference's reps taken right before each of the row's reps; x ref: GB/s over "
+        "it (16MiB) or keys/s over its round trips/s (4KiB)",
+    ]
+    if mooncake and "error" in mooncake:
+        notes.append(f"mooncake baseline failed: {mooncake['error']}")
+    elif mooncake:
+        notes.append(f"mc: Mooncake {mooncake.get('version')} --layout remote (client without a segment + a "
+                     f"segment-serving process, tcp loopback), median of {args.mooncake_reps} reps, same op and size")
+    finish_rows(rows, mooncake)
+    print(render(rows, refs, notes))
+    write_json(args.json, {
+        "tool": "node_bench",
+        "machine": machine_info(),
+        "config": {k: v for k, v in vars(args).items() if not k.startswith("peer")},
+        "node": asdict(node),
+        "references": refs,
+        "rows": [asdict(r) for r in rows],
+        "mooncake": mooncake,
+        "notes": notes,
+        "seconds": time.perf_counter() - started,
+    })
+    progress(f"wrote {args.json} ({time.perf_counter() - started:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
