@@ -239,7 +239,7 @@ class RemoteStore:
         except Unavailable:
             if not reused:
                 raise
-            ch, _ = self._connect(), False
+            ch = self._connect()  # the node restarted since this connection was pooled
             try:
                 result = fn(ch)
             except BaseException:
