@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+import socket as socket_lib
 import sys
 import tempfile
 import threading
@@ -221,9 +222,14 @@ def _address(text: str, what: str) -> tuple[str, int] | None:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--prefault/--no-prefault", default=True, show_default=True,
               help="Back the whole DRAM pool with memory at start (in the background).")
+@click.option("--etcd", "etcd_url", default=None,
+              help="Join a cluster: register this node in etcd (http://host:2379) under a lease.")
+@click.option("--cluster", default="default", show_default=True, help="Cluster name in etcd.")
+@click.option("--lease-ttl", default=10, show_default=True, type=click.IntRange(2, 300),
+              help="Seconds after which a dead node leaves the cluster.")
 def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socket_mode: str,
          socket_group: str | None, listen: str, secret_file: Path | None, metrics: str, log_format: str,
-         prefault: bool) -> None:
+         prefault: bool, etcd_url: str | None, cluster: str, lease_ttl: int) -> None:
     """Run the node daemon: own this host's DRAM and SSD pools and serve them to every process.
 
     Clients on this host connect with mooncakefs.connect("unix://SOCKET") and move data by memcpy
@@ -265,12 +271,72 @@ def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socke
     except (OSError, mooncakefs.MooncakeError) as exc:
         server.stop()
         raise click.ClickException(str(exc)) from None
+    member = None
+    if etcd_url:
+        from mooncakefs.cluster.membership import Membership, node_id
+
+        stats = store.stats()
+        record = {"host": socket_lib.gethostname(), "pid": os.getpid(), "started": time.time(),
+                  "unix": str(server.unix_path), "tcp": f"{server.tcp[0]}:{server.tcp[1]}" if server.tcp else None,
+                  "dram": stats["dram"]["capacity"], "ssd": stats.get("ssd", {}).get("capacity", 0)}
+        try:
+            member = Membership(etcd_url, cluster, node_id(store.path), record, ttl=lease_ttl).start()
+        except (ValueError, mooncakefs.MooncakeError) as exc:
+            server.stop()
+            raise click.ClickException(str(exc)) from None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: threading.Thread(target=server.stop).start())
     click.echo(f"mooncakefs node ready: unix://{server.unix_path}"
                + (f" tcp://{server.tcp[0]}:{server.tcp[1]}" if server.tcp else ""), err=True)
     server.wait()
+    if member is not None:
+        member.stop()  # leave the cluster first: nobody should route to a node that is going
     server.stop()
+
+
+@main.command()
+@click.option("--etcd", "etcd_url", default="http://127.0.0.1:2379", show_default=True, help="etcd endpoint.")
+@click.option("--cluster", default="default", show_default=True, help="Cluster name in etcd.")
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON instead of a table.")
+def status(etcd_url: str, cluster: str, as_json: bool) -> None:
+    """The nodes of a cluster: endpoints, tier capacities and live usage (asked of each node over
+    TCP; "-" when it cannot be reached)."""
+    from mooncakefs.cluster.membership import list_nodes, uptime
+
+    try:
+        records = list_nodes(etcd_url, cluster)
+    except (ValueError, mooncakefs.MooncakeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for r in records:
+        r["stats"] = _node_stats(r.get("tcp"))
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    rows = [("NODE", "HOST", "TCP", "DRAM used/size", "SSD used/size", "OBJECTS", "UP")]
+    for r in records:
+        st = r["stats"] or {}
+        def usage(tier: str, r: dict = r, st: dict = st) -> str:
+            size = r.get(tier) or 0
+            if not size:
+                return "-"
+            used = st.get(tier, {}).get("used")
+            return f"{'?' if used is None else format_size(used)}/{format_size(size)}"
+        rows.append((r["id"], r.get("host", "?"), r.get("tcp") or "-", usage("dram"), usage("ssd"),
+                     str(st.get("objects", "-")), f"{uptime(r):.0f}s"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    click.echo(f"{len(records)} node{'s' if len(records) != 1 else ''} in cluster {cluster!r}")
+
+
+def _node_stats(tcp: str | None) -> dict | None:
+    if not tcp:
+        return None
+    try:
+        with mooncakefs.connect(f"tcp://{tcp}", timeout=2) as client:
+            return client.stats()
+    except mooncakefs.MooncakeError:
+        return None
 
 
 def _configure_logging(debug: bool, log_file: Path | None) -> None:

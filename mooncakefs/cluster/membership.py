@@ -1,0 +1,120 @@
+"""Membership: each node registers itself in etcd under a lease and keeps the lease alive.
+
+A node's record lives at ``/mooncakefs/<cluster>/nodes/<node id>`` (JSON: endpoints, tier
+capacities, start time).  It is written once per (re)grant of the lease, never per object: the only
+steady etcd load of a node is one lease refresh every ``ttl / 3`` seconds.  A node that stops cleanly
+deletes its record and revokes its lease; one that dies disappears when the lease expires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import etcd3
+
+from mooncakefs.errors import Unavailable
+
+log = logging.getLogger("mooncakefs.cluster")
+
+DEFAULT_TTL = 10
+
+
+def parse_etcd_url(url: str) -> tuple[str, int]:
+    """(host, port) of "http://host:2379" (or "host:2379")."""
+    parts = urlsplit(url if "//" in url else f"http://{url}")
+    if parts.scheme not in ("http", "etcd") or not parts.hostname:
+        raise ValueError(f"etcd URL must look like http://127.0.0.1:2379, got {url!r}")
+    return parts.hostname, parts.port or 2379
+
+
+def nodes_prefix(cluster: str) -> str:
+    if not cluster or "/" in cluster:
+        raise ValueError(f"cluster name must be non-empty and have no '/', got {cluster!r}")
+    return f"/mooncakefs/{cluster}/nodes/"
+
+
+def node_id(data_dir: Path) -> str:
+    """The node's identity, kept in its data dir so that a restarted node is the same member."""
+    path = data_dir / "node-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        ident = uuid.uuid4().hex[:12]
+        path.write_text(ident + "\n")
+        return ident
+
+
+def connect_etcd(url: str, timeout: float = 5.0) -> etcd3.Etcd3Client:
+    host, port = parse_etcd_url(url)
+    return etcd3.client(host=host, port=port, timeout=timeout)
+
+
+class Membership:
+    """Keep this node's record in etcd alive until ``stop()``."""
+
+    def __init__(self, etcd_url: str, cluster: str, ident: str, record: dict[str, Any], *,
+                 ttl: int = DEFAULT_TTL) -> None:
+        self.key = nodes_prefix(cluster) + ident
+        self.record = {"id": ident, **record}
+        self.ttl = ttl
+        self._client = connect_etcd(etcd_url)
+        self._lease: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Membership:
+        try:
+            self._register()
+        except Exception as exc:
+            raise Unavailable(f"cannot register in etcd at {self.key}: {exc}") from exc
+        self._thread = threading.Thread(target=self._keep_alive, name="mooncakefs-membership", daemon=True)
+        self._thread.start()
+        return self
+
+    def _register(self) -> None:
+        self._lease = self._client.lease(self.ttl)
+        self._client.put(self.key, json.dumps(self.record), lease=self._lease)
+        log.info("registered", extra={"key": self.key, "ttl": self.ttl})
+
+    def _keep_alive(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                left = self._lease.refresh()[0].TTL
+                if left <= 0:  # it expired while etcd was out of reach: join again
+                    self._register()
+            except Exception as exc:  # etcd down: keep trying; the record returns when etcd does
+                log.warning("lease refresh failed", extra={"key": self.key, "why": str(exc)})
+
+    def stop(self) -> None:
+        """Leave the cluster: delete the record and revoke the lease (best effort if etcd is down)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self._client.delete(self.key)
+            self._lease.revoke()
+        self._client.close()
+
+
+def list_nodes(etcd_url: str, cluster: str) -> list[dict[str, Any]]:
+    """The records of the nodes alive in ``cluster``, by id."""
+    client = connect_etcd(etcd_url)
+    try:
+        records = [json.loads(value) for value, _meta in client.get_prefix(nodes_prefix(cluster))]
+    except Exception as exc:
+        raise Unavailable(f"cannot read the cluster from etcd at {etcd_url}: {exc}") from exc
+    finally:
+        client.close()
+    return sorted(records, key=lambda r: r["id"])
+
+
+def uptime(record: dict[str, Any]) -> float:
+    return time.time() - record.get("started", time.time())
