@@ -25,12 +25,11 @@ from mooncakefs._engine import SharedIndex, fill_bytes
 from mooncakefs.errors import (
     AuthenticationError,
     BufferTooSmall,
-    KeyNotFound,
     MooncakeError,
     ProtocolError,
     Unavailable,
 )
-from mooncakefs.store import Key, ObjectInfo, decode_key, encode_key, key_digest
+from mooncakefs.store import Key, KVMapping, ObjectInfo, decode_key, encode_key, key_digest
 from mooncakefs.transfer import READ, WRITE, Region, Transfer, TransferEngine, Transport
 from mooncakefs.transfer.local import LocalTransport
 from mooncakefs.transfer.tcp import DEFAULT_STRIPE, TcpTransport
@@ -115,12 +114,15 @@ class RemoteValueView:
             self._view.release()
             self._view = None
         if self._lease is not None:
-            self._store._release(*self._lease)
+            ch, lease = self._lease
+            self._store._release(ch, [lease])
             self._lease = None
 
 
-class RemoteStore:
+class RemoteStore(KVMapping):
     """A node's store, seen from a client process.  Thread-safe: each thread borrows a connection."""
+
+    _fatal = Unavailable  # fails a whole batch call; other errors are reported per item
 
     def __init__(
         self,
@@ -230,30 +232,31 @@ class RemoteStore:
                 return
         ch.close()
 
-    def _call(self, fn: Callable[[Channel], T]) -> T:
-        """Run one request on a pooled connection; a pooled connection that turns out dead (the node
-        restarted) is replaced and the request tried once more."""
+    def _ask(self, fn: Callable[[Channel], T]) -> tuple[T, Channel]:
+        """Run one request on a pooled connection and return its result with the connection, which the
+        caller gives back (it may still hold leases).  A pooled connection that turns out dead (the node
+        restarted) is replaced and the request tried once more.  On an error the connection goes back
+        to the pool if it is still in step with the node, else it is closed."""
         ch, reused = self._take()
         try:
-            result = fn(ch)
-        except Unavailable:
-            if not reused:
-                raise
-            ch = self._connect()  # the node restarted since this connection was pooled
             try:
-                result = fn(ch)
-            except BaseException:
-                ch.close()
-                raise
+                return fn(ch), ch
+            except Unavailable:
+                if not reused:
+                    raise
+                ch = self._connect()  # the node restarted since this connection was pooled
+                return fn(ch), ch
         except (MooncakeError, ValueError, TypeError) as exc:
             if isinstance(exc, ProtocolError):
                 ch.close()
-            else:
-                self._give_back(ch)
+            self._give_back(ch)  # a closed one is not pooled
             raise
         except BaseException:
             ch.close()
             raise
+
+    def _call(self, fn: Callable[[Channel], T]) -> T:
+        result, ch = self._ask(fn)
         self._give_back(ch)
         return result
 
@@ -264,12 +267,16 @@ class RemoteStore:
 
         return self._call(call)
 
-    def _release(self, ch: Channel | None, lease: int) -> None:
-        """End a read lease (no reply is awaited; the connection that took the lease must send it)."""
-        if ch is None or ch.closed:
-            return  # the connection died: the node released it already
+    def _release(self, ch: Channel, leases: list[int]) -> None:
+        """End read leases and pool their connection (no reply is awaited; the connection that took
+        the leases must send it).  A dead connection's leases the node released already."""
+        if not leases:
+            self._give_back(ch)
+            return
+        if ch.closed:
+            return
         try:
-            ch.send(Op.RELEASE, [lease])
+            ch.send(Op.RELEASE, leases)
         except Unavailable:
             return
         self._give_back(ch)
@@ -384,59 +391,44 @@ class RemoteStore:
     def _read(self, key: Key, dst: memoryview | None) -> Any:
         raw = encode_key(key)
         room = len(dst) if dst is not None else 1 << 62
-        lease_on: list[Channel] = []
 
         def ask(ch: Channel) -> Any:
+            """The value (small ones come inline), or the Region of a value leased for the engine."""
             ch.send(Op.GET, [raw, min(room, self.inline_max)])
             (size, lease, pool_offset), _ = ch.read_reply()
             if lease:
-                lease_on.append(ch)
-                return size, lease, pool_offset
+                return Region(lease, size, pool_offset)
             if dst is None:
                 return fill_bytes(size, ch.read_payload_into)
             ch.read_payload_into(dst[:size])
             return size
 
         # The connection that took a lease stays out of the pool until the lease is released.
-        ch, reused = self._take()
-        try:
-            try:
-                answer = ask(ch)
-            except Unavailable:
-                if not reused:
-                    raise
-                ch = self._connect()  # the node restarted since this connection was pooled
-                answer = ask(ch)
-        except BaseException:
-            self._give_back(ch)  # a dead one is closed, not pooled
-            raise
-        if not lease_on:
+        answer, ch = self._ask(ask)
+        if not isinstance(answer, Region):
             self._give_back(ch)
             return answer
-        size, lease, pool_offset = answer
         try:
-            if size > room:
-                raise BufferTooSmall(key, size, room)
-            region = Region(lease, size, pool_offset)
+            if answer.size > room:
+                raise BufferTooSmall(key, answer.size, room)
             if dst is None:
-                return fill_bytes(size, lambda out: self._engine.run([Transfer(READ, out, region)]))
-            self._engine.run([Transfer(READ, dst[:size], region)])
-            return size
+                return fill_bytes(answer.size, lambda out: self._engine.run([Transfer(READ, out, answer)]))
+            self._engine.run([Transfer(READ, dst[: answer.size], answer)])
+            return answer.size
         finally:
-            self._release(ch, lease)
+            self._release(ch, [answer.handle])
 
     def _view(self, key: Key) -> tuple[memoryview, tuple[Channel, int] | None]:
         """A value in the mapped pool under a lease (no copy), else a private copy."""
         if self._pool_view is None:
             return memoryview(self.get(key)), None
         raw = encode_key(key)
-        ch = self._take()[0]
-        try:
+
+        def ask(ch: Channel) -> Any:
             ch.send(Op.GET, [raw, 0])
-            (size, lease, pool_offset), _ = ch.read_reply()
-        except BaseException:
-            self._give_back(ch)
-            raise
+            return ch.read_reply()[0]
+
+        (size, lease, pool_offset), ch = self._ask(ask)
         if not lease:  # empty: nothing to hold
             self._give_back(ch)
             return memoryview(b""), None
@@ -446,7 +438,7 @@ class RemoteStore:
                 self._engine.run([Transfer(READ, out, Region(lease, size, -1))])
                 return out.toreadonly(), None
             finally:
-                self._release(ch, lease)
+                self._release(ch, [lease])
         return self._pool_view[pool_offset : pool_offset + size].toreadonly(), (ch, lease)
 
     def view(self, key: Key) -> RemoteValueView:
@@ -527,26 +519,9 @@ class RemoteStore:
                 results[i] = size if dst is not None else out.obj
             if transfers:
                 self._engine.run(transfers)
-        except BaseException:
-            if leases:
-                self._release_many(ch, leases)
-            else:
-                self._give_back(ch)
-            raise
-        if leases:
-            self._release_many(ch, leases)
-        else:
-            self._give_back(ch)
+        finally:
+            self._release(ch, leases)
         return results
-
-    def _release_many(self, ch: Channel, leases: list[int]) -> None:
-        if ch.closed:
-            return
-        try:
-            ch.send(Op.RELEASE, leases)
-        except Unavailable:
-            return
-        self._give_back(ch)
 
     # -- queries ----------------------------------------------------------------------------------------
 
@@ -595,26 +570,6 @@ class RemoteStore:
         """The node's instance id (it changes when the node restarts)."""
         return self._rpc(Op.PING, [])[0]
 
-    def _each(self, op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        try:
-            return op(*args, **kwargs)
-        except Unavailable:
-            raise
-        except (MooncakeError, TypeError, ValueError) as exc:
-            return exc
-
-    # -- the mapping protocol ---------------------------------------------------------------------------
-
-    def __getitem__(self, key: Key) -> bytes:
-        return self.get(key)
-
-    def __setitem__(self, key: Key, value: Any) -> None:
-        self.put(key, value)
-
-    def __delitem__(self, key: Key) -> None:
-        if not self.remove(key):
-            raise KeyNotFound(key)
-
     def __contains__(self, key: object) -> bool:
         try:
             return self.exists(key)  # type: ignore[arg-type]
@@ -623,9 +578,6 @@ class RemoteStore:
 
     def __len__(self) -> int:
         return self.stats()["objects"]
-
-    def __iter__(self) -> Iterator[Key]:
-        return self.keys()
 
 
 def connect(url: str | os.PathLike[str] | None = None, **options: Any) -> RemoteStore:

@@ -180,8 +180,38 @@ class PendingPut:
         return self.entry.size
 
 
-class Store:
+class KVMapping:
+    """What ``Store`` and ``RemoteStore`` share on top of their own get/put/remove/keys: the mapping
+    protocol, and running one item of a batch call (``_each``)."""
+
+    _fatal: type[BaseException]  # the error that fails a whole batch call rather than one item
+
+    def _each(self, op: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return op(*args, **kwargs)
+        except self._fatal:
+            raise
+        except (MooncakeError, TypeError, ValueError) as exc:
+            return exc
+
+    def __getitem__(self, key: Key) -> bytes:
+        return self.get(key)  # type: ignore[attr-defined]
+
+    def __setitem__(self, key: Key, value: Any) -> None:
+        self.put(key, value)  # type: ignore[attr-defined]
+
+    def __delitem__(self, key: Key) -> None:
+        if not self.remove(key):  # type: ignore[attr-defined]
+            raise KeyNotFound(key)
+
+    def __iter__(self) -> Iterator[Key]:
+        return self.keys()  # type: ignore[attr-defined]
+
+
+class Store(KVMapping):
     """A tiered key-value store in one process.  Use ``mooncakefs.open()`` to make one."""
+
+    _fatal = StoreClosed
 
     def __init__(
         self,
@@ -1024,25 +1054,7 @@ class Store:
         out = [self._each(self.exists, key) for key in keys]
         return [v is True for v in out]
 
-    def _each(self, op: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return op(*args, **kwargs)
-        except StoreClosed:
-            raise
-        except (MooncakeError, TypeError, ValueError) as exc:
-            return exc
-
-    # -- the mapping protocol ---------------------------------------------------------------------------
-
-    def __getitem__(self, key: Key) -> bytes:
-        return self.get(key)
-
-    def __setitem__(self, key: Key, value: Any) -> None:
-        self.put(key, value)
-
-    def __delitem__(self, key: Key) -> None:
-        if not self.remove(key):
-            raise KeyNotFound(key)
+    # -- the mapping protocol (the rest is KVMapping's) -------------------------------------------------
 
     def __contains__(self, key: object) -> bool:
         try:
@@ -1056,8 +1068,6 @@ class Store:
             self._reap_expired()
             return len(self._index)
 
-    def __iter__(self) -> Iterator[Key]:
-        return self.keys()
 
 
 def open(path: str | Path | None = None, *, dram: int | str = "1GiB", ssd: int | str | None = None,

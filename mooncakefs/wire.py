@@ -112,7 +112,7 @@ class Channel:
         """Send one frame; ``payload`` is a buffer or a list of buffers (sent without copying if large)."""
         m = _pack(meta)
         parts = payload if isinstance(payload, list) else ([] if payload is None else [payload])
-        size = sum(memoryview(p).nbytes for p in parts) if len(parts) != 1 else memoryview(parts[0]).nbytes
+        size = sum(memoryview(p).nbytes for p in parts)
         head = HEADER.pack(MAGIC, op, flags, len(m), size) + m
         try:
             if size <= SMALL_SEND:

@@ -340,10 +340,14 @@ class Node:
         session.pending.add(put_id)
         self._ok(session, [put_id, pending.pool_offset if session.mapped else -1])
 
-    def _pending_of(self, session: Session, put_id: Any) -> PendingPut:
+    def _finish_pending(self, session: Session, meta: list[Any]) -> PendingPut:
+        """Take the unfinished put a PUT_END or PUT_ABORT names off the books of its connection."""
+        (put_id,) = meta
         item = self._pending.get(put_id)
         if item is None or item[1] is not session:
             raise ValueError(f"no unfinished put {put_id!r:.30} on this connection")
+        del self._pending[put_id]
+        session.pending.discard(put_id)
         return item[0]
 
     def _write(self, session: Session, meta: list[Any], payload_len: int) -> None:
@@ -359,19 +363,11 @@ class Node:
         self._ok(session)
 
     def _put_end(self, session: Session, meta: list[Any], _n: int) -> None:
-        (put_id,) = meta
-        pending = self._pending_of(session, put_id)
-        del self._pending[put_id]
-        session.pending.discard(put_id)
-        self.store.end_put(pending)
+        self.store.end_put(self._finish_pending(session, meta))
         self._ok(session)
 
     def _put_abort(self, session: Session, meta: list[Any], _n: int) -> None:
-        (put_id,) = meta
-        pending = self._pending_of(session, put_id)
-        del self._pending[put_id]
-        session.pending.discard(put_id)
-        self.store.abort_put(pending)
+        self.store.abort_put(self._finish_pending(session, meta))
         self._ok(session)
 
     def _lease(self, session: Session, key: Any, inline_max: int) -> tuple[list[int], _InlineValue | None]:

@@ -96,6 +96,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def terminate(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM a child, then SIGKILL it if it has not exited after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def find_master_binary(override: str | None) -> str:
     """Locate mooncake_master: the wheel ships an ELF inside the package plus a console script."""
     if override:
@@ -205,13 +216,7 @@ class Master:
 
     def stop(self) -> None:
         """SIGTERM (the master handles it as a graceful shutdown), then SIGKILL if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         if not self._log.closed:
             self._log.close()
 
@@ -258,12 +263,7 @@ class SegmentServer:
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+                terminate(self.proc)
         if not self._log.closed:
             self._log.close()
 
