@@ -149,6 +149,13 @@ class NodeProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
 
+    def stop(self) -> None:
+        """SIGSTOP the node and wait until the kernel shows it stopped (delivery is asynchronous)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        stat = Path(f"/proc/{self.proc.pid}/stat")
+        assert wait_for(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "T"), "the node did not stop"
+
     def kill(self) -> None:
         """SIGKILL the node (by its own pid) and reap it."""
         if self.proc is None:
