@@ -226,7 +226,8 @@ def _address(text: str, what: str) -> tuple[str, int] | None:
               help="Join a cluster: register this node in etcd (http://host:2379) under a lease.")
 @click.option("--cluster", default="default", show_default=True, help="Cluster name in etcd.")
 @click.option("--lease-ttl", default=10, show_default=True, type=click.IntRange(2, 300),
-              help="Seconds after which a dead node leaves the cluster.")
+              help="Seconds after which a dead node leaves the cluster (and a node cut off from etcd "
+                   "stops taking writes after 2/3 of it).")
 def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socket_mode: str,
          socket_group: str | None, listen: str, secret_file: Path | None, metrics: str, log_format: str,
          prefault: bool, etcd_url: str | None, cluster: str, lease_ttl: int) -> None:
@@ -271,16 +272,20 @@ def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socke
     except (OSError, mooncakefs.MooncakeError) as exc:
         server.stop()
         raise click.ClickException(str(exc)) from None
-    member = None
+    agent = None
     if etcd_url:
-        from mooncakefs.cluster.membership import Membership, node_id
+        from mooncakefs.cluster.agent import NodeAgent
+        from mooncakefs.cluster.membership import host_id, node_id
 
         stats = store.stats()
-        record = {"host": socket_lib.gethostname(), "pid": os.getpid(), "started": time.time(),
+        record = {"host": host_id(), "pid": os.getpid(), "started": time.time(), "ttl": lease_ttl,
                   "unix": str(server.unix_path), "tcp": f"{server.tcp[0]}:{server.tcp[1]}" if server.tcp else None,
                   "dram": stats["dram"]["capacity"], "ssd": stats.get("ssd", {}).get("capacity", 0)}
         try:
-            member = Membership(etcd_url, cluster, node_id(store.path), record, ttl=lease_ttl).start()
+            agent = NodeAgent(store, etcd_url, cluster, node_id(store.path), record, ttl=lease_ttl,
+                              secret=secret or None)
+            server.cluster = agent
+            agent.start()
         except (ValueError, mooncakefs.MooncakeError) as exc:
             server.stop()
             raise click.ClickException(str(exc)) from None
@@ -289,8 +294,8 @@ def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socke
     click.echo(f"mooncakefs node ready: unix://{server.unix_path}"
                + (f" tcp://{server.tcp[0]}:{server.tcp[1]}" if server.tcp else ""), err=True)
     server.wait()
-    if member is not None:
-        member.stop()  # leave the cluster first: nobody should route to a node that is going
+    if agent is not None:
+        agent.stop()  # leave the cluster first: nobody should route to a node that is going
     server.stop()
 
 

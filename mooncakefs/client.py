@@ -309,10 +309,10 @@ class RemoteStore(KVMapping):
     # -- writing ----------------------------------------------------------------------------------------
 
     def put(self, key: Key, value: Any, *, pin: bool = False, ttl: float | None = None, if_absent: bool = False,
-            durable: bool = False) -> None:
-        """As ``Store.put``."""
+            durable: bool = False, cluster_flags: int = 0) -> None:
+        """As ``Store.put``.  (``cluster_flags``: the cluster client's LOCAL and replica count.)"""
         raw, src = encode_key(key), _bytes_of(value)
-        head = [raw, len(src), _flags(pin, if_absent, durable), ttl]
+        head = [raw, len(src), _flags(pin, if_absent, durable) | cluster_flags, ttl]
         if len(src) <= self.inline_max:
             def put_inline(ch: Channel) -> None:
                 ch.send(Op.PUT, head, src)
@@ -337,7 +337,8 @@ class RemoteStore(KVMapping):
         self._call(put_through_engine)
 
     def batch_put(self, items: Mapping[Key, Any] | Iterable[tuple[Key, Any]], *, pin: bool = False,
-                  ttl: float | None = None, if_absent: bool = False, durable: bool = False) -> list[Any]:
+                  ttl: float | None = None, if_absent: bool = False, durable: bool = False,
+                  cluster_flags: int = 0) -> list[Any]:
         """As ``Store.batch_put``: one result per item, None or the exception it raised.  Small values go
         in one frame; large ones one by one."""
         pairs = list(items.items() if isinstance(items, Mapping) else items)
@@ -353,14 +354,15 @@ class RemoteStore(KVMapping):
                 results[i] = exc
                 continue
             if total + len(src) > BATCH_INLINE_MAX:
-                results[i] = self._each(self.put, key, src, pin=pin, ttl=ttl, if_absent=if_absent, durable=durable)
+                results[i] = self._each(self.put, key, src, pin=pin, ttl=ttl, if_absent=if_absent, durable=durable,
+                                        cluster_flags=cluster_flags)
                 continue
             keys.append(raw)
             values.append(src)
             where.append(i)
             total += len(src)
         if keys:
-            meta = [keys, [len(v) for v in values], _flags(pin, if_absent, durable), ttl]
+            meta = [keys, [len(v) for v in values], _flags(pin, if_absent, durable) | cluster_flags, ttl]
 
             def send_batch(ch: Channel) -> Any:
                 ch.send(Op.BATCH_PUT, meta, values)
@@ -580,12 +582,18 @@ class RemoteStore(KVMapping):
         return self.stats()["objects"]
 
 
-def connect(url: str | os.PathLike[str] | None = None, **options: Any) -> RemoteStore:
+def connect(url: str | os.PathLike[str] | None = None, **options: Any) -> Any:
     """A client of the node at ``url``: "unix:///run/mooncakefs/node.sock" (same host: data moves by
     memcpy through the shared pool) or "tcp://host:7480".  Default: the local node's socket.
+    "etcd://host:2379/CLUSTER" gives a ``ClusterStore`` over every node of a cluster instead (its
+    put takes replicas=R and placement="local"; option failover: seconds to wait out a dead node).
 
     Options: secret (the cluster secret, default $MOONCAKEFS_SECRET), timeout (seconds a request may
     wait on the node, 10), connections (TCP connections for large transfers, 4), stripe (bytes per
     stripe of a large transfer, 16 MiB), inline_max (largest value carried in the request or reply
     itself: 32 KiB on the Unix socket, 64 MiB over TCP)."""
+    if isinstance(url, str) and url.startswith("etcd://"):
+        from mooncakefs.cluster.client import ClusterStore
+
+        return ClusterStore(url, **options)
     return RemoteStore(url, **options)

@@ -83,3 +83,21 @@ class ProtocolError(MooncakeError):
 
 class TransferError(MooncakeError):
     """A transfer between two endpoints failed on every connection it was tried on."""
+
+
+class StaleEpoch(MooncakeError):
+    """The request was routed with an older placement map than the node's: reload the map and retry."""
+
+
+class Fenced(Unavailable):
+    """The node has lost touch with etcd, so it may no longer own what it holds: it refuses writes
+    (reads of what it has keep working) until it hears from the cluster again."""
+
+
+class Moved(MooncakeError):
+    """The value was put with placement="local" on another node, which ``node`` names (in a cluster,
+    the owners of a key's group know where such values live).  The cluster client follows it."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(f"the value lives on node {node}")
+        self.node = self.key = node  # on the wire the node travels in the error's key field

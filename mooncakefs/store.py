@@ -906,6 +906,13 @@ class Store(KVMapping):
             snapshot = [k for k in self._index if k.startswith(raw) and not k.startswith(INTERNAL_PREFIX)]
         return map(decode_key, snapshot)
 
+    def raw_keys(self) -> list[bytes]:
+        """Every key present now as raw bytes, internal ones included (for cluster repair)."""
+        with self._lock:
+            self._check_open()
+            self._reap_expired()
+            return list(self._index)
+
     def match_prefix(self, keys: Iterable[Key]) -> int:
         """How many leading keys of ``keys`` are present: the cached prefix of a KV-cache block chain."""
         with self._lock:

@@ -40,11 +40,15 @@ class Op:
     GET, READ, RELEASE = 20, 21, 22
     EXISTS, REMOVE, REMOVE_PREFIX, STAT, KEYS, MATCH_PREFIX, STATS, PERSIST = 30, 31, 32, 33, 34, 35, 36, 37
     BATCH_PUT, BATCH_GET, BATCH_EXISTS = 40, 41, 42
+    EPOCH = 50  # a cluster client names the placement epoch it routes by; the node checks it on each request
     OK, ERROR = 100, 101
 
 
-# Put flags, in the meta of PUT, PUT_BEGIN and BATCH_PUT.
-PIN, IF_ABSENT, DURABLE = 1, 2, 4
+# Put flags, in the meta of PUT, PUT_BEGIN and BATCH_PUT.  In a cluster, LOCAL marks a value kept on the
+# writer's host, and the bits from REPLICAS_SHIFT up carry the replica count the client asked for: the
+# node remembers both for repair.
+PIN, IF_ABSENT, DURABLE, LOCAL = 1, 2, 4, 8
+REPLICAS_SHIFT = 8
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 
@@ -74,6 +78,8 @@ def error_from_meta(meta: Sequence[Any]) -> BaseException:
             return errors.KeyNotFound(key, message.split(": ", 1)[-1])
         if cls is errors.KeyExists:
             return errors.KeyExists(key)
+        if cls is errors.Moved:
+            return errors.Moved(key)
         if cls is errors.BufferTooSmall:
             return errors.BufferTooSmall(key, needed, given)
         return cls(message)
@@ -100,6 +106,7 @@ class Channel:
         self._start = self._end = 0
         self.payload_left = 0  # bytes of the current frame's payload not yet read
         self.closed = False
+        self.epoch: int | None = None  # the placement epoch announced on this connection (cluster clients)
 
     def close(self) -> None:
         if not self.closed:

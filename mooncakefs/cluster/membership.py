@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -35,10 +37,21 @@ def parse_etcd_url(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port or 2379
 
 
-def nodes_prefix(cluster: str) -> str:
+def cluster_prefix(cluster: str) -> str:
+    """Where a cluster keeps its state in etcd: nodes/, controller, placement."""
     if not cluster or "/" in cluster:
         raise ValueError(f"cluster name must be non-empty and have no '/', got {cluster!r}")
-    return f"/mooncakefs/{cluster}/nodes/"
+    return f"/mooncakefs/{cluster}/"
+
+
+def nodes_prefix(cluster: str) -> str:
+    return cluster_prefix(cluster) + "nodes/"
+
+
+def host_id() -> str:
+    """This host's name in node records: clients on the same host use the node's Unix socket.
+    $MOONCAKEFS_HOST overrides it (tests simulate hosts with network namespaces on one machine)."""
+    return os.environ.get("MOONCAKEFS_HOST") or socket.gethostname()
 
 
 def node_id(data_dir: Path) -> str:
@@ -67,6 +80,7 @@ class Membership:
         self.ttl = ttl
         self._client = connect_etcd(etcd_url)
         self._lease: Any = None
+        self.confirmed = 0.0  # monotonic time a request that etcd then confirmed our lease with was sent
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -80,18 +94,31 @@ class Membership:
         return self
 
     def _register(self) -> None:
+        sent = time.monotonic()
         self._lease = self._client.lease(self.ttl)
         self._client.put(self.key, json.dumps(self.record), lease=self._lease)
+        self.confirmed = sent
         log.info("registered", extra={"key": self.key, "ttl": self.ttl})
 
     def _keep_alive(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
+                sent = time.monotonic()
                 left = self._lease.refresh()[0].TTL
                 if left <= 0:  # it expired while etcd was out of reach: join again
                     self._register()
+                else:
+                    self.confirmed = sent
             except Exception as exc:  # etcd down: keep trying; the record returns when etcd does
                 log.warning("lease refresh failed", extra={"key": self.key, "why": str(exc)})
+
+    @property
+    def lease(self) -> Any:
+        return self._lease
+
+    @property
+    def client(self) -> etcd3.Etcd3Client:
+        return self._client
 
     def stop(self) -> None:
         """Leave the cluster: delete the record and revoke the lease (best effort if etcd is down)."""

@@ -23,16 +23,18 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mooncakefs import _engine
-from mooncakefs.errors import AuthenticationError, MooncakeError, ProtocolError, Unavailable
+from mooncakefs.errors import AuthenticationError, KeyNotFound, MooncakeError, Moved, ProtocolError, Unavailable
 from mooncakefs.store import INTERNAL_PREFIX, InternalKey, Key, PendingPut, Store, ValueView
 from mooncakefs.wire import (
     DURABLE,
     IF_ABSENT,
+    LOCAL,
     MAX_BATCH,
     PIN,
+    REPLICAS_SHIFT,
     VERSION,
     Channel,
     Op,
@@ -40,7 +42,14 @@ from mooncakefs.wire import (
     error_meta,
 )
 
+if TYPE_CHECKING:
+    from mooncakefs.cluster.agent import NodeAgent
+
 log = logging.getLogger("mooncakefs.node")
+
+# In a cluster, requests on a connection that named a placement epoch are checked against the node's.
+WRITE_OPS = frozenset({Op.PUT, Op.PUT_BEGIN, Op.PUT_END, Op.BATCH_PUT, Op.REMOVE, Op.REMOVE_PREFIX, Op.PERSIST})
+EPOCH_OPS = WRITE_OPS | {Op.GET, Op.BATCH_GET, Op.EXISTS, Op.BATCH_EXISTS, Op.STAT, Op.MATCH_PREFIX}
 
 BATCH_STAGE_MAX = 4 << 20  # a batched put this small is received whole, then stored under one lock
 HEARTBEAT_S = 0.5  # readers of the shared index give up on a node silent for 2 s
@@ -69,6 +78,7 @@ class Session:
         self.mapped = False  # it has the pool mapped, so pool offsets mean something to it
         self.leases: set[int] = set()
         self.pending: set[int] = set()
+        self.epoch: int | None = None  # the placement epoch a cluster client routes this connection by
 
 
 class Node:
@@ -103,6 +113,7 @@ class Node:
         self._pending: dict[int, tuple[PendingPut, Session]] = {}
         self._stopping = threading.Event()
         self.index: _engine.SharedIndex | None = None
+        self.cluster: NodeAgent | None = None  # set when the node is a cluster member
         self._owns_socket = False
         self._lock = threading.Lock()  # guards _sessions and _threads
         self._handlers: dict[int, Callable[[Session, Any, int], None]] = {
@@ -114,6 +125,7 @@ class Node:
             Op.STAT: self._stat, Op.KEYS: self._keys, Op.MATCH_PREFIX: self._match_prefix,
             Op.STATS: self._stats, Op.PERSIST: self._persist,
             Op.BATCH_PUT: self._batch_put, Op.BATCH_GET: self._batch_get, Op.BATCH_EXISTS: self._batch_exists,
+            Op.EPOCH: self._epoch,
         }
         self._op_names = {v: k.lower() for k, v in vars(Op).items() if isinstance(v, int)}
 
@@ -278,6 +290,8 @@ class Node:
             try:
                 if not isinstance(meta, list):
                     raise TypeError(f"request meta must be an array, got {type(meta).__name__}")
+                if session.epoch is not None and op in EPOCH_OPS:
+                    self.cluster.check(session.epoch, op in WRITE_OPS)  # type: ignore[union-attr]
                 handler(session, meta, payload_len)
             except (MooncakeError, ValueError, TypeError, KeyError, IndexError) as exc:
                 if isinstance(exc, Unavailable | ProtocolError):
@@ -330,11 +344,18 @@ class Node:
         if size != payload_len:
             raise ValueError(f"put declares {size} bytes but carries {payload_len}")
         self._receive_put(session, self.store.begin_put(wire_key(key), size, **put_options(flags, ttl)))
+        self._placed(key, flags)
         self._ok(session)
+
+    def _placed(self, key: bytes, flags: int) -> None:
+        """Remember how a cluster client placed a key: repair keeps that many copies."""
+        if self.cluster is not None:
+            self.cluster.note_put(key, flags >> REPLICAS_SHIFT, bool(flags & LOCAL))
 
     def _put_begin(self, session: Session, meta: list[Any], _n: int) -> None:
         key, size, flags, ttl = meta
         pending = self.store.begin_put(wire_key(key), size, **put_options(flags, ttl))
+        self._placed(key, flags)
         put_id = secrets.randbits(63)
         self._pending[put_id] = (pending, session)
         session.pending.add(put_id)
@@ -373,7 +394,11 @@ class Node:
     def _lease(self, session: Session, key: Any, inline_max: int) -> tuple[list[int], _InlineValue | None]:
         """Look a value up for a reader: ([size, lease id, pool offset], bytes to send inline or None).
         Values larger than ``inline_max`` stay leased until the client releases them."""
-        view = self.store.view(wire_key(key))
+        try:
+            view = self.store.view(wire_key(key))
+        except KeyNotFound:
+            self._moved(key)
+            raise
         data = view.__enter__()
         size = len(data)
         if size <= inline_max:
@@ -416,12 +441,25 @@ class Node:
         if item is not None:
             item[0].__exit__(None, None, None)
 
+    def _moved(self, key: Any) -> None:
+        """A key missing here may have been put with placement="local" on another node: say which."""
+        if self.cluster is not None and type(key) is bytes and (node := self.cluster.pointer(key)) is not None:
+            raise Moved(node)
+
+    def _found(self, key: Any, present: bool) -> bool:
+        """Whether a key exists in the cluster as far as this node knows (placed elsewhere counts)."""
+        if present or self.cluster is None or type(key) is not bytes:
+            return present
+        return self.cluster.pointer(key) is not None
+
     def _exists(self, session: Session, meta: list[Any], _n: int) -> None:
         (key,) = meta
-        self._ok(session, [self.store.exists(wire_key(key))])
+        self._ok(session, [self._found(key, self.store.exists(wire_key(key)))])
 
     def _remove(self, session: Session, meta: list[Any], _n: int) -> None:
         (key,) = meta
+        if self.cluster is not None and type(key) is bytes:
+            self.cluster.forget(key)
         self._ok(session, [self.store.remove(wire_key(key))])
 
     def _remove_prefix(self, session: Session, meta: list[Any], _n: int) -> None:
@@ -486,6 +524,9 @@ class Node:
                     if isinstance(exc, Unavailable | ProtocolError):
                         raise
                     results.append(exc)
+        for key, r in zip(keys, results, strict=True):
+            if r is None:
+                self._placed(key, flags)
         self._ok(session, [[None if r is None else error_meta(r) for r in results]])
 
     def _batch_get(self, session: Session, meta: list[Any], _n: int) -> None:
@@ -513,7 +554,19 @@ class Node:
 
     def _batch_exists(self, session: Session, meta: list[Any], _n: int) -> None:
         (keys,) = meta
-        self._ok(session, [self.store.batch_exists([wire_key(k) for k in _batch(keys)])])
+        present = self.store.batch_exists([wire_key(k) for k in _batch(keys)])
+        self._ok(session, [[self._found(k, p) for k, p in zip(keys, present, strict=True)]])
+
+    def _epoch(self, session: Session, meta: list[Any], _n: int) -> None:
+        (epoch,) = meta
+        if self.cluster is None:
+            raise ValueError("this node is not a cluster member: it has no placement epoch")
+        if type(epoch) is not int:
+            raise TypeError("the epoch is an int")
+        self.cluster.catch_up(epoch)
+        self.cluster.check(epoch, write=False)
+        session.epoch = epoch
+        self._ok(session, [epoch])
 
 
 class _InlineValue:

@@ -1,0 +1,285 @@
+"""A node's part in the cluster: stay a member, follow the placement map, maybe be the controller,
+fence itself when cut off, and repair what the map says it should share.
+
+- **Controller.**  Every node is a candidate; the one that creates ``<cluster>/controller`` under its
+  membership lease is the controller until that lease ends.  It compares the members in etcd with the
+  map's every ``CONTROLLER_POLL_S`` and, when they differ, writes a new map with the next epoch in a
+  transaction that also checks it is still the controller and that nobody wrote the map since it read
+  it.  So at most one map per epoch ever exists.
+- **Following.**  Nodes read the map every ``ttl / 3`` and, at once, whenever a client names a newer
+  epoch than theirs.  Requests routed by another epoch are refused (``StaleEpoch``): the client reloads.
+- **Fencing.**  A node whose lease etcd has not confirmed for ``2/3 ttl`` refuses writes (``Fenced``):
+  by the time the controller could give its groups to others (the lease's ttl), it has stopped
+  acknowledging.  Reads of what it holds go on, so with etcd down the cluster still serves.
+- **Repair.**  After each map change the node walks its keys: a key whose first R owners lack it is
+  pushed to them (R is the count its writer asked for), and a key the node no longer owns is removed
+  once its owners have it.  A pass that fails is retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from mooncakefs.cluster.membership import Membership, cluster_prefix, nodes_prefix
+from mooncakefs.cluster.placement import DEFAULT_GROUPS, DEFAULT_WIDTH, PlacementMap
+from mooncakefs.errors import Fenced, KeyNotFound, MooncakeError, StaleEpoch
+from mooncakefs.store import InternalKey, Store, key_digest
+
+if TYPE_CHECKING:
+    from mooncakefs.cluster.client import NodeLink
+
+log = logging.getLogger("mooncakefs.cluster")
+
+CONTROLLER_POLL_S = 0.5
+REPAIR_RETRY_S = 2.0
+REPAIR_BATCH = 512
+
+
+def pointer_key(raw: bytes) -> InternalKey:
+    """Where a group's owners note which node holds a value put with placement="local"."""
+    return InternalKey(b"at/" + key_digest(raw))
+
+
+class NodeAgent:
+    """Run alongside a ``Node``: ``start()`` after the node listens, ``stop()`` before it stops."""
+
+    def __init__(self, store: Store, etcd_url: str, cluster: str, ident: str, record: dict[str, Any], *,
+                 ttl: int = 10, groups: int = DEFAULT_GROUPS, width: int = DEFAULT_WIDTH,
+                 secret: bytes | None = None) -> None:
+        self.store = store
+        self.ident = ident
+        self.ttl = ttl
+        self.groups, self.width = groups, width
+        self.secret = secret
+        self.member = Membership(etcd_url, cluster, ident, record, ttl=ttl)
+        prefix = cluster_prefix(cluster)
+        self.nodes_prefix = nodes_prefix(cluster)
+        self.controller_key, self.map_key = prefix + "controller", prefix + "placement"
+        self.map: PlacementMap | None = None
+        self.is_controller = False
+        self.replicas: dict[bytes, int] = {}  # raw key -> replicas its writer asked for
+        self.local: set[bytes] = set()  # raw keys put with placement="local": they stay here
+        self._links: dict[str, NodeLink] = {}
+        self._map_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._repair_due = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.repairs = 0  # values pushed to another node by repair
+        self.repair_passes = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def start(self) -> NodeAgent:
+        self.member.start()
+        self.etcd = self.member.client
+        with contextlib.suppress(Exception):
+            self._step()
+        for target, name in ((self._follow, "mooncakefs-follow"), (self._repair_loop, "mooncakefs-repair")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._repair_due.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        if self.is_controller:
+            with contextlib.suppress(Exception):
+                t = self.etcd.transactions
+                self.etcd.transaction(compare=[t.value(self.controller_key) == self.ident],
+                                      success=[t.delete(self.controller_key)], failure=[])
+        self.member.stop()
+        for link in self._links.values():
+            link.close()
+
+    # -- the epoch a request names ------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self.map.epoch if self.map is not None else 0
+
+    @property
+    def fenced(self) -> bool:
+        return time.monotonic() - self.member.confirmed > self.ttl * 2 / 3
+
+    def check(self, epoch: int, write: bool) -> None:
+        """Refuse a request routed by another epoch, or a write while cut off from etcd."""
+        if epoch != self.epoch:
+            raise StaleEpoch(f"node {self.ident} is at placement epoch {self.epoch}, the request at {epoch}: "
+                             "reload the placement map")
+        if write and self.fenced:
+            raise Fenced(f"node {self.ident} has not reached etcd for "
+                         f"{time.monotonic() - self.member.confirmed:.1f} s: it refuses writes until it does")
+
+    def catch_up(self, epoch: int) -> None:
+        """A client has seen a newer map than ours: read it now rather than at the next poll."""
+        if epoch > self.epoch:
+            with contextlib.suppress(Exception):
+                self._read_map()
+
+    def note_put(self, raw: bytes, replicas: int, local: bool) -> None:
+        if local:
+            self.local.add(raw)
+        elif replicas:
+            self.replicas[raw] = replicas
+
+    def forget(self, raw: bytes) -> None:
+        self.replicas.pop(raw, None)
+        self.local.discard(raw)
+
+    def pointer(self, raw: bytes) -> str | None:
+        """The node holding a value put elsewhere with placement="local", if this node was told."""
+        try:
+            return self.store.get(pointer_key(raw)).decode()
+        except KeyNotFound:
+            return None
+
+    # -- following the map, and controlling it -------------------------------------------------------
+
+    def _follow(self) -> None:
+        last_read = 0.0
+        while not self._stop.wait(CONTROLLER_POLL_S):
+            try:
+                if self.is_controller or time.monotonic() - last_read > self.ttl / 3:
+                    self._step()
+                    last_read = time.monotonic()
+            except Exception as exc:  # etcd down: fencing takes over; try again next time
+                log.warning("cannot reach etcd", extra={"why": str(exc)[:200]})
+
+    def _step(self) -> None:
+        """One round: read the controller and the map in one request; stand for controller if nobody
+        is; as controller, bring the map in step with membership."""
+        t = self.etcd.transactions
+        _ok, (ctrl, current) = self.etcd.transaction(compare=[], success=[t.get(self.controller_key),
+                                                                          t.get(self.map_key)], failure=[])
+        if not ctrl:
+            won, _ = self.etcd.transaction(
+                compare=[t.version(self.controller_key) == 0],
+                success=[t.put(self.controller_key, self.ident, lease=self.member.lease)], failure=[])
+            if won:
+                log.info("controller", extra={"node": self.ident})
+            self.is_controller = won
+        else:
+            self.is_controller = ctrl[0][0].decode() == self.ident
+        if current:
+            self._adopt(PlacementMap.from_json(current[0][0]))
+        if self.is_controller:
+            self._control(current[0][1].mod_revision if current else 0)
+
+    def _read_map(self) -> None:
+        value, _meta = self.etcd.get(self.map_key)
+        if value is not None:
+            self._adopt(PlacementMap.from_json(value))
+
+    def _adopt(self, new: PlacementMap) -> None:
+        with self._map_lock:
+            if self.map is not None and new.epoch <= self.map.epoch:
+                return
+            self.map = new
+        log.info("placement", extra={"epoch": new.epoch, "nodes": len(new.nodes)})
+        for link in self._links.values():
+            link.epoch = new.epoch
+        self._repair_due.set()
+
+    def _control(self, map_revision: int) -> None:
+        nodes = {}
+        for value, _meta in self.etcd.get_prefix(self.nodes_prefix):
+            record = json.loads(value)
+            nodes[record["id"]] = record
+        current = self.map
+        if current is not None and current.nodes == nodes:
+            return
+        epoch = current.epoch + 1 if current is not None else 1
+        groups, width = (current.groups, current.width) if current is not None else (self.groups, self.width)
+        new = PlacementMap.compute(epoch, nodes, groups=groups, width=width)
+        t = self.etcd.transactions
+        written, _ = self.etcd.transaction(
+            compare=[t.value(self.controller_key) == self.ident, t.mod(self.map_key) == map_revision],
+            success=[t.put(self.map_key, new.to_json())], failure=[])
+        if written:
+            log.info("placement written", extra={"epoch": epoch, "nodes": sorted(nodes)})
+            self._adopt(new)
+
+    # -- repair ---------------------------------------------------------------------------------------
+
+    def _link(self, node: str, pmap: PlacementMap) -> NodeLink:
+        from mooncakefs.cluster.client import NodeLink
+
+        link = self._links.get(node)
+        if link is None or link.closed:
+            record = pmap.nodes[node]
+            link = NodeLink(record, epoch=pmap.epoch, secret=self.secret, timeout=max(2.0, self.ttl / 2))
+            self._links[node] = link
+        return link
+
+    def _repair_loop(self) -> None:
+        while not self._stop.is_set():
+            self._repair_due.wait()
+            if self._stop.is_set():
+                return
+            self._repair_due.clear()
+            pmap = self.map
+            if pmap is None:
+                continue
+            try:
+                self.repair(pmap)
+            except (MooncakeError, OSError) as exc:
+                log.warning("repair incomplete, retrying", extra={"epoch": pmap.epoch, "why": str(exc)[:200]})
+                self._stop.wait(REPAIR_RETRY_S)
+                self._repair_due.set()
+
+    def repair(self, pmap: PlacementMap) -> None:
+        """Give each key this node holds its R owners under ``pmap``; drop the ones it no longer owns."""
+        wanted: dict[str, list[bytes]] = defaultdict(list)
+        leaving: list[bytes] = []
+        for raw in self.store.raw_keys():
+            if raw in self.local:
+                continue
+            owners = pmap.owners(raw)[: self.replicas.get(raw, 1)]
+            for node in owners:
+                if node != self.ident:
+                    wanted[node].append(raw)
+            if self.ident not in owners:
+                leaving.append(raw)
+        placed: set[bytes] = set()
+        missing_somewhere: set[bytes] = set()
+        for node, raws in wanted.items():
+            if self.map is not pmap:
+                raise StaleEpoch("the map changed during repair")
+            link = self._link(node, pmap)
+            for i in range(0, len(raws), REPAIR_BATCH):
+                chunk = raws[i : i + REPAIR_BATCH]
+                for raw, present in zip(chunk, link.batch_exists(map(_key, chunk)), strict=True):
+                    if not present and not self._push(link, raw):
+                        missing_somewhere.add(raw)
+                    placed.add(raw)
+        for raw in leaving:
+            if raw in placed and raw not in missing_somewhere and self.map is pmap:
+                self.store.remove(_key(raw))
+                self.forget(raw)
+        self.repair_passes += 1
+
+    def _push(self, link: NodeLink, raw: bytes) -> bool:
+        """Copy one value to another node; False if it went away here meanwhile."""
+        try:
+            with self.store.view(_key(raw)) as data:
+                link.put(_key(raw), data, replicas=self.replicas.get(raw, 1))
+        except KeyNotFound:
+            return False
+        self.repairs += 1
+        return True
+
+
+def _key(raw: bytes) -> Any:
+    """A raw key as the store's API takes it (internal keys keep their mark)."""
+    from mooncakefs.node.server import wire_key
+
+    return wire_key(raw)

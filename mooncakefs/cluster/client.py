@@ -1,0 +1,485 @@
+"""The cluster client: ``mooncakefs.connect("etcd://host:2379/prod")``.
+
+It reads the placement map from etcd once and then talks to the nodes directly: a key goes to the
+first R nodes of its placement group (``put(..., replicas=R)``), and is read from the nearest of its
+group's nodes (this host's first, over the Unix socket and shared memory), falling over to the next
+on an error.  Nothing per object touches etcd.  The client keeps no watch: every request names the
+map's epoch, a node on a newer map refuses it (``StaleEpoch``), and the client reloads the map then.
+A node that cannot be reached makes the client reload too and retry, for up to ``failover`` seconds,
+the time the controller needs to notice a dead node (its lease ttl) and publish a map without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from mooncakefs.client import RemoteStore
+from mooncakefs.cluster.agent import pointer_key
+from mooncakefs.cluster.membership import cluster_prefix, connect_etcd, host_id
+from mooncakefs.cluster.placement import PlacementMap
+from mooncakefs.errors import KeyNotFound, MooncakeError, Moved, StaleEpoch, Unavailable
+from mooncakefs.store import Key, KVMapping, ObjectInfo, encode_key
+from mooncakefs.wire import LOCAL, REPLICAS_SHIFT, Channel, Op
+
+T = TypeVar("T")
+DOWN_S = 1.0  # a node that failed is tried last for this long
+
+
+class NodeLink(RemoteStore):
+    """A client of one cluster node that names its placement epoch on each connection."""
+
+    def __init__(self, record: dict[str, Any], *, epoch: int, prefer_unix: bool = False, **options: Any) -> None:
+        self.node: str = record["id"]
+        self.epoch = epoch
+        if prefer_unix and record.get("unix"):
+            url = f"unix://{record['unix']}"
+        elif record.get("tcp"):
+            url = f"tcp://{record['tcp']}"
+        else:
+            raise Unavailable(f"node {self.node} has no TCP endpoint and is not on this host")
+        super().__init__(url, **options)
+
+    def _connect(self) -> Channel:
+        ch = super()._connect()
+        try:
+            self._announce(ch)
+        except BaseException:
+            ch.close()
+            raise
+        return ch
+
+    def _take(self) -> tuple[Channel, bool]:
+        ch, reused = super()._take()
+        if ch.epoch == self.epoch:
+            return ch, reused
+        try:
+            self._announce(ch)
+        except Unavailable:
+            ch.close()
+            return self._connect(), False  # the node restarted since this connection was pooled
+        except BaseException:
+            self._give_back(ch)
+            raise
+        return ch, reused
+
+    def _announce(self, ch: Channel) -> None:
+        ch.send(Op.EPOCH, [self.epoch])
+        ch.read_reply()
+        ch.epoch = self.epoch
+
+    def put(self, key: Key, value: Any, *, replicas: int = 1, local: bool = False,  # type: ignore[override]
+            **options: Any) -> None:
+        super().put(key, value, cluster_flags=placement_flags(replicas, local), **options)
+
+
+def placement_flags(replicas: int, local: bool) -> int:
+    return (LOCAL if local else 0) | (replicas << REPLICAS_SHIFT)
+
+
+def parse_cluster_url(url: str) -> tuple[str, str]:
+    """("http://host:port", cluster) of "etcd://host:port/cluster"."""
+    parts = urlsplit(url)
+    cluster = parts.path.strip("/")
+    if parts.scheme != "etcd" or not parts.hostname or not cluster or "/" in cluster:
+        raise ValueError(f"cluster URL must look like etcd://127.0.0.1:2379/prod, got {url!r}")
+    return f"http://{parts.hostname}:{parts.port or 2379}", cluster
+
+
+class ClusterStore(KVMapping):
+    """The Store API over a whole cluster.  Thread-safe."""
+
+    _fatal = Unavailable
+
+    def __init__(self, url: str, *, secret: bytes | str | None = None, timeout: float = 10.0,
+                 failover: float | None = None, **link_options: Any) -> None:
+        self.etcd_url, self.cluster = parse_cluster_url(url)
+        self.url = self.path = url
+        self._etcd = connect_etcd(self.etcd_url, timeout=min(timeout, 5.0))
+        self._map_key = cluster_prefix(self.cluster) + "placement"
+        self._link_options = {"secret": secret, "timeout": timeout, **link_options}
+        self._links: dict[str, NodeLink] = {}
+        self._down: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mooncakefs-replica")
+        self.host = host_id()
+        self._closed = False
+        try:
+            self.map = self._load()
+        except BaseException:
+            self._etcd.close()
+            raise
+        ttl = max((r.get("ttl", 10) for r in self.map.nodes.values()), default=10)
+        self.failover = failover if failover is not None else 2 * ttl + 5
+
+    # -- the map and the links to nodes ---------------------------------------------------------------
+
+    def _load(self) -> PlacementMap:
+        try:
+            value, _meta = self._etcd.get(self._map_key)
+        except Exception as exc:
+            raise Unavailable(f"cannot read the placement map of {self.cluster!r} from etcd at "
+                              f"{self.etcd_url}: {exc}") from None
+        if value is None:
+            raise Unavailable(f"cluster {self.cluster!r} has no placement map yet: start a node with "
+                              f"--etcd {self.etcd_url} --cluster {self.cluster}")
+        return PlacementMap.from_json(value)
+
+    def _refresh(self, seen: PlacementMap) -> None:
+        """Reload the map unless another thread did since ``seen`` (etcd down: keep the one we have)."""
+        with self._lock:
+            if self.map is not seen:
+                return
+        with contextlib.suppress(Unavailable):
+            new = self._load()
+            with self._lock:
+                if new.epoch > self.map.epoch:
+                    self.map = new
+                    for node, link in list(self._links.items()):
+                        if node in new.nodes:
+                            link.epoch = new.epoch
+                        else:
+                            del self._links[node]
+                            link.close()
+
+    def _link(self, node: str, pmap: PlacementMap) -> NodeLink:
+        with self._lock:
+            link = self._links.get(node)
+        if link is not None and not link.closed:
+            return link
+        record = pmap.nodes.get(node)
+        if record is None:
+            raise Unavailable(f"node {node} is not in the cluster's placement map")
+        link = NodeLink(record, epoch=pmap.epoch, prefer_unix=self._on_this_host(record), **self._link_options)
+        with self._lock:
+            if self._closed:
+                link.close()
+                raise Unavailable(f"client of {self.url} is closed")
+            old = self._links.setdefault(node, link)
+        if old is not link:
+            link.close()
+        return old
+
+    def _on_this_host(self, record: dict[str, Any]) -> bool:
+        return record.get("host") == self.host and bool(record.get("unix")) and os.path.exists(record["unix"])
+
+    def _read_order(self, pmap: PlacementMap, raw: bytes) -> list[str]:
+        """A key's group nodes, nearest first: this host's, then the map's order; recently failed last."""
+        now = time.monotonic()
+        return sorted(pmap.owners(raw), key=lambda n: (self._down.get(n, 0) > now,
+                                                       not self._on_this_host(pmap.nodes[n])))
+
+    def _retrying(self, attempt: Callable[[PlacementMap], T]) -> T:
+        """Run ``attempt`` with the current map; on a stale epoch reload it, and on an unreachable node
+        reload it and retry until the map routes around the node or ``failover`` passes."""
+        deadline = time.monotonic() + self.failover
+        while True:
+            pmap = self.map
+            try:
+                return attempt(pmap)
+            except StaleEpoch:
+                self._refresh(pmap)
+            except Unavailable:
+                if self._closed or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+                self._refresh(pmap)
+
+    def _call(self, node: str, pmap: PlacementMap, fn: Callable[[NodeLink], T]) -> T:
+        try:
+            return fn(self._link(node, pmap))
+        except Unavailable:
+            self._down[node] = time.monotonic() + DOWN_S
+            raise
+
+    # -- writing ----------------------------------------------------------------------------------------
+
+    def put(self, key: Key, value: Any, *, replicas: int = 1, placement: str | None = None, pin: bool = False,
+            ttl: float | None = None, if_absent: bool = False, durable: bool = False) -> None:
+        """Store ``value`` on the first ``replicas`` nodes of the key's group; returns once all hold it.
+        ``placement="local"`` keeps it on this host's node instead (the group's nodes note where)."""
+        raw = encode_key(key)
+        self._check_replicas(replicas)
+        if placement not in (None, "local"):
+            raise ValueError(f"placement must be None or 'local', got {placement!r}")
+        view = memoryview(value)
+        options = {"pin": pin, "ttl": ttl, "if_absent": if_absent, "durable": durable}
+
+        def attempt(pmap: PlacementMap) -> None:
+            owners = self._owners(pmap, raw, replicas)
+            if placement == "local":
+                here = self._local_node(pmap)
+                self._call(here, pmap, lambda link: link.put(key, view, local=True, **options))
+                self._on_all(pmap, owners, lambda link: link.put(pointer_key(raw), here.encode(), replicas=replicas))
+            else:
+                self._on_all(pmap, owners, lambda link: link.put(key, view, replicas=replicas, **options))
+
+        self._retrying(attempt)
+
+    def _check_replicas(self, replicas: int) -> None:
+        width = self.map.width
+        if type(replicas) is not int or not 1 <= replicas <= width:
+            raise ValueError(f"replicas must be an int from 1 to {width}, got {replicas!r}")
+
+    def _owners(self, pmap: PlacementMap, raw: bytes, replicas: int) -> list[str]:
+        owners = pmap.owners(raw)[:replicas]
+        if len(owners) < replicas:
+            raise Unavailable(f"replicas={replicas} but cluster {self.cluster!r} has {len(owners)} node(s)")
+        return owners
+
+    def _local_node(self, pmap: PlacementMap) -> str:
+        for node, record in sorted(pmap.nodes.items()):
+            if self._on_this_host(record):
+                return node
+        raise Unavailable(f"placement='local' needs a node on this host ({self.host!r}, $MOONCAKEFS_HOST)")
+
+    def _on_all(self, pmap: PlacementMap, nodes: list[str], fn: Callable[[NodeLink], Any]) -> list[Any]:
+        """Run ``fn`` on each node, in parallel when there are several; the first error is raised."""
+        if len(nodes) == 1:
+            return [self._call(nodes[0], pmap, fn)]
+        futures = [self._pool.submit(self._call, node, pmap, fn) for node in nodes]
+        return [f.result() for f in futures]
+
+    def batch_put(self, items: Mapping[Key, Any] | Iterable[tuple[Key, Any]], *, replicas: int = 1,
+                  pin: bool = False, ttl: float | None = None, if_absent: bool = False,
+                  durable: bool = False) -> list[Any]:
+        """As ``Store.batch_put``, each item on its ``replicas`` nodes: one batch per node."""
+        pairs = list(items.items() if isinstance(items, Mapping) else items)
+        self._check_replicas(replicas)
+        options = {"pin": pin, "ttl": ttl, "if_absent": if_absent, "durable": durable}
+        results: list[Any] = [None] * len(pairs)
+        pmap = self.map
+        by_node: dict[str, list[int]] = defaultdict(list)
+        for i, (key, _value) in enumerate(pairs):
+            try:
+                for node in self._owners(pmap, encode_key(key), replicas):
+                    by_node[node].append(i)
+            except (MooncakeError, TypeError, ValueError) as exc:
+                results[i] = exc
+        retry: set[int] = set()
+        for node, where in by_node.items():
+            try:
+                out = self._call(node, pmap, lambda link, where=where: link.batch_put(
+                    [pairs[i] for i in where], cluster_flags=placement_flags(replicas, False), **options))
+            except (Unavailable, StaleEpoch):
+                retry.update(where)
+                continue
+            for i, r in zip(where, out, strict=True):
+                if isinstance(r, StaleEpoch | Unavailable):
+                    retry.add(i)
+                elif r is not None and results[i] is None:
+                    results[i] = r
+        for i in sorted(retry):  # one by one, through the map's changes
+            results[i] = self._each(self.put, *pairs[i], replicas=replicas, **options)
+        return results
+
+    def remove(self, key: Key) -> bool:
+        """Remove a key from every node of its group (and from the node it was placed on locally)."""
+        raw = encode_key(key)
+
+        def attempt(pmap: PlacementMap) -> bool:
+            owners = pmap.owners(raw)
+            removed = any(self._on_all(pmap, owners, lambda link: link.remove(key)))
+            if removed:
+                return True
+            pointer = pointer_key(raw)
+            for node in owners:
+                with contextlib.suppress(KeyNotFound):
+                    where = self._call(node, pmap, lambda link: link.get(pointer)).decode()
+                    removed = where in pmap.nodes and self._call(where, pmap, lambda link: link.remove(key))
+                    self._on_all(pmap, owners, lambda link: link.remove(pointer))
+                    return removed
+            return False
+
+        return self._retrying(attempt)
+
+    def remove_prefix(self, prefix: Key) -> int:
+        return sum(self._on_every_node(lambda link: link.remove_prefix(prefix)).values())
+
+    def persist(self, keys: Iterable[Key] | None = None) -> int:
+        keys = None if keys is None else list(keys)
+        return sum(self._on_every_node(lambda link: link.persist(keys)).values())
+
+    # -- reading ----------------------------------------------------------------------------------------
+
+    def _read(self, key: Key, fn: Callable[[NodeLink], T]) -> T:
+        """Run a read on the nearest node of the key's group that has the key."""
+        raw = encode_key(key)
+
+        def attempt(pmap: PlacementMap) -> T:
+            down: Unavailable | None = None
+            for node in self._read_order(pmap, raw):
+                try:
+                    return self._call(node, pmap, fn)
+                except Moved as moved:
+                    return self._call(moved.node, pmap, fn)
+                except KeyNotFound:
+                    continue
+                except StaleEpoch:
+                    raise
+                except Unavailable as exc:
+                    down = exc
+            if down is not None:
+                raise down  # the key may be on the node that is down: wait for the map to change
+            raise KeyNotFound(key)
+
+        return self._retrying(attempt)
+
+    def get(self, key: Key) -> bytes:
+        return self._read(key, lambda link: link.get(key))
+
+    def get_into(self, key: Key, buffer: Any) -> int:
+        return self._read(key, lambda link: link.get_into(key, buffer))
+
+    def stat(self, key: Key) -> ObjectInfo:
+        return self._read(key, lambda link: link.stat(key))
+
+    @contextlib.contextmanager
+    def view(self, key: Key) -> Iterator[memoryview]:
+        """As ``Store.view``, from the nearest node holding the key (in place when it is this host's)."""
+        link = self._read(key, lambda link: (link.stat(key), link)[1])
+        with link.view(key) as data:
+            yield data
+
+    def exists(self, key: Key) -> bool:
+        try:
+            return self._read(key, lambda link: link.exists(key) or _absent(key))
+        except KeyNotFound:
+            return False
+
+    def batch_get(self, keys: Iterable[Key]) -> list[bytes | None]:
+        """As ``Store.batch_get``: the values, None where a key is missing."""
+        keys = list(keys)
+        out = self._batch(keys, lambda link, idx: link._batch_read([keys[i] for i in idx], [None] * len(idx)))
+        return [bytes(v) if isinstance(v, bytearray) else v if isinstance(v, bytes) else None for v in out]
+
+    def batch_get_into(self, keys: Iterable[Key], buffers: Iterable[Any]) -> list[Any]:
+        """As ``Store.batch_get_into``: one result per key, the byte count or the exception."""
+        keys, buffers = list(keys), list(buffers)
+        if len(keys) != len(buffers):
+            raise ValueError(f"batch_get_into got {len(keys)} keys but {len(buffers)} buffers")
+        return self._batch(keys, lambda link, idx: link.batch_get_into([keys[i] for i in idx],
+                                                                       [buffers[i] for i in idx]))
+
+    def batch_exists(self, keys: Iterable[Key]) -> list[bool]:
+        keys = list(keys)
+        out = self._batch(keys, lambda link, idx: [v or KeyNotFound(keys[i]) for i, v in
+                                                   zip(idx, link.batch_exists([keys[i] for i in idx]), strict=True)])
+        return [v is True for v in out]
+
+    def _batch(self, keys: list[Key], call: Callable[[NodeLink, list[int]], list[Any]]) -> list[Any]:
+        """A batched read: each key asked of its nearest group node, then, where that node lacks it, of
+        the next; one request per node per round.  ``call(link, indexes)`` gives one result per index, a
+        value or an exception; a missing key is a ``KeyNotFound``, a moved one a ``Moved``."""
+        results: list[Any] = [None] * len(keys)
+        pmap = self.map
+        todo: dict[int, list[str]] = {}
+        for i, key in enumerate(keys):
+            try:
+                todo[i] = self._read_order(pmap, encode_key(key))
+            except (MooncakeError, TypeError) as exc:
+                results[i] = exc
+        unsure: set[int] = set()  # keys whose node was unreachable: settle them one by one
+        while todo:
+            by_node: dict[str, list[int]] = defaultdict(list)
+            for i, nodes in todo.items():
+                by_node[nodes.pop(0)].append(i)
+            for node, idx in by_node.items():
+                try:
+                    out = self._call(node, pmap, lambda link, idx=idx: call(link, idx))
+                except (Unavailable, StaleEpoch):
+                    unsure.update(idx)
+                    out = [KeyNotFound(keys[i]) for i in idx]
+                for i, r in zip(idx, out, strict=True):
+                    if isinstance(r, Moved):
+                        unsure.add(i)
+                    if not isinstance(r, KeyNotFound | Moved) or not todo[i]:
+                        results[i] = r
+                        del todo[i]
+        for i in sorted(unsure):
+            if isinstance(results[i], KeyNotFound | Moved):
+                results[i] = self._each(self._read, keys[i], lambda link, i=i: _value(call(link, [i])[0]))
+        return results
+
+    def match_prefix(self, keys: Iterable[Key]) -> int:
+        """How many leading keys are present anywhere in the cluster."""
+        hits = 0
+        for present in self.batch_exists(keys):
+            if not present:
+                break
+            hits += 1
+        return hits
+
+    def keys(self, prefix: Key = "") -> Iterator[Key]:
+        """Every key in the cluster (each once), as the nodes see them now."""
+        seen: set[Key] = set()
+        for found in self._on_every_node(lambda link: list(link.keys(prefix))).values():
+            seen.update(found)
+        return iter(sorted(seen, key=encode_key))
+
+    def stats(self) -> dict[str, Any]:
+        """Per node, its store's statistics; and the map's epoch."""
+        return {"epoch": self.map.epoch, "nodes": self._on_every_node(lambda link: link.stats())}
+
+    def ping(self) -> dict[str, str]:
+        return self._on_every_node(lambda link: link.ping())
+
+    def _on_every_node(self, fn: Callable[[NodeLink], T]) -> dict[str, T]:
+        def attempt(pmap: PlacementMap) -> dict[str, T]:
+            nodes = sorted(pmap.nodes)
+            return dict(zip(nodes, self._on_all(pmap, nodes, fn), strict=True))
+
+        return self._retrying(attempt)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return self.exists(key)  # type: ignore[arg-type]
+        except MooncakeError:
+            return False
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.keys())
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.close()
+        self._pool.shutdown(wait=False)
+        self._etcd.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> ClusterStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<mooncakefs.ClusterStore {self.url} epoch {self.map.epoch}{' closed' if self._closed else ''}>"
+
+
+def _absent(key: Key) -> bool:
+    raise KeyNotFound(key)
+
+
+def _value(result: Any) -> Any:
+    """A batch result as a single call's: the value, or its exception raised."""
+    if isinstance(result, BaseException):
+        raise result
+    return result
