@@ -10,11 +10,13 @@ from mooncakefs.client import RemoteStore, connect
 from mooncakefs.errors import (
     BufferTooSmall,
     ChecksumError,
+    Fenced,
     InvalidKey,
     KeyExists,
     KeyNotFound,
     MooncakeError,
     OutOfSpace,
+    StaleEpoch,
     StoreClosed,
     StoreLocked,
     Unavailable,
@@ -26,6 +28,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BufferTooSmall",
     "ChecksumError",
+    "ClusterStore",
+    "Fenced",
     "InvalidKey",
     "KeyExists",
     "KeyNotFound",
@@ -33,6 +37,7 @@ __all__ = [
     "ObjectInfo",
     "OutOfSpace",
     "RemoteStore",
+    "StaleEpoch",
     "Store",
     "StoreClosed",
     "StoreLocked",
@@ -41,3 +46,12 @@ __all__ = [
     "connect",
     "open",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``ClusterStore`` loads the etcd client only when a cluster is used."""
+    if name == "ClusterStore":
+        from mooncakefs.cluster.client import ClusterStore
+
+        return ClusterStore
+    raise AttributeError(f"module 'mooncakefs' has no attribute {name!r}")

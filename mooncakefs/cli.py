@@ -6,7 +6,6 @@ import json
 import os
 import random
 import shutil
-import socket as socket_lib
 import sys
 import tempfile
 import threading

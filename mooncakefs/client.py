@@ -36,6 +36,7 @@ from mooncakefs.transfer.tcp import DEFAULT_STRIPE, TcpTransport
 from mooncakefs.wire import (
     DURABLE,
     IF_ABSENT,
+    MAX_BATCH,
     PIN,
     VERSION,
     Channel,
@@ -342,6 +343,10 @@ class RemoteStore(KVMapping):
         """As ``Store.batch_put``: one result per item, None or the exception it raised.  Small values go
         in one frame; large ones one by one."""
         pairs = list(items.items() if isinstance(items, Mapping) else items)
+        if len(pairs) > MAX_BATCH:  # the node takes at most MAX_BATCH items a request
+            return [r for i in range(0, len(pairs), MAX_BATCH) for r in self.batch_put(
+                pairs[i : i + MAX_BATCH], pin=pin, ttl=ttl, if_absent=if_absent, durable=durable,
+                cluster_flags=cluster_flags)]
         results: list[Any] = [None] * len(pairs)
         keys: list[bytes] = []
         values: list[memoryview] = []
@@ -468,6 +473,9 @@ class RemoteStore(KVMapping):
         return [bytes(v) if isinstance(v, bytearray) else v if isinstance(v, bytes) else None for v in out]
 
     def _batch_read(self, keys: list[Key], dsts: list[Any]) -> list[Any]:
+        if len(keys) > MAX_BATCH:
+            return [r for i in range(0, len(keys), MAX_BATCH)
+                    for r in self._batch_read(keys[i : i + MAX_BATCH], dsts[i : i + MAX_BATCH])]
         results: list[Any] = [None] * len(keys)
         raws: list[bytes] = []
         limits: list[int] = []
@@ -537,7 +545,8 @@ class RemoteStore(KVMapping):
                 raws.append(encode_key(key))
             except MooncakeError:
                 raws.append(b"")  # never a valid key: reported absent, as Store.batch_exists does
-        return self._rpc(Op.BATCH_EXISTS, [raws])[0]
+        return [present for i in range(0, len(raws), MAX_BATCH)
+                for present in self._rpc(Op.BATCH_EXISTS, [raws[i : i + MAX_BATCH]])[0]]
 
     def remove(self, key: Key) -> bool:
         return self._rpc(Op.REMOVE, [encode_key(key)])[0]

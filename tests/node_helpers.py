@@ -220,3 +220,82 @@ def raw_channel(url: str, *, secret: bytes | None = None, timeout: float = 5.0, 
 
 
 wait_for = wait_until  # the suite's polling helper, under the name these tests use
+
+
+class EtcdCluster:
+    """A real etcd of one or more members on free loopback ports, its data on /dev/shm.  ``stop()``
+    and ``start()`` again keep the data (an etcd outage); ``kill_member(i)`` loses one member."""
+
+    def __init__(self, members: int = 1, *, extra_client_urls: tuple[str, ...] = ()) -> None:
+        import tempfile
+
+        self.names = [f"m{i}" for i in range(members)]
+        self.client_ports = [free_port() for _ in self.names]
+        self.peer_ports = [free_port() for _ in self.names]
+        self.extra_client_urls = extra_client_urls
+        self.base = Path(tempfile.mkdtemp(prefix="mooncakefs-etcd-", dir="/dev/shm"))
+        self.procs: list[subprocess.Popen | None] = [None] * members
+
+    @property
+    def url(self) -> str:
+        """Every member, comma-separated, as mooncakefs takes it."""
+        return ",".join(f"http://127.0.0.1:{p}" for p in self.client_ports)
+
+    def member_url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.client_ports[i]}"
+
+    def start(self) -> EtcdCluster:
+        initial = ",".join(f"{n}=http://127.0.0.1:{p}" for n, p in zip(self.names, self.peer_ports, strict=True))
+        for i, name in enumerate(self.names):
+            if self.procs[i] is None or self.procs[i].poll() is not None:
+                self.procs[i] = self._launch(i, name, initial)
+        assert wait_until(self.healthy, timeout=30, interval=0.1), "etcd did not become healthy"
+        return self
+
+    def _launch(self, i: int, name: str, initial: str) -> subprocess.Popen:
+        client = ",".join([self.member_url(i), *self.extra_client_urls])
+        peer = f"http://127.0.0.1:{self.peer_ports[i]}"
+        return subprocess.Popen(
+            ["etcd", "--name", name, "--data-dir", str(self.base / name), "--listen-client-urls", client,
+             "--advertise-client-urls", self.member_url(i), "--listen-peer-urls", peer,
+             "--initial-advertise-peer-urls", peer, "--initial-cluster", initial,
+             "--initial-cluster-token", self.base.name, "--log-level", "error"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def healthy(self) -> bool:
+        from mooncakefs.cluster.membership import connect_etcd
+
+        try:
+            client = connect_etcd(self.url, timeout=1)
+            try:
+                client.get("/health-probe")
+                return True
+            finally:
+                client.close()
+        except Exception:
+            return False
+
+    def kill_member(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=20)
+
+    def stop(self) -> None:
+        """Stop every member (SIGTERM; a member may linger a few seconds handing over leadership)."""
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            if proc is not None:
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+    def close(self) -> None:
+        import shutil
+
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)

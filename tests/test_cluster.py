@@ -7,12 +7,11 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 from conftest import child_env, wait_until
-from node_helpers import NodeProcess, free_port
+from node_helpers import EtcdCluster, NodeProcess, free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="etcd is not installed (tools/install-deps.sh installs etcd-server)")
@@ -21,31 +20,11 @@ pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
 @pytest.fixture(scope="module")
 def etcd():
     """A single-member etcd on free loopback ports, its data on /dev/shm."""
-    client, peer = free_port(), free_port()
-    data = tempfile.mkdtemp(prefix="mooncakefs-etcd-", dir="/dev/shm")
-    proc = subprocess.Popen(
-        ["etcd", "--name", "test", "--data-dir", data,
-         "--listen-client-urls", f"http://127.0.0.1:{client}", "--advertise-client-urls", f"http://127.0.0.1:{client}",
-         "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-         "--initial-cluster", f"test=http://127.0.0.1:{peer}", "--log-level", "warn"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{client}"
+    cluster = EtcdCluster().start()
     try:
-        from mooncakefs.cluster.membership import connect_etcd
-
-        def healthy() -> bool:
-            try:
-                connect_etcd(url, timeout=1).status()
-                return True
-            except Exception:
-                return False
-
-        assert wait_until(healthy, timeout=20, interval=0.1), "etcd did not start"
-        yield url
+        yield cluster.url
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        shutil.rmtree(data, ignore_errors=True)
+        cluster.close()
 
 
 def status(etcd: str, cluster: str) -> list[dict]:

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from mooncakefs.client import RemoteStore
 from mooncakefs.cluster.agent import pointer_key
-from mooncakefs.cluster.membership import cluster_prefix, connect_etcd, host_id
+from mooncakefs.cluster.membership import cluster_prefix, connect_etcd, host_id, parse_etcd_url
 from mooncakefs.cluster.placement import PlacementMap
 from mooncakefs.errors import KeyNotFound, MooncakeError, Moved, StaleEpoch, Unavailable
 from mooncakefs.store import Key, KVMapping, ObjectInfo, encode_key
@@ -85,12 +85,14 @@ def placement_flags(replicas: int, local: bool) -> int:
 
 
 def parse_cluster_url(url: str) -> tuple[str, str]:
-    """("http://host:port", cluster) of "etcd://host:port/cluster"."""
+    """(etcd endpoints, cluster) of "etcd://host:port/cluster" or "etcd://host1:port1,host2:port2/cluster"."""
     parts = urlsplit(url)
     cluster = parts.path.strip("/")
-    if parts.scheme != "etcd" or not parts.hostname or not cluster or "/" in cluster:
+    if parts.scheme != "etcd" or not parts.netloc or not cluster or "/" in cluster:
         raise ValueError(f"cluster URL must look like etcd://127.0.0.1:2379/prod, got {url!r}")
-    return f"http://{parts.hostname}:{parts.port or 2379}", cluster
+    endpoints = ",".join(f"http://{member}" for member in parts.netloc.split(","))
+    parse_etcd_url(endpoints)  # each member must be host:port
+    return endpoints, cluster
 
 
 class ClusterStore(KVMapping):
@@ -286,19 +288,22 @@ class ClusterStore(KVMapping):
 
         def attempt(pmap: PlacementMap) -> bool:
             owners = pmap.owners(raw)
+            where = self._placed_at(pmap, owners, raw)
             removed = any(self._on_all(pmap, owners, lambda link: link.remove(key)))
-            if removed:
-                return True
-            pointer = pointer_key(raw)
-            for node in owners:
-                with contextlib.suppress(KeyNotFound):
-                    where = self._call(node, pmap, lambda link: link.get(pointer)).decode()
-                    removed = where in pmap.nodes and self._call(where, pmap, lambda link: link.remove(key))
-                    self._on_all(pmap, owners, lambda link: link.remove(pointer))
-                    return removed
-            return False
+            if where is not None:
+                if where in pmap.nodes and where not in owners:
+                    removed = self._call(where, pmap, lambda link: link.remove(key)) or removed
+                self._on_all(pmap, owners, lambda link: link.remove(pointer_key(raw)))
+            return removed
 
         return self._retrying(attempt)
+
+    def _placed_at(self, pmap: PlacementMap, owners: list[str], raw: bytes) -> str | None:
+        """The node a key was put on with placement="local", as its group's owners noted it."""
+        for node in owners:
+            with contextlib.suppress(KeyNotFound):
+                return self._call(node, pmap, lambda link: link.get(pointer_key(raw))).decode()
+        return None
 
     def remove_prefix(self, prefix: Key) -> int:
         return sum(self._on_every_node(lambda link: link.remove_prefix(prefix)).values())

@@ -29,12 +29,15 @@ log = logging.getLogger("mooncakefs.cluster")
 DEFAULT_TTL = 10
 
 
-def parse_etcd_url(url: str) -> tuple[str, int]:
-    """(host, port) of "http://host:2379" (or "host:2379")."""
-    parts = urlsplit(url if "//" in url else f"http://{url}")
-    if parts.scheme not in ("http", "etcd") or not parts.hostname:
-        raise ValueError(f"etcd URL must look like http://127.0.0.1:2379, got {url!r}")
-    return parts.hostname, parts.port or 2379
+def parse_etcd_url(url: str) -> list[tuple[str, int]]:
+    """[(host, port)] of "http://host:2379", or of each member in "http://a:2379,http://b:2379"."""
+    endpoints = []
+    for one in url.split(","):
+        parts = urlsplit(one if "//" in one else f"http://{one}")
+        if parts.scheme not in ("http", "etcd") or not parts.hostname:
+            raise ValueError(f"etcd URL must look like http://127.0.0.1:2379 (comma-separate members), got {url!r}")
+        endpoints.append((parts.hostname, parts.port or 2379))
+    return endpoints
 
 
 def cluster_prefix(cluster: str) -> str:
@@ -66,8 +69,15 @@ def node_id(data_dir: Path) -> str:
 
 
 def connect_etcd(url: str, timeout: float = 5.0) -> etcd3.Etcd3Client:
-    host, port = parse_etcd_url(url)
-    return etcd3.client(host=host, port=port, timeout=timeout)
+    """A client of the etcd cluster at ``url``.  With several members, gRPC balances requests over the
+    ones it can reach, so losing a member (but not the quorum) goes unnoticed."""
+    endpoints = parse_etcd_url(url)
+    if len(endpoints) == 1:
+        return etcd3.client(host=endpoints[0][0], port=endpoints[0][1], timeout=timeout)
+    target = "ipv4:" + ",".join(f"{h}:{p}" for h, p in endpoints)  # etcd3 joins host and port with ":"
+    host, port = target.rsplit(":", 1)
+    return etcd3.client(host=host, port=int(port), timeout=timeout,
+                        grpc_options=[("grpc.lb_policy_name", "round_robin")])
 
 
 class Membership:
