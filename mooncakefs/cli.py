@@ -303,20 +303,27 @@ def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socke
 @click.option("--cluster", default="default", show_default=True, help="Cluster name in etcd.")
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON instead of a table.")
 def status(etcd_url: str, cluster: str, as_json: bool) -> None:
-    """The nodes of a cluster: endpoints, tier capacities and live usage (asked of each node over
-    TCP; "-" when it cannot be reached)."""
+    """The nodes of a cluster: endpoints, tier capacities, live usage (asked of each node over TCP;
+    "-" when it cannot be reached), the placement groups each node is in, and which is controller."""
     from mooncakefs.cluster.membership import list_nodes, uptime
+    from mooncakefs.cluster.placement import PlacementMap
 
     try:
-        records = list_nodes(etcd_url, cluster)
+        records, controller, placement = list_nodes(etcd_url, cluster)
     except (ValueError, mooncakefs.MooncakeError) as exc:
         raise click.ClickException(str(exc)) from None
+    pmap = PlacementMap.from_json(placement) if placement else None
     for r in records:
         r["stats"] = _node_stats(r.get("tcp"))
+        r["groups"] = pmap.groups_of(r["id"]) if pmap else 0
+        r["controller"] = r["id"] == controller
     if as_json:
-        click.echo(json.dumps(records, indent=2))
+        click.echo(json.dumps({"nodes": records, "controller": controller,
+                               "epoch": pmap.epoch if pmap else None,
+                               "groups": pmap.groups if pmap else None,
+                               "mapped": sorted(pmap.nodes) if pmap else []}, indent=2))
         return
-    rows = [("NODE", "HOST", "TCP", "DRAM used/size", "SSD used/size", "OBJECTS", "UP")]
+    rows = [("NODE", "HOST", "TCP", "DRAM used/size", "SSD used/size", "OBJECTS", "GROUPS", "UP")]
     for r in records:
         st = r["stats"] or {}
         def usage(tier: str, r: dict = r, st: dict = st) -> str:
@@ -325,12 +332,17 @@ def status(etcd_url: str, cluster: str, as_json: bool) -> None:
                 return "-"
             used = st.get(tier, {}).get("used")
             return f"{'?' if used is None else format_size(used)}/{format_size(size)}"
-        rows.append((r["id"], r.get("host", "?"), r.get("tcp") or "-", usage("dram"), usage("ssd"),
-                     str(st.get("objects", "-")), f"{uptime(r):.0f}s"))
+        health = "" if r["stats"] is not None else " (unreachable)"
+        rows.append((r["id"] + (" *" if r["controller"] else ""), r.get("host", "?"), (r.get("tcp") or "-") + health,
+                     usage("dram"), usage("ssd"), str(st.get("objects", "-")), str(r["groups"]), f"{uptime(r):.0f}s"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    click.echo(f"{len(records)} node{'s' if len(records) != 1 else ''} in cluster {cluster!r}")
+    click.echo(f"{len(records)} node{'s' if len(records) != 1 else ''} in cluster {cluster!r}"
+               + (f"; placement epoch {pmap.epoch}, {pmap.groups} groups of up to {pmap.width} nodes; "
+                  "* = controller" if pmap else "; no placement map yet"))
+    if pmap and pmap.members() != {r["id"] for r in records}:
+        click.echo("the placement map is catching up with membership (the controller rewrites it within a second)")
 
 
 def _node_stats(tcp: str | None) -> dict | None:

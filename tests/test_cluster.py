@@ -31,7 +31,7 @@ def status(etcd: str, cluster: str) -> list[dict]:
     out = subprocess.run([sys.executable, "-m", "mooncakefs.cli", "status", "--etcd", etcd, "--cluster", cluster,
                           "--json"], capture_output=True, text=True, env=child_env(), timeout=60)
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return json.loads(out.stdout)["nodes"]
 
 
 def test_nodes_register_and_leave(etcd, tmp_path):
@@ -48,7 +48,9 @@ def test_nodes_register_and_leave(etcd, tmp_path):
         assert all(n["stats"]["dram"]["capacity"] == n["dram"] for n in nodes)  # live, asked of each node
         table = subprocess.run([sys.executable, "-m", "mooncakefs.cli", "status", "--etcd", etcd, "--cluster",
                                 cluster], capture_output=True, text=True, env=child_env(), timeout=60).stdout
-        assert "2 nodes in cluster 't1'" in table and "16MiB" in table
+        assert "2 nodes in cluster 't1'" in table and "16MiB" in table and "placement epoch" in table
+        assert sum(n["controller"] for n in nodes) == 1
+        assert wait_until(lambda: all(n["groups"] > 0 for n in status(etcd, cluster)), timeout=10, interval=0.2)
         assert status(etcd, "other") == []  # clusters do not see each other
 
         ident = next(n["id"] for n in nodes if n["tcp"] == a.tcp_url[len("tcp://"):])

@@ -141,16 +141,21 @@ class Membership:
         self._client.close()
 
 
-def list_nodes(etcd_url: str, cluster: str) -> list[dict[str, Any]]:
-    """The records of the nodes alive in ``cluster``, by id."""
+def list_nodes(etcd_url: str, cluster: str) -> tuple[list[dict[str, Any]], str | None, str | None]:
+    """The records of the nodes alive in ``cluster`` (by id), the controller's id, and the placement
+    map's JSON (None while there is none)."""
     client = connect_etcd(etcd_url)
+    prefix = cluster_prefix(cluster)
     try:
         records = [json.loads(value) for value, _meta in client.get_prefix(nodes_prefix(cluster))]
+        controller, _ = client.get(prefix + "controller")
+        placement, _ = client.get(prefix + "placement")
     except Exception as exc:
         raise Unavailable(f"cannot read the cluster from etcd at {etcd_url}: {exc}") from exc
     finally:
         client.close()
-    return sorted(records, key=lambda r: r["id"])
+    return (sorted(records, key=lambda r: r["id"]), controller.decode() if controller else None,
+            placement.decode() if placement else None)
 
 
 def uptime(record: dict[str, Any]) -> float:
