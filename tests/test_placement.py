@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from mooncakefs.cluster.placement import PlacementMap, group_of
+from mooncakefs.cluster.placement import PlacementMap, group_of, pointer_key
 
 NODES = {f"n{i:02d}": {"id": f"n{i:02d}", "tcp": f"127.0.0.1:{7000 + i}"} for i in range(10)}
 
@@ -57,3 +57,10 @@ def test_fewer_nodes_than_the_width():
     m = PlacementMap.compute(1, {"a": {"id": "a"}, "b": {"id": "b"}}, groups=8, width=3)
     assert all(sorted(r) == ["a", "b"] for r in m.replicas)
     assert PlacementMap.compute(1, {}, groups=8).replicas == [[]] * 8
+
+
+def test_a_pointer_lives_in_its_keys_group():
+    for i in range(200):
+        raw = f"prefill/{i}".encode()
+        assert group_of(pointer_key(raw), 256) == group_of(raw, 256)
+    assert pointer_key(b"a") != pointer_key(b"b")

@@ -27,9 +27,9 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from mooncakefs.cluster.membership import Membership, cluster_prefix, nodes_prefix
-from mooncakefs.cluster.placement import DEFAULT_GROUPS, DEFAULT_WIDTH, PlacementMap
+from mooncakefs.cluster.placement import DEFAULT_GROUPS, DEFAULT_WIDTH, PlacementMap, pointer_key
 from mooncakefs.errors import Fenced, KeyNotFound, MooncakeError, StaleEpoch
-from mooncakefs.store import InternalKey, Store, key_digest
+from mooncakefs.store import Store
 
 if TYPE_CHECKING:
     from mooncakefs.cluster.client import NodeLink
@@ -39,11 +39,6 @@ log = logging.getLogger("mooncakefs.cluster")
 CONTROLLER_POLL_S = 0.5
 REPAIR_RETRY_S = 2.0
 REPAIR_BATCH = 512
-
-
-def pointer_key(raw: bytes) -> InternalKey:
-    """Where a group's owners note which node holds a value put with placement="local"."""
-    return InternalKey(b"at/" + key_digest(raw))
 
 
 class NodeAgent:
@@ -227,8 +222,8 @@ class NodeAgent:
                 return
             self._repair_due.clear()
             pmap = self.map
-            if pmap is None:
-                continue
+            if pmap is None or self.ident not in pmap.nodes:
+                continue  # a map from before this node (re)joined: it would hand everything away
             try:
                 self.repair(pmap)
             except (MooncakeError, OSError) as exc:

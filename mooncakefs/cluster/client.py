@@ -22,9 +22,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from mooncakefs.client import RemoteStore
-from mooncakefs.cluster.agent import pointer_key
 from mooncakefs.cluster.membership import cluster_prefix, connect_etcd, host_id, parse_etcd_url
-from mooncakefs.cluster.placement import PlacementMap
+from mooncakefs.cluster.placement import PlacementMap, pointer_key
 from mooncakefs.errors import KeyNotFound, MooncakeError, Moved, StaleEpoch, Unavailable
 from mooncakefs.store import Key, KVMapping, ObjectInfo, encode_key
 from mooncakefs.wire import LOCAL, REPLICAS_SHIFT, Channel, Op

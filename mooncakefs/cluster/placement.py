@@ -17,13 +17,30 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from mooncakefs.store import INTERNAL_PREFIX, InternalKey, key_digest
+
 DEFAULT_GROUPS = 256
 DEFAULT_WIDTH = 3  # the most replicas a put may ask for
 
 
+_POINTER = INTERNAL_PREFIX + b"at/"
+
+
+def _placement_hash(raw_key: bytes) -> bytes:
+    if raw_key.startswith(_POINTER):  # a pointer carries its key's hash, so it lives in the key's group
+        return raw_key[len(_POINTER) : len(_POINTER) + 8]
+    return hashlib.blake2b(raw_key, digest_size=8).digest()
+
+
 def group_of(raw_key: bytes, groups: int) -> int:
     """The placement group of a key (its canonical bytes)."""
-    return int.from_bytes(hashlib.blake2b(raw_key, digest_size=8).digest(), "little") % groups
+    return int.from_bytes(_placement_hash(raw_key), "little") % groups
+
+
+def pointer_key(raw_key: bytes) -> InternalKey:
+    """Where a group's owners note which node holds a value put with placement="local": an internal key
+    in the same group as the key itself (so repair keeps it with the key's owners)."""
+    return InternalKey(b"at/" + _placement_hash(raw_key) + key_digest(raw_key))
 
 
 def _score(group: int, node: str) -> int:

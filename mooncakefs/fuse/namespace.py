@@ -84,6 +84,8 @@ class Inode:
 
 
 class Namespace:
+    shared = False  # only this mount changes it (EtcdNamespace: every mount of a cluster does)
+
     def __init__(self, path: Path, *, chunk_size: int, fresh: bool = False) -> None:
         if fresh:
             for suffix in ("", "-wal", "-shm"):
@@ -150,8 +152,9 @@ class Namespace:
         return row[0] if row else None
 
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, *, rdev: int = 0,
-               target: bytes | None = None) -> Inode:
-        """A new inode linked at parent/name (EEXIST if the name is taken)."""
+               target: bytes | None = None, opened: bool = False) -> Inode:
+        """A new inode linked at parent/name (EEXIST if the name is taken).  (``opened``: the caller
+        opens it at once; it matters only where other mounts share the namespace.)"""
         parent_node = self._directory(parent)
         now = time.time_ns()
         is_dir = stat.S_ISDIR(mode)
@@ -289,6 +292,18 @@ class Namespace:
         """Inodes left with no names (unlinked while open when the last mount ended)."""
         return [ino for (ino,) in self.db.execute("SELECT ino FROM inodes WHERE nlink = 0 AND ino != ?", (ROOT,))]
 
+    # Open files matter only where other mounts share the namespace (they must not delete a file
+    # that this mount has open): here, the filesystem's own count of open files is enough.
+
+    def opened(self, ino: int) -> None:
+        pass
+
+    def closing(self, ino: int) -> None:
+        pass
+
+    def closed(self, ino: int) -> None:
+        pass
+
     def _directory(self, ino: int) -> Inode:
         node = self.inode(ino)
         if not node.is_dir:
@@ -335,6 +350,9 @@ class Namespace:
     def removexattr(self, ino: int, name: bytes) -> bool:
         with self._transaction():
             return self.db.execute("DELETE FROM xattrs WHERE ino = ? AND name = ?", (ino, name)).rowcount > 0
+
+    def inode_count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM inodes").fetchone()[0]
 
     def counts(self) -> tuple[int, int]:
         """(inodes, chunks) in the namespace."""

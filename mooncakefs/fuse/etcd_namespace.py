@@ -1,0 +1,778 @@
+"""The filesystem namespace in etcd, shared by every mount of a cluster (``mooncakefs mount etcd://…``).
+
+The same interface as the SQLite ``Namespace``; the keys live under ``/mooncakefs/<cluster>/fs/``::
+
+    settings             {"chunk_size": N}: written by the first mount, kept by every later one
+    next-ino             the next unallocated inode number (a mount takes INO_BLOCK at a time)
+    i/<ino>              an inode: its attributes, and the ranges of its chunks that were written (JSON)
+    d/<parent>/<hex>     a directory entry (the name in hex): the child's inode number
+    x/<ino>/<hex>        an extended attribute's value
+    orphan/<ino>         an inode with no names left: deleted once no mount has it open
+    m/<mount>            a live mount (under the mount's lease)
+    o/<ino>/<mount>      mount <mount> has inode <ino> open (under the mount's lease, so a dead mount's go)
+
+Every change is one etcd transaction that compares the mod revisions of everything it read and is
+retried on a conflict: two mounts creating one name at once get exactly one winner (EEXIST for the
+other), an unlink or rename acts on the entries as they are, a directory is removed only if it is
+empty at that revision, and concurrent attribute changes to one inode merge field by field.
+
+File data is not here.  Which chunks a file's writes stored is kept in memory until the file is
+flushed (every close), and then published with the file's size and times in one transaction: a mount
+that opens the file after that sees both (close-to-open consistency).  Nothing per chunk touches etcd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import functools
+import json
+import logging
+import os
+import random
+import socket
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import etcd3
+import grpc
+import pyfuse3
+from etcd3 import etcdrpc
+from etcd3.utils import increment_last_byte
+
+from mooncakefs.cluster.membership import cluster_prefix, connect_etcd
+from mooncakefs.errors import Unavailable
+from mooncakefs.fuse.namespace import ROOT, Inode, fail
+
+log = logging.getLogger("mooncakefs.fuse")
+
+T = TypeVar("T")
+INO_BLOCK = 1024  # inode numbers a mount takes at a time: one etcd transaction per 1024 creates
+MAX_ATTEMPTS = 100  # of a transaction that keeps conflicting with other mounts' changes
+MAX_DEPTH = 4096  # directories followed up from a rename's destination (looking for a loop)
+LEASE_TTL = 10  # seconds after which a dead mount's open files count as closed
+FIELDS = ("mode", "nlink", "uid", "gid", "rdev", "size", "atime", "mtime", "ctime", "target", "parent")
+
+
+@dataclass
+class EtcdInode(Inode):
+    """An inode as read from etcd: also its record's mod revision, its chunk ranges, and (for a
+    directory) its parent; ``base`` holds the fields as read, so ``update`` writes only what changed."""
+
+    parent: int = 0
+    chunks: list[list[int]] = field(default_factory=list)  # [start, end) ranges of written chunks
+    rev: int = 0
+    base: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in FIELDS}
+
+    def encode(self) -> bytes:
+        record = self.fields()
+        record["target"] = None if self.target is None else self.target.hex()
+        record["chunks"] = self.chunks
+        return json.dumps(record, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, ino: int, value: bytes, rev: int) -> EtcdInode:
+        record = json.loads(value)
+        target = record.get("target")
+        node = cls(ino, record["mode"], record["nlink"], record["uid"], record["gid"], record["rdev"],
+                   record["size"], record["atime"], record["mtime"], record["ctime"],
+                   None if target is None else bytes.fromhex(target), parent=record.get("parent", 0),
+                   chunks=record.get("chunks", []), rev=rev)
+        node.base = node.fields()
+        return node
+
+    def copy(self) -> EtcdInode:
+        return dataclasses.replace(self, chunks=[list(r) for r in self.chunks], base=dict(self.base))
+
+
+# -- chunk ranges --------------------------------------------------------------------------------------
+
+
+def _in_ranges(ranges: list[list[int]], idx: int) -> bool:
+    return any(start <= idx < end for start, end in ranges)
+
+
+def _indexes(ranges: list[list[int]]) -> Iterator[int]:
+    for start, end in ranges:
+        yield from range(start, end)
+
+
+def _to_ranges(indexes: Iterable[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for idx in sorted(set(indexes)):
+        if out and out[-1][1] == idx:
+            out[-1][1] = idx + 1
+        else:
+            out.append([idx, idx + 1])
+    return out
+
+
+def _merge(ranges: list[list[int]], cut: int | None, added: set[int]) -> list[list[int]]:
+    """``ranges`` less every chunk from ``cut`` on, plus ``added``."""
+    kept = [[start, min(end, cut)] for start, end in ranges if cut is None or start < cut]
+    if not added:
+        return kept
+    return _to_ranges([*_indexes(kept), *added])
+
+
+@dataclass
+class _PendingChunks:
+    """Chunk changes of one inode not yet published: dropped from ``cut`` on, then ``added``."""
+
+    cut: int | None = None
+    added: set[int] = field(default_factory=set)
+
+
+def _etcd_errors(method: Callable[..., T]) -> Callable[..., T]:
+    """etcd out of reach: EIO for the request (logged once, without a traceback)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return method(*args, **kwargs)
+        except (etcd3.exceptions.Etcd3Exception, grpc.RpcError) as exc:
+            log.warning("namespace %s: etcd: %s", method.__name__, exc)
+            raise fail(errno.EIO) from None
+
+    return wrapper
+
+
+class _Change:
+    """One transaction being put together: every read adds a comparison (the key is still as read),
+    every write an operation; ``commit`` applies them all or, if anything changed, none."""
+
+    def __init__(self, ns: EtcdNamespace) -> None:
+        self.ns = ns
+        self.tx = ns.client.transactions
+        self.compare: dict[tuple[str, str], Any] = {}
+        self.nodes: dict[int, EtcdInode] = {}
+        self.dirty: set[int] = set()
+        self.ops: dict[str, Any] = {}  # by key: etcd refuses a transaction that writes a key twice
+        self.revision = 0
+
+    def node(self, ino: int) -> EtcdInode:
+        """The inode (ENOENT if there is none), guarded: the transaction fails if it changes."""
+        node = self.nodes.get(ino)
+        if node is None:
+            node = self.ns._read(ino)
+            key = self.ns._ikey(ino)
+            if node is None:
+                self.compare[("v", key)] = self.tx.version(key) == 0
+                raise fail(errno.ENOENT)
+            self.adopt(node)
+        return node
+
+    def adopt(self, node: EtcdInode) -> None:
+        """Use ``node`` as read (its revision) without reading it again."""
+        self.nodes[node.ino] = node
+        self.compare[("m", self.ns._ikey(node.ino))] = self.tx.mod(self.ns._ikey(node.ino)) == node.rev
+
+    def directory(self, ino: int) -> EtcdInode:
+        node = self.node(ino)
+        if not node.is_dir:
+            raise fail(errno.ENOTDIR)
+        if node.nlink == 0:  # removed (by this mount or another) while something still referred to it
+            raise fail(errno.ENOENT)
+        return node
+
+    def entry(self, parent: int, name: bytes) -> int | None:
+        """The inode ``parent/name`` names, or None; guarded."""
+        key = self.ns._dkey(parent, name)
+        value, meta = self.ns.client.get(key)
+        if value is None:
+            self.compare[("v", key)] = self.tx.version(key) == 0
+            return None
+        self.compare[("m", key)] = self.tx.mod(key) == meta.mod_revision
+        return int(value)
+
+    def empty(self, directory: int) -> bool:
+        """Whether a directory has no entries; guarded (by a comparison over its whole key range)."""
+        prefix = self.ns._dprefix(directory)
+        end = increment_last_byte(prefix.encode())
+        if self.ns._count(prefix, limit=1):
+            return False
+        self.compare[("e", prefix)] = self.tx.version(prefix, range_end=end) == 0
+        return True
+
+    def new(self, node: EtcdInode) -> None:
+        key = self.ns._ikey(node.ino)
+        self.compare[("v", key)] = self.tx.version(key) == 0
+        self.nodes[node.ino] = node
+        self.dirty.add(node.ino)
+
+    def write(self, *nodes: EtcdInode) -> None:
+        for node in nodes:
+            assert self.nodes.get(node.ino) is node
+            self.dirty.add(node.ino)
+
+    def put(self, key: str, value: bytes | str, lease: Any = None) -> None:
+        self.ops[key] = self.tx.put(key, value, lease=lease)
+
+    def delete(self, key: str, *, prefix: bool = False) -> None:
+        end = increment_last_byte(key.encode()) if prefix else None
+        self.ops[key] = self.tx.delete(key, range_end=end)
+
+    def commit(self) -> bool:
+        ops = dict(self.ops)
+        for ino in self.dirty:
+            ops[self.ns._ikey(ino)] = self.tx.put(self.ns._ikey(ino), self.nodes[ino].encode())
+        if not ops:
+            return True
+        succeeded, self.revision = self.ns._txn(list(self.compare.values()), list(ops.values()))
+        if succeeded:
+            for ino in self.dirty:
+                node = self.nodes[ino]
+                node.rev, node.base = self.revision, node.fields()
+        return succeeded
+
+
+class EtcdNamespace:
+    """The namespace of a cluster's filesystem, in etcd; one per mount."""
+
+    shared = True  # other mounts change it: the kernel must not cache names, nor attributes for long
+
+    def __init__(self, etcd_url: str, cluster: str, *, chunk_size: int, lease_ttl: int = LEASE_TTL) -> None:
+        self.prefix = cluster_prefix(cluster) + "fs/"
+        self.cluster = cluster
+        self.client = connect_etcd(etcd_url)
+        self.tx = self.client.transactions
+        self.mount_id = uuid.uuid4().hex[:12]
+        self.lease_ttl = lease_ttl
+        self._lease: Any = None
+        self._lock = threading.Lock()  # the open markers, also re-put by the lease thread
+        self._marked: set[int] = set()  # inodes this mount has an open marker for in etcd
+        self._unmark: set[int] = set()  # ... of which no longer open here: the next write of it drops it
+        self._pending: dict[int, _PendingChunks] = {}
+        self._next_ino = self._ino_end = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            self.chunk_size = self._settings(chunk_size)
+            self._make_root()
+            self._grant()
+        except (etcd3.exceptions.Etcd3Exception, grpc.RpcError) as exc:
+            self.client.close()
+            raise Unavailable(f"cannot reach etcd at {etcd_url} for the namespace of {cluster!r}: {exc}") from None
+        self._thread = threading.Thread(target=self._keep_alive, name="mooncakefs-fs-lease", daemon=True)
+        self._thread.start()
+
+    # -- keys and raw requests -------------------------------------------------------------------------
+
+    def _ikey(self, ino: int) -> str:
+        return f"{self.prefix}i/{ino}"
+
+    def _dprefix(self, parent: int) -> str:
+        return f"{self.prefix}d/{parent}/"
+
+    def _dkey(self, parent: int, name: bytes) -> str:
+        return self._dprefix(parent) + name.hex()
+
+    def _xprefix(self, ino: int) -> str:
+        return f"{self.prefix}x/{ino}/"
+
+    def _oprefix(self, ino: int) -> str:
+        return f"{self.prefix}o/{ino}/"
+
+    def _orphan_key(self, ino: int) -> str:
+        return f"{self.prefix}orphan/{ino}"
+
+    def _call(self, method: Callable[..., Any], request: Any) -> Any:
+        c = self.client
+        return method(request, c.timeout, credentials=c.call_credentials, metadata=c.metadata)
+
+    def _range(self, prefix: str, *, limit: int = 0, keys_only: bool = False, count_only: bool = False,
+               by_creation: bool = False, min_create_revision: int = 0) -> Any:
+        """A range request over a prefix with the options etcd3 0.12 does not pass on."""
+        request = etcdrpc.RangeRequest(
+            key=prefix.encode(), range_end=increment_last_byte(prefix.encode()), limit=limit, keys_only=keys_only,
+            count_only=count_only, min_create_revision=min_create_revision,
+        )
+        if by_creation:
+            request.sort_order = etcdrpc.RangeRequest.ASCEND
+            request.sort_target = etcdrpc.RangeRequest.CREATE
+        return self._call(self.client.kvstub.Range, request)
+
+    def _count(self, prefix: str, limit: int = 0) -> int:
+        if limit:
+            return len(self._range(prefix, limit=limit, keys_only=True).kvs)
+        return self._range(prefix, count_only=True).count
+
+    def _txn(self, compare: list[Any], ops: list[Any]) -> tuple[bool, int]:
+        """(succeeded, the revision it was applied at)."""
+        request = etcdrpc.TxnRequest(compare=[c.build_message() for c in compare],
+                                     success=self.client._ops_to_requests(ops), failure=[])
+        response = self._call(self.client.kvstub.Txn, request)
+        return response.succeeded, response.header.revision
+
+    def _atomically(self, change: Callable[[_Change], T], *, first: EtcdInode | None = None) -> T:
+        """Run ``change`` on fresh reads and commit it, again while other mounts' changes get in between."""
+        for attempt in range(MAX_ATTEMPTS):
+            txn = _Change(self)
+            if first is not None and attempt == 0:
+                txn.adopt(first)
+            result = change(txn)
+            if txn.commit():
+                return result
+            time.sleep(random.uniform(0, min(0.002 * (attempt + 1), 0.05)))
+        log.error("namespace: a change conflicted with others %d times in a row: giving up", MAX_ATTEMPTS)
+        raise fail(errno.EIO)
+
+    # -- setting up and shutting down -----------------------------------------------------------------
+
+    def _settings(self, chunk_size: int) -> int:
+        key = self.prefix + "settings"
+        wanted = json.dumps({"chunk_size": chunk_size})
+        created, _ = self._txn([self.tx.version(key) == 0], [self.tx.put(key, wanted)])
+        if created:
+            return chunk_size
+        value, _ = self.client.get(key)
+        return int(json.loads(value)["chunk_size"])  # files keep the chunk size they were made with
+
+    def _make_root(self) -> None:
+        now = time.time_ns()
+        root = EtcdInode(ROOT, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(), 0, 0, now, now, now, None,
+                         parent=ROOT)
+        key = self._ikey(ROOT)
+        self._txn([self.tx.version(key) == 0], [self.tx.put(key, root.encode())])
+
+    def _grant(self) -> None:
+        """A lease for this mount; its record and open markers under it."""
+        self._lease = self.client.lease(self.lease_ttl)
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self.client.put(f"{self.prefix}m/{self.mount_id}", json.dumps(record), lease=self._lease)
+        with self._lock:
+            marked = list(self._marked)
+        for ino in marked:
+            self.client.put(self._oprefix(ino) + self.mount_id, b"", lease=self._lease)
+
+    def _keep_alive(self) -> None:
+        while not self._stop.wait(self.lease_ttl / 3):
+            try:
+                if self._lease.refresh()[0].TTL <= 0:  # it expired while etcd was out of reach
+                    log.warning("namespace: the mount's lease in etcd expired: taking a new one")
+                    self._grant()
+            except Exception as exc:
+                log.warning("namespace: lease refresh failed: %s", exc)
+
+    def close(self) -> None:
+        """Leave: revoking the lease drops this mount's record and open markers."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self._lease.revoke()
+        self.client.close()
+
+    def sync(self) -> None:
+        """Nothing to do: etcd has every committed change on a quorum's disks."""
+
+    # -- inodes ----------------------------------------------------------------------------------------
+
+    def _read(self, ino: int) -> EtcdInode | None:
+        value, meta = self.client.get(self._ikey(ino))
+        return None if value is None else EtcdInode.decode(ino, value, meta.mod_revision)
+
+    @_etcd_errors
+    def get(self, ino: int) -> EtcdInode | None:
+        return self._read(ino)
+
+    @_etcd_errors
+    def inode(self, ino: int) -> EtcdInode:
+        node = self._read(ino)
+        if node is None:
+            raise fail(errno.ENOENT)
+        return node
+
+    @_etcd_errors
+    def update(self, node: Inode) -> None:
+        """Write the fields the caller changed since it read ``node`` onto the inode as it is now (so
+        another mount's concurrent change to other fields stays), with this mount's chunk changes."""
+        assert isinstance(node, EtcdInode)
+        changed = {name: value for name, value in node.fields().items() if node.base.get(name) != value}
+        pending = self._pending.get(node.ino)
+        unmark = node.ino in self._unmark
+        if not changed and pending is None and not unmark:
+            return
+        first = node.copy()
+        for name, value in node.base.items():
+            setattr(first, name, value)  # as read: the changes are applied to it like to a fresh read
+
+        def change(txn: _Change) -> EtcdInode | None:
+            try:
+                current = txn.node(node.ino)
+            except pyfuse3.FUSEError:
+                return None  # deleted meanwhile (by another mount): nothing left to update
+            for name, value in changed.items():
+                setattr(current, name, value)
+            if pending is not None:
+                current.chunks = _merge(current.chunks, pending.cut, pending.added)
+            txn.write(current)
+            if unmark:
+                txn.delete(self._oprefix(node.ino) + self.mount_id)
+            return current
+
+        written = self._atomically(change, first=first)
+        if pending is not None and self._pending.get(node.ino) is pending:
+            del self._pending[node.ino]
+        if unmark:
+            self._forget_marker(node.ino)
+        if written is not None:
+            node.chunks, node.rev, node.base = written.chunks, written.rev, written.fields()
+            for name, value in node.base.items():
+                setattr(node, name, value)
+
+    @_etcd_errors
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        value, _ = self.client.get(self._dkey(parent, name))
+        return None if value is None else int(value)
+
+    def _new_ino(self) -> int:
+        if self._next_ino >= self._ino_end:
+            key = self.prefix + "next-ino"
+
+            def take(txn: _Change) -> int:
+                value, meta = self.client.get(key)
+                start = int(value) if value is not None else ROOT + 1
+                if value is None:
+                    txn.compare[("v", key)] = self.tx.version(key) == 0
+                else:
+                    txn.compare[("m", key)] = self.tx.mod(key) == meta.mod_revision
+                txn.put(key, str(start + INO_BLOCK))
+                return start
+
+            start = self._atomically(take)
+            self._next_ino, self._ino_end = start, start + INO_BLOCK
+        ino = self._next_ino
+        self._next_ino += 1
+        return ino
+
+    @_etcd_errors
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, *, rdev: int = 0,
+               target: bytes | None = None, opened: bool = False) -> EtcdInode:
+        """A new inode linked at parent/name (EEXIST if the name is taken, by any mount, even at the same
+        moment).  ``opened``: the caller opens it at once (its open marker goes in the same transaction)."""
+        now = time.time_ns()
+        is_dir = stat.S_ISDIR(mode)
+        ino = self._new_ino()
+        dkey = self._dkey(parent, name)
+
+        def change(txn: _Change) -> EtcdInode:
+            parent_node = txn.directory(parent)
+            if txn.entry(parent, name) is not None:
+                raise fail(errno.EEXIST)
+            node = EtcdInode(ino, mode, 2 if is_dir else 1, uid, gid, rdev, len(target or b""), now, now, now,
+                             target, parent=parent if is_dir else 0)
+            txn.new(node)
+            txn.put(dkey, str(ino))
+            parent_node.mtime = parent_node.ctime = now
+            parent_node.nlink += is_dir
+            txn.write(parent_node)
+            if opened:
+                txn.put(self._oprefix(ino) + self.mount_id, b"", lease=self._lease)
+            return node
+
+        node = self._atomically(change)
+        if opened:
+            with self._lock:
+                self._marked.add(ino)
+        return node
+
+    @_etcd_errors
+    def link(self, ino: int, parent: int, name: bytes) -> EtcdInode:
+        def change(txn: _Change) -> EtcdInode:
+            node = txn.node(ino)
+            if node.is_dir:
+                raise fail(errno.EPERM)
+            if node.nlink == 0:
+                raise fail(errno.ENOENT)
+            parent_node = txn.directory(parent)
+            if txn.entry(parent, name) is not None:
+                raise fail(errno.EEXIST)
+            txn.put(self._dkey(parent, name), str(ino))
+            node.nlink += 1
+            node.ctime = parent_node.mtime = parent_node.ctime = time.time_ns()
+            txn.write(node, parent_node)
+            return node
+
+        return self._atomically(change)
+
+    @_etcd_errors
+    def unlink(self, parent: int, name: bytes, *, rmdir: bool) -> EtcdInode:
+        """Remove a directory entry; returns the inode with its new link count (0: no names left)."""
+
+        def change(txn: _Change) -> EtcdInode:
+            txn.directory(parent)
+            ino = txn.entry(parent, name)
+            if ino is None:
+                raise fail(errno.ENOENT)
+            node = txn.node(ino)
+            if rmdir and not node.is_dir:
+                raise fail(errno.ENOTDIR)
+            if not rmdir and node.is_dir:
+                raise fail(errno.EISDIR)
+            if rmdir and not txn.empty(ino):
+                raise fail(errno.ENOTEMPTY)
+            self._drop_entry(txn, parent, name, node)
+            return node
+
+        return self._atomically(change)
+
+    def _drop_entry(self, txn: _Change, parent: int, name: bytes, node: EtcdInode) -> None:
+        txn.delete(self._dkey(parent, name))
+        parent_node = txn.node(parent)
+        now = time.time_ns()
+        parent_node.mtime = parent_node.ctime = now
+        if node.is_dir:
+            parent_node.nlink -= 1
+            node.nlink = 0
+        else:
+            node.nlink -= 1
+        node.ctime = now
+        txn.write(parent_node, node)
+        if node.nlink == 0:
+            txn.put(self._orphan_key(node.ino), b"")
+
+    @_etcd_errors
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
+               ) -> EtcdInode | None:
+        """Move an entry; returns the inode a plain rename replaced (its link count already dropped)."""
+
+        def change(txn: _Change) -> EtcdInode | None:
+            txn.directory(old_parent)
+            ino = txn.entry(old_parent, old_name)
+            if ino is None:
+                raise fail(errno.ENOENT)
+            txn.directory(new_parent)
+            node = txn.node(ino)
+            target_ino = txn.entry(new_parent, new_name)
+            target = txn.node(target_ino) if target_ino is not None else None
+            moved = old_parent != new_parent
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                if target is None:
+                    raise fail(errno.ENOENT)
+                if target.ino == node.ino:
+                    return None
+                if moved and node.is_dir:
+                    self._check_not_below(txn, node.ino, new_parent)
+                    node.parent = new_parent
+                if moved and target.is_dir:
+                    self._check_not_below(txn, target.ino, old_parent)
+                    target.parent = old_parent
+                txn.put(self._dkey(old_parent, old_name), str(target.ino))
+                txn.put(self._dkey(new_parent, new_name), str(node.ino))
+                if node.is_dir != target.is_dir and moved:
+                    moved_dir = 1 if node.is_dir else -1
+                    txn.node(old_parent).nlink -= moved_dir
+                    txn.node(new_parent).nlink += moved_dir
+                self._touch(txn, old_parent, new_parent, node, target)
+                return None
+            if target is not None:
+                if flags & pyfuse3.RENAME_NOREPLACE:
+                    raise fail(errno.EEXIST)
+                if target.ino == node.ino:
+                    return None  # two names of one file: POSIX says do nothing
+                if target.is_dir and not node.is_dir:
+                    raise fail(errno.EISDIR)
+                if node.is_dir and not target.is_dir:
+                    raise fail(errno.ENOTDIR)
+                if target.is_dir and not txn.empty(target.ino):
+                    raise fail(errno.ENOTEMPTY)
+            if node.is_dir and moved:
+                self._check_not_below(txn, node.ino, new_parent)
+            if target is not None:
+                self._drop_entry(txn, new_parent, new_name, target)
+            txn.delete(self._dkey(old_parent, old_name))
+            txn.put(self._dkey(new_parent, new_name), str(node.ino))
+            if node.is_dir and moved:
+                node.parent = new_parent
+                txn.node(old_parent).nlink -= 1
+                txn.node(new_parent).nlink += 1
+            self._touch(txn, old_parent, new_parent, node)
+            return target
+
+        return self._atomically(change)
+
+    @staticmethod
+    def _check_not_below(txn: _Change, directory: int, new_parent: int) -> None:
+        """EINVAL if ``new_parent`` is ``directory`` or inside it (the move would cut a loop off the tree).
+        The kernel checks this against its own cache; here it is checked against every mount's moves,
+        the ancestors guarded so that a concurrent move of one of them makes the transaction retry."""
+        ino = new_parent
+        for _ in range(MAX_DEPTH):
+            if ino == directory:
+                raise fail(errno.EINVAL)
+            if ino == ROOT:
+                return
+            ino = txn.node(ino).parent or ROOT
+        raise fail(errno.ELOOP)
+
+    @staticmethod
+    def _touch(txn: _Change, old_parent: int, new_parent: int, *nodes: EtcdInode) -> None:
+        now = time.time_ns()
+        for parent in {old_parent, new_parent}:
+            parent_node = txn.node(parent)
+            parent_node.mtime = parent_node.ctime = now
+            txn.write(parent_node)
+        for node in nodes:
+            node.ctime = now
+            txn.write(node)
+
+    @_etcd_errors
+    def remove_inode(self, ino: int) -> list[int]:
+        """Delete an inode that has no names and that no mount has open; returns its chunk indexes
+        (none, and nothing is deleted, while another mount has it open: that one deletes it)."""
+        pending = self._pending.pop(ino, None)
+        if ino in self._marked:
+            self.client.delete(self._oprefix(ino) + self.mount_id)
+            self._forget_marker(ino)
+
+        def change(txn: _Change) -> list[int]:
+            try:
+                node = txn.node(ino)
+            except pyfuse3.FUSEError:
+                txn.delete(self._orphan_key(ino))
+                return []
+            if node.nlink > 0:  # linked again meanwhile: not an orphan after all
+                txn.delete(self._orphan_key(ino))
+                return []
+            prefix = self._oprefix(ino)
+            if self._count(prefix, limit=1):
+                return []
+            txn.compare[("e", prefix)] = self.tx.version(prefix, range_end=increment_last_byte(prefix.encode())) == 0
+            txn.delete(self._ikey(ino))
+            txn.delete(self._xprefix(ino), prefix=True)
+            txn.delete(self._orphan_key(ino))
+            return list(_indexes(node.chunks))
+
+        chunks = self._atomically(change)
+        if pending is not None:
+            chunks = sorted(set(chunks) | pending.added)
+        return chunks
+
+    @_etcd_errors
+    def orphans(self) -> list[int]:
+        """Inodes left with no names that no live mount has open (their last user ended)."""
+        prefix = self.prefix + "orphan/"
+        found = [int(kv.key[len(prefix):]) for kv in self._range(prefix, keys_only=True).kvs]
+        return [ino for ino in found if not self._count(self._oprefix(ino), limit=1)]
+
+    # -- open files ------------------------------------------------------------------------------------
+
+    @_etcd_errors
+    def opened(self, ino: int) -> None:
+        """This mount opened ``ino``: while it has it open, no other mount deletes it (unlinked or not)."""
+        with self._lock:
+            self._unmark.discard(ino)
+            if ino in self._marked:
+                return
+        self.client.put(self._oprefix(ino) + self.mount_id, b"", lease=self._lease)
+        with self._lock:
+            self._marked.add(ino)
+
+    def closing(self, ino: int) -> None:
+        """This mount's last handle of ``ino`` is being closed: the flush that follows drops its marker."""
+        with self._lock:
+            if ino in self._marked:
+                self._unmark.add(ino)
+
+    @_etcd_errors
+    def closed(self, ino: int) -> None:
+        """Closed: drop the open marker if no update did."""
+        if ino in self._unmark:
+            self.client.delete(self._oprefix(ino) + self.mount_id)
+            self._forget_marker(ino)
+
+    def _forget_marker(self, ino: int) -> None:
+        with self._lock:
+            self._marked.discard(ino)
+            self._unmark.discard(ino)
+
+    # -- directories -----------------------------------------------------------------------------------
+
+    @_etcd_errors
+    def entries(self, parent: int, after: int, limit: int = 1024) -> list[tuple[int, bytes, int]]:
+        """(cookie, name, ino) of a directory's entries after cookie ``after``, in a stable order: the
+        cookie is the entry's creation revision in etcd."""
+        prefix = self._dprefix(parent)
+        response = self._range(prefix, limit=limit, by_creation=True, min_create_revision=after + 1)
+        start = len(prefix.encode())
+        return [(kv.create_revision, bytes.fromhex(kv.key[start:].decode()), int(kv.value)) for kv in response.kvs]
+
+    # -- chunks ----------------------------------------------------------------------------------------
+
+    @_etcd_errors
+    def has_chunk(self, ino: int, idx: int) -> bool:
+        pending = self._pending.get(ino)
+        if pending is not None:
+            if idx in pending.added:
+                return True
+            if pending.cut is not None and idx >= pending.cut:
+                return False
+        node = self._read(ino)
+        return node is not None and _in_ranges(node.chunks, idx)
+
+    def add_chunks(self, ino: int, indexes: list[int]) -> None:
+        """Record stored chunks: published with the file's size by its next ``update`` (its flush)."""
+        self._pending.setdefault(ino, _PendingChunks()).added.update(indexes)
+
+    @_etcd_errors
+    def drop_chunks_from(self, ino: int, first: int) -> list[int]:
+        """Forget chunks ``first`` and beyond (truncation: published by the next ``update``); returns
+        their indexes."""
+        pending = self._pending.setdefault(ino, _PendingChunks())
+        node = self._read(ino)
+        recorded = node.chunks if node is not None else []
+        dropped = {i for i in _indexes(recorded) if i >= first and (pending.cut is None or i < pending.cut)}
+        dropped |= {i for i in pending.added if i >= first}
+        pending.added = {i for i in pending.added if i < first}
+        pending.cut = first if pending.cut is None else min(pending.cut, first)
+        return sorted(dropped)
+
+    # -- extended attributes ---------------------------------------------------------------------------
+
+    @_etcd_errors
+    def getxattr(self, ino: int, name: bytes) -> bytes | None:
+        value, _ = self.client.get(self._xprefix(ino) + name.hex())
+        return value
+
+    @_etcd_errors
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        def change(txn: _Change) -> None:
+            node = txn.node(ino)
+            txn.put(self._xprefix(ino) + name.hex(), value)
+            node.ctime = time.time_ns()
+            txn.write(node)
+
+        self._atomically(change)
+
+    @_etcd_errors
+    def listxattr(self, ino: int) -> list[bytes]:
+        prefix = self._xprefix(ino)
+        start = len(prefix.encode())
+        return [bytes.fromhex(kv.key[start:].decode()) for kv in self._range(prefix, keys_only=True).kvs]
+
+    @_etcd_errors
+    def removexattr(self, ino: int, name: bytes) -> bool:
+        return bool(self.client.delete(self._xprefix(ino) + name.hex()))
+
+    @_etcd_errors
+    def inode_count(self) -> int:
+        return self._count(self.prefix + "i/")
+
+    @_etcd_errors
+    def counts(self) -> tuple[int, int]:
+        """(inodes, chunks) in the namespace (reads every inode: for statistics, not for statfs)."""
+        inodes = chunks = 0
+        for kv in self._range(self.prefix + "i/").kvs:
+            inodes += 1
+            chunks += sum(end - start for start, end in json.loads(kv.value).get("chunks", []))
+        return inodes, chunks
