@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_until
-from node_helpers import EtcdCluster, NodeProcess
+from node_helpers import EtcdCluster, NodeProcess, scrape_metrics
 
 import mooncakefs
 from mooncakefs.cluster.client import NodeLink
@@ -257,9 +257,11 @@ def test_requests_under_a_stale_epoch_are_refused_and_clients_catch_up(make_clus
     link = NodeLink(old.nodes[ident], epoch=old.epoch)
     try:
         link.put("x", b"1")
-        extra = NodeProcess(tmp_path, name="late", dram="32MiB", extra=cluster.nodes[0].extra)
+        extra = NodeProcess(tmp_path, name="late", dram="32MiB", metrics="auto", extra=cluster.nodes[0].extra)
         cluster.nodes.append(extra.start())
         cluster.wait_members(3)
+        assert wait_until(lambda: scrape_metrics(extra)["mooncakefs_cluster_epoch"] > old.epoch)
+        assert scrape_metrics(extra)["mooncakefs_cluster_fenced"] == 0
         assert wait_until(lambda: _refused(link), timeout=TTL + 5), "the old epoch is still served"
         with pytest.raises(StaleEpoch):
             link.get("x")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The Debian packages mooncakefs needs: FUSE 3 (kernel helper + headers for building pyfuse3), fio
-# (the filesystem tests verify with it) and etcd (cluster mode; the tests start their own on loopback).  Run as root; idempotent.
+# (the filesystem tests verify with it), etcd (cluster mode; the tests start their own on loopback) and
+# iproute2 (the tests simulate hosts with network namespaces).  Run as root; idempotent.
 set -euo pipefail
-packages=(fuse3 libfuse3-dev pkg-config fio etcd-server)
+packages=(fuse3 libfuse3-dev pkg-config fio etcd-server iproute2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

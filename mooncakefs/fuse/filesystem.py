@@ -8,6 +8,10 @@ block, so no copy is made before the kernel's.
 
 Reserved names: ``/.kv/`` shows the KV API's objects read-only (keys escaped into file names) and
 ``/.mooncakefs/stats.json`` the live statistics.
+
+Over a shared namespace (``EtcdNamespace``: every mount of a cluster changes it) the kernel caches no
+names, and attributes for a second only: each open looks its path up again, and so gets the size (and
+the chunks) that the file's last writer published when it closed (close-to-open consistency).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
@@ -33,10 +37,15 @@ from mooncakefs.errors import ChecksumError, KeyNotFound, OutOfSpace
 from mooncakefs.fuse.namespace import ROOT, Inode, Namespace, fail
 from mooncakefs.store import INTERNAL_PREFIX, InternalKey, Store, ValueView
 
+if TYPE_CHECKING:
+    from mooncakefs.fuse.etcd_namespace import EtcdNamespace
+
 log = logging.getLogger("mooncakefs.fuse")
 
 NAME_MAX = 255
 ATTR_TIMEOUT = 10.0  # this daemon makes every change, and the kernel invalidates what it changes
+SHARED_ENTRY_TIMEOUT = 0.0  # a shared namespace: every path walk asks (close-to-open: opens see new sizes)
+SHARED_ATTR_TIMEOUT = 1.0  # ... and stat may show another mount's change up to a second late
 KV_DIR = 1 << 62  # inode numbers above every real one: the reserved names
 CONTROL_DIR = KV_DIR + 1
 STATS_FILE = KV_DIR + 2
@@ -142,10 +151,14 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, store: Store, namespace: Namespace) -> None:
+    def __init__(self, store: Store, namespace: Namespace | EtcdNamespace) -> None:
         super().__init__()
         self.store = store
         self.ns = namespace
+        self.shared = namespace.shared
+        self.entry_timeout = SHARED_ENTRY_TIMEOUT if self.shared else ATTR_TIMEOUT
+        self.attr_timeout = SHARED_ATTR_TIMEOUT if self.shared else ATTR_TIMEOUT
+        self.seen: dict[int, tuple[int, int]] = {}  # shared: (mtime, size) of each file at its last open
         self.chunk_size = namespace.chunk_size
         self.zeros = memoryview(bytes(self.chunk_size))
         self.files: dict[int, OpenInode] = {}  # open regular files by inode
@@ -190,6 +203,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             self.lookups[ino] -= count
             if self.lookups[ino] <= 0:
                 del self.lookups[ino]
+                self.seen.pop(ino, None)
                 node = self.ns.get(ino) if ino < KV_DIR else None
                 if node is not None:
                     self._maybe_delete(node)
@@ -204,7 +218,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         attrs.st_blksize = 1 << 20  # cp and friends size their buffers by this: ask for large requests
         attrs.st_blocks = -(-attrs.st_size // 512)
         attrs.st_atime_ns, attrs.st_mtime_ns, attrs.st_ctime_ns = node.atime, node.mtime, node.ctime
-        attrs.entry_timeout = attrs.attr_timeout = ATTR_TIMEOUT
+        attrs.entry_timeout, attrs.attr_timeout = self.entry_timeout, self.attr_timeout
         return attrs
 
     def _synthetic(self, ino: int, mode: int, size: int = 0) -> pyfuse3.EntryAttributes:
@@ -393,8 +407,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             rows = self.ns.entries(ino, after)
             if not rows:
                 return
-            for entry_id, name, child in rows:
-                node = self.ns.get(child)
+            for (entry_id, name, _child), node in zip(rows, self.ns.get_many([r[2] for r in rows]), strict=True):
                 if node is None:
                     continue
                 if not pyfuse3.readdir_reply(token, name, self._attrs(node), entry_id + 2):
@@ -406,14 +419,20 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         self.handles.pop(fh, None)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        tiers = self.store.stats()
-        tier = tiers.get("ssd", tiers["dram"])  # where file data must fit
-        used = tier.get("live", tier["used"])  # garbage in SSD segments is free space on demand
-        inodes, _ = self.ns.counts()
+        stats = self.store.stats()
+        capacity = used = 0
+        # A cluster's stats are per node; each chunk is stored on ``replicas`` of them.
+        for node in stats["nodes"].values() if "nodes" in stats else [stats]:
+            tier = node.get("ssd", node["dram"])  # where file data must fit
+            capacity += tier["capacity"]
+            used += tier.get("live", tier["used"])  # garbage in SSD segments is free space on demand
+        copies = getattr(self.store, "replicas", 1) if "nodes" in stats else 1
+        capacity, used = capacity // copies, used // copies
+        inodes = self.ns.inode_count()
         out = pyfuse3.StatvfsData()
         out.f_bsize = out.f_frsize = 4096
-        out.f_blocks = tier["capacity"] // 4096
-        out.f_bfree = out.f_bavail = max(tier["capacity"] - used, 0) // 4096
+        out.f_blocks = capacity // 4096
+        out.f_bfree = out.f_bavail = max(capacity - used, 0) // 4096
         out.f_files = 1 << 32
         out.f_ffree = out.f_favail = (1 << 32) - inodes
         out.f_namemax = NAME_MAX
@@ -491,6 +510,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
 
     def _open_file(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
         state = self.files.get(node.ino)
+        if state is None or not state.opens:
+            self.ns.opened(node.ino)  # (a shared namespace: no other mount deletes it while open here)
         if state is None:
             state = self.files[node.ino] = OpenInode(size=node.size)
         state.opens += 1
@@ -500,12 +521,16 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             self.ns.update(node)
         keep_cache = node.ino not in self.changed_since_open
         self.changed_since_open.discard(node.ino)
+        if self.shared:  # another mount may have changed it since this one last cached its pages
+            version = (node.mtime, node.size)
+            keep_cache = keep_cache and self.seen.get(node.ino) == version
+            self.seen[node.ino] = version
         return pyfuse3.FileInfo(fh=self._new_handle(node.ino), keep_cache=keep_cache)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._check_new_name(parent_inode, name)
-        node = self.ns.create(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid)
+        node = self.ns.create(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid, opened=True)
         return self._open_file(node, flags & ~os.O_TRUNC), self._entry(node)
 
     async def read(self, fh: int, off: int, size: int) -> Any:
@@ -744,10 +769,13 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         state.opens -= 1
         if state.opens:
             return
+        self.ns.closing(ino)  # (a shared namespace: the flush also drops this mount's open marker)
         try:
             await self._flush(ino)
         finally:
-            del self.files[ino]
-            node = self.ns.get(ino)
-            if node is not None:
-                self._maybe_delete(node)
+            if not state.opens:  # (unless it was opened again while the flush waited)
+                del self.files[ino]
+                self.ns.closed(ino)
+                node = self.ns.get(ino)
+                if node is not None:
+                    self._maybe_delete(node)

@@ -133,6 +133,9 @@ class Namespace:
         row = self.db.execute("SELECT * FROM inodes WHERE ino = ?", (ino,)).fetchone()
         return Inode(*row) if row else None
 
+    def get_many(self, inos: list[int]) -> list[Inode | None]:
+        return [self.get(ino) for ino in inos]
+
     def inode(self, ino: int) -> Inode:
         node = self.get(ino)
         if node is None:

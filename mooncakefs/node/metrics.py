@@ -62,6 +62,16 @@ class NodeCollector(Collector):
                                 value=len(node._pending))
         yield GaugeMetricFamily("mooncakefs_uptime_seconds", "Seconds since the node started",
                                 value=time.time() - node.started)
+        agent = node.cluster
+        if agent is not None:
+            yield GaugeMetricFamily("mooncakefs_cluster_epoch", "Placement epoch this node serves", value=agent.epoch)
+            yield GaugeMetricFamily("mooncakefs_cluster_fenced", "1 while etcd has not confirmed the lease lately",
+                                    value=int(agent.fenced))
+            yield GaugeMetricFamily("mooncakefs_cluster_controller", "1 on the elected controller",
+                                    value=int(agent.is_controller))
+            yield CounterMetricFamily("mooncakefs_repair_pushed", "Values copied to other nodes by repair",
+                                      value=agent.repairs)
+            yield CounterMetricFamily("mooncakefs_repair_passes", "Completed repair passes", value=agent.repair_passes)
 
 
 def serve_metrics(node: Node, host: str, port: int) -> tuple[str, int]:
