@@ -132,7 +132,8 @@ def demo(data: Path | None, dram: int, ssd: int, block_size: int, trace: Path | 
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("source", metavar="[SOURCE]")
+@click.argument("mountpoint", required=False, metavar="MOUNTPOINT", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path),
               help="Data dir (default: $MOONCAKEFS_DATA or ~/.local/share/mooncakefs).")
 @click.option("--dram", default="1GiB", show_default=True, callback=_size, help="DRAM pool size.")
@@ -148,10 +149,20 @@ def demo(data: Path | None, dram: int, ssd: int, block_size: int, trace: Path | 
               help="Keep file data in a node's pool (unix:///…/node.sock or tcp://host:port) instead of a pool "
                    "of the mount's own; --dram and --ssd are then the node's business, and --data holds only "
                    "the namespace.")
+@click.option("--replicas", default=2, show_default=True, type=click.IntRange(min=1),
+              help="With a cluster SOURCE: copies of each file chunk, on different nodes.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), hidden=True)
-def mount(mountpoint: Path, data: Path | None, dram: int, ssd: str, chunk_size: int, background: bool,
-          allow_other: bool, debug: bool, node: str | None, log_file: Path | None) -> None:
+def mount(source: str, mountpoint: Path | None, data: Path | None, dram: int, ssd: str, chunk_size: int,
+          background: bool, allow_other: bool, debug: bool, node: str | None, replicas: int,
+          log_file: Path | None) -> None:
     """Mount the store as a filesystem at MOUNTPOINT.
+
+    SOURCE is a data dir (as --data), a node (unix://PATH or tcp://HOST:PORT, as --node), or a cluster:
+    etcd://HOST:PORT/NAME (several etcd members: etcd://H1:P1,H2:P2/NAME).  A cluster keeps file data on
+    its nodes (--replicas copies of each chunk) and the namespace in its etcd, so that the mounts of one
+    cluster on any number of hosts see one tree: a file written and closed on one host is seen whole by
+    an open on another (close-to-open consistency), and of two hosts creating one name at once exactly
+    one succeeds.
 
     Runs until the filesystem is unmounted (umount MOUNTPOINT, fusermount3 -u MOUNTPOINT) or the daemon
     gets SIGINT/SIGTERM; either way, everything written and closed is flushed to the SSD tier first.
@@ -160,12 +171,32 @@ def mount(mountpoint: Path, data: Path | None, dram: int, ssd: str, chunk_size: 
     from mooncakefs.datadir import default_path
     from mooncakefs.fuse import mount as fuse_mount
 
+    cluster = None
+    if mountpoint is None:  # one argument: the mountpoint
+        mountpoint = Path(source)
+    elif source.startswith("etcd://"):
+        from mooncakefs.cluster.client import parse_cluster_url
+
+        try:
+            parse_cluster_url(source)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="SOURCE") from None
+        cluster = source
+    elif source.startswith(("unix://", "tcp://")):
+        if node:
+            raise click.UsageError("give the node as SOURCE or as --node, not both")
+        node = source
+    else:
+        if data:
+            raise click.UsageError("give the data dir as SOURCE or as --data, not both")
+        data = Path(source)
     try:
         parse_ssd(ssd)
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="--ssd") from None
     if background:
-        args = [str(mountpoint), "--dram", str(dram), "--ssd", ssd, "--chunk-size", str(chunk_size)]
+        args = [*([cluster] if cluster else []), str(mountpoint), "--dram", str(dram), "--ssd", ssd,
+                "--chunk-size", str(chunk_size), "--replicas", str(replicas)]
         args += ["--data", str(data)] if data else []
         args += ["--allow-other"] if allow_other else []
         args += ["--debug"] if debug else []
@@ -184,7 +215,8 @@ def mount(mountpoint: Path, data: Path | None, dram: int, ssd: str, chunk_size: 
 
     try:
         fuse_mount.serve(mountpoint, data=data, dram=dram, ssd=ssd, chunk_size=chunk_size, debug=debug,
-                         allow_other=allow_other, announce=announce, node=node)
+                         allow_other=allow_other, announce=announce, node=node, cluster=cluster,
+                         replicas=replicas)
     except mooncakefs.MooncakeError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -131,6 +131,10 @@ def test_keys_live_on_the_first_r_nodes_of_their_group(make_cluster):
         store.get("k0")
     assert store.batch_put({f"b{i}": b"x" * i for i in range(1, 40)}, replicas=2) == [None] * 39
     assert cluster.holders("b7") == set(store.map.owners(b"b7")[:2])
+    big = [(f"big{i}", bytes([i]) * (1 << 20)) for i in range(12)]  # past one frame per node: sent one by one
+    assert store.batch_put(big, replicas=2) == [None] * 12
+    assert all(cluster.holders(k) == set(store.map.owners(k.encode())[:2]) for k, _ in big[:4])
+    assert store.batch_get([k for k, _ in big]) == [v for _, v in big]
     with pytest.raises(ValueError, match="replicas"):
         store.put("k", b"v", replicas=4)
     with pytest.raises(ValueError, match="replicas"):

@@ -57,6 +57,7 @@ class NodeAgent:
         self.nodes_prefix = nodes_prefix(cluster)
         self.controller_key, self.map_key = prefix + "controller", prefix + "placement"
         self.map: PlacementMap | None = None
+        self._map_revision = 0  # etcd's mod revision of the map we hold: it is fetched again only when it moves
         self.is_controller = False
         self.replicas: dict[bytes, int] = {}  # raw key -> replicas its writer asked for
         self.local: set[bytes] = set()  # raw keys put with placement="local": they stay here
@@ -150,11 +151,16 @@ class NodeAgent:
                 log.warning("cannot reach etcd", extra={"why": str(exc)[:200]})
 
     def _step(self) -> None:
-        """One round: read the controller and the map in one request; stand for controller if nobody
-        is; as controller, bring the map in step with membership."""
+        """One round: read the controller, and the map only if it changed (one request); stand for
+        controller if nobody is; as controller, bring the map in step with membership."""
         t = self.etcd.transactions
-        _ok, (ctrl, current) = self.etcd.transaction(compare=[], success=[t.get(self.controller_key),
-                                                                          t.get(self.map_key)], failure=[])
+        get_controller = t.get(self.controller_key)
+        same, answers = self.etcd.transaction(compare=[t.mod(self.map_key) == self._map_revision],
+                                              success=[get_controller], failure=[get_controller, t.get(self.map_key)])
+        ctrl = answers[0]
+        if not same and answers[1]:
+            value, meta = answers[1][0]
+            self._adopt(PlacementMap.from_json(value), meta.mod_revision)
         if not ctrl:
             won, _ = self.etcd.transaction(
                 compare=[t.version(self.controller_key) == 0],
@@ -164,27 +170,25 @@ class NodeAgent:
             self.is_controller = won
         else:
             self.is_controller = ctrl[0][0].decode() == self.ident
-        if current:
-            self._adopt(PlacementMap.from_json(current[0][0]))
         if self.is_controller:
-            self._control(current[0][1].mod_revision if current else 0)
+            self._control()
 
     def _read_map(self) -> None:
-        value, _meta = self.etcd.get(self.map_key)
+        value, meta = self.etcd.get(self.map_key)
         if value is not None:
-            self._adopt(PlacementMap.from_json(value))
+            self._adopt(PlacementMap.from_json(value), meta.mod_revision)
 
-    def _adopt(self, new: PlacementMap) -> None:
+    def _adopt(self, new: PlacementMap, revision: int) -> None:
         with self._map_lock:
             if self.map is not None and new.epoch <= self.map.epoch:
                 return
-            self.map = new
+            self.map, self._map_revision = new, revision
         log.info("placement", extra={"epoch": new.epoch, "nodes": len(new.nodes)})
         for link in self._links.values():
             link.epoch = new.epoch
         self._repair_due.set()
 
-    def _control(self, map_revision: int) -> None:
+    def _control(self) -> None:
         nodes = {}
         for value, _meta in self.etcd.get_prefix(self.nodes_prefix):
             record = json.loads(value)
@@ -196,12 +200,12 @@ class NodeAgent:
         groups, width = (current.groups, current.width) if current is not None else (self.groups, self.width)
         new = PlacementMap.compute(epoch, nodes, groups=groups, width=width)
         t = self.etcd.transactions
-        written, _ = self.etcd.transaction(
-            compare=[t.value(self.controller_key) == self.ident, t.mod(self.map_key) == map_revision],
+        written, responses = self.etcd.transaction(
+            compare=[t.value(self.controller_key) == self.ident, t.mod(self.map_key) == self._map_revision],
             success=[t.put(self.map_key, new.to_json())], failure=[])
         if written:
             log.info("placement written", extra={"epoch": epoch, "nodes": sorted(nodes)})
-            self._adopt(new)
+            self._adopt(new, responses[0].response_put.header.revision)
 
     # -- repair ---------------------------------------------------------------------------------------
 

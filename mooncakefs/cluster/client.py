@@ -75,8 +75,9 @@ class NodeLink(RemoteStore):
         ch.epoch = self.epoch
 
     def put(self, key: Key, value: Any, *, replicas: int = 1, local: bool = False,  # type: ignore[override]
-            **options: Any) -> None:
-        super().put(key, value, cluster_flags=placement_flags(replicas, local), **options)
+            cluster_flags: int | None = None, **options: Any) -> None:
+        flags = cluster_flags if cluster_flags is not None else placement_flags(replicas, local)
+        super().put(key, value, cluster_flags=flags, **options)
 
 
 def placement_flags(replicas: int, local: bool) -> int:
@@ -100,8 +101,9 @@ class ClusterStore(KVMapping):
     _fatal = Unavailable
 
     def __init__(self, url: str, *, secret: bytes | str | None = None, timeout: float = 10.0,
-                 failover: float | None = None, **link_options: Any) -> None:
+                 failover: float | None = None, replicas: int = 1, **link_options: Any) -> None:
         self.etcd_url, self.cluster = parse_cluster_url(url)
+        self.replicas = replicas  # what put and batch_put use when not told
         self.url = self.path = url
         self._etcd = connect_etcd(self.etcd_url, timeout=min(timeout, 5.0))
         self._map_key = cluster_prefix(self.cluster) + "placement"
@@ -202,11 +204,12 @@ class ClusterStore(KVMapping):
 
     # -- writing ----------------------------------------------------------------------------------------
 
-    def put(self, key: Key, value: Any, *, replicas: int = 1, placement: str | None = None, pin: bool = False,
-            ttl: float | None = None, if_absent: bool = False, durable: bool = False) -> None:
+    def put(self, key: Key, value: Any, *, replicas: int | None = None, placement: str | None = None,
+            pin: bool = False, ttl: float | None = None, if_absent: bool = False, durable: bool = False) -> None:
         """Store ``value`` on the first ``replicas`` nodes of the key's group; returns once all hold it.
         ``placement="local"`` keeps it on this host's node instead (the group's nodes note where)."""
         raw = encode_key(key)
+        replicas = self.replicas if replicas is None else replicas
         self._check_replicas(replicas)
         if placement not in (None, "local"):
             raise ValueError(f"placement must be None or 'local', got {placement!r}")
@@ -241,18 +244,37 @@ class ClusterStore(KVMapping):
                 return node
         raise Unavailable(f"placement='local' needs a node on this host ({self.host!r}, $MOONCAKEFS_HOST)")
 
-    def _on_all(self, pmap: PlacementMap, nodes: list[str], fn: Callable[[NodeLink], Any]) -> list[Any]:
-        """Run ``fn`` on each node, in parallel when there are several; the first error is raised."""
-        if len(nodes) == 1:
-            return [self._call(nodes[0], pmap, fn)]
-        futures = [self._pool.submit(self._call, node, pmap, fn) for node in nodes]
-        return [f.result() for f in futures]
+    def _on_all(self, pmap: PlacementMap, nodes: list[str], fn: Callable[[Any], Any], *,
+                direct: bool = False) -> list[Any]:
+        """Run ``fn`` on each node's link (or, ``direct``, on the node id), in parallel when there are
+        several, the first in this thread; the first error is raised."""
+        run = fn if direct else lambda node: self._call(node, pmap, fn)
+        futures = [self._pool.submit(run, node) for node in nodes[1:]]
+        try:
+            first = run(nodes[0])
+        finally:
+            rest = [f.result() for f in futures]
+        return [first, *rest]
 
-    def batch_put(self, items: Mapping[Key, Any] | Iterable[tuple[Key, Any]], *, replicas: int = 1,
+    def _per_node(self, pmap: PlacementMap, work: dict[str, list[int]],
+                  fn: Callable[[NodeLink, list[int]], T]) -> dict[str, T | Unavailable | StaleEpoch]:
+        """``fn(link, items)`` for each node's share of a batch, the nodes in parallel; a node that is
+        unreachable or on another epoch gives its exception instead of a result."""
+        def one(node: str) -> T | Unavailable | StaleEpoch:
+            try:
+                return self._call(node, pmap, lambda link: fn(link, work[node]))
+            except (Unavailable, StaleEpoch) as exc:
+                return exc
+
+        nodes = list(work)
+        return dict(zip(nodes, self._on_all(pmap, nodes, one, direct=True), strict=True)) if nodes else {}
+
+    def batch_put(self, items: Mapping[Key, Any] | Iterable[tuple[Key, Any]], *, replicas: int | None = None,
                   pin: bool = False, ttl: float | None = None, if_absent: bool = False,
                   durable: bool = False) -> list[Any]:
         """As ``Store.batch_put``, each item on its ``replicas`` nodes: one batch per node."""
         pairs = list(items.items() if isinstance(items, Mapping) else items)
+        replicas = self.replicas if replicas is None else replicas
         self._check_replicas(replicas)
         options = {"pin": pin, "ttl": ttl, "if_absent": if_absent, "durable": durable}
         results: list[Any] = [None] * len(pairs)
@@ -265,11 +287,12 @@ class ClusterStore(KVMapping):
             except (MooncakeError, TypeError, ValueError) as exc:
                 results[i] = exc
         retry: set[int] = set()
+        flags = placement_flags(replicas, False)
+        answers = self._per_node(pmap, by_node, lambda link, where: link.batch_put(
+            [pairs[i] for i in where], cluster_flags=flags, **options))
         for node, where in by_node.items():
-            try:
-                out = self._call(node, pmap, lambda link, where=where: link.batch_put(
-                    [pairs[i] for i in where], cluster_flags=placement_flags(replicas, False), **options))
-            except (Unavailable, StaleEpoch):
+            out = answers[node]
+            if isinstance(out, BaseException):
                 retry.update(where)
                 continue
             for i, r in zip(where, out, strict=True):
@@ -395,10 +418,10 @@ class ClusterStore(KVMapping):
             by_node: dict[str, list[int]] = defaultdict(list)
             for i, nodes in todo.items():
                 by_node[nodes.pop(0)].append(i)
+            answers = self._per_node(pmap, by_node, call)
             for node, idx in by_node.items():
-                try:
-                    out = self._call(node, pmap, lambda link, idx=idx: call(link, idx))
-                except (Unavailable, StaleEpoch):
+                out = answers[node]
+                if isinstance(out, BaseException):
                     unsure.update(idx)
                     out = [KeyNotFound(keys[i]) for i in idx]
                 for i, r in zip(idx, out, strict=True):

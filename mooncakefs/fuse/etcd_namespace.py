@@ -119,7 +119,8 @@ def _to_ranges(indexes: Iterable[int]) -> list[list[int]]:
 
 def _merge(ranges: list[list[int]], cut: int | None, added: set[int]) -> list[list[int]]:
     """``ranges`` less every chunk from ``cut`` on, plus ``added``."""
-    kept = [[start, min(end, cut)] for start, end in ranges if cut is None or start < cut]
+    kept = [[start, end] if cut is None else [start, min(end, cut)] for start, end in ranges
+            if cut is None or start < cut]
     if not added:
         return kept
     return _to_ranges([*_indexes(kept), *added])

@@ -355,10 +355,14 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         if replaced is not None:
             self._maybe_delete(replaced)
 
-    def _maybe_delete(self, node: Inode) -> None:
+    def _maybe_delete(self, node: Inode, *, closed: bool = False) -> None:
         """Delete an inode with no names left once nothing uses it: no open file, and no reference the
-        kernel still holds (a process may have looked the name up just before it went)."""
-        if node.nlink == 0 and node.ino not in self.files and node.ino not in self.lookups:
+        kernel still holds (a process may have looked the name up just before it went).  In a shared
+        namespace, the last close here (``closed``) deletes it despite the kernel's references: when
+        another mount removed the last name, this kernel need never learn it, nor forget the inode.
+        (The namespace keeps it while another mount has it open.)"""
+        if node.nlink == 0 and node.ino not in self.files and (node.ino not in self.lookups
+                                                               or (closed and self.shared)):
             self._delete_inode(node.ino)
 
     def _delete_inode(self, ino: int) -> None:
@@ -778,4 +782,4 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
                 self.ns.closed(ino)
                 node = self.ns.get(ino)
                 if node is not None:
-                    self._maybe_delete(node)
+                    self._maybe_delete(node, closed=True)

@@ -29,6 +29,7 @@ from mooncakefs.fuse.tuning import is_stale_mount, mount_device, tune_mount
 from mooncakefs.units import parse_ssd
 
 log = logging.getLogger("mooncakefs.fuse")
+DEFAULT_REPLICAS = 2  # copies of each file chunk in a cluster
 READY = "mounted"  # the word the foreground daemon prints once the mount answers
 
 
@@ -59,14 +60,21 @@ def keep_freed_memory() -> None:
 
 
 def serve(mountpoint: Path, *, data: Path | None, dram: int, ssd: str, chunk_size: int, debug: bool = False,
-          allow_other: bool = False, announce: Callable[[str], None] = print, node: str | None = None) -> None:
+          allow_other: bool = False, announce: Callable[[str], None] = print, node: str | None = None,
+          cluster: str | None = None, replicas: int = DEFAULT_REPLICAS) -> None:
     """Mount the store at ``mountpoint`` and serve it until it is unmounted or SIGINT/SIGTERM arrives.
 
     With ``node`` (a node URL) the file data lives in that node's pool, shared with its other clients,
-    and only the namespace (``<data>/fs.sqlite``) is kept here."""
+    and only the namespace (``<data>/fs.sqlite``) is kept here.  With ``cluster`` (etcd://host:port/NAME)
+    the file data lives on the cluster's nodes, each chunk on ``replicas`` of them, and the namespace in
+    its etcd, where every mount of the cluster (on any host) shares it."""
     path = prepare_mountpoint(mountpoint)
     ssd_size, ssd_dir = parse_ssd(ssd)
     keep_freed_memory()
+    if cluster is not None:
+        _serve(path, *_open_cluster(cluster, chunk_size, replicas), debug=debug, allow_other=allow_other,
+               announce=announce)
+        return
     store: Any
     if node is not None:
         store = mooncakefs.connect(node)
@@ -76,14 +84,47 @@ def serve(mountpoint: Path, *, data: Path | None, dram: int, ssd: str, chunk_siz
     else:
         store = mooncakefs.open(data, dram=dram, ssd=ssd_size, ssd_dir=ssd_dir, prefault=True)
         meta_dir, fresh = store.path, ssd_size is None
-    namespace = None
     try:
         # Without an SSD tier no file data outlives the process, so neither may the namespace.
         namespace = Namespace(meta_dir / "fs.sqlite", chunk_size=chunk_size, fresh=fresh)
+    except BaseException:
+        store.close()
+        raise
+    _serve(path, store, namespace, debug=debug, allow_other=allow_other, announce=announce)
+
+
+def _open_cluster(url: str, chunk_size: int, replicas: int) -> tuple[Any, Any]:
+    """The cluster's store (chunks put on ``replicas`` nodes) and its namespace in etcd."""
+    from mooncakefs.cluster.client import ClusterStore
+    from mooncakefs.fuse.etcd_namespace import EtcdNamespace
+
+    try:
+        store = ClusterStore(url, replicas=replicas)
+    except ValueError as exc:
+        raise MooncakeError(str(exc)) from None
+    try:
+        nodes = len(store.map.nodes)
+        if replicas > min(nodes, store.map.width):
+            log.warning("replicas=%d but cluster %r has %d node(s) (and places at most %d copies): "
+                        "file chunks get %d", replicas, store.cluster, nodes, store.map.width,
+                        min(nodes, store.map.width))
+            store.replicas = max(min(nodes, store.map.width), 1)
+        namespace = EtcdNamespace(store.etcd_url, store.cluster, chunk_size=chunk_size)
+    except BaseException:
+        store.close()
+        raise
+    return store, namespace
+
+
+def _serve(path: str, store: Any, namespace: Any, *, debug: bool, allow_other: bool,
+           announce: Callable[[str], None]) -> None:
+    """Serve ``namespace`` over ``store`` at ``path``; closes both."""
+    try:
         fs = MooncakeFS(store, namespace)
         if orphans := fs.collect_orphans():
-            log.info("deleted %d files that were unlinked while open when the last mount ended", orphans)
-        options = set(pyfuse3.default_options) | {f"fsname={store.path}", "subtype=mooncakefs", "noatime"}
+            log.info("deleted %d files that were unlinked while open when their last mount ended", orphans)
+        fsname = str(store.path).replace(",", "\\,")  # (mount options are comma-separated)
+        options = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=mooncakefs", "noatime"}
         if debug:
             options.add("debug")
         if allow_other:
@@ -97,8 +138,7 @@ def serve(mountpoint: Path, *, data: Path | None, dram: int, ssd: str, chunk_siz
             fs.shutdown()
             pyfuse3.close(unmount=signalled)
     finally:
-        if namespace is not None:
-            namespace.close()
+        namespace.close()
         store.close()
 
 
@@ -158,10 +198,12 @@ def serve_in_background(args: Sequence[str], log_file: Path) -> int:
 
 
 def mount_helper(argv: Sequence[str] | None = None) -> int:
-    """``mount.mooncakefs DATA MOUNTPOINT [-o opts]``: what ``mount -t mooncakefs`` (and fstab) run.
+    """``mount.mooncakefs SOURCE MOUNTPOINT [-o opts]``: what ``mount -t mooncakefs`` (and fstab) run.
 
-    Options: dram=SIZE, ssd=SIZE|PATH:SIZE, chunk_size=SIZE, allow_other, debug; the generic mount
-    options (rw, defaults, noauto, user, _netdev, ...) are accepted and ignored."""
+    SOURCE: a data dir, or a cluster (etcd://host:port/NAME: the namespace in its etcd, shared by every
+    mount of the cluster), or a node (unix://PATH, tcp://HOST:PORT).  Options: dram=SIZE,
+    ssd=SIZE|PATH:SIZE, chunk_size=SIZE, replicas=N (a cluster's copies of each chunk), allow_other,
+    debug; the generic mount options (rw, defaults, noauto, user, _netdev, ...) are accepted and ignored."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="mount.mooncakefs", description=mount_helper.__doc__)
@@ -172,13 +214,14 @@ def mount_helper(argv: Sequence[str] | None = None) -> int:
         parser.add_argument(flag, action="store_true")
     parser.add_argument("-t", dest="type", default="mooncakefs")
     ns = parser.parse_args(argv)
-    args = ["--data", ns.data]
+    is_url = "://" in ns.data
+    args = [ns.data] if is_url else ["--data", ns.data]
     for option in filter(None, ns.options.split(",")):
         name, _, value = option.partition("=")
-        if name in ("dram", "ssd", "chunk_size") and value:
+        if name in ("dram", "ssd", "chunk_size", "replicas") and value:
             args += [f"--{name.replace('_', '-')}", value]
         elif name in ("allow_other", "debug"):
             args.append(f"--{name.replace('_', '-')}")
     if ns.f:
         return 0
-    return serve_in_background([*args, ns.mountpoint], Path(ns.data) / "mount.log")
+    return serve_in_background([*args, ns.mountpoint], (default_path() if is_url else Path(ns.data)) / "mount.log")
