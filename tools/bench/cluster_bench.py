@@ -1,0 +1,1034 @@
+#!/usr/bin/env python3
+"""What a mooncakefs cluster costs and delivers, all in one run: aggregate throughput, repair after a node
+loss, and the load the cluster puts on etcd.
+
+The benchmark starts its own single-member etcd (on /dev/shm, free loopback ports) and ``--nodes`` node
+processes (``python -m mooncakefs.cli node --etcd ... --cluster ... --lease-ttl 3``, DRAM + SSD tier,
+no metrics endpoint, no prefault), waits until the controller has published a placement map naming
+every node, and then measures:
+
+1. **Throughput.**  ``--clients`` client processes (multiprocessing, spawned), each with its own
+   ``mooncakefs.connect("etcd://...")`` and its own keys, run the same op at the same time; the row is
+   the sum of their rates (keys/s; GB/s = 1e9 B/s of values; "wire" counts every copy a put sends).
+   For replicas 1 and 2: put, batch_put (32 keys a call), get and batch_get of 4 KiB values, and put and
+   get_into of ``--value-size`` values.  With ``--via tcp`` (default) the clients claim another host
+   name ($MOONCAKEFS_HOST), so every value crosses loopback TCP as it would from a remote client;
+   ``--via unix`` lets them use the nodes' Unix sockets and shared pools.
+   Physical reference, in the same client processes: each client process receives ``--value-size``
+   messages from its own sender process over loopback TCP (``sendall`` -> ``recv_into(MSG_WAITALL)``,
+   the reference of get) or sends them to its own sink process that acks each with one byte (the
+   reference of put), all client processes at once, summed.  One repetition of the reference runs right
+   before each repetition of a large-value row, so drift on a noisy host reaches both sides of the ratio.
+2. **Repair.**  ``--repair-data`` of ``--value-size`` values are written with replicas=2, then a node is
+   SIGKILLed (``--kill``: a node that is not the controller, then the controller).  From the kill on, a
+   thread polls etcd (is the node's record gone: its lease expired; is there a map without it) and the
+   benchmark asks every surviving node directly (``tcp://``, ``batch_exists``) which keys it holds,
+   until every key is on 2 live nodes.  Reported: seconds to repair, seconds per GiB of the dead node's
+   share (the bytes that had to be copied again), and the split between detection (kill -> new map:
+   lease expiry plus the controller's reaction) and copying (new map -> repaired, which includes the
+   nodes picking up the map).
+3. **etcd load.**  etcd's own Prometheus counters (``grpc_server_handled_total``: one per gRPC request,
+   by service and method; bytes sent to clients) are read at the start and end of three windows: the
+   cluster at rest (``--idle-seconds``), the throughput phase (the cluster under load), and each repair.
+   Also the size of the placement map value in etcd.
+
+Method, for small noisy VMs: buffers are allocated and written before timing and reused; each row runs
+one untimed warm-up pass over its keys (which also checks what it reads), then ``--reps`` repetitions of
+``--seconds``, and the median is reported.  Every process the benchmark starts (etcd, nodes, clients,
+reference peers) is stopped and its temporary directory removed on exit, on Ctrl-C and on SIGTERM; they
+also get SIGTERM if the benchmark is killed.
+
+Output: a plain table on stdout (progress on stderr) and JSON at --json.
+
+Examples::
+
+    python tools/bench/cluster_bench.py
+    python tools/bench/cluster_bench.py --nodes 12 --value-size 4MiB --seconds 2 --json bench-results/c.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import GB, format_size, format_table, machine_info, measure, prefaulted, write_json
+from node_bench import cpu_seconds, peer, progress, recv_exactly
+
+import mooncakefs
+from mooncakefs.cluster.placement import PlacementMap
+from mooncakefs.store import encode_key
+from mooncakefs.units import parse_size
+
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+SMALL = 4 * KiB
+READY_TIMEOUT = 90.0  # a node process printing its ready line (8 Python processes start on 2 cores)
+MAP_TIMEOUT = 60.0  # the controller publishing a map with every node
+WORKER_TIMEOUT = 300.0  # one request to a client process (a warm-up of a slow row included)
+STOP_TIMEOUT = 15.0
+REPAIR_REPLICAS = 2
+ETCD_POLL_S = 0.02
+
+
+def _die_with_parent() -> None:
+    """The calling process gets SIGTERM when its parent dies, even by SIGKILL."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------- etcd and nodes
+
+
+@dataclass
+class NodeProc:
+    index: int
+    root: Path
+    proc: subprocess.Popen[bytes]
+    ident: str = ""
+    tcp: str = ""
+    killed: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def log(self) -> Path:
+        return self.root / "node.log"
+
+    def alive(self) -> bool:
+        return not self.killed and self.proc.poll() is None
+
+
+class Cluster:
+    """An etcd and ``n`` nodes under ``root``; ``close()`` stops them all (nodes first, SIGTERM, then
+    SIGKILL after ``STOP_TIMEOUT``) and removes ``root``."""
+
+    def __init__(self, root: Path, args: argparse.Namespace) -> None:
+        self.root, self.args = root, args
+        self.name = "bench"
+        self.port, self.peer_port = free_port(), free_port()
+        self.etcd_url = f"http://127.0.0.1:{self.port}"
+        self.url = f"etcd://127.0.0.1:{self.port}/{self.name}"
+        self.etcd: subprocess.Popen[bytes] | None = None
+        self.nodes: list[NodeProc] = []
+        self.client: Any = None  # etcd3 client of this process
+
+    # -- etcd ---------------------------------------------------------------------------------------------
+
+    def start_etcd(self) -> None:
+        peer_url = f"http://127.0.0.1:{self.peer_port}"
+        cmd = ["etcd", "--name", "b", "--data-dir", str(self.root / "etcd"), "--listen-client-urls", self.etcd_url,
+               "--advertise-client-urls", self.etcd_url, "--listen-peer-urls", peer_url,
+               "--initial-advertise-peer-urls", peer_url, "--initial-cluster", f"b={peer_url}", "--log-level", "warn"]
+        with (self.root / "etcd.log").open("wb") as log:
+            self.etcd = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.etcd.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self.etcd.returncode}: "
+                                   f"{(self.root / 'etcd.log').read_text(errors='replace')[-2000:]}")
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(self.http("/health")).get("health") == "true":
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError("etcd did not become healthy in 30 s")
+            time.sleep(0.1)
+
+    def http(self, path: str) -> str:
+        with urllib.request.urlopen(self.etcd_url + path, timeout=5) as r:
+            return r.read().decode()
+
+    def etcd_client(self) -> Any:
+        if self.client is None:
+            import etcd3
+
+            self.client = etcd3.client(host="127.0.0.1", port=self.port, timeout=5)
+        return self.client
+
+    @property
+    def map_key(self) -> str:
+        return f"/mooncakefs/{self.name}/placement"
+
+    def controller(self) -> str | None:
+        value, _ = self.etcd_client().get(f"/mooncakefs/{self.name}/controller")
+        return value.decode() if value is not None else None
+
+    # -- nodes --------------------------------------------------------------------------------------------
+
+    def start_nodes(self, n: int) -> float:
+        """Start ``n`` nodes in parallel; seconds until all printed their ready line."""
+        t0 = time.perf_counter()
+        for i in range(n):
+            root = self.root / f"n{i}"
+            root.mkdir()
+            cmd = [sys.executable, "-m", "mooncakefs.cli", "node", "--data", str(root / "data"),
+                   "--dram", self.args.dram, "--ssd", self.args.ssd, "--socket", str(root / "n.sock"),
+                   "--listen", "127.0.0.1:0", "--metrics", "none", "--no-prefault", "--etcd", self.etcd_url,
+                   "--cluster", self.name, "--lease-ttl", str(self.args.lease_ttl)]
+            with (root / "node.log").open("wb") as log:
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, preexec_fn=_die_with_parent)
+            self.nodes.append(NodeProc(i, root, proc))
+        deadline = time.monotonic() + READY_TIMEOUT
+        waiting = list(self.nodes)
+        while waiting:
+            for node in list(waiting):
+                if node.proc.poll() is not None:
+                    raise RuntimeError(f"node {node.index} exited with {node.proc.returncode}:\n"
+                                       f"{node.log.read_text(errors='replace')[-3000:]}")
+                m = re.search(r"node ready: \S+ tcp://(\S+)", node.log.read_text(errors="replace"))
+                if m:
+                    node.tcp = m.group(1)
+                    node.ident = (node.root / "data" / "node-id").read_text().strip()
+                    waiting.remove(node)
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(f"{len(waiting)} node(s) not ready after {READY_TIMEOUT:.0f}s")
+            time.sleep(0.05)
+        return time.perf_counter() - t0
+
+    def connect(self) -> Any:
+        """A cluster client whose map names every live node (waits for the controller to publish it)."""
+        live = {n.ident for n in self.nodes if n.alive()}
+        deadline = time.monotonic() + MAP_TIMEOUT
+        store = None
+        while True:
+            try:
+                if store is None:
+                    store = mooncakefs.connect(self.url)
+                else:
+                    store._refresh(store.map)
+                if set(store.map.nodes) == live:
+                    return store
+            except mooncakefs.MooncakeError:
+                pass
+            if time.monotonic() > deadline:
+                got = sorted(store.map.nodes) if store is not None else None
+                raise TimeoutError(f"no placement map naming the {len(live)} live nodes after "
+                                   f"{MAP_TIMEOUT:.0f}s (map has {got})")
+            time.sleep(0.1)
+
+    def by_id(self, ident: str) -> NodeProc:
+        return next(n for n in self.nodes if n.ident == ident)
+
+    def kill(self, node: NodeProc) -> None:
+        node.proc.kill()
+        node.killed = True
+
+    def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+        procs = [n.proc for n in self.nodes]
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                progress(f"node pid {p.pid} ignored SIGTERM for {STOP_TIMEOUT:.0f}s: SIGKILL")
+                p.kill()
+                p.wait()
+        if self.etcd is not None and self.etcd.poll() is None:
+            self.etcd.terminate()
+            try:
+                self.etcd.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.etcd.kill()
+                self.etcd.wait()
+
+
+# ------------------------------------------------------------------------------------------- etcd load
+
+
+@dataclass
+class EtcdSample:
+    t: float
+    handled: dict[str, float]  # "Service.Method" -> gRPC requests handled
+    sent_bytes: float
+    received_bytes: float
+    cpu_s: float
+    nodes_cpu_s: dict[int, float]  # node pid -> CPU seconds
+
+
+def sample_etcd(cluster: Cluster) -> EtcdSample:
+    handled: Counter[str] = Counter()
+    totals = {"etcd_network_client_grpc_sent_bytes_total": 0.0, "etcd_network_client_grpc_received_bytes_total": 0.0}
+    for line in cluster.http("/metrics").splitlines():
+        if line.startswith("grpc_server_handled_total{"):
+            labels, value = line.rsplit(" ", 1)
+            d = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            handled[f"{d['grpc_service'].rsplit('.', 1)[-1]}.{d['grpc_method']}"] += float(value)
+        else:
+            name, _, value = line.partition(" ")
+            if name in totals:
+                totals[name] = float(value)
+    assert cluster.etcd is not None
+    nodes_cpu = {n.pid: cpu_seconds(n.pid) for n in cluster.nodes if n.alive()}
+    return EtcdSample(time.perf_counter(), dict(handled), totals["etcd_network_client_grpc_sent_bytes_total"],
+                      totals["etcd_network_client_grpc_received_bytes_total"], cpu_seconds(cluster.etcd.pid), nodes_cpu)
+
+
+@dataclass
+class EtcdWindow:
+    """etcd requests per second over one window, by method."""
+
+    phase: str
+    seconds: float
+    ops_per_s: float
+    by_method: dict[str, float]  # "Service.Method" -> requests/s
+    sent_bytes_per_s: float
+    received_bytes_per_s: float
+    etcd_cpu: float  # cores etcd used
+    nodes_cpu: float  # cores the nodes alive at both ends used together
+    own_requests: dict[str, float] = field(default_factory=dict)  # the benchmark's own, subtracted above
+
+
+def etcd_window(phase: str, a: EtcdSample, b: EtcdSample, own: dict[str, int] | None = None) -> EtcdWindow:
+    """Rates between two samples; ``own``: requests the benchmark itself made meanwhile ("KV.Range": n),
+    taken out of the counts (their bytes stay in sent/received)."""
+    dt, own = b.t - a.t, own or {}
+    by = {m: (b.handled.get(m, 0) - a.handled.get(m, 0) - own.get(m, 0)) / dt
+          for m in sorted(set(a.handled) | set(b.handled))}
+    by = {m: v for m, v in by.items() if v > 0}
+    nodes_cpu = sum(b.nodes_cpu_s[pid] - a.nodes_cpu_s[pid] for pid in set(a.nodes_cpu_s) & set(b.nodes_cpu_s))
+    return EtcdWindow(phase, dt, sum(by.values()), by, (b.sent_bytes - a.sent_bytes) / dt,
+                      (b.received_bytes - a.received_bytes) / dt, (b.cpu_s - a.cpu_s) / dt, nodes_cpu / dt,
+                      {m: n / dt for m, n in own.items()})
+
+
+# ---------------------------------------------------------------------------------------- client processes
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One row's op: ``op`` of ``size`` values with ``replicas``, ``batch`` keys a call; or a reference
+    (op "loop-recv" / "loop-send")."""
+
+    op: str
+    size: int
+    replicas: int = 0
+    batch: int = 1
+
+    @property
+    def name(self) -> str:
+        size = format_size(self.size) if self.batch == 1 else f"{self.batch}x{format_size(self.size)}"
+        return f"{self.op} {size}" + (f" r{self.replicas}" if self.replicas else "")
+
+    @property
+    def is_reference(self) -> bool:
+        return self.op.startswith("loop")
+
+
+class ClientSide:
+    """What one client process runs: the rows' ops on its own keys, and the socket references."""
+
+    def __init__(self, wid: int, store: Any, cfg: dict[str, Any], refs: dict[str, socket.socket]) -> None:
+        self.wid, self.store, self.cfg, self.refs = wid, store, cfg, refs
+        large, nbatch = cfg["value_size"], cfg["batch"]
+        self.src = prefaulted(max(cfg["small_keys"] * SMALL, cfg["large_keys"] * large))
+        self.dst = prefaulted(max(nbatch * SMALL, large))
+        self.runners: dict[str, tuple[Callable[[int, int], object], int, int]] = {}
+
+    def keys(self, spec: Spec) -> tuple[list[str], list[np.ndarray]]:
+        count = self.cfg["small_keys"] if spec.size == SMALL else self.cfg["large_keys"]
+        keys = [f"tp/w{self.wid}/r{spec.replicas}/{format_size(spec.size)}/{i}" for i in range(count)]
+        return keys, [self.src[i * spec.size : (i + 1) * spec.size] for i in range(count)]
+
+    def prepare(self, spec: Spec) -> None:
+        """Build the row's runner, write its keys if it reads, run one untimed pass and check a result."""
+        if spec.is_reference:
+            self.runners[spec.name] = (self._reference(spec), 1, 1)
+            self.runners[spec.name][0](0, 2)
+            return
+        store, r, b = self.store, spec.replicas, spec.batch
+        keys, values = self.keys(spec)
+        if spec.op in ("get", "batch_get", "get_into"):
+            put_many(store, list(zip(keys, values, strict=True)), r)
+        if spec.op.startswith("batch"):
+            n = len(keys) // b
+            groups = [keys[j * b : (j + 1) * b] for j in range(n)]
+            items = [list(zip(g, values[j * b : (j + 1) * b], strict=True)) for j, g in enumerate(groups)]
+
+            def run_batch_put(start: int, count: int) -> None:
+                for j in range(start, start + count):
+                    _all_ok(store.batch_put(items[j % n], replicas=r))
+
+            def run_batch_get(start: int, count: int) -> None:
+                for j in range(start, start + count):
+                    if None in store.batch_get(groups[j % n]):
+                        raise AssertionError("batch_get: a key is missing")
+
+            run, period = (run_batch_put if spec.op == "batch_put" else run_batch_get), n
+        else:
+            n, dst = len(keys), self.dst[: spec.size]
+
+            def run_put(start: int, count: int) -> None:
+                for j in range(start, start + count):
+                    store.put(keys[j % n], values[j % n], replicas=r)
+
+            def run_get(start: int, count: int) -> None:
+                for j in range(start, start + count):
+                    store.get(keys[j % n])
+
+            def run_get_into(start: int, count: int) -> None:
+                for j in range(start, start + count):
+                    store.get_into(keys[j % n], dst)
+
+            run, period = {"put": run_put, "get": run_get, "get_into": run_get_into}[spec.op], n
+        run(0, period)  # warm-up: every key and page touched once
+        self._check(spec, keys, values)
+        self.runners[spec.name] = (run, period, b)
+
+    def _check(self, spec: Spec, keys: list[str], values: list[np.ndarray]) -> None:
+        def same(got: Any, j: int) -> bool:
+            return np.array_equal(np.frombuffer(got, dtype=np.uint8), values[j])
+
+        if spec.op == "get_into":
+            ok = self.store.get_into(keys[1], self.dst[: spec.size]) == spec.size and same(self.dst[: spec.size], 1)
+        elif spec.op == "batch_get":
+            ok = all(same(v, j) for j, v in enumerate(self.store.batch_get(keys[: spec.batch])))
+        else:
+            ok = same(self.store.get(keys[1]), 1)
+        if not ok:
+            raise AssertionError(f"{spec.name}: a value read back differs from what was put")
+
+    def _reference(self, spec: Spec) -> Callable[[int, int], object]:
+        size, buf, ack = spec.size, self.dst[: spec.size], bytearray(1)
+        conn = self.refs[spec.op]
+
+        def recv(start: int, count: int) -> None:
+            for _ in range(count):
+                recv_exactly(conn, buf, size)
+
+        def send(start: int, count: int) -> None:
+            for _ in range(count):
+                conn.sendall(buf)
+                recv_exactly(conn, ack, 1)
+
+        return recv if spec.op == "loop-recv" else send
+
+    def rep(self, name: str, seconds: float) -> float:
+        """Keys (or messages) per second of one timed repetition."""
+        run, period, per_call = self.runners[name]
+        return measure(run, period=period, reps=1, rep_seconds=seconds, warmup=False)[0] * per_call
+
+
+def _all_ok(results: list[Any]) -> None:
+    for r in results:
+        if r is not None:
+            raise r if isinstance(r, BaseException) else AssertionError(f"batch_put: {r!r}")
+
+
+def put_many(store: Any, pairs: list[tuple[str, Any]], replicas: int) -> None:
+    """Untimed writes, all in one ``batch_put`` (the client sends each node its share)."""
+    _all_ok(store.batch_put(pairs, replicas=replicas))
+
+
+def worker_main(wid: int, conn: Any, cfg: dict[str, Any]) -> None:
+    """A client process: connect, then serve ("prepare", spec) / ("rep", name, seconds) / ("stop",)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops us
+    _die_with_parent()
+    if cfg["via"] == "tcp":  # another host than the nodes': the cluster client reaches them over TCP
+        os.environ["MOONCAKEFS_HOST"] = f"cluster-bench-client-{wid}"
+    try:
+        with contextlib.ExitStack() as stack:
+            # The reference peers first: they are started with a preexec_fn, unsafe once gRPC threads run.
+            root = Path(cfg["root"])
+            refs = {"loop-recv": stack.enter_context(peer("send", "tcp", cfg["value_size"], root)),
+                    "loop-send": stack.enter_context(peer("sink", "tcp", cfg["value_size"], root))}
+            store = mooncakefs.connect(cfg["url"])
+            stack.callback(store.close)
+            deadline = time.monotonic() + MAP_TIMEOUT
+            while len(store.map.nodes) < cfg["nodes"]:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"map has {len(store.map.nodes)} nodes, not {cfg['nodes']}")
+                time.sleep(0.1)
+                store._refresh(store.map)
+            side = ClientSide(wid, store, cfg, refs)
+            conn.send(("ok", {"pid": os.getpid(), "via": cfg["via"], "epoch": store.map.epoch}))
+            while True:
+                msg = conn.recv()
+                if msg[0] == "stop":
+                    conn.send(("ok", None))
+                    return
+                try:  # a failing request is reported, and the process goes on serving
+                    if msg[0] == "prepare":
+                        side.prepare(msg[1])
+                        conn.send(("ok", None))
+                    elif msg[0] == "rep":
+                        conn.send(("ok", side.rep(msg[1], msg[2])))
+                except Exception as exc:
+                    conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"))
+
+
+class ClientsLost(Exception):
+    """A client process is gone or hung: the throughput phase cannot go on."""
+
+
+class Clients:
+    """``n`` spawned client processes; ``ask`` sends one message to each and returns their answers."""
+
+    def __init__(self, n: int, cfg: dict[str, Any]) -> None:
+        ctx = mp.get_context("spawn")  # no fork: the parent holds gRPC threads
+        self.procs, self.conns = [], []
+        for wid in range(n):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=worker_main, args=(wid, child, cfg), name=f"cluster-bench-client-{wid}")
+            p.start()
+            child.close()
+            self.procs.append(p)
+            self.conns.append(parent)
+        try:
+            self.info = self.collect(WORKER_TIMEOUT)
+        except BaseException:
+            self.close()
+            raise
+
+    def collect(self, timeout: float) -> list[Any]:
+        """One answer from each process (all read, so the pipes stay in step); the first error raised."""
+        out, errors = [], []
+        deadline = time.monotonic() + timeout
+        for wid, conn in enumerate(self.conns):
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise ClientsLost(f"client process {wid} did not answer in {timeout:.0f}s")
+            try:
+                status, value = conn.recv()
+            except EOFError:
+                raise ClientsLost(f"client process {wid} exited") from None
+            if status != "ok":
+                errors.append(f"client process {wid}: {value}")
+            out.append(value)
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        return out
+
+    def ask(self, *msg: Any, timeout: float = WORKER_TIMEOUT) -> list[Any]:
+        for conn in self.conns:
+            conn.send(msg)
+        return self.collect(timeout)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(Exception):
+                conn.send(("stop",))
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+# ---------------------------------------------------------------------------------------------- throughput
+
+
+@dataclass
+class Row:
+    op: str
+    size: int
+    replicas: int
+    batch: int
+    reps_keys_per_s: list[float] = field(default_factory=list)  # the clients' sum, per repetition
+    keys_per_s: float = 0.0
+    gbps: float = 0.0  # value bytes
+    wire_gbps: float = 0.0  # bytes sent to or received from nodes: a put with replicas=R sends R copies
+    reference: str | None = None
+    reference_reps: list[float] = field(default_factory=list)  # GB/s, one right before each repetition
+    reference_gbps: float | None = None
+    x_ref: float | None = None  # wire GB/s over the reference's GB/s
+    error: str | None = None
+
+
+def row_specs(args: argparse.Namespace) -> list[Spec]:
+    out = []
+    for r in args.replicas:
+        out += [Spec("put", SMALL, r), Spec("batch_put", SMALL, r, args.batch), Spec("get", SMALL, r),
+                Spec("batch_get", SMALL, r, args.batch), Spec("put", args.value_size, r),
+                Spec("get_into", args.value_size, r)]
+    return out
+
+
+def measure_throughput(args: argparse.Namespace, clients: Clients) -> tuple[list[Row], dict[str, list[float]]]:
+    refs = {"loop-recv": Spec("loop-recv", args.value_size), "loop-send": Spec("loop-send", args.value_size)}
+    for ref in refs.values():
+        clients.ask("prepare", ref)
+    ref_samples: dict[str, list[float]] = {name: [] for name in refs}
+    rows = []
+    for spec in row_specs(args):
+        row = Row(spec.op, spec.size, spec.replicas, spec.batch)
+        ref = None
+        if spec.size != SMALL:
+            ref = refs["loop-send" if spec.op == "put" else "loop-recv"]
+            row.reference = ref.op
+        try:
+            clients.ask("prepare", spec)
+            for _ in range(args.reps):
+                if ref is not None:
+                    gbps = sum(clients.ask("rep", ref.name, args.seconds)) * ref.size / GB
+                    row.reference_reps.append(gbps)
+                    ref_samples[ref.op].append(gbps)
+                row.reps_keys_per_s.append(sum(clients.ask("rep", spec.name, args.seconds)))
+            row.keys_per_s = float(np.median(row.reps_keys_per_s))
+            row.gbps = row.keys_per_s * spec.size / GB
+            row.wire_gbps = row.gbps * (spec.replicas if spec.op.endswith("put") else 1)
+            if row.reference_reps:
+                row.reference_gbps = float(np.median(row.reference_reps))
+                row.x_ref = row.wire_gbps / row.reference_gbps
+            progress(f"{spec.name}: {row.keys_per_s:,.0f} keys/s {row.gbps:.3f} GB/s"
+                     + (f" (ref {row.reference_gbps:.3f} GB/s)" if row.reference_gbps else ""))
+        except ClientsLost:
+            raise
+        except Exception as exc:  # one failing row must not hide the others
+            row.error = str(exc).splitlines()[0][:300]
+            progress(f"{spec.name}: FAILED {exc}")
+        rows.append(row)
+    return rows, ref_samples
+
+
+# -------------------------------------------------------------------------------------------------- repair
+
+
+@dataclass
+class Repair:
+    kill: str  # "node" (not the controller) or "controller"
+    victim: str = ""
+    victim_pid: int = 0
+    nodes_before: int = 0
+    keys: int = 0
+    keys_on_victim: int = 0  # its share: what has to be copied again
+    share_bytes: int = 0
+    under_at_kill: int = 0  # keys with fewer than 2 live copies right after the kill (== keys_on_victim)
+    lease_s: float | None = None  # kill -> its record gone from etcd (lease expired)
+    new_controller_s: float | None = None  # kill -> another node is the controller (controller kills)
+    map_s: float | None = None  # kill -> a map without it in etcd
+    new_epoch: int | None = None
+    first_copy_s: float | None = None  # kill -> the first poll that found fewer under-replicated keys
+    repaired_s: float | None = None  # kill -> every key on 2 live nodes
+    copy_s: float | None = None  # repaired_s - map_s
+    s_per_gib: float | None = None
+    copy_s_per_gib: float | None = None
+    copy_gbps: float | None = None
+    on_new_owners: int | None = None  # keys on the first 2 owners of the new map when repaired
+    extra_copies: int | None = None  # keys on more than 2 live nodes when repaired
+    values_checked: int = 0
+    etcd_reads: int = 0  # the benchmark's own etcd reads while it watched (KV.Range each)
+    polls: int = 0
+    timeline: list[tuple[float, int]] = field(default_factory=list)  # (s since kill, keys under-replicated)
+    etcd: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def holders(links: dict[str, Any], keys: list[str]) -> list[set[str]]:
+    """Per key, the nodes (of ``links``) that hold it, asked of each node directly."""
+    out: list[set[str]] = [set() for _ in keys]
+    for node, link in links.items():
+        for i, present in enumerate(link.batch_exists(keys)):
+            if present:
+                out[i].add(node)
+    return out
+
+
+def write_repair_data(args: argparse.Namespace, store: Any) -> tuple[list[str], np.ndarray, float]:
+    """Write the repair phase's keys with replicas=2; (keys, the source values, GB/s of the writes)."""
+    size = args.value_size
+    count = max(1, args.repair_data // size)
+    src = prefaulted(min(count, max(1, 64 * MiB // size)) * size)  # values repeat every 64 MiB
+    slots = len(src) // size
+    keys = [f"rp/{i}" for i in range(count)]
+    t0 = time.perf_counter()
+    put_many(store, [(k, src[(i % slots) * size : (i % slots + 1) * size]) for i, k in enumerate(keys)],
+             REPAIR_REPLICAS)
+    return keys, src, count * size / GB / (time.perf_counter() - t0)
+
+
+def watch_etcd(cluster: Cluster, victim: str, was_controller: bool, t0: float, out: Repair,
+               stop: threading.Event) -> None:
+    """Note when the victim's record leaves etcd, when another node is controller, when a map without it
+    is published: the time of the first read that saw each.  One keys-only read of the cluster's prefix
+    per poll (and one of the map when its revision moves), so the benchmark adds little to what it measures."""
+    client = cluster.etcd_client()
+    prefix = f"/mooncakefs/{cluster.name}/"
+    record_key, controller_key = f"{prefix}nodes/{victim}".encode(), f"{prefix}controller".encode()
+
+    def revisions() -> dict[bytes, int]:
+        out.etcd_reads += 1
+        return {kv.key: kv.mod_revision for kv in client.get_prefix_response(prefix, keys_only=True).kvs}
+
+    first = revisions()
+    old_controller, map_revision = first.get(controller_key), first.get(cluster.map_key.encode())
+    while not stop.is_set() and (out.lease_s is None or out.map_s is None
+                                 or (was_controller and out.new_controller_s is None)):
+        with contextlib.suppress(Exception):
+            now = revisions()
+            t = time.perf_counter() - t0
+            if out.lease_s is None and record_key not in now:
+                out.lease_s = t
+            taken = now.get(controller_key, old_controller) != old_controller  # a new controller key
+            if was_controller and out.new_controller_s is None and taken:
+                out.new_controller_s = t
+            if out.map_s is None and now.get(cluster.map_key.encode()) != map_revision:
+                map_revision = now.get(cluster.map_key.encode())
+                out.etcd_reads += 1
+                value, _ = client.get(cluster.map_key)
+                pmap = PlacementMap.from_json(value)
+                if victim not in pmap.nodes:
+                    out.map_s, out.new_epoch = t, pmap.epoch
+        stop.wait(ETCD_POLL_S)
+
+
+def measure_repair(args: argparse.Namespace, cluster: Cluster, keys: list[str], src: np.ndarray, kill: str) -> Repair:
+    res = Repair(kill)
+    size = args.value_size
+    live = [n for n in cluster.nodes if n.alive()]
+    controller = cluster.controller()
+    if kill == "controller":
+        victim = cluster.by_id(controller) if controller else None
+    else:
+        victim = next((n for n in sorted(live, key=lambda n: n.ident) if n.ident != controller), None)
+    if victim is None or len(live) - 1 < REPAIR_REPLICAS:
+        res.error = f"skipped: {len(live)} live nodes, controller {controller}"
+        return res
+    res.victim, res.victim_pid, res.nodes_before, res.keys = victim.ident, victim.pid, len(live), len(keys)
+    links = {n.ident: mooncakefs.connect("tcp://" + n.tcp) for n in live}
+    try:
+        before = holders(links, keys)
+        short = sum(len(h) < REPAIR_REPLICAS for h in before)
+        if short:
+            raise RuntimeError(f"{short} of {len(keys)} keys had fewer than {REPAIR_REPLICAS} copies before the kill")
+        res.keys_on_victim = sum(victim.ident in h for h in before)
+        res.share_bytes = res.keys_on_victim * size
+        links.pop(victim.ident).close()
+        progress(f"repair ({kill}): SIGKILL node {victim.ident} (pid {victim.pid}), which holds "
+                 f"{res.keys_on_victim} of {len(keys)} keys ({format_size(res.share_bytes)})")
+        etcd_before = sample_etcd(cluster)
+        stop = threading.Event()
+        t0 = time.perf_counter()
+        cluster.kill(victim)
+        watcher = threading.Thread(target=watch_etcd, args=(cluster, victim.ident, kill == "controller", t0, res,
+                                                            stop), daemon=True)
+        watcher.start()
+        victim.proc.wait()
+        try:
+            while True:
+                now = holders(links, keys)
+                t = time.perf_counter() - t0
+                under = sum(len(h) < REPAIR_REPLICAS for h in now)
+                res.timeline.append((round(t, 3), under))
+                res.polls += 1
+                if res.polls == 1:
+                    res.under_at_kill = under
+                elif res.first_copy_s is None and under < res.under_at_kill:
+                    res.first_copy_s = t
+                if under == 0:
+                    res.repaired_s = t
+                    break
+                if t > args.repair_timeout:
+                    raise TimeoutError(f"{under} keys still had fewer than {REPAIR_REPLICAS} live copies "
+                                       f"{args.repair_timeout:.0f}s after the kill")
+                time.sleep(args.poll)
+            res.extra_copies = sum(len(h) > REPAIR_REPLICAS for h in now)
+            watcher.join(timeout=10)
+        finally:
+            stop.set()
+        res.etcd = asdict(etcd_window(f"repair ({kill})", etcd_before, sample_etcd(cluster),
+                                      own={"KV.Range": res.etcd_reads}))
+        with cluster.connect() as fresh:  # a client whose map lacks the victim
+            res.on_new_owners = sum(set(fresh.map.owners(encode_key(k))[:REPAIR_REPLICAS]) <= h
+                                    for k, h in zip(keys, now, strict=True))
+            slots = len(src) // size
+            for i in range(0, len(keys), max(1, len(keys) // 16)):  # 16 values read back through the cluster
+                j = i % slots
+                got = np.frombuffer(fresh.get(keys[i]), dtype=np.uint8)
+                if not np.array_equal(got, src[j * size : (j + 1) * size]):
+                    raise AssertionError(f"{keys[i]} reads back different bytes after the repair")
+                res.values_checked += 1
+        if res.map_s is not None and res.repaired_s is not None:
+            res.copy_s = res.repaired_s - res.map_s
+        if res.share_bytes and res.repaired_s is not None:
+            res.s_per_gib = res.repaired_s / (res.share_bytes / GiB)
+            if res.copy_s is not None and res.copy_s > 0:
+                res.copy_s_per_gib = res.copy_s / (res.share_bytes / GiB)
+                res.copy_gbps = res.share_bytes / GB / res.copy_s
+        progress(f"repair ({kill}): lease gone {_s(res.lease_s)}, map {_s(res.map_s)}, first copy "
+                 f"{_s(res.first_copy_s)}, repaired {_s(res.repaired_s)} after the kill")
+    except Exception as exc:
+        res.error = f"{type(exc).__name__}: {exc}"
+        progress(f"repair ({kill}): FAILED {res.error}")
+    finally:
+        for link in links.values():
+            link.close()
+    return res
+
+
+def _s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}s"
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+
+def _num(v: float) -> str:
+    return f"{v:,.2f}" if v < 100 else f"{v:,.0f}"
+
+
+def render(args: argparse.Namespace, rows: Sequence[Row], refs: dict[str, Any], windows: Sequence[EtcdWindow],
+           map_info: dict[str, Any], repairs: Sequence[Repair], notes: Sequence[str]) -> str:
+    out = [f"cluster: {args.nodes} nodes (dram {args.dram}, ssd {args.ssd}, lease ttl {args.lease_ttl}s), "
+           f"{args.clients} client processes via {args.via}; median of {args.reps} reps of {args.seconds:g}s",
+           "", "physical reference (all client processes at once, summed; median of its reps):"]
+    out.append(format_table(["ref", "GB/s", "reps", "what"],
+                            [[k, _num(v["gbps"]) if v["gbps"] else "-", str(len(v["samples"])), v["what"]]
+                             for k, v in refs.items()], [False, True, True, False]))
+    body = []
+    for r in rows:
+        size = format_size(r.size) if r.batch == 1 else f"{r.batch}x{format_size(r.size)}"
+        if r.error:
+            body.append([str(r.replicas), r.op, size, "FAILED", "", "", "", "", r.error[:60]])
+            continue
+        body.append([str(r.replicas), r.op, size, f"{r.keys_per_s:,.0f}", f"{r.gbps:.3f}", f"{r.wire_gbps:.3f}",
+                     r.reference or "", _num(r.reference_gbps) if r.reference_gbps else "",
+                     f"{r.x_ref:.2f}" if r.x_ref is not None else ""])
+    out += ["", "aggregate throughput:",
+            format_table(["R", "op", "size", "keys/s", "GB/s", "wire GB/s", "ref", "ref GB/s", "x ref"], body,
+                         [True, False, True, True, True, True, False, True, True])]
+    methods = sorted({m for w in windows for m in w.by_method}, key=lambda m: m.split(".")[1])
+    etcd_rows = [[w.phase, f"{w.seconds:.1f}", f"{w.ops_per_s:.1f}",
+                  *(f"{w.by_method[m]:.1f}" if m in w.by_method else "-" for m in methods),
+                  f"{w.sent_bytes_per_s / 1e3:,.1f}", f"{w.etcd_cpu * 100:.1f}%", f"{w.nodes_cpu * 100:.1f}%"]
+                 for w in windows]
+    out += ["", "etcd gRPC requests/s caused by the cluster (grpc_server_handled_total deltas):",
+            format_table(["phase", "s", "ops/s", *(m.split(".")[1] for m in methods), "sent kB/s", "etcd cpu",
+                          "nodes cpu"], etcd_rows, [False] + [True] * (len(methods) + 5)),
+            f"placement map in etcd ({map_info['key']}): {map_info['bytes']:,} bytes, epoch {map_info['epoch']}, "
+            f"{map_info['nodes']} nodes, {map_info['groups']} groups x width {map_info['width']}"]
+    rep_rows = []
+    for r in repairs:
+        if r.error and r.repaired_s is None:
+            rep_rows.append([r.kill, r.victim or "-", "", "", "", "", "", "", "", "", "", "", r.error[:70]])
+            continue
+        rep_rows.append([r.kill, r.victim, f"{r.keys_on_victim}/{r.keys}", f"{r.share_bytes / MiB:.0f}",
+                         _s(r.lease_s), _s(r.new_controller_s) if r.kill == "controller" else "", _s(r.map_s),
+                         _s(r.first_copy_s), _s(r.repaired_s), _s(r.copy_s),
+                         _num(r.s_per_gib) if r.s_per_gib else "-",
+                         _num(r.copy_s_per_gib) if r.copy_s_per_gib else "-",
+                         f"{r.copy_gbps:.3f}" if r.copy_gbps else "-"])
+    out += ["", f"repair after SIGKILL of one node ({args.repair_data // args.value_size} x "
+                f"{format_size(args.value_size)}, replicas={REPAIR_REPLICAS}; times since the kill):",
+            format_table(["kill", "victim", "its keys", "MiB", "lease gone", "new ctrl", "new map", "1st copy",
+                          "repaired", "copying", "s/GiB", "copy s/GiB", "copy GB/s"], rep_rows,
+                         [False, False, *[True] * 11])]
+    out += [f"note: {n}" for n in notes]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", type=int, default=8, help="node processes, 3 to 12 (%(default)s)")
+    p.add_argument("--value-size", default="1MiB", help="size of the large values (%(default)s)")
+    p.add_argument("--seconds", type=float, default=1.0, help="length of one timed repetition (%(default)s)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per row, median reported (%(default)s)")
+    p.add_argument("--clients", type=int, default=2, help="client processes loading the cluster (%(default)s)")
+    p.add_argument("--via", choices=("tcp", "unix"), default="tcp",
+                   help="how the clients reach the nodes: tcp as from another host, or unix (%(default)s)")
+    p.add_argument("--replicas", default="1,2", help="replica counts of the throughput rows (%(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="keys per batch call (%(default)s)")
+    p.add_argument("--small-keys", type=int, default=1024, help="distinct 4KiB keys per client and row (%(default)s)")
+    p.add_argument("--large-data", default="32MiB", help="distinct large values per client and row (%(default)s)")
+    p.add_argument("--repair-data", default="512MiB", help="data written with replicas=2 before a kill (%(default)s)")
+    p.add_argument("--kill", default="node,controller",
+                   help="kills, in order: 'node' (one that is not the controller), 'controller' (%(default)s)")
+    p.add_argument("--poll", type=float, default=0.1, help="seconds between copy checks after a kill (%(default)s)")
+    p.add_argument("--repair-timeout", type=float, default=120.0, help="give up on a repair after (%(default)s)s")
+    p.add_argument("--idle-seconds", type=float, default=10.0, help="the at-rest etcd window (%(default)s)")
+    p.add_argument("--lease-ttl", type=int, default=3, help="the nodes' --lease-ttl (%(default)s)")
+    p.add_argument("--dram", default="64MiB", help="each node's --dram (%(default)s)")
+    p.add_argument("--ssd", default="256MiB", help="each node's --ssd (%(default)s)")
+    p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+                   help="parent of the temporary directory (%(default)s)")
+    p.add_argument("--json", default="bench-results/cluster_bench.json", help="JSON results (%(default)s)")
+    args = p.parse_args(argv)
+    try:
+        args.value_size = parse_size(args.value_size)
+        args.large_data = parse_size(args.large_data)
+        args.repair_data = parse_size(args.repair_data)
+        args.replicas = [int(r) for r in args.replicas.split(",") if r.strip()]
+    except ValueError as exc:
+        p.error(str(exc))
+    args.kill = [k.strip() for k in args.kill.split(",") if k.strip()]
+    if not 3 <= args.nodes <= 12:
+        p.error("--nodes must be from 3 to 12")
+    if not set(args.kill) <= {"node", "controller"}:
+        p.error("--kill takes node and controller")
+    if args.reps < 1 or args.clients < 1 or args.batch < 1 or args.seconds <= 0 or args.value_size < 1:
+        p.error("--reps, --clients, --batch, --seconds and --value-size must be positive")
+    if not args.replicas or not all(1 <= r <= 3 for r in args.replicas):
+        p.error("--replicas are from 1 to 3 (the map's width)")
+    args.small_keys = max(args.batch, args.small_keys - args.small_keys % args.batch)
+    args.large_keys = max(2, args.large_data // args.value_size)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # run the cleanups below
+    started = time.perf_counter()
+    notes: list[str] = []
+    rows: list[Row] = []
+    repairs: list[Repair] = []
+    windows: list[EtcdWindow] = []
+    root = Path(tempfile.mkdtemp(prefix="cbench-", dir=args.dir))
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, root, ignore_errors=True)
+        cluster = Cluster(root, args)
+        stack.callback(cluster.close)
+        progress(f"starting etcd on {cluster.etcd_url} and {args.nodes} nodes under {root}")
+        cluster.start_etcd()
+        etcd_version = json.loads(cluster.http("/version")).get("etcdserver")
+        ready_s = cluster.start_nodes(args.nodes)
+        t_map = time.perf_counter()
+        store = cluster.connect()
+        stack.callback(store.close)
+        map_s = time.perf_counter() - t_map
+        progress(f"{args.nodes} nodes ready in {ready_s:.1f}s, in the placement map (epoch {store.map.epoch}) "
+                 f"{map_s:.1f}s later; controller {cluster.controller()}")
+
+        # -- etcd at rest; the placement map
+        time.sleep(1.0)
+        value, _ = cluster.etcd_client().get(cluster.map_key)
+        pmap = PlacementMap.from_json(value)
+        map_info = {"key": cluster.map_key, "bytes": len(value), "epoch": pmap.epoch, "nodes": len(pmap.nodes),
+                    "groups": pmap.groups, "width": pmap.width}
+        progress(f"etcd at rest for {args.idle_seconds:g}s")
+        a = sample_etcd(cluster)
+        time.sleep(args.idle_seconds)
+        windows.append(etcd_window("at rest", a, sample_etcd(cluster)))
+
+        # -- throughput
+        cfg = {"url": cluster.url, "nodes": args.nodes, "via": args.via, "root": str(root),
+               "value_size": args.value_size, "batch": args.batch, "small_keys": args.small_keys,
+               "large_keys": args.large_keys}
+        progress(f"starting {args.clients} client processes")
+        clients = Clients(args.clients, cfg)
+        stack.callback(clients.close)
+        a = sample_etcd(cluster)
+        rows, ref_samples = measure_throughput(args, clients)
+        windows.append(etcd_window("under load", a, sample_etcd(cluster)))
+        clients.close()
+        removed = store.remove_prefix("tp/")
+        progress(f"removed the {removed} throughput-phase copies")
+
+        # -- repair
+        keys, src, write_gbps = write_repair_data(args, store)
+        progress(f"wrote {len(keys)} x {format_size(args.value_size)} with replicas={REPAIR_REPLICAS} "
+                 f"at {write_gbps:.3f} GB/s")
+        for kill in args.kill:
+            repairs.append(measure_repair(args, cluster, keys, src, kill))
+            if repairs[-1].etcd:
+                windows.append(EtcdWindow(**repairs[-1].etcd))
+            with contextlib.suppress(Exception):
+                store._refresh(store.map)
+    # everything stopped and removed from here on
+
+    refs = {name: {"gbps": float(np.median(s)) if s else None, "samples": s,
+                   "what": (f"{args.clients}x loopback TCP {format_size(args.value_size)} messages: "
+                            + ("sender process sendall -> client recv_into(MSG_WAITALL)" if name == "loop-recv"
+                               else "client sendall -> sink process recv_into + 1-byte ack"))}
+            for name, s in ref_samples.items()}
+    anomalies = find_anomalies(args, rows, windows, repairs)
+    notes += [
+        f"keys/s counts keys (batch rows: {args.batch} per call); GB/s counts value bytes (1e9 B/s); wire GB/s "
+        "counts every copy a put sends (R x); x ref = wire GB/s over the reference taken right before each rep",
+        "etcd: at rest = nodes idle; under load = the whole throughput phase; repair = kill -> repaired, the "
+        "benchmark's own reads (a keys-only Range every 20 ms) taken out of ops/s but not of sent kB/s; nodes cpu = "
+        "cores the nodes used together (client load and repair included)",
+        "repair: new map = kill -> a map without the node in etcd (lease expiry + controller); copying = new map "
+        "-> every key on 2 live nodes (includes the nodes reading the new map); s/GiB divide by the dead node's "
+        "share",
+        f"repair data written at {write_gbps:.3f} GB/s (this process, via unix, one batch_put, "
+        f"replicas={REPAIR_REPLICAS})",
+        *(f"ANOMALY: {a}" for a in anomalies),
+    ]
+    if args.via == "unix":
+        notes.insert(1, "via unix, large values move by memcpy through the nodes' shared pools: the loopback TCP "
+                        "reference is no bound there (x ref may exceed 1)")
+    print(render(args, rows, refs, windows, map_info, repairs, notes))
+    write_json(args.json, {
+        "tool": "cluster_bench",
+        "machine": machine_info({"etcd": etcd_version}),
+        "config": {k: v for k, v in vars(args).items()},
+        "startup": {"nodes_ready_s": ready_s, "map_complete_s": map_s},
+        "references": refs,
+        "rows": [asdict(r) for r in rows],
+        "etcd": {"windows": [asdict(w) for w in windows], "placement_map": map_info},
+        "repair": {"write_gbps": write_gbps, "keys": len(keys), "value_size": args.value_size,
+                   "replicas": REPAIR_REPLICAS, "rounds": [asdict(r) for r in repairs]},
+        "anomalies": anomalies,
+        "notes": notes,
+        "seconds": time.perf_counter() - started,
+    })
+    progress(f"wrote {args.json} ({time.perf_counter() - started:.0f}s)")
+    return 0
+
+
+def find_anomalies(args: argparse.Namespace, rows: Sequence[Row], windows: Sequence[EtcdWindow],
+                   repairs: Sequence[Repair]) -> list[str]:
+    out = [f"row {r.op} {format_size(r.size)} R={r.replicas} failed: {r.error}" for r in rows if r.error]
+    rest = next((w for w in windows if w.phase == "at rest"), None)
+    load = next((w for w in windows if w.phase == "under load"), None)
+    if rest and load and load.ops_per_s > 1.5 * rest.ops_per_s + 2:
+        out.append(f"etcd ops/s under load ({load.ops_per_s:.1f}) exceed those at rest ({rest.ops_per_s:.1f}): "
+                   "something per object or per batch touches etcd")
+    for r in repairs:
+        if r.error:
+            out.append(f"repair ({r.kill}): {r.error}")
+        if r.extra_copies:
+            out.append(f"repair ({r.kill}): {r.extra_copies} keys were on more than {REPAIR_REPLICAS} nodes "
+                       "when the repair completed")
+        if r.on_new_owners is not None and r.on_new_owners < r.keys:
+            out.append(f"repair ({r.kill}): only {r.on_new_owners} of {r.keys} keys were on their new map owners")
+        if r.under_at_kill and r.under_at_kill != r.keys_on_victim:
+            out.append(f"repair ({r.kill}): {r.under_at_kill} keys under-replicated at the first poll, but the "
+                       f"victim held {r.keys_on_victim}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
