@@ -13,6 +13,7 @@ requests routed by an older map.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +62,7 @@ class PlacementMap:
         """The map for this membership: every group ordered by rendezvous score."""
         ids = sorted(nodes)
         n = min(width, len(ids))
-        replicas = [sorted(ids, key=lambda node, g=g: _score(g, node), reverse=True)[:n] for g in range(groups)]
+        replicas = [heapq.nlargest(n, ids, key=lambda node, g=g: _score(g, node)) for g in range(groups)]
         return cls(epoch, groups, width, replicas, dict(nodes))
 
     def group(self, raw_key: bytes) -> int:
