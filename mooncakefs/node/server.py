@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mooncakefs import _engine
-from mooncakefs.errors import AuthenticationError, KeyNotFound, MooncakeError, Moved, ProtocolError, Unavailable
+from mooncakefs.errors import (
+    AuthenticationError,
+    Fenced,
+    KeyNotFound,
+    MooncakeError,
+    Moved,
+    ProtocolError,
+    Unavailable,
+)
 from mooncakefs.store import INTERNAL_PREFIX, InternalKey, Key, PendingPut, Store, ValueView
 from mooncakefs.wire import (
     DURABLE,
@@ -294,8 +302,8 @@ class Node:
                     self.cluster.check(session.epoch, op in WRITE_OPS)  # type: ignore[union-attr]
                 handler(session, meta, payload_len)
             except (MooncakeError, ValueError, TypeError, KeyError, IndexError) as exc:
-                if isinstance(exc, Unavailable | ProtocolError):
-                    raise
+                if isinstance(exc, ProtocolError) or (isinstance(exc, Unavailable) and not isinstance(exc, Fenced)):
+                    raise  # the connection itself failed; a fenced node answers, and stays connected
                 self.errors[type(exc).__name__] += 1
                 ch.skip_payload()
                 if op != Op.RELEASE:
@@ -333,11 +341,18 @@ class Node:
         """Receive a put's payload into its reserved room, then publish it."""
         try:
             session.channel.read_payload_into(pending.buffer)
+            self._recheck(session)
         except BaseException:
             self.store.abort_put(pending)
             raise
         self.bytes_in += pending.size
         self.store.end_put(pending)
+
+    def _recheck(self, session: Session) -> None:
+        """Check the epoch and the fence again right before a write is published: its bytes may have
+        taken long enough to arrive for the node to be fenced or the map to move on meanwhile."""
+        if session.epoch is not None:
+            self.cluster.check(session.epoch, write=True)  # type: ignore[union-attr]
 
     def _put(self, session: Session, meta: list[Any], payload_len: int) -> None:
         key, size, flags, ttl = meta
@@ -502,6 +517,7 @@ class Node:
         if payload_len <= BATCH_STAGE_MAX:  # small values: stage them, then one trip through the store lock
             staged = memoryview(ch.read_payload(payload_len))
             self.bytes_in += payload_len
+            self._recheck(session)
             offsets = [0]
             for s in sizes:
                 offsets.append(offsets[-1] + s)
