@@ -173,6 +173,8 @@ def mount(source: str, mountpoint: Path | None, data: Path | None, dram: int, ss
 
     cluster = None
     if mountpoint is None:  # one argument: the mountpoint
+        if "://" in source:
+            raise click.UsageError(f"missing the MOUNTPOINT to mount {source} at")
         mountpoint = Path(source)
     elif source.startswith("etcd://"):
         from mooncakefs.cluster.client import parse_cluster_url

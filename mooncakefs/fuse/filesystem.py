@@ -412,11 +412,10 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             if not rows:
                 return
             for (entry_id, name, _child), node in zip(rows, self.ns.get_many([r[2] for r in rows]), strict=True):
-                if node is None:
-                    continue
-                if not pyfuse3.readdir_reply(token, name, self._attrs(node), entry_id + 2):
-                    return
-                self.lookups[node.ino] += 1  # readdirplus: the kernel now holds a reference
+                if node is not None:
+                    if not pyfuse3.readdir_reply(token, name, self._attrs(node), entry_id + 2):
+                        return
+                    self.lookups[node.ino] += 1  # readdirplus: the kernel now holds a reference
                 after = entry_id
 
     async def releasedir(self, fh: int) -> None:
