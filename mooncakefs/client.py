@@ -294,16 +294,6 @@ class RemoteStore(KVMapping):
             ch.close()
         self._engine.close()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self) -> RemoteStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"<mooncakefs.RemoteStore {self.url}{' closed' if self._closed else ''}>"
 
@@ -580,12 +570,6 @@ class RemoteStore(KVMapping):
     def ping(self) -> str:
         """The node's instance id (it changes when the node restarts)."""
         return self._rpc(Op.PING, [])[0]
-
-    def __contains__(self, key: object) -> bool:
-        try:
-            return self.exists(key)  # type: ignore[arg-type]
-        except MooncakeError:
-            return False
 
     def __len__(self) -> int:
         return self.stats()["objects"]

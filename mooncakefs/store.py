@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mooncakefs import _engine
 from mooncakefs._engine import Entry, SharedIndex
@@ -48,6 +48,9 @@ from mooncakefs.errors import (
 from mooncakefs.tiers import DramTier, SsdTier
 from mooncakefs.tiers.ssd import PINNED, STICKY, Segment, aligned
 from mooncakefs.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+; annotations only
 
 MAX_KEY_BYTES = 1024
 LOCKED_COPY_MAX = 64 * 1024  # values below this are copied under the store lock
@@ -181,10 +184,28 @@ class PendingPut:
 
 
 class KVMapping:
-    """What ``Store`` and ``RemoteStore`` share on top of their own get/put/remove/keys: the mapping
-    protocol, and running one item of a batch call (``_each``)."""
+    """What ``Store``, ``RemoteStore`` and ``ClusterStore`` share on top of their own
+    get/put/remove/keys/close: the mapping protocol, the context manager, and running one item of a
+    batch call (``_each``)."""
 
     _fatal: type[BaseException]  # the error that fails a whole batch call rather than one item
+    _closed: bool
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # type: ignore[attr-defined]
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return self.exists(key)  # type: ignore[attr-defined]
+        except MooncakeError:  # an invalid key, or an unreachable node: not known to be there
+            return False
 
     def _each(self, op: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -331,16 +352,6 @@ class Store(KVMapping):
         """The DRAM pool's shared-memory file descriptor and size, for the node to hand to local clients."""
         self._check_open()
         return self._dram.fd, self._dram.capacity
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def __repr__(self) -> str:
         if self._closed:

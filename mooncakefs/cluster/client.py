@@ -465,12 +465,6 @@ class ClusterStore(KVMapping):
 
         return self._retrying(attempt)
 
-    def __contains__(self, key: object) -> bool:
-        try:
-            return self.exists(key)  # type: ignore[arg-type]
-        except MooncakeError:
-            return False
-
     def __len__(self) -> int:
         return sum(1 for _ in self.keys())
 
@@ -486,16 +480,6 @@ class ClusterStore(KVMapping):
             link.close()
         self._pool.shutdown(wait=False)
         self._etcd.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self) -> ClusterStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<mooncakefs.ClusterStore {self.url} epoch {self.map.epoch}{' closed' if self._closed else ''}>"

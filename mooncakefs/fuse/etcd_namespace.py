@@ -48,7 +48,7 @@ from etcd3.utils import increment_last_byte
 
 from mooncakefs.cluster.membership import cluster_prefix, connect_etcd
 from mooncakefs.errors import Unavailable
-from mooncakefs.fuse.namespace import ROOT, Inode, fail
+from mooncakefs.fuse.namespace import ROOT, Inode, fail, may_replace
 
 log = logging.getLogger("mooncakefs.fuse")
 
@@ -591,17 +591,8 @@ class EtcdNamespace:
                     txn.node(new_parent).nlink += moved_dir
                 self._touch(txn, old_parent, new_parent, node, target)
                 return None
-            if target is not None:
-                if flags & pyfuse3.RENAME_NOREPLACE:
-                    raise fail(errno.EEXIST)
-                if target.ino == node.ino:
-                    return None  # two names of one file: POSIX says do nothing
-                if target.is_dir and not node.is_dir:
-                    raise fail(errno.EISDIR)
-                if node.is_dir and not target.is_dir:
-                    raise fail(errno.ENOTDIR)
-                if target.is_dir and not txn.empty(target.ino):
-                    raise fail(errno.ENOTEMPTY)
+            if target is not None and not may_replace(node, target, flags, txn.empty):
+                return None
             if node.is_dir and moved:
                 self._check_not_below(txn, node.ino, new_parent)
             if target is not None:

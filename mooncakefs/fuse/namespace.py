@@ -16,7 +16,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +62,22 @@ CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)
 
 def fail(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
+
+
+def may_replace(node: Inode, target: Inode, flags: int, is_empty: Callable[[int], bool]) -> bool:
+    """Whether a rename of ``node`` may replace ``target`` (POSIX); False when both names are one file,
+    so there is nothing to do.  Raises the errno a refused rename gets."""
+    if flags & pyfuse3.RENAME_NOREPLACE:
+        raise fail(errno.EEXIST)
+    if target.ino == node.ino:
+        return False
+    if target.is_dir and not node.is_dir:
+        raise fail(errno.EISDIR)
+    if node.is_dir and not target.is_dir:
+        raise fail(errno.ENOTDIR)
+    if target.is_dir and not is_empty(target.ino):
+        raise fail(errno.ENOTEMPTY)
+    return True
 
 
 @dataclass
@@ -242,19 +258,9 @@ class Namespace:
                     self._adjust_nlink(new_parent, moved_dir)
                 self._touch(old_parent, new_parent, node, target)
             return None
-        if target is not None:
-            if flags & pyfuse3.RENAME_NOREPLACE:
-                raise fail(errno.EEXIST)
-            if target.ino == node.ino:
-                return None  # two names of one file: POSIX says do nothing
-            if target.is_dir and not node.is_dir:
-                raise fail(errno.EISDIR)
-            if node.is_dir and not target.is_dir:
-                raise fail(errno.ENOTDIR)
-            if target.is_dir and self.db.execute(
-                "SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (target.ino,)
-            ).fetchone():
-                raise fail(errno.ENOTEMPTY)
+        if target is not None and not may_replace(node, target, flags, lambda d: self.db.execute(
+                "SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (d,)).fetchone() is None):
+            return None
         with self._transaction():
             if target is not None:
                 self._drop_entry(new_parent, new_name, target)
