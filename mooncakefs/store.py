@@ -69,6 +69,14 @@ class InternalKey(bytes):
         return super().__new__(cls, INTERNAL_PREFIX + name)
 
 
+def wire_key(raw: Any) -> Key:
+    """A key as it came over the wire (raw bytes), as the store's API takes it: internal ones (file
+    chunks, cluster pointers) marked so; the store checks the rest."""
+    if type(raw) is bytes and raw.startswith(INTERNAL_PREFIX):
+        return InternalKey(raw[len(INTERNAL_PREFIX) :])
+    return raw
+
+
 def encode_key(key: object) -> bytes:
     """The canonical bytes of a key: str keys are UTF-8, so "a" and b"a" are the same key."""
     if type(key) is str:

@@ -24,15 +24,13 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from mooncakefs.cluster.client import NodeLink
 from mooncakefs.cluster.membership import Membership, cluster_prefix, nodes_prefix
 from mooncakefs.cluster.placement import DEFAULT_GROUPS, DEFAULT_WIDTH, PlacementMap, pointer_key
 from mooncakefs.errors import Fenced, KeyNotFound, MooncakeError, StaleEpoch
-from mooncakefs.store import Store
-
-if TYPE_CHECKING:
-    from mooncakefs.cluster.client import NodeLink
+from mooncakefs.store import Store, wire_key
 
 log = logging.getLogger("mooncakefs.cluster")
 
@@ -210,8 +208,6 @@ class NodeAgent:
     # -- repair ---------------------------------------------------------------------------------------
 
     def _link(self, node: str, pmap: PlacementMap) -> NodeLink:
-        from mooncakefs.cluster.client import NodeLink
-
         link = self._links.get(node)
         if link is None or link.closed:
             record = pmap.nodes[node]
@@ -256,29 +252,24 @@ class NodeAgent:
             link = self._link(node, pmap)
             for i in range(0, len(raws), REPAIR_BATCH):
                 chunk = raws[i : i + REPAIR_BATCH]
-                for raw, present in zip(chunk, link.batch_exists(map(_key, chunk)), strict=True):
+                for raw, present in zip(chunk, link.batch_exists(map(wire_key, chunk)), strict=True):
                     if not present and not self._push(link, raw):
                         missing_somewhere.add(raw)
                     placed.add(raw)
         for raw in leaving:
             if raw in placed and raw not in missing_somewhere and self.map is pmap:
-                self.store.remove(_key(raw))
+                self.store.remove(wire_key(raw))
                 self.forget(raw)
         self.repair_passes += 1
 
     def _push(self, link: NodeLink, raw: bytes) -> bool:
         """Copy one value to another node; False if it went away here meanwhile."""
         try:
-            with self.store.view(_key(raw)) as data:
-                link.put(_key(raw), data, replicas=self.replicas.get(raw, 1))
+            with self.store.view(wire_key(raw)) as data:
+                link.put(wire_key(raw), data, replicas=self.replicas.get(raw, 1))
         except KeyNotFound:
             return False
         self.repairs += 1
         return True
 
 
-def _key(raw: bytes) -> Any:
-    """A raw key as the store's API takes it (internal keys keep their mark)."""
-    from mooncakefs.node.server import wire_key
-
-    return wire_key(raw)

@@ -35,7 +35,7 @@ from mooncakefs.errors import (
     ProtocolError,
     Unavailable,
 )
-from mooncakefs.store import INTERNAL_PREFIX, InternalKey, Key, PendingPut, Store, ValueView
+from mooncakefs.store import PendingPut, Store, ValueView, wire_key
 from mooncakefs.wire import (
     DURABLE,
     IF_ABSENT,
@@ -63,13 +63,6 @@ BATCH_STAGE_MAX = 4 << 20  # a batched put this small is received whole, then st
 HEARTBEAT_S = 0.5  # readers of the shared index give up on a node silent for 2 s
 INDEX_OBJECT_GUESS = 4096  # the shared index has two slots per this many bytes of pool
 ACCEPT_BACKLOG = 128
-
-
-def wire_key(raw: Any) -> Key:
-    """A key as the store wants it: internal ones (file chunks) marked so; the store checks the rest."""
-    if type(raw) is bytes and raw.startswith(INTERNAL_PREFIX):
-        return InternalKey(raw[len(INTERNAL_PREFIX) :])
-    return raw
 
 
 def put_options(flags: int, ttl: Any) -> dict[str, Any]:
