@@ -48,7 +48,7 @@ from etcd3.utils import increment_last_byte
 
 from mooncakefs.cluster.membership import cluster_prefix, connect_etcd
 from mooncakefs.errors import Unavailable
-from mooncakefs.fuse.namespace import ROOT, Inode, fail, may_replace
+from mooncakefs.fuse.namespace import ROOT, Inode, count_unlink, fail, may_replace, may_unlink
 
 log = logging.getLogger("mooncakefs.fuse")
 
@@ -531,12 +531,7 @@ class EtcdNamespace:
             if ino is None:
                 raise fail(errno.ENOENT)
             node = txn.node(ino)
-            if rmdir and not node.is_dir:
-                raise fail(errno.ENOTDIR)
-            if not rmdir and node.is_dir:
-                raise fail(errno.EISDIR)
-            if rmdir and not txn.empty(ino):
-                raise fail(errno.ENOTEMPTY)
+            may_unlink(node, rmdir, txn.empty)
             self._drop_entry(txn, parent, name, node)
             return node
 
@@ -545,14 +540,7 @@ class EtcdNamespace:
     def _drop_entry(self, txn: _Change, parent: int, name: bytes, node: EtcdInode) -> None:
         txn.delete(self._dkey(parent, name))
         parent_node = txn.node(parent)
-        now = time.time_ns()
-        parent_node.mtime = parent_node.ctime = now
-        if node.is_dir:
-            parent_node.nlink -= 1
-            node.nlink = 0
-        else:
-            node.nlink -= 1
-        node.ctime = now
+        count_unlink(parent_node, node)
         txn.write(parent_node, node)
         if node.nlink == 0:
             txn.put(self._orphan_key(node.ino), b"")

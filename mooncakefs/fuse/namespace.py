@@ -64,6 +64,27 @@ def fail(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
 
 
+def may_unlink(node: Inode, rmdir: bool, is_empty: Callable[[int], bool]) -> None:
+    """Raise the errno an unlink (or, ``rmdir``, an rmdir) of ``node`` gets, if it is refused."""
+    if rmdir and not node.is_dir:
+        raise fail(errno.ENOTDIR)
+    if not rmdir and node.is_dir:
+        raise fail(errno.EISDIR)
+    if rmdir and not is_empty(node.ino):
+        raise fail(errno.ENOTEMPTY)
+
+
+def count_unlink(parent: Inode, node: Inode) -> None:
+    """Link counts and times after ``node``'s entry in ``parent`` goes."""
+    now = time.time_ns()
+    parent.mtime = parent.ctime = node.ctime = now
+    if node.is_dir:
+        parent.nlink -= 1
+        node.nlink = 0
+    else:
+        node.nlink -= 1
+
+
 def may_replace(node: Inode, target: Inode, flags: int, is_empty: Callable[[int], bool]) -> bool:
     """Whether a rename of ``node`` may replace ``target`` (POSIX); False when both names are one file,
     so there is nothing to do.  Raises the errno a refused rename gets."""
@@ -212,12 +233,7 @@ class Namespace:
         if ino is None:
             raise fail(errno.ENOENT)
         node = self.inode(ino)
-        if rmdir and not node.is_dir:
-            raise fail(errno.ENOTDIR)
-        if not rmdir and node.is_dir:
-            raise fail(errno.EISDIR)
-        if rmdir and self.db.execute("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (ino,)).fetchone():
-            raise fail(errno.ENOTEMPTY)
+        may_unlink(node, rmdir, self._is_empty)
         with self._transaction():
             self._drop_entry(parent, name, node)
         return node
@@ -226,16 +242,12 @@ class Namespace:
         """Unlink ``name`` (inside a transaction)."""
         self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
         parent_node = self.inode(parent)
-        now = time.time_ns()
-        parent_node.mtime = parent_node.ctime = now
-        if node.is_dir:
-            parent_node.nlink -= 1
-            node.nlink = 0
-        else:
-            node.nlink -= 1
-        node.ctime = now
+        count_unlink(parent_node, node)
         self.update(parent_node)
         self.update(node)
+
+    def _is_empty(self, ino: int) -> bool:
+        return self.db.execute("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (ino,)).fetchone() is None
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> Inode | None:
         """Move an entry; returns the inode a plain rename replaced (its link count already dropped)."""
@@ -258,8 +270,7 @@ class Namespace:
                     self._adjust_nlink(new_parent, moved_dir)
                 self._touch(old_parent, new_parent, node, target)
             return None
-        if target is not None and not may_replace(node, target, flags, lambda d: self.db.execute(
-                "SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (d,)).fetchone() is None):
+        if target is not None and not may_replace(node, target, flags, self._is_empty):
             return None
         with self._transaction():
             if target is not None:
