@@ -586,9 +586,9 @@ def test_a_fenced_node_refuses_every_write_with_fenced(cluster):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "mooncakefs bug: a rejoining node skips repair under a map that lacks it (NodeAgent._repair_loop, commit "
-    "53adce6), so it keeps its pre-partition copy; first owner again, it shadows the overwrite the others "
-    "acknowledged meanwhile, and their repair then deletes the newer value"))
+    "mooncakefs bug: values carry no version, so a rejoining node keeps its pre-partition copy; first owner "
+    "again, it shadows the overwrite the others acknowledged meanwhile, and their repair then deletes the "
+    "newer value (fix: per-put versions that repair compares)"))
 def test_an_overwrite_acknowledged_during_the_partition_survives_the_rejoin(cluster):
     import mooncakefs
 
