@@ -55,6 +55,8 @@ cdef class Entry:
     cdef public long long seg
     cdef public long long seg_off
     cdef public long long crc
+    cdef public unsigned long long version_hi
+    cdef public unsigned long long version_lo
     cdef public double expires
     cdef public int readers
     cdef public int hits

@@ -468,11 +468,15 @@ cdef class Arena:
 
 # ---------------------------------------------------------------------------------------------------
 
+VERSION_LIMIT = 1 << 126  # two 63-bit halves: each fits a signed 64-bit SQLite column
+VERSION_LOW_MASK = (1 << 63) - 1
+
+
 cdef class Entry:
     """Where one object lives: a DRAM block and/or an SSD segment record (-1 when absent), its size,
-    CRC-32C (-1 until first computed), expiry (unix time, 0 for none), read leases, SSD hits, and
-    whether it is pinned (never leaves DRAM) or sticky (may be demoted, never dropped).
-    A C struct with attribute access: 80 bytes, not tracked by the garbage collector."""
+    CRC-32C (-1 until first computed), version (set by its writer, below 2**126), expiry (unix time,
+    0 for none), read leases, SSD hits, and whether it is pinned (never leaves DRAM) or sticky (may be
+    demoted, never dropped).  A C struct with attribute access, not tracked by the garbage collector."""
 
     def __cinit__(self, long long size=0):
         self.size = size
@@ -481,6 +485,16 @@ cdef class Entry:
         self.seg = -1
         self.seg_off = -1
         self.crc = -1
+
+    @property
+    def version(self):
+        return (<object>self.version_hi << 63) | self.version_lo
+
+    @version.setter
+    def version(self, value):
+        if not 0 <= value < VERSION_LIMIT:
+            raise ValueError(f"a version is an int from 0 to 2**126, got {value!r:.40}")
+        self.version_hi, self.version_lo = value >> 63, value & VERSION_LOW_MASK
 
 
 # ---------------------------------------------------------------------------------------------------

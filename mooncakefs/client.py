@@ -36,6 +36,7 @@ from mooncakefs.transfer.tcp import DEFAULT_STRIPE, TcpTransport
 from mooncakefs.wire import (
     DURABLE,
     IF_ABSENT,
+    IF_NEWER,
     MAX_BATCH,
     PIN,
     VERSION,
@@ -43,6 +44,8 @@ from mooncakefs.wire import (
     Op,
     auth_proof,
     error_from_meta,
+    pack_version,
+    unpack_version,
 )
 
 T = TypeVar("T")
@@ -79,8 +82,12 @@ def parse_url(url: str | os.PathLike[str] | None) -> tuple[str, Any]:
     raise ValueError(f"node URL must be unix:///path/to/node.sock or tcp://host:port, got {text!r}")
 
 
-def _flags(pin: bool, if_absent: bool, durable: bool) -> int:
-    return (PIN if pin else 0) | (IF_ABSENT if if_absent else 0) | (DURABLE if durable else 0)
+def _put_meta(pin: bool = False, ttl: float | None = None, if_absent: bool = False, durable: bool = False,
+              version: int = 0, if_newer: bool = False, cluster_flags: int = 0) -> tuple[int, Any, bytes | None]:
+    """A put's options as they travel: (flags, ttl, version)."""
+    flags = (PIN if pin else 0) | (IF_ABSENT if if_absent else 0) | (DURABLE if durable else 0) | (
+        IF_NEWER if if_newer else 0) | cluster_flags
+    return flags, ttl, pack_version(version)
 
 
 def _bytes_of(value: Any) -> memoryview:
@@ -300,10 +307,10 @@ class RemoteStore(KVMapping):
     # -- writing ----------------------------------------------------------------------------------------
 
     def put(self, key: Key, value: Any, *, pin: bool = False, ttl: float | None = None, if_absent: bool = False,
-            durable: bool = False, cluster_flags: int = 0) -> None:
+            durable: bool = False, version: int = 0, if_newer: bool = False, cluster_flags: int = 0) -> None:
         """As ``Store.put``.  (``cluster_flags``: the cluster client's LOCAL and replica count.)"""
         raw, src = encode_key(key), _bytes_of(value)
-        head = [raw, len(src), _flags(pin, if_absent, durable) | cluster_flags, ttl]
+        head = [raw, len(src), *_put_meta(pin, ttl, if_absent, durable, version, if_newer, cluster_flags)]
         if len(src) <= self.inline_max:
             def put_inline(ch: Channel) -> None:
                 ch.send(Op.PUT, head, src)
@@ -327,16 +334,14 @@ class RemoteStore(KVMapping):
 
         self._call(put_through_engine)
 
-    def batch_put(self, items: Mapping[Key, Any] | Iterable[tuple[Key, Any]], *, pin: bool = False,
-                  ttl: float | None = None, if_absent: bool = False, durable: bool = False,
-                  cluster_flags: int = 0) -> list[Any]:
-        """As ``Store.batch_put``: one result per item, None or the exception it raised.  Small values go
-        in one frame; large ones one by one."""
+    def batch_put(self, items: Mapping[Key, Any] | Iterable[tuple[Key, Any]], **options: Any) -> list[Any]:
+        """As ``Store.batch_put`` (and ``put``'s options): one result per item, None or the exception it
+        raised.  Small values go in one frame; large ones one by one."""
         pairs = list(items.items() if isinstance(items, Mapping) else items)
+        head = _put_meta(**options)  # a TypeError for an unknown option, before anything is sent
         if len(pairs) > MAX_BATCH:  # the node takes at most MAX_BATCH items a request
-            return [r for i in range(0, len(pairs), MAX_BATCH) for r in self.batch_put(
-                pairs[i : i + MAX_BATCH], pin=pin, ttl=ttl, if_absent=if_absent, durable=durable,
-                cluster_flags=cluster_flags)]
+            return [r for i in range(0, len(pairs), MAX_BATCH)
+                    for r in self.batch_put(pairs[i : i + MAX_BATCH], **options)]
         results: list[Any] = [None] * len(pairs)
         keys: list[bytes] = []
         values: list[memoryview] = []
@@ -349,15 +354,14 @@ class RemoteStore(KVMapping):
                 results[i] = exc
                 continue
             if total + len(src) > BATCH_INLINE_MAX:
-                results[i] = self._each(self.put, key, src, pin=pin, ttl=ttl, if_absent=if_absent, durable=durable,
-                                        cluster_flags=cluster_flags)
+                results[i] = self._each(self.put, key, src, **options)
                 continue
             keys.append(raw)
             values.append(src)
             where.append(i)
             total += len(src)
         if keys:
-            meta = [keys, [len(v) for v in values], _flags(pin, if_absent, durable) | cluster_flags, ttl]
+            meta = [keys, [len(v) for v in values], *head]
 
             def send_batch(ch: Channel) -> Any:
                 ch.send(Op.BATCH_PUT, meta, values)
@@ -529,14 +533,22 @@ class RemoteStore(KVMapping):
         return self._rpc(Op.EXISTS, [encode_key(key)])[0]
 
     def batch_exists(self, keys: Iterable[Key]) -> list[bool]:
+        return self._per_key(Op.BATCH_EXISTS, keys)
+
+    def versions(self, keys: Iterable[Key]) -> list[int | None]:
+        """As ``Store.versions``: each key's version, None where it is absent."""
+        return [None if v is False else unpack_version(v) for v in self._per_key(Op.BATCH_VERSIONS, keys)]
+
+    def _per_key(self, op: int, keys: Iterable[Key]) -> list[Any]:
+        """A batched question with one answer per key, asked MAX_BATCH keys a request."""
         raws = []
         for key in keys:
             try:
                 raws.append(encode_key(key))
             except MooncakeError:
                 raws.append(b"")  # never a valid key: reported absent, as Store.batch_exists does
-        return [present for i in range(0, len(raws), MAX_BATCH)
-                for present in self._rpc(Op.BATCH_EXISTS, [raws[i : i + MAX_BATCH]])[0]]
+        return [answer for i in range(0, len(raws), MAX_BATCH)
+                for answer in self._rpc(op, [raws[i : i + MAX_BATCH]])[0]]
 
     def remove(self, key: Key) -> bool:
         return self._rpc(Op.REMOVE, [encode_key(key)])[0]
@@ -545,8 +557,8 @@ class RemoteStore(KVMapping):
         return self._rpc(Op.REMOVE_PREFIX, [prefix.encode() if isinstance(prefix, str) else bytes(prefix)])[0]
 
     def stat(self, key: Key) -> ObjectInfo:
-        size, checksum, tier, pinned, expires = self._rpc(Op.STAT, [encode_key(key)])
-        return ObjectInfo(key, size, checksum, tier, pinned, expires)
+        size, checksum, tier, pinned, expires, version = self._rpc(Op.STAT, [encode_key(key)])
+        return ObjectInfo(key, size, checksum, tier, pinned, expires, unpack_version(version))
 
     def keys(self, prefix: Key = "") -> Iterator[Key]:
         raw = prefix.encode() if isinstance(prefix, str) else bytes(prefix)

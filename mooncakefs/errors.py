@@ -41,6 +41,15 @@ class KeyExists(MooncakeError):
         self.key = key
 
 
+class NotNewer(KeyExists):
+    """``put(..., if_newer=True)`` found the key holding a value of the same or a later version."""
+
+    def __init__(self, key: bytes | str) -> None:
+        MooncakeError.__init__(self, f"key {describe_key(key)}: already holds this version or a later one "
+                               "(put with if_newer=True)")
+        self.key = key
+
+
 class InvalidKey(MooncakeError, ValueError):
     """The key is not a str or bytes of 1 to 1024 bytes."""
 
@@ -89,9 +98,19 @@ class StaleEpoch(MooncakeError):
     """The request was routed with an older placement map than the node's: reload the map and retry."""
 
 
-class Fenced(Unavailable):
+class NotServing(Unavailable):
+    """The node is up and answering, but cannot serve this request for now: try another, or later."""
+
+
+class Fenced(NotServing):
     """The node has lost touch with etcd, so it may no longer own what it holds: it refuses writes
     (reads of what it has keep working) until it hears from the cluster again."""
+
+
+class Rejoining(NotServing):
+    """The node is back in the cluster after an absence (a restart, a partition) and is checking what it
+    holds against the other nodes: until it has, what it holds may be out of date, so it serves nothing
+    under the new placement map."""
 
 
 class Moved(MooncakeError):

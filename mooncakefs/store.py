@@ -19,6 +19,7 @@ every SSD read.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import heapq
 import itertools
@@ -42,6 +43,7 @@ from mooncakefs.errors import (
     KeyExists,
     KeyNotFound,
     MooncakeError,
+    NotNewer,
     OutOfSpace,
     StoreClosed,
 )
@@ -123,6 +125,7 @@ class ObjectInfo:
     tier: str  # "dram" or "ssd": the fastest tier holding it
     pinned: bool
     expires: float | None  # unix time, or None
+    version: int = 0  # what its writer put it with
 
 
 def _flags(entry: Entry) -> int:
@@ -132,18 +135,20 @@ def _flags(entry: Entry) -> int:
 class ValueView:
     """The context manager ``Store.view`` returns: a lease on a value, shown as a read-only memoryview."""
 
-    __slots__ = ("_entry", "_key", "_store", "_view")
+    __slots__ = ("_entry", "_key", "_store", "_view", "version")
 
     def __init__(self, store: Store, key: Key) -> None:
         self._store, self._key = store, key
         self._entry: Entry | None = None
         self._view: memoryview | None = None
+        self.version = 0  # the version of the value shown (once entered)
 
     def __enter__(self) -> memoryview:
         store, key = self._store, self._key
         raw = encode_key(key)
         with store._lock:
             entry = store._find(raw, key)
+            self.version = entry.version
             if entry.dram >= 0:
                 entry.readers += 1
                 self._entry = entry
@@ -169,18 +174,32 @@ class ValueView:
             self._entry = None
 
 
+class Replace(enum.IntEnum):
+    """When a put may take the place of the value a key already holds."""
+
+    ALWAYS = 0
+    NEVER = 1  # if_absent: KeyExists instead
+    IF_OLDER = 2  # if_newer: only a value of a lower version; NotNewer instead
+
+    @staticmethod
+    def of(if_absent: bool, if_newer: bool) -> Replace:
+        if if_absent and if_newer:
+            raise ValueError("put takes if_absent or if_newer, not both")
+        return Replace.NEVER if if_absent else Replace.IF_OLDER if if_newer else Replace.ALWAYS
+
+
 class PendingPut:
     """A put whose bytes arrive later (the node fills it from a socket or a client's memcpy).
 
     ``buffer`` is where the value goes: its DRAM block (``pool_offset`` >= 0), or, when DRAM has no
     room, a private buffer written to SSD at ``Store.end_put``.  Nobody sees it until then."""
 
-    __slots__ = ("buffer", "durable", "entry", "if_absent", "key", "raw")
+    __slots__ = ("buffer", "durable", "entry", "key", "raw", "replace")
 
-    def __init__(self, raw: bytes, key: Key, entry: Entry, buffer: memoryview, if_absent: bool,
+    def __init__(self, raw: bytes, key: Key, entry: Entry, buffer: memoryview, replace: Replace,
                  durable: bool) -> None:
         self.raw, self.key, self.entry, self.buffer = raw, key, entry, buffer
-        self.if_absent, self.durable = if_absent, durable
+        self.replace, self.durable = replace, durable
 
     @property
     def pool_offset(self) -> int:
@@ -308,7 +327,7 @@ class Store(KVMapping):
             for rec in self._ssd.load(time.time()):
                 entry = Entry(rec.size)
                 entry.seg, entry.seg_off, entry.crc = rec.seg, rec.off, rec.crc
-                entry.expires = rec.expires
+                entry.expires, entry.version = rec.expires, rec.version
                 entry.pinned, entry.sticky = bool(rec.flags & PINNED), bool(rec.flags & STICKY)
                 self._index[rec.key] = entry
                 if entry.expires:
@@ -380,16 +399,21 @@ class Store(KVMapping):
         ttl: float | None = None,
         if_absent: bool = False,
         durable: bool = False,
+        version: int = 0,
+        if_newer: bool = False,
     ) -> None:
         """Store ``value`` (any C-contiguous buffer) under ``key``, atomically replacing what was there.
 
         ``pin`` keeps it in DRAM, never evicted; ``ttl`` (seconds) expires it; ``if_absent`` raises
-        KeyExists rather than replace; ``durable`` returns only once it is flushed to the SSD tier."""
-        raw, entry = self._prepare_put(key, _engine.nbytes(value), pin, ttl, durable)
-        self._put_prepared(raw, key, entry, value, if_absent, durable)
+        KeyExists rather than replace; ``durable`` returns only once it is flushed to the SSD tier.
+        ``version`` (an int below 2**126, kept with the value, on SSD too) is the writer's to choose;
+        ``if_newer`` replaces only a value of a lower version, and raises NotNewer otherwise."""
+        raw, entry = self._prepare_put(key, _engine.nbytes(value), pin, ttl, durable, version)
+        self._put_prepared(raw, key, entry, value, Replace.of(if_absent, if_newer), durable)
 
     def begin_put(self, key: Key, size: int, *, pin: bool = False, ttl: float | None = None,
-                  if_absent: bool = False, durable: bool = False) -> PendingPut:
+                  if_absent: bool = False, durable: bool = False, version: int = 0,
+                  if_newer: bool = False) -> PendingPut:
         """Reserve room for a ``size``-byte value: fill ``.buffer``, then ``end_put`` (or ``abort_put``).
 
         This is ``put`` in two halves, for callers that receive the bytes straight into place.  A value
@@ -397,17 +421,17 @@ class Store(KVMapping):
         pool's size, or STAGING_MIN if more), so puts in flight cannot take the host's memory."""
         if type(size) is not int or not 0 <= size < 1 << 48:
             raise ValueError(f"value size must be an integer from 0 to 2**48, got {size!r:.40}")
-        raw, entry = self._prepare_put(key, size, pin, ttl, durable)
+        raw, entry = self._prepare_put(key, size, pin, ttl, durable, version)
+        replace = Replace.of(if_absent, if_newer)
         with self._lock:
             self._check_open()
             if self._expiring:
                 self._reap_expired()
-            if if_absent and self._lookup(raw) is not None:
-                raise KeyExists(key)
+            self._check_replace(raw, key, entry, replace)
             entry.dram, entry.dram_off = self._alloc_dram(size)
             if entry.dram >= 0:
                 return PendingPut(raw, key, entry, self._dram.view[entry.dram_off : entry.dram_off + size],
-                                  if_absent, durable)
+                                  replace, durable)
             if entry.pinned or self._ssd is None:
                 self._put_ssd_only(raw, key, entry, b"")  # raises the OutOfSpace a put would
             budget = max(self._dram.capacity, STAGING_MIN)
@@ -422,19 +446,18 @@ class Store(KVMapping):
             except OSError as exc:
                 raise OutOfSpace(f"key {key!r:.80}: cannot stage {format_size(size)}: {exc.strerror}") from None
             self._staged += size
-        return PendingPut(raw, key, entry, buffer, if_absent, durable)
+        return PendingPut(raw, key, entry, buffer, replace, durable)
 
     def end_put(self, pending: PendingPut) -> None:
         """Publish a filled ``begin_put``: from here on readers see the new value."""
         raw, key, entry = pending.raw, pending.key, pending.entry
         with self._lock:
             if entry.dram >= 0:
-                self._publish(raw, key, entry, pending.if_absent, pending.durable, pending.buffer)
+                self._publish(raw, key, entry, pending.replace, pending.durable, pending.buffer)
                 return
             try:
                 self._check_open()
-                if pending.if_absent and self._lookup(raw) is not None:
-                    raise KeyExists(key)
+                self._check_replace(raw, key, entry, pending.replace)
                 self._put_ssd_only(raw, key, entry, pending.buffer)
             finally:
                 self._unstage(pending)
@@ -454,10 +477,10 @@ class Store(KVMapping):
             self._staged -= len(pending.buffer)
             pending.buffer = None  # type: ignore[assignment]
 
-    def _put_prepared(self, raw: bytes, key: Key, entry: Entry, value: Any, if_absent: bool,
+    def _put_prepared(self, raw: bytes, key: Key, entry: Entry, value: Any, replace: Replace,
                       durable: bool) -> None:
         with self._lock:
-            if self._put_locked(raw, key, entry, value, if_absent, durable):
+            if self._put_locked(raw, key, entry, value, replace, durable):
                 return
             self._unlocked_ops += 1
         try:
@@ -472,13 +495,17 @@ class Store(KVMapping):
                 if self._closed:
                     raise StoreClosed(f"store {self.path} was closed during put({key!r:.80})")
         with self._lock:
-            self._publish(raw, key, entry, if_absent, durable, value)
+            self._publish(raw, key, entry, replace, durable, value)
 
-    def _prepare_put(self, key: Key, size: int, pin: bool, ttl: float | None, durable: bool
+    def _prepare_put(self, key: Key, size: int, pin: bool, ttl: float | None, durable: bool, version: int
                      ) -> tuple[bytes, Entry]:
         """Check a put's arguments (no lock needed): the key's bytes and a fresh entry."""
         raw = encode_key(key)
         entry = Entry(size)
+        if version:
+            if type(version) is not int:
+                raise TypeError(f"version must be an int, got {type(version).__name__}")
+            entry.version = version  # ValueError outside 0..2**126
         if ttl is not None:
             if not ttl > 0 or math.isinf(ttl):
                 raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
@@ -489,7 +516,7 @@ class Store(KVMapping):
         entry.sticky = type(key) is InternalKey
         return raw, entry
 
-    def _put_locked(self, raw: bytes, key: Key, entry: Entry, value: Any, if_absent: bool,
+    def _put_locked(self, raw: bytes, key: Key, entry: Entry, value: Any, replace: Replace,
                     durable: bool) -> bool:
         """The part of a put done under the lock: True if that was all, False if the entry got a DRAM
         block that the caller must fill without the lock and then publish."""
@@ -497,8 +524,7 @@ class Store(KVMapping):
             raise StoreClosed(f"store {self.path} is closed")
         if self._expiring:
             self._reap_expired()
-        if if_absent and self._lookup(raw) is not None:
-            raise KeyExists(key)
+        self._check_replace(raw, key, entry, replace)
         entry.dram, entry.dram_off = self._alloc_dram(entry.size)
         if entry.dram < 0:
             self._put_ssd_only(raw, key, entry, value)
@@ -510,18 +536,32 @@ class Store(KVMapping):
         except BaseException:
             self._dram.free(entry.dram)
             raise
-        self._publish(raw, key, entry, if_absent, durable, value)
+        self._publish(raw, key, entry, replace, durable, value)
         return True
 
-    def _publish(self, raw: bytes, key: Key, entry: Entry, if_absent: bool, durable: bool, value: Any) -> None:
+    def _check_replace(self, raw: bytes, key: Key, entry: Entry, replace: Replace) -> None:
+        """Raise if the put may not take the place of the key's current value (lock held)."""
+        if replace is Replace.ALWAYS:
+            return
+        old = self._lookup(raw)
+        if old is None:
+            return
+        if replace is Replace.NEVER:
+            raise KeyExists(key)
+        if old.version >= entry.version:
+            raise NotNewer(key)
+
+    def _publish(self, raw: bytes, key: Key, entry: Entry, replace: Replace, durable: bool, value: Any) -> None:
         """Make a filled entry the key's value (lock held).  ``value`` is what it was filled from: an SSD
         copy is written from there (the caller's buffer may be aligned for O_DIRECT; the pool block
         need not be)."""
         if self._closed:
             raise StoreClosed(f"store {self.path} is closed")
-        if if_absent and self._lookup(raw) is not None:
+        try:
+            self._check_replace(raw, key, entry, replace)
+        except KeyExists:
             self._dram.free(entry.dram)
-            raise KeyExists(key)
+            raise
         if durable or (entry.sticky and self._ssd is not None):
             try:
                 self._write_to_ssd(raw, entry, memoryview(value).cast("B"))
@@ -580,7 +620,8 @@ class Store(KVMapping):
             )
         if entry.crc < 0:
             entry.crc = _engine.crc32c(data)
-        entry.seg, entry.seg_off = self._ssd.append(raw, data, entry.crc, entry.expires, _flags(entry))
+        entry.seg, entry.seg_off = self._ssd.append(raw, data, entry.crc, entry.expires, _flags(entry),
+                                                    entry.version)
 
     # -- the shared index (node mode) -------------------------------------------------------------------
 
@@ -705,7 +746,7 @@ class Store(KVMapping):
             ssd.remove_segment(seg)
             for raw, entry, data in moved:
                 entry.seg, entry.seg_off = ssd.append(raw, memoryview(data), entry.crc, entry.expires,
-                                                      _flags(entry))
+                                                      _flags(entry), entry.version)
         return True
 
     def _discard(self, raw: bytes, entry: Entry) -> None:
@@ -914,7 +955,15 @@ class Store(KVMapping):
                 tier="dram" if entry.dram >= 0 else "ssd",
                 pinned=bool(entry.pinned),
                 expires=entry.expires or None,
+                version=entry.version,
             )
+
+    def versions(self, keys: Iterable[Key]) -> list[int | None]:
+        """Each key's version (what its writer put it with), None where it is absent."""
+        raws = [encode_key(k) for k in keys]
+        with self._lock:
+            self._check_open()
+            return [None if (e := self._lookup(raw)) is None else e.version for raw in raws]
 
     def keys(self, prefix: Key = "") -> Iterator[Key]:
         """The keys present now (a snapshot), optionally only those starting with ``prefix``."""
@@ -925,12 +974,13 @@ class Store(KVMapping):
             snapshot = [k for k in self._index if k.startswith(raw) and not k.startswith(INTERNAL_PREFIX)]
         return map(decode_key, snapshot)
 
-    def raw_keys(self) -> list[bytes]:
-        """Every key present now as raw bytes, internal ones included (for cluster repair)."""
+    def raw_versions(self) -> dict[bytes, int]:
+        """Every key present now as raw bytes, internal ones included, with its version (for cluster
+        repair)."""
         with self._lock:
             self._check_open()
             self._reap_expired()
-            return list(self._index)
+            return {raw: entry.version for raw, entry in self._index.items()}
 
     def match_prefix(self, keys: Iterable[Key]) -> int:
         """How many leading keys of ``keys`` are present: the cached prefix of a KV-cache block chain."""
@@ -989,30 +1039,34 @@ class Store(KVMapping):
         ttl: float | None = None,
         if_absent: bool = False,
         durable: bool = False,
+        version: int = 0,
+        if_newer: bool = False,
     ) -> list[Any]:
         """Put many values; one result per item, in order: None, or the exception that item raised.
+        The options are ``put``'s, for every item.
 
         Consecutive small values are stored under one acquisition of the lock."""
         pairs = items.items() if isinstance(items, Mapping) else items
+        replace = Replace.of(if_absent, if_newer)
         results: list[Any] = []
         small: list[tuple[int, bytes, Key, Entry, Any]] = []  # a run waiting for the lock
         for key, value in pairs:
             results.append(None)
             try:
-                raw, entry = self._prepare_put(key, _engine.nbytes(value), pin, ttl, durable)
+                raw, entry = self._prepare_put(key, _engine.nbytes(value), pin, ttl, durable, version)
                 if entry.size < LOCKED_COPY_MAX:
                     small.append((len(results) - 1, raw, key, entry, value))
                     continue
-                self._put_run(small, results, if_absent, durable)
-                self._put_prepared(raw, key, entry, value, if_absent, durable)
+                self._put_run(small, results, replace, durable)
+                self._put_prepared(raw, key, entry, value, replace, durable)
             except StoreClosed:
                 raise
             except (MooncakeError, TypeError, ValueError) as exc:
                 results[-1] = exc
-        self._put_run(small, results, if_absent, durable)
+        self._put_run(small, results, replace, durable)
         return results
 
-    def _put_run(self, run: list[tuple[int, bytes, Key, Entry, Any]], results: list[Any], if_absent: bool,
+    def _put_run(self, run: list[tuple[int, bytes, Key, Entry, Any]], results: list[Any], replace: Replace,
                  durable: bool) -> None:
         """Store a run of small prepared values under one lock acquisition, then empty the run."""
         if not run:
@@ -1021,7 +1075,7 @@ class Store(KVMapping):
             self._check_open()
             for i, raw, key, entry, value in run:
                 try:
-                    self._put_locked(raw, key, entry, value, if_absent, durable)
+                    self._put_locked(raw, key, entry, value, replace, durable)
                 except (MooncakeError, TypeError, ValueError) as exc:
                     results[i] = exc
         run.clear()

@@ -23,7 +23,7 @@ from mooncakefs import errors
 from mooncakefs.errors import MooncakeError, ProtocolError, Unavailable
 
 MAGIC = 0x434D  # b"MC"
-VERSION = 1
+VERSION = 2  # 2: puts carry a version
 HEADER = struct.Struct("<HBBIQ")  # magic, opcode, flags, meta length, payload length
 MAX_META = 8 << 20  # a batch of 4096 keys of 1 KiB fits
 MAX_PAYLOAD = 1 << 48
@@ -39,7 +39,7 @@ class Op:
     PUT, PUT_BEGIN, PUT_END, PUT_ABORT, WRITE = 10, 11, 12, 13, 14
     GET, READ, RELEASE = 20, 21, 22
     EXISTS, REMOVE, REMOVE_PREFIX, STAT, KEYS, MATCH_PREFIX, STATS, PERSIST = 30, 31, 32, 33, 34, 35, 36, 37
-    BATCH_PUT, BATCH_GET, BATCH_EXISTS = 40, 41, 42
+    BATCH_PUT, BATCH_GET, BATCH_EXISTS, BATCH_VERSIONS = 40, 41, 42, 43
     EPOCH = 50  # a cluster client names the placement epoch it routes by; the node checks it on each request
     OK, ERROR = 100, 101
 
@@ -47,8 +47,23 @@ class Op:
 # Put flags, in the meta of PUT, PUT_BEGIN and BATCH_PUT.  In a cluster, LOCAL marks a value kept on the
 # writer's host, and the bits from REPLICAS_SHIFT up carry the replica count the client asked for: the
 # node remembers both for repair.
-PIN, IF_ABSENT, DURABLE, LOCAL = 1, 2, 4, 8
+PIN, IF_ABSENT, DURABLE, LOCAL, IF_NEWER = 1, 2, 4, 8, 16
 REPLICAS_SHIFT = 8
+
+
+def pack_version(version: int) -> bytes | None:
+    """A value's version as it travels in put meta: 16 bytes big-endian, or nil for 0."""
+    if type(version) is not int or not 0 <= version < 1 << 128:
+        raise ValueError(f"a version is an int from 0 to 2**126, got {version!r:.40}")
+    return version.to_bytes(16, "big") if version else None
+
+
+def unpack_version(data: Any) -> int:
+    if data is None:
+        return 0
+    if type(data) is not bytes or len(data) != 16:
+        raise ValueError(f"a version on the wire is 16 bytes, got {data!r:.40}")
+    return int.from_bytes(data, "big")
 
 _pack = msgpack.Packer(use_bin_type=True).pack
 
@@ -76,8 +91,8 @@ def error_from_meta(meta: Sequence[Any]) -> BaseException:
         cls = _WIRE_ERRORS.get(name, MooncakeError)
         if cls is errors.KeyNotFound:
             return errors.KeyNotFound(key, message.split(": ", 1)[-1])
-        if cls is errors.KeyExists:
-            return errors.KeyExists(key)
+        if issubclass(cls, errors.KeyExists):
+            return cls(key)
         if cls is errors.Moved:
             return errors.Moved(key)
         if cls is errors.BufferTooSmall:

@@ -25,8 +25,8 @@ The root namespace gets an "unreachable" route for the namespace's subnet, behin
 With the veth down its connected route goes away, and without that route, packets to 10.213.N.2 would
 follow the default route off the machine instead of failing at once as an unreachable host does.
 
-The last test is a strict xfail: it shows a bug found while writing this file (see its reason), and turns
-red once the bug is fixed, as a reminder to drop its marker.
+The last test overwrites a key of the cut-off node while it is out of the map: when the node comes back as
+the key's owner, it must catch up (take the newer version) before it serves the key again.
 """
 
 from __future__ import annotations
@@ -559,7 +559,7 @@ def test_a_fenced_node_refuses_every_write_with_fenced(cluster):
         ch.send(Op.EPOCH, [first.epoch])
         ch.read_reply()
         channels[name] = ch
-    meta = _pack([late_key.encode(), len(value), 0, None])
+    meta = _pack([late_key.encode(), len(value), 0, None, None])
     channels["late"].sock.sendall(HEADER.pack(MAGIC, Op.PUT, 0, len(meta), len(value)) + meta + value[:1000])
 
     cluster.net.cut()
@@ -578,18 +578,16 @@ def test_a_fenced_node_refuses_every_write_with_fenced(cluster):
 
     channels["late"].sock.sendall(value[1000:])
     outcome("late")
-    channels["after"].send(Op.PUT, [after_key.encode(), len(value), 0, None], value)
+    channels["after"].send(Op.PUT, [after_key.encode(), len(value), 0, None, None], value)
     outcome("after")
     for ch in channels.values():
         ch.close()
     assert not problems, problems
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mooncakefs bug: values carry no version, so a rejoining node keeps its pre-partition copy; first owner "
-    "again, it shadows the overwrite the others acknowledged meanwhile, and their repair then deletes the "
-    "newer value (fix: per-put versions that repair compares)"))
 def test_an_overwrite_acknowledged_during_the_partition_survives_the_rejoin(cluster):
+    """The rejoining node holds the key's old value in an older version: it never serves it, and repair
+    never lets it win over the overwrite."""
     import mooncakefs
 
     iso = cluster.iso

@@ -17,6 +17,7 @@ from node_helpers import EtcdCluster, NodeProcess, scrape_metrics
 
 import mooncakefs
 from mooncakefs.cluster.client import NodeLink
+from mooncakefs.cluster.placement import PlacementMap
 from mooncakefs.errors import KeyNotFound, StaleEpoch, Unavailable
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
@@ -239,6 +240,9 @@ def test_a_restarted_node_rejoins_with_its_ssd_data(make_cluster):
     ident = cluster.ident(node)
     mine = [k for k in values if store.map.owners(k.encode())[0] == ident]
     assert mine
+    with mooncakefs.connect(node.tcp_url, timeout=5) as direct:
+        versions = direct.versions(mine)
+    assert all(v and v >> 63 == store.map.epoch for v in versions)  # the writer's epoch, then its clock
     node.kill()
     cluster.wait_members(2)
     node.start()
@@ -247,10 +251,34 @@ def test_a_restarted_node_rejoins_with_its_ssd_data(make_cluster):
         assert store.get(k) == v  # the restarted node serves what it had on SSD
     for k in mine:
         assert ident in cluster.holders(k)
+    with mooncakefs.connect(node.tcp_url, timeout=5) as direct:
+        assert direct.versions(mine) == versions  # kept on SSD: nothing had to be fetched again
     fresh = [f"new{i}" for i in range(40)]
     for k in fresh:
         store.put(k, b"n")
     assert any(ident in cluster.holders(k) for k in fresh), "the restarted node takes new writes"
+
+
+def test_repair_never_lets_an_older_copy_replace_a_newer_one(make_cluster, tmp_path):
+    """A node holding an out-of-date copy of a key it does not own (what a node cut off, or a repair
+    push that lost a race, leaves behind) hands it to the key's new owner: the newer copy must win."""
+    cluster = make_cluster(2)
+    store = cluster.client()
+    late = NodeProcess(tmp_path, name="late", dram="32MiB", extra=cluster.nodes[0].extra)
+    late.data.mkdir(parents=True)
+    (late.data / "node-id").write_text("latecomer\n")
+    now = store.map
+    after = PlacementMap.compute(now.epoch + 1, {**now.nodes, "latecomer": {}}, groups=now.groups, width=now.width)
+    key = next(k for k in (f"contested/{i}" for i in range(10_000)) if after.owners(k.encode())[0] == "latecomer")
+    store.put(key, b"newer", replicas=1)
+    owner = now.owners(key.encode())[0]
+    other = next(n for n in cluster.nodes if cluster.ident(n) != owner)
+    with mooncakefs.connect(other.tcp_url, timeout=5) as direct:  # names no epoch: the node takes it
+        direct.put(key, b"older", version=1)
+    cluster.nodes.append(late.start())
+    cluster.wait_members(3)
+    assert wait_until(lambda: cluster.holders(key) == {"latecomer"}, timeout=20), cluster.holders(key)
+    assert store.get(key) == b"newer"
 
 
 def test_requests_under_a_stale_epoch_are_refused_and_clients_catch_up(make_cluster, tmp_path):

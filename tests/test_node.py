@@ -514,7 +514,7 @@ ch.send(Op.AUTH, [wire.VERSION, None]); ch.read_reply()
 ch.send(Op.GET, [b"held", 0]); (size, lease, off), _ = ch.read_reply()
 assert lease and size == 4 << 20, (size, lease)
 # a put reserved, half written, and a WRITE frame cut in the middle of its payload
-ch.send(Op.PUT_BEGIN, [b"inflight", 8 << 20, 0, None]); (put_id, pool_offset), _ = ch.read_reply()
+ch.send(Op.PUT_BEGIN, [b"inflight", 8 << 20, 0, None, None]); (put_id, pool_offset), _ = ch.read_reply()
 ch.send(Op.WRITE, [put_id, 0], b"a" * (1 << 20)); ch.read_reply()
 meta = wire._pack([put_id, 1 << 20])
 sock.sendall(HEADER.pack(MAGIC, Op.WRITE, 0, len(meta), 1 << 20) + meta + b"b" * (300 << 10))
@@ -683,18 +683,41 @@ def test_second_node_on_same_socket_or_data_is_refused(node_factory, tmp_path):
         assert s.get("still") == b"here"
 
 
+@pytest.mark.parametrize("size", [16, 2 * MiB])  # in the request; through the pool or the engine
+@pytest.mark.parametrize("via", ["unix_url", "tcp_url"])
+def test_versions_travel_with_puts(node_factory, via, size):
+    """A put's version and if_newer reach the node's store on every path, and NotNewer comes back."""
+    node = node_factory(dram="64MiB")
+    big = 1 << 100
+    with mooncakefs.connect(getattr(node, via), timeout=5) as client:
+        client.put("k", b"a" * size, version=big)
+        assert client.versions(["k", "missing"]) == [big, None]
+        assert client.stat("k").size == size and client.stat("k").version == big
+        with pytest.raises(mooncakefs.NotNewer):
+            client.put("k", b"b" * size, version=big, if_newer=True)
+        client.put("k", b"c" * size, version=big + 1, if_newer=True)
+        assert client.get("k") == b"c" * size and client.versions(["k"]) == [big + 1]
+        results = client.batch_put([("k", b"d"), ("other", b"e")], version=big, if_newer=True)
+        assert isinstance(results[0], mooncakefs.NotNewer) and results[1] is None
+        assert client.versions(["other", "k"]) == [big, big + 1]
+        with pytest.raises(ValueError):
+            client.put("k", b"x", version=-1)
+        with pytest.raises(TypeError):
+            client.batch_put([("k", b"x")], nonsense=True)
+
+
 # ------------------------------------------------------------------------------- 6. protocol fuzzing
 
 FUZZ_OPS = [Op.PING, Op.MAP, Op.PUT, Op.PUT_BEGIN, Op.PUT_END, Op.PUT_ABORT, Op.WRITE, Op.GET, Op.READ,
             Op.RELEASE, Op.EXISTS, Op.REMOVE, Op.REMOVE_PREFIX, Op.STAT, Op.KEYS, Op.MATCH_PREFIX, Op.STATS,
-            Op.PERSIST, Op.BATCH_PUT, Op.BATCH_GET, Op.BATCH_EXISTS]
+            Op.PERSIST, Op.BATCH_PUT, Op.BATCH_GET, Op.BATCH_EXISTS, Op.BATCH_VERSIONS]
 TEMPLATES = {  # a well-formed meta for each request
-    Op.PING: [], Op.MAP: [], Op.PUT: [b"fz/k", 4, 0, None], Op.PUT_BEGIN: [b"fz/k", 64, 0, None],
+    Op.PING: [], Op.MAP: [], Op.PUT: [b"fz/k", 4, 0, None, None], Op.PUT_BEGIN: [b"fz/k", 64, 0, None, None],
     Op.PUT_END: [1], Op.PUT_ABORT: [1], Op.WRITE: [1, 0], Op.GET: [b"fz/k", 1024], Op.READ: [1, 0, 4],
     Op.RELEASE: [1], Op.EXISTS: [b"fz/k"], Op.REMOVE: [b"fz/k"], Op.REMOVE_PREFIX: [b"fz/"],
     Op.STAT: [b"fz/k"], Op.KEYS: [b"fz/"], Op.MATCH_PREFIX: [[b"fz/k"]], Op.STATS: [], Op.PERSIST: [[b"fz/k"]],
-    Op.BATCH_PUT: [[b"fz/a", b"fz/b"], [2, 2], 0, None], Op.BATCH_GET: [[b"fz/a"], [1024]],
-    Op.BATCH_EXISTS: [[b"fz/a"]],
+    Op.BATCH_PUT: [[b"fz/a", b"fz/b"], [2, 2], 0, None, None], Op.BATCH_GET: [[b"fz/a"], [1024]],
+    Op.BATCH_EXISTS: [[b"fz/a"]], Op.BATCH_VERSIONS: [[b"fz/a"]],
 }
 REF_PREFIX = b"ref/"
 
@@ -852,7 +875,7 @@ class _Fuzzer:
         self.frames += 1
 
     def truncated_and_huge(self) -> None:
-        meta = msgpack.packb([b"fz/t", 1 << 20, 0, None])
+        meta = msgpack.packb([b"fz/t", 1 << 20, 0, None, None])
         cases = [
             _frame(Op.PUT, meta)[:10],  # header cut short
             _frame(Op.PUT, meta)[:HEADER.size + 5],  # meta cut short
@@ -898,7 +921,7 @@ class _Fuzzer:
         ch.send(Op.READ, [lease, size - 10, 10])
         _meta, n = ch.read_reply()
         assert n == 10 and len(ch.read_payload(n)) == 10
-        ch.send(Op.PUT_BEGIN, [b"fz/pending", 4096, 0, None])
+        ch.send(Op.PUT_BEGIN, [b"fz/pending", 4096, 0, None, None])
         (put_id, _off), _ = ch.read_reply()
         bad_writes = [([put_id, -1], b"x"), ([put_id, 4096], b"x"), ([put_id, 4000], b"x" * 200),
                       ([put_id, 2**63], b""), ([put_id, 0.0], b"x"), ([put_id ^ 1, 0], b"x"),
@@ -969,12 +992,14 @@ def test_unexpected_exceptions_are_not_logged_as_crashes(node_factory):
     """Malformed requests get an ERROR reply, not an unhandled exception that drops the connection."""
     node = node_factory(dram="16MiB", ssd="32MiB")
     ch = raw_channel(node.unix_url)
-    odd = [(Op.PUT_BEGIN, [b"fz/x", 1.5, 0, None]),
-           (Op.PUT_BEGIN, [b"fz/x", 10, 0, math.inf]), (Op.PUT_BEGIN, [b"fz/x", 10, 0, "soon"]),
-           (Op.PUT_BEGIN, [b"fz/x", 10, 1.5, None]), (Op.PUT_BEGIN, [b"fz/x", 10, 0, {"a": 1}]),
+    odd = [(Op.PUT_BEGIN, [b"fz/x", 1.5, 0, None, None]),
+           (Op.PUT_BEGIN, [b"fz/x", 10, 0, math.inf, None]), (Op.PUT_BEGIN, [b"fz/x", 10, 0, "soon", None]),
+           (Op.PUT_BEGIN, [b"fz/x", 10, 1.5, None, None]), (Op.PUT_BEGIN, [b"fz/x", 10, 0, {"a": 1}, None]),
+           (Op.PUT_BEGIN, [b"fz/x", 10, 0, None, b"\x01"]), (Op.PUT_BEGIN, [b"fz/x", 10, 0, None, 7]),
+           (Op.PUT_BEGIN, [b"fz/x", 10, 0, None, b"\xff" * 16]), (Op.BATCH_VERSIONS, [[b"a", 3]]),
            (Op.GET, [b"fz/x", "big"]), (Op.GET, [{"k": 1}, 0]), (Op.GET, [[b"k"], 0]),
            (Op.STAT, [12]), (Op.EXISTS, [None]), (Op.MATCH_PREFIX, [[None, 3]]),
-           (Op.BATCH_GET, [[b"a", b"b"], ["x", None]]), (Op.BATCH_PUT, [[b"a"], [1.0], 0, None]),
+           (Op.BATCH_GET, [[b"a", b"b"], ["x", None]]), (Op.BATCH_PUT, [[b"a"], [1.0], 0, None, None]),
            (Op.BATCH_EXISTS, [[{}]]), (Op.PERSIST, [[[]]]), (Op.PERSIST, [7]), (Op.KEYS, ["str"])]
     for op, meta in odd:
         ch.send(op, meta)
@@ -995,7 +1020,7 @@ def test_put_begin_with_a_fractional_size_leaks_no_dram(node_factory):
         before = s.stats()["dram"]["used"]
         ch = raw_channel(node.unix_url)
         for size in (4_000_000.5, 1.5, 100.0):
-            ch.send(Op.PUT_BEGIN, [b"frac", size, 0, None])
+            ch.send(Op.PUT_BEGIN, [b"frac", size, 0, None, None])
             with pytest.raises((TypeError, ValueError)):
                 ch.read_reply()
         ch.close()
@@ -1010,7 +1035,7 @@ def test_put_larger_than_every_tier_is_refused_up_front(node_factory):
     node = node_factory(dram="16MiB", ssd="32MiB")
     ch = raw_channel(node.unix_url)
     for size in (1 << 30, 8 << 30, 2**47):
-        ch.send(Op.PUT_BEGIN, [b"too-big", size, 0, None])
+        ch.send(Op.PUT_BEGIN, [b"too-big", size, 0, None, None])
         with pytest.raises(OutOfSpace):
             ch.read_reply()
     ch.close()
@@ -1027,7 +1052,7 @@ def test_sigterm_exits_cleanly_and_removes_the_socket(node_factory):
     s = mooncakefs.connect(node.unix_url, timeout=3)
     s.put("k", rand_bytes(1 * MiB, "k"), durable=True)
     holder = raw_channel(node.tcp_url)
-    holder.send(Op.PUT_BEGIN, [b"unfinished", 1 * MiB, 0, None])
+    holder.send(Op.PUT_BEGIN, [b"unfinished", 1 * MiB, 0, None, None])
     holder.read_reply()
     with s.view("k") as mv:  # a lease is out while the node stops
         start = time.monotonic()

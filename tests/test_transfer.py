@@ -191,7 +191,7 @@ def test_engine_directly_over_tcp(node):
         ctl = raw_channel(node.tcp_url)
         try:
             value = rand_bytes(5 * MiB, "direct")
-            ctl.send(Op.PUT_BEGIN, [b"direct", len(value), 0, None])
+            ctl.send(Op.PUT_BEGIN, [b"direct", len(value), 0, None, None])
             (put_id, pool_offset), _ = ctl.read_reply()
             assert pool_offset == -1  # a TCP peer never sees pool offsets
             half = len(value) // 2

@@ -11,9 +11,16 @@ fence itself when cut off, and repair what the map says it should share.
 - **Fencing.**  A node whose lease etcd has not confirmed for ``2/3 ttl`` refuses writes (``Fenced``):
   by the time the controller could give its groups to others (the lease's ttl), it has stopped
   acknowledging.  Reads of what it holds go on, so with etcd down the cluster still serves.
-- **Repair.**  After each map change the node walks its keys: a key whose first R owners lack it is
-  pushed to them (R is the count its writer asked for), and a key the node no longer owns is removed
-  once its owners have it.  A pass that fails is retried.
+- **Versions.**  Every value carries the version its writer gave it: the map's epoch, then the writer's
+  clock.  Where two copies of a key differ, the higher version is the one to keep.
+- **Rejoining.**  A node that comes back after an absence (a restart, a partition long enough to
+  lose its lease) may hold values that were overwritten while it was away.  So a map that takes it
+  back under a new membership stint is not served at once: the node first asks every other node which
+  of its keys they hold in a newer version, and fetches those.  Until then it answers ``Rejoining``.
+- **Repair.**  After each map change the node walks its keys: a key whose first R owners lack it, or
+  hold an older version, is pushed to them (R is the count its writer asked for; a push never replaces
+  a newer version), and a key the node no longer owns is removed once its owners hold it.  A pass
+  that fails is retried.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from typing import Any
 from mooncakefs.cluster.client import NodeLink
 from mooncakefs.cluster.membership import Membership, cluster_prefix, nodes_prefix
 from mooncakefs.cluster.placement import DEFAULT_GROUPS, DEFAULT_WIDTH, PlacementMap, pointer_key
-from mooncakefs.errors import Fenced, KeyNotFound, MooncakeError, StaleEpoch
+from mooncakefs.errors import Fenced, KeyNotFound, MooncakeError, NotNewer, Rejoining, StaleEpoch, Unavailable
 from mooncakefs.store import Store, wire_key
 
 log = logging.getLogger("mooncakefs.cluster")
@@ -54,8 +61,10 @@ class NodeAgent:
         prefix = cluster_prefix(cluster)
         self.nodes_prefix = nodes_prefix(cluster)
         self.controller_key, self.map_key = prefix + "controller", prefix + "placement"
-        self.map: PlacementMap | None = None
-        self._map_revision = 0  # etcd's mod revision of the map we hold: it is fetched again only when it moves
+        self.map: PlacementMap | None = None  # the map this node serves by
+        self._map_revision = 0  # etcd's mod revision of the newest map read: it is fetched again only when it moves
+        self._joining: PlacementMap | None = None  # a newer map that takes this node back, served once caught up
+        self._stint: int | None = None  # this node's membership stint in the map it serves by
         self.is_controller = False
         self.replicas: dict[bytes, int] = {}  # raw key -> replicas its writer asked for
         self.local: set[bytes] = set()  # raw keys put with placement="local": they stay here
@@ -65,6 +74,7 @@ class NodeAgent:
         self._repair_due = threading.Event()
         self._threads: list[threading.Thread] = []
         self.repairs = 0  # values pushed to another node by repair
+        self.pulls = 0  # newer values fetched from another node on rejoining
         self.repair_passes = 0
 
     # -- lifecycle --------------------------------------------------------------------------------------
@@ -104,8 +114,22 @@ class NodeAgent:
     def fenced(self) -> bool:
         return time.monotonic() - self.member.confirmed > self.ttl * 2 / 3
 
+    @property
+    def rejoining(self) -> bool:
+        return self._joining is not None
+
+    @property
+    def latest(self) -> PlacementMap | None:
+        """The newest map read: the one being joined, else the one served."""
+        return self._joining or self.map
+
     def check(self, epoch: int, write: bool) -> None:
-        """Refuse a request routed by another epoch, or a write while cut off from etcd."""
+        """Refuse a request routed by another epoch, or a write while cut off from etcd, or anything
+        routed by a map this node is still catching up to."""
+        joining = self._joining
+        if joining is not None and epoch >= joining.epoch:
+            raise Rejoining(f"node {self.ident} is back in the cluster and checking what it holds against the "
+                            "other nodes: retry shortly")
         if epoch != self.epoch:
             raise StaleEpoch(f"node {self.ident} is at placement epoch {self.epoch}, the request at {epoch}: "
                              "reload the placement map")
@@ -115,7 +139,8 @@ class NodeAgent:
 
     def catch_up(self, epoch: int) -> None:
         """A client has seen a newer map than ours: read it now rather than at the next poll."""
-        if epoch > self.epoch:
+        latest = self.latest
+        if latest is None or epoch > latest.epoch:
             with contextlib.suppress(Exception):
                 self._read_map()
 
@@ -177,10 +202,25 @@ class NodeAgent:
             self._adopt(PlacementMap.from_json(value), meta.mod_revision)
 
     def _adopt(self, new: PlacementMap, revision: int) -> None:
+        """Serve by a newer map; or, if it takes this node back under a new stint, catch up first."""
         with self._map_lock:
-            if self.map is not None and new.epoch <= self.map.epoch:
+            latest = self.latest
+            if latest is not None and new.epoch <= latest.epoch:
                 return
-            self.map, self._map_revision = new, revision
+            self._map_revision = revision
+            mine = new.nodes.get(self.ident)
+            if mine is not None and mine.get("stint") != self._stint and len(self.store):
+                self._joining = new
+                log.info("rejoining", extra={"epoch": new.epoch})
+                self._repair_due.set()  # the repair thread catches up (_rejoin), then serves it
+                return
+            self._joining = None
+            self._serve(new)
+
+    def _serve(self, new: PlacementMap) -> None:
+        self.map = new
+        if (mine := new.nodes.get(self.ident)) is not None:
+            self._stint = mine.get("stint")
         log.info("placement", extra={"epoch": new.epoch, "nodes": len(new.nodes)})
         for link in self._links.values():
             link.epoch = new.epoch
@@ -191,7 +231,7 @@ class NodeAgent:
         for value, _meta in self.etcd.get_prefix(self.nodes_prefix):
             record = json.loads(value)
             nodes[record["id"]] = record
-        current = self.map
+        current = self.latest
         if current is not None and current.nodes == nodes:
             return
         epoch = current.epoch + 1 if current is not None else 1
@@ -221,21 +261,71 @@ class NodeAgent:
             if self._stop.is_set():
                 return
             self._repair_due.clear()
-            pmap = self.map
-            if pmap is None or self.ident not in pmap.nodes:
-                continue  # a map from before this node (re)joined: it would hand everything away
             try:
+                if self._joining is not None:
+                    self._rejoin(self._joining)
+                    if self._joining is not None:
+                        continue  # a newer map came meanwhile
+                pmap = self.map
+                if pmap is None or self.ident not in pmap.nodes:
+                    continue  # a map from before this node (re)joined: it would hand everything away
                 self.repair(pmap)
             except (MooncakeError, OSError) as exc:
-                log.warning("repair incomplete, retrying", extra={"epoch": pmap.epoch, "why": str(exc)[:200]})
+                log.warning("repair incomplete, retrying", extra={"why": str(exc)[:200]})
                 self._stop.wait(REPAIR_RETRY_S)
                 self._repair_due.set()
 
+    def _rejoin(self, pmap: PlacementMap) -> None:
+        """Catch up before serving a map that takes this node back: any key another node of ``pmap``
+        holds in a newer version than ours is fetched from it.  Nodes that cannot be reached are
+        skipped (they catch up in turn when they come back)."""
+        held = self.store.raw_versions()
+        raws = list(held)
+        for node in sorted(pmap.nodes):
+            if node == self.ident or not raws:
+                continue
+            try:
+                # No epoch named: the other node answers even if it is catching up itself.
+                with NodeLink(pmap.nodes[node], epoch=None, secret=self.secret, timeout=max(2.0, self.ttl / 2)) as link:
+                    for i in range(0, len(raws), REPAIR_BATCH):
+                        chunk = raws[i : i + REPAIR_BATCH]
+                        for raw, theirs in zip(chunk, link.versions(map(wire_key, chunk)), strict=True):
+                            if theirs is not None and theirs > held[raw]:
+                                held[raw] = self._pull(link, raw, theirs)
+            except Unavailable as exc:
+                log.warning("rejoining without a node", extra={"node": node, "why": str(exc)[:200]})
+        with self._map_lock:
+            if self._joining is not pmap:
+                self._repair_due.set()  # a newer map came meanwhile: catch up to it in turn
+                return
+            self._joining = None
+            self._serve(pmap)
+
+    def _pull(self, link: NodeLink, raw: bytes, version: int) -> int:
+        """Replace our copy of a key with another node's newer one; the version we now hold."""
+        key = wire_key(raw)
+        try:
+            self.store.put(key, link.get(key), version=version, if_newer=True)
+        except NotNewer:
+            pass  # a newer value arrived here meanwhile
+        except KeyNotFound:
+            return version  # removed there meanwhile: ours stays, the other nodes' repair settles it
+        except MooncakeError as exc:  # no room for the newer value: ours must not be served instead
+            if isinstance(exc, Unavailable):
+                raise
+            log.warning("dropping an out-of-date value", extra={"key": repr(raw)[:100], "why": str(exc)[:200]})
+            self.store.remove(key)
+            self.forget(raw)
+            return version
+        self.pulls += 1
+        return version
+
     def repair(self, pmap: PlacementMap) -> None:
         """Give each key this node holds its R owners under ``pmap``; drop the ones it no longer owns."""
+        held = self.store.raw_versions()
         wanted: dict[str, list[bytes]] = defaultdict(list)
         leaving: list[bytes] = []
-        for raw in self.store.raw_keys():
+        for raw in held:
             if raw in self.local:
                 continue
             owners = pmap.owners(raw)[: self.replicas.get(raw, 1)]
@@ -244,31 +334,35 @@ class NodeAgent:
                     wanted[node].append(raw)
             if self.ident not in owners:
                 leaving.append(raw)
-        placed: set[bytes] = set()
-        missing_somewhere: set[bytes] = set()
+        checked: set[bytes] = set()
+        behind: set[bytes] = set()  # an owner may still lack these: not ours to drop yet
         for node, raws in wanted.items():
             if self.map is not pmap:
                 raise StaleEpoch("the map changed during repair")
             link = self._link(node, pmap)
             for i in range(0, len(raws), REPAIR_BATCH):
                 chunk = raws[i : i + REPAIR_BATCH]
-                for raw, present in zip(chunk, link.batch_exists(map(wire_key, chunk)), strict=True):
-                    if not present and not self._push(link, raw):
-                        missing_somewhere.add(raw)
-                    placed.add(raw)
+                for raw, theirs in zip(chunk, link.versions(map(wire_key, chunk)), strict=True):
+                    if (theirs is None or theirs < held[raw]) and not self._push(link, raw):
+                        behind.add(raw)
+                    checked.add(raw)
         for raw in leaving:
-            if raw in placed and raw not in missing_somewhere and self.map is pmap:
+            if raw in checked and raw not in behind and self.map is pmap:
                 self.store.remove(wire_key(raw))
                 self.forget(raw)
         self.repair_passes += 1
 
     def _push(self, link: NodeLink, raw: bytes) -> bool:
-        """Copy one value to another node; False if it went away here meanwhile."""
+        """Copy one value to another node unless it holds a newer one; False if it went away here."""
+        key = wire_key(raw)
         try:
-            with self.store.view(wire_key(raw)) as data:
-                link.put(wire_key(raw), data, replicas=self.replicas.get(raw, 1))
+            view = self.store.view(key)
+            with view as data:
+                link.put(key, data, replicas=self.replicas.get(raw, 1), version=view.version, if_newer=True)
         except KeyNotFound:
             return False
+        except NotNewer:
+            return True
         self.repairs += 1
         return True
 

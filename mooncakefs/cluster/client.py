@@ -33,9 +33,11 @@ DOWN_S = 1.0  # a node that failed is tried last for this long
 
 
 class NodeLink(RemoteStore):
-    """A client of one cluster node that names its placement epoch on each connection."""
+    """A client of one cluster node that names its placement epoch on each connection (or, with
+    ``epoch=None``, names none: its requests are served whatever the node's map)."""
 
-    def __init__(self, record: dict[str, Any], *, epoch: int, prefer_unix: bool = False, **options: Any) -> None:
+    def __init__(self, record: dict[str, Any], *, epoch: int | None, prefer_unix: bool = False,
+                 **options: Any) -> None:
         self.node: str = record["id"]
         self.epoch = epoch
         if prefer_unix and record.get("unix"):
@@ -70,6 +72,8 @@ class NodeLink(RemoteStore):
         return ch, reused
 
     def _announce(self, ch: Channel) -> None:
+        if self.epoch is None:
+            return
         ch.send(Op.EPOCH, [self.epoch])
         ch.read_reply()
         ch.epoch = self.epoch
@@ -110,6 +114,7 @@ class ClusterStore(KVMapping):
         self._link_options = {"secret": secret, "timeout": timeout, **link_options}
         self._links: dict[str, NodeLink] = {}
         self._down: dict[str, float] = {}
+        self._stamp = 0  # the last version's clock part
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mooncakefs-replica")
         self.host = host_id()
@@ -218,14 +223,25 @@ class ClusterStore(KVMapping):
 
         def attempt(pmap: PlacementMap) -> None:
             owners = self._owners(pmap, raw, replicas)
+            version = self._version(pmap)
             if placement == "local":
                 here = self._local_node(pmap)
-                self._call(here, pmap, lambda link: link.put(key, view, local=True, **options))
-                self._on_all(pmap, owners, lambda link: link.put(pointer_key(raw), here.encode(), replicas=replicas))
+                self._call(here, pmap, lambda link: link.put(key, view, local=True, version=version, **options))
+                self._on_all(pmap, owners, lambda link: link.put(pointer_key(raw), here.encode(), replicas=replicas,
+                                                                 version=version))
             else:
-                self._on_all(pmap, owners, lambda link: link.put(key, view, replicas=replicas, **options))
+                self._on_all(pmap, owners, lambda link: link.put(key, view, replicas=replicas, version=version,
+                                                                 **options))
 
         self._retrying(attempt)
+
+    def _version(self, pmap: PlacementMap) -> int:
+        """A new value's version: the map's epoch, then this client's clock (never repeating).  Repair
+        keeps the higher version where copies differ, so a value written under a later map wins over one
+        a node kept from before it was cut off, whatever the clocks say."""
+        with self._lock:
+            self._stamp = max(time.time_ns(), self._stamp + 1)
+            return pmap.epoch << 63 | self._stamp
 
     def _check_replicas(self, replicas: int) -> None:
         width = self.map.width
@@ -288,8 +304,9 @@ class ClusterStore(KVMapping):
                 results[i] = exc
         retry: set[int] = set()
         flags = placement_flags(replicas, False)
+        version = self._version(pmap)
         answers = self._per_node(pmap, by_node, lambda link, where: link.batch_put(
-            [pairs[i] for i in where], cluster_flags=flags, **options))
+            [pairs[i] for i in where], cluster_flags=flags, version=version, **options))
         for node, where in by_node.items():
             out = answers[node]
             if isinstance(out, BaseException):

@@ -1,9 +1,10 @@
 """Membership: each node registers itself in etcd under a lease and keeps the lease alive.
 
 A node's record lives at ``/mooncakefs/<cluster>/nodes/<node id>`` (JSON: endpoints, tier
-capacities, start time).  It is written once per (re)grant of the lease, never per object: the only
-steady etcd load of a node is one lease refresh every ``ttl / 3`` seconds.  A node that stops cleanly
-deletes its record and revokes its lease; one that dies disappears when the lease expires.
+capacities, start time, and ``stint``: its lease's id, which changes every time it joins again).  It is
+written once per (re)grant of the lease, never per object: the only steady etcd load of a node is one
+lease refresh every ``ttl / 3`` seconds.  A node that stops cleanly deletes its record and revokes its
+lease; one that dies disappears when the lease expires.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class Membership:
     def _register(self) -> None:
         sent = time.monotonic()
         self._lease = self._client.lease(self.ttl)
+        self.record["stint"] = self._lease.id  # a new one each time the node (re)joins: see NodeAgent._adopt
         self._client.put(self.key, json.dumps(self.record), lease=self._lease)
         self.confirmed = sent
         log.info("registered", extra={"key": self.key, "ttl": self.ttl})

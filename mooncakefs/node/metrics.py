@@ -72,6 +72,10 @@ class NodeCollector(Collector):
             yield CounterMetricFamily("mooncakefs_repair_pushed", "Values copied to other nodes by repair",
                                       value=agent.repairs)
             yield CounterMetricFamily("mooncakefs_repair_passes", "Completed repair passes", value=agent.repair_passes)
+            yield GaugeMetricFamily("mooncakefs_cluster_rejoining", "1 while catching up after an absence",
+                                    value=int(agent.rejoining))
+            yield CounterMetricFamily("mooncakefs_rejoin_pulled", "Newer values fetched from other nodes on rejoining",
+                                      value=agent.pulls)
 
 
 def serve_metrics(node: Node, host: str, port: int) -> tuple[str, int]:

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 from mooncakefs import _engine
 from mooncakefs.errors import (
     AuthenticationError,
-    Fenced,
     KeyNotFound,
     MooncakeError,
     Moved,
+    NotServing,
     ProtocolError,
     Unavailable,
 )
@@ -39,6 +39,7 @@ from mooncakefs.store import PendingPut, Store, ValueView, wire_key
 from mooncakefs.wire import (
     DURABLE,
     IF_ABSENT,
+    IF_NEWER,
     LOCAL,
     MAX_BATCH,
     PIN,
@@ -48,6 +49,8 @@ from mooncakefs.wire import (
     Op,
     auth_proof,
     error_meta,
+    pack_version,
+    unpack_version,
 )
 
 if TYPE_CHECKING:
@@ -57,7 +60,8 @@ log = logging.getLogger("mooncakefs.node")
 
 # In a cluster, requests on a connection that named a placement epoch are checked against the node's.
 WRITE_OPS = frozenset({Op.PUT, Op.PUT_BEGIN, Op.PUT_END, Op.BATCH_PUT, Op.REMOVE, Op.REMOVE_PREFIX, Op.PERSIST})
-EPOCH_OPS = WRITE_OPS | {Op.GET, Op.BATCH_GET, Op.EXISTS, Op.BATCH_EXISTS, Op.STAT, Op.MATCH_PREFIX}
+EPOCH_OPS = WRITE_OPS | {Op.GET, Op.BATCH_GET, Op.EXISTS, Op.BATCH_EXISTS, Op.BATCH_VERSIONS, Op.STAT,
+                         Op.MATCH_PREFIX}
 
 BATCH_STAGE_MAX = 4 << 20  # a batched put this small is received whole, then stored under one lock
 HEARTBEAT_S = 0.5  # readers of the shared index give up on a node silent for 2 s
@@ -65,9 +69,10 @@ INDEX_OBJECT_GUESS = 4096  # the shared index has two slots per this many bytes 
 ACCEPT_BACKLOG = 128
 
 
-def put_options(flags: int, ttl: Any) -> dict[str, Any]:
+def put_options(flags: int, ttl: Any, version: Any) -> dict[str, Any]:
+    """The store's put options from a put's meta."""
     return {"pin": bool(flags & PIN), "if_absent": bool(flags & IF_ABSENT), "durable": bool(flags & DURABLE),
-            "ttl": ttl}
+            "if_newer": bool(flags & IF_NEWER), "ttl": ttl, "version": unpack_version(version)}
 
 
 class Session:
@@ -126,6 +131,7 @@ class Node:
             Op.STAT: self._stat, Op.KEYS: self._keys, Op.MATCH_PREFIX: self._match_prefix,
             Op.STATS: self._stats, Op.PERSIST: self._persist,
             Op.BATCH_PUT: self._batch_put, Op.BATCH_GET: self._batch_get, Op.BATCH_EXISTS: self._batch_exists,
+            Op.BATCH_VERSIONS: self._batch_versions,
             Op.EPOCH: self._epoch,
         }
         self._op_names = {v: k.lower() for k, v in vars(Op).items() if isinstance(v, int)}
@@ -295,8 +301,8 @@ class Node:
                     self.cluster.check(session.epoch, op in WRITE_OPS)  # type: ignore[union-attr]
                 handler(session, meta, payload_len)
             except (MooncakeError, ValueError, TypeError, KeyError, IndexError) as exc:
-                if isinstance(exc, ProtocolError) or (isinstance(exc, Unavailable) and not isinstance(exc, Fenced)):
-                    raise  # the connection itself failed; a fenced node answers, and stays connected
+                if isinstance(exc, ProtocolError) or (isinstance(exc, Unavailable) and not isinstance(exc, NotServing)):
+                    raise  # the connection itself failed; a node refusing to serve answers, and stays connected
                 self.errors[type(exc).__name__] += 1
                 ch.skip_payload()
                 if op != Op.RELEASE:
@@ -348,10 +354,10 @@ class Node:
             self.cluster.check(session.epoch, write=True)  # type: ignore[union-attr]
 
     def _put(self, session: Session, meta: list[Any], payload_len: int) -> None:
-        key, size, flags, ttl = meta
+        key, size, flags, ttl, version = meta
         if size != payload_len:
             raise ValueError(f"put declares {size} bytes but carries {payload_len}")
-        self._receive_put(session, self.store.begin_put(wire_key(key), size, **put_options(flags, ttl)))
+        self._receive_put(session, self.store.begin_put(wire_key(key), size, **put_options(flags, ttl, version)))
         self._placed(key, flags)
         self._ok(session)
 
@@ -361,8 +367,8 @@ class Node:
             self.cluster.note_put(key, flags >> REPLICAS_SHIFT, bool(flags & LOCAL))
 
     def _put_begin(self, session: Session, meta: list[Any], _n: int) -> None:
-        key, size, flags, ttl = meta
-        pending = self.store.begin_put(wire_key(key), size, **put_options(flags, ttl))
+        key, size, flags, ttl, version = meta
+        pending = self.store.begin_put(wire_key(key), size, **put_options(flags, ttl, version))
         self._placed(key, flags)
         put_id = secrets.randbits(63)
         self._pending[put_id] = (pending, session)
@@ -479,7 +485,7 @@ class Node:
     def _stat(self, session: Session, meta: list[Any], _n: int) -> None:
         (key,) = meta
         info = self.store.stat(wire_key(key))
-        self._ok(session, [info.size, info.checksum, info.tier, info.pinned, info.expires])
+        self._ok(session, [info.size, info.checksum, info.tier, info.pinned, info.expires, pack_version(info.version)])
 
     def _keys(self, session: Session, meta: list[Any], _n: int) -> None:
         (prefix,) = meta
@@ -500,11 +506,11 @@ class Node:
         self._ok(session, [self.store.persist(None if keys is None else [wire_key(k) for k in _batch(keys)])])
 
     def _batch_put(self, session: Session, meta: list[Any], payload_len: int) -> None:
-        keys, sizes, flags, ttl = meta
+        keys, sizes, flags, ttl, version = meta
         keys, sizes = _batch(keys), _batch(sizes)
         if len(keys) != len(sizes) or any(type(s) is not int or s < 0 for s in sizes) or sum(sizes) != payload_len:
             raise ValueError("batch put: keys, sizes and payload do not agree")
-        options = put_options(flags, ttl)
+        options = put_options(flags, ttl, version)
         ch = session.channel
         results: list[Any] = []
         if payload_len <= BATCH_STAGE_MAX:  # small values: stage them, then one trip through the store lock
@@ -565,6 +571,11 @@ class Node:
         (keys,) = meta
         present = self.store.batch_exists([wire_key(k) for k in _batch(keys)])
         self._ok(session, [[self._found(k, p) for k, p in zip(keys, present, strict=True)]])
+
+    def _batch_versions(self, session: Session, meta: list[Any], _n: int) -> None:
+        (keys,) = meta
+        versions = self.store.versions([wire_key(k) for k in _batch(keys)])
+        self._ok(session, [[False if v is None else pack_version(v) for v in versions]])  # False: absent
 
     def _epoch(self, session: Session, meta: list[Any], _n: int) -> None:
         (epoch,) = meta

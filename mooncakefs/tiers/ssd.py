@@ -1,8 +1,8 @@
 """The SSD tier: values packed into large append-only segment files, indexed in SQLite.
 
 Layout under the tier's directory: ``seg-00000001.dat``, ``seg-00000002.dat``, ... each holding raw value
-bytes at 512-byte aligned offsets.  The index (key -> segment, offset, size, CRC-32C, expiry, pin) is a
-SQLite table beside them, so a restart reads one table instead of scanning segments.  A value is
+bytes at 512-byte aligned offsets.  The index (key -> segment, offset, size, CRC-32C, expiry, pin,
+version) is a SQLite table beside them, so a restart reads one table instead of scanning segments.  A value is
 written to its segment before its index row is committed, so after any crash a row points at complete
 bytes; bytes with no row are garbage that reclamation removes with their segment.
 
@@ -36,10 +36,14 @@ CREATE TABLE IF NOT EXISTS objects (
     size INTEGER NOT NULL,
     crc INTEGER NOT NULL,
     expires REAL NOT NULL DEFAULT 0,
-    flags INTEGER NOT NULL DEFAULT 0
+    flags INTEGER NOT NULL DEFAULT 0,
+    version_hi INTEGER NOT NULL DEFAULT 0,
+    version_lo INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS objects_by_seg ON objects(seg);
 """
+# Columns added since the first release: an older index gains them (their default) when opened.
+_ADDED_COLUMNS = {"version_hi": "INTEGER NOT NULL DEFAULT 0", "version_lo": "INTEGER NOT NULL DEFAULT 0"}
 
 
 def _fsync_path(path: Path) -> None:
@@ -54,6 +58,9 @@ def _close(seg: Segment) -> None:
     os.close(seg.fd)
     if seg.direct_fd >= 0:
         os.close(seg.direct_fd)
+
+
+_LOW_63 = (1 << 63) - 1  # a version is stored as two halves that each fit SQLite's signed 64-bit INTEGER
 
 
 def aligned(n: int) -> int:
@@ -87,6 +94,7 @@ class Record:
     crc: int
     expires: float
     flags: int
+    version: int
 
 
 class SsdTier:
@@ -110,6 +118,10 @@ class SsdTier:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(_SCHEMA)
+            have = {row[1] for row in self.db.execute("PRAGMA table_info(objects)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE objects ADD COLUMN {column} {kind}")
         except sqlite3.DatabaseError as exc:
             self.db.close()
             raise MooncakeError(
@@ -134,15 +146,16 @@ class SsdTier:
                 self.segments[seg_id] = Segment(seg_id, path, fd, size=os.fstat(fd).st_size, dir_synced=True)
                 self._next_id = max(self._next_id, seg_id + 1)
         records, stale = [], []
-        for key, seg_id, off, size, crc, expires, flags in self.db.execute(
-            "SELECT key, seg, off, size, crc, expires, flags FROM objects"
+        for key, seg_id, off, size, crc, expires, flags, version_hi, version_lo in self.db.execute(
+            "SELECT key, seg, off, size, crc, expires, flags, version_hi, version_lo FROM objects"
         ):
             seg = self.segments.get(seg_id)
             if seg is None or off + size > max(seg.size, off) or (expires and expires <= now):
                 stale.append((key,))
                 continue
             seg.live += aligned(size)
-            records.append(Record(bytes(key), seg_id, off, size, crc, expires, flags))
+            version = version_hi << 63 | version_lo
+            records.append(Record(bytes(key), seg_id, off, size, crc, expires, flags, version))
         self.db.execute("BEGIN")
         self.db.executemany("DELETE FROM objects WHERE key = ?", stale)
         self.db.execute("COMMIT")
@@ -162,7 +175,8 @@ class SsdTier:
     def fits(self, size: int) -> bool:
         return self.used + aligned(size) <= self.capacity
 
-    def append(self, key: bytes, data: memoryview, crc: int, expires: float, flags: int) -> tuple[int, int]:
+    def append(self, key: bytes, data: memoryview, crc: int, expires: float, flags: int,
+               version: int = 0) -> tuple[int, int]:
         """Write one value and index it (uncommitted); returns (segment id, offset).  The caller checked
         ``fits``.  A value larger than a segment gets a segment of its own.  Large page-aligned values
         bypass the page cache (O_DIRECT): filling fresh page-cache pages is slow, and they would only
@@ -192,9 +206,9 @@ class SsdTier:
         self.used += aligned(size)
         self._begin()
         self.db.execute(
-            "INSERT OR REPLACE INTO objects (key, seg, off, size, crc, expires, flags) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (key, seg.id, off, size, crc, expires, flags),
+            "INSERT OR REPLACE INTO objects (key, seg, off, size, crc, expires, flags, version_hi, version_lo) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, seg.id, off, size, crc, expires, flags, version >> 63, version & _LOW_63),
         )
         return seg.id, off
 
