@@ -57,6 +57,7 @@ cdef class Entry:
     cdef public long long crc
     cdef public unsigned long long version_hi
     cdef public unsigned long long version_lo
+    cdef public unsigned int tag
     cdef public double expires
     cdef public int readers
     cdef public int hits

@@ -246,11 +246,11 @@ class Entry:
     """Same fields as the Cython entry."""
 
     __slots__ = ("crc", "dead", "dram", "dram_off", "expires", "hits", "pinned", "readers", "seen", "seg",
-                 "seg_off", "size", "sticky", "version")
+                 "seg_off", "size", "sticky", "tag", "version")
 
     def __init__(self, size: int = 0) -> None:
         self.size = size
-        self.version = 0
+        self.version = self.tag = 0
         self.dram = self.dram_off = self.seg = self.seg_off = self.crc = -1
         self.expires = 0.0
         self.readers = self.hits = self.seen = 0

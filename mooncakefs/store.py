@@ -327,7 +327,7 @@ class Store(KVMapping):
             for rec in self._ssd.load(time.time()):
                 entry = Entry(rec.size)
                 entry.seg, entry.seg_off, entry.crc = rec.seg, rec.off, rec.crc
-                entry.expires, entry.version = rec.expires, rec.version
+                entry.expires, entry.version, entry.tag = rec.expires, rec.version, rec.tag
                 entry.pinned, entry.sticky = bool(rec.flags & PINNED), bool(rec.flags & STICKY)
                 self._index[rec.key] = entry
                 if entry.expires:
@@ -401,19 +401,21 @@ class Store(KVMapping):
         durable: bool = False,
         version: int = 0,
         if_newer: bool = False,
+        tag: int = 0,
     ) -> None:
         """Store ``value`` (any C-contiguous buffer) under ``key``, atomically replacing what was there.
 
         ``pin`` keeps it in DRAM, never evicted; ``ttl`` (seconds) expires it; ``if_absent`` raises
         KeyExists rather than replace; ``durable`` returns only once it is flushed to the SSD tier.
-        ``version`` (an int below 2**126, kept with the value, on SSD too) is the writer's to choose;
+        ``version`` (an int below 2**126) and ``tag`` (a 32-bit int) are kept with the value, on SSD
+        too, for the writer's own use (a cluster node keeps the value's version and placement there);
         ``if_newer`` replaces only a value of a lower version, and raises NotNewer otherwise."""
-        raw, entry = self._prepare_put(key, _engine.nbytes(value), pin, ttl, durable, version)
+        raw, entry = self._prepare_put(key, _engine.nbytes(value), pin, ttl, durable, version, tag)
         self._put_prepared(raw, key, entry, value, Replace.of(if_absent, if_newer), durable)
 
     def begin_put(self, key: Key, size: int, *, pin: bool = False, ttl: float | None = None,
                   if_absent: bool = False, durable: bool = False, version: int = 0,
-                  if_newer: bool = False) -> PendingPut:
+                  if_newer: bool = False, tag: int = 0) -> PendingPut:
         """Reserve room for a ``size``-byte value: fill ``.buffer``, then ``end_put`` (or ``abort_put``).
 
         This is ``put`` in two halves, for callers that receive the bytes straight into place.  A value
@@ -421,7 +423,7 @@ class Store(KVMapping):
         pool's size, or STAGING_MIN if more), so puts in flight cannot take the host's memory."""
         if type(size) is not int or not 0 <= size < 1 << 48:
             raise ValueError(f"value size must be an integer from 0 to 2**48, got {size!r:.40}")
-        raw, entry = self._prepare_put(key, size, pin, ttl, durable, version)
+        raw, entry = self._prepare_put(key, size, pin, ttl, durable, version, tag)
         replace = Replace.of(if_absent, if_newer)
         with self._lock:
             self._check_open()
@@ -497,8 +499,8 @@ class Store(KVMapping):
         with self._lock:
             self._publish(raw, key, entry, replace, durable, value)
 
-    def _prepare_put(self, key: Key, size: int, pin: bool, ttl: float | None, durable: bool, version: int
-                     ) -> tuple[bytes, Entry]:
+    def _prepare_put(self, key: Key, size: int, pin: bool, ttl: float | None, durable: bool, version: int,
+                     tag: int) -> tuple[bytes, Entry]:
         """Check a put's arguments (no lock needed): the key's bytes and a fresh entry."""
         raw = encode_key(key)
         entry = Entry(size)
@@ -506,6 +508,10 @@ class Store(KVMapping):
             if type(version) is not int:
                 raise TypeError(f"version must be an int, got {type(version).__name__}")
             entry.version = version  # ValueError outside 0..2**126
+        if tag:
+            if type(tag) is not int or not 0 <= tag < 1 << 32:
+                raise ValueError(f"tag must be an int from 0 to 2**32, got {tag!r:.40}")
+            entry.tag = tag
         if ttl is not None:
             if not ttl > 0 or math.isinf(ttl):
                 raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
@@ -621,7 +627,7 @@ class Store(KVMapping):
         if entry.crc < 0:
             entry.crc = _engine.crc32c(data)
         entry.seg, entry.seg_off = self._ssd.append(raw, data, entry.crc, entry.expires, _flags(entry),
-                                                    entry.version)
+                                                    entry.version, entry.tag)
 
     # -- the shared index (node mode) -------------------------------------------------------------------
 
@@ -746,7 +752,7 @@ class Store(KVMapping):
             ssd.remove_segment(seg)
             for raw, entry, data in moved:
                 entry.seg, entry.seg_off = ssd.append(raw, memoryview(data), entry.crc, entry.expires,
-                                                      _flags(entry), entry.version)
+                                                      _flags(entry), entry.version, entry.tag)
         return True
 
     def _discard(self, raw: bytes, entry: Entry) -> None:
@@ -974,13 +980,13 @@ class Store(KVMapping):
             snapshot = [k for k in self._index if k.startswith(raw) and not k.startswith(INTERNAL_PREFIX)]
         return map(decode_key, snapshot)
 
-    def raw_versions(self) -> dict[bytes, int]:
-        """Every key present now as raw bytes, internal ones included, with its version (for cluster
-        repair)."""
+    def raw_index(self) -> dict[bytes, tuple[int, int]]:
+        """Every key present now as raw bytes, internal ones included, with its (version, tag): what
+        cluster repair works from."""
         with self._lock:
             self._check_open()
             self._reap_expired()
-            return {raw: entry.version for raw, entry in self._index.items()}
+            return {raw: (entry.version, entry.tag) for raw, entry in self._index.items()}
 
     def match_prefix(self, keys: Iterable[Key]) -> int:
         """How many leading keys of ``keys`` are present: the cached prefix of a KV-cache block chain."""
@@ -1041,6 +1047,7 @@ class Store(KVMapping):
         durable: bool = False,
         version: int = 0,
         if_newer: bool = False,
+        tag: int = 0,
     ) -> list[Any]:
         """Put many values; one result per item, in order: None, or the exception that item raised.
         The options are ``put``'s, for every item.
@@ -1053,7 +1060,7 @@ class Store(KVMapping):
         for key, value in pairs:
             results.append(None)
             try:
-                raw, entry = self._prepare_put(key, _engine.nbytes(value), pin, ttl, durable, version)
+                raw, entry = self._prepare_put(key, _engine.nbytes(value), pin, ttl, durable, version, tag)
                 if entry.size < LOCKED_COPY_MAX:
                     small.append((len(results) - 1, raw, key, entry, value))
                     continue

@@ -46,9 +46,10 @@ class Op:
 
 # Put flags, in the meta of PUT, PUT_BEGIN and BATCH_PUT.  In a cluster, LOCAL marks a value kept on the
 # writer's host, and the bits from REPLICAS_SHIFT up carry the replica count the client asked for: the
-# node remembers both for repair.
+# node keeps both with the value (its tag), on SSD too, for repair.
 PIN, IF_ABSENT, DURABLE, LOCAL, IF_NEWER = 1, 2, 4, 8, 16
 REPLICAS_SHIFT = 8
+PLACEMENT_FLAGS = LOCAL | ~((1 << REPLICAS_SHIFT) - 1)  # what a node keeps with the value (its tag)
 
 
 def pack_version(version: int) -> bytes | None:

@@ -240,6 +240,9 @@ def test_a_restarted_node_rejoins_with_its_ssd_data(make_cluster):
     ident = cluster.ident(node)
     mine = [k for k in values if store.map.owners(k.encode())[0] == ident]
     assert mine
+    seconds = [f"r2/{i}" for i in range(200) if store.map.owners(f"r2/{i}".encode())[1] == ident][:5]
+    for k in seconds:  # this node is their second replica
+        store.put(k, b"two copies", replicas=2, durable=True)
     with mooncakefs.connect(node.tcp_url, timeout=5) as direct:
         versions = direct.versions(mine)
     assert all(v and v >> 63 == store.map.epoch for v in versions)  # the writer's epoch, then its clock
@@ -253,6 +256,9 @@ def test_a_restarted_node_rejoins_with_its_ssd_data(make_cluster):
         assert ident in cluster.holders(k)
     with mooncakefs.connect(node.tcp_url, timeout=5) as direct:
         assert direct.versions(mine) == versions  # kept on SSD: nothing had to be fetched again
+    time.sleep(2)  # its repair passes have run: the replica count, kept on SSD too, says to keep them
+    for k in seconds:
+        assert cluster.holders(k) == set(store.map.owners(k.encode())[:2]), k
     fresh = [f"new{i}" for i in range(40)]
     for k in fresh:
         store.put(k, b"n")

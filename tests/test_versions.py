@@ -1,6 +1,7 @@
-"""Value versions: every put may carry one (the cluster's is its map epoch, then the writer's clock); it is
-kept with the value, on SSD across restarts, and ``if_newer`` puts replace only older versions.  Cluster
-repair relies on all of it (see test_cluster_netns.py for the partition it settles)."""
+"""Value versions and tags: every put may carry them, and they are kept with the value, on SSD across
+restarts.  A cluster node keeps there each value's version (the map's epoch, then the writer's clock) and
+how it was placed (its replica count); ``if_newer`` puts replace only older versions.  Cluster repair
+relies on all of it (see test_cluster_netns.py for the partition it settles)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,13 @@ def test_bad_versions_are_refused(store, bad, error):
     assert not store.exists("k")
 
 
+@pytest.mark.parametrize("bad", [-1, 1 << 32, 2.0])
+def test_bad_tags_are_refused(store, bad):
+    with pytest.raises(ValueError, match="tag"):
+        store.put("k", b"v", tag=bad)
+    assert not store.exists("k")
+
+
 def test_if_absent_and_if_newer_together_are_refused(store):
     with pytest.raises(ValueError, match="not both"):
         store.put("k", b"v", if_absent=True, if_newer=True)
@@ -78,14 +86,16 @@ def test_if_absent_and_if_newer_together_are_refused(store):
 def test_versions_survive_a_restart_on_ssd(store_factory, tmp_path):
     path = tmp_path / "persist"
     store = store_factory(path, dram="4MiB", ssd="64MiB", segment_size="4MiB")
-    store.put("durable", b"d", version=BIG + 1, durable=True)
-    store.put("demoted", b"x" * (1 << 20), version=BIG + 2)
+    store.put("durable", b"d", version=BIG + 1, durable=True, tag=0xFFFF_FFFF)
+    store.put("demoted", b"x" * (1 << 20), version=BIG + 2, tag=2 << 8)
     for i in range(8):  # push "demoted" out of DRAM onto SSD
         store.put(f"filler/{i}", b"f" * (1 << 20))
     assert store.stat("demoted").tier == "ssd"
     store.close()
     store = store_factory(path, dram="4MiB", ssd="64MiB", segment_size="4MiB")
     assert store.versions(["durable", "demoted"]) == [BIG + 1, BIG + 2]
+    index = store.raw_index()
+    assert index[b"durable"] == (BIG + 1, 0xFFFF_FFFF) and index[b"demoted"] == (BIG + 2, 2 << 8)
     assert store.get("demoted") == b"x" * (1 << 20)
 
 
@@ -96,14 +106,14 @@ def test_an_index_from_before_versions_is_upgraded(store_factory, tmp_path):
     store.put("kept", b"value", durable=True)
     store.close()
     db = sqlite3.connect(path / "index.sqlite")
-    db.execute("ALTER TABLE objects DROP COLUMN version_hi")
-    db.execute("ALTER TABLE objects DROP COLUMN version_lo")
+    for column in ("version_hi", "version_lo", "tag"):
+        db.execute(f"ALTER TABLE objects DROP COLUMN {column}")
     db.commit()
     db.close()
     store = store_factory(path, dram="4MiB", ssd="64MiB", segment_size="4MiB")
-    assert store.get("kept") == b"value" and store.versions(["kept"]) == [0]
-    store.put("new", b"n", version=3, durable=True)
-    assert store.versions(["new"]) == [3]
+    assert store.get("kept") == b"value" and store.raw_index()[b"kept"] == (0, 0)
+    store.put("new", b"n", version=3, durable=True, tag=5)
+    assert store.raw_index()[b"new"] == (3, 5)
 
 
 def test_not_newer_is_exported():

@@ -38,6 +38,7 @@ from mooncakefs.cluster.membership import Membership, cluster_prefix, nodes_pref
 from mooncakefs.cluster.placement import DEFAULT_GROUPS, DEFAULT_WIDTH, PlacementMap, pointer_key
 from mooncakefs.errors import Fenced, KeyNotFound, MooncakeError, NotNewer, Rejoining, StaleEpoch, Unavailable
 from mooncakefs.store import Store, wire_key
+from mooncakefs.wire import LOCAL, REPLICAS_SHIFT
 
 log = logging.getLogger("mooncakefs.cluster")
 
@@ -66,8 +67,6 @@ class NodeAgent:
         self._joining: PlacementMap | None = None  # a newer map that takes this node back, served once caught up
         self._stint: int | None = None  # this node's membership stint in the map it serves by
         self.is_controller = False
-        self.replicas: dict[bytes, int] = {}  # raw key -> replicas its writer asked for
-        self.local: set[bytes] = set()  # raw keys put with placement="local": they stay here
         self._links: dict[str, NodeLink] = {}
         self._map_lock = threading.Lock()
         self._stop = threading.Event()
@@ -143,16 +142,6 @@ class NodeAgent:
         if latest is None or epoch > latest.epoch:
             with contextlib.suppress(Exception):
                 self._read_map()
-
-    def note_put(self, raw: bytes, replicas: int, local: bool) -> None:
-        if local:
-            self.local.add(raw)
-        elif replicas:
-            self.replicas[raw] = replicas
-
-    def forget(self, raw: bytes) -> None:
-        self.replicas.pop(raw, None)
-        self.local.discard(raw)
 
     def pointer(self, raw: bytes) -> str | None:
         """The node holding a value put elsewhere with placement="local", if this node was told."""
@@ -279,7 +268,7 @@ class NodeAgent:
         """Catch up before serving a map that takes this node back: any key another node of ``pmap``
         holds in a newer version than ours is fetched from it.  Nodes that cannot be reached are
         skipped (they catch up in turn when they come back)."""
-        held = self.store.raw_versions()
+        held = self.store.raw_index()
         raws = list(held)
         for node in sorted(pmap.nodes):
             if node == self.ident or not raws:
@@ -290,8 +279,10 @@ class NodeAgent:
                     for i in range(0, len(raws), REPAIR_BATCH):
                         chunk = raws[i : i + REPAIR_BATCH]
                         for raw, theirs in zip(chunk, link.versions(map(wire_key, chunk)), strict=True):
-                            if theirs is not None and theirs > held[raw]:
-                                held[raw] = self._pull(link, raw, theirs)
+                            version, tag = held[raw]
+                            if theirs is not None and theirs > version:
+                                self._pull(link, raw, theirs, tag)
+                                held[raw] = theirs, tag
             except Unavailable as exc:
                 log.warning("rejoining without a node", extra={"node": node, "why": str(exc)[:200]})
         with self._map_lock:
@@ -301,34 +292,30 @@ class NodeAgent:
             self._joining = None
             self._serve(pmap)
 
-    def _pull(self, link: NodeLink, raw: bytes, version: int) -> int:
-        """Replace our copy of a key with another node's newer one; the version we now hold."""
+    def _pull(self, link: NodeLink, raw: bytes, version: int, tag: int) -> None:
+        """Replace our copy of a key with another node's newer one (placed as ours was)."""
         key = wire_key(raw)
         try:
-            self.store.put(key, link.get(key), version=version, if_newer=True)
-        except NotNewer:
-            pass  # a newer value arrived here meanwhile
-        except KeyNotFound:
-            return version  # removed there meanwhile: ours stays, the other nodes' repair settles it
+            self.store.put(key, link.get(key), version=version, if_newer=True, tag=tag)
+        except (NotNewer, KeyNotFound):
+            return  # a newer value arrived here, or it was removed there, meanwhile: repair settles it
         except MooncakeError as exc:  # no room for the newer value: ours must not be served instead
             if isinstance(exc, Unavailable):
                 raise
             log.warning("dropping an out-of-date value", extra={"key": repr(raw)[:100], "why": str(exc)[:200]})
             self.store.remove(key)
-            self.forget(raw)
-            return version
+            return
         self.pulls += 1
-        return version
 
     def repair(self, pmap: PlacementMap) -> None:
         """Give each key this node holds its R owners under ``pmap``; drop the ones it no longer owns."""
-        held = self.store.raw_versions()
+        held = self.store.raw_index()
         wanted: dict[str, list[bytes]] = defaultdict(list)
         leaving: list[bytes] = []
-        for raw in held:
-            if raw in self.local:
-                continue
-            owners = pmap.owners(raw)[: self.replicas.get(raw, 1)]
+        for raw, (_version, tag) in held.items():
+            if tag & LOCAL:
+                continue  # placement="local": it lives and dies with this host
+            owners = pmap.owners(raw)[: tag >> REPLICAS_SHIFT or 1]
             for node in owners:
                 if node != self.ident:
                     wanted[node].append(raw)
@@ -343,22 +330,22 @@ class NodeAgent:
             for i in range(0, len(raws), REPAIR_BATCH):
                 chunk = raws[i : i + REPAIR_BATCH]
                 for raw, theirs in zip(chunk, link.versions(map(wire_key, chunk)), strict=True):
-                    if (theirs is None or theirs < held[raw]) and not self._push(link, raw):
+                    if (theirs is None or theirs < held[raw][0]) and not self._push(link, raw, held[raw][1]):
                         behind.add(raw)
                     checked.add(raw)
         for raw in leaving:
             if raw in checked and raw not in behind and self.map is pmap:
                 self.store.remove(wire_key(raw))
-                self.forget(raw)
         self.repair_passes += 1
 
-    def _push(self, link: NodeLink, raw: bytes) -> bool:
-        """Copy one value to another node unless it holds a newer one; False if it went away here."""
+    def _push(self, link: NodeLink, raw: bytes, tag: int) -> bool:
+        """Copy one value (placed as ``tag`` says) to another node unless it holds a newer one; False
+        if it went away here."""
         key = wire_key(raw)
         try:
             view = self.store.view(key)
             with view as data:
-                link.put(key, data, replicas=self.replicas.get(raw, 1), version=view.version, if_newer=True)
+                link.put(key, data, cluster_flags=tag, version=view.version, if_newer=True)
         except KeyNotFound:
             return False
         except NotNewer:

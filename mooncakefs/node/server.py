@@ -40,10 +40,9 @@ from mooncakefs.wire import (
     DURABLE,
     IF_ABSENT,
     IF_NEWER,
-    LOCAL,
     MAX_BATCH,
     PIN,
-    REPLICAS_SHIFT,
+    PLACEMENT_FLAGS,
     VERSION,
     Channel,
     Op,
@@ -70,9 +69,13 @@ ACCEPT_BACKLOG = 128
 
 
 def put_options(flags: int, ttl: Any, version: Any) -> dict[str, Any]:
-    """The store's put options from a put's meta."""
+    """The store's put options from a put's meta.  The flags that say how a cluster client placed the
+    value (LOCAL, the replica count) are kept with it as its tag, for repair."""
+    if type(flags) is not int or not 0 <= flags < 1 << 32:
+        raise ValueError(f"put flags must be a 32-bit int, got {flags!r:.40}")
     return {"pin": bool(flags & PIN), "if_absent": bool(flags & IF_ABSENT), "durable": bool(flags & DURABLE),
-            "if_newer": bool(flags & IF_NEWER), "ttl": ttl, "version": unpack_version(version)}
+            "if_newer": bool(flags & IF_NEWER), "ttl": ttl, "version": unpack_version(version),
+            "tag": flags & PLACEMENT_FLAGS}
 
 
 class Session:
@@ -358,18 +361,11 @@ class Node:
         if size != payload_len:
             raise ValueError(f"put declares {size} bytes but carries {payload_len}")
         self._receive_put(session, self.store.begin_put(wire_key(key), size, **put_options(flags, ttl, version)))
-        self._placed(key, flags)
         self._ok(session)
-
-    def _placed(self, key: bytes, flags: int) -> None:
-        """Remember how a cluster client placed a key: repair keeps that many copies."""
-        if self.cluster is not None:
-            self.cluster.note_put(key, flags >> REPLICAS_SHIFT, bool(flags & LOCAL))
 
     def _put_begin(self, session: Session, meta: list[Any], _n: int) -> None:
         key, size, flags, ttl, version = meta
         pending = self.store.begin_put(wire_key(key), size, **put_options(flags, ttl, version))
-        self._placed(key, flags)
         put_id = secrets.randbits(63)
         self._pending[put_id] = (pending, session)
         session.pending.add(put_id)
@@ -472,8 +468,6 @@ class Node:
 
     def _remove(self, session: Session, meta: list[Any], _n: int) -> None:
         (key,) = meta
-        if self.cluster is not None and type(key) is bytes:
-            self.cluster.forget(key)
         self._ok(session, [self.store.remove(wire_key(key))])
 
     def _remove_prefix(self, session: Session, meta: list[Any], _n: int) -> None:
@@ -539,9 +533,6 @@ class Node:
                     if isinstance(exc, Unavailable | ProtocolError):
                         raise
                     results.append(exc)
-        for key, r in zip(keys, results, strict=True):
-            if r is None:
-                self._placed(key, flags)
         self._ok(session, [[None if r is None else error_meta(r) for r in results]])
 
     def _batch_get(self, session: Session, meta: list[Any], _n: int) -> None:

@@ -2,9 +2,9 @@
 
 Layout under the tier's directory: ``seg-00000001.dat``, ``seg-00000002.dat``, ... each holding raw value
 bytes at 512-byte aligned offsets.  The index (key -> segment, offset, size, CRC-32C, expiry, pin,
-version) is a SQLite table beside them, so a restart reads one table instead of scanning segments.  A value is
-written to its segment before its index row is committed, so after any crash a row points at complete
-bytes; bytes with no row are garbage that reclamation removes with their segment.
+version, tag) is a SQLite table beside them, so a restart reads one table instead of scanning
+segments.  A value is written to its segment before its index row is committed, so after any crash a
+row points at complete bytes; bytes with no row are garbage that reclamation removes with their segment.
 
 Space comes back a whole segment at a time: when a segment's last live value goes, its file is
 deleted; when the tier is full, the store empties the segment with the fewest live bytes (relocating
@@ -38,12 +38,13 @@ CREATE TABLE IF NOT EXISTS objects (
     expires REAL NOT NULL DEFAULT 0,
     flags INTEGER NOT NULL DEFAULT 0,
     version_hi INTEGER NOT NULL DEFAULT 0,
-    version_lo INTEGER NOT NULL DEFAULT 0
+    version_lo INTEGER NOT NULL DEFAULT 0,
+    tag INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS objects_by_seg ON objects(seg);
 """
 # Columns added since the first release: an older index gains them (their default) when opened.
-_ADDED_COLUMNS = {"version_hi": "INTEGER NOT NULL DEFAULT 0", "version_lo": "INTEGER NOT NULL DEFAULT 0"}
+_ADDED_COLUMNS = {column: "INTEGER NOT NULL DEFAULT 0" for column in ("version_hi", "version_lo", "tag")}
 
 
 def _fsync_path(path: Path) -> None:
@@ -95,6 +96,7 @@ class Record:
     expires: float
     flags: int
     version: int
+    tag: int
 
 
 class SsdTier:
@@ -146,8 +148,8 @@ class SsdTier:
                 self.segments[seg_id] = Segment(seg_id, path, fd, size=os.fstat(fd).st_size, dir_synced=True)
                 self._next_id = max(self._next_id, seg_id + 1)
         records, stale = [], []
-        for key, seg_id, off, size, crc, expires, flags, version_hi, version_lo in self.db.execute(
-            "SELECT key, seg, off, size, crc, expires, flags, version_hi, version_lo FROM objects"
+        for key, seg_id, off, size, crc, expires, flags, version_hi, version_lo, tag in self.db.execute(
+            "SELECT key, seg, off, size, crc, expires, flags, version_hi, version_lo, tag FROM objects"
         ):
             seg = self.segments.get(seg_id)
             if seg is None or off + size > max(seg.size, off) or (expires and expires <= now):
@@ -155,7 +157,7 @@ class SsdTier:
                 continue
             seg.live += aligned(size)
             version = version_hi << 63 | version_lo
-            records.append(Record(bytes(key), seg_id, off, size, crc, expires, flags, version))
+            records.append(Record(bytes(key), seg_id, off, size, crc, expires, flags, version, tag))
         self.db.execute("BEGIN")
         self.db.executemany("DELETE FROM objects WHERE key = ?", stale)
         self.db.execute("COMMIT")
@@ -176,7 +178,7 @@ class SsdTier:
         return self.used + aligned(size) <= self.capacity
 
     def append(self, key: bytes, data: memoryview, crc: int, expires: float, flags: int,
-               version: int = 0) -> tuple[int, int]:
+               version: int = 0, tag: int = 0) -> tuple[int, int]:
         """Write one value and index it (uncommitted); returns (segment id, offset).  The caller checked
         ``fits``.  A value larger than a segment gets a segment of its own.  Large page-aligned values
         bypass the page cache (O_DIRECT): filling fresh page-cache pages is slow, and they would only
@@ -206,9 +208,9 @@ class SsdTier:
         self.used += aligned(size)
         self._begin()
         self.db.execute(
-            "INSERT OR REPLACE INTO objects (key, seg, off, size, crc, expires, flags, version_hi, version_lo) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (key, seg.id, off, size, crc, expires, flags, version >> 63, version & _LOW_63),
+            "INSERT OR REPLACE INTO objects (key, seg, off, size, crc, expires, flags, version_hi, version_lo, tag) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, seg.id, off, size, crc, expires, flags, version >> 63, version & _LOW_63, tag),
         )
         return seg.id, off
 
