@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """What a mooncakefs cluster costs and delivers, all in one run: aggregate throughput, repair after a node
-loss, and the load the cluster puts on etcd.
+loss, how long a restarted node takes to rejoin, and the load the cluster puts on etcd.
 
 The benchmark starts its own single-member etcd (on /dev/shm, free loopback ports) and ``--nodes`` node
 processes (``python -m mooncakefs.cli node --etcd ... --cluster ... --lease-ttl 3``, DRAM + SSD tier,
-no metrics endpoint, no prefault), waits until the controller has published a placement map naming
-every node, and then measures:
+no metrics endpoint, no prefault; the rejoin phase restarts one with a metrics endpoint), waits until the
+controller has published a placement map naming every node, and then measures:
 
 1. **Throughput.**  ``--clients`` client processes (multiprocessing, spawned), each with its own
    ``mooncakefs.connect("etcd://...")`` and its own keys, run the same op at the same time; the row is
@@ -28,9 +28,25 @@ every node, and then measures:
    lease expiry plus the controller's reaction) and copying (new map -> repaired, which includes the
    nodes picking up the map).
 3. **etcd load.**  etcd's own Prometheus counters (``grpc_server_handled_total``: one per gRPC request,
-   by service and method; bytes sent to clients) are read at the start and end of three windows: the
-   cluster at rest (``--idle-seconds``), the throughput phase (the cluster under load), and each repair.
+   by service and method; bytes sent to clients) are read at the start and end of each window: the
+   cluster at rest (``--idle-seconds``), the throughput phase (the cluster under load), the rejoin phase,
+   and each repair.
    Also the size of the placement map value in etcd.
+4. **Rejoin.**  A node that comes back with data catches up before it serves the new map: it asks every
+   other node for the versions of all the keys it holds (512 a request) and fetches newer ones.  One
+   node that is not the controller is made to hold K small keys (``--rejoin-keys``: 4 KiB values, put
+   with replicas=1 and durable=True, their keys chosen so that it is their owner), then it is SIGKILLed
+   and restarted on the same data dir, with a metrics endpoint and JSON logs (``--rejoin-restart``:
+   after the map has dropped it, or at once), ``--rejoin-reps`` times per K.  Reported: process start
+   -> its ready line (store opened, registered), -> a map naming it in etcd, -> serving that map (its
+   metrics say ``mooncakefs_cluster_rejoining`` 0 and the map's epoch), and the catch-up itself (its log:
+   "rejoining" -> "placement" of that epoch); keys x other nodes / catch-up = versions checked per
+   second; ``mooncakefs_rejoin_pulled`` (0 expected: nothing changed while it was away).  A first row,
+   before any of these keys are put, is the same restart without a catch-up.  The nodes' SSD is raised
+   to hold the keys if ``--ssd`` is too small.
+
+``--phases`` picks the phases (the at-rest etcd window always runs); they run in the order throughput,
+rejoin, repair.
 
 Method, for small noisy VMs: buffers are allocated and written before timing and reused; each row runs
 one untimed warm-up pass over its keys (which also checks what it reads), then ``--reps`` repetitions of
@@ -44,6 +60,7 @@ Examples::
 
     python tools/bench/cluster_bench.py
     python tools/bench/cluster_bench.py --nodes 12 --value-size 4MiB --seconds 2 --json bench-results/c.json
+    python tools/bench/cluster_bench.py --phases rejoin --rejoin-keys 20000,100000 --idle-seconds 2
 """
 
 from __future__ import annotations
@@ -88,6 +105,10 @@ WORKER_TIMEOUT = 300.0  # one request to a client process (a warm-up of a slow r
 STOP_TIMEOUT = 15.0
 REPAIR_REPLICAS = 2
 ETCD_POLL_S = 0.02
+PHASES = ("throughput", "rejoin", "repair")
+REJOIN_TIMEOUT = 120.0  # one restart: kill -> (map without it) -> serving again
+REJOIN_POLL_S = 0.1  # etcd, the log; metrics every other poll until the map names it (a scrape counts objects)
+REJOIN_BATCH = 2048  # keys per batch_put while filling the node
 
 
 def _die_with_parent() -> None:
@@ -113,6 +134,7 @@ class NodeProc:
     ident: str = ""
     tcp: str = ""
     killed: bool = False
+    log_from: int = 0  # where the current process's output starts in the log (restarts append to it)
 
     @property
     def pid(self) -> int:
@@ -124,6 +146,20 @@ class NodeProc:
 
     def alive(self) -> bool:
         return not self.killed and self.proc.poll() is None
+
+    def output(self) -> str:
+        """What the current process has logged so far."""
+        with self.log.open("rb") as f:
+            f.seek(self.log_from)
+            return f.read().decode(errors="replace")
+
+    def ready(self) -> bool:
+        """Has the current process printed its ready line (then ``tcp`` and ``ident`` are set)?"""
+        m = re.search(r"node ready: \S+ tcp://(\S+)", self.output())
+        if m:
+            self.tcp = m.group(1)
+            self.ident = (self.root / "data" / "node-id").read_text().strip()
+        return m is not None
 
 
 class Cluster:
@@ -183,20 +219,23 @@ class Cluster:
 
     # -- nodes --------------------------------------------------------------------------------------------
 
+    def _spawn(self, root: Path, metrics: str = "none", log_format: str = "text") -> subprocess.Popen[bytes]:
+        """One node process on ``root`` (its log appended to ``root/node.log``)."""
+        cmd = [sys.executable, "-m", "mooncakefs.cli", "node", "--data", str(root / "data"),
+               "--dram", self.args.dram, "--ssd", self.args.node_ssd, "--socket", str(root / "n.sock"),
+               "--listen", "127.0.0.1:0", "--metrics", metrics, "--log-format", log_format, "--no-prefault",
+               "--etcd", self.etcd_url, "--cluster", self.name, "--lease-ttl", str(self.args.lease_ttl)]
+        with (root / "node.log").open("ab") as log:
+            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+
     def start_nodes(self, n: int) -> float:
         """Start ``n`` nodes in parallel; seconds until all printed their ready line."""
         t0 = time.perf_counter()
         for i in range(n):
             root = self.root / f"n{i}"
             root.mkdir()
-            cmd = [sys.executable, "-m", "mooncakefs.cli", "node", "--data", str(root / "data"),
-                   "--dram", self.args.dram, "--ssd", self.args.ssd, "--socket", str(root / "n.sock"),
-                   "--listen", "127.0.0.1:0", "--metrics", "none", "--no-prefault", "--etcd", self.etcd_url,
-                   "--cluster", self.name, "--lease-ttl", str(self.args.lease_ttl)]
-            with (root / "node.log").open("wb") as log:
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True, preexec_fn=_die_with_parent)
-            self.nodes.append(NodeProc(i, root, proc))
+            self.nodes.append(NodeProc(i, root, self._spawn(root)))
         deadline = time.monotonic() + READY_TIMEOUT
         waiting = list(self.nodes)
         while waiting:
@@ -204,15 +243,21 @@ class Cluster:
                 if node.proc.poll() is not None:
                     raise RuntimeError(f"node {node.index} exited with {node.proc.returncode}:\n"
                                        f"{node.log.read_text(errors='replace')[-3000:]}")
-                m = re.search(r"node ready: \S+ tcp://(\S+)", node.log.read_text(errors="replace"))
-                if m:
-                    node.tcp = m.group(1)
-                    node.ident = (node.root / "data" / "node-id").read_text().strip()
+                if node.ready():
                     waiting.remove(node)
             if waiting and time.monotonic() > deadline:
                 raise TimeoutError(f"{len(waiting)} node(s) not ready after {READY_TIMEOUT:.0f}s")
             time.sleep(0.05)
         return time.perf_counter() - t0
+
+    def restart(self, node: NodeProc, metrics: str) -> None:
+        """Start ``node`` again on its data dir (it must have exited), with a metrics endpoint and JSON logs;
+        poll ``node.ready()`` for its ready line."""
+        assert node.proc.poll() is not None, "restart of a running node"
+        node.log_from = node.log.stat().st_size
+        node.tcp = ""
+        node.proc = self._spawn(node.root, metrics=metrics, log_format="json")
+        node.killed = False
 
     def connect(self) -> Any:
         """A cluster client whose map names every live node (waits for the controller to publish it)."""
@@ -795,8 +840,272 @@ def measure_repair(args: argparse.Namespace, cluster: Cluster, keys: list[str], 
     return res
 
 
-def _s(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}s"
+def _s(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}s"
+
+
+# -------------------------------------------------------------------------------------------------- rejoin
+
+
+@dataclass
+class RejoinRep:
+    """One restart of the node (times from the start of its new process, except drop_s)."""
+
+    drop_s: float | None = None  # kill -> a map without the node in etcd (--rejoin-restart after-drop)
+    ready_s: float | None = None  # its ready line: store opened, registered in etcd, first map read
+    map_s: float | None = None  # a map in etcd naming this process (its pid in the node's record)
+    serve_s: float | None = None  # serving that map: metrics say rejoining 0 and that map's epoch
+    rejoin_s: float | None = None  # its log: "rejoining" -> "placement" of the epoch it serves (None: no catch-up)
+    passes: int = 0  # "rejoining" lines in its log: catch-ups begun (one per map that took it back)
+    rejoin_epochs: list[int] = field(default_factory=list)  # the maps they were for
+    seen_rejoining: bool = False  # a metrics scrape saw mooncakefs_cluster_rejoining 1
+    epoch_killed: int = 0  # the map in etcd when it was killed (naming the old process)
+    epoch: int = 0  # the map it serves again
+    others: int = 0  # other nodes in the map it serves
+    pulled: int = 0  # mooncakefs_rejoin_pulled
+    refused: dict[str, int] = field(default_factory=dict)  # request errors the restarted node answered, by name
+    scrapes: int = 0
+
+
+@dataclass
+class Rejoin:
+    """One row: the node holding ``keys`` keys, restarted ``len(reps)`` times; medians over the reps."""
+
+    target: int  # rejoin keys put so far (0: none yet, the restart without a catch-up)
+    mode: str = ""
+    node: str = ""
+    keys: int = 0  # objects the node held before the first kill (asked of it)
+    keys_after: int | None = None  # and after the last restart
+    others: int = 0
+    put_s: float | None = None  # putting this row's new keys (batch_put, replicas=1, durable)
+    reps: list[RejoinRep] = field(default_factory=list)
+    drop_s: float | None = None
+    ready_s: float | None = None
+    map_s: float | None = None
+    serve_s: float | None = None
+    rejoin_s: float | None = None
+    passes: int = 0  # the most in one restart
+    keys_nodes_per_s: float | None = None  # keys x others / rejoin_s: versions checked per second
+    pulled: int = 0  # the most in one restart
+    refused: dict[str, int] = field(default_factory=dict)  # summed over the restarts
+    values_checked: int = 0
+    error: str | None = None
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    got = [v for v in values if v is not None]
+    return float(np.median(got)) if got else None
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A node's /metrics: unlabelled samples by name; labelled ones as "name{label=value}"."""
+    out: dict[str, float] = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        m = re.fullmatch(r'(\w+)\{(\w+)="([^"]*)"\}', name)
+        out[f"{m.group(1)}{{{m.group(2)}={m.group(3)}}}" if m else name] = float(value)
+    return out
+
+
+def rejoin_keys(pmap: PlacementMap, node: str, start: int, count: int) -> tuple[list[str], int]:
+    """``count`` keys whose group's first node is ``node`` ("rj/<i>" from ``start`` on); and the next i."""
+    groups = {g for g, nodes in enumerate(pmap.replicas) if nodes and nodes[0] == node}
+    out, i = [], start
+    while len(out) < count:
+        key = f"rj/{i}"
+        if pmap.group(encode_key(key)) in groups:
+            out.append(key)
+        i += 1
+    return out, i
+
+
+class RejoinRun:
+    """The rejoin phase: fill one node with keys, restart it, time its way back into service."""
+
+    def __init__(self, args: argparse.Namespace, cluster: Cluster, store: Any) -> None:
+        self.args, self.cluster, self.store = args, cluster, store
+        self.etcd_reads = 0  # this phase's own etcd reads (KV.Range each), taken out of its etcd window
+        self.src = prefaulted(256 * SMALL)  # key number i holds slot i % 256
+        self.keys: list[str] = []
+        self._map: tuple[PlacementMap | None, int] = (None, 0)
+
+    def map(self) -> tuple[PlacementMap | None, int]:
+        """The placement map in etcd and its revision: a keys-only read, and the map itself when it moved."""
+        client, key = self.cluster.etcd_client(), self.cluster.map_key
+        self.etcd_reads += 1
+        kvs = [kv for kv in client.get_prefix_response(key, keys_only=True).kvs if kv.key == key.encode()]
+        revision = kvs[0].mod_revision if kvs else 0
+        if revision and revision != self._map[1]:
+            self.etcd_reads += 1
+            value, meta = client.get(key)
+            if value is not None:
+                self._map = PlacementMap.from_json(value), meta.mod_revision
+        return self._map
+
+    def held(self, node: NodeProc) -> int:
+        with mooncakefs.connect("tcp://" + node.tcp) as link:
+            return len(link)
+
+    def run(self) -> list[Rejoin]:
+        args, cluster = self.args, self.cluster
+        rows: list[Rejoin] = []
+        self.etcd_reads += 1
+        controller = cluster.controller()
+        live = [n for n in cluster.nodes if n.alive()]
+        node = next((n for n in sorted(live, key=lambda n: n.ident, reverse=True) if n.ident != controller), None)
+        if node is None:
+            return [Rejoin(0, error=f"skipped: no live node but the controller {controller}")]
+        progress(f"rejoin: node {node.ident} (pid {node.pid}); restarts {args.rejoin_restart}, "
+                 f"{args.rejoin_reps} per row")
+        next_i, failed = 0, None
+        for target in [0, *args.rejoin_keys]:
+            row = Rejoin(target, args.rejoin_restart, node.ident)
+            rows.append(row)
+            if failed:
+                row.error = f"skipped: {failed}"
+                continue
+            try:
+                if target > len(self.keys):
+                    next_i = self.fill(node, target, next_i, row)
+                row.keys = self.held(node)
+                for r in range(args.rejoin_reps):
+                    rep = self.restart_once(node)
+                    row.reps.append(rep)
+                    progress(f"rejoin ({row.keys} keys) #{r + 1}: ready {_s(rep.ready_s)}, in map {_s(rep.map_s)}, "
+                             f"serving {_s(rep.serve_s)} after start; catch-up {_s(rep.rejoin_s)} in "
+                             f"{rep.passes} pass(es), {rep.others} other nodes, pulled {rep.pulled}"
+                             + (f", refused {rep.refused}" if rep.refused else ""))
+                row.keys_after = self.held(node)
+                row.values_checked = self.check()
+            except Exception as exc:
+                row.error = f"{type(exc).__name__}: {exc}"
+                failed = f"the row of {target} keys failed"
+                progress(f"rejoin ({target} keys): FAILED {row.error}")
+            self.summarize(row)
+        if self.keys:
+            with contextlib.suppress(Exception):
+                progress(f"rejoin: removed its {self.store.remove_prefix('rj/')} keys")
+        return rows
+
+    def fill(self, node: NodeProc, target: int, next_i: int, row: Rejoin) -> int:
+        """Put keys (owned by ``node``) until it has been given ``target`` of them."""
+        pmap, _ = self.map()
+        assert pmap is not None
+        keys, next_i = rejoin_keys(pmap, node.ident, next_i, target - len(self.keys))
+        self.store._refresh(self.store.map)
+        t0 = time.perf_counter()
+        for j in range(0, len(keys), REJOIN_BATCH):
+            chunk = keys[j : j + REJOIN_BATCH]
+            base = len(self.keys) + j
+            pairs = [(k, self.src[((base + i) % 256) * SMALL : ((base + i) % 256 + 1) * SMALL])
+                     for i, k in enumerate(chunk)]
+            _all_ok(self.store.batch_put(pairs, replicas=1, durable=True))
+        row.put_s = time.perf_counter() - t0
+        self.keys += keys
+        progress(f"rejoin: put {len(keys)} x 4KiB (replicas=1, durable) owned by {node.ident} in {row.put_s:.1f}s")
+        return next_i
+
+    def check(self, n: int = 64) -> int:
+        """Read ``n`` of the keys back through the cluster client; the count checked."""
+        if not self.keys:
+            return 0
+        step = max(1, len(self.keys) // n)
+        picks = list(range(0, len(self.keys), step))[:n]
+        self.store._refresh(self.store.map)
+        got = self.store.batch_get([self.keys[i] for i in picks])
+        for i, value in zip(picks, got, strict=True):
+            slot = i % 256
+            if value is None or not np.array_equal(np.frombuffer(value, dtype=np.uint8),
+                                                   self.src[slot * SMALL : (slot + 1) * SMALL]):
+                raise AssertionError(f"{self.keys[i]} reads back {'nothing' if value is None else 'other bytes'} "
+                                     "after the restarts")
+        return len(picks)
+
+    def restart_once(self, node: NodeProc) -> RejoinRep:
+        cluster, rep = self.cluster, RejoinRep()
+        ident = node.ident
+        before, _ = self.map()
+        rep.epoch_killed = before.epoch if before is not None else 0
+        cluster.kill(node)
+        node.proc.wait()
+        t_kill = time.perf_counter()
+        if self.args.rejoin_restart == "after-drop":
+            while True:
+                pmap, _ = self.map()
+                if pmap is not None and ident not in pmap.nodes:
+                    rep.drop_s = time.perf_counter() - t_kill
+                    break
+                if time.perf_counter() - t_kill > REJOIN_TIMEOUT:
+                    raise TimeoutError(f"no map without node {ident} {REJOIN_TIMEOUT:.0f}s after the kill")
+                time.sleep(ETCD_POLL_S)
+        port = free_port()
+        t0 = time.perf_counter()
+        cluster.restart(node, metrics=f"127.0.0.1:{port}")
+        polls = 0
+        while True:
+            now = time.perf_counter() - t0
+            if node.proc.poll() is not None:
+                raise RuntimeError(f"restarted node {ident} exited with {node.proc.returncode}:\n"
+                                   f"{node.output()[-3000:]}")
+            if rep.ready_s is None and node.ready():
+                rep.ready_s = now
+            pmap, _ = self.map()
+            record = pmap.nodes.get(ident) if pmap is not None else None
+            in_map = record is not None and record.get("pid") == node.pid
+            if in_map and rep.map_s is None:
+                rep.map_s = now
+            if rep.ready_s is not None and (polls % 2 == 0 or in_map):
+                m = scrape(port)
+                rep.scrapes += 1
+                rejoining = m.get("mooncakefs_cluster_rejoining")
+                rep.seen_rejoining |= rejoining == 1
+                if in_map and pmap is not None and rejoining == 0 and m.get("mooncakefs_cluster_epoch") == pmap.epoch:
+                    rep.serve_s, rep.epoch, rep.others = now, pmap.epoch, len(pmap.nodes) - 1
+                    rep.pulled = int(m.get("mooncakefs_rejoin_pulled_total", m.get("mooncakefs_rejoin_pulled", 0)))
+                    rep.refused = {k.split("=", 1)[1][:-1]: int(v) for k, v in m.items()
+                                   if k.startswith("mooncakefs_request_errors_total{") and v}
+                    break
+            if now > REJOIN_TIMEOUT:
+                raise TimeoutError(f"node {ident} not serving {REJOIN_TIMEOUT:.0f}s after its restart (ready "
+                                   f"{_s(rep.ready_s)}, in map {_s(rep.map_s)}, scrapes {rep.scrapes})")
+            polls += 1
+            time.sleep(REJOIN_POLL_S)
+        events = []
+        for line in node.output().splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    events.append(json.loads(line))
+        rejoins = [e for e in events if e.get("msg") == "rejoining"]
+        rep.passes = len(rejoins)
+        rep.rejoin_epochs = [e.get("epoch", 0) for e in rejoins]
+        began = next((e["ts"] for e in rejoins if e.get("epoch") == rep.epoch), None)
+        served = next((e["ts"] for e in events if e.get("msg") == "placement" and e.get("epoch") == rep.epoch), None)
+        if began is not None and served is not None:
+            rep.rejoin_s = served - began
+        return rep
+
+    def summarize(self, row: Rejoin) -> None:
+        reps = row.reps
+        if not reps:
+            return
+        row.others = reps[-1].others
+        row.drop_s = _median([r.drop_s for r in reps])
+        row.ready_s = _median([r.ready_s for r in reps])
+        row.map_s = _median([r.map_s for r in reps])
+        row.serve_s = _median([r.serve_s for r in reps])
+        row.rejoin_s = _median([r.rejoin_s for r in reps])
+        row.passes = max(r.passes for r in reps)
+        row.pulled = max(r.pulled for r in reps)
+        refused: Counter[str] = Counter()
+        for r in reps:
+            refused.update(r.refused)
+        row.refused = dict(refused)
+        if row.rejoin_s and row.keys:
+            row.keys_nodes_per_s = row.keys * row.others / row.rejoin_s
 
 
 # -------------------------------------------------------------------------------------------------- report
@@ -807,10 +1116,24 @@ def _num(v: float) -> str:
 
 
 def render(args: argparse.Namespace, rows: Sequence[Row], refs: dict[str, Any], windows: Sequence[EtcdWindow],
-           map_info: dict[str, Any], repairs: Sequence[Repair], notes: Sequence[str]) -> str:
-    out = [f"cluster: {args.nodes} nodes (dram {args.dram}, ssd {args.ssd}, lease ttl {args.lease_ttl}s), "
-           f"{args.clients} client processes via {args.via}; median of {args.reps} reps of {args.seconds:g}s",
-           "", "physical reference (all client processes at once, summed; median of its reps):"]
+           map_info: dict[str, Any], repairs: Sequence[Repair], rejoins: Sequence[Rejoin], notes: Sequence[str]) -> str:
+    ssd = args.ssd if args.node_ssd == args.ssd else f"{args.node_ssd} (--ssd {args.ssd} raised for rejoin)"
+    out = [f"cluster: {args.nodes} nodes (dram {args.dram}, ssd {ssd}, lease ttl {args.lease_ttl}s), "
+           f"{args.clients} client processes via {args.via}; median of {args.reps} reps of {args.seconds:g}s; "
+           f"phases {','.join(args.phases) or 'none'}"]
+    if "throughput" in args.phases:
+        out += throughput_section(rows, refs)
+    out += etcd_section(windows, map_info)
+    if "rejoin" in args.phases:
+        out += rejoin_section(args, rejoins)
+    if "repair" in args.phases:
+        out += repair_section(args, repairs)
+    out += [f"note: {n}" for n in notes]
+    return "\n".join(out)
+
+
+def throughput_section(rows: Sequence[Row], refs: dict[str, Any]) -> list[str]:
+    out = ["", "physical reference (all client processes at once, summed; median of its reps):"]
     out.append(format_table(["ref", "GB/s", "reps", "what"],
                             [[k, _num(v["gbps"]) if v["gbps"] else "-", str(len(v["samples"])), v["what"]]
                              for k, v in refs.items()], [False, True, True, False]))
@@ -826,16 +1149,42 @@ def render(args: argparse.Namespace, rows: Sequence[Row], refs: dict[str, Any], 
     out += ["", "aggregate throughput:",
             format_table(["R", "op", "size", "keys/s", "GB/s", "wire GB/s", "ref", "ref GB/s", "x ref"], body,
                          [True, False, True, True, True, True, False, True, True])]
+    return out
+
+
+def etcd_section(windows: Sequence[EtcdWindow], map_info: dict[str, Any]) -> list[str]:
     methods = sorted({m for w in windows for m in w.by_method}, key=lambda m: m.split(".")[1])
     etcd_rows = [[w.phase, f"{w.seconds:.1f}", f"{w.ops_per_s:.1f}",
                   *(f"{w.by_method[m]:.1f}" if m in w.by_method else "-" for m in methods),
                   f"{w.sent_bytes_per_s / 1e3:,.1f}", f"{w.etcd_cpu * 100:.1f}%", f"{w.nodes_cpu * 100:.1f}%"]
                  for w in windows]
-    out += ["", "etcd gRPC requests/s caused by the cluster (grpc_server_handled_total deltas):",
+    return ["", "etcd gRPC requests/s caused by the cluster (grpc_server_handled_total deltas):",
             format_table(["phase", "s", "ops/s", *(m.split(".")[1] for m in methods), "sent kB/s", "etcd cpu",
                           "nodes cpu"], etcd_rows, [False] + [True] * (len(methods) + 5)),
             f"placement map in etcd ({map_info['key']}): {map_info['bytes']:,} bytes, epoch {map_info['epoch']}, "
             f"{map_info['nodes']} nodes, {map_info['groups']} groups x width {map_info['width']}"]
+
+
+def rejoin_section(args: argparse.Namespace, rejoins: Sequence[Rejoin]) -> list[str]:
+    body = []
+    for r in rejoins:
+        if r.error and not r.reps:
+            body.append([f"{r.target:,}", "", "", "", "", "", "", "", "", "", "", "", r.error[:70]])
+            continue
+        keys = f"{r.keys:,}" + ("" if r.keys_after in (None, r.keys) else f" ({r.keys_after:,} after)")
+        body.append([keys, str(r.others), str(len(r.reps)), _s(r.drop_s), _s(r.ready_s), _s(r.map_s), _s(r.serve_s),
+                     _s(r.rejoin_s, 3), str(r.passes), f"{r.keys_nodes_per_s:,.0f}" if r.keys_nodes_per_s else "-",
+                     str(r.pulled), ",".join(f"{k}:{v}" for k, v in sorted(r.refused.items())) or "0",
+                     (r.error or "")[:70]])
+    return ["", f"rejoin of one node restarted with data (SIGKILL, restart {args.rejoin_restart}; keys of "
+                f"{format_size(SMALL)}, replicas=1, durable; times from the new process's start, medians):",
+            format_table(["keys held", "others", "reps", "dropped", "ready", "in map", "serving", "catch-up",
+                          "passes", "keys*nodes/s", "pulled", "refused", ""], body,
+                         [True] * 11 + [False, False])]
+
+
+def repair_section(args: argparse.Namespace, repairs: Sequence[Repair]) -> list[str]:
+    out: list[str] = []
     rep_rows = []
     for r in repairs:
         if r.error and r.repaired_s is None:
@@ -852,8 +1201,7 @@ def render(args: argparse.Namespace, rows: Sequence[Row], refs: dict[str, Any], 
             format_table(["kill", "victim", "its keys", "MiB", "lease gone", "new ctrl", "new map", "1st copy",
                           "repaired", "copying", "s/GiB", "copy s/GiB", "copy GB/s"], rep_rows,
                          [False, False, *[True] * 11])]
-    out += [f"note: {n}" for n in notes]
-    return "\n".join(out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -873,6 +1221,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--small-keys", type=int, default=1024, help="distinct 4KiB keys per client and row (%(default)s)")
     p.add_argument("--large-data", default="32MiB", help="distinct large values per client and row (%(default)s)")
     p.add_argument("--repair-data", default="512MiB", help="data written with replicas=2 before a kill (%(default)s)")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help="phases to run, of throughput, rejoin, repair (%(default)s; the at-rest etcd window "
+                        "always runs)")
+    p.add_argument("--rejoin-keys", default="20000,100000",
+                   help="keys the restarted node holds, one row each (%(default)s)")
+    p.add_argument("--rejoin-reps", type=int, default=3, help="restarts per rejoin row, median reported (%(default)s)")
+    p.add_argument("--rejoin-restart", choices=("after-drop", "at-once"), default="after-drop",
+                   help="restart the killed node once the map has dropped it, or at once (%(default)s)")
     p.add_argument("--kill", default="node,controller",
                    help="kills, in order: 'node' (one that is not the controller), 'controller' (%(default)s)")
     p.add_argument("--poll", type=float, default=0.1, help="seconds between copy checks after a kill (%(default)s)")
@@ -890,9 +1246,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.large_data = parse_size(args.large_data)
         args.repair_data = parse_size(args.repair_data)
         args.replicas = [int(r) for r in args.replicas.split(",") if r.strip()]
+        args.rejoin_keys = sorted({int(k) for k in args.rejoin_keys.split(",") if k.strip()})
+        ssd_path, _, ssd_size = args.ssd.rpartition(":")
+        ssd_bytes = parse_size(ssd_size, what="--ssd")
     except ValueError as exc:
         p.error(str(exc))
     args.kill = [k.strip() for k in args.kill.split(",") if k.strip()]
+    phases = {x.strip() for x in args.phases.split(",") if x.strip()}
+    if not phases <= set(PHASES):
+        p.error(f"--phases takes {', '.join(PHASES)}")
+    args.phases = [ph for ph in PHASES if ph in phases]
+    if "rejoin" in args.phases and (not args.rejoin_keys or args.rejoin_keys[0] < 1 or args.rejoin_reps < 1):
+        p.error("--rejoin-keys must be positive counts and --rejoin-reps at least 1")
+    # The rejoin keys live on one node's SSD (4 KiB each, durable): room for them on top of --ssd.
+    need = -(-max(args.rejoin_keys, default=0) * SMALL * 10 // 9 // MiB) * MiB + 128 * MiB  # + 2 segments
+    if "rejoin" not in args.phases or ssd_bytes >= need:
+        args.node_ssd = args.ssd
+    else:
+        args.node_ssd = f"{ssd_path + ':' if ssd_path else ''}{format_size(ssd_bytes + need)}"
     if not 3 <= args.nodes <= 12:
         p.error("--nodes must be from 3 to 12")
     if not set(args.kill) <= {"node", "controller"}:
@@ -912,7 +1283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     notes: list[str] = []
     rows: list[Row] = []
+    ref_samples: dict[str, list[float]] = {}
     repairs: list[Repair] = []
+    rejoins: list[Rejoin] = []
+    keys: list[str] = []
+    write_gbps: float | None = None
     windows: list[EtcdWindow] = []
     root = Path(tempfile.mkdtemp(prefix="cbench-", dir=args.dir))
     with contextlib.ExitStack() as stack:
@@ -942,29 +1317,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         windows.append(etcd_window("at rest", a, sample_etcd(cluster)))
 
         # -- throughput
-        cfg = {"url": cluster.url, "nodes": args.nodes, "via": args.via, "root": str(root),
-               "value_size": args.value_size, "batch": args.batch, "small_keys": args.small_keys,
-               "large_keys": args.large_keys}
-        progress(f"starting {args.clients} client processes")
-        clients = Clients(args.clients, cfg)
-        stack.callback(clients.close)
-        a = sample_etcd(cluster)
-        rows, ref_samples = measure_throughput(args, clients)
-        windows.append(etcd_window("under load", a, sample_etcd(cluster)))
-        clients.close()
-        removed = store.remove_prefix("tp/")
-        progress(f"removed the {removed} throughput-phase copies")
+        if "throughput" in args.phases:
+            cfg = {"url": cluster.url, "nodes": args.nodes, "via": args.via, "root": str(root),
+                   "value_size": args.value_size, "batch": args.batch, "small_keys": args.small_keys,
+                   "large_keys": args.large_keys}
+            progress(f"starting {args.clients} client processes")
+            clients = Clients(args.clients, cfg)
+            stack.callback(clients.close)
+            a = sample_etcd(cluster)
+            rows, ref_samples = measure_throughput(args, clients)
+            windows.append(etcd_window("under load", a, sample_etcd(cluster)))
+            clients.close()
+            removed = store.remove_prefix("tp/")
+            progress(f"removed the {removed} throughput-phase copies")
 
-        # -- repair
-        keys, src, write_gbps = write_repair_data(args, store)
-        progress(f"wrote {len(keys)} x {format_size(args.value_size)} with replicas={REPAIR_REPLICAS} "
-                 f"at {write_gbps:.3f} GB/s")
-        for kill in args.kill:
-            repairs.append(measure_repair(args, cluster, keys, src, kill))
-            if repairs[-1].etcd:
-                windows.append(EtcdWindow(**repairs[-1].etcd))
+        # -- rejoin
+        if "rejoin" in args.phases:
+            a = sample_etcd(cluster)
+            run = RejoinRun(args, cluster, store)
+            rejoins = run.run()
+            windows.append(etcd_window("rejoin", a, sample_etcd(cluster), own={"KV.Range": run.etcd_reads}))
             with contextlib.suppress(Exception):
                 store._refresh(store.map)
+
+        # -- repair
+        if "repair" in args.phases:
+            keys, src, write_gbps = write_repair_data(args, store)
+            progress(f"wrote {len(keys)} x {format_size(args.value_size)} with replicas={REPAIR_REPLICAS} "
+                     f"at {write_gbps:.3f} GB/s")
+            for kill in args.kill:
+                repairs.append(measure_repair(args, cluster, keys, src, kill))
+                if repairs[-1].etcd:
+                    windows.append(EtcdWindow(**repairs[-1].etcd))
+                with contextlib.suppress(Exception):
+                    store._refresh(store.map)
     # everything stopped and removed from here on
 
     refs = {name: {"gbps": float(np.median(s)) if s else None, "samples": s,
@@ -972,24 +1358,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                             + ("sender process sendall -> client recv_into(MSG_WAITALL)" if name == "loop-recv"
                                else "client sendall -> sink process recv_into + 1-byte ack"))}
             for name, s in ref_samples.items()}
-    anomalies = find_anomalies(args, rows, windows, repairs)
-    notes += [
-        f"keys/s counts keys (batch rows: {args.batch} per call); GB/s counts value bytes (1e9 B/s); wire GB/s "
-        "counts every copy a put sends (R x); x ref = wire GB/s over the reference taken right before each rep",
-        "etcd: at rest = nodes idle; under load = the whole throughput phase; repair = kill -> repaired, the "
-        "benchmark's own reads (a keys-only Range every 20 ms) taken out of ops/s but not of sent kB/s; nodes cpu = "
-        "cores the nodes used together (client load and repair included)",
-        "repair: new map = kill -> a map without the node in etcd (lease expiry + controller); copying = new map "
-        "-> every key on 2 live nodes (includes the nodes reading the new map); s/GiB divide by the dead node's "
-        "share",
-        f"repair data written at {write_gbps:.3f} GB/s (this process, via unix, one batch_put, "
-        f"replicas={REPAIR_REPLICAS})",
-        *(f"ANOMALY: {a}" for a in anomalies),
-    ]
-    if args.via == "unix":
+    anomalies = find_anomalies(args, rows, windows, repairs, rejoins)
+    if "throughput" in args.phases:
+        notes.append(f"keys/s counts keys (batch rows: {args.batch} per call); GB/s counts value bytes (1e9 B/s); "
+                     "wire GB/s counts every copy a put sends (R x); x ref = wire GB/s over the reference taken right "
+                     "before each rep")
+    notes.append("etcd: at rest = nodes idle; under load = the whole throughput phase; rejoin = the whole rejoin "
+                 "phase (kills, map changes, restarts); repair = kill -> repaired; the benchmark's own reads (rejoin: "
+                 "a keys-only Range every 20-100 ms, the map when it moved; repair: a keys-only Range every 20 ms) "
+                 "taken out of ops/s but not of sent kB/s; nodes cpu = cores the nodes alive at both ends used "
+                 "together (client load and repair included)")
+    if "rejoin" in args.phases:
+        notes.append("rejoin: keys held = objects the node reported before the first kill; dropped = kill -> a map "
+                     "without it (after-drop only); ready = its ready line (store opened, registered in etcd); in "
+                     "map = a map in etcd naming the new process; serving = its metrics show rejoining 0 and that "
+                     "map's epoch (scraped every ~0.1-0.2s); catch-up = its own log, 'rejoining' -> 'placement' of "
+                     "that epoch; keys*nodes/s = keys held x others / catch-up; passes = catch-ups begun per "
+                     "restart; refused = request errors the restarted node answered (Rejoining: a client asked "
+                     "it during the catch-up); the first row (before any rejoin keys were put) has no catch-up")
+    if "repair" in args.phases:
+        notes += ["repair: new map = kill -> a map without the node in etcd (lease expiry + controller); copying = "
+                  "new map -> every key on 2 live nodes (includes the nodes reading the new map); s/GiB divide by "
+                  "the dead node's share",
+                  f"repair data written at {write_gbps:.3f} GB/s (this process, via unix, one batch_put, "
+                  f"replicas={REPAIR_REPLICAS})"]
+    notes += [f"ANOMALY: {a}" for a in anomalies]
+    if args.via == "unix" and "throughput" in args.phases:
         notes.insert(1, "via unix, large values move by memcpy through the nodes' shared pools: the loopback TCP "
                         "reference is no bound there (x ref may exceed 1)")
-    print(render(args, rows, refs, windows, map_info, repairs, notes))
+    print(render(args, rows, refs, windows, map_info, repairs, rejoins, notes))
     write_json(args.json, {
         "tool": "cluster_bench",
         "machine": machine_info({"etcd": etcd_version}),
@@ -998,8 +1395,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "references": refs,
         "rows": [asdict(r) for r in rows],
         "etcd": {"windows": [asdict(w) for w in windows], "placement_map": map_info},
+        "rejoin": {"restart": args.rejoin_restart, "value_size": SMALL, "replicas": 1, "durable": True,
+                   "node_ssd": args.node_ssd, "rows": [asdict(r) for r in rejoins]}
+        if "rejoin" in args.phases else None,
         "repair": {"write_gbps": write_gbps, "keys": len(keys), "value_size": args.value_size,
-                   "replicas": REPAIR_REPLICAS, "rounds": [asdict(r) for r in repairs]},
+                   "replicas": REPAIR_REPLICAS, "rounds": [asdict(r) for r in repairs]}
+        if "repair" in args.phases else None,
         "anomalies": anomalies,
         "notes": notes,
         "seconds": time.perf_counter() - started,
@@ -1009,7 +1410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def find_anomalies(args: argparse.Namespace, rows: Sequence[Row], windows: Sequence[EtcdWindow],
-                   repairs: Sequence[Repair]) -> list[str]:
+                   repairs: Sequence[Repair], rejoins: Sequence[Rejoin] = ()) -> list[str]:
     out = [f"row {r.op} {format_size(r.size)} R={r.replicas} failed: {r.error}" for r in rows if r.error]
     rest = next((w for w in windows if w.phase == "at rest"), None)
     load = next((w for w in windows if w.phase == "under load"), None)
@@ -1027,6 +1428,22 @@ def find_anomalies(args: argparse.Namespace, rows: Sequence[Row], windows: Seque
         if r.under_at_kill and r.under_at_kill != r.keys_on_victim:
             out.append(f"repair ({r.kill}): {r.under_at_kill} keys under-replicated at the first poll, but the "
                        f"victim held {r.keys_on_victim}")
+    for j in rejoins:
+        if j.error:
+            out.append(f"rejoin ({j.target} keys): {j.error}")
+        if j.pulled:
+            out.append(f"rejoin ({j.keys} keys): the node pulled {j.pulled} values, but none changed while it was away")
+        if j.keys_after is not None and j.keys_after < j.keys:
+            out.append(f"rejoin: the node held {j.keys} objects before its restarts, {j.keys_after} after")
+        if j.keys and j.reps and any(r.passes == 0 for r in j.reps):
+            out.append(f"rejoin ({j.keys} keys): a restart with data served without catching up")
+        for r in j.reps:
+            if r.passes > 1:
+                stale = " (the first for the map it was killed under, which names its previous process)" \
+                    if r.rejoin_epochs[0] == r.epoch_killed else ""
+                out.append(f"rejoin ({j.keys} keys): {r.passes} catch-up passes in one restart, for epochs "
+                           f"{r.rejoin_epochs}{stale}; it serves epoch {r.epoch}")
+                break
     return out
 
 
