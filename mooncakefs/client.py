@@ -34,17 +34,13 @@ from mooncakefs.transfer import READ, WRITE, Region, Transfer, TransferEngine, T
 from mooncakefs.transfer.local import LocalTransport
 from mooncakefs.transfer.tcp import DEFAULT_STRIPE, TcpTransport
 from mooncakefs.wire import (
-    DURABLE,
-    IF_ABSENT,
-    IF_NEWER,
     MAX_BATCH,
-    PIN,
     VERSION,
     Channel,
     Op,
     auth_proof,
     error_from_meta,
-    pack_version,
+    pack_put_options,
     unpack_version,
 )
 
@@ -80,14 +76,6 @@ def parse_url(url: str | os.PathLike[str] | None) -> tuple[str, Any]:
     if parts.scheme == "tcp" and parts.hostname:
         return "tcp", (parts.hostname, parts.port or DEFAULT_PORT)
     raise ValueError(f"node URL must be unix:///path/to/node.sock or tcp://host:port, got {text!r}")
-
-
-def _put_meta(pin: bool = False, ttl: float | None = None, if_absent: bool = False, durable: bool = False,
-              version: int = 0, if_newer: bool = False, cluster_flags: int = 0) -> tuple[int, Any, bytes | None]:
-    """A put's options as they travel: (flags, ttl, version)."""
-    flags = (PIN if pin else 0) | (IF_ABSENT if if_absent else 0) | (DURABLE if durable else 0) | (
-        IF_NEWER if if_newer else 0) | cluster_flags
-    return flags, ttl, pack_version(version)
 
 
 def _bytes_of(value: Any) -> memoryview:
@@ -310,7 +298,7 @@ class RemoteStore(KVMapping):
             durable: bool = False, version: int = 0, if_newer: bool = False, cluster_flags: int = 0) -> None:
         """As ``Store.put``.  (``cluster_flags``: the cluster client's LOCAL and replica count.)"""
         raw, src = encode_key(key), _bytes_of(value)
-        head = [raw, len(src), *_put_meta(pin, ttl, if_absent, durable, version, if_newer, cluster_flags)]
+        head = [raw, len(src), *pack_put_options(pin, ttl, if_absent, durable, version, if_newer, cluster_flags)]
         if len(src) <= self.inline_max:
             def put_inline(ch: Channel) -> None:
                 ch.send(Op.PUT, head, src)
@@ -338,7 +326,7 @@ class RemoteStore(KVMapping):
         """As ``Store.batch_put`` (and ``put``'s options): one result per item, None or the exception it
         raised.  Small values go in one frame; large ones one by one."""
         pairs = list(items.items() if isinstance(items, Mapping) else items)
-        head = _put_meta(**options)  # a TypeError for an unknown option, before anything is sent
+        head = pack_put_options(**options)  # a TypeError for an unknown option, before anything is sent
         if len(pairs) > MAX_BATCH:  # the node takes at most MAX_BATCH items a request
             return [r for i in range(0, len(pairs), MAX_BATCH)
                     for r in self.batch_put(pairs[i : i + MAX_BATCH], **options)]

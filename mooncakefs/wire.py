@@ -50,11 +50,30 @@ class Op:
 PIN, IF_ABSENT, DURABLE, LOCAL, IF_NEWER = 1, 2, 4, 8, 16
 REPLICAS_SHIFT = 8
 PLACEMENT_FLAGS = LOCAL | ~((1 << REPLICAS_SHIFT) - 1)  # what a node keeps with the value (its tag)
+_OPTION_FLAGS = {"pin": PIN, "if_absent": IF_ABSENT, "durable": DURABLE, "if_newer": IF_NEWER}
+
+
+def pack_put_options(pin: bool = False, ttl: float | None = None, if_absent: bool = False, durable: bool = False,
+                     version: int = 0, if_newer: bool = False, cluster_flags: int = 0) -> list[Any]:
+    """A put's options (``Store.put``'s, and the cluster's placement flags) as the end of its meta:
+    [flags, ttl, version]."""
+    options = {"pin": pin, "if_absent": if_absent, "durable": durable, "if_newer": if_newer}
+    flags = sum(bit for name, bit in _OPTION_FLAGS.items() if options[name]) | cluster_flags
+    return [flags, ttl, pack_version(version)]
+
+
+def unpack_put_options(flags: Any, ttl: Any, version: Any) -> dict[str, Any]:
+    """``Store.put``'s options from the end of a put's meta.  The flags that say how a cluster client
+    placed the value (LOCAL, the replica count) become its tag, which the node keeps for repair."""
+    if type(flags) is not int or not 0 <= flags < 1 << 32:
+        raise ValueError(f"put flags must be a 32-bit int, got {flags!r:.40}")
+    return {name: bool(flags & bit) for name, bit in _OPTION_FLAGS.items()} | {
+        "ttl": ttl, "version": unpack_version(version), "tag": flags & PLACEMENT_FLAGS}
 
 
 def pack_version(version: int) -> bytes | None:
     """A value's version as it travels in put meta: 16 bytes big-endian, or nil for 0."""
-    if type(version) is not int or not 0 <= version < 1 << 128:
+    if type(version) is not int or not 0 <= version < 1 << 126:
         raise ValueError(f"a version is an int from 0 to 2**126, got {version!r:.40}")
     return version.to_bytes(16, "big") if version else None
 

@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 from mooncakefs.cluster.client import NodeLink
@@ -276,13 +277,11 @@ class NodeAgent:
             try:
                 # No epoch named: the other node answers even if it is catching up itself.
                 with NodeLink(pmap.nodes[node], epoch=None, secret=self.secret, timeout=max(2.0, self.ttl / 2)) as link:
-                    for i in range(0, len(raws), REPAIR_BATCH):
-                        chunk = raws[i : i + REPAIR_BATCH]
-                        for raw, theirs in zip(chunk, link.versions(map(wire_key, chunk)), strict=True):
-                            version, tag = held[raw]
-                            if theirs is not None and theirs > version:
-                                self._pull(link, raw, theirs, tag)
-                                held[raw] = theirs, tag
+                    for raw, theirs in _versions_at(link, raws):
+                        version, tag = held[raw]
+                        if theirs is not None and theirs > version:
+                            self._pull(link, raw, theirs, tag)
+                            held[raw] = theirs, tag
             except Unavailable as exc:
                 log.warning("rejoining without a node", extra={"node": node, "why": str(exc)[:200]})
         with self._map_lock:
@@ -327,12 +326,10 @@ class NodeAgent:
             if self.map is not pmap:
                 raise StaleEpoch("the map changed during repair")
             link = self._link(node, pmap)
-            for i in range(0, len(raws), REPAIR_BATCH):
-                chunk = raws[i : i + REPAIR_BATCH]
-                for raw, theirs in zip(chunk, link.versions(map(wire_key, chunk)), strict=True):
-                    if (theirs is None or theirs < held[raw][0]) and not self._push(link, raw, held[raw][1]):
-                        behind.add(raw)
-                    checked.add(raw)
+            for raw, theirs in _versions_at(link, raws):
+                if (theirs is None or theirs < held[raw][0]) and not self._push(link, raw, held[raw][1]):
+                    behind.add(raw)
+                checked.add(raw)
         for raw in leaving:
             if raw in checked and raw not in behind and self.map is pmap:
                 self.store.remove(wire_key(raw))
@@ -354,3 +351,9 @@ class NodeAgent:
         return True
 
 
+def _versions_at(link: NodeLink, raws: list[bytes]) -> Iterator[tuple[bytes, int | None]]:
+    """Each key with its version on the node behind ``link`` (None: absent), asked REPAIR_BATCH keys a
+    request."""
+    for i in range(0, len(raws), REPAIR_BATCH):
+        chunk = raws[i : i + REPAIR_BATCH]
+        yield from zip(chunk, link.versions(map(wire_key, chunk)), strict=True)

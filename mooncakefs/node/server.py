@@ -37,19 +37,14 @@ from mooncakefs.errors import (
 )
 from mooncakefs.store import PendingPut, Store, ValueView, wire_key
 from mooncakefs.wire import (
-    DURABLE,
-    IF_ABSENT,
-    IF_NEWER,
     MAX_BATCH,
-    PIN,
-    PLACEMENT_FLAGS,
     VERSION,
     Channel,
     Op,
     auth_proof,
     error_meta,
     pack_version,
-    unpack_version,
+    unpack_put_options,
 )
 
 if TYPE_CHECKING:
@@ -66,16 +61,6 @@ BATCH_STAGE_MAX = 4 << 20  # a batched put this small is received whole, then st
 HEARTBEAT_S = 0.5  # readers of the shared index give up on a node silent for 2 s
 INDEX_OBJECT_GUESS = 4096  # the shared index has two slots per this many bytes of pool
 ACCEPT_BACKLOG = 128
-
-
-def put_options(flags: int, ttl: Any, version: Any) -> dict[str, Any]:
-    """The store's put options from a put's meta.  The flags that say how a cluster client placed the
-    value (LOCAL, the replica count) are kept with it as its tag, for repair."""
-    if type(flags) is not int or not 0 <= flags < 1 << 32:
-        raise ValueError(f"put flags must be a 32-bit int, got {flags!r:.40}")
-    return {"pin": bool(flags & PIN), "if_absent": bool(flags & IF_ABSENT), "durable": bool(flags & DURABLE),
-            "if_newer": bool(flags & IF_NEWER), "ttl": ttl, "version": unpack_version(version),
-            "tag": flags & PLACEMENT_FLAGS}
 
 
 class Session:
@@ -360,12 +345,12 @@ class Node:
         key, size, flags, ttl, version = meta
         if size != payload_len:
             raise ValueError(f"put declares {size} bytes but carries {payload_len}")
-        self._receive_put(session, self.store.begin_put(wire_key(key), size, **put_options(flags, ttl, version)))
+        self._receive_put(session, self.store.begin_put(wire_key(key), size, **unpack_put_options(flags, ttl, version)))
         self._ok(session)
 
     def _put_begin(self, session: Session, meta: list[Any], _n: int) -> None:
         key, size, flags, ttl, version = meta
-        pending = self.store.begin_put(wire_key(key), size, **put_options(flags, ttl, version))
+        pending = self.store.begin_put(wire_key(key), size, **unpack_put_options(flags, ttl, version))
         put_id = secrets.randbits(63)
         self._pending[put_id] = (pending, session)
         session.pending.add(put_id)
@@ -504,7 +489,7 @@ class Node:
         keys, sizes = _batch(keys), _batch(sizes)
         if len(keys) != len(sizes) or any(type(s) is not int or s < 0 for s in sizes) or sum(sizes) != payload_len:
             raise ValueError("batch put: keys, sizes and payload do not agree")
-        options = put_options(flags, ttl, version)
+        options = unpack_put_options(flags, ttl, version)
         ch = session.channel
         results: list[Any] = []
         if payload_len <= BATCH_STAGE_MAX:  # small values: stage them, then one trip through the store lock

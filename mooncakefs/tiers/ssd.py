@@ -61,9 +61,6 @@ def _close(seg: Segment) -> None:
         os.close(seg.direct_fd)
 
 
-_LOW_63 = (1 << 63) - 1  # a version is stored as two halves that each fit SQLite's signed 64-bit INTEGER
-
-
 def aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN if n else ALIGN
 
@@ -210,7 +207,7 @@ class SsdTier:
         self.db.execute(
             "INSERT OR REPLACE INTO objects (key, seg, off, size, crc, expires, flags, version_hi, version_lo, tag) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (key, seg.id, off, size, crc, expires, flags, version >> 63, version & _LOW_63, tag),
+            (key, seg.id, off, size, crc, expires, flags, version >> 63, version & _engine.VERSION_LOW_MASK, tag),
         )
         return seg.id, off
 
