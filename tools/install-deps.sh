@@ -8,7 +8,27 @@ missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Wait (up to 10 minutes) for another apt-get or unattended-upgrades holding the apt/dpkg locks instead of
+# failing at once, as a fresh cloud VM often does right after boot.  DPkg::Lock::Timeout covers the dpkg
+# locks of `install`; apt up to at least 2.6 ignores it for the lists lock of `update`, so that is retried.
+lock_timeout=600
+lock_wait=(-o "DPkg::Lock::Timeout=$lock_timeout")
+apt_update() {
+    local deadline=$((SECONDS + lock_timeout)) err said=
+    while true; do
+        if err=$(apt-get "${lock_wait[@]}" update -qq 2>&1 >/dev/null); then
+            return 0
+        fi
+        if [[ $err != *"Could not get lock"* ]] || ((SECONDS >= deadline)); then
+            printf '%s\n' "$err" >&2
+            return 1
+        fi
+        [[ $said ]] || echo "install-deps.sh: another apt holds its lock; waiting up to ${lock_timeout}s" >&2
+        said=1
+        sleep 3
+    done
+}
 if ((${#missing[@]})); then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    apt_update
+    DEBIAN_FRONTEND=noninteractive apt-get "${lock_wait[@]}" install -y -qq "${missing[@]}" >/dev/null
 fi
