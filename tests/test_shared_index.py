@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import os
+import queue
 import random
 import struct
 import time
@@ -95,38 +96,81 @@ def make_value(key_no: int, version: int, size: int) -> bytes:
     return head + struct.pack("<I", zlib.crc32(head + body)) + body
 
 
-def check_value(data: bytes, key_no: int) -> None:
-    k, _version, size = struct.unpack_from("<III", data)
+def check_value(data: bytes, key_no: int) -> str | None:
+    """What is wrong with ``data`` as a value of key ``key_no``, or None if it is one of that key's values."""
+    if len(data) < 16:
+        return f"key k{key_no}: a {len(data)}-byte value, shorter than any value written"
+    k, version, size = struct.unpack_from("<III", data)
     (crc,) = struct.unpack_from("<I", data, 12)
-    assert (k, size, len(data)) == (key_no, size, size), "a value from another key or a torn length"
-    assert zlib.crc32(data[:12] + data[16:]) == crc, "a torn or overwritten value"
+    if k != key_no:
+        return f"key k{key_no}: got a value written for k{k} (version {version})"
+    if size != len(data):
+        return f"key k{key_no}: a torn length: {len(data)} bytes read, the value says {size}"
+    if zlib.crc32(data[:12] + data[16:]) != crc:
+        return f"key k{key_no}: version {version} is torn or overwritten (CRC mismatch)"
+    return None
 
 
-def writer(url: str, seconds: float, keys: int) -> None:
-    store = mooncakefs.connect(url)
-    rng, version, end = random.Random(3), 0, time.monotonic() + seconds
-    while time.monotonic() < end:
-        version += 1
-        k = rng.randrange(keys)
-        if rng.random() < 0.1:
-            store.remove(f"k{k}")
-        else:
-            store.put(f"k{k}", make_value(k, version, rng.choice([64, 4096, 20000, 60000])))
+# The writer runs until it has made WRITER_OPS changes *and* every reader has checked READS_DURING_WRITES
+# values while it was still writing, so the race is guaranteed to happen however slowly (or late) each
+# process gets the CPU; RACE_TIMEOUT only bounds a hang.
+KEYS, WRITER_OPS, READS_DURING_WRITES, READERS, RACE_TIMEOUT = 128, 6000, 300, 3, 120.0
 
 
-def reader(url: str, seconds: float, keys: int, out: mp.Queue) -> None:
-    store = mooncakefs.connect(url)
-    rng, end, checked = random.Random(5), time.monotonic() + seconds, 0
-    buf = bytearray(65536)
-    while time.monotonic() < end:
-        k = rng.randrange(keys)
-        try:
-            n = store.get_into(f"k{k}", buf)
-        except KeyError:
-            continue
-        check_value(bytes(buf[:n]), k)
-        checked += 1
-    out.put(checked)
+def writer(url: str, reads: list, done, out: mp.Queue) -> None:
+    """Overwrite and remove values until the race has happened; report what it did to ``out``.
+
+    OutOfSpace is counted, not fatal: in a 2 MiB pool whose every value the readers keep hot, the node
+    may find nothing cold enough to evict for a moment.  This test is about what readers see."""
+    report = {"role": "writer", "puts": 0, "removes": 0, "out_of_space": 0, "error": None}
+    try:
+        store = mooncakefs.connect(url)
+        rng, version, deadline = random.Random(3), 0, time.monotonic() + RACE_TIMEOUT
+        while report["puts"] + report["removes"] < WRITER_OPS or min(r.value for r in reads) < READS_DURING_WRITES:
+            if time.monotonic() > deadline:
+                report["error"] = (f"timed out after {RACE_TIMEOUT:.0f} s: reads checked during writes "
+                                   f"{[r.value for r in reads]}, writer ops {report['puts'] + report['removes']}")
+                break
+            version += 1
+            k = rng.randrange(KEYS)
+            if rng.random() < 0.1:
+                store.remove(f"k{k}")
+                report["removes"] += 1
+                continue
+            try:
+                store.put(f"k{k}", make_value(k, version, rng.choice([64, 4096, 20000, 60000])))
+                report["puts"] += 1
+            except mooncakefs.OutOfSpace:
+                report["out_of_space"] += 1
+    except Exception as exc:
+        report["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        done.set()
+        out.put(report)
+
+
+def reader(url: str, seed: int, count, done, out: mp.Queue) -> None:
+    """Read random keys through the shared index until the writer is done; stop at the first wrong value."""
+    report = {"role": f"reader {seed}", "checked": 0, "wrong": None, "error": None}
+    try:
+        store = mooncakefs.connect(url)
+        rng, buf = random.Random(seed), bytearray(65536)
+        while not done.is_set():
+            k = rng.randrange(KEYS)
+            try:
+                n = store.get_into(f"k{k}", buf)
+            except KeyError:
+                continue
+            wrong = check_value(bytes(buf[:n]), k)
+            if wrong:
+                report["wrong"] = wrong
+                break
+            report["checked"] += 1
+            count.value = report["checked"]
+    except Exception as exc:
+        report["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        out.put(report)
 
 
 @pytest.fixture
@@ -140,20 +184,32 @@ def test_readers_racing_evictions_and_overwrites_never_see_a_wrong_value(small_n
     """A 2 MiB pool, 128 keys of up to 60 KB: blocks are freed and reused all the time under readers
     copying through the shared index.  Every value a reader returns must be whole and the key's own."""
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
+    results, done = ctx.Queue(), ctx.Event()
+    counts = [ctx.Value("q", 0, lock=False) for _ in range(READERS)]
     store = mooncakefs.connect(small_node)
     for k in range(64):
         store.put(f"k{k}", make_value(k, 0, 4096))
-    procs = [ctx.Process(target=writer, args=(small_node, 3.0, 128))]
-    procs += [ctx.Process(target=reader, args=(small_node, 3.0, 128, results)) for _ in range(3)]
+    procs = [ctx.Process(target=writer, args=(small_node, counts, done, results))]
+    procs += [ctx.Process(target=reader, args=(small_node, 5 + i, counts[i], done, results)) for i in range(READERS)]
     for p in procs:
         p.start()
+    reports = {}
+    for _ in procs:
+        try:
+            report = results.get(timeout=RACE_TIMEOUT + 60)
+        except queue.Empty:
+            codes = {p.name: p.exitcode for p in procs}
+            pytest.fail(f"a process never reported (it crashed or hung): exit codes {codes}, reports {reports}")
+        reports[report["role"]] = report
     for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0, "a reader saw a wrong value (its traceback is above)"
-    checked = [results.get(timeout=5) for _ in range(3)]
-    assert min(checked) > 100
-    assert store.stats()["dram"]["evictions"] > 0  # the pool really was churning
+        p.join(timeout=30)
+        assert p.exitcode == 0, f"{p.name} exited with {p.exitcode} (reports: {reports})"
+    w = reports.pop("writer")
+    assert w["error"] is None, f"the writer failed: {w['error']} ({w})"
+    for role, r in reports.items():
+        assert r["wrong"] is None, f"{role} read a wrong value: {r['wrong']}"
+        assert r["error"] is None, f"{role} failed: {r['error']}"
+    assert store.stats()["dram"]["evictions"] > 0, f"no eviction: the pool never churned ({w})"
 
 
 def test_same_host_reads_skip_the_node_and_see_every_update(small_node):
