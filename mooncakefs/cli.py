@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -10,12 +11,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
 import mooncakefs
+from mooncakefs.progress import progress
 from mooncakefs.units import format_size, parse_size, parse_ssd
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "synthetic_trace.jsonl"
@@ -98,8 +101,8 @@ def demo(data: Path | None, dram: int, ssd: int, block_size: int, trace: Path | 
     start = time.perf_counter()
     try:
         with mooncakefs.open(data or tmp, dram=dram, ssd=ssd or None) as store:
-            with click.progressbar(requests, label="requests", show_pos=True) as bar:
-                for chain in bar:
+            with progress(len(requests), "requests") as advance:
+                for chain in requests:
                     keys = [f"blk/{b}" for b in chain]
                     cached = store.match_prefix(keys)
                     results = store.batch_get_into(keys[:cached], buffers[:cached])
@@ -114,6 +117,7 @@ def demo(data: Path | None, dram: int, ssd: int, block_size: int, trace: Path | 
                                zip(keys, chain, results + [None] * (len(keys) - cached), strict=True)
                                if res is None or isinstance(res, Exception)]
                     store.batch_put(missing)
+                    advance(1)
             elapsed = time.perf_counter() - start
             stats = store.stats()
     finally:
@@ -122,13 +126,7 @@ def demo(data: Path | None, dram: int, ssd: int, block_size: int, trace: Path | 
     click.echo(f"\n{looked_up} block lookups, {hit} served from the cache "
                f"({100 * hit / max(looked_up, 1):.1f}% hit rate), {len(requests) / elapsed:.0f} requests/s, "
                f"{hit * block_size / elapsed / 1e9:.2f} GB/s loaded")
-    click.echo(f"{'tier':<6}{'capacity':>10}{'used':>10}{'objects':>9}{'hits':>9}{'misses':>9}"
-               f"{'evictions':>11}{'promotions':>12}")
-    for tier in ("dram", "ssd"):
-        if tier in stats:
-            t = stats[tier]
-            click.echo(f"{tier:<6}{format_size(t['capacity']):>10}{format_size(t['used']):>10}{t['objects']:>9}"
-                       f"{t['hits']:>9}{t['misses']:>9}{t['evictions']:>11}{t['promotions']:>12}")
+    _echo_tiers(stats)
 
 
 @main.command()
@@ -332,13 +330,72 @@ def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socke
     server.stop()
 
 
-@main.command()
-@click.option("--etcd", "etcd_url", default="http://127.0.0.1:2379", show_default=True, help="etcd endpoint.")
+class _JsonErrorsCommand(click.Command):
+    """A command whose ``--json`` covers errors in its own arguments too (a bad --timeout, say)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        as_json = "--json" in args  # read first: parsing consumes the list
+        try:
+            return super().parse_args(ctx, args)
+        except click.ClickException as exc:  # not --help: that is click.exceptions.Exit
+            if not as_json:
+                raise
+            click.echo(json.dumps({"error": exc.format_message()}))
+            ctx.exit(exc.exit_code)
+
+
+@main.command(cls=_JsonErrorsCommand)
+@click.option("--etcd", "etcd_url", default="http://127.0.0.1:2379", show_default=True,
+              help="etcd endpoint of the cluster to report on.")
 @click.option("--cluster", default="default", show_default=True, help="Cluster name in etcd.")
-@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON instead of a table.")
-def status(etcd_url: str, cluster: str, as_json: bool) -> None:
-    """The nodes of a cluster: endpoints, tier capacities, live usage (asked of each node over TCP;
-    "-" when it cannot be reached), the placement groups each node is in, and which is controller."""
+@click.option("--node", "node_url", default=None,
+              help="Report on one node instead: unix:///…/node.sock or tcp://HOST:PORT "
+                   "(a TCP node's secret from $MOONCAKEFS_SECRET).")
+@click.option("--mount", "mount_path", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Report on a mount on this host instead (reads MOUNT/.mooncakefs/stats.json).")
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for the --node or --mount to answer.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print JSON instead of a table; on an error, {"error": "..."} and a non-zero exit status.')
+@click.pass_context
+def status(ctx: click.Context, etcd_url: str, cluster: str, node_url: str | None, mount_path: Path | None,
+           timeout: float, as_json: bool) -> None:
+    """Report on a cluster (the default), one node (--node) or a local mount (--mount).
+
+    A cluster's nodes come from etcd: endpoints, tier capacities, live usage (asked of each node over
+    TCP; "-" when it cannot be reached), the placement groups each node is in, and which is controller.
+    A node or a mount shows its usage and per-tier counters."""
+    try:
+        data, render = _status_report(ctx, etcd_url, cluster, node_url, mount_path, timeout)
+    except Exception as exc:
+        if not as_json:
+            raise
+        # A script asked for JSON: give it JSON whatever went wrong, and say so in the exit status.
+        message = exc.format_message() if isinstance(exc, click.ClickException) else f"{type(exc).__name__}: {exc}"
+        click.echo(json.dumps({"error": message}))
+        ctx.exit(exc.exit_code if isinstance(exc, click.ClickException) else 1)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        render()
+
+
+def _status_report(ctx: click.Context, etcd_url: str, cluster: str, node_url: str | None,
+                   mount_path: Path | None, timeout: float) -> tuple[dict, Callable[[], None]]:
+    """The report ``status`` asked for: its JSON form, and a function that prints it as tables."""
+    from click.core import ParameterSource
+
+    etcd_given = any(ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE for p in ("etcd_url", "cluster"))
+    if sum((etcd_given, node_url is not None, mount_path is not None)) > 1:
+        raise click.UsageError("report on one thing: a cluster (--etcd/--cluster), a --node or a --mount")
+    if node_url is not None:
+        return _node_report(node_url, timeout)
+    if mount_path is not None:
+        return _mount_report(mount_path, timeout)
+    return _cluster_report(etcd_url, cluster)
+
+
+def _cluster_report(etcd_url: str, cluster: str) -> tuple[dict, Callable[[], None]]:
     from mooncakefs.cluster.membership import list_nodes, uptime
     from mooncakefs.cluster.placement import PlacementMap
 
@@ -351,32 +408,128 @@ def status(etcd_url: str, cluster: str, as_json: bool) -> None:
         r["stats"] = _node_stats(r.get("tcp"))
         r["groups"] = pmap.groups_of(r["id"]) if pmap else 0
         r["controller"] = r["id"] == controller
-    if as_json:
-        click.echo(json.dumps({"nodes": records, "controller": controller,
-                               "epoch": pmap.epoch if pmap else None,
-                               "groups": pmap.groups if pmap else None,
-                               "mapped": sorted(pmap.nodes) if pmap else []}, indent=2))
-        return
-    rows = [("NODE", "HOST", "TCP", "DRAM used/size", "SSD used/size", "OBJECTS", "GROUPS", "UP")]
-    for r in records:
-        st = r["stats"] or {}
-        def usage(tier: str, r: dict = r, st: dict = st) -> str:
-            size = r.get(tier) or 0
-            if not size:
-                return "-"
-            used = st.get(tier, {}).get("used")
-            return f"{'?' if used is None else format_size(used)}/{format_size(size)}"
-        health = "" if r["stats"] is not None else " (unreachable)"
-        rows.append((r["id"] + (" *" if r["controller"] else ""), r.get("host", "?"), (r.get("tcp") or "-") + health,
-                     usage("dram"), usage("ssd"), str(st.get("objects", "-")), str(r["groups"]), f"{uptime(r):.0f}s"))
+    data = {"nodes": records, "controller": controller, "epoch": pmap.epoch if pmap else None,
+            "groups": pmap.groups if pmap else None, "mapped": sorted(pmap.nodes) if pmap else []}
+
+    def render() -> None:
+        rows = [("NODE", "HOST", "TCP", "DRAM used/size", "SSD used/size", "OBJECTS", "GROUPS", "UP")]
+        for r in records:
+            st = r["stats"] or {}
+            health = "" if r["stats"] is not None else " (unreachable)"
+            rows.append((r["id"] + (" *" if r["controller"] else ""), r.get("host", "?"),
+                         (r.get("tcp") or "-") + health, _usage(r.get("dram"), st.get("dram", {}).get("used")),
+                         _usage(r.get("ssd"), st.get("ssd", {}).get("used")), str(st.get("objects", "-")),
+                         str(r["groups"]), f"{uptime(r):.0f}s"))
+        _echo_table(rows)
+        click.echo(f"{len(records)} node{'s' if len(records) != 1 else ''} in cluster {cluster!r}"
+                   + (f"; placement epoch {pmap.epoch}, {pmap.groups} groups of up to {pmap.width} nodes; "
+                      "* = controller" if pmap else "; no placement map yet"))
+        if pmap and pmap.members() != {r["id"] for r in records}:
+            click.echo("the placement map is catching up with membership (the controller rewrites it within a second)")
+
+    return data, render
+
+
+def _node_report(url: str, timeout: float) -> tuple[dict, Callable[[], None]]:
+    if not url.startswith(("unix://", "tcp://")):
+        raise click.BadParameter(f"expected unix:///path/to/node.sock or tcp://HOST:PORT, got {url!r}"
+                                 + ("; for a cluster use --etcd and --cluster" if url.startswith("etcd://") else ""),
+                                 param_hint="--node")
+    try:
+        with mooncakefs.connect(url, timeout=timeout) as client:
+            stats, instance = client.stats(), client.ping()
+    except (ValueError, mooncakefs.MooncakeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    data = {"node": url, "instance": instance, "stats": stats}
+
+    def render() -> None:
+        _echo_table([("NODE", "DRAM used/size", "SSD used/size", "OBJECTS"), (url, *_tier_usage(stats))])
+        click.echo()
+        _echo_tiers(stats)
+
+    return data, render
+
+
+def _mount_report(mount: Path, timeout: float) -> tuple[dict, Callable[[], None]]:
+    """Read the statistics a mount serves as a file (its daemon writes them afresh at each open)."""
+    stats_file = mount / ".mooncakefs" / "stats.json"
+    outcome: dict[str, Any] = {}
+
+    def read() -> None:
+        try:
+            outcome["text"] = stats_file.read_bytes()
+        except OSError as exc:
+            outcome["error"] = exc
+
+    reader = threading.Thread(target=read, name="mooncakefs-status-read", daemon=True)
+    reader.start()
+    reader.join(timeout)  # a hung daemon must not hang `status` too
+    if reader.is_alive():
+        raise click.ClickException(f"the mount at {mount} did not answer within {timeout:g} s (its daemon is hung?)")
+    error = outcome.get("error")
+    if isinstance(error, FileNotFoundError):
+        why = "no such directory" if not mount.is_dir() else f"no {stats_file} in it"
+        raise click.ClickException(f"{mount} is not the root of a mooncakefs mount: {why}")
+    if isinstance(error, OSError):
+        if error.errno == errno.ENOTCONN:
+            raise click.ClickException(f"the mount at {mount} is dead (its daemon is gone): unmount it with "
+                                       f"`umount {mount}` or `fusermount3 -u {mount}`")
+        raise click.ClickException(f"cannot read {stats_file}: {error.strerror or error}")
+    try:
+        stats = json.loads(outcome["text"])
+        fs = stats["fs"]
+    except (ValueError, KeyError, TypeError):
+        raise click.ClickException(f"{stats_file} does not hold mooncakefs statistics") from None
+    data = {"mount": str(mount), "stats": stats}
+
+    def render() -> None:
+        nodes = stats.get("nodes")  # a cluster mount: its store is the cluster's nodes
+        rows = [("MOUNT" if nodes is None else "NODE", "DRAM used/size", "SSD used/size", "OBJECTS")]
+        if nodes is None:
+            rows.append((str(mount), *_tier_usage(stats)))
+        else:
+            rows += [(ident, *_tier_usage(st)) for ident, st in sorted(nodes.items())]
+        _echo_table(rows)
+        click.echo(f"{fs['inodes']} inodes, {fs['chunks']} chunks of {format_size(fs['chunk_size'])}, "
+                   f"{fs['open_files']} open files; mounted {fs['uptime_s']:.0f}s"
+                   + (f"; cluster placement epoch {stats.get('epoch')}" if nodes is not None else ""))
+        if nodes is None:
+            click.echo()
+            _echo_tiers(stats)
+
+    return data, render
+
+
+def _usage(size: int | None, used: int | None) -> str:
+    """"used/size" of a tier, "-" for a tier that is not there."""
+    if not size:
+        return "-"
+    return f"{'?' if used is None else format_size(used)}/{format_size(size)}"
+
+
+def _tier_usage(stats: dict) -> tuple[str, str, str]:
+    """The usage columns (DRAM, SSD, objects) of one store's stats()."""
+    dram, ssd = stats.get("dram", {}), stats.get("ssd", {})
+    return (_usage(dram.get("capacity"), dram.get("used")), _usage(ssd.get("capacity"), ssd.get("used")),
+            str(stats.get("objects", "-")))
+
+
+def _echo_table(rows: list[tuple[str, ...]]) -> None:
+    """Left-aligned columns, the first row the heading."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    click.echo(f"{len(records)} node{'s' if len(records) != 1 else ''} in cluster {cluster!r}"
-               + (f"; placement epoch {pmap.epoch}, {pmap.groups} groups of up to {pmap.width} nodes; "
-                  "* = controller" if pmap else "; no placement map yet"))
-    if pmap and pmap.members() != {r["id"] for r in records}:
-        click.echo("the placement map is catching up with membership (the controller rewrites it within a second)")
+
+
+def _echo_tiers(stats: dict) -> None:
+    """Per tier: capacity, usage and the hit/miss/eviction/promotion counters of a store's stats()."""
+    click.echo(f"{'tier':<6}{'capacity':>10}{'used':>10}{'objects':>9}{'hits':>9}{'misses':>9}"
+               f"{'evictions':>11}{'promotions':>12}")
+    for tier in ("dram", "ssd"):
+        if tier in stats:
+            t = stats[tier]
+            click.echo(f"{tier:<6}{format_size(t['capacity']):>10}{format_size(t['used']):>10}{t['objects']:>9}"
+                       f"{t['hits']:>9}{t['misses']:>9}{t['evictions']:>11}{t['promotions']:>12}")
 
 
 def _node_stats(tcp: str | None) -> dict | None:

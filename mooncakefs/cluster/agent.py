@@ -38,6 +38,7 @@ from mooncakefs.cluster.client import NodeLink
 from mooncakefs.cluster.membership import Membership, cluster_prefix, nodes_prefix
 from mooncakefs.cluster.placement import DEFAULT_GROUPS, DEFAULT_WIDTH, PlacementMap, pointer_key
 from mooncakefs.errors import Fenced, KeyNotFound, MooncakeError, NotNewer, Rejoining, StaleEpoch, Unavailable
+from mooncakefs.progress import progress
 from mooncakefs.store import Store, wire_key
 from mooncakefs.wire import LOCAL, REPLICAS_SHIFT
 
@@ -322,18 +323,30 @@ class NodeAgent:
                 leaving.append(raw)
         checked: set[bytes] = set()
         behind: set[bytes] = set()  # an owner may still lack these: not ours to drop yet
-        for node, raws in wanted.items():
-            if self.map is not pmap:
-                raise StaleEpoch("the map changed during repair")
-            link = self._link(node, pmap)
-            for raw, theirs in _versions_at(link, raws):
-                if (theirs is None or theirs < held[raw][0]) and not self._push(link, raw, held[raw][1]):
-                    behind.add(raw)
-                checked.add(raw)
+        started, pushed_before, dropped = time.monotonic(), self.repairs, 0
+        with progress(sum(map(len, wanted.values())), f"repair (epoch {pmap.epoch})") as advance:
+            for node, raws in wanted.items():
+                if self.map is not pmap:
+                    raise StaleEpoch("the map changed during repair")
+                link = self._link(node, pmap)
+                for raw, theirs in _versions_at(link, raws):
+                    if (theirs is None or theirs < held[raw][0]) and not self._push(link, raw, held[raw][1]):
+                        behind.add(raw)
+                    checked.add(raw)
+                    advance(1)
         for raw in leaving:
             if raw in checked and raw not in behind and self.map is pmap:
                 self.store.remove(wire_key(raw))
+                dropped += 1
         self.repair_passes += 1
+        # The bar is drawn only on a terminal and is gone once done: the log keeps what the pass did
+        # (in the message for text logs, as fields for JSON ones).
+        summary = {"epoch": pmap.epoch, "keys": len(held), "checked": len(checked),
+                   "pushed": self.repairs - pushed_before, "dropped": dropped, "behind": len(behind),
+                   "seconds": round(time.monotonic() - started, 3)}
+        log.info("repair pass (epoch %(epoch)d): %(keys)d keys held, %(checked)d checked with their owners, "
+                 "%(pushed)d pushed, %(dropped)d dropped, %(behind)d still behind, in %(seconds).1f s",
+                 summary, extra=summary)
 
     def _push(self, link: NodeLink, raw: bytes, tag: int) -> bool:
         """Copy one value (placed as ``tag`` says) to another node unless it holds a newer one; False
