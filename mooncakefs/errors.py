@@ -50,7 +50,14 @@ class NotNewer(KeyExists):
         self.key = key
 
 
-class InvalidKey(MooncakeError, ValueError):
+class InvalidArgument(MooncakeError, TypeError, ValueError):
+    """An argument of the wrong type or out of range (``ttl="30"``, ``pin="no"``, a str as a buffer, one
+    key where a list of keys is due, ``replicas`` on a single node).  Every store checks arguments the
+    same way, on the client's side, before anything is sent.  It is both a TypeError and a ValueError,
+    so whichever builtin a caller catches, it catches this."""
+
+
+class InvalidKey(InvalidArgument):
     """The key is not a str or bytes of 1 to 1024 bytes."""
 
 

@@ -25,6 +25,7 @@ import heapq
 import itertools
 import math
 import mmap
+import numbers
 import threading
 import time
 from collections import OrderedDict
@@ -39,6 +40,7 @@ from mooncakefs.datadir import DataDirLock, default_path
 from mooncakefs.errors import (
     BufferTooSmall,
     ChecksumError,
+    InvalidArgument,
     InvalidKey,
     KeyExists,
     KeyNotFound,
@@ -46,6 +48,7 @@ from mooncakefs.errors import (
     NotNewer,
     OutOfSpace,
     StoreClosed,
+    describe_key,
 )
 from mooncakefs.tiers import DramTier, SsdTier
 from mooncakefs.tiers.ssd import PINNED, STICKY, Segment, aligned
@@ -100,6 +103,179 @@ def encode_key(key: object) -> bytes:
         what = "empty" if not raw else f"{len(raw)} bytes long"
         raise InvalidKey(f"key {key!r:.80} is {what}; keys are 1 to {MAX_KEY_BYTES} bytes")
     return raw
+
+
+# -- argument checks ----------------------------------------------------------------------------------
+# Every store (embedded, a node's client, the cluster's) checks its arguments with these, before anything
+# is stored or sent, so that the same mistake gives the same error everywhere.  The hot paths test the
+# common case inline (``type(x) is``, ``x is False``) and call these only to raise or to normalise.
+
+MAX_VERSION = 1 << 126
+SINGLE_KEY_TYPES = (str, bytes, bytearray, memoryview)  # a key (or a buffer), where a list of keys is due
+BUFFER_KINDS = "bytes, bytearray, memoryview, numpy array"
+WRITABLE_KINDS = "bytearray, writable memoryview, numpy array"
+
+
+def given(value: object) -> str:
+    """What a caller passed, for a message: its repr (cut short) and its type."""
+    return f"{value!r:.60} ({type(value).__name__})"
+
+
+def check_flag(name: str, value: object) -> bool:
+    """A put flag (pin, if_absent, durable, if_newer) must be a bool: ``pin="no"`` would pin."""
+    if value is not True and value is not False:
+        raise InvalidArgument(f"{name} must be True or False, got {given(value)}")
+    return value
+
+
+def check_ttl(ttl: object) -> float | None:
+    """A ttl is None (never expires) or a positive, finite number of seconds; ``ttl="30"`` and
+    ``ttl=True`` are mistakes, not 30 s and 1 s."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, numbers.Real):
+        raise InvalidArgument(f"ttl must be a number of seconds (int or float) or None, got {given(ttl)}")
+    try:
+        seconds = float(ttl)
+    except OverflowError:
+        seconds = math.inf
+    if not 0 < seconds < math.inf:  # also refuses nan
+        raise InvalidArgument(f"ttl must be a positive, finite number of seconds, got {ttl!r:.60}")
+    return seconds
+
+
+def check_version(version: object) -> int:
+    """A version is an int from 0 to 2**126 - 1 (it travels in 16 bytes; a bool is not one)."""
+    if type(version) is not int or not 0 <= version < MAX_VERSION:
+        raise InvalidArgument(f"version must be an int from 0 to 2**126 - 1, got {given(version)}")
+    return version
+
+
+def check_put_options(pin: object, ttl: object, if_absent: object, durable: object, version: object = 0,
+                      if_newer: object = False) -> float | None:
+    """Check ``put``'s options, as every store takes them; returns the ttl in seconds (or None)."""
+    for name, flag in (("pin", pin), ("if_absent", if_absent), ("durable", durable), ("if_newer", if_newer)):
+        check_flag(name, flag)
+    if if_absent and if_newer:
+        raise InvalidArgument("put takes if_absent or if_newer, not both")
+    if version is not None:
+        check_version(version)
+    return check_ttl(ttl)
+
+
+def cluster_only(call: str, where: str, replicas: object, placement: object) -> None:
+    """``replicas`` and ``placement`` mean something only in a cluster: a single store (embedded, or one
+    node) keeps one copy of each value, so it takes replicas=1 and no placement, and says so clearly."""
+    if (replicas is None or (type(replicas) is int and replicas == 1)) and placement is None:
+        return
+    option = f"replicas={replicas!r:.40}" if placement is None else f"placement={placement!r:.40}"
+    raise InvalidArgument(
+        f"{call}({option}): replicas and placement need a cluster, and {where} is a single store that keeps "
+        "one copy of each value; connect to a cluster with mooncakefs.connect('etcd://HOST:2379/CLUSTER')"
+    )
+
+
+def value_error(value: object, what: str = "value") -> InvalidArgument:
+    """Why ``value`` is not a value to put (call only once taking its buffer has failed)."""
+    if isinstance(value, str):
+        return InvalidArgument(f"{what} must be a bytes-like object ({BUFFER_KINDS}), not str: "
+                               f"encode it first ({what}.encode())")
+    try:
+        view = memoryview(value)  # type: ignore[arg-type]
+    except TypeError:
+        return InvalidArgument(f"{what} must be a bytes-like object ({BUFFER_KINDS}), not {type(value).__name__}")
+    if not view.c_contiguous:
+        return InvalidArgument(f"{what} must be a C-contiguous buffer ({type(value).__name__} is not; "
+                               "numpy: np.ascontiguousarray(a))")
+    return InvalidArgument(f"{what} must be a C-contiguous bytes-like object ({BUFFER_KINDS}), "
+                           f"not {type(value).__name__}")
+
+
+def buffer_error(buffer: object) -> InvalidArgument | None:
+    """Why ``buffer`` cannot receive a value (``get_into``), or None if it can: a bytes-like object that
+    is writable and C-contiguous."""
+    if isinstance(buffer, str):
+        return InvalidArgument(f"buffer must be a writable bytes-like object ({WRITABLE_KINDS}), not str")
+    try:
+        view = memoryview(buffer)  # type: ignore[arg-type]
+    except TypeError:
+        return InvalidArgument(f"buffer must be a writable bytes-like object ({WRITABLE_KINDS}), "
+                               f"not {type(buffer).__name__}")
+    if view.readonly:
+        return InvalidArgument(f"buffer must be writable, and this {type(buffer).__name__} is read-only: "
+                               f"pass a {WRITABLE_KINDS.replace(', numpy', ' or numpy')}")
+    if not view.c_contiguous:
+        return InvalidArgument(f"buffer must be a C-contiguous buffer ({type(buffer).__name__} is not; "
+                               "numpy: np.ascontiguousarray(a))")
+    return None
+
+
+def raise_buffer_error(buffer: object) -> None:
+    """Raise why ``buffer`` cannot receive a value, if it cannot.  Called where a copy raised TypeError:
+    when the buffer is fine the error had another cause, and the caller raises it again."""
+    error = buffer_error(buffer)
+    if error is not None:
+        raise error from None
+
+
+def key_list(keys: object, call: str, what: str = "keys") -> Iterable[Any]:
+    """``keys`` itself, if it is a collection of keys: a call that takes many keys and got one
+    (``match_prefix("a/b")`` would look up "a", "/" and "b") or something else says so."""
+    if isinstance(keys, SINGLE_KEY_TYPES):
+        example = f"{keys!r:.60}" if what == "keys" else "buffer"
+        raise InvalidArgument(f"{call} takes a list of {what}, not a single {type(keys).__name__} "
+                              f"({keys!r:.60}): pass [{example}] for one")
+    try:
+        iter(keys)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidArgument(f"{call} takes a list of {what}, got {given(keys)}") from None
+    return keys  # type: ignore[return-value]
+
+
+def put_pairs(items: object, call: str = "batch_put") -> list[tuple[Any, Any]]:
+    """A batch put's items, as a list of (key, value) pairs: from a mapping, or an iterable of pairs.
+    Anything else is refused as a whole, before any item is stored."""
+    if isinstance(items, Mapping):
+        return list(items.items())
+    if isinstance(items, SINGLE_KEY_TYPES):
+        raise InvalidArgument(f"{call} takes a mapping or a list of (key, value) pairs, not a single "
+                              f"{type(items).__name__} ({items!r:.60})")
+    try:
+        pairs = list(items)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidArgument(f"{call} takes a mapping or a list of (key, value) pairs, got {given(items)}") \
+            from None
+    for i, pair in enumerate(pairs):
+        if type(pair) is not tuple or len(pair) != 2:
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise InvalidArgument(f"{call} takes (key, value) pairs, but item {i} is {given(pair)}")
+            pairs[i] = tuple(pair)
+    return pairs
+
+
+def batch_targets(keys: object, buffers: object) -> tuple[list[Any], list[Any]]:
+    """``batch_get_into``'s keys and buffers, as lists of the same length."""
+    keys = list(key_list(keys, "batch_get_into"))
+    buffers = list(key_list(buffers, "batch_get_into", "buffers"))
+    if len(keys) != len(buffers):
+        raise InvalidArgument(f"batch_get_into takes one buffer per key, got {len(keys)} keys and "
+                              f"{len(buffers)} buffers")
+    return keys, buffers
+
+
+def encode_prefix(prefix: object) -> bytes:
+    """The bytes of a key prefix ("" matches every key).  An int is refused: ``bytes(5)`` would be five
+    NUL bytes, and ``remove_prefix(5)`` would remove the wrong keys."""
+    if type(prefix) is str:
+        try:
+            return prefix.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidKey(f"prefix {prefix!r:.80} is not valid UTF-8: {exc.reason}") from None
+    if isinstance(prefix, bytes | bytearray | memoryview):
+        return bytes(prefix)
+    if isinstance(prefix, str):
+        return encode_prefix(str(prefix))
+    raise InvalidArgument(f"prefix must be str or bytes, got {given(prefix)}")
 
 
 def key_digest(raw: bytes) -> bytes:
@@ -183,8 +359,10 @@ class Replace(enum.IntEnum):
 
     @staticmethod
     def of(if_absent: bool, if_newer: bool) -> Replace:
+        if (if_absent is not False and if_absent is not True) or (if_newer is not False and if_newer is not True):
+            check_put_options(False, None, if_absent, False, 0, if_newer)
         if if_absent and if_newer:
-            raise ValueError("put takes if_absent or if_newer, not both")
+            raise InvalidArgument("put takes if_absent or if_newer, not both")
         return Replace.NEVER if if_absent else Replace.IF_OLDER if if_newer else Replace.ALWAYS
 
 
@@ -362,7 +540,7 @@ class Store(KVMapping):
             if keys is None:
                 chosen = [(raw, e) for raw, e in self._index.items() if e.sticky]
             else:
-                chosen = [(raw, self._index.get(raw)) for raw in map(encode_key, keys)]
+                chosen = [(raw, self._index.get(raw)) for raw in map(encode_key, key_list(keys, "persist"))]
             segments: set[int] = set()
             written = 0
             for raw, entry in chosen:
@@ -402,6 +580,8 @@ class Store(KVMapping):
         version: int = 0,
         if_newer: bool = False,
         tag: int = 0,
+        replicas: int | None = None,
+        placement: str | None = None,
     ) -> None:
         """Store ``value`` (any C-contiguous buffer) under ``key``, atomically replacing what was there.
 
@@ -409,8 +589,15 @@ class Store(KVMapping):
         KeyExists rather than replace; ``durable`` returns only once it is flushed to the SSD tier.
         ``version`` (an int below 2**126) and ``tag`` (a 32-bit int) are kept with the value, on SSD
         too, for the writer's own use (a cluster node keeps the value's version and placement there);
-        ``if_newer`` replaces only a value of a lower version, and raises NotNewer otherwise."""
-        raw, entry = self._prepare_put(key, _engine.nbytes(value), pin, ttl, durable, version, tag)
+        ``if_newer`` replaces only a value of a lower version, and raises NotNewer otherwise.
+        ``replicas`` and ``placement`` are the cluster's: here only replicas=1 is taken (one copy)."""
+        if replicas is not None or placement is not None:
+            cluster_only("put", f"the embedded store at {self.path}", replicas, placement)
+        try:
+            size = _engine.nbytes(value)
+        except TypeError:
+            raise value_error(value) from None
+        raw, entry = self._prepare_put(key, size, pin, ttl, durable, version, tag)
         self._put_prepared(raw, key, entry, value, Replace.of(if_absent, if_newer), durable)
 
     def begin_put(self, key: Key, size: int, *, pin: bool = False, ttl: float | None = None,
@@ -501,23 +688,25 @@ class Store(KVMapping):
 
     def _prepare_put(self, key: Key, size: int, pin: bool, ttl: float | None, durable: bool, version: int,
                      tag: int) -> tuple[bytes, Entry]:
-        """Check a put's arguments (no lock needed): the key's bytes and a fresh entry."""
+        """Check a put's arguments (no lock needed): the key's bytes and a fresh entry.  The common case
+        is tested inline; ``check_put_options`` explains anything else."""
         raw = encode_key(key)
         entry = Entry(size)
-        if version:
-            if type(version) is not int:
-                raise TypeError(f"version must be an int, got {type(version).__name__}")
-            entry.version = version  # ValueError outside 0..2**126
+        if (pin is not False and pin is not True) or (durable is not False and durable is not True):
+            check_put_options(pin, ttl, False, durable)
+        if version or type(version) is not int:
+            entry.version = check_version(version)
         if tag:
             if type(tag) is not int or not 0 <= tag < 1 << 32:
-                raise ValueError(f"tag must be an int from 0 to 2**32, got {tag!r:.40}")
+                raise InvalidArgument(f"tag must be an int from 0 to 2**32 - 1, got {given(tag)}")
             entry.tag = tag
         if ttl is not None:
-            if not ttl > 0 or math.isinf(ttl):
-                raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+            if (type(ttl) is not float and type(ttl) is not int) or not 0 < ttl < math.inf:
+                ttl = check_ttl(ttl)
             entry.expires = time.time() + ttl
         if durable and self._ssd is None:
-            raise ValueError(f"put({key!r:.80}, durable=True) needs an SSD tier: open the store with ssd=...")
+            raise InvalidArgument(f"put({describe_key(key)}, durable=True) needs an SSD tier: open the store "
+                                  "with ssd=... (a node: --ssd)")
         entry.pinned = pin
         entry.sticky = type(key) is InternalKey
         return raw, entry
@@ -599,12 +788,7 @@ class Store(KVMapping):
     def _put_ssd_only(self, raw: bytes, key: Key, entry: Entry, value: Any) -> None:
         """No DRAM block can be had: store straight to SSD if the value may live there (lock held)."""
         if entry.pinned or self._ssd is None:
-            pinned = "a pinned value" if entry.pinned else "a value"
-            raise OutOfSpace(
-                f"key {key!r:.80}: no room for {pinned} of {format_size(entry.size)} in DRAM "
-                f"({format_size(self._dram.used)} of {format_size(self._dram.capacity)} used by pinned or "
-                f"in-use objects{'' if self._ssd else ', and there is no SSD tier'})"
-            )
+            raise OutOfSpace(self._no_dram_room(key, entry))
         self._write_to_ssd(raw, entry, memoryview(value).cast("B"))  # OutOfSpace leaves the old value
         old = self._index.get(raw)
         self._unshare(raw)
@@ -615,6 +799,25 @@ class Store(KVMapping):
         if entry.expires:
             heapq.heappush(self._expiring, (entry.expires, next(self._tiebreak), raw, entry))
         self._commit({entry.seg})
+
+    def _no_dram_room(self, key: Key, entry: Entry) -> str:
+        """Why a value that may live only in DRAM got no block (lock held): the pool's size, its high
+        watermark (no value above it ever fits), how much pinned or in-use objects hold, and what fits."""
+        capacity, high, used = self._dram.capacity, self._high, self._dram.used
+        what = "a pinned value" if entry.pinned else "a value"
+        if entry.size > high:
+            why = (f"the DRAM pool is {format_size(capacity)} and its high watermark ({high / capacity:.0%}) "
+                   f"lets values up to {format_size(high)} in")
+        else:
+            why = (f"{format_size(used)} of the {format_size(capacity)} DRAM pool is held by pinned or in-use "
+                   f"objects, so at most {format_size(max(0, capacity - used))} fits now (the high watermark, "
+                   f"{high / capacity:.0%}, is {format_size(high)})")
+        if entry.pinned:
+            fix = "pinned values live only in DRAM: give the store more DRAM (dram=, a node: --dram) or unpin"
+        else:  # only values that cannot go to SSD come here
+            fix = ("there is no SSD tier: give the store more DRAM (dram=, a node: --dram) or an SSD tier "
+                   "(ssd=, a node: --ssd)")
+        return f"key {describe_key(key)}: no room for {what} of {format_size(entry.size)}: {why}; {fix}"
 
     def _write_to_ssd(self, raw: bytes, entry: Entry, data: memoryview) -> None:
         """Give an entry an SSD copy of ``data`` (lock held); OutOfSpace if the tier has no room."""
@@ -831,15 +1034,19 @@ class Store(KVMapping):
 
         BufferTooSmall (nothing written) if the buffer is shorter than the value."""
         raw = encode_key(key)
-        room = _engine.nbytes(buffer)
-        with self._lock:
-            entry = self._find(raw, key)
-            if entry.size > room:
-                raise BufferTooSmall(key, entry.size, room)
-            if entry.dram >= 0 and entry.size < LOCKED_COPY_MAX:
-                return self._dram.arena.read_into(entry.dram_off, entry.size, buffer)
-            seg = self._lease(entry)
-        return self._read_leased(raw, key, entry, seg, buffer)
+        try:
+            room = _engine.nbytes(buffer)
+            with self._lock:
+                entry = self._find(raw, key)
+                if entry.size > room:
+                    raise BufferTooSmall(key, entry.size, room)
+                if entry.dram >= 0 and entry.size < LOCKED_COPY_MAX:
+                    return self._dram.arena.read_into(entry.dram_off, entry.size, buffer)
+                seg = self._lease(entry)
+            return self._read_leased(raw, key, entry, seg, buffer)
+        except TypeError:  # not a buffer, or a read-only one: say so as every store does
+            raise_buffer_error(buffer)
+            raise
 
     def view(self, key: Key) -> ValueView:
         """A read-only memoryview of the value, for use as ``with store.view(key) as mv: ...``.
@@ -931,7 +1138,7 @@ class Store(KVMapping):
 
     def remove_prefix(self, prefix: Key) -> int:
         """Remove every key starting with ``prefix``; returns how many were removed."""
-        raw = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
+        raw = encode_prefix(prefix)
         with self._lock:
             self._check_open()
             doomed = [(k, e) for k, e in self._index.items()
@@ -966,14 +1173,14 @@ class Store(KVMapping):
 
     def versions(self, keys: Iterable[Key]) -> list[int | None]:
         """Each key's version (what its writer put it with), None where it is absent."""
-        raws = [encode_key(k) for k in keys]
+        raws = [encode_key(k) for k in key_list(keys, "versions")]
         with self._lock:
             self._check_open()
             return [None if (e := self._lookup(raw)) is None else e.version for raw in raws]
 
     def keys(self, prefix: Key = "") -> Iterator[Key]:
         """The keys present now (a snapshot), optionally only those starting with ``prefix``."""
-        raw = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
+        raw = encode_prefix(prefix)
         with self._lock:
             self._check_open()
             self._reap_expired()
@@ -990,6 +1197,7 @@ class Store(KVMapping):
 
     def match_prefix(self, keys: Iterable[Key]) -> int:
         """How many leading keys of ``keys`` are present: the cached prefix of a KV-cache block chain."""
+        keys = key_list(keys, "match_prefix")
         with self._lock:
             self._check_open()
             hits = 0
@@ -1048,19 +1256,29 @@ class Store(KVMapping):
         version: int = 0,
         if_newer: bool = False,
         tag: int = 0,
+        replicas: int | None = None,
+        placement: str | None = None,
     ) -> list[Any]:
         """Put many values; one result per item, in order: None, or the exception that item raised.
-        The options are ``put``'s, for every item.
+        The options are ``put``'s, for every item: a bad one (or an item that is not a (key, value)
+        pair) fails the whole call, before anything is stored.
 
         Consecutive small values are stored under one acquisition of the lock."""
-        pairs = items.items() if isinstance(items, Mapping) else items
+        if replicas is not None or placement is not None:
+            cluster_only("batch_put", f"the embedded store at {self.path}", replicas, placement)
+        ttl = check_put_options(pin, ttl, if_absent, durable, version, if_newer)
+        pairs = put_pairs(items)
         replace = Replace.of(if_absent, if_newer)
         results: list[Any] = []
         small: list[tuple[int, bytes, Key, Entry, Any]] = []  # a run waiting for the lock
         for key, value in pairs:
             results.append(None)
             try:
-                raw, entry = self._prepare_put(key, _engine.nbytes(value), pin, ttl, durable, version, tag)
+                try:
+                    size = _engine.nbytes(value)
+                except TypeError:
+                    raise value_error(value) from None
+                raw, entry = self._prepare_put(key, size, pin, ttl, durable, version, tag)
                 if entry.size < LOCKED_COPY_MAX:
                     small.append((len(results) - 1, raw, key, entry, value))
                     continue
@@ -1089,16 +1307,18 @@ class Store(KVMapping):
 
     def batch_get_into(self, keys: Iterable[Key], buffers: Iterable[Any]) -> list[Any]:
         """get_into for many keys; one result per key: the byte count, or the exception for that key."""
-        keys, buffers = list(keys), list(buffers)
-        if len(keys) != len(buffers):
-            raise ValueError(f"batch_get_into got {len(keys)} keys but {len(buffers)} buffers")
+        keys, buffers = batch_targets(keys, buffers)
         arena = self._dram.arena
 
         def copy_out(i: int, key: Key, entry: Entry) -> int:
-            room = _engine.nbytes(buffers[i])
-            if entry.size > room:
-                raise BufferTooSmall(key, entry.size, room)
-            return arena.read_into(entry.dram_off, entry.size, buffers[i])
+            try:
+                room = _engine.nbytes(buffers[i])
+                if entry.size > room:
+                    raise BufferTooSmall(key, entry.size, room)
+                return arena.read_into(entry.dram_off, entry.size, buffers[i])
+            except TypeError:
+                raise_buffer_error(buffers[i])
+                raise
 
         results = self._batch_read(keys, copy_out)
         return [r if r is not None else self._each(self.get_into, keys[i], buffers[i])
@@ -1106,7 +1326,7 @@ class Store(KVMapping):
 
     def batch_get(self, keys: Iterable[Key]) -> list[bytes | None]:
         """The values of many keys, None for each key that is missing (or invalid, or corrupted)."""
-        keys = list(keys)
+        keys = list(key_list(keys, "batch_get"))
         arena = self._dram.arena
         results = self._batch_read(keys, lambda i, key, entry: arena.read(entry.dram_off, entry.size))
         out = [self._each(self.get, keys[i]) if r is None else r for i, r in enumerate(results)]
@@ -1138,7 +1358,7 @@ class Store(KVMapping):
         return results
 
     def batch_exists(self, keys: Iterable[Key]) -> list[bool]:
-        out = [self._each(self.exists, key) for key in keys]
+        out = [self._each(self.exists, key) for key in key_list(keys, "batch_exists")]
         return [v is True for v in out]
 
     # -- the mapping protocol (the rest is KVMapping's) -------------------------------------------------
