@@ -1,4 +1,5 @@
-"""The data directory: where it is by default, and the lock that gives one process the use of it."""
+"""The data directory: where it is by default, who may read it, and the lock that gives one process the use
+of it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,48 @@ def default_path() -> Path:
     return Path(base) / "mooncakefs"
 
 
+DIR_MODE, FILE_MODE = 0o700, 0o600  # keys, sizes and checksums are private to the store's user
+
+
+def private_dir(path: Path) -> Path:
+    """Make ``path`` (and its missing parents) and leave it mode 0700 whatever the umask.
+
+    The umask is process-wide, so it is never changed (other threads create files too); instead an
+    existing directory of ours that others may enter is tightened.  One owned by someone else is left
+    as it is: changing it is its owner's business."""
+    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    _tighten(path, DIR_MODE)
+    return path
+
+
+def private_file(path: Path, flags: int = os.O_RDWR) -> int:
+    """Open (creating if need be) ``path`` mode 0600 whatever the umask; returns the descriptor."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid == os.geteuid() and st.st_mode & 0o777 != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def tighten(*paths: Path) -> None:
+    """Take group and other access off those of ``paths`` that exist and are ours (files: 0600)."""
+    for path in paths:
+        _tighten(path, FILE_MODE)
+
+
+def _tighten(path: Path, mode: int) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if st.st_uid == os.geteuid() and not os.path.islink(path) and st.st_mode & 0o777 != mode:
+        os.chmod(path, mode)
+
+
 class DataDirLock:
     """An exclusive flock on ``<dir>/LOCK``, which records its holder.
 
@@ -27,7 +70,7 @@ class DataDirLock:
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / "LOCK"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.fd = private_file(self.path)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from mooncakefs import _engine
 from mooncakefs._engine import Entry, SharedIndex
-from mooncakefs.datadir import DataDirLock, default_path
+from mooncakefs.datadir import DataDirLock, default_path, private_dir
 from mooncakefs.errors import (
     BufferTooSmall,
     ChecksumError,
@@ -461,7 +461,7 @@ class Store(KVMapping):
         dram_bytes = parse_size(dram, what="dram")
         ssd_bytes = None if ssd is None else parse_size(ssd, what="ssd")
         self.path = Path(path if path is not None else default_path()).expanduser().resolve()
-        self.path.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path)  # 0700 whatever the umask: keys and sizes are private
         self._datadir_lock = DataDirLock(self.path)
         self._dram: DramTier | None = None
         self._ssd: SsdTier | None = None

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pyfuse3
 
+from mooncakefs.datadir import private_dir, private_file, tighten
+
 ROOT = pyfuse3.ROOT_INODE
 
 _SCHEMA = """
@@ -128,6 +130,11 @@ class Namespace:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
         self.path = path
+        # Names, sizes and xattrs are private: SQLite gives -wal and -shm the mode of the db file, so
+        # making that 0600 (and its directory 0700) ourselves keeps all of it private whatever the umask.
+        private_dir(path.parent)
+        tighten(Path(f"{path}-wal"), Path(f"{path}-shm"))
+        os.close(private_file(path))
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")

@@ -6,6 +6,14 @@ version, tag) is a SQLite table beside them, so a restart reads one table instea
 segments.  A value is written to its segment before its index row is committed, so after any crash a
 row points at complete bytes; bytes with no row are garbage that reclamation removes with their segment.
 
+Each segment also has a journal, ``seg-00000001.keys``: one checksummed record per value appended
+(key, offset, size, CRC-32C, expiry, flags, version, tag, sequence number) and a tombstone per value
+dropped from it, buffered and written just before each index commit (and synced with the segment for
+durable puts).  The index records the highest sequence number it has taken in, so an index that is
+behind its journals (a lost ``-wal``) is rolled forward at open, and a damaged one is moved aside and
+rebuilt from the journals alone.  Segments written before journals existed can be rebuilt only from
+their old index.
+
 Space comes back a whole segment at a time: when a segment's last live value goes, its file is
 deleted; when the tier is full, the store empties the segment with the fewest live bytes (relocating
 what must stay, evicting the rest) and deletes it.  Not thread-safe: the store serialises calls, and
@@ -15,19 +23,39 @@ readers pin a segment so its file descriptor outlives a concurrent delete.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import sqlite3
-from dataclasses import dataclass
+import struct
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mooncakefs import _engine
+from mooncakefs.datadir import private_dir, private_file, tighten
 from mooncakefs.errors import MooncakeError, OutOfSpace
+from mooncakefs.units import format_size
+
+log = logging.getLogger("mooncakefs.ssd")
 
 ALIGN = 512
 DIRECT_ALIGN = 4096  # O_DIRECT needs page-aligned memory, offsets and lengths
 DIRECT_MIN = 1 << 20  # below this the page cache is cheaper than a device round trip
 _SEGMENT_FILE = re.compile(r"^seg-(\d{8})\.dat$")
+_JOURNAL_FILE = re.compile(r"^seg-(\d{8})\.keys$")
+# Journal: a header (magic, format, segment id), then records.  A record is _RECORD (its CRC-32C over
+# everything after the CRC field; kind, flags, key length, sequence number, offset, size, value CRC,
+# tag, expiry, version halves), the key, and its own length again, so the last one can be read from
+# the end of the file without scanning.
+_JOURNAL_HEAD = struct.Struct("<8sII")
+_JOURNAL_MAGIC = b"MCFSKEYS"
+_JOURNAL_FORMAT = 1
+_RECORD = struct.Struct("<IBBHQQQIIdQQ")
+_TRAILER = struct.Struct("<H")
+_MAX_KEY = 1024
+PUT, TOMBSTONE = 1, 2
+_VERIFY_CHUNK = 8 << 20
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
     key BLOB PRIMARY KEY,
@@ -42,6 +70,7 @@ CREATE TABLE IF NOT EXISTS objects (
     tag INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS objects_by_seg ON objects(seg);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
 # Columns added since the first release: an older index gains them (their default) when opened.
 _ADDED_COLUMNS = {column: "INTEGER NOT NULL DEFAULT 0" for column in ("version_hi", "version_lo", "tag")}
@@ -59,6 +88,193 @@ def _close(seg: Segment) -> None:
     os.close(seg.fd)
     if seg.direct_fd >= 0:
         os.close(seg.direct_fd)
+    if seg.journal_fd >= 0:
+        os.close(seg.journal_fd)
+        seg.journal_fd = -1
+
+
+def _journal_path(seg_path: Path) -> Path:
+    return seg_path.with_suffix(".keys")
+
+
+def _pack_record(kind: int, key: bytes, seq: int, off: int, size: int, crc: int = 0, expires: float = 0.0,
+                 flags: int = 0, version: int = 0, tag: int = 0) -> bytes:
+    length = _RECORD.size + len(key) + _TRAILER.size
+    body = _RECORD.pack(0, kind, flags, len(key), seq, off, size, crc, tag, expires or 0.0,
+                        version >> 63, version & _engine.VERSION_LOW_MASK) + key + _TRAILER.pack(length)
+    return _engine.crc32c(memoryview(body)[4:]).to_bytes(4, "little") + body[4:]
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    """One journal record: a value appended to segment ``seg`` (PUT) or dropped from it (TOMBSTONE)."""
+
+    kind: int
+    seq: int
+    key: bytes
+    seg: int
+    off: int
+    size: int
+    crc: int
+    expires: float
+    flags: int
+    version: int
+    tag: int
+
+
+def _unpack_record(buf: bytes | memoryview, pos: int, seg_id: int) -> tuple[JournalRecord | None, int]:
+    """The record at ``pos`` and where the next one starts; (None, next) for a damaged record whose
+    extent is still plain, (None, -1) where the journal stops making sense (a torn or zeroed tail)."""
+    if pos + _RECORD.size + _TRAILER.size > len(buf):
+        return None, -1
+    crc, kind, flags, klen, seq, off, size, vcrc, tag, expires, v_hi, v_lo = _RECORD.unpack_from(buf, pos)
+    end = pos + _RECORD.size + klen + _TRAILER.size
+    if kind not in (PUT, TOMBSTONE) or not 0 < klen <= _MAX_KEY or end > len(buf):
+        return None, -1
+    if _TRAILER.unpack_from(buf, end - _TRAILER.size)[0] != end - pos:
+        return None, -1
+    if _engine.crc32c(memoryview(buf)[pos + 4 : end]) != crc:
+        return None, end
+    key = bytes(buf[pos + _RECORD.size : end - _TRAILER.size])
+    return JournalRecord(kind, seq, key, seg_id, off, size, vcrc, expires, flags, v_hi << 63 | v_lo, tag), end
+
+
+@dataclass
+class Journal:
+    """What reading one journal found."""
+
+    records: list[JournalRecord]
+    damaged: int  # records dropped: their checksum failed
+    end: int  # where the last whole record ends; bytes past it are a torn tail
+    size: int  # the file's size
+
+
+def read_journal(path: Path, seg_id: int) -> Journal:
+    """Parse a segment's journal, dropping damaged records and stopping at a torn tail."""
+    buf = path.read_bytes()
+    head = _JOURNAL_HEAD.size
+    if len(buf) < head or _JOURNAL_HEAD.unpack_from(buf)[0] != _JOURNAL_MAGIC:
+        return Journal([], 1 if buf else 0, 0, len(buf))
+    records, damaged, pos = [], 0, head
+    while True:
+        rec, end = _unpack_record(buf, pos, seg_id)
+        if end < 0:
+            break
+        if rec is None:
+            damaged += 1
+        else:
+            records.append(rec)
+        pos = end
+    return Journal(records, damaged + (pos < len(buf)), pos, len(buf))
+
+
+def _tail_seq(path: Path, seg_id: int) -> int | None:
+    """The sequence number of the journal's last record (0: none), read from its end without a scan;
+    None if the tail is not a whole record (then the journal must be read in full)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(_JOURNAL_HEAD.size)
+        if len(head) < _JOURNAL_HEAD.size or _JOURNAL_HEAD.unpack(head)[0] != _JOURNAL_MAGIC:
+            return None
+        if size == _JOURNAL_HEAD.size:
+            return 0
+        if size < _JOURNAL_HEAD.size + _RECORD.size + _TRAILER.size:
+            return None
+        f.seek(size - _TRAILER.size)
+        length = _TRAILER.unpack(f.read(_TRAILER.size))[0]
+        if length > size - _JOURNAL_HEAD.size:
+            return None
+        f.seek(size - length)
+        rec, end = _unpack_record(f.read(length), 0, seg_id)
+        return rec.seq if rec is not None and end == length else None
+
+
+@dataclass
+class Recovery:
+    """What opening the tier took from its journals that its index did not have."""
+
+    reason: str  # why: the index was damaged, missing, behind its journals, or a rebuild was asked for
+    rebuilt: bool  # the index was replaced (else rolled forward)
+    moved_to: Path | None = None  # where the damaged index went
+    recovered: int = 0  # values taken from the journals
+    recovered_bytes: int = 0
+    removed: int = 0  # index rows that journal tombstones removed
+    lost: int = 0  # journal values whose bytes were missing or failed their checksum
+    lost_bytes: int = 0
+    expired: int = 0
+    damaged_records: int = 0  # journal records dropped: torn or failing their own checksum
+    unjournaled: list[Path] = field(default_factory=list)  # older segments a rebuild could not read
+    unjournaled_bytes: int = 0
+
+    def message(self, index_path: Path, directory: Path) -> str:
+        if self.rebuilt:
+            text = f"the SSD tier's index {index_path} was {self.reason}; "
+            if self.moved_to is not None:
+                text += f"moved it to {self.moved_to.name} and "
+            text += f"rebuilt it from the segment journals in {directory}: "
+        else:
+            text = f"the SSD tier's index {index_path} was {self.reason}; rolled it forward from the journals: "
+        text += f"{_plural(self.recovered, 'value')} ({format_size(self.recovered_bytes)}) recovered"
+        if self.removed:
+            text += f", {_plural(self.removed, 'removal')} applied"
+        text += (f"; {_plural(self.lost, 'value')} ({format_size(self.lost_bytes)}) lost (bytes missing or "
+                 "failing their CRC)")
+        if self.expired:
+            text += f", {self.expired} expired"
+        if self.damaged_records:
+            text += f", {_plural(self.damaged_records, 'damaged journal record')} dropped"
+        if self.unjournaled:
+            text += (
+                f"; {_plural(len(self.unjournaled), 'segment')} ({format_size(self.unjournaled_bytes)}) written before "
+                "segments had journals and cannot be rebuilt: kept as seg-*.dat.orphan, their values are "
+                "recoverable only with the old index"
+            )
+        return text
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def _connect(index_path: Path) -> sqlite3.Connection:
+    """Open (creating) the index mode 0600 and check it; sqlite3.DatabaseError if it is damaged.
+
+    SQLite gives ``-wal`` and ``-shm`` the mode of the database file, so creating that file 0600
+    ourselves keeps all three private whatever the umask."""
+    tighten(Path(f"{index_path}-wal"), Path(f"{index_path}-shm"))
+    os.close(private_file(index_path))
+    db = sqlite3.connect(index_path, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        have = {row[1] for row in db.execute("PRAGMA table_info(objects)")}
+        for column, kind in _ADDED_COLUMNS.items():
+            if column not in have:
+                db.execute(f"ALTER TABLE objects ADD COLUMN {column} {kind}")
+        check = db.execute("PRAGMA quick_check").fetchone()
+        if check is None or check[0] != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {check[0] if check else 'no answer'}")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _move_aside(index_path: Path) -> Path:
+    """Rename a damaged index (and its -wal and -shm, so it can still be opened) out of the way."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = index_path.with_name(f"{index_path.name}.broken-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = index_path.with_name(f"{index_path.name}.broken-{stamp}-{n}")
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(f"{index_path}{suffix}")
+        if source.exists():
+            os.rename(source, f"{target}{suffix}")
+    _fsync_path(index_path.parent)
+    return target
 
 
 def aligned(n: int) -> int:
@@ -76,6 +292,10 @@ class Segment:
     doomed: bool = False
     dir_synced: bool = False  # its directory entry is known to be on disk
     direct_fd: int = -1  # an O_DIRECT descriptor for large aligned appends (-1: none yet, -2: refused)
+    journaled: bool = False  # it has a journal (segments from before journals have none)
+    journal_fd: int = -1  # opened on the first write (older segments only get tombstones)
+    journal_size: int = 0  # bytes of the journal on disk
+    journal_buf: bytearray = field(default_factory=bytearray)  # records not yet written
 
 
 PINNED, STICKY = 1, 2  # bits of the index's flags column
@@ -99,71 +319,216 @@ class Record:
 class SsdTier:
     name = "ssd"
 
-    def __init__(self, directory: Path, capacity: int, *, segment_size: int, index_path: Path) -> None:
+    def __init__(self, directory: Path, capacity: int, *, segment_size: int, index_path: Path,
+                 rebuild: bool | str = False) -> None:
         if capacity < ALIGN:
             raise ValueError(f"ssd must be at least {ALIGN} bytes, got {capacity}")
         if segment_size < ALIGN:
             raise ValueError(f"segment_size must be at least {ALIGN} bytes, got {segment_size}")
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = private_dir(Path(directory))
         self.capacity = capacity
         self.segment_size = segment_size
         self.segments: dict[int, Segment] = {}
         self.active: Segment | None = None
         self.used = 0
         self._dirty = False
-        self.db = sqlite3.connect(index_path, check_same_thread=False, isolation_level=None)
-        try:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(_SCHEMA)
-            have = {row[1] for row in self.db.execute("PRAGMA table_info(objects)")}
-            for column, kind in _ADDED_COLUMNS.items():
-                if column not in have:
-                    self.db.execute(f"ALTER TABLE objects ADD COLUMN {column} {kind}")
-        except sqlite3.DatabaseError as exc:
-            self.db.close()
-            raise MooncakeError(
-                f"the SSD tier's index {index_path} is unreadable ({exc}); the segments in {self.dir} cannot be "
-                "used without it: move both aside to start with an empty SSD tier"
-            ) from None
+        self._seq = 1  # the next journal record's sequence number (set by load)
+        self._committed = -1  # the sequence number the index last recorded taking in
+        self._journal_dirty: dict[int, Segment] = {}
+        self.index_path = Path(index_path)
+        self.recovery: Recovery | None = None
+        # Why the index is to be rebuilt (``rebuild`` may say); None: only if it turns out damaged.
+        self._rebuild: str | None = None
+        if rebuild:
+            self._rebuild = rebuild if isinstance(rebuild, str) else "asked to be rebuilt"
+        self._moved_to: Path | None = None
+        self.db = self._open_index()
         self._next_id = 1
         self._wal_path = Path(f"{index_path}-wal")
+
+    def _open_index(self) -> sqlite3.Connection:
+        """Connect to the index; a damaged one is moved aside (and rebuilt by ``load``), and a missing or
+        empty one while segments exist is rebuilt too, rather than letting load delete their values."""
+        path = self.index_path
+        had_index = path.exists() and path.stat().st_size > 0
+        has_segments = any(_SEGMENT_FILE.match(p.name) for p in self.dir.iterdir())
+        if self._rebuild is None:
+            try:
+                db = _connect(path)
+            except sqlite3.DatabaseError as exc:
+                self._rebuild = f"unreadable ({exc})"
+            else:
+                if had_index or not has_segments:
+                    return db
+                db.close()
+                self._rebuild = "missing or empty"
+                for suffix in ("", "-wal", "-shm"):  # nothing worth keeping: what _connect just made
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+        if path.exists() or Path(f"{path}-wal").exists():
+            self._moved_to = _move_aside(path)
+        try:
+            return _connect(path)
+        except sqlite3.DatabaseError as exc:
+            raise MooncakeError(
+                f"the SSD tier's index {path} was {self._rebuild} and a fresh one cannot be made ({exc})"
+            ) from None
 
     # -- start-up --------------------------------------------------------------------------------------
 
     def load(self, now: float) -> list[Record]:
-        """Open the segments and return every index row that points at intact bytes.
+        """Open the segments and return every live value, taking in what the journals hold that the index
+        does not (all of it when the index is being rebuilt).
 
         Rows for missing or truncated segments, or expired values, are deleted; segments no row uses are
         deleted too (what a crash between writing bytes and committing their row leaves behind)."""
+        journals: dict[int, Path] = {}
         for path in sorted(self.dir.iterdir()):
-            match = _SEGMENT_FILE.match(path.name)
-            if match:
+            if match := _SEGMENT_FILE.match(path.name):
                 seg_id = int(match.group(1))
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
                 self.segments[seg_id] = Segment(seg_id, path, fd, size=os.fstat(fd).st_size, dir_synced=True)
                 self._next_id = max(self._next_id, seg_id + 1)
-        records, stale = [], []
+                tighten(path)
+            elif match := _JOURNAL_FILE.match(path.name):
+                journals[int(match.group(1))] = path
+        rebuilding = self._rebuild is not None
+        committed = 0 if rebuilding else self._committed_seq()
+        recovery = Recovery(self._rebuild or "behind its journals (its last commits were lost)", rebuilding,
+                            self._moved_to)
+        pending: list[JournalRecord] = []
+        high = committed
+        for seg_id, path in journals.items():
+            seg = self.segments.get(seg_id)
+            if seg is None:  # its segment is gone, and its values with it
+                path.unlink(missing_ok=True)
+                continue
+            tighten(path)
+            seg.journaled = True
+            last = None if rebuilding else _tail_seq(path, seg_id)
+            if last is not None and last <= committed:
+                seg.journal_size = path.stat().st_size
+                continue
+            journal = read_journal(path, seg_id)
+            recovery.damaged_records += journal.damaged
+            if journal.end < _JOURNAL_HEAD.size:  # not a journal at all: start it again
+                journal.end = 0
+                seg.journal_buf += _JOURNAL_HEAD.pack(_JOURNAL_MAGIC, _JOURNAL_FORMAT, seg_id)
+                self._journal_dirty[seg_id] = seg
+            if journal.end < journal.size:  # a torn tail: later records must not land after it
+                os.truncate(path, journal.end)
+            seg.journal_size = journal.end
+            pending += (r for r in journal.records if r.seq > committed)
+            high = max([high, *(r.seq for r in journal.records)])
+        self._seq = high + 1
+
+        rows: dict[bytes, Record] = {}
+        stale: list[bytes] = []
         for key, seg_id, off, size, crc, expires, flags, version_hi, version_lo, tag in self.db.execute(
             "SELECT key, seg, off, size, crc, expires, flags, version_hi, version_lo, tag FROM objects"
         ):
             seg = self.segments.get(seg_id)
             if seg is None or off + size > max(seg.size, off) or (expires and expires <= now):
-                stale.append((key,))
+                stale.append(bytes(key))
                 continue
-            seg.live += aligned(size)
             version = version_hi << 63 | version_lo
-            records.append(Record(bytes(key), seg_id, off, size, crc, expires, flags, version, tag))
+            rows[bytes(key)] = Record(bytes(key), seg_id, off, size, crc, expires, flags, version, tag)
+        upserts, removed = self._roll_forward(rows, pending, now, recovery) if pending else ([], [])
+        stale += removed
         self.db.execute("BEGIN")
-        self.db.executemany("DELETE FROM objects WHERE key = ?", stale)
+        self.db.executemany("DELETE FROM objects WHERE key = ?", [(key,) for key in dict.fromkeys(stale)])
+        self.db.executemany(
+            "INSERT OR REPLACE INTO objects (key, seg, off, size, crc, expires, flags, version_hi, version_lo, tag) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(r.key, r.seg, r.off, r.size, r.crc, r.expires, r.flags, r.version >> 63,
+              r.version & _engine.VERSION_LOW_MASK, r.tag) for r in upserts],
+        )
+        self._flush_journals()  # tombstones for values found lost
+        self._set_committed_seq(self._seq - 1)
         self.db.execute("COMMIT")
+        for rec in rows.values():
+            self.segments[rec.seg].live += aligned(rec.size)
         for seg in list(self.segments.values()):
             if seg.live == 0:
-                self._delete(seg)
+                if rebuilding and not seg.journaled:  # not ours to judge: only the old index knew it
+                    recovery.unjournaled.append(seg.path)
+                    recovery.unjournaled_bytes += seg.size
+                    self._orphan(seg)
+                else:
+                    self._delete(seg)
         self.used = sum(seg.size for seg in self.segments.values())
-        return records
+        if rebuilding or pending:
+            _fsync_path(self._wal_path)
+            self.recovery = recovery
+            log.warning("%s", recovery.message(self.index_path, self.dir))
+        self._rebuild = None
+        return list(rows.values())
 
+    def _roll_forward(self, rows: dict[bytes, Record], pending: list[JournalRecord], now: float,
+                      recovery: Recovery) -> tuple[list[Record], list[bytes]]:
+        """Apply journal records newer than the index to ``rows``; returns the rows to write and the keys
+        to delete.  A tombstone kills the one value it names; of a key's other values the newest (highest
+        sequence number) whose bytes pass their CRC wins."""
+        tombstones = {(r.key, r.seg, r.off) for r in pending if r.kind == TOMBSTONE}
+        removed: list[bytes] = []
+        for key, seg_id, off in tombstones:
+            row = rows.get(key)
+            if row is not None and row.seg == seg_id and row.off == off:
+                del rows[key]
+                removed.append(key)
+                recovery.removed += 1
+        puts: dict[bytes, list[JournalRecord]] = {}
+        for r in pending:
+            if r.kind == PUT and (r.key, r.seg, r.off) not in tombstones:
+                puts.setdefault(r.key, []).append(r)
+        upserts: list[Record] = []
+        for key, candidates in puts.items():
+            for r in sorted(candidates, key=lambda r: r.seq, reverse=True):
+                row = rows.get(key)
+                if row is not None and row.seg == r.seg and row.off == r.off:
+                    break  # the index has it already
+                if r.expires and r.expires <= now:  # its newest value has expired: the key is gone
+                    recovery.expired += 1
+                    if rows.pop(key, None) is not None:
+                        removed.append(key)
+                    break
+                if self.verify(r.seg, r.off, r.size, r.crc):
+                    rows[key] = rec = Record(key, r.seg, r.off, r.size, r.crc, r.expires, r.flags, r.version, r.tag)
+                    upserts.append(rec)
+                    recovery.recovered += 1
+                    recovery.recovered_bytes += r.size
+                    break
+                recovery.lost += 1
+                recovery.lost_bytes += r.size
+                self._tombstone(r.key, r.seg, r.off, r.size)  # gone for good: no later rebuild retries it
+        return upserts, removed
+
+    def verify(self, seg_id: int, off: int, size: int, crc: int) -> bool:
+        """Whether a value's bytes are all in its segment and match their CRC-32C."""
+        seg = self.segments.get(seg_id)
+        if seg is None or off + size > seg.size:
+            return False
+        value, done = 0, 0
+        while done < size:
+            chunk = os.pread(seg.fd, min(size - done, _VERIFY_CHUNK), off + done)
+            if not chunk:
+                return False
+            value = _engine.crc32c(chunk, value)
+            done += len(chunk)
+        return value == crc
+
+    def _committed_seq(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE name = 'journal_seq'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _set_committed_seq(self, seq: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('journal_seq', ?)", (seq,))
+        self._committed = seq
+
+    def _orphan(self, seg: Segment) -> None:
+        """Set aside a segment a rebuild cannot read (no journal), keeping its bytes for the old index."""
+        self.segments.pop(seg.id, None)
+        os.rename(seg.path, seg.path.with_name(seg.path.name + ".orphan"))
+        _close(seg)
     # -- writing ---------------------------------------------------------------------------------------
 
     @property
@@ -203,6 +568,10 @@ class SsdTier:
         seg.size += aligned(size)
         seg.live += aligned(size)
         self.used += aligned(size)
+        if seg.journaled:  # written with the index commit: no system call here
+            seg.journal_buf += _pack_record(PUT, key, self._seq, off, size, crc, expires, flags, version, tag)
+            self._seq += 1
+            self._journal_dirty[seg.id] = seg
         self._begin()
         self.db.execute(
             "INSERT OR REPLACE INTO objects (key, seg, off, size, crc, expires, flags, version_hi, version_lo, tag) "
@@ -229,8 +598,24 @@ class SsdTier:
         seg_id = self._next_id
         self._next_id += 1
         path = self.dir / f"seg-{seg_id:08d}.dat"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        seg = self.segments[seg_id] = Segment(seg_id, path, fd)
+        fd = private_file(path, os.O_RDWR | os.O_TRUNC)
+        journal = _journal_path(path)
+        try:
+            journal_fd = private_file(journal, os.O_WRONLY | os.O_TRUNC)
+            try:
+                os.pwrite(journal_fd, _JOURNAL_HEAD.pack(_JOURNAL_MAGIC, _JOURNAL_FORMAT, seg_id), 0)
+            except BaseException:
+                os.close(journal_fd)
+                raise
+        except BaseException as exc:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            journal.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpace(f"the disk under the SSD tier ({self.dir}) is full: {exc.strerror}") from None
+            raise
+        seg = self.segments[seg_id] = Segment(seg_id, path, fd, journaled=True, journal_fd=journal_fd,
+                                              journal_size=_JOURNAL_HEAD.size)
         self.active = seg
         return seg
 
@@ -242,6 +627,16 @@ class SsdTier:
         self.db.execute("DELETE FROM objects WHERE key = ? AND seg = ? AND off = ?", (key, seg_id, off))
         if seg.live == 0:  # nothing left in it (the active one too: the next value starts a new one)
             self._delete(seg)
+        else:
+            self._tombstone(key, seg_id, off, size)
+
+    def _tombstone(self, key: bytes, seg_id: int, off: int, size: int) -> None:
+        """Journal that a value left its segment (written with the next commit)."""
+        seg = self.segments.get(seg_id)
+        if seg is not None and seg.journaled:
+            seg.journal_buf += _pack_record(TOMBSTONE, key, self._seq, off, size)
+            self._seq += 1
+            self._journal_dirty[seg.id] = seg
 
     def _begin(self) -> None:
         if not self._dirty:
@@ -249,23 +644,59 @@ class SsdTier:
             self._dirty = True
 
     def commit(self, *, durable_segments: set[int] | None = None) -> None:
-        """Commit index changes.  With ``durable_segments``, also flush those segments' bytes, their
-        directory entries and the committed index to the disk, so the values survive power loss, not
-        only a crash of this process."""
+        """Commit index changes, after writing the journal records they go with.  With
+        ``durable_segments``, also flush those segments' bytes and journals, their directory entries and
+        the committed index to the disk, so the values survive power loss, not only a crash of this
+        process."""
+        if durable_segments:
+            for seg_id in durable_segments:
+                os.fdatasync(self.segments[seg_id].fd)
+        self._flush_journals()
         if durable_segments:
             for seg_id in durable_segments:
                 seg = self.segments[seg_id]
-                os.fdatasync(seg.fd)
+                if seg.journal_fd >= 0:
+                    os.fdatasync(seg.journal_fd)
                 if not seg.dir_synced:
                     _fsync_path(self.dir)
                     seg.dir_synced = True
         if self._dirty:
             self._dirty = False
+            if self._committed != self._seq - 1:
+                self._set_committed_seq(self._seq - 1)
             self.db.execute("COMMIT")
         if durable_segments:
             # In WAL mode a commit is an append to the -wal file; syncing it is what synchronous=FULL
             # would do on every commit.  Doing it only here keeps other commits free of fsyncs.
             _fsync_path(self._wal_path)
+
+    def _flush_journals(self) -> None:
+        """Write the buffered journal records: one pwrite per segment that has any."""
+        while self._journal_dirty:
+            seg_id, seg = next(iter(self._journal_dirty.items()))
+            if seg.journal_fd < 0:  # an older segment getting a tombstone
+                seg.journal_fd = os.open(_journal_path(seg.path), os.O_WRONLY | os.O_CLOEXEC)
+            buf, done = seg.journal_buf, 0
+            try:
+                while done < len(buf):
+                    done += os.pwrite(seg.journal_fd, buf[done:] if done else buf, seg.journal_size + done)
+            except OSError as exc:
+                self._unjournal(seg, exc)
+            else:
+                seg.journal_size += len(buf)
+            buf.clear()
+            del self._journal_dirty[seg_id]
+
+    def _unjournal(self, seg: Segment, exc: OSError) -> None:
+        """A journal that cannot be written (a full disk) is dropped rather than failing the commit: the
+        index still has the values; only a rebuild could not, and it says so for a segment without one."""
+        log.warning("cannot write the journal of %s (%s): dropped it; an index rebuild could not recover this "
+                    "segment's values", seg.path, exc.strerror)
+        seg.journaled = False
+        if seg.journal_fd >= 0:
+            os.close(seg.journal_fd)
+            seg.journal_fd = -1
+        _journal_path(seg.path).unlink(missing_ok=True)
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -321,10 +752,16 @@ class SsdTier:
 
     def _delete(self, seg: Segment) -> None:
         self.segments.pop(seg.id, None)
+        self._journal_dirty.pop(seg.id, None)
         self.used -= seg.size
         if self.active is seg:
             self.active = None
-        seg.path.unlink(missing_ok=True)
+        seg.path.unlink(missing_ok=True)  # before its journal: a journal with no segment is removed at open
+        if seg.journaled:
+            _journal_path(seg.path).unlink(missing_ok=True)
+        if seg.journal_fd >= 0:
+            os.close(seg.journal_fd)
+            seg.journal_fd = -1
         if seg.readers:
             seg.doomed = True
         else:
@@ -340,3 +777,142 @@ class SsdTier:
                 seg.doomed = True
         self.segments.clear()
         self.active = None
+
+
+# -- checking ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FsckReport:
+    """What ``fsck`` found: the index's health, each row against its segment, the journals against the index."""
+
+    index_error: str | None = None  # why the index cannot be read (then nothing else was checked)
+    rows: int = 0
+    row_bytes: int = 0
+    bad_rows: list[tuple[bytes, str]] = field(default_factory=list)  # key, what is wrong with its value
+    journal_records: int = 0
+    damaged_records: int = 0  # journal records that are torn or fail their checksum
+    pending: int = 0  # journal records newer than the index: the next open rolls them forward
+    disagree: list[bytes] = field(default_factory=list)  # keys whose newest journal value is not the index's
+    unjournaled: list[Path] = field(default_factory=list)  # segments from before journals existed
+    orphans: list[Path] = field(default_factory=list)  # set aside by an earlier rebuild
+
+    @property
+    def ok(self) -> bool:
+        return self.index_error is None and not self.bad_rows and not self.disagree and not self.damaged_records
+
+    def lines(self) -> list[str]:
+        if self.index_error is not None:
+            return [f"index: {self.index_error}"]
+        out = [f"index: {self.rows} values ({format_size(self.row_bytes)}), {len(self.bad_rows)} bad"]
+        out += [f"  {key!r:.100}: {why}" for key, why in self.bad_rows[:20]]
+        if len(self.bad_rows) > 20:
+            out.append(f"  ... and {len(self.bad_rows) - 20} more")
+        out.append(f"journals: {self.journal_records} records, {self.damaged_records} damaged, "
+                   f"{self.pending} not yet in the index (the next open takes them in)")
+        if self.disagree:
+            out.append(f"  {len(self.disagree)} keys whose newest journal value is not the index's, e.g. "
+                       f"{self.disagree[0]!r:.100}")
+        if self.unjournaled:
+            out.append(f"{len(self.unjournaled)} segments were written before segments had journals: their values "
+                       "can be recovered only while this index is readable")
+        if self.orphans:
+            out.append(f"{len(self.orphans)} segments set aside by an earlier rebuild (*.dat.orphan): only the "
+                       "old index can read them; delete them to reclaim the space")
+        return out
+
+
+def _crc_of(fd: int, off: int, size: int) -> int | None:
+    """The CRC-32C of ``size`` bytes at ``off``, or None if the file ends first."""
+    value, done = 0, 0
+    while done < size:
+        chunk = os.pread(fd, min(size - done, _VERIFY_CHUNK), off + done)
+        if not chunk:
+            return None
+        value = _engine.crc32c(chunk, value)
+        done += len(chunk)
+    return value
+
+
+def fsck(directory: Path, index_path: Path, now: float | None = None) -> FsckReport:
+    """Check an SSD tier that no store has open (hold its data dir's lock): every index row's bytes
+    against their CRC, and the journals against the index.  Changes nothing."""
+    now = time.time() if now is None else now
+    report = FsckReport()
+    directory, index_path = Path(directory), Path(index_path)
+    segments: dict[int, Path] = {}
+    journals: dict[int, Path] = {}
+    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+        if match := _SEGMENT_FILE.match(path.name):
+            segments[int(match.group(1))] = path
+        elif match := _JOURNAL_FILE.match(path.name):
+            journals[int(match.group(1))] = path
+        elif path.name.endswith(".dat.orphan"):
+            report.orphans.append(path)
+    report.unjournaled = [path for seg_id, path in segments.items() if seg_id not in journals]
+    if not index_path.exists() or index_path.stat().st_size == 0:
+        report.index_error = "missing or empty" + (" (the segments need it: run fsck --rebuild)" if segments else "")
+        if not segments:
+            report.index_error = None
+        return report
+    try:
+        db = sqlite3.connect(index_path, isolation_level=None)
+        try:
+            check = db.execute("PRAGMA quick_check").fetchone()
+            if check is None or check[0] != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {check[0] if check else 'no answer'}")
+            rows = db.execute("SELECT key, seg, off, size, crc, expires FROM objects").fetchall()
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            committed = db.execute("SELECT value FROM meta WHERE name = 'journal_seq'").fetchone() \
+                if "meta" in tables else None
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        report.index_error = f"unreadable ({exc}): run fsck --rebuild to rebuild it from the segment journals"
+        return report
+    fds = {seg_id: os.open(path, os.O_RDONLY | os.O_CLOEXEC) for seg_id, path in segments.items()}
+    try:
+        index: dict[bytes, tuple[int, int]] = {}
+        for key, seg_id, off, size, crc, _expires in rows:
+            key = bytes(key)
+            index[key] = (seg_id, off)
+            report.rows += 1
+            report.row_bytes += size
+            if seg_id not in fds:
+                report.bad_rows.append((key, f"segment {seg_id} is missing"))
+                continue
+            actual = _crc_of(fds[seg_id], off, size)
+            if actual is None:
+                report.bad_rows.append((key, f"segment {seg_id} ends before offset {off + size}"))
+            elif actual != crc:
+                report.bad_rows.append((key, f"CRC-32C {actual:#010x} in segment {seg_id}, index says {crc:#010x}"))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    committed_seq = int(committed[0]) if committed else 0
+    taken: list[JournalRecord] = []
+    for seg_id, path in journals.items():
+        if seg_id not in segments:
+            continue
+        journal = read_journal(path, seg_id)
+        report.journal_records += len(journal.records)
+        report.damaged_records += journal.damaged
+        for r in journal.records:
+            if r.seq > committed_seq:
+                report.pending += 1
+            else:
+                taken.append(r)
+    tombstones = {(r.key, r.seg, r.off) for r in taken if r.kind == TOMBSTONE}
+    newest: dict[bytes, JournalRecord] = {}
+    for r in taken:
+        if r.kind == PUT and (r.key, r.seg, r.off) not in tombstones and (
+                r.key not in newest or r.seq > newest[r.key].seq):
+            newest[r.key] = r
+    journaled = set(journals)
+    for key, r in newest.items():
+        if not (r.expires and r.expires <= now) and index.get(key) != (r.seg, r.off):
+            report.disagree.append(key)
+    for key, (seg_id, _off) in index.items():
+        if seg_id in journaled and key not in newest:
+            report.disagree.append(key)
+    return report
