@@ -552,6 +552,62 @@ def _configure_logging(debug: bool, log_file: Path | None) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
 
 
+@main.command()
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Data dir (default: $MOONCAKEFS_DATA, else ~/.local/share/mooncakefs).")
+@click.option("--ssd-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the segments are, if the store was opened with ssd_dir= (default: DATA/ssd).")
+@click.option("--rebuild", is_flag=True,
+              help="Move the index aside and rebuild it from the segment journals, whatever the check finds.")
+def fsck(data: Path | None, ssd_dir: Path | None, rebuild: bool) -> None:
+    """Check a store's SSD tier while no process has it open: every index row's value against its
+    CRC-32C, and the segment journals against the index.  Exits 1 if anything is wrong; --rebuild
+    rebuilds the index from the journals and says what was recovered and what was lost."""
+    import logging
+    import time as _time
+
+    from mooncakefs.datadir import DataDirLock, default_path
+    from mooncakefs.errors import StoreLocked
+    from mooncakefs.tiers.ssd import SsdTier
+    from mooncakefs.tiers.ssd import fsck as check_tier
+
+    data = (data or default_path()).expanduser()
+    if not data.is_dir():
+        raise click.ClickException(f"{data} is not a data dir")
+    segments, index = ssd_dir or data / "ssd", data / "index.sqlite"
+    if not segments.is_dir():
+        raise click.ClickException(f"{data} has no SSD tier ({segments} does not exist): nothing to check")
+    try:
+        lock = DataDirLock(data)
+    except StoreLocked as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        report = check_tier(segments, index)
+        for line in report.lines():
+            click.echo(line)
+        if not rebuild:
+            if not report.ok:
+                click.echo("problems found" + ("" if report.index_error else
+                                               "; `mooncakefs fsck --rebuild` rebuilds the index from the journals"))
+                raise SystemExit(1)
+            click.echo("ok")
+            return
+        quiet = logging.getLogger("mooncakefs.ssd")
+        quiet.disabled = True  # the message is printed below, once
+        try:
+            tier = SsdTier(segments, 1 << 62, segment_size=1 << 26, index_path=index, rebuild=True)
+            try:
+                tier.load(_time.time())
+            finally:
+                tier.close()
+        finally:
+            quiet.disabled = False
+        assert tier.recovery is not None
+        click.echo(tier.recovery.message(index, segments))
+    finally:
+        lock.release()
+
+
 @main.command("install-mount-helper")
 @click.option("--prefix", default="/sbin", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Where mount(8) looks for mount.<type> helpers.")
