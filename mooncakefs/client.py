@@ -29,7 +29,23 @@ from mooncakefs.errors import (
     ProtocolError,
     Unavailable,
 )
-from mooncakefs.store import Key, KVMapping, ObjectInfo, decode_key, encode_key, key_digest
+from mooncakefs.store import (
+    Key,
+    KVMapping,
+    ObjectInfo,
+    batch_targets,
+    buffer_error,
+    check_put_options,
+    cluster_only,
+    decode_key,
+    encode_key,
+    encode_prefix,
+    key_digest,
+    key_list,
+    put_pairs,
+    raise_buffer_error,
+    value_error,
+)
 from mooncakefs.transfer import READ, WRITE, Region, Transfer, TransferEngine, Transport
 from mooncakefs.transfer.local import LocalTransport
 from mooncakefs.transfer.tcp import DEFAULT_STRIPE, TcpTransport
@@ -79,17 +95,24 @@ def parse_url(url: str | os.PathLike[str] | None) -> tuple[str, Any]:
 
 
 def _bytes_of(value: Any) -> memoryview:
-    view = memoryview(value)
+    """A value to put as flat bytes; InvalidArgument, worded as the embedded store words it, if it is
+    not a C-contiguous buffer."""
+    try:
+        view = memoryview(value)
+    except TypeError:
+        raise value_error(value) from None
     if not view.c_contiguous:
-        raise TypeError("value must be a C-contiguous buffer")
+        raise value_error(value)
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
 def _writable_bytes_of(buffer: Any) -> memoryview:
-    view = _bytes_of(buffer)
-    if view.readonly:
-        raise TypeError("buffer must be writable")
-    return view
+    """A buffer to read a value into, as flat bytes; InvalidArgument if it cannot take one."""
+    error = buffer_error(buffer)
+    if error is not None:
+        raise error
+    view = memoryview(buffer)
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
 class RemoteValueView:
@@ -295,9 +318,16 @@ class RemoteStore(KVMapping):
     # -- writing ----------------------------------------------------------------------------------------
 
     def put(self, key: Key, value: Any, *, pin: bool = False, ttl: float | None = None, if_absent: bool = False,
-            durable: bool = False, version: int = 0, if_newer: bool = False, cluster_flags: int = 0) -> None:
-        """As ``Store.put``.  (``cluster_flags``: the cluster client's LOCAL and replica count.)"""
+            durable: bool = False, version: int = 0, if_newer: bool = False, replicas: int | None = None,
+            placement: str | None = None, cluster_flags: int = 0) -> None:
+        """As ``Store.put``; its arguments are checked here, before anything is sent.  (``cluster_flags``:
+        the cluster client's LOCAL and replica count.)"""
+        if replicas is not None or placement is not None:
+            cluster_only("put", f"the node at {self.url}", replicas, placement)
         raw, src = encode_key(key), _bytes_of(value)
+        if pin is not False or ttl is not None or if_absent is not False or durable is not False or \
+                version != 0 or type(version) is not int or if_newer is not False:
+            ttl = check_put_options(pin, ttl, if_absent, durable, version, if_newer)
         head = [raw, len(src), *pack_put_options(pin, ttl, if_absent, durable, version, if_newer, cluster_flags)]
         if len(src) <= self.inline_max:
             def put_inline(ch: Channel) -> None:
@@ -322,11 +352,20 @@ class RemoteStore(KVMapping):
 
         self._call(put_through_engine)
 
-    def batch_put(self, items: Mapping[Key, Any] | Iterable[tuple[Key, Any]], **options: Any) -> list[Any]:
+    def batch_put(self, items: Mapping[Key, Any] | Iterable[tuple[Key, Any]], *, pin: bool = False,
+                  ttl: float | None = None, if_absent: bool = False, durable: bool = False, version: int = 0,
+                  if_newer: bool = False, replicas: int | None = None, placement: str | None = None,
+                  cluster_flags: int = 0) -> list[Any]:
         """As ``Store.batch_put`` (and ``put``'s options): one result per item, None or the exception it
-        raised.  Small values go in one frame; large ones one by one."""
-        pairs = list(items.items() if isinstance(items, Mapping) else items)
-        head = pack_put_options(**options)  # a TypeError for an unknown option, before anything is sent
+        raised; bad options or items that are not pairs fail the call before anything is sent.  Small
+        values go in one frame; large ones one by one."""
+        if replicas is not None or placement is not None:
+            cluster_only("batch_put", f"the node at {self.url}", replicas, placement)
+        ttl = check_put_options(pin, ttl, if_absent, durable, version, if_newer)
+        pairs = put_pairs(items)
+        options = {"pin": pin, "ttl": ttl, "if_absent": if_absent, "durable": durable, "version": version,
+                   "if_newer": if_newer, "cluster_flags": cluster_flags}
+        head = pack_put_options(**options)
         if len(pairs) > MAX_BATCH:  # the node takes at most MAX_BATCH items a request
             return [r for i in range(0, len(pairs), MAX_BATCH)
                     for r in self.batch_put(pairs[i : i + MAX_BATCH], **options)]
@@ -372,7 +411,11 @@ class RemoteStore(KVMapping):
     def get_into(self, key: Key, buffer: Any) -> int:
         """As ``Store.get_into``: BufferTooSmall (nothing written) if ``buffer`` is too short."""
         if self._index is not None:
-            n = self._index.read_into(key_digest(encode_key(key)), buffer)
+            try:
+                n = self._index.read_into(key_digest(encode_key(key)), buffer)
+            except TypeError:  # not a buffer, or a read-only one: say so as every store does
+                raise_buffer_error(buffer)
+                raise
             if n >= 0:
                 return n
         return self._read(key, _writable_bytes_of(buffer))
@@ -437,9 +480,7 @@ class RemoteStore(KVMapping):
 
     def batch_get_into(self, keys: Iterable[Key], buffers: Iterable[Any]) -> list[Any]:
         """As ``Store.batch_get_into``: one result per key, the byte count or the exception."""
-        keys, buffers = list(keys), list(buffers)
-        if len(keys) != len(buffers):
-            raise ValueError(f"batch_get_into got {len(keys)} keys but {len(buffers)} buffers")
+        keys, buffers = batch_targets(keys, buffers)
         dsts: list[Any] = []
         for b in buffers:
             try:
@@ -450,7 +491,7 @@ class RemoteStore(KVMapping):
 
     def batch_get(self, keys: Iterable[Key]) -> list[bytes | None]:
         """As ``Store.batch_get``: the values, None where a key is missing."""
-        keys = list(keys)
+        keys = list(key_list(keys, "batch_get"))
         out = self._batch_read(keys, [None] * len(keys))
         return [bytes(v) if isinstance(v, bytearray) else v if isinstance(v, bytes) else None for v in out]
 
@@ -521,11 +562,12 @@ class RemoteStore(KVMapping):
         return self._rpc(Op.EXISTS, [encode_key(key)])[0]
 
     def batch_exists(self, keys: Iterable[Key]) -> list[bool]:
-        return self._per_key(Op.BATCH_EXISTS, keys)
+        return self._per_key(Op.BATCH_EXISTS, key_list(keys, "batch_exists"))
 
     def versions(self, keys: Iterable[Key]) -> list[int | None]:
         """As ``Store.versions``: each key's version, None where it is absent."""
-        return [None if v is False else unpack_version(v) for v in self._per_key(Op.BATCH_VERSIONS, keys)]
+        return [None if v is False else unpack_version(v)
+                for v in self._per_key(Op.BATCH_VERSIONS, key_list(keys, "versions"))]
 
     def _per_key(self, op: int, keys: Iterable[Key]) -> list[Any]:
         """A batched question with one answer per key, asked MAX_BATCH keys a request."""
@@ -542,19 +584,18 @@ class RemoteStore(KVMapping):
         return self._rpc(Op.REMOVE, [encode_key(key)])[0]
 
     def remove_prefix(self, prefix: Key) -> int:
-        return self._rpc(Op.REMOVE_PREFIX, [prefix.encode() if isinstance(prefix, str) else bytes(prefix)])[0]
+        return self._rpc(Op.REMOVE_PREFIX, [encode_prefix(prefix)])[0]
 
     def stat(self, key: Key) -> ObjectInfo:
         size, checksum, tier, pinned, expires, version = self._rpc(Op.STAT, [encode_key(key)])
         return ObjectInfo(key, size, checksum, tier, pinned, expires, unpack_version(version))
 
     def keys(self, prefix: Key = "") -> Iterator[Key]:
-        raw = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
-        return map(decode_key, self._rpc(Op.KEYS, [raw])[0])
+        return map(decode_key, self._rpc(Op.KEYS, [encode_prefix(prefix)])[0])
 
     def match_prefix(self, keys: Iterable[Key]) -> int:
         raws = []
-        for key in keys:
+        for key in key_list(keys, "match_prefix"):
             try:
                 raws.append(encode_key(key))
             except MooncakeError:
@@ -565,7 +606,7 @@ class RemoteStore(KVMapping):
         return self._rpc(Op.STATS, [])[0]
 
     def persist(self, keys: Iterable[Key] | None = None) -> int:
-        return self._rpc(Op.PERSIST, [None if keys is None else [encode_key(k) for k in keys]])[0]
+        return self._rpc(Op.PERSIST, [None if keys is None else [encode_key(k) for k in key_list(keys, "persist")]])[0]
 
     def ping(self) -> str:
         """The node's instance id (it changes when the node restarts)."""

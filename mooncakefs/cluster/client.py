@@ -21,11 +21,21 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from mooncakefs.client import RemoteStore
+from mooncakefs.client import RemoteStore, _bytes_of, _writable_bytes_of
 from mooncakefs.cluster.membership import cluster_prefix, connect_etcd, host_id, parse_etcd_url
 from mooncakefs.cluster.placement import PlacementMap, pointer_key
-from mooncakefs.errors import KeyNotFound, MooncakeError, Moved, StaleEpoch, Unavailable
-from mooncakefs.store import Key, KVMapping, ObjectInfo, encode_key
+from mooncakefs.errors import InvalidArgument, KeyNotFound, MooncakeError, Moved, StaleEpoch, Unavailable
+from mooncakefs.store import (
+    Key,
+    KVMapping,
+    ObjectInfo,
+    batch_targets,
+    check_put_options,
+    encode_key,
+    encode_prefix,
+    key_list,
+    put_pairs,
+)
 from mooncakefs.wire import LOCAL, REPLICAS_SHIFT, Channel, Op
 
 T = TypeVar("T")
@@ -212,13 +222,15 @@ class ClusterStore(KVMapping):
     def put(self, key: Key, value: Any, *, replicas: int | None = None, placement: str | None = None,
             pin: bool = False, ttl: float | None = None, if_absent: bool = False, durable: bool = False) -> None:
         """Store ``value`` on the first ``replicas`` nodes of the key's group; returns once all hold it.
-        ``placement="local"`` keeps it on this host's node instead (the group's nodes note where)."""
+        ``placement="local"`` keeps it on this host's node instead (the group's nodes note where).
+        Arguments are checked as every store checks them, before any node is asked."""
         raw = encode_key(key)
+        view = _bytes_of(value)
+        ttl = check_put_options(pin, ttl, if_absent, durable)
         replicas = self.replicas if replicas is None else replicas
         self._check_replicas(replicas)
-        if placement not in (None, "local"):
-            raise ValueError(f"placement must be None or 'local', got {placement!r}")
-        view = memoryview(value)
+        if placement is not None and placement != "local":
+            raise InvalidArgument(f"placement must be None or 'local', got {placement!r:.60}")
         options = {"pin": pin, "ttl": ttl, "if_absent": if_absent, "durable": durable}
 
         def attempt(pmap: PlacementMap) -> None:
@@ -246,7 +258,8 @@ class ClusterStore(KVMapping):
     def _check_replicas(self, replicas: int) -> None:
         width = self.map.width
         if type(replicas) is not int or not 1 <= replicas <= width:
-            raise ValueError(f"replicas must be an int from 1 to {width}, got {replicas!r}")
+            raise InvalidArgument(f"replicas must be an int from 1 to {width} (this cluster's placement width), "
+                                  f"got {replicas!r:.40}")
 
     def _owners(self, pmap: PlacementMap, raw: bytes, replicas: int) -> list[str]:
         owners = pmap.owners(raw)[:replicas]
@@ -288,8 +301,10 @@ class ClusterStore(KVMapping):
     def batch_put(self, items: Mapping[Key, Any] | Iterable[tuple[Key, Any]], *, replicas: int | None = None,
                   pin: bool = False, ttl: float | None = None, if_absent: bool = False,
                   durable: bool = False) -> list[Any]:
-        """As ``Store.batch_put``, each item on its ``replicas`` nodes: one batch per node."""
-        pairs = list(items.items() if isinstance(items, Mapping) else items)
+        """As ``Store.batch_put``, each item on its ``replicas`` nodes: one batch per node.  Bad options
+        or items that are not (key, value) pairs fail the call before any node is asked."""
+        ttl = check_put_options(pin, ttl, if_absent, durable)
+        pairs = put_pairs(items)
         replicas = self.replicas if replicas is None else replicas
         self._check_replicas(replicas)
         options = {"pin": pin, "ttl": ttl, "if_absent": if_absent, "durable": durable}
@@ -345,10 +360,11 @@ class ClusterStore(KVMapping):
         return None
 
     def remove_prefix(self, prefix: Key) -> int:
+        encode_prefix(prefix)  # refused here, not by every node
         return sum(self._on_every_node(lambda link: link.remove_prefix(prefix)).values())
 
     def persist(self, keys: Iterable[Key] | None = None) -> int:
-        keys = None if keys is None else list(keys)
+        keys = None if keys is None else list(key_list(keys, "persist"))
         return sum(self._on_every_node(lambda link: link.persist(keys)).values())
 
     # -- reading ----------------------------------------------------------------------------------------
@@ -380,6 +396,7 @@ class ClusterStore(KVMapping):
         return self._read(key, lambda link: link.get(key))
 
     def get_into(self, key: Key, buffer: Any) -> int:
+        _writable_bytes_of(buffer)  # refused here, before any node is asked
         return self._read(key, lambda link: link.get_into(key, buffer))
 
     def stat(self, key: Key) -> ObjectInfo:
@@ -400,20 +417,18 @@ class ClusterStore(KVMapping):
 
     def batch_get(self, keys: Iterable[Key]) -> list[bytes | None]:
         """As ``Store.batch_get``: the values, None where a key is missing."""
-        keys = list(keys)
+        keys = list(key_list(keys, "batch_get"))
         out = self._batch(keys, lambda link, idx: link._batch_read([keys[i] for i in idx], [None] * len(idx)))
         return [bytes(v) if isinstance(v, bytearray) else v if isinstance(v, bytes) else None for v in out]
 
     def batch_get_into(self, keys: Iterable[Key], buffers: Iterable[Any]) -> list[Any]:
         """As ``Store.batch_get_into``: one result per key, the byte count or the exception."""
-        keys, buffers = list(keys), list(buffers)
-        if len(keys) != len(buffers):
-            raise ValueError(f"batch_get_into got {len(keys)} keys but {len(buffers)} buffers")
+        keys, buffers = batch_targets(keys, buffers)
         return self._batch(keys, lambda link, idx: link.batch_get_into([keys[i] for i in idx],
                                                                        [buffers[i] for i in idx]))
 
     def batch_exists(self, keys: Iterable[Key]) -> list[bool]:
-        keys = list(keys)
+        keys = list(key_list(keys, "batch_exists"))
         out = self._batch(keys, lambda link, idx: [v or KeyNotFound(keys[i]) for i, v in
                                                    zip(idx, link.batch_exists([keys[i] for i in idx]), strict=True)])
         return [v is True for v in out]
@@ -455,7 +470,7 @@ class ClusterStore(KVMapping):
     def match_prefix(self, keys: Iterable[Key]) -> int:
         """How many leading keys are present anywhere in the cluster."""
         hits = 0
-        for present in self.batch_exists(keys):
+        for present in self.batch_exists(key_list(keys, "match_prefix")):
             if not present:
                 break
             hits += 1
@@ -463,6 +478,7 @@ class ClusterStore(KVMapping):
 
     def keys(self, prefix: Key = "") -> Iterator[Key]:
         """Every key in the cluster (each once), as the nodes see them now."""
+        encode_prefix(prefix)  # refused here, not by every node
         seen: set[Key] = set()
         for found in self._on_every_node(lambda link: list(link.keys(prefix))).values():
             seen.update(found)
