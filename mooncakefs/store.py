@@ -626,14 +626,14 @@ class Store(KVMapping):
             budget = max(self._dram.capacity, STAGING_MIN)
             if size > self._ssd.capacity or self._staged + size > budget:  # type: ignore[union-attr]
                 raise OutOfSpace(
-                    f"key {key!r:.80}: no room to stage {format_size(size)} for the SSD tier "
+                    f"key {describe_key(key)}: no room to stage {format_size(size)} for the SSD tier "
                     f"({format_size(self._staged)} staged by puts in flight, SSD tier "
                     f"{format_size(self._ssd.capacity)})"  # type: ignore[union-attr]
                 )
             try:
                 buffer = memoryview(mmap.mmap(-1, size) if size else bytearray())  # page-aligned, for O_DIRECT
             except OSError as exc:
-                raise OutOfSpace(f"key {key!r:.80}: cannot stage {format_size(size)}: {exc.strerror}") from None
+                raise OutOfSpace(f"key {describe_key(key)}: cannot stage {format_size(size)}: {exc.strerror}") from None
             self._staged += size
         return PendingPut(raw, key, entry, buffer, replace, durable)
 
@@ -1092,7 +1092,7 @@ class Store(KVMapping):
                 if self._index.get(raw) is entry:
                     self._remove(raw, entry)
             raise ChecksumError(
-                f"key {key!r:.80}: the SSD copy fails its CRC-32C check (corrupted on disk); "
+                f"key {describe_key(key)}: the SSD copy fails its CRC-32C check (corrupted on disk); "
                 "the entry was dropped"
             )
 
