@@ -52,6 +52,8 @@ _JOURNAL_HEAD = struct.Struct("<8sII")
 _JOURNAL_MAGIC = b"MCFSKEYS"
 _JOURNAL_FORMAT = 1
 _RECORD = struct.Struct("<IBBHQQQIIdQQ")
+_RECORD_BODY = struct.Struct("<BBHQQQIIdQQ")  # _RECORD without its CRC
+_CRC = struct.Struct("<I")
 _TRAILER = struct.Struct("<H")
 _MAX_KEY = 1024
 PUT, TOMBSTONE = 1, 2
@@ -99,10 +101,10 @@ def _journal_path(seg_path: Path) -> Path:
 
 def _pack_record(kind: int, key: bytes, seq: int, off: int, size: int, crc: int = 0, expires: float = 0.0,
                  flags: int = 0, version: int = 0, tag: int = 0) -> bytes:
-    length = _RECORD.size + len(key) + _TRAILER.size
-    body = _RECORD.pack(0, kind, flags, len(key), seq, off, size, crc, tag, expires or 0.0,
-                        version >> 63, version & _engine.VERSION_LOW_MASK) + key + _TRAILER.pack(length)
-    return _engine.crc32c(memoryview(body)[4:]).to_bytes(4, "little") + body[4:]
+    """One journal record (on the put path: one pack, one CRC, no slicing)."""
+    body = _RECORD_BODY.pack(kind, flags, len(key), seq, off, size, crc, tag, expires or 0.0, version >> 63,
+                             version & _engine.VERSION_LOW_MASK) + key + _TRAILER.pack(_RECORD.size + len(key) + 2)
+    return _CRC.pack(_engine.crc32c(body)) + body
 
 
 @dataclass(frozen=True)
@@ -645,9 +647,10 @@ class SsdTier:
 
     def commit(self, *, durable_segments: set[int] | None = None) -> None:
         """Commit index changes, after writing the journal records they go with.  With
-        ``durable_segments``, also flush those segments' bytes and journals, their directory entries and
-        the committed index to the disk, so the values survive power loss, not only a crash of this
-        process."""
+        ``durable_segments``, also flush those segments' bytes and journal records, and their directory
+        entries, so the values survive power loss, not only a crash of this process.  The index commit
+        itself needs no sync then: an index that loses it is rolled forward from the journal at open."""
+        sync_wal = False
         if durable_segments:
             for seg_id in durable_segments:
                 os.fdatasync(self.segments[seg_id].fd)
@@ -655,8 +658,10 @@ class SsdTier:
         if durable_segments:
             for seg_id in durable_segments:
                 seg = self.segments[seg_id]
-                if seg.journal_fd >= 0:
+                if seg.journaled and seg.journal_fd >= 0:
                     os.fdatasync(seg.journal_fd)
+                else:  # no journal to roll forward from (one that could not be written): sync the index
+                    sync_wal = True
                 if not seg.dir_synced:
                     _fsync_path(self.dir)
                     seg.dir_synced = True
@@ -665,7 +670,7 @@ class SsdTier:
             if self._committed != self._seq - 1:
                 self._set_committed_seq(self._seq - 1)
             self.db.execute("COMMIT")
-        if durable_segments:
+        if sync_wal:
             # In WAL mode a commit is an append to the -wal file; syncing it is what synchronous=FULL
             # would do on every commit.  Doing it only here keeps other commits free of fsyncs.
             _fsync_path(self._wal_path)
