@@ -510,10 +510,10 @@ cdef extern from "_shared_index.h" nogil:
     const uint64_t MC_IDX_MAGIC
     const uint32_t MC_TOMB
     int64_t mc_now_ns()
-    mc_idx_slot *mc_idx_find(void *base, uint64_t h1, uint64_t h2)
-    int mc_idx_publish(void *base, uint64_t h1, uint64_t h2, uint32_t off, uint32_t size)
-    int mc_idx_remove(void *base, uint64_t h1, uint64_t h2)
-    int64_t mc_idx_read(void *base, const uint8_t *pool, uint64_t pool_size, uint64_t h1, uint64_t h2,
+    mc_idx_slot *mc_idx_find(void *base, uint64_t mask, uint64_t h1, uint64_t h2)
+    int mc_idx_publish(void *base, uint64_t mask, uint64_t h1, uint64_t h2, uint32_t off, uint32_t size)
+    int mc_idx_remove(void *base, uint64_t mask, uint64_t h1, uint64_t h2)
+    int64_t mc_idx_read(void *base, uint64_t mask, const uint8_t *pool, uint64_t pool_size, uint64_t h1, uint64_t h2,
                         uint8_t *dst, uint64_t room)
 
 INDEX_HEADER_BYTES = sizeof(mc_idx_header)
@@ -557,7 +557,8 @@ cdef class SharedIndex:
                 self.head.slots *= 2
             self.head.magic = MC_IDX_MAGIC
             self.head.heartbeat = mc_now_ns()
-        elif self.head.magic != MC_IDX_MAGIC or self.head.slots * sizeof(mc_idx_slot) + sizeof(mc_idx_header) > n:
+        elif (self.head.magic != MC_IDX_MAGIC or self.head.slots == 0 or self.head.slots & (self.head.slots - 1)
+              or self.head.slots > (n - sizeof(mc_idx_header)) // sizeof(mc_idx_slot)):
             raise ValueError("not a mooncakefs shared index")
         self.slots = self.head.slots
         if pool is not None:
@@ -592,7 +593,7 @@ cdef class SharedIndex:
         if (h1 == 0 and h2 == 0) or size >= MC_TOMB or offset % 64 or offset // 64 >= MC_TOMB:
             self.remove(digest)
             return False
-        if mc_idx_publish(self.head, h1, h2, <uint32_t>(offset // 64), <uint32_t>size):
+        if mc_idx_publish(self.head, self.slots - 1, h1, h2, <uint32_t>(offset // 64), <uint32_t>size):
             return True
         return False
 
@@ -600,14 +601,14 @@ cdef class SharedIndex:
         cdef uint64_t h1, h2
         self._check()
         _split(digest, &h1, &h2)
-        return mc_idx_remove(self.head, h1, h2) == 1
+        return mc_idx_remove(self.head, self.slots - 1, h1, h2) == 1
 
     def hits(self, bytes digest) -> int:
         """How many shared-memory reads the entry has had since it was published (approximate)."""
         cdef uint64_t h1, h2
         self._check()
         _split(digest, &h1, &h2)
-        cdef mc_idx_slot *s = mc_idx_find(self.head, h1, h2)
+        cdef mc_idx_slot *s = mc_idx_find(self.head, self.slots - 1, h1, h2)
         return 0 if s == NULL or s.seq & 1 else s.hits
 
     def beat(self) -> None:
@@ -635,10 +636,10 @@ cdef class SharedIndex:
         try:
             if d.len >= GIL_FREE_BYTES:
                 with nogil:
-                    n = mc_idx_read(self.head, <const uint8_t *>self.pool.buf, self.pool.len, h1, h2,
+                    n = mc_idx_read(self.head, self.slots - 1, <const uint8_t *>self.pool.buf, self.pool.len, h1, h2,
                                     <uint8_t *>d.buf, d.len)
             else:
-                n = mc_idx_read(self.head, <const uint8_t *>self.pool.buf, self.pool.len, h1, h2,
+                n = mc_idx_read(self.head, self.slots - 1, <const uint8_t *>self.pool.buf, self.pool.len, h1, h2,
                                 <uint8_t *>d.buf, d.len)
             return n
         finally:
@@ -658,5 +659,5 @@ cdef class SharedIndex:
         if not self.held_pool:
             raise ValueError("this index was opened without the pool")
         _split(digest, &h1, &h2)
-        return mc_idx_read(self.head, <const uint8_t *>self.pool.buf, self.pool.len, h1, h2,
+        return mc_idx_read(self.head, self.slots - 1, <const uint8_t *>self.pool.buf, self.pool.len, h1, h2,
                            <uint8_t *>PyBytes_AS_STRING(buf), len(buf))

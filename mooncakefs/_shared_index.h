@@ -54,11 +54,14 @@ static inline void mc_idx_write(mc_idx_slot *s, uint64_t h1, uint64_t h2, uint32
     __atomic_store_n(&s->seq, s->seq + 1, __ATOMIC_RELEASE);
 }
 
+/* Every function takes the table's size as `mask` (slots - 1) from the caller's own copy, never from
+ * the shared header: a client that scribbles over the header cannot send the node or another client
+ * past the end of the mapping. */
+
 /* The slot holding (h1, h2), or NULL. */
-static mc_idx_slot *mc_idx_find(void *base, uint64_t h1, uint64_t h2) {
-    mc_idx_header *hd = (mc_idx_header *)base;
+static mc_idx_slot *mc_idx_find(void *base, uint64_t mask, uint64_t h1, uint64_t h2) {
     mc_idx_slot *slots = mc_idx_slots(base);
-    uint64_t mask = hd->slots - 1, i = h1 & mask;
+    uint64_t i = h1 & mask;
     for (int p = 0; p < MC_PROBES; p++, i = (i + 1) & mask) {
         mc_idx_slot *s = &slots[i];
         if (s->h1 == h1 && s->h2 == h2) return s;
@@ -69,10 +72,9 @@ static mc_idx_slot *mc_idx_find(void *base, uint64_t h1, uint64_t h2) {
 
 /* Publish (h1, h2) -> (off, size); 0 if there was no room within the probe limit (the key is then
  * simply not in the shared index: readers ask the node). */
-static int mc_idx_publish(void *base, uint64_t h1, uint64_t h2, uint32_t off, uint32_t size) {
-    mc_idx_header *hd = (mc_idx_header *)base;
+static int mc_idx_publish(void *base, uint64_t mask, uint64_t h1, uint64_t h2, uint32_t off, uint32_t size) {
     mc_idx_slot *slots = mc_idx_slots(base);
-    uint64_t mask = hd->slots - 1, i = h1 & mask;
+    uint64_t i = h1 & mask;
     mc_idx_slot *free_slot = NULL;
     for (int p = 0; p < MC_PROBES; p++, i = (i + 1) & mask) {
         mc_idx_slot *s = &slots[i];
@@ -87,8 +89,8 @@ static int mc_idx_publish(void *base, uint64_t h1, uint64_t h2, uint32_t off, ui
 }
 
 /* Unpublish (h1, h2): its slot becomes a tombstone (probe chains stay intact).  Returns 1 if found. */
-static int mc_idx_remove(void *base, uint64_t h1, uint64_t h2) {
-    mc_idx_slot *s = mc_idx_find(base, h1, h2);
+static int mc_idx_remove(void *base, uint64_t mask, uint64_t h1, uint64_t h2) {
+    mc_idx_slot *s = mc_idx_find(base, mask, h1, h2);
     if (!s || s->size == MC_TOMB) return 0;
     mc_idx_write(s, h1, h2, 0, MC_TOMB);
     return 1;
@@ -98,13 +100,13 @@ static int mc_idx_remove(void *base, uint64_t h1, uint64_t h2) {
 
 /* Copy the value of (h1, h2) into dst (room bytes); returns its size, -1 for "ask the node", or
  * -2 - size if dst is too small. */
-static int64_t mc_idx_read(void *base, const uint8_t *pool, uint64_t pool_size, uint64_t h1, uint64_t h2,
-                           uint8_t *dst, uint64_t room) {
+static int64_t mc_idx_read(void *base, uint64_t mask, const uint8_t *pool, uint64_t pool_size, uint64_t h1,
+                           uint64_t h2, uint8_t *dst, uint64_t room) {
     mc_idx_header *hd = (mc_idx_header *)base;
     int64_t beat = __atomic_load_n(&hd->heartbeat, __ATOMIC_ACQUIRE);
     if (beat == 0 || mc_now_ns() - beat > MC_STALE_NS) return -1;
     mc_idx_slot *slots = mc_idx_slots(base);
-    uint64_t mask = hd->slots - 1, i = h1 & mask;
+    uint64_t i = h1 & mask;
     for (int p = 0; p < MC_PROBES; p++, i = (i + 1) & mask) {
         mc_idx_slot *s = &slots[i];
         uint32_t seq = MC_LOAD32(&s->seq);

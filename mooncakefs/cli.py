@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
 import os
 import random
@@ -221,6 +222,31 @@ def mount(source: str, mountpoint: Path | None, data: Path | None, dram: int, ss
         raise click.ClickException(str(exc)) from None
 
 
+MIN_SECRET_BYTES = 16
+
+
+def _read_secret(secret_file: Path | None) -> bytes:
+    """The cluster secret from --secret-file or $MOONCAKEFS_SECRET, stripped; b"" for none.  A short
+    one is refused: it is all that keeps other hosts out."""
+    raw = secret_file.read_bytes() if secret_file else os.environ.get("MOONCAKEFS_SECRET", "").encode()
+    secret = raw.strip()
+    if raw and len(secret) < MIN_SECRET_BYTES:
+        where = f"--secret-file {secret_file}" if secret_file else "MOONCAKEFS_SECRET"
+        raise click.BadParameter(f"the cluster secret in {where} is {len(secret)} bytes after stripping "
+                                 f"whitespace; use at least {MIN_SECRET_BYTES} random bytes "
+                                 "(e.g. `head -c 32 /dev/urandom | base64`)", param_hint="secret")
+    return secret
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
 def _address(text: str, what: str) -> tuple[str, int] | None:
     """HOST:PORT (IPv6 as [::1]:PORT), or None for "none"/"off"."""
     if text.lower() in ("none", "off", ""):
@@ -249,7 +275,14 @@ def _address(text: str, what: str) -> tuple[str, int] | None:
 @click.option("--secret-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="File holding the cluster secret TCP clients must prove they know [default: $MOONCAKEFS_SECRET].")
 @click.option("--metrics", default="127.0.0.1:7481", show_default=True,
-              help="Address of the Prometheus /metrics endpoint, or 'none'.")
+              help="Address of the Prometheus /metrics endpoint, or 'none'.  Beyond loopback only with "
+                   "--metrics-public (metrics name no keys, but show usage and traffic).")
+@click.option("--metrics-public", is_flag=True, help="Allow --metrics on an address other hosts can reach.")
+@click.option("--idle-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a client connection may sit idle before the node closes it (clients reconnect).")
+@click.option("--io-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds the node waits on a client that stopped sending a request's bytes or taking its "
+                   "reply, or left a put unfinished; its connection or reserved room is then reclaimed.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--prefault/--no-prefault", default=True, show_default=True,
               help="Back the whole DRAM pool with memory at start (in the background).")
@@ -260,8 +293,9 @@ def _address(text: str, what: str) -> tuple[str, int] | None:
               help="Seconds after which a dead node leaves the cluster (and a node cut off from etcd "
                    "stops taking writes after 2/3 of it).")
 def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socket_mode: str,
-         socket_group: str | None, listen: str, secret_file: Path | None, metrics: str, log_format: str,
-         prefault: bool, etcd_url: str | None, cluster: str, lease_ttl: int) -> None:
+         socket_group: str | None, listen: str, secret_file: Path | None, metrics: str, metrics_public: bool,
+         idle_timeout: float, io_timeout: float, log_format: str, prefault: bool, etcd_url: str | None,
+         cluster: str, lease_ttl: int) -> None:
     """Run the node daemon: own this host's DRAM and SSD pools and serve them to every process.
 
     Clients on this host connect with mooncakefs.connect("unix://SOCKET") and move data by memcpy
@@ -270,9 +304,10 @@ def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socke
     import logging
     import signal
 
-    from mooncakefs.client import default_socket
     from mooncakefs.node import Node
     from mooncakefs.node.metrics import JsonFormatter, serve_metrics
+    from mooncakefs.node.server import Timeouts
+    from mooncakefs.sockets import default_socket
 
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else
@@ -285,16 +320,21 @@ def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socke
         raise click.BadParameter(str(exc)) from None
     tcp = _address(listen, "--listen")
     metrics_at = _address(metrics, "--metrics")
-    secret = secret_file.read_bytes().strip() if secret_file else os.environ.get("MOONCAKEFS_SECRET", "").encode()
-    if tcp and tcp[0] not in ("127.0.0.1", "::1", "localhost") and not secret:
+    secret = _read_secret(secret_file)
+    if tcp and not _loopback(tcp[0]) and not secret:
         raise click.UsageError(f"--listen {listen} reaches beyond this host: give the node a --secret-file "
                                "(or MOONCAKEFS_SECRET) so only cluster members get in")
+    if metrics_at and not _loopback(metrics_at[0]) and not metrics_public:
+        raise click.UsageError(f"--metrics {metrics} reaches beyond this host: add --metrics-public to mean it "
+                               "(anyone who can reach it reads usage and traffic counters)")
     try:
         store = mooncakefs.open(data, dram=dram, ssd=ssd_size, ssd_dir=ssd_dir, prefault=prefault)
     except mooncakefs.MooncakeError as exc:
         raise click.ClickException(str(exc)) from None
-    server = Node(store, unix_path=socket_path or default_socket(), tcp=tcp, secret=secret or None,
-                  socket_mode=mode, socket_group=socket_group)
+    default_path, chosen = default_socket()
+    server = Node(store, unix_path=socket_path or default_path, tcp=tcp, secret=secret or None,
+                  socket_mode=mode, socket_group=socket_group, socket_chosen=chosen or socket_path is not None,
+                  timeouts=Timeouts(handshake=min(10.0, io_timeout), idle=idle_timeout, io=io_timeout))
     try:
         server.start()
         if metrics_at:

@@ -17,7 +17,6 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -29,6 +28,7 @@ from mooncakefs.errors import (
     ProtocolError,
     Unavailable,
 )
+from mooncakefs.sockets import check_socket_path, default_socket
 from mooncakefs.store import (
     Key,
     KVMapping,
@@ -69,20 +69,10 @@ TCP_INLINE_MAX = 64 << 20
 BATCH_INLINE_MAX = 4 << 20  # a batched put up to this size goes in one frame
 
 
-def default_socket() -> Path:
-    """Where a node listens by default: $MOONCAKEFS_SOCKET, else the user's runtime dir."""
-    if env := os.environ.get("MOONCAKEFS_SOCKET"):
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/run/mooncakefs/node.sock")
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/mooncakefs-{os.geteuid()}"
-    return Path(runtime) / "mooncakefs" / "node.sock"
-
-
 def parse_url(url: str | os.PathLike[str] | None) -> tuple[str, Any]:
     """("unix", path) or ("tcp", (host, port)) from "unix:///p", "/p", "tcp://host:port"."""
     if url is None:
-        return "unix", str(default_socket())
+        return "unix", str(default_socket()[0])
     text = os.fspath(url)
     if text.startswith("/") or text.startswith("."):
         return "unix", text
@@ -157,6 +147,7 @@ class RemoteStore(KVMapping):
         self.kind, self.address = parse_url(url)
         self.url = f"unix://{self.address}" if self.kind == "unix" else f"tcp://{self.address[0]}:{self.address[1]}"
         self.path = self.url  # what the embedded Store calls its location
+        self._socket_chosen = url is not None or default_socket()[1]  # a default path must be in our dirs
         secret = secret if secret is not None else os.environ.get("MOONCAKEFS_SECRET")
         self._secret = secret.encode() if isinstance(secret, str) else secret
         self.timeout = timeout
@@ -180,6 +171,8 @@ class RemoteStore(KVMapping):
     def _connect(self) -> Channel:
         """A fresh connection, past the handshake (and the pool mapped, the first time or after the node
         restarted)."""
+        if self.kind == "unix":
+            check_socket_path(self.address, self._socket_chosen)
         family = socket.AF_UNIX if self.kind == "unix" else socket.AF_INET6 if ":" in self.address[0] else \
             socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -231,7 +224,14 @@ class RemoteStore(KVMapping):
                     for fd in fds:
                         os.close(fd)
                 self._pool_view = memoryview(self._pool)
-                self._index = SharedIndex(index_map, self._pool)
+                try:
+                    self._index = SharedIndex(index_map, self._pool)
+                except ValueError:
+                    raise MooncakeError(
+                        f"{self.url}: the node's shared index is damaged, so its pool cannot be trusted either: "
+                        "a process with access to the node's socket wrote over it (see docs/security.md).  "
+                        "Restart the node, and find who has access to its socket (--socket-mode, --socket-group)"
+                    ) from None
                 transports.insert(0, LocalTransport(self._pool_view))
             self._engine = TransferEngine(transports)
             self._instance = instance

@@ -12,8 +12,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import hmac
+import select
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +28,7 @@ MAGIC = 0x434D  # b"MC"
 VERSION = 2  # 2: puts carry a version
 HEADER = struct.Struct("<HBBIQ")  # magic, opcode, flags, meta length, payload length
 MAX_META = 8 << 20  # a batch of 4096 keys of 1 KiB fits
+PREAUTH_MAX_META = 1 << 10  # before the handshake is done, a frame's meta is this small and has no payload
 MAX_PAYLOAD = 1 << 48
 MAX_BATCH = 4096
 RECV_BUFFER = 256 << 10
@@ -142,6 +145,10 @@ class Channel:
         self.payload_left = 0  # bytes of the current frame's payload not yet read
         self.closed = False
         self.epoch: int | None = None  # the placement epoch announced on this connection (cluster clients)
+        # A node's limit on receiving the current frame (time.monotonic()): a peer that trickles its
+        # bytes is dropped once it passes, even though each recv makes progress.
+        self.deadline: float | None = None
+        self._poller: select.poll | None = None
 
     def close(self) -> None:
         if not self.closed:
@@ -172,15 +179,25 @@ class Channel:
 
     # -- receiving --------------------------------------------------------------------------------------
 
-    def read_frame(self) -> tuple[int, int, Any, int]:
-        """The next frame's (opcode, flags, meta, payload length); read the payload next."""
+    def wait_readable(self, timeout: float) -> bool:
+        """Whether the next frame starts within ``timeout`` seconds (or its bytes are buffered already)."""
+        if self._end > self._start:
+            return True
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.sock, select.POLLIN)
+        return bool(self._poller.poll(max(0, int(timeout * 1000))))
+
+    def read_frame(self, max_meta: int = MAX_META, max_payload: int = MAX_PAYLOAD) -> tuple[int, int, Any, int]:
+        """The next frame's (opcode, flags, meta, payload length); read the payload next.  A frame larger
+        than the limits is refused before anything is allocated for it."""
         if self.payload_left:
             self.skip_payload()
         self._fill(HEADER.size)
         magic, op, flags, meta_len, payload_len = HEADER.unpack_from(self._buf, self._start)
         if magic != MAGIC:
             raise ProtocolError(f"{self.peer}: bad frame magic {magic:#06x}")
-        if meta_len > MAX_META or payload_len > MAX_PAYLOAD:
+        if meta_len > max_meta or payload_len > max_payload:
             raise ProtocolError(f"{self.peer}: frame too large (meta {meta_len}, payload {payload_len})")
         self._start += HEADER.size
         meta = self._read_meta(meta_len) if meta_len else ()
@@ -227,6 +244,8 @@ class Channel:
             if not got:
                 raise self._lost(None)
             have += got
+            if have < n and self.deadline is not None and time.monotonic() > self.deadline:
+                raise self._lost(TimeoutError())
 
     def read_payload(self, n: int) -> bytearray:
         out = bytearray(n)
@@ -269,6 +288,8 @@ class Channel:
             if not got:
                 raise self._lost(None)
             self._end += got
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                raise self._lost(TimeoutError())
 
     def _lost(self, exc: OSError | None) -> Unavailable:
         """The peer is gone or silent: this channel is done for."""

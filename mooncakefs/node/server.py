@@ -7,16 +7,27 @@ over TCP and move the bytes through the framed protocol in ``mooncakefs.wire``.
 
 Each connection is served by its own thread; the store's lock orders what they do.  Whatever a
 connection holds (read leases, half-written puts) is given back when it goes away, however it goes.
+
+A node faces clients it cannot trust to behave (docs/security.md): every wait on a client is bounded
+(the handshake, the gap between requests, each frame's bytes, an unfinished put's reservation), frames
+before authentication are tiny, connections still in their handshake are capped and shed first when
+file descriptors run out, and only the node's own user, root and cluster peers reach mooncakefs's
+reserved keys (the filesystem's file chunks).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import ipaddress
 import logging
 import mmap
 import os
+import resource
 import secrets
 import socket
+import struct
+import sys
 import threading
 import time
 import uuid
@@ -28,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from mooncakefs import _engine
 from mooncakefs.errors import (
     AuthenticationError,
+    InvalidKey,
     KeyNotFound,
     MooncakeError,
     Moved,
@@ -35,9 +47,11 @@ from mooncakefs.errors import (
     ProtocolError,
     Unavailable,
 )
-from mooncakefs.store import PendingPut, Store, ValueView, wire_key
+from mooncakefs.sockets import make_socket_dir
+from mooncakefs.store import INTERNAL_PREFIX, InternalKey, Key, PendingPut, Store, ValueView, wire_key
 from mooncakefs.wire import (
     MAX_BATCH,
+    PREAUTH_MAX_META,
     VERSION,
     Channel,
     Op,
@@ -61,6 +75,26 @@ BATCH_STAGE_MAX = 4 << 20  # a batched put this small is received whole, then st
 HEARTBEAT_S = 0.5  # readers of the shared index give up on a node silent for 2 s
 INDEX_OBJECT_GUESS = 4096  # the shared index has two slots per this many bytes of pool
 ACCEPT_BACKLOG = 128
+MAX_UNAUTHENTICATED = 64  # connections still in their handshake; past this the oldest is dropped
+MIN_PAYLOAD_RATE = 1 << 20  # bytes/s: a frame's payload arriving slower than this is a stalled client
+ACCEPT_BACKOFF_MAX = 1.0  # seconds between accept() attempts while file descriptors run out
+
+
+class Timeouts:
+    """How long a node waits on a client, in seconds.
+
+    ``handshake``: from connecting to being authenticated.  ``idle``: between requests (clients pool
+    connections and reconnect transparently).  ``io``: for a frame's bytes to arrive (plus a second per
+    MiB of payload), for a reply to be taken, and for an unfinished put to see progress before its room
+    is reclaimed."""
+
+    __slots__ = ("handshake", "idle", "io")
+
+    def __init__(self, handshake: float = 10.0, idle: float = 600.0, io: float = 30.0) -> None:
+        for name, value in (("handshake", handshake), ("idle", idle), ("io", io)):
+            if not (isinstance(value, int | float) and 0 < value < 1e6):
+                raise ValueError(f"the {name} timeout must be a number of seconds above 0, got {value!r:.40}")
+        self.handshake, self.idle, self.io = float(handshake), float(idle), float(io)
 
 
 class Session:
@@ -69,10 +103,31 @@ class Session:
     def __init__(self, channel: Channel, local: bool) -> None:
         self.channel = channel
         self.local = local  # on the Unix socket: may be handed the pool
+        self.opened = time.monotonic()
+        self.authenticated = False  # past the handshake
+        self.trusted: bool | None = None  # may use reserved keys (decided on first use)
         self.mapped = False  # it has the pool mapped, so pool offsets mean something to it
         self.leases: set[int] = set()
         self.pending: set[int] = set()
         self.epoch: int | None = None  # the placement epoch a cluster client routes this connection by
+
+    def shed(self) -> None:
+        """Cut the connection from another thread: its own thread sees it closed and cleans up."""
+        with contextlib.suppress(OSError):
+            self.channel.sock.shutdown(socket.SHUT_RDWR)
+
+
+class Reservation:
+    """An unfinished put (PUT_BEGIN) and who is writing into it.  Its room is given back only when no
+    WRITE is receiving into it, so a put dropped mid-stripe never frees memory still being written."""
+
+    __slots__ = ("doomed", "pending", "session", "touched", "writers")
+
+    def __init__(self, pending: PendingPut, session: Session) -> None:
+        self.pending, self.session = pending, session
+        self.touched = time.monotonic()
+        self.writers = 0
+        self.doomed = False
 
 
 class Node:
@@ -87,11 +142,15 @@ class Node:
         secret: bytes | None = None,
         socket_mode: int = 0o600,
         socket_group: str | int | None = None,
+        socket_chosen: bool = True,
+        timeouts: Timeouts | None = None,
     ) -> None:
         if unix_path is None and tcp is None:
             raise ValueError("a node needs a Unix socket path, a TCP address, or both")
         self.store = store
         self.unix_path = Path(unix_path) if unix_path is not None else None
+        self.socket_chosen = socket_chosen  # False: the default path, which must be in our own directories
+        self.timeouts = timeouts or Timeouts()
         self.tcp = tcp
         self.secret = secret
         self.socket_mode, self.socket_group = socket_mode, socket_group
@@ -104,7 +163,8 @@ class Node:
         self._sessions: set[Session] = set()
         self._threads: list[threading.Thread] = []
         self._leases: dict[int, tuple[ValueView, memoryview, Session]] = {}
-        self._pending: dict[int, tuple[PendingPut, Session]] = {}
+        self._pending: dict[int, Reservation] = {}
+        self._pending_lock = threading.Lock()
         self._stopping = threading.Event()
         self.index: _engine.SharedIndex | None = None
         self.cluster: NodeAgent | None = None  # set when the node is a cluster member
@@ -127,20 +187,31 @@ class Node:
     # -- lifecycle --------------------------------------------------------------------------------------
 
     def start(self) -> Node:
-        self._share_index()
+        _raise_fd_limit()
         try:
             if self.unix_path is not None:
                 self._listen_unix(self.unix_path)
             if self.tcp is not None:
-                sock = socket.create_server(self.tcp, backlog=ACCEPT_BACKLOG, reuse_port=False)
+                try:
+                    sock = socket.create_server(self.tcp, backlog=ACCEPT_BACKLOG, reuse_port=False)
+                except OSError as exc:
+                    raise MooncakeError(f"cannot listen on {self.tcp[0]}:{self.tcp[1]}: "
+                                        f"{exc.strerror or exc}") from None
                 self.tcp = sock.getsockname()[:2]  # the real port when 0 was asked for
                 self._listeners.append(sock)
-                log.info("listening", extra={"tcp": f"{self.tcp[0]}:{self.tcp[1]}", "auth": bool(self.secret)})
         except BaseException:
             self._close_listeners()
+            if self._owns_socket:
+                with contextlib.suppress(FileNotFoundError):
+                    self.unix_path.unlink()  # type: ignore[union-attr]
             raise
-        for sock in self._listeners:
+        self._share_index()
+        for sock in self._listeners:  # only now, with every address bound, is the node listening
+            where = ({"unix": str(sock.getsockname()), "mode": oct(self.socket_mode)} if sock.family == socket.AF_UNIX
+                     else {"tcp": "{}:{}".format(*sock.getsockname()[:2]), "auth": bool(self.secret)})
+            log.info("listening", extra=where)
             self._spawn(self._accept_loop, sock, name="mooncakefs-accept")
+        self._spawn(self._reap_reservations, name="mooncakefs-reaper")
         return self
 
     def _share_index(self) -> None:
@@ -161,7 +232,7 @@ class Node:
             self.index.beat()
 
     def _listen_unix(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_socket_dir(path, self.socket_chosen)
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.closing(probe):
             if probe.connect_ex(str(path)) == 0:
@@ -183,7 +254,6 @@ class Node:
             os.chown(path, -1, gid)
         sock.listen(ACCEPT_BACKLOG)
         self._listeners.append(sock)
-        log.info("listening", extra={"unix": str(path), "mode": oct(self.socket_mode)})
 
     def stop(self) -> None:
         """Stop serving: refuse new clients, drop connections (their unfinished puts are discarded),
@@ -196,8 +266,7 @@ class Node:
         self._close_listeners()
         with self._lock:
             for session in list(self._sessions):
-                with contextlib.suppress(OSError):
-                    session.channel.sock.shutdown(socket.SHUT_RDWR)
+                session.shed()
             threads = list(self._threads)
         for t in threads:
             if t is not threading.current_thread():
@@ -230,19 +299,48 @@ class Node:
         t.start()
 
     def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept until the node stops.  No failure ends the loop: out of file descriptors (or threads),
+        it sheds the oldest connections still in their handshake, backs off, and tries again."""
         local = listener.family == socket.AF_UNIX
+        backoff = 0.0
+        failures = 0
         while not self._stopping.is_set():
             try:
                 sock, addr = listener.accept()
-            except OSError:
-                return
-            peer = "unix" if local else f"{addr[0]}:{addr[1]}"
-            self._spawn(self._serve, sock, peer, local, name=f"mooncakefs-conn-{peer}")
+                peer = "unix" if local else f"{addr[0]}:{addr[1]}"
+                self._shed_unauthenticated(MAX_UNAUTHENTICATED - 1)
+                try:
+                    self._spawn(self._serve, sock, peer, local, name=f"mooncakefs-conn-{peer}")
+                except RuntimeError as exc:  # no more threads
+                    sock.close()
+                    raise OSError(errno.EAGAIN, str(exc)) from None
+            except OSError as exc:
+                if self._stopping.is_set():
+                    return
+                failures += 1
+                if failures == 1 or failures % 1000 == 0:
+                    log.warning("accept failed: shedding connections still in their handshake and retrying",
+                                extra={"why": exc.strerror or str(exc), "failures": failures,
+                                       "listener": "unix" if local else "tcp"})
+                self._shed_unauthenticated(MAX_UNAUTHENTICATED // 2)
+                backoff = min(ACCEPT_BACKOFF_MAX, backoff * 2 or 0.01)
+                self._stopping.wait(backoff)
+                continue
+            if failures:
+                log.info("accepting again", extra={"failures": failures})
+            backoff, failures = 0.0, 0
+
+    def _shed_unauthenticated(self, keep: int) -> None:
+        """Drop the oldest connections still in their handshake until at most ``keep`` remain."""
+        with self._lock:
+            waiting = sorted((s for s in self._sessions if not s.authenticated), key=lambda s: s.opened)
+        for session in waiting[: max(0, len(waiting) - keep)]:
+            session.shed()
 
     # -- one connection ---------------------------------------------------------------------------------
 
     def _serve(self, sock: socket.socket, peer: str, local: bool) -> None:
-        session = Session(Channel(sock, peer), local)
+        session = Session(Channel(sock, peer, timeout=self.timeouts.io), local)
         with self._lock:
             self._sessions.add(session)
         try:
@@ -261,7 +359,10 @@ class Node:
         ch = session.channel
         nonce = secrets.token_bytes(16) if self.secret and not session.local else None
         ch.send(Op.HELLO, [VERSION, self.instance, nonce])
-        op, _flags, meta, _n = ch.read_frame()
+        if not ch.wait_readable(self.timeouts.handshake):
+            raise ProtocolError(f"{ch.peer}: no handshake within {self.timeouts.handshake:g} s")
+        ch.deadline = session.opened + self.timeouts.handshake
+        op, _flags, meta, _n = ch.read_frame(max_meta=PREAUTH_MAX_META, max_payload=0)
         if op != Op.AUTH or not isinstance(meta, list) or len(meta) != 2 or meta[0] != VERSION:
             raise ProtocolError(f"{ch.peer}: bad handshake (opcode {op}, {meta!r:.100})")
         if nonce is not None:
@@ -272,11 +373,18 @@ class Node:
                     "this node requires the cluster secret: connect with secret=... (or MOONCAKEFS_SECRET)")))
                 raise AuthenticationError(f"{ch.peer}: wrong or missing cluster secret")
         ch.send(Op.OK, [])
+        session.authenticated = True
 
     def _loop(self, session: Session) -> None:
         ch, handlers, names = session.channel, self._handlers, self._op_names
+        idle, io = self.timeouts.idle, self.timeouts.io
         while True:
+            if not ch.wait_readable(idle):
+                raise Unavailable(f"{ch.peer}: idle for {idle:g} s")
+            ch.deadline = time.monotonic() + io
             op, _flags, meta, payload_len = ch.read_frame()
+            if payload_len:
+                ch.deadline += payload_len / MIN_PAYLOAD_RATE
             handler = handlers.get(op)
             name = names.get(op, "unknown")
             self.requests[name] += 1
@@ -305,9 +413,62 @@ class Node:
         for lease_id in list(session.leases):
             self._drop_lease(lease_id)
         for put_id in list(session.pending):
-            item = self._pending.pop(put_id, None)
-            if item is not None:
-                self.store.abort_put(item[0])
+            self._discard_reservation(put_id)
+
+    # -- reservations of unfinished puts ----------------------------------------------------------------
+
+    def _discard_reservation(self, put_id: int) -> Reservation | None:
+        """Take an unfinished put off the books and give its room back, now or, while a WRITE is still
+        receiving into it, when that WRITE ends."""
+        with self._pending_lock:
+            r = self._pending.pop(put_id, None)
+            if r is None:
+                return None
+            r.doomed = True
+            busy = r.writers > 0
+        r.session.pending.discard(put_id)
+        if not busy:
+            self.store.abort_put(r.pending)
+        return r
+
+    def _reap_reservations(self) -> None:
+        """Give back the room of puts whose client stalled: no WRITE into it for the io timeout."""
+        io = self.timeouts.io
+        while not self._stopping.wait(min(1.0, io / 4)):
+            now = time.monotonic()
+            with self._pending_lock:
+                stale = [put_id for put_id, r in self._pending.items() if not r.writers and now - r.touched > io]
+            for put_id in stale:
+                r = self._discard_reservation(put_id)
+                if r is not None:
+                    self.errors["ReservationTimeout"] += 1
+                    log.warning("unfinished put abandoned: its room is reclaimed",
+                                extra={"peer": r.session.channel.peer, "bytes": len(r.pending.buffer or b""),
+                                       "idle_s": round(now - r.touched, 1)})
+
+    # -- reserved keys ------------------------------------------------------------------------------------
+
+    def _key(self, session: Session, raw: Any) -> Key:
+        """A key from the wire.  Reserved keys (file chunks, cluster pointers) only from a trusted peer:
+        the node's own user or root on this host, or a cluster member that proved the secret."""
+        key = wire_key(raw)
+        if type(key) is InternalKey:
+            if session.trusted is None:
+                session.trusted = self._trusts(session)
+            if not session.trusted:
+                raise InvalidKey(f"key {raw!r:.80} starts with {INTERNAL_PREFIX!r}, which mooncakefs reserves for "
+                                 "its own use (file chunks): only the node's user, root and cluster peers may use it")
+        return key
+
+    def _trusts(self, session: Session) -> bool:
+        sock = session.channel.sock
+        if session.local:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return struct.unpack("3i", creds)[1] in (0, os.geteuid())
+        if self.secret:
+            return True  # authenticated with the cluster secret
+        uid = loopback_peer_uid(sock)
+        return uid is not None and uid in (0, os.geteuid())
 
     # -- handlers: each reads its payload, then sends exactly one reply ------------------------------
 
@@ -345,52 +506,68 @@ class Node:
         key, size, flags, ttl, version = meta
         if size != payload_len:
             raise ValueError(f"put declares {size} bytes but carries {payload_len}")
-        self._receive_put(session, self.store.begin_put(wire_key(key), size, **unpack_put_options(flags, ttl, version)))
+        options = unpack_put_options(flags, ttl, version)
+        self._receive_put(session, self.store.begin_put(self._key(session, key), size, **options))
         self._ok(session)
 
     def _put_begin(self, session: Session, meta: list[Any], _n: int) -> None:
         key, size, flags, ttl, version = meta
-        pending = self.store.begin_put(wire_key(key), size, **unpack_put_options(flags, ttl, version))
+        pending = self.store.begin_put(self._key(session, key), size, **unpack_put_options(flags, ttl, version))
         put_id = secrets.randbits(63)
-        self._pending[put_id] = (pending, session)
+        with self._pending_lock:
+            self._pending[put_id] = Reservation(pending, session)
         session.pending.add(put_id)
         self._ok(session, [put_id, pending.pool_offset if session.mapped else -1])
 
-    def _finish_pending(self, session: Session, meta: list[Any]) -> PendingPut:
-        """Take the unfinished put a PUT_END or PUT_ABORT names off the books of its connection."""
+    def _own_reservation(self, session: Session, meta: list[Any]) -> int:
+        """The unfinished put a PUT_END or PUT_ABORT names, checked to be this connection's."""
         (put_id,) = meta
-        item = self._pending.get(put_id)
-        if item is None or item[1] is not session:
-            raise ValueError(f"no unfinished put {put_id!r:.30} on this connection")
-        del self._pending[put_id]
+        with self._pending_lock:
+            r = self._pending.get(put_id)
+            if r is None or r.session is not session:
+                raise ValueError(f"no unfinished put {put_id!r:.30} on this connection (finished, abandoned for "
+                                 f"{self.timeouts.io:g} s, or never begun)")
+            if r.writers:
+                raise ValueError(f"put {put_id} still has writes in flight")
+            del self._pending[put_id]
         session.pending.discard(put_id)
-        return item[0]
+        return r.pending  # type: ignore[return-value]
 
     def _write(self, session: Session, meta: list[Any], payload_len: int) -> None:
         put_id, offset = meta
-        item = self._pending.get(put_id)  # any connection of the client may carry a stripe
-        if item is None:
-            raise ValueError(f"no unfinished put {put_id!r:.30}")
-        buffer = item[0].buffer
-        if not (type(offset) is int and offset >= 0 and offset + payload_len <= len(buffer)):
-            raise ValueError(f"write of {payload_len} bytes at {offset!r:.30} outside a {len(buffer)}-byte value")
-        session.channel.read_payload_into(buffer[offset : offset + payload_len])
+        with self._pending_lock:
+            r = self._pending.get(put_id)  # any connection of the client may carry a stripe
+            if r is None:
+                raise ValueError(f"no unfinished put {put_id!r:.30}")
+            buffer = r.pending.buffer
+            if not (type(offset) is int and offset >= 0 and offset + payload_len <= len(buffer)):
+                raise ValueError(f"write of {payload_len} bytes at {offset!r:.30} outside a {len(buffer)}-byte value")
+            r.writers += 1
+        try:
+            session.channel.read_payload_into(buffer[offset : offset + payload_len])
+        finally:
+            with self._pending_lock:
+                r.writers -= 1
+                r.touched = time.monotonic()
+                last = r.doomed and not r.writers
+            if last:  # the put was dropped while this stripe was arriving
+                self.store.abort_put(r.pending)
         self.bytes_in += payload_len
         self._ok(session)
 
     def _put_end(self, session: Session, meta: list[Any], _n: int) -> None:
-        self.store.end_put(self._finish_pending(session, meta))
+        self.store.end_put(self._own_reservation(session, meta))
         self._ok(session)
 
     def _put_abort(self, session: Session, meta: list[Any], _n: int) -> None:
-        self.store.abort_put(self._finish_pending(session, meta))
+        self.store.abort_put(self._own_reservation(session, meta))
         self._ok(session)
 
     def _lease(self, session: Session, key: Any, inline_max: int) -> tuple[list[int], _InlineValue | None]:
         """Look a value up for a reader: ([size, lease id, pool offset], bytes to send inline or None).
         Values larger than ``inline_max`` stay leased until the client releases them."""
         try:
-            view = self.store.view(wire_key(key))
+            view = self.store.view(self._key(session, key))
         except KeyNotFound:
             self._moved(key)
             raise
@@ -449,11 +626,11 @@ class Node:
 
     def _exists(self, session: Session, meta: list[Any], _n: int) -> None:
         (key,) = meta
-        self._ok(session, [self._found(key, self.store.exists(wire_key(key)))])
+        self._ok(session, [self._found(key, self.store.exists(self._key(session, key)))])
 
     def _remove(self, session: Session, meta: list[Any], _n: int) -> None:
         (key,) = meta
-        self._ok(session, [self.store.remove(wire_key(key))])
+        self._ok(session, [self.store.remove(self._key(session, key))])
 
     def _remove_prefix(self, session: Session, meta: list[Any], _n: int) -> None:
         (prefix,) = meta
@@ -463,7 +640,7 @@ class Node:
 
     def _stat(self, session: Session, meta: list[Any], _n: int) -> None:
         (key,) = meta
-        info = self.store.stat(wire_key(key))
+        info = self.store.stat(self._key(session, key))
         self._ok(session, [info.size, info.checksum, info.tier, info.pinned, info.expires, pack_version(info.version)])
 
     def _keys(self, session: Session, meta: list[Any], _n: int) -> None:
@@ -475,14 +652,15 @@ class Node:
 
     def _match_prefix(self, session: Session, meta: list[Any], _n: int) -> None:
         (keys,) = meta
-        self._ok(session, [self.store.match_prefix([wire_key(k) for k in _batch(keys)])])
+        self._ok(session, [self.store.match_prefix([self._key(session, k) for k in _batch(keys)])])
 
     def _stats(self, session: Session, meta: list[Any], _n: int) -> None:
         self._ok(session, [self.store.stats()])
 
     def _persist(self, session: Session, meta: list[Any], _n: int) -> None:
         (keys,) = meta
-        self._ok(session, [self.store.persist(None if keys is None else [wire_key(k) for k in _batch(keys)])])
+        keys = None if keys is None else [self._key(session, k) for k in _batch(keys)]
+        self._ok(session, [self.store.persist(keys)])
 
     def _batch_put(self, session: Session, meta: list[Any], payload_len: int) -> None:
         keys, sizes, flags, ttl, version = meta
@@ -500,11 +678,11 @@ class Node:
             for s in sizes:
                 offsets.append(offsets[-1] + s)
             results = self.store.batch_put(
-                [(wire_key(k), staged[offsets[i] : offsets[i + 1]]) for i, k in enumerate(keys)], **options)
+                [(self._key(session, k), staged[offsets[i] : offsets[i + 1]]) for i, k in enumerate(keys)], **options)
         else:
             for key, size in zip(keys, sizes, strict=True):
                 try:
-                    pending = self.store.begin_put(wire_key(key), size, **options)
+                    pending = self.store.begin_put(self._key(session, key), size, **options)
                 except (MooncakeError, ValueError, TypeError) as exc:
                     if isinstance(exc, Unavailable):
                         raise
@@ -545,12 +723,12 @@ class Node:
 
     def _batch_exists(self, session: Session, meta: list[Any], _n: int) -> None:
         (keys,) = meta
-        present = self.store.batch_exists([wire_key(k) for k in _batch(keys)])
+        present = self.store.batch_exists([self._key(session, k) for k in _batch(keys)])
         self._ok(session, [[self._found(k, p) for k, p in zip(keys, present, strict=True)]])
 
     def _batch_versions(self, session: Session, meta: list[Any], _n: int) -> None:
         (keys,) = meta
-        versions = self.store.versions([wire_key(k) for k in _batch(keys)])
+        versions = self.store.versions([self._key(session, k) for k in _batch(keys)])
         self._ok(session, [[False if v is None else pack_version(v) for v in versions]])  # False: absent
 
     def _epoch(self, session: Session, meta: list[Any], _n: int) -> None:
@@ -585,3 +763,49 @@ def _batch(items: Any) -> list[Any]:
         raise ValueError(f"a batch is a list of at most {MAX_BATCH} items")
     return items
 
+
+
+def _raise_fd_limit() -> None:
+    """Take the whole hard limit of open files: every client connection costs a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def loopback_peer_uid(sock: socket.socket) -> int | None:
+    """The user owning the other end of a TCP connection made on this host: SO_PEERCRED's answer for
+    loopback TCP, read from /proc/net/tcp{,6}.  None when the peer is elsewhere or cannot be found."""
+    try:
+        peer, local = sock.getpeername()[:2], sock.getsockname()[:2]
+        peer_ip, local_ip = _plain_ip(peer[0]), _plain_ip(local[0])
+    except (OSError, ValueError):
+        return None
+    if not peer_ip.is_loopback:
+        return None
+    ports = (f"{peer[1]:04X}", f"{local[1]:04X}")
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            (ip_a, port_a), (ip_b, port_b) = fields[1].split(":"), fields[2].split(":")
+            if (port_a, port_b) == ports and (_proc_ip(ip_a), _proc_ip(ip_b)) == (peer_ip, local_ip):
+                return int(fields[7])
+    return None
+
+
+def _plain_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(text.split("%")[0])
+    return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+def _proc_ip(hex_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as /proc/net/tcp prints it: 32-bit words in the host's byte order."""
+    raw = bytes.fromhex(hex_ip)
+    if sys.byteorder == "little":
+        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return _plain_ip(str(ipaddress.ip_address(raw)))
