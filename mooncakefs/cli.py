@@ -635,7 +635,8 @@ def fsck(data: Path | None, ssd_dir: Path | None, rebuild: bool) -> None:
         quiet = logging.getLogger("mooncakefs.ssd")
         quiet.disabled = True  # the message is printed below, once
         try:
-            tier = SsdTier(segments, 1 << 62, segment_size=1 << 26, index_path=index, rebuild=True)
+            tier = SsdTier(segments, 1 << 62, segment_size=1 << 26, index_path=index,
+                           rebuild=report.index_error or "asked to be rebuilt (fsck --rebuild)")
             try:
                 tier.load(_time.time())
             finally:

@@ -223,6 +223,7 @@ def test_fsck_checks_every_value_and_rebuilds(tmp_path):
 
     result = fsck_cli(tmp_path, "--rebuild")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "was unreadable (file is not a database)" in result.stdout, result.stdout
     assert "rebuilt it from the segment journals" in result.stdout and "1 value (" in result.stdout, result.stdout
     assert fsck_cli(tmp_path).returncode == 0
     with mooncakefs.open(tmp_path, **OPEN) as store:

@@ -431,6 +431,8 @@ class SsdTier:
             seg = self.segments.get(seg_id)
             if seg is None or off + size > max(seg.size, off) or (expires and expires <= now):
                 stale.append(bytes(key))
+                if seg is not None and not (expires and expires <= now):  # a truncated segment
+                    self._tombstone(bytes(key), seg_id, off, size)  # so its journal agrees: the value is gone
                 continue
             version = version_hi << 63 | version_lo
             rows[bytes(key)] = Record(bytes(key), seg_id, off, size, crc, expires, flags, version, tag)
@@ -791,7 +793,7 @@ class SsdTier:
 class FsckReport:
     """What ``fsck`` found: the index's health, each row against its segment, the journals against the index."""
 
-    index_error: str | None = None  # why the index cannot be read (then nothing else was checked)
+    index_error: str | None = None  # why the index cannot be used (then nothing else was checked)
     rows: int = 0
     row_bytes: int = 0
     bad_rows: list[tuple[bytes, str]] = field(default_factory=list)  # key, what is wrong with its value
@@ -808,7 +810,7 @@ class FsckReport:
 
     def lines(self) -> list[str]:
         if self.index_error is not None:
-            return [f"index: {self.index_error}"]
+            return [f"index: {self.index_error}: `mooncakefs fsck --rebuild` rebuilds it from the segment journals"]
         out = [f"index: {self.rows} values ({format_size(self.row_bytes)}), {len(self.bad_rows)} bad"]
         out += [f"  {key!r:.100}: {why}" for key, why in self.bad_rows[:20]]
         if len(self.bad_rows) > 20:
@@ -856,9 +858,7 @@ def fsck(directory: Path, index_path: Path, now: float | None = None) -> FsckRep
             report.orphans.append(path)
     report.unjournaled = [path for seg_id, path in segments.items() if seg_id not in journals]
     if not index_path.exists() or index_path.stat().st_size == 0:
-        report.index_error = "missing or empty" + (" (the segments need it: run fsck --rebuild)" if segments else "")
-        if not segments:
-            report.index_error = None
+        report.index_error = "missing or empty" if segments else None
         return report
     try:
         db = sqlite3.connect(index_path, isolation_level=None)
@@ -873,7 +873,7 @@ def fsck(directory: Path, index_path: Path, now: float | None = None) -> FsckRep
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
-        report.index_error = f"unreadable ({exc}): run fsck --rebuild to rebuild it from the segment journals"
+        report.index_error = f"unreadable ({exc})"
         return report
     fds = {seg_id: os.open(path, os.O_RDONLY | os.O_CLOEXEC) for seg_id, path in segments.items()}
     try:
