@@ -779,14 +779,14 @@ def _frame(op: int, meta_bytes: bytes, payload: bytes = b"", declared: int | Non
 
 
 class _Fuzzer:
-    def __init__(self, node: NodeProcess, url: str, seed: int) -> None:
-        self.node, self.url, self.rng = node, url, random.Random(seed)
+    def __init__(self, node: NodeProcess, url: str, seed: int, secret: bytes | None = None) -> None:
+        self.node, self.url, self.rng, self.secret = node, url, random.Random(seed), secret
         self.ch: wire.Channel | None = None
         self.frames = self.replies = self.drops = 0
 
     def channel(self) -> wire.Channel:
         if self.ch is None or self.ch.closed:
-            self.ch = raw_channel(self.url, timeout=5)
+            self.ch = raw_channel(self.url, secret=self.secret, timeout=5)
         return self.ch
 
     def drop(self) -> None:
@@ -853,7 +853,7 @@ class _Fuzzer:
 
     def garbage(self, n: int) -> None:
         for i in range(n):
-            ch = raw_channel(self.url, timeout=5, handshake=i % 2 == 0)
+            ch = raw_channel(self.url, secret=self.secret, timeout=5, handshake=i % 2 == 0)
             with contextlib.suppress(OSError):
                 ch.sock.sendall(self.rng.randbytes(self.rng.randrange(1, 3000)))
                 ch.sock.shutdown(socket.SHUT_WR)
@@ -892,13 +892,30 @@ class _Fuzzer:
             HEADER.pack(MAGIC, Op.GET, 0, wire.MAX_META, 0) + b"\x91" * 1000,  # legal size, never sent in full
         ]
         for data in cases:
-            ch = raw_channel(self.url, timeout=5)
+            ch = raw_channel(self.url, secret=self.secret, timeout=5)
             with contextlib.suppress(OSError):
                 ch.sock.sendall(data)
                 ch.sock.shutdown(socket.SHUT_WR)
             self._expect_close(ch)
         # before the handshake: a client that never authenticates, or sends a request instead
         for data in (b"", _frame(Op.PING, msgpack.packb([])), _frame(Op.AUTH, msgpack.packb([99, None]))):
+            ch = raw_channel(self.url, timeout=5, handshake=False)
+            with contextlib.suppress(OSError):
+                ch.sock.sendall(data)
+                ch.sock.shutdown(socket.SHUT_WR)
+            self._expect_close(ch)
+
+    def before_auth(self, n: int) -> None:
+        """Random frames (a forged AUTH among them) before the handshake: the node hangs up on each
+        connection, having allocated nothing much for it."""
+        for _ in range(n):
+            op = self.rng.choice([Op.AUTH, Op.AUTH, Op.PING, Op.PUT, Op.GET, self.rng.randrange(256)])
+            meta = msgpack.packb(_fuzz_meta(self.rng, op) if op in TEMPLATES else
+                                 [wire.VERSION, self.rng.randbytes(self.rng.choice([0, 31, 32, 33]))])
+            payload = self.rng.randbytes(self.rng.choice([0, 0, 1, 100]))
+            data = _frame(op, meta, payload, declared=self.rng.choice([None, None, 1 << 30]))
+            if self.rng.random() < 0.3:
+                data = data[: self.rng.randrange(1, len(data) + 1)]
             ch = raw_channel(self.url, timeout=5, handshake=False)
             with contextlib.suppress(OSError):
                 ch.sock.sendall(data)
@@ -945,9 +962,10 @@ class _Fuzzer:
         ch.read_reply()
 
 
-@pytest.mark.parametrize("seed", [1])
-def test_protocol_fuzzing_leaves_the_node_serving(node_factory, seed):
-    node = node_factory(dram="32MiB", ssd="64MiB", metrics="auto")
+@pytest.mark.parametrize("seed, secret", [(1, None), (2, b"the-fuzzed-cluster-secret")])
+def test_protocol_fuzzing_leaves_the_node_serving(node_factory, seed, secret):
+    """With a secret, the TCP fuzzer authenticates: every request frame is fuzzed past the handshake."""
+    node = node_factory(dram="32MiB", ssd="64MiB", metrics="auto", secret=secret)
     refs = {b"ref/small": rand_bytes(100, "s"), b"ref/medium": rand_bytes(100 * KiB, "m"),
             b"ref/large": rand_bytes(2 * MiB, "l"), b"ref/empty": b""}
     with mooncakefs.connect(node.unix_url) as s:
@@ -956,9 +974,10 @@ def test_protocol_fuzzing_leaves_the_node_serving(node_factory, seed):
         baseline = s.stats()["dram"]["used"]
 
     for i, url in enumerate([node.unix_url, node.tcp_url]):
-        fuzzer = _Fuzzer(node, url, seed * 100 + i)
+        fuzzer = _Fuzzer(node, url, seed * 100 + i, secret)
         fuzzer.leases_and_puts(b"ref/large", 2 * MiB)
         fuzzer.truncated_and_huge()
+        fuzzer.before_auth(40)
         fuzzer.garbage(15)
         fuzzer.wrong_types()
         fuzzer.mutated_frames(250)
@@ -970,7 +989,7 @@ def test_protocol_fuzzing_leaves_the_node_serving(node_factory, seed):
 
     assert node.alive, node.log()
     for url in (node.unix_url, node.tcp_url):
-        with mooncakefs.connect(url, timeout=5) as s:
+        with mooncakefs.connect(url, secret=secret, timeout=5) as s:
             for k, v in refs.items():
                 assert s.get(k) == v, k
             s.put("after-fuzz", rand_bytes(1 * MiB, "after"))
