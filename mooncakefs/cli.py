@@ -586,7 +586,10 @@ def _configure_logging(debug: bool, log_file: Path | None) -> None:
     import logging
 
     if log_file:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+        from mooncakefs.datadir import private_dir, private_file
+
+        private_dir(log_file.parent)
+        os.close(private_file(log_file, os.O_WRONLY | os.O_APPEND))  # 0600: the log names files and keys
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])

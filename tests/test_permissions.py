@@ -83,3 +83,13 @@ def test_looser_dirs_and_files_of_ours_are_tightened_on_open(tmp_path):
     report = run_child(data, ssd_dir)
     assert_private(report["open"])
     assert_private(report["closed"])
+
+
+def test_the_background_mounts_log_is_private_under_umask_0(tmp_path):
+    log = tmp_path / "data" / "mount.log"
+    code = ("import os, sys, logging; from pathlib import Path; os.umask(0); "
+            "from mooncakefs.cli import _configure_logging; "
+            "_configure_logging(False, Path(sys.argv[1])); logging.getLogger('t').info('hello')")
+    subprocess.run([sys.executable, "-c", code, str(log)], check=True, env=child_env(), timeout=60)
+    assert "hello" in log.read_text()
+    assert_private({str(log.parent): os.stat(log.parent).st_mode & 0o777, str(log): os.stat(log).st_mode & 0o777})
