@@ -889,34 +889,39 @@ class Store(KVMapping):
         """Move the least recently used unleased object out of DRAM (lock held); False if none can go.
 
         It is demoted to SSD unless it already has a copy there; with no SSD tier (or no room on it)
-        it is dropped, unless it is sticky, in which case the next candidate is tried."""
+        it is dropped, unless it is sticky, in which case the next candidate is tried.  An object read
+        through the shared index since eviction last looked gets a second chance; when every candidate
+        had one, the oldest goes all the same (busy readers must not make puts fail)."""
         ssd_full = self._ssd is None
         refreshed: list[bytes] = []  # read through the shared index since last looked at: not cold
-        for raw, entry in self._lru.items():
-            if entry.readers:
-                continue
-            if self._shared is not None and self._read_shared_since(raw, entry):
-                refreshed.append(raw)
-                continue
-            if entry.seg < 0 and not ssd_full:
-                try:
-                    self._write_to_ssd(raw, entry, self._dram_bytes(entry))
-                except OutOfSpace:
-                    ssd_full = True
-            if entry.seg >= 0 or not entry.sticky:
+        victim: bytes | None = None
+        for second_chances in (self._shared is not None, False):
+            for raw, entry in self._lru.items():
+                if entry.readers:
+                    continue
+                if second_chances and self._read_shared_since(raw, entry):
+                    refreshed.append(raw)
+                    continue
+                if entry.seg < 0 and not ssd_full:
+                    try:
+                        self._write_to_ssd(raw, entry, self._dram_bytes(entry))
+                    except OutOfSpace:
+                        ssd_full = True
+                if entry.seg >= 0 or not entry.sticky:
+                    victim = raw
+                    break
+            if victim is not None or not refreshed:
                 break
-        else:
-            raw = None
         for r in refreshed:
             self._lru.move_to_end(r)
-        if raw is None:
+        if victim is None:
             return False
-        del self._lru[raw]
+        entry = self._lru.pop(victim)
         self._counters["dram"]["evictions"] += 1
-        self._unshare(raw)
+        self._unshare(victim)
         if entry.seg < 0:  # nowhere to demote it: it leaves the store
-            del self._index[raw]
-            self._discard(raw, entry)
+            del self._index[victim]
+            self._discard(victim, entry)
         else:
             self._dram.free(entry.dram)
             entry.dram = entry.dram_off = -1

@@ -257,3 +257,21 @@ def test_a_slot_changed_during_the_copy_is_a_miss():
     t.join()
     assert result == [-1]
     assert reader.read_into(d, dst) == size  # unchanged slot: a hit
+
+
+
+def test_values_every_reader_touched_are_still_evicted_when_a_put_needs_the_room(tmp_path):
+    """Reads through the shared index earn a second chance, not immunity: when readers touched every
+    DRAM value since eviction last looked (as busy readers do between any two looks), a put must still
+    find room.  It used to raise OutOfSpace."""
+    import mmap
+
+    with mooncakefs.open(tmp_path / "kv", dram="1MiB", ssd=None) as store:
+        table = mmap.mmap(-1, _engine.INDEX_HEADER_BYTES + 4096 * _engine.INDEX_SLOT_BYTES)
+        store.share_index(_engine.SharedIndex(table, create=True))
+        store._read_shared_since = lambda raw, entry: True  # every value read again before each look
+        value = bytes(range(256)) * 32  # 8 KiB: the pool holds about 120
+        for i in range(300):
+            store.put(f"k{i}", value)
+        assert store.get("k299") == value
+        assert store.stats()["dram"]["evictions"] >= 180
