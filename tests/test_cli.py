@@ -11,6 +11,7 @@ import json
 import os
 import pty
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -273,3 +274,16 @@ def test_demo_needs_nothing_beyond_the_core_dependencies():
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     core = {d.split(">")[0].split("=")[0].split("<")[0].strip().lower() for d in pyproject["project"]["dependencies"]}
     assert "numpy" in core
+
+
+def test_a_node_whose_port_is_taken_says_so_and_never_claims_to_listen(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = cli("node", "--data", str(tmp_path / "d"), "--socket", str(tmp_path / "n.sock"), "--dram", "8MiB",
+                  "--listen", f"127.0.0.1:{port}", "--metrics", "none", "--no-prefault")
+    assert out.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "in use" in out.stderr, out.stderr
+    assert "listening" not in out.stderr, out.stderr
+    assert not (tmp_path / "n.sock").exists(), "the refused node left its socket behind"
