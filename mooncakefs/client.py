@@ -8,6 +8,10 @@ caller's buffer, large ones striped over several connections by the transfer eng
 Every request is bounded by ``timeout``: a node that dies or stops answering is an ``Unavailable``
 error, never a hang.  A connection found dead when it is taken from the pool is replaced once (the
 node restarted); a restarted node's new pool is mapped again.
+
+Every value that crosses a socket carries its CRC-32C (``mooncakefs.wire``): the node refuses a put
+whose bytes do not match it, and a get checks the bytes where they land, in the caller's buffer.
+Values copied through the shared pool on the node's host are not checked (no wire to corrupt them).
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from mooncakefs._engine import SharedIndex, fill_bytes
+from mooncakefs._engine import SharedIndex, crc32c, fill_bytes
 from mooncakefs.errors import (
     AuthenticationError,
     BufferTooSmall,
     MooncakeError,
     ProtocolError,
     Unavailable,
+    describe_key,
 )
 from mooncakefs.sockets import check_socket_path, default_socket
 from mooncakefs.store import (
@@ -50,11 +55,15 @@ from mooncakefs.transfer import READ, WRITE, Region, Transfer, TransferEngine, T
 from mooncakefs.transfer.local import LocalTransport
 from mooncakefs.transfer.tcp import DEFAULT_STRIPE, TcpTransport
 from mooncakefs.wire import (
+    CRC_TRAILER,
     MAX_BATCH,
     VERSION,
+    WITH_CRC,
     Channel,
     Op,
     auth_proof,
+    check_crc,
+    crc_error,
     error_from_meta,
     pack_put_options,
     unpack_version,
@@ -319,9 +328,12 @@ class RemoteStore(KVMapping):
 
     def put(self, key: Key, value: Any, *, pin: bool = False, ttl: float | None = None, if_absent: bool = False,
             durable: bool = False, version: int = 0, if_newer: bool = False, replicas: int | None = None,
-            placement: str | None = None, cluster_flags: int = 0) -> None:
-        """As ``Store.put``; its arguments are checked here, before anything is sent.  (``cluster_flags``:
-        the cluster client's LOCAL and replica count.)"""
+            placement: str | None = None, cluster_flags: int = 0, crc: int | None = None) -> None:
+        """As ``Store.put``; its arguments are checked here, before anything is sent.  The value travels
+        with its CRC-32C, computed as it is sent; the node refuses it (ChecksumError, nothing stored) if
+        the bytes that arrive do not match.  (``cluster_flags``: the cluster client's LOCAL and replica
+        count.  ``crc``: the value's CRC-32C when the caller keeps one, as a node copying a stored value
+        does: sent instead of computed, so a copy whose bytes differ from the original is refused.)"""
         if replicas is not None or placement is not None:
             cluster_only("put", f"the node at {self.url}", replicas, placement)
         raw, src = encode_key(key), _bytes_of(value)
@@ -331,7 +343,7 @@ class RemoteStore(KVMapping):
         head = [raw, len(src), *pack_put_options(pin, ttl, if_absent, durable, version, if_newer, cluster_flags)]
         if len(src) <= self.inline_max:
             def put_inline(ch: Channel) -> None:
-                ch.send(Op.PUT, head, src)
+                ch.send_value(Op.PUT, head, src, crc)
                 ch.read_reply()
 
             self._call(put_inline)
@@ -340,14 +352,21 @@ class RemoteStore(KVMapping):
         def put_through_engine(ch: Channel) -> None:
             ch.send(Op.PUT_BEGIN, head)
             (put_id, pool_offset), _ = ch.read_reply()
+            checksum = crc
             try:
-                self._engine.run([Transfer(WRITE, src, Region(put_id, len(src), pool_offset))])
+                batch = self._engine.submit([Transfer(WRITE, src, Region(put_id, len(src), pool_offset))])
+                if checksum is None and (pool_offset < 0 or self._pool_view is None):  # over a socket
+                    checksum = crc32c(src)  # while the stripes travel (the GIL is released)
+                batch.wait()
             except BaseException:
                 if not ch.closed:
                     ch.send(Op.PUT_ABORT, [put_id])
                     ch.read_reply()
                 raise
-            ch.send(Op.PUT_END, [put_id])
+            if checksum is None:
+                ch.send(Op.PUT_END, [put_id])
+            else:
+                ch.send(Op.PUT_END, [put_id], CRC_TRAILER.pack(checksum), flags=WITH_CRC)
             ch.read_reply()
 
         self._call(put_through_engine)
@@ -388,7 +407,7 @@ class RemoteStore(KVMapping):
             where.append(i)
             total += len(src)
         if keys:
-            meta = [keys, [len(v) for v in values], *head]
+            meta = [keys, [len(v) for v in values], *head, [crc32c(v) for v in values]]
 
             def send_batch(ch: Channel) -> Any:
                 ch.send(Op.BATCH_PUT, meta, values)
@@ -409,7 +428,9 @@ class RemoteStore(KVMapping):
         return self._read(key, None)
 
     def get_into(self, key: Key, buffer: Any) -> int:
-        """As ``Store.get_into``: BufferTooSmall (nothing written) if ``buffer`` is too short."""
+        """As ``Store.get_into``: BufferTooSmall (nothing written) if ``buffer`` is too short.
+        ChecksumError if the bytes that crossed the wire fail the value's CRC-32C (corrupted in transit
+        or in the node's memory): ``buffer`` then holds those bad bytes, and must not be used."""
         if self._index is not None:
             try:
                 n = self._index.read_into(key_digest(encode_key(key)), buffer)
@@ -420,19 +441,27 @@ class RemoteStore(KVMapping):
                 return n
         return self._read(key, _writable_bytes_of(buffer))
 
+    def _what(self, key: Key) -> Callable[[], str]:
+        """Names a value read from the node, for a ChecksumError's message."""
+        return lambda: f"the value of key {describe_key(key)} read from {self.url}"
+
     def _read(self, key: Key, dst: memoryview | None) -> Any:
         raw = encode_key(key)
         room = len(dst) if dst is not None else 1 << 62
+        what = self._what(key)
+        crc: int | None = None
 
         def ask(ch: Channel) -> Any:
-            """The value (small ones come inline), or the Region of a value leased for the engine."""
-            ch.send(Op.GET, [raw, min(room, self.inline_max)])
-            (size, lease, pool_offset), _ = ch.read_reply()
+            """The value (small ones come inline, checked as they arrive), or the Region of a value
+            leased for the engine."""
+            nonlocal crc
+            ch.send(Op.GET, [raw, min(room, self.inline_max), True])
+            (size, lease, pool_offset, crc), _ = ch.read_reply()
             if lease:
                 return Region(lease, size, pool_offset)
             if dst is None:
-                return fill_bytes(size, ch.read_payload_into)
-            ch.read_payload_into(dst[:size])
+                return fill_bytes(size, lambda out: check_crc(crc, ch.read_payload_crc(out), what))
+            check_crc(crc, ch.read_payload_crc(dst[:size]), what)
             return size
 
         # The connection that took a lease stays out of the pool until the lease is released.
@@ -444,11 +473,18 @@ class RemoteStore(KVMapping):
             if answer.size > room:
                 raise BufferTooSmall(key, answer.size, room)
             if dst is None:
-                return fill_bytes(answer.size, lambda out: self._engine.run([Transfer(READ, out, answer)]))
-            self._engine.run([Transfer(READ, dst[: answer.size], answer)])
+                return fill_bytes(answer.size, lambda out: self._fetch(out, answer, crc, what))
+            self._fetch(dst[: answer.size], answer, crc, what)
             return answer.size
         finally:
             self._release(ch, [answer.handle])
+
+    def _fetch(self, out: memoryview, region: Region, crc: int | None, what: Callable[[], str]) -> None:
+        """Read a leased value into ``out`` through the engine and check it against ``crc`` (None: the
+        bytes came from the shared pool)."""
+        self._engine.run([Transfer(READ, out, region)])
+        if crc is not None:
+            check_crc(crc, crc32c(out), what)
 
     def _view(self, key: Key) -> tuple[memoryview, tuple[Channel, int] | None]:
         """A value in the mapped pool under a lease (no copy), else a private copy."""
@@ -457,17 +493,17 @@ class RemoteStore(KVMapping):
         raw = encode_key(key)
 
         def ask(ch: Channel) -> Any:
-            ch.send(Op.GET, [raw, 0])
+            ch.send(Op.GET, [raw, 0, True])
             return ch.read_reply()[0]
 
-        (size, lease, pool_offset), ch = self._ask(ask)
+        (size, lease, pool_offset, crc), ch = self._ask(ask)
         if not lease:  # empty: nothing to hold
             self._give_back(ch)
             return memoryview(b""), None
         if pool_offset < 0 or self._pool_view is None:
             try:
                 out = memoryview(bytearray(size))
-                self._engine.run([Transfer(READ, out, Region(lease, size, -1))])
+                self._fetch(out, Region(lease, size, -1), crc, self._what(key))
                 return out.toreadonly(), None
             finally:
                 self._release(ch, [lease])
@@ -530,14 +566,15 @@ class RemoteStore(KVMapping):
         ch, _ = self._take()
         leases: list[int] = []
         transfers: list[Transfer] = []
+        checks: list[tuple[int, int, memoryview]] = []  # (item, CRC-32C, buffer) of values the engine fetches
         try:
-            ch.send(Op.BATCH_GET, [raws, limits])
+            ch.send(Op.BATCH_GET, [raws, limits, True])
             (infos,), _ = ch.read_reply()
             for i, info in zip(where, infos, strict=True):
-                if len(info) != 3:
+                if len(info) != 4:
                     results[i] = error_from_meta(info)
                     continue
-                size, lease, pool_offset = info
+                size, lease, pool_offset, crc = info
                 dst = dsts[i]
                 if lease:
                     leases.append(lease)
@@ -545,13 +582,17 @@ class RemoteStore(KVMapping):
                     results[i] = BufferTooSmall(keys[i], size, len(dst))
                     continue
                 out = dst[:size] if dst is not None else memoryview(bytearray(size))
+                results[i] = size if dst is not None else out.obj
                 if lease:
                     transfers.append(Transfer(READ, out, Region(lease, size, pool_offset)))
-                else:
-                    ch.read_payload_into(out)
-                results[i] = size if dst is not None else out.obj
+                    checks.append((i, crc, out))
+                elif (bad := crc_error(crc, ch.read_payload_crc(out), self._what(keys[i]))) is not None:
+                    results[i] = bad
             if transfers:
                 self._engine.run(transfers)
+                for i, crc, out in checks:
+                    if crc is not None and (bad := crc_error(crc, crc32c(out), self._what(keys[i]))) is not None:
+                        results[i] = bad
         finally:
             self._release(ch, leases)
         return results

@@ -311,20 +311,21 @@ def _flags(entry: Entry) -> int:
 class ValueView:
     """The context manager ``Store.view`` returns: a lease on a value, shown as a read-only memoryview."""
 
-    __slots__ = ("_entry", "_key", "_store", "_view", "version")
+    __slots__ = ("_crc", "_entry", "_key", "_store", "_view", "version")
 
     def __init__(self, store: Store, key: Key) -> None:
         self._store, self._key = store, key
         self._entry: Entry | None = None
         self._view: memoryview | None = None
         self.version = 0  # the version of the value shown (once entered)
+        self._crc = -1
 
     def __enter__(self) -> memoryview:
         store, key = self._store, self._key
         raw = encode_key(key)
         with store._lock:
             entry = store._find(raw, key)
-            self.version = entry.version
+            self.version, self._crc = entry.version, entry.crc
             if entry.dram >= 0:
                 entry.readers += 1
                 self._entry = entry
@@ -334,6 +335,16 @@ class ValueView:
         # On SSD: a private copy (the read may promote the object).
         self._view = memoryview(store._read_leased(raw, key, entry, seg, None))
         return self._view
+
+    def checksum(self) -> int:
+        """The value's CRC-32C (entered views only): the one kept with it, else computed now and kept, so
+        a node sending it to another host computes it at most once."""
+        if self._crc < 0:
+            assert self._view is not None
+            self._crc = _engine.crc32c(self._view)
+            if self._entry is not None:  # leased bytes do not change: every reader computes the same
+                self._entry.crc = self._crc
+        return self._crc
 
     @property
     def pool_offset(self) -> int:
@@ -637,9 +648,12 @@ class Store(KVMapping):
             self._staged += size
         return PendingPut(raw, key, entry, buffer, replace, durable)
 
-    def end_put(self, pending: PendingPut) -> None:
-        """Publish a filled ``begin_put``: from here on readers see the new value."""
+    def end_put(self, pending: PendingPut, crc: int | None = None) -> None:
+        """Publish a filled ``begin_put``: from here on readers see the new value.  ``crc``: its CRC-32C,
+        already checked against the bytes (a node's TCP put), kept so that nothing computes it again."""
         raw, key, entry = pending.raw, pending.key, pending.entry
+        if crc is not None:
+            entry.crc = crc
         with self._lock:
             if entry.dram >= 0:
                 self._publish(raw, key, entry, pending.replace, pending.durable, pending.buffer)

@@ -5,6 +5,14 @@ msgpack array of the request's arguments, at most MAX_META bytes), then ``payloa
 Both lengths are checked before anything is allocated for them, and a payload is received straight
 into its destination (a pool block, the caller's buffer), never staged.  Conversation is strictly
 request then reply on each connection, except RELEASE, which has no reply.  See docs/architecture.md.
+
+Values carry their CRC-32C end to end (``crc32c`` from ``mooncakefs._engine``).  A frame flagged
+WITH_CRC ends its payload with one (CRC_TRAILER): a PUT's is the value's, computed by the sender chunk
+by chunk as it sends and checked by the receiver chunk by chunk as it receives; a PUT_END's (its only
+payload) is its striped put's.  BATCH_PUT names its values' CRCs in its meta; a GET or BATCH_GET that
+asks for them gets each value's CRC in its reply.  A mismatch is a ``ChecksumError`` for that value
+only.  The CRCs are optional in each request (a client that names none is not checked), so the shapes
+of version 2 still parse; mooncakefs's client always sends and asks for them.
 """
 
 from __future__ import annotations
@@ -16,16 +24,17 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
 
 from mooncakefs import errors
-from mooncakefs.errors import MooncakeError, ProtocolError, Unavailable
+from mooncakefs._engine import crc32c
+from mooncakefs.errors import ChecksumError, MooncakeError, ProtocolError, Unavailable
 
 MAGIC = 0x434D  # b"MC"
-VERSION = 2  # 2: puts carry a version
+VERSION = 3  # 2: puts carry a version; 3: values carry their CRC-32C
 HEADER = struct.Struct("<HBBIQ")  # magic, opcode, flags, meta length, payload length
 MAX_META = 8 << 20  # a batch of 4096 keys of 1 KiB fits
 PREAUTH_MAX_META = 1 << 10  # before the handshake is done, a frame's meta is this small and has no payload
@@ -33,6 +42,9 @@ MAX_PAYLOAD = 1 << 48
 MAX_BATCH = 4096
 RECV_BUFFER = 256 << 10
 SMALL_SEND = 64 << 10  # payloads up to this are copied next to the header: one send() per frame
+CRC_CHUNK = 1 << 20  # a value is checksummed in chunks this big as it is sent or received, while still in cache
+CRC_TRAILER = struct.Struct("<I")  # the CRC-32C that follows a PUT's value in its payload
+WITH_CRC = 1  # frame header flag: the payload is a value followed by its CRC-32C (CRC_TRAILER)
 
 
 class Op:
@@ -125,6 +137,21 @@ def error_from_meta(meta: Sequence[Any]) -> BaseException:
         return ProtocolError(f"malformed error reply: {meta!r:.200}")
 
 
+def crc_error(expected: int | None, got: int, what: Callable[[], str]) -> ChecksumError | None:
+    """The ChecksumError of a value whose bytes (CRC ``got``) are not the ones sent (CRC ``expected``;
+    None: the sender named none), else None.  ``what`` names the value."""
+    if expected is None or expected == got:
+        return None
+    return ChecksumError(f"{what()} fails its CRC-32C check (expected {expected:#010x}, got {got:#010x}): its bytes "
+                         "were corrupted in transit or in the sender's memory")
+
+
+def check_crc(expected: int | None, got: int, what: Callable[[], str]) -> None:
+    """Raise ``crc_error``'s ChecksumError, if any."""
+    if (exc := crc_error(expected, got, what)) is not None:
+        raise exc
+
+
 class Channel:
     """One framed connection.  Not thread-safe: one request at a time, by one thread.
 
@@ -143,6 +170,7 @@ class Channel:
         self._view = memoryview(self._buf)
         self._start = self._end = 0
         self.payload_left = 0  # bytes of the current frame's payload not yet read
+        self.flags = 0  # the current frame's header flags
         self.closed = False
         self.epoch: int | None = None  # the placement epoch announced on this connection (cluster clients)
         # A node's limit on receiving the current frame (time.monotonic()): a peer that trickles its
@@ -173,6 +201,32 @@ class Channel:
         except OSError as exc:
             raise self._lost(exc) from None
 
+    def send_value(self, op: int, meta: Any, value: memoryview, crc: int | None = None) -> int:
+        """Send a frame whose payload is ``value`` then its CRC-32C (CRC_TRAILER); returns the CRC.  A
+        large value's CRC is computed chunk by chunk between its sends, so it overlaps with the peer
+        receiving; a ``crc`` the caller already has (a copy of a stored value) is sent as it is, so a
+        copy whose bytes differ from it is refused."""
+        n = len(value)
+        if n <= SMALL_SEND:
+            if crc is None:
+                crc = crc32c(value)
+            self.send(op, meta, [value, CRC_TRAILER.pack(crc)], flags=WITH_CRC)
+            return crc
+        m = _pack(meta)
+        running = 0
+        try:
+            self.sock.sendall(HEADER.pack(MAGIC, op, WITH_CRC, len(m), n + CRC_TRAILER.size) + m)
+            for start in range(0, n, CRC_CHUNK):
+                chunk = value[start : start + CRC_CHUNK]
+                self.sock.sendall(chunk)
+                if crc is None:
+                    running = crc32c(chunk, running)
+            crc = running if crc is None else crc
+            self.sock.sendall(CRC_TRAILER.pack(crc))
+        except OSError as exc:
+            raise self._lost(exc) from None
+        return crc
+
     def send_with_fds(self, op: int, meta: Any, fds: list[int]) -> None:
         m = _pack(meta)
         socket.send_fds(self.sock, [HEADER.pack(MAGIC, op, 0, len(m), 0) + m], fds)
@@ -202,6 +256,7 @@ class Channel:
         self._start += HEADER.size
         meta = self._read_meta(meta_len) if meta_len else ()
         self.payload_left = payload_len
+        self.flags = flags
         return op, flags, meta, payload_len
 
     def read_frame_with_fds(self, max_fds: int) -> tuple[int, int, Any, int, list[int]]:
@@ -246,6 +301,34 @@ class Channel:
             have += got
             if have < n and self.deadline is not None and time.monotonic() > self.deadline:
                 raise self._lost(TimeoutError())
+
+    def read_payload_crc(self, dst: memoryview) -> int:
+        """``read_payload_into`` that returns the CRC-32C of what it received, computed chunk by chunk as
+        the bytes arrive (the GIL is released for it), while the rest is still in flight."""
+        crc = 0
+        for start in range(0, len(dst), CRC_CHUNK):
+            chunk = dst[start : start + CRC_CHUNK]
+            self.read_payload_into(chunk)
+            crc = crc32c(chunk, crc)
+        return crc
+
+    def read_value_into(self, dst: memoryview, what: Callable[[], str]) -> int | None:
+        """Receive a PUT's payload: the value into ``dst``, then, if the frame is flagged WITH_CRC, its
+        CRC (CRC_TRAILER), which must match what arrived; returns the CRC (None: the sender named none).
+        ChecksumError on a mismatch, with the whole payload read, so the connection stays in step.
+        ``what`` names the value for the message."""
+        if not self.flags & WITH_CRC:
+            if self.payload_left != len(dst):
+                raise ValueError(f"{what()}: {len(dst)} bytes expected, {self.payload_left} sent")
+            self.read_payload_into(dst)
+            return None
+        if self.payload_left != len(dst) + CRC_TRAILER.size:
+            raise ValueError(f"{what()}: a put's payload is its value then a {CRC_TRAILER.size}-byte CRC-32C: "
+                             f"{len(dst)} + {CRC_TRAILER.size} bytes expected, {self.payload_left} sent")
+        got = self.read_payload_crc(dst)
+        (sent,) = CRC_TRAILER.unpack(self.read_payload(CRC_TRAILER.size))
+        check_crc(sent, got, what)
+        return got
 
     def read_payload(self, n: int) -> bytearray:
         out = bytearray(n)

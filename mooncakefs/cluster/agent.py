@@ -34,10 +34,20 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
+from mooncakefs import _engine
 from mooncakefs.cluster.client import NodeLink
 from mooncakefs.cluster.membership import Membership, cluster_prefix, nodes_prefix
 from mooncakefs.cluster.placement import DEFAULT_GROUPS, DEFAULT_WIDTH, PlacementMap, pointer_key
-from mooncakefs.errors import Fenced, KeyNotFound, MooncakeError, NotNewer, Rejoining, StaleEpoch, Unavailable
+from mooncakefs.errors import (
+    ChecksumError,
+    Fenced,
+    KeyNotFound,
+    MooncakeError,
+    NotNewer,
+    Rejoining,
+    StaleEpoch,
+    Unavailable,
+)
 from mooncakefs.progress import progress
 from mooncakefs.store import Store, wire_key
 from mooncakefs.wire import LOCAL, REPLICAS_SHIFT
@@ -296,7 +306,11 @@ class NodeAgent:
         """Replace our copy of a key with another node's newer one (placed as ours was)."""
         key = wire_key(raw)
         try:
-            self.store.put(key, link.get(key), version=version, if_newer=True, tag=tag)
+            try:
+                value = link.get(key)  # checked against the CRC the other node keeps with it
+            except ChecksumError:
+                value = link.get(key)  # corrupted in transit: once more (a bad copy there fails again)
+            self.store.put(key, value, version=version, if_newer=True, tag=tag)
         except (NotNewer, KeyNotFound):
             return  # a newer value arrived here, or it was removed there, meanwhile: repair settles it
         except MooncakeError as exc:  # no room for the newer value: ours must not be served instead
@@ -350,16 +364,32 @@ class NodeAgent:
 
     def _push(self, link: NodeLink, raw: bytes, tag: int) -> bool:
         """Copy one value (placed as ``tag`` says) to another node unless it holds a newer one; False
-        if it went away here."""
+        if it went away here.  The copy travels with the CRC-32C kept with the value here, so the other
+        node refuses bytes corrupted on the way or in this node's memory; a value that fails its own
+        CRC here is dropped, never copied (ChecksumError, corrupted on the way, fails the pass, which
+        is retried)."""
         key = wire_key(raw)
         try:
             view = self.store.view(key)
             with view as data:
-                link.put(key, data, cluster_flags=tag, version=view.version, if_newer=True)
+                crc = view.checksum()
+                try:
+                    link.put(key, data, cluster_flags=tag, version=view.version, if_newer=True, crc=crc)
+                except ChecksumError:
+                    if _engine.crc32c(data) == crc:
+                        raise
+                    corrupt = True
+                else:
+                    corrupt = False
         except KeyNotFound:
             return False
         except NotNewer:
             return True
+        if corrupt:
+            log.error("dropping a value that fails its CRC-32C check here (corrupted in memory)",
+                      extra={"key": repr(raw)[:100]})
+            self.store.remove(key)
+            return False
         self.repairs += 1
         return True
 

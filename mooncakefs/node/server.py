@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from mooncakefs import _engine
 from mooncakefs.errors import (
     AuthenticationError,
+    ChecksumError,
     InvalidKey,
     KeyNotFound,
     MooncakeError,
@@ -46,16 +47,20 @@ from mooncakefs.errors import (
     NotServing,
     ProtocolError,
     Unavailable,
+    describe_key,
 )
 from mooncakefs.sockets import make_socket_dir
 from mooncakefs.store import INTERNAL_PREFIX, InternalKey, Key, PendingPut, Store, ValueView, wire_key
 from mooncakefs.wire import (
+    CRC_TRAILER,
     MAX_BATCH,
     PREAUTH_MAX_META,
     VERSION,
+    WITH_CRC,
     Channel,
     Op,
     auth_proof,
+    check_crc,
     error_meta,
     pack_version,
     unpack_put_options,
@@ -485,16 +490,25 @@ class Node:
         session.channel.send_with_fds(Op.OK, [size, len(self._index_map)], [fd, self._index_fd])
         session.mapped = True
 
-    def _receive_put(self, session: Session, pending: PendingPut) -> None:
-        """Receive a put's payload into its reserved room, then publish it."""
+    def _receive_put(self, session: Session, pending: PendingPut, crc: int | None = None,
+                     batched: bool = False) -> None:
+        """Receive a put's payload into its reserved room, check it against its CRC-32C, then publish it
+        with that CRC.  The CRC follows the value in the payload (PUT flagged WITH_CRC), or ``crc``
+        names it (BATCH_PUT; None: not named).  A mismatch stores nothing: ChecksumError."""
+        ch = session.channel
         try:
-            session.channel.read_payload_into(pending.buffer)
+            if not batched:
+                crc = ch.read_value_into(pending.buffer, lambda: _value_name(pending.key))
+            elif crc is None:
+                ch.read_payload_into(pending.buffer)
+            else:
+                check_crc(crc, ch.read_payload_crc(pending.buffer), lambda: _value_name(pending.key))
             self._recheck(session)
         except BaseException:
             self.store.abort_put(pending)
             raise
         self.bytes_in += pending.size
-        self.store.end_put(pending)
+        self.store.end_put(pending, crc)
 
     def _recheck(self, session: Session) -> None:
         """Check the epoch and the fence again right before a write is published: its bytes may have
@@ -504,8 +518,8 @@ class Node:
 
     def _put(self, session: Session, meta: list[Any], payload_len: int) -> None:
         key, size, flags, ttl, version = meta
-        if size != payload_len:
-            raise ValueError(f"put declares {size} bytes but carries {payload_len}")
+        if type(size) is not int or size + (CRC_TRAILER.size if session.channel.flags & WITH_CRC else 0) != payload_len:
+            raise ValueError(f"put declares {size!r:.40} bytes but carries {payload_len}")
         options = unpack_put_options(flags, ttl, version)
         self._receive_put(session, self.store.begin_put(self._key(session, key), size, **options))
         self._ok(session)
@@ -555,17 +569,39 @@ class Node:
         self.bytes_in += payload_len
         self._ok(session)
 
-    def _put_end(self, session: Session, meta: list[Any], _n: int) -> None:
-        self.store.end_put(self._own_reservation(session, meta))
+    def _put_end(self, session: Session, meta: list[Any], payload_len: int) -> None:
+        """Publish a striped put, once its bytes match the CRC-32C the writer names: the frame, flagged
+        WITH_CRC, carries it as its payload.  Without it (the bytes came through the shared pool, on
+        this host) the bytes are not checked."""
+        ch = session.channel
+        crc = None
+        if ch.flags & WITH_CRC:
+            if payload_len != CRC_TRAILER.size:
+                raise ValueError(f"PUT_END carries a {CRC_TRAILER.size}-byte CRC-32C, not {payload_len} bytes")
+            (crc,) = CRC_TRAILER.unpack(ch.read_payload(CRC_TRAILER.size))
+        elif payload_len:
+            raise ValueError("PUT_END carries no payload but its CRC-32C (flagged WITH_CRC)")
+        pending = self._own_reservation(session, meta)
+        if crc is not None:
+            try:
+                check_crc(crc, _engine.crc32c(pending.buffer), lambda: _value_name(pending.key))
+            except ChecksumError:
+                self.store.abort_put(pending)
+                raise
+        self.store.end_put(pending, crc)
         self._ok(session)
 
     def _put_abort(self, session: Session, meta: list[Any], _n: int) -> None:
         self.store.abort_put(self._own_reservation(session, meta))
         self._ok(session)
 
-    def _lease(self, session: Session, key: Any, inline_max: int) -> tuple[list[int], _InlineValue | None]:
-        """Look a value up for a reader: ([size, lease id, pool offset], bytes to send inline or None).
-        Values larger than ``inline_max`` stay leased until the client releases them."""
+    def _lease(self, session: Session, key: Any, inline_max: int,
+               with_crc: bool = True) -> tuple[list[Any], _InlineValue | None]:
+        """Look a value up for a reader: ([size, lease id, pool offset, CRC-32C], bytes to send inline or
+        None).  Values larger than ``inline_max`` stay leased until the client releases them.  The CRC is
+        the one kept with the value (computed now if it has none yet), for the reader to check where the
+        bytes land; nil when the reader copies them out of the shared pool itself (same host).  Without
+        ``with_crc`` (a reader that did not ask for it) the answer has no CRC."""
         try:
             view = self.store.view(self._key(session, key))
         except KeyNotFound:
@@ -573,17 +609,25 @@ class Node:
             raise
         data = view.__enter__()
         size = len(data)
+        pool_offset = -1 if size <= inline_max or not session.mapped else view.pool_offset
+        info = [size, 0, pool_offset]
+        if with_crc:
+            try:
+                info.append(view.checksum() if pool_offset < 0 else None)
+            except BaseException:
+                view.__exit__(None, None, None)
+                raise
         if size <= inline_max:
             self.bytes_out += size
-            return [size, 0, -1], _InlineValue(view, data)
-        lease_id = secrets.randbits(63)
+            return info, _InlineValue(view, data)
+        info[1] = lease_id = secrets.randbits(63)
         self._leases[lease_id] = (view, data, session)
         session.leases.add(lease_id)
-        return [size, lease_id, view.pool_offset if session.mapped else -1], None
+        return info, None
 
     def _get(self, session: Session, meta: list[Any], _n: int) -> None:
-        key, inline_max = meta
-        info, inline = self._lease(session, key, inline_max)
+        key, inline_max, with_crc = meta if len(meta) == 3 else (*meta, False)
+        info, inline = self._lease(session, key, inline_max, with_crc is True)
         if inline is None:
             self._ok(session, info)
             return
@@ -663,10 +707,15 @@ class Node:
         self._ok(session, [self.store.persist(keys)])
 
     def _batch_put(self, session: Session, meta: list[Any], payload_len: int) -> None:
-        keys, sizes, flags, ttl, version = meta
+        keys, sizes, flags, ttl, version, crcs = meta if len(meta) == 6 else (*meta, None)
         keys, sizes = _batch(keys), _batch(sizes)
         if len(keys) != len(sizes) or any(type(s) is not int or s < 0 for s in sizes) or sum(sizes) != payload_len:
             raise ValueError("batch put: keys, sizes and payload do not agree")
+        if crcs is None:
+            crcs = [None] * len(keys)
+        elif type(crcs) is not list or len(crcs) != len(keys) or \
+                any(type(c) is not int or not 0 <= c < 1 << 32 for c in crcs):
+            raise ValueError("batch put: one CRC-32C (a 32-bit int) per value")
         options = unpack_put_options(flags, ttl, version)
         ch = session.channel
         results: list[Any] = []
@@ -677,10 +726,19 @@ class Node:
             offsets = [0]
             for s in sizes:
                 offsets.append(offsets[-1] + s)
-            results = self.store.batch_put(
-                [(self._key(session, k), staged[offsets[i] : offsets[i + 1]]) for i, k in enumerate(keys)], **options)
+            values = [staged[offsets[i] : offsets[i + 1]] for i in range(len(keys))]
+            bad: dict[int, ChecksumError] = {}
+            for i, (key, value, crc) in enumerate(zip(keys, values, crcs, strict=True)):
+                try:
+                    if crc is not None:
+                        check_crc(crc, _engine.crc32c(value), lambda k=key: _value_name(k))
+                except ChecksumError as exc:
+                    bad[i] = exc
+            good = [i for i in range(len(keys)) if i not in bad]
+            stored = iter(self.store.batch_put([(self._key(session, keys[i]), values[i]) for i in good], **options))
+            results = [bad[i] if i in bad else next(stored) for i in range(len(keys))]
         else:
-            for key, size in zip(keys, sizes, strict=True):
+            for key, size, crc in zip(keys, sizes, crcs, strict=True):
                 try:
                     pending = self.store.begin_put(self._key(session, key), size, **options)
                 except (MooncakeError, ValueError, TypeError) as exc:
@@ -690,7 +748,7 @@ class Node:
                     results.append(exc)
                     continue
                 try:
-                    self._receive_put(session, pending)
+                    self._receive_put(session, pending, crc, batched=True)
                     results.append(None)
                 except (MooncakeError, ValueError) as exc:
                     if isinstance(exc, Unavailable | ProtocolError):
@@ -699,7 +757,7 @@ class Node:
         self._ok(session, [[None if r is None else error_meta(r) for r in results]])
 
     def _batch_get(self, session: Session, meta: list[Any], _n: int) -> None:
-        keys, limits = meta  # limits: per key, the largest value to send inline
+        keys, limits, with_crc = meta if len(meta) == 3 else (*meta, False)  # limits: per key, largest inline
         if len(_batch(limits)) != len(_batch(keys)):
             raise ValueError("batch get: one inline limit per key")
         infos: list[Any] = []
@@ -707,7 +765,7 @@ class Node:
         try:
             for key, inline_max in zip(keys, limits, strict=True):
                 try:
-                    info, value = self._lease(session, key, inline_max)
+                    info, value = self._lease(session, key, inline_max, with_crc is True)
                 except (MooncakeError, ValueError, TypeError) as exc:
                     if isinstance(exc, Unavailable):
                         raise
@@ -756,6 +814,10 @@ class _InlineValue:
 
     def __exit__(self, *exc: object) -> None:
         self.view.__exit__(None, None, None)
+
+
+def _value_name(key: Any) -> str:
+    return f"the value of key {describe_key(key)} put over the wire"
 
 
 def _batch(items: Any) -> list[Any]:
