@@ -9,16 +9,19 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import shutil
 import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-from node_helpers import NodeProcess, raw_channel
+from conftest import wait_until
+from node_helpers import EtcdCluster, NodeProcess, raw_channel
 
 import mooncakefs
 from mooncakefs import _engine, wire
+from mooncakefs.cluster.placement import PlacementMap
 from mooncakefs.errors import ChecksumError
 from mooncakefs.wire import CRC_TRAILER, WITH_CRC, Op
 
@@ -304,3 +307,43 @@ def test_a_batch_get_reports_a_byte_flipped_in_flight_for_its_item_only(proxied)
         assert results[0] == results[2] == len(plain) and bufs[0] == bufs[2] == plain
         assert isinstance(results[1], ChecksumError), results
         assert s.batch_get_into(["flipped"], [bufs[1]]) == [len(flipped)] and bufs[1] == flipped
+
+
+# ---------------------------------------------------------------------------- repair between replicas
+
+
+@pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd is not installed (tools/install-deps.sh)")
+def test_repair_copies_a_value_with_its_stored_crc_and_never_spreads_a_corrupted_one(tmp_path, request):
+    """A node joins and takes over two keys: the intact one is copied to it, the one scribbled over in
+    the old owner's memory is refused by the new owner (its bytes fail the CRC kept since the put),
+    and the old owner drops it instead of serving it."""
+    from test_cluster_store import Cluster
+
+    with contextlib.closing(EtcdCluster().start()) as etcd:
+        cluster = Cluster(tmp_path, etcd.url, "crc-repair", 2)
+        try:
+            cluster.start()
+            with mooncakefs.connect(cluster.url) as store:
+                now = store.map
+                after = PlacementMap.compute(now.epoch + 1, {**now.nodes, "latecomer": {}}, groups=now.groups,
+                                             width=now.width)
+                moving = [k for k in (f"moving/{i}" for i in range(10_000))
+                          if after.owners(k.encode())[0] == "latecomer"]
+                owner_id = now.owners(moving[0].encode())[0]
+                good, bad = [k for k in moving if now.owners(k.encode())[0] == owner_id][:2]
+                owner = cluster.node_of(owner_id)
+                store.put(good, value(4 * KiB, 1), replicas=1)
+                store.put(bad, value(4 * KiB, 2), replicas=1)
+            flip_in_pool(owner, bad.encode(), 100)
+            late = NodeProcess(tmp_path, name="late", dram="32MiB", extra=cluster.nodes[0].extra)
+            late.data.mkdir(parents=True)
+            (late.data / "node-id").write_text("latecomer\n")
+            cluster.nodes.append(late.start())
+            cluster.wait_members(3)
+            assert wait_until(lambda: cluster.holders(good) == {"latecomer"}, timeout=20), cluster.holders(good)
+            assert wait_until(lambda: not cluster.holders(bad), timeout=20), cluster.holders(bad)
+            assert "fails its CRC-32C check here" in owner.log()
+            with mooncakefs.connect(late.tcp_url, timeout=5) as direct:
+                assert direct.get(good) == value(4 * KiB, 1)
+        finally:
+            cluster.close()
