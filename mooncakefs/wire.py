@@ -305,6 +305,9 @@ class Channel:
     def read_payload_crc(self, dst: memoryview) -> int:
         """``read_payload_into`` that returns the CRC-32C of what it received, computed chunk by chunk as
         the bytes arrive (the GIL is released for it), while the rest is still in flight."""
+        if len(dst) <= CRC_CHUNK:  # the common small value: one read, one CRC
+            self.read_payload_into(dst)
+            return crc32c(dst)
         crc = 0
         for start in range(0, len(dst), CRC_CHUNK):
             chunk = dst[start : start + CRC_CHUNK]
@@ -326,8 +329,11 @@ class Channel:
             raise ValueError(f"{what()}: a put's payload is its value then a {CRC_TRAILER.size}-byte CRC-32C: "
                              f"{len(dst)} + {CRC_TRAILER.size} bytes expected, {self.payload_left} sent")
         got = self.read_payload_crc(dst)
-        (sent,) = CRC_TRAILER.unpack(self.read_payload(CRC_TRAILER.size))
-        check_crc(sent, got, what)
+        trailer = bytearray(CRC_TRAILER.size)
+        self.read_payload_into(memoryview(trailer))
+        (sent,) = CRC_TRAILER.unpack(trailer)
+        if sent != got:
+            check_crc(sent, got, what)
         return got
 
     def read_payload(self, n: int) -> bytearray:
