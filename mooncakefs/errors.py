@@ -74,7 +74,8 @@ class OutOfSpace(MooncakeError):
 
 
 class ChecksumError(MooncakeError):
-    """Bytes read back do not match the checksum taken when they were written; the entry is dropped."""
+    """Bytes do not match the CRC-32C taken when they were written.  From the SSD tier: the entry is
+    dropped.  Over the wire: the put is refused (nothing stored), or the get's buffer holds bad bytes."""
 
 
 class StoreClosed(MooncakeError):
