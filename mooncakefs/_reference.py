@@ -6,9 +6,12 @@ the same calls), slowly and obviously, so the tests can check the fast versions 
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import os
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 ALLOC_UNIT = 64
 _NONE = -1
@@ -51,6 +54,41 @@ def fill_bytes(n: int, fill: Callable[[memoryview], object]) -> bytes:
     buf = bytearray(n)
     fill(memoryview(buf))
     return bytes(buf)
+
+
+def view_at(addr: int, n: int, writable: bool = False) -> memoryview:
+    """A memoryview of ``n`` bytes at ``addr`` in this process, through ctypes."""
+    if addr == 0 or n < 0:
+        raise ValueError(f"no memory at address {addr:#x} (+{n})")
+    view = memoryview((ctypes.c_char * n).from_address(addr)).cast("B")
+    return view if writable else view.toreadonly()
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def vm_copy(pid: int, locals_: Sequence[int], remotes: Sequence[int], lengths: Sequence[int], write: bool) -> int:
+    """process_vm_readv/writev one range at a time, through ctypes."""
+    if not len(locals_) == len(remotes) == len(lengths):
+        raise ValueError("locals_, remotes and lengths must have the same length")
+    call = _libc.process_vm_writev if write else _libc.process_vm_readv
+    call.restype = ctypes.c_ssize_t
+    total = 0
+    for local, remote, n in zip(locals_, remotes, lengths, strict=True):
+        done = 0
+        while done < n:
+            li, ri = _Iovec(local + done, n - done), _Iovec(remote + done, n - done)
+            got = call(pid, ctypes.byref(li), 1, ctypes.byref(ri), 1, 0)
+            if got <= 0:
+                err = ctypes.get_errno() if got < 0 else errno.EFAULT
+                raise OSError(err, os.strerror(err))
+            done += got
+        total += n
+    return total
 
 
 def crc32c(data: object, crc: int = 0) -> int:

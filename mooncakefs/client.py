@@ -51,7 +51,7 @@ from mooncakefs.store import (
     raise_buffer_error,
     value_error,
 )
-from mooncakefs.transfer import READ, WRITE, Region, Transfer, TransferEngine, Transport
+from mooncakefs.transfer.core import READ, WRITE, Region, Router, Transfer, Transport
 from mooncakefs.transfer.local import LocalTransport
 from mooncakefs.transfer.tcp import DEFAULT_STRIPE, TcpTransport
 from mooncakefs.wire import (
@@ -172,7 +172,7 @@ class RemoteStore(KVMapping):
         self.inline_max = inline_max if inline_max is not None else (
             LOCAL_INLINE_MAX if self._map_pool else TCP_INLINE_MAX)
         self._tcp = TcpTransport(self._connect, connections=connections, stripe=stripe)
-        self._engine = TransferEngine([self._tcp])
+        self._engine = Router([self._tcp])
         self._give_back(self._connect())  # fail now, clearly, if the node is not there
 
     # -- connections ------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ class RemoteStore(KVMapping):
                         "Restart the node, and find who has access to its socket (--socket-mode, --socket-group)"
                     ) from None
                 transports.insert(0, LocalTransport(self._pool_view))
-            self._engine = TransferEngine(transports)
+            self._engine = Router(transports)
             self._instance = instance
 
     def _take(self) -> tuple[Channel, bool]:

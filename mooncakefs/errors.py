@@ -102,6 +102,19 @@ class TransferError(MooncakeError):
     """A transfer between two endpoints failed on every connection it was tried on."""
 
 
+class AddressNotRegistered(TransferError, ValueError):
+    """A transfer named memory its owner never registered with its transfer engine (or unregistered):
+    refused before any byte moves, on whichever side found it."""
+
+
+class OutOfBounds(AddressNotRegistered):
+    """A transfer starts inside registered memory but runs past its end: refused before any byte moves."""
+
+
+class AddressOverlapped(InvalidArgument):
+    """Memory being registered overlaps memory already registered with the same engine."""
+
+
 class StaleEpoch(MooncakeError):
     """The request was routed with an older placement map than the node's: reload the map and retry."""
 

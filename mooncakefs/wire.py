@@ -51,8 +51,8 @@ class Op:
     """Opcodes.  Requests from clients, then the two replies."""
 
     HELLO, AUTH, MAP, PING = 1, 2, 3, 4
-    PUT, PUT_BEGIN, PUT_END, PUT_ABORT, WRITE = 10, 11, 12, 13, 14
-    GET, READ, RELEASE = 20, 21, 22
+    PUT, PUT_BEGIN, PUT_END, PUT_ABORT, WRITE, WRITEV = 10, 11, 12, 13, 14, 15
+    GET, READ, RELEASE, READV = 20, 21, 22, 23  # READV / WRITEV: many ranges in one frame (transfer engine)
     EXISTS, REMOVE, REMOVE_PREFIX, STAT, KEYS, MATCH_PREFIX, STATS, PERSIST = 30, 31, 32, 33, 34, 35, 36, 37
     BATCH_PUT, BATCH_GET, BATCH_EXISTS, BATCH_VERSIONS = 40, 41, 42, 43
     EPOCH = 50  # a cluster client names the placement epoch it routes by; the node checks it on each request

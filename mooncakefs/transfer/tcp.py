@@ -5,6 +5,10 @@ the workers take from one queue, so a large transfer travels on every connection
 is received straight into (or sent straight from) its slice of the caller's buffer.  A stripe whose
 connection breaks is put back on the queue for another connection, up to ``attempts`` times.  The same
 transport runs over the node's Unix socket, for values a local client cannot reach in shared memory.
+
+With ``vectored`` (a peer that serves ``READV`` / ``WRITEV``: the public engine's server), a worker
+that takes a small stripe also takes the other small stripes of the same batch waiting in the queue
+and moves them all in one frame: a batch of 32 blocks of 4 KiB costs one round trip, not 32.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mooncakefs.errors import MooncakeError, TransferError, Unavailable
-from mooncakefs.transfer import READ, Batch, Transfer
+from mooncakefs.transfer.core import READ, Batch, Transfer
 from mooncakefs.wire import Channel, Op, ProtocolError
 
 DEFAULT_STRIPE = 16 << 20
+VECTOR_BYTES = 1 << 20  # stripes up to this size travel together in one READV / WRITEV
+VECTOR_COUNT = 256
 
 
 @dataclass(slots=True)
@@ -36,10 +42,11 @@ class TcpTransport:
     name = "tcp"
 
     def __init__(self, connect: Callable[[], Channel], *, connections: int = 4, stripe: int = DEFAULT_STRIPE,
-                 attempts: int = 3) -> None:
+                 attempts: int = 3, vectored: bool = False) -> None:
         if connections < 1 or stripe < 1 or attempts < 1:
             raise ValueError("connections, stripe and attempts must all be positive")
         self._connect = connect
+        self.vectored = vectored
         self.connections, self.stripe, self.attempts = connections, stripe, attempts
         self._queue: queue.SimpleQueue[_Stripe | None] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
@@ -75,29 +82,66 @@ class TcpTransport:
             while (stripe := self._queue.get()) is not None:
                 if stripe.batch.error is not None:  # the batch failed already: skip its other stripes
                     continue
+                group = self._gather(stripe) if self.vectored and len(stripe.buffer) <= VECTOR_BYTES else [stripe]
                 try:
                     if channel is None or channel.closed:
                         channel = self._connect()
-                    self._move(channel, stripe)
+                    if len(group) == 1:
+                        self._move(channel, stripe)
+                    else:
+                        self._move_many(channel, group)
                 except Unavailable as exc:
                     if channel is not None:
                         channel.close()
-                    stripe.attempts += 1
-                    if stripe.attempts < self.attempts and not self._closed:
-                        self._queue.put(stripe)  # another connection (or a fresh one) takes it
-                    else:
-                        stripe.batch.fail(TransferError(
-                            f"{stripe.op} of {len(stripe.buffer)} bytes failed after {stripe.attempts} tries: {exc}"))
+                    for s in group:
+                        s.attempts += 1
+                        if s.attempts < self.attempts and not self._closed:
+                            self._queue.put(s)  # another connection (or a fresh one) takes it
+                        else:
+                            s.batch.fail(TransferError(
+                                f"{s.op} of {len(s.buffer)} bytes failed after {s.attempts} tries: {exc}"))
                 except (MooncakeError, ValueError, TypeError) as exc:  # the peer refused it: no retry helps
                     stripe.batch.fail(exc)
                 except BaseException as exc:
                     stripe.batch.fail(exc)
                     raise
                 else:
-                    stripe.batch.part_done(len(stripe.buffer))
+                    for s in group:
+                        s.batch.part_done(len(s.buffer))
         finally:
             if channel is not None:
                 channel.close()
+
+    def _gather(self, first: _Stripe) -> list[_Stripe]:
+        """``first`` and the small stripes of its batch and op waiting behind it, up to a frame's worth."""
+        group, size, others = [first], len(first.buffer), []
+        while len(group) < VECTOR_COUNT and size < VECTOR_BYTES:
+            try:
+                s = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if s is None or s.batch is not first.batch or s.op != first.op or len(s.buffer) > VECTOR_BYTES:
+                others.append(s)
+                break
+            group.append(s)
+            size += len(s.buffer)
+        for s in others:
+            self._queue.put(s)
+        return group
+
+    @staticmethod
+    def _move_many(channel: Channel, group: list[_Stripe]) -> None:
+        ranges = [[s.handle + s.offset, len(s.buffer)] for s in group]
+        if group[0].op == READ:
+            channel.send(Op.READV, ranges)
+            _meta, size = channel.read_reply()
+            if size != sum(r[1] for r in ranges):
+                raise ProtocolError(f"{channel.peer}: asked for {sum(r[1] for r in ranges)} bytes, got {size}")
+            for s in group:
+                channel.read_payload_into(s.buffer)
+        else:
+            channel.send(Op.WRITEV, ranges, [s.buffer for s in group])
+            channel.read_reply()
 
     @staticmethod
     def _move(channel: Channel, s: _Stripe) -> None:

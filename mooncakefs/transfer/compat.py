@@ -1,0 +1,314 @@
+"""Mooncake's Python ``TransferEngine``: its method names, arguments and return codes over ``Engine``.
+
+Calls return 0 (or an address, a port, a batch id) on success and a negative code on failure, as
+Mooncake's binding does; the codes are Mooncake's (``mooncake-transfer-engine/include/error.h``), and
+``last_error`` holds the exception behind the last failure, with its message.  Local buffers may be
+pointers into registered memory (as in Mooncake) or any bytes-like object.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mooncakefs.errors import (
+    AddressNotRegistered,
+    AddressOverlapped,
+    AuthenticationError,
+    InvalidArgument,
+    MooncakeError,
+    Unavailable,
+)
+from mooncakefs.transfer.core import READ, WRITE, Batch
+from mooncakefs.transfer.engine import Engine
+from mooncakefs.transfer.paths import DeviceNotFound, topology
+
+log = logging.getLogger("mooncakefs.transfer")
+
+ERR_INVALID_ARGUMENT = -1
+ERR_TOO_MANY_REQUESTS = -2
+ERR_ADDRESS_NOT_REGISTERED = -3
+ERR_BATCH_BUSY = -4
+ERR_DEVICE_NOT_FOUND = -6
+ERR_ADDRESS_OVERLAPPED = -7
+ERR_SOCKET = -102
+ERR_REJECT_HANDSHAKE = -104
+ERR_METADATA = -200
+ERR_NOT_INITIALIZED = -201  # Mooncake's ERR_ENDPOINT: there is no engine to talk through
+ERR_MEMORY = -302
+
+
+class TransferOpcode(enum.IntEnum):
+    """READ moves peer → local, WRITE local → peer (``Read`` / ``Write`` are Mooncake's binding's names)."""
+
+    READ = 0
+    WRITE = 1
+    Read = 0
+    Write = 1
+
+
+class TransferNotify:
+    """A notification riding on a transfer (accepted for compatibility; not delivered yet)."""
+
+    def __init__(self, name: str = "", msg: str = "") -> None:
+        self.name, self.msg = name, msg
+
+
+def code_of(exc: BaseException) -> int:
+    """The Mooncake return code for an exception."""
+    if isinstance(exc, AddressNotRegistered):
+        return ERR_ADDRESS_NOT_REGISTERED
+    if isinstance(exc, AddressOverlapped):
+        return ERR_ADDRESS_OVERLAPPED
+    if isinstance(exc, DeviceNotFound):
+        return ERR_DEVICE_NOT_FOUND
+    if isinstance(exc, AuthenticationError):
+        return ERR_REJECT_HANDSHAKE
+    if isinstance(exc, InvalidArgument | TypeError | ValueError):
+        return ERR_INVALID_ARGUMENT
+    if isinstance(exc, Unavailable | OSError):
+        return ERR_SOCKET
+    if isinstance(exc, MemoryError):
+        return ERR_MEMORY
+    return -1  # a transfer that failed, as Mooncake's binding says it
+
+
+def _opname(opcode: Any) -> str:
+    if opcode in (TransferOpcode.READ, "read"):
+        return READ
+    if opcode in (TransferOpcode.WRITE, "write"):
+        return WRITE
+    raise InvalidArgument(f"opcode must be TransferOpcode.READ or WRITE, not {opcode!r:.30}")
+
+
+class TransferEngine:
+    """Mooncake's ``mooncake.engine.TransferEngine``, on mooncakefs's engine.  ``get_engine()`` is the
+    Pythonic ``Engine`` underneath."""
+
+    TransferOpcode = TransferOpcode
+
+    def __init__(self) -> None:
+        self._engine: Engine | None = None
+        self._batches: dict[int, tuple[Batch, float]] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.last_error: BaseException | None = None
+
+    # -- plumbing --------------------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], Any], failed: int | None = None) -> Any:
+        try:
+            return fn()
+        except (MooncakeError, OSError, ValueError, TypeError, MemoryError) as exc:
+            self.last_error = exc
+            log.debug("transfer engine call failed: %s", exc)
+            return code_of(exc) if failed is None else failed
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise MooncakeError("the transfer engine is not initialized: call initialize() first")
+        return self._engine
+
+    # -- set-up ----------------------------------------------------------------------------------------
+
+    def initialize(self, local_hostname: str, metadata_server: str, protocol: str, device_name: str = "") -> int:
+        """Start the engine: serve on ``local_hostname`` (``host`` or ``host:port``); 0 or a negative code."""
+        def start() -> int:
+            if self._engine is not None:
+                raise InvalidArgument("the transfer engine is initialized already")
+            self._engine = Engine(local_hostname, metadata_server, protocol, device_name or "")
+            return 0
+        return self._call(start)
+
+    def initialize_ext(self, local_hostname: str, metadata_server: str, protocol: str, device_name: str,
+                       metadata_type: str) -> int:
+        return self.initialize(local_hostname, metadata_server, protocol, device_name)
+
+    def get_engine(self) -> Engine:
+        return self.engine
+
+    def get_rpc_port(self) -> int:
+        return self._call(lambda: self.engine.rpc_port)
+
+    def get_local_topology(self, device_name: str | None = None) -> str:
+        return topology(device_name or "")
+
+    def close(self) -> int:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+        return 0
+
+    # -- memory ----------------------------------------------------------------------------------------
+
+    def register_memory(self, buffer_addr: Any, capacity: int | None = None, location: str = "*") -> int:
+        """Register a pointer and length, or any buffer (numpy array, bytearray)."""
+        return self._call(lambda: self.engine.register(buffer_addr, capacity, location=location) and 0)
+
+    def unregister_memory(self, buffer_addr: int) -> int:
+        return self._call(lambda: self.engine.unregister(buffer_addr) or 0)
+
+    def batch_register_memory(self, buffer_addresses: Sequence[Any], capacities: Sequence[int],
+                              location: str = "*") -> int:
+        def run() -> int:
+            if len(buffer_addresses) != len(capacities):
+                raise InvalidArgument("batch_register_memory needs as many capacities as addresses")
+            done = []
+            try:
+                for addr, cap in zip(buffer_addresses, capacities, strict=True):
+                    done.append(self.engine.register(addr, cap, location=location))
+            except BaseException:
+                for addr in done:
+                    self.engine.unregister(addr)
+                raise
+            return 0
+        return self._call(run)
+
+    def batch_unregister_memory(self, buffer_addresses: Sequence[int]) -> int:
+        def run() -> int:
+            failed: BaseException | None = None
+            for addr in buffer_addresses:
+                try:
+                    self.engine.unregister(addr)
+                except MooncakeError as exc:
+                    failed = exc
+            if failed is not None:
+                raise failed
+            return 0
+        return self._call(run)
+
+    def allocate_managed_buffer(self, length: int) -> int:
+        """A registered buffer the engine owns; its address, or 0 on failure."""
+        return self._call(lambda: self.engine.allocate(length), failed=0)
+
+    def free_managed_buffer(self, buffer_addr: int, length: int) -> int:
+        return self._call(lambda: self.engine.free(buffer_addr) or 0)
+
+    def get_first_buffer_address(self, segment_name: str) -> int:
+        """This engine's first registered address (other segments: 0, as for an unknown segment)."""
+        return self._call(lambda: self.engine.registry.first()
+                          if segment_name == self.engine.session_id else 0, failed=0)
+
+    def write_bytes_to_buffer(self, dest_address: int, src_ptr: bytes, length: int) -> int:
+        def run() -> int:
+            self.engine.view(dest_address, length, write=True)[:] = memoryview(src_ptr)[:length]
+            return 0
+        return self._call(run)
+
+    def read_bytes_from_buffer(self, source_address: int, length: int) -> bytes:
+        result = self._call(lambda: bytes(self.engine.view(source_address, length)))
+        return result if isinstance(result, bytes) else b""
+
+    # -- transfers -------------------------------------------------------------------------------------
+
+    def transfer_sync_write(self, target_hostname: str, buffer: Any, peer_buffer_address: int, length: int,
+                            transport_hint: str = "") -> int:
+        return self.transfer_sync(target_hostname, buffer, peer_buffer_address, length, TransferOpcode.WRITE)
+
+    def transfer_sync_read(self, target_hostname: str, buffer: Any, peer_buffer_address: int, length: int,
+                           transport_hint: str = "") -> int:
+        return self.transfer_sync(target_hostname, buffer, peer_buffer_address, length, TransferOpcode.READ)
+
+    def transfer_sync(self, target_hostname: str, buffer: Any, peer_buffer_address: int, length: int,
+                      opcode: Any, notify: TransferNotify | None = None, transport_hint: str = "") -> int:
+        return self.batch_transfer_sync(target_hostname, [buffer], [peer_buffer_address], [length], opcode)
+
+    def batch_transfer_sync_write(self, target_hostname: str, buffers: Sequence[Any],
+                                  peer_buffer_addresses: Sequence[int], lengths: Sequence[int],
+                                  transport_hint: str = "") -> int:
+        return self.batch_transfer_sync(target_hostname, buffers, peer_buffer_addresses, lengths,
+                                        TransferOpcode.WRITE)
+
+    def batch_transfer_sync_read(self, target_hostname: str, buffers: Sequence[Any],
+                                 peer_buffer_addresses: Sequence[int], lengths: Sequence[int],
+                                 transport_hint: str = "") -> int:
+        return self.batch_transfer_sync(target_hostname, buffers, peer_buffer_addresses, lengths,
+                                        TransferOpcode.READ)
+
+    def batch_transfer_sync(self, target_hostname: str, buffers: Sequence[Any], peer_buffer_addresses: Sequence[int],
+                            lengths: Sequence[int], opcode: Any, notify: TransferNotify | None = None,
+                            transport_hint: str = "") -> int:
+        def run() -> int:
+            self.engine.transfer(target_hostname, _opname(opcode), buffers, peer_buffer_addresses, lengths)
+            return 0
+        return self._call(run)
+
+    def batch_transfer_async_write(self, target_hostname: str, buffers: Sequence[Any],
+                                   peer_buffer_addresses: Sequence[int], lengths: Sequence[int],
+                                   transport_hint: str = "") -> int:
+        return self.batch_transfer_async(target_hostname, buffers, peer_buffer_addresses, lengths,
+                                         TransferOpcode.WRITE)
+
+    def batch_transfer_async_read(self, target_hostname: str, buffers: Sequence[Any],
+                                  peer_buffer_addresses: Sequence[int], lengths: Sequence[int],
+                                  transport_hint: str = "") -> int:
+        return self.batch_transfer_async(target_hostname, buffers, peer_buffer_addresses, lengths,
+                                         TransferOpcode.READ)
+
+    def batch_transfer_async(self, target_hostname: str, buffers: Sequence[Any], peer_buffer_addresses: Sequence[int],
+                             lengths: Sequence[int], opcode: Any, transport_hint: str = "") -> int:
+        """Start a batch; its id (for ``get_batch_transfer_status``), or 0 if it could not start."""
+        def run() -> int:
+            batch = self.engine.submit(target_hostname, _opname(opcode), buffers, peer_buffer_addresses, lengths)
+            deadline = time.monotonic() + self.engine.timeout_for(batch)
+            with self._lock:
+                batch_id = next(self._ids)
+                self._batches[batch_id] = (batch, deadline)
+            return batch_id
+        return self._call(run, failed=0)
+
+    def transfer_submit_write(self, target_hostname: str, buffer: Any, peer_buffer_address: int, length: int,
+                              transport_hint: str = "") -> int:
+        return self.batch_transfer_async(target_hostname, [buffer], [peer_buffer_address], [length],
+                                         TransferOpcode.WRITE)
+
+    def transfer_check_status(self, batch_id: int) -> int:
+        """1 done (the id is freed), 0 in progress, -1 failed (freed), -2 past its deadline."""
+        with self._lock:
+            item = self._batches.get(batch_id)
+        if item is None:
+            self.last_error = InvalidArgument(f"no batch {batch_id!r:.30} (never started, or already reported)")
+            return -1
+        batch, deadline = item
+        if not batch.done():
+            return -2 if time.monotonic() > deadline else 0
+        with self._lock:
+            self._batches.pop(batch_id, None)
+        if batch.error is not None:
+            self.last_error = batch.error
+            return -1
+        return 1
+
+    def get_batch_transfer_status(self, batch_ids: Sequence[int]) -> int:
+        """Wait for every batch: 0 if all completed, -1 if any failed or ran past its deadline."""
+        if isinstance(batch_ids, int):
+            batch_ids = [batch_ids]
+        result = 0
+        for batch_id in batch_ids:
+            with self._lock:
+                item = self._batches.pop(batch_id, None)
+            if item is None:
+                self.last_error = InvalidArgument(f"no batch {batch_id!r:.30} (never started, or already reported)")
+                result = -1
+                continue
+            batch, deadline = item
+            try:
+                batch.wait(max(0.0, deadline - time.monotonic()))
+            except MooncakeError as exc:
+                self.last_error = exc
+                result = -1
+        return result
+
+    # -- notifications and probes ----------------------------------------------------------------------
+
+    def get_notifies(self) -> list[TransferNotify]:
+        return []
+
+    def send_probe(self, peer_server_name: str) -> int:
+        return self._call(lambda: self.engine.probe(peer_server_name) or 0)
