@@ -13,7 +13,7 @@ from node_helpers import NodeProcess, raw_channel, scrape_metrics
 
 import mooncakefs
 from mooncakefs.errors import TransferError, Unavailable
-from mooncakefs.transfer import READ, WRITE, Batch, Region, Transfer, TransferEngine
+from mooncakefs.transfer.core import READ, WRITE, Batch, Region, Router, Transfer
 from mooncakefs.transfer.local import LocalTransport
 from mooncakefs.transfer.tcp import TcpTransport
 from mooncakefs.wire import Op
@@ -110,7 +110,7 @@ def test_transfer_validation():
     Transfer(READ, memoryview(bytearray(10)), region, offset=90)
     Transfer(WRITE, memoryview(b""), region, offset=100)
     with pytest.raises(TransferError, match="no transport"):
-        TransferEngine([]).submit([Transfer(READ, memoryview(bytearray(1)), region)])
+        Router([]).submit([Transfer(READ, memoryview(bytearray(1)), region)])
     with pytest.raises(ValueError):
         TcpTransport(lambda: None, connections=0)
     with pytest.raises(ValueError):
@@ -123,7 +123,7 @@ def test_transfer_validation():
 def test_local_transport_copies_byte_exact():
     pool = bytearray(1 * MiB)
     local = LocalTransport(memoryview(pool))
-    engine = TransferEngine([local])
+    engine = Router([local])
     data = rand_bytes(300 * KiB, "local")
     region = Region(handle=7, size=400 * KiB, pool_offset=4096)
 
@@ -149,7 +149,7 @@ def test_local_transport_refuses_a_region_past_the_pool_end():
     """A region that runs off the end of the mapped pool fails the batch; it must never copy short
     and report the full byte count (the tail of the destination would be left as it was)."""
     pool = bytearray(b"p" * (64 * KiB))
-    engine = TransferEngine([LocalTransport(memoryview(pool))])
+    engine = Router([LocalTransport(memoryview(pool))])
     tail = Region(handle=8, size=8192, pool_offset=len(pool) - 4096)
     with pytest.raises(TransferError):
         engine.run([Transfer(WRITE, memoryview(bytes(8192)), tail)], timeout=1)
@@ -187,7 +187,7 @@ def test_engine_directly_over_tcp(node):
     """The engine with only the TCP transport: leases and put ids from a control connection."""
     with mooncakefs.connect(node.tcp_url, timeout=10) as s:
         tcp = TcpTransport(s._connect, connections=3, stripe=STRIPE)
-        engine = TransferEngine([tcp])
+        engine = Router([tcp])
         ctl = raw_channel(node.tcp_url)
         try:
             value = rand_bytes(5 * MiB, "direct")
@@ -222,7 +222,7 @@ def test_engine_directly_over_tcp(node):
 
 def test_unknown_lease_or_put_id_fails_clearly(node):
     with mooncakefs.connect(node.tcp_url, timeout=5) as s:
-        engine = TransferEngine([TcpTransport(s._connect, connections=2, stripe=STRIPE)])
+        engine = Router([TcpTransport(s._connect, connections=2, stripe=STRIPE)])
         try:
             for op, what in ((READ, "no lease"), (WRITE, "no unfinished put")):
                 buf = memoryview(bytearray(300 * KiB))
@@ -256,7 +256,7 @@ def test_transfer_to_a_dead_node_fails_instead_of_hanging(node_factory):
         with pytest.raises(Unavailable):
             s.put("w", bytes(1 * MiB))
         assert time.monotonic() - start < 5
-        engine = TransferEngine([TcpTransport(s._connect, connections=2, stripe=STRIPE)])
+        engine = Router([TcpTransport(s._connect, connections=2, stripe=STRIPE)])
         with pytest.raises(TransferError, match="failed after 3 tries"):
             engine.run([Transfer(READ, memoryview(bytearray(256 * KiB)), Region(1, 256 * KiB))], timeout=10)
         engine.close()

@@ -31,12 +31,15 @@ MIN_PAYLOAD_RATE = 1 << 20  # a frame's payload must arrive at 1 MiB/s at least
 
 
 def host_identity() -> tuple[str, int]:
-    """(boot id, pid namespace inode): two processes with the same pair can reach each other's memory."""
+    """(boot id + network namespace, pid namespace inode): two processes with the same pair reach each
+    other's memory.  The network namespace is part of it so that namespaces simulating hosts act as hosts."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
     except OSError:
         boot = ""
+    with contextlib.suppress(OSError):
+        boot += f"/net:{os.stat('/proc/self/ns/net').st_ino}"
     try:
         pidns = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
