@@ -1,4 +1,8 @@
-"""Build the Cython hot paths (mooncakefs._engine); everything else lives in pyproject.toml."""
+"""Build the Cython hot paths (mooncakefs._engine, and mooncakefs.transfer._rdma where libibverbs' headers
+are installed: Debian libibverbs-dev, which tools/install-deps.sh installs); the rest is in pyproject.toml."""
+
+import os
+import sys
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -10,6 +14,14 @@ extensions = [
         extra_compile_args=["-O3"],
     )
 ]
+
+# The rdma hot path needs <infiniband/verbs.h>.  Without it the engine still works (tcp, local); say so.
+if os.path.exists("/usr/include/infiniband/verbs.h") or os.environ.get("MOONCAKEFS_RDMA") == "1":
+    extensions.append(Extension("mooncakefs.transfer._rdma", ["mooncakefs/transfer/_rdma.pyx"],
+                                libraries=["ibverbs"], extra_compile_args=["-O3"]))
+else:
+    print("mooncakefs: <infiniband/verbs.h> not found (apt install libibverbs-dev): building without the rdma "
+          "transport", file=sys.stderr)
 
 setup(
     ext_modules=cythonize(

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The Debian packages mooncakefs needs: FUSE 3 (kernel helper + headers for building pyfuse3), fio
 # (the filesystem tests verify with it), etcd (cluster mode; the tests start their own on loopback) and
-# iproute2 (the tests simulate hosts with network namespaces).  Run as root; idempotent.
+# iproute2 (the tests simulate hosts with network namespaces), and libibverbs' headers and tools
+# (libibverbs-dev, rdma-core: the rdma transport's Cython hot path builds against infiniband/verbs.h).
+# Run as root; idempotent.
 set -euo pipefail
-packages=(fuse3 libfuse3-dev pkg-config fio etcd-server iproute2)
+packages=(fuse3 libfuse3-dev pkg-config fio etcd-server iproute2 libibverbs-dev rdma-core)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
