@@ -306,7 +306,7 @@ def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socke
 
     from mooncakefs.node import Node
     from mooncakefs.node.metrics import JsonFormatter, serve_metrics
-    from mooncakefs.node.server import Timeouts
+    from mooncakefs.serving import Timeouts
     from mooncakefs.sockets import default_socket
 
     handler = logging.StreamHandler()

@@ -26,7 +26,6 @@ from urllib.parse import urlsplit
 
 from mooncakefs._engine import SharedIndex, crc32c, fill_bytes
 from mooncakefs.errors import (
-    AuthenticationError,
     BufferTooSmall,
     MooncakeError,
     ProtocolError,
@@ -57,12 +56,11 @@ from mooncakefs.transfer.tcp import DEFAULT_STRIPE, TcpTransport
 from mooncakefs.wire import (
     CRC_TRAILER,
     MAX_BATCH,
-    VERSION,
     WITH_CRC,
     Channel,
     Op,
-    auth_proof,
     check_crc,
+    client_handshake,
     crc_error,
     error_from_meta,
     pack_put_options,
@@ -194,17 +192,7 @@ class RemoteStore(KVMapping):
         sock.settimeout(None)
         ch = Channel(sock, self.url, timeout=self.timeout)
         try:
-            op, _flags, meta, _n = ch.read_frame()
-            if op != Op.HELLO or not isinstance(meta, list) or len(meta) != 3:
-                raise ProtocolError(f"{self.url}: not a mooncakefs node (opcode {op})")
-            version, instance, nonce = meta
-            if version != VERSION:
-                raise ProtocolError(f"{self.url}: node speaks protocol {version}, this client {VERSION}")
-            if nonce is not None and self._secret is None:
-                raise AuthenticationError(f"{self.url}: the node requires a cluster secret: pass secret=... "
-                                          "or set MOONCAKEFS_SECRET")
-            ch.send(Op.AUTH, [VERSION, auth_proof(self._secret, nonce) if nonce is not None else None])
-            ch.read_reply()
+            instance = client_handshake(ch, self._secret, "node")
             if instance != self._instance:
                 self._attach(ch, instance)
         except BaseException:

@@ -152,6 +152,23 @@ def check_crc(expected: int | None, got: int, what: Callable[[], str]) -> None:
         raise exc
 
 
+def client_handshake(ch: Channel, secret: bytes | None, what: str) -> str:
+    """Answer a server's HELLO with AUTH (proving the secret when it asks); the server's instance id.
+    ``what`` names the kind of server for the messages ("node", "transfer engine")."""
+    op, _flags, meta, _n = ch.read_frame()
+    if op != Op.HELLO or not isinstance(meta, list) or len(meta) != 3:
+        raise ProtocolError(f"{ch.peer}: not a mooncakefs {what} (opcode {op})")
+    version, instance, nonce = meta
+    if version != VERSION:
+        raise ProtocolError(f"{ch.peer}: {what} speaks protocol {version}, this client {VERSION}")
+    if nonce is not None and secret is None:
+        raise errors.AuthenticationError(f"{ch.peer}: the {what} requires a cluster secret: pass secret=... "
+                                         "or set MOONCAKEFS_SECRET")
+    ch.send(Op.AUTH, [VERSION, auth_proof(secret, nonce) if nonce is not None and secret else None])
+    ch.read_reply()
+    return instance
+
+
 class Channel:
     """One framed connection.  Not thread-safe: one request at a time, by one thread.
 

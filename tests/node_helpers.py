@@ -219,6 +219,32 @@ def raw_channel(url: str, *, secret: bytes | None = None, timeout: float = 5.0, 
     return ch
 
 
+@contextlib.contextmanager
+def mapped_node(node: NodeProcess):
+    """(channel, pool, index): the node's DRAM pool and shared index, mapped read-write as any client of
+    its Unix socket may map them, with the channel that asked; all closed on exit."""
+    import mmap
+
+    from mooncakefs import wire
+
+    ch = raw_channel(node.unix_url)
+    ch.send(wire.Op.MAP, [])
+    op, _flags, meta, _n, fds = ch.read_frame_with_fds(2)
+    assert op == wire.Op.OK, meta
+    try:
+        rw = mmap.PROT_READ | mmap.PROT_WRITE
+        pool, index = mmap.mmap(fds[0], meta[0], mmap.MAP_SHARED, rw), mmap.mmap(fds[1], meta[1], mmap.MAP_SHARED, rw)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    try:
+        yield ch, pool, index
+    finally:
+        pool.close()
+        index.close()
+        ch.close()
+
+
 wait_for = wait_until  # the suite's polling helper, under the name these tests use
 
 

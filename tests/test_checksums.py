@@ -7,8 +7,6 @@ bytes do not match is a ChecksumError in the client (per item in a batch); the c
 from __future__ import annotations
 
 import contextlib
-import mmap
-import os
 import shutil
 import socket
 import sys
@@ -17,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import wait_until
-from node_helpers import EtcdCluster, NodeProcess, raw_channel
+from node_helpers import EtcdCluster, NodeProcess, mapped_node, raw_channel
 
 import mooncakefs
 from mooncakefs import _engine, wire
@@ -128,28 +126,9 @@ def test_a_batch_put_refuses_only_the_values_that_fail_their_crc(node_factory):
 # ------------------------------------------------------------- a value corrupted in the node's memory
 
 
-@contextlib.contextmanager
-def mapped_pool(node: NodeProcess) -> Iterator[tuple[wire.Channel, mmap.mmap]]:
-    """The node's pool, mapped as any client of its socket may, with the channel that mapped it."""
-    ch = raw_channel(node.unix_url)
-    ch.send(Op.MAP, [])
-    op, _flags, meta, _n, fds = ch.read_frame_with_fds(2)
-    assert op == Op.OK, meta
-    try:
-        pool = mmap.mmap(fds[0], meta[0], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    try:
-        yield ch, pool
-    finally:
-        pool.close()
-        ch.close()
-
-
 def flip_in_pool(node: NodeProcess, key: bytes, at: int) -> None:
     """Flip one byte of a DRAM-resident value in the node's pool, where the node keeps it."""
-    with mapped_pool(node) as (ch, pool):
+    with mapped_node(node) as (ch, pool, _index):
         ch.send(Op.GET, [key, 0])  # inline limit 0: a lease, with the value's pool offset
         (size, lease, offset), _ = ch.read_reply()
         assert lease and offset >= 0 and at < size

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from conftest import child_env
-from node_helpers import NodeProcess, free_port, raw_channel, wait_for
+from node_helpers import NodeProcess, free_port, mapped_node, raw_channel, wait_for
 
 import mooncakefs
 from mooncakefs.errors import InvalidKey, MooncakeError
@@ -359,19 +359,9 @@ def test_metrics_beyond_loopback_need_metrics_public(tmp_path):
 
 
 def scribble_index(node: NodeProcess, write: Callable[[mmap.mmap], None]) -> None:
-    """Map the node's shared index as any client of its socket may, and write over it."""
-    ch = raw_channel(node.unix_url)
-    ch.send(Op.MAP, [])
-    op, _flags, meta, _n, fds = ch.read_frame_with_fds(2)
-    assert op == Op.OK, meta
-    try:
-        index = mmap.mmap(fds[1], meta[1], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    """Write over the node's shared index, as any client of its socket may."""
+    with mapped_node(node) as (_ch, _pool, index):
         write(index)
-        index.close()
-    finally:
-        for fd in fds:
-            os.close(fd)
-        ch.close()
 
 
 def test_a_scribbled_shared_index_neither_crashes_the_node_nor_fools_the_next_client(nodes):
@@ -390,3 +380,21 @@ def test_a_scribbled_shared_index_neither_crashes_the_node_nor_fools_the_next_cl
     with pytest.raises(MooncakeError, match="shared index is damaged"):
         mooncakefs.connect(node.unix_url, timeout=5)
     assert node.alive, node.log()
+
+
+# ------------------------------------------------------------------------ the transfer engine's server
+
+
+def test_the_transfer_engines_server_has_the_nodes_defences():
+    from mooncakefs.transfer import Engine
+
+    engine = Engine("127.0.0.1", io_timeout=1)
+    try:
+        url = f"tcp://127.0.0.1:{engine.server.port}"
+        sock = hello(url)
+        sock.sendall(HEADER.pack(MAGIC, Op.AUTH, 0, 8 << 20, 0))
+        assert closed_by_peer(sock, within=5), "the engine waited for an oversized pre-auth frame"
+        sock = hello(url)
+        assert closed_by_peer(sock, within=8), "the engine kept a silent handshake"
+    finally:
+        engine.close()

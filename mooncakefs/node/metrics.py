@@ -56,7 +56,7 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("mooncakefs_received_bytes", "Value bytes received over sockets",
                                   value=node.bytes_in)
         yield CounterMetricFamily("mooncakefs_sent_bytes", "Value bytes sent over sockets", value=node.bytes_out)
-        yield GaugeMetricFamily("mooncakefs_clients", "Connected client connections", value=len(node._sessions))
+        yield GaugeMetricFamily("mooncakefs_clients", "Connected client connections", value=node.clients)
         yield GaugeMetricFamily("mooncakefs_read_leases", "Values held for clients' reads", value=len(node._leases))
         yield GaugeMetricFamily("mooncakefs_pending_puts", "Puts reserved but not yet published",
                                 value=len(node._pending))

@@ -5,61 +5,50 @@ Local clients connect over a Unix socket and are handed the DRAM pool's shared-m
 only carries the small control messages (where is it, hold it, publish it).  Remote clients connect
 over TCP and move the bytes through the framed protocol in ``mooncakefs.wire``.
 
-Each connection is served by its own thread; the store's lock orders what they do.  Whatever a
-connection holds (read leases, half-written puts) is given back when it goes away, however it goes.
-
-A node faces clients it cannot trust to behave (docs/security.md): every wait on a client is bounded
-(the handshake, the gap between requests, each frame's bytes, an unfinished put's reservation), frames
-before authentication are tiny, connections still in their handshake are capped and shed first when
-file descriptors run out, and only the node's own user, root and cluster peers reach mooncakefs's
-reserved keys (the filesystem's file chunks).
+Listeners, a thread per connection, the handshake, the request loop and the defences against
+hostile clients are ``mooncakefs.serving``'s (docs/security.md); the store's lock orders what the
+connections do.  Whatever a connection holds (read leases, half-written puts) is given back when it
+goes away, however it goes; an unfinished put whose client stalls is reclaimed after the io timeout;
+and only the node's own user, root and cluster peers reach mooncakefs's reserved keys (the
+filesystem's file chunks).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import logging
 import mmap
 import os
-import resource
 import secrets
 import socket
 import struct
 import sys
 import threading
 import time
-import uuid
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mooncakefs import _engine
 from mooncakefs.errors import (
-    AuthenticationError,
     ChecksumError,
     InvalidKey,
     KeyNotFound,
     MooncakeError,
     Moved,
-    NotServing,
     ProtocolError,
     Unavailable,
     describe_key,
 )
+from mooncakefs.serving import ACCEPT_BACKLOG, Connection, FramedServer, Timeouts
 from mooncakefs.sockets import make_socket_dir
 from mooncakefs.store import INTERNAL_PREFIX, InternalKey, Key, PendingPut, Store, ValueView, wire_key
 from mooncakefs.wire import (
     CRC_TRAILER,
     MAX_BATCH,
-    PREAUTH_MAX_META,
-    VERSION,
     WITH_CRC,
     Channel,
     Op,
-    auth_proof,
     check_crc,
     error_meta,
     pack_version,
@@ -79,47 +68,18 @@ EPOCH_OPS = WRITE_OPS | {Op.GET, Op.BATCH_GET, Op.EXISTS, Op.BATCH_EXISTS, Op.BA
 BATCH_STAGE_MAX = 4 << 20  # a batched put this small is received whole, then stored under one lock
 HEARTBEAT_S = 0.5  # readers of the shared index give up on a node silent for 2 s
 INDEX_OBJECT_GUESS = 4096  # the shared index has two slots per this many bytes of pool
-ACCEPT_BACKLOG = 128
-MAX_UNAUTHENTICATED = 64  # connections still in their handshake; past this the oldest is dropped
-MIN_PAYLOAD_RATE = 1 << 20  # bytes/s: a frame's payload arriving slower than this is a stalled client
-ACCEPT_BACKOFF_MAX = 1.0  # seconds between accept() attempts while file descriptors run out
 
 
-class Timeouts:
-    """How long a node waits on a client, in seconds.
-
-    ``handshake``: from connecting to being authenticated.  ``idle``: between requests (clients pool
-    connections and reconnect transparently).  ``io``: for a frame's bytes to arrive (plus a second per
-    MiB of payload), for a reply to be taken, and for an unfinished put to see progress before its room
-    is reclaimed."""
-
-    __slots__ = ("handshake", "idle", "io")
-
-    def __init__(self, handshake: float = 10.0, idle: float = 600.0, io: float = 30.0) -> None:
-        for name, value in (("handshake", handshake), ("idle", idle), ("io", io)):
-            if not (isinstance(value, int | float) and 0 < value < 1e6):
-                raise ValueError(f"the {name} timeout must be a number of seconds above 0, got {value!r:.40}")
-        self.handshake, self.idle, self.io = float(handshake), float(idle), float(io)
-
-
-class Session:
+class Session(Connection):
     """One client connection and what it holds."""
 
     def __init__(self, channel: Channel, local: bool) -> None:
-        self.channel = channel
-        self.local = local  # on the Unix socket: may be handed the pool
-        self.opened = time.monotonic()
-        self.authenticated = False  # past the handshake
+        super().__init__(channel, local)  # local: on the Unix socket, may be handed the pool
         self.trusted: bool | None = None  # may use reserved keys (decided on first use)
         self.mapped = False  # it has the pool mapped, so pool offsets mean something to it
         self.leases: set[int] = set()
         self.pending: set[int] = set()
         self.epoch: int | None = None  # the placement epoch a cluster client routes this connection by
-
-    def shed(self) -> None:
-        """Cut the connection from another thread: its own thread sees it closed and cleans up."""
-        with contextlib.suppress(OSError):
-            self.channel.sock.shutdown(socket.SHUT_RDWR)
 
 
 class Reservation:
@@ -135,8 +95,12 @@ class Reservation:
         self.doomed = False
 
 
-class Node:
+class Node(FramedServer):
     """Serve a Store on a Unix socket and, optionally, TCP.  ``start()``, then ``stop()``."""
+
+    log = log
+    refusal = "this node requires the cluster secret: connect with secret=... (or MOONCAKEFS_SECRET)"
+    no_reply = frozenset({Op.RELEASE})
 
     def __init__(
         self,
@@ -152,30 +116,21 @@ class Node:
     ) -> None:
         if unix_path is None and tcp is None:
             raise ValueError("a node needs a Unix socket path, a TCP address, or both")
+        super().__init__(secret=secret, timeouts=timeouts)
         self.store = store
         self.unix_path = Path(unix_path) if unix_path is not None else None
         self.socket_chosen = socket_chosen  # False: the default path, which must be in our own directories
-        self.timeouts = timeouts or Timeouts()
         self.tcp = tcp
-        self.secret = secret
         self.socket_mode, self.socket_group = socket_mode, socket_group
-        self.instance = uuid.uuid4().hex  # changes on every start: clients remap the pool when it does
-        self.requests: Counter[str] = Counter()
-        self.errors: Counter[str] = Counter()
         self.bytes_in = self.bytes_out = 0
         self.started = time.time()
-        self._listeners: list[socket.socket] = []
-        self._sessions: set[Session] = set()
-        self._threads: list[threading.Thread] = []
         self._leases: dict[int, tuple[ValueView, memoryview, Session]] = {}
         self._pending: dict[int, Reservation] = {}
         self._pending_lock = threading.Lock()
-        self._stopping = threading.Event()
         self.index: _engine.SharedIndex | None = None
         self.cluster: NodeAgent | None = None  # set when the node is a cluster member
         self._owns_socket = False
-        self._lock = threading.Lock()  # guards _sessions and _threads
-        self._handlers: dict[int, Callable[[Session, Any, int], None]] = {
+        self.handlers = {
             Op.PING: self._ping, Op.MAP: self._map,
             Op.PUT: self._put, Op.PUT_BEGIN: self._put_begin, Op.WRITE: self._write,
             Op.PUT_END: self._put_end, Op.PUT_ABORT: self._put_abort,
@@ -187,36 +142,24 @@ class Node:
             Op.BATCH_VERSIONS: self._batch_versions,
             Op.EPOCH: self._epoch,
         }
-        self._op_names = {v: k.lower() for k, v in vars(Op).items() if isinstance(v, int)}
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
     def start(self) -> Node:
-        _raise_fd_limit()
         try:
             if self.unix_path is not None:
                 self._listen_unix(self.unix_path)
             if self.tcp is not None:
-                try:
-                    sock = socket.create_server(self.tcp, backlog=ACCEPT_BACKLOG, reuse_port=False)
-                except OSError as exc:
-                    raise MooncakeError(f"cannot listen on {self.tcp[0]}:{self.tcp[1]}: "
-                                        f"{exc.strerror or exc}") from None
-                self.tcp = sock.getsockname()[:2]  # the real port when 0 was asked for
-                self._listeners.append(sock)
+                self.tcp = self.listen_tcp(self.tcp)  # the real port when 0 was asked for
         except BaseException:
-            self._close_listeners()
+            self.close_listeners()
             if self._owns_socket:
                 with contextlib.suppress(FileNotFoundError):
                     self.unix_path.unlink()  # type: ignore[union-attr]
             raise
         self._share_index()
-        for sock in self._listeners:  # only now, with every address bound, is the node listening
-            where = ({"unix": str(sock.getsockname()), "mode": oct(self.socket_mode)} if sock.family == socket.AF_UNIX
-                     else {"tcp": "{}:{}".format(*sock.getsockname()[:2]), "auth": bool(self.secret)})
-            log.info("listening", extra=where)
-            self._spawn(self._accept_loop, sock, name="mooncakefs-accept")
-        self._spawn(self._reap_reservations, name="mooncakefs-reaper")
+        self.accept()
+        self.spawn(self._reap_reservations, name="mooncakefs-reaper")
         return self
 
     def _share_index(self) -> None:
@@ -230,7 +173,7 @@ class Node:
         self._index_map = mmap.mmap(self._index_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.index = _engine.SharedIndex(self._index_map, create=True)
         self.store.share_index(self.index)
-        self._spawn(self._heartbeat, name="mooncakefs-heartbeat")
+        self.spawn(self._heartbeat, name="mooncakefs-heartbeat")
 
     def _heartbeat(self) -> None:
         while not self._stopping.wait(HEARTBEAT_S):
@@ -265,17 +208,9 @@ class Node:
         close the store.  Every put a client saw acknowledged as durable is on disk already."""
         if self._stopping.is_set():
             return
-        self._stopping.set()
         if self.index is not None:
             self.index.stop()  # clients stop reading shared memory and ask the node, which is going
-        self._close_listeners()
-        with self._lock:
-            for session in list(self._sessions):
-                session.shed()
-            threads = list(self._threads)
-        for t in threads:
-            if t is not threading.current_thread():
-                t.join(timeout=10)
+        self.stop_serving()
         self.store.close()
         if self.index is not None:
             self.index.release()
@@ -289,132 +224,18 @@ class Node:
     def wait(self) -> None:
         self._stopping.wait()
 
-    def _close_listeners(self) -> None:
-        for sock in self._listeners:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        self._listeners.clear()
+    # -- connections --------------------------------------------------------------------------------------
 
-    def _spawn(self, target: Callable[..., None], *args: Any, name: str) -> None:
-        t = threading.Thread(target=target, args=args, name=name, daemon=True)
-        with self._lock:
-            self._threads = [x for x in self._threads if x.is_alive()]
-            self._threads.append(t)
-        t.start()
+    def connection(self, channel: Channel, local: bool) -> Session:
+        return Session(channel, local)
 
-    def _accept_loop(self, listener: socket.socket) -> None:
-        """Accept until the node stops.  No failure ends the loop: out of file descriptors (or threads),
-        it sheds the oldest connections still in their handshake, backs off, and tries again."""
-        local = listener.family == socket.AF_UNIX
-        backoff = 0.0
-        failures = 0
-        while not self._stopping.is_set():
-            try:
-                sock, addr = listener.accept()
-                peer = "unix" if local else f"{addr[0]}:{addr[1]}"
-                self._shed_unauthenticated(MAX_UNAUTHENTICATED - 1)
-                try:
-                    self._spawn(self._serve, sock, peer, local, name=f"mooncakefs-conn-{peer}")
-                except RuntimeError as exc:  # no more threads
-                    sock.close()
-                    raise OSError(errno.EAGAIN, str(exc)) from None
-            except OSError as exc:
-                if self._stopping.is_set():
-                    return
-                failures += 1
-                if failures == 1 or failures % 1000 == 0:
-                    log.warning("accept failed: shedding connections still in their handshake and retrying",
-                                extra={"why": exc.strerror or str(exc), "failures": failures,
-                                       "listener": "unix" if local else "tcp"})
-                self._shed_unauthenticated(MAX_UNAUTHENTICATED // 2)
-                backoff = min(ACCEPT_BACKOFF_MAX, backoff * 2 or 0.01)
-                self._stopping.wait(backoff)
-                continue
-            if failures:
-                log.info("accepting again", extra={"failures": failures})
-            backoff, failures = 0.0, 0
+    def check(self, session: Session, op: int) -> None:
+        """In a cluster, a request on a connection that named a placement epoch must match the node's."""
+        if session.epoch is not None and op in EPOCH_OPS:
+            self.cluster.check(session.epoch, op in WRITE_OPS)  # type: ignore[union-attr]
 
-    def _shed_unauthenticated(self, keep: int) -> None:
-        """Drop the oldest connections still in their handshake until at most ``keep`` remain."""
-        with self._lock:
-            waiting = sorted((s for s in self._sessions if not s.authenticated), key=lambda s: s.opened)
-        for session in waiting[: max(0, len(waiting) - keep)]:
-            session.shed()
-
-    # -- one connection ---------------------------------------------------------------------------------
-
-    def _serve(self, sock: socket.socket, peer: str, local: bool) -> None:
-        session = Session(Channel(sock, peer, timeout=self.timeouts.io), local)
-        with self._lock:
-            self._sessions.add(session)
-        try:
-            self._handshake(session)
-            self._loop(session)
-        except (Unavailable, ProtocolError, AuthenticationError) as exc:
-            if not self._stopping.is_set():
-                level = logging.DEBUG if isinstance(exc, Unavailable) else logging.WARNING
-                log.log(level, "client dropped", extra={"peer": peer, "why": str(exc)})
-        except Exception:
-            log.exception("connection failed", extra={"peer": peer})
-        finally:
-            self._end_session(session)
-
-    def _handshake(self, session: Session) -> None:
-        ch = session.channel
-        nonce = secrets.token_bytes(16) if self.secret and not session.local else None
-        ch.send(Op.HELLO, [VERSION, self.instance, nonce])
-        if not ch.wait_readable(self.timeouts.handshake):
-            raise ProtocolError(f"{ch.peer}: no handshake within {self.timeouts.handshake:g} s")
-        ch.deadline = session.opened + self.timeouts.handshake
-        op, _flags, meta, _n = ch.read_frame(max_meta=PREAUTH_MAX_META, max_payload=0)
-        if op != Op.AUTH or not isinstance(meta, list) or len(meta) != 2 or meta[0] != VERSION:
-            raise ProtocolError(f"{ch.peer}: bad handshake (opcode {op}, {meta!r:.100})")
-        if nonce is not None:
-            proof = meta[1]
-            assert self.secret is not None
-            if not isinstance(proof, bytes) or not secrets.compare_digest(proof, auth_proof(self.secret, nonce)):
-                ch.send(Op.ERROR, error_meta(AuthenticationError(
-                    "this node requires the cluster secret: connect with secret=... (or MOONCAKEFS_SECRET)")))
-                raise AuthenticationError(f"{ch.peer}: wrong or missing cluster secret")
-        ch.send(Op.OK, [])
-        session.authenticated = True
-
-    def _loop(self, session: Session) -> None:
-        ch, handlers, names = session.channel, self._handlers, self._op_names
-        idle, io = self.timeouts.idle, self.timeouts.io
-        while True:
-            if not ch.wait_readable(idle):
-                raise Unavailable(f"{ch.peer}: idle for {idle:g} s")
-            ch.deadline = time.monotonic() + io
-            op, _flags, meta, payload_len = ch.read_frame()
-            if payload_len:
-                ch.deadline += payload_len / MIN_PAYLOAD_RATE
-            handler = handlers.get(op)
-            name = names.get(op, "unknown")
-            self.requests[name] += 1
-            if handler is None:
-                raise ProtocolError(f"{ch.peer}: unknown opcode {op}")
-            try:
-                if not isinstance(meta, list):
-                    raise TypeError(f"request meta must be an array, got {type(meta).__name__}")
-                if session.epoch is not None and op in EPOCH_OPS:
-                    self.cluster.check(session.epoch, op in WRITE_OPS)  # type: ignore[union-attr]
-                handler(session, meta, payload_len)
-            except (MooncakeError, ValueError, TypeError, KeyError, IndexError) as exc:
-                if isinstance(exc, ProtocolError) or (isinstance(exc, Unavailable) and not isinstance(exc, NotServing)):
-                    raise  # the connection itself failed; a node refusing to serve answers, and stays connected
-                self.errors[type(exc).__name__] += 1
-                ch.skip_payload()
-                if op != Op.RELEASE:
-                    ch.send(Op.ERROR, error_meta(exc if isinstance(exc, MooncakeError | ValueError | TypeError)
-                                                 else ValueError(f"malformed request: {exc!r:.100}")))
-
-    def _end_session(self, session: Session) -> None:
+    def end(self, session: Session) -> None:
         """Give back everything the connection held: a client killed mid-put leaks nothing."""
-        session.channel.close()
-        with self._lock:
-            self._sessions.discard(session)
         for lease_id in list(session.leases):
             self._drop_lease(lease_id)
         for put_id in list(session.pending):
@@ -825,14 +646,6 @@ def _batch(items: Any) -> list[Any]:
         raise ValueError(f"a batch is a list of at most {MAX_BATCH} items")
     return items
 
-
-
-def _raise_fd_limit() -> None:
-    """Take the whole hard limit of open files: every client connection costs a descriptor."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def loopback_peer_uid(sock: socket.socket) -> int | None:

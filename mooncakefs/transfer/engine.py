@@ -29,10 +29,8 @@ from typing import Any
 
 from mooncakefs.errors import (
     AddressNotRegistered,
-    AuthenticationError,
     InvalidArgument,
     MooncakeError,
-    ProtocolError,
     Unavailable,
 )
 from mooncakefs.transfer import paths
@@ -41,7 +39,7 @@ from mooncakefs.transfer.local import ProcessTransport
 from mooncakefs.transfer.memory import ManagedBuffer, Registered, Registry
 from mooncakefs.transfer.server import SegmentServer, host_identity
 from mooncakefs.transfer.tcp import TcpTransport
-from mooncakefs.wire import VERSION, Channel, Op, auth_proof
+from mooncakefs.wire import Channel, Op, client_handshake
 
 log = logging.getLogger("mooncakefs.transfer")
 
@@ -266,18 +264,7 @@ class Engine:
         sock.settimeout(None)
         ch = Channel(sock, session, timeout=self.io_timeout)
         try:
-            op, _flags, meta, _n = ch.read_frame()
-            if op != Op.HELLO or not isinstance(meta, list) or len(meta) != 3:
-                raise ProtocolError(f"{session}: not a mooncakefs transfer engine (opcode {op})")
-            version, _instance, nonce = meta
-            if version != VERSION:
-                raise ProtocolError(f"{session}: peer speaks protocol {version}, this engine {VERSION}")
-            if nonce is not None and self._secret is None:
-                raise AuthenticationError(f"{session}: the peer requires a cluster secret: pass secret=... "
-                                          "or set MOONCAKEFS_SECRET")
-            ch.send(Op.AUTH, [VERSION, auth_proof(self._secret, nonce) if nonce is not None and self._secret
-                              else None])
-            ch.read_reply()
+            client_handshake(ch, self._secret, "transfer engine")
         except BaseException:
             ch.close()
             raise
