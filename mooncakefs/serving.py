@@ -196,7 +196,7 @@ class FramedServer:
         """Give back what a connection held, however it ended."""
 
     def _serve(self, sock: socket.socket, peer: str, local: bool) -> None:
-        conn = self.connection(Channel(sock, peer, timeout=self.timeouts.io), local)
+        conn = self.connection(Channel(sock, peer, timeout=self.timeouts.handshake), local)
         with self._lock:
             self._connections.add(conn)
         try:
@@ -216,14 +216,12 @@ class FramedServer:
 
     def _handshake(self, conn: Connection) -> None:
         """HELLO (version, instance, and a nonce when a secret guards TCP), then the client's AUTH: at
-        most 1 KiB of meta, no payload, all of it within the handshake timeout."""
+        most 1 KiB of meta, no payload, begun within the handshake timeout and whole within as much again."""
         ch = conn.channel
         nonce = secrets.token_bytes(16) if self.secret and not conn.local else None
         ch.send(Op.HELLO, [VERSION, self.instance, nonce])
-        if not ch.wait_readable(self.timeouts.handshake):
-            raise ProtocolError(f"{ch.peer}: no handshake within {self.timeouts.handshake:g} s")
-        ch.deadline = conn.opened + self.timeouts.handshake
-        op, _flags, meta, _n = ch.read_frame(max_meta=PREAUTH_MAX_META, max_payload=0)
+        wait = self.timeouts.handshake
+        op, _flags, meta, _n = ch.read_frame(max_meta=PREAUTH_MAX_META, max_payload=0, idle=wait, within=wait)
         if op != Op.AUTH or not isinstance(meta, list) or len(meta) != 2 or meta[0] != VERSION:
             raise ProtocolError(f"{ch.peer}: bad handshake (opcode {op}, {meta!r:.100})")
         if nonce is not None:
@@ -233,6 +231,7 @@ class FramedServer:
                 ch.send(Op.ERROR, error_meta(AuthenticationError(self.refusal)))
                 raise AuthenticationError(f"{ch.peer}: wrong or missing cluster secret")
         ch.send(Op.OK, [])
+        ch.set_timeout(self.timeouts.io)
         conn.authenticated = True
 
     def _loop(self, conn: Connection) -> None:
@@ -242,10 +241,7 @@ class FramedServer:
         ch, handlers, names = conn.channel, self.handlers, self._names
         idle, io = self.timeouts.idle, self.timeouts.io
         while True:
-            if not ch.wait_readable(idle):
-                raise Unavailable(f"{ch.peer}: idle for {idle:g} s")
-            ch.deadline = time.monotonic() + io
-            op, _flags, meta, payload_len = ch.read_frame()
+            op, _flags, meta, payload_len = ch.read_frame(idle=idle, within=io)
             if payload_len:
                 ch.deadline += payload_len / MIN_PAYLOAD_RATE
             handler = handlers.get(op)

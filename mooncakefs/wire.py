@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import hmac
-import select
 import socket
 import struct
 import time
@@ -177,10 +176,8 @@ class Channel:
 
     def __init__(self, sock: socket.socket, peer: str, timeout: float | None = None) -> None:
         self.sock, self.peer = sock, peer
-        if timeout is not None:  # kernel-side timeouts keep the socket blocking: one syscall per recv
-            tv = struct.pack("ll", int(timeout), int(timeout % 1 * 1e6))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        if timeout is not None:
+            self.set_timeout(timeout)
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buf = bytearray(RECV_BUFFER)
@@ -193,7 +190,6 @@ class Channel:
         # A node's limit on receiving the current frame (time.monotonic()): a peer that trickles its
         # bytes is dropped once it passes, even though each recv makes progress.
         self.deadline: float | None = None
-        self._poller: select.poll | None = None
 
     def close(self) -> None:
         if not self.closed:
@@ -250,20 +246,27 @@ class Channel:
 
     # -- receiving --------------------------------------------------------------------------------------
 
-    def wait_readable(self, timeout: float) -> bool:
-        """Whether the next frame starts within ``timeout`` seconds (or its bytes are buffered already)."""
-        if self._end > self._start:
-            return True
-        if self._poller is None:
-            self._poller = select.poll()
-            self._poller.register(self.sock, select.POLLIN)
-        return bool(self._poller.poll(max(0, int(timeout * 1000))))
+    def set_timeout(self, seconds: float) -> None:
+        """How long one send or recv may wait: kernel-side timeouts keep the socket blocking, so a recv
+        is one syscall."""
+        tv = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
-    def read_frame(self, max_meta: int = MAX_META, max_payload: int = MAX_PAYLOAD) -> tuple[int, int, Any, int]:
+    def read_frame(self, max_meta: int = MAX_META, max_payload: int = MAX_PAYLOAD, *, idle: float | None = None,
+                   within: float | None = None) -> tuple[int, int, Any, int]:
         """The next frame's (opcode, flags, meta, payload length); read the payload next.  A frame larger
-        than the limits is refused before anything is allocated for it."""
+        than the limits is refused before anything is allocated for it.
+
+        A server passes ``idle``, how long to wait for the frame to begin (the socket's own timeout
+        repeats until then), and ``within``, how long its header and meta may take once it has begun:
+        that sets ``deadline``, which a peer trickling bytes cannot push back."""
         if self.payload_left:
             self.skip_payload()
+        if idle is not None and self._start == self._end:
+            self._await_frame(idle)
+        if within is not None:
+            self.deadline = time.monotonic() + within
         self._fill(HEADER.size)
         magic, op, flags, meta_len, payload_len = HEADER.unpack_from(self._buf, self._start)
         if magic != MAGIC:
@@ -378,6 +381,22 @@ class Channel:
         except (ValueError, msgpack.UnpackException) as exc:
             raise ProtocolError(f"{self.peer}: undecodable frame meta ({exc})") from None
 
+    def _await_frame(self, idle: float) -> None:
+        """Block until a frame's first bytes arrive, for at most ``idle`` seconds."""
+        self._start = self._end = 0
+        until = time.monotonic() + idle
+        while True:
+            try:
+                got = self.sock.recv_into(self._view)
+            except OSError as exc:
+                if _timed_out(exc) and time.monotonic() < until:
+                    continue
+                raise self._lost(exc) from None
+            if not got:
+                raise self._lost(None)
+            self._end = got
+            return
+
     def _fill(self, n: int) -> None:
         """Make at least ``n`` bytes (at most RECV_BUFFER) readable from the buffer."""
         if self._end - self._start >= n:
@@ -402,8 +421,13 @@ class Channel:
         self.close()
         if exc is None:
             why = "closed by the peer"
-        elif exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or isinstance(exc, TimeoutError):
+        elif _timed_out(exc):
             why = "timed out"
         else:
             why = f"failed: {exc.strerror or exc}"
         return Unavailable(f"{self.peer}: connection {why}")
+
+
+def _timed_out(exc: OSError) -> bool:
+    """Whether a socket call failed only because its timeout passed."""
+    return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or isinstance(exc, TimeoutError)
