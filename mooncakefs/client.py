@@ -195,6 +195,8 @@ class RemoteStore(KVMapping):
             instance = client_handshake(ch, self._secret, "node")
             if instance != self._instance:
                 self._attach(ch, instance)
+            elif self._map_pool:
+                self._mark_mapped(ch)
         except BaseException:
             ch.close()
             raise
@@ -232,6 +234,17 @@ class RemoteStore(KVMapping):
                 transports.insert(0, LocalTransport(self._pool_view))
             self._engine = Router(transports)
             self._instance = instance
+
+    def _mark_mapped(self, ch: Channel) -> None:
+        """Tell the node that this further connection has the pool mapped too (the node hands out pool
+        offsets only on connections that asked for the pool; without this, every connection but the
+        first would move large values in frames over the socket instead of by memcpy)."""
+        ch.send(Op.MAP)
+        op, _flags, meta, _n, fds = ch.read_frame_with_fds(2)
+        for fd in fds:
+            os.close(fd)
+        if op == Op.ERROR:
+            raise error_from_meta(meta)
 
     def _take(self) -> tuple[Channel, bool]:
         with self._lock:

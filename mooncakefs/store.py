@@ -74,11 +74,26 @@ class InternalKey(bytes):
         return super().__new__(cls, INTERNAL_PREFIX + name)
 
 
+CACHE_NAME_PREFIX = b"p2p/"  # internal names under this are CachedKeys: copies a reader keeps to serve
+
+
+class CachedKey(InternalKey):
+    """An internal key for a copy that can be fetched again (a chunk a reader keeps to serve other
+    readers, a P2P Store shard): reserved like every internal key, but not sticky, so the copy is
+    evicted like any cached value instead of filling the SSD tier."""
+
+    def __new__(cls, name: bytes) -> CachedKey:
+        if not name.startswith(CACHE_NAME_PREFIX):
+            name = CACHE_NAME_PREFIX + name
+        return super().__new__(cls, name)  # type: ignore[return-value]
+
+
 def wire_key(raw: Any) -> Key:
     """A key as it came over the wire (raw bytes), as the store's API takes it: internal ones (file
-    chunks, cluster pointers) marked so; the store checks the rest."""
+    chunks, cluster pointers, cached copies) marked so; the store checks the rest."""
     if type(raw) is bytes and raw.startswith(INTERNAL_PREFIX):
-        return InternalKey(raw[len(INTERNAL_PREFIX) :])
+        name = raw[len(INTERNAL_PREFIX) :]
+        return CachedKey(name) if name.startswith(CACHE_NAME_PREFIX) else InternalKey(name)
     return raw
 
 
@@ -93,7 +108,7 @@ def encode_key(key: object) -> bytes:
         raw = key
         if raw.startswith(INTERNAL_PREFIX):
             raise InvalidKey(f"key {key!r:.80} starts with {INTERNAL_PREFIX!r}, which mooncakefs reserves")
-    elif type(key) is InternalKey:
+    elif type(key) is InternalKey or type(key) is CachedKey:
         raw = bytes(key)
     elif isinstance(key, str | bytes):
         return encode_key(str(key) if isinstance(key, str) else bytes(key))

@@ -267,6 +267,24 @@ class ClusterStore(KVMapping):
             raise Unavailable(f"replicas={replicas} but cluster {self.cluster!r} has {len(owners)} node(s)")
         return owners
 
+    def local_node(self) -> str | None:
+        """This host's node (where a reader keeps what it fetched), or None if the host has none."""
+        try:
+            return self._local_node(self.map)
+        except Unavailable:
+            return None
+
+    def link(self, node: str) -> NodeLink:
+        """The link to one node of the current map (``Unavailable`` if it is not in it)."""
+        return self._link(node, self.map)
+
+    def mark_down(self, node: str) -> None:
+        """A node failed a request made outside this client's routing: try it last for a while."""
+        self._down[node] = time.monotonic() + DOWN_S
+
+    def is_down(self, node: str) -> bool:
+        return self._down.get(node, 0) > time.monotonic()
+
     def _local_node(self, pmap: PlacementMap) -> str:
         for node, record in sorted(pmap.nodes.items()):
             if self._on_this_host(record):
@@ -405,9 +423,15 @@ class ClusterStore(KVMapping):
     @contextlib.contextmanager
     def view(self, key: Key) -> Iterator[memoryview]:
         """As ``Store.view``, from the nearest node holding the key (in place when it is this host's)."""
-        link = self._read(key, lambda link: (link.stat(key), link)[1])
-        with link.view(key) as data:
+        def opened(link: NodeLink) -> tuple[Any, memoryview]:
+            view = link.view(key)
+            return view, view.__enter__()  # one GET: a node without the key says so, and the next is asked
+
+        view, data = self._read(key, opened)
+        try:
             yield data
+        finally:
+            view.__exit__(None, None, None)
 
     def exists(self, key: Key) -> bool:
         try:

@@ -68,6 +68,7 @@ class EtcdInode(Inode):
 
     parent: int = 0
     chunks: list[list[int]] = field(default_factory=list)  # [start, end) ranges of written chunks
+    sums: dict[int, int] = field(default_factory=dict)  # chunk index -> CRC-32C its writer published
     rev: int = 0
     base: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -78,6 +79,8 @@ class EtcdInode(Inode):
         record = self.fields()
         record["target"] = None if self.target is None else self.target.hex()
         record["chunks"] = self.chunks
+        if self.sums:
+            record["sums"] = encode_sums(self.sums)
         return json.dumps(record, separators=(",", ":")).encode()
 
     @classmethod
@@ -87,12 +90,25 @@ class EtcdInode(Inode):
         node = cls(ino, record["mode"], record["nlink"], record["uid"], record["gid"], record["rdev"],
                    record["size"], record["atime"], record["mtime"], record["ctime"],
                    None if target is None else bytes.fromhex(target), parent=record.get("parent", 0),
-                   chunks=record.get("chunks", []), rev=rev)
+                   chunks=record.get("chunks", []), sums=decode_sums(record.get("sums", "")), rev=rev)
         node.base = node.fields()
         return node
 
     def copy(self) -> EtcdInode:
-        return dataclasses.replace(self, chunks=[list(r) for r in self.chunks], base=dict(self.base))
+        return dataclasses.replace(self, chunks=[list(r) for r in self.chunks], sums=dict(self.sums),
+                                   base=dict(self.base))
+
+
+def encode_sums(sums: dict[int, int]) -> str:
+    """Chunk CRC-32Cs as one hex string, 8 digits per chunk index from 0 ("-" * 8 where none is known):
+    4.4 bytes of etcd per MiB of file at 4 MiB chunks."""
+    if not sums:
+        return ""
+    return "".join(f"{sums[i]:08x}" if i in sums else "--------" for i in range(max(sums) + 1))
+
+
+def decode_sums(text: str) -> dict[int, int]:
+    return {i // 8: int(text[i : i + 8], 16) for i in range(0, len(text) - 7, 8) if text[i] != "-"}
 
 
 # -- chunk ranges --------------------------------------------------------------------------------------
@@ -132,6 +148,7 @@ class _PendingChunks:
 
     cut: int | None = None
     added: set[int] = field(default_factory=set)
+    sums: dict[int, int] = field(default_factory=dict)  # of the added chunks, where known
 
 
 def _etcd_errors(method: Callable[..., T]) -> Callable[..., T]:
@@ -431,6 +448,10 @@ class EtcdNamespace:
                 setattr(current, name, value)
             if pending is not None:
                 current.chunks = _merge(current.chunks, pending.cut, pending.added)
+                current.sums = {i: c for i, c in current.sums.items() if pending.cut is None or i < pending.cut}
+                for i in pending.added:  # a chunk rewritten without a known sum must not keep the old one
+                    current.sums.pop(i, None)
+                current.sums.update(pending.sums)
             txn.write(current)
             if unmark:
                 txn.delete(self._oprefix(node.ino) + self.mount_id)
@@ -442,7 +463,7 @@ class EtcdNamespace:
         if unmark:
             self._forget_marker(node.ino)
         if written is not None:
-            node.chunks, node.rev, node.base = written.chunks, written.rev, written.fields()
+            node.chunks, node.sums, node.rev, node.base = written.chunks, written.sums, written.rev, written.fields()
             for name, value in node.base.items():
                 setattr(node, name, value)
 
@@ -715,9 +736,14 @@ class EtcdNamespace:
         node = self._read(ino)
         return node is not None and _in_ranges(node.chunks, idx)
 
-    def add_chunks(self, ino: int, indexes: list[int]) -> None:
-        """Record stored chunks: published with the file's size by its next ``update`` (its flush)."""
-        self._pending.setdefault(ino, _PendingChunks()).added.update(indexes)
+    def add_chunks(self, ino: int, indexes: list[int], sums: dict[int, int] | None = None) -> None:
+        """Record stored chunks (and their CRC-32Cs): published with the file's size by its next
+        ``update`` (its flush)."""
+        pending = self._pending.setdefault(ino, _PendingChunks())
+        pending.added.update(indexes)
+        for i in indexes:
+            pending.sums.pop(i, None)
+        pending.sums.update(sums or {})
 
     @_etcd_errors
     def drop_chunks_from(self, ino: int, first: int) -> list[int]:
@@ -729,6 +755,7 @@ class EtcdNamespace:
         dropped = {i for i in _indexes(recorded) if i >= first and (pending.cut is None or i < pending.cut)}
         dropped |= {i for i in pending.added if i >= first}
         pending.added = {i for i in pending.added if i < first}
+        pending.sums = {i: c for i, c in pending.sums.items() if i < first}
         pending.cut = first if pending.cut is None else min(pending.cut, first)
         return sorted(dropped)
 

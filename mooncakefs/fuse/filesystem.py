@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import trio
 
+from mooncakefs._engine import crc32c
 from mooncakefs.errors import ChecksumError, KeyNotFound, OutOfSpace
 from mooncakefs.fuse.namespace import ROOT, Inode, Namespace, fail
 from mooncakefs.store import INTERNAL_PREFIX, InternalKey, Store, ValueView
@@ -115,6 +116,11 @@ class OpenInode:
     mtime: int | None = None  # of the last write not yet recorded in the namespace
     storing: dict[int, tuple[DirtyChunk, trio.Event]] = field(default_factory=dict)  # chunks in flight
     error: Exception | None = None  # a background store failed: reported by the next write or flush
+    # The stored chunk the last read fetched, kept for the reads that follow (the kernel asks for at
+    # most 1 MiB at a time: without it every read of a remote chunk would fetch the whole chunk again).
+    chunk: tuple[int, Any, memoryview] | None = None  # (index, its view, the bytes)
+    sums: dict[int, int] = field(default_factory=dict)  # chunk CRC-32Cs the file's writer published
+    gen: tuple[int, int] = (0, 0)  # (mtime, size) at the open that read ``sums``: readers of one version
 
 
 def _handler(method: Any) -> Any:
@@ -173,6 +179,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         self.kv_inodes: dict[bytes, int] = {}
         self.kv_keys: dict[int, bytes] = {}
         self.started = time.time()
+        self.swarm: Any = None  # a cluster mount: fetches chunks from other readers too (mooncakefs.p2p)
 
     # -- start and stop --------------------------------------------------------------------------------
 
@@ -187,6 +194,9 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         """Store every buffered write and make all file data durable (a clean unmount)."""
         for ino in list(self.files):
             self._commit_file(ino)
+            self._drop_cached_chunk(self.files[ino])
+        if self.swarm is not None:
+            self.swarm.close()
         self._release_leases(0)
         self.store.persist()
         self.ns.sync()
@@ -491,6 +501,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         inodes, chunks = self.ns.counts()
         stats["fs"] = {"inodes": inodes, "chunks": chunks, "chunk_size": self.chunk_size,
                        "open_files": len(self.files), "uptime_s": round(time.time() - self.started, 3)}
+        if self.swarm is not None:
+            stats["fs"]["swarm"] = {"node": self.swarm.node, "files": self.swarm.describe()}
         return json.dumps(stats, indent=2).encode() + b"\n"
 
     # -- open, read, write -----------------------------------------------------------------------------
@@ -518,6 +530,10 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         if state is None:
             state = self.files[node.ino] = OpenInode(size=node.size)
         state.opens += 1
+        if self.shared and not state.dirty and not state.storing:
+            state.sums = dict(getattr(node, "sums", None) or {})  # what the last writer published
+            state.gen = (node.mtime, node.size)
+            self._drop_cached_chunk(state)
         if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
             self._truncate(node, 0)
             node.size, node.mtime, node.ctime = 0, time.time_ns(), time.time_ns()
@@ -564,19 +580,39 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             if have == n:
                 return memoryview(dirty.buf)[within : within + n]
             return bytes(memoryview(dirty.buf)[within : within + have]) + bytes(n - have)
-        view = self.store.view(chunk_key(ino, idx))
-        try:
-            mv = view.__enter__()
-        except KeyNotFound:
-            if self.ns.has_chunk(ino, idx):
-                log.error("inode %d: chunk %d is recorded but missing from the store (lost)", ino, idx)
-                raise fail(errno.EIO) from None
-            return self.zeros[:n]
-        self._hold(view)
+        if state.chunk is not None and state.chunk[0] == idx:
+            mv = state.chunk[2]
+        else:
+            try:
+                view, mv = self._open_chunk(ino, state, idx)
+            except KeyNotFound:
+                if self.ns.has_chunk(ino, idx):
+                    log.error("inode %d: chunk %d is recorded but missing from the store (lost)", ino, idx)
+                    raise fail(errno.EIO) from None
+                return self.zeros[:n]
+            self._drop_cached_chunk(state)
+            state.chunk = (idx, view, mv)
         have = max(min(len(mv) - within, n), 0)
         if have == n:
             return mv[within : within + n]
         return bytes(mv[within : within + have]) + bytes(n - have)  # a chunk shorter than the file here
+
+    def _open_chunk(self, ino: int, state: OpenInode, idx: int) -> tuple[Any, memoryview]:
+        """A stored chunk's view, entered: from the store, or (a cluster mount) from whichever other
+        reader or replica holds it (``mooncakefs.p2p.Swarm``).  KeyNotFound if no one has it."""
+        if self.swarm is not None:
+            opened = self.swarm.open_chunk(ino, state, idx)
+            if opened is not None:
+                return opened
+        view = self.store.view(chunk_key(ino, idx))
+        return view, view.__enter__()
+
+    def _drop_cached_chunk(self, state: OpenInode, idx: int | None = None) -> None:
+        """Forget the chunk kept for reads (all, or only if it is ``idx``).  Its view is held a while
+        longer: replies made from it may not have been sent yet."""
+        if state.chunk is not None and (idx is None or state.chunk[0] == idx):
+            view, state.chunk = state.chunk[1], None
+            self._hold(view)
 
     def _read_kv(self, key: bytes, off: int, size: int) -> Any:
         view = self.store.view(key)
@@ -652,7 +688,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         try:
             data = memoryview(chunk.buf)[: chunk.filled]
             await trio.to_thread.run_sync(self.store.put, chunk_key(ino, idx), data)
-            self.ns.add_chunks(ino, [idx])
+            self._add_chunk(ino, idx, data)
             state.unsynced.add(idx)
             self.spare_buffers.append(chunk.buf)
         except Exception as exc:  # keep the bytes: the next flush retries, and reports the error
@@ -681,6 +717,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         chunk = state.dirty.get(idx)
         if chunk is not None:
             return chunk
+        self._drop_cached_chunk(state, idx)  # it is being rewritten
         # Page-aligned (mmap) buffers: the store can write them through to SSD with O_DIRECT.
         buf = self.spare_buffers.pop() if self.spare_buffers else mmap.mmap(-1, self.chunk_size)
         filled = 0
@@ -696,11 +733,19 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             if n > chunk.filled:  # the file was extended past what was written: zeros
                 chunk.buf[chunk.filled : n] = self.zeros[: n - chunk.filled]
             self.store.put(chunk_key(ino, idx), memoryview(chunk.buf)[:n], durable=durable)
-            self.ns.add_chunks(ino, [idx])
+            self._add_chunk(ino, idx, memoryview(chunk.buf)[:n])
             if not durable:
                 state.unsynced.add(idx)
         del state.dirty[idx]
         self.spare_buffers.append(chunk.buf)
+
+    def _add_chunk(self, ino: int, idx: int, data: memoryview) -> None:
+        """Record a stored chunk; in a shared namespace with its CRC-32C, published with the file at its
+        flush, so that readers can check a copy they take from another reader rather than trust it."""
+        if self.shared:
+            self.ns.add_chunks(ino, [idx], {idx: crc32c(data)})
+        else:
+            self.ns.add_chunks(ino, [idx])
 
     def _store_chunks(self, ino: int, state: OpenInode, durable: bool = False) -> None:
         for idx in sorted(state.dirty):
@@ -734,6 +779,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         caller has drained the file's in-flight chunks."""
         cs = self.chunk_size
         state = self.files.get(node.ino)
+        if state is not None:
+            self._drop_cached_chunk(state)
         keep = -(-size // cs)  # chunks that still hold data
         for idx in [i for i in (state.dirty if state else {}) if i >= keep]:
             self.spare_buffers.append(state.dirty.pop(idx).buf)  # type: ignore[union-attr]
@@ -749,6 +796,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
                 data = self.store.get(key)
                 if len(data) > tail:
                     self.store.put(key, data[:tail])
+                    self._add_chunk(node.ino, last, memoryview(data)[:tail])
         if state is not None:
             state.size = size
             state.unsynced = {i for i in state.unsynced if i < keep}
@@ -777,6 +825,9 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             await self._flush(ino)
         finally:
             if not state.opens:  # (unless it was opened again while the flush waited)
+                self._drop_cached_chunk(state)
+                if self.swarm is not None:
+                    self.swarm.closed(ino, state)
                 del self.files[ino]
                 self.ns.closed(ino)
                 node = self.ns.get(ino)

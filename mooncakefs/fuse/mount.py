@@ -121,6 +121,10 @@ def _serve(path: str, store: Any, namespace: Any, *, debug: bool, allow_other: b
     """Serve ``namespace`` over ``store`` at ``path``; closes both."""
     try:
         fs = MooncakeFS(store, namespace)
+        if getattr(namespace, "shared", False):
+            from mooncakefs.p2p.swarm import Swarm
+
+            fs.swarm = Swarm.for_mount(store, namespace)
         if orphans := fs.collect_orphans():
             log.info("deleted %d files that were unlinked while open when their last mount ended", orphans)
         fsname = str(store.path).replace(",", "\\,")  # (mount options are comma-separated)

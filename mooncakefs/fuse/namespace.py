@@ -351,7 +351,8 @@ class Namespace:
     def has_chunk(self, ino: int, idx: int) -> bool:
         return self.db.execute("SELECT 1 FROM chunks WHERE ino = ? AND idx = ?", (ino, idx)).fetchone() is not None
 
-    def add_chunks(self, ino: int, indexes: list[int]) -> None:
+    def add_chunks(self, ino: int, indexes: list[int], sums: dict[int, int] | None = None) -> None:
+        """Record written chunks (``sums``, their CRC-32Cs, matter only to a shared namespace)."""
         self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?)", [(ino, i) for i in indexes])
 
     def drop_chunks_from(self, ino: int, first: int) -> list[int]:

@@ -278,7 +278,7 @@ class Node(FramedServer):
         """A key from the wire.  Reserved keys (file chunks, cluster pointers) only from a trusted peer:
         the node's own user or root on this host, or a cluster member that proved the secret."""
         key = wire_key(raw)
-        if type(key) is InternalKey:
+        if isinstance(key, InternalKey):
             if session.trusted is None:
                 session.trusted = self._trusts(session)
             if not session.trusted:

@@ -1,0 +1,408 @@
+"""Readers of a cluster mount as a swarm: each host's node keeps the chunks its mount fetched and serves
+them to the other readers, so N hosts copying one file do not all pull it from the writer's nodes.
+
+Per file and per reading mount one record in etcd, under the mount's lease (a dead reader's record goes
+with it), ``fs/p2p/<ino>/<mount>``: ``{"node", "gen", "have", "reading"}``, written when the mount starts
+reading the file, when what it holds has grown by a tenth (at least 8 chunks, at most once a second),
+and when it closes the file; never per chunk.  A chunk's source is chosen in this order:
+
+1. this host's node: an owner of the chunk (read as any other read), or a copy kept earlier;
+2. the readers whose record says they hold it, and readers whose node owns a replica, best first by
+   rendezvous hash of (file, chunk, node), so each chunk has one preferred holder and the load spreads;
+3. the chunk's *seed*: of the readers reading this version of the file now, the one the same hash
+   picks.  The seed fetches the chunk from its replicas (its prefetcher runs ahead of its reader), and
+   every other reader waits a little for it there: so the replicas' hosts send about one copy of the
+   file however many readers there are;
+4. the replicas, through the cluster client's routing (and its failover).
+
+Every copy taken from another reader is checked against the CRC-32C the file's writer published with
+the file (``sums`` in its inode): a bad copy is dropped and its node not asked again for that file; a
+stale one (the file was overwritten) cannot match, and its key names the CRC too.  A node that fails
+(killed, cut off) is skipped for a second, and the next source asked: it costs time, not data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mooncakefs._engine import crc32c
+from mooncakefs.errors import ChecksumError, KeyNotFound, MooncakeError, StaleEpoch, Unavailable
+from mooncakefs.store import CachedKey, InternalKey
+
+if TYPE_CHECKING:
+    from mooncakefs.cluster.client import ClusterStore
+
+log = logging.getLogger("mooncakefs.p2p")
+
+SEED_WAIT_S = 8.0  # how long a reader waits for a chunk's seed to have it before asking the replicas
+POLL_S = 0.02  # between asking a seed again
+PEERS_REFRESH_S = 1.0  # how stale a file's reader records may be
+ANNOUNCE_MIN_S = 1.0  # between two records of one file by one mount (except the last)
+ANNOUNCE_MIN_CHUNKS = 8  # ... and what must have been added since the last one (or a tenth of it)
+AHEAD = 16  # chunks a file's prefetchers fetch ahead of its reader
+PREFETCHERS = 3  # threads per file being read
+
+
+def cache_key(ino: int, idx: int, crc: int) -> CachedKey:
+    """Where a reader's node keeps its copy of a chunk: named by the chunk's CRC, so a copy of an older
+    version of the file is a different key (and never mistaken for the current one)."""
+    return CachedKey(b"p2p/c/" + ino.to_bytes(8, "big") + idx.to_bytes(8, "big") + crc.to_bytes(4, "big"))
+
+
+def chunk_name(ino: int, idx: int) -> InternalKey:
+    """The chunk's own key (as ``mooncakefs.fuse.filesystem.chunk_key``)."""
+    return InternalKey(b"fs/" + ino.to_bytes(8, "big") + idx.to_bytes(8, "big"))
+
+
+def score(*parts: object) -> int:
+    """Rendezvous hashing: every reader ranks the candidates for a chunk the same way."""
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "big")
+
+
+def to_ranges(indexes: Iterable[int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in sorted(set(indexes)):
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+def in_ranges(ranges: list[list[int]], idx: int) -> bool:
+    return any(a <= idx < b for a, b in ranges)
+
+
+class _Opened:
+    """A context manager over bytes the mount holds itself (a copy it could not keep in its node)."""
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+@dataclass
+class Peer:
+    mount: str
+    node: str
+    have: list[list[int]]
+    reading: bool
+
+
+@dataclass
+class FileState:
+    """One file being read through this mount."""
+
+    ino: int
+    gen: tuple[int, int]
+    sums: dict[int, int]
+    chunks: int
+    have: set[int] = field(default_factory=set)
+    inflight: dict[int, threading.Event] = field(default_factory=dict)
+    pos: int = 0
+    peers: list[Peer] = field(default_factory=list)
+    peers_at: float = 0.0
+    announced: int = -1
+    announced_at: float = 0.0
+    bad: set[str] = field(default_factory=set)  # nodes that served a bad copy of this file's chunks
+    closed: bool = False
+    sources: dict[str, int] = field(default_factory=dict)  # bytes fetched per node (for the record)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    wake: threading.Condition = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.wake = threading.Condition(self.lock)
+
+
+class Swarm:
+    """The fan-out of one cluster mount (``MooncakeFS.swarm``)."""
+
+    def __init__(self, store: ClusterStore, namespace: Any, node: str) -> None:
+        self.store, self.ns, self.node = store, namespace, node
+        self.etcd = namespace.client
+        self.prefix = namespace.prefix + "p2p/"
+        self.files: dict[int, FileState] = {}
+        self.lock = threading.Lock()
+        self.stopped = False
+
+    @classmethod
+    def for_mount(cls, store: Any, namespace: Any) -> Swarm | None:
+        """A swarm for a cluster mount whose host runs a node (where fetched chunks are kept); else None."""
+        local = getattr(store, "local_node", None)
+        node = local() if local is not None and getattr(namespace, "shared", False) else None
+        if node is None:
+            return None
+        log.info("readers of this mount serve what they fetch from node %s", node)
+        return cls(store, namespace, node)
+
+    # -- the mount's side ---------------------------------------------------------------------------------
+
+    def open_chunk(self, ino: int, state: Any, idx: int) -> tuple[Any, memoryview] | None:
+        """Chunk ``idx`` of an open file, entered as a view; None where the plain read path should serve
+        it (this host's node owns it, or its writer published no CRC for it)."""
+        crc = state.sums.get(idx)
+        if crc is None or self.stopped:
+            return None
+        if self.node in self._owners(ino, idx):
+            return None
+        f = self._file(ino, state)
+        f.pos = idx
+        with f.lock:
+            f.wake.notify_all()
+        opened = self._local(ino, idx, crc)
+        if opened is not None:
+            return opened
+        data = self._obtain(f, idx)
+        opened = self._local(ino, idx, crc)
+        if opened is not None:
+            return opened
+        if data is None:
+            return None  # no source answered: the plain path (routing, failover) reports what is wrong
+        return _Opened(), memoryview(data)
+
+    def closed(self, ino: int, state: Any) -> None:
+        """The mount's last handle of the file closed: say what this node holds, stop prefetching."""
+        with self.lock:
+            f = self.files.pop(ino, None)
+        if f is None:
+            return
+        with f.lock:
+            f.closed = True
+            f.wake.notify_all()
+        self._announce(f, force=True)
+
+    def close(self) -> None:
+        self.stopped = True
+        with self.lock:
+            files, self.files = list(self.files.values()), {}
+        for f in files:
+            with f.lock:
+                f.closed = True
+                f.wake.notify_all()
+
+    # -- files --------------------------------------------------------------------------------------------
+
+    def _file(self, ino: int, state: Any) -> FileState:
+        with self.lock:
+            f = self.files.get(ino)
+            if f is not None and f.gen == tuple(state.gen):
+                return f
+            if f is not None:
+                f.closed = True
+            chunks = -(-state.size // self.ns.chunk_size)
+            f = self.files[ino] = FileState(ino, tuple(state.gen), dict(state.sums), chunks)
+        self._announce(f, force=True)
+        self._refresh(f, force=True)
+        if chunks > 1:
+            for i in range(PREFETCHERS):  # the first fetches only what this reader seeds: never waits on others
+                threading.Thread(target=self._prefetch, args=(f, i == 0), daemon=True,
+                                 name=f"mooncakefs-p2p-{ino}-{i}").start()
+        return f
+
+    def _record_key(self, ino: int) -> str:
+        return f"{self.prefix}{ino}/{self.ns.mount_id}"
+
+    def _announce(self, f: FileState, *, force: bool = False) -> None:
+        """Publish what this node holds of the file, if it grew enough since the last record."""
+        with f.lock:
+            count, now = len(f.have), time.monotonic()
+            grown = count - max(f.announced, 0)
+            enough = grown >= max(ANNOUNCE_MIN_CHUNKS, f.announced // 10) and now - f.announced_at >= ANNOUNCE_MIN_S
+            if not force and not enough:
+                return
+            f.announced, f.announced_at = count, now
+            record = {"node": self.node, "gen": list(f.gen), "have": to_ranges(f.have), "reading": not f.closed}
+        try:
+            self.etcd.put(self._record_key(f.ino), json.dumps(record, separators=(",", ":")), lease=self.ns._lease)
+        except Exception as exc:  # etcd out of reach: readers fall back to seeds and replicas
+            log.warning("cannot announce the chunks held of inode %d: %s", f.ino, exc)
+
+    def _refresh(self, f: FileState, *, force: bool = False) -> None:
+        """Reload the file's reader records (at most once a second)."""
+        if not force and time.monotonic() - f.peers_at < PEERS_REFRESH_S:
+            return
+        f.peers_at = time.monotonic()
+        try:
+            rows = self.etcd.get_prefix(f"{self.prefix}{f.ino}/")
+        except Exception as exc:
+            log.warning("cannot read the readers of inode %d: %s", f.ino, exc)
+            return
+        peers = []
+        for value, meta in rows:
+            try:
+                record = json.loads(value)
+                mount = meta.key.decode().rsplit("/", 1)[1]
+                if mount == self.ns.mount_id or tuple(record["gen"]) != f.gen:
+                    continue
+                peers.append(Peer(mount, record["node"], record["have"], bool(record["reading"])))
+            except (ValueError, KeyError, TypeError):
+                continue
+        f.peers = peers
+
+    def _owners(self, ino: int, idx: int) -> list[str]:
+        from mooncakefs.store import encode_key
+
+        return self.store.map.owners(encode_key(chunk_name(ino, idx)))[: self.store.replicas]
+
+    # -- where a chunk comes from ---------------------------------------------------------------------------
+
+    def _local(self, ino: int, idx: int, crc: int) -> tuple[Any, memoryview] | None:
+        """This node's copy of the chunk, in place in its pool."""
+        try:
+            view = self.store.link(self.node).view(cache_key(ino, idx, crc))
+            return view, view.__enter__()
+        except KeyNotFound:
+            return None
+        except MooncakeError as exc:
+            log.warning("this host's node did not answer: %s", exc)
+            return None
+
+    def _sources(self, f: FileState, idx: int) -> list[tuple[str, Any, float]]:
+        """(node, key, seconds to wait for it there) to try for chunk ``idx``, best first."""
+        self._refresh(f)
+        crc = f.sums[idx]
+        owners = self._owners(f.ino, idx)
+        usable = [p for p in f.peers if p.node != self.node and p.node not in f.bad]
+        readers = {p.node for p in usable}
+        holders: dict[str, Any] = {}
+        for p in usable:
+            if in_ranges(p.have, idx):
+                holders.setdefault(p.node, cache_key(f.ino, idx, crc))
+        for node in owners:
+            if node in readers:
+                holders[node] = chunk_name(f.ino, idx)  # a reader whose node holds a replica
+        out = [(n, holders[n], 0.0) for n in sorted(holders, key=lambda n: -score(f.ino, idx, n))]
+        out.sort(key=lambda item: self.store.is_down(item[0]))
+        seed = self._seed(f, idx, usable)
+        if seed != self.node and seed not in holders and not self.store.is_down(seed):
+            out.append((seed, cache_key(f.ino, idx, crc), SEED_WAIT_S))
+        return out
+
+    def _seed(self, f: FileState, idx: int, usable: list[Peer]) -> str:
+        """The reader that fetches chunk ``idx`` from the replicas for all (rendezvous over the readers
+        reading this version now, this one included)."""
+        readers = {p.node for p in usable if p.reading} | {self.node}
+        return max(readers, key=lambda n: score(f.ino, idx, n))
+
+    def _obtain(self, f: FileState, idx: int) -> bytes | None:
+        """Chunk ``idx``, fetched once however many threads want it: kept in this node and returned
+        (None if only the replicas could be asked and they failed too)."""
+        with f.lock:
+            event = f.inflight.get(idx)
+            mine = event is None
+            if mine:
+                event = f.inflight[idx] = threading.Event()
+        if not mine:
+            event.wait()
+            return None  # the other thread kept it in the node (or failed): the caller looks there
+        try:
+            return self._fetch(f, idx)
+        finally:
+            with f.lock:
+                del f.inflight[idx]
+                f.wake.notify_all()
+            event.set()
+
+    def _fetch(self, f: FileState, idx: int) -> bytes | None:
+        crc = f.sums[idx]
+        for node, key, wait in self._sources(f, idx):
+            data = self._pull(f, node, key, wait)
+            if data is None:
+                continue
+            if crc32c(data) != crc:
+                log.warning("node %s served a bad or stale copy of chunk %d of inode %d: skipping it",
+                            node, idx, f.ino)
+                f.bad.add(node)
+                continue
+            f.sources[node] = f.sources.get(node, 0) + len(data)
+            self._keep(f, idx, crc, data)
+            return data
+        try:  # from the replicas, by the cluster client's routing
+            data = self.store.get(chunk_name(f.ino, idx))
+        except MooncakeError as exc:
+            log.warning("chunk %d of inode %d: %s", idx, f.ino, exc)
+            return None
+        if crc32c(data) == crc:
+            f.sources["replicas"] = f.sources.get("replicas", 0) + len(data)
+            self._keep(f, idx, crc, data)
+        return data  # (one that does not match: the file changed since it was opened here)
+
+    def _pull(self, f: FileState, node: str, key: Any, wait: float) -> bytes | None:
+        """The value of ``key`` on ``node``, waiting up to ``wait`` seconds for it to appear there."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return self.store.link(node).get(key)
+            except KeyNotFound:
+                if time.monotonic() >= deadline or f.closed or self.stopped:
+                    return None
+                time.sleep(POLL_S)
+            except StaleEpoch:
+                return None
+            except Unavailable as exc:
+                log.info("node %s did not answer (%s): asking another", node, str(exc)[:120])
+                self.store.mark_down(node)
+                return None
+            except (ChecksumError, MooncakeError) as exc:
+                log.warning("node %s: %s", node, str(exc)[:200])
+                return None
+
+    def _keep(self, f: FileState, idx: int, crc: int, data: bytes) -> None:
+        """Keep the copy in this host's node (evictable, never repaired) and count it as held."""
+        try:
+            self.store.link(self.node).put(cache_key(f.ino, idx, crc), data, local=True)
+        except MooncakeError as exc:
+            log.warning("cannot keep chunk %d of inode %d in this host's node: %s", idx, f.ino, exc)
+            return
+        with f.lock:
+            f.have.add(idx)
+        self._announce(f)
+
+    # -- prefetching ----------------------------------------------------------------------------------------
+
+    def _prefetch(self, f: FileState, seeds_only: bool) -> None:
+        """Fetch ahead of the reader: first the chunks this reader is the seed of (the others wait for
+        them), then the rest of the window.  ``seeds_only``: only those (a thread that never waits on
+        another reader, so two readers can never both stall waiting for each other's seeds)."""
+        while not f.closed and not self.stopped:
+            idx = self._next(f, seeds_only)
+            if idx is None:
+                with f.lock:
+                    if f.closed or len(f.have) >= self._wanted(f):
+                        return
+                    f.wake.wait(0.05)
+                continue
+            try:
+                self._obtain(f, idx)
+            except Exception:
+                log.exception("prefetching chunk %d of inode %d", idx, f.ino)
+                time.sleep(0.1)
+
+    def _wanted(self, f: FileState) -> int:
+        return sum(1 for i in range(f.chunks) if i in f.sums and self.node not in self._owners(f.ino, i))
+
+    def _next(self, f: FileState, seeds_only: bool) -> int | None:
+        self._refresh(f)
+        usable = [p for p in f.peers if p.node != self.node and p.node not in f.bad]
+        window = range(f.pos, min(f.pos + (2 * AHEAD if seeds_only else AHEAD), f.chunks))
+        with f.lock:
+            busy = set(f.have) | set(f.inflight)
+        todo = [i for i in window if i in f.sums and i not in busy and self.node not in self._owners(f.ino, i)]
+        for i in todo:
+            if self._seed(f, i, usable) == self.node and not any(in_ranges(p.have, i) for p in usable):
+                return i
+        return None if seeds_only or not todo else todo[0]
+
+    def describe(self) -> dict[str, Any]:
+        """What this mount is reading and from whom (for the stats file)."""
+        with self.lock:
+            files = list(self.files.values())
+        return {str(f.ino): {"chunks": f.chunks, "have": len(f.have), "peers": len(f.peers),
+                             "bytes_from": dict(f.sources)} for f in files}
+

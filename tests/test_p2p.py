@@ -1,0 +1,220 @@
+"""Readers serve what they fetched: a cluster mount's ``cp`` and the P2P Store API, with a real etcd, real
+node processes and real FUSE mounts on loopback (each "host" is a MOONCAKEFS_HOST: a mount or P2PStore
+whose host runs a node keeps and serves what it fetched there).
+
+Bytes are counted where they leave: each node's ``mooncakefs_sent_bytes`` metric.  No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import MiB, rand_bytes, wait_until
+from fuse_helpers import FuseMount, require_fuse
+from node_helpers import EtcdCluster, NodeProcess, scrape_metrics
+
+import mooncakefs
+from mooncakefs.errors import InvalidArgument, KeyExists, KeyNotFound, Unavailable
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("etcd") is None,
+                       reason="etcd is not installed (tools/install-deps.sh installs etcd-server)"),
+]
+
+CLUSTER = "p2p"
+CHUNK = 4 * MiB
+SENT = "mooncakefs_sent_bytes_total"
+
+
+class Hosts:
+    """etcd, nodes on hosts h0..h3, and mounts started on demand on any host (one with no node: "w")."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+        self.etcd = EtcdCluster().start()
+        extra = ("--etcd", self.etcd.url, "--cluster", CLUSTER, "--lease-ttl", "3")
+        self.nodes = {f"h{i}": NodeProcess(base, name=f"h{i}", dram="160MiB", metrics="auto", extra=extra,
+                                           env={"MOONCAKEFS_HOST": f"h{i}"}) for i in range(4)}
+        self.url = f"etcd://{self.etcd.url.replace('http://', '')}/{CLUSTER}"
+        self.mounts: dict[str, FuseMount] = {}
+
+    def start(self) -> Hosts:
+        for node in self.nodes.values():
+            node.start()
+
+        def mapped() -> bool:
+            try:
+                with mooncakefs.connect(self.url) as probe:
+                    return len(probe.map.nodes) == len(self.nodes)
+            except Unavailable:
+                return False
+
+        assert wait_until(mapped, timeout=30, interval=0.2), "the placement map never listed the nodes"
+        return self
+
+    def mount(self, host: str) -> FuseMount:
+        if host not in self.mounts:
+            m = FuseMount(None, self.base / f"mnt-{host}", dram=None, ssd=None, chunk_size="4MiB",
+                          extra=[self.url], env={"MOONCAKEFS_HOST": host})
+            self.mounts[host] = m.start(timeout=30)
+        return self.mounts[host]
+
+    def sent(self) -> dict[str, float]:
+        return {host: scrape_metrics(node).get(SENT, 0.0) for host, node in self.nodes.items()}
+
+    def close(self) -> None:
+        for mount in self.mounts.values():
+            mount.stop()
+        for node in self.nodes.values():
+            node.kill()
+        self.etcd.close()
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    require_fuse()
+    h = Hosts(tmp_path_factory.mktemp("p2p"))
+    try:
+        yield h.start()
+    finally:
+        for m in h.mounts.values():
+            sys.stderr.write(f"\n{m.describe()}\n")
+        h.close()
+
+
+def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    return {k: int(after[k] - before[k]) for k in after}
+
+
+def cp_out(mount: FuseMount, name: str, dest) -> bytes:
+    subprocess.run(["cp", str(mount.mnt / name), str(dest)], check=True, timeout=120)
+    return dest.read_bytes()
+
+
+def test_a_remote_chunk_crosses_the_wire_once_per_copy(hosts, tmp_path):
+    """Each 1 MiB kernel read of a 4 MiB chunk used to fetch the whole chunk again: 4x the file."""
+    payload = rand_bytes(10 * CHUNK + 12345, "once")
+    src = tmp_path / "src"
+    src.write_bytes(payload)
+    subprocess.run(["cp", str(src), str(hosts.mount("w").mnt / "once")], check=True, timeout=120)
+    reader = hosts.mount("r")  # a host with no node: every chunk comes over TCP
+    before = hosts.sent()
+    assert cp_out(reader, "once", tmp_path / "out") == payload
+    sent = sum(delta(before, hosts.sent()).values())
+    assert len(payload) <= sent <= len(payload) * 1.02, (sent, len(payload))
+
+
+def test_a_reader_takes_chunks_from_an_earlier_reader_and_checks_them(hosts, tmp_path):
+    payload = rand_bytes(12 * CHUNK + 777, "fan")
+    src = tmp_path / "src"
+    src.write_bytes(payload)
+    subprocess.run(["cp", str(src), str(hosts.mount("w").mnt / "fan")], check=True, timeout=120)
+
+    first, second = hosts.mount("h1"), hosts.mount("h2")
+    before = hosts.sent()
+    assert cp_out(first, "fan", tmp_path / "a") == payload
+    after_first = hosts.sent()
+    assert cp_out(second, "fan", tmp_path / "b") == payload
+    after_second = hosts.sent()
+    by_first, by_second = delta(before, after_first), delta(after_first, after_second)
+    # each copy moved at most one file's worth over the wire ...
+    assert sum(by_first.values()) <= len(payload) * 1.02, by_first
+    assert sum(by_second.values()) <= len(payload) * 1.02, by_second
+    # ... and the second reader took what its own node lacked from the first reader's node, which kept
+    # what it fetched: none of it from the nodes that hold the replicas
+    assert by_second["h1"] == sum(by_second.values()) > 0, by_second
+
+    # copies tampered with on the readers' nodes are skipped, never served
+    from mooncakefs.cluster.client import ClusterStore
+    from mooncakefs.fuse.etcd_namespace import EtcdNamespace
+    from mooncakefs.p2p.swarm import cache_key, chunk_name, score
+    from mooncakefs.store import encode_key
+
+    ino = os.stat(first.mnt / "fan").st_ino
+    with ClusterStore(hosts.url) as probe:
+        ns = EtcdNamespace(probe.etcd_url, CLUSTER, chunk_size=CHUNK)
+        try:
+            sums = ns.get(ino).sums
+        finally:
+            ns.close()
+        ident = {record["host"]: node for node, record in probe.map.nodes.items()}
+        owners = {idx: probe.map.owners(encode_key(chunk_name(ino, idx)))[:2] for idx in sums}
+    spoiled: dict[str, set[int]] = {}
+    for host in ("h1", "h2"):
+        with mooncakefs.connect(hosts.nodes[host].unix_url) as node:
+            for idx, crc in sums.items():
+                if node.exists(cache_key(ino, idx, crc)):
+                    node.put(cache_key(ino, idx, crc), b"\0" * CHUNK, pin=True)
+                    spoiled.setdefault(ident[host], set()).add(idx)
+    assert spoiled, "the readers kept no copies"
+    assert cp_out(hosts.mount("h3"), "fan", tmp_path / "c") == payload
+    # where the reader on h3 ranks a spoiled copy first, it must have found it bad and moved on
+    readers = [ident["h1"], ident["h2"]]
+    first_choice_bad = [idx for idx in sums if ident["h3"] not in owners[idx]
+                        and max(readers, key=lambda n: score(ino, idx, n)) in
+                        [n for n in readers if idx in spoiled.get(n, set())]]
+    if first_choice_bad:
+        assert "bad or stale copy" in hosts.mounts["h3"].output
+
+
+def test_the_p2p_store_api(hosts, monkeypatch):
+    from mooncakefs.p2p import P2PStore, PayloadInfo
+
+    def instance(host: str) -> P2PStore:
+        monkeypatch.setenv("MOONCAKEFS_HOST", host)
+        return P2PStore(hosts.url, f"{host}:12345")
+
+    monkeypatch.setenv("MOONCAKEFS_HOST", "nowhere")
+    with pytest.raises(Unavailable, match="needs a node"):
+        P2PStore(hosts.url, "x:1")
+
+    seed, second, third = instance("h0"), instance("h1"), instance("h2")
+    try:
+        parts = [rand_bytes(5 * MiB + 3, "p0"), rand_bytes(MiB, "p1")]
+        seed.register("ckpt/step-1/shard-0", parts, max_shard_size=2 * MiB)
+        seed.put("ckpt/step-1/small", b"tiny")
+        with pytest.raises(KeyExists):
+            seed.register("ckpt/step-1/small", [b"again"])
+        with pytest.raises(InvalidArgument):
+            seed.register("x", b"not a list")
+        assert second.list("ckpt/step-1/") == [
+            PayloadInfo("ckpt/step-1/shard-0", 2 * MiB, 6 * MiB + 3, [5 * MiB + 3, MiB]),
+            PayloadInfo("ckpt/step-1/small", 64 * MiB, 4, [4])]
+        assert second.list("other/") == []
+
+        outs = [bytearray(5 * MiB + 3), bytearray(MiB)]
+        second.get_replica("ckpt/step-1/shard-0", outs)
+        assert [bytes(o) for o in outs] == parts
+        assert second.get("ckpt/step-1/small") == b"tiny"
+        assert sorted(h["peer"] for h in third.holders("ckpt/step-1/shard-0")) == ["h0:12345", "h1:12345"]
+        with pytest.raises(InvalidArgument):
+            third.get_replica("ckpt/step-1/shard-0", [bytearray(10)])
+        with pytest.raises(KeyNotFound):
+            third.get("ckpt/none")
+
+        # the seed stops serving: the third instance pulls from the second, and the seed sends nothing
+        seed.delete_replica("ckpt/step-1/shard-0")
+        before = hosts.sent()
+        assert third.get("ckpt/step-1/shard-0") == b"".join(parts)
+        sent = delta(before, hosts.sent())
+        assert sent["h0"] == 0 and sent["h1"] >= len(b"".join(parts)), sent
+
+        # a holder with a bad copy is skipped: h1's copy of shard 0 is spoiled, h2's is good
+        meta = second._meta("ckpt/step-1/shard-0")
+        with mooncakefs.connect(hosts.nodes["h1"].unix_url) as h1:
+            h1.put(second._shard_key(meta, 0), b"\xff" * (2 * MiB), pin=True)
+        fourth = instance("h3")
+        for _ in range(4):  # (holders are tried in a random order)
+            assert fourth.get("ckpt/step-1/shard-0") == b"".join(parts)
+            fourth.delete_replica("ckpt/step-1/shard-0")
+        seed.unregister("ckpt/step-1/small")
+        assert [p.name for p in fourth.list("ckpt/")] == ["ckpt/step-1/shard-0"]
+        fourth.close()
+    finally:
+        for s in (seed, second, third):
+            s.close()
