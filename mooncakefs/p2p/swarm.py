@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -121,7 +122,7 @@ class FileState:
 
 
 class Swarm:
-    """The fan-out of one cluster mount (``MooncakeFS.swarm``)."""
+    """The fan-out of one cluster mount (``MooncakeFS.swarm``); off with MOONCAKEFS_P2P=off."""
 
     def __init__(self, store: ClusterStore, namespace: Any, node: str) -> None:
         self.store, self.ns, self.node = store, namespace, node
@@ -134,6 +135,8 @@ class Swarm:
     @classmethod
     def for_mount(cls, store: Any, namespace: Any) -> Swarm | None:
         """A swarm for a cluster mount whose host runs a node (where fetched chunks are kept); else None."""
+        if os.environ.get("MOONCAKEFS_P2P", "on").lower() in ("0", "off", "no"):
+            return None  # (for measuring without it)
         local = getattr(store, "local_node", None)
         node = local() if local is not None and getattr(namespace, "shared", False) else None
         if node is None:

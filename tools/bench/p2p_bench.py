@@ -1,0 +1,127 @@
+"""Checkpoint distribution by plain ``cp``: N readers copy one file out of a cluster mount at once.
+
+One writer host and up to 8 reader hosts, each a network namespace with a node and a mount, every link
+shaped to the same rate each way (tests/netns_hosts.py).  For each N in --readers: a fresh file is written
+on the writer's host, then N readers start ``cp`` together; all_readers_s is when the last one finished,
+single_reader_s the time of N = 1 (each with --files files, medians), source_bytes_sent what the writer's
+host sent on its link meanwhile.  Physical reference printed beside: the file over one shaped link
+(file_bytes / rate).  Needs root, etcd, FUSE.
+
+    python3 tools/bench/p2p_bench.py --json /tmp/p2p.json                     # 256 MiB, 400 Mbit/s, N=1,2,4,8
+    MOONCAKEFS_P2P=off python3 tools/bench/p2p_bench.py --readers 1,4         # without readers serving
+    PYTHONPATH=/work/main python3 tools/bench/p2p_bench.py ...                # another checkout's code
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+
+from netns_hosts import Testbed, netns_unavailable
+
+MiB = 1 << 20
+
+
+def parse_rate(rate: str) -> float:
+    """bits/s of a tc rate such as 400mbit or 1gbit."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    for unit, scale in units.items():
+        if rate.endswith(unit):
+            return float(rate[: -len(unit)]) * scale
+    raise ValueError(f"rate must end in kbit, mbit or gbit: {rate!r}")
+
+
+def one_round(bed: Testbed, readers: list[int], size: int, tmp: Path, tag: str) -> dict:
+    src = tmp / f"{tag}.src"
+    with open(src, "wb") as f:
+        f.write(os.urandom(size))
+    subprocess.run(["cp", str(src), str(bed.mounts[0].mnt / tag)], check=True, timeout=900)
+    bed.drop_caches()
+    before = bed.sent(0)
+    start = time.monotonic()
+    procs = {k: bed.copy_out(k, tag, tmp / f"{tag}.{k}") for k in readers}
+    ends = {}
+    while len(ends) < len(procs):
+        for k, p in procs.items():
+            if k not in ends and p.poll() is not None:
+                if p.returncode != 0:
+                    raise RuntimeError(f"cp on host {k} failed ({p.returncode})")
+                ends[k] = time.monotonic() - start
+        time.sleep(0.01)
+    sent = bed.sent(0) - before
+    expected = src.read_bytes()
+    for k in readers:
+        out = tmp / f"{tag}.{k}"
+        if out.read_bytes() != expected:
+            raise RuntimeError(f"reader {k} got different bytes")
+        out.unlink()
+    src.unlink()
+    os.unlink(bed.mounts[0].mnt / tag)
+    return {"all_s": max(ends.values()), "each_s": sorted(ends.values()), "source_bytes_sent": sent}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--readers", default="1,2,4,8")
+    ap.add_argument("--size", default=256, type=int, help="MiB per file (default 256)")
+    ap.add_argument("--rate", default="400mbit")
+    ap.add_argument("--files", default=2, type=int, help="files per N (medians; chunks land differently)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    why = netns_unavailable()
+    if why:
+        print(f"cannot run: {why}", file=sys.stderr)
+        return 2
+    counts = [int(n) for n in args.readers.split(",")]
+    size = args.size * MiB
+    tmp = Path(tempfile.mkdtemp(prefix="p2p-bench-"))
+    bed = Testbed(tmp / "bed", 1 + max(counts), rate=args.rate, dram=f"{max(768, 3 * args.size)}MiB")
+    rows = []
+    try:
+        bed.start()
+        link_s = size * 8 / parse_rate(args.rate)
+        print(f"file {args.size} MiB, links {args.rate} each way (the file over one link: {link_s:.2f} s), "
+              f"{len(bed.nodes)} hosts, p2p {os.environ.get('MOONCAKEFS_P2P', 'on')}", flush=True)
+        single = None
+        for n in counts:
+            rounds = [one_round(bed, list(range(1, n + 1)), size, tmp, f"f{n}-{i}") for i in range(args.files)]
+            all_s = statistics.median(r["all_s"] for r in rounds)
+            if n == 1 or single is None:
+                single = all_s
+            rows.append({"readers": n, "file_bytes": size, "single_reader_s": round(single, 3),
+                         "all_readers_s": round(all_s, 3), "ratio": round(all_s / single, 3),
+                         "source_bytes_sent": int(statistics.median(r["source_bytes_sent"] for r in rounds)),
+                         "source_x_file": round(statistics.median(r["source_bytes_sent"] for r in rounds) / size, 3),
+                         "link_s": round(link_s, 3), "rounds": rounds})
+            r = rows[-1]
+            print(f"N={n:2d}  all readers {all_s:7.2f} s  (x{r['ratio']:.2f} of one reader, x{all_s / link_s:.2f} "
+                  f"of the link)  source sent {r['source_x_file']:.2f} x the file   "
+                  f"runs: {[round(x['all_s'], 2) for x in rounds]}", flush=True)
+    finally:
+        bed.close()
+    head = ("readers", "file MiB", "single s", "all s", "ratio", "source sent", "x file")
+    print("\n" + " ".join(f"{h:>{w}}" for h, w in zip(head, (7, 8, 9, 8, 6, 12, 7), strict=True)))
+    for r in rows:
+        print(f"{r['readers']:>7} {r['file_bytes'] // MiB:>8} {r['single_reader_s']:>9.2f} {r['all_readers_s']:>8.2f} "
+              f"{r['ratio']:>6.2f} {r['source_bytes_sent']:>12} {r['source_x_file']:>7.2f}")
+    if args.json:
+        out = {"readers": [r["readers"] for r in rows], "file_bytes": size, "rate": args.rate,
+               "p2p": os.environ.get("MOONCAKEFS_P2P", "on"),
+               "single_reader_s": rows[0]["single_reader_s"] if rows else None,
+               "all_readers_s": [r["all_readers_s"] for r in rows], "ratio": [r["ratio"] for r in rows],
+               "source_bytes_sent": [r["source_bytes_sent"] for r in rows], "by_readers": rows}
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
