@@ -40,6 +40,13 @@ def parse_rate(rate: str) -> float:
     raise ValueError(f"rate must end in kbit, mbit or gbit: {rate!r}")
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs: how close the machine was to its CPU limit during a round."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
 def one_round(bed: Testbed, readers: list[int], size: int, tmp: Path, tag: str) -> dict:
     src = tmp / f"{tag}.src"
     with open(src, "wb") as f:
@@ -47,6 +54,7 @@ def one_round(bed: Testbed, readers: list[int], size: int, tmp: Path, tag: str) 
     subprocess.run(["cp", str(src), str(bed.mounts[0].mnt / tag)], check=True, timeout=900)
     bed.drop_caches()
     before = bed.sent(0)
+    cpu0 = cpu_ticks()
     start = time.monotonic()
     procs = {k: bed.copy_out(k, tag, tmp / f"{tag}.{k}") for k in readers}
     ends = {}
@@ -58,6 +66,8 @@ def one_round(bed: Testbed, readers: list[int], size: int, tmp: Path, tag: str) 
                 ends[k] = time.monotonic() - start
         time.sleep(0.01)
     sent = bed.sent(0) - before
+    cpu1 = cpu_ticks()
+    busy = (cpu1[0] - cpu0[0]) / max(cpu1[1] - cpu0[1], 1)
     expected = src.read_bytes()
     for k in readers:
         out = tmp / f"{tag}.{k}"
@@ -66,7 +76,8 @@ def one_round(bed: Testbed, readers: list[int], size: int, tmp: Path, tag: str) 
         out.unlink()
     src.unlink()
     os.unlink(bed.mounts[0].mnt / tag)
-    return {"all_s": max(ends.values()), "each_s": sorted(ends.values()), "source_bytes_sent": sent}
+    return {"all_s": max(ends.values()), "each_s": sorted(ends.values()), "source_bytes_sent": sent,
+            "cpu_busy": round(busy, 3)}
 
 
 def main() -> int:
@@ -105,7 +116,7 @@ def main() -> int:
             r = rows[-1]
             print(f"N={n:2d}  all readers {all_s:7.2f} s  (x{r['ratio']:.2f} of one reader, x{all_s / link_s:.2f} "
                   f"of the link)  source sent {r['source_x_file']:.2f} x the file   "
-                  f"runs: {[round(x['all_s'], 2) for x in rounds]}", flush=True)
+                  f"runs: {[round(x['all_s'], 2) for x in rounds]}  CPU busy {[x['cpu_busy'] for x in rounds]}", flush=True)
     finally:
         bed.close()
     head = ("readers", "file MiB", "single s", "all s", "ratio", "source sent", "x file")
