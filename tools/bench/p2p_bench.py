@@ -42,7 +42,8 @@ def parse_rate(rate: str) -> float:
 
 def cpu_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs: how close the machine was to its CPU limit during a round."""
-    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
     idle = fields[3] + fields[4]
     return sum(fields) - idle, sum(fields)
 
@@ -116,7 +117,8 @@ def main() -> int:
             r = rows[-1]
             print(f"N={n:2d}  all readers {all_s:7.2f} s  (x{r['ratio']:.2f} of one reader, x{all_s / link_s:.2f} "
                   f"of the link)  source sent {r['source_x_file']:.2f} x the file   "
-                  f"runs: {[round(x['all_s'], 2) for x in rounds]}  CPU busy {[x['cpu_busy'] for x in rounds]}", flush=True)
+                  f"runs: {[round(x['all_s'], 2) for x in rounds]}  CPU busy {[x['cpu_busy'] for x in rounds]}",
+                  flush=True)
     finally:
         bed.close()
     head = ("readers", "file MiB", "single s", "all s", "ratio", "source sent", "x file")
