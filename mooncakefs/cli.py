@@ -652,6 +652,28 @@ def fsck(data: Path | None, ssd_dir: Path | None, rebuild: bool) -> None:
         lock.release()
 
 
+@main.command("as-mooncake", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--endpoint", metavar="URL",
+              help="Point every MooncakeDistributedStore.setup() at this mooncakefs endpoint (host:port, "
+                   "tcp://, unix:// or etcd://host:port/cluster) whatever master address the program passes.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def as_mooncake(endpoint: str | None, command: tuple[str, ...]) -> None:
+    """Run COMMAND (after --) with mooncakefs answering for Mooncake's Python packages.
+
+    `import mooncake.store` / `mooncake.engine` in COMMAND and in every Python process it starts get
+    mooncakefs's drop-in (docs/mooncake-compat.md), ahead of any installed Mooncake:
+
+        mooncakefs as-mooncake --endpoint unix:///run/mooncakefs/node.sock -- python -m sglang.launch_server ...
+    """
+    from mooncakefs.compat import child_environment
+
+    env = child_environment(endpoint)
+    try:
+        os.execvpe(command[0], list(command), env)
+    except OSError as exc:
+        raise click.ClickException(f"cannot run {command[0]!r}: {exc.strerror or exc}") from None
+
+
 @main.command("install-mount-helper")
 @click.option("--prefix", default="/sbin", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Where mount(8) looks for mount.<type> helpers.")

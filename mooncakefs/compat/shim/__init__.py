@@ -1,0 +1,1 @@
+"""Holds the ``mooncake`` package that ``mooncakefs as-mooncake`` puts first on PYTHONPATH."""

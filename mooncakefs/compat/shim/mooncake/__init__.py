@@ -1,0 +1,8 @@
+"""mooncakefs's drop-in for Mooncake's Python packages (``mooncake.store``, ``mooncake.engine``).
+
+Loaded by ``mooncakefs.compat.install()`` or through ``mooncakefs as-mooncake``; see
+docs/mooncake-compat.md.
+"""
+
+__mooncakefs__ = True
+__all__: list[str] = []
