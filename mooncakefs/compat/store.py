@@ -644,6 +644,61 @@ class MooncakeDistributedStore:
             return [self._fail(InvalidArgument("one pointer list and one size list per key"))] * len(keys)
         return out
 
+    def get_into_ranges(self, buffer_ptrs: Sequence[int], all_keys: Sequence[Sequence[str]],
+                        all_dst_offsets: Sequence[Sequence[Sequence[int]]],
+                        all_src_offsets: Sequence[Sequence[Sequence[int]]],
+                        all_sizes: Sequence[Sequence[Sequence[int]]]) -> list[list[list[int]]]:
+        """Byte ranges of objects into registered buffers: for buffer i, key j, fragment k, copy
+        ``sizes[i][j][k]`` bytes from the object's ``src_offsets`` to the buffer's ``dst_offsets``.
+        Each fragment gets its byte count or a negative code (missing key, a range past the object or
+        the buffer, lists of different lengths); the others still succeed."""
+        shape = [[list(d) for d in dsts] for dsts in all_dst_offsets]
+        out = [[[INVALID_PARAMS] * len(d) for d in dsts] for dsts in shape]
+        n = len(buffer_ptrs)
+        if not (len(all_keys) == len(all_dst_offsets) == len(all_src_offsets) == len(all_sizes) == n):
+            self._fail(InvalidArgument("get_into_ranges: one list of keys, offsets and sizes per buffer"))
+            return out
+        try:
+            store = self._need()
+        except MooncakeError as exc:
+            self._fail(exc)
+            return out
+        values: dict[str, bytes | BaseException] = {}
+        for i, ptr in enumerate(buffer_ptrs):
+            try:
+                self._view(ptr, 1)  # inside a registered range: the buffer runs to that range's end
+                region = self._regions[bisect.bisect_right(self._bases, ptr) - 1]
+                buffer = region.view[ptr - region.base :]
+            except MooncakeError as exc:
+                self._fail(exc)
+                continue
+            keys = all_keys[i]
+            if not len(keys) == len(all_dst_offsets[i]) == len(all_src_offsets[i]) == len(all_sizes[i]):
+                self._fail(InvalidArgument(f"get_into_ranges: buffer {i}: the key and range lists differ in length"))
+                continue
+            for j, key in enumerate(keys):
+                dsts, srcs, sizes = all_dst_offsets[i][j], all_src_offsets[i][j], all_sizes[i][j]
+                if not len(dsts) == len(srcs) == len(sizes):
+                    self._fail(InvalidArgument(f"get_into_ranges: key {key!r:.60}: offsets and sizes differ"))
+                    continue
+                if key not in values:
+                    try:
+                        values[key] = store.get(self._key(key))
+                    except (MooncakeError, TypeError, ValueError) as exc:
+                        values[key] = exc
+                value = values[key]
+                for k, (dst, src, size) in enumerate(zip(dsts, srcs, sizes, strict=True)):
+                    if isinstance(value, BaseException):
+                        out[i][j][k] = self._fail(value)
+                    elif min(dst, src, size) < 0 or src + size > len(value) or dst + size > len(buffer):
+                        out[i][j][k] = self._fail(InvalidArgument(
+                            f"key {key!r:.60}: range src {src}+{size} / dst {dst}+{size} overflows the object "
+                            f"({len(value)} bytes) or the buffer ({len(buffer)} bytes)"))
+                    else:
+                        buffer[dst : dst + size] = value[src : src + size]
+                        out[i][j][k] = size
+        return out
+
     # -- queries and removal ---------------------------------------------------------------------------
 
     def is_exist(self, key: str) -> int:
