@@ -12,6 +12,10 @@ Layouts (``--layout``):
 
 * ``local`` (default): the measuring client also contributes the segment that holds the data, so
   every transfer stays inside one process.
+* ``--endpoint ADDR`` (layout ``endpoint``): start no master; ``setup()`` names ADDR as its master.
+  With mooncakefs's drop-in (``mooncakefs as-mooncake -- python3 mooncake_baseline.py --endpoint
+  unix:///…/node.sock``) this runs the very same workload against a mooncakefs node, whose process
+  holds the data as the segment server does in ``remote``; ``tools/bench/compat_bench.py`` runs both.
 * ``remote``: Mooncake's cross-process path. A second process (this script in a hidden
   ``--serve-segment`` mode) contributes the segment (``--segment``); the measuring client
   contributes none (global_segment_size=0), so every put/get moves its bytes over TCP on loopback
@@ -633,6 +637,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         help="extra master flag, e.g. --master-arg=--client_ttl=30",
     )
+    p.add_argument("--endpoint", default=None, metavar="ADDR",
+                   help="start no master: pass ADDR to setup() as master_server_addr (e.g. a mooncakefs node "
+                        "through the drop-in); implies --layout endpoint")
     p.add_argument("--json", default=None, help="write JSON here instead of stdout")
     p.add_argument("--verbose", action="store_true", help="keep Mooncake INFO logging")
     p.add_argument("--serve-segment", default=None, metavar="MASTER_ADDR", help=argparse.SUPPRESS)
@@ -644,9 +651,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown ops: {sorted(unknown)}")
     a.segment = parse_size(a.segment)
+    if a.endpoint is not None:
+        a.layout = "endpoint"
     if a.cpus is not None:
-        if a.layout != "remote":
-            p.error("--cpus needs --layout remote")
+        if a.layout not in ("remote", "endpoint"):
+            p.error("--cpus needs --layout remote or --endpoint")
         try:
             a.cpus = [int(x) for x in a.cpus.split(",")]
         except ValueError:
@@ -667,13 +676,15 @@ def run_bench(args: argparse.Namespace, log_dir: str) -> tuple[list[Result], dic
     """Start master (+ segment server for --layout remote) and the measuring client; measure."""
     remote = args.layout == "remote"
     cpu_here, cpu_server = args.cpus if args.cpus else (None, None)
-    master = Master(find_master_binary(args.master_bin), os.path.join(log_dir, "master.log"), args.master_arg)
+    master = None if args.endpoint else Master(find_master_binary(args.master_bin),
+                                               os.path.join(log_dir, "master.log"), args.master_arg)
     server: SegmentServer | None = None
     extra: dict[str, Any] = {}
     pin_process(cpu_here)  # after the master started: it inherits nothing and stays unpinned
     store = MooncakeDistributedStore()
     try:
-        setup_store(store, 0 if remote else args.segment, args.local_buffer, master.addr)
+        setup_store(store, 0 if remote else args.segment, args.local_buffer,
+                    args.endpoint or (master.addr if master else ""))
         if remote:
             # Nothing holds a segment yet, so a put must fail: the measuring client stores nothing.
             rc = store.put("bench/probe/no-segment", b"x")
@@ -701,7 +712,8 @@ def run_bench(args: argparse.Namespace, log_dir: str) -> tuple[list[Result], dic
         store.close()
         if server is not None:
             server.stop()
-        master.stop()
+        if master is not None:
+            master.stop()
     return results, extra
 
 
@@ -709,7 +721,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_segment is not None:
         return serve_segment(args)
-    version = importlib.metadata.version("mooncake-transfer-engine-non-cuda")
+    import mooncake
+
+    drop_in = bool(getattr(mooncake, "__mooncakefs__", False))
+    system = "mooncakefs-drop-in" if drop_in else "mooncake"
+    version = (__import__("mooncakefs").__version__ if drop_in
+               else importlib.metadata.version("mooncake-transfer-engine-non-cuda"))
     log_dir = tempfile.mkdtemp(prefix="mooncake-baseline-")
     t_start = time.perf_counter()
     client_log = None if args.verbose else os.path.join(log_dir, "client.log")
@@ -721,22 +738,26 @@ def main(argv: list[str] | None = None) -> int:
         where = "client without segment + segment-server process"
         if args.cpus:
             where += f" (cpus {args.cpus[0]},{args.cpus[1]})"
+    elif args.layout == "endpoint":
+        where = f"client of {args.endpoint}" + (f" (cpu {args.cpus[0]})" if args.cpus else "")
     else:
         where = "1 in-process client"
     header = (
-        f"mooncake {version} [{args.layout}]: {where}, tcp, P2PHANDSHAKE, segment {fmt_size(args.segment)}, "
+        f"{system} {version} [{args.layout}]: {where}, tcp, P2PHANDSHAKE, segment {fmt_size(args.segment)}, "
         f"batch {args.batch}, median of {args.reps} x {args.rep_time}s reps, total {elapsed:.0f}s"
     )
     print_table(results, header)
     doc = {
-        "system": "mooncake",
+        "system": system,
         "version": version,
         "layout": args.layout,
         "config": {
             "protocol": "tcp",
             "metadata_server": "P2PHANDSHAKE",
             "global_segment_size": args.segment,
-            "segment_owner": "server process" if args.layout == "remote" else "measuring process",
+            "segment_owner": {"remote": "server process", "endpoint": f"the process behind {args.endpoint}"}.get(
+                args.layout, "measuring process"),
+            "endpoint": args.endpoint,
             "local_buffer_size": args.local_buffer,
             "cpus": args.cpus,
             "batch": args.batch,
