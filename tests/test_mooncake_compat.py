@@ -307,3 +307,33 @@ def test_closed_calls_return_codes_and_health_check_sees_a_dead_node(tmp_path):
     assert s.health_check() == 1 and s.get_into("any", 1, 1) == INVALID_PARAMS
     buf = (ctypes.c_char * 16)()
     assert s.register_buffer(ctypes.addressof(buf), 16) == INVALID_PARAMS  # not set up
+
+
+def test_sglang_hicache_setup_forms_host_allocator_and_group_ids(node):
+    """SGLang HiCache: setup with the shared transfer engine as 8th argument and its keyword arguments,
+    setup_dummy (standalone storage), MooncakeHostMemAllocator memory registered, group_ids on the config."""
+    from mooncake.store import MooncakeHostMemAllocator
+
+    s = MooncakeDistributedStore()
+    rc = s.setup("localhost", "P2PHANDSHAKE", 1 << 30, 16 << 20, "tcp", "", node.tcp_address[0] + ":" +
+                 str(node.tcp_address[1]), None, enable_ssd_offload=True, ssd_offload_path="/unused",
+                 enable_client_http_server=True, client_http_port=9300)
+    assert rc == 0, s.last_error
+    allocator = MooncakeHostMemAllocator()
+    ptr = allocator.alloc(1 << 20)
+    page = (ctypes.c_ubyte * (1 << 20)).from_address(ptr)
+    ctypes.memset(page, 0x5A, 1 << 20)
+    assert s.register_buffer(ptr, 1 << 20) == 0
+    config = ReplicateConfig()
+    assert hasattr(ReplicateConfig(), "group_ids")
+    config.group_ids = ["sglang-hicache:a", "sglang-hicache:a"]
+    assert s.batch_put_from(["hc_0_k", "hc_0_v"], [ptr, ptr + 4096], [4096, 4096], config) == [0, 0]
+    assert s.batch_is_exist(["hc_0_k", "hc_0_v", "hc_1_k"]) == [1, 1, 0]
+    dummy = MooncakeDistributedStore()
+    assert dummy.setup_dummy(1 << 30, 16 << 20, node.unix_url) == 0
+    assert dummy.get("hc_0_v") == b"\x5a" * 4096
+    assert dummy.remove_all() >= 2
+    dummy.close()
+    s.close()
+    del page
+    assert allocator.free(ptr) == 0 and allocator.free(ptr) == INVALID_PARAMS

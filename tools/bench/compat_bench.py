@@ -10,6 +10,9 @@ value size, median of timed repetitions.  It runs three times, unchanged:
   mooncakefs node process, reached over its Unix socket (``unix://``, same host: shared memory);
 * the same over the node's TCP port (``host:port``, as a Mooncake master address is written).
 
+The three run back to back for one value size before the next size starts, so that numbers compared
+with each other are taken close together on a shared machine.
+
 With two or more CPUs, the measuring process is pinned to one CPU and the process holding the data
 (Mooncake's segment server, or the node) to another, in every run.  Prints a table of medians and
 drop-in/Mooncake ratios (keys/s; >1 means the drop-in is faster) and writes JSON.
@@ -52,8 +55,8 @@ def run_baseline(cmd: list[str], out: Path, env: dict[str, str] | None = None) -
     return json.loads(out.read_text())
 
 
-def workload_args(args: argparse.Namespace) -> list[str]:
-    return ["--sizes", args.sizes, "--ops", args.ops, "--reps", str(args.reps), "--rep-time", str(args.rep_time),
+def workload_args(args: argparse.Namespace, size: str) -> list[str]:
+    return ["--sizes", size, "--ops", args.ops, "--reps", str(args.reps), "--rep-time", str(args.rep_time),
             "--batch", str(args.batch), "--segment", args.segment, "--local-buffer", args.local_buffer]
 
 
@@ -74,20 +77,27 @@ def main(argv: list[str] | None = None) -> int:
     pin = cpus[:2] if len(cpus) >= 2 else None
     pin_args = ["--cpus", f"{pin[0]},{pin[1]}"] if pin else []
     runs: dict[str, dict[str, Any]] = {}
+    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
     with tempfile.TemporaryDirectory(prefix="compat-bench-") as tmp:
         root = Path(tmp)
         python = str(Path(args.venv) / "bin" / "python")
-        runs["mooncake"] = run_baseline([python, str(BASELINE), "--layout", "remote", *pin_args,
-                                         *workload_args(args)], root / "mooncake.json")
-        for path in [x.strip() for x in args.paths.split(",") if x.strip()]:
-            (root / f"node-{path}").mkdir()
-            with running_node(root / f"node-{path}", args.segment, 0) as node:
-                if pin:
-                    pin_all_threads(node.pid, pin[1])
-                url = node.unix_url if path == "unix" else node.tcp_url.removeprefix("tcp://")
-                cmd = [sys.executable, "-m", "mooncakefs.cli", "as-mooncake", "--", sys.executable, str(BASELINE),
-                       "--endpoint", url, *pin_args, *workload_args(args)]
-                runs[f"drop-in {path}"] = run_baseline(cmd, root / f"dropin-{path}.json")
+        (root / "node").mkdir()
+        with running_node(root / "node", args.segment, 0) as node:
+            if pin:
+                pin_all_threads(node.pid, pin[1])
+            # One size at a time, the three systems back to back: on a shared machine the load moves,
+            # and numbers compared with each other should be taken minutes apart at most.
+            for size in [x.strip() for x in args.sizes.split(",") if x.strip()]:
+                one = workload_args(args, size)
+                got = {"mooncake": run_baseline([python, str(BASELINE), "--layout", "remote", *pin_args, *one],
+                                                root / "mooncake.json")}
+                for path in paths:
+                    url = node.unix_url if path == "unix" else node.tcp_url.removeprefix("tcp://")
+                    cmd = [sys.executable, "-m", "mooncakefs.cli", "as-mooncake", "--", sys.executable,
+                           str(BASELINE), "--endpoint", url, *pin_args, *one]
+                    got[f"drop-in {path}"] = run_baseline(cmd, root / f"dropin-{path}.json")
+                for name, doc in got.items():
+                    runs.setdefault(name, {**doc, "results": []})["results"].extend(doc["results"])
     table, rows = render(runs)
     print(table)
     write_json(args.json, {"bench": "compat_bench", "machine": machine_info({"pinned_cpus": pin}),
