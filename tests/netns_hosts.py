@@ -66,6 +66,8 @@ class NetnsMount(FuseMount):
 class Testbed:
     """``hosts`` namespaces with links of ``rate`` (tc syntax, e.g. "400mbit") each way."""
 
+    __test__ = False  # a helper, not a test class, though its name starts with "Test"
+
     def __init__(self, base: Path, hosts: int, *, rate: str = "400mbit", dram: str = "192MiB",
                  chunk_size: str = "4MiB", replicas: int = 2) -> None:
         self.base = Path(base)
