@@ -2,10 +2,15 @@
 
 Each class also derives from the builtin a Python user would reach for (``KeyError`` for a missing key,
 ``ValueError`` for bad input), so ordinary ``except`` clauses keep working.  Messages name the key and
-the reason.
+the reason.  Each class carries the errno the filesystem answers with and the exit status the CLI ends
+with (``ERRORS``, at the end: one table, so FUSE and the CLI cannot drift apart).  Every ``MooncakeError`` is
+expected (a one-line message, no traceback); anything else that escapes is a bug.
 """
 
 from __future__ import annotations
+
+import errno as _errno
+from typing import ClassVar
 
 
 def describe_key(key: bytes | str) -> str:
@@ -20,6 +25,9 @@ def describe_key(key: bytes | str) -> str:
 
 class MooncakeError(Exception):
     """Base class of every error mooncakefs raises on purpose."""
+
+    errno: ClassVar[int] = _errno.EIO  # what a filesystem call that ran into it fails with
+    exit_code: ClassVar[int] = 1  # what the mooncakefs command exits with
 
     def __str__(self) -> str:  # KeyError would otherwise repr() its message
         return str(self.args[0]) if self.args else self.__class__.__name__
@@ -115,6 +123,14 @@ class AddressOverlapped(InvalidArgument):
     """Memory being registered overlaps memory already registered with the same engine."""
 
 
+class EtcdError(MooncakeError):
+    """etcd refused a request (a malformed one, or etcd is out of space)."""
+
+
+class EtcdUnavailable(EtcdError, Unavailable):
+    """etcd could not be reached, or did not answer in time."""
+
+
 class StaleEpoch(MooncakeError):
     """The request was routed with an older placement map than the node's: reload the map and retry."""
 
@@ -141,3 +157,56 @@ class Moved(MooncakeError):
     def __init__(self, node: str) -> None:
         super().__init__(f"the value lives on node {node}")
         self.node = self.key = node  # on the wire the node travels in the error's key field
+
+
+# sysexits.h: scripts can tell "retry later" from "fix the input" from "the data is bad"
+EX_USAGE, EX_DATAERR, EX_NOINPUT, EX_UNAVAILABLE, EX_SOFTWARE = 64, 65, 66, 69, 70
+EX_IOERR, EX_TEMPFAIL, EX_PROTOCOL, EX_NOPERM = 74, 75, 76, 77
+
+#: class -> (errno for FUSE, exit status for the CLI).  A class not listed takes its parent's row
+#: (the first base in the MRO that has one); ``MooncakeError``'s is (EIO, 1).
+ERRORS: dict[type[MooncakeError], tuple[int, int]] = {
+    MooncakeError: (_errno.EIO, 1),
+    KeyNotFound: (_errno.ENOENT, EX_NOINPUT),
+    KeyExists: (_errno.EEXIST, 1),
+    InvalidArgument: (_errno.EINVAL, EX_USAGE),
+    BufferTooSmall: (_errno.ERANGE, EX_USAGE),
+    OutOfSpace: (_errno.ENOSPC, EX_IOERR),
+    ChecksumError: (_errno.EIO, EX_DATAERR),
+    StoreClosed: (_errno.EIO, EX_SOFTWARE),
+    StoreLocked: (_errno.EBUSY, EX_TEMPFAIL),
+    Unavailable: (_errno.ETIMEDOUT, EX_UNAVAILABLE),  # as NFS soft mounts answer when the server is away
+    NotServing: (_errno.EAGAIN, EX_TEMPFAIL),  # up, refusing for now: retry shortly
+    AuthenticationError: (_errno.EACCES, EX_NOPERM),
+    ProtocolError: (_errno.EPROTO, EX_PROTOCOL),
+    TransferError: (_errno.EIO, EX_IOERR),
+    AddressNotRegistered: (_errno.EFAULT, EX_USAGE),
+    EtcdError: (_errno.EIO, EX_UNAVAILABLE),
+    EtcdUnavailable: (_errno.ETIMEDOUT, EX_UNAVAILABLE),  # listed: its first base, EtcdError, is not Unavailable
+    StaleEpoch: (_errno.ESTALE, EX_TEMPFAIL),
+    Moved: (_errno.EREMOTE, 1),
+}
+
+
+def _apply_table() -> None:
+    """Give each listed class its row; unlisted subclasses inherit it (attribute lookup follows the MRO,
+    which is why a class whose first base is not the one whose row it should take is listed)."""
+    for cls, (code, status) in ERRORS.items():
+        cls.errno, cls.exit_code = code, status
+
+
+def errno_of(exc: BaseException) -> int:
+    """The errno a filesystem call fails with for ``exc``: the table's, an OSError's own, else EIO."""
+    if isinstance(exc, MooncakeError):
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return _errno.EIO
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The mooncakefs command's exit status for ``exc``: the table's, else 1."""
+    return exc.exit_code if isinstance(exc, MooncakeError) else 1
+
+
+_apply_table()

@@ -208,12 +208,12 @@ class Cluster:
         try:
             client = connect_etcd(self.etcd, timeout=2)
             try:
-                value, _meta = client.get(cluster_prefix(self.name) + "placement")
+                kv = client.get(cluster_prefix(self.name) + "placement")
             finally:
                 client.close()
         except Exception:
             return None
-        return None if value is None else PlacementMap.from_json(value)
+        return None if kv is None else PlacementMap.from_json(kv.value)
 
     def wait_for_map(self, predicate, timeout: float, what: str):
         assert wait_until(lambda: (m := self.placement()) is not None and predicate(m), timeout=timeout,

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mooncakefs import _engine
+from mooncakefs.cluster import etcd
 from mooncakefs.cluster.client import NodeLink
 from mooncakefs.cluster.membership import Membership, cluster_prefix, nodes_prefix
 from mooncakefs.cluster.placement import DEFAULT_GROUPS, DEFAULT_WIDTH, PlacementMap, pointer_key
@@ -108,9 +109,7 @@ class NodeAgent:
             t.join(timeout=10)
         if self.is_controller:
             with contextlib.suppress(Exception):
-                t = self.etcd.transactions
-                self.etcd.transaction(compare=[t.value(self.controller_key) == self.ident],
-                                      success=[t.delete(self.controller_key)], failure=[])
+                self.etcd.txn([etcd.value(self.controller_key) == self.ident], [etcd.delete_op(self.controller_key)])
         self.member.stop()
         for link in self._links.values():
             link.close()
@@ -177,30 +176,28 @@ class NodeAgent:
     def _step(self) -> None:
         """One round: read the controller, and the map only if it changed (one request); stand for
         controller if nobody is; as controller, bring the map in step with membership."""
-        t = self.etcd.transactions
-        get_controller = t.get(self.controller_key)
-        same, answers = self.etcd.transaction(compare=[t.mod(self.map_key) == self._map_revision],
-                                              success=[get_controller], failure=[get_controller, t.get(self.map_key)])
-        ctrl = answers[0]
-        if not same and answers[1]:
-            value, meta = answers[1][0]
-            self._adopt(PlacementMap.from_json(value), meta.mod_revision)
+        get_controller = etcd.get_op(self.controller_key)
+        answer = self.etcd.txn([etcd.mod(self.map_key) == self._map_revision], [get_controller],
+                               [get_controller, etcd.get_op(self.map_key)])
+        ctrl = answer.responses[0]
+        if not answer.succeeded and answer.responses[1]:
+            placement = answer.responses[1][0]
+            self._adopt(PlacementMap.from_json(placement.value), placement.mod_revision)
         if not ctrl:
-            won, _ = self.etcd.transaction(
-                compare=[t.version(self.controller_key) == 0],
-                success=[t.put(self.controller_key, self.ident, lease=self.member.lease)], failure=[])
+            won = self.etcd.txn([etcd.version(self.controller_key) == 0],
+                                [etcd.put_op(self.controller_key, self.ident, lease=self.member.lease)]).succeeded
             if won:
                 log.info("controller", extra={"node": self.ident})
             self.is_controller = won
         else:
-            self.is_controller = ctrl[0][0].decode() == self.ident
+            self.is_controller = ctrl[0].value.decode() == self.ident
         if self.is_controller:
             self._control()
 
     def _read_map(self) -> None:
-        value, meta = self.etcd.get(self.map_key)
-        if value is not None:
-            self._adopt(PlacementMap.from_json(value), meta.mod_revision)
+        kv = self.etcd.get(self.map_key)
+        if kv is not None:
+            self._adopt(PlacementMap.from_json(kv.value), kv.mod_revision)
 
     def _adopt(self, new: PlacementMap, revision: int) -> None:
         """Serve by a newer map; or, if it takes this node back under a new stint, catch up first."""
@@ -229,8 +226,8 @@ class NodeAgent:
 
     def _control(self) -> None:
         nodes = {}
-        for value, _meta in self.etcd.get_prefix(self.nodes_prefix):
-            record = json.loads(value)
+        for kv in self.etcd.get_prefix(self.nodes_prefix):
+            record = json.loads(kv.value)
             nodes[record["id"]] = record
         current = self.latest
         if current is not None and current.nodes == nodes:
@@ -238,13 +235,12 @@ class NodeAgent:
         epoch = current.epoch + 1 if current is not None else 1
         groups, width = (current.groups, current.width) if current is not None else (self.groups, self.width)
         new = PlacementMap.compute(epoch, nodes, groups=groups, width=width)
-        t = self.etcd.transactions
-        written, responses = self.etcd.transaction(
-            compare=[t.value(self.controller_key) == self.ident, t.mod(self.map_key) == self._map_revision],
-            success=[t.put(self.map_key, new.to_json())], failure=[])
-        if written:
+        written = self.etcd.txn([etcd.value(self.controller_key) == self.ident,
+                                 etcd.mod(self.map_key) == self._map_revision],
+                                [etcd.put_op(self.map_key, new.to_json())])
+        if written.succeeded:
             log.info("placement written", extra={"epoch": epoch, "nodes": sorted(nodes)})
-            self._adopt(new, responses[0].response_put.header.revision)
+            self._adopt(new, written.revision)
 
     # -- repair ---------------------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from mooncakefs.client import RemoteStore, _bytes_of, _writable_bytes_of
-from mooncakefs.cluster.membership import cluster_prefix, connect_etcd, host_id, parse_etcd_url
+from mooncakefs.cluster.etcd import parse_etcd_url
+from mooncakefs.cluster.membership import cluster_prefix, connect_etcd, host_id
 from mooncakefs.cluster.placement import PlacementMap, pointer_key
 from mooncakefs.errors import InvalidArgument, KeyNotFound, MooncakeError, Moved, StaleEpoch, Unavailable
 from mooncakefs.store import (
@@ -141,14 +142,13 @@ class ClusterStore(KVMapping):
 
     def _load(self) -> PlacementMap:
         try:
-            value, _meta = self._etcd.get(self._map_key)
+            kv = self._etcd.get(self._map_key)
         except Exception as exc:
-            raise Unavailable(f"cannot read the placement map of {self.cluster!r} from etcd at "
-                              f"{self.etcd_url}: {exc}") from None
-        if value is None:
+            raise Unavailable(f"cannot read the placement map of {self.cluster!r}: {exc}") from None
+        if kv is None:
             raise Unavailable(f"cluster {self.cluster!r} has no placement map yet: start a node with "
                               f"--etcd {self.etcd_url} --cluster {self.cluster}")
-        return PlacementMap.from_json(value)
+        return PlacementMap.from_json(kv.value)
 
     def _refresh(self, seen: PlacementMap) -> None:
         """Reload the map unless another thread did since ``seen`` (etcd down: keep the one we have)."""

@@ -19,26 +19,13 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import etcd3
-
+from mooncakefs.cluster.etcd import Etcd, Lease
 from mooncakefs.errors import Unavailable
 
 log = logging.getLogger("mooncakefs.cluster")
 
 DEFAULT_TTL = 10
-
-
-def parse_etcd_url(url: str) -> list[tuple[str, int]]:
-    """[(host, port)] of "http://host:2379", or of each member in "http://a:2379,http://b:2379"."""
-    endpoints = []
-    for one in url.split(","):
-        parts = urlsplit(one if "//" in one else f"http://{one}")
-        if parts.scheme not in ("http", "etcd") or not parts.hostname:
-            raise ValueError(f"etcd URL must look like http://127.0.0.1:2379 (comma-separate members), got {url!r}")
-        endpoints.append((parts.hostname, parts.port or 2379))
-    return endpoints
 
 
 def cluster_prefix(cluster: str) -> str:
@@ -69,16 +56,10 @@ def node_id(data_dir: Path) -> str:
         return ident
 
 
-def connect_etcd(url: str, timeout: float = 5.0) -> etcd3.Etcd3Client:
+def connect_etcd(url: str, timeout: float = 5.0) -> Etcd:
     """A client of the etcd cluster at ``url``.  With several members, gRPC balances requests over the
     ones it can reach, so losing a member (but not the quorum) goes unnoticed."""
-    endpoints = parse_etcd_url(url)
-    if len(endpoints) == 1:
-        return etcd3.client(host=endpoints[0][0], port=endpoints[0][1], timeout=timeout)
-    target = "ipv4:" + ",".join(f"{h}:{p}" for h, p in endpoints)  # etcd3 joins host and port with ":"
-    host, port = target.rsplit(":", 1)
-    return etcd3.client(host=host, port=int(port), timeout=timeout,
-                        grpc_options=[("grpc.lb_policy_name", "round_robin")])
+    return Etcd(url, timeout=timeout)
 
 
 class Membership:
@@ -90,7 +71,7 @@ class Membership:
         self.record = {"id": ident, **record}
         self.ttl = ttl
         self._client = connect_etcd(etcd_url)
-        self._lease: Any = None
+        self._lease: Lease | None = None
         self.confirmed = 0.0  # monotonic time a request that etcd then confirmed our lease with was sent
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -116,7 +97,8 @@ class Membership:
         while not self._stop.wait(self.ttl / 3):
             try:
                 sent = time.monotonic()
-                left = self._lease.refresh()[0].TTL
+                assert self._lease is not None
+                left = self._lease.refresh()
                 if left <= 0:  # it expired while etcd was out of reach: join again
                     self._register()
                 else:
@@ -125,11 +107,11 @@ class Membership:
                 log.warning("lease refresh failed", extra={"key": self.key, "why": str(exc)})
 
     @property
-    def lease(self) -> Any:
+    def lease(self) -> Lease | None:
         return self._lease
 
     @property
-    def client(self) -> etcd3.Etcd3Client:
+    def client(self) -> Etcd:
         return self._client
 
     def stop(self) -> None:
@@ -139,7 +121,8 @@ class Membership:
             self._thread.join(timeout=5)
         with contextlib.suppress(Exception):
             self._client.delete(self.key)
-            self._lease.revoke()
+            if self._lease is not None:
+                self._lease.revoke()
         self._client.close()
 
 
@@ -149,15 +132,15 @@ def list_nodes(etcd_url: str, cluster: str) -> tuple[list[dict[str, Any]], str |
     client = connect_etcd(etcd_url)
     prefix = cluster_prefix(cluster)
     try:
-        records = [json.loads(value) for value, _meta in client.get_prefix(nodes_prefix(cluster))]
-        controller, _ = client.get(prefix + "controller")
-        placement, _ = client.get(prefix + "placement")
+        records = [json.loads(kv.value) for kv in client.get_prefix(nodes_prefix(cluster))]
+        controller = client.get(prefix + "controller")
+        placement = client.get(prefix + "placement")
     except Exception as exc:
         raise Unavailable(f"cannot read the cluster from etcd at {etcd_url}: {exc}") from exc
     finally:
         client.close()
-    return (sorted(records, key=lambda r: r["id"]), controller.decode() if controller else None,
-            placement.decode() if placement else None)
+    return (sorted(records, key=lambda r: r["id"]), controller.value.decode() if controller else None,
+            placement.value.decode() if placement else None)
 
 
 def uptime(record: dict[str, Any]) -> float:

@@ -40,14 +40,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import etcd3
-import grpc
 import pyfuse3
-from etcd3 import etcdrpc
-from etcd3.utils import increment_last_byte
 
+from mooncakefs.cluster import etcd
+from mooncakefs.cluster.etcd import Compare, Lease, RangeResult
 from mooncakefs.cluster.membership import cluster_prefix, connect_etcd
-from mooncakefs.errors import Unavailable
+from mooncakefs.errors import EtcdError, Unavailable, errno_of
 from mooncakefs.fuse.namespace import ROOT, Inode, count_unlink, fail, may_replace, may_unlink
 
 log = logging.getLogger("mooncakefs.fuse")
@@ -152,15 +150,16 @@ class _PendingChunks:
 
 
 def _etcd_errors(method: Callable[..., T]) -> Callable[..., T]:
-    """etcd out of reach: EIO for the request (logged once, without a traceback)."""
+    """etcd out of reach or refusing: the errors table's errno for the request (ETIMEDOUT for an etcd
+    away), logged once, without a traceback."""
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return method(*args, **kwargs)
-        except (etcd3.exceptions.Etcd3Exception, grpc.RpcError) as exc:
-            log.warning("namespace %s: etcd: %s", method.__name__, exc)
-            raise fail(errno.EIO) from None
+        except EtcdError as exc:
+            log.warning("namespace %s: %s", method.__name__, exc)
+            raise fail(errno_of(exc)) from None
 
     return wrapper
 
@@ -171,11 +170,10 @@ class _Change:
 
     def __init__(self, ns: EtcdNamespace) -> None:
         self.ns = ns
-        self.tx = ns.client.transactions
-        self.compare: dict[tuple[str, str], Any] = {}
+        self.compare: dict[tuple[str, str], Compare] = {}
         self.nodes: dict[int, EtcdInode] = {}
         self.dirty: set[int] = set()
-        self.ops: dict[str, Any] = {}  # by key: etcd refuses a transaction that writes a key twice
+        self.ops: dict[str, bytes] = {}  # by key: etcd refuses a transaction that writes a key twice
         self.revision = 0
 
     def node(self, ino: int) -> EtcdInode:
@@ -185,7 +183,7 @@ class _Change:
             node = self.ns._read(ino)
             key = self.ns._ikey(ino)
             if node is None:
-                self.compare[("v", key)] = self.tx.version(key) == 0
+                self.compare[("v", key)] = etcd.version(key) == 0
                 raise fail(errno.ENOENT)
             self.adopt(node)
         return node
@@ -193,7 +191,7 @@ class _Change:
     def adopt(self, node: EtcdInode) -> None:
         """Use ``node`` as read (its revision) without reading it again."""
         self.nodes[node.ino] = node
-        self.compare[("m", self.ns._ikey(node.ino))] = self.tx.mod(self.ns._ikey(node.ino)) == node.rev
+        self.compare[("m", self.ns._ikey(node.ino))] = etcd.mod(self.ns._ikey(node.ino)) == node.rev
 
     def directory(self, ino: int) -> EtcdInode:
         node = self.node(ino)
@@ -206,25 +204,24 @@ class _Change:
     def entry(self, parent: int, name: bytes) -> int | None:
         """The inode ``parent/name`` names, or None; guarded."""
         key = self.ns._dkey(parent, name)
-        value, meta = self.ns.client.get(key)
-        if value is None:
-            self.compare[("v", key)] = self.tx.version(key) == 0
+        kv = self.ns.client.get(key)
+        if kv is None:
+            self.compare[("v", key)] = etcd.version(key) == 0
             return None
-        self.compare[("m", key)] = self.tx.mod(key) == meta.mod_revision
-        return int(value)
+        self.compare[("m", key)] = etcd.mod(key) == kv.mod_revision
+        return int(kv.value)
 
     def empty(self, directory: int) -> bool:
         """Whether a directory has no entries; guarded (by a comparison over its whole key range)."""
         prefix = self.ns._dprefix(directory)
-        end = increment_last_byte(prefix.encode())
         if self.ns._count(prefix, limit=1):
             return False
-        self.compare[("e", prefix)] = self.tx.version(prefix, range_end=end) == 0
+        self.compare[("e", prefix)] = etcd.version(prefix, prefix=True) == 0
         return True
 
     def new(self, node: EtcdInode) -> None:
         key = self.ns._ikey(node.ino)
-        self.compare[("v", key)] = self.tx.version(key) == 0
+        self.compare[("v", key)] = etcd.version(key) == 0
         self.nodes[node.ino] = node
         self.dirty.add(node.ino)
 
@@ -233,17 +230,16 @@ class _Change:
             assert self.nodes.get(node.ino) is node
             self.dirty.add(node.ino)
 
-    def put(self, key: str, value: bytes | str, lease: Any = None) -> None:
-        self.ops[key] = self.tx.put(key, value, lease=lease)
+    def put(self, key: str, value: bytes | str, lease: Lease | None = None) -> None:
+        self.ops[key] = etcd.put_op(key, value, lease=lease)
 
     def delete(self, key: str, *, prefix: bool = False) -> None:
-        end = increment_last_byte(key.encode()) if prefix else None
-        self.ops[key] = self.tx.delete(key, range_end=end)
+        self.ops[key] = etcd.delete_op(key, prefix=prefix)
 
     def commit(self) -> bool:
         ops = dict(self.ops)
         for ino in self.dirty:
-            ops[self.ns._ikey(ino)] = self.tx.put(self.ns._ikey(ino), self.nodes[ino].encode())
+            ops[self.ns._ikey(ino)] = etcd.put_op(self.ns._ikey(ino), self.nodes[ino].encode())
         if not ops:
             return True
         succeeded, self.revision = self.ns._txn(list(self.compare.values()), list(ops.values()))
@@ -263,10 +259,9 @@ class EtcdNamespace:
         self.prefix = cluster_prefix(cluster) + "fs/"
         self.cluster = cluster
         self.client = connect_etcd(etcd_url)
-        self.tx = self.client.transactions
         self.mount_id = uuid.uuid4().hex[:12]
         self.lease_ttl = lease_ttl
-        self._lease: Any = None
+        self._lease: Lease | None = None
         self._lock = threading.Lock()  # the open markers, also re-put by the lease thread
         self._marked: set[int] = set()  # inodes this mount has an open marker for in etcd
         self._unmark: set[int] = set()  # ... of which no longer open here: the next write of it drops it
@@ -278,7 +273,7 @@ class EtcdNamespace:
             self.chunk_size = self._settings(chunk_size)
             self._make_root()
             self._grant()
-        except (etcd3.exceptions.Etcd3Exception, grpc.RpcError) as exc:
+        except EtcdError as exc:
             self.client.close()
             raise Unavailable(f"cannot reach etcd at {etcd_url} for the namespace of {cluster!r}: {exc}") from None
         self._thread = threading.Thread(target=self._keep_alive, name="mooncakefs-fs-lease", daemon=True)
@@ -304,33 +299,21 @@ class EtcdNamespace:
     def _orphan_key(self, ino: int) -> str:
         return f"{self.prefix}orphan/{ino}"
 
-    def _call(self, method: Callable[..., Any], request: Any) -> Any:
-        c = self.client
-        return method(request, c.timeout, credentials=c.call_credentials, metadata=c.metadata)
-
     def _range(self, prefix: str, *, limit: int = 0, keys_only: bool = False, count_only: bool = False,
-               by_creation: bool = False, min_create_revision: int = 0) -> Any:
-        """A range request over a prefix with the options etcd3 0.12 does not pass on."""
-        request = etcdrpc.RangeRequest(
-            key=prefix.encode(), range_end=increment_last_byte(prefix.encode()), limit=limit, keys_only=keys_only,
-            count_only=count_only, min_create_revision=min_create_revision,
-        )
-        if by_creation:
-            request.sort_order = etcdrpc.RangeRequest.ASCEND
-            request.sort_target = etcdrpc.RangeRequest.CREATE
-        return self._call(self.client.kvstub.Range, request)
+               by_creation: bool = False, min_create_revision: int = 0) -> RangeResult:
+        """A range request over a prefix."""
+        return self.client.range(prefix, prefix=True, limit=limit, keys_only=keys_only, count_only=count_only,
+                                 by_creation=by_creation, min_create_revision=min_create_revision)
 
     def _count(self, prefix: str, limit: int = 0) -> int:
         if limit:
             return len(self._range(prefix, limit=limit, keys_only=True).kvs)
         return self._range(prefix, count_only=True).count
 
-    def _txn(self, compare: list[Any], ops: list[Any]) -> tuple[bool, int]:
+    def _txn(self, compare: list[Compare], ops: list[bytes]) -> tuple[bool, int]:
         """(succeeded, the revision it was applied at)."""
-        request = etcdrpc.TxnRequest(compare=[c.build_message() for c in compare],
-                                     success=self.client._ops_to_requests(ops), failure=[])
-        response = self._call(self.client.kvstub.Txn, request)
-        return response.succeeded, response.header.revision
+        answer = self.client.txn(compare, ops)
+        return answer.succeeded, answer.revision
 
     def _atomically(self, change: Callable[[_Change], T], *, first: EtcdInode | None = None) -> T:
         """Run ``change`` on fresh reads and commit it, again while other mounts' changes get in between."""
@@ -350,18 +333,20 @@ class EtcdNamespace:
     def _settings(self, chunk_size: int) -> int:
         key = self.prefix + "settings"
         wanted = json.dumps({"chunk_size": chunk_size})
-        created, _ = self._txn([self.tx.version(key) == 0], [self.tx.put(key, wanted)])
+        created, _ = self._txn([etcd.version(key) == 0], [etcd.put_op(key, wanted)])
         if created:
             return chunk_size
-        value, _ = self.client.get(key)
-        return int(json.loads(value)["chunk_size"])  # files keep the chunk size they were made with
+        kv = self.client.get(key)
+        if kv is None:  # removed between the two requests: the settings are this mount's after all
+            return self._settings(chunk_size)
+        return int(json.loads(kv.value)["chunk_size"])  # files keep the chunk size they were made with
 
     def _make_root(self) -> None:
         now = time.time_ns()
         root = EtcdInode(ROOT, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(), 0, 0, now, now, now, None,
                          parent=ROOT)
         key = self._ikey(ROOT)
-        self._txn([self.tx.version(key) == 0], [self.tx.put(key, root.encode())])
+        self._txn([etcd.version(key) == 0], [etcd.put_op(key, root.encode())])
 
     def _grant(self) -> None:
         """A lease for this mount; its record and open markers under it."""
@@ -376,7 +361,7 @@ class EtcdNamespace:
     def _keep_alive(self) -> None:
         while not self._stop.wait(self.lease_ttl / 3):
             try:
-                if self._lease.refresh()[0].TTL <= 0:  # it expired while etcd was out of reach
+                if self._lease is None or self._lease.refresh() <= 0:  # it expired while etcd was out of reach
                     log.warning("namespace: the mount's lease in etcd expired: taking a new one")
                     self._grant()
             except Exception as exc:
@@ -388,7 +373,8 @@ class EtcdNamespace:
         if self._thread is not None:
             self._thread.join(timeout=5)
         with contextlib.suppress(Exception):
-            self._lease.revoke()
+            if self._lease is not None:
+                self._lease.revoke()
         self.client.close()
 
     def sync(self) -> None:
@@ -397,8 +383,8 @@ class EtcdNamespace:
     # -- inodes ----------------------------------------------------------------------------------------
 
     def _read(self, ino: int) -> EtcdInode | None:
-        value, meta = self.client.get(self._ikey(ino))
-        return None if value is None else EtcdInode.decode(ino, value, meta.mod_revision)
+        kv = self.client.get(self._ikey(ino))
+        return None if kv is None else EtcdInode.decode(ino, kv.value, kv.mod_revision)
 
     @_etcd_errors
     def get(self, ino: int) -> EtcdInode | None:
@@ -410,11 +396,8 @@ class EtcdNamespace:
         out: list[EtcdInode | None] = []
         for i in range(0, len(inos), GET_BATCH):
             batch = inos[i : i + GET_BATCH]
-            request = etcdrpc.TxnRequest(success=self.client._ops_to_requests(
-                [self.tx.get(self._ikey(ino)) for ino in batch]))
-            response = self._call(self.client.kvstub.Txn, request)
-            for ino, reply in zip(batch, response.responses, strict=True):
-                kvs = reply.response_range.kvs
+            answer = self.client.txn([], [etcd.get_op(self._ikey(ino)) for ino in batch])
+            for ino, kvs in zip(batch, answer.responses, strict=True):
                 out.append(EtcdInode.decode(ino, kvs[0].value, kvs[0].mod_revision) if kvs else None)
         return out
 
@@ -469,20 +452,20 @@ class EtcdNamespace:
 
     @_etcd_errors
     def lookup(self, parent: int, name: bytes) -> int | None:
-        value, _ = self.client.get(self._dkey(parent, name))
-        return None if value is None else int(value)
+        kv = self.client.get(self._dkey(parent, name))
+        return None if kv is None else int(kv.value)
 
     def _new_ino(self) -> int:
         if self._next_ino >= self._ino_end:
             key = self.prefix + "next-ino"
 
             def take(txn: _Change) -> int:
-                value, meta = self.client.get(key)
-                start = int(value) if value is not None else ROOT + 1
-                if value is None:
-                    txn.compare[("v", key)] = self.tx.version(key) == 0
+                kv = self.client.get(key)
+                start = int(kv.value) if kv is not None else ROOT + 1
+                if kv is None:
+                    txn.compare[("v", key)] = etcd.version(key) == 0
                 else:
-                    txn.compare[("m", key)] = self.tx.mod(key) == meta.mod_revision
+                    txn.compare[("m", key)] = etcd.mod(key) == kv.mod_revision
                 txn.put(key, str(start + INO_BLOCK))
                 return start
 
@@ -663,7 +646,7 @@ class EtcdNamespace:
             prefix = self._oprefix(ino)
             if self._count(prefix, limit=1):
                 return []
-            txn.compare[("e", prefix)] = self.tx.version(prefix, range_end=increment_last_byte(prefix.encode())) == 0
+            txn.compare[("e", prefix)] = etcd.version(prefix, prefix=True) == 0
             txn.delete(self._ikey(ino))
             txn.delete(self._xprefix(ino), prefix=True)
             txn.delete(self._orphan_key(ino))
@@ -763,8 +746,8 @@ class EtcdNamespace:
 
     @_etcd_errors
     def getxattr(self, ino: int, name: bytes) -> bytes | None:
-        value, _ = self.client.get(self._xprefix(ino) + name.hex())
-        return value
+        kv = self.client.get(self._xprefix(ino) + name.hex())
+        return None if kv is None else kv.value
 
     @_etcd_errors
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:

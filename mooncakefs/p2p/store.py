@@ -36,6 +36,7 @@ from typing import Any
 
 from mooncakefs._engine import crc32c
 from mooncakefs.client import _bytes_of, _writable_bytes_of
+from mooncakefs.cluster import etcd
 from mooncakefs.cluster.client import ClusterStore
 from mooncakefs.cluster.membership import cluster_prefix
 from mooncakefs.errors import (
@@ -112,7 +113,7 @@ class P2PStore:
     def _keep_alive(self) -> None:
         while not self._stop.wait(LEASE_TTL / 3):
             try:
-                if self.lease.refresh()[0].TTL <= 0:
+                if self.lease.refresh() <= 0:
                     log.warning("p2p store: the instance's lease expired: taking a new one")
                     self.lease = self.etcd.lease(LEASE_TTL)
                     with self._lock:
@@ -127,10 +128,10 @@ class P2PStore:
         self.etcd.put(self._holder_prefix(name) + self.instance, json.dumps(record), lease=self.lease)
 
     def _meta(self, name: str) -> dict[str, Any]:
-        value, _ = self.etcd.get(self._meta_key(_name(name)))
-        if value is None:
+        kv = self.etcd.get(self._meta_key(_name(name)))
+        if kv is None:
             raise KeyNotFound(name)
-        return json.loads(value)
+        return json.loads(kv.value)
 
     # -- the API ------------------------------------------------------------------------------------------
 
@@ -155,9 +156,7 @@ class P2PStore:
             for key, (piece, _crc) in zip(keys, shards, strict=True):
                 link.put(key, piece, local=True, pin=True)  # served until unregistered: never evicted
             key = self._meta_key(name)
-            done, _ = self.etcd.transaction(compare=[self.etcd.transactions.version(key) == 0],
-                                            success=[self.etcd.transactions.put(key, json.dumps(meta))], failure=[])
-            if not done:
+            if not self.etcd.txn([etcd.version(key) == 0], [etcd.put_op(key, json.dumps(meta))]).succeeded:
                 raise KeyExists(f"{name!r} is registered already: unregister it first")
             with self._lock:
                 self._held[name] = keys
@@ -182,15 +181,15 @@ class P2PStore:
     def list(self, prefix: str = "") -> list[PayloadInfo]:
         """The payloads whose name starts with ``prefix``, by name."""
         out = []
-        for value, _meta in self.etcd.get_prefix(f"{self.prefix}m/"):
-            meta = json.loads(value)
+        for kv in self.etcd.get_prefix(f"{self.prefix}m/"):
+            meta = json.loads(kv.value)
             if meta["name"].startswith(prefix):
                 out.append(PayloadInfo(meta["name"], meta["max_shard_size"], meta["total_size"], meta["size_list"]))
         return sorted(out, key=lambda p: p.name)
 
     def holders(self, name: str) -> list[dict[str, Any]]:
         """Who serves ``name`` now: one record per instance (node, peer name, whether it registered it)."""
-        return [json.loads(v) for v, _m in self.etcd.get_prefix(self._holder_prefix(_name(name)))]
+        return [json.loads(kv.value) for kv in self.etcd.get_prefix(self._holder_prefix(_name(name)))]
 
     def get_replica(self, name: str, buffers: Sequence[Any]) -> None:
         """Pull ``name`` into ``buffers`` (one per registered buffer, each exactly as large), shards in

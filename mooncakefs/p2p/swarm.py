@@ -237,10 +237,10 @@ class Swarm:
             log.warning("cannot read the readers of inode %d: %s", f.ino, exc)
             return
         peers = []
-        for value, meta in rows:
+        for kv in rows:
             try:
-                record = json.loads(value)
-                mount = meta.key.decode().rsplit("/", 1)[1]
+                record = json.loads(kv.value)
+                mount = kv.key.decode().rsplit("/", 1)[1]
                 if mount == self.ns.mount_id or tuple(record["gen"]) != f.gen:
                     continue
                 peers.append(Peer(mount, record["node"], record["have"], bool(record["reading"])))
@@ -383,6 +383,9 @@ class Swarm:
                 continue
             try:
                 self._obtain(f, idx)
+            except MooncakeError as exc:  # expected (a holder or node away): one line, no traceback
+                log.warning("prefetching chunk %d of inode %d: %s", idx, f.ino, exc)
+                time.sleep(0.1)
             except Exception:
                 log.exception("prefetching chunk %d of inode %d", idx, f.ino)
                 time.sleep(0.1)

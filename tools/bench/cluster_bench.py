@@ -174,7 +174,7 @@ class Cluster:
         self.url = f"etcd://127.0.0.1:{self.port}/{self.name}"
         self.etcd: subprocess.Popen[bytes] | None = None
         self.nodes: list[NodeProc] = []
-        self.client: Any = None  # etcd3 client of this process
+        self.client: Any = None  # etcd client of this process (mooncakefs.cluster.etcd.Etcd)
 
     # -- etcd ---------------------------------------------------------------------------------------------
 
@@ -204,9 +204,9 @@ class Cluster:
 
     def etcd_client(self) -> Any:
         if self.client is None:
-            import etcd3
+            from mooncakefs.cluster.etcd import Etcd
 
-            self.client = etcd3.client(host="127.0.0.1", port=self.port, timeout=5)
+            self.client = Etcd(self.etcd_url, timeout=5)
         return self.client
 
     @property
@@ -214,8 +214,8 @@ class Cluster:
         return f"/mooncakefs/{self.name}/placement"
 
     def controller(self) -> str | None:
-        value, _ = self.etcd_client().get(f"/mooncakefs/{self.name}/controller")
-        return value.decode() if value is not None else None
+        kv = self.etcd_client().get(f"/mooncakefs/{self.name}/controller")
+        return kv.value.decode() if kv is not None else None
 
     # -- nodes --------------------------------------------------------------------------------------------
 
@@ -732,7 +732,7 @@ def watch_etcd(cluster: Cluster, victim: str, was_controller: bool, t0: float, o
 
     def revisions() -> dict[bytes, int]:
         out.etcd_reads += 1
-        return {kv.key: kv.mod_revision for kv in client.get_prefix_response(prefix, keys_only=True).kvs}
+        return {kv.key: kv.mod_revision for kv in client.range(prefix, prefix=True, keys_only=True).kvs}
 
     first = revisions()
     old_controller, map_revision = first.get(controller_key), first.get(cluster.map_key.encode())
@@ -749,8 +749,8 @@ def watch_etcd(cluster: Cluster, victim: str, was_controller: bool, t0: float, o
             if out.map_s is None and now.get(cluster.map_key.encode()) != map_revision:
                 map_revision = now.get(cluster.map_key.encode())
                 out.etcd_reads += 1
-                value, _ = client.get(cluster.map_key)
-                pmap = PlacementMap.from_json(value)
+                kv = client.get(cluster.map_key)
+                pmap = PlacementMap.from_json(kv.value)
                 if victim not in pmap.nodes:
                     out.map_s, out.new_epoch = t, pmap.epoch
         stop.wait(ETCD_POLL_S)
@@ -937,13 +937,13 @@ class RejoinRun:
         """The placement map in etcd and its revision: a keys-only read, and the map itself when it moved."""
         client, key = self.cluster.etcd_client(), self.cluster.map_key
         self.etcd_reads += 1
-        kvs = [kv for kv in client.get_prefix_response(key, keys_only=True).kvs if kv.key == key.encode()]
+        kvs = [kv for kv in client.range(key, prefix=True, keys_only=True).kvs if kv.key == key.encode()]
         revision = kvs[0].mod_revision if kvs else 0
         if revision and revision != self._map[1]:
             self.etcd_reads += 1
-            value, meta = client.get(key)
-            if value is not None:
-                self._map = PlacementMap.from_json(value), meta.mod_revision
+            kv = client.get(key)
+            if kv is not None:
+                self._map = PlacementMap.from_json(kv.value), kv.mod_revision
         return self._map
 
     def held(self, node: NodeProc) -> int:
@@ -1307,7 +1307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # -- etcd at rest; the placement map
         time.sleep(1.0)
-        value, _ = cluster.etcd_client().get(cluster.map_key)
+        value = cluster.etcd_client().get(cluster.map_key).value
         pmap = PlacementMap.from_json(value)
         map_info = {"key": cluster.map_key, "bytes": len(value), "epoch": pmap.epoch, "nodes": len(pmap.nodes),
                     "groups": pmap.groups, "width": pmap.width}
