@@ -19,13 +19,34 @@ from typing import Any
 import click
 
 import mooncakefs
+from mooncakefs.errors import MooncakeError, exit_code_of
 from mooncakefs.progress import progress
 from mooncakefs.units import format_size, parse_size, parse_ssd
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "synthetic_trace.jsonl"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Failed(click.ClickException):
+    """A command failed for a reason mooncakefs expects (a node or etcd away, a locked data dir, bad
+    input): "Error: <message>" on one line, no traceback, and the exit status of the errors table
+    (``mooncakefs.errors.ERRORS``) so scripts can tell "retry later" from "fix the input"."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc))
+        self.exit_code = exit_code_of(exc)
+
+
+class _Main(click.Group):
+    """The command group: a ``MooncakeError`` that a command lets escape still ends as ``Failed``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MooncakeError as exc:
+            raise Failed(exc) from None
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(mooncakefs.__version__, prog_name="mooncakefs")
 def main() -> None:
     """mooncakefs: tiered DRAM + SSD KVCache storage with a zero-copy Python API.
@@ -219,7 +240,7 @@ def mount(source: str, mountpoint: Path | None, data: Path | None, dram: int, ss
                          allow_other=allow_other, announce=announce, node=node, cluster=cluster,
                          replicas=replicas)
     except mooncakefs.MooncakeError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise Failed(exc) from None
 
 
 MIN_SECRET_BYTES = 16
@@ -330,7 +351,7 @@ def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socke
     try:
         store = mooncakefs.open(data, dram=dram, ssd=ssd_size, ssd_dir=ssd_dir, prefault=prefault)
     except mooncakefs.MooncakeError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise Failed(exc) from None
     default_path, chosen = default_socket()
     server = Node(store, unix_path=socket_path or default_path, tcp=tcp, secret=secret or None,
                   socket_mode=mode, socket_group=socket_group, socket_chosen=chosen or socket_path is not None,
@@ -342,7 +363,7 @@ def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socke
             logging.getLogger("mooncakefs.node").info("metrics", extra={"http": f"{host}:{port}"})
     except (OSError, mooncakefs.MooncakeError) as exc:
         server.stop()
-        raise click.ClickException(str(exc)) from None
+        raise Failed(exc) from None
     agent = None
     if etcd_url:
         from mooncakefs.cluster.agent import NodeAgent
@@ -359,7 +380,7 @@ def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socke
             agent.start()
         except (ValueError, mooncakefs.MooncakeError) as exc:
             server.stop()
-            raise click.ClickException(str(exc)) from None
+            raise Failed(exc) from None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: threading.Thread(target=server.stop).start())
     click.echo(f"mooncakefs node ready: unix://{server.unix_path}"
@@ -413,7 +434,7 @@ def status(ctx: click.Context, etcd_url: str, cluster: str, node_url: str | None
         # A script asked for JSON: give it JSON whatever went wrong, and say so in the exit status.
         message = exc.format_message() if isinstance(exc, click.ClickException) else f"{type(exc).__name__}: {exc}"
         click.echo(json.dumps({"error": message}))
-        ctx.exit(exc.exit_code if isinstance(exc, click.ClickException) else 1)
+        ctx.exit(exc.exit_code if isinstance(exc, click.ClickException) else exit_code_of(exc))
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
@@ -442,7 +463,7 @@ def _cluster_report(etcd_url: str, cluster: str) -> tuple[dict, Callable[[], Non
     try:
         records, controller, placement = list_nodes(etcd_url, cluster)
     except (ValueError, mooncakefs.MooncakeError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise Failed(exc) from None
     pmap = PlacementMap.from_json(placement) if placement else None
     for r in records:
         r["stats"] = _node_stats(r.get("tcp"))
@@ -479,7 +500,7 @@ def _node_report(url: str, timeout: float) -> tuple[dict, Callable[[], None]]:
         with mooncakefs.connect(url, timeout=timeout) as client:
             stats, instance = client.stats(), client.ping()
     except (ValueError, mooncakefs.MooncakeError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise Failed(exc) from None
     data = {"node": url, "instance": instance, "stats": stats}
 
     def render() -> None:
@@ -623,7 +644,7 @@ def fsck(data: Path | None, ssd_dir: Path | None, rebuild: bool) -> None:
     try:
         lock = DataDirLock(data)
     except StoreLocked as exc:
-        raise click.ClickException(str(exc)) from None
+        raise Failed(exc) from None
     try:
         report = check_tier(segments, index)
         for line in report.lines():

@@ -16,6 +16,7 @@ import pytest
 from conftest import child_env, rand_bytes
 
 import mooncakefs
+from mooncakefs.errors import StoreLocked
 from mooncakefs.units import format_size
 
 OPEN = {"dram": "16MiB", "ssd": "64MiB", "segment_size": "256KiB"}
@@ -215,7 +216,7 @@ def test_fsck_checks_every_value_and_rebuilds(tmp_path):
 
     with mooncakefs.open(tmp_path, **OPEN):
         result = fsck_cli(tmp_path)  # a store has it open: fsck refuses rather than race it
-    assert result.returncode == 1 and "in use by" in result.stderr, result.stderr
+    assert result.returncode == StoreLocked.exit_code and "in use by" in result.stderr, result.stderr
 
     _zeroed(tmp_path / "index.sqlite")
     result = fsck_cli(tmp_path)

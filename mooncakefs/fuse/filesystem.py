@@ -34,7 +34,7 @@ import pyfuse3
 import trio
 
 from mooncakefs._engine import crc32c
-from mooncakefs.errors import ChecksumError, KeyNotFound, OutOfSpace
+from mooncakefs.errors import KeyNotFound, MooncakeError, OutOfSpace, Unavailable, errno_of
 from mooncakefs.fuse.namespace import ROOT, Inode, Namespace, fail
 from mooncakefs.store import INTERNAL_PREFIX, InternalKey, Store, ValueView
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from mooncakefs.fuse.etcd_namespace import EtcdNamespace
 
 log = logging.getLogger("mooncakefs.fuse")
+EXPECTED_WARNINGS = (OutOfSpace, Unavailable)  # conditions of the moment, not damage: logged as warnings
 
 NAME_MAX = 255
 ATTR_TIMEOUT = 10.0  # this daemon makes every change, and the kernel invalidates what it changes
@@ -124,7 +125,9 @@ class OpenInode:
 
 
 def _handler(method: Any) -> Any:
-    """Turn an unexpected exception into EIO (logged with its traceback): the mount keeps serving."""
+    """Answer a failed request with the errno of the errors table (``mooncakefs.errors.ERRORS``): a
+    ``MooncakeError`` is expected (one log line: a node or etcd away, a full store, a bad checksum);
+    anything else is a bug (EIO, logged with its traceback).  Either way the mount keeps serving."""
 
     @functools.wraps(method)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -132,12 +135,13 @@ def _handler(method: Any) -> Any:
             return await method(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except OutOfSpace as exc:
-            log.warning("%s: %s", method.__name__, exc)
-            raise fail(errno.ENOSPC) from None
-        except (ChecksumError, KeyNotFound) as exc:
+        except KeyNotFound as exc:  # under a file a missing key is a lost chunk (the .kv/ paths say ENOENT)
             log.error("%s: %s", method.__name__, exc)
             raise fail(errno.EIO) from None
+        except MooncakeError as exc:
+            log.log(logging.WARNING if isinstance(exc, EXPECTED_WARNINGS) else logging.ERROR,
+                    "%s: %s", method.__name__, exc)
+            raise fail(errno_of(exc)) from None
         except Exception:
             log.exception("internal error in %s", method.__name__)
             raise fail(errno.EIO) from None
