@@ -1,17 +1,27 @@
-"""Shared pieces of the benchmark scripts: size labels, prefaulted buffers, the timing loop, machine info.
+"""The benchmarks' shared harness, so that each benchmark says only what it measures.
 
-Only the standard library and numpy are used here, so the module also works inside the separate
-virtualenv that holds the real Mooncake (tools/bench/setup_mooncake_venv.sh), where mooncakefs is absent.
+Here: size labels and prefaulted buffers; the timing loop (reps, medians); child processes (started in
+their own session, dying with the benchmark, stopped on the way out) and their CPU time; the reference
+run in another virtualenv (the real Mooncake); progress lines; the table; the JSON (machine info,
+written atomically).  Only the standard library and numpy are used here, so the module also works inside
+the separate virtualenv that holds the real Mooncake (tools/bench/setup_mooncake_venv.sh), where
+mooncakefs is absent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import platform
+import shlex
+import signal
+import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +92,78 @@ def measure(
     return results
 
 
+def median(values: Sequence[float]) -> float | None:
+    """The median of the repetitions (None for none): every benchmark reports medians, not means, so one
+    slow rep on a busy 2-core VM does not move the number."""
+    return statistics.median(values) if values else None
+
+
+# -- progress ------------------------------------------------------------------------------------------
+
+
+def progress(message: str, *, tag: str | None = None) -> None:
+    """A progress line on stderr, so stdout holds only the table (``tag``: "[tag HH:MM:SS] message")."""
+    line = f"[{tag} {time.strftime('%H:%M:%S')}] {message}" if tag else message
+    print(line, file=sys.stderr, flush=True)
+
+
+# -- child processes -----------------------------------------------------------------------------------
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when this process dies, even by SIGKILL (no stray daemons)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def spawn(cmd: Sequence[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own session (a Ctrl-C reaches only the benchmark, which then stops it) that
+    dies with this process."""
+    return subprocess.Popen(list(cmd), start_new_session=True, preexec_fn=die_with_parent, **popen)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM ``proc``, and SIGKILL it if it has not exited ``timeout`` seconds later."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def child_process(cmd: Sequence[str], **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """``spawn(cmd)`` for the duration of a ``with``; ``stop`` on leaving, however it is left."""
+    proc = spawn(cmd, **popen)
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_json_script(cmd: Sequence[str], out: Path) -> dict[str, Any]:
+    """Run a script that writes its results to ``out`` (a reference in another virtualenv, such as the real
+    Mooncake's mooncake_baseline.py), its own table going to our stderr: the JSON it wrote, or
+    ``{"error": ...}`` if it failed."""
+    progress("running " + shlex.join(cmd))
+    with child_process(cmd, stdout=sys.stderr) as proc:
+        rc = proc.wait()
+    if rc != 0 or not out.exists():
+        return {"error": f"{shlex.join(cmd)} exited {rc}"}
+    return json.loads(out.read_text())
+
+
+# -- the report ----------------------------------------------------------------------------------------
+
+
 def machine_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the numbers depend on: CPU, cores available, memory, kernel, Python and numpy versions."""
     model = "unknown"
@@ -126,3 +208,12 @@ def format_table(header: Iterable[str], rows: Iterable[Iterable[str]], right: It
         ).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in body)])
+
+
+def report(table: str, payload: dict[str, Any], json_path: str | Path | None) -> None:
+    """The end of every benchmark: the table on stdout, the JSON at ``json_path`` (if any), and a progress
+    line saying where it went."""
+    print(table, flush=True)
+    if json_path:
+        write_json(json_path, payload)
+        progress(f"wrote {json_path}")

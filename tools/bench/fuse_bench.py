@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import GB, format_size, format_table, machine_info, prefaulted, write_json
+from _common import GB, cpu_seconds, format_size, format_table, machine_info, prefaulted, progress, report, spawn
 from minimal_fs import mount_device, mount_tuning, tune_mount
 
 MiB, GiB = 1024**2, 1024**3
@@ -73,8 +73,7 @@ print(time.perf_counter() - t0)
 
 
 def log(msg: str) -> None:
-    """Progress goes to stderr, so stdout holds only the table."""
-    print(f"[fuse_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    progress(msg, tag="fuse_bench")
 
 
 class OpTimeout(RuntimeError):
@@ -102,10 +101,9 @@ class Target:
         if self.proc is None:
             return 0.0
         try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return cpu_seconds(self.proc.pid)
         except OSError:
             return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def is_mounted(path: Path) -> bool:
@@ -123,8 +121,7 @@ def start_mount(t: Target, timeout: float) -> None:
     t.mountpoint.mkdir(parents=True, exist_ok=True)
     log(f"mounting {t.name}: {shlex.join(t.cmd)}")
     with open(t.log_path, "wb") as out:
-        t.proc = subprocess.Popen(t.cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                                  start_new_session=True)
+        t.proc = spawn(t.cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = t.log_path.read_text(errors="replace")
@@ -560,13 +557,8 @@ def run(args: argparse.Namespace) -> int:
     names = [t.name for t in targets]
     title = (f"fuse_bench: {format_size(cfg.size)} files, {cfg.small_files:,} small files, "
              f"median of {cfg.reps} rep(s), {time.perf_counter() - t_start:.0f} s")
-    print(title)
-    print(res.table([*names, "memory"]))
-    print()
-    print(res.cpu_table(names))
-    print()
-    for t in targets:
-        print(f"{t.name}: tuning {t.tuning}" + "".join(f"; NOTE {n}" for n in t.notes))
+    table = "\n".join([title, res.table([*names, "memory"]), "", res.cpu_table(names), "",
+                       *(f"{t.name}: tuning {t.tuning}" + "".join(f"; NOTE {n}" for n in t.notes) for t in targets)])
     payload = {
         "benchmark": "fuse_bench",
         "config": {**vars(cfg), "kv_object_bytes": KV_OBJECT, "quick": args.quick},
@@ -574,8 +566,7 @@ def run(args: argparse.Namespace) -> int:
         "targets": {t.name: {"cmd": t.cmd, "tuning": t.tuning, "notes": t.notes} for t in targets},
         "rows": {k: r.as_json() for k, r in res.rows.items()},
     }
-    write_json(args.json, payload)
-    log(f"wrote {args.json}")
+    report(table, payload, args.json)
     return 0
 
 

@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -46,7 +45,9 @@ from _common import (
     machine_info,
     measure,
     prefaulted,
-    write_json,
+    progress,
+    report,
+    run_json_script,
 )
 
 import mooncakefs
@@ -386,10 +387,6 @@ class Bench:
         return rows, {"after_reopen": stats_after_reopen, "after_reads": stats_after_reads}
 
 
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 # ------------------------------------------------------------------------------------ index memory
 
 
@@ -461,23 +458,9 @@ def run_mooncake(venv: str, args: argparse.Namespace) -> dict[str, Any]:
     script = Path(__file__).with_name("mooncake_baseline.py")
     with tempfile.TemporaryDirectory(prefix="kv_bench-mooncake-") as tmp:
         out = Path(tmp) / "mooncake.json"
-        cmd = [
-            str(Path(venv) / "bin" / "python"),
-            str(script),
-            "--sizes",
-            ",".join(map(format_size, args.sizes)),
-            "--reps",
-            str(args.reps),
-            "--rep-time",
-            str(args.rep_seconds),
-            "--json",
-            str(out),
-        ]
-        progress("running " + shlex.join(cmd))
-        proc = subprocess.run(cmd, stdout=sys.stderr, check=False)  # its own table goes to our stderr
-        if proc.returncode != 0 or not out.exists():
-            return {"error": f"{shlex.join(cmd)} exited {proc.returncode}"}
-        return json.loads(out.read_text())
+        cmd = [str(Path(venv) / "bin" / "python"), str(script), "--sizes", ",".join(map(format_size, args.sizes)),
+               "--reps", str(args.reps), "--rep-time", str(args.rep_seconds), "--json", str(out)]
+        return run_json_script(cmd, out)
 
 
 def attach_mooncake(rows: Sequence[Row], baseline: dict[str, Any]) -> None:
@@ -699,11 +682,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif baseline:
         notes.append(f"mooncake baseline failed: {baseline['error']}")
     finish_rows(rows, reference)
-    print(render(rows, reference, index, baseline is not None and "error" not in baseline, notes))
+    table = render(rows, reference, index, baseline is not None and "error" not in baseline, notes)
     config = {k: v for k, v in vars(args).items() if not k.startswith("index_") or k == "index_objects"}
     config["dst_page_offset"] = dst_page_offset  # numpy's large arrays start 16 bytes into a page
-    write_json(
-        args.json,
+    report(
+        table,
         {
             "tool": "kv_bench",
             "machine": machine_info({"mooncakefs": mooncakefs.__version__, "data_dir": str(root)}),
@@ -716,8 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "notes": notes,
             "seconds": time.perf_counter() - started,
         },
+        args.json,
     )
-    progress(f"wrote {args.json} ({time.perf_counter() - started:.0f}s)")
     return 0
 
 

@@ -41,9 +41,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import json
-import os
 import shlex
 import signal
 import socket
@@ -57,7 +54,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import GB, format_size, format_table, machine_info, measure, prefaulted, write_json
+from _common import (
+    GB,
+    child_process,
+    cpu_seconds,
+    format_size,
+    format_table,
+    machine_info,
+    measure,
+    prefaulted,
+    progress,
+    report,
+    run_json_script,
+)
 
 import mooncakefs
 
@@ -147,42 +156,6 @@ class Row:
     x_mooncake: float | None = None
     targets: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------ child processes
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when this process dies, even by SIGKILL."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-@contextlib.contextmanager
-def child_process(cmd: Sequence[str], **popen: Any) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``cmd`` in its own session (a Ctrl-C reaches only this process, which then stops it) that
-    dies with this process; on leaving, SIGTERM it, and SIGKILL it if it has not exited 10 s later."""
-    proc = subprocess.Popen(list(cmd), start_new_session=True, preexec_fn=_die_with_parent, **popen)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_shmem(pid: int) -> int:
@@ -533,12 +506,7 @@ def run_mooncake(venv: str, args: argparse.Namespace, root: Path) -> dict[str, A
     cmd = [str(Path(venv) / "bin" / "python"), str(Path(__file__).with_name("mooncake_baseline.py")),
            "--layout", "remote", "--sizes", f"{format_size(SMALL)},{format_size(LARGE)}",
            "--reps", str(args.mooncake_reps), "--json", str(out)]
-    progress("running " + shlex.join(cmd))
-    with child_process(cmd, stdout=sys.stderr) as proc:  # its own table goes to our stderr
-        rc = proc.wait()
-    if rc != 0 or not out.exists():
-        return {"error": f"{shlex.join(cmd)} exited {rc}", "command": cmd}
-    return {**json.loads(out.read_text()), "command": cmd}
+    return {**run_json_script(cmd, out), "command": cmd}
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -657,8 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes.append(f"mc: Mooncake {mooncake.get('version')} --layout remote (client without a segment + a "
                      f"segment-serving process, tcp loopback), median of {args.mooncake_reps} reps, same op and size")
     finish_rows(rows, mooncake)
-    print(render(rows, refs, notes))
-    write_json(args.json, {
+    report(render(rows, refs, notes), {
         "tool": "node_bench",
         "machine": machine_info(),
         "config": {k: v for k, v in vars(args).items() if not k.startswith("peer")},
@@ -668,8 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mooncake": mooncake,
         "notes": notes,
         "seconds": time.perf_counter() - started,
-    })
-    progress(f"wrote {args.json} ({time.perf_counter() - started:.0f}s)")
+    }, args.json)
     return 0
 
 
