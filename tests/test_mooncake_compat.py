@@ -248,6 +248,11 @@ def test_transfer_engine_between_two_processes():
         src = np.random.default_rng(3).integers(0, 256, 1 << 20, dtype=np.uint8)
         back = np.zeros(1 << 20, dtype=np.uint8)
         assert engine.batch_register_memory([src.ctypes.data, back.ctypes.data], [src.nbytes, back.nbytes]) == 0
+        # Mooncake's own initiator test finds the target's buffer this way: the peer's first registered
+        # buffer, from its MAP reply; this engine's own is its first in registration order
+        assert engine.get_first_buffer_address(session) == peer["addr"]
+        assert engine.get_first_buffer_address(engine.get_engine().session_id) == src.ctypes.data
+        assert engine.get_first_buffer_address("127.0.0.1:1") == 0 and engine.last_error is not None
         assert engine.transfer_sync_write(session, src.ctypes.data, peer["addr"], 4096) == 0
         offsets = [8192 * i for i in range(1, 9)]
         assert engine.batch_transfer_sync_write(session, [src.ctypes.data + o for o in offsets],

@@ -282,7 +282,7 @@ class Engine:
             try:
                 control.send(Op.MAP)
                 info, _n = control.read_reply()
-                pid, boot, pidns, version_fd, _version, _table = info
+                pid, boot, pidns, version_fd, _version, _table = info[:6]
             except BaseException:
                 control.close()
                 raise
@@ -305,13 +305,31 @@ class Engine:
             self._peers[session] = peer
             return peer
 
-    def _fetch_table(self, peer: _Peer) -> tuple[int, list[list[int]]]:
+    def _map(self, peer: _Peer) -> list[Any]:
+        """The peer's MAP reply, asked now: its identity, table version, table and first buffer."""
         with peer.lock:
             if peer.control.closed:
                 peer.control = self._connect(peer.session)
             peer.control.send(Op.MAP)
             info, _n = peer.control.read_reply()
+        return info
+
+    def _fetch_table(self, peer: _Peer) -> tuple[int, list[list[int]]]:
+        info = self._map(peer)
         return info[4], info[5]
+
+    def first_buffer(self, session: str) -> int:
+        """The first memory ``session`` registered that is still registered (this engine's own when
+        ``session`` is its session id), 0 when it has none: asked afresh, since peers register at any
+        time.  Unavailable if the peer cannot be reached."""
+        self._check_open()
+        if session == self.session_id:
+            return self.registry.first()
+        info = self._map(self._peer(session))
+        if len(info) > 6:
+            return int(info[6])
+        table = info[5]  # a peer from before the 7th field: its lowest registered address
+        return int(table[0][0]) if table else 0
 
     def forget(self, session: str) -> None:
         """Drop a peer's connections (the next transfer to it starts afresh)."""

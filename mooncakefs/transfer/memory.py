@@ -34,6 +34,7 @@ class Registered:
     location: str = "*"
     memfd: int = -1  # the memfd backing it (a managed buffer), which a same-host peer may map
     owner: Any = field(default=None, repr=False)
+    seq: int = 0  # registration order (the registry sets it): "first buffer" means first registered
 
     @property
     def end(self) -> int:
@@ -58,6 +59,7 @@ class Registry:
         self._starts: list[int] = []
         self._ranges: list[Registered] = []
         self.version = 0
+        self._seq = 0
         # The version, published in a memfd that same-host peers map: they re-read the table when it moves.
         self._version_fd = os.memfd_create("mooncakefs-te-version", os.MFD_CLOEXEC)
         os.ftruncate(self._version_fd, PAGE)
@@ -84,6 +86,8 @@ class Registry:
                 assert other is not None
                 raise AddressOverlapped(f"{entry.addr:#x} (+{entry.length}) overlaps the registered "
                                         f"{other.addr:#x} (+{other.length})")
+            self._seq += 1
+            entry.seq = self._seq
             self._starts.insert(i, entry.addr)
             self._ranges.insert(i, entry)
             self._bump()
@@ -126,8 +130,10 @@ class Registry:
             return [[r.addr, r.length, int(r.writable), r.memfd] for r in self._ranges]
 
     def first(self) -> int:
+        """The address of the earliest-registered range still registered (0 if none): Mooncake's
+        ``getFirstBufferAddress`` means the segment's first buffer in registration order."""
         with self._lock:
-            return self._ranges[0].addr if self._ranges else 0
+            return min(self._ranges, key=lambda r: r.seq).addr if self._ranges else 0
 
     def __len__(self) -> int:
         return len(self._ranges)

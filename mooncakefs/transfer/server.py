@@ -72,7 +72,9 @@ class SegmentServer(FramedServer):
 
     def _map(self, conn: Connection, meta: list[Any], _n: int) -> None:
         registry = self.registry
-        conn.channel.send(Op.OK, [*self._identity, registry.version_fd, registry.version, registry.table()])
+        # the 7th field, the first registered address, answers a peer's get_first_buffer_address
+        conn.channel.send(Op.OK, [*self._identity, registry.version_fd, registry.version, registry.table(),
+                                  registry.first()])
 
     def _read(self, conn: Connection, meta: list[Any], n: int) -> None:
         addr, offset, length = meta
