@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -118,11 +119,24 @@ class TransferEngine:
     # -- set-up ----------------------------------------------------------------------------------------
 
     def initialize(self, local_hostname: str, metadata_server: str, protocol: str, device_name: str = "") -> int:
-        """Start the engine: serve on ``local_hostname`` (``host`` or ``host:port``); 0 or a negative code."""
+        """Start the engine: serve on ``local_hostname`` (``host`` or ``host:port``); 0 or a negative code.
+
+        ``"rdma"`` where no RDMA device (or verbs library) is usable falls back to tcp with one warning,
+        as Mooncake does: SGLang's disaggregation asks for "rdma" whatever the host has, and must run.
+        ``MC_FORCE_TCP`` (Mooncake's switch) makes any protocol tcp.  ``Engine(protocol="rdma")`` stays
+        strict: the Pythonic API has "auto" for "rdma if you can"."""
         def start() -> int:
             if self._engine is not None:
                 raise InvalidArgument("the transfer engine is initialized already")
-            self._engine = Engine(local_hostname, metadata_server, protocol, device_name or "")
+            chosen = "tcp" if os.environ.get("MC_FORCE_TCP") and protocol in ("rdma", "auto") else protocol
+            try:
+                self._engine = Engine(local_hostname, metadata_server, chosen, device_name or "")
+            except DeviceNotFound as exc:
+                if chosen != "rdma":
+                    raise
+                log.warning("transfer engine: protocol 'rdma' asked for, but %s: falling back to tcp "
+                            "(as Mooncake does)", str(exc).removeprefix("protocol 'rdma': "))
+                self._engine = Engine(local_hostname, metadata_server, "tcp", device_name or "")
             return 0
         return self._call(start)
 
@@ -191,9 +205,9 @@ class TransferEngine:
         return self._call(lambda: self.engine.free(buffer_addr) or 0)
 
     def get_first_buffer_address(self, segment_name: str) -> int:
-        """This engine's first registered address (other segments: 0, as for an unknown segment)."""
-        return self._call(lambda: self.engine.registry.first()
-                          if segment_name == self.engine.session_id else 0, failed=0)
+        """The first buffer ``segment_name`` (a peer's ``host:port``, or this engine's own) registered
+        and still holds; 0 if it has none or cannot be reached (``last_error`` says why)."""
+        return self._call(lambda: self.engine.first_buffer(segment_name), failed=0)
 
     def write_bytes_to_buffer(self, dest_address: int, src_ptr: bytes, length: int) -> int:
         def run() -> int:
