@@ -61,15 +61,17 @@ def run_as_mooncake(code: str, *options: str, timeout: float = 60) -> subprocess
                           capture_output=True, text=True, timeout=timeout, env=child_env())
 
 
-def test_install_registers_the_three_names_and_is_idempotent():
+def test_install_registers_the_four_names_and_is_idempotent():
     import mooncake
     import mooncake.engine
+    import mooncake.p2p_store
     import mooncake.store
 
     assert mooncakefs.compat.is_drop_in(mooncake) and mooncakefs.compat.is_drop_in(mooncake.store)
     assert mooncake.store.MooncakeDistributedStore is MooncakeDistributedStore
     assert mooncake.engine.TransferEngine is mooncakefs.transfer.TransferEngine  # exposed unchanged
     assert mooncake.engine.TransferOpcode.Read == TransferOpcode.READ == mooncake.engine.Read
+    assert mooncakefs.compat.is_drop_in(mooncake.p2p_store) and "mooncake.p2p_store" in sys.modules
     mooncakefs.compat.install()  # a second call changes nothing
     assert sys.modules["mooncake"] is mooncake
 

@@ -1,10 +1,11 @@
 """A drop-in for Mooncake's Python packages, so its users switch to mooncakefs with one import.
 
-``install()`` registers ``mooncake``, ``mooncake.store`` and ``mooncake.engine`` in this process;
-``mooncakefs as-mooncake -- CMD...`` runs an unmodified program with the same names (the ``shim/``
-directory goes first on its PYTHONPATH, so every Python process it starts sees them too).  Both load
-the same files, ``shim/mooncake/*.py``, thin re-exports of ``mooncakefs.compat.store`` and
-``mooncakefs.transfer.compat``.  docs/mooncake-compat.md says what maps to what, and what differs.
+``install()`` registers ``mooncake``, ``mooncake.store``, ``mooncake.engine`` and ``mooncake.p2p_store``
+in this process; ``mooncakefs as-mooncake -- CMD...`` runs an unmodified program with the same names
+(the ``shim/`` directory goes first on its PYTHONPATH, so every Python process it starts sees them
+too).  Both load the same files, ``shim/mooncake/*.py``, thin re-exports of ``mooncakefs.compat.store``,
+``mooncakefs.transfer.compat`` and ``mooncakefs.compat.p2p_store``.  docs/mooncake-compat.md says what
+maps to what, and what differs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def is_drop_in(module: object) -> bool:
 
 
 def install() -> None:
-    """Register ``mooncake``, ``mooncake.store`` and ``mooncake.engine`` for this process.  Refuses
+    """Register ``mooncake``, ``mooncake.store``, ``mooncake.engine`` and ``mooncake.p2p_store`` for this
+    process.  Refuses
     (ImportError) when the real ``mooncake`` is imported already: two implementations of one name in
     one process would split objects between them."""
     current = sys.modules.get("mooncake")
@@ -49,6 +51,7 @@ def install() -> None:
         spec.loader.exec_module(module)
         importlib.import_module("mooncake.store")
         importlib.import_module("mooncake.engine")
+        importlib.import_module("mooncake.p2p_store")
     except BaseException:
         for name in [n for n in sys.modules if n == "mooncake" or n.startswith("mooncake.")]:
             del sys.modules[name]
