@@ -33,6 +33,21 @@ cdef extern from *:
     """
     const int MADV_POPULATE_WRITE
 
+
+cdef extern from *:
+    """
+    #ifndef MADV_HUGEPAGE
+    #define MADV_HUGEPAGE 14
+    #endif
+    """
+    const int MADV_HUGEPAGE
+
+# A value this large gets fresh pages from the kernel (glibc mmaps it: its threshold tops out at 32 MiB),
+# and faulting them in 4 KiB at a time cost more than the copy itself: 26 ms against 6 ms with 2 MiB
+# pages for 64 MiB on the dev VM.  Where transparent huge pages are "madvise", ask for them.
+cdef Py_ssize_t HUGE_FILL_MIN = 4 << 20
+cdef size_t HUGE_PAGE = 2 << 20
+
 mc_crc32c_init()
 
 cdef extern from *:
@@ -139,6 +154,12 @@ def fill_bytes(Py_ssize_t n, fill) -> bytes:
     before anyone else can see it: a value received from a socket lands in its final object, with no
     bytearray to copy from."""
     out = PyBytes_FromStringAndSize(NULL, n)
+    cdef size_t start, end
+    if n >= HUGE_FILL_MIN:  # advice only: where THP is off or the call fails, small pages it is
+        start = (<size_t>PyBytes_AS_STRING(out) + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
+        end = (<size_t>PyBytes_AS_STRING(out) + <size_t>n) & ~(HUGE_PAGE - 1)
+        if end > start:
+            madvise(<void *>start, end - start, MADV_HUGEPAGE)
     view = PyMemoryView_FromMemory(PyBytes_AS_STRING(out), n, PyBUF_WRITE)
     try:
         fill(view)

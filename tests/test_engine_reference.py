@@ -490,3 +490,6 @@ def test_fill_bytes_hands_a_writable_view_then_bytes(impl):
     assert impl.fill_bytes(0, lambda view: None) == b""
     with pytest.raises(ZeroDivisionError):  # the filler's error propagates; no half-filled bytes escape
         impl.fill_bytes(3, lambda view: 1 / 0)
+    # a large value (its pages advised huge, where the kernel allows) is filled end to end
+    big = bytes(range(256)) * ((9 << 20) // 256) + b"xyz"
+    assert impl.fill_bytes(len(big), lambda view: view.__setitem__(slice(None), big)) == big
