@@ -65,3 +65,5 @@ cdef class Entry:
     cdef public bint pinned
     cdef public bint sticky
     cdef public bint dead
+    cdef public bint durable
+    cdef public int queue

@@ -589,7 +589,10 @@ cdef class Entry:
     """Where one object lives: a DRAM block and/or an SSD segment record (-1 when absent), its size,
     CRC-32C (-1 until first computed), version and tag (set by its writer: the version below 2**126,
     the tag a 32-bit int), expiry (unix time, 0 for none), read leases, SSD hits, and whether it is
-    pinned (never leaves DRAM) or sticky (may be demoted, never dropped).  A C struct with attribute access, not tracked by the garbage collector."""
+    pinned (never leaves DRAM) or sticky (may be demoted, never dropped), durable (put with durable=True:
+    kept through SSD reclaim while the tier has room), and which DRAM eviction queue holds it (``queue``:
+    0 none, 1 fresh, 2 main; see store.py).  A C struct with attribute access, not tracked by the
+    garbage collector."""
 
     def __cinit__(self, long long size=0):
         self.size = size

@@ -283,16 +283,16 @@ class Arena:
 class Entry:
     """Same fields as the Cython entry."""
 
-    __slots__ = ("crc", "dead", "dram", "dram_off", "expires", "hits", "pinned", "readers", "seen", "seg",
-                 "seg_off", "size", "sticky", "tag", "version")
+    __slots__ = ("crc", "dead", "dram", "dram_off", "durable", "expires", "hits", "pinned", "queue", "readers",
+                 "seen", "seg", "seg_off", "size", "sticky", "tag", "version")
 
     def __init__(self, size: int = 0) -> None:
         self.size = size
         self.version = self.tag = 0
         self.dram = self.dram_off = self.seg = self.seg_off = self.crc = -1
         self.expires = 0.0
-        self.readers = self.hits = self.seen = 0
-        self.pinned = self.sticky = self.dead = False
+        self.readers = self.hits = self.seen = self.queue = 0
+        self.pinned = self.sticky = self.dead = self.durable = False
 
 
 INDEX_HEADER_BYTES, INDEX_SLOT_BYTES = 64, 32

@@ -9,12 +9,18 @@ copies themselves release the GIL (``mooncakefs._engine``).
 Atomicity.  A put fills a fresh block that no reader can see, then publishes it by swapping the
 index entry under the lock; the old entry is retired and its block freed once its last lease ends.
 
-Tiering.  DRAM-resident, unpinned objects sit in an LRU list.  A put that would take DRAM past the
-high watermark first evicts down to the low watermark: an object with an SSD copy just gives up its
-DRAM block; one without is written to SSD (demoted), or dropped when there is no SSD tier.  An
-SSD-only object read ``promote_after`` times is copied back into DRAM, keeping its SSD copy so a later
-eviction costs nothing.  Checksums (CRC-32C) are taken when a value first leaves DRAM, and checked on
-every SSD read.
+Tiering.  DRAM-resident, unpinned objects sit in one of two queues: ``fresh`` (put and not read since,
+first in first out) and ``main`` (read at least once, or put again soon after being evicted: least
+recently used first).  Most KV-cache blocks are never read again, so eviction takes fresh objects first
+while they hold more than FRESH_SHARE of DRAM; a key evicted lately is remembered (the ghost list), so
+when it comes back it goes straight to main.  A put that would take DRAM past the high watermark first
+evicts down to the low watermark: an object with an SSD copy just gives up its DRAM block; one without
+is written to SSD (demoted), or dropped when there is no SSD tier.  An SSD-only object read
+``promote_after`` times is copied back into DRAM, keeping its SSD copy so a later eviction costs
+nothing.  SSD space is reclaimed a segment at a time (``_ssd_room``): below the high watermark only
+garbage goes; above it, the oldest segment's values read since they were written are copied forward and
+the rest dropped.  Checksums (CRC-32C) are taken when a value first leaves DRAM, and checked on every SSD
+read.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from mooncakefs.errors import (
     describe_key,
 )
 from mooncakefs.tiers import DramTier, SsdTier
-from mooncakefs.tiers.ssd import PINNED, STICKY, Segment, aligned
+from mooncakefs.tiers.ssd import DURABLE, PINNED, STICKY, Segment, aligned
 from mooncakefs.units import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -60,6 +66,9 @@ if TYPE_CHECKING:
 MAX_KEY_BYTES = 1024
 LOCKED_COPY_MAX = 64 * 1024  # values below this are copied under the store lock
 STAGING_MIN = 1 << 30  # begin_put may stage at least this much in memory for values bound for SSD
+FRESH_SHARE = 0.05  # of DRAM: fresh (never read) objects beyond this are evicted before main ones
+GHOST_FACTOR = 2  # the ghost list remembers this many evicted keys per object in the store
+FRESH, MAIN = 1, 2  # Entry.queue: which DRAM eviction queue holds the entry (0: none, pinned or not in DRAM)
 INTERNAL_PREFIX = b"\xc0\x80"  # never valid UTF-8, so no str key has it; bytes keys may not use it
 Key = str | bytes
 
@@ -320,7 +329,7 @@ class ObjectInfo:
 
 
 def _flags(entry: Entry) -> int:
-    return (PINNED if entry.pinned else 0) | (STICKY if entry.sticky else 0)
+    return (PINNED if entry.pinned else 0) | (STICKY if entry.sticky else 0) | (DURABLE if entry.durable else 0)
 
 
 class ValueView:
@@ -515,7 +524,13 @@ class Store(KVMapping):
         self._low = int(self._dram.capacity * low_watermark)
         self._promote_after = promote_after
         self._index: dict[bytes, Entry] = {}
-        self._lru: OrderedDict[bytes, Entry] = OrderedDict()  # unpinned DRAM residents, oldest first
+        self._lru: OrderedDict[bytes, Entry] = OrderedDict()  # main: DRAM residents read since put, LRU first
+        self._fresh: OrderedDict[bytes, Entry] = OrderedDict()  # DRAM residents not read since put, oldest first
+        self._fresh_bytes = 0
+        self._ghost: OrderedDict[bytes, None] = OrderedDict()  # keys evicted lately, oldest first
+        self._ssd_high = int(self._ssd.capacity * high_watermark) if self._ssd is not None else 0
+        # the fresh share is of the whole store (the SSD tier extends main), at most half of DRAM
+        self._fresh_max = min(int((self._high + self._ssd_high) * FRESH_SHARE), self._high // 2)
         self._expiring: list[tuple[float, int, bytes, Entry]] = []  # heap by expiry time
         self._tiebreak = itertools.count()
         self._lock = threading.Lock()
@@ -533,6 +548,7 @@ class Store(KVMapping):
                 entry.seg, entry.seg_off, entry.crc = rec.seg, rec.off, rec.crc
                 entry.expires, entry.version, entry.tag = rec.expires, rec.version, rec.tag
                 entry.pinned, entry.sticky = bool(rec.flags & PINNED), bool(rec.flags & STICKY)
+                entry.durable = bool(rec.flags & DURABLE)
                 self._index[rec.key] = entry
                 if entry.expires:
                     heapq.heappush(self._expiring, (entry.expires, next(self._tiebreak), rec.key, entry))
@@ -552,6 +568,8 @@ class Store(KVMapping):
                 self._ssd.close()
             self._index.clear()
             self._lru.clear()
+            self._fresh.clear()
+            self._ghost.clear()
             self._datadir_lock.release()
 
     def persist(self, keys: Iterable[Key] | None = None) -> int:
@@ -736,7 +754,7 @@ class Store(KVMapping):
         if durable and self._ssd is None:
             raise InvalidArgument(f"put({describe_key(key)}, durable=True) needs an SSD tier: open the store "
                                   "with ssd=... (a node: --ssd)")
-        entry.pinned = pin
+        entry.pinned, entry.durable = pin, durable
         entry.sticky = type(key) is InternalKey
         return raw, entry
 
@@ -797,10 +815,10 @@ class Store(KVMapping):
         if self._shared is not None:
             self._share(raw, entry)
         if old is not None:
-            self._lru.pop(raw, None)
+            self._unqueue(raw, old)
             self._discard(raw, old)
         if self._evictable(entry):
-            self._lru[raw] = entry
+            self._enqueue(raw, entry, old is not None)
         if entry.expires:
             heapq.heappush(self._expiring, (entry.expires, next(self._tiebreak), raw, entry))
         if self._ssd is not None:
@@ -808,6 +826,48 @@ class Store(KVMapping):
 
     def _dram_bytes(self, entry: Entry) -> memoryview:
         return self._dram.view[entry.dram_off : entry.dram_off + entry.size]
+
+    def _enqueue(self, raw: bytes, entry: Entry, again: bool) -> None:
+        """Queue a new DRAM resident for eviction (lock held): in main if its key was just replaced or
+        evicted lately (``again``, or in the ghost list), else in fresh."""
+        ghost = self._ghost
+        if again or (ghost and raw in ghost):
+            if not again:
+                del ghost[raw]
+            entry.queue = MAIN
+            self._lru[raw] = entry
+        else:
+            entry.queue = FRESH
+            self._fresh[raw] = entry
+            self._fresh_bytes += entry.size
+
+    def _unqueue(self, raw: bytes, entry: Entry) -> None:
+        """Take an entry out of its eviction queue, if it is in one (lock held)."""
+        queue = entry.queue
+        if queue == MAIN:
+            del self._lru[raw]
+        elif queue == FRESH:
+            del self._fresh[raw]
+            self._fresh_bytes -= entry.size
+        entry.queue = 0
+
+    def _touch(self, raw: bytes, entry: Entry) -> None:
+        """A read of a DRAM resident: the most recently used of main (lock held).  O(1)."""
+        queue = entry.queue
+        if queue == MAIN:
+            self._lru.move_to_end(raw)
+        elif queue == FRESH:
+            del self._fresh[raw]
+            self._fresh_bytes -= entry.size
+            entry.queue = MAIN
+            self._lru[raw] = entry
+
+    def _remember(self, raw: bytes) -> None:
+        """Note a key evicted from DRAM without an SSD copy, so that it enters main if put again soon."""
+        ghost = self._ghost
+        ghost[raw] = None
+        if len(ghost) > GHOST_FACTOR * len(self._index) + 64:
+            ghost.popitem(last=False)
 
     def _evictable(self, entry: Entry) -> bool:
         """Whether a DRAM-resident entry belongs in the LRU: pinned ones stay put, and sticky ones can
@@ -822,7 +882,7 @@ class Store(KVMapping):
         old = self._index.get(raw)
         self._unshare(raw)
         if old is not None:
-            self._lru.pop(raw, None)
+            self._unqueue(raw, old)
             self._discard(raw, old)
         self._index[raw] = entry
         if entry.expires:
@@ -915,81 +975,115 @@ class Store(KVMapping):
         return handle, offset
 
     def _evict_one(self) -> bool:
-        """Move the least recently used unleased object out of DRAM (lock held); False if none can go.
+        """Move one unleased object out of DRAM (lock held); False if none can go.
 
-        It is demoted to SSD unless it already has a copy there; with no SSD tier (or no room on it)
-        it is dropped, unless it is sticky, in which case the next candidate is tried.  An object read
-        through the shared index since eviction last looked gets a second chance; when every candidate
-        had one, the oldest goes all the same (busy readers must not make puts fail)."""
+        The oldest fresh object goes first while fresh ones hold more than their share of DRAM (or main
+        is empty), else the least recently used of main.  It is demoted to SSD unless it already has a
+        copy there; with no SSD tier (or no room on it) it is dropped (and its key remembered in the
+        ghost list), unless it is sticky, in which case the next candidate is tried.  An object read
+        through the shared index since eviction last looked gets a second chance (it counts as read);
+        when every candidate had one, the oldest goes all the same (busy readers must not make puts
+        fail)."""
         ssd_full = self._ssd is None
-        refreshed: list[bytes] = []  # read through the shared index since last looked at: not cold
-        victim: bytes | None = None
+        refreshed: list[tuple[bytes, Entry]] = []  # read through the shared index since last looked at
+        victim: Entry | None = None
+        raw = b""
+        if self._fresh_bytes > self._fresh_max or not self._lru:
+            queues = (self._fresh, self._lru)
+        else:
+            queues = (self._lru, self._fresh)
         for second_chances in (self._shared is not None, False):
-            for raw, entry in self._lru.items():
-                if entry.readers:
-                    continue
-                if second_chances and self._read_shared_since(raw, entry):
-                    refreshed.append(raw)
-                    continue
-                if entry.seg < 0 and not ssd_full:
-                    try:
-                        self._write_to_ssd(raw, entry, self._dram_bytes(entry))
-                    except OutOfSpace:
-                        ssd_full = True
-                if entry.seg >= 0 or not entry.sticky:
-                    victim = raw
+            for queue in queues:
+                for raw, entry in queue.items():
+                    if entry.readers:
+                        continue
+                    if second_chances and self._read_shared_since(raw, entry):
+                        refreshed.append((raw, entry))
+                        continue
+                    if entry.seg < 0 and not ssd_full and (queue is self._lru or entry.sticky or
+                                                           self._ssd.live + entry.size <= self._ssd_high):
+                        # a value never read since put is demoted only while the SSD tier has room:
+                        # it would push out values that earned their place
+                        try:
+                            self._write_to_ssd(raw, entry, self._dram_bytes(entry))
+                        except OutOfSpace:
+                            ssd_full = True
+                    if entry.seg >= 0 or not entry.sticky:
+                        victim = entry
+                        break
+                if victim is not None:
                     break
             if victim is not None or not refreshed:
                 break
-        for r in refreshed:
-            self._lru.move_to_end(r)
+        for r, e in refreshed:
+            self._touch(r, e)
         if victim is None:
             return False
-        entry = self._lru.pop(victim)
+        entry = victim
+        self._unqueue(raw, entry)
         self._counters["dram"]["evictions"] += 1
-        self._unshare(victim)
+        self._unshare(raw)
         if entry.seg < 0:  # nowhere to demote it: it leaves the store
-            del self._index[victim]
-            self._discard(victim, entry)
+            del self._index[raw]
+            self._discard(raw, entry)
+            self._remember(raw)
         else:
             self._dram.free(entry.dram)
             entry.dram = entry.dram_off = -1
         return True
 
     def _ssd_room(self, size: int) -> bool:
-        """Make room for ``size`` bytes on SSD by emptying segments (lock held); False if impossible.
+        """Make room for ``size`` bytes on SSD by reclaiming segments (lock held); False if impossible.
 
-        Emptying a segment evicts its plain objects (those also in DRAM just lose their SSD copy) and
-        moves its pinned and sticky ones to the active segment; a segment holding nothing else is
-        left alone, since emptying it would gain nothing."""
+        Below the high watermark of live bytes nothing is evicted: the segment with the fewest live
+        bytes is compacted (its values copied forward), so only garbage (removed and replaced values)
+        goes.  Above it, the oldest segment goes, as in a log-structured cache: its values read since
+        they were written (hot) and its durable ones are copied forward (reinserted, and must be read
+        again to survive the next pass), pinned and sticky ones always are, and the rest leave the store
+        (those also in DRAM just lose their SSD copy).  If a whole pass over the tier frees nothing
+        that way, a second pass keeps only pinned and sticky values."""
         ssd = self._ssd
         assert ssd is not None
         if size > ssd.capacity:
             return False
         tried: set[int] = set()
+        forced = False
+        need = aligned(size)
         while not ssd.fits(size):
-            seg = ssd.victim(skip=tried)
+            pressure = ssd.live + need > self._ssd_high
+            seg = ssd.victim(skip=tried, oldest=pressure)
             if seg is None:
-                return False
+                if forced or not pressure:
+                    return False
+                forced, tried = True, set()
+                continue
             tried.add(seg.id)
             residents = [(raw, self._index.get(raw)) for raw in ssd.keys_in(seg.id)]
             residents = [(raw, e) for raw, e in residents if e is not None and e.seg == seg.id]
-            keep = [(raw, e) for raw, e in residents if e.pinned or e.sticky]
+            if not pressure:
+                keep = [(raw, e) for raw, e in residents if e.dram < 0 or e.pinned or e.sticky or e.durable]
+            else:
+                keep = [(raw, e) for raw, e in residents if e.pinned or e.sticky or
+                        (not forced and (e.durable or (e.dram < 0 and e.hits > 0)))]
             if sum(aligned(e.size) for _, e in keep) >= seg.size:
                 continue
             moved = [(raw, e, ssd.read(seg, e.seg_off, e.size)) for raw, e in keep]
+            kept = {id(e) for _, e in keep}
             for raw, entry in residents:
-                if entry.pinned or entry.sticky:
+                if id(entry) in kept:
                     continue
                 entry.seg = entry.seg_off = -1
                 if entry.dram < 0:  # its only copy: it leaves the store
                     del self._index[raw]
                     entry.dead = True
                     self._counters["ssd"]["evictions"] += 1
+                    self._remember(raw)
             ssd.remove_segment(seg)
             for raw, entry, data in moved:
                 entry.seg, entry.seg_off = ssd.append(raw, memoryview(data), entry.crc, entry.expires,
                                                       _flags(entry), entry.version, entry.tag)
+                if pressure:
+                    entry.hits = 0  # reinserted once for the reads it had; it must be read again
         return True
 
     def _discard(self, raw: bytes, entry: Entry) -> None:
@@ -1039,8 +1133,10 @@ class Store(KVMapping):
             raise KeyNotFound(key)
         if entry.dram >= 0:
             dram["hits"] += 1
-            if not entry.pinned and (not entry.sticky or self._ssd is not None):  # i.e. in the LRU
+            if entry.queue == MAIN:
                 self._lru.move_to_end(raw)
+            elif entry.queue:
+                self._touch(raw, entry)
         else:
             dram["misses"] += 1
             ssd["hits"] += 1
@@ -1049,7 +1145,7 @@ class Store(KVMapping):
     def _remove(self, raw: bytes, entry: Entry) -> None:
         del self._index[raw]
         self._unshare(raw)
-        self._lru.pop(raw, None)
+        self._unqueue(raw, entry)
         self._discard(raw, entry)
         self._commit()
 
@@ -1143,13 +1239,23 @@ class Store(KVMapping):
             entry.hits += 1
             if entry.hits >= self._promote_after and not entry.pinned:
                 handle, offset = self._alloc_dram(entry.size)
-                if handle >= 0:
+                if handle >= 0 and (entry.dead or entry.dram >= 0):  # reclaimed or promoted meanwhile
+                    self._dram.free(handle)
+                elif handle >= 0:
                     self._dram.arena.write(offset, data)
                     entry.dram, entry.dram_off, entry.hits = handle, offset, 0
+                    entry.queue = MAIN  # read lately: it has earned main
                     self._lru[raw] = entry
                     self._counters["dram"]["promotions"] += 1
                     if self._shared is not None:
                         self._share(raw, entry)
+                    ssd = self._ssd
+                    if (not entry.sticky and not entry.durable and entry.seg >= 0
+                            and ssd.live > self._ssd_high - self._ssd_high // 16):  # type: ignore[union-attr]
+                        # a full tier keeps one copy of each value: the DRAM one, now
+                        ssd.drop(raw, entry.seg, entry.seg_off, entry.size)  # type: ignore[union-attr]
+                        entry.seg = entry.seg_off = -1
+                        self._commit()
 
     # -- queries ----------------------------------------------------------------------------------------
 
@@ -1181,7 +1287,7 @@ class Store(KVMapping):
             for k, e in doomed:
                 del self._index[k]
                 self._unshare(k)
-                self._lru.pop(k, None)
+                self._unqueue(k, e)
                 self._discard(k, e)
             self._commit()
             return sum(1 for _, e in doomed if not e.expires or e.expires > now)
@@ -1230,23 +1336,36 @@ class Store(KVMapping):
             return {raw: (entry.version, entry.tag) for raw, entry in self._index.items()}
 
     def match_prefix(self, keys: Iterable[Key]) -> int:
-        """How many leading keys of ``keys`` are present: the cached prefix of a KV-cache block chain."""
+        """How many leading keys of ``keys`` are present: the cached prefix of a KV-cache block chain.
+
+        The prefix found counts as read, last key first: a block is worth keeping only while the blocks
+        before it are kept, so the chain's tail is left the nearest to eviction (leaf first)."""
         keys = key_list(keys, "match_prefix")
         with self._lock:
             self._check_open()
-            hits = 0
+            found: list[tuple[bytes, Entry]] = []
+            index = self._index
             for key in keys:
-                try:
-                    raw = encode_key(key)
-                except InvalidKey:
+                if type(key) is str:  # the common case, inline: encode_key says why a key is bad
+                    raw = key.encode() if key.isascii() else encode_key(key)
+                    if not 0 < len(raw) <= MAX_KEY_BYTES:
+                        break
+                else:
+                    try:
+                        raw = encode_key(key)
+                    except InvalidKey:
+                        break
+                entry = index.get(raw)
+                if entry is None or (entry.expires and self._lookup(raw) is None):
                     break
-                entry = self._lookup(raw)
-                if entry is None:
-                    break
-                if entry.dram >= 0 and self._evictable(entry):
-                    self._lru.move_to_end(raw)
-                hits += 1
-            return hits
+                found.append((raw, entry))
+            lru = self._lru
+            for raw, entry in reversed(found):
+                if entry.queue == MAIN:
+                    lru.move_to_end(raw)
+                elif entry.queue:
+                    self._touch(raw, entry)
+            return len(found)
 
     def stats(self) -> dict[str, Any]:
         """Per-tier capacity, bytes used, object count and hit/miss/eviction/promotion counters.
@@ -1384,8 +1503,10 @@ class Store(KVMapping):
                         continue
                     results[i] = copy_out(i, key, entry)
                     hits += 1
-                    if not entry.pinned and (not entry.sticky or self._ssd is not None):
+                    if entry.queue == MAIN:
                         lru.move_to_end(raw)
+                    elif entry.queue:
+                        self._touch(raw, entry)
                 except (MooncakeError, TypeError, ValueError) as exc:
                     results[i] = exc
             self._counters["dram"]["hits"] += hits

@@ -216,6 +216,11 @@ def test_promoted_object_can_be_demoted_again(store_factory):
     store.get("k0")
     assert wait_until(lambda: tier_of(store, "k0") == "dram")
     fill(store, "more", 16)
+    # values put once and never read go first: k0, read lately, outlives them all
+    assert tier_of(store, "k0") == "dram"
+    for i in range(16):  # values read since put compete with k0 on recency, and k0 is the oldest
+        store.put(f"hot{i}", value_for(f"hot{i}"))
+        store.get(f"hot{i}")
     assert wait_until(lambda: tier_of(store, "k0") == "ssd")
     assert store.get("k0") == value_for("k0")
 

@@ -300,7 +300,7 @@ class Segment:
     journal_buf: bytearray = field(default_factory=bytearray)  # records not yet written
 
 
-PINNED, STICKY = 1, 2  # bits of the index's flags column
+PINNED, STICKY, DURABLE = 1, 2, 4  # bits of the index's flags column
 
 
 @dataclass(frozen=True)
@@ -736,14 +736,19 @@ class SsdTier:
 
     # -- reclaiming ------------------------------------------------------------------------------------
 
-    def victim(self, skip: set[int]) -> Segment | None:
-        """The segment whose removal frees the most for the least loss: fewest live bytes, oldest
-        first, leaving out ``skip``.  The active segment qualifies too (it is sealed first) so a tier
-        of one segment works."""
+    def victim(self, skip: set[int], oldest: bool = False) -> Segment | None:
+        """The next segment to reclaim, leaving out ``skip``: the oldest (``oldest``: the tier is full of
+        live values, and age is what a log-structured cache evicts by) or else the one with the fewest
+        live bytes, oldest first (compaction frees the most for the least copying).  The active
+        segment qualifies too (it is sealed first) so a tier of one segment works; when evicting by
+        age it comes last, being the newest."""
         candidates = [seg for seg in self.segments.values() if seg.size and seg.id not in skip]
         if not candidates:
             return None
-        seg = min(candidates, key=lambda s: (s.live, s.id))
+        if oldest:
+            seg = min(candidates, key=lambda s: (s is self.active, s.id))
+        else:
+            seg = min(candidates, key=lambda s: (s.live, s.id))
         if seg is self.active:
             self.active = None
         return seg
