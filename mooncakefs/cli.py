@@ -151,6 +151,105 @@ def demo(data: Path | None, dram: int, ssd: int, block_size: int, trace: Path | 
     _echo_tiers(stats)
 
 
+def _fraction(name: str, value: float) -> float:
+    if not 0 < value <= 1:
+        raise click.BadParameter(f"must be a fraction above 0 and at most 1 (e.g. 0.05), got {value}",
+                                 param_hint=name)
+    return value
+
+
+@main.command()
+@click.argument("trace", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--node", "node_url", default=None,
+              help="Replay through a node (unix:///…/node.sock or tcp://host:port) instead of an embedded "
+                   "store; the node's --dram and --ssd are its own, so --capacity then sizes only LRU and "
+                   "Belady.")
+@click.option("--capacity", default=0.05, show_default=True, type=float,
+              help="Store capacity as a fraction of the trace's unique blocks (0.05: 5%).")
+@click.option("--dram-share", default=0.33, show_default=True, type=float,
+              help="Fraction of the capacity in DRAM, the rest on SSD (1: DRAM alone).")
+@click.option("--block-size", default="64KiB", show_default=True, callback=_size, help="Bytes per KV block.")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path),
+              help="Data dir of the embedded store (default: a temporary dir, deleted afterwards).")
+@click.option("--requests", "limit", default=None, type=click.IntRange(min=1),
+              help="Replay only the first N requests.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results as JSON here.")
+def replay(trace: Path | None, node_url: str | None, capacity: float, dram_share: float, block_size: int,
+           data: Path | None, limit: int | None, json_path: Path | None) -> None:
+    """Replay a KV-cache trace (Mooncake JSON lines with hash_ids) and compare hits with LRU and Belady.
+
+    TRACE defaults to the shared synthetic trace.  Each request asks match_prefix how much of its
+    block chain is cached, loads that with batch_get_into and stores the rest with batch_put; its hits
+    are the leading blocks it loaded.  LRU and Belady (the offline optimum) are computed on the same
+    requests with the same capacity in blocks."""
+    from mooncakefs import replay as rp
+
+    capacity = _fraction("--capacity", capacity)
+    dram_share = _fraction("--dram-share", dram_share)
+    if trace is None:
+        if not DEFAULT_TRACE.exists():
+            raise click.UsageError(f"no TRACE given, and the default trace {DEFAULT_TRACE} is not there")
+        trace = DEFAULT_TRACE
+    try:
+        requests = rp.load_trace(trace, limit)
+    except rp.TraceError as exc:
+        raise click.ClickException(str(exc)) from None
+    unique = len({b for chain in requests for b in chain})
+    blocks = int(capacity * unique)
+    if blocks < 1:
+        raise click.BadParameter(f"{capacity} of the trace's {unique} unique blocks is less than one block",
+                                 param_hint="--capacity")
+    dram_blocks = max(1, round(blocks * dram_share))
+    ssd_blocks = blocks - dram_blocks
+    refs = sum(map(len, requests))
+    if node_url:
+        where = f"node {node_url}"
+    else:
+        where = (f"embedded: dram {dram_blocks} blocks ({format_size(dram_blocks * block_size)}), ssd "
+                 + (f"{ssd_blocks} blocks ({format_size(ssd_blocks * block_size)})" if ssd_blocks else "none"))
+    click.echo(f"replaying {trace}: {len(requests)} requests, {refs} block refs, {unique} unique blocks; "
+               f"capacity {capacity:g} = {blocks} blocks of {format_size(block_size)}; {where}")
+    tmp = None
+    try:
+        if node_url:
+            store = mooncakefs.connect(node_url)
+            prefix = f"replay-{os.getpid()}-{time.time_ns()}/"
+        else:
+            tmp = None if data else tempfile.mkdtemp(prefix="mooncakefs-replay-")
+            # watermarks at 1: the store holds exactly the capacity, as LRU and Belady do
+            store = mooncakefs.open(data or tmp, dram=dram_blocks * block_size,
+                                    ssd=ssd_blocks * block_size or None, high_watermark=1.0, low_watermark=1.0,
+                                    segment_size=16 * block_size, promote_after=1, prefault=True)
+            prefix = "blk/"
+        with store, progress(len(requests), "requests") as advance:
+            hits, seconds, wrong = rp.replay_store(store, requests, block_size, key_prefix=prefix,
+                                                   advance=advance)
+            stats = store.stats()
+            if node_url:
+                store.remove_prefix(prefix)
+    except mooncakefs.MooncakeError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    result = rp.ReplayResult(len(requests), refs, unique, blocks, hits, rp.lru_hits(requests, blocks),
+                             rp.belady_hits(requests, blocks), seconds, wrong)
+    out = result.as_json()
+    out.update(trace=str(trace), capacity=capacity, dram_share=dram_share, block_size=block_size,
+               dram_blocks=dram_blocks, ssd_blocks=ssd_blocks, store="node" if node_url else "embedded",
+               stats=stats)
+    gap = out["gap_closed"]
+    _echo_table([("", "hit ratio"), ("mooncakefs", f"{out['hit_ratio']:.3f}"),
+                 ("LRU", f"{out['lru_hit_ratio']:.3f}"), ("Belady", f"{out['belady_hit_ratio']:.3f}")])
+    click.echo(f"gap LRU->Belady closed: {'n/a' if gap is None else f'{gap:.0%}'}; "
+               f"{out['block_refs_per_s']:,.0f} block refs/s ({seconds:.2f} s)")
+    if json_path:
+        json_path.write_text(json.dumps(out, indent=2) + "\n")
+    if wrong:
+        raise click.ClickException(f"{wrong} blocks came back with the wrong bytes")
+
+
 @main.command()
 @click.argument("source", metavar="[SOURCE]")
 @click.argument("mountpoint", required=False, metavar="MOUNTPOINT", type=click.Path(file_okay=False, path_type=Path))

@@ -25,6 +25,7 @@ from typing import Any
 from mooncakefs.errors import InvalidArgument, KeyNotFound, MooncakeError
 
 Request = list[int]
+PATTERNS = 16  # block b holds the byte b % PATTERNS: few enough sources to stay in the CPU's caches
 
 
 class TraceError(InvalidArgument):
@@ -164,11 +165,11 @@ def replay_store(store: Any, requests: Sequence[Request], block_size: int, *, ke
     """Serve every request through ``store`` as a connector would; returns (hits, seconds, wrong).
 
     A hit is a block of the cached prefix that was then loaded (a block evicted between the match
-    and the load is recomputed, so it is not one).  Block b holds the byte b % 251 throughout, and
+    and the load is recomputed, so it is not one).  Block b holds the byte b % PATTERNS throughout, and
     the first byte of every block loaded is checked (``wrong`` counts mismatches)."""
     import numpy as np
 
-    patterns = [bytes([i]) * block_size for i in range(251)]
+    patterns = [bytes([i]) * block_size for i in range(PATTERNS)]
     longest = max(map(len, requests))
     arena = np.empty((longest, block_size), dtype=np.uint8)
     arena.fill(0)  # touch the pages now, not in the timed loop
@@ -191,10 +192,10 @@ def replay_store(store: Any, requests: Sequence[Request], block_size: int, *, ke
                     raise res
                 loaded += 1
             for j in range(loaded):
-                if arena[j, 0] != chain[j] % 251:
+                if arena[j, 0] != chain[j] % PATTERNS:
                     wrong += 1
         hits += loaded
-        batch_put([(chain_keys[j], patterns[chain[j] % 251]) for j in range(loaded, len(chain))])
+        batch_put([(chain_keys[j], patterns[chain[j] % PATTERNS]) for j in range(loaded, len(chain))])
         if not n & 63:
             advance(64)
     seconds = time.perf_counter() - start

@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 
 MAX_KEY_BYTES = 1024
 LOCKED_COPY_MAX = 64 * 1024  # values below this are copied under the store lock
+BATCH_LOCKED_MAX = 256 * 1024  # in batch calls, values up to this are copied under the lock too...
+BATCH_LOCKED_BYTES = 1 << 20  # ...taking it again after each MiB copied, so other threads wait little
 STAGING_MIN = 1 << 30  # begin_put may stage at least this much in memory for values bound for SSD
 FRESH_SHARE = 0.05  # of DRAM: fresh (never read) objects beyond this are evicted before main ones
 GHOST_FACTOR = 2  # the ghost list remembers this many evicted keys per object in the store
@@ -759,9 +761,10 @@ class Store(KVMapping):
         return raw, entry
 
     def _put_locked(self, raw: bytes, key: Key, entry: Entry, value: Any, replace: Replace,
-                    durable: bool) -> bool:
+                    durable: bool, locked_max: int = LOCKED_COPY_MAX) -> bool:
         """The part of a put done under the lock: True if that was all, False if the entry got a DRAM
-        block that the caller must fill without the lock and then publish."""
+        block that the caller must fill without the lock and then publish.  Values below
+        ``locked_max`` bytes are copied under the lock (a batch raises it: handing off costs more)."""
         if self._closed:
             raise StoreClosed(f"store {self.path} is closed")
         if self._expiring:
@@ -771,7 +774,7 @@ class Store(KVMapping):
         if entry.dram < 0:
             self._put_ssd_only(raw, key, entry, value)
             return True
-        if entry.size >= LOCKED_COPY_MAX:
+        if entry.size >= locked_max:
             return False
         try:
             self._dram.arena.write(entry.dram_off, value)
@@ -1416,7 +1419,8 @@ class Store(KVMapping):
         The options are ``put``'s, for every item: a bad one (or an item that is not a (key, value)
         pair) fails the whole call, before anything is stored.
 
-        Consecutive small values are stored under one acquisition of the lock."""
+        Consecutive values of up to BATCH_LOCKED_MAX bytes are stored under one acquisition of the lock
+        per MiB (BATCH_LOCKED_BYTES): KV-cache blocks of 64 KiB cost a lock round trip each otherwise."""
         if replicas is not None or placement is not None:
             cluster_only("batch_put", f"the embedded store at {self.path}", replicas, placement)
         ttl = check_put_options(pin, ttl, if_absent, durable, version, if_newer)
@@ -1432,7 +1436,7 @@ class Store(KVMapping):
                 except TypeError:
                     raise value_error(value) from None
                 raw, entry = self._prepare_put(key, size, pin, ttl, durable, version, tag)
-                if entry.size < LOCKED_COPY_MAX:
+                if entry.size <= BATCH_LOCKED_MAX:
                     small.append((len(results) - 1, raw, key, entry, value))
                     continue
                 self._put_run(small, results, replace, durable)
@@ -1447,15 +1451,19 @@ class Store(KVMapping):
     def _put_run(self, run: list[tuple[int, bytes, Key, Entry, Any]], results: list[Any], replace: Replace,
                  durable: bool) -> None:
         """Store a run of small prepared values under one lock acquisition, then empty the run."""
-        if not run:
-            return
-        with self._lock:
-            self._check_open()
-            for i, raw, key, entry, value in run:
-                try:
-                    self._put_locked(raw, key, entry, value, replace, durable)
-                except (MooncakeError, TypeError, ValueError) as exc:
-                    results[i] = exc
+        n, at = len(run), 0
+        while at < n:
+            with self._lock:
+                self._check_open()
+                copied = 0
+                while at < n and copied < BATCH_LOCKED_BYTES:
+                    i, raw, key, entry, value = run[at]
+                    at += 1
+                    copied += entry.size
+                    try:
+                        self._put_locked(raw, key, entry, value, replace, durable, BATCH_LOCKED_MAX + 1)
+                    except (MooncakeError, TypeError, ValueError) as exc:
+                        results[i] = exc
         run.clear()
 
     def batch_get_into(self, keys: Iterable[Key], buffers: Iterable[Any]) -> list[Any]:
@@ -1486,30 +1494,36 @@ class Store(KVMapping):
         return [None if isinstance(v, Exception) else v for v in out]
 
     def _batch_read(self, keys: list[Key], copy_out: Any) -> list[Any]:
-        """Read the small DRAM-resident values among ``keys`` under one acquisition of the lock.
+        """Read the DRAM-resident values of up to BATCH_LOCKED_MAX bytes among ``keys`` under the lock,
+        taken once per MiB copied.
 
         Returns one slot per key: ``copy_out(i, key, entry)``'s result or exception, or None where the
         single-key path must do the work (misses, SSD, large or expiring values)."""
         results: list[Any] = [None] * len(keys)
-        hits = 0
-        with self._lock:
-            self._check_open()
-            index, lru = self._index, self._lru
-            for i, key in enumerate(keys):
-                try:
-                    raw = encode_key(key)
-                    entry = index.get(raw)
-                    if entry is None or entry.dram < 0 or entry.size >= LOCKED_COPY_MAX or entry.expires:
-                        continue
-                    results[i] = copy_out(i, key, entry)
-                    hits += 1
-                    if entry.queue == MAIN:
-                        lru.move_to_end(raw)
-                    elif entry.queue:
-                        self._touch(raw, entry)
-                except (MooncakeError, TypeError, ValueError) as exc:
-                    results[i] = exc
-            self._counters["dram"]["hits"] += hits
+        n, i = len(keys), 0
+        index, lru = self._index, self._lru
+        while i < n:
+            with self._lock:  # taken again after each MiB copied (BATCH_LOCKED_BYTES)
+                self._check_open()
+                hits = copied = 0
+                while i < n and copied < BATCH_LOCKED_BYTES:
+                    key = keys[i]
+                    i += 1
+                    try:
+                        raw = encode_key(key)
+                        entry = index.get(raw)
+                        if entry is None or entry.dram < 0 or entry.size > BATCH_LOCKED_MAX or entry.expires:
+                            continue
+                        results[i - 1] = copy_out(i - 1, key, entry)
+                        hits += 1
+                        copied += entry.size
+                        if entry.queue == MAIN:
+                            lru.move_to_end(raw)
+                        elif entry.queue:
+                            self._touch(raw, entry)
+                    except (MooncakeError, TypeError, ValueError) as exc:
+                        results[i - 1] = exc
+                self._counters["dram"]["hits"] += hits
         return results
 
     def batch_exists(self, keys: Iterable[Key]) -> list[bool]:
