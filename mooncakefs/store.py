@@ -820,8 +820,13 @@ class Store(KVMapping):
         if old is not None:
             self._unqueue(raw, old)
             self._discard(raw, old)
-        if self._evictable(entry):
-            self._enqueue(raw, entry, old is not None)
+        if not entry.pinned and (not entry.sticky or self._ssd is not None):  # _evictable, inline
+            if old is None and not self._ghost:  # the common case of _enqueue, inline
+                entry.queue = FRESH
+                self._fresh[raw] = entry
+                self._fresh_bytes += entry.size
+            else:
+                self._enqueue(raw, entry, old is not None)
         if entry.expires:
             heapq.heappush(self._expiring, (entry.expires, next(self._tiebreak), raw, entry))
         if self._ssd is not None:
@@ -1499,30 +1504,34 @@ class Store(KVMapping):
 
         Returns one slot per key: ``copy_out(i, key, entry)``'s result or exception, or None where the
         single-key path must do the work (misses, SSD, large or expiring values)."""
-        results: list[Any] = [None] * len(keys)
-        n, i = len(keys), 0
+        n = len(keys)
+        results: list[Any] = [None] * n
         index, lru = self._index, self._lru
-        while i < n:
+        start = 0
+        while start < n:
             with self._lock:  # taken again after each MiB copied (BATCH_LOCKED_BYTES)
                 self._check_open()
                 hits = copied = 0
-                while i < n and copied < BATCH_LOCKED_BYTES:
+                i = start
+                for i in range(start, n):
                     key = keys[i]
-                    i += 1
                     try:
                         raw = encode_key(key)
                         entry = index.get(raw)
                         if entry is None or entry.dram < 0 or entry.size > BATCH_LOCKED_MAX or entry.expires:
                             continue
-                        results[i - 1] = copy_out(i - 1, key, entry)
+                        results[i] = copy_out(i, key, entry)
                         hits += 1
-                        copied += entry.size
                         if entry.queue == MAIN:
                             lru.move_to_end(raw)
                         elif entry.queue:
                             self._touch(raw, entry)
+                        copied += entry.size
+                        if copied >= BATCH_LOCKED_BYTES:
+                            break
                     except (MooncakeError, TypeError, ValueError) as exc:
-                        results[i - 1] = exc
+                        results[i] = exc
+                start = i + 1
                 self._counters["dram"]["hits"] += hits
         return results
 
