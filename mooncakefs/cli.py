@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
+import math
 import os
 import random
 import shutil
@@ -23,6 +24,7 @@ from mooncakefs.errors import MooncakeError, exit_code_of
 from mooncakefs.progress import progress
 from mooncakefs.units import format_size, parse_size, parse_ssd
 
+REPLAY_WATERMARK = 0.9
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "synthetic_trace.jsonl"
 
 
@@ -217,10 +219,16 @@ def replay(trace: Path | None, node_url: str | None, capacity: float, dram_share
             prefix = f"replay-{os.getpid()}-{time.time_ns()}/"
         else:
             tmp = None if data else tempfile.mkdtemp(prefix="mooncakefs-replay-")
-            # watermarks at 1: the store holds exactly the capacity, as LRU and Belady do
-            store = mooncakefs.open(data or tmp, dram=dram_blocks * block_size,
-                                    ssd=ssd_blocks * block_size or None, high_watermark=1.0, low_watermark=1.0,
-                                    segment_size=16 * block_size, promote_after=1, prefault=True)
+            # The tiers hold exactly the capacity in live values, as LRU and Belady do: both watermarks
+            # at REPLAY_WATERMARK of pools that much larger (+128 bytes: the DRAM pool rounds down to 64).
+            # The SSD files' room above it is for garbage (over-provisioning, as flash caches do), so a
+            # full tier evicts rather than compacts.
+            w = REPLAY_WATERMARK
+            store = mooncakefs.open(data or tmp, dram=math.ceil(dram_blocks * block_size / w) + 128,
+                                    ssd=math.ceil(ssd_blocks * block_size / w) + 128 if ssd_blocks else None,
+                                    high_watermark=w,
+                                    low_watermark=w, segment_size=16 * block_size, promote_after=1,
+                                    prefault=True)
             prefix = "blk/"
         with store, progress(len(requests), "requests") as advance:
             hits, seconds, wrong = rp.replay_store(store, requests, block_size, key_prefix=prefix,

@@ -530,6 +530,7 @@ class Store(KVMapping):
         self._fresh: OrderedDict[bytes, Entry] = OrderedDict()  # DRAM residents not read since put, oldest first
         self._fresh_bytes = 0
         self._ghost: OrderedDict[bytes, None] = OrderedDict()  # keys evicted lately, oldest first
+        self._ssd_order: OrderedDict[bytes, Entry] = OrderedDict()  # unpinned SSD copies, oldest first
         self._ssd_high = int(self._ssd.capacity * high_watermark) if self._ssd is not None else 0
         # the fresh share is of the whole store (the SSD tier extends main), at most half of DRAM
         self._fresh_max = min(int((self._high + self._ssd_high) * FRESH_SHARE), self._high // 2)
@@ -545,13 +546,15 @@ class Store(KVMapping):
             tier: dict.fromkeys(("hits", "misses", "evictions", "promotions"), 0) for tier in ("dram", "ssd")
         }
         if self._ssd is not None:
-            for rec in self._ssd.load(time.time()):
+            for rec in sorted(self._ssd.load(time.time()), key=lambda r: (r.seg, r.off)):  # oldest first
                 entry = Entry(rec.size)
                 entry.seg, entry.seg_off, entry.crc = rec.seg, rec.off, rec.crc
                 entry.expires, entry.version, entry.tag = rec.expires, rec.version, rec.tag
                 entry.pinned, entry.sticky = bool(rec.flags & PINNED), bool(rec.flags & STICKY)
                 entry.durable = bool(rec.flags & DURABLE)
                 self._index[rec.key] = entry
+                if not entry.pinned and not entry.sticky:
+                    self._ssd_order[rec.key] = entry
                 if entry.expires:
                     heapq.heappush(self._expiring, (entry.expires, next(self._tiebreak), rec.key, entry))
 
@@ -572,6 +575,7 @@ class Store(KVMapping):
             self._lru.clear()
             self._fresh.clear()
             self._ghost.clear()
+            self._ssd_order.clear()
             self._datadir_lock.release()
 
     def persist(self, keys: Iterable[Key] | None = None) -> int:
@@ -919,7 +923,7 @@ class Store(KVMapping):
     def _write_to_ssd(self, raw: bytes, entry: Entry, data: memoryview) -> None:
         """Give an entry an SSD copy of ``data`` (lock held); OutOfSpace if the tier has no room."""
         assert self._ssd is not None
-        if not self._ssd_room(entry.size):
+        if not self._ssd_room(entry.size, keep=entry.pinned or entry.sticky):
             raise OutOfSpace(
                 f"key {decode_key(raw)!r:.80}: no room for {format_size(entry.size)} on the SSD tier "
                 f"({format_size(self._ssd.used)} of {format_size(self._ssd.capacity)} used)"
@@ -928,6 +932,10 @@ class Store(KVMapping):
             entry.crc = _engine.crc32c(data)
         entry.seg, entry.seg_off = self._ssd.append(raw, data, entry.crc, entry.expires, _flags(entry),
                                                     entry.version, entry.tag)
+        if not entry.pinned and not entry.sticky:
+            order = self._ssd_order
+            order.pop(raw, None)  # a replaced value's place, if it is still there
+            order[raw] = entry
 
     # -- the shared index (node mode) -------------------------------------------------------------------
 
@@ -1008,10 +1016,11 @@ class Store(KVMapping):
                     if second_chances and self._read_shared_since(raw, entry):
                         refreshed.append((raw, entry))
                         continue
-                    if entry.seg < 0 and not ssd_full and (queue is self._lru or entry.sticky or
-                                                           self._ssd.live + entry.size <= self._ssd_high):
-                        # a value never read since put is demoted only while the SSD tier has room:
-                        # it would push out values that earned their place
+                    if entry.seg < 0 and not ssd_full and (
+                            queue is self._lru or entry.sticky or
+                            (self._ssd.fits(entry.size) and self._ssd.live + entry.size <= self._ssd_high)):
+                        # a value never read since put is demoted only into free space: reclaiming
+                        # room for it would push out values that earned their place
                         try:
                             self._write_to_ssd(raw, entry, self._dram_bytes(entry))
                         except OutOfSpace:
@@ -1040,59 +1049,69 @@ class Store(KVMapping):
             entry.dram = entry.dram_off = -1
         return True
 
-    def _ssd_room(self, size: int) -> bool:
-        """Make room for ``size`` bytes on SSD by reclaiming segments (lock held); False if impossible.
+    def _ssd_room(self, size: int, keep: bool = False) -> bool:
+        """Make room for ``size`` bytes on SSD (lock held); False if impossible.
 
-        Below the high watermark of live bytes nothing is evicted: the segment with the fewest live
-        bytes is compacted (its values copied forward), so only garbage (removed and replaced values)
-        goes.  Above it, the oldest segment goes, as in a log-structured cache: its values read since
-        they were written (hot) and its durable ones are copied forward (reinserted, and must be read
-        again to survive the next pass), pinned and sticky ones always are, and the rest leave the store
-        (those also in DRAM just lose their SSD copy).  If a whole pass over the tier frees nothing
-        that way, a second pass keeps only pinned and sticky values."""
+        Two separate things.  **Eviction** keeps the live bytes within the high watermark, and nothing
+        is evicted below it: SSD copies leave in the order they were written (``_ssd_order``), except
+        that a value read since it was written (an SSD hit, or found by match_prefix) or durable gets a
+        second chance, as in CacheLib's flash cache with reinsertion: it goes to the back of the order,
+        its hits cleared.  A copy whose value is also in DRAM just goes; a value that lived only on SSD
+        leaves the store.  When every value has had its second chance, the oldest goes all the same.
+        Pinned and sticky values are never evicted, and may fill the tier to its capacity (``keep``).
+        **Compaction** then frees file space: the segment with the most garbage (removed, replaced and
+        evicted values) has its live values copied forward and is deleted.  Eviction order is kept
+        apart from where values sit in the files, so compaction does not make old values young."""
         ssd = self._ssd
         assert ssd is not None
         if size > ssd.capacity:
             return False
-        tried: set[int] = set()
-        forced = False
         need = aligned(size)
+        high = ssd.capacity if keep else self._ssd_high
+        if ssd.live + need > high and not self._ssd_evict(ssd.live + need - high):
+            return False
+        tried: set[int] = set()
         while not ssd.fits(size):
-            pressure = ssd.live + need > self._ssd_high
-            seg = ssd.victim(skip=tried, oldest=pressure)
-            if seg is None:
-                if forced or not pressure:
-                    return False
-                forced, tried = True, set()
-                continue
+            candidates = [g for g in ssd.segments.values() if g.size > g.live and g.id not in tried]
+            if not candidates:
+                return False
+            seg = max(candidates, key=lambda g: (g.size - g.live, -g.id))
             tried.add(seg.id)
+            if seg is ssd.active:
+                ssd.active = None
             residents = [(raw, self._index.get(raw)) for raw in ssd.keys_in(seg.id)]
-            residents = [(raw, e) for raw, e in residents if e is not None and e.seg == seg.id]
-            if not pressure:
-                keep = [(raw, e) for raw, e in residents if e.dram < 0 or e.pinned or e.sticky or e.durable]
-            else:
-                keep = [(raw, e) for raw, e in residents if e.pinned or e.sticky or
-                        (not forced and (e.durable or (e.dram < 0 and e.hits > 0)))]
-            if sum(aligned(e.size) for _, e in keep) >= seg.size:
-                continue
-            moved = [(raw, e, ssd.read(seg, e.seg_off, e.size)) for raw, e in keep]
-            kept = {id(e) for _, e in keep}
-            for raw, entry in residents:
-                if id(entry) in kept:
-                    continue
-                entry.seg = entry.seg_off = -1
-                if entry.dram < 0:  # its only copy: it leaves the store
-                    del self._index[raw]
-                    entry.dead = True
-                    self._counters["ssd"]["evictions"] += 1
-                    self._remember(raw)
+            moved = [(raw, e, ssd.read(seg, e.seg_off, e.size)) for raw, e in residents
+                     if e is not None and e.seg == seg.id]
             ssd.remove_segment(seg)
             for raw, entry, data in moved:
                 entry.seg, entry.seg_off = ssd.append(raw, memoryview(data), entry.crc, entry.expires,
                                                       _flags(entry), entry.version, entry.tag)
-                if pressure:
-                    entry.hits = 0  # reinserted once for the reads it had; it must be read again
         return True
+
+    def _ssd_evict(self, excess: int) -> bool:
+        """Evict SSD copies, oldest first with second chances, until ``excess`` live bytes are gone
+        (lock held); False if only pinned and sticky values are left."""
+        ssd, order, index = self._ssd, self._ssd_order, self._index
+        assert ssd is not None
+        chances = len(order)  # after one lap, values get no more second chances
+        while excess > 0 and order:
+            raw, entry = next(iter(order.items()))
+            if chances > 0 and (entry.hits > 0 or entry.durable):
+                chances -= 1
+                entry.hits = 0
+                order.move_to_end(raw)
+                continue
+            del order[raw]
+            excess -= aligned(entry.size)
+            ssd.drop(raw, entry.seg, entry.seg_off, entry.size)
+            entry.seg = entry.seg_off = -1
+            if entry.dram < 0:  # its only copy: it leaves the store
+                if index.get(raw) is entry:
+                    del index[raw]
+                entry.dead = True
+                self._counters["ssd"]["evictions"] += 1
+                self._remember(raw)
+        return excess <= 0
 
     def _discard(self, raw: bytes, entry: Entry) -> None:
         """An entry left the index (replaced, removed, expired, evicted): free what no lease holds."""
@@ -1100,6 +1119,8 @@ class Store(KVMapping):
         if entry.seg >= 0:
             self._ssd.drop(raw, entry.seg, entry.seg_off, entry.size)  # type: ignore[union-attr]
             entry.seg = entry.seg_off = -1
+            if self._ssd_order.get(raw) is entry:
+                del self._ssd_order[raw]
         if entry.dram >= 0 and not entry.readers:
             self._dram.free(entry.dram)
             entry.dram = entry.dram_off = -1
@@ -1259,10 +1280,11 @@ class Store(KVMapping):
                         self._share(raw, entry)
                     ssd = self._ssd
                     if (not entry.sticky and not entry.durable and entry.seg >= 0
-                            and ssd.live > self._ssd_high - self._ssd_high // 16):  # type: ignore[union-attr]
-                        # a full tier keeps one copy of each value: the DRAM one, now
+                            and 2 * ssd.live > self._ssd_high):  # type: ignore[union-attr]
+                        # a tier past half full keeps one copy of each value: the DRAM one, now
                         ssd.drop(raw, entry.seg, entry.seg_off, entry.size)  # type: ignore[union-attr]
                         entry.seg = entry.seg_off = -1
+                        self._ssd_order.pop(raw, None)
                         self._commit()
 
     # -- queries ----------------------------------------------------------------------------------------
@@ -1373,6 +1395,8 @@ class Store(KVMapping):
                     lru.move_to_end(raw)
                 elif entry.queue:
                     self._touch(raw, entry)
+                elif entry.dram < 0 and not entry.hits:
+                    entry.hits = 1  # on SSD: hot for reclaim, so loading the chain cannot drop its tail
             return len(found)
 
     def stats(self) -> dict[str, Any]:
@@ -1425,7 +1449,9 @@ class Store(KVMapping):
         pair) fails the whole call, before anything is stored.
 
         Consecutive values of up to BATCH_LOCKED_MAX bytes are stored under one acquisition of the lock
-        per MiB (BATCH_LOCKED_BYTES): KV-cache blocks of 64 KiB cost a lock round trip each otherwise."""
+        per MiB (BATCH_LOCKED_BYTES): KV-cache blocks of 64 KiB cost a lock round trip each otherwise.
+        Items are taken to be a chain (a KV-cache prefix, as match_prefix reads it): the new values of
+        a run are queued for eviction last item first, so that a chain's tail goes before its head."""
         if replicas is not None or placement is not None:
             cluster_only("batch_put", f"the embedded store at {self.path}", replicas, placement)
         ttl = check_put_options(pin, ttl, if_absent, durable, version, if_newer)
@@ -1469,6 +1495,12 @@ class Store(KVMapping):
                         self._put_locked(raw, key, entry, value, replace, durable, BATCH_LOCKED_MAX + 1)
                     except (MooncakeError, TypeError, ValueError) as exc:
                         results[i] = exc
+        if n > 1:  # leaf first: the run's head the newest of the fresh queue
+            with self._lock:
+                fresh = self._fresh
+                for _, raw, _, entry, _ in reversed(run):
+                    if entry.queue == FRESH:
+                        fresh.move_to_end(raw)
         run.clear()
 
     def batch_get_into(self, keys: Iterable[Key], buffers: Iterable[Any]) -> list[Any]:
