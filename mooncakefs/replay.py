@@ -136,6 +136,7 @@ class ReplayResult:
     belady_hits: int
     seconds: float
     wrong_bytes: int = 0
+    copy_seconds: float = 0.0  # the same copies alone (numpy), the physical ceiling
 
     def as_json(self) -> dict[str, Any]:
         refs = max(self.block_refs, 1)
@@ -151,6 +152,7 @@ class ReplayResult:
             "gap_closed": gap_closed(self.hits, self.lru_hits, self.belady_hits),
             "seconds": self.seconds,
             "block_refs_per_s": self.block_refs / self.seconds if self.seconds > 0 else 0.0,
+            "copy_ceiling_block_refs_per_s": self.block_refs / self.copy_seconds if self.copy_seconds > 0 else None,
             "wrong_bytes": self.wrong_bytes,
         }
 
@@ -201,3 +203,21 @@ def replay_store(store: Any, requests: Sequence[Request], block_size: int, *, ke
     seconds = time.perf_counter() - start
     advance(len(requests) & 63)
     return hits, seconds, wrong
+
+
+def copy_ceiling(requests: Sequence[Request], hits: int, capacity: int, block_size: int) -> float:
+    """Seconds that the replay's data movement alone takes: a numpy copy of one block into a pool of
+    ``capacity`` blocks for each block stored, and out of it for each hit.  The store cannot beat it."""
+    import numpy as np
+
+    refs = sum(map(len, requests))
+    slots = max(1, min(capacity, refs))
+    pool = np.ones((slots, block_size), dtype=np.uint8)  # written once: its pages are there
+    sources = np.ones((PATTERNS, block_size), dtype=np.uint8)
+    out = np.ones(block_size, dtype=np.uint8)
+    start = time.perf_counter()
+    for i in range(refs - hits):
+        pool[i % slots] = sources[i % PATTERNS]
+    for i in range(hits):
+        out[:] = pool[i % slots]
+    return time.perf_counter() - start

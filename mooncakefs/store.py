@@ -990,6 +990,35 @@ class Store(KVMapping):
             handle, offset = allocator.reserve(size)
         return handle, offset
 
+    def _evict_plain(self, size: int) -> None:
+        """``_alloc_dram``'s evictions for a DRAM-only store with no shared index, inline (lock held):
+        the heads of the queues go, down to the low watermark, until a leased one stops it."""
+        allocator, index, ghost, lru, fresh = self._dram.allocator, self._index, self._ghost, self._lru, self._fresh
+        free, low, fresh_max = allocator.free, self._low, self._fresh_max
+        evicted = 0
+        while allocator.used + size > low:
+            queue = fresh if self._fresh_bytes > fresh_max or not lru else lru
+            if not queue:
+                break
+            raw, entry = next(iter(queue.items()))
+            if entry.readers:  # the general path skips it
+                if not self._evict_one():
+                    break
+                continue
+            del queue[raw]
+            if entry.queue == FRESH:
+                self._fresh_bytes -= entry.size
+            entry.queue = 0
+            del index[raw]
+            entry.dead = True
+            free(entry.dram)
+            entry.dram = entry.dram_off = -1
+            evicted += 1
+            ghost[raw] = None
+            if len(ghost) > GHOST_FACTOR * len(index) + 64:
+                ghost.popitem(last=False)
+        self._counters["dram"]["evictions"] += evicted
+
     def _evict_one(self) -> bool:
         """Move one unleased object out of DRAM (lock held); False if none can go.
 
@@ -1000,6 +1029,20 @@ class Store(KVMapping):
         through the shared index since eviction last looked gets a second chance (it counts as read);
         when every candidate had one, the oldest goes all the same (busy readers must not make puts
         fail)."""
+        if self._shared is None and self._ssd is None:  # the common case, inline: the head goes
+            queue = self._fresh if self._fresh_bytes > self._fresh_max or not self._lru else self._lru
+            if queue:
+                raw, entry = next(iter(queue.items()))
+                if not entry.readers:
+                    del queue[raw]
+                    if entry.queue == FRESH:
+                        self._fresh_bytes -= entry.size
+                    entry.queue = 0
+                    self._counters["dram"]["evictions"] += 1
+                    del self._index[raw]
+                    self._discard(raw, entry)
+                    self._remember(raw)
+                    return True
         ssd_full = self._ssd is None
         refreshed: list[tuple[bytes, Entry]] = []  # read through the shared index since last looked at
         victim: Entry | None = None
@@ -1459,14 +1502,21 @@ class Store(KVMapping):
         replace = Replace.of(if_absent, if_newer)
         results: list[Any] = []
         small: list[tuple[int, bytes, Key, Entry, Any]] = []  # a run waiting for the lock
+        plain = pin is False and durable is False and ttl is None and version == 0 and tag == 0
+        nbytes = _engine.nbytes
         for key, value in pairs:
             results.append(None)
             try:
                 try:
-                    size = _engine.nbytes(value)
+                    size = nbytes(value)
                 except TypeError:
                     raise value_error(value) from None
-                raw, entry = self._prepare_put(key, size, pin, ttl, durable, version, tag)
+                if plain:  # _prepare_put's common case, inline
+                    raw = encode_key(key)
+                    entry = Entry(size)
+                    entry.sticky = type(key) is InternalKey
+                else:
+                    raw, entry = self._prepare_put(key, size, pin, ttl, durable, version, tag)
                 if entry.size <= BATCH_LOCKED_MAX:
                     small.append((len(results) - 1, raw, key, entry, value))
                     continue
@@ -1483,16 +1533,50 @@ class Store(KVMapping):
                  durable: bool) -> None:
         """Store a run of small prepared values under one lock acquisition, then empty the run."""
         n, at = len(run), 0
+        index, fresh, ghost = self._index, self._fresh, self._ghost
+        allocator, arena = self._dram.allocator, self._dram.arena
         while at < n:
             with self._lock:
                 self._check_open()
+                # plain puts into a DRAM-only store, the KV-cache case: _put_locked and _publish inline
+                plain = (replace is Replace.ALWAYS and not durable and self._shared is None and self._ssd is None
+                         and not self._expiring)
                 copied = 0
                 while at < n and copied < BATCH_LOCKED_BYTES:
                     i, raw, key, entry, value = run[at]
                     at += 1
-                    copied += entry.size
+                    size = entry.size
+                    copied += size
                     try:
-                        self._put_locked(raw, key, entry, value, replace, durable, BATCH_LOCKED_MAX + 1)
+                        if not plain or entry.pinned or entry.expires:
+                            self._put_locked(raw, key, entry, value, replace, durable, BATCH_LOCKED_MAX + 1)
+                            continue
+                        if allocator.used + size > self._high:
+                            self._evict_plain(size)
+                        handle, offset = allocator.reserve(size)
+                        if handle < 0:
+                            handle, offset = self._alloc_dram(size)
+                        if handle < 0:
+                            self._put_locked(raw, key, entry, value, replace, durable, BATCH_LOCKED_MAX + 1)
+                            continue
+                        entry.dram, entry.dram_off = handle, offset
+                        try:
+                            arena.write(offset, value)
+                        except BaseException:
+                            self._dram.free(handle)
+                            raise
+                        old = index.get(raw)
+                        index[raw] = entry
+                        if old is not None:
+                            self._unqueue(raw, old)
+                            self._discard(raw, old)
+                            self._enqueue(raw, entry, True)
+                        elif ghost and raw in ghost:
+                            self._enqueue(raw, entry, False)
+                        else:
+                            entry.queue = FRESH
+                            fresh[raw] = entry
+                            self._fresh_bytes += size
                     except (MooncakeError, TypeError, ValueError) as exc:
                         results[i] = exc
         if n > 1:  # leaf first: the run's head the newest of the fresh queue

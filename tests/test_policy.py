@@ -230,3 +230,23 @@ def test_replay_names_a_bad_trace_line_and_a_missing_file(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(TraceError, match="no requests"):
         load_trace(tmp_path / "empty.jsonl")
+
+
+def test_replay_through_a_node_leaves_nothing_behind(tmp_path):
+    from node_helpers import NodeProcess
+
+    import mooncakefs
+
+    node = NodeProcess(tmp_path, dram="16MiB").start()
+    try:
+        trace = write_trace(tmp_path / "scan.jsonl", SCAN)
+        out = cli("replay", str(trace), "--node", node.unix_url, "--capacity", "0.67", "--block-size", "4KiB",
+                  "--json", str(tmp_path / "r.json"))
+        assert out.returncode == 0, out.stderr
+        result = json.loads((tmp_path / "r.json").read_text())
+        assert result["store"] == "node" and result["wrong_bytes"] == 0
+        assert result["hit_ratio"] >= 0.2  # a 16 MiB node holds all three blocks: the [1]s hit
+        with mooncakefs.connect(node.unix_url) as client:
+            assert list(client.keys()) == [], "the replay's keys were left in the node"
+    finally:
+        node.kill()
