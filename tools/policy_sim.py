@@ -357,15 +357,43 @@ CANDIDATES: dict[str, Callable[[int, Requests], Policy | int]] = {
 }
 
 
+def reuse_by_times_seen(requests: Requests, horizon: int) -> dict[str, tuple[int, float]]:
+    """For each request, keyed by how often its first block was requested before (6 = 6 or more):
+    how many such requests there are and the share whose first block is requested again within
+    ``horizon`` requests.  What an online policy can know (the past) against what it needs (the
+    future)."""
+    times: dict[int, list[int]] = {}
+    for i, chain in enumerate(requests):
+        times.setdefault(chain[0], []).append(i)
+    seen: Counter[int] = Counter()
+    again: Counter[int] = Counter()
+    for at in times.values():
+        for j, t in enumerate(at):
+            k = min(j, 6)
+            seen[k] += 1
+            again[k] += j + 1 < len(at) and at[j + 1] - t <= horizon
+    return {str(k): (seen[k], again[k] / seen[k]) for k in sorted(seen)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trace", nargs="?", type=Path, default=DEFAULT_TRACE)
     p.add_argument("--capacity", default="0.05,0.1,0.25", help="fractions of the unique blocks")
     p.add_argument("--json", type=Path, help="also write the ratios here")
+    p.add_argument("--reuse", type=int, metavar="H",
+                   help="instead: the share of requests whose first block comes back within H requests, by "
+                        "how often it came before")
     args = p.parse_args()
     requests = load_trace(args.trace)
-    refs = sum(map(len, requests))
     unique = len({b for chain in requests for b in chain})
+    if args.reuse:
+        print(f"{'times seen before':>18}  {'requests':>8}  {f'again within {args.reuse}':>16}")
+        for k, (n, share) in reuse_by_times_seen(requests, args.reuse).items():
+            print(f"{k + ('+' if k == '6' else ''):>18}  {n:>8}  {share:>16.2f}")
+        once = sum(1 for c in Counter(b for chain in requests for b in chain).values() if c == 1)
+        print(f"blocks referenced once: {once} of {unique}")
+        return
+    refs = sum(map(len, requests))
     fractions = [float(x) for x in args.capacity.split(",")]
     table: dict[str, dict[str, float]] = {}
     for name, make in CANDIDATES.items():
