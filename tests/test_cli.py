@@ -267,6 +267,27 @@ def test_demo_runs_and_draws_its_bar_only_on_a_terminal(tmp_path):
     assert "requests" in terminal.text and BAR in terminal.text and "300/300" in terminal.text
 
 
+def test_replay_draws_its_bar_only_on_a_terminal(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"hash_ids": [i % 9, 100 + i % 4]}) + "\n" for i in range(200)))
+    args = ("replay", str(trace), "--capacity", "0.5", "--dram-share", "1", "--block-size", "4KiB")
+    out = cli(*args)
+    assert out.returncode == 0, out.stderr
+    assert "Belady" in out.stdout and out.stderr == "", f"replay wrote to a piped stderr: {out.stderr!r}"
+
+    terminal = Pty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "mooncakefs.cli", *args], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=terminal.slave, env=child_env(), text=True)
+        terminal.child_started()
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        terminal.close()
+    assert proc.returncode == 0, terminal.text
+    assert "Belady" in stdout
+    assert "requests" in terminal.text and BAR in terminal.text and "200/200" in terminal.text
+
+
 def test_demo_needs_nothing_beyond_the_core_dependencies():
     """`pip install .` must be enough for `mooncakefs demo`: what it imports is a core dependency."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
