@@ -777,3 +777,112 @@ cdef class SharedIndex:
         _split(digest, &h1, &h2)
         return mc_idx_read(self.head, self.slots - 1, <const uint8_t *>self.pool.buf, self.pool.len, h1, h2,
                            <uint8_t *>PyBytes_AS_STRING(buf), len(buf))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The store's plain batch put (store.Store._put_run): its inner loop, here because at 64 KiB a value the
+# bookkeeping around each copy cost as much as the copy.  Twin: _reference.put_plain.
+
+cdef int FRESH_QUEUE = 1, MAIN_QUEUE = 2
+
+
+def put_plain(store, list run, Py_ssize_t at, long long stop_bytes, list results, tuple errors,
+              replace) -> int:
+    """Publish ``run[at:]`` (items ``(i, raw, key, Entry, value)`` prepared by ``Store.batch_put``) into
+    a DRAM-only store with no shared index, under its lock, until ``stop_bytes`` have been copied;
+    returns the index of the next item.  An item that raises one of ``errors`` gets it in
+    ``results[i]``; ``replace`` is ``Replace.ALWAYS``, for the store's own methods.  Eviction takes queue heads down to the low watermark; anything unusual (a leased
+    head, a pool too fragmented, a key replaced) is left to the store's own methods."""
+    cdef dict index = store._index
+    fresh, lru, ghost = store._fresh, store._lru, store._ghost
+    allocator = store._dram.allocator
+    cdef Arena arena = store._dram.arena
+    cdef long long high = store._high, low = store._low, fresh_max = store._fresh_max
+    cdef long long ghost_factor = store._ghost_factor
+    cdef long long fresh_bytes = store._fresh_bytes
+    cdef long long copied = 0, size, used_now
+    cdef Py_ssize_t n = len(run), evicted = 0, i
+    cdef Entry entry, old, victim
+    cdef Py_buffer s
+    reserve, free = allocator.reserve, allocator.free
+    try:
+        while at < n and copied < stop_bytes:
+            item = <tuple>run[at]
+            at += 1
+            i = item[0]
+            raw = item[1]
+            entry = <Entry>item[3]
+            size = entry.size
+            copied += size
+            try:
+                if allocator.used + size > high:
+                    while allocator.used + size > low:
+                        queue = fresh if (fresh_bytes > fresh_max or not lru) else lru
+                        if not queue:
+                            break
+                        for vraw in queue:
+                            break
+                        victim = <Entry>queue[vraw]
+                        if victim.readers:  # leased: the store's general path skips it
+                            store._fresh_bytes = fresh_bytes
+                            ok = store._evict_one()
+                            fresh_bytes = store._fresh_bytes
+                            if not ok:
+                                break
+                            continue
+                        del queue[vraw]
+                        if victim.queue == FRESH_QUEUE:
+                            fresh_bytes -= victim.size
+                        victim.queue = 0
+                        del index[vraw]
+                        victim.dead = True
+                        free(victim.dram)
+                        victim.dram = victim.dram_off = -1
+                        evicted += 1
+                        ghost[vraw] = None
+                        if len(ghost) > ghost_factor * len(index) + 64:
+                            ghost.popitem(last=False)
+                handle, offset = reserve(size)
+                if handle < 0:
+                    store._fresh_bytes = fresh_bytes
+                    try:
+                        handle, offset = store._alloc_dram(size)
+                        if handle < 0:  # raises the OutOfSpace a put would
+                            store._put_locked(raw, item[2], entry, item[4], replace, False, size + 1)
+                            continue
+                    finally:
+                        fresh_bytes = store._fresh_bytes
+                entry.dram, entry.dram_off = handle, offset
+                _get_read(item[4], &s, "value")
+                try:
+                    if s.len != size or arena._check(offset, size) < 0:
+                        raise ValueError(f"value is {s.len} bytes, {size} expected")
+                    memcpy(arena.base + <size_t>offset, s.buf, size)
+                except BaseException:
+                    free(handle)
+                    entry.dram = entry.dram_off = -1
+                    raise
+                finally:
+                    PyBuffer_Release(&s)
+                old = index.get(raw)
+                index[raw] = entry
+                if old is not None:
+                    store._fresh_bytes = fresh_bytes
+                    store._unqueue(raw, old)
+                    store._discard(raw, old)
+                    store._enqueue(raw, entry, True)
+                    fresh_bytes = store._fresh_bytes
+                elif ghost and raw in ghost:
+                    del ghost[raw]
+                    entry.queue = MAIN_QUEUE
+                    lru[raw] = entry
+                else:
+                    entry.queue = FRESH_QUEUE
+                    fresh[raw] = entry
+                    fresh_bytes += size
+            except errors as exc:
+                results[i] = exc
+    finally:
+        store._fresh_bytes = fresh_bytes
+        store._counters["dram"]["evictions"] += evicted
+    return at

@@ -12,6 +12,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 ALLOC_UNIT = 64
 _NONE = -1
@@ -408,3 +409,76 @@ class SharedIndex:
         self.table.release()
         if self.pool is not None:
             self.pool.release()
+
+
+def put_plain(store: Any, run: list[Any], at: int, stop_bytes: int, results: list[Any],
+              errors: tuple[type[BaseException], ...], replace: Any) -> int:
+    """``_engine.put_plain`` in plain Python: the same steps in the same order."""
+    index, fresh, lru, ghost = store._index, store._fresh, store._lru, store._ghost
+    allocator, view = store._dram.allocator, store._dram.view
+    copied = evicted = 0
+    try:
+        while at < len(run) and copied < stop_bytes:
+            i, raw, key, entry, value = run[at]
+            at += 1
+            size = entry.size
+            copied += size
+            try:
+                if allocator.used + size > store._high:
+                    while allocator.used + size > store._low:
+                        queue = fresh if (store._fresh_bytes > store._fresh_max or not lru) else lru
+                        if not queue:
+                            break
+                        vraw = next(iter(queue))
+                        victim = queue[vraw]
+                        if victim.readers:
+                            if not store._evict_one():
+                                break
+                            continue
+                        del queue[vraw]
+                        if victim.queue == 1:
+                            store._fresh_bytes -= victim.size
+                        victim.queue = 0
+                        del index[vraw]
+                        victim.dead = True
+                        allocator.free(victim.dram)
+                        victim.dram = victim.dram_off = -1
+                        evicted += 1
+                        ghost[vraw] = None
+                        if len(ghost) > store._ghost_factor * len(index) + 64:
+                            ghost.popitem(last=False)
+                handle, offset = allocator.reserve(size)
+                if handle < 0:
+                    handle, offset = store._alloc_dram(size)
+                    if handle < 0:
+                        store._put_locked(raw, key, entry, value, replace, False, size + 1)
+                        continue
+                entry.dram, entry.dram_off = handle, offset
+                try:
+                    src = memoryview(value).cast("B")
+                    if src.nbytes != size:
+                        raise ValueError(f"value is {src.nbytes} bytes, {size} expected")
+                    view[offset : offset + size] = src
+                except BaseException:
+                    allocator.free(handle)
+                    entry.dram = entry.dram_off = -1
+                    raise
+                old = index.get(raw)
+                index[raw] = entry
+                if old is not None:
+                    store._unqueue(raw, old)
+                    store._discard(raw, old)
+                    store._enqueue(raw, entry, True)
+                elif ghost and raw in ghost:
+                    del ghost[raw]
+                    entry.queue = 2
+                    lru[raw] = entry
+                else:
+                    entry.queue = 1
+                    fresh[raw] = entry
+                    store._fresh_bytes += size
+            except errors as exc:
+                results[i] = exc
+    finally:
+        store._counters["dram"]["evictions"] += evicted
+    return at

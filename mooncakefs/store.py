@@ -70,6 +70,7 @@ BATCH_LOCKED_BYTES = 1 << 20  # ...taking it again after each MiB copied, so oth
 STAGING_MIN = 1 << 30  # begin_put may stage at least this much in memory for values bound for SSD
 FRESH_SHARE = 0.05  # of DRAM: fresh (never read) objects beyond this are evicted before main ones
 GHOST_FACTOR = 2  # the ghost list remembers this many evicted keys per object in the store
+BATCH_ERRORS = (MooncakeError, TypeError, ValueError)  # what fails one item of a batch, not the batch
 FRESH, MAIN = 1, 2  # Entry.queue: which DRAM eviction queue holds the entry (0: none, pinned or not in DRAM)
 INTERNAL_PREFIX = b"\xc0\x80"  # never valid UTF-8, so no str key has it; bytes keys may not use it
 Key = str | bytes
@@ -530,6 +531,7 @@ class Store(KVMapping):
         self._fresh: OrderedDict[bytes, Entry] = OrderedDict()  # DRAM residents not read since put, oldest first
         self._fresh_bytes = 0
         self._ghost: OrderedDict[bytes, None] = OrderedDict()  # keys evicted lately, oldest first
+        self._ghost_factor = GHOST_FACTOR
         self._ssd_order: OrderedDict[bytes, Entry] = OrderedDict()  # unpinned SSD copies, oldest first
         self._ssd_high = int(self._ssd.capacity * high_watermark) if self._ssd is not None else 0
         # the fresh share is of the whole store (the SSD tier extends main), at most half of DRAM
@@ -878,7 +880,7 @@ class Store(KVMapping):
         """Note a key evicted from DRAM without an SSD copy, so that it enters main if put again soon."""
         ghost = self._ghost
         ghost[raw] = None
-        if len(ghost) > GHOST_FACTOR * len(self._index) + 64:
+        if len(ghost) > self._ghost_factor * len(self._index) + 64:
             ghost.popitem(last=False)
 
     def _evictable(self, entry: Entry) -> bool:
@@ -989,35 +991,6 @@ class Store(KVMapping):
         while handle < 0 and self._evict_one():
             handle, offset = allocator.reserve(size)
         return handle, offset
-
-    def _evict_plain(self, size: int) -> None:
-        """``_alloc_dram``'s evictions for a DRAM-only store with no shared index, inline (lock held):
-        the heads of the queues go, down to the low watermark, until a leased one stops it."""
-        allocator, index, ghost, lru, fresh = self._dram.allocator, self._index, self._ghost, self._lru, self._fresh
-        free, low, fresh_max = allocator.free, self._low, self._fresh_max
-        evicted = 0
-        while allocator.used + size > low:
-            queue = fresh if self._fresh_bytes > fresh_max or not lru else lru
-            if not queue:
-                break
-            raw, entry = next(iter(queue.items()))
-            if entry.readers:  # the general path skips it
-                if not self._evict_one():
-                    break
-                continue
-            del queue[raw]
-            if entry.queue == FRESH:
-                self._fresh_bytes -= entry.size
-            entry.queue = 0
-            del index[raw]
-            entry.dead = True
-            free(entry.dram)
-            entry.dram = entry.dram_off = -1
-            evicted += 1
-            ghost[raw] = None
-            if len(ghost) > GHOST_FACTOR * len(index) + 64:
-                ghost.popitem(last=False)
-        self._counters["dram"]["evictions"] += evicted
 
     def _evict_one(self) -> bool:
         """Move one unleased object out of DRAM (lock held); False if none can go.
@@ -1520,64 +1493,35 @@ class Store(KVMapping):
                 if entry.size <= BATCH_LOCKED_MAX:
                     small.append((len(results) - 1, raw, key, entry, value))
                     continue
-                self._put_run(small, results, replace, durable)
+                self._put_run(small, results, replace, durable, plain)
                 self._put_prepared(raw, key, entry, value, replace, durable)
             except StoreClosed:
                 raise
             except (MooncakeError, TypeError, ValueError) as exc:
                 results[-1] = exc
-        self._put_run(small, results, replace, durable)
+        self._put_run(small, results, replace, durable, plain)
         return results
 
     def _put_run(self, run: list[tuple[int, bytes, Key, Entry, Any]], results: list[Any], replace: Replace,
-                 durable: bool) -> None:
-        """Store a run of small prepared values under one lock acquisition, then empty the run."""
+                 durable: bool, plain: bool = False) -> None:
+        """Store a run of prepared values under the lock, taken once per MiB, then empty the run.
+        ``plain``: no item is pinned, expiring, versioned or tagged (``_engine.put_plain`` may do it)."""
         n, at = len(run), 0
-        index, fresh, ghost = self._index, self._fresh, self._ghost
-        allocator, arena = self._dram.allocator, self._dram.arena
         while at < n:
             with self._lock:
                 self._check_open()
-                # plain puts into a DRAM-only store, the KV-cache case: _put_locked and _publish inline
-                plain = (replace is Replace.ALWAYS and not durable and self._shared is None and self._ssd is None
-                         and not self._expiring)
+                if (plain and replace is Replace.ALWAYS and not durable and self._shared is None and self._ssd is None
+                        and not self._expiring):  # the KV-cache case: the loop in Cython
+                    at = _engine.put_plain(self, run, at, BATCH_LOCKED_BYTES, results, BATCH_ERRORS, replace)
+                    continue
                 copied = 0
                 while at < n and copied < BATCH_LOCKED_BYTES:
                     i, raw, key, entry, value = run[at]
                     at += 1
-                    size = entry.size
-                    copied += size
+                    copied += entry.size
                     try:
-                        if not plain or entry.pinned or entry.expires:
-                            self._put_locked(raw, key, entry, value, replace, durable, BATCH_LOCKED_MAX + 1)
-                            continue
-                        if allocator.used + size > self._high:
-                            self._evict_plain(size)
-                        handle, offset = allocator.reserve(size)
-                        if handle < 0:
-                            handle, offset = self._alloc_dram(size)
-                        if handle < 0:
-                            self._put_locked(raw, key, entry, value, replace, durable, BATCH_LOCKED_MAX + 1)
-                            continue
-                        entry.dram, entry.dram_off = handle, offset
-                        try:
-                            arena.write(offset, value)
-                        except BaseException:
-                            self._dram.free(handle)
-                            raise
-                        old = index.get(raw)
-                        index[raw] = entry
-                        if old is not None:
-                            self._unqueue(raw, old)
-                            self._discard(raw, old)
-                            self._enqueue(raw, entry, True)
-                        elif ghost and raw in ghost:
-                            self._enqueue(raw, entry, False)
-                        else:
-                            entry.queue = FRESH
-                            fresh[raw] = entry
-                            self._fresh_bytes += size
-                    except (MooncakeError, TypeError, ValueError) as exc:
+                        self._put_locked(raw, key, entry, value, replace, durable, BATCH_LOCKED_MAX + 1)
+                    except BATCH_ERRORS as exc:
                         results[i] = exc
         if n > 1:  # leaf first: the run's head the newest of the fresh queue
             with self._lock:

@@ -493,3 +493,59 @@ def test_fill_bytes_hands_a_writable_view_then_bytes(impl):
     # a large value (its pages advised huge, where the kernel allows) is filled end to end
     big = bytes(range(256)) * ((9 << 20) // 256) + b"xyz"
     assert impl.fill_bytes(len(big), lambda view: view.__setitem__(slice(None), big)) == big
+
+
+# -- the store's plain batch put ------------------------------------------------------------------------
+
+
+def _batch_put_script(store, seed: int) -> list[tuple]:
+    """A random run of KV-cache-shaped calls on a small DRAM-only store, with what it holds after each:
+    chains put (some overwritten, some back after eviction), prefixes matched and read, a leased head,
+    a value of the wrong size and one that is not a buffer."""
+    import mooncakefs
+
+    rng = random.Random(seed)
+    block = 16 * 1024
+    values = [bytes([i]) * block for i in range(8)]
+    snapshots = []
+    lease = None
+    for step in range(120):
+        chain = [f"c{rng.randrange(12)}/{j}".encode() for j in range(rng.randrange(1, 9))]
+        hit = store.match_prefix(chain)
+        if hit:
+            store.batch_get(chain[:hit])
+        items = [(k, values[j % 8]) for j, k in enumerate(chain[hit:])]
+        if step % 17 == 5:
+            items.append((b"odd", values[0][:100] + values[1]))  # another size: fine
+            items.append((b"bad", 12345))  # not a buffer: that item fails, not the batch
+        results = store.batch_put(items)
+        errors = [type(r).__name__ for r in results if r is not None]
+        if step % 23 == 7 and lease is None and store._fresh:
+            lease = store.view(next(iter(store._fresh)))  # a leased head: eviction must step around it
+            lease.__enter__()
+        elif step % 23 == 15 and lease is not None:
+            lease.__exit__(None, None, None)
+            lease = None
+        snapshots.append((errors, list(store._fresh), list(store._lru), list(store._ghost), store._fresh_bytes,
+                          store.stats()["dram"], sorted(store._index)))
+    if lease is not None:
+        lease.__exit__(None, None, None)
+    assert isinstance(store, mooncakefs.Store)
+    return snapshots
+
+
+def test_put_plain_engine_matches_reference(tmp_path, monkeypatch):
+    import mooncakefs
+    from mooncakefs import _engine as engine_module
+    from mooncakefs import _reference as reference_module
+
+    def run(impl, name: str) -> list[tuple]:
+        monkeypatch.setattr(engine_module, "put_plain", impl)
+        with mooncakefs.open(tmp_path / name, dram="256KiB") as store:
+            return _batch_put_script(store, seed=3)
+
+    native = run(engine_module.put_plain, "engine")
+    twin = run(reference_module.put_plain, "reference")
+    assert native == twin
+    assert any(s[0] for s in native), "the script never put a bad value"
+    assert native[-1][5]["evictions"] > 100, "the script never filled the store"
