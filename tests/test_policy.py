@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import KiB, child_env, rand_bytes, tier_of
 
+from mooncakefs.cli import DEFAULT_TRACE
 from mooncakefs.replay import TraceError, belady_hits, load_trace, lru_hits
 
 BLOCK = 256 * KiB
@@ -250,3 +251,16 @@ def test_replay_through_a_node_leaves_nothing_behind(tmp_path):
             assert list(client.keys()) == [], "the replay's keys were left in the node"
     finally:
         node.kill()
+
+
+@pytest.mark.skipif(not DEFAULT_TRACE.exists(), reason=f"the shared trace {DEFAULT_TRACE} is not here")
+@pytest.mark.parametrize("dram_share", ["0.33", "1"])
+def test_no_tier_costs_hits_on_the_shared_trace(tmp_path, dram_share):
+    """DRAM + SSD at a total capacity hits at least as often as one LRU of that capacity (and so does
+    DRAM alone): the issue's first requirement, on the trace it was found on."""
+    out = cli("replay", "--capacity", "0.05", "--dram-share", dram_share, "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["requests"] == 3993 and result["capacity_blocks"] == 2196
+    assert result["stats"]["objects"] <= 2196, "the store held more than the capacity"
+    assert result["hit_ratio"] >= result["lru_hit_ratio"] + 0.005, result
