@@ -32,6 +32,13 @@ def present(store, keys) -> list[str]:
     return [k for k in keys if store.exists(k)]
 
 
+def live_is_counted_right(store) -> bool:
+    """The SSD tier's running count of live bytes matches its segments' (and its index's) sizes."""
+    ssd = store._ssd
+    rows = ssd.db.execute("SELECT COALESCE(SUM((size + 511) / 512 * 512), 0) FROM objects").fetchone()[0]
+    return ssd.live == sum(seg.live for seg in ssd.segments.values()) == rows
+
+
 # -------------------------------------------------------------------------------------------- DRAM
 
 
@@ -121,6 +128,11 @@ def test_durable_values_are_kept_while_the_ssd_has_room(store_factory):
     assert store.stats()["ssd"]["evictions"] > 0, "the churn should have forced evictions from SSD"
     assert present(store, durable) == durable
     assert all(store.get(k) == value(k) for k in durable)
+    assert live_is_counted_right(store)
+    store.close()
+    reopened = store_factory(path=store.path, dram="2MiB", ssd="16MiB", segment_size="1MiB")
+    assert present(reopened, durable) == durable, "durable values must survive a restart too"
+    assert live_is_counted_right(reopened)
 
 
 def test_values_read_on_ssd_survive_reclaim_and_cold_ones_go(store_factory):
@@ -138,6 +150,7 @@ def test_values_read_on_ssd_survive_reclaim_and_cold_ones_go(store_factory):
     assert store.stats()["ssd"]["evictions"] > 0
     assert present(store, hot) == hot
     assert not store.exists("cold0")
+    assert live_is_counted_right(store)
 
 
 def test_reclaim_keeps_pinned_copies_and_ends_within_capacity(store_factory):

@@ -333,6 +333,7 @@ class SsdTier:
         self.segments: dict[int, Segment] = {}
         self.active: Segment | None = None
         self.used = 0
+        self._live = 0  # the sum of the segments' live bytes, kept as they change
         self._dirty = False
         self._seq = 1  # the next journal record's sequence number (set by load)
         self._committed = -1  # the sequence number the index last recorded taking in
@@ -451,6 +452,7 @@ class SsdTier:
         self.db.execute("COMMIT")
         for rec in rows.values():
             self.segments[rec.seg].live += aligned(rec.size)
+            self._live += aligned(rec.size)
         for seg in list(self.segments.values()):
             if seg.live == 0:
                 if rebuilding and not seg.journaled:  # not ours to judge: only the old index knew it
@@ -538,7 +540,7 @@ class SsdTier:
     @property
     def live(self) -> int:
         """Bytes of values still indexed (``used`` also counts garbage not yet reclaimed)."""
-        return sum(seg.live for seg in self.segments.values())
+        return self._live
 
     def fits(self, size: int) -> bool:
         return self.used + aligned(size) <= self.capacity
@@ -571,6 +573,7 @@ class SsdTier:
             raise
         seg.size += aligned(size)
         seg.live += aligned(size)
+        self._live += aligned(size)
         self.used += aligned(size)
         if seg.journaled:  # written with the index commit: no system call here
             seg.journal_buf += _pack_record(PUT, key, self._seq, off, size, crc, expires, flags, version, tag)
@@ -627,6 +630,7 @@ class SsdTier:
         """Forget one stored value: its bytes become garbage, and an emptied sealed segment goes."""
         seg = self.segments[seg_id]
         seg.live -= aligned(size)
+        self._live -= aligned(size)
         self._begin()
         self.db.execute("DELETE FROM objects WHERE key = ? AND seg = ? AND off = ?", (key, seg_id, off))
         if seg.live == 0:  # nothing left in it (the active one too: the next value starts a new one)
@@ -766,6 +770,8 @@ class SsdTier:
         self.segments.pop(seg.id, None)
         self._journal_dirty.pop(seg.id, None)
         self.used -= seg.size
+        self._live -= seg.live  # values the store moved elsewhere or dropped with the segment
+        seg.live = 0
         if self.active is seg:
             self.active = None
         seg.path.unlink(missing_ok=True)  # before its journal: a journal with no segment is removed at open
