@@ -64,14 +64,6 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
         raise click.BadParameter(str(exc)) from None
 
 
-def _trace_requests(path: Path, limit: int) -> Iterator[list[int]]:
-    with path.open() as f:
-        for n, line in enumerate(f):
-            if n >= limit:
-                return
-            yield json.loads(line)["hash_ids"]
-
-
 def _synthetic_requests(limit: int, seed: int = 7) -> Iterator[list[int]]:
     """Requests shaped like Mooncake's traces: conversations whose turns extend a shared prefix, a
     few system prompts shared by many, popularity skewed toward recent conversations."""
@@ -108,45 +100,31 @@ def demo(data: Path | None, dram: int, ssd: int, block_size: int, trace: Path | 
 
     Each request is a chain of KV-block keys.  Like an inference engine's connector, the demo asks
     `match_prefix` how much of the chain is cached, loads those blocks with `batch_get_into`, checks
-    every byte it loaded, and stores the blocks it had to "compute" with `batch_put`."""
-    import numpy as np
+    what it loaded, and stores the blocks it had to "compute" with `batch_put` (`mooncakefs replay`
+    does the same, sized to the trace, and scores it against LRU and Belady)."""
+    from mooncakefs import replay as rp
 
     if trace is None and DEFAULT_TRACE.exists():
         trace = DEFAULT_TRACE
-    requests = list(_trace_requests(trace, limit) if trace else _synthetic_requests(limit))
-    patterns = [np.full(block_size, i, dtype=np.uint8) for i in range(64)]  # block b holds byte b % 64
-    longest = max(map(len, requests))
-    buffers = [np.empty(block_size, dtype=np.uint8) for _ in range(longest)]
+    try:
+        requests = rp.load_trace(trace, limit) if trace else list(_synthetic_requests(limit))
+    except rp.TraceError as exc:
+        raise click.ClickException(str(exc)) from None
     tmp = None if data else tempfile.mkdtemp(prefix="mooncakefs-demo-")
     source = f"trace {trace}" if trace else "synthetic workload"
     click.echo(f"replaying {len(requests)} requests ({source}), {format_size(block_size)} blocks, "
                f"dram {format_size(dram)}, ssd {format_size(ssd) if ssd else 'none'}")
-    looked_up = hit = 0
-    start = time.perf_counter()
     try:
         with mooncakefs.open(data or tmp, dram=dram, ssd=ssd or None) as store:
             with progress(len(requests), "requests") as advance:
-                for chain in requests:
-                    keys = [f"blk/{b}" for b in chain]
-                    cached = store.match_prefix(keys)
-                    results = store.batch_get_into(keys[:cached], buffers[:cached])
-                    for b, buf, res in zip(chain, buffers, results, strict=False):
-                        if isinstance(res, Exception):  # evicted between match and load: recompute
-                            continue
-                        if buf[0] != b % 64 or buf[-1] != b % 64:
-                            raise click.ClickException(f"block {b} came back with the wrong bytes")
-                        hit += 1
-                    looked_up += len(chain)
-                    missing = [(k, patterns[b % 64]) for k, b, res in
-                               zip(keys, chain, results + [None] * (len(keys) - cached), strict=True)
-                               if res is None or isinstance(res, Exception)]
-                    store.batch_put(missing)
-                    advance(1)
-            elapsed = time.perf_counter() - start
+                hit, elapsed, wrong = rp.replay_store(store, requests, block_size, advance=advance)
             stats = store.stats()
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+    if wrong:
+        raise click.ClickException(f"{wrong} blocks came back with the wrong bytes")
+    looked_up = sum(map(len, requests))
     click.echo(f"\n{looked_up} block lookups, {hit} served from the cache "
                f"({100 * hit / max(looked_up, 1):.1f}% hit rate), {len(requests) / elapsed:.0f} requests/s, "
                f"{hit * block_size / elapsed / 1e9:.2f} GB/s loaded")

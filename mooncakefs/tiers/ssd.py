@@ -740,23 +740,6 @@ class SsdTier:
 
     # -- reclaiming ------------------------------------------------------------------------------------
 
-    def victim(self, skip: set[int], oldest: bool = False) -> Segment | None:
-        """The next segment to reclaim, leaving out ``skip``: the oldest (``oldest``: the tier is full of
-        live values, and age is what a log-structured cache evicts by) or else the one with the fewest
-        live bytes, oldest first (compaction frees the most for the least copying).  The active
-        segment qualifies too (it is sealed first) so a tier of one segment works; when evicting by
-        age it comes last, being the newest."""
-        candidates = [seg for seg in self.segments.values() if seg.size and seg.id not in skip]
-        if not candidates:
-            return None
-        if oldest:
-            seg = min(candidates, key=lambda s: (s is self.active, s.id))
-        else:
-            seg = min(candidates, key=lambda s: (s.live, s.id))
-        if seg is self.active:
-            self.active = None
-        return seg
-
     def keys_in(self, seg_id: int) -> list[bytes]:
         return [bytes(k) for (k,) in self.db.execute("SELECT key FROM objects WHERE seg = ?", (seg_id,))]
 
