@@ -207,6 +207,7 @@ def replay(trace: Path | None, node_url: str | None, capacity: float, dram_share
                                     high_watermark=w,
                                     low_watermark=w, segment_size=16 * block_size, promote_after=1,
                                     prefault=True)
+            store.wait_prefault()
             prefix = "blk/"
         with store, progress(len(requests), "requests") as advance:
             hits, seconds, wrong = rp.replay_store(store, requests, block_size, key_prefix=prefix,

@@ -605,6 +605,12 @@ class Store(KVMapping):
             self._ssd.commit(durable_segments=segments or None)
             return written
 
+    def wait_prefault(self) -> None:
+        """Wait until the DRAM pool is backed by memory (``prefault=True``): a timed run should not share
+        the CPU with the thread doing it."""
+        self._check_open()
+        self._dram.wait_prefault()
+
     def shared_pool(self) -> tuple[int, int]:
         """The DRAM pool's shared-memory file descriptor and size, for the node to hand to local clients."""
         self._check_open()

@@ -42,6 +42,11 @@ class DramTier:
         self.alloc = self.allocator.reserve
         self.free = self.allocator.free
 
+    def wait_prefault(self) -> None:
+        """Wait for the prefault thread, if any, to have backed the whole pool with memory."""
+        if self._prefaulter is not None:
+            self._prefaulter.join()
+
     @property
     def used(self) -> int:
         return self.allocator.used
