@@ -12,15 +12,16 @@ index entry under the lock; the old entry is retired and its block freed once it
 Tiering.  DRAM-resident, unpinned objects sit in one of two queues: ``fresh`` (put and not read since,
 first in first out) and ``main`` (read at least once, or put again soon after being evicted: least
 recently used first).  Most KV-cache blocks are never read again, so eviction takes fresh objects first
-while they hold more than FRESH_SHARE of DRAM; a key evicted lately is remembered (the ghost list), so
-when it comes back it goes straight to main.  A put that would take DRAM past the high watermark first
-evicts down to the low watermark: an object with an SSD copy just gives up its DRAM block; one without
-is written to SSD (demoted), or dropped when there is no SSD tier.  An SSD-only object read
-``promote_after`` times is copied back into DRAM, keeping its SSD copy so a later eviction costs
-nothing.  SSD space is reclaimed a segment at a time (``_ssd_room``): below the high watermark only
-garbage goes; above it, the oldest segment's values read since they were written are copied forward and
-the rest dropped.  Checksums (CRC-32C) are taken when a value first leaves DRAM, and checked on every SSD
-read.
+while they hold more than FRESH_SHARE of the store (at most half of DRAM); a key evicted lately is
+remembered (the ghost list), so when it comes back it goes straight to main.  A put that would take DRAM
+past the high watermark first evicts down to the low watermark: an object with an SSD copy just gives
+up its DRAM block; one without is written to SSD (demoted), or dropped when there is no SSD tier.  An
+SSD-only object read ``promote_after`` times is copied back into DRAM, keeping its SSD copy (while the
+SSD tier is under half full) so a later eviction costs nothing.  On SSD (``_ssd_room``) nothing is
+evicted below the high watermark; above it, copies leave in the order they were written, those read
+since (or durable) getting a second chance, and compaction of the segment with the most garbage frees
+file space apart from that order.  Checksums (CRC-32C) are taken when a value first leaves DRAM, and
+checked on every SSD read.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ LOCKED_COPY_MAX = 64 * 1024  # values below this are copied under the store lock
 BATCH_LOCKED_MAX = 256 * 1024  # in batch calls, values up to this are copied under the lock too...
 BATCH_LOCKED_BYTES = 1 << 20  # ...taking it again after each MiB copied, so other threads wait little
 STAGING_MIN = 1 << 30  # begin_put may stage at least this much in memory for values bound for SSD
-FRESH_SHARE = 0.05  # of DRAM: fresh (never read) objects beyond this are evicted before main ones
+FRESH_SHARE = 0.05  # of the store (DRAM + SSD, at most half of DRAM): fresh objects beyond it go first
 GHOST_FACTOR = 2  # the ghost list remembers this many evicted keys per object in the store
 BATCH_ERRORS = (MooncakeError, TypeError, ValueError)  # what fails one item of a batch, not the batch
 FRESH, MAIN = 1, 2  # Entry.queue: which DRAM eviction queue holds the entry (0: none, pinned or not in DRAM)
