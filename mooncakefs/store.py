@@ -1602,9 +1602,10 @@ class Store(KVMapping):
                             lru.move_to_end(raw)
                         elif entry.queue:
                             self._touch(raw, entry)
-                        copied += entry.size
-                        if copied >= BATCH_LOCKED_BYTES:
-                            break
+                        if entry.size >= LOCKED_COPY_MAX:  # small ones were always copied under the lock
+                            copied += entry.size
+                            if copied >= BATCH_LOCKED_BYTES:
+                                break
                     except (MooncakeError, TypeError, ValueError) as exc:
                         results[i] = exc
                 start = i + 1
