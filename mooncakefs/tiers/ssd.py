@@ -108,11 +108,9 @@ def _pack_record(kind: int, key: bytes, seq: int, off: int, size: int, crc: int 
 
 
 @dataclass(frozen=True)
-class JournalRecord:
-    """One journal record: a value appended to segment ``seg`` (PUT) or dropped from it (TOMBSTONE)."""
+class Record:
+    """One index row, as loaded at open."""
 
-    kind: int
-    seq: int
     key: bytes
     seg: int
     off: int
@@ -122,6 +120,15 @@ class JournalRecord:
     flags: int
     version: int
     tag: int
+
+
+@dataclass(frozen=True)
+class JournalRecord(Record):
+    """One journal record: a value appended to segment ``seg`` (PUT) or dropped from it (TOMBSTONE),
+    with its place in the tier's sequence."""
+
+    kind: int
+    seq: int
 
 
 def _unpack_record(buf: bytes | memoryview, pos: int, seg_id: int) -> tuple[JournalRecord | None, int]:
@@ -138,7 +145,7 @@ def _unpack_record(buf: bytes | memoryview, pos: int, seg_id: int) -> tuple[Jour
     if _engine.crc32c(memoryview(buf)[pos + 4 : end]) != crc:
         return None, end
     key = bytes(buf[pos + _RECORD.size : end - _TRAILER.size])
-    return JournalRecord(kind, seq, key, seg_id, off, size, vcrc, expires, flags, v_hi << 63 | v_lo, tag), end
+    return JournalRecord(key, seg_id, off, size, vcrc, expires, flags, v_hi << 63 | v_lo, tag, kind, seq), end
 
 
 @dataclass
@@ -301,21 +308,6 @@ class Segment:
 
 
 PINNED, STICKY, DURABLE = 1, 2, 4  # bits of the index's flags column
-
-
-@dataclass(frozen=True)
-class Record:
-    """One index row, as loaded at open."""
-
-    key: bytes
-    seg: int
-    off: int
-    size: int
-    crc: int
-    expires: float
-    flags: int
-    version: int
-    tag: int
 
 
 class SsdTier:
