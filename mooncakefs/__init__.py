@@ -1,9 +1,9 @@
 """mooncakefs: a tiered KVCache storage engine.
 
-    import mooncakefs
-    with mooncakefs.open("./kv", dram="2GiB", ssd="20GiB") as store:
-        store.put("model/layer0/blk-17", kv_block)
-        n = store.get_into("model/layer0/blk-17", out)
+import mooncakefs
+with mooncakefs.open("./kv", dram="2GiB", ssd="20GiB") as store:
+    store.put("model/layer0/blk-17", kv_block)
+    n = store.get_into("model/layer0/blk-17", out)
 """
 
 from mooncakefs.client import RemoteStore, connect

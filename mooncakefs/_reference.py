@@ -145,8 +145,7 @@ class OffsetAllocator:
     def _new_node(self) -> int:
         if self.spare:
             return self.spare.pop()
-        for column in (self.off, self.size, self.bin_prev, self.bin_next, self.addr_prev, self.addr_next,
-                       self.state):
+        for column in (self.off, self.size, self.bin_prev, self.bin_next, self.addr_prev, self.addr_next, self.state):
             column.append(_NONE)
         return len(self.off) - 1
 
@@ -284,8 +283,25 @@ class Arena:
 class Entry:
     """Same fields as the Cython entry."""
 
-    __slots__ = ("crc", "dead", "dram", "dram_off", "durable", "expires", "hits", "pinned", "queue", "readers",
-                 "seen", "seg", "seg_off", "size", "sticky", "tag", "version")
+    __slots__ = (
+        "crc",
+        "dead",
+        "dram",
+        "dram_off",
+        "durable",
+        "expires",
+        "hits",
+        "pinned",
+        "queue",
+        "readers",
+        "seen",
+        "seg",
+        "seg_off",
+        "size",
+        "sticky",
+        "tag",
+        "version",
+    )
 
     def __init__(self, size: int = 0) -> None:
         self.size = size
@@ -411,8 +427,15 @@ class SharedIndex:
             self.pool.release()
 
 
-def put_plain(store: Any, run: list[Any], at: int, stop_bytes: int, results: list[Any],
-              errors: tuple[type[BaseException], ...], replace: Any) -> int:
+def put_plain(
+    store: Any,
+    run: list[Any],
+    at: int,
+    stop_bytes: int,
+    results: list[Any],
+    errors: tuple[type[BaseException], ...],
+    replace: Any,
+) -> int:
     """``_engine.put_plain`` in plain Python: the same steps in the same order."""
     index, fresh, lru, ghost = store._index, store._fresh, store._lru, store._ghost
     allocator, view = store._dram.allocator, store._dram.view

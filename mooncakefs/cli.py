@@ -85,15 +85,26 @@ def _synthetic_requests(limit: int, seed: int = 7) -> Iterator[list[int]]:
 
 
 @main.command()
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path),
-              help="Data dir to use (default: a temporary dir, deleted afterwards).")
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Data dir to use (default: a temporary dir, deleted afterwards).",
+)
 @click.option("--dram", default="256MiB", show_default=True, callback=_size, help="DRAM pool size.")
 @click.option("--ssd", default="1GiB", show_default=True, callback=_size, help="SSD tier size (0: none).")
-@click.option("--block-size", default="64KiB", show_default=True, callback=_size,
-              help="Bytes per KV block (one block is 512 tokens of KV cache).")
-@click.option("--trace", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A Mooncake-format JSONL trace (one request a line, with hash_ids). "
-                   "Default: the shared trace if present, else a synthetic workload.")
+@click.option(
+    "--block-size",
+    default="64KiB",
+    show_default=True,
+    callback=_size,
+    help="Bytes per KV block (one block is 512 tokens of KV cache).",
+)
+@click.option(
+    "--trace",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A Mooncake-format JSONL trace (one request a line, with hash_ids). "
+    "Default: the shared trace if present, else a synthetic workload.",
+)
 @click.option("--requests", "limit", default=4000, show_default=True, help="Requests to replay.")
 def demo(data: Path | None, dram: int, ssd: int, block_size: int, trace: Path | None, limit: int) -> None:
     """Replay a prefix-caching workload against an embedded store.
@@ -112,8 +123,10 @@ def demo(data: Path | None, dram: int, ssd: int, block_size: int, trace: Path | 
         raise click.ClickException(str(exc)) from None
     tmp = None if data else tempfile.mkdtemp(prefix="mooncakefs-demo-")
     source = f"trace {trace}" if trace else "synthetic workload"
-    click.echo(f"replaying {len(requests)} requests ({source}), {format_size(block_size)} blocks, "
-               f"dram {format_size(dram)}, ssd {format_size(ssd) if ssd else 'none'}")
+    click.echo(
+        f"replaying {len(requests)} requests ({source}), {format_size(block_size)} blocks, "
+        f"dram {format_size(dram)}, ssd {format_size(ssd) if ssd else 'none'}"
+    )
     try:
         with mooncakefs.open(data or tmp, dram=dram, ssd=ssd or None) as store:
             with progress(len(requests), "requests") as advance:
@@ -125,38 +138,64 @@ def demo(data: Path | None, dram: int, ssd: int, block_size: int, trace: Path | 
     if wrong:
         raise click.ClickException(f"{wrong} blocks came back with the wrong bytes")
     looked_up = sum(map(len, requests))
-    click.echo(f"\n{looked_up} block lookups, {hit} served from the cache "
-               f"({100 * hit / max(looked_up, 1):.1f}% hit rate), {len(requests) / elapsed:.0f} requests/s, "
-               f"{hit * block_size / elapsed / 1e9:.2f} GB/s loaded")
+    click.echo(
+        f"\n{looked_up} block lookups, {hit} served from the cache "
+        f"({100 * hit / max(looked_up, 1):.1f}% hit rate), {len(requests) / elapsed:.0f} requests/s, "
+        f"{hit * block_size / elapsed / 1e9:.2f} GB/s loaded"
+    )
     _echo_tiers(stats)
 
 
 def _fraction(name: str, value: float) -> float:
     if not 0 < value <= 1:
-        raise click.BadParameter(f"must be a fraction above 0 and at most 1 (e.g. 0.05), got {value}",
-                                 param_hint=name)
+        raise click.BadParameter(f"must be a fraction above 0 and at most 1 (e.g. 0.05), got {value}", param_hint=name)
     return value
 
 
 @main.command()
 @click.argument("trace", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--node", "node_url", default=None,
-              help="Replay through a node (unix:///…/node.sock or tcp://host:port) instead of an embedded "
-                   "store; the node's --dram and --ssd are its own, so --capacity then sizes only LRU and "
-                   "Belady.")
-@click.option("--capacity", default=0.05, show_default=True, type=float,
-              help="Store capacity as a fraction of the trace's unique blocks (0.05: 5%).")
-@click.option("--dram-share", default=0.33, show_default=True, type=float,
-              help="Fraction of the capacity in DRAM, the rest on SSD (1: DRAM alone).")
+@click.option(
+    "--node",
+    "node_url",
+    default=None,
+    help="Replay through a node (unix:///…/node.sock or tcp://host:port) instead of an embedded "
+    "store; the node's --dram and --ssd are its own, so --capacity then sizes only LRU and "
+    "Belady.",
+)
+@click.option(
+    "--capacity",
+    default=0.05,
+    show_default=True,
+    type=float,
+    help="Store capacity as a fraction of the trace's unique blocks (0.05: 5%).",
+)
+@click.option(
+    "--dram-share",
+    default=0.33,
+    show_default=True,
+    type=float,
+    help="Fraction of the capacity in DRAM, the rest on SSD (1: DRAM alone).",
+)
 @click.option("--block-size", default="64KiB", show_default=True, callback=_size, help="Bytes per KV block.")
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path),
-              help="Data dir of the embedded store (default: a temporary dir, deleted afterwards).")
-@click.option("--requests", "limit", default=None, type=click.IntRange(min=1),
-              help="Replay only the first N requests.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the results as JSON here.")
-def replay(trace: Path | None, node_url: str | None, capacity: float, dram_share: float, block_size: int,
-           data: Path | None, limit: int | None, json_path: Path | None) -> None:
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Data dir of the embedded store (default: a temporary dir, deleted afterwards).",
+)
+@click.option("--requests", "limit", default=None, type=click.IntRange(min=1), help="Replay only the first N requests.")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results as JSON here."
+)
+def replay(
+    trace: Path | None,
+    node_url: str | None,
+    capacity: float,
+    dram_share: float,
+    block_size: int,
+    data: Path | None,
+    limit: int | None,
+    json_path: Path | None,
+) -> None:
     """Replay a KV-cache trace (Mooncake JSON lines with hash_ids) and compare hits with LRU and Belady.
 
     TRACE defaults to the shared synthetic trace.  Each request asks match_prefix how much of its
@@ -178,18 +217,22 @@ def replay(trace: Path | None, node_url: str | None, capacity: float, dram_share
     unique = len({b for chain in requests for b in chain})
     blocks = int(capacity * unique)
     if blocks < 1:
-        raise click.BadParameter(f"{capacity} of the trace's {unique} unique blocks is less than one block",
-                                 param_hint="--capacity")
+        raise click.BadParameter(
+            f"{capacity} of the trace's {unique} unique blocks is less than one block", param_hint="--capacity"
+        )
     dram_blocks = max(1, round(blocks * dram_share))
     ssd_blocks = blocks - dram_blocks
     refs = sum(map(len, requests))
     if node_url:
         where = f"node {node_url}"
     else:
-        where = (f"embedded: dram {dram_blocks} blocks ({format_size(dram_blocks * block_size)}), ssd "
-                 + (f"{ssd_blocks} blocks ({format_size(ssd_blocks * block_size)})" if ssd_blocks else "none"))
-    click.echo(f"replaying {trace}: {len(requests)} requests, {refs} block refs, {unique} unique blocks; "
-               f"capacity {capacity:g} = {blocks} blocks of {format_size(block_size)}; {where}")
+        where = f"embedded: dram {dram_blocks} blocks ({format_size(dram_blocks * block_size)}), ssd " + (
+            f"{ssd_blocks} blocks ({format_size(ssd_blocks * block_size)})" if ssd_blocks else "none"
+        )
+    click.echo(
+        f"replaying {trace}: {len(requests)} requests, {refs} block refs, {unique} unique blocks; "
+        f"capacity {capacity:g} = {blocks} blocks of {format_size(block_size)}; {where}"
+    )
     tmp = None
     try:
         if node_url:
@@ -202,16 +245,20 @@ def replay(trace: Path | None, node_url: str | None, capacity: float, dram_share
             # The SSD files' room above it is for garbage (over-provisioning, as flash caches do), so a
             # full tier evicts rather than compacts.
             w = REPLAY_WATERMARK
-            store = mooncakefs.open(data or tmp, dram=math.ceil(dram_blocks * block_size / w) + 128,
-                                    ssd=math.ceil(ssd_blocks * block_size / w) + 128 if ssd_blocks else None,
-                                    high_watermark=w,
-                                    low_watermark=w, segment_size=16 * block_size, promote_after=1,
-                                    prefault=True)
+            store = mooncakefs.open(
+                data or tmp,
+                dram=math.ceil(dram_blocks * block_size / w) + 128,
+                ssd=math.ceil(ssd_blocks * block_size / w) + 128 if ssd_blocks else None,
+                high_watermark=w,
+                low_watermark=w,
+                segment_size=16 * block_size,
+                promote_after=1,
+                prefault=True,
+            )
             store.wait_prefault()
             prefix = "blk/"
         with store, progress(len(requests), "requests") as advance:
-            hits, seconds, wrong = rp.replay_store(store, requests, block_size, key_prefix=prefix,
-                                                   advance=advance)
+            hits, seconds, wrong = rp.replay_store(store, requests, block_size, key_prefix=prefix, advance=advance)
             stats = store.stats()
             if node_url:
                 store.remove_prefix(prefix)
@@ -220,19 +267,43 @@ def replay(trace: Path | None, node_url: str | None, capacity: float, dram_share
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    result = rp.ReplayResult(len(requests), refs, unique, blocks, hits, rp.lru_hits(requests, blocks),
-                             rp.belady_hits(requests, blocks), seconds, wrong,
-                             rp.copy_ceiling(requests, hits, blocks, block_size))
+    result = rp.ReplayResult(
+        len(requests),
+        refs,
+        unique,
+        blocks,
+        hits,
+        rp.lru_hits(requests, blocks),
+        rp.belady_hits(requests, blocks),
+        seconds,
+        wrong,
+        rp.copy_ceiling(requests, hits, blocks, block_size),
+    )
     out = result.as_json()
-    out.update(trace=str(trace), capacity=capacity, dram_share=dram_share, block_size=block_size,
-               dram_blocks=dram_blocks, ssd_blocks=ssd_blocks, store="node" if node_url else "embedded",
-               stats=stats)
+    out.update(
+        trace=str(trace),
+        capacity=capacity,
+        dram_share=dram_share,
+        block_size=block_size,
+        dram_blocks=dram_blocks,
+        ssd_blocks=ssd_blocks,
+        store="node" if node_url else "embedded",
+        stats=stats,
+    )
     gap = out["gap_closed"]
-    _echo_table([("", "hit ratio"), ("mooncakefs", f"{out['hit_ratio']:.3f}"),
-                 ("LRU", f"{out['lru_hit_ratio']:.3f}"), ("Belady", f"{out['belady_hit_ratio']:.3f}")])
-    click.echo(f"gap LRU->Belady closed: {'n/a' if gap is None else f'{gap:.0%}'}; "
-               f"{out['block_refs_per_s']:,.0f} block refs/s ({seconds:.2f} s); the same copies alone "
-               f"(numpy): {out['copy_ceiling_block_refs_per_s']:,.0f} block refs/s")
+    _echo_table(
+        [
+            ("", "hit ratio"),
+            ("mooncakefs", f"{out['hit_ratio']:.3f}"),
+            ("LRU", f"{out['lru_hit_ratio']:.3f}"),
+            ("Belady", f"{out['belady_hit_ratio']:.3f}"),
+        ]
+    )
+    click.echo(
+        f"gap LRU->Belady closed: {'n/a' if gap is None else f'{gap:.0%}'}; "
+        f"{out['block_refs_per_s']:,.0f} block refs/s ({seconds:.2f} s); the same copies alone "
+        f"(numpy): {out['copy_ceiling_block_refs_per_s']:,.0f} block refs/s"
+    )
     if json_path:
         json_path.write_text(json.dumps(out, indent=2) + "\n")
     if wrong:
@@ -242,27 +313,58 @@ def replay(trace: Path | None, node_url: str | None, capacity: float, dram_share
 @main.command()
 @click.argument("source", metavar="[SOURCE]")
 @click.argument("mountpoint", required=False, metavar="MOUNTPOINT", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path),
-              help="Data dir (default: $MOONCAKEFS_DATA or ~/.local/share/mooncakefs).")
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Data dir (default: $MOONCAKEFS_DATA or ~/.local/share/mooncakefs).",
+)
 @click.option("--dram", default="1GiB", show_default=True, callback=_size, help="DRAM pool size.")
-@click.option("--ssd", default="16GiB", show_default=True,
-              help="SSD tier: SIZE in the data dir, or PATH:SIZE elsewhere.  0 for none: then the filesystem "
-                   "lives in memory only and starts empty at every mount.")
-@click.option("--chunk-size", default="4MiB", show_default=True, callback=_size,
-              help="Bytes per chunk object of file data (fixed when the filesystem is created).")
+@click.option(
+    "--ssd",
+    default="16GiB",
+    show_default=True,
+    help="SSD tier: SIZE in the data dir, or PATH:SIZE elsewhere.  0 for none: then the filesystem "
+    "lives in memory only and starts empty at every mount.",
+)
+@click.option(
+    "--chunk-size",
+    default="4MiB",
+    show_default=True,
+    callback=_size,
+    help="Bytes per chunk object of file data (fixed when the filesystem is created).",
+)
 @click.option("--background", is_flag=True, help="Return once mounted; the daemon logs to <data>/mount.log.")
 @click.option("--allow-other", is_flag=True, help="Let users other than the mounter use the mount.")
 @click.option("--debug", is_flag=True, help="Log every FUSE request.")
-@click.option("--node", default=None,
-              help="Keep file data in a node's pool (unix:///…/node.sock or tcp://host:port) instead of a pool "
-                   "of the mount's own; --dram and --ssd are then the node's business, and --data holds only "
-                   "the namespace.")
-@click.option("--replicas", default=2, show_default=True, type=click.IntRange(min=1),
-              help="With a cluster SOURCE: copies of each file chunk, on different nodes.")
+@click.option(
+    "--node",
+    default=None,
+    help="Keep file data in a node's pool (unix:///…/node.sock or tcp://host:port) instead of a pool "
+    "of the mount's own; --dram and --ssd are then the node's business, and --data holds only "
+    "the namespace.",
+)
+@click.option(
+    "--replicas",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="With a cluster SOURCE: copies of each file chunk, on different nodes.",
+)
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), hidden=True)
-def mount(source: str, mountpoint: Path | None, data: Path | None, dram: int, ssd: str, chunk_size: int,
-          background: bool, allow_other: bool, debug: bool, node: str | None, replicas: int,
-          log_file: Path | None) -> None:
+def mount(
+    source: str,
+    mountpoint: Path | None,
+    data: Path | None,
+    dram: int,
+    ssd: str,
+    chunk_size: int,
+    background: bool,
+    allow_other: bool,
+    debug: bool,
+    node: str | None,
+    replicas: int,
+    log_file: Path | None,
+) -> None:
     """Mount the store as a filesystem at MOUNTPOINT.
 
     SOURCE is a data dir (as --data), a node (unix://PATH or tcp://HOST:PORT, as --node), or a cluster:
@@ -305,8 +407,18 @@ def mount(source: str, mountpoint: Path | None, data: Path | None, dram: int, ss
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="--ssd") from None
     if background:
-        args = [*([cluster] if cluster else []), str(mountpoint), "--dram", str(dram), "--ssd", ssd,
-                "--chunk-size", str(chunk_size), "--replicas", str(replicas)]
+        args = [
+            *([cluster] if cluster else []),
+            str(mountpoint),
+            "--dram",
+            str(dram),
+            "--ssd",
+            ssd,
+            "--chunk-size",
+            str(chunk_size),
+            "--replicas",
+            str(replicas),
+        ]
         args += ["--data", str(data)] if data else []
         args += ["--allow-other"] if allow_other else []
         args += ["--debug"] if debug else []
@@ -324,9 +436,19 @@ def mount(source: str, mountpoint: Path | None, data: Path | None, dram: int, ss
             os.close(fd)
 
     try:
-        fuse_mount.serve(mountpoint, data=data, dram=dram, ssd=ssd, chunk_size=chunk_size, debug=debug,
-                         allow_other=allow_other, announce=announce, node=node, cluster=cluster,
-                         replicas=replicas)
+        fuse_mount.serve(
+            mountpoint,
+            data=data,
+            dram=dram,
+            ssd=ssd,
+            chunk_size=chunk_size,
+            debug=debug,
+            allow_other=allow_other,
+            announce=announce,
+            node=node,
+            cluster=cluster,
+            replicas=replicas,
+        )
     except mooncakefs.MooncakeError as exc:
         raise Failed(exc) from None
 
@@ -341,9 +463,12 @@ def _read_secret(secret_file: Path | None) -> bytes:
     secret = raw.strip()
     if raw and len(secret) < MIN_SECRET_BYTES:
         where = f"--secret-file {secret_file}" if secret_file else "MOONCAKEFS_SECRET"
-        raise click.BadParameter(f"the cluster secret in {where} is {len(secret)} bytes after stripping "
-                                 f"whitespace; use at least {MIN_SECRET_BYTES} random bytes "
-                                 "(e.g. `head -c 32 /dev/urandom | base64`)", param_hint="secret")
+        raise click.BadParameter(
+            f"the cluster secret in {where} is {len(secret)} bytes after stripping "
+            f"whitespace; use at least {MIN_SECRET_BYTES} random bytes "
+            "(e.g. `head -c 32 /dev/urandom | base64`)",
+            param_hint="secret",
+        )
     return secret
 
 
@@ -367,44 +492,105 @@ def _address(text: str, what: str) -> tuple[str, int] | None:
 
 
 @main.command()
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path),
-              help="Data dir (default: $MOONCAKEFS_DATA or ~/.local/share/mooncakefs).")
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Data dir (default: $MOONCAKEFS_DATA or ~/.local/share/mooncakefs).",
+)
 @click.option("--dram", default="1GiB", show_default=True, callback=_size, help="DRAM pool size.")
-@click.option("--ssd", default="0", show_default=True,
-              help="SSD tier: SIZE in the data dir, or PATH:SIZE elsewhere; 0 for none.")
-@click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Unix socket for clients on this host [default: $MOONCAKEFS_SOCKET, "
-                   "/run/mooncakefs/node.sock as root, else $XDG_RUNTIME_DIR/mooncakefs/node.sock].")
-@click.option("--socket-mode", default="0600", show_default=True,
-              help="Permissions of the Unix socket (0660 with --socket-group to share it with a group).")
+@click.option(
+    "--ssd", default="0", show_default=True, help="SSD tier: SIZE in the data dir, or PATH:SIZE elsewhere; 0 for none."
+)
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Unix socket for clients on this host [default: $MOONCAKEFS_SOCKET, "
+    "/run/mooncakefs/node.sock as root, else $XDG_RUNTIME_DIR/mooncakefs/node.sock].",
+)
+@click.option(
+    "--socket-mode",
+    default="0600",
+    show_default=True,
+    help="Permissions of the Unix socket (0660 with --socket-group to share it with a group).",
+)
 @click.option("--socket-group", default=None, help="Group owning the Unix socket.")
-@click.option("--listen", default="127.0.0.1:7480", show_default=True,
-              help="TCP address for clients on other hosts, or 'none'.  Listening beyond loopback "
-                   "without --secret-file is refused.")
-@click.option("--secret-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="File holding the cluster secret TCP clients must prove they know [default: $MOONCAKEFS_SECRET].")
-@click.option("--metrics", default="127.0.0.1:7481", show_default=True,
-              help="Address of the Prometheus /metrics endpoint, or 'none'.  Beyond loopback only with "
-                   "--metrics-public (metrics name no keys, but show usage and traffic).")
+@click.option(
+    "--listen",
+    default="127.0.0.1:7480",
+    show_default=True,
+    help="TCP address for clients on other hosts, or 'none'.  Listening beyond loopback "
+    "without --secret-file is refused.",
+)
+@click.option(
+    "--secret-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="File holding the cluster secret TCP clients must prove they know [default: $MOONCAKEFS_SECRET].",
+)
+@click.option(
+    "--metrics",
+    default="127.0.0.1:7481",
+    show_default=True,
+    help="Address of the Prometheus /metrics endpoint, or 'none'.  Beyond loopback only with "
+    "--metrics-public (metrics name no keys, but show usage and traffic).",
+)
 @click.option("--metrics-public", is_flag=True, help="Allow --metrics on an address other hosts can reach.")
-@click.option("--idle-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Seconds a client connection may sit idle before the node closes it (clients reconnect).")
-@click.option("--io-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Seconds the node waits on a client that stopped sending a request's bytes or taking its "
-                   "reply, or left a put unfinished; its connection or reserved room is then reclaimed.")
+@click.option(
+    "--idle-timeout",
+    default=600.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a client connection may sit idle before the node closes it (clients reconnect).",
+)
+@click.option(
+    "--io-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds the node waits on a client that stopped sending a request's bytes or taking its "
+    "reply, or left a put unfinished; its connection or reserved room is then reclaimed.",
+)
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.option("--prefault/--no-prefault", default=True, show_default=True,
-              help="Back the whole DRAM pool with memory at start (in the background).")
-@click.option("--etcd", "etcd_url", default=None,
-              help="Join a cluster: register this node in etcd (http://host:2379) under a lease.")
+@click.option(
+    "--prefault/--no-prefault",
+    default=True,
+    show_default=True,
+    help="Back the whole DRAM pool with memory at start (in the background).",
+)
+@click.option(
+    "--etcd",
+    "etcd_url",
+    default=None,
+    help="Join a cluster: register this node in etcd (http://host:2379) under a lease.",
+)
 @click.option("--cluster", default="default", show_default=True, help="Cluster name in etcd.")
-@click.option("--lease-ttl", default=10, show_default=True, type=click.IntRange(2, 300),
-              help="Seconds after which a dead node leaves the cluster (and a node cut off from etcd "
-                   "stops taking writes after 2/3 of it).")
-def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socket_mode: str,
-         socket_group: str | None, listen: str, secret_file: Path | None, metrics: str, metrics_public: bool,
-         idle_timeout: float, io_timeout: float, log_format: str, prefault: bool, etcd_url: str | None,
-         cluster: str, lease_ttl: int) -> None:
+@click.option(
+    "--lease-ttl",
+    default=10,
+    show_default=True,
+    type=click.IntRange(2, 300),
+    help="Seconds after which a dead node leaves the cluster (and a node cut off from etcd "
+    "stops taking writes after 2/3 of it).",
+)
+def node(
+    data: Path | None,
+    dram: int,
+    ssd: str,
+    socket_path: Path | None,
+    socket_mode: str,
+    socket_group: str | None,
+    listen: str,
+    secret_file: Path | None,
+    metrics: str,
+    metrics_public: bool,
+    idle_timeout: float,
+    io_timeout: float,
+    log_format: str,
+    prefault: bool,
+    etcd_url: str | None,
+    cluster: str,
+    lease_ttl: int,
+) -> None:
     """Run the node daemon: own this host's DRAM and SSD pools and serve them to every process.
 
     Clients on this host connect with mooncakefs.connect("unix://SOCKET") and move data by memcpy
@@ -419,8 +605,11 @@ def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socke
     from mooncakefs.sockets import default_socket
 
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter()
+        if log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         ssd_size, ssd_dir = parse_ssd(ssd)
@@ -431,19 +620,30 @@ def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socke
     metrics_at = _address(metrics, "--metrics")
     secret = _read_secret(secret_file)
     if tcp and not _loopback(tcp[0]) and not secret:
-        raise click.UsageError(f"--listen {listen} reaches beyond this host: give the node a --secret-file "
-                               "(or MOONCAKEFS_SECRET) so only cluster members get in")
+        raise click.UsageError(
+            f"--listen {listen} reaches beyond this host: give the node a --secret-file "
+            "(or MOONCAKEFS_SECRET) so only cluster members get in"
+        )
     if metrics_at and not _loopback(metrics_at[0]) and not metrics_public:
-        raise click.UsageError(f"--metrics {metrics} reaches beyond this host: add --metrics-public to mean it "
-                               "(anyone who can reach it reads usage and traffic counters)")
+        raise click.UsageError(
+            f"--metrics {metrics} reaches beyond this host: add --metrics-public to mean it "
+            "(anyone who can reach it reads usage and traffic counters)"
+        )
     try:
         store = mooncakefs.open(data, dram=dram, ssd=ssd_size, ssd_dir=ssd_dir, prefault=prefault)
     except mooncakefs.MooncakeError as exc:
         raise Failed(exc) from None
     default_path, chosen = default_socket()
-    server = Node(store, unix_path=socket_path or default_path, tcp=tcp, secret=secret or None,
-                  socket_mode=mode, socket_group=socket_group, socket_chosen=chosen or socket_path is not None,
-                  timeouts=Timeouts(handshake=min(10.0, io_timeout), idle=idle_timeout, io=io_timeout))
+    server = Node(
+        store,
+        unix_path=socket_path or default_path,
+        tcp=tcp,
+        secret=secret or None,
+        socket_mode=mode,
+        socket_group=socket_group,
+        socket_chosen=chosen or socket_path is not None,
+        timeouts=Timeouts(handshake=min(10.0, io_timeout), idle=idle_timeout, io=io_timeout),
+    )
     try:
         server.start()
         if metrics_at:
@@ -458,12 +658,20 @@ def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socke
         from mooncakefs.cluster.membership import host_id, node_id
 
         stats = store.stats()
-        record = {"host": host_id(), "pid": os.getpid(), "started": time.time(), "ttl": lease_ttl,
-                  "unix": str(server.unix_path), "tcp": f"{server.tcp[0]}:{server.tcp[1]}" if server.tcp else None,
-                  "dram": stats["dram"]["capacity"], "ssd": stats.get("ssd", {}).get("capacity", 0)}
+        record = {
+            "host": host_id(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "ttl": lease_ttl,
+            "unix": str(server.unix_path),
+            "tcp": f"{server.tcp[0]}:{server.tcp[1]}" if server.tcp else None,
+            "dram": stats["dram"]["capacity"],
+            "ssd": stats.get("ssd", {}).get("capacity", 0),
+        }
         try:
-            agent = NodeAgent(store, etcd_url, cluster, node_id(store.path), record, ttl=lease_ttl,
-                              secret=secret or None)
+            agent = NodeAgent(
+                store, etcd_url, cluster, node_id(store.path), record, ttl=lease_ttl, secret=secret or None
+            )
             server.cluster = agent
             agent.start()
         except (ValueError, mooncakefs.MooncakeError) as exc:
@@ -471,8 +679,11 @@ def node(data: Path | None, dram: int, ssd: str, socket_path: Path | None, socke
             raise Failed(exc) from None
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: threading.Thread(target=server.stop).start())
-    click.echo(f"mooncakefs node ready: unix://{server.unix_path}"
-               + (f" tcp://{server.tcp[0]}:{server.tcp[1]}" if server.tcp else ""), err=True)
+    click.echo(
+        f"mooncakefs node ready: unix://{server.unix_path}"
+        + (f" tcp://{server.tcp[0]}:{server.tcp[1]}" if server.tcp else ""),
+        err=True,
+    )
     server.wait()
     if agent is not None:
         agent.stop()  # leave the cluster first: nobody should route to a node that is going
@@ -494,21 +705,51 @@ class _JsonErrorsCommand(click.Command):
 
 
 @main.command(cls=_JsonErrorsCommand)
-@click.option("--etcd", "etcd_url", default="http://127.0.0.1:2379", show_default=True,
-              help="etcd endpoint of the cluster to report on.")
+@click.option(
+    "--etcd",
+    "etcd_url",
+    default="http://127.0.0.1:2379",
+    show_default=True,
+    help="etcd endpoint of the cluster to report on.",
+)
 @click.option("--cluster", default="default", show_default=True, help="Cluster name in etcd.")
-@click.option("--node", "node_url", default=None,
-              help="Report on one node instead: unix:///…/node.sock or tcp://HOST:PORT "
-                   "(a TCP node's secret from $MOONCAKEFS_SECRET).")
-@click.option("--mount", "mount_path", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="Report on a mount on this host instead (reads MOUNT/.mooncakefs/stats.json).")
-@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Seconds to wait for the --node or --mount to answer.")
-@click.option("--json", "as_json", is_flag=True,
-              help='Print JSON instead of a table; on an error, {"error": "..."} and a non-zero exit status.')
+@click.option(
+    "--node",
+    "node_url",
+    default=None,
+    help="Report on one node instead: unix:///…/node.sock or tcp://HOST:PORT "
+    "(a TCP node's secret from $MOONCAKEFS_SECRET).",
+)
+@click.option(
+    "--mount",
+    "mount_path",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Report on a mount on this host instead (reads MOUNT/.mooncakefs/stats.json).",
+)
+@click.option(
+    "--timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds to wait for the --node or --mount to answer.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print JSON instead of a table; on an error, {"error": "..."} and a non-zero exit status.',
+)
 @click.pass_context
-def status(ctx: click.Context, etcd_url: str, cluster: str, node_url: str | None, mount_path: Path | None,
-           timeout: float, as_json: bool) -> None:
+def status(
+    ctx: click.Context,
+    etcd_url: str,
+    cluster: str,
+    node_url: str | None,
+    mount_path: Path | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
     """Report on a cluster (the default), one node (--node) or a local mount (--mount).
 
     A cluster's nodes come from etcd: endpoints, tier capacities, live usage (asked of each node over
@@ -529,8 +770,9 @@ def status(ctx: click.Context, etcd_url: str, cluster: str, node_url: str | None
         render()
 
 
-def _status_report(ctx: click.Context, etcd_url: str, cluster: str, node_url: str | None,
-                   mount_path: Path | None, timeout: float) -> tuple[dict, Callable[[], None]]:
+def _status_report(
+    ctx: click.Context, etcd_url: str, cluster: str, node_url: str | None, mount_path: Path | None, timeout: float
+) -> tuple[dict, Callable[[], None]]:
     """The report ``status`` asked for: its JSON form, and a function that prints it as tables."""
     from click.core import ParameterSource
 
@@ -557,22 +799,40 @@ def _cluster_report(etcd_url: str, cluster: str) -> tuple[dict, Callable[[], Non
         r["stats"] = _node_stats(r.get("tcp"))
         r["groups"] = pmap.groups_of(r["id"]) if pmap else 0
         r["controller"] = r["id"] == controller
-    data = {"nodes": records, "controller": controller, "epoch": pmap.epoch if pmap else None,
-            "groups": pmap.groups if pmap else None, "mapped": sorted(pmap.nodes) if pmap else []}
+    data = {
+        "nodes": records,
+        "controller": controller,
+        "epoch": pmap.epoch if pmap else None,
+        "groups": pmap.groups if pmap else None,
+        "mapped": sorted(pmap.nodes) if pmap else [],
+    }
 
     def render() -> None:
         rows = [("NODE", "HOST", "TCP", "DRAM used/size", "SSD used/size", "OBJECTS", "GROUPS", "UP")]
         for r in records:
             st = r["stats"] or {}
             health = "" if r["stats"] is not None else " (unreachable)"
-            rows.append((r["id"] + (" *" if r["controller"] else ""), r.get("host", "?"),
-                         (r.get("tcp") or "-") + health, _usage(r.get("dram"), st.get("dram", {}).get("used")),
-                         _usage(r.get("ssd"), st.get("ssd", {}).get("used")), str(st.get("objects", "-")),
-                         str(r["groups"]), f"{uptime(r):.0f}s"))
+            rows.append(
+                (
+                    r["id"] + (" *" if r["controller"] else ""),
+                    r.get("host", "?"),
+                    (r.get("tcp") or "-") + health,
+                    _usage(r.get("dram"), st.get("dram", {}).get("used")),
+                    _usage(r.get("ssd"), st.get("ssd", {}).get("used")),
+                    str(st.get("objects", "-")),
+                    str(r["groups"]),
+                    f"{uptime(r):.0f}s",
+                )
+            )
         _echo_table(rows)
-        click.echo(f"{len(records)} node{'s' if len(records) != 1 else ''} in cluster {cluster!r}"
-                   + (f"; placement epoch {pmap.epoch}, {pmap.groups} groups of up to {pmap.width} nodes; "
-                      "* = controller" if pmap else "; no placement map yet"))
+        click.echo(
+            f"{len(records)} node{'s' if len(records) != 1 else ''} in cluster {cluster!r}"
+            + (
+                f"; placement epoch {pmap.epoch}, {pmap.groups} groups of up to {pmap.width} nodes; * = controller"
+                if pmap
+                else "; no placement map yet"
+            )
+        )
         if pmap and pmap.members() != {r["id"] for r in records}:
             click.echo("the placement map is catching up with membership (the controller rewrites it within a second)")
 
@@ -581,9 +841,11 @@ def _cluster_report(etcd_url: str, cluster: str) -> tuple[dict, Callable[[], Non
 
 def _node_report(url: str, timeout: float) -> tuple[dict, Callable[[], None]]:
     if not url.startswith(("unix://", "tcp://")):
-        raise click.BadParameter(f"expected unix:///path/to/node.sock or tcp://HOST:PORT, got {url!r}"
-                                 + ("; for a cluster use --etcd and --cluster" if url.startswith("etcd://") else ""),
-                                 param_hint="--node")
+        raise click.BadParameter(
+            f"expected unix:///path/to/node.sock or tcp://HOST:PORT, got {url!r}"
+            + ("; for a cluster use --etcd and --cluster" if url.startswith("etcd://") else ""),
+            param_hint="--node",
+        )
     try:
         with mooncakefs.connect(url, timeout=timeout) as client:
             stats, instance = client.stats(), client.ping()
@@ -621,8 +883,10 @@ def _mount_report(mount: Path, timeout: float) -> tuple[dict, Callable[[], None]
         raise click.ClickException(f"{mount} is not the root of a mooncakefs mount: {why}")
     if isinstance(error, OSError):
         if error.errno == errno.ENOTCONN:
-            raise click.ClickException(f"the mount at {mount} is dead (its daemon is gone): unmount it with "
-                                       f"`umount {mount}` or `fusermount3 -u {mount}`")
+            raise click.ClickException(
+                f"the mount at {mount} is dead (its daemon is gone): unmount it with "
+                f"`umount {mount}` or `fusermount3 -u {mount}`"
+            )
         raise click.ClickException(f"cannot read {stats_file}: {error.strerror or error}")
     try:
         stats = json.loads(outcome["text"])
@@ -639,9 +903,11 @@ def _mount_report(mount: Path, timeout: float) -> tuple[dict, Callable[[], None]
         else:
             rows += [(ident, *_tier_usage(st)) for ident, st in sorted(nodes.items())]
         _echo_table(rows)
-        click.echo(f"{fs['inodes']} inodes, {fs['chunks']} chunks of {format_size(fs['chunk_size'])}, "
-                   f"{fs['open_files']} open files; mounted {fs['uptime_s']:.0f}s"
-                   + (f"; cluster placement epoch {stats.get('epoch')}" if nodes is not None else ""))
+        click.echo(
+            f"{fs['inodes']} inodes, {fs['chunks']} chunks of {format_size(fs['chunk_size'])}, "
+            f"{fs['open_files']} open files; mounted {fs['uptime_s']:.0f}s"
+            + (f"; cluster placement epoch {stats.get('epoch')}" if nodes is not None else "")
+        )
         if nodes is None:
             click.echo()
             _echo_tiers(stats)
@@ -650,7 +916,7 @@ def _mount_report(mount: Path, timeout: float) -> tuple[dict, Callable[[], None]
 
 
 def _usage(size: int | None, used: int | None) -> str:
-    """"used/size" of a tier, "-" for a tier that is not there."""
+    """ "used/size" of a tier, "-" for a tier that is not there."""
     if not size:
         return "-"
     return f"{'?' if used is None else format_size(used)}/{format_size(size)}"
@@ -659,8 +925,11 @@ def _usage(size: int | None, used: int | None) -> str:
 def _tier_usage(stats: dict) -> tuple[str, str, str]:
     """The usage columns (DRAM, SSD, objects) of one store's stats()."""
     dram, ssd = stats.get("dram", {}), stats.get("ssd", {})
-    return (_usage(dram.get("capacity"), dram.get("used")), _usage(ssd.get("capacity"), ssd.get("used")),
-            str(stats.get("objects", "-")))
+    return (
+        _usage(dram.get("capacity"), dram.get("used")),
+        _usage(ssd.get("capacity"), ssd.get("used")),
+        str(stats.get("objects", "-")),
+    )
 
 
 def _echo_table(rows: list[tuple[str, ...]]) -> None:
@@ -672,13 +941,17 @@ def _echo_table(rows: list[tuple[str, ...]]) -> None:
 
 def _echo_tiers(stats: dict) -> None:
     """Per tier: capacity, usage and the hit/miss/eviction/promotion counters of a store's stats()."""
-    click.echo(f"{'tier':<6}{'capacity':>10}{'used':>10}{'objects':>9}{'hits':>9}{'misses':>9}"
-               f"{'evictions':>11}{'promotions':>12}")
+    click.echo(
+        f"{'tier':<6}{'capacity':>10}{'used':>10}{'objects':>9}{'hits':>9}{'misses':>9}"
+        f"{'evictions':>11}{'promotions':>12}"
+    )
     for tier in ("dram", "ssd"):
         if tier in stats:
             t = stats[tier]
-            click.echo(f"{tier:<6}{format_size(t['capacity']):>10}{format_size(t['used']):>10}{t['objects']:>9}"
-                       f"{t['hits']:>9}{t['misses']:>9}{t['evictions']:>11}{t['promotions']:>12}")
+            click.echo(
+                f"{tier:<6}{format_size(t['capacity']):>10}{format_size(t['used']):>10}{t['objects']:>9}"
+                f"{t['hits']:>9}{t['misses']:>9}{t['evictions']:>11}{t['promotions']:>12}"
+            )
 
 
 def _node_stats(tcp: str | None) -> dict | None:
@@ -705,12 +978,23 @@ def _configure_logging(debug: bool, log_file: Path | None) -> None:
 
 
 @main.command()
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Data dir (default: $MOONCAKEFS_DATA, else ~/.local/share/mooncakefs).")
-@click.option("--ssd-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the segments are, if the store was opened with ssd_dir= (default: DATA/ssd).")
-@click.option("--rebuild", is_flag=True,
-              help="Move the index aside and rebuild it from the segment journals, whatever the check finds.")
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Data dir (default: $MOONCAKEFS_DATA, else ~/.local/share/mooncakefs).",
+)
+@click.option(
+    "--ssd-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the segments are, if the store was opened with ssd_dir= (default: DATA/ssd).",
+)
+@click.option(
+    "--rebuild",
+    is_flag=True,
+    help="Move the index aside and rebuild it from the segment journals, whatever the check finds.",
+)
 def fsck(data: Path | None, ssd_dir: Path | None, rebuild: bool) -> None:
     """Check a store's SSD tier while no process has it open: every index row's value against its
     CRC-32C, and the segment journals against the index.  Exits 1 if anything is wrong; --rebuild
@@ -739,16 +1023,27 @@ def fsck(data: Path | None, ssd_dir: Path | None, rebuild: bool) -> None:
             click.echo(line)
         if not rebuild:
             if not report.ok:
-                click.echo("problems found" + ("" if report.index_error else
-                                               "; `mooncakefs fsck --rebuild` rebuilds the index from the journals"))
+                click.echo(
+                    "problems found"
+                    + (
+                        ""
+                        if report.index_error
+                        else "; `mooncakefs fsck --rebuild` rebuilds the index from the journals"
+                    )
+                )
                 raise SystemExit(1)
             click.echo("ok")
             return
         quiet = logging.getLogger("mooncakefs.ssd")
         quiet.disabled = True  # the message is printed below, once
         try:
-            tier = SsdTier(segments, 1 << 62, segment_size=1 << 26, index_path=index,
-                           rebuild=report.index_error or "asked to be rebuilt (fsck --rebuild)")
+            tier = SsdTier(
+                segments,
+                1 << 62,
+                segment_size=1 << 26,
+                index_path=index,
+                rebuild=report.index_error or "asked to be rebuilt (fsck --rebuild)",
+            )
             try:
                 tier.load(_time.time())
             finally:
@@ -762,9 +1057,12 @@ def fsck(data: Path | None, ssd_dir: Path | None, rebuild: bool) -> None:
 
 
 @main.command("as-mooncake", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("--endpoint", metavar="URL",
-              help="Point every MooncakeDistributedStore.setup() at this mooncakefs endpoint (host:port, "
-                   "tcp://, unix:// or etcd://host:port/cluster) whatever master address the program passes.")
+@click.option(
+    "--endpoint",
+    metavar="URL",
+    help="Point every MooncakeDistributedStore.setup() at this mooncakefs endpoint (host:port, "
+    "tcp://, unix:// or etcd://host:port/cluster) whatever master address the program passes.",
+)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def as_mooncake(endpoint: str | None, command: tuple[str, ...]) -> None:
     """Run COMMAND (after --) with mooncakefs answering for Mooncake's Python packages.
@@ -810,13 +1108,20 @@ def cp(sources: tuple[Path, ...], dest: Path, recursive: bool, verbose: bool) ->
         raise click.ClickException(f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc)) from None
     if verbose:
         elapsed = max(time.perf_counter() - start, 1e-9)
-        click.echo(f"copied {files} files, {format_size(copied)} in {elapsed:.1f} s "
-                   f"({format_size(int(copied / elapsed))}/s)", err=True)
+        click.echo(
+            f"copied {files} files, {format_size(copied)} in {elapsed:.1f} s ({format_size(int(copied / elapsed))}/s)",
+            err=True,
+        )
 
 
 @main.command("install-mount-helper")
-@click.option("--prefix", default="/sbin", show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Where mount(8) looks for mount.<type> helpers.")
+@click.option(
+    "--prefix",
+    default="/sbin",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where mount(8) looks for mount.<type> helpers.",
+)
 def install_mount_helper(prefix: Path) -> None:
     """Link PREFIX/mount.mooncakefs to this installation, so `mount -t mooncakefs DATA DIR -o dram=...`
     and /etc/fstab entries work."""

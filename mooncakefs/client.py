@@ -167,8 +167,9 @@ class RemoteStore(KVMapping):
         self._index: SharedIndex | None = None  # the node's index of DRAM values, read with no round trip
         self._map_pool = map_pool and self.kind == "unix"
         # Values up to inline_max travel inside the request or reply; larger ones through the engine.
-        self.inline_max = inline_max if inline_max is not None else (
-            LOCAL_INLINE_MAX if self._map_pool else TCP_INLINE_MAX)
+        self.inline_max = (
+            inline_max if inline_max is not None else (LOCAL_INLINE_MAX if self._map_pool else TCP_INLINE_MAX)
+        )
         self._tcp = TcpTransport(self._connect, connections=connections, stripe=stripe)
         self._engine = Router([self._tcp])
         self._give_back(self._connect())  # fail now, clearly, if the node is not there
@@ -180,8 +181,9 @@ class RemoteStore(KVMapping):
         restarted)."""
         if self.kind == "unix":
             check_socket_path(self.address, self._socket_chosen)
-        family = socket.AF_UNIX if self.kind == "unix" else socket.AF_INET6 if ":" in self.address[0] else \
-            socket.AF_INET
+        family = (
+            socket.AF_UNIX if self.kind == "unix" else socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
+        )
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
@@ -327,9 +329,22 @@ class RemoteStore(KVMapping):
 
     # -- writing ----------------------------------------------------------------------------------------
 
-    def put(self, key: Key, value: Any, *, pin: bool = False, ttl: float | None = None, if_absent: bool = False,
-            durable: bool = False, version: int = 0, if_newer: bool = False, replicas: int | None = None,
-            placement: str | None = None, cluster_flags: int = 0, crc: int | None = None) -> None:
+    def put(
+        self,
+        key: Key,
+        value: Any,
+        *,
+        pin: bool = False,
+        ttl: float | None = None,
+        if_absent: bool = False,
+        durable: bool = False,
+        version: int = 0,
+        if_newer: bool = False,
+        replicas: int | None = None,
+        placement: str | None = None,
+        cluster_flags: int = 0,
+        crc: int | None = None,
+    ) -> None:
         """As ``Store.put``; its arguments are checked here, before anything is sent.  The value travels
         with its CRC-32C, computed as it is sent; the node refuses it (ChecksumError, nothing stored) if
         the bytes that arrive do not match.  (``cluster_flags``: the cluster client's LOCAL and replica
@@ -338,11 +353,19 @@ class RemoteStore(KVMapping):
         if replicas is not None or placement is not None:
             cluster_only("put", f"the node at {self.url}", replicas, placement)
         raw, src = encode_key(key), _bytes_of(value)
-        if pin is not False or ttl is not None or if_absent is not False or durable is not False or \
-                version != 0 or type(version) is not int or if_newer is not False:
+        if (
+            pin is not False
+            or ttl is not None
+            or if_absent is not False
+            or durable is not False
+            or version != 0
+            or type(version) is not int
+            or if_newer is not False
+        ):
             ttl = check_put_options(pin, ttl, if_absent, durable, version, if_newer)
         head = [raw, len(src), *pack_put_options(pin, ttl, if_absent, durable, version, if_newer, cluster_flags)]
         if len(src) <= self.inline_max:
+
             def put_inline(ch: Channel) -> None:
                 ch.send_value(Op.PUT, head, src, crc)
                 ch.read_reply()
@@ -372,10 +395,20 @@ class RemoteStore(KVMapping):
 
         self._call(put_through_engine)
 
-    def batch_put(self, items: Mapping[Key, Any] | Iterable[tuple[Key, Any]], *, pin: bool = False,
-                  ttl: float | None = None, if_absent: bool = False, durable: bool = False, version: int = 0,
-                  if_newer: bool = False, replicas: int | None = None, placement: str | None = None,
-                  cluster_flags: int = 0) -> list[Any]:
+    def batch_put(
+        self,
+        items: Mapping[Key, Any] | Iterable[tuple[Key, Any]],
+        *,
+        pin: bool = False,
+        ttl: float | None = None,
+        if_absent: bool = False,
+        durable: bool = False,
+        version: int = 0,
+        if_newer: bool = False,
+        replicas: int | None = None,
+        placement: str | None = None,
+        cluster_flags: int = 0,
+    ) -> list[Any]:
         """As ``Store.batch_put`` (and ``put``'s options): one result per item, None or the exception it
         raised; bad options or items that are not pairs fail the call before anything is sent.  Small
         values go in one frame; large ones one by one."""
@@ -383,12 +416,20 @@ class RemoteStore(KVMapping):
             cluster_only("batch_put", f"the node at {self.url}", replicas, placement)
         ttl = check_put_options(pin, ttl, if_absent, durable, version, if_newer)
         pairs = put_pairs(items)
-        options = {"pin": pin, "ttl": ttl, "if_absent": if_absent, "durable": durable, "version": version,
-                   "if_newer": if_newer, "cluster_flags": cluster_flags}
+        options = {
+            "pin": pin,
+            "ttl": ttl,
+            "if_absent": if_absent,
+            "durable": durable,
+            "version": version,
+            "if_newer": if_newer,
+            "cluster_flags": cluster_flags,
+        }
         head = pack_put_options(**options)
         if len(pairs) > MAX_BATCH:  # the node takes at most MAX_BATCH items a request
-            return [r for i in range(0, len(pairs), MAX_BATCH)
-                    for r in self.batch_put(pairs[i : i + MAX_BATCH], **options)]
+            return [
+                r for i in range(0, len(pairs), MAX_BATCH) for r in self.batch_put(pairs[i : i + MAX_BATCH], **options)
+            ]
         results: list[Any] = [None] * len(pairs)
         keys: list[bytes] = []
         values: list[memoryview] = []
@@ -534,8 +575,11 @@ class RemoteStore(KVMapping):
 
     def _batch_read(self, keys: list[Key], dsts: list[Any]) -> list[Any]:
         if len(keys) > MAX_BATCH:
-            return [r for i in range(0, len(keys), MAX_BATCH)
-                    for r in self._batch_read(keys[i : i + MAX_BATCH], dsts[i : i + MAX_BATCH])]
+            return [
+                r
+                for i in range(0, len(keys), MAX_BATCH)
+                for r in self._batch_read(keys[i : i + MAX_BATCH], dsts[i : i + MAX_BATCH])
+            ]
         results: list[Any] = [None] * len(keys)
         raws: list[bytes] = []
         limits: list[int] = []
@@ -608,8 +652,10 @@ class RemoteStore(KVMapping):
 
     def versions(self, keys: Iterable[Key]) -> list[int | None]:
         """As ``Store.versions``: each key's version, None where it is absent."""
-        return [None if v is False else unpack_version(v)
-                for v in self._per_key(Op.BATCH_VERSIONS, key_list(keys, "versions"))]
+        return [
+            None if v is False else unpack_version(v)
+            for v in self._per_key(Op.BATCH_VERSIONS, key_list(keys, "versions"))
+        ]
 
     def _per_key(self, op: int, keys: Iterable[Key]) -> list[Any]:
         """A batched question with one answer per key, asked MAX_BATCH keys a request."""
@@ -619,8 +665,9 @@ class RemoteStore(KVMapping):
                 raws.append(encode_key(key))
             except MooncakeError:
                 raws.append(b"")  # never a valid key: reported absent, as Store.batch_exists does
-        return [answer for i in range(0, len(raws), MAX_BATCH)
-                for answer in self._rpc(op, [raws[i : i + MAX_BATCH]])[0]]
+        return [
+            answer for i in range(0, len(raws), MAX_BATCH) for answer in self._rpc(op, [raws[i : i + MAX_BATCH]])[0]
+        ]
 
     def remove(self, key: Key) -> bool:
         return self._rpc(Op.REMOVE, [encode_key(key)])[0]

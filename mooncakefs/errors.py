@@ -53,8 +53,9 @@ class NotNewer(KeyExists):
     """``put(..., if_newer=True)`` found the key holding a value of the same or a later version."""
 
     def __init__(self, key: bytes | str) -> None:
-        MooncakeError.__init__(self, f"key {describe_key(key)}: already holds this version or a later one "
-                               "(put with if_newer=True)")
+        MooncakeError.__init__(
+            self, f"key {describe_key(key)}: already holds this version or a later one (put with if_newer=True)"
+        )
         self.key = key
 
 

@@ -56,12 +56,12 @@ def load_trace(path: Path, limit: int | None = None) -> list[Request]:
             except ValueError as exc:
                 raise TraceError(f"trace {path} line {n}: not JSON ({exc})") from None
             if not isinstance(record, dict) or "hash_ids" not in record:
-                raise TraceError(f"trace {path} line {n}: a request is a JSON object with a 'hash_ids' list, "
-                                 f"got {line[:80]!r}")
+                raise TraceError(
+                    f"trace {path} line {n}: a request is a JSON object with a 'hash_ids' list, got {line[:80]!r}"
+                )
             chain = record["hash_ids"]
             if not isinstance(chain, list) or not all(type(b) is int for b in chain):
-                raise TraceError(f"trace {path} line {n}: 'hash_ids' must be a list of integers, got "
-                                 f"{str(chain)[:80]}")
+                raise TraceError(f"trace {path} line {n}: 'hash_ids' must be a list of integers, got {str(chain)[:80]}")
             requests.append(chain)
     if not requests:
         raise TraceError(f"trace {path}: no requests in it")
@@ -162,8 +162,14 @@ def gap_closed(hits: int, lru: int, belady: int) -> float | None:
     return None if belady <= lru else (hits - lru) / (belady - lru)
 
 
-def replay_store(store: Any, requests: Sequence[Request], block_size: int, *, key_prefix: str = "blk/",
-                 advance: Callable[[int], None] = lambda n: None) -> tuple[int, float, int]:
+def replay_store(
+    store: Any,
+    requests: Sequence[Request],
+    block_size: int,
+    *,
+    key_prefix: str = "blk/",
+    advance: Callable[[int], None] = lambda n: None,
+) -> tuple[int, float, int]:
     """Serve every request through ``store`` as a connector would; returns (hits, seconds, wrong).
 
     A hit is a block of the cached prefix that was then loaded (a block evicted between the match

@@ -165,9 +165,14 @@ class FramedServer:
                     return
                 failures += 1
                 if failures == 1 or failures % 1000 == 0:
-                    self.log.warning("accept failed: shedding connections still in their handshake and retrying",
-                                     extra={"why": exc.strerror or str(exc), "failures": failures,
-                                            "listener": "unix" if local else "tcp"})
+                    self.log.warning(
+                        "accept failed: shedding connections still in their handshake and retrying",
+                        extra={
+                            "why": exc.strerror or str(exc),
+                            "failures": failures,
+                            "listener": "unix" if local else "tcp",
+                        },
+                    )
                 self._shed_unauthenticated(MAX_UNAUTHENTICATED // 2)
                 backoff = min(ACCEPT_BACKOFF_MAX, backoff * 2 or 0.01)
                 self._stopping.wait(backoff)
@@ -259,8 +264,14 @@ class FramedServer:
                 self.errors[type(exc).__name__] += 1
                 ch.skip_payload()
                 if op not in self.no_reply:
-                    ch.send(Op.ERROR, error_meta(exc if isinstance(exc, MooncakeError | ValueError | TypeError)
-                                                 else ValueError(f"malformed request: {exc!r:.100}")))
+                    ch.send(
+                        Op.ERROR,
+                        error_meta(
+                            exc
+                            if isinstance(exc, MooncakeError | ValueError | TypeError)
+                            else ValueError(f"malformed request: {exc!r:.100}")
+                        ),
+                    )
 
 
 def _raise_fd_limit() -> None:

@@ -63,21 +63,27 @@ def check_socket_path(path: str | os.PathLike[str], chosen: bool) -> None:
         except FileNotFoundError:
             return  # nothing there yet: a client finds no node, a node creates it
         where = f"the socket directory {d}" if d == directory else f"{d}, above the socket {path},"
-        fix = ("; use a directory of your own (set XDG_RUNTIME_DIR or MOONCAKEFS_SOCKET, or pass the socket "
-               "path) or fix its owner and mode")
+        fix = (
+            "; use a directory of your own (set XDG_RUNTIME_DIR or MOONCAKEFS_SOCKET, or pass the socket "
+            "path) or fix its owner and mode"
+        )
         if stat.S_ISLNK(st.st_mode):
             raise UnsafeSocketPath(f"{where} is a symbolic link: whoever owns it can point it elsewhere{fix}")
         if not stat.S_ISDIR(st.st_mode):
             raise UnsafeSocketPath(f"{where} is not a directory{fix}")
         ours = st.st_uid in (uid, 0)
         if not ours and (below_sticky or not chosen):
-            raise UnsafeSocketPath(f"{where} belongs to uid {st.st_uid}, not to you (uid {uid}): its owner could "
-                                   f"serve a fake node there and read every value you put{fix}")
+            raise UnsafeSocketPath(
+                f"{where} belongs to uid {st.st_uid}, not to you (uid {uid}): its owner could "
+                f"serve a fake node there and read every value you put{fix}"
+            )
         writable_by_others = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
         sticky = bool(st.st_mode & stat.S_ISVTX)
         if writable_by_others and not (sticky and st.st_uid == 0):
-            raise UnsafeSocketPath(f"{where} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}): "
-                                   f"they could replace the node's socket{fix}")
+            raise UnsafeSocketPath(
+                f"{where} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o}): "
+                f"they could replace the node's socket{fix}"
+            )
         below_sticky = bool(writable_by_others)
     if below_sticky:  # the socket itself sits in a directory like /tmp: it must be ours or root's
         try:
@@ -85,5 +91,7 @@ def check_socket_path(path: str | os.PathLike[str], chosen: bool) -> None:
         except FileNotFoundError:
             return
         if owner not in (uid, 0):
-            raise UnsafeSocketPath(f"the socket {path} belongs to uid {owner}, not to you (uid {uid}), in a "
-                                   "directory anyone can write: it may be a fake node; use a directory of your own")
+            raise UnsafeSocketPath(
+                f"the socket {path} belongs to uid {owner}, not to you (uid {uid}), in a "
+                "directory anyone can write: it may be a fake node; use a directory of your own"
+            )

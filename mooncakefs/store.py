@@ -179,8 +179,9 @@ def check_version(version: object) -> int:
     return version
 
 
-def check_put_options(pin: object, ttl: object, if_absent: object, durable: object, version: object = 0,
-                      if_newer: object = False) -> float | None:
+def check_put_options(
+    pin: object, ttl: object, if_absent: object, durable: object, version: object = 0, if_newer: object = False
+) -> float | None:
     """Check ``put``'s options, as every store takes them; returns the ttl in seconds (or None)."""
     for name, flag in (("pin", pin), ("if_absent", if_absent), ("durable", durable), ("if_newer", if_newer)):
         check_flag(name, flag)
@@ -206,17 +207,20 @@ def cluster_only(call: str, where: str, replicas: object, placement: object) -> 
 def value_error(value: object, what: str = "value") -> InvalidArgument:
     """Why ``value`` is not a value to put (call only once taking its buffer has failed)."""
     if isinstance(value, str):
-        return InvalidArgument(f"{what} must be a bytes-like object ({BUFFER_KINDS}), not str: "
-                               f"encode it first ({what}.encode())")
+        return InvalidArgument(
+            f"{what} must be a bytes-like object ({BUFFER_KINDS}), not str: encode it first ({what}.encode())"
+        )
     try:
         view = memoryview(value)  # type: ignore[arg-type]
     except TypeError:
         return InvalidArgument(f"{what} must be a bytes-like object ({BUFFER_KINDS}), not {type(value).__name__}")
     if not view.c_contiguous:
-        return InvalidArgument(f"{what} must be a C-contiguous buffer ({type(value).__name__} is not; "
-                               "numpy: np.ascontiguousarray(a))")
-    return InvalidArgument(f"{what} must be a C-contiguous bytes-like object ({BUFFER_KINDS}), "
-                           f"not {type(value).__name__}")
+        return InvalidArgument(
+            f"{what} must be a C-contiguous buffer ({type(value).__name__} is not; numpy: np.ascontiguousarray(a))"
+        )
+    return InvalidArgument(
+        f"{what} must be a C-contiguous bytes-like object ({BUFFER_KINDS}), not {type(value).__name__}"
+    )
 
 
 def buffer_error(buffer: object) -> InvalidArgument | None:
@@ -227,14 +231,18 @@ def buffer_error(buffer: object) -> InvalidArgument | None:
     try:
         view = memoryview(buffer)  # type: ignore[arg-type]
     except TypeError:
-        return InvalidArgument(f"buffer must be a writable bytes-like object ({WRITABLE_KINDS}), "
-                               f"not {type(buffer).__name__}")
+        return InvalidArgument(
+            f"buffer must be a writable bytes-like object ({WRITABLE_KINDS}), not {type(buffer).__name__}"
+        )
     if view.readonly:
-        return InvalidArgument(f"buffer must be writable, and this {type(buffer).__name__} is read-only: "
-                               f"pass a {WRITABLE_KINDS.replace(', numpy', ' or numpy')}")
+        return InvalidArgument(
+            f"buffer must be writable, and this {type(buffer).__name__} is read-only: "
+            f"pass a {WRITABLE_KINDS.replace(', numpy', ' or numpy')}"
+        )
     if not view.c_contiguous:
-        return InvalidArgument(f"buffer must be a C-contiguous buffer ({type(buffer).__name__} is not; "
-                               "numpy: np.ascontiguousarray(a))")
+        return InvalidArgument(
+            f"buffer must be a C-contiguous buffer ({type(buffer).__name__} is not; numpy: np.ascontiguousarray(a))"
+        )
     return None
 
 
@@ -251,8 +259,10 @@ def key_list(keys: object, call: str, what: str = "keys") -> Iterable[Any]:
     (``match_prefix("a/b")`` would look up "a", "/" and "b") or something else says so."""
     if isinstance(keys, SINGLE_KEY_TYPES):
         example = f"{keys!r:.60}" if what == "keys" else "buffer"
-        raise InvalidArgument(f"{call} takes a list of {what}, not a single {type(keys).__name__} "
-                              f"({keys!r:.60}): pass [{example}] for one")
+        raise InvalidArgument(
+            f"{call} takes a list of {what}, not a single {type(keys).__name__} "
+            f"({keys!r:.60}): pass [{example}] for one"
+        )
     try:
         iter(keys)  # type: ignore[call-overload]
     except TypeError:
@@ -266,13 +276,14 @@ def put_pairs(items: object, call: str = "batch_put") -> list[tuple[Any, Any]]:
     if isinstance(items, Mapping):
         return list(items.items())
     if isinstance(items, SINGLE_KEY_TYPES):
-        raise InvalidArgument(f"{call} takes a mapping or a list of (key, value) pairs, not a single "
-                              f"{type(items).__name__} ({items!r:.60})")
+        raise InvalidArgument(
+            f"{call} takes a mapping or a list of (key, value) pairs, not a single "
+            f"{type(items).__name__} ({items!r:.60})"
+        )
     try:
         pairs = list(items)  # type: ignore[call-overload]
     except TypeError:
-        raise InvalidArgument(f"{call} takes a mapping or a list of (key, value) pairs, got {given(items)}") \
-            from None
+        raise InvalidArgument(f"{call} takes a mapping or a list of (key, value) pairs, got {given(items)}") from None
     for i, pair in enumerate(pairs):
         if type(pair) is not tuple or len(pair) != 2:
             if not isinstance(pair, tuple | list) or len(pair) != 2:
@@ -286,8 +297,9 @@ def batch_targets(keys: object, buffers: object) -> tuple[list[Any], list[Any]]:
     keys = list(key_list(keys, "batch_get_into"))
     buffers = list(key_list(buffers, "batch_get_into", "buffers"))
     if len(keys) != len(buffers):
-        raise InvalidArgument(f"batch_get_into takes one buffer per key, got {len(keys)} keys and "
-                              f"{len(buffers)} buffers")
+        raise InvalidArgument(
+            f"batch_get_into takes one buffer per key, got {len(keys)} keys and {len(buffers)} buffers"
+        )
     return keys, buffers
 
 
@@ -413,8 +425,7 @@ class PendingPut:
 
     __slots__ = ("buffer", "durable", "entry", "key", "raw", "replace")
 
-    def __init__(self, raw: bytes, key: Key, entry: Entry, buffer: memoryview, replace: Replace,
-                 durable: bool) -> None:
+    def __init__(self, raw: bytes, key: Key, entry: Entry, buffer: memoryview, replace: Replace, durable: bool) -> None:
         self.raw, self.key, self.entry, self.buffer = raw, key, entry, buffer
         self.replace, self.durable = replace, durable
 
@@ -659,9 +670,19 @@ class Store(KVMapping):
         raw, entry = self._prepare_put(key, size, pin, ttl, durable, version, tag)
         self._put_prepared(raw, key, entry, value, Replace.of(if_absent, if_newer), durable)
 
-    def begin_put(self, key: Key, size: int, *, pin: bool = False, ttl: float | None = None,
-                  if_absent: bool = False, durable: bool = False, version: int = 0,
-                  if_newer: bool = False, tag: int = 0) -> PendingPut:
+    def begin_put(
+        self,
+        key: Key,
+        size: int,
+        *,
+        pin: bool = False,
+        ttl: float | None = None,
+        if_absent: bool = False,
+        durable: bool = False,
+        version: int = 0,
+        if_newer: bool = False,
+        tag: int = 0,
+    ) -> PendingPut:
         """Reserve room for a ``size``-byte value: fill ``.buffer``, then ``end_put`` (or ``abort_put``).
 
         This is ``put`` in two halves, for callers that receive the bytes straight into place.  A value
@@ -678,8 +699,9 @@ class Store(KVMapping):
             self._check_replace(raw, key, entry, replace)
             entry.dram, entry.dram_off = self._alloc_dram(size)
             if entry.dram >= 0:
-                return PendingPut(raw, key, entry, self._dram.view[entry.dram_off : entry.dram_off + size],
-                                  replace, durable)
+                return PendingPut(
+                    raw, key, entry, self._dram.view[entry.dram_off : entry.dram_off + size], replace, durable
+                )
             if entry.pinned or self._ssd is None:
                 self._put_ssd_only(raw, key, entry, b"")  # raises the OutOfSpace a put would
             budget = max(self._dram.capacity, STAGING_MIN)
@@ -728,8 +750,7 @@ class Store(KVMapping):
             self._staged -= len(pending.buffer)
             pending.buffer = None  # type: ignore[assignment]
 
-    def _put_prepared(self, raw: bytes, key: Key, entry: Entry, value: Any, replace: Replace,
-                      durable: bool) -> None:
+    def _put_prepared(self, raw: bytes, key: Key, entry: Entry, value: Any, replace: Replace, durable: bool) -> None:
         with self._lock:
             if self._put_locked(raw, key, entry, value, replace, durable):
                 return
@@ -748,8 +769,9 @@ class Store(KVMapping):
         with self._lock:
             self._publish(raw, key, entry, replace, durable, value)
 
-    def _prepare_put(self, key: Key, size: int, pin: bool, ttl: float | None, durable: bool, version: int,
-                     tag: int) -> tuple[bytes, Entry]:
+    def _prepare_put(
+        self, key: Key, size: int, pin: bool, ttl: float | None, durable: bool, version: int, tag: int
+    ) -> tuple[bytes, Entry]:
         """Check a put's arguments (no lock needed): the key's bytes and a fresh entry.  The common case
         is tested inline; ``check_put_options`` explains anything else."""
         raw = encode_key(key)
@@ -767,14 +789,23 @@ class Store(KVMapping):
                 ttl = check_ttl(ttl)
             entry.expires = time.time() + ttl
         if durable and self._ssd is None:
-            raise InvalidArgument(f"put({describe_key(key)}, durable=True) needs an SSD tier: open the store "
-                                  "with ssd=... (a node: --ssd)")
+            raise InvalidArgument(
+                f"put({describe_key(key)}, durable=True) needs an SSD tier: open the store with ssd=... (a node: --ssd)"
+            )
         entry.pinned, entry.durable = pin, durable
         entry.sticky = type(key) is InternalKey
         return raw, entry
 
-    def _put_locked(self, raw: bytes, key: Key, entry: Entry, value: Any, replace: Replace,
-                    durable: bool, locked_max: int = LOCKED_COPY_MAX) -> bool:
+    def _put_locked(
+        self,
+        raw: bytes,
+        key: Key,
+        entry: Entry,
+        value: Any,
+        replace: Replace,
+        durable: bool,
+        locked_max: int = LOCKED_COPY_MAX,
+    ) -> bool:
         """The part of a put done under the lock: True if that was all, False if the entry got a DRAM
         block that the caller must fill without the lock and then publish.  Values below
         ``locked_max`` bytes are copied under the lock (a batch raises it: handing off costs more)."""
@@ -925,17 +956,23 @@ class Store(KVMapping):
         capacity, high, used = self._dram.capacity, self._high, self._dram.used
         what = "a pinned value" if entry.pinned else "a value"
         if entry.size > high:
-            why = (f"the DRAM pool is {format_size(capacity)} and its high watermark ({high / capacity:.0%}) "
-                   f"lets values up to {format_size(high)} in")
+            why = (
+                f"the DRAM pool is {format_size(capacity)} and its high watermark ({high / capacity:.0%}) "
+                f"lets values up to {format_size(high)} in"
+            )
         else:
-            why = (f"{format_size(used)} of the {format_size(capacity)} DRAM pool is held by pinned or in-use "
-                   f"objects, so at most {format_size(max(0, capacity - used))} fits now (the high watermark, "
-                   f"{high / capacity:.0%}, is {format_size(high)})")
+            why = (
+                f"{format_size(used)} of the {format_size(capacity)} DRAM pool is held by pinned or in-use "
+                f"objects, so at most {format_size(max(0, capacity - used))} fits now (the high watermark, "
+                f"{high / capacity:.0%}, is {format_size(high)})"
+            )
         if entry.pinned:
             fix = "pinned values live only in DRAM: give the store more DRAM (dram=, a node: --dram) or unpin"
         else:  # only values that cannot go to SSD come here
-            fix = ("there is no SSD tier: give the store more DRAM (dram=, a node: --dram) or an SSD tier "
-                   "(ssd=, a node: --ssd)")
+            fix = (
+                "there is no SSD tier: give the store more DRAM (dram=, a node: --dram) or an SSD tier "
+                "(ssd=, a node: --ssd)"
+            )
         return f"key {describe_key(key)}: no room for {what} of {format_size(entry.size)}: {why}; {fix}"
 
     def _write_to_ssd(self, raw: bytes, entry: Entry, data: memoryview) -> None:
@@ -948,8 +985,9 @@ class Store(KVMapping):
             )
         if entry.crc < 0:
             entry.crc = _engine.crc32c(data)
-        entry.seg, entry.seg_off = self._ssd.append(raw, data, entry.crc, entry.expires, _flags(entry),
-                                                    entry.version, entry.tag)
+        entry.seg, entry.seg_off = self._ssd.append(
+            raw, data, entry.crc, entry.expires, _flags(entry), entry.version, entry.tag
+        )
         if not entry.pinned and not entry.sticky:
             order = self._ssd_order
             order.pop(raw, None)  # a replaced value's place, if it is still there
@@ -1048,9 +1086,15 @@ class Store(KVMapping):
                     if second_chances and self._read_shared_since(raw, entry):
                         refreshed.append((raw, entry))
                         continue
-                    if entry.seg < 0 and not ssd_full and (
-                            queue is self._lru or entry.sticky or
-                            (self._ssd.fits(entry.size) and self._ssd.live + entry.size <= self._ssd_high)):
+                    if (
+                        entry.seg < 0
+                        and not ssd_full
+                        and (
+                            queue is self._lru
+                            or entry.sticky
+                            or (self._ssd.fits(entry.size) and self._ssd.live + entry.size <= self._ssd_high)
+                        )
+                    ):
                         # a value never read since put is demoted only into free space: reclaiming
                         # room for it would push out values that earned their place
                         try:
@@ -1112,12 +1156,14 @@ class Store(KVMapping):
             if seg is ssd.active:
                 ssd.active = None
             residents = [(raw, self._index.get(raw)) for raw in ssd.keys_in(seg.id)]
-            moved = [(raw, e, ssd.read(seg, e.seg_off, e.size)) for raw, e in residents
-                     if e is not None and e.seg == seg.id]
+            moved = [
+                (raw, e, ssd.read(seg, e.seg_off, e.size)) for raw, e in residents if e is not None and e.seg == seg.id
+            ]
             ssd.remove_segment(seg)
             for raw, entry, data in moved:
-                entry.seg, entry.seg_off = ssd.append(raw, memoryview(data), entry.crc, entry.expires,
-                                                      _flags(entry), entry.version, entry.tag)
+                entry.seg, entry.seg_off = ssd.append(
+                    raw, memoryview(data), entry.crc, entry.expires, _flags(entry), entry.version, entry.tag
+                )
         return True
 
     def _ssd_evict(self, excess: int) -> bool:
@@ -1311,8 +1357,7 @@ class Store(KVMapping):
                     if self._shared is not None:
                         self._share(raw, entry)
                     ssd = self._ssd
-                    if (not entry.sticky and not entry.durable and entry.seg >= 0
-                            and 2 * ssd.live > self._ssd_high):  # type: ignore[union-attr]
+                    if not entry.sticky and not entry.durable and entry.seg >= 0 and 2 * ssd.live > self._ssd_high:  # type: ignore[union-attr]
                         # a tier past half full keeps one copy of each value: the DRAM one, now
                         ssd.drop(raw, entry.seg, entry.seg_off, entry.size)  # type: ignore[union-attr]
                         entry.seg = entry.seg_off = -1
@@ -1343,8 +1388,7 @@ class Store(KVMapping):
         raw = encode_prefix(prefix)
         with self._lock:
             self._check_open()
-            doomed = [(k, e) for k, e in self._index.items()
-                      if k.startswith(raw) and not k.startswith(INTERNAL_PREFIX)]
+            doomed = [(k, e) for k, e in self._index.items() if k.startswith(raw) and not k.startswith(INTERNAL_PREFIX)]
             now = time.time()
             for k, e in doomed:
                 del self._index[k]
@@ -1442,13 +1486,22 @@ class Store(KVMapping):
             self._check_open()
             in_dram = sum(1 for e in self._index.values() if e.dram >= 0)
             tiers: dict[str, Any] = {
-                "dram": {"capacity": self._dram.capacity, "used": self._dram.used, "objects": in_dram,
-                         **self._counters["dram"]},
+                "dram": {
+                    "capacity": self._dram.capacity,
+                    "used": self._dram.used,
+                    "objects": in_dram,
+                    **self._counters["dram"],
+                },
             }
             if self._ssd is not None:
-                tiers["ssd"] = {"capacity": self._ssd.capacity, "used": self._ssd.used, "live": self._ssd.live,
-                                "objects": sum(1 for e in self._index.values() if e.seg >= 0),
-                                "segments": len(self._ssd.segments), **self._counters["ssd"]}
+                tiers["ssd"] = {
+                    "capacity": self._ssd.capacity,
+                    "used": self._ssd.used,
+                    "live": self._ssd.live,
+                    "objects": sum(1 for e in self._index.values() if e.seg >= 0),
+                    "segments": len(self._ssd.segments),
+                    **self._counters["ssd"],
+                }
             tiers["objects"] = len(self._index)
             return tiers
 
@@ -1518,16 +1571,28 @@ class Store(KVMapping):
         self._put_run(small, results, replace, durable, plain)
         return results
 
-    def _put_run(self, run: list[tuple[int, bytes, Key, Entry, Any]], results: list[Any], replace: Replace,
-                 durable: bool, plain: bool = False) -> None:
+    def _put_run(
+        self,
+        run: list[tuple[int, bytes, Key, Entry, Any]],
+        results: list[Any],
+        replace: Replace,
+        durable: bool,
+        plain: bool = False,
+    ) -> None:
         """Store a run of prepared values under the lock, taken once per MiB, then empty the run.
         ``plain``: no item is pinned, expiring, versioned or tagged (``_engine.put_plain`` may do it)."""
         n, at = len(run), 0
         while at < n:
             with self._lock:
                 self._check_open()
-                if (plain and replace is Replace.ALWAYS and not durable and self._shared is None and self._ssd is None
-                        and not self._expiring):  # the KV-cache case: the loop in Cython
+                if (
+                    plain
+                    and replace is Replace.ALWAYS
+                    and not durable
+                    and self._shared is None
+                    and self._ssd is None
+                    and not self._expiring
+                ):  # the KV-cache case: the loop in Cython
                     at = _engine.put_plain(self, run, at, BATCH_LOCKED_BYTES, results, BATCH_ERRORS, replace)
                     continue
                 copied = 0
@@ -1563,8 +1628,7 @@ class Store(KVMapping):
                 raise
 
         results = self._batch_read(keys, copy_out)
-        return [r if r is not None else self._each(self.get_into, keys[i], buffers[i])
-                for i, r in enumerate(results)]
+        return [r if r is not None else self._each(self.get_into, keys[i], buffers[i]) for i, r in enumerate(results)]
 
     def batch_get(self, keys: Iterable[Key]) -> list[bytes | None]:
         """The values of many keys, None for each key that is missing (or invalid, or corrupted)."""
@@ -1631,9 +1695,9 @@ class Store(KVMapping):
             return len(self._index)
 
 
-
-def open(path: str | Path | None = None, *, dram: int | str = "1GiB", ssd: int | str | None = None,
-         **options: Any) -> Store:
+def open(
+    path: str | Path | None = None, *, dram: int | str = "1GiB", ssd: int | str | None = None, **options: Any
+) -> Store:
     """Open (creating if needed) the store in ``path`` (default: $MOONCAKEFS_DATA or
     ~/.local/share/mooncakefs) with a DRAM pool of ``dram`` bytes and, if ``ssd`` is given, an SSD tier.
 

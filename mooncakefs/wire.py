@@ -67,8 +67,15 @@ PLACEMENT_FLAGS = LOCAL | ~((1 << REPLICAS_SHIFT) - 1)  # what a node keeps with
 _OPTION_FLAGS = {"pin": PIN, "if_absent": IF_ABSENT, "durable": DURABLE, "if_newer": IF_NEWER}
 
 
-def pack_put_options(pin: bool = False, ttl: float | None = None, if_absent: bool = False, durable: bool = False,
-                     version: int = 0, if_newer: bool = False, cluster_flags: int = 0) -> list[Any]:
+def pack_put_options(
+    pin: bool = False,
+    ttl: float | None = None,
+    if_absent: bool = False,
+    durable: bool = False,
+    version: int = 0,
+    if_newer: bool = False,
+    cluster_flags: int = 0,
+) -> list[Any]:
     """A put's options (``Store.put``'s, and the cluster's placement flags) as the end of its meta:
     [flags, ttl, version]."""
     options = {"pin": pin, "if_absent": if_absent, "durable": durable, "if_newer": if_newer}
@@ -82,7 +89,10 @@ def unpack_put_options(flags: Any, ttl: Any, version: Any) -> dict[str, Any]:
     if type(flags) is not int or not 0 <= flags < 1 << 32:
         raise ValueError(f"put flags must be a 32-bit int, got {flags!r:.40}")
     return {name: bool(flags & bit) for name, bit in _OPTION_FLAGS.items()} | {
-        "ttl": ttl, "version": unpack_version(version), "tag": flags & PLACEMENT_FLAGS}
+        "ttl": ttl,
+        "version": unpack_version(version),
+        "tag": flags & PLACEMENT_FLAGS,
+    }
 
 
 def pack_version(version: int) -> bytes | None:
@@ -99,6 +109,7 @@ def unpack_version(data: Any) -> int:
         raise ValueError(f"a version on the wire is 16 bytes, got {data!r:.40}")
     return int.from_bytes(data, "big")
 
+
 _pack = msgpack.Packer(use_bin_type=True).pack
 
 
@@ -109,8 +120,13 @@ def auth_proof(secret: bytes, nonce: bytes) -> bytes:
 
 def error_meta(exc: BaseException) -> list[Any]:
     """An exception as ERROR meta: [class name, message, key, needed, given]."""
-    return [type(exc).__name__, str(exc), getattr(exc, "key", None), getattr(exc, "needed", 0),
-            getattr(exc, "given", 0)]
+    return [
+        type(exc).__name__,
+        str(exc),
+        getattr(exc, "key", None),
+        getattr(exc, "needed", 0),
+        getattr(exc, "given", 0),
+    ]
 
 
 _WIRE_ERRORS: dict[str, type[BaseException]] = {
@@ -141,8 +157,10 @@ def crc_error(expected: int | None, got: int, what: Callable[[], str]) -> Checks
     None: the sender named none), else None.  ``what`` names the value."""
     if expected is None or expected == got:
         return None
-    return ChecksumError(f"{what()} fails its CRC-32C check (expected {expected:#010x}, got {got:#010x}): its bytes "
-                         "were corrupted in transit or in the sender's memory")
+    return ChecksumError(
+        f"{what()} fails its CRC-32C check (expected {expected:#010x}, got {got:#010x}): its bytes "
+        "were corrupted in transit or in the sender's memory"
+    )
 
 
 def check_crc(expected: int | None, got: int, what: Callable[[], str]) -> None:
@@ -161,8 +179,9 @@ def client_handshake(ch: Channel, secret: bytes | None, what: str) -> str:
     if version != VERSION:
         raise ProtocolError(f"{ch.peer}: {what} speaks protocol {version}, this client {VERSION}")
     if nonce is not None and secret is None:
-        raise errors.AuthenticationError(f"{ch.peer}: the {what} requires a cluster secret: pass secret=... "
-                                         "or set MOONCAKEFS_SECRET")
+        raise errors.AuthenticationError(
+            f"{ch.peer}: the {what} requires a cluster secret: pass secret=... or set MOONCAKEFS_SECRET"
+        )
     ch.send(Op.AUTH, [VERSION, auth_proof(secret, nonce) if nonce is not None and secret else None])
     ch.read_reply()
     return instance
@@ -253,8 +272,14 @@ class Channel:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
-    def read_frame(self, max_meta: int = MAX_META, max_payload: int = MAX_PAYLOAD, *, idle: float | None = None,
-                   within: float | None = None) -> tuple[int, int, Any, int]:
+    def read_frame(
+        self,
+        max_meta: int = MAX_META,
+        max_payload: int = MAX_PAYLOAD,
+        *,
+        idle: float | None = None,
+        within: float | None = None,
+    ) -> tuple[int, int, Any, int]:
         """The next frame's (opcode, flags, meta, payload length); read the payload next.  A frame larger
         than the limits is refused before anything is allocated for it.
 
@@ -346,8 +371,10 @@ class Channel:
             self.read_payload_into(dst)
             return None
         if self.payload_left != len(dst) + CRC_TRAILER.size:
-            raise ValueError(f"{what()}: a put's payload is its value then a {CRC_TRAILER.size}-byte CRC-32C: "
-                             f"{len(dst)} + {CRC_TRAILER.size} bytes expected, {self.payload_left} sent")
+            raise ValueError(
+                f"{what()}: a put's payload is its value then a {CRC_TRAILER.size}-byte CRC-32C: "
+                f"{len(dst)} + {CRC_TRAILER.size} bytes expected, {self.payload_left} sent"
+            )
         got = self.read_payload_crc(dst)
         trailer = bytearray(CRC_TRAILER.size)
         self.read_payload_into(memoryview(trailer))

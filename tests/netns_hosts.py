@@ -68,8 +68,16 @@ class Testbed:
 
     __test__ = False  # a helper, not a test class, though its name starts with "Test"
 
-    def __init__(self, base: Path, hosts: int, *, rate: str = "400mbit", dram: str = "192MiB",
-                 chunk_size: str = "4MiB", replicas: int = 2) -> None:
+    def __init__(
+        self,
+        base: Path,
+        hosts: int,
+        *,
+        rate: str = "400mbit",
+        dram: str = "192MiB",
+        chunk_size: str = "4MiB",
+        replicas: int = 2,
+    ) -> None:
         self.base = Path(base)
         self.rate, self.dram, self.chunk_size, self.replicas = rate, dram, chunk_size, replicas
         tag = f"{os.getpid() % 100000}"
@@ -123,11 +131,24 @@ class Testbed:
             tc("-n", ns, "qdisc", "add", "dev", "eth0", "root", *shape)  # the host's uplink
             tc("qdisc", "add", "dev", root_if, "root", *shape)  # its downlink
         self.etcd_proc = subprocess.Popen(
-            ["etcd", "--name", "t", "--data-dir", self.etcd_dir,
-             "--listen-client-urls", f"http://{self.subnet}.1:{self.etcd_port}",
-             "--advertise-client-urls", f"http://{self.subnet}.1:{self.etcd_port}",
-             "--listen-peer-urls", f"http://127.0.0.1:{free_port()}", "--log-level", "warn"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "etcd",
+                "--name",
+                "t",
+                "--data-dir",
+                self.etcd_dir,
+                "--listen-client-urls",
+                f"http://{self.subnet}.1:{self.etcd_port}",
+                "--advertise-client-urls",
+                f"http://{self.subnet}.1:{self.etcd_port}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{free_port()}",
+                "--log-level",
+                "warn",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         from mooncakefs.cluster.membership import connect_etcd
 
         def answers() -> bool:
@@ -144,18 +165,32 @@ class Testbed:
         assert wait_until(answers, timeout=20, interval=0.1), "etcd did not start"
         etcd = f"http://{self.subnet}.1:{self.etcd_port}"
         for k, ns in enumerate(self.names):
-            node = NetnsNode(self.base, name=f"h{k}", dram=self.dram, secret=self.secret, netns=ns,
-                             listen=f"{self.host_ip(k)}:7480", env={"MOONCAKEFS_HOST": f"h{k}"},
-                             extra=("--etcd", etcd, "--cluster", self.cluster, "--lease-ttl", "3"))
+            node = NetnsNode(
+                self.base,
+                name=f"h{k}",
+                dram=self.dram,
+                secret=self.secret,
+                netns=ns,
+                listen=f"{self.host_ip(k)}:7480",
+                env={"MOONCAKEFS_HOST": f"h{k}"},
+                extra=("--etcd", etcd, "--cluster", self.cluster, "--lease-ttl", "3"),
+            )
             self.nodes.append(node)
             node.launch()
         for node in self.nodes:
             node.wait_ready()
         assert wait_until(lambda: self._mapped() == len(self.names), timeout=30, interval=0.2), "nodes not mapped"
         for k, ns in enumerate(self.names):
-            mount = NetnsMount(None, self.base / f"mnt-h{k}", dram=None, ssd=None, chunk_size=self.chunk_size,
-                               extra=[self.url, "--replicas", str(self.replicas)], netns=ns,
-                               env={"MOONCAKEFS_HOST": f"h{k}", "MOONCAKEFS_SECRET": self.secret.decode()})
+            mount = NetnsMount(
+                None,
+                self.base / f"mnt-h{k}",
+                dram=None,
+                ssd=None,
+                chunk_size=self.chunk_size,
+                extra=[self.url, "--replicas", str(self.replicas)],
+                netns=ns,
+                env={"MOONCAKEFS_HOST": f"h{k}", "MOONCAKEFS_SECRET": self.secret.decode()},
+            )
             self.mounts.append(mount.start(timeout=60))
         return self
 

@@ -35,10 +35,21 @@ def free_port() -> int:
 class NodeProcess:
     """One node daemon.  ``listen``/``metrics``: "auto" (a free loopback port), "none", or HOST:PORT."""
 
-    def __init__(self, base: Path, *, name: str = "node", dram: str = "64MiB", ssd: str = "0",
-                 listen: str = "auto", metrics: str = "none", secret: bytes | None = None,
-                 data: Path | None = None, socket_path: Path | None = None, extra: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        base: Path,
+        *,
+        name: str = "node",
+        dram: str = "64MiB",
+        ssd: str = "0",
+        listen: str = "auto",
+        metrics: str = "none",
+        secret: bytes | None = None,
+        data: Path | None = None,
+        socket_path: Path | None = None,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.base = Path(base)
         self.base.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -87,9 +98,27 @@ class NodeProcess:
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def argv(self) -> list[str]:
-        args = [sys.executable, "-m", "mooncakefs.cli", "node", "--data", str(self.data), "--dram", self.dram,
-                "--ssd", self.ssd, "--socket", str(self.socket_path), "--listen", self.listen,
-                "--metrics", self.metrics, "--log-format", "json", "--no-prefault"]
+        args = [
+            sys.executable,
+            "-m",
+            "mooncakefs.cli",
+            "node",
+            "--data",
+            str(self.data),
+            "--dram",
+            self.dram,
+            "--ssd",
+            self.ssd,
+            "--socket",
+            str(self.socket_path),
+            "--listen",
+            self.listen,
+            "--metrics",
+            self.metrics,
+            "--log-format",
+            "json",
+            "--no-prefault",
+        ]
         if self.secret_file is not None:
             args += ["--secret-file", str(self.secret_file)]
         return [*args, *self.extra]
@@ -200,9 +229,9 @@ def raw_channel(url: str, *, secret: bytes | None = None, timeout: float = 5.0, 
 
     if url.startswith("unix://"):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address: object = url[len("unix://"):]
+        address: object = url[len("unix://") :]
     else:
-        host, _, port = url[len("tcp://"):].rpartition(":")
+        host, _, port = url[len("tcp://") :].rpartition(":")
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         address = (host, int(port))
     sock.settimeout(timeout)
@@ -282,11 +311,31 @@ class EtcdCluster:
         client = ",".join([self.member_url(i), *self.extra_client_urls])
         peer = f"http://127.0.0.1:{self.peer_ports[i]}"
         return subprocess.Popen(
-            ["etcd", "--name", name, "--data-dir", str(self.base / name), "--listen-client-urls", client,
-             "--advertise-client-urls", self.member_url(i), "--listen-peer-urls", peer,
-             "--initial-advertise-peer-urls", peer, "--initial-cluster", initial,
-             "--initial-cluster-token", self.base.name, "--log-level", "error"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "etcd",
+                "--name",
+                name,
+                "--data-dir",
+                str(self.base / name),
+                "--listen-client-urls",
+                client,
+                "--advertise-client-urls",
+                self.member_url(i),
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                initial,
+                "--initial-cluster-token",
+                self.base.name,
+                "--log-level",
+                "error",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def healthy(self) -> bool:
         from mooncakefs.cluster.membership import connect_etcd

@@ -37,8 +37,10 @@ def main() -> None:
     assert engine.register_memory(buf.ctypes.data, buf.nbytes) == 0
     managed = engine.allocate_managed_buffer(SIZE)
     assert managed
-    print(json.dumps({"port": engine.get_rpc_port(), "addr": buf.ctypes.data, "managed": managed,
-                      "pid": os.getpid()}), flush=True)
+    print(
+        json.dumps({"port": engine.get_rpc_port(), "addr": buf.ctypes.data, "managed": managed, "pid": os.getpid()}),
+        flush=True,
+    )
     for line in sys.stdin:
         if line.strip() == "crc":
             m = engine.read_bytes_from_buffer(managed, SIZE)

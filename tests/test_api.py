@@ -215,9 +215,7 @@ def test_open_default_args(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------- put and get
 
 
-@pytest.mark.parametrize(
-    "key", ["k", b"k-bytes", "ключ", "a/b/c:d", b"\x00\xff\xfe", "x" * 1024, b"y" * 1024]
-)
+@pytest.mark.parametrize("key", ["k", b"k-bytes", "ключ", "a/b/c:d", b"\x00\xff\xfe", "x" * 1024, b"y" * 1024])
 def test_put_get_keys(store, key):
     value = rand_bytes(100, str(key))
     store.put(key, value)

@@ -71,8 +71,12 @@ def test_a_put_whose_bytes_fail_their_crc_is_refused_and_nothing_is_stored(node_
     with pytest.raises(ChecksumError, match="CRC-32C"):
         ch.read_reply()
     # the connection stays in step: the same put with the right CRC goes through on it
-    ch.send(Op.PUT, [b"good", size, *wire.pack_put_options()], [data, CRC_TRAILER.pack(_engine.crc32c(data))],
-            flags=WITH_CRC)
+    ch.send(
+        Op.PUT,
+        [b"good", size, *wire.pack_put_options()],
+        [data, CRC_TRAILER.pack(_engine.crc32c(data))],
+        flags=WITH_CRC,
+    )
     ch.read_reply()
     ch.close()
     with mooncakefs.connect(node.tcp_url, timeout=5) as s:
@@ -239,8 +243,9 @@ def proxied(node_factory) -> Iterator[tuple[NodeProcess, FlippingProxy]]:
 ENGINE = {"inline_max": 64 * KiB, "stripe": 512 * KiB}  # larger values through PUT_BEGIN/WRITE/PUT_END, READ
 
 
-@pytest.mark.parametrize("size, options", [(100, {}), (3 * MiB, {}), (3 * MiB, ENGINE)],
-                         ids=["small", "inline", "striped"])
+@pytest.mark.parametrize(
+    "size, options", [(100, {}), (3 * MiB, {}), (3 * MiB, ENGINE)], ids=["small", "inline", "striped"]
+)
 def test_a_byte_flipped_in_flight_fails_the_put_and_stores_nothing(proxied, size, options):
     node, proxy = proxied
     data = value(size)
@@ -255,8 +260,9 @@ def test_a_byte_flipped_in_flight_fails_the_put_and_stores_nothing(proxied, size
         assert s.get("k") == data
 
 
-@pytest.mark.parametrize("size, options", [(100, {}), (3 * MiB, {}), (3 * MiB, ENGINE)],
-                         ids=["small", "inline", "striped"])
+@pytest.mark.parametrize(
+    "size, options", [(100, {}), (3 * MiB, {}), (3 * MiB, ENGINE)], ids=["small", "inline", "striped"]
+)
 def test_a_byte_flipped_in_flight_fails_the_get(proxied, size, options):
     node, proxy = proxied
     data = value(size)
@@ -304,10 +310,12 @@ def test_repair_copies_a_value_with_its_stored_crc_and_never_spreads_a_corrupted
             cluster.start()
             with mooncakefs.connect(cluster.url) as store:
                 now = store.map
-                after = PlacementMap.compute(now.epoch + 1, {**now.nodes, "latecomer": {}}, groups=now.groups,
-                                             width=now.width)
-                moving = [k for k in (f"moving/{i}" for i in range(10_000))
-                          if after.owners(k.encode())[0] == "latecomer"]
+                after = PlacementMap.compute(
+                    now.epoch + 1, {**now.nodes, "latecomer": {}}, groups=now.groups, width=now.width
+                )
+                moving = [
+                    k for k in (f"moving/{i}" for i in range(10_000)) if after.owners(k.encode())[0] == "latecomer"
+                ]
                 owner_id = now.owners(moving[0].encode())[0]
                 good, bad = [k for k in moving if now.owners(k.encode())[0] == owner_id][:2]
                 owner = cluster.node_of(owner_id)

@@ -23,16 +23,23 @@ from node_helpers import EtcdCluster, NodeProcess, free_port
 
 import mooncakefs
 
-needs_etcd = pytest.mark.skipif(shutil.which("etcd") is None,
-                                reason="etcd is not installed (tools/install-deps.sh installs etcd-server)")
+needs_etcd = pytest.mark.skipif(
+    shutil.which("etcd") is None, reason="etcd is not installed (tools/install-deps.sh installs etcd-server)"
+)
 
 BAR = "[#"  # how click draws the filled part of a bar
 
 
 def cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``mooncakefs ARGS`` in a fresh interpreter, stdout and stderr captured (so neither is a tty)."""
-    return subprocess.run([sys.executable, "-m", "mooncakefs.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env or child_env(), stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "mooncakefs.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or child_env(),
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def json_of(out: subprocess.CompletedProcess) -> dict:
@@ -79,6 +86,7 @@ class Pty:
 
 
 # -- status --node ----------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def node(tmp_path):
@@ -136,6 +144,7 @@ def test_status_json_is_json_on_every_error(tmp_path):
 
 # -- status --mount ---------------------------------------------------------------------------------------
 
+
 def test_status_of_a_mount(mount_factory, tmp_path):
     m = mount_factory(dram="64MiB", ssd="128MiB", chunk_size="64KiB")
     (m.mnt / "d").mkdir()
@@ -162,6 +171,7 @@ def test_status_of_a_mount(mount_factory, tmp_path):
 
 # -- status --etcd, and a node's repair progress ----------------------------------------------------------
 
+
 @pytest.fixture
 def etcd():
     cluster = EtcdCluster().start()
@@ -178,8 +188,9 @@ class TerminalNode(NodeProcess):
         self.terminal = Pty()
         env = child_env()
         env.pop("MOONCAKEFS_SECRET", None)
-        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=self.terminal.slave, env=env)
+        self.proc = subprocess.Popen(
+            self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.terminal.slave, env=env
+        )
         self.terminal.child_started()
         return self.proc
 
@@ -192,7 +203,7 @@ def summaries(log: str) -> list[dict]:
     out = []
     for line in log.splitlines():  # on a terminal, a bar's "\r" also ends a line
         try:
-            record = json.loads(line[line.find("{"):])
+            record = json.loads(line[line.find("{") :])
         except ValueError:
             continue  # not a log line (a bar), or one cut by the tail of the log
         if isinstance(record, dict) and str(record.get("msg", "")).startswith("repair pass"):
@@ -224,11 +235,13 @@ def test_repair_shows_a_bar_on_a_terminal_and_logs_a_summary_otherwise(etcd, tmp
         joiner.start()  # a new map: a and b each push to c its share of what they hold
         assert wait_until(lambda: len(mapped()) == 3, timeout=60, interval=0.3), "c never joined the map"
 
-        assert wait_until(lambda: "repair (epoch" in on_tty.terminal.text and BAR in on_tty.terminal.text,
-                          timeout=60, interval=0.2), f"no repair bar on a's terminal:\n{on_tty.log()}"
+        assert wait_until(
+            lambda: "repair (epoch" in on_tty.terminal.text and BAR in on_tty.terminal.text, timeout=60, interval=0.2
+        ), f"no repair bar on a's terminal:\n{on_tty.log()}"
         b_log = logged.log_path.read_text
-        assert wait_until(lambda: any(s["checked"] for s in summaries(b_log())), timeout=60, interval=0.2), \
+        assert wait_until(lambda: any(s["checked"] for s in summaries(b_log())), timeout=60, interval=0.2), (
             f"b logged no summary of a repair pass that checked keys:\n{logged.log()}"
+        )
         assert "repair (epoch" not in b_log() and "\r" not in b_log(), "a progress bar went into b's log file"
         pushed = lambda: sum(s["pushed"] for s in summaries(b_log()) + summaries(on_tty.terminal.text))  # noqa: E731
         assert wait_until(lambda: pushed() > 0, timeout=60, interval=0.2), "no pass summary counts a push to c"
@@ -255,9 +268,14 @@ def test_demo_runs_and_draws_its_bar_only_on_a_terminal(tmp_path):
 
     terminal = Pty()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "mooncakefs.cli", *DEMO, "--data", str(tmp_path / "tty")],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=terminal.slave, env=env,
-                                text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mooncakefs.cli", *DEMO, "--data", str(tmp_path / "tty")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=terminal.slave,
+            env=env,
+            text=True,
+        )
         terminal.child_started()
         stdout, _ = proc.communicate(timeout=120)
     finally:
@@ -277,8 +295,14 @@ def test_replay_draws_its_bar_only_on_a_terminal(tmp_path):
 
     terminal = Pty()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "mooncakefs.cli", *args], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=terminal.slave, env=child_env(), text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mooncakefs.cli", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=terminal.slave,
+            env=child_env(),
+            text=True,
+        )
         terminal.child_started()
         stdout, _ = proc.communicate(timeout=120)
     finally:
@@ -302,8 +326,20 @@ def test_a_node_whose_port_is_taken_says_so_and_never_claims_to_listen(tmp_path)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = cli("node", "--data", str(tmp_path / "d"), "--socket", str(tmp_path / "n.sock"), "--dram", "8MiB",
-                  "--listen", f"127.0.0.1:{port}", "--metrics", "none", "--no-prefault")
+        out = cli(
+            "node",
+            "--data",
+            str(tmp_path / "d"),
+            "--socket",
+            str(tmp_path / "n.sock"),
+            "--dram",
+            "8MiB",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--metrics",
+            "none",
+            "--no-prefault",
+        )
     assert out.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "in use" in out.stderr, out.stderr
     assert "listening" not in out.stderr, out.stderr

@@ -13,8 +13,9 @@ import pytest
 from conftest import child_env, wait_until
 from node_helpers import EtcdCluster, NodeProcess, free_port
 
-pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
-                                reason="etcd is not installed (tools/install-deps.sh installs etcd-server)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("etcd") is None, reason="etcd is not installed (tools/install-deps.sh installs etcd-server)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,13 @@ def etcd():
 
 
 def status(etcd: str, cluster: str) -> list[dict]:
-    out = subprocess.run([sys.executable, "-m", "mooncakefs.cli", "status", "--etcd", etcd, "--cluster", cluster,
-                          "--json"], capture_output=True, text=True, env=child_env(), timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "mooncakefs.cli", "status", "--etcd", etcd, "--cluster", cluster, "--json"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)["nodes"]
 
@@ -43,17 +49,22 @@ def test_nodes_register_and_leave(etcd, tmp_path):
         nodes = status(etcd, cluster)
         assert len(nodes) == 2
         by_tcp = {n["tcp"]: n for n in nodes}
-        assert by_tcp[a.tcp_url[len("tcp://"):]]["dram"] == 16 << 20
-        assert by_tcp[b.tcp_url[len("tcp://"):]]["ssd"] == 64 << 20
+        assert by_tcp[a.tcp_url[len("tcp://") :]]["dram"] == 16 << 20
+        assert by_tcp[b.tcp_url[len("tcp://") :]]["ssd"] == 64 << 20
         assert all(n["stats"]["dram"]["capacity"] == n["dram"] for n in nodes)  # live, asked of each node
-        table = subprocess.run([sys.executable, "-m", "mooncakefs.cli", "status", "--etcd", etcd, "--cluster",
-                                cluster], capture_output=True, text=True, env=child_env(), timeout=60).stdout
+        table = subprocess.run(
+            [sys.executable, "-m", "mooncakefs.cli", "status", "--etcd", etcd, "--cluster", cluster],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            timeout=60,
+        ).stdout
         assert "2 nodes in cluster 't1'" in table and "16MiB" in table and "placement epoch" in table
         assert sum(n["controller"] for n in nodes) == 1
         assert wait_until(lambda: all(n["groups"] > 0 for n in status(etcd, cluster)), timeout=10, interval=0.2)
         assert status(etcd, "other") == []  # clusters do not see each other
 
-        ident = next(n["id"] for n in nodes if n["tcp"] == a.tcp_url[len("tcp://"):])
+        ident = next(n["id"] for n in nodes if n["tcp"] == a.tcp_url[len("tcp://") :])
         assert a.terminate() == 0  # a clean stop leaves at once
         assert [n["id"] for n in status(etcd, cluster)] == [n["id"] for n in nodes if n["id"] != ident]
 

@@ -51,8 +51,9 @@ from node_helpers import NodeProcess, free_port, raw_channel
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("etcd") is None,
-                       reason="etcd is not installed (tools/install-deps.sh installs etcd-server)"),
+    pytest.mark.skipif(
+        shutil.which("etcd") is None, reason="etcd is not installed (tools/install-deps.sh installs etcd-server)"
+    ),
     pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 (ip) is not installed"),
 ]
 
@@ -159,12 +160,28 @@ def etcd(partition):
     client, peer = free_port(), free_port()
     data = tempfile.mkdtemp(prefix="mooncakefs-etcd-", dir="/dev/shm")
     proc = subprocess.Popen(
-        ["etcd", "--name", "t", "--data-dir", data,
-         "--listen-client-urls", f"http://127.0.0.1:{client},http://{partition.root_ip}:{client}",
-         "--advertise-client-urls", f"http://{partition.root_ip}:{client}",
-         "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-         "--initial-cluster", f"t=http://127.0.0.1:{peer}", "--log-level", "warn"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            "etcd",
+            "--name",
+            "t",
+            "--data-dir",
+            data,
+            "--listen-client-urls",
+            f"http://127.0.0.1:{client},http://{partition.root_ip}:{client}",
+            "--advertise-client-urls",
+            f"http://{partition.root_ip}:{client}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-cluster",
+            f"t=http://127.0.0.1:{peer}",
+            "--log-level",
+            "warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{client}"
         assert wait_until(lambda: etcd_answers(url), timeout=20, interval=0.1), "etcd did not start"
@@ -216,8 +233,9 @@ class Cluster:
         return None if kv is None else PlacementMap.from_json(kv.value)
 
     def wait_for_map(self, predicate, timeout: float, what: str):
-        assert wait_until(lambda: (m := self.placement()) is not None and predicate(m), timeout=timeout,
-                          interval=0.1), f"the placement map did not {what} within {timeout} s: {self.placement()}"
+        assert wait_until(
+            lambda: (m := self.placement()) is not None and predicate(m), timeout=timeout, interval=0.1
+        ), f"the placement map did not {what} within {timeout} s: {self.placement()}"
         return self.placement()
 
     def connect(self, **options):
@@ -246,16 +264,22 @@ def cluster(partition, etcd, tmp_path, monkeypatch):
     monkeypatch.delenv("MOONCAKEFS_SECRET", raising=False)
 
     def member(etcd_url: str, host: str) -> dict:
-        return {"dram": "32MiB", "secret": secret, "env": {"MOONCAKEFS_HOST": host},
-                "extra": ("--etcd", etcd_url, "--cluster", cluster_name, "--lease-ttl", str(TTL))}
+        return {
+            "dram": "32MiB",
+            "secret": secret,
+            "env": {"MOONCAKEFS_HOST": host},
+            "extra": ("--etcd", etcd_url, "--cluster", cluster_name, "--lease-ttl", str(TTL)),
+        }
 
     nodes: dict[str, NodeProcess] = {
-        name: NodeProcess(tmp_path, name=name, listen=f"{partition.root_ip}:{free_port()}",
-                          **member(root_etcd, f"host-{name}"))
+        name: NodeProcess(
+            tmp_path, name=name, listen=f"{partition.root_ip}:{free_port()}", **member(root_etcd, f"host-{name}")
+        )
         for name in ("a", "b")
     }
-    nodes["iso"] = NetnsNode(tmp_path, name="iso", listen=f"{partition.iso_ip}:{free_port()}", netns=partition,
-                             **member(iso_etcd, "iso"))
+    nodes["iso"] = NetnsNode(
+        tmp_path, name="iso", listen=f"{partition.iso_ip}:{free_port()}", netns=partition, **member(iso_etcd, "iso")
+    )
     c = Cluster(cluster_name, secret, root_etcd, iso_etcd, partition, nodes)
     try:
         for node in nodes.values():
@@ -419,8 +443,9 @@ class Lines:
         try:
             line = self.queue.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(f"the client in the namespace said nothing for {timeout:.0f} s\n{self.stderr()}") \
-                from None
+            raise AssertionError(
+                f"the client in the namespace said nothing for {timeout:.0f} s\n{self.stderr()}"
+            ) from None
         if line is None:
             raise AssertionError(f"the client in the namespace exited ({self.proc.wait()})\n{self.stderr()}")
         return json.loads(line)
@@ -458,10 +483,21 @@ def test_a_partitioned_node_is_fenced_then_rejoins(cluster, tmp_path):
     stderr_path = tmp_path / "iso_client.stderr"
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(
-            net.exec_argv(sys.executable, str(script), cluster.iso_etcd.removeprefix("http://"), cluster.name, iso,
-                          str(PARTITION_S)),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
-            env=child_env() | {"MOONCAKEFS_SECRET": cluster.secret.decode()})
+            net.exec_argv(
+                sys.executable,
+                str(script),
+                cluster.iso_etcd.removeprefix("http://"),
+                cluster.name,
+                iso,
+                str(PARTITION_S),
+            ),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            bufsize=1,
+            env=child_env() | {"MOONCAKEFS_SECRET": cluster.secret.decode()},
+        )
     try:
         lines = Lines(proc, stderr_path)
         ready = lines.next(timeout=60)
@@ -491,8 +527,11 @@ def test_a_partitioned_node_is_fenced_then_rejoins(cluster, tmp_path):
 
         # what the client in the namespace saw meanwhile
         attempts = lines.until_done(timeout=PARTITION_S + 30)
-        report = "\n".join(f"{a['op']:4} {a['via']:4} {a['start'] - cut_at:6.2f}..{a['end'] - cut_at:6.2f} s "
-                           f"after the cut: {a['result']} {a['why'][:90]}" for a in attempts)
+        report = "\n".join(
+            f"{a['op']:4} {a['via']:4} {a['start'] - cut_at:6.2f}..{a['end'] - cut_at:6.2f} s "
+            f"after the cut: {a['result']} {a['why'][:90]}"
+            for a in attempts
+        )
         puts = [a for a in attempts if a["op"] == "put"]
         gets = [a for a in attempts if a["op"] == "get"]
         assert all(a["owner"] == iso and a["epoch"] == first.epoch for a in puts), report  # all routed to it
@@ -537,8 +576,10 @@ def test_a_partitioned_node_is_fenced_then_rejoins(cluster, tmp_path):
         healed = lines.until_done(timeout=60)
         assert {h["via"] for h in healed} == {"unix", "tcp"}, healed
         assert all(h["owner"] == iso and h["epoch"] >= third.epoch for h in healed), healed
-        sys.stdout.write(f"\n{report}\nfailed over {failed_over:.1f} s after the cut; rejoined {rejoined:.1f} s "
-                         f"after the heal; {healed}\n")
+        sys.stdout.write(
+            f"\n{report}\nfailed over {failed_over:.1f} s after the cut; rejoined {rejoined:.1f} s "
+            f"after the heal; {healed}\n"
+        )
     finally:
         kill_process(proc)
 

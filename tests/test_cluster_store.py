@@ -20,8 +20,9 @@ from mooncakefs.cluster.client import NodeLink
 from mooncakefs.cluster.placement import PlacementMap
 from mooncakefs.errors import KeyNotFound, StaleEpoch, Unavailable
 
-pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
-                                reason="etcd is not installed (tools/install-deps.sh installs etcd-server)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("etcd") is None, reason="etcd is not installed (tools/install-deps.sh installs etcd-server)"
+)
 
 TTL = 3
 
@@ -59,6 +60,7 @@ class Cluster:
 
     def wait_members(self, count: int, timeout: float = 20) -> None:
         """Until the placement map lists exactly ``count`` nodes."""
+
         def settled() -> bool:
             try:
                 with mooncakefs.connect(self.url) as probe:

@@ -19,13 +19,15 @@ def cp(*args: str | Path, stderr_tty: bool = False, cwd: Path | None = None) -> 
     """Run ``mooncakefs cp ARGS``; (exit status, what it wrote on stderr)."""
     argv = [sys.executable, "-m", "mooncakefs.cli", "cp", *map(str, args)]
     if not stderr_tty:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=child_env(),
-                              stdin=subprocess.DEVNULL, cwd=cwd)
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=300, env=child_env(), stdin=subprocess.DEVNULL, cwd=cwd
+        )
         return done.returncode, done.stderr
     terminal = Pty()
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal.slave,
-                                env=child_env())
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal.slave, env=child_env()
+        )
         terminal.child_started()
         proc.wait(timeout=300)
     finally:
@@ -35,8 +37,13 @@ def cp(*args: str | Path, stderr_tty: bool = False, cwd: Path | None = None) -> 
 
 def make_tree(root: Path) -> dict[str, bytes]:
     """A small checkpoint-like tree: shards of uneven sizes, an empty file, a nested dir, a symlink."""
-    files = {"config.json": b'{"layers": 2}', "empty": b"", "shards/00.bin": os.urandom(9 << 20),
-             "shards/01.bin": os.urandom((4 << 20) + 1), "shards/deep/tail.bin": os.urandom(777)}
+    files = {
+        "config.json": b'{"layers": 2}',
+        "empty": b"",
+        "shards/00.bin": os.urandom(9 << 20),
+        "shards/01.bin": os.urandom((4 << 20) + 1),
+        "shards/deep/tail.bin": os.urandom(777),
+    }
     for name, data in files.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,12 +79,15 @@ def test_a_long_copy_shows_a_bar_on_a_terminal(mount_factory, tmp_path):
     assert (mnt / "big.bin").read_bytes() == big.read_bytes()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["missing", "out"], "no such file or directory"),
-    (["dir", "out"], "is a directory: use -r"),
-    (["a", "b", "not-a-dir"], "needs DEST to be an existing directory"),
-    (["-r", "dir", "dir/inner"], "into itself"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing", "out"], "no such file or directory"),
+        (["dir", "out"], "is a directory: use -r"),
+        (["a", "b", "not-a-dir"], "needs DEST to be an existing directory"),
+        (["-r", "dir", "dir/inner"], "into itself"),
+    ],
+)
 def test_refusals_are_clear_and_write_nothing(tmp_path, args, message):
     (tmp_path / "dir").mkdir()
     (tmp_path / "a").write_bytes(b"a")

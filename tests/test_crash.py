@@ -552,8 +552,10 @@ def test_unreadable_ssd_index_is_rebuilt_from_the_segment_journals(tmp_path, cap
     for suffix in ("-wal", "-shm"):
         (tmp_path / f"index.sqlite{suffix}").unlink(missing_ok=True)
     (tmp_path / "index.sqlite").write_bytes(b"not a database" * 512)
-    with caplog.at_level("WARNING", logger="mooncakefs.ssd"), \
-            mooncakefs.open(tmp_path, dram="16MiB", ssd="64MiB") as store:  # tests/test_index_rebuild.py: more
+    with (
+        caplog.at_level("WARNING", logger="mooncakefs.ssd"),
+        mooncakefs.open(tmp_path, dram="16MiB", ssd="64MiB") as store,
+    ):  # tests/test_index_rebuild.py: more
         assert store.get("k") == b"v"
     assert "index.sqlite was unreadable" in caplog.text and "1 value (1B) recovered" in caplog.text
     assert list(tmp_path.glob("index.sqlite.broken-*"))

@@ -275,8 +275,7 @@ class CheckedAllocator:
         assert offset % UNIT == 0, offset
         for other, (o_off, o_size) in self.live.items():
             assert offset + size <= o_off or o_off + o_size <= offset, (
-                f"allocation {handle} [{offset}, {offset + size}) overlaps "
-                f"{other} [{o_off}, {o_off + o_size})"
+                f"allocation {handle} [{offset}, {offset + size}) overlaps {other} [{o_off}, {o_off + o_size})"
             )
         self.live[handle] = (offset, size)
         self.check_used()
@@ -526,8 +525,17 @@ def _batch_put_script(store, seed: int) -> list[tuple]:
         elif step % 23 == 15 and lease is not None:
             lease.__exit__(None, None, None)
             lease = None
-        snapshots.append((errors, list(store._fresh), list(store._lru), list(store._ghost), store._fresh_bytes,
-                          store.stats()["dram"], sorted(store._index)))
+        snapshots.append(
+            (
+                errors,
+                list(store._fresh),
+                list(store._lru),
+                list(store._ghost),
+                store._fresh_bytes,
+                store.stats()["dram"],
+                sorted(store._index),
+            )
+        )
     if lease is not None:
         lease.__exit__(None, None, None)
     assert isinstance(store, mooncakefs.Store)

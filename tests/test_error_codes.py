@@ -62,17 +62,20 @@ def test_every_error_class_has_an_errno_and_an_exit_status():
         assert (cls.errno, cls.exit_code) == ERRORS[listed], f"{cls.__name__} does not take {listed.__name__}'s row"
 
 
-@pytest.mark.parametrize(("cls", "code", "status"), [
-    (MooncakeError, errno.EIO, 1),
-    (KeyNotFound, errno.ENOENT, EX_NOINPUT),
-    (NotNewer, errno.EEXIST, 1),  # a KeyExists
-    (InvalidKey, errno.EINVAL, EX_USAGE),
-    (Unavailable, errno.ETIMEDOUT, EX_UNAVAILABLE),
-    (EtcdUnavailable, errno.ETIMEDOUT, EX_UNAVAILABLE),  # its first base is EtcdError: listed on purpose
-    (Fenced, errno.EAGAIN, EX_TEMPFAIL),
-    (Rejoining, errno.EAGAIN, EX_TEMPFAIL),
-    (StoreLocked, errno.EBUSY, EX_TEMPFAIL),
-])
+@pytest.mark.parametrize(
+    ("cls", "code", "status"),
+    [
+        (MooncakeError, errno.EIO, 1),
+        (KeyNotFound, errno.ENOENT, EX_NOINPUT),
+        (NotNewer, errno.EEXIST, 1),  # a KeyExists
+        (InvalidKey, errno.EINVAL, EX_USAGE),
+        (Unavailable, errno.ETIMEDOUT, EX_UNAVAILABLE),
+        (EtcdUnavailable, errno.ETIMEDOUT, EX_UNAVAILABLE),  # its first base is EtcdError: listed on purpose
+        (Fenced, errno.EAGAIN, EX_TEMPFAIL),
+        (Rejoining, errno.EAGAIN, EX_TEMPFAIL),
+        (StoreLocked, errno.EBUSY, EX_TEMPFAIL),
+    ],
+)
 def test_rows(cls, code, status):
     assert (cls.errno, cls.exit_code) == (code, status)
     exc = cls.__new__(cls)
@@ -87,8 +90,14 @@ def test_other_exceptions():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mooncakefs.cli", *args], capture_output=True, text=True,
-                          timeout=60, env=child_env(), stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "mooncakefs.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_cli_etcd_away_is_a_one_line_error_with_its_exit_status():
@@ -114,8 +123,9 @@ def test_cli_node_away_and_locked_data_dir(tmp_path):
 def test_a_cluster_mount_with_etcd_away_fails_calls_with_etimedout_not_an_internal_error(tmp_path):
     require_fuse()
     etcd = EtcdCluster().start()
-    node = NodeProcess(tmp_path, name="n0", dram="48MiB",
-                       extra=("--etcd", etcd.url, "--cluster", "away", "--lease-ttl", "3"))
+    node = NodeProcess(
+        tmp_path, name="n0", dram="48MiB", extra=("--etcd", etcd.url, "--cluster", "away", "--lease-ttl", "3")
+    )
     url = f"etcd://{etcd.url.replace('http://', '')}/away"
     mount = FuseMount(None, tmp_path / "mnt", dram=None, ssd=None, chunk_size="1MiB", extra=[url, "--replicas", "1"])
     try:

@@ -101,6 +101,7 @@ def single(request, tmp_path):
 @contextlib.contextmanager
 def nothing_sent(store):
     """Inside, a client that sends a request fails the test: bad arguments are refused client-side."""
+
     def sent(*_args, **_kwargs):
         raise AssertionError("a request was sent for a call with bad arguments")
 
@@ -161,8 +162,10 @@ def test_a_bad_ttl_is_refused_before_anything_is_stored(kv, ttl, message):
     assert not kv.exists(key)
 
 
-@pytest.mark.parametrize("option, value", [("pin", "no"), ("pin", 1), ("pin", None), ("if_absent", "yes"),
-                                           ("durable", 0), ("if_absent", 1.0)])
+@pytest.mark.parametrize(
+    "option, value",
+    [("pin", "no"), ("pin", 1), ("pin", None), ("if_absent", "yes"), ("durable", 0), ("if_absent", 1.0)],
+)
 def test_a_flag_must_be_a_bool(kv, option, value):
     """pin="no" used to pin: a flag is True or False."""
     key = kv.ns + "flag"
@@ -182,8 +185,11 @@ def test_a_bad_version_is_refused(single, version):
 
 
 def test_if_absent_and_if_newer_together_are_refused_before_sending(single):
-    refused(single, lambda s: s.put(single.ns + "k", b"v", if_absent=True, if_newer=True),
-            "put takes if_absent or if_newer, not both")
+    refused(
+        single,
+        lambda s: s.put(single.ns + "k", b"v", if_absent=True, if_newer=True),
+        "put takes if_absent or if_newer, not both",
+    )
 
 
 def test_durable_without_an_ssd_tier_says_the_same_everywhere(kv):
@@ -192,8 +198,9 @@ def test_durable_without_an_ssd_tier_says_the_same_everywhere(kv):
     key = kv.ns + "durable"
     with pytest.raises(InvalidArgument) as caught:
         kv.put(key, b"v", durable=True)
-    assert str(caught.value) == (f"put({key!r}, durable=True) needs an SSD tier: open the store with ssd=... "
-                                 "(a node: --ssd)")
+    assert str(caught.value) == (
+        f"put({key!r}, durable=True) needs an SSD tier: open the store with ssd=... (a node: --ssd)"
+    )
     assert not kv.exists(key)
 
 
@@ -204,8 +211,10 @@ BAD_VALUES = [
     ("text", f"value must be a bytes-like object ({VALUE_KINDS}), not str: encode it first (value.encode())"),
     (5, f"value must be a bytes-like object ({VALUE_KINDS}), not int"),
     ([1, 2, 3], f"value must be a bytes-like object ({VALUE_KINDS}), not list"),
-    (memoryview(bytearray(16))[::2],
-     "value must be a C-contiguous buffer (memoryview is not; numpy: np.ascontiguousarray(a))"),
+    (
+        memoryview(bytearray(16))[::2],
+        "value must be a C-contiguous buffer (memoryview is not; numpy: np.ascontiguousarray(a))",
+    ),
 ]
 
 
@@ -225,12 +234,19 @@ def test_a_value_that_is_not_a_buffer_gets_the_same_message_everywhere(kv, value
 BAD_BUFFERS = [
     ("xxxxxxxx", f"buffer must be a writable bytes-like object ({WRITABLE_KINDS}), not str"),
     (None, f"buffer must be a writable bytes-like object ({WRITABLE_KINDS}), not NoneType"),
-    (b"xxxxxxxx", "buffer must be writable, and this bytes is read-only: pass a bytearray, writable memoryview "
-                  "or numpy array"),
-    (memoryview(bytes(8)), "buffer must be writable, and this memoryview is read-only: pass a bytearray, "
-                           "writable memoryview or numpy array"),
-    (memoryview(bytearray(16))[::2],
-     "buffer must be a C-contiguous buffer (memoryview is not; numpy: np.ascontiguousarray(a))"),
+    (
+        b"xxxxxxxx",
+        "buffer must be writable, and this bytes is read-only: pass a bytearray, writable memoryview or numpy array",
+    ),
+    (
+        memoryview(bytes(8)),
+        "buffer must be writable, and this memoryview is read-only: pass a bytearray, "
+        "writable memoryview or numpy array",
+    ),
+    (
+        memoryview(bytearray(16))[::2],
+        "buffer must be a C-contiguous buffer (memoryview is not; numpy: np.ascontiguousarray(a))",
+    ),
 ]
 
 
@@ -247,10 +263,16 @@ def test_get_into_a_buffer_that_cannot_take_the_value(kv, buffer, message):
 def test_batch_get_into_takes_one_buffer_per_key(kv):
     key = kv.ns + "k"
     kv.put(key, b"value")
-    refused(kv, lambda s: s.batch_get_into([key, key], [bytearray(8)]),
-            r"batch_get_into takes one buffer per key, got 2 keys and 1 buffers$")
-    refused(kv, lambda s: s.batch_get_into([key], bytearray(8)),
-            r"batch_get_into takes a list of buffers, not a single bytearray .*: pass \[buffer\] for one$")
+    refused(
+        kv,
+        lambda s: s.batch_get_into([key, key], [bytearray(8)]),
+        r"batch_get_into takes one buffer per key, got 2 keys and 1 buffers$",
+    )
+    refused(
+        kv,
+        lambda s: s.batch_get_into([key], bytearray(8)),
+        r"batch_get_into takes a list of buffers, not a single bytearray .*: pass \[buffer\] for one$",
+    )
 
 
 # ------------------------------------------------------------------------------------------- key lists
@@ -261,8 +283,10 @@ def test_match_prefix_of_a_single_key_is_refused_not_zero(kv, one):
     """match_prefix("a/b") used to look up "a", "/" and "b", and return 0."""
     kv.put("a", b"1")  # with the old behaviour, the lookup of "a" would even hit
     try:
-        message = rf"match_prefix takes a list of keys, not a single {type(one).__name__} \({one!r}\): " \
-                  rf"pass \[{one!r}\] for one$"
+        message = (
+            rf"match_prefix takes a list of keys, not a single {type(one).__name__} \({one!r}\): "
+            rf"pass \[{one!r}\] for one$"
+        )
         refused(kv, lambda s: s.match_prefix(one), message)
     finally:
         kv.remove("a")
@@ -299,19 +323,24 @@ def test_a_prefix_must_be_str_or_bytes(kv, prefix):
 # ------------------------------------------------------------------------------------------- batch_put items
 
 
-@pytest.mark.parametrize("items, message", [
-    (["a", "b"], r"batch_put takes \(key, value\) pairs, but item 0 is 'a' \(str\)$"),
-    ([("a", b"v", 1)], r"batch_put takes \(key, value\) pairs, but item 0 is \('a', b'v', 1\) \(tuple\)$"),
-    ([("a", b"v"), None], r"batch_put takes \(key, value\) pairs, but item 1 is None \(NoneType\)$"),
-    (None, r"batch_put takes a mapping or a list of \(key, value\) pairs, got None \(NoneType\)$"),
-    (5, r"batch_put takes a mapping or a list of \(key, value\) pairs, got 5 \(int\)$"),
-    ("ab", r"batch_put takes a mapping or a list of \(key, value\) pairs, not a single str \('ab'\)$"),
-], ids=["strs", "triple", "none-item", "none", "int", "str"])
+@pytest.mark.parametrize(
+    "items, message",
+    [
+        (["a", "b"], r"batch_put takes \(key, value\) pairs, but item 0 is 'a' \(str\)$"),
+        ([("a", b"v", 1)], r"batch_put takes \(key, value\) pairs, but item 0 is \('a', b'v', 1\) \(tuple\)$"),
+        ([("a", b"v"), None], r"batch_put takes \(key, value\) pairs, but item 1 is None \(NoneType\)$"),
+        (None, r"batch_put takes a mapping or a list of \(key, value\) pairs, got None \(NoneType\)$"),
+        (5, r"batch_put takes a mapping or a list of \(key, value\) pairs, got 5 \(int\)$"),
+        ("ab", r"batch_put takes a mapping or a list of \(key, value\) pairs, not a single str \('ab'\)$"),
+    ],
+    ids=["strs", "triple", "none-item", "none", "int", "str"],
+)
 def test_batch_put_of_items_that_are_not_pairs_stores_nothing(kv, items, message):
     """Malformed items used to fail half-way, with Python's unpacking message."""
     if isinstance(items, list):  # this test's keys
-        items = [(kv.ns + i[0], *i[1:]) if isinstance(i, tuple) else kv.ns + i if isinstance(i, str) else i
-                 for i in items]
+        items = [
+            (kv.ns + i[0], *i[1:]) if isinstance(i, tuple) else kv.ns + i if isinstance(i, str) else i for i in items
+        ]
         message = message.replace("'a'", repr(kv.ns + "a"))
     refused(kv, lambda s: s.batch_put(items), message)
     assert not kv.exists(kv.ns + "a")
@@ -320,15 +349,26 @@ def test_batch_put_of_items_that_are_not_pairs_stores_nothing(kv, items, message
 # ------------------------------------------------------------------------------------------- cluster options
 
 
-@pytest.mark.parametrize("options", [{"replicas": 2}, {"replicas": 3}, {"replicas": 0}, {"replicas": True},
-                                     {"placement": "local"}, {"placement": "elsewhere"},
-                                     {"replicas": 2, "placement": "local"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"replicas": 2},
+        {"replicas": 3},
+        {"replicas": 0},
+        {"replicas": True},
+        {"placement": "local"},
+        {"placement": "elsewhere"},
+        {"replicas": 2, "placement": "local"},
+    ],
+)
 def test_replicas_and_placement_on_a_single_store_say_they_need_a_cluster(single, options):
     """put(replicas=2) on one node used to be a bare "unexpected keyword argument" TypeError."""
     key = single.ns + "r"
-    message = r"^(batch_)?put\((replicas|placement)=.*\): replicas and placement need a cluster, and .* is a " \
-              r"single store that keeps one copy of each value; connect to a cluster with " \
-              r"mooncakefs.connect\('etcd://HOST:2379/CLUSTER'\)$"
+    message = (
+        r"^(batch_)?put\((replicas|placement)=.*\): replicas and placement need a cluster, and .* is a "
+        r"single store that keeps one copy of each value; connect to a cluster with "
+        r"mooncakefs.connect\('etcd://HOST:2379/CLUSTER'\)$"
+    )
     refused(single, lambda s: s.put(key, b"v", **options), message)
     refused(single, lambda s: s.batch_put([(key, b"v")], **options), message)
     assert not single.exists(key)
@@ -353,7 +393,8 @@ def test_a_value_over_the_high_watermark_names_the_pool_the_watermark_and_what_f
     assert str(caught.value) == (
         f"key {key!r}: no room for a value of 61MiB: the DRAM pool is 64MiB and its high watermark (95%) lets "
         "values up to 60.8MiB in; there is no SSD tier: give the store more DRAM (dram=, a node: --dram) or an "
-        "SSD tier (ssd=, a node: --ssd)")
+        "SSD tier (ssd=, a node: --ssd)"
+    )
     assert not kv.exists(key)
 
 
@@ -365,4 +406,5 @@ def test_a_full_pool_of_pinned_values_says_how_much_fits_now(store_factory):
     assert str(caught.value) == (
         "key 'more': no room for a pinned value of 2MiB: 3MiB of the 4MiB DRAM pool is held by pinned or in-use "
         "objects, so at most 1MiB fits now (the high watermark, 95%, is 3.8MiB); pinned values live only in "
-        "DRAM: give the store more DRAM (dram=, a node: --dram) or unpin")
+        "DRAM: give the store more DRAM (dram=, a node: --dram) or unpin"
+    )

@@ -17,8 +17,9 @@ from mooncakefs.cluster import etcd
 from mooncakefs.cluster.etcd import Etcd, prefix_end
 from mooncakefs.errors import EtcdError, EtcdUnavailable, Unavailable
 
-pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
-                                reason="etcd is not installed (tools/install-deps.sh installs etcd-server)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("etcd") is None, reason="etcd is not installed (tools/install-deps.sh installs etcd-server)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,9 @@ def test_transactions_compare_then_apply_all_or_nothing(client):
     assert not again.succeeded and again.responses[0][0].value == b"v1"
     kv = client.get(key)
     assert kv.mod_revision == made.revision
-    assert client.txn([etcd.mod(key) == kv.mod_revision, etcd.value(key) == "v1", etcd.create(key) > 0],
-                      [etcd.put_op(key, "v2")]).succeeded
+    assert client.txn(
+        [etcd.mod(key) == kv.mod_revision, etcd.value(key) == "v1", etcd.create(key) > 0], [etcd.put_op(key, "v2")]
+    ).succeeded
     assert not client.txn([etcd.mod(key) == kv.mod_revision], [etcd.put_op(key, "stale")]).succeeded
     assert not client.txn([etcd.value(key) != "v2"], [etcd.delete_op(key)]).succeeded
     assert client.get(key).value == b"v2"
@@ -111,8 +113,10 @@ def test_status_and_errors(client):
 
 def test_nothing_imports_etcd3_or_protobuf():
     """The serving stacks bring their own protobuf: mooncakefs must not need any."""
-    code = ("import sys, mooncakefs, mooncakefs.cluster.agent, mooncakefs.cluster.client, mooncakefs.p2p.store, "
-            "mooncakefs.fuse.etcd_namespace, mooncakefs.cli\n"
-            "bad = sorted(m for m in sys.modules if m == 'etcd3' or m.startswith(('etcd3.', 'google.protobuf')))\n"
-            "assert not bad, bad")
+    code = (
+        "import sys, mooncakefs, mooncakefs.cluster.agent, mooncakefs.cluster.client, mooncakefs.p2p.store, "
+        "mooncakefs.fuse.etcd_namespace, mooncakefs.cli\n"
+        "bad = sorted(m for m in sys.modules if m == 'etcd3' or m.startswith(('etcd3.', 'google.protobuf')))\n"
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

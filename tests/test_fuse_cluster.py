@@ -35,8 +35,9 @@ from mooncakefs.fuse.namespace import ROOT
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("etcd") is None,
-                       reason="etcd is not installed (tools/install-deps.sh installs etcd-server)"),
+    pytest.mark.skipif(
+        shutil.which("etcd") is None, reason="etcd is not installed (tools/install-deps.sh installs etcd-server)"
+    ),
 ]
 
 CLUSTER = "fs"
@@ -52,8 +53,15 @@ class Hosts:
         self.nodes = [NodeProcess(base, name=f"n{i}", dram="48MiB", extra=extra) for i in range(3)]
         self.url = f"etcd://{self.etcd.url.replace('http://', '')}/{CLUSTER}"
         self.mounts = [
-            FuseMount(None, base / f"mnt-{host}", dram=None, ssd=None, chunk_size="1MiB", extra=[self.url],
-                      env={"MOONCAKEFS_HOST": f"fs-host-{host}"})
+            FuseMount(
+                None,
+                base / f"mnt-{host}",
+                dram=None,
+                ssd=None,
+                chunk_size="1MiB",
+                extra=[self.url],
+                env={"MOONCAKEFS_HOST": f"fs-host-{host}"},
+            )
             for host in "ab"
         ]
 
@@ -274,8 +282,9 @@ def test_rmdir_racing_a_create_inside_one_wins(two_namespaces):
     for i in range(25):
         name = f"d{i}".encode()
         d = a.create(ROOT, name, DIR, 0, 0)
-        removed, created = _race(lambda name=name: a.unlink(ROOT, name, rmdir=True),
-                                 lambda d=d: b.create(d.ino, b"f", FILE, 0, 0))
+        removed, created = _race(
+            lambda name=name: a.unlink(ROOT, name, rmdir=True), lambda d=d: b.create(d.ino, b"f", FILE, 0, 0)
+        )
         if created in (errno.ENOENT, errno.ENOTDIR):  # removed first: nothing may be left inside
             assert removed is not None and not isinstance(removed, int), removed
             assert b.entries(d.ino, 0) == [] and b.get(d.ino).nlink == 0
@@ -292,8 +301,10 @@ def test_two_moves_that_would_make_a_loop_cannot_both_succeed(two_namespaces):
     for i in range(15):
         x = a.create(ROOT, f"x{i}".encode(), DIR, 0, 0)
         y = a.create(ROOT, f"y{i}".encode(), DIR, 0, 0)
-        results = _race(lambda x=x, y=y, i=i: a.rename(ROOT, f"x{i}".encode(), y.ino, b"x", 0),
-                        lambda x=x, y=y, i=i: b.rename(ROOT, f"y{i}".encode(), x.ino, b"y", 0))
+        results = _race(
+            lambda x=x, y=y, i=i: a.rename(ROOT, f"x{i}".encode(), y.ino, b"x", 0),
+            lambda x=x, y=y, i=i: b.rename(ROOT, f"y{i}".encode(), x.ino, b"y", 0),
+        )
         assert sorted(r == errno.EINVAL for r in results) == [False, True], results
         # Both still hang off the root: one directly, the other inside it.
         top = a.lookup(ROOT, f"x{i}".encode()) or a.lookup(ROOT, f"y{i}".encode())

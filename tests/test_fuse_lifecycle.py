@@ -80,7 +80,10 @@ def check_files(root, files: dict[str, bytes]) -> None:
 def test_mount_help_lists_options():
     res = subprocess.run(
         [sys.executable, "-m", "mooncakefs.cli", "mount", "--help"],
-        capture_output=True, text=True, timeout=60, env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
     )
     assert res.returncode == 0, res.stderr
     for opt in ("--data", "--dram", "--ssd", "--chunk-size", "--background", "--debug"):
@@ -115,8 +118,20 @@ def test_signal_unmounts_cleanly_after_flushing(mount_factory, signum):
 def test_background_mount(tmp_path, fuse_watchdog):
     data, mnt = tmp_path / "data", tmp_path / "mnt"
     mnt.mkdir()
-    argv = [sys.executable, "-m", "mooncakefs.cli", "mount", "--background", "--data", str(data),
-            "--dram", "32MiB", "--ssd", "64MiB", str(mnt)]
+    argv = [
+        sys.executable,
+        "-m",
+        "mooncakefs.cli",
+        "mount",
+        "--background",
+        "--data",
+        str(data),
+        "--dram",
+        "32MiB",
+        "--ssd",
+        "64MiB",
+        str(mnt),
+    ]
     try:
         try:
             res = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=child_env())
@@ -156,8 +171,19 @@ def test_data_dir_in_use_is_refused(mount_factory, tmp_path):
     write_file(m.mnt / "f", b"first")
     mnt2 = tmp_path / "mnt2"
     mnt2.mkdir()
-    argv = [sys.executable, "-m", "mooncakefs.cli", "mount", "--data", str(m.data), "--dram", "16MiB",
-            "--ssd", "64MiB", str(mnt2)]
+    argv = [
+        sys.executable,
+        "-m",
+        "mooncakefs.cli",
+        "mount",
+        "--data",
+        str(m.data),
+        "--dram",
+        "16MiB",
+        "--ssd",
+        "64MiB",
+        str(mnt2),
+    ]
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=child_env())
     except subprocess.TimeoutExpired:
@@ -399,7 +425,6 @@ def test_checksum_failure_is_eio(mount_factory):
     assert read_file(m.mnt / "new") == b"still works"
 
 
-
 # ------------------------------------------------------------------------------ more command-line cases
 
 
@@ -418,8 +443,19 @@ def test_ssd_path_and_size(mount_factory, tmp_path):
 
 
 def test_missing_mountpoint_fails_cleanly(tmp_path):
-    argv = [sys.executable, "-m", "mooncakefs.cli", "mount", "--data", str(tmp_path / "data"),
-            "--dram", "16MiB", "--ssd", "0", str(tmp_path / "no-such-dir")]
+    argv = [
+        sys.executable,
+        "-m",
+        "mooncakefs.cli",
+        "mount",
+        "--data",
+        str(tmp_path / "data"),
+        "--dram",
+        "16MiB",
+        "--ssd",
+        "0",
+        str(tmp_path / "no-such-dir"),
+    ]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=child_env())
     assert res.returncode != 0
     assert not is_mounted(tmp_path / "no-such-dir")
@@ -457,9 +493,11 @@ with open(log, "w") as out:
 """
     import random
 
-    writer = subprocess.Popen([sys.executable, "-c", code, str(m.mnt), str(log)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", code, str(m.mnt), str(log)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
+
         def finished() -> int:
             return len(log.read_text().split()) if log.exists() else 0
 

@@ -45,8 +45,13 @@ def test_mount_through_a_node_shares_its_pool_with_kv_clients(node, tmp_path):
         (src / f"f{i}").write_bytes(rand_bytes(size, i))
     mount = FuseMount(tmp_path / "meta", mnt, dram=None, ssd=None, extra=["--node", node]).start()
     try:
-        kv = subprocess.Popen([sys.executable, "-c", KV_CLIENT, node], env=child_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+        kv = subprocess.Popen(
+            [sys.executable, "-c", KV_CLIENT, node],
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         subprocess.run(["cp", "-r", str(src), str(mnt / "copy")], check=True)
         out, err = kv.communicate(timeout=120)
         assert kv.returncode == 0, err
@@ -56,8 +61,7 @@ def test_mount_through_a_node_shares_its_pool_with_kv_clients(node, tmp_path):
             assert (mnt / "copy" / f.name).read_bytes() == f.read_bytes()
         # The KV objects show in the mount's /.kv view, and the file chunks count in the node's pool.
         assert sum(1 for p in (mnt / ".kv").iterdir() if p.name.startswith("kv")) == 200
-        probe = run_python("import sys, mooncakefs; print(mooncakefs.connect(sys.argv[1]).stats()['objects'])",
-                           node)
+        probe = run_python("import sys, mooncakefs; print(mooncakefs.connect(sys.argv[1]).stats()['objects'])", node)
         assert int(probe.stdout) > 200  # 200 KV objects plus the files' chunks
     finally:
         mount.unmount()

@@ -201,8 +201,14 @@ FIO_JOBS = {
 def test_fio_verify(mount_factory, job):
     m = mount_factory(dram="64MiB", ssd="256MiB")
     argv = [
-        "fio", "--name=v", f"--directory={m.mnt}", *FIO_JOBS[job],
-        "--verify=crc32c", "--do_verify=1", "--ioengine=psync", "--verify_fatal=1",
+        "fio",
+        "--name=v",
+        f"--directory={m.mnt}",
+        *FIO_JOBS[job],
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--ioengine=psync",
+        "--verify_fatal=1",
         "--verify_state_save=0",  # no state file in the working directory
     ]
     try:
@@ -228,19 +234,32 @@ def test_mount_t_mooncakefs_and_umount(tmp_path, fuse_watchdog):
     daemon = fuse_watchdog.watch(PidHandle())
     env = child_env()
     try:
-        res = subprocess.run([sys.executable, "-m", "mooncakefs.cli", "install-mount-helper"],
-                             capture_output=True, text=True, timeout=60, env=env)
+        res = subprocess.run(
+            [sys.executable, "-m", "mooncakefs.cli", "install-mount-helper"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
         assert res.returncode == 0, res.stdout + res.stderr
         assert HELPER.is_symlink(), f"{HELPER} is not a symlink after install-mount-helper"
         assert os.access(HELPER, os.X_OK), f"{HELPER} -> {os.readlink(HELPER)} is not executable"
         # again: idempotent
-        res = subprocess.run([sys.executable, "-m", "mooncakefs.cli", "install-mount-helper"],
-                             capture_output=True, text=True, timeout=60, env=env)
+        res = subprocess.run(
+            [sys.executable, "-m", "mooncakefs.cli", "install-mount-helper"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
         assert res.returncode == 0, "install-mount-helper run twice: " + res.stdout + res.stderr
 
         res = subprocess.run(
             ["mount", "-t", "mooncakefs", str(data), str(mnt), "-o", "dram=64MiB,ssd=256MiB,chunk_size=256KiB"],
-            capture_output=True, text=True, timeout=60, env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
         )
         assert res.returncode == 0, f"mount -t mooncakefs: {res.stdout}{res.stderr}"
         assert os.path.ismount(mnt)
@@ -258,7 +277,10 @@ def test_mount_t_mooncakefs_and_umount(tmp_path, fuse_watchdog):
         # again (other options): the data is still there
         res = subprocess.run(
             ["mount", "-t", "mooncakefs", str(data), str(mnt), "-o", "dram=32MiB,ssd=256MiB"],
-            capture_output=True, text=True, timeout=60, env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
         )
         assert res.returncode == 0, f"second mount -t mooncakefs: {res.stdout}{res.stderr}"
         daemon.pid = daemon_pid_from_lock(data)
@@ -274,4 +296,3 @@ def test_mount_t_mooncakefs_and_umount(tmp_path, fuse_watchdog):
         if not existed:
             with contextlib.suppress(FileNotFoundError):
                 HELPER.unlink()
-

@@ -158,6 +158,7 @@ def test_a_socket_directory_made_by_another_user_is_refused_by_node_and_client(s
     data.mkdir()
     os.chown(data, VICTIM, VICTIM)
     try:
+
         def squat() -> str:  # the attacker gets there first, with a fake node's socket
             os.makedirs(squatted / "mooncakefs", mode=0o755)
             fake = socket.socket(socket.AF_UNIX)
@@ -230,9 +231,13 @@ def test_only_the_nodes_user_reaches_reserved_keys(nodes, shared_dir):
     def steal(url: str) -> Any:
         def attempt() -> list[str]:
             seen = []
-            for op, meta, payload in ((Op.GET, [chunk, 1 << 20], None), (Op.PUT, [chunk, 3, 0, None, None], b"bad"),
-                                      (Op.REMOVE, [chunk], None), (Op.STAT, [chunk], None),
-                                      (Op.BATCH_GET, [[chunk], [1 << 20]], None)):
+            for op, meta, payload in (
+                (Op.GET, [chunk, 1 << 20], None),
+                (Op.PUT, [chunk, 3, 0, None, None], b"bad"),
+                (Op.REMOVE, [chunk], None),
+                (Op.STAT, [chunk], None),
+                (Op.BATCH_GET, [[chunk], [1 << 20]], None),
+            ):
                 c = raw_channel(url)
                 c.send(op, meta, payload)
                 try:
@@ -337,9 +342,25 @@ def test_an_unfinished_put_gives_its_room_back(impatient):
 
 def run_node_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     full_env = child_env() | (env or {})
-    return subprocess.run([sys.executable, "-m", "mooncakefs.cli", "node", "--data", str(tmp_path / "d"),
-                           "--socket", str(tmp_path / "n.sock"), "--metrics", "none", *args],
-                          env=full_env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mooncakefs.cli",
+            "node",
+            "--data",
+            str(tmp_path / "d"),
+            "--socket",
+            str(tmp_path / "n.sock"),
+            "--metrics",
+            "none",
+            *args,
+        ],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("secret", [" ", "short\n", " \t" * 40])

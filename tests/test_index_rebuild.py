@@ -194,8 +194,13 @@ def test_store_from_before_journals_opens_and_journals_new_segments(tmp_path, ca
 
 
 def fsck_cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mooncakefs.cli", "fsck", "--data", str(data), *args],
-                          capture_output=True, text=True, env=child_env(), timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mooncakefs.cli", "fsck", "--data", str(data), *args],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=120,
+    )
 
 
 def test_fsck_checks_every_value_and_rebuilds(tmp_path):

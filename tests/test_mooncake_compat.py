@@ -56,9 +56,23 @@ def store(node, request):
 
 def run_as_mooncake(code: str, *options: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """``mooncakefs as-mooncake [options] -- python -c CODE``: an unmodified program, in its own process."""
-    return subprocess.run([sys.executable, "-m", "mooncakefs.cli", "as-mooncake", *options, "--",
-                           sys.executable, "-c", textwrap.dedent(code)],
-                          capture_output=True, text=True, timeout=timeout, env=child_env())
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mooncakefs.cli",
+            "as-mooncake",
+            *options,
+            "--",
+            sys.executable,
+            "-c",
+            textwrap.dedent(code),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+    )
 
 
 def test_install_registers_the_four_names_and_is_idempotent():
@@ -91,8 +105,9 @@ def test_install_refuses_when_the_real_mooncake_is_imported(tmp_path):
             print("REFUSED", exc)
         assert mooncake.REAL and sys.modules["mooncake"] is mooncake
     """
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                         timeout=60, env=child_env())
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60, env=child_env()
+    )
     assert out.returncode == 0, out.stderr
     assert "REFUSED" in out.stdout and "already imported" in out.stdout and str(other) in out.stdout
 
@@ -157,9 +172,14 @@ def test_registered_buffers_put_from_get_into_and_refusals(store):
 
 def test_setup_config_dict_with_human_readable_sizes_and_clear_refusals(node):
     s = MooncakeDistributedStore()
-    config = {"local_hostname": "localhost", "metadata_server": "http://127.0.0.1:8080/metadata",
-              "global_segment_size": "16MB", "local_buffer_size": "16 MB", "protocol": "tcp",
-              "master_server_addr": node.unix_url}
+    config = {
+        "local_hostname": "localhost",
+        "metadata_server": "http://127.0.0.1:8080/metadata",
+        "global_segment_size": "16MB",
+        "local_buffer_size": "16 MB",
+        "protocol": "tcp",
+        "master_server_addr": node.unix_url,
+    }
     assert s.setup(config) == 0 and s.local_buffer_size == 16 << 20
     assert s.put("dict", b"v") == 0 and s.get("dict") == b"v" and s.remove("dict") == 0
     assert s.setup(config) == INVALID_PARAMS  # set up already
@@ -174,8 +194,10 @@ def test_setup_config_dict_with_human_readable_sizes_and_clear_refusals(node):
     nowhere = MooncakeDistributedStore()
     assert nowhere.setup("localhost", "P2PHANDSHAKE", 0, 1 << 20, "tcp", "", "not-an-address") == INVALID_PARAMS
     tenant = MooncakeDistributedStore()
-    assert tenant.setup("localhost", "P2PHANDSHAKE", 0, 1 << 20, "tcp", "", node.unix_url,
-                        tenant_id="other") == INVALID_PARAMS
+    assert (
+        tenant.setup("localhost", "P2PHANDSHAKE", 0, 1 << 20, "tcp", "", node.unix_url, tenant_id="other")
+        == INVALID_PARAMS
+    )
     serving_only = setup_store(node.unix_url, buffer=0)  # Mooncake's pure server: copying puts refused
     assert serving_only.put("nobuf", b"v") == INVALID_PARAMS and serving_only.is_exist("nobuf") == 0
     serving_only.close()
@@ -222,8 +244,13 @@ def test_as_mooncake_runs_an_unmodified_program_against_a_node(node):
     assert reader.get("from-child") == b"\x07" * 65536
     assert reader.remove("from-child") == 0
     reader.close()
-    failed = subprocess.run([sys.executable, "-m", "mooncakefs.cli", "as-mooncake", "--", "/nonexistent/prog"],
-                            capture_output=True, text=True, timeout=60, env=child_env())
+    failed = subprocess.run(
+        [sys.executable, "-m", "mooncakefs.cli", "as-mooncake", "--", "/nonexistent/prog"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+    )
     assert failed.returncode != 0 and "cannot run '/nonexistent/prog'" in failed.stderr
 
 
@@ -239,9 +266,22 @@ def test_transfer_engine_between_two_processes():
         print(json.dumps({"port": engine.get_rpc_port(), "addr": addr}), flush=True)
         sys.stdin.read()
     """
-    target = subprocess.Popen([sys.executable, "-m", "mooncakefs.cli", "as-mooncake", "--", sys.executable, "-c",
-                               textwrap.dedent(target_code)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env=child_env())
+    target = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mooncakefs.cli",
+            "as-mooncake",
+            "--",
+            sys.executable,
+            "-c",
+            textwrap.dedent(target_code),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
     try:
         peer = json.loads(target.stdout.readline())
         session = f"127.0.0.1:{peer['port']}"
@@ -257,8 +297,12 @@ def test_transfer_engine_between_two_processes():
         assert engine.get_first_buffer_address("127.0.0.1:1") == 0 and engine.last_error is not None
         assert engine.transfer_sync_write(session, src.ctypes.data, peer["addr"], 4096) == 0
         offsets = [8192 * i for i in range(1, 9)]
-        assert engine.batch_transfer_sync_write(session, [src.ctypes.data + o for o in offsets],
-                                                [peer["addr"] + o for o in offsets], [4096] * 8) == 0
+        assert (
+            engine.batch_transfer_sync_write(
+                session, [src.ctypes.data + o for o in offsets], [peer["addr"] + o for o in offsets], [4096] * 8
+            )
+            == 0
+        )
         assert engine.transfer_sync_read(session, back.ctypes.data, peer["addr"], 1 << 20) == 0
         for o in [0, *offsets]:
             assert np.array_equal(back[o : o + 4096], src[o : o + 4096])
@@ -322,9 +366,20 @@ def test_sglang_hicache_setup_forms_host_allocator_and_group_ids(node):
     from mooncake.store import MooncakeHostMemAllocator
 
     s = MooncakeDistributedStore()
-    rc = s.setup("localhost", "P2PHANDSHAKE", 1 << 30, 16 << 20, "tcp", "", node.tcp_address[0] + ":" +
-                 str(node.tcp_address[1]), None, enable_ssd_offload=True, ssd_offload_path="/unused",
-                 enable_client_http_server=True, client_http_port=9300)
+    rc = s.setup(
+        "localhost",
+        "P2PHANDSHAKE",
+        1 << 30,
+        16 << 20,
+        "tcp",
+        "",
+        node.tcp_address[0] + ":" + str(node.tcp_address[1]),
+        None,
+        enable_ssd_offload=True,
+        ssd_offload_path="/unused",
+        enable_client_http_server=True,
+        client_http_port=9300,
+    )
     assert rc == 0, s.last_error
     allocator = MooncakeHostMemAllocator()
     ptr = allocator.alloc(1 << 20)

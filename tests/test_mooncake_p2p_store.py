@@ -33,8 +33,9 @@ from mooncake.p2p_store import (  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("etcd") is None,
-                       reason="etcd is not installed (tools/install-deps.sh installs etcd-server)"),
+    pytest.mark.skipif(
+        shutil.which("etcd") is None, reason="etcd is not installed (tools/install-deps.sh installs etcd-server)"
+    ),
 ]
 
 MiB = 1 << 20
@@ -69,8 +70,9 @@ def cluster(tmp_path_factory):
     base = tmp_path_factory.mktemp("mc-p2p")
     etcd = EtcdCluster().start()
     extra = ("--etcd", etcd.url, "--cluster", "default", "--lease-ttl", "3")
-    nodes = [NodeProcess(base, name=f"h{i}", dram="64MiB", extra=extra, env={"MOONCAKEFS_HOST": f"h{i}"})
-             for i in range(3)]
+    nodes = [
+        NodeProcess(base, name=f"h{i}", dram="64MiB", extra=extra, env={"MOONCAKEFS_HOST": f"h{i}"}) for i in range(3)
+    ]
     try:
         for node in nodes:
             node.start()
@@ -95,9 +97,24 @@ def on_host(monkeypatch: pytest.MonkeyPatch, host: str, metadata: str) -> P2PSto
 
 def test_seed_pull_serve_withdraw_with_mooncakes_names(cluster, monkeypatch):
     env = {**child_env(), "MOONCAKEFS_HOST": "h0"}
-    seed = subprocess.Popen([sys.executable, "-m", "mooncakefs.cli", "as-mooncake", "--", sys.executable, "-c",
-                             textwrap.dedent(SEED), cluster, json.dumps(SIZES)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    seed = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mooncakefs.cli",
+            "as-mooncake",
+            "--",
+            sys.executable,
+            "-c",
+            textwrap.dedent(SEED),
+            cluster,
+            json.dumps(SIZES),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     second = third = None
     try:
         assert json.loads(seed.stdout.readline()) == {"again": "PayloadOpened"}  # one open per instance

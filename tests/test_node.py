@@ -76,8 +76,7 @@ def node_factory(tmp_path):
 @pytest.fixture(scope="module")
 def shared_node(tmp_path_factory):
     """One node (64 MiB DRAM, 128 MiB SSD, TCP and /metrics) for the API tests of this module."""
-    node = NodeProcess(tmp_path_factory.mktemp("shared"), name="shared", dram="64MiB", ssd="128MiB",
-                       metrics="auto")
+    node = NodeProcess(tmp_path_factory.mktemp("shared"), name="shared", dram="64MiB", ssd="128MiB", metrics="auto")
     node.start()
     yield node
     node.kill()
@@ -469,8 +468,9 @@ def test_many_client_processes_share_a_node(node_factory):
         (node.tcp_url, {}),
         (node.tcp_url, {"inline_max": 16 * KiB, "stripe": 64 * KiB, "connections": 2}),  # striped
     ]
-    procs = [spawn_python(CLIENT_CODE, url, str(w), "250", ns, json.dumps(opts))
-             for w, (url, opts) in enumerate(configs)]
+    procs = [
+        spawn_python(CLIENT_CODE, url, str(w), "250", ns, json.dumps(opts)) for w, (url, opts) in enumerate(configs)
+    ]
     outputs = []
     try:
         for p in procs:
@@ -595,8 +595,13 @@ def test_stalled_then_killed_node_fails_fast_and_restart_recovers(node_factory):
         # killed: Unavailable at once (connection refused), from every kind of call
         node.kill()
         for t, s in stores.items():
-            for call in (lambda s=s: s.get("x"), lambda s=s: s.put("x", b"1"), lambda s=s: s.exists("x"),
-                         lambda s=s: s.put("x", bytes(2 * MiB)), lambda s=s: s.stats()):
+            for call in (
+                lambda s=s: s.get("x"),
+                lambda s=s: s.put("x", b"1"),
+                lambda s=s: s.exists("x"),
+                lambda s=s: s.put("x", bytes(2 * MiB)),
+                lambda s=s: s.stats(),
+            ):
                 start = time.monotonic()
                 with pytest.raises(Unavailable):
                     call()
@@ -659,8 +664,22 @@ def test_tcp_needs_the_cluster_secret(node_factory, monkeypatch):
 def test_listening_beyond_loopback_needs_a_secret(tmp_path):
     env = child_env()
     env.pop("MOONCAKEFS_SECRET", None)
-    argv = [sys.executable, "-m", "mooncakefs.cli", "node", "--data", str(tmp_path / "d"), "--dram", "16MiB",
-            "--socket", str(tmp_path / "n.sock"), "--listen", f"0.0.0.0:{free_port()}", "--metrics", "none"]
+    argv = [
+        sys.executable,
+        "-m",
+        "mooncakefs.cli",
+        "node",
+        "--data",
+        str(tmp_path / "d"),
+        "--dram",
+        "16MiB",
+        "--socket",
+        str(tmp_path / "n.sock"),
+        "--listen",
+        f"0.0.0.0:{free_port()}",
+        "--metrics",
+        "none",
+    ]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
     assert r.returncode != 0
     assert "--secret-file" in r.stderr and "0.0.0.0" in r.stderr, r.stderr
@@ -708,16 +727,53 @@ def test_versions_travel_with_puts(node_factory, via, size):
 
 # ------------------------------------------------------------------------------- 6. protocol fuzzing
 
-FUZZ_OPS = [Op.PING, Op.MAP, Op.PUT, Op.PUT_BEGIN, Op.PUT_END, Op.PUT_ABORT, Op.WRITE, Op.GET, Op.READ,
-            Op.RELEASE, Op.EXISTS, Op.REMOVE, Op.REMOVE_PREFIX, Op.STAT, Op.KEYS, Op.MATCH_PREFIX, Op.STATS,
-            Op.PERSIST, Op.BATCH_PUT, Op.BATCH_GET, Op.BATCH_EXISTS, Op.BATCH_VERSIONS]
+FUZZ_OPS = [
+    Op.PING,
+    Op.MAP,
+    Op.PUT,
+    Op.PUT_BEGIN,
+    Op.PUT_END,
+    Op.PUT_ABORT,
+    Op.WRITE,
+    Op.GET,
+    Op.READ,
+    Op.RELEASE,
+    Op.EXISTS,
+    Op.REMOVE,
+    Op.REMOVE_PREFIX,
+    Op.STAT,
+    Op.KEYS,
+    Op.MATCH_PREFIX,
+    Op.STATS,
+    Op.PERSIST,
+    Op.BATCH_PUT,
+    Op.BATCH_GET,
+    Op.BATCH_EXISTS,
+    Op.BATCH_VERSIONS,
+]
 TEMPLATES = {  # a well-formed meta for each request
-    Op.PING: [], Op.MAP: [], Op.PUT: [b"fz/k", 4, 0, None, None], Op.PUT_BEGIN: [b"fz/k", 64, 0, None, None],
-    Op.PUT_END: [1], Op.PUT_ABORT: [1], Op.WRITE: [1, 0], Op.GET: [b"fz/k", 1024], Op.READ: [1, 0, 4],
-    Op.RELEASE: [1], Op.EXISTS: [b"fz/k"], Op.REMOVE: [b"fz/k"], Op.REMOVE_PREFIX: [b"fz/"],
-    Op.STAT: [b"fz/k"], Op.KEYS: [b"fz/"], Op.MATCH_PREFIX: [[b"fz/k"]], Op.STATS: [], Op.PERSIST: [[b"fz/k"]],
-    Op.BATCH_PUT: [[b"fz/a", b"fz/b"], [2, 2], 0, None, None], Op.BATCH_GET: [[b"fz/a"], [1024]],
-    Op.BATCH_EXISTS: [[b"fz/a"]], Op.BATCH_VERSIONS: [[b"fz/a"]],
+    Op.PING: [],
+    Op.MAP: [],
+    Op.PUT: [b"fz/k", 4, 0, None, None],
+    Op.PUT_BEGIN: [b"fz/k", 64, 0, None, None],
+    Op.PUT_END: [1],
+    Op.PUT_ABORT: [1],
+    Op.WRITE: [1, 0],
+    Op.GET: [b"fz/k", 1024],
+    Op.READ: [1, 0, 4],
+    Op.RELEASE: [1],
+    Op.EXISTS: [b"fz/k"],
+    Op.REMOVE: [b"fz/k"],
+    Op.REMOVE_PREFIX: [b"fz/"],
+    Op.STAT: [b"fz/k"],
+    Op.KEYS: [b"fz/"],
+    Op.MATCH_PREFIX: [[b"fz/k"]],
+    Op.STATS: [],
+    Op.PERSIST: [[b"fz/k"]],
+    Op.BATCH_PUT: [[b"fz/a", b"fz/b"], [2, 2], 0, None, None],
+    Op.BATCH_GET: [[b"fz/a"], [1024]],
+    Op.BATCH_EXISTS: [[b"fz/a"]],
+    Op.BATCH_VERSIONS: [[b"fz/a"]],
 }
 REF_PREFIX = b"ref/"
 
@@ -878,9 +934,9 @@ class _Fuzzer:
         meta = msgpack.packb([b"fz/t", 1 << 20, 0, None, None])
         cases = [
             _frame(Op.PUT, meta)[:10],  # header cut short
-            _frame(Op.PUT, meta)[:HEADER.size + 5],  # meta cut short
+            _frame(Op.PUT, meta)[: HEADER.size + 5],  # meta cut short
             _frame(Op.PUT, meta, b"z" * 1000, declared=1 << 20),  # payload cut short
-            _frame(Op.STATS, b"", declared=0)[:HEADER.size],  # a whole frame: followed by EOF
+            _frame(Op.STATS, b"", declared=0)[: HEADER.size],  # a whole frame: followed by EOF
             HEADER.pack(MAGIC, Op.GET, 0, 0xFFFFFFFF, 0),  # meta length far over MAX_META
             HEADER.pack(MAGIC, Op.PUT, 0, len(meta), 2**64 - 1) + meta,  # payload length absurd
             HEADER.pack(MAGIC, Op.WRITE, 0, 3, 2**47) + msgpack.packb([1, 0]),  # big but legal: then EOF
@@ -910,8 +966,11 @@ class _Fuzzer:
         connection, having allocated nothing much for it."""
         for _ in range(n):
             op = self.rng.choice([Op.AUTH, Op.AUTH, Op.PING, Op.PUT, Op.GET, self.rng.randrange(256)])
-            meta = msgpack.packb(_fuzz_meta(self.rng, op) if op in TEMPLATES else
-                                 [wire.VERSION, self.rng.randbytes(self.rng.choice([0, 31, 32, 33]))])
+            meta = msgpack.packb(
+                _fuzz_meta(self.rng, op)
+                if op in TEMPLATES
+                else [wire.VERSION, self.rng.randbytes(self.rng.choice([0, 31, 32, 33]))]
+            )
             payload = self.rng.randbytes(self.rng.choice([0, 0, 1, 100]))
             data = _frame(op, meta, payload, declared=self.rng.choice([None, None, 1 << 30]))
             if self.rng.random() < 0.3:
@@ -928,9 +987,21 @@ class _Fuzzer:
         ch.send(Op.GET, [ref_key, 0])
         (size, lease, _off), _ = ch.read_reply()
         assert size == ref_size and lease
-        bad_reads = [[lease, -1, 4], [lease, 0, size + 1], [lease, size, 1], [lease, 2**63 - 1, 2**63 - 1],
-                     [lease, 0, -5], [lease, 1.5, 4], [lease, None, 4], [lease, "0", 4], [lease ^ 1, 0, 4],
-                     [self.rng.getrandbits(63), 0, 4], [-1, 0, 0], [None, 0, 0], [[lease], 0, 4]]
+        bad_reads = [
+            [lease, -1, 4],
+            [lease, 0, size + 1],
+            [lease, size, 1],
+            [lease, 2**63 - 1, 2**63 - 1],
+            [lease, 0, -5],
+            [lease, 1.5, 4],
+            [lease, None, 4],
+            [lease, "0", 4],
+            [lease ^ 1, 0, 4],
+            [self.rng.getrandbits(63), 0, 4],
+            [-1, 0, 0],
+            [None, 0, 0],
+            [[lease], 0, 4],
+        ]
         for meta in bad_reads:
             ch.send(Op.READ, meta)
             with pytest.raises((ValueError, TypeError)):
@@ -940,9 +1011,17 @@ class _Fuzzer:
         assert n == 10 and len(ch.read_payload(n)) == 10
         ch.send(Op.PUT_BEGIN, [b"fz/pending", 4096, 0, None, None])
         (put_id, _off), _ = ch.read_reply()
-        bad_writes = [([put_id, -1], b"x"), ([put_id, 4096], b"x"), ([put_id, 4000], b"x" * 200),
-                      ([put_id, 2**63], b""), ([put_id, 0.0], b"x"), ([put_id ^ 1, 0], b"x"),
-                      ([self.rng.getrandbits(63), 0], b"y" * 10), ([put_id], b""), ([put_id, 0, 0], b"")]
+        bad_writes = [
+            ([put_id, -1], b"x"),
+            ([put_id, 4096], b"x"),
+            ([put_id, 4000], b"x" * 200),
+            ([put_id, 2**63], b""),
+            ([put_id, 0.0], b"x"),
+            ([put_id ^ 1, 0], b"x"),
+            ([self.rng.getrandbits(63), 0], b"y" * 10),
+            ([put_id], b""),
+            ([put_id, 0, 0], b""),
+        ]
         for meta, payload in bad_writes:
             ch.send(Op.WRITE, meta, payload)
             with pytest.raises((ValueError, TypeError)):
@@ -966,8 +1045,12 @@ class _Fuzzer:
 def test_protocol_fuzzing_leaves_the_node_serving(node_factory, seed, secret):
     """With a secret, the TCP fuzzer authenticates: every request frame is fuzzed past the handshake."""
     node = node_factory(dram="32MiB", ssd="64MiB", metrics="auto", secret=secret)
-    refs = {b"ref/small": rand_bytes(100, "s"), b"ref/medium": rand_bytes(100 * KiB, "m"),
-            b"ref/large": rand_bytes(2 * MiB, "l"), b"ref/empty": b""}
+    refs = {
+        b"ref/small": rand_bytes(100, "s"),
+        b"ref/medium": rand_bytes(100 * KiB, "m"),
+        b"ref/large": rand_bytes(2 * MiB, "l"),
+        b"ref/empty": b"",
+    }
     with mooncakefs.connect(node.unix_url) as s:
         for k, v in refs.items():
             s.put(k, v, pin=True)
@@ -1004,22 +1087,37 @@ def test_protocol_fuzzing_leaves_the_node_serving(node_factory, seed, secret):
         assert wait_for(lambda: _leases_and_pending_settle(node), timeout=5), scrape_metrics(node)
         assert wait_for(lambda: s.stats()["dram"]["used"] == baseline, timeout=3), (
             f"DRAM leaked by malformed requests: {s.stats()['dram']['used']} used, {baseline} before "
-            "(see test_put_begin_with_a_fractional_size_leaks_no_dram)")
+            "(see test_put_begin_with_a_fractional_size_leaks_no_dram)"
+        )
 
 
 def test_unexpected_exceptions_are_not_logged_as_crashes(node_factory):
     """Malformed requests get an ERROR reply, not an unhandled exception that drops the connection."""
     node = node_factory(dram="16MiB", ssd="32MiB")
     ch = raw_channel(node.unix_url)
-    odd = [(Op.PUT_BEGIN, [b"fz/x", 1.5, 0, None, None]),
-           (Op.PUT_BEGIN, [b"fz/x", 10, 0, math.inf, None]), (Op.PUT_BEGIN, [b"fz/x", 10, 0, "soon", None]),
-           (Op.PUT_BEGIN, [b"fz/x", 10, 1.5, None, None]), (Op.PUT_BEGIN, [b"fz/x", 10, 0, {"a": 1}, None]),
-           (Op.PUT_BEGIN, [b"fz/x", 10, 0, None, b"\x01"]), (Op.PUT_BEGIN, [b"fz/x", 10, 0, None, 7]),
-           (Op.PUT_BEGIN, [b"fz/x", 10, 0, None, b"\xff" * 16]), (Op.BATCH_VERSIONS, [[b"a", 3]]),
-           (Op.GET, [b"fz/x", "big"]), (Op.GET, [{"k": 1}, 0]), (Op.GET, [[b"k"], 0]),
-           (Op.STAT, [12]), (Op.EXISTS, [None]), (Op.MATCH_PREFIX, [[None, 3]]),
-           (Op.BATCH_GET, [[b"a", b"b"], ["x", None]]), (Op.BATCH_PUT, [[b"a"], [1.0], 0, None, None]),
-           (Op.BATCH_EXISTS, [[{}]]), (Op.PERSIST, [[[]]]), (Op.PERSIST, [7]), (Op.KEYS, ["str"])]
+    odd = [
+        (Op.PUT_BEGIN, [b"fz/x", 1.5, 0, None, None]),
+        (Op.PUT_BEGIN, [b"fz/x", 10, 0, math.inf, None]),
+        (Op.PUT_BEGIN, [b"fz/x", 10, 0, "soon", None]),
+        (Op.PUT_BEGIN, [b"fz/x", 10, 1.5, None, None]),
+        (Op.PUT_BEGIN, [b"fz/x", 10, 0, {"a": 1}, None]),
+        (Op.PUT_BEGIN, [b"fz/x", 10, 0, None, b"\x01"]),
+        (Op.PUT_BEGIN, [b"fz/x", 10, 0, None, 7]),
+        (Op.PUT_BEGIN, [b"fz/x", 10, 0, None, b"\xff" * 16]),
+        (Op.BATCH_VERSIONS, [[b"a", 3]]),
+        (Op.GET, [b"fz/x", "big"]),
+        (Op.GET, [{"k": 1}, 0]),
+        (Op.GET, [[b"k"], 0]),
+        (Op.STAT, [12]),
+        (Op.EXISTS, [None]),
+        (Op.MATCH_PREFIX, [[None, 3]]),
+        (Op.BATCH_GET, [[b"a", b"b"], ["x", None]]),
+        (Op.BATCH_PUT, [[b"a"], [1.0], 0, None, None]),
+        (Op.BATCH_EXISTS, [[{}]]),
+        (Op.PERSIST, [[[]]]),
+        (Op.PERSIST, [7]),
+        (Op.KEYS, ["str"]),
+    ]
     for op, meta in odd:
         ch.send(op, meta)
         frame_op, _f, _reply, _n = ch.read_frame()
@@ -1123,8 +1221,15 @@ def test_metrics_used_bytes_matches_stats(node_factory):
 
 
 def test_wire_round_trip_of_errors():
-    for exc in (KeyNotFound(b"k"), KeyExists("k"), BufferTooSmall("k", 10, 5), OutOfSpace("full"),
-                ValueError("bad"), TypeError("worse"), InvalidKey("x")):
+    for exc in (
+        KeyNotFound(b"k"),
+        KeyExists("k"),
+        BufferTooSmall("k", 10, 5),
+        OutOfSpace("full"),
+        ValueError("bad"),
+        TypeError("worse"),
+        InvalidKey("x"),
+    ):
         back = wire.error_from_meta(wire.error_meta(exc))
         assert type(back) is type(exc) and str(back) == str(exc)
     assert isinstance(wire.error_from_meta(["Nope", "m", None, 0, 0]), mooncakefs.MooncakeError)

@@ -22,8 +22,9 @@ from mooncakefs.errors import InvalidArgument, KeyExists, KeyNotFound, Unavailab
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("etcd") is None,
-                       reason="etcd is not installed (tools/install-deps.sh installs etcd-server)"),
+    pytest.mark.skipif(
+        shutil.which("etcd") is None, reason="etcd is not installed (tools/install-deps.sh installs etcd-server)"
+    ),
 ]
 
 CLUSTER = "p2p"
@@ -38,8 +39,12 @@ class Hosts:
         self.base = base
         self.etcd = EtcdCluster().start()
         extra = ("--etcd", self.etcd.url, "--cluster", CLUSTER, "--lease-ttl", "3")
-        self.nodes = {f"h{i}": NodeProcess(base, name=f"h{i}", dram="160MiB", metrics="auto", extra=extra,
-                                           env={"MOONCAKEFS_HOST": f"h{i}"}) for i in range(4)}
+        self.nodes = {
+            f"h{i}": NodeProcess(
+                base, name=f"h{i}", dram="160MiB", metrics="auto", extra=extra, env={"MOONCAKEFS_HOST": f"h{i}"}
+            )
+            for i in range(4)
+        }
         self.url = f"etcd://{self.etcd.url.replace('http://', '')}/{CLUSTER}"
         self.mounts: dict[str, FuseMount] = {}
 
@@ -59,8 +64,15 @@ class Hosts:
 
     def mount(self, host: str) -> FuseMount:
         if host not in self.mounts:
-            m = FuseMount(None, self.base / f"mnt-{host}", dram=None, ssd=None, chunk_size="4MiB",
-                          extra=[self.url], env={"MOONCAKEFS_HOST": host})
+            m = FuseMount(
+                None,
+                self.base / f"mnt-{host}",
+                dram=None,
+                ssd=None,
+                chunk_size="4MiB",
+                extra=[self.url],
+                env={"MOONCAKEFS_HOST": host},
+            )
             self.mounts[host] = m.start(timeout=30)
         return self.mounts[host]
 
@@ -155,9 +167,12 @@ def test_a_reader_takes_chunks_from_an_earlier_reader_and_checks_them(hosts, tmp
     assert cp_out(hosts.mount("h3"), "fan", tmp_path / "c") == payload
     # where the reader on h3 ranks a spoiled copy first, it must have found it bad and moved on
     readers = [ident["h1"], ident["h2"]]
-    first_choice_bad = [idx for idx in sums if ident["h3"] not in owners[idx]
-                        and max(readers, key=lambda n: score(ino, idx, n)) in
-                        [n for n in readers if idx in spoiled.get(n, set())]]
+    first_choice_bad = [
+        idx
+        for idx in sums
+        if ident["h3"] not in owners[idx]
+        and max(readers, key=lambda n: score(ino, idx, n)) in [n for n in readers if idx in spoiled.get(n, set())]
+    ]
     if first_choice_bad:
         assert "bad or stale copy" in hosts.mounts["h3"].output
 
@@ -184,7 +199,8 @@ def test_the_p2p_store_api(hosts, monkeypatch):
             seed.register("x", b"not a list")
         assert second.list("ckpt/step-1/") == [
             PayloadInfo("ckpt/step-1/shard-0", 2 * MiB, 6 * MiB + 3, [5 * MiB + 3, MiB]),
-            PayloadInfo("ckpt/step-1/small", 64 * MiB, 4, [4])]
+            PayloadInfo("ckpt/step-1/small", 64 * MiB, 4, [4]),
+        ]
         assert second.list("other/") == []
 
         outs = [bytearray(5 * MiB + 3), bytearray(MiB)]

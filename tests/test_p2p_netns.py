@@ -79,8 +79,11 @@ def test_a_holder_killed_mid_copy_costs_time_not_data(bed, tmp_path):
     write(bed, "kill", payload, tmp_path)
     procs = {k: bed.copy_out(k, "kill", tmp_path / f"kill.{k}") for k in range(1, READERS + 1)}
     # once the readers are under way, kill reader 1's node: the chunks it held or seeded must come from others
-    assert wait_until(lambda: (tmp_path / "kill.2").exists() and (tmp_path / "kill.2").stat().st_size >= 4 * MiB,
-                      timeout=120, interval=0.01)
+    assert wait_until(
+        lambda: (tmp_path / "kill.2").exists() and (tmp_path / "kill.2").stat().st_size >= 4 * MiB,
+        timeout=120,
+        interval=0.01,
+    )
     bed.nodes[1].kill()
     for k, proc in procs.items():
         assert proc.wait(timeout=300) == 0 or k == 1, f"cp on host {k} failed"

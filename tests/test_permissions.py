@@ -53,8 +53,14 @@ print(json.dumps(report))
 
 
 def run_child(*paths: Path) -> dict[str, dict[str, int]]:
-    out = subprocess.run([sys.executable, "-c", CHILD, *map(str, paths)], check=True, capture_output=True,
-                         text=True, env=child_env(), timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, *map(str, paths)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=120,
+    ).stdout
     return json.loads(out)
 
 
@@ -87,9 +93,11 @@ def test_looser_dirs_and_files_of_ours_are_tightened_on_open(tmp_path):
 
 def test_the_background_mounts_log_is_private_under_umask_0(tmp_path):
     log = tmp_path / "data" / "mount.log"
-    code = ("import os, sys, logging; from pathlib import Path; os.umask(0); "
-            "from mooncakefs.cli import _configure_logging; "
-            "_configure_logging(False, Path(sys.argv[1])); logging.getLogger('t').info('hello')")
+    code = (
+        "import os, sys, logging; from pathlib import Path; os.umask(0); "
+        "from mooncakefs.cli import _configure_logging; "
+        "_configure_logging(False, Path(sys.argv[1])); logging.getLogger('t').info('hello')"
+    )
     subprocess.run([sys.executable, "-c", code, str(log)], check=True, env=child_env(), timeout=60)
     assert "hello" in log.read_text()
     assert_private({str(log.parent): os.stat(log.parent).st_mode & 0o777, str(log): os.stat(log).st_mode & 0o777})

@@ -188,14 +188,25 @@ def test_lru_and_belady_by_hand():
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mooncakefs.cli", *args], capture_output=True, text=True,
-                          env=child_env(), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mooncakefs.cli", *args], capture_output=True, text=True, env=child_env(), timeout=300
+    )
 
 
 def test_replay_scores_a_trace_known_by_hand(tmp_path):
     trace = write_trace(tmp_path / "scan.jsonl", SCAN)
-    out = cli("replay", str(trace), "--capacity", "0.67", "--dram-share", "1", "--block-size", "4KiB",
-              "--json", str(tmp_path / "r.json"))
+    out = cli(
+        "replay",
+        str(trace),
+        "--capacity",
+        "0.67",
+        "--dram-share",
+        "1",
+        "--block-size",
+        "4KiB",
+        "--json",
+        str(tmp_path / "r.json"),
+    )
     assert out.returncode == 0, out.stderr
     assert out.stderr == "", "a bar was drawn on a pipe"
     result = json.loads((tmp_path / "r.json").read_text())
@@ -210,20 +221,33 @@ def test_replay_scores_a_trace_known_by_hand(tmp_path):
 def test_replay_with_dram_and_ssd_serves_every_hit_it_counts(tmp_path):
     chains = [[100 * (i % 7) + j for j in range(1 + i % 5)] for i in range(60)]
     trace = write_trace(tmp_path / "t.jsonl", chains)
-    out = cli("replay", str(trace), "--capacity", "0.5", "--dram-share", "0.33", "--block-size", "64KiB",
-              "--json", str(tmp_path / "r.json"))
+    out = cli(
+        "replay",
+        str(trace),
+        "--capacity",
+        "0.5",
+        "--dram-share",
+        "0.33",
+        "--block-size",
+        "64KiB",
+        "--json",
+        str(tmp_path / "r.json"),
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["ssd_blocks"] > 0 and result["wrong_bytes"] == 0
     assert 0 < result["hit_ratio"] <= result["belady_hit_ratio"]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (("--capacity", "0"), "--capacity"),
-    (("--capacity", "1.5"), "--capacity"),
-    (("--dram-share", "0"), "--dram-share"),
-    (("--capacity", "0.0001"), "less than one block"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--capacity", "0"), "--capacity"),
+        (("--capacity", "1.5"), "--capacity"),
+        (("--dram-share", "0"), "--dram-share"),
+        (("--capacity", "0.0001"), "less than one block"),
+    ],
+)
 def test_replay_refuses_bad_options(tmp_path, args, message):
     trace = write_trace(tmp_path / "t.jsonl", [[1, 2], [1, 2]])
     out = cli("replay", str(trace), *args)
@@ -254,8 +278,18 @@ def test_replay_through_a_node_leaves_nothing_behind(tmp_path):
     node = NodeProcess(tmp_path, dram="16MiB").start()
     try:
         trace = write_trace(tmp_path / "scan.jsonl", SCAN)
-        out = cli("replay", str(trace), "--node", node.unix_url, "--capacity", "0.67", "--block-size", "4KiB",
-                  "--json", str(tmp_path / "r.json"))
+        out = cli(
+            "replay",
+            str(trace),
+            "--node",
+            node.unix_url,
+            "--capacity",
+            "0.67",
+            "--block-size",
+            "4KiB",
+            "--json",
+            str(tmp_path / "r.json"),
+        )
         assert out.returncode == 0, out.stderr
         result = json.loads((tmp_path / "r.json").read_text())
         assert result["store"] == "node" and result["wrong_bytes"] == 0

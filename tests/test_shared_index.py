@@ -39,7 +39,9 @@ def table_pair(slots: int = 64):
 
 def test_layout_constants_agree():
     assert (_engine.INDEX_HEADER_BYTES, _engine.INDEX_SLOT_BYTES) == (
-        _reference.INDEX_HEADER_BYTES, _reference.INDEX_SLOT_BYTES)
+        _reference.INDEX_HEADER_BYTES,
+        _reference.INDEX_SLOT_BYTES,
+    )
 
 
 def test_engine_and_reference_change_the_table_identically():
@@ -89,6 +91,7 @@ def test_a_node_index_is_rejected_when_garbage():
 
 # -- racing a real node ----------------------------------------------------------------------------
 
+
 def make_value(key_no: int, version: int, size: int) -> bytes:
     """A self-checking value: who wrote it, which version, its length, a CRC over all of it."""
     body = random.Random(key_no * 1_000_003 + version).randbytes(max(0, size - 16))
@@ -128,8 +131,10 @@ def writer(url: str, reads: list, done, out: mp.Queue) -> None:
         rng, version, deadline = random.Random(3), 0, time.monotonic() + RACE_TIMEOUT
         while report["puts"] + report["removes"] < WRITER_OPS or min(r.value for r in reads) < READS_DURING_WRITES:
             if time.monotonic() > deadline:
-                report["error"] = (f"timed out after {RACE_TIMEOUT:.0f} s: reads checked during writes "
-                                   f"{[r.value for r in reads]}, writer ops {report['puts'] + report['removes']}")
+                report["error"] = (
+                    f"timed out after {RACE_TIMEOUT:.0f} s: reads checked during writes "
+                    f"{[r.value for r in reads]}, writer ops {report['puts'] + report['removes']}"
+                )
                 break
             version += 1
             k = rng.randrange(KEYS)
@@ -226,7 +231,7 @@ def test_same_host_reads_skip_the_node_and_see_every_update(small_node):
         store.get("a")
     store.put("t", b"expiring", ttl=60)  # values that may expire are never in the shared index
     assert store.get("t") == b"expiring"
-    assert os.path.exists(small_node[len("unix://"):])
+    assert os.path.exists(small_node[len("unix://") :])
 
 
 def test_a_slot_changed_during_the_copy_is_a_miss():
@@ -257,7 +262,6 @@ def test_a_slot_changed_during_the_copy_is_a_miss():
     t.join()
     assert result == [-1]
     assert reader.read_into(d, dst) == size  # unchanged slot: a hit
-
 
 
 def test_values_every_reader_touched_are_still_evicted_when_a_put_needs_the_room(tmp_path):

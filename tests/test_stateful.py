@@ -47,9 +47,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.path = os.path.join(self.dir, "db")
         self.store = mooncakefs.open(self.path, **self.OPTIONS)
         self.model: dict = {}  # key -> the value it holds if present
-        self.maybe: set = (
-            set()
-        )  # keys of the model that may have vanished (evicted without SSD, lost on reopen)
+        self.maybe: set = set()  # keys of the model that may have vanished (evicted without SSD, lost on reopen)
         self.volatile: set = set()  # keys whose latest put was not durable
 
     def teardown(self):
@@ -124,9 +122,7 @@ class StoreMachine(RuleBasedStateMachine):
         except mooncakefs.KeyNotFound:
             self._saw_absent(key, "get_into")
         except mooncakefs.BufferTooSmall:
-            assert key in self.model and len(self.model[key]) > len(buf), (
-                "BufferTooSmall with a big enough buffer"
-            )
+            assert key in self.model and len(self.model[key]) > len(buf), "BufferTooSmall with a big enough buffer"
             assert buf == bytearray(b"\xee" * len(buf)), "failed get_into wrote into the buffer"
         else:
             self._saw_value(key, bytes(buf[:n]), "get_into")

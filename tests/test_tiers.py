@@ -75,9 +75,7 @@ def test_dram_stays_within_capacity_while_filling(store_factory):
 
 
 def test_watermark_options(store_factory):
-    store = store_factory(
-        dram="8MiB", ssd="64MiB", segment_size="4MiB", high_watermark=0.5, low_watermark=0.25
-    )
+    store = store_factory(dram="8MiB", ssd="64MiB", segment_size="4MiB", high_watermark=0.5, low_watermark=0.25)
     keys = fill(store, "k", 12)
     cap = store.stats()["dram"]["capacity"]
     # once settled, DRAM holds no more than the high watermark (plus one object of slack for the put
@@ -231,9 +229,7 @@ def test_ttl_applies_on_ssd(store_factory):
     store.put("t", value_for("t"), ttl=3)
     fill(store, "k", 16)
     if time.monotonic() - start < 2.5:  # only meaningful while the ttl has not run out yet
-        assert wait_until(
-            lambda: tier_of(store, "t") == "ssd", timeout=max(0.1, 2.5 - (time.monotonic() - start))
-        )
+        assert wait_until(lambda: tier_of(store, "t") == "ssd", timeout=max(0.1, 2.5 - (time.monotonic() - start)))
     time.sleep(max(0.0, 3.3 - (time.monotonic() - start)))
     assert not store.exists("t")
     with pytest.raises(mooncakefs.KeyNotFound):
@@ -294,9 +290,7 @@ def test_out_of_space_when_dram_full_of_pinned_no_ssd(store_factory):
 def test_out_of_space_in_batch_is_per_key(store_factory):
     store = store_factory(dram="8MiB", ssd=None)
     fill(store, "pin", 6, pin=True)
-    results = store.batch_put(
-        [("small", b"fits"), ("huge", rand_bytes(5 * MiB, "huge")), ("small2", b"fits too")]
-    )
+    results = store.batch_put([("small", b"fits"), ("huge", rand_bytes(5 * MiB, "huge")), ("small2", b"fits too")])
     assert results[0] is None or isinstance(results[0], int)
     assert isinstance(results[1], mooncakefs.OutOfSpace)
     assert results[2] is None or isinstance(results[2], int)

@@ -137,8 +137,10 @@ def test_local_transport_copies_byte_exact():
     # several transfers in one batch, into numpy and bytearray destinations
     out1 = np.zeros(1000, dtype=np.uint8)
     out2 = bytearray(len(data) - 1000)
-    n = engine.run([Transfer(READ, memoryview(out1), region, offset=100),
-                    Transfer(READ, memoryview(out2), region, offset=1100)], timeout=1)
+    n = engine.run(
+        [Transfer(READ, memoryview(out1), region, offset=100), Transfer(READ, memoryview(out2), region, offset=1100)],
+        timeout=1,
+    )
     assert n == len(data)
     assert out1.tobytes() + bytes(out2) == data
 
@@ -195,8 +197,12 @@ def test_engine_directly_over_tcp(node):
             (put_id, pool_offset), _ = ctl.read_reply()
             assert pool_offset == -1  # a TCP peer never sees pool offsets
             half = len(value) // 2
-            batch = engine.submit([Transfer(WRITE, memoryview(value)[:half], Region(put_id, len(value))),
-                                   Transfer(WRITE, memoryview(value)[half:], Region(put_id, len(value)), half)])
+            batch = engine.submit(
+                [
+                    Transfer(WRITE, memoryview(value)[:half], Region(put_id, len(value))),
+                    Transfer(WRITE, memoryview(value)[half:], Region(put_id, len(value)), half),
+                ]
+            )
             assert batch.wait(10) == len(value) and batch.done()
             assert not s.exists("direct")  # not visible before PUT_END
             ctl.send(Op.PUT_END, [put_id])

@@ -30,11 +30,18 @@ MiB = 1 << 20
 class Peer:
     """A te_peer.py process: its port, its registered buffer (a pattern) and managed buffer (zeros)."""
 
-    def __init__(self, host: str = "127.0.0.1", protocol: str = "tcp", secret: str | None = None,
-                 argv_prefix: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        protocol: str = "tcp",
+        secret: str | None = None,
+        argv_prefix: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         args = [*(argv_prefix or []), sys.executable, PEER, host, protocol, *([secret] if secret else [])]
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=env or child_env())
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env or child_env()
+        )
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if not line:
             kill_process(self.proc)
@@ -63,8 +70,7 @@ def peer():
 def engine(request):
     """An initiator that reaches the peer the same-host way, or (same_host=False) over tcp, striped 256 KiB
     over 3 connections."""
-    with Engine("127.0.0.1", protocol="tcp", same_host=request.param == "local", connections=3,
-                stripe=256 << 10) as e:
+    with Engine("127.0.0.1", protocol="tcp", same_host=request.param == "local", connections=3, stripe=256 << 10) as e:
         yield e
 
 
@@ -186,8 +192,12 @@ def test_unregistered_and_out_of_bounds_are_refused_untouched(engine: Engine, pe
     """Reads and writes beyond what the peer registered are refused, and the peer's memory is unchanged."""
     before = peer.crc()
     junk = bytes(range(256)) * 16
-    cases = [(peer.addr + SIZE - 100, OutOfBounds), (peer.managed + SIZE, AddressNotRegistered),
-             (peer.addr - 4096, AddressNotRegistered), (4096, AddressNotRegistered)]
+    cases = [
+        (peer.addr + SIZE - 100, OutOfBounds),
+        (peer.managed + SIZE, AddressNotRegistered),
+        (peer.addr - 4096, AddressNotRegistered),
+        (4096, AddressNotRegistered),
+    ]
     for addr, error in cases:
         with pytest.raises(error):
             engine.write(peer.session, junk, addr)
@@ -281,8 +291,13 @@ def test_vm_copy_matches_reference() -> None:
     src = pattern(3 * MiB, seed=9)
     for impl in (_engine, _reference):
         dst = np.zeros(3 * MiB, dtype=np.uint8)
-        n = impl.vm_copy(os.getpid(), [dst.ctypes.data + i * MiB for i in range(3)],
-                         [src.ctypes.data + i * MiB for i in range(3)], [MiB, MiB, 5], False)
+        n = impl.vm_copy(
+            os.getpid(),
+            [dst.ctypes.data + i * MiB for i in range(3)],
+            [src.ctypes.data + i * MiB for i in range(3)],
+            [MiB, MiB, 5],
+            False,
+        )
         assert n == 2 * MiB + 5
         assert np.array_equal(dst[: 2 * MiB + 5], src[: 2 * MiB + 5]) and not dst[2 * MiB + 5 :].any()
         with pytest.raises(OSError):
@@ -324,7 +339,8 @@ def test_registry_bounds() -> None:
 def test_engine_in_a_subprocess_example_script(tmp_path: Path, peer: Peer) -> None:
     """The snippet as a user would paste it into a script of their own (no test helpers in sight)."""
     script = tmp_path / "user.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import numpy as np
         from mooncakefs.transfer import TransferEngine
         buf = np.arange(4096, dtype=np.uint8)
@@ -338,7 +354,8 @@ def test_engine_in_a_subprocess_example_script(tmp_path: Path, peer: Peer) -> No
         assert engine.transfer_sync_read(session, out.ctypes.data, {peer.managed}, 4096) == 0
         assert (out == buf).all()
         print("ok")
-    """))
+    """)
+    )
     run = subprocess.run([sys.executable, str(script)], env=child_env(), capture_output=True, text=True, timeout=60)
     assert run.stdout.strip() == "ok", run.stderr
 

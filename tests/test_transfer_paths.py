@@ -33,7 +33,9 @@ def test_rdma_devices_from_sysfs(tmp_path: Path) -> None:
     root = fake_sysfs(tmp_path, {"mlx5_0": (0, "ACTIVE"), "mlx5_1": (1, "ACTIVE"), "mlx5_2": (1, "DOWN")})
     found = paths.rdma_devices(root=root)
     assert [(d.name, d.numa, d.netdev, d.link_layer) for d in found] == [
-        ("mlx5_0", 0, "eth-mlx5_0", "Ethernet"), ("mlx5_1", 1, "eth-mlx5_1", "Ethernet")]
+        ("mlx5_0", 0, "eth-mlx5_0", "Ethernet"),
+        ("mlx5_1", 1, "eth-mlx5_1", "Ethernet"),
+    ]
     assert [d.name for d in paths.rdma_devices("mlx5_1,mlx5_2", root=root)] == ["mlx5_1"]
     assert "no active RDMA device among" in paths.no_rdma_reason("mlx5_2", root=root)
     assert "does not exist" in paths.no_rdma_reason(root=str(tmp_path / "none"))
@@ -42,8 +44,12 @@ def test_rdma_devices_from_sysfs(tmp_path: Path) -> None:
 
 
 def test_rank_prefers_the_buffers_numa_node_and_spreads() -> None:
-    devs = [paths.Device("a", 0, True), paths.Device("b", 1, True), paths.Device("c", 1, True),
-            paths.Device("d", 0, True)]
+    devs = [
+        paths.Device("a", 0, True),
+        paths.Device("b", 1, True),
+        paths.Device("c", 1, True),
+        paths.Device("d", 0, True),
+    ]
     assert [d.name for d in paths.rank(devs, 1)] == ["b", "c", "a", "d"]
     assert [d.name for d in paths.rank(devs, 1, spread=1)] == ["c", "b", "d", "a"]
     assert [d.name for d in paths.rank(devs, -1, spread=2)] == ["c", "d", "a", "b"]  # unknown: all near
@@ -84,8 +90,9 @@ def test_plan_selective_signalling_in_long_chains() -> None:
 
 def test_rdma_hot_path_is_built() -> None:
     """The Cython posting/polling module compiled against infiniband/verbs.h; with no queue pair it refuses."""
-    _rdma = pytest.importorskip("mooncakefs.transfer._rdma",
-                                reason="built only where infiniband/verbs.h exists (apt install libibverbs-dev)")
+    _rdma = pytest.importorskip(
+        "mooncakefs.transfer._rdma", reason="built only where infiniband/verbs.h exists (apt install libibverbs-dev)"
+    )
     assert _rdma.post_chain(1, True, []) == 0
     with pytest.raises(ValueError):
         _rdma.post_chain(0, True, [(1, 0, 0, 0, 0, 1, True)])
@@ -126,13 +133,15 @@ def test_rdma_without_a_usable_device_falls_back_to_tcp_in_mooncakes_api(caplog:
         Engine("127.0.0.1", protocol="rdma")
 
 
-@pytest.mark.skipif(not paths.rdma_devices(), reason="no RDMA device in /sys/class/infiniband (soft-RoCE: "
-                    "rdma link add rxe0 type rxe netdev eth0): the device tests cannot run here")
+@pytest.mark.skipif(
+    not paths.rdma_devices(),
+    reason="no RDMA device in /sys/class/infiniband (soft-RoCE: "
+    "rdma link add rxe0 type rxe netdev eth0): the device tests cannot run here",
+)
 def test_an_rdma_device_is_seen() -> None:
     """Where a device exists, auto picks rdma or says exactly why not (the transport is not set up yet)."""
     with Engine("127.0.0.1", protocol="auto") as e:
         assert e.protocol == "rdma" or "not yet" in e.why
-
 
 
 def test_first_buffer_is_the_first_registered_not_the_lowest() -> None:

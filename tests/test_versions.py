@@ -31,8 +31,9 @@ def test_overwrite_takes_the_new_version_even_if_lower(store):
     assert store.versions(["k"]) == [3]
 
 
-@pytest.mark.parametrize("existing, incoming, replaced", [(None, 5, True), (4, 5, True), (5, 5, False),
-                                                           (6, 5, False), (BIG, BIG + 1, True)])
+@pytest.mark.parametrize(
+    "existing, incoming, replaced", [(None, 5, True), (4, 5, True), (5, 5, False), (6, 5, False), (BIG, BIG + 1, True)]
+)
 def test_if_newer_replaces_only_an_older_version(store, existing, incoming, replaced):
     if existing is not None:
         store.put("k", b"old", version=existing)
@@ -63,8 +64,7 @@ def test_batch_put_takes_version_and_if_newer(store):
     assert store.versions(["a", "b", "c"]) == [5, 10, 5]
 
 
-@pytest.mark.parametrize("bad, error", [(-1, ValueError), (1 << 126, ValueError), (1.5, TypeError),
-                                         ("7", TypeError)])
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (1 << 126, ValueError), (1.5, TypeError), ("7", TypeError)])
 def test_bad_versions_are_refused(store, bad, error):
     with pytest.raises(error):
         store.put("k", b"v", version=bad)

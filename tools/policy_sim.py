@@ -380,9 +380,13 @@ def main() -> None:
     p.add_argument("trace", nargs="?", type=Path, default=DEFAULT_TRACE)
     p.add_argument("--capacity", default="0.05,0.1,0.25", help="fractions of the unique blocks")
     p.add_argument("--json", type=Path, help="also write the ratios here")
-    p.add_argument("--reuse", type=int, metavar="H",
-                   help="instead: the share of requests whose first block comes back within H requests, by "
-                        "how often it came before")
+    p.add_argument(
+        "--reuse",
+        type=int,
+        metavar="H",
+        help="instead: the share of requests whose first block comes back within H requests, by "
+        "how often it came before",
+    )
     args = p.parse_args()
     requests = load_trace(args.trace)
     unique = len({b for chain in requests for b in chain})
@@ -405,8 +409,12 @@ def main() -> None:
             table[name][f"{f:g}"] = hits / refs
         print(f"{name:40}" + "".join(f"{table[name][f'{f:g}']:8.3f}" for f in fractions), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"trace": str(args.trace), "block_refs": refs, "unique_blocks": unique,
-                                         "hit_ratio": table}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {"trace": str(args.trace), "block_refs": refs, "unique_blocks": unique, "hit_ratio": table}, indent=2
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

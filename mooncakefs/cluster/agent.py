@@ -63,9 +63,19 @@ REPAIR_BATCH = 512
 class NodeAgent:
     """Run alongside a ``Node``: ``start()`` after the node listens, ``stop()`` before it stops."""
 
-    def __init__(self, store: Store, etcd_url: str, cluster: str, ident: str, record: dict[str, Any], *,
-                 ttl: int = 10, groups: int = DEFAULT_GROUPS, width: int = DEFAULT_WIDTH,
-                 secret: bytes | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        etcd_url: str,
+        cluster: str,
+        ident: str,
+        record: dict[str, Any],
+        *,
+        ttl: int = 10,
+        groups: int = DEFAULT_GROUPS,
+        width: int = DEFAULT_WIDTH,
+        secret: bytes | None = None,
+    ) -> None:
         self.store = store
         self.ident = ident
         self.ttl = ttl
@@ -138,14 +148,20 @@ class NodeAgent:
         routed by a map this node is still catching up to."""
         joining = self._joining
         if joining is not None and epoch >= joining.epoch:
-            raise Rejoining(f"node {self.ident} is back in the cluster and checking what it holds against the "
-                            "other nodes: retry shortly")
+            raise Rejoining(
+                f"node {self.ident} is back in the cluster and checking what it holds against the "
+                "other nodes: retry shortly"
+            )
         if epoch != self.epoch:
-            raise StaleEpoch(f"node {self.ident} is at placement epoch {self.epoch}, the request at {epoch}: "
-                             "reload the placement map")
+            raise StaleEpoch(
+                f"node {self.ident} is at placement epoch {self.epoch}, the request at {epoch}: "
+                "reload the placement map"
+            )
         if write and self.fenced:
-            raise Fenced(f"node {self.ident} has not reached etcd for "
-                         f"{time.monotonic() - self.member.confirmed:.1f} s: it refuses writes until it does")
+            raise Fenced(
+                f"node {self.ident} has not reached etcd for "
+                f"{time.monotonic() - self.member.confirmed:.1f} s: it refuses writes until it does"
+            )
 
     def catch_up(self, epoch: int) -> None:
         """A client has seen a newer map than ours: read it now rather than at the next poll."""
@@ -177,15 +193,20 @@ class NodeAgent:
         """One round: read the controller, and the map only if it changed (one request); stand for
         controller if nobody is; as controller, bring the map in step with membership."""
         get_controller = etcd.get_op(self.controller_key)
-        answer = self.etcd.txn([etcd.mod(self.map_key) == self._map_revision], [get_controller],
-                               [get_controller, etcd.get_op(self.map_key)])
+        answer = self.etcd.txn(
+            [etcd.mod(self.map_key) == self._map_revision],
+            [get_controller],
+            [get_controller, etcd.get_op(self.map_key)],
+        )
         ctrl = answer.responses[0]
         if not answer.succeeded and answer.responses[1]:
             placement = answer.responses[1][0]
             self._adopt(PlacementMap.from_json(placement.value), placement.mod_revision)
         if not ctrl:
-            won = self.etcd.txn([etcd.version(self.controller_key) == 0],
-                                [etcd.put_op(self.controller_key, self.ident, lease=self.member.lease)]).succeeded
+            won = self.etcd.txn(
+                [etcd.version(self.controller_key) == 0],
+                [etcd.put_op(self.controller_key, self.ident, lease=self.member.lease)],
+            ).succeeded
             if won:
                 log.info("controller", extra={"node": self.ident})
             self.is_controller = won
@@ -235,9 +256,10 @@ class NodeAgent:
         epoch = current.epoch + 1 if current is not None else 1
         groups, width = (current.groups, current.width) if current is not None else (self.groups, self.width)
         new = PlacementMap.compute(epoch, nodes, groups=groups, width=width)
-        written = self.etcd.txn([etcd.value(self.controller_key) == self.ident,
-                                 etcd.mod(self.map_key) == self._map_revision],
-                                [etcd.put_op(self.map_key, new.to_json())])
+        written = self.etcd.txn(
+            [etcd.value(self.controller_key) == self.ident, etcd.mod(self.map_key) == self._map_revision],
+            [etcd.put_op(self.map_key, new.to_json())],
+        )
         if written.succeeded:
             log.info("placement written", extra={"epoch": epoch, "nodes": sorted(nodes)})
             self._adopt(new, written.revision)
@@ -351,12 +373,21 @@ class NodeAgent:
         self.repair_passes += 1
         # The bar is drawn only on a terminal and is gone once done: the log keeps what the pass did
         # (in the message for text logs, as fields for JSON ones).
-        summary = {"epoch": pmap.epoch, "keys": len(held), "checked": len(checked),
-                   "pushed": self.repairs - pushed_before, "dropped": dropped, "behind": len(behind),
-                   "seconds": round(time.monotonic() - started, 3)}
-        log.info("repair pass (epoch %(epoch)d): %(keys)d keys held, %(checked)d checked with their owners, "
-                 "%(pushed)d pushed, %(dropped)d dropped, %(behind)d still behind, in %(seconds).1f s",
-                 summary, extra=summary)
+        summary = {
+            "epoch": pmap.epoch,
+            "keys": len(held),
+            "checked": len(checked),
+            "pushed": self.repairs - pushed_before,
+            "dropped": dropped,
+            "behind": len(behind),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        log.info(
+            "repair pass (epoch %(epoch)d): %(keys)d keys held, %(checked)d checked with their owners, "
+            "%(pushed)d pushed, %(dropped)d dropped, %(behind)d still behind, in %(seconds).1f s",
+            summary,
+            extra=summary,
+        )
 
     def _push(self, link: NodeLink, raw: bytes, tag: int) -> bool:
         """Copy one value (placed as ``tag`` says) to another node unless it holds a newer one; False
@@ -382,8 +413,10 @@ class NodeAgent:
         except NotNewer:
             return True
         if corrupt:
-            log.error("dropping a value that fails its CRC-32C check here (corrupted in memory)",
-                      extra={"key": repr(raw)[:100]})
+            log.error(
+                "dropping a value that fails its CRC-32C check here (corrupted in memory)",
+                extra={"key": repr(raw)[:100]},
+            )
             self.store.remove(key)
             return False
         self.repairs += 1

@@ -47,8 +47,7 @@ class NodeLink(RemoteStore):
     """A client of one cluster node that names its placement epoch on each connection (or, with
     ``epoch=None``, names none: its requests are served whatever the node's map)."""
 
-    def __init__(self, record: dict[str, Any], *, epoch: int | None, prefer_unix: bool = False,
-                 **options: Any) -> None:
+    def __init__(self, record: dict[str, Any], *, epoch: int | None, prefer_unix: bool = False, **options: Any) -> None:
         self.node: str = record["id"]
         self.epoch = epoch
         if prefer_unix and record.get("unix"):
@@ -89,8 +88,16 @@ class NodeLink(RemoteStore):
         ch.read_reply()
         ch.epoch = self.epoch
 
-    def put(self, key: Key, value: Any, *, replicas: int = 1, local: bool = False,  # type: ignore[override]
-            cluster_flags: int | None = None, **options: Any) -> None:
+    def put(
+        self,
+        key: Key,
+        value: Any,
+        *,
+        replicas: int = 1,
+        local: bool = False,  # type: ignore[override]
+        cluster_flags: int | None = None,
+        **options: Any,
+    ) -> None:
         flags = cluster_flags if cluster_flags is not None else placement_flags(replicas, local)
         super().put(key, value, cluster_flags=flags, **options)
 
@@ -115,8 +122,16 @@ class ClusterStore(KVMapping):
 
     _fatal = Unavailable
 
-    def __init__(self, url: str, *, secret: bytes | str | None = None, timeout: float = 10.0,
-                 failover: float | None = None, replicas: int = 1, **link_options: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        secret: bytes | str | None = None,
+        timeout: float = 10.0,
+        failover: float | None = None,
+        replicas: int = 1,
+        **link_options: Any,
+    ) -> None:
         self.etcd_url, self.cluster = parse_cluster_url(url)
         self.replicas = replicas  # what put and batch_put use when not told
         self.url = self.path = url
@@ -146,8 +161,10 @@ class ClusterStore(KVMapping):
         except Exception as exc:
             raise Unavailable(f"cannot read the placement map of {self.cluster!r}: {exc}") from None
         if kv is None:
-            raise Unavailable(f"cluster {self.cluster!r} has no placement map yet: start a node with "
-                              f"--etcd {self.etcd_url} --cluster {self.cluster}")
+            raise Unavailable(
+                f"cluster {self.cluster!r} has no placement map yet: start a node with "
+                f"--etcd {self.etcd_url} --cluster {self.cluster}"
+            )
         return PlacementMap.from_json(kv.value)
 
     def _refresh(self, seen: PlacementMap) -> None:
@@ -191,8 +208,9 @@ class ClusterStore(KVMapping):
     def _read_order(self, pmap: PlacementMap, raw: bytes) -> list[str]:
         """A key's group nodes, nearest first: this host's, then the map's order; recently failed last."""
         now = time.monotonic()
-        return sorted(pmap.owners(raw), key=lambda n: (self._down.get(n, 0) > now,
-                                                       not self._on_this_host(pmap.nodes[n])))
+        return sorted(
+            pmap.owners(raw), key=lambda n: (self._down.get(n, 0) > now, not self._on_this_host(pmap.nodes[n]))
+        )
 
     def _retrying(self, attempt: Callable[[PlacementMap], T]) -> T:
         """Run ``attempt`` with the current map; on a stale epoch reload it, and on an unreachable node
@@ -219,8 +237,18 @@ class ClusterStore(KVMapping):
 
     # -- writing ----------------------------------------------------------------------------------------
 
-    def put(self, key: Key, value: Any, *, replicas: int | None = None, placement: str | None = None,
-            pin: bool = False, ttl: float | None = None, if_absent: bool = False, durable: bool = False) -> None:
+    def put(
+        self,
+        key: Key,
+        value: Any,
+        *,
+        replicas: int | None = None,
+        placement: str | None = None,
+        pin: bool = False,
+        ttl: float | None = None,
+        if_absent: bool = False,
+        durable: bool = False,
+    ) -> None:
         """Store ``value`` on the first ``replicas`` nodes of the key's group; returns once all hold it.
         ``placement="local"`` keeps it on this host's node instead (the group's nodes note where).
         Arguments are checked as every store checks them, before any node is asked."""
@@ -239,11 +267,15 @@ class ClusterStore(KVMapping):
             if placement == "local":
                 here = self._local_node(pmap)
                 self._call(here, pmap, lambda link: link.put(key, view, local=True, version=version, **options))
-                self._on_all(pmap, owners, lambda link: link.put(pointer_key(raw), here.encode(), replicas=replicas,
-                                                                 version=version))
+                self._on_all(
+                    pmap,
+                    owners,
+                    lambda link: link.put(pointer_key(raw), here.encode(), replicas=replicas, version=version),
+                )
             else:
-                self._on_all(pmap, owners, lambda link: link.put(key, view, replicas=replicas, version=version,
-                                                                 **options))
+                self._on_all(
+                    pmap, owners, lambda link: link.put(key, view, replicas=replicas, version=version, **options)
+                )
 
         self._retrying(attempt)
 
@@ -258,8 +290,9 @@ class ClusterStore(KVMapping):
     def _check_replicas(self, replicas: int) -> None:
         width = self.map.width
         if type(replicas) is not int or not 1 <= replicas <= width:
-            raise InvalidArgument(f"replicas must be an int from 1 to {width} (this cluster's placement width), "
-                                  f"got {replicas!r:.40}")
+            raise InvalidArgument(
+                f"replicas must be an int from 1 to {width} (this cluster's placement width), got {replicas!r:.40}"
+            )
 
     def _owners(self, pmap: PlacementMap, raw: bytes, replicas: int) -> list[str]:
         owners = pmap.owners(raw)[:replicas]
@@ -291,8 +324,9 @@ class ClusterStore(KVMapping):
                 return node
         raise Unavailable(f"placement='local' needs a node on this host ({self.host!r}, $MOONCAKEFS_HOST)")
 
-    def _on_all(self, pmap: PlacementMap, nodes: list[str], fn: Callable[[Any], Any], *,
-                direct: bool = False) -> list[Any]:
+    def _on_all(
+        self, pmap: PlacementMap, nodes: list[str], fn: Callable[[Any], Any], *, direct: bool = False
+    ) -> list[Any]:
         """Run ``fn`` on each node's link (or, ``direct``, on the node id), in parallel when there are
         several, the first in this thread; the first error is raised."""
         run = fn if direct else lambda node: self._call(node, pmap, fn)
@@ -303,10 +337,12 @@ class ClusterStore(KVMapping):
             rest = [f.result() for f in futures]
         return [first, *rest]
 
-    def _per_node(self, pmap: PlacementMap, work: dict[str, list[int]],
-                  fn: Callable[[NodeLink, list[int]], T]) -> dict[str, T | Unavailable | StaleEpoch]:
+    def _per_node(
+        self, pmap: PlacementMap, work: dict[str, list[int]], fn: Callable[[NodeLink, list[int]], T]
+    ) -> dict[str, T | Unavailable | StaleEpoch]:
         """``fn(link, items)`` for each node's share of a batch, the nodes in parallel; a node that is
         unreachable or on another epoch gives its exception instead of a result."""
+
         def one(node: str) -> T | Unavailable | StaleEpoch:
             try:
                 return self._call(node, pmap, lambda link: fn(link, work[node]))
@@ -316,9 +352,16 @@ class ClusterStore(KVMapping):
         nodes = list(work)
         return dict(zip(nodes, self._on_all(pmap, nodes, one, direct=True), strict=True)) if nodes else {}
 
-    def batch_put(self, items: Mapping[Key, Any] | Iterable[tuple[Key, Any]], *, replicas: int | None = None,
-                  pin: bool = False, ttl: float | None = None, if_absent: bool = False,
-                  durable: bool = False) -> list[Any]:
+    def batch_put(
+        self,
+        items: Mapping[Key, Any] | Iterable[tuple[Key, Any]],
+        *,
+        replicas: int | None = None,
+        pin: bool = False,
+        ttl: float | None = None,
+        if_absent: bool = False,
+        durable: bool = False,
+    ) -> list[Any]:
         """As ``Store.batch_put``, each item on its ``replicas`` nodes: one batch per node.  Bad options
         or items that are not (key, value) pairs fail the call before any node is asked."""
         ttl = check_put_options(pin, ttl, if_absent, durable)
@@ -338,8 +381,13 @@ class ClusterStore(KVMapping):
         retry: set[int] = set()
         flags = placement_flags(replicas, False)
         version = self._version(pmap)
-        answers = self._per_node(pmap, by_node, lambda link, where: link.batch_put(
-            [pairs[i] for i in where], cluster_flags=flags, version=version, **options))
+        answers = self._per_node(
+            pmap,
+            by_node,
+            lambda link, where: link.batch_put(
+                [pairs[i] for i in where], cluster_flags=flags, version=version, **options
+            ),
+        )
         for node, where in by_node.items():
             out = answers[node]
             if isinstance(out, BaseException):
@@ -423,6 +471,7 @@ class ClusterStore(KVMapping):
     @contextlib.contextmanager
     def view(self, key: Key) -> Iterator[memoryview]:
         """As ``Store.view``, from the nearest node holding the key (in place when it is this host's)."""
+
         def opened(link: NodeLink) -> tuple[Any, memoryview]:
             view = link.view(key)
             return view, view.__enter__()  # one GET: a node without the key says so, and the next is asked
@@ -448,13 +497,18 @@ class ClusterStore(KVMapping):
     def batch_get_into(self, keys: Iterable[Key], buffers: Iterable[Any]) -> list[Any]:
         """As ``Store.batch_get_into``: one result per key, the byte count or the exception."""
         keys, buffers = batch_targets(keys, buffers)
-        return self._batch(keys, lambda link, idx: link.batch_get_into([keys[i] for i in idx],
-                                                                       [buffers[i] for i in idx]))
+        return self._batch(
+            keys, lambda link, idx: link.batch_get_into([keys[i] for i in idx], [buffers[i] for i in idx])
+        )
 
     def batch_exists(self, keys: Iterable[Key]) -> list[bool]:
         keys = list(key_list(keys, "batch_exists"))
-        out = self._batch(keys, lambda link, idx: [v or KeyNotFound(keys[i]) for i, v in
-                                                   zip(idx, link.batch_exists([keys[i] for i in idx]), strict=True)])
+        out = self._batch(
+            keys,
+            lambda link, idx: [
+                v or KeyNotFound(keys[i]) for i, v in zip(idx, link.batch_exists([keys[i] for i in idx]), strict=True)
+            ],
+        )
         return [v is True for v in out]
 
     def _batch(self, keys: list[Key], call: Callable[[NodeLink, list[int]], list[Any]]) -> list[Any]:

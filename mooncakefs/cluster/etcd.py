@@ -26,8 +26,23 @@ import grpc
 from mooncakefs.errors import EtcdError, EtcdUnavailable
 
 __all__ = [
-    "KV", "Compare", "Etcd", "EtcdError", "EtcdUnavailable", "Lease", "RangeResult", "TxnResult",
-    "create", "delete_op", "get_op", "lease_of", "mod", "parse_etcd_url", "prefix_end", "put_op", "value",
+    "KV",
+    "Compare",
+    "Etcd",
+    "EtcdError",
+    "EtcdUnavailable",
+    "Lease",
+    "RangeResult",
+    "TxnResult",
+    "create",
+    "delete_op",
+    "get_op",
+    "lease_of",
+    "mod",
+    "parse_etcd_url",
+    "prefix_end",
+    "put_op",
+    "value",
     "version",
 ]
 
@@ -204,10 +219,12 @@ class Compare:
 
     def encode(self) -> bytes:
         field = {_VERSION: 4, _CREATE: 5, _MOD: 6, _VALUE: 7}[self.target]
-        union = (_bytes(field, self.operand, always=True) if isinstance(self.operand, bytes)
-                 else _int(field, self.operand, always=True))
-        return (_int(1, self.result) + _int(2, self.target) + _bytes(3, self.key) + union
-                + _bytes(64, self.range_end))
+        union = (
+            _bytes(field, self.operand, always=True)
+            if isinstance(self.operand, bytes)
+            else _int(field, self.operand, always=True)
+        )
+        return _int(1, self.result) + _int(2, self.target) + _bytes(3, self.key) + union + _bytes(64, self.range_end)
 
 
 class _Target:
@@ -258,12 +275,26 @@ def lease_of(lease: Lease | int | None) -> int:
     return 0 if lease is None else lease if isinstance(lease, int) else lease.id
 
 
-def _range_request(key: str | bytes, *, prefix: bool = False, limit: int = 0, keys_only: bool = False,
-                   count_only: bool = False, by_creation: bool = False, min_create_revision: int = 0) -> bytes:
+def _range_request(
+    key: str | bytes,
+    *,
+    prefix: bool = False,
+    limit: int = 0,
+    keys_only: bool = False,
+    count_only: bool = False,
+    by_creation: bool = False,
+    min_create_revision: int = 0,
+) -> bytes:
     raw = _key(key)
-    return (_bytes(1, raw) + _bytes(2, prefix_end(raw) if prefix else b"") + _int(3, limit)
-            + (_int(5, 1) + _int(6, 2) if by_creation else b"")  # ASCEND, by CREATE revision
-            + _int(8, keys_only) + _int(9, count_only) + _int(12, min_create_revision))
+    return (
+        _bytes(1, raw)
+        + _bytes(2, prefix_end(raw) if prefix else b"")
+        + _int(3, limit)
+        + (_int(5, 1) + _int(6, 2) if by_creation else b"")  # ASCEND, by CREATE revision
+        + _int(8, keys_only)
+        + _int(9, count_only)
+        + _int(12, min_create_revision)
+    )
 
 
 def _put_request(key: str | bytes, data: str | bytes, lease: Lease | int | None) -> bytes:
@@ -341,11 +372,27 @@ class Etcd:
         kvs = self.range(key).kvs
         return kvs[0] if kvs else None
 
-    def range(self, key: str | bytes, *, prefix: bool = False, limit: int = 0, keys_only: bool = False,
-              count_only: bool = False, by_creation: bool = False, min_create_revision: int = 0) -> RangeResult:
+    def range(
+        self,
+        key: str | bytes,
+        *,
+        prefix: bool = False,
+        limit: int = 0,
+        keys_only: bool = False,
+        count_only: bool = False,
+        by_creation: bool = False,
+        min_create_revision: int = 0,
+    ) -> RangeResult:
         """The keys from ``key`` (just it, or every key it prefixes), sorted by key unless ``by_creation``."""
-        request = _range_request(key, prefix=prefix, limit=limit, keys_only=keys_only, count_only=count_only,
-                                 by_creation=by_creation, min_create_revision=min_create_revision)
+        request = _range_request(
+            key,
+            prefix=prefix,
+            limit=limit,
+            keys_only=keys_only,
+            count_only=count_only,
+            by_creation=by_creation,
+            min_create_revision=min_create_revision,
+        )
         return RangeResult.decode(self._call("/etcdserverpb.KV/Range", request))
 
     def get_prefix(self, prefix: str | bytes) -> list[KV]:
@@ -361,9 +408,11 @@ class Etcd:
 
     def txn(self, compare: Iterable[Compare], success: Sequence[bytes], failure: Sequence[bytes] = ()) -> TxnResult:
         """If every comparison holds, run ``success``, else ``failure``: atomically, at one revision."""
-        request = (b"".join(_bytes(1, c.encode(), always=True) for c in compare)
-                   + b"".join(_bytes(2, op, always=True) for op in success)
-                   + b"".join(_bytes(3, op, always=True) for op in failure))
+        request = (
+            b"".join(_bytes(1, c.encode(), always=True) for c in compare)
+            + b"".join(_bytes(2, op, always=True) for op in success)
+            + b"".join(_bytes(3, op, always=True) for op in failure)
+        )
         return TxnResult.decode(self._call("/etcdserverpb.KV/Txn", request))
 
     def lease(self, ttl: int) -> Lease:

@@ -65,8 +65,9 @@ def connect_etcd(url: str, timeout: float = 5.0) -> Etcd:
 class Membership:
     """Keep this node's record in etcd alive until ``stop()``."""
 
-    def __init__(self, etcd_url: str, cluster: str, ident: str, record: dict[str, Any], *,
-                 ttl: int = DEFAULT_TTL) -> None:
+    def __init__(
+        self, etcd_url: str, cluster: str, ident: str, record: dict[str, Any], *, ttl: int = DEFAULT_TTL
+    ) -> None:
         self.key = nodes_prefix(cluster) + ident
         self.record = {"id": ident, **record}
         self.ttl = ttl
@@ -139,8 +140,11 @@ def list_nodes(etcd_url: str, cluster: str) -> tuple[list[dict[str, Any]], str |
         raise Unavailable(f"cannot read the cluster from etcd at {etcd_url}: {exc}") from exc
     finally:
         client.close()
-    return (sorted(records, key=lambda r: r["id"]), controller.value.decode() if controller else None,
-            placement.value.decode() if placement else None)
+    return (
+        sorted(records, key=lambda r: r["id"]),
+        controller.value.decode() if controller else None,
+        placement.value.decode() if placement else None,
+    )
 
 
 def uptime(record: dict[str, Any]) -> float:

@@ -57,8 +57,9 @@ class PlacementMap:
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)  # node id -> its membership record
 
     @classmethod
-    def compute(cls, epoch: int, nodes: dict[str, dict[str, Any]], *, groups: int = DEFAULT_GROUPS,
-                width: int = DEFAULT_WIDTH) -> PlacementMap:
+    def compute(
+        cls, epoch: int, nodes: dict[str, dict[str, Any]], *, groups: int = DEFAULT_GROUPS, width: int = DEFAULT_WIDTH
+    ) -> PlacementMap:
         """The map for this membership: every group ordered by rendezvous score."""
         ids = sorted(nodes)
         n = min(width, len(ids))
@@ -80,8 +81,16 @@ class PlacementMap:
         return sum(node in r for r in self.replicas)
 
     def to_json(self) -> str:
-        return json.dumps({"epoch": self.epoch, "groups": self.groups, "width": self.width,
-                           "replicas": self.replicas, "nodes": self.nodes}, separators=(",", ":"))
+        return json.dumps(
+            {
+                "epoch": self.epoch,
+                "groups": self.groups,
+                "width": self.width,
+                "replicas": self.replicas,
+                "nodes": self.nodes,
+            },
+            separators=(",", ":"),
+        )
 
     @classmethod
     def from_json(cls, text: bytes | str) -> PlacementMap:

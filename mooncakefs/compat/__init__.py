@@ -35,15 +35,18 @@ def install() -> None:
     if current is not None:
         if is_drop_in(current):
             return
-        raise ImportError(f"mooncakefs.compat.install(): the real 'mooncake' package is already imported "
-                          f"(from {getattr(current, '__file__', None) or '?'}); call install() before anything "
-                          "imports mooncake, or run the program with `mooncakefs as-mooncake -- ...`")
+        raise ImportError(
+            f"mooncakefs.compat.install(): the real 'mooncake' package is already imported "
+            f"(from {getattr(current, '__file__', None) or '?'}); call install() before anything "
+            "imports mooncake, or run the program with `mooncakefs as-mooncake -- ...`"
+        )
     stray = sorted(name for name in sys.modules if name.startswith("mooncake."))
     if stray:
         raise ImportError(f"mooncakefs.compat.install(): {', '.join(stray)} already imported from elsewhere")
     package = SHIM_DIR / "mooncake"
-    spec = importlib.util.spec_from_file_location("mooncake", package / "__init__.py",
-                                                  submodule_search_locations=[str(package)])
+    spec = importlib.util.spec_from_file_location(
+        "mooncake", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["mooncake"] = module

@@ -50,8 +50,9 @@ class PayloadExists(KeyExists):
     """Another instance registered the name (Mooncake's Create: "key already exists")."""
 
     def __init__(self, name: str) -> None:
-        MooncakeError.__init__(self, f"error: key {name!r} already exists: registered by another instance "
-                               "(force_create=True replaces it)")
+        MooncakeError.__init__(
+            self, f"error: key {name!r} already exists: registered by another instance (force_create=True replaces it)"
+        )
         self.key = name
 
 
@@ -76,8 +77,10 @@ def metadata_url(metadata_uri: str) -> str:
     (``10.0.0.1:2379``): that is etcd://10.0.0.1:2379/default, the cluster a node joins unless told;
     ``etcd://host:port/CLUSTER`` names another cluster."""
     if not isinstance(metadata_uri, str) or not metadata_uri.strip():
-        raise InvalidArgument(f"metadata_uri must be an etcd endpoint such as '10.0.0.1:2379' or "
-                              f"'etcd://10.0.0.1:2379/cluster', got {metadata_uri!r:.60}")
+        raise InvalidArgument(
+            f"metadata_uri must be an etcd endpoint such as '10.0.0.1:2379' or "
+            f"'etcd://10.0.0.1:2379/cluster', got {metadata_uri!r:.60}"
+        )
     uri = metadata_uri.strip()
     for scheme in ("etcd://", "http://"):
         uri = uri.removeprefix(scheme)
@@ -113,15 +116,17 @@ def _views(addr_list: Sequence[int], size_list: Sequence[int], write: bool) -> l
         raise InvalidArgument("addr_list and size_list are lists (one address and one size per buffer)")
     addrs, sizes = list(addr_list), list(size_list)
     if len(addrs) != len(sizes) or not addrs:
-        raise InvalidArgument(f"error: invalid argument: {len(addrs)} addresses and {len(sizes)} sizes "
-                              "(as many of each, at least one)")
+        raise InvalidArgument(
+            f"error: invalid argument: {len(addrs)} addresses and {len(sizes)} sizes (as many of each, at least one)"
+        )
     views = []
     for addr, size in zip(addrs, sizes, strict=True):
         if type(addr) is not int or type(size) is not int or addr <= 0 or size <= 0 or addr + size > 1 << 64:
             raise InvalidArgument(f"error: invalid argument: address {addr!r:.30}, size {size!r:.30}")
         if not _mapped(addr, size, write):
-            raise InvalidArgument(f"[{addr:#x}, +{size}) is not {'writable' if write else 'readable'} memory "
-                                  "of this process")
+            raise InvalidArgument(
+                f"[{addr:#x}, +{size}) is not {'writable' if write else 'readable'} memory of this process"
+            )
         views.append(_engine.view_at(addr, size, write))
     return views
 
@@ -142,8 +147,15 @@ class P2PStore:
         """The name other instances see this one by (Mooncake's GetLocalServerName)."""
         return self._store.local_server_name
 
-    def register(self, name: str, addr_list: Sequence[int], size_list: Sequence[int],
-                 max_shard_size: int = MAX_SHARD_SIZE, location: str = "cpu:0", force_create: bool = False) -> None:
+    def register(
+        self,
+        name: str,
+        addr_list: Sequence[int],
+        size_list: Sequence[int],
+        max_shard_size: int = MAX_SHARD_SIZE,
+        location: str = "cpu:0",
+        force_create: bool = False,
+    ) -> None:
         """Publish the memory at ``addr_list``/``size_list`` under ``name`` (seeding).  PayloadOpened if
         this instance holds the name already; KeyExists if another registered it (``force_create``
         replaces that record, as Mooncake's)."""
@@ -225,5 +237,13 @@ class P2PStore:
             raise InvalidArgument(f"error: invalid argument: a payload name is a non-empty str, got {name!r:.60}")
 
 
-__all__ = ["MAX_SHARD_SIZE", "P2PStore", "PayloadExists", "PayloadInfo", "PayloadNotFound", "PayloadNotOpened",
-           "PayloadOpened", "metadata_url"]
+__all__ = [
+    "MAX_SHARD_SIZE",
+    "P2PStore",
+    "PayloadExists",
+    "PayloadInfo",
+    "PayloadNotFound",
+    "PayloadNotOpened",
+    "PayloadOpened",
+    "metadata_url",
+]

@@ -91,8 +91,18 @@ def parse_size(value: object) -> int:
     if not match:
         raise ValueError(f"{value!r} is not a size (bytes, or e.g. '16MB', '1.5 GB')")
     unit = match.group(2).upper().replace("IB", "B")
-    scale = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30,
-             "GB": 1 << 30, "T": 1 << 40, "TB": 1 << 40}.get(unit)
+    scale = {
+        "": 1,
+        "B": 1,
+        "K": 1 << 10,
+        "KB": 1 << 10,
+        "M": 1 << 20,
+        "MB": 1 << 20,
+        "G": 1 << 30,
+        "GB": 1 << 30,
+        "T": 1 << 40,
+        "TB": 1 << 40,
+    }.get(unit)
     if scale is None:
         raise ValueError(f"{value!r}: unknown unit {match.group(2)!r} (B, KB, MB, GB or TB)")
     return int(float(match.group(1)) * scale)
@@ -110,8 +120,10 @@ def endpoint_of(master_server_addr: str, metadata_server: str = "") -> str:
     host, sep, port = addr.rpartition(":")
     if sep and host and port.isdigit():
         return f"tcp://{host}:{port}"
-    raise InvalidArgument(f"master_server_addr must be host:port (a mooncakefs node's TCP address), tcp://…, "
-                          f"unix://… or etcd://host:port/cluster; got {master_server_addr!r:.80}")
+    raise InvalidArgument(
+        f"master_server_addr must be host:port (a mooncakefs node's TCP address), tcp://…, "
+        f"unix://… or etcd://host:port/cluster; got {master_server_addr!r:.80}"
+    )
 
 
 class SoftPinAction(enum.IntEnum):
@@ -203,14 +215,16 @@ class ReplicateConfig:
 
     def __str__(self) -> str:
         ttl = "default" if self._soft_pin_ttl_ms is None else self._soft_pin_ttl_ms
-        return (f"ReplicateConfig: {{ replica_num: {self._replica_num}, nof_replica_num: {self.nof_replica_num}, "
-                f"dfs_replica_num: {self.dfs_replica_num}, "
-                f"soft_pin_action: {SoftPinAction(self.soft_pin_action).name}, "
-                f"soft_pin_ttl_ms: {ttl}, with_hard_pin: {int(self.with_hard_pin)}, "
-                f"preferred_segments: {self.preferred_segments}, "
-                f"preferred_nof_segments: {self.preferred_nof_segments}, "
-                f"prefer_alloc_in_same_node: {int(self.prefer_alloc_in_same_node)}, "
-                f"data_type: {ObjectDataType(self.data_type).name} }}")
+        return (
+            f"ReplicateConfig: {{ replica_num: {self._replica_num}, nof_replica_num: {self.nof_replica_num}, "
+            f"dfs_replica_num: {self.dfs_replica_num}, "
+            f"soft_pin_action: {SoftPinAction(self.soft_pin_action).name}, "
+            f"soft_pin_ttl_ms: {ttl}, with_hard_pin: {int(self.with_hard_pin)}, "
+            f"preferred_segments: {self.preferred_segments}, "
+            f"preferred_nof_segments: {self.preferred_nof_segments}, "
+            f"prefer_alloc_in_same_node: {int(self.prefer_alloc_in_same_node)}, "
+            f"data_type: {ObjectDataType(self.data_type).name} }}"
+        )
 
     __repr__ = __str__
 
@@ -288,8 +302,10 @@ class MooncakeDistributedStore:
         if self._store is None:
             raise StoreClosed("the store is not set up: call setup() first (or it was closed)")
         if copy and self.local_buffer_size == 0:
-            raise InvalidArgument("local_buffer_size is 0 (a serving-only client, as in Mooncake): "
-                                  "the copying put/get calls are refused; use put_from/get_into")
+            raise InvalidArgument(
+                "local_buffer_size is 0 (a serving-only client, as in Mooncake): "
+                "the copying put/get calls are refused; use put_from/get_into"
+            )
         return self._store
 
     def _key(self, key: object) -> str:
@@ -335,31 +351,55 @@ class MooncakeDistributedStore:
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
-    def setup(self, local_hostname: Any, metadata_server: Any = None, global_segment_size: Any = None,
-              local_buffer_size: Any = None, protocol: Any = None, rdma_devices: Any = None,
-              master_server_addr: Any = None, engine: Any = None, enable_ssd_offload: bool = False,
-              ssd_offload_path: str = "", tenant_id: str = "default", enable_client_http_server: bool = False,
-              client_http_port: int = 9300) -> int:
+    def setup(
+        self,
+        local_hostname: Any,
+        metadata_server: Any = None,
+        global_segment_size: Any = None,
+        local_buffer_size: Any = None,
+        protocol: Any = None,
+        rdma_devices: Any = None,
+        master_server_addr: Any = None,
+        engine: Any = None,
+        enable_ssd_offload: bool = False,
+        ssd_offload_path: str = "",
+        tenant_id: str = "default",
+        enable_client_http_server: bool = False,
+        client_http_port: int = 9300,
+    ) -> int:
         """Connect: ``setup(local_hostname, metadata_server, global_segment_size, local_buffer_size,
         protocol, rdma_devices, master_server_addr, ...)`` or ``setup({...})`` (sizes may be strings
         such as "16MB").  0, or a negative code with the reason in ``last_error``."""
         if isinstance(local_hostname, dict) and metadata_server is None:
             return self._setup_dict(local_hostname)
-        given = (metadata_server, global_segment_size, local_buffer_size, protocol, rdma_devices,
-                 master_server_addr)
+        given = (metadata_server, global_segment_size, local_buffer_size, protocol, rdma_devices, master_server_addr)
         if any(a is None for a in given):
-            raise TypeError("setup() takes local_hostname, metadata_server, global_segment_size, "
-                            "local_buffer_size, protocol, rdma_devices and master_server_addr, or one config dict")
+            raise TypeError(
+                "setup() takes local_hostname, metadata_server, global_segment_size, "
+                "local_buffer_size, protocol, rdma_devices and master_server_addr, or one config dict"
+            )
         for name, value in (("global_segment_size", global_segment_size), ("local_buffer_size", local_buffer_size)):
             if type(value) is not int or not 0 <= value < _U64:
                 raise TypeError(f"setup(): {name} must be an unsigned int, got {value!r:.40}")
-        for name, value in (("local_hostname", local_hostname), ("metadata_server", metadata_server),
-                            ("protocol", protocol), ("rdma_devices", rdma_devices),
-                            ("master_server_addr", master_server_addr), ("tenant_id", tenant_id)):
+        for name, value in (
+            ("local_hostname", local_hostname),
+            ("metadata_server", metadata_server),
+            ("protocol", protocol),
+            ("rdma_devices", rdma_devices),
+            ("master_server_addr", master_server_addr),
+            ("tenant_id", tenant_id),
+        ):
             if not isinstance(value, str):
                 raise TypeError(f"setup(): {name} must be a str, got {type(value).__name__}")
-        return self._connect(local_hostname, metadata_server, global_segment_size, local_buffer_size, protocol,
-                             master_server_addr, tenant_id)
+        return self._connect(
+            local_hostname,
+            metadata_server,
+            global_segment_size,
+            local_buffer_size,
+            protocol,
+            master_server_addr,
+            tenant_id,
+        )
 
     def _setup_dict(self, config: dict[str, Any]) -> int:
         try:
@@ -372,17 +412,34 @@ class MooncakeDistributedStore:
         except (MooncakeError, ValueError) as exc:
             return self._fail(exc, INVALID_PARAMS)
         master = text.get("master_server_addr", text.get("master_server_address", DEFAULT_MASTER))
-        return self._connect(text["local_hostname"], text["metadata_server"], segment, buffer,
-                             text.get("protocol", "tcp"), master, text.get("tenant_id", "default"))
+        return self._connect(
+            text["local_hostname"],
+            text["metadata_server"],
+            segment,
+            buffer,
+            text.get("protocol", "tcp"),
+            master,
+            text.get("tenant_id", "default"),
+        )
 
-    def _connect(self, local_hostname: str, metadata_server: str, segment: int, buffer: int, protocol: str,
-                 master: str, tenant_id: str) -> int:
+    def _connect(
+        self,
+        local_hostname: str,
+        metadata_server: str,
+        segment: int,
+        buffer: int,
+        protocol: str,
+        master: str,
+        tenant_id: str,
+    ) -> int:
         try:
             if self._store is not None:
                 raise InvalidArgument("setup() was called already: close() first")
             if tenant_id not in ("", "default"):
-                raise InvalidArgument(f"tenant_id {tenant_id!r}: mooncakefs has one namespace per cluster; "
-                                      "use a cluster (etcd://…/NAME) per tenant")
+                raise InvalidArgument(
+                    f"tenant_id {tenant_id!r}: mooncakefs has one namespace per cluster; "
+                    "use a cluster (etcd://…/NAME) per tenant"
+                )
             url = endpoint_of(os.environ.get(ENDPOINT_ENV) or master, metadata_server)
             store = mooncakefs.connect(url)
         except (MooncakeError, ValueError, OSError) as exc:
@@ -395,8 +452,9 @@ class MooncakeDistributedStore:
 
     def setup_dummy(self, mem_pool_size: int, local_buffer_size: int, server_address: str) -> int:
         """Mooncake's thin client of a per-host owner: here ``server_address`` names the node."""
-        return self._connect("localhost", "P2PHANDSHAKE", mem_pool_size, local_buffer_size, "tcp",
-                             server_address, "default")
+        return self._connect(
+            "localhost", "P2PHANDSHAKE", mem_pool_size, local_buffer_size, "tcp", server_address, "default"
+        )
 
     def close(self) -> int:
         """Disconnect; the objects stay in the node (Mooncake drops those in this client's segment)."""
@@ -432,8 +490,9 @@ class MooncakeDistributedStore:
         try:
             self._need()
             if type(buffer_ptr) is not int or type(size) is not int or buffer_ptr <= 0 or size <= 0:
-                raise InvalidArgument(f"register_buffer needs a positive pointer and size, got {buffer_ptr!r:.30}, "
-                                      f"{size!r:.30}")
+                raise InvalidArgument(
+                    f"register_buffer needs a positive pointer and size, got {buffer_ptr!r:.30}, {size!r:.30}"
+                )
             with self._lock:
                 i = bisect.bisect_right(self._bases, buffer_ptr)
                 before = self._regions[i - 1] if i else None
@@ -493,8 +552,15 @@ class MooncakeDistributedStore:
             return self._fail(exc)
         return self._put(key, view, config, True, False)
 
-    def put_from_with_metadata(self, key: str, buffer_ptr: int, metadata_buffer_ptr: int, size: int,
-                               metadata_size: int, config: ReplicateConfig | None = None) -> int:
+    def put_from_with_metadata(
+        self,
+        key: str,
+        buffer_ptr: int,
+        metadata_buffer_ptr: int,
+        size: int,
+        metadata_size: int,
+        config: ReplicateConfig | None = None,
+    ) -> int:
         """The metadata bytes then the data bytes, as one object."""
         try:
             value = bytes(self._view(metadata_buffer_ptr, metadata_size)) + bytes(self._view(buffer_ptr, size))
@@ -515,8 +581,9 @@ class MooncakeDistributedStore:
     def upsert_parts(self, key: str, *parts: Any, config: ReplicateConfig | None = None) -> int:
         return self._put(key, self._parts(parts), config, True, True)
 
-    def _batch_put(self, keys: Sequence[str], values: Sequence[Any], config: ReplicateConfig | None,
-                   overwrite: bool, copy: bool) -> list[int]:
+    def _batch_put(
+        self, keys: Sequence[str], values: Sequence[Any], config: ReplicateConfig | None, overwrite: bool, copy: bool
+    ) -> list[int]:
         try:
             store = self._need(copy)
             if len(keys) != len(values):
@@ -548,8 +615,13 @@ class MooncakeDistributedStore:
             raise InvalidArgument(f"{n} keys but {len(buffer_ptrs)} pointers and {len(sizes)} sizes")
         return [self._view(p, s) for p, s in zip(buffer_ptrs, sizes, strict=True)]
 
-    def batch_put_from(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int],
-                       config: ReplicateConfig | None = None) -> list[int]:
+    def batch_put_from(
+        self,
+        keys: Sequence[str],
+        buffer_ptrs: Sequence[int],
+        sizes: Sequence[int],
+        config: ReplicateConfig | None = None,
+    ) -> list[int]:
         """``put_from`` of many: a code per key (all -600 if the lists differ in length)."""
         try:
             views = self._views(buffer_ptrs, sizes, len(keys))
@@ -557,17 +629,26 @@ class MooncakeDistributedStore:
             return [self._fail(exc)] * len(keys)
         return self._batch_put(keys, views, config, False, False)
 
-    def batch_upsert_from(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int],
-                          config: ReplicateConfig | None = None) -> list[int]:
+    def batch_upsert_from(
+        self,
+        keys: Sequence[str],
+        buffer_ptrs: Sequence[int],
+        sizes: Sequence[int],
+        config: ReplicateConfig | None = None,
+    ) -> list[int]:
         try:
             views = self._views(buffer_ptrs, sizes, len(keys))
         except MooncakeError as exc:
             return [self._fail(exc)] * len(keys)
         return self._batch_put(keys, views, config, True, False)
 
-    def batch_put_from_multi_buffers(self, keys: Sequence[str], all_buffer_ptrs: Sequence[Sequence[int]],
-                                     all_sizes: Sequence[Sequence[int]],
-                                     config: ReplicateConfig | None = None) -> list[int]:
+    def batch_put_from_multi_buffers(
+        self,
+        keys: Sequence[str],
+        all_buffer_ptrs: Sequence[Sequence[int]],
+        all_sizes: Sequence[Sequence[int]],
+        config: ReplicateConfig | None = None,
+    ) -> list[int]:
         """Each object gathered from several registered ranges, in order."""
         try:
             if len(all_buffer_ptrs) != len(keys) or len(all_sizes) != len(keys):
@@ -621,9 +702,13 @@ class MooncakeDistributedStore:
             return [self._fail(exc)] * len(keys)
         return [r if type(r) is int else self._fail(r) for r in results]
 
-    def batch_get_into_multi_buffers(self, keys: Sequence[str], all_buffer_ptrs: Sequence[Sequence[int]],
-                                     all_sizes: Sequence[Sequence[int]],
-                                     prefer_alloc_in_same_node: bool = False) -> list[int]:
+    def batch_get_into_multi_buffers(
+        self,
+        keys: Sequence[str],
+        all_buffer_ptrs: Sequence[Sequence[int]],
+        all_sizes: Sequence[Sequence[int]],
+        prefer_alloc_in_same_node: bool = False,
+    ) -> list[int]:
         """Each object scattered over several registered ranges, in order: bytes or a code per key."""
         out = []
         for key, ptrs, sizes in zip(keys, all_buffer_ptrs, all_sizes, strict=False):
@@ -644,10 +729,14 @@ class MooncakeDistributedStore:
             return [self._fail(InvalidArgument("one pointer list and one size list per key"))] * len(keys)
         return out
 
-    def get_into_ranges(self, buffer_ptrs: Sequence[int], all_keys: Sequence[Sequence[str]],
-                        all_dst_offsets: Sequence[Sequence[Sequence[int]]],
-                        all_src_offsets: Sequence[Sequence[Sequence[int]]],
-                        all_sizes: Sequence[Sequence[Sequence[int]]]) -> list[list[list[int]]]:
+    def get_into_ranges(
+        self,
+        buffer_ptrs: Sequence[int],
+        all_keys: Sequence[Sequence[str]],
+        all_dst_offsets: Sequence[Sequence[Sequence[int]]],
+        all_src_offsets: Sequence[Sequence[Sequence[int]]],
+        all_sizes: Sequence[Sequence[Sequence[int]]],
+    ) -> list[list[list[int]]]:
         """Byte ranges of objects into registered buffers: for buffer i, key j, fragment k, copy
         ``sizes[i][j][k]`` bytes from the object's ``src_offsets`` to the buffer's ``dst_offsets``.
         Each fragment gets its byte count or a negative code (missing key, a range past the object or
@@ -691,9 +780,12 @@ class MooncakeDistributedStore:
                     if isinstance(value, BaseException):
                         out[i][j][k] = self._fail(value)
                     elif min(dst, src, size) < 0 or src + size > len(value) or dst + size > len(buffer):
-                        out[i][j][k] = self._fail(InvalidArgument(
-                            f"key {key!r:.60}: range src {src}+{size} / dst {dst}+{size} overflows the object "
-                            f"({len(value)} bytes) or the buffer ({len(buffer)} bytes)"))
+                        out[i][j][k] = self._fail(
+                            InvalidArgument(
+                                f"key {key!r:.60}: range src {src}+{size} / dst {dst}+{size} overflows the object "
+                                f"({len(value)} bytes) or the buffer ({len(buffer)} bytes)"
+                            )
+                        )
                     else:
                         buffer[dst : dst + size] = value[src : src + size]
                         out[i][j][k] = size
@@ -778,5 +870,12 @@ def bind_to_numa_node(node: int) -> None:
     """Accepted for compatibility: mooncakefs leaves NUMA placement to the node daemon."""
 
 
-__all__ = ["BufferHandle", "MooncakeDistributedStore", "MooncakeHostMemAllocator", "ObjectDataType",
-           "ReplicateConfig", "SoftPinAction", "bind_to_numa_node"]
+__all__ = [
+    "BufferHandle",
+    "MooncakeDistributedStore",
+    "MooncakeHostMemAllocator",
+    "ObjectDataType",
+    "ReplicateConfig",
+    "SoftPinAction",
+    "bind_to_numa_node",
+]

@@ -85,16 +85,30 @@ class EtcdInode(Inode):
     def decode(cls, ino: int, value: bytes, rev: int) -> EtcdInode:
         record = json.loads(value)
         target = record.get("target")
-        node = cls(ino, record["mode"], record["nlink"], record["uid"], record["gid"], record["rdev"],
-                   record["size"], record["atime"], record["mtime"], record["ctime"],
-                   None if target is None else bytes.fromhex(target), parent=record.get("parent", 0),
-                   chunks=record.get("chunks", []), sums=decode_sums(record.get("sums", "")), rev=rev)
+        node = cls(
+            ino,
+            record["mode"],
+            record["nlink"],
+            record["uid"],
+            record["gid"],
+            record["rdev"],
+            record["size"],
+            record["atime"],
+            record["mtime"],
+            record["ctime"],
+            None if target is None else bytes.fromhex(target),
+            parent=record.get("parent", 0),
+            chunks=record.get("chunks", []),
+            sums=decode_sums(record.get("sums", "")),
+            rev=rev,
+        )
         node.base = node.fields()
         return node
 
     def copy(self) -> EtcdInode:
-        return dataclasses.replace(self, chunks=[list(r) for r in self.chunks], sums=dict(self.sums),
-                                   base=dict(self.base))
+        return dataclasses.replace(
+            self, chunks=[list(r) for r in self.chunks], sums=dict(self.sums), base=dict(self.base)
+        )
 
 
 def encode_sums(sums: dict[int, int]) -> str:
@@ -133,8 +147,9 @@ def _to_ranges(indexes: Iterable[int]) -> list[list[int]]:
 
 def _merge(ranges: list[list[int]], cut: int | None, added: set[int]) -> list[list[int]]:
     """``ranges`` less every chunk from ``cut`` on, plus ``added``."""
-    kept = [[start, end] if cut is None else [start, min(end, cut)] for start, end in ranges
-            if cut is None or start < cut]
+    kept = [
+        [start, end] if cut is None else [start, min(end, cut)] for start, end in ranges if cut is None or start < cut
+    ]
     if not added:
         return kept
     return _to_ranges([*_indexes(kept), *added])
@@ -299,11 +314,26 @@ class EtcdNamespace:
     def _orphan_key(self, ino: int) -> str:
         return f"{self.prefix}orphan/{ino}"
 
-    def _range(self, prefix: str, *, limit: int = 0, keys_only: bool = False, count_only: bool = False,
-               by_creation: bool = False, min_create_revision: int = 0) -> RangeResult:
+    def _range(
+        self,
+        prefix: str,
+        *,
+        limit: int = 0,
+        keys_only: bool = False,
+        count_only: bool = False,
+        by_creation: bool = False,
+        min_create_revision: int = 0,
+    ) -> RangeResult:
         """A range request over a prefix."""
-        return self.client.range(prefix, prefix=True, limit=limit, keys_only=keys_only, count_only=count_only,
-                                 by_creation=by_creation, min_create_revision=min_create_revision)
+        return self.client.range(
+            prefix,
+            prefix=True,
+            limit=limit,
+            keys_only=keys_only,
+            count_only=count_only,
+            by_creation=by_creation,
+            min_create_revision=min_create_revision,
+        )
 
     def _count(self, prefix: str, limit: int = 0) -> int:
         if limit:
@@ -343,8 +373,9 @@ class EtcdNamespace:
 
     def _make_root(self) -> None:
         now = time.time_ns()
-        root = EtcdInode(ROOT, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(), 0, 0, now, now, now, None,
-                         parent=ROOT)
+        root = EtcdInode(
+            ROOT, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(), 0, 0, now, now, now, None, parent=ROOT
+        )
         key = self._ikey(ROOT)
         self._txn([etcd.version(key) == 0], [etcd.put_op(key, root.encode())])
 
@@ -476,8 +507,18 @@ class EtcdNamespace:
         return ino
 
     @_etcd_errors
-    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, *, rdev: int = 0,
-               target: bytes | None = None, opened: bool = False) -> EtcdInode:
+    def create(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        *,
+        rdev: int = 0,
+        target: bytes | None = None,
+        opened: bool = False,
+    ) -> EtcdInode:
         """A new inode linked at parent/name (EEXIST if the name is taken, by any mount, even at the same
         moment).  ``opened``: the caller opens it at once (its open marker goes in the same transaction)."""
         now = time.time_ns()
@@ -489,8 +530,20 @@ class EtcdNamespace:
             parent_node = txn.directory(parent)
             if txn.entry(parent, name) is not None:
                 raise fail(errno.EEXIST)
-            node = EtcdInode(ino, mode, 2 if is_dir else 1, uid, gid, rdev, len(target or b""), now, now, now,
-                             target, parent=parent if is_dir else 0)
+            node = EtcdInode(
+                ino,
+                mode,
+                2 if is_dir else 1,
+                uid,
+                gid,
+                rdev,
+                len(target or b""),
+                now,
+                now,
+                now,
+                target,
+                parent=parent if is_dir else 0,
+            )
             txn.new(node)
             txn.put(dkey, str(ino))
             parent_node.mtime = parent_node.ctime = now
@@ -550,8 +603,9 @@ class EtcdNamespace:
             txn.put(self._orphan_key(node.ino), b"")
 
     @_etcd_errors
-    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
-               ) -> EtcdInode | None:
+    def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
+    ) -> EtcdInode | None:
         """Move an entry; returns the inode a plain rename replaced (its link count already dropped)."""
 
         def change(txn: _Change) -> EtcdInode | None:
@@ -661,7 +715,7 @@ class EtcdNamespace:
     def orphans(self) -> list[int]:
         """Inodes left with no names that no live mount has open (their last user ended)."""
         prefix = self.prefix + "orphan/"
-        found = [int(kv.key[len(prefix):]) for kv in self._range(prefix, keys_only=True).kvs]
+        found = [int(kv.key[len(prefix) :]) for kv in self._range(prefix, keys_only=True).kvs]
         return [ino for ino in found if not self._count(self._oprefix(ino), limit=1)]
 
     # -- open files ------------------------------------------------------------------------------------

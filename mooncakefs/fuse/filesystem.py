@@ -139,8 +139,9 @@ def _handler(method: Any) -> Any:
             log.error("%s: %s", method.__name__, exc)
             raise fail(errno.EIO) from None
         except MooncakeError as exc:
-            log.log(logging.WARNING if isinstance(exc, EXPECTED_WARNINGS) else logging.ERROR,
-                    "%s: %s", method.__name__, exc)
+            log.log(
+                logging.WARNING if isinstance(exc, EXPECTED_WARNINGS) else logging.ERROR, "%s: %s", method.__name__, exc
+            )
             raise fail(errno_of(exc)) from None
         except Exception:
             log.exception("internal error in %s", method.__name__)
@@ -264,8 +265,14 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         attrs = self._synthetic(inode, stat.S_IFREG | 0o444, size)
         return attrs
 
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         self._writable(inode)
         if inode in self.files:  # record buffered writes first: what is set here outranks them
             await self._flush(inode)
@@ -319,18 +326,21 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         if inode >= KV_DIR:
             raise fail(errno.EROFS)
 
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
-                    ) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         self._check_new_name(parent_inode, name)
         return self._entry(self.ns.create(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx.uid, ctx.gid))
 
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
-                    ) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         self._check_new_name(parent_inode, name)
         return self._entry(self.ns.create(parent_inode, name, mode, ctx.uid, ctx.gid, rdev=rdev))
 
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
-                      ) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         self._check_new_name(parent_inode, name)
         return self._entry(self.ns.create(parent_inode, name, stat.S_IFLNK | 0o777, ctx.uid, ctx.gid, target=target))
 
@@ -340,8 +350,9 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             raise fail(errno.EINVAL)
         return node.target or b""
 
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
-                   ) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         self._writable(inode)
         self._check_new_name(new_parent_inode, new_name)
         return self._entry(self.ns.link(inode, new_parent_inode, new_name))
@@ -359,8 +370,15 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         if parent == ROOT and name in RESERVED:
             raise fail(errno.EROFS)
 
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
-                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         self._check_removable(parent_inode_old, name_old)
         self._check_removable(parent_inode_new, name_new)
         if len(name_new) > NAME_MAX:
@@ -375,8 +393,11 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         namespace, the last close here (``closed``) deletes it despite the kernel's references: when
         another mount removed the last name, this kernel need never learn it, nor forget the inode.
         (The namespace keeps it while another mount has it open.)"""
-        if node.nlink == 0 and node.ino not in self.files and (node.ino not in self.lookups
-                                                               or (closed and self.shared)):
+        if (
+            node.nlink == 0
+            and node.ino not in self.files
+            and (node.ino not in self.lookups or (closed and self.shared))
+        ):
             self._delete_inode(node.ino)
 
     def _delete_inode(self, ino: int) -> None:
@@ -503,8 +524,13 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
     def _stats_json(self) -> bytes:
         stats = self.store.stats()
         inodes, chunks = self.ns.counts()
-        stats["fs"] = {"inodes": inodes, "chunks": chunks, "chunk_size": self.chunk_size,
-                       "open_files": len(self.files), "uptime_s": round(time.time() - self.started, 3)}
+        stats["fs"] = {
+            "inodes": inodes,
+            "chunks": chunks,
+            "chunk_size": self.chunk_size,
+            "open_files": len(self.files),
+            "uptime_s": round(time.time() - self.started, 3),
+        }
         if self.swarm is not None:
             stats["fs"]["swarm"] = {"node": self.swarm.node, "files": self.swarm.describe()}
         return json.dumps(stats, indent=2).encode() + b"\n"
@@ -550,8 +576,9 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             self.seen[node.ino] = version
         return pyfuse3.FileInfo(fh=self._new_handle(node.ino), keep_cache=keep_cache)
 
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
-                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self._check_new_name(parent_inode, name)
         node = self.ns.create(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid, opened=True)
         return self._open_file(node, flags & ~os.O_TRUNC), self._entry(node)

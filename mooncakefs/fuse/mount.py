@@ -59,9 +59,20 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_top_pad, 64 << 20)
 
 
-def serve(mountpoint: Path, *, data: Path | None, dram: int, ssd: str, chunk_size: int, debug: bool = False,
-          allow_other: bool = False, announce: Callable[[str], None] = print, node: str | None = None,
-          cluster: str | None = None, replicas: int = DEFAULT_REPLICAS) -> None:
+def serve(
+    mountpoint: Path,
+    *,
+    data: Path | None,
+    dram: int,
+    ssd: str,
+    chunk_size: int,
+    debug: bool = False,
+    allow_other: bool = False,
+    announce: Callable[[str], None] = print,
+    node: str | None = None,
+    cluster: str | None = None,
+    replicas: int = DEFAULT_REPLICAS,
+) -> None:
     """Mount the store at ``mountpoint`` and serve it until it is unmounted or SIGINT/SIGTERM arrives.
 
     With ``node`` (a node URL) the file data lives in that node's pool, shared with its other clients,
@@ -72,8 +83,9 @@ def serve(mountpoint: Path, *, data: Path | None, dram: int, ssd: str, chunk_siz
     ssd_size, ssd_dir = parse_ssd(ssd)
     keep_freed_memory()
     if cluster is not None:
-        _serve(path, *_open_cluster(cluster, chunk_size, replicas), debug=debug, allow_other=allow_other,
-               announce=announce)
+        _serve(
+            path, *_open_cluster(cluster, chunk_size, replicas), debug=debug, allow_other=allow_other, announce=announce
+        )
         return
     store: Any
     if node is not None:
@@ -105,9 +117,14 @@ def _open_cluster(url: str, chunk_size: int, replicas: int) -> tuple[Any, Any]:
     try:
         nodes = len(store.map.nodes)
         if replicas > min(nodes, store.map.width):
-            log.warning("replicas=%d but cluster %r has %d node(s) (and places at most %d copies): "
-                        "file chunks get %d", replicas, store.cluster, nodes, store.map.width,
-                        min(nodes, store.map.width))
+            log.warning(
+                "replicas=%d but cluster %r has %d node(s) (and places at most %d copies): file chunks get %d",
+                replicas,
+                store.cluster,
+                nodes,
+                store.map.width,
+                min(nodes, store.map.width),
+            )
             store.replicas = max(min(nodes, store.map.width), 1)
         namespace = EtcdNamespace(store.etcd_url, store.cluster, chunk_size=chunk_size)
     except BaseException:
@@ -116,8 +133,9 @@ def _open_cluster(url: str, chunk_size: int, replicas: int) -> tuple[Any, Any]:
     return store, namespace
 
 
-def _serve(path: str, store: Any, namespace: Any, *, debug: bool, allow_other: bool,
-           announce: Callable[[str], None]) -> None:
+def _serve(
+    path: str, store: Any, namespace: Any, *, debug: bool, allow_other: bool, announce: Callable[[str], None]
+) -> None:
     """Serve ``namespace`` over ``store`` at ``path``; closes both."""
     try:
         fs = MooncakeFS(store, namespace)
@@ -186,7 +204,10 @@ def serve_in_background(args: Sequence[str], log_file: Path) -> int:
     once it reports the mount ready, or 1 with its output if it exits first."""
     child = subprocess.Popen(
         [sys.executable, "-m", "mooncakefs.cli", "mount", *args, "--log-file", str(log_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
         start_new_session=True,
     )
     assert child.stdout is not None

@@ -190,16 +190,37 @@ class Namespace:
         self.db.execute(
             "UPDATE inodes SET mode=?, nlink=?, uid=?, gid=?, rdev=?, size=?, atime=?, mtime=?, ctime=?, target=? "
             "WHERE ino=?",
-            (node.mode, node.nlink, node.uid, node.gid, node.rdev, node.size, node.atime, node.mtime, node.ctime,
-             node.target, node.ino),
+            (
+                node.mode,
+                node.nlink,
+                node.uid,
+                node.gid,
+                node.rdev,
+                node.size,
+                node.atime,
+                node.mtime,
+                node.ctime,
+                node.target,
+                node.ino,
+            ),
         )
 
     def lookup(self, parent: int, name: bytes) -> int | None:
         row = self.db.execute("SELECT ino FROM dentries WHERE parent = ? AND name = ?", (parent, name)).fetchone()
         return row[0] if row else None
 
-    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, *, rdev: int = 0,
-               target: bytes | None = None, opened: bool = False) -> Inode:
+    def create(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        *,
+        rdev: int = 0,
+        target: bytes | None = None,
+        opened: bool = False,
+    ) -> Inode:
         """A new inode linked at parent/name (EEXIST if the name is taken).  (``opened``: the caller
         opens it at once; it matters only where other mounts share the namespace.)"""
         parent_node = self._directory(parent)

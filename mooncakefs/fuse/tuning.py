@@ -31,8 +31,9 @@ def mount_device(mountpoint: str) -> tuple[int, int] | None:
     return found
 
 
-def tune_mount(mountpoint: str, *, read_ahead_kb: int = 1024, max_background: int = 64,
-               congestion_threshold: int = 48) -> dict[str, int]:
+def tune_mount(
+    mountpoint: str, *, read_ahead_kb: int = 1024, max_background: int = 64, congestion_threshold: int = 48
+) -> dict[str, int]:
     """Apply the knobs; returns those that took.  Failures are logged, never fatal (non-root, no sysfs)."""
     applied: dict[str, int] = {}
     device = mount_device(mountpoint)
@@ -43,8 +44,10 @@ def tune_mount(mountpoint: str, *, read_ahead_kb: int = 1024, max_background: in
     knobs = [(Path(f"/sys/class/bdi/{major}:{minor}/read_ahead_kb"), "read_ahead_kb", read_ahead_kb)]
     if not (FUSECTL / str(minor)).exists() and FUSECTL.exists():
         subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], capture_output=True, check=False)
-    knobs += [(FUSECTL / str(minor) / "max_background", "max_background", max_background),
-              (FUSECTL / str(minor) / "congestion_threshold", "congestion_threshold", congestion_threshold)]
+    knobs += [
+        (FUSECTL / str(minor) / "max_background", "max_background", max_background),
+        (FUSECTL / str(minor) / "congestion_threshold", "congestion_threshold", congestion_threshold),
+    ]
     for path, name, value in knobs:
         try:
             path.write_text(f"{value}\n")

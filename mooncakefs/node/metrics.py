@@ -32,8 +32,10 @@ class NodeCollector(Collector):
         capacity = GaugeMetricFamily("mooncakefs_tier_capacity_bytes", "Capacity of each tier", labels=["tier"])
         used = GaugeMetricFamily("mooncakefs_tier_used_bytes", "Bytes in use in each tier", labels=["tier"])
         objects = GaugeMetricFamily("mooncakefs_tier_objects", "Objects held by each tier", labels=["tier"])
-        events = {name: CounterMetricFamily(f"mooncakefs_tier_{name}", f"Tier {name}", labels=["tier"])
-                  for name in ("hits", "misses", "evictions", "promotions")}
+        events = {
+            name: CounterMetricFamily(f"mooncakefs_tier_{name}", f"Tier {name}", labels=["tier"])
+            for name in ("hits", "misses", "evictions", "promotions")
+        }
         for tier in ("dram", "ssd"):
             t = stats.get(tier)
             if t is None:
@@ -53,29 +55,35 @@ class NodeCollector(Collector):
         for name, n in list(node.errors.items()):
             errors.add_metric([name], n)
         yield errors
-        yield CounterMetricFamily("mooncakefs_received_bytes", "Value bytes received over sockets",
-                                  value=node.bytes_in)
+        yield CounterMetricFamily("mooncakefs_received_bytes", "Value bytes received over sockets", value=node.bytes_in)
         yield CounterMetricFamily("mooncakefs_sent_bytes", "Value bytes sent over sockets", value=node.bytes_out)
         yield GaugeMetricFamily("mooncakefs_clients", "Connected client connections", value=node.clients)
         yield GaugeMetricFamily("mooncakefs_read_leases", "Values held for clients' reads", value=len(node._leases))
-        yield GaugeMetricFamily("mooncakefs_pending_puts", "Puts reserved but not yet published",
-                                value=len(node._pending))
-        yield GaugeMetricFamily("mooncakefs_uptime_seconds", "Seconds since the node started",
-                                value=time.time() - node.started)
+        yield GaugeMetricFamily(
+            "mooncakefs_pending_puts", "Puts reserved but not yet published", value=len(node._pending)
+        )
+        yield GaugeMetricFamily(
+            "mooncakefs_uptime_seconds", "Seconds since the node started", value=time.time() - node.started
+        )
         agent = node.cluster
         if agent is not None:
             yield GaugeMetricFamily("mooncakefs_cluster_epoch", "Placement epoch this node serves", value=agent.epoch)
-            yield GaugeMetricFamily("mooncakefs_cluster_fenced", "1 while etcd has not confirmed the lease lately",
-                                    value=int(agent.fenced))
-            yield GaugeMetricFamily("mooncakefs_cluster_controller", "1 on the elected controller",
-                                    value=int(agent.is_controller))
-            yield CounterMetricFamily("mooncakefs_repair_pushed", "Values copied to other nodes by repair",
-                                      value=agent.repairs)
+            yield GaugeMetricFamily(
+                "mooncakefs_cluster_fenced", "1 while etcd has not confirmed the lease lately", value=int(agent.fenced)
+            )
+            yield GaugeMetricFamily(
+                "mooncakefs_cluster_controller", "1 on the elected controller", value=int(agent.is_controller)
+            )
+            yield CounterMetricFamily(
+                "mooncakefs_repair_pushed", "Values copied to other nodes by repair", value=agent.repairs
+            )
             yield CounterMetricFamily("mooncakefs_repair_passes", "Completed repair passes", value=agent.repair_passes)
-            yield GaugeMetricFamily("mooncakefs_cluster_rejoining", "1 while catching up after an absence",
-                                    value=int(agent.rejoining))
-            yield CounterMetricFamily("mooncakefs_rejoin_pulled", "Newer values fetched from other nodes on rejoining",
-                                      value=agent.pulls)
+            yield GaugeMetricFamily(
+                "mooncakefs_cluster_rejoining", "1 while catching up after an absence", value=int(agent.rejoining)
+            )
+            yield CounterMetricFamily(
+                "mooncakefs_rejoin_pulled", "Newer values fetched from other nodes on rejoining", value=agent.pulls
+            )
 
 
 def serve_metrics(node: Node, host: str, port: int) -> tuple[str, int]:
@@ -92,8 +100,12 @@ class JsonFormatter(logging.Formatter):
     _standard = set(vars(logging.makeLogRecord({})))
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
-                               "logger": record.name, "msg": record.getMessage()}
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         out.update((k, v) for k, v in vars(record).items() if k not in self._standard and k != "message")
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)

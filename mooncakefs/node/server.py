@@ -62,8 +62,7 @@ log = logging.getLogger("mooncakefs.node")
 
 # In a cluster, requests on a connection that named a placement epoch are checked against the node's.
 WRITE_OPS = frozenset({Op.PUT, Op.PUT_BEGIN, Op.PUT_END, Op.BATCH_PUT, Op.REMOVE, Op.REMOVE_PREFIX, Op.PERSIST})
-EPOCH_OPS = WRITE_OPS | {Op.GET, Op.BATCH_GET, Op.EXISTS, Op.BATCH_EXISTS, Op.BATCH_VERSIONS, Op.STAT,
-                         Op.MATCH_PREFIX}
+EPOCH_OPS = WRITE_OPS | {Op.GET, Op.BATCH_GET, Op.EXISTS, Op.BATCH_EXISTS, Op.BATCH_VERSIONS, Op.STAT, Op.MATCH_PREFIX}
 
 BATCH_STAGE_MAX = 4 << 20  # a batched put this small is received whole, then stored under one lock
 HEARTBEAT_S = 0.5  # readers of the shared index give up on a node silent for 2 s
@@ -131,14 +130,27 @@ class Node(FramedServer):
         self.cluster: NodeAgent | None = None  # set when the node is a cluster member
         self._owns_socket = False
         self.handlers = {
-            Op.PING: self._ping, Op.MAP: self._map,
-            Op.PUT: self._put, Op.PUT_BEGIN: self._put_begin, Op.WRITE: self._write,
-            Op.PUT_END: self._put_end, Op.PUT_ABORT: self._put_abort,
-            Op.GET: self._get, Op.READ: self._read, Op.RELEASE: self._release,
-            Op.EXISTS: self._exists, Op.REMOVE: self._remove, Op.REMOVE_PREFIX: self._remove_prefix,
-            Op.STAT: self._stat, Op.KEYS: self._keys, Op.MATCH_PREFIX: self._match_prefix,
-            Op.STATS: self._stats, Op.PERSIST: self._persist,
-            Op.BATCH_PUT: self._batch_put, Op.BATCH_GET: self._batch_get, Op.BATCH_EXISTS: self._batch_exists,
+            Op.PING: self._ping,
+            Op.MAP: self._map,
+            Op.PUT: self._put,
+            Op.PUT_BEGIN: self._put_begin,
+            Op.WRITE: self._write,
+            Op.PUT_END: self._put_end,
+            Op.PUT_ABORT: self._put_abort,
+            Op.GET: self._get,
+            Op.READ: self._read,
+            Op.RELEASE: self._release,
+            Op.EXISTS: self._exists,
+            Op.REMOVE: self._remove,
+            Op.REMOVE_PREFIX: self._remove_prefix,
+            Op.STAT: self._stat,
+            Op.KEYS: self._keys,
+            Op.MATCH_PREFIX: self._match_prefix,
+            Op.STATS: self._stats,
+            Op.PERSIST: self._persist,
+            Op.BATCH_PUT: self._batch_put,
+            Op.BATCH_GET: self._batch_get,
+            Op.BATCH_EXISTS: self._batch_exists,
             Op.BATCH_VERSIONS: self._batch_versions,
             Op.EPOCH: self._epoch,
         }
@@ -268,9 +280,14 @@ class Node(FramedServer):
                 r = self._discard_reservation(put_id)
                 if r is not None:
                     self.errors["ReservationTimeout"] += 1
-                    log.warning("unfinished put abandoned: its room is reclaimed",
-                                extra={"peer": r.session.channel.peer, "bytes": len(r.pending.buffer or b""),
-                                       "idle_s": round(now - r.touched, 1)})
+                    log.warning(
+                        "unfinished put abandoned: its room is reclaimed",
+                        extra={
+                            "peer": r.session.channel.peer,
+                            "bytes": len(r.pending.buffer or b""),
+                            "idle_s": round(now - r.touched, 1),
+                        },
+                    )
 
     # -- reserved keys ------------------------------------------------------------------------------------
 
@@ -282,8 +299,10 @@ class Node(FramedServer):
             if session.trusted is None:
                 session.trusted = self._trusts(session)
             if not session.trusted:
-                raise InvalidKey(f"key {raw!r:.80} starts with {INTERNAL_PREFIX!r}, which mooncakefs reserves for "
-                                 "its own use (file chunks): only the node's user, root and cluster peers may use it")
+                raise InvalidKey(
+                    f"key {raw!r:.80} starts with {INTERNAL_PREFIX!r}, which mooncakefs reserves for "
+                    "its own use (file chunks): only the node's user, root and cluster peers may use it"
+                )
         return key
 
     def _trusts(self, session: Session) -> bool:
@@ -311,8 +330,9 @@ class Node(FramedServer):
         session.channel.send_with_fds(Op.OK, [size, len(self._index_map)], [fd, self._index_fd])
         session.mapped = True
 
-    def _receive_put(self, session: Session, pending: PendingPut, crc: int | None = None,
-                     batched: bool = False) -> None:
+    def _receive_put(
+        self, session: Session, pending: PendingPut, crc: int | None = None, batched: bool = False
+    ) -> None:
         """Receive a put's payload into its reserved room, check it against its CRC-32C, then publish it
         with that CRC.  The CRC follows the value in the payload (PUT flagged WITH_CRC), or ``crc``
         names it (BATCH_PUT; None: not named).  A mismatch stores nothing: ChecksumError."""
@@ -360,8 +380,10 @@ class Node(FramedServer):
         with self._pending_lock:
             r = self._pending.get(put_id)
             if r is None or r.session is not session:
-                raise ValueError(f"no unfinished put {put_id!r:.30} on this connection (finished, abandoned for "
-                                 f"{self.timeouts.io:g} s, or never begun)")
+                raise ValueError(
+                    f"no unfinished put {put_id!r:.30} on this connection (finished, abandoned for "
+                    f"{self.timeouts.io:g} s, or never begun)"
+                )
             if r.writers:
                 raise ValueError(f"put {put_id} still has writes in flight")
             del self._pending[put_id]
@@ -416,8 +438,9 @@ class Node(FramedServer):
         self.store.abort_put(self._own_reservation(session, meta))
         self._ok(session)
 
-    def _lease(self, session: Session, key: Any, inline_max: int,
-               with_crc: bool = True) -> tuple[list[Any], _InlineValue | None]:
+    def _lease(
+        self, session: Session, key: Any, inline_max: int, with_crc: bool = True
+    ) -> tuple[list[Any], _InlineValue | None]:
         """Look a value up for a reader: ([size, lease id, pool offset, CRC-32C], bytes to send inline or
         None).  Values larger than ``inline_max`` stay leased until the client releases them.  The CRC is
         the one kept with the value (computed now if it has none yet), for the reader to check where the
@@ -461,8 +484,9 @@ class Node(FramedServer):
         if item is None:
             raise ValueError(f"no lease {lease_id!r:.30} (released, or its client went away)")
         data = item[1]
-        if not (type(offset) is int and type(length) is int and offset >= 0 and length >= 0
-                and offset + length <= len(data)):
+        if not (
+            type(offset) is int and type(length) is int and offset >= 0 and length >= 0 and offset + length <= len(data)
+        ):
             raise ValueError(f"read of {length!r:.30} bytes at {offset!r:.30} outside a {len(data)}-byte value")
         self.bytes_out += length
         self._ok(session, (), data[offset : offset + length])
@@ -534,8 +558,11 @@ class Node(FramedServer):
             raise ValueError("batch put: keys, sizes and payload do not agree")
         if crcs is None:
             crcs = [None] * len(keys)
-        elif type(crcs) is not list or len(crcs) != len(keys) or \
-                any(type(c) is not int or not 0 <= c < 1 << 32 for c in crcs):
+        elif (
+            type(crcs) is not list
+            or len(crcs) != len(keys)
+            or any(type(c) is not int or not 0 <= c < 1 << 32 for c in crcs)
+        ):
             raise ValueError("batch put: one CRC-32C (a 32-bit int) per value")
         options = unpack_put_options(flags, ttl, version)
         ch = session.channel
@@ -645,7 +672,6 @@ def _batch(items: Any) -> list[Any]:
     if type(items) is not list or len(items) > MAX_BATCH:
         raise ValueError(f"a batch is a list of at most {MAX_BATCH} items")
     return items
-
 
 
 def loopback_peer_uid(sock: socket.socket) -> int | None:

@@ -71,16 +71,19 @@ class P2PStore:
     (``etcd://host:2379/CLUSTER``); ``local_server_name``: this instance's name (Mooncake's local segment
     name, host:port), shown to other instances.  This host must run a node of the cluster."""
 
-    def __init__(self, metadata_uri: str, local_server_name: str, *, secret: bytes | str | None = None,
-                 timeout: float = 10.0) -> None:
+    def __init__(
+        self, metadata_uri: str, local_server_name: str, *, secret: bytes | str | None = None, timeout: float = 10.0
+    ) -> None:
         if not isinstance(local_server_name, str) or not local_server_name:
             raise InvalidArgument("local_server_name must be a non-empty str, such as '10.0.0.2:12345'")
         self.cluster = ClusterStore(metadata_uri, secret=secret, timeout=timeout)
         try:
             node = self.cluster.local_node()
             if node is None:
-                raise Unavailable(f"P2PStore needs a node of cluster {self.cluster.cluster!r} on this host "
-                                  f"({self.cluster.host!r}; $MOONCAKEFS_HOST): it keeps and serves the payloads")
+                raise Unavailable(
+                    f"P2PStore needs a node of cluster {self.cluster.cluster!r} on this host "
+                    f"({self.cluster.host!r}; $MOONCAKEFS_HOST): it keeps and serves the payloads"
+                )
             self.node: str = node
             self.local_server_name = local_server_name
             self.instance = uuid.uuid4().hex[:12]
@@ -147,9 +150,14 @@ class P2PStore:
             for start in range(0, len(view), max_shard_size):
                 piece = view[start : start + max_shard_size]
                 shards.append((piece, crc32c(piece)))
-        meta = {"name": name, "id": uuid.uuid4().hex, "max_shard_size": max_shard_size,
-                "total_size": sum(len(v) for v in views), "size_list": [len(v) for v in views],
-                "shards": [[len(p), c] for p, c in shards]}
+        meta = {
+            "name": name,
+            "id": uuid.uuid4().hex,
+            "max_shard_size": max_shard_size,
+            "total_size": sum(len(v) for v in views),
+            "size_list": [len(v) for v in views],
+            "shards": [[len(p), c] for p, c in shards],
+        }
         keys = [self._shard_key(meta, i) for i in range(len(shards))]
         link = self.cluster.link(self.node)
         try:
@@ -225,8 +233,9 @@ class P2PStore:
             self._held[name] = keys
         self._announce(name, gold=False)
 
-    def _pull(self, meta: dict[str, Any], i: int, key: CachedKey, out: memoryview,
-              holders: list[dict[str, Any]]) -> None:
+    def _pull(
+        self, meta: dict[str, Any], i: int, key: CachedKey, out: memoryview, holders: list[dict[str, Any]]
+    ) -> None:
         """Shard ``i`` into ``out``: this host's node first, then a random replica, then the registrar
         (as Mooncake: replicas first, so the seed's link carries as little as it can)."""
         crc = meta["shards"][i][1]
@@ -248,8 +257,9 @@ class P2PStore:
             if n == len(out) and crc32c(out) == crc:
                 return
             log.warning("p2p store: node %s served a bad copy of shard %d of %r: skipping it", node, i, meta["name"])
-        raise Unavailable(f"no holder of {meta['name']!r} could supply shard {i} (holders: "
-                          f"{sorted({h['peer'] for h in holders})})")
+        raise Unavailable(
+            f"no holder of {meta['name']!r} could supply shard {i} (holders: {sorted({h['peer'] for h in holders})})"
+        )
 
     def put(self, name: str, data: Any, max_shard_size: int = MAX_SHARD_SIZE) -> None:
         """``register(name, [data])``: the simple form."""

@@ -204,8 +204,9 @@ class Swarm:
         self._refresh(f, force=True)
         if chunks > 1:
             for i in range(PREFETCHERS):  # the first fetches only what this reader seeds: never waits on others
-                threading.Thread(target=self._prefetch, args=(f, i == 0), daemon=True,
-                                 name=f"mooncakefs-p2p-{ino}-{i}").start()
+                threading.Thread(
+                    target=self._prefetch, args=(f, i == 0), daemon=True, name=f"mooncakefs-p2p-{ino}-{i}"
+                ).start()
         return f
 
     def _record_key(self, ino: int) -> str:
@@ -319,8 +320,7 @@ class Swarm:
             if data is None:
                 continue
             if crc32c(data) != crc:
-                log.warning("node %s served a bad or stale copy of chunk %d of inode %d: skipping it",
-                            node, idx, f.ino)
+                log.warning("node %s served a bad or stale copy of chunk %d of inode %d: skipping it", node, idx, f.ino)
                 f.bad.add(node)
                 continue
             f.sources[node] = f.sources.get(node, 0) + len(data)
@@ -409,6 +409,7 @@ class Swarm:
         """What this mount is reading and from whom (for the stats file)."""
         with self.lock:
             files = list(self.files.values())
-        return {str(f.ino): {"chunks": f.chunks, "have": len(f.have), "peers": len(f.peers),
-                             "bytes_from": dict(f.sources)} for f in files}
-
+        return {
+            str(f.ino): {"chunks": f.chunks, "have": len(f.have), "peers": len(f.peers), "bytes_from": dict(f.sources)}
+            for f in files
+        }

@@ -99,11 +99,36 @@ def _journal_path(seg_path: Path) -> Path:
     return seg_path.with_suffix(".keys")
 
 
-def _pack_record(kind: int, key: bytes, seq: int, off: int, size: int, crc: int = 0, expires: float = 0.0,
-                 flags: int = 0, version: int = 0, tag: int = 0) -> bytes:
+def _pack_record(
+    kind: int,
+    key: bytes,
+    seq: int,
+    off: int,
+    size: int,
+    crc: int = 0,
+    expires: float = 0.0,
+    flags: int = 0,
+    version: int = 0,
+    tag: int = 0,
+) -> bytes:
     """One journal record (on the put path: one pack, one CRC, no slicing)."""
-    body = _RECORD_BODY.pack(kind, flags, len(key), seq, off, size, crc, tag, expires or 0.0, version >> 63,
-                             version & _engine.VERSION_LOW_MASK) + key + _TRAILER.pack(_RECORD.size + len(key) + 2)
+    body = (
+        _RECORD_BODY.pack(
+            kind,
+            flags,
+            len(key),
+            seq,
+            off,
+            size,
+            crc,
+            tag,
+            expires or 0.0,
+            version >> 63,
+            version & _engine.VERSION_LOW_MASK,
+        )
+        + key
+        + _TRAILER.pack(_RECORD.size + len(key) + 2)
+    )
     return _CRC.pack(_engine.crc32c(body)) + body
 
 
@@ -226,8 +251,10 @@ class Recovery:
         text += f"{_plural(self.recovered, 'value')} ({format_size(self.recovered_bytes)}) recovered"
         if self.removed:
             text += f", {_plural(self.removed, 'removal')} applied"
-        text += (f"; {_plural(self.lost, 'value')} ({format_size(self.lost_bytes)}) lost (bytes missing or "
-                 "failing their CRC)")
+        text += (
+            f"; {_plural(self.lost, 'value')} ({format_size(self.lost_bytes)}) lost (bytes missing or "
+            "failing their CRC)"
+        )
         if self.expired:
             text += f", {self.expired} expired"
         if self.damaged_records:
@@ -295,9 +322,9 @@ class Segment:
     id: int
     path: Path
     fd: int
-    size: int = 0       # bytes written (the next record goes here)
-    live: int = 0       # aligned bytes of values still indexed
-    readers: int = 0    # reads in flight: the fd stays open until they finish
+    size: int = 0  # bytes written (the next record goes here)
+    live: int = 0  # aligned bytes of values still indexed
+    readers: int = 0  # reads in flight: the fd stays open until they finish
     doomed: bool = False
     dir_synced: bool = False  # its directory entry is known to be on disk
     direct_fd: int = -1  # an O_DIRECT descriptor for large aligned appends (-1: none yet, -2: refused)
@@ -313,8 +340,9 @@ PINNED, STICKY, DURABLE = 1, 2, 4  # bits of the index's flags column
 class SsdTier:
     name = "ssd"
 
-    def __init__(self, directory: Path, capacity: int, *, segment_size: int, index_path: Path,
-                 rebuild: bool | str = False) -> None:
+    def __init__(
+        self, directory: Path, capacity: int, *, segment_size: int, index_path: Path, rebuild: bool | str = False
+    ) -> None:
         if capacity < ALIGN:
             raise ValueError(f"ssd must be at least {ALIGN} bytes, got {capacity}")
         if segment_size < ALIGN:
@@ -388,8 +416,9 @@ class SsdTier:
                 journals[int(match.group(1))] = path
         rebuilding = self._rebuild is not None
         committed = 0 if rebuilding else self._committed_seq()
-        recovery = Recovery(self._rebuild or "behind its journals (its last commits were lost)", rebuilding,
-                            self._moved_to)
+        recovery = Recovery(
+            self._rebuild or "behind its journals (its last commits were lost)", rebuilding, self._moved_to
+        )
         pending: list[JournalRecord] = []
         high = committed
         for seg_id, path in journals.items():
@@ -436,8 +465,21 @@ class SsdTier:
         self.db.executemany(
             "INSERT OR REPLACE INTO objects (key, seg, off, size, crc, expires, flags, version_hi, version_lo, tag) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(r.key, r.seg, r.off, r.size, r.crc, r.expires, r.flags, r.version >> 63,
-              r.version & _engine.VERSION_LOW_MASK, r.tag) for r in upserts],
+            [
+                (
+                    r.key,
+                    r.seg,
+                    r.off,
+                    r.size,
+                    r.crc,
+                    r.expires,
+                    r.flags,
+                    r.version >> 63,
+                    r.version & _engine.VERSION_LOW_MASK,
+                    r.tag,
+                )
+                for r in upserts
+            ],
         )
         self._flush_journals()  # tombstones for values found lost
         self._set_committed_seq(self._seq - 1)
@@ -461,8 +503,9 @@ class SsdTier:
         self._rebuild = None
         return list(rows.values())
 
-    def _roll_forward(self, rows: dict[bytes, Record], pending: list[JournalRecord], now: float,
-                      recovery: Recovery) -> tuple[list[Record], list[bytes]]:
+    def _roll_forward(
+        self, rows: dict[bytes, Record], pending: list[JournalRecord], now: float, recovery: Recovery
+    ) -> tuple[list[Record], list[bytes]]:
         """Apply journal records newer than the index to ``rows``; returns the rows to write and the keys
         to delete.  A tombstone kills the one value it names; of a key's other values the newest (highest
         sequence number) whose bytes pass their CRC wins."""
@@ -527,6 +570,7 @@ class SsdTier:
         self.segments.pop(seg.id, None)
         os.rename(seg.path, seg.path.with_name(seg.path.name + ".orphan"))
         _close(seg)
+
     # -- writing ---------------------------------------------------------------------------------------
 
     @property
@@ -537,8 +581,9 @@ class SsdTier:
     def fits(self, size: int) -> bool:
         return self.used + aligned(size) <= self.capacity
 
-    def append(self, key: bytes, data: memoryview, crc: int, expires: float, flags: int,
-               version: int = 0, tag: int = 0) -> tuple[int, int]:
+    def append(
+        self, key: bytes, data: memoryview, crc: int, expires: float, flags: int, version: int = 0, tag: int = 0
+    ) -> tuple[int, int]:
         """Write one value and index it (uncommitted); returns (segment id, offset).  The caller checked
         ``fits``.  A value larger than a segment gets a segment of its own.  Large page-aligned values
         bypass the page cache (O_DIRECT): filling fresh page-cache pages is slow, and they would only
@@ -613,8 +658,9 @@ class SsdTier:
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OutOfSpace(f"the disk under the SSD tier ({self.dir}) is full: {exc.strerror}") from None
             raise
-        seg = self.segments[seg_id] = Segment(seg_id, path, fd, journaled=True, journal_fd=journal_fd,
-                                              journal_size=_JOURNAL_HEAD.size)
+        seg = self.segments[seg_id] = Segment(
+            seg_id, path, fd, journaled=True, journal_fd=journal_fd, journal_size=_JOURNAL_HEAD.size
+        )
         self.active = seg
         return seg
 
@@ -693,8 +739,11 @@ class SsdTier:
     def _unjournal(self, seg: Segment, exc: OSError) -> None:
         """A journal that cannot be written (a full disk) is dropped rather than failing the commit: the
         index still has the values; only a rebuild could not, and it says so for a segment without one."""
-        log.warning("cannot write the journal of %s (%s): dropped it; an index rebuild could not recover this "
-                    "segment's values", seg.path, exc.strerror)
+        log.warning(
+            "cannot write the journal of %s (%s): dropped it; an index rebuild could not recover this segment's values",
+            seg.path,
+            exc.strerror,
+        )
         seg.journaled = False
         if seg.journal_fd >= 0:
             os.close(seg.journal_fd)
@@ -801,17 +850,25 @@ class FsckReport:
         out += [f"  {key!r:.100}: {why}" for key, why in self.bad_rows[:20]]
         if len(self.bad_rows) > 20:
             out.append(f"  ... and {len(self.bad_rows) - 20} more")
-        out.append(f"journals: {self.journal_records} records, {self.damaged_records} damaged, "
-                   f"{self.pending} not yet in the index (the next open takes them in)")
+        out.append(
+            f"journals: {self.journal_records} records, {self.damaged_records} damaged, "
+            f"{self.pending} not yet in the index (the next open takes them in)"
+        )
         if self.disagree:
-            out.append(f"  {len(self.disagree)} keys whose newest journal value is not the index's, e.g. "
-                       f"{self.disagree[0]!r:.100}")
+            out.append(
+                f"  {len(self.disagree)} keys whose newest journal value is not the index's, e.g. "
+                f"{self.disagree[0]!r:.100}"
+            )
         if self.unjournaled:
-            out.append(f"{len(self.unjournaled)} segments were written before segments had journals: their values "
-                       "can be recovered only while this index is readable")
+            out.append(
+                f"{len(self.unjournaled)} segments were written before segments had journals: their values "
+                "can be recovered only while this index is readable"
+            )
         if self.orphans:
-            out.append(f"{len(self.orphans)} segments set aside by an earlier rebuild (*.dat.orphan): only the "
-                       "old index can read them; delete them to reclaim the space")
+            out.append(
+                f"{len(self.orphans)} segments set aside by an earlier rebuild (*.dat.orphan): only the "
+                "old index can read them; delete them to reclaim the space"
+            )
         return out
 
 
@@ -854,8 +911,9 @@ def fsck(directory: Path, index_path: Path, now: float | None = None) -> FsckRep
                 raise sqlite3.DatabaseError(f"quick_check: {check[0] if check else 'no answer'}")
             rows = db.execute("SELECT key, seg, off, size, crc, expires FROM objects").fetchall()
             tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            committed = db.execute("SELECT value FROM meta WHERE name = 'journal_seq'").fetchone() \
-                if "meta" in tables else None
+            committed = (
+                db.execute("SELECT value FROM meta WHERE name = 'journal_seq'").fetchone() if "meta" in tables else None
+            )
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
@@ -896,8 +954,11 @@ def fsck(directory: Path, index_path: Path, now: float | None = None) -> FsckRep
     tombstones = {(r.key, r.seg, r.off) for r in taken if r.kind == TOMBSTONE}
     newest: dict[bytes, JournalRecord] = {}
     for r in taken:
-        if r.kind == PUT and (r.key, r.seg, r.off) not in tombstones and (
-                r.key not in newest or r.seq > newest[r.key].seq):
+        if (
+            r.kind == PUT
+            and (r.key, r.seg, r.off) not in tombstones
+            and (r.key not in newest or r.seq > newest[r.key].seq)
+        ):
             newest[r.key] = r
     journaled = set(journals)
     for key, r in newest.items():

@@ -10,5 +10,16 @@ from mooncakefs.transfer.compat import TransferEngine, TransferNotify, TransferO
 from mooncakefs.transfer.core import READ, WRITE, Batch, Region, Router, Transfer, Transport
 from mooncakefs.transfer.engine import Engine
 
-__all__ = ["READ", "WRITE", "Batch", "Engine", "Region", "Router", "Transfer", "TransferEngine",
-           "TransferNotify", "TransferOpcode", "Transport"]
+__all__ = [
+    "READ",
+    "WRITE",
+    "Batch",
+    "Engine",
+    "Region",
+    "Router",
+    "Transfer",
+    "TransferEngine",
+    "TransferNotify",
+    "TransferOpcode",
+    "Transport",
+]

@@ -125,6 +125,7 @@ class TransferEngine:
         as Mooncake does: SGLang's disaggregation asks for "rdma" whatever the host has, and must run.
         ``MC_FORCE_TCP`` (Mooncake's switch) makes any protocol tcp.  ``Engine(protocol="rdma")`` stays
         strict: the Pythonic API has "auto" for "rdma if you can"."""
+
         def start() -> int:
             if self._engine is not None:
                 raise InvalidArgument("the transfer engine is initialized already")
@@ -134,14 +135,18 @@ class TransferEngine:
             except DeviceNotFound as exc:
                 if chosen != "rdma":
                     raise
-                log.warning("transfer engine: protocol 'rdma' asked for, but %s: falling back to tcp "
-                            "(as Mooncake does)", str(exc).removeprefix("protocol 'rdma': "))
+                log.warning(
+                    "transfer engine: protocol 'rdma' asked for, but %s: falling back to tcp (as Mooncake does)",
+                    str(exc).removeprefix("protocol 'rdma': "),
+                )
                 self._engine = Engine(local_hostname, metadata_server, "tcp", device_name or "")
             return 0
+
         return self._call(start)
 
-    def initialize_ext(self, local_hostname: str, metadata_server: str, protocol: str, device_name: str,
-                       metadata_type: str) -> int:
+    def initialize_ext(
+        self, local_hostname: str, metadata_server: str, protocol: str, device_name: str, metadata_type: str
+    ) -> int:
         return self.initialize(local_hostname, metadata_server, protocol, device_name)
 
     def get_engine(self) -> Engine:
@@ -168,8 +173,9 @@ class TransferEngine:
     def unregister_memory(self, buffer_addr: int) -> int:
         return self._call(lambda: self.engine.unregister(buffer_addr) or 0)
 
-    def batch_register_memory(self, buffer_addresses: Sequence[Any], capacities: Sequence[int],
-                              location: str = "*") -> int:
+    def batch_register_memory(
+        self, buffer_addresses: Sequence[Any], capacities: Sequence[int], location: str = "*"
+    ) -> int:
         def run() -> int:
             if len(buffer_addresses) != len(capacities):
                 raise InvalidArgument("batch_register_memory needs as many capacities as addresses")
@@ -182,6 +188,7 @@ class TransferEngine:
                     self.engine.unregister(addr)
                 raise
             return 0
+
         return self._call(run)
 
     def batch_unregister_memory(self, buffer_addresses: Sequence[int]) -> int:
@@ -195,6 +202,7 @@ class TransferEngine:
             if failed is not None:
                 raise failed
             return 0
+
         return self._call(run)
 
     def allocate_managed_buffer(self, length: int) -> int:
@@ -213,6 +221,7 @@ class TransferEngine:
         def run() -> int:
             self.engine.view(dest_address, length, write=True)[:] = memoryview(src_ptr)[:length]
             return 0
+
         return self._call(run)
 
     def read_bytes_from_buffer(self, source_address: int, length: int) -> bytes:
@@ -221,53 +230,95 @@ class TransferEngine:
 
     # -- transfers -------------------------------------------------------------------------------------
 
-    def transfer_sync_write(self, target_hostname: str, buffer: Any, peer_buffer_address: int, length: int,
-                            transport_hint: str = "") -> int:
+    def transfer_sync_write(
+        self, target_hostname: str, buffer: Any, peer_buffer_address: int, length: int, transport_hint: str = ""
+    ) -> int:
         return self.transfer_sync(target_hostname, buffer, peer_buffer_address, length, TransferOpcode.WRITE)
 
-    def transfer_sync_read(self, target_hostname: str, buffer: Any, peer_buffer_address: int, length: int,
-                           transport_hint: str = "") -> int:
+    def transfer_sync_read(
+        self, target_hostname: str, buffer: Any, peer_buffer_address: int, length: int, transport_hint: str = ""
+    ) -> int:
         return self.transfer_sync(target_hostname, buffer, peer_buffer_address, length, TransferOpcode.READ)
 
-    def transfer_sync(self, target_hostname: str, buffer: Any, peer_buffer_address: int, length: int,
-                      opcode: Any, notify: TransferNotify | None = None, transport_hint: str = "") -> int:
+    def transfer_sync(
+        self,
+        target_hostname: str,
+        buffer: Any,
+        peer_buffer_address: int,
+        length: int,
+        opcode: Any,
+        notify: TransferNotify | None = None,
+        transport_hint: str = "",
+    ) -> int:
         return self.batch_transfer_sync(target_hostname, [buffer], [peer_buffer_address], [length], opcode)
 
-    def batch_transfer_sync_write(self, target_hostname: str, buffers: Sequence[Any],
-                                  peer_buffer_addresses: Sequence[int], lengths: Sequence[int],
-                                  transport_hint: str = "") -> int:
-        return self.batch_transfer_sync(target_hostname, buffers, peer_buffer_addresses, lengths,
-                                        TransferOpcode.WRITE)
+    def batch_transfer_sync_write(
+        self,
+        target_hostname: str,
+        buffers: Sequence[Any],
+        peer_buffer_addresses: Sequence[int],
+        lengths: Sequence[int],
+        transport_hint: str = "",
+    ) -> int:
+        return self.batch_transfer_sync(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.WRITE)
 
-    def batch_transfer_sync_read(self, target_hostname: str, buffers: Sequence[Any],
-                                 peer_buffer_addresses: Sequence[int], lengths: Sequence[int],
-                                 transport_hint: str = "") -> int:
-        return self.batch_transfer_sync(target_hostname, buffers, peer_buffer_addresses, lengths,
-                                        TransferOpcode.READ)
+    def batch_transfer_sync_read(
+        self,
+        target_hostname: str,
+        buffers: Sequence[Any],
+        peer_buffer_addresses: Sequence[int],
+        lengths: Sequence[int],
+        transport_hint: str = "",
+    ) -> int:
+        return self.batch_transfer_sync(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.READ)
 
-    def batch_transfer_sync(self, target_hostname: str, buffers: Sequence[Any], peer_buffer_addresses: Sequence[int],
-                            lengths: Sequence[int], opcode: Any, notify: TransferNotify | None = None,
-                            transport_hint: str = "") -> int:
+    def batch_transfer_sync(
+        self,
+        target_hostname: str,
+        buffers: Sequence[Any],
+        peer_buffer_addresses: Sequence[int],
+        lengths: Sequence[int],
+        opcode: Any,
+        notify: TransferNotify | None = None,
+        transport_hint: str = "",
+    ) -> int:
         def run() -> int:
             self.engine.transfer(target_hostname, _opname(opcode), buffers, peer_buffer_addresses, lengths)
             return 0
+
         return self._call(run)
 
-    def batch_transfer_async_write(self, target_hostname: str, buffers: Sequence[Any],
-                                   peer_buffer_addresses: Sequence[int], lengths: Sequence[int],
-                                   transport_hint: str = "") -> int:
-        return self.batch_transfer_async(target_hostname, buffers, peer_buffer_addresses, lengths,
-                                         TransferOpcode.WRITE)
+    def batch_transfer_async_write(
+        self,
+        target_hostname: str,
+        buffers: Sequence[Any],
+        peer_buffer_addresses: Sequence[int],
+        lengths: Sequence[int],
+        transport_hint: str = "",
+    ) -> int:
+        return self.batch_transfer_async(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.WRITE)
 
-    def batch_transfer_async_read(self, target_hostname: str, buffers: Sequence[Any],
-                                  peer_buffer_addresses: Sequence[int], lengths: Sequence[int],
-                                  transport_hint: str = "") -> int:
-        return self.batch_transfer_async(target_hostname, buffers, peer_buffer_addresses, lengths,
-                                         TransferOpcode.READ)
+    def batch_transfer_async_read(
+        self,
+        target_hostname: str,
+        buffers: Sequence[Any],
+        peer_buffer_addresses: Sequence[int],
+        lengths: Sequence[int],
+        transport_hint: str = "",
+    ) -> int:
+        return self.batch_transfer_async(target_hostname, buffers, peer_buffer_addresses, lengths, TransferOpcode.READ)
 
-    def batch_transfer_async(self, target_hostname: str, buffers: Sequence[Any], peer_buffer_addresses: Sequence[int],
-                             lengths: Sequence[int], opcode: Any, transport_hint: str = "") -> int:
+    def batch_transfer_async(
+        self,
+        target_hostname: str,
+        buffers: Sequence[Any],
+        peer_buffer_addresses: Sequence[int],
+        lengths: Sequence[int],
+        opcode: Any,
+        transport_hint: str = "",
+    ) -> int:
         """Start a batch; its id (for ``get_batch_transfer_status``), or 0 if it could not start."""
+
         def run() -> int:
             batch = self.engine.submit(target_hostname, _opname(opcode), buffers, peer_buffer_addresses, lengths)
             deadline = time.monotonic() + self.engine.timeout_for(batch)
@@ -275,12 +326,15 @@ class TransferEngine:
                 batch_id = next(self._ids)
                 self._batches[batch_id] = (batch, deadline)
             return batch_id
+
         return self._call(run, failed=0)
 
-    def transfer_submit_write(self, target_hostname: str, buffer: Any, peer_buffer_address: int, length: int,
-                              transport_hint: str = "") -> int:
-        return self.batch_transfer_async(target_hostname, [buffer], [peer_buffer_address], [length],
-                                         TransferOpcode.WRITE)
+    def transfer_submit_write(
+        self, target_hostname: str, buffer: Any, peer_buffer_address: int, length: int, transport_hint: str = ""
+    ) -> int:
+        return self.batch_transfer_async(
+            target_hostname, [buffer], [peer_buffer_address], [length], TransferOpcode.WRITE
+        )
 
     def transfer_check_status(self, batch_id: int) -> int:
         """1 done (the id is freed), 0 in progress, -1 failed (freed), -2 past its deadline."""

@@ -51,8 +51,9 @@ class Transfer:
         if self.op not in (READ, WRITE):
             raise ValueError(f"transfer op must be {READ!r} or {WRITE!r}, got {self.op!r}")
         if not 0 <= self.offset <= self.offset + len(self.buffer) <= self.region.size:
-            raise ValueError(f"transfer of {len(self.buffer)} bytes at {self.offset} is outside a "
-                             f"{self.region.size}-byte region")
+            raise ValueError(
+                f"transfer of {len(self.buffer)} bytes at {self.offset} is outside a {self.region.size}-byte region"
+            )
 
 
 class Batch:

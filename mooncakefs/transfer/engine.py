@@ -78,12 +78,24 @@ class _Peer:
 class Engine:
     """One process's transfer engine: its registered memory, its RPC server, its routes to peers."""
 
-    def __init__(self, hostname: str = "127.0.0.1", metadata: str = "P2PHANDSHAKE", protocol: str = "auto",
-                 devices: str = "", *, secret: bytes | str | None = None, connections: int = 4,
-                 stripe: int = DEFAULT_STRIPE, io_timeout: float = 10.0, same_host: bool = True) -> None:
+    def __init__(
+        self,
+        hostname: str = "127.0.0.1",
+        metadata: str = "P2PHANDSHAKE",
+        protocol: str = "auto",
+        devices: str = "",
+        *,
+        secret: bytes | str | None = None,
+        connections: int = 4,
+        stripe: int = DEFAULT_STRIPE,
+        io_timeout: float = 10.0,
+        same_host: bool = True,
+    ) -> None:
         if metadata not in ("P2PHANDSHAKE", "p2p", "", None):
-            raise InvalidArgument(f"metadata server {metadata!r:.60}: only P2PHANDSHAKE (peers named host:port, "
-                                  "metadata exchanged on first contact) is supported so far")
+            raise InvalidArgument(
+                f"metadata server {metadata!r:.60}: only P2PHANDSHAKE (peers named host:port, "
+                "metadata exchanged on first contact) is supported so far"
+            )
         if protocol not in PROTOCOLS:
             raise InvalidArgument(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r:.40}")
         if not isinstance(hostname, str) or not hostname:
@@ -100,8 +112,12 @@ class Engine:
         self._managed: dict[int, ManagedBuffer] = {}
         self.server = SegmentServer(self.registry, host, port, secret=self._secret, io_timeout=io_timeout)
         if self._secret is None and not _loopback(host):
-            log.warning("transfer engine on %s:%d has no secret: anyone who reaches the port can read and write "
-                        "the memory registered with it", host, self.server.port)
+            log.warning(
+                "transfer engine on %s:%d has no secret: anyone who reaches the port can read and write "
+                "the memory registered with it",
+                host,
+                self.server.port,
+            )
         self.hostname = "localhost" if host in ("localhost", "") else host
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()
@@ -120,6 +136,7 @@ class Engine:
             log.info("transfer engine: using tcp, %s", why)
             return "tcp", why
         from mooncakefs.transfer import rdma
+
         if not rdma.available():
             why = f"RDMA devices {', '.join(d.name for d in found)} found, but {rdma.unavailable_reason()}"
             if protocol == "rdma":
@@ -141,8 +158,9 @@ class Engine:
 
     # -- memory ----------------------------------------------------------------------------------------
 
-    def register(self, memory: Any, length: int | None = None, *, location: str = "*",
-                 writable: bool | None = None) -> int:
+    def register(
+        self, memory: Any, length: int | None = None, *, location: str = "*", writable: bool | None = None
+    ) -> int:
         """Make memory reachable by peers; returns its address.  ``memory`` is a pointer (int, with
         ``length``) or a buffer (bytes-like, numpy array), which stays referenced while registered."""
         self._check_open()
@@ -157,8 +175,14 @@ class Engine:
             if writable and view.readonly:
                 raise InvalidArgument("the buffer is read-only: it cannot be registered writable")
             from mooncakefs import _engine
-            entry = Registered(_engine.address(view) if len(view) else 0, len(view),
-                               not view.readonly if writable is None else writable, location, owner=view)
+
+            entry = Registered(
+                _engine.address(view) if len(view) else 0,
+                len(view),
+                not view.readonly if writable is None else writable,
+                location,
+                owner=view,
+            )
         self.registry.add(entry)
         return entry.addr
 
@@ -191,8 +215,9 @@ class Engine:
 
     # -- transfers -------------------------------------------------------------------------------------
 
-    def submit(self, session: str, op: str, local: Sequence[Any], remote: Sequence[int],
-               lengths: Sequence[int] | None = None) -> Batch:
+    def submit(
+        self, session: str, op: str, local: Sequence[Any], remote: Sequence[int], lengths: Sequence[int] | None = None
+    ) -> Batch:
         """Start a batch: ``local[i]`` (a registered pointer, or a buffer) ↔ ``remote[i]`` (an address the
         peer registered) for ``lengths[i]`` bytes.  Every range is checked before any transfer starts."""
         self._check_open()
@@ -203,8 +228,10 @@ class Engine:
         if lengths is None:
             lengths = [len(_byte_view(b, "local buffer")) if type(b) is not int else -1 for b in local]
         if not len(local) == len(remote) == len(lengths):
-            raise InvalidArgument(f"a batch needs as many local buffers ({len(local)}), remote addresses "
-                                  f"({len(remote)}) and lengths ({len(lengths)})")
+            raise InvalidArgument(
+                f"a batch needs as many local buffers ({len(local)}), remote addresses "
+                f"({len(remote)}) and lengths ({len(lengths)})"
+            )
         transfers = []
         for buf, addr, n in zip(local, remote, lengths, strict=True):
             if type(n) is not int or n < 0:
@@ -225,8 +252,15 @@ class Engine:
         peer = self._peer(session)
         return peer.router.submit(transfers)
 
-    def transfer(self, session: str, op: str, local: Sequence[Any], remote: Sequence[int],
-                 lengths: Sequence[int] | None = None, timeout: float | None = None) -> int:
+    def transfer(
+        self,
+        session: str,
+        op: str,
+        local: Sequence[Any],
+        remote: Sequence[int],
+        lengths: Sequence[int] | None = None,
+        timeout: float | None = None,
+    ) -> int:
         """``submit`` and wait (at most ``MC_TRANSFER_TIMEOUT`` plus a second per GiB); returns bytes moved."""
         batch = self.submit(session, op, local, remote, lengths)
         return batch.wait(timeout if timeout is not None else self.timeout_for(batch))
@@ -286,8 +320,9 @@ class Engine:
             except BaseException:
                 control.close()
                 raise
-            tcp = TcpTransport(lambda: self._connect(session), connections=self.connections, stripe=self.stripe,
-                               vectored=True)
+            tcp = TcpTransport(
+                lambda: self._connect(session), connections=self.connections, stripe=self.stripe, vectored=True
+            )
             transports: list[Transport] = [tcp]
             names = ["tcp"]
             if self.same_host and [boot, pidns] == list(self._identity) and boot:
@@ -384,8 +419,9 @@ def _byte_view(obj: Any, what: str) -> memoryview:
     try:
         view = memoryview(obj)
     except TypeError:
-        raise InvalidArgument(f"{what} must be a pointer (int) or a bytes-like object, not "
-                              f"{type(obj).__name__}") from None
+        raise InvalidArgument(
+            f"{what} must be a pointer (int) or a bytes-like object, not {type(obj).__name__}"
+        ) from None
     if not view.c_contiguous:
         raise InvalidArgument(f"{what} must be C-contiguous")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view

@@ -41,8 +41,7 @@ class LocalTransport:
             start = t.region.pool_offset + t.offset
             remote = self.pool[start : start + len(t.buffer)]
             if len(remote) != len(t.buffer):
-                batch.fail(ValueError(f"region at {start} (+{len(t.buffer)}) runs past the "
-                                      f"{len(self.pool)}-byte pool"))
+                batch.fail(ValueError(f"region at {start} (+{len(t.buffer)}) runs past the {len(self.pool)}-byte pool"))
                 return
             try:
                 if t.op == READ:
@@ -70,8 +69,14 @@ class ProcessTransport:
 
     name = "local"
 
-    def __init__(self, pid: int, fetch_table: Callable[[], tuple[int, list[list[int]]]], version_fd: int,
-                 fallback: Transport, peer: str) -> None:
+    def __init__(
+        self,
+        pid: int,
+        fetch_table: Callable[[], tuple[int, list[list[int]]]],
+        version_fd: int,
+        fallback: Transport,
+        peer: str,
+    ) -> None:
         self.pid, self.peer = pid, peer
         self._fetch = fetch_table
         self._fallback = fallback
@@ -151,9 +156,13 @@ class ProcessTransport:
             for op in (READ, WRITE):
                 group = [t for t in vm if t.op == op]
                 if group:
-                    _engine.vm_copy(self.pid, [_engine.address(t.buffer) for t in group],
-                                    [t.region.handle + t.offset for t in group], [len(t.buffer) for t in group],
-                                    op == WRITE)
+                    _engine.vm_copy(
+                        self.pid,
+                        [_engine.address(t.buffer) for t in group],
+                        [t.region.handle + t.offset for t in group],
+                        [len(t.buffer) for t in group],
+                        op == WRITE,
+                    )
                     for t in group:
                         batch.part_done(len(t.buffer))
         except OSError as exc:

@@ -84,8 +84,9 @@ class Registry:
             if (before is not None and before.end > entry.addr) or (after is not None and after.addr < entry.end):
                 other = before if before is not None and before.end > entry.addr else after
                 assert other is not None
-                raise AddressOverlapped(f"{entry.addr:#x} (+{entry.length}) overlaps the registered "
-                                        f"{other.addr:#x} (+{other.length})")
+                raise AddressOverlapped(
+                    f"{entry.addr:#x} (+{entry.length}) overlaps the registered {other.addr:#x} (+{other.length})"
+                )
             self._seq += 1
             entry.seq = self._seq
             self._starts.insert(i, entry.addr)
@@ -111,8 +112,10 @@ class Registry:
         if entry is None or addr >= entry.end:
             raise AddressNotRegistered(f"address {addr:#x} (+{length} bytes) is not in registered memory")
         if addr + length > entry.end:
-            raise OutOfBounds(f"{length} bytes at {addr:#x} run {addr + length - entry.end} bytes past the end of "
-                              f"the registered {entry.addr:#x} (+{entry.length})")
+            raise OutOfBounds(
+                f"{length} bytes at {addr:#x} run {addr + length - entry.end} bytes past the end of "
+                f"the registered {entry.addr:#x} (+{entry.length})"
+            )
         if write and not entry.writable:
             raise AddressNotRegistered(f"registered memory at {entry.addr:#x} is read-only: it cannot be written")
         return entry
@@ -162,8 +165,10 @@ class PeerTable:
         if row is None or addr >= row[0] + row[1]:
             raise AddressNotRegistered(f"peer address {addr:#x} (+{length} bytes) is not in memory the peer registered")
         if addr + length > row[0] + row[1]:
-            raise OutOfBounds(f"{length} bytes at peer address {addr:#x} run past the end of the peer's registered "
-                              f"{row[0]:#x} (+{row[1]})")
+            raise OutOfBounds(
+                f"{length} bytes at peer address {addr:#x} run past the end of the peer's registered "
+                f"{row[0]:#x} (+{row[1]})"
+            )
         if write and not row[2]:
             raise AddressNotRegistered(f"the peer registered {row[0]:#x} read-only: it cannot be written")
         return row

@@ -126,8 +126,9 @@ def memory_node(addr: int) -> int:
         return -1
     node = ctypes.c_int(-1)
     try:
-        rc = _libc.syscall(239, None, 1, ctypes.byref(ctypes.c_void_p(addr & ~4095)), None,
-                           ctypes.byref(node), 0)  # move_pages(0, 1, pages, NULL, status, 0)
+        rc = _libc.syscall(
+            239, None, 1, ctypes.byref(ctypes.c_void_p(addr & ~4095)), None, ctypes.byref(node), 0
+        )  # move_pages(0, 1, pages, NULL, status, 0)
     except (AttributeError, OSError):
         return -1
     return node.value if rc == 0 and node.value >= 0 else -1
@@ -156,5 +157,6 @@ def topology(filter_: str = "", root: str = SYSFS) -> str:
     for n in nodes:
         near = [d.name for d in devices if d.numa in (n, -1)]
         matrix[f"cpu:{n}"] = [near, [d.name for d in devices if d.name not in near]]
-    return json.dumps({"matrix": matrix, "devices": [asdict(d) for d in devices],
-                       "nics": [asdict(d) for d in nics(root)]})
+    return json.dumps(
+        {"matrix": matrix, "devices": [asdict(d) for d in devices], "nics": [asdict(d) for d in nics(root)]}
+    )

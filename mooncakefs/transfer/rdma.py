@@ -46,8 +46,15 @@ class Plan:
         return sum(len(c) for qp in self.chains for c in qp)
 
 
-def plan(requests: Sequence[Request], qps: int, *, slice_size: int = SLICE, max_chain: int = MAX_CHAIN,
-         signal_every: int = SIGNAL_EVERY, first_id: int = 1) -> Plan:
+def plan(
+    requests: Sequence[Request],
+    qps: int,
+    *,
+    slice_size: int = SLICE,
+    max_chain: int = MAX_CHAIN,
+    signal_every: int = SIGNAL_EVERY,
+    first_id: int = 1,
+) -> Plan:
     """Work requests for a batch.  Slices go round-robin over ``qps`` queue pairs, so one large transfer
     is split across every queue pair (and the NICs behind them)."""
     if qps < 1 or slice_size < 1 or max_chain < 1 or signal_every < 1:
@@ -82,8 +89,10 @@ def plan(requests: Sequence[Request], qps: int, *, slice_size: int = SLICE, max_
 
 
 def unavailable_reason() -> str:
-    return ("mooncakefs's rdma transport has its posting and polling built but not yet its set-up "
-            "(pyverbs queue pairs, the rkey exchange)")
+    return (
+        "mooncakefs's rdma transport has its posting and polling built but not yet its set-up "
+        "(pyverbs queue pairs, the rkey exchange)"
+    )
 
 
 def available() -> bool:

@@ -48,16 +48,23 @@ class SegmentServer(FramedServer):
     log = log
     refusal = "this transfer engine requires the cluster secret (secret=... or MOONCAKEFS_SECRET)"
 
-    def __init__(self, registry: Registry, host: str, port: int = 0, *, secret: bytes | None = None,
-                 io_timeout: float = 30.0) -> None:
+    def __init__(
+        self, registry: Registry, host: str, port: int = 0, *, secret: bytes | None = None, io_timeout: float = 30.0
+    ) -> None:
         super().__init__(secret=secret, timeouts=Timeouts(handshake=min(10.0, io_timeout), io=io_timeout))
         self.registry = registry
         self.address: tuple[str, int] = self.listen_tcp((host, port))
         boot, pidns = host_identity()
         self._identity = [os.getpid(), boot, pidns]
         self.bytes_in = self.bytes_out = 0
-        self.handlers = {Op.MAP: self._map, Op.READ: self._read, Op.WRITE: self._write, Op.READV: self._readv,
-                         Op.WRITEV: self._writev, Op.PING: self._ping}
+        self.handlers = {
+            Op.MAP: self._map,
+            Op.READ: self._read,
+            Op.WRITE: self._write,
+            Op.READV: self._readv,
+            Op.WRITEV: self._writev,
+            Op.PING: self._ping,
+        }
         self.accept(name="mooncakefs-te-accept")
 
     @property
@@ -73,8 +80,9 @@ class SegmentServer(FramedServer):
     def _map(self, conn: Connection, meta: list[Any], _n: int) -> None:
         registry = self.registry
         # the 7th field, the first registered address, answers a peer's get_first_buffer_address
-        conn.channel.send(Op.OK, [*self._identity, registry.version_fd, registry.version, registry.table(),
-                                  registry.first()])
+        conn.channel.send(
+            Op.OK, [*self._identity, registry.version_fd, registry.version, registry.table(), registry.first()]
+        )
 
     def _read(self, conn: Connection, meta: list[Any], n: int) -> None:
         addr, offset, length = meta

@@ -41,8 +41,15 @@ class _Stripe:
 class TcpTransport:
     name = "tcp"
 
-    def __init__(self, connect: Callable[[], Channel], *, connections: int = 4, stripe: int = DEFAULT_STRIPE,
-                 attempts: int = 3, vectored: bool = False) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Channel],
+        *,
+        connections: int = 4,
+        stripe: int = DEFAULT_STRIPE,
+        attempts: int = 3,
+        vectored: bool = False,
+    ) -> None:
         if connections < 1 or stripe < 1 or attempts < 1:
             raise ValueError("connections, stripe and attempts must all be positive")
         self._connect = connect
@@ -98,8 +105,9 @@ class TcpTransport:
                         if s.attempts < self.attempts and not self._closed:
                             self._queue.put(s)  # another connection (or a fresh one) takes it
                         else:
-                            s.batch.fail(TransferError(
-                                f"{s.op} of {len(s.buffer)} bytes failed after {s.attempts} tries: {exc}"))
+                            s.batch.fail(
+                                TransferError(f"{s.op} of {len(s.buffer)} bytes failed after {s.attempts} tries: {exc}")
+                            )
                 except (MooncakeError, ValueError, TypeError) as exc:  # the peer refused it: no retry helps
                     stripe.batch.fail(exc)
                 except BaseException as exc:

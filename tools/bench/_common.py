@@ -203,9 +203,7 @@ def format_table(header: Iterable[str], rows: Iterable[Iterable[str]], right: It
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body, strict=True)]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)
-        ).rstrip()
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in body)])
 

@@ -180,17 +180,41 @@ class Cluster:
 
     def start_etcd(self) -> None:
         peer_url = f"http://127.0.0.1:{self.peer_port}"
-        cmd = ["etcd", "--name", "b", "--data-dir", str(self.root / "etcd"), "--listen-client-urls", self.etcd_url,
-               "--advertise-client-urls", self.etcd_url, "--listen-peer-urls", peer_url,
-               "--initial-advertise-peer-urls", peer_url, "--initial-cluster", f"b={peer_url}", "--log-level", "warn"]
+        cmd = [
+            "etcd",
+            "--name",
+            "b",
+            "--data-dir",
+            str(self.root / "etcd"),
+            "--listen-client-urls",
+            self.etcd_url,
+            "--advertise-client-urls",
+            self.etcd_url,
+            "--listen-peer-urls",
+            peer_url,
+            "--initial-advertise-peer-urls",
+            peer_url,
+            "--initial-cluster",
+            f"b={peer_url}",
+            "--log-level",
+            "warn",
+        ]
         with (self.root / "etcd.log").open("wb") as log:
-            self.etcd = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+            self.etcd = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         deadline = time.monotonic() + 30
         while True:
             if self.etcd.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.etcd.returncode}: "
-                                   f"{(self.root / 'etcd.log').read_text(errors='replace')[-2000:]}")
+                raise RuntimeError(
+                    f"etcd exited with {self.etcd.returncode}: "
+                    f"{(self.root / 'etcd.log').read_text(errors='replace')[-2000:]}"
+                )
             with contextlib.suppress(OSError, ValueError):
                 if json.loads(self.http("/health")).get("health") == "true":
                     return
@@ -221,13 +245,42 @@ class Cluster:
 
     def _spawn(self, root: Path, metrics: str = "none", log_format: str = "text") -> subprocess.Popen[bytes]:
         """One node process on ``root`` (its log appended to ``root/node.log``)."""
-        cmd = [sys.executable, "-m", "mooncakefs.cli", "node", "--data", str(root / "data"),
-               "--dram", self.args.dram, "--ssd", self.args.node_ssd, "--socket", str(root / "n.sock"),
-               "--listen", "127.0.0.1:0", "--metrics", metrics, "--log-format", log_format, "--no-prefault",
-               "--etcd", self.etcd_url, "--cluster", self.name, "--lease-ttl", str(self.args.lease_ttl)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mooncakefs.cli",
+            "node",
+            "--data",
+            str(root / "data"),
+            "--dram",
+            self.args.dram,
+            "--ssd",
+            self.args.node_ssd,
+            "--socket",
+            str(root / "n.sock"),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            metrics,
+            "--log-format",
+            log_format,
+            "--no-prefault",
+            "--etcd",
+            self.etcd_url,
+            "--cluster",
+            self.name,
+            "--lease-ttl",
+            str(self.args.lease_ttl),
+        ]
         with (root / "node.log").open("ab") as log:
-            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+            return subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
 
     def start_nodes(self, n: int) -> float:
         """Start ``n`` nodes in parallel; seconds until all printed their ready line."""
@@ -241,8 +294,10 @@ class Cluster:
         while waiting:
             for node in list(waiting):
                 if node.proc.poll() is not None:
-                    raise RuntimeError(f"node {node.index} exited with {node.proc.returncode}:\n"
-                                       f"{node.log.read_text(errors='replace')[-3000:]}")
+                    raise RuntimeError(
+                        f"node {node.index} exited with {node.proc.returncode}:\n"
+                        f"{node.log.read_text(errors='replace')[-3000:]}"
+                    )
                 if node.ready():
                     waiting.remove(node)
             if waiting and time.monotonic() > deadline:
@@ -276,8 +331,9 @@ class Cluster:
                 pass
             if time.monotonic() > deadline:
                 got = sorted(store.map.nodes) if store is not None else None
-                raise TimeoutError(f"no placement map naming the {len(live)} live nodes after "
-                                   f"{MAP_TIMEOUT:.0f}s (map has {got})")
+                raise TimeoutError(
+                    f"no placement map naming the {len(live)} live nodes after {MAP_TIMEOUT:.0f}s (map has {got})"
+                )
             time.sleep(0.1)
 
     def by_id(self, ident: str) -> NodeProc:
@@ -339,8 +395,14 @@ def sample_etcd(cluster: Cluster) -> EtcdSample:
                 totals[name] = float(value)
     assert cluster.etcd is not None
     nodes_cpu = {n.pid: cpu_seconds(n.pid) for n in cluster.nodes if n.alive()}
-    return EtcdSample(time.perf_counter(), dict(handled), totals["etcd_network_client_grpc_sent_bytes_total"],
-                      totals["etcd_network_client_grpc_received_bytes_total"], cpu_seconds(cluster.etcd.pid), nodes_cpu)
+    return EtcdSample(
+        time.perf_counter(),
+        dict(handled),
+        totals["etcd_network_client_grpc_sent_bytes_total"],
+        totals["etcd_network_client_grpc_received_bytes_total"],
+        cpu_seconds(cluster.etcd.pid),
+        nodes_cpu,
+    )
 
 
 @dataclass
@@ -362,13 +424,23 @@ def etcd_window(phase: str, a: EtcdSample, b: EtcdSample, own: dict[str, int] | 
     """Rates between two samples; ``own``: requests the benchmark itself made meanwhile ("KV.Range": n),
     taken out of the counts (their bytes stay in sent/received)."""
     dt, own = b.t - a.t, own or {}
-    by = {m: (b.handled.get(m, 0) - a.handled.get(m, 0) - own.get(m, 0)) / dt
-          for m in sorted(set(a.handled) | set(b.handled))}
+    by = {
+        m: (b.handled.get(m, 0) - a.handled.get(m, 0) - own.get(m, 0)) / dt
+        for m in sorted(set(a.handled) | set(b.handled))
+    }
     by = {m: v for m, v in by.items() if v > 0}
     nodes_cpu = sum(b.nodes_cpu_s[pid] - a.nodes_cpu_s[pid] for pid in set(a.nodes_cpu_s) & set(b.nodes_cpu_s))
-    return EtcdWindow(phase, dt, sum(by.values()), by, (b.sent_bytes - a.sent_bytes) / dt,
-                      (b.received_bytes - a.received_bytes) / dt, (b.cpu_s - a.cpu_s) / dt, nodes_cpu / dt,
-                      {m: n / dt for m, n in own.items()})
+    return EtcdWindow(
+        phase,
+        dt,
+        sum(by.values()),
+        by,
+        (b.sent_bytes - a.sent_bytes) / dt,
+        (b.received_bytes - a.received_bytes) / dt,
+        (b.cpu_s - a.cpu_s) / dt,
+        nodes_cpu / dt,
+        {m: n / dt for m, n in own.items()},
+    )
 
 
 # ---------------------------------------------------------------------------------------- client processes
@@ -509,8 +581,10 @@ def worker_main(wid: int, conn: Any, cfg: dict[str, Any]) -> None:
         with contextlib.ExitStack() as stack:
             # The reference peers first: they are started with a preexec_fn, unsafe once gRPC threads run.
             root = Path(cfg["root"])
-            refs = {"loop-recv": stack.enter_context(peer("send", "tcp", cfg["value_size"], root)),
-                    "loop-send": stack.enter_context(peer("sink", "tcp", cfg["value_size"], root))}
+            refs = {
+                "loop-recv": stack.enter_context(peer("send", "tcp", cfg["value_size"], root)),
+                "loop-send": stack.enter_context(peer("sink", "tcp", cfg["value_size"], root)),
+            }
             store = mooncakefs.connect(cfg["url"])
             stack.callback(store.close)
             deadline = time.monotonic() + MAP_TIMEOUT
@@ -622,9 +696,14 @@ class Row:
 def row_specs(args: argparse.Namespace) -> list[Spec]:
     out = []
     for r in args.replicas:
-        out += [Spec("put", SMALL, r), Spec("batch_put", SMALL, r, args.batch), Spec("get", SMALL, r),
-                Spec("batch_get", SMALL, r, args.batch), Spec("put", args.value_size, r),
-                Spec("get_into", args.value_size, r)]
+        out += [
+            Spec("put", SMALL, r),
+            Spec("batch_put", SMALL, r, args.batch),
+            Spec("get", SMALL, r),
+            Spec("batch_get", SMALL, r, args.batch),
+            Spec("put", args.value_size, r),
+            Spec("get_into", args.value_size, r),
+        ]
     return out
 
 
@@ -654,8 +733,10 @@ def measure_throughput(args: argparse.Namespace, clients: Clients) -> tuple[list
             if row.reference_reps:
                 row.reference_gbps = float(np.median(row.reference_reps))
                 row.x_ref = row.wire_gbps / row.reference_gbps
-            progress(f"{spec.name}: {row.keys_per_s:,.0f} keys/s {row.gbps:.3f} GB/s"
-                     + (f" (ref {row.reference_gbps:.3f} GB/s)" if row.reference_gbps else ""))
+            progress(
+                f"{spec.name}: {row.keys_per_s:,.0f} keys/s {row.gbps:.3f} GB/s"
+                + (f" (ref {row.reference_gbps:.3f} GB/s)" if row.reference_gbps else "")
+            )
         except ClientsLost:
             raise
         except Exception as exc:  # one failing row must not hide the others
@@ -716,13 +797,15 @@ def write_repair_data(args: argparse.Namespace, store: Any) -> tuple[list[str], 
     slots = len(src) // size
     keys = [f"rp/{i}" for i in range(count)]
     t0 = time.perf_counter()
-    put_many(store, [(k, src[(i % slots) * size : (i % slots + 1) * size]) for i, k in enumerate(keys)],
-             REPAIR_REPLICAS)
+    put_many(
+        store, [(k, src[(i % slots) * size : (i % slots + 1) * size]) for i, k in enumerate(keys)], REPAIR_REPLICAS
+    )
     return keys, src, count * size / GB / (time.perf_counter() - t0)
 
 
-def watch_etcd(cluster: Cluster, victim: str, was_controller: bool, t0: float, out: Repair,
-               stop: threading.Event) -> None:
+def watch_etcd(
+    cluster: Cluster, victim: str, was_controller: bool, t0: float, out: Repair, stop: threading.Event
+) -> None:
     """Note when the victim's record leaves etcd, when another node is controller, when a map without it
     is published: the time of the first read that saw each.  One keys-only read of the cluster's prefix
     per poll (and one of the map when its revision moves), so the benchmark adds little to what it measures."""
@@ -736,8 +819,9 @@ def watch_etcd(cluster: Cluster, victim: str, was_controller: bool, t0: float, o
 
     first = revisions()
     old_controller, map_revision = first.get(controller_key), first.get(cluster.map_key.encode())
-    while not stop.is_set() and (out.lease_s is None or out.map_s is None
-                                 or (was_controller and out.new_controller_s is None)):
+    while not stop.is_set() and (
+        out.lease_s is None or out.map_s is None or (was_controller and out.new_controller_s is None)
+    ):
         with contextlib.suppress(Exception):
             now = revisions()
             t = time.perf_counter() - t0
@@ -778,14 +862,17 @@ def measure_repair(args: argparse.Namespace, cluster: Cluster, keys: list[str], 
         res.keys_on_victim = sum(victim.ident in h for h in before)
         res.share_bytes = res.keys_on_victim * size
         links.pop(victim.ident).close()
-        progress(f"repair ({kill}): SIGKILL node {victim.ident} (pid {victim.pid}), which holds "
-                 f"{res.keys_on_victim} of {len(keys)} keys ({format_size(res.share_bytes)})")
+        progress(
+            f"repair ({kill}): SIGKILL node {victim.ident} (pid {victim.pid}), which holds "
+            f"{res.keys_on_victim} of {len(keys)} keys ({format_size(res.share_bytes)})"
+        )
         etcd_before = sample_etcd(cluster)
         stop = threading.Event()
         t0 = time.perf_counter()
         cluster.kill(victim)
-        watcher = threading.Thread(target=watch_etcd, args=(cluster, victim.ident, kill == "controller", t0, res,
-                                                            stop), daemon=True)
+        watcher = threading.Thread(
+            target=watch_etcd, args=(cluster, victim.ident, kill == "controller", t0, res, stop), daemon=True
+        )
         watcher.start()
         victim.proc.wait()
         try:
@@ -803,18 +890,22 @@ def measure_repair(args: argparse.Namespace, cluster: Cluster, keys: list[str], 
                     res.repaired_s = t
                     break
                 if t > args.repair_timeout:
-                    raise TimeoutError(f"{under} keys still had fewer than {REPAIR_REPLICAS} live copies "
-                                       f"{args.repair_timeout:.0f}s after the kill")
+                    raise TimeoutError(
+                        f"{under} keys still had fewer than {REPAIR_REPLICAS} live copies "
+                        f"{args.repair_timeout:.0f}s after the kill"
+                    )
                 time.sleep(args.poll)
             res.extra_copies = sum(len(h) > REPAIR_REPLICAS for h in now)
             watcher.join(timeout=10)
         finally:
             stop.set()
-        res.etcd = asdict(etcd_window(f"repair ({kill})", etcd_before, sample_etcd(cluster),
-                                      own={"KV.Range": res.etcd_reads}))
+        res.etcd = asdict(
+            etcd_window(f"repair ({kill})", etcd_before, sample_etcd(cluster), own={"KV.Range": res.etcd_reads})
+        )
         with cluster.connect() as fresh:  # a client whose map lacks the victim
-            res.on_new_owners = sum(set(fresh.map.owners(encode_key(k))[:REPAIR_REPLICAS]) <= h
-                                    for k, h in zip(keys, now, strict=True))
+            res.on_new_owners = sum(
+                set(fresh.map.owners(encode_key(k))[:REPAIR_REPLICAS]) <= h for k, h in zip(keys, now, strict=True)
+            )
             slots = len(src) // size
             for i in range(0, len(keys), max(1, len(keys) // 16)):  # 16 values read back through the cluster
                 j = i % slots
@@ -829,8 +920,10 @@ def measure_repair(args: argparse.Namespace, cluster: Cluster, keys: list[str], 
             if res.copy_s is not None and res.copy_s > 0:
                 res.copy_s_per_gib = res.copy_s / (res.share_bytes / GiB)
                 res.copy_gbps = res.share_bytes / GB / res.copy_s
-        progress(f"repair ({kill}): lease gone {_s(res.lease_s)}, map {_s(res.map_s)}, first copy "
-                 f"{_s(res.first_copy_s)}, repaired {_s(res.repaired_s)} after the kill")
+        progress(
+            f"repair ({kill}): lease gone {_s(res.lease_s)}, map {_s(res.map_s)}, first copy "
+            f"{_s(res.first_copy_s)}, repaired {_s(res.repaired_s)} after the kill"
+        )
     except Exception as exc:
         res.error = f"{type(exc).__name__}: {exc}"
         progress(f"repair ({kill}): FAILED {res.error}")
@@ -959,8 +1052,9 @@ class RejoinRun:
         node = next((n for n in sorted(live, key=lambda n: n.ident, reverse=True) if n.ident != controller), None)
         if node is None:
             return [Rejoin(0, error=f"skipped: no live node but the controller {controller}")]
-        progress(f"rejoin: node {node.ident} (pid {node.pid}); restarts {args.rejoin_restart}, "
-                 f"{args.rejoin_reps} per row")
+        progress(
+            f"rejoin: node {node.ident} (pid {node.pid}); restarts {args.rejoin_restart}, {args.rejoin_reps} per row"
+        )
         next_i, failed = 0, None
         for target in [0, *args.rejoin_keys]:
             row = Rejoin(target, args.rejoin_restart, node.ident)
@@ -975,10 +1069,12 @@ class RejoinRun:
                 for r in range(args.rejoin_reps):
                     rep = self.restart_once(node)
                     row.reps.append(rep)
-                    progress(f"rejoin ({row.keys} keys) #{r + 1}: ready {_s(rep.ready_s)}, in map {_s(rep.map_s)}, "
-                             f"serving {_s(rep.serve_s)} after start; catch-up {_s(rep.rejoin_s)} in "
-                             f"{rep.passes} pass(es), {rep.others} other nodes, pulled {rep.pulled}"
-                             + (f", refused {rep.refused}" if rep.refused else ""))
+                    progress(
+                        f"rejoin ({row.keys} keys) #{r + 1}: ready {_s(rep.ready_s)}, in map {_s(rep.map_s)}, "
+                        f"serving {_s(rep.serve_s)} after start; catch-up {_s(rep.rejoin_s)} in "
+                        f"{rep.passes} pass(es), {rep.others} other nodes, pulled {rep.pulled}"
+                        + (f", refused {rep.refused}" if rep.refused else "")
+                    )
                 row.keys_after = self.held(node)
                 row.values_checked = self.check()
             except Exception as exc:
@@ -1001,8 +1097,9 @@ class RejoinRun:
         for j in range(0, len(keys), REJOIN_BATCH):
             chunk = keys[j : j + REJOIN_BATCH]
             base = len(self.keys) + j
-            pairs = [(k, self.src[((base + i) % 256) * SMALL : ((base + i) % 256 + 1) * SMALL])
-                     for i, k in enumerate(chunk)]
+            pairs = [
+                (k, self.src[((base + i) % 256) * SMALL : ((base + i) % 256 + 1) * SMALL]) for i, k in enumerate(chunk)
+            ]
             _all_ok(self.store.batch_put(pairs, replicas=1, durable=True))
         row.put_s = time.perf_counter() - t0
         self.keys += keys
@@ -1019,10 +1116,12 @@ class RejoinRun:
         got = self.store.batch_get([self.keys[i] for i in picks])
         for i, value in zip(picks, got, strict=True):
             slot = i % 256
-            if value is None or not np.array_equal(np.frombuffer(value, dtype=np.uint8),
-                                                   self.src[slot * SMALL : (slot + 1) * SMALL]):
-                raise AssertionError(f"{self.keys[i]} reads back {'nothing' if value is None else 'other bytes'} "
-                                     "after the restarts")
+            if value is None or not np.array_equal(
+                np.frombuffer(value, dtype=np.uint8), self.src[slot * SMALL : (slot + 1) * SMALL]
+            ):
+                raise AssertionError(
+                    f"{self.keys[i]} reads back {'nothing' if value is None else 'other bytes'} after the restarts"
+                )
         return len(picks)
 
     def restart_once(self, node: NodeProc) -> RejoinRep:
@@ -1049,8 +1148,9 @@ class RejoinRun:
         while True:
             now = time.perf_counter() - t0
             if node.proc.poll() is not None:
-                raise RuntimeError(f"restarted node {ident} exited with {node.proc.returncode}:\n"
-                                   f"{node.output()[-3000:]}")
+                raise RuntimeError(
+                    f"restarted node {ident} exited with {node.proc.returncode}:\n{node.output()[-3000:]}"
+                )
             if rep.ready_s is None and node.ready():
                 rep.ready_s = now
             pmap, _ = self.map()
@@ -1066,12 +1166,17 @@ class RejoinRun:
                 if in_map and pmap is not None and rejoining == 0 and m.get("mooncakefs_cluster_epoch") == pmap.epoch:
                     rep.serve_s, rep.epoch, rep.others = now, pmap.epoch, len(pmap.nodes) - 1
                     rep.pulled = int(m.get("mooncakefs_rejoin_pulled_total", m.get("mooncakefs_rejoin_pulled", 0)))
-                    rep.refused = {k.split("=", 1)[1][:-1]: int(v) for k, v in m.items()
-                                   if k.startswith("mooncakefs_request_errors_total{") and v}
+                    rep.refused = {
+                        k.split("=", 1)[1][:-1]: int(v)
+                        for k, v in m.items()
+                        if k.startswith("mooncakefs_request_errors_total{") and v
+                    }
                     break
             if now > REJOIN_TIMEOUT:
-                raise TimeoutError(f"node {ident} not serving {REJOIN_TIMEOUT:.0f}s after its restart (ready "
-                                   f"{_s(rep.ready_s)}, in map {_s(rep.map_s)}, scrapes {rep.scrapes})")
+                raise TimeoutError(
+                    f"node {ident} not serving {REJOIN_TIMEOUT:.0f}s after its restart (ready "
+                    f"{_s(rep.ready_s)}, in map {_s(rep.map_s)}, scrapes {rep.scrapes})"
+                )
             polls += 1
             time.sleep(REJOIN_POLL_S)
         events = []
@@ -1115,12 +1220,22 @@ def _num(v: float) -> str:
     return f"{v:,.2f}" if v < 100 else f"{v:,.0f}"
 
 
-def render(args: argparse.Namespace, rows: Sequence[Row], refs: dict[str, Any], windows: Sequence[EtcdWindow],
-           map_info: dict[str, Any], repairs: Sequence[Repair], rejoins: Sequence[Rejoin], notes: Sequence[str]) -> str:
+def render(
+    args: argparse.Namespace,
+    rows: Sequence[Row],
+    refs: dict[str, Any],
+    windows: Sequence[EtcdWindow],
+    map_info: dict[str, Any],
+    repairs: Sequence[Repair],
+    rejoins: Sequence[Rejoin],
+    notes: Sequence[str],
+) -> str:
     ssd = args.ssd if args.node_ssd == args.ssd else f"{args.node_ssd} (--ssd {args.ssd} raised for rejoin)"
-    out = [f"cluster: {args.nodes} nodes (dram {args.dram}, ssd {ssd}, lease ttl {args.lease_ttl}s), "
-           f"{args.clients} client processes via {args.via}; median of {args.reps} reps of {args.seconds:g}s; "
-           f"phases {','.join(args.phases) or 'none'}"]
+    out = [
+        f"cluster: {args.nodes} nodes (dram {args.dram}, ssd {ssd}, lease ttl {args.lease_ttl}s), "
+        f"{args.clients} client processes via {args.via}; median of {args.reps} reps of {args.seconds:g}s; "
+        f"phases {','.join(args.phases) or 'none'}"
+    ]
     if "throughput" in args.phases:
         out += throughput_section(rows, refs)
     out += etcd_section(windows, map_info)
@@ -1134,35 +1249,69 @@ def render(args: argparse.Namespace, rows: Sequence[Row], refs: dict[str, Any], 
 
 def throughput_section(rows: Sequence[Row], refs: dict[str, Any]) -> list[str]:
     out = ["", "physical reference (all client processes at once, summed; median of its reps):"]
-    out.append(format_table(["ref", "GB/s", "reps", "what"],
-                            [[k, _num(v["gbps"]) if v["gbps"] else "-", str(len(v["samples"])), v["what"]]
-                             for k, v in refs.items()], [False, True, True, False]))
+    out.append(
+        format_table(
+            ["ref", "GB/s", "reps", "what"],
+            [[k, _num(v["gbps"]) if v["gbps"] else "-", str(len(v["samples"])), v["what"]] for k, v in refs.items()],
+            [False, True, True, False],
+        )
+    )
     body = []
     for r in rows:
         size = format_size(r.size) if r.batch == 1 else f"{r.batch}x{format_size(r.size)}"
         if r.error:
             body.append([str(r.replicas), r.op, size, "FAILED", "", "", "", "", r.error[:60]])
             continue
-        body.append([str(r.replicas), r.op, size, f"{r.keys_per_s:,.0f}", f"{r.gbps:.3f}", f"{r.wire_gbps:.3f}",
-                     r.reference or "", _num(r.reference_gbps) if r.reference_gbps else "",
-                     f"{r.x_ref:.2f}" if r.x_ref is not None else ""])
-    out += ["", "aggregate throughput:",
-            format_table(["R", "op", "size", "keys/s", "GB/s", "wire GB/s", "ref", "ref GB/s", "x ref"], body,
-                         [True, False, True, True, True, True, False, True, True])]
+        body.append(
+            [
+                str(r.replicas),
+                r.op,
+                size,
+                f"{r.keys_per_s:,.0f}",
+                f"{r.gbps:.3f}",
+                f"{r.wire_gbps:.3f}",
+                r.reference or "",
+                _num(r.reference_gbps) if r.reference_gbps else "",
+                f"{r.x_ref:.2f}" if r.x_ref is not None else "",
+            ]
+        )
+    out += [
+        "",
+        "aggregate throughput:",
+        format_table(
+            ["R", "op", "size", "keys/s", "GB/s", "wire GB/s", "ref", "ref GB/s", "x ref"],
+            body,
+            [True, False, True, True, True, True, False, True, True],
+        ),
+    ]
     return out
 
 
 def etcd_section(windows: Sequence[EtcdWindow], map_info: dict[str, Any]) -> list[str]:
     methods = sorted({m for w in windows for m in w.by_method}, key=lambda m: m.split(".")[1])
-    etcd_rows = [[w.phase, f"{w.seconds:.1f}", f"{w.ops_per_s:.1f}",
-                  *(f"{w.by_method[m]:.1f}" if m in w.by_method else "-" for m in methods),
-                  f"{w.sent_bytes_per_s / 1e3:,.1f}", f"{w.etcd_cpu * 100:.1f}%", f"{w.nodes_cpu * 100:.1f}%"]
-                 for w in windows]
-    return ["", "etcd gRPC requests/s caused by the cluster (grpc_server_handled_total deltas):",
-            format_table(["phase", "s", "ops/s", *(m.split(".")[1] for m in methods), "sent kB/s", "etcd cpu",
-                          "nodes cpu"], etcd_rows, [False] + [True] * (len(methods) + 5)),
-            f"placement map in etcd ({map_info['key']}): {map_info['bytes']:,} bytes, epoch {map_info['epoch']}, "
-            f"{map_info['nodes']} nodes, {map_info['groups']} groups x width {map_info['width']}"]
+    etcd_rows = [
+        [
+            w.phase,
+            f"{w.seconds:.1f}",
+            f"{w.ops_per_s:.1f}",
+            *(f"{w.by_method[m]:.1f}" if m in w.by_method else "-" for m in methods),
+            f"{w.sent_bytes_per_s / 1e3:,.1f}",
+            f"{w.etcd_cpu * 100:.1f}%",
+            f"{w.nodes_cpu * 100:.1f}%",
+        ]
+        for w in windows
+    ]
+    return [
+        "",
+        "etcd gRPC requests/s caused by the cluster (grpc_server_handled_total deltas):",
+        format_table(
+            ["phase", "s", "ops/s", *(m.split(".")[1] for m in methods), "sent kB/s", "etcd cpu", "nodes cpu"],
+            etcd_rows,
+            [False] + [True] * (len(methods) + 5),
+        ),
+        f"placement map in etcd ({map_info['key']}): {map_info['bytes']:,} bytes, epoch {map_info['epoch']}, "
+        f"{map_info['nodes']} nodes, {map_info['groups']} groups x width {map_info['width']}",
+    ]
 
 
 def rejoin_section(args: argparse.Namespace, rejoins: Sequence[Rejoin]) -> list[str]:
@@ -1172,15 +1321,47 @@ def rejoin_section(args: argparse.Namespace, rejoins: Sequence[Rejoin]) -> list[
             body.append([f"{r.target:,}", "", "", "", "", "", "", "", "", "", "", "", r.error[:70]])
             continue
         keys = f"{r.keys:,}" + ("" if r.keys_after in (None, r.keys) else f" ({r.keys_after:,} after)")
-        body.append([keys, str(r.others), str(len(r.reps)), _s(r.drop_s), _s(r.ready_s), _s(r.map_s), _s(r.serve_s),
-                     _s(r.rejoin_s, 3), str(r.passes), f"{r.keys_nodes_per_s:,.0f}" if r.keys_nodes_per_s else "-",
-                     str(r.pulled), ",".join(f"{k}:{v}" for k, v in sorted(r.refused.items())) or "0",
-                     (r.error or "")[:70]])
-    return ["", f"rejoin of one node restarted with data (SIGKILL, restart {args.rejoin_restart}; keys of "
-                f"{format_size(SMALL)}, replicas=1, durable; times from the new process's start, medians):",
-            format_table(["keys held", "others", "reps", "dropped", "ready", "in map", "serving", "catch-up",
-                          "passes", "keys*nodes/s", "pulled", "refused", ""], body,
-                         [True] * 11 + [False, False])]
+        body.append(
+            [
+                keys,
+                str(r.others),
+                str(len(r.reps)),
+                _s(r.drop_s),
+                _s(r.ready_s),
+                _s(r.map_s),
+                _s(r.serve_s),
+                _s(r.rejoin_s, 3),
+                str(r.passes),
+                f"{r.keys_nodes_per_s:,.0f}" if r.keys_nodes_per_s else "-",
+                str(r.pulled),
+                ",".join(f"{k}:{v}" for k, v in sorted(r.refused.items())) or "0",
+                (r.error or "")[:70],
+            ]
+        )
+    return [
+        "",
+        f"rejoin of one node restarted with data (SIGKILL, restart {args.rejoin_restart}; keys of "
+        f"{format_size(SMALL)}, replicas=1, durable; times from the new process's start, medians):",
+        format_table(
+            [
+                "keys held",
+                "others",
+                "reps",
+                "dropped",
+                "ready",
+                "in map",
+                "serving",
+                "catch-up",
+                "passes",
+                "keys*nodes/s",
+                "pulled",
+                "refused",
+                "",
+            ],
+            body,
+            [True] * 11 + [False, False],
+        ),
+    ]
 
 
 def repair_section(args: argparse.Namespace, repairs: Sequence[Repair]) -> list[str]:
@@ -1190,17 +1371,47 @@ def repair_section(args: argparse.Namespace, repairs: Sequence[Repair]) -> list[
         if r.error and r.repaired_s is None:
             rep_rows.append([r.kill, r.victim or "-", "", "", "", "", "", "", "", "", "", "", r.error[:70]])
             continue
-        rep_rows.append([r.kill, r.victim, f"{r.keys_on_victim}/{r.keys}", f"{r.share_bytes / MiB:.0f}",
-                         _s(r.lease_s), _s(r.new_controller_s) if r.kill == "controller" else "", _s(r.map_s),
-                         _s(r.first_copy_s), _s(r.repaired_s), _s(r.copy_s),
-                         _num(r.s_per_gib) if r.s_per_gib else "-",
-                         _num(r.copy_s_per_gib) if r.copy_s_per_gib else "-",
-                         f"{r.copy_gbps:.3f}" if r.copy_gbps else "-"])
-    out += ["", f"repair after SIGKILL of one node ({args.repair_data // args.value_size} x "
-                f"{format_size(args.value_size)}, replicas={REPAIR_REPLICAS}; times since the kill):",
-            format_table(["kill", "victim", "its keys", "MiB", "lease gone", "new ctrl", "new map", "1st copy",
-                          "repaired", "copying", "s/GiB", "copy s/GiB", "copy GB/s"], rep_rows,
-                         [False, False, *[True] * 11])]
+        rep_rows.append(
+            [
+                r.kill,
+                r.victim,
+                f"{r.keys_on_victim}/{r.keys}",
+                f"{r.share_bytes / MiB:.0f}",
+                _s(r.lease_s),
+                _s(r.new_controller_s) if r.kill == "controller" else "",
+                _s(r.map_s),
+                _s(r.first_copy_s),
+                _s(r.repaired_s),
+                _s(r.copy_s),
+                _num(r.s_per_gib) if r.s_per_gib else "-",
+                _num(r.copy_s_per_gib) if r.copy_s_per_gib else "-",
+                f"{r.copy_gbps:.3f}" if r.copy_gbps else "-",
+            ]
+        )
+    out += [
+        "",
+        f"repair after SIGKILL of one node ({args.repair_data // args.value_size} x "
+        f"{format_size(args.value_size)}, replicas={REPAIR_REPLICAS}; times since the kill):",
+        format_table(
+            [
+                "kill",
+                "victim",
+                "its keys",
+                "MiB",
+                "lease gone",
+                "new ctrl",
+                "new map",
+                "1st copy",
+                "repaired",
+                "copying",
+                "s/GiB",
+                "copy s/GiB",
+                "copy GB/s",
+            ],
+            rep_rows,
+            [False, False, *[True] * 11],
+        ),
+    ]
     return out
 
 
@@ -1214,31 +1425,48 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=1.0, help="length of one timed repetition (%(default)s)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per row, median reported (%(default)s)")
     p.add_argument("--clients", type=int, default=2, help="client processes loading the cluster (%(default)s)")
-    p.add_argument("--via", choices=("tcp", "unix"), default="tcp",
-                   help="how the clients reach the nodes: tcp as from another host, or unix (%(default)s)")
+    p.add_argument(
+        "--via",
+        choices=("tcp", "unix"),
+        default="tcp",
+        help="how the clients reach the nodes: tcp as from another host, or unix (%(default)s)",
+    )
     p.add_argument("--replicas", default="1,2", help="replica counts of the throughput rows (%(default)s)")
     p.add_argument("--batch", type=int, default=32, help="keys per batch call (%(default)s)")
     p.add_argument("--small-keys", type=int, default=1024, help="distinct 4KiB keys per client and row (%(default)s)")
     p.add_argument("--large-data", default="32MiB", help="distinct large values per client and row (%(default)s)")
     p.add_argument("--repair-data", default="512MiB", help="data written with replicas=2 before a kill (%(default)s)")
-    p.add_argument("--phases", default=",".join(PHASES),
-                   help="phases to run, of throughput, rejoin, repair (%(default)s; the at-rest etcd window "
-                        "always runs)")
-    p.add_argument("--rejoin-keys", default="20000,100000",
-                   help="keys the restarted node holds, one row each (%(default)s)")
+    p.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help="phases to run, of throughput, rejoin, repair (%(default)s; the at-rest etcd window always runs)",
+    )
+    p.add_argument(
+        "--rejoin-keys", default="20000,100000", help="keys the restarted node holds, one row each (%(default)s)"
+    )
     p.add_argument("--rejoin-reps", type=int, default=3, help="restarts per rejoin row, median reported (%(default)s)")
-    p.add_argument("--rejoin-restart", choices=("after-drop", "at-once"), default="after-drop",
-                   help="restart the killed node once the map has dropped it, or at once (%(default)s)")
-    p.add_argument("--kill", default="node,controller",
-                   help="kills, in order: 'node' (one that is not the controller), 'controller' (%(default)s)")
+    p.add_argument(
+        "--rejoin-restart",
+        choices=("after-drop", "at-once"),
+        default="after-drop",
+        help="restart the killed node once the map has dropped it, or at once (%(default)s)",
+    )
+    p.add_argument(
+        "--kill",
+        default="node,controller",
+        help="kills, in order: 'node' (one that is not the controller), 'controller' (%(default)s)",
+    )
     p.add_argument("--poll", type=float, default=0.1, help="seconds between copy checks after a kill (%(default)s)")
     p.add_argument("--repair-timeout", type=float, default=120.0, help="give up on a repair after (%(default)s)s")
     p.add_argument("--idle-seconds", type=float, default=10.0, help="the at-rest etcd window (%(default)s)")
     p.add_argument("--lease-ttl", type=int, default=3, help="the nodes' --lease-ttl (%(default)s)")
     p.add_argument("--dram", default="64MiB", help="each node's --dram (%(default)s)")
     p.add_argument("--ssd", default="256MiB", help="each node's --ssd (%(default)s)")
-    p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
-                   help="parent of the temporary directory (%(default)s)")
+    p.add_argument(
+        "--dir",
+        default="/dev/shm" if os.path.isdir("/dev/shm") else None,
+        help="parent of the temporary directory (%(default)s)",
+    )
     p.add_argument("--json", default="bench-results/cluster_bench.json", help="JSON results (%(default)s)")
     args = p.parse_args(argv)
     try:
@@ -1302,15 +1530,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         store = cluster.connect()
         stack.callback(store.close)
         map_s = time.perf_counter() - t_map
-        progress(f"{args.nodes} nodes ready in {ready_s:.1f}s, in the placement map (epoch {store.map.epoch}) "
-                 f"{map_s:.1f}s later; controller {cluster.controller()}")
+        progress(
+            f"{args.nodes} nodes ready in {ready_s:.1f}s, in the placement map (epoch {store.map.epoch}) "
+            f"{map_s:.1f}s later; controller {cluster.controller()}"
+        )
 
         # -- etcd at rest; the placement map
         time.sleep(1.0)
         value = cluster.etcd_client().get(cluster.map_key).value
         pmap = PlacementMap.from_json(value)
-        map_info = {"key": cluster.map_key, "bytes": len(value), "epoch": pmap.epoch, "nodes": len(pmap.nodes),
-                    "groups": pmap.groups, "width": pmap.width}
+        map_info = {
+            "key": cluster.map_key,
+            "bytes": len(value),
+            "epoch": pmap.epoch,
+            "nodes": len(pmap.nodes),
+            "groups": pmap.groups,
+            "width": pmap.width,
+        }
         progress(f"etcd at rest for {args.idle_seconds:g}s")
         a = sample_etcd(cluster)
         time.sleep(args.idle_seconds)
@@ -1318,9 +1554,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # -- throughput
         if "throughput" in args.phases:
-            cfg = {"url": cluster.url, "nodes": args.nodes, "via": args.via, "root": str(root),
-                   "value_size": args.value_size, "batch": args.batch, "small_keys": args.small_keys,
-                   "large_keys": args.large_keys}
+            cfg = {
+                "url": cluster.url,
+                "nodes": args.nodes,
+                "via": args.via,
+                "root": str(root),
+                "value_size": args.value_size,
+                "batch": args.batch,
+                "small_keys": args.small_keys,
+                "large_keys": args.large_keys,
+            }
             progress(f"starting {args.clients} client processes")
             clients = Clients(args.clients, cfg)
             stack.callback(clients.close)
@@ -1343,8 +1586,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # -- repair
         if "repair" in args.phases:
             keys, src, write_gbps = write_repair_data(args, store)
-            progress(f"wrote {len(keys)} x {format_size(args.value_size)} with replicas={REPAIR_REPLICAS} "
-                     f"at {write_gbps:.3f} GB/s")
+            progress(
+                f"wrote {len(keys)} x {format_size(args.value_size)} with replicas={REPAIR_REPLICAS} "
+                f"at {write_gbps:.3f} GB/s"
+            )
             for kill in args.kill:
                 repairs.append(measure_repair(args, cluster, keys, src, kill))
                 if repairs[-1].etcd:
@@ -1353,81 +1598,129 @@ def main(argv: Sequence[str] | None = None) -> int:
                     store._refresh(store.map)
     # everything stopped and removed from here on
 
-    refs = {name: {"gbps": float(np.median(s)) if s else None, "samples": s,
-                   "what": (f"{args.clients}x loopback TCP {format_size(args.value_size)} messages: "
-                            + ("sender process sendall -> client recv_into(MSG_WAITALL)" if name == "loop-recv"
-                               else "client sendall -> sink process recv_into + 1-byte ack"))}
-            for name, s in ref_samples.items()}
+    refs = {
+        name: {
+            "gbps": float(np.median(s)) if s else None,
+            "samples": s,
+            "what": (
+                f"{args.clients}x loopback TCP {format_size(args.value_size)} messages: "
+                + (
+                    "sender process sendall -> client recv_into(MSG_WAITALL)"
+                    if name == "loop-recv"
+                    else "client sendall -> sink process recv_into + 1-byte ack"
+                )
+            ),
+        }
+        for name, s in ref_samples.items()
+    }
     anomalies = find_anomalies(args, rows, windows, repairs, rejoins)
     if "throughput" in args.phases:
-        notes.append(f"keys/s counts keys (batch rows: {args.batch} per call); GB/s counts value bytes (1e9 B/s); "
-                     "wire GB/s counts every copy a put sends (R x); x ref = wire GB/s over the reference taken right "
-                     "before each rep")
-    notes.append("etcd: at rest = nodes idle; under load = the whole throughput phase; rejoin = the whole rejoin "
-                 "phase (kills, map changes, restarts); repair = kill -> repaired; the benchmark's own reads (rejoin: "
-                 "a keys-only Range every 20-100 ms, the map when it moved; repair: a keys-only Range every 20 ms) "
-                 "taken out of ops/s but not of sent kB/s; nodes cpu = cores the nodes alive at both ends used "
-                 "together (client load and repair included)")
+        notes.append(
+            f"keys/s counts keys (batch rows: {args.batch} per call); GB/s counts value bytes (1e9 B/s); "
+            "wire GB/s counts every copy a put sends (R x); x ref = wire GB/s over the reference taken right "
+            "before each rep"
+        )
+    notes.append(
+        "etcd: at rest = nodes idle; under load = the whole throughput phase; rejoin = the whole rejoin "
+        "phase (kills, map changes, restarts); repair = kill -> repaired; the benchmark's own reads (rejoin: "
+        "a keys-only Range every 20-100 ms, the map when it moved; repair: a keys-only Range every 20 ms) "
+        "taken out of ops/s but not of sent kB/s; nodes cpu = cores the nodes alive at both ends used "
+        "together (client load and repair included)"
+    )
     if "rejoin" in args.phases:
-        notes.append("rejoin: keys held = objects the node reported before the first kill; dropped = kill -> a map "
-                     "without it (after-drop only); ready = its ready line (store opened, registered in etcd); in "
-                     "map = a map in etcd naming the new process; serving = its metrics show rejoining 0 and that "
-                     "map's epoch (scraped every ~0.1-0.2s); catch-up = its own log, 'rejoining' -> 'placement' of "
-                     "that epoch; keys*nodes/s = keys held x others / catch-up; passes = catch-ups begun per "
-                     "restart; refused = request errors the restarted node answered (Rejoining: a client asked "
-                     "it during the catch-up); the first row (before any rejoin keys were put) has no catch-up")
+        notes.append(
+            "rejoin: keys held = objects the node reported before the first kill; dropped = kill -> a map "
+            "without it (after-drop only); ready = its ready line (store opened, registered in etcd); in "
+            "map = a map in etcd naming the new process; serving = its metrics show rejoining 0 and that "
+            "map's epoch (scraped every ~0.1-0.2s); catch-up = its own log, 'rejoining' -> 'placement' of "
+            "that epoch; keys*nodes/s = keys held x others / catch-up; passes = catch-ups begun per "
+            "restart; refused = request errors the restarted node answered (Rejoining: a client asked "
+            "it during the catch-up); the first row (before any rejoin keys were put) has no catch-up"
+        )
     if "repair" in args.phases:
-        notes += ["repair: new map = kill -> a map without the node in etcd (lease expiry + controller); copying = "
-                  "new map -> every key on 2 live nodes (includes the nodes reading the new map); s/GiB divide by "
-                  "the dead node's share",
-                  f"repair data written at {write_gbps:.3f} GB/s (this process, via unix, one batch_put, "
-                  f"replicas={REPAIR_REPLICAS})"]
+        notes += [
+            "repair: new map = kill -> a map without the node in etcd (lease expiry + controller); copying = "
+            "new map -> every key on 2 live nodes (includes the nodes reading the new map); s/GiB divide by "
+            "the dead node's share",
+            f"repair data written at {write_gbps:.3f} GB/s (this process, via unix, one batch_put, "
+            f"replicas={REPAIR_REPLICAS})",
+        ]
     notes += [f"ANOMALY: {a}" for a in anomalies]
     if args.via == "unix" and "throughput" in args.phases:
-        notes.insert(1, "via unix, large values move by memcpy through the nodes' shared pools: the loopback TCP "
-                        "reference is no bound there (x ref may exceed 1)")
+        notes.insert(
+            1,
+            "via unix, large values move by memcpy through the nodes' shared pools: the loopback TCP "
+            "reference is no bound there (x ref may exceed 1)",
+        )
     print(render(args, rows, refs, windows, map_info, repairs, rejoins, notes))
-    write_json(args.json, {
-        "tool": "cluster_bench",
-        "machine": machine_info({"etcd": etcd_version}),
-        "config": {k: v for k, v in vars(args).items()},
-        "startup": {"nodes_ready_s": ready_s, "map_complete_s": map_s},
-        "references": refs,
-        "rows": [asdict(r) for r in rows],
-        "etcd": {"windows": [asdict(w) for w in windows], "placement_map": map_info},
-        "rejoin": {"restart": args.rejoin_restart, "value_size": SMALL, "replicas": 1, "durable": True,
-                   "node_ssd": args.node_ssd, "rows": [asdict(r) for r in rejoins]}
-        if "rejoin" in args.phases else None,
-        "repair": {"write_gbps": write_gbps, "keys": len(keys), "value_size": args.value_size,
-                   "replicas": REPAIR_REPLICAS, "rounds": [asdict(r) for r in repairs]}
-        if "repair" in args.phases else None,
-        "anomalies": anomalies,
-        "notes": notes,
-        "seconds": time.perf_counter() - started,
-    })
+    write_json(
+        args.json,
+        {
+            "tool": "cluster_bench",
+            "machine": machine_info({"etcd": etcd_version}),
+            "config": {k: v for k, v in vars(args).items()},
+            "startup": {"nodes_ready_s": ready_s, "map_complete_s": map_s},
+            "references": refs,
+            "rows": [asdict(r) for r in rows],
+            "etcd": {"windows": [asdict(w) for w in windows], "placement_map": map_info},
+            "rejoin": {
+                "restart": args.rejoin_restart,
+                "value_size": SMALL,
+                "replicas": 1,
+                "durable": True,
+                "node_ssd": args.node_ssd,
+                "rows": [asdict(r) for r in rejoins],
+            }
+            if "rejoin" in args.phases
+            else None,
+            "repair": {
+                "write_gbps": write_gbps,
+                "keys": len(keys),
+                "value_size": args.value_size,
+                "replicas": REPAIR_REPLICAS,
+                "rounds": [asdict(r) for r in repairs],
+            }
+            if "repair" in args.phases
+            else None,
+            "anomalies": anomalies,
+            "notes": notes,
+            "seconds": time.perf_counter() - started,
+        },
+    )
     progress(f"wrote {args.json} ({time.perf_counter() - started:.0f}s)")
     return 0
 
 
-def find_anomalies(args: argparse.Namespace, rows: Sequence[Row], windows: Sequence[EtcdWindow],
-                   repairs: Sequence[Repair], rejoins: Sequence[Rejoin] = ()) -> list[str]:
+def find_anomalies(
+    args: argparse.Namespace,
+    rows: Sequence[Row],
+    windows: Sequence[EtcdWindow],
+    repairs: Sequence[Repair],
+    rejoins: Sequence[Rejoin] = (),
+) -> list[str]:
     out = [f"row {r.op} {format_size(r.size)} R={r.replicas} failed: {r.error}" for r in rows if r.error]
     rest = next((w for w in windows if w.phase == "at rest"), None)
     load = next((w for w in windows if w.phase == "under load"), None)
     if rest and load and load.ops_per_s > 1.5 * rest.ops_per_s + 2:
-        out.append(f"etcd ops/s under load ({load.ops_per_s:.1f}) exceed those at rest ({rest.ops_per_s:.1f}): "
-                   "something per object or per batch touches etcd")
+        out.append(
+            f"etcd ops/s under load ({load.ops_per_s:.1f}) exceed those at rest ({rest.ops_per_s:.1f}): "
+            "something per object or per batch touches etcd"
+        )
     for r in repairs:
         if r.error:
             out.append(f"repair ({r.kill}): {r.error}")
         if r.extra_copies:
-            out.append(f"repair ({r.kill}): {r.extra_copies} keys were on more than {REPAIR_REPLICAS} nodes "
-                       "when the repair completed")
+            out.append(
+                f"repair ({r.kill}): {r.extra_copies} keys were on more than {REPAIR_REPLICAS} nodes "
+                "when the repair completed"
+            )
         if r.on_new_owners is not None and r.on_new_owners < r.keys:
             out.append(f"repair ({r.kill}): only {r.on_new_owners} of {r.keys} keys were on their new map owners")
         if r.under_at_kill and r.under_at_kill != r.keys_on_victim:
-            out.append(f"repair ({r.kill}): {r.under_at_kill} keys under-replicated at the first poll, but the "
-                       f"victim held {r.keys_on_victim}")
+            out.append(
+                f"repair ({r.kill}): {r.under_at_kill} keys under-replicated at the first poll, but the "
+                f"victim held {r.keys_on_victim}"
+            )
     for j in rejoins:
         if j.error:
             out.append(f"rejoin ({j.target} keys): {j.error}")
@@ -1439,10 +1732,15 @@ def find_anomalies(args: argparse.Namespace, rows: Sequence[Row], windows: Seque
             out.append(f"rejoin ({j.keys} keys): a restart with data served without catching up")
         for r in j.reps:
             if r.passes > 1:
-                stale = " (the first for the map it was killed under, which names its previous process)" \
-                    if r.rejoin_epochs[0] == r.epoch_killed else ""
-                out.append(f"rejoin ({j.keys} keys): {r.passes} catch-up passes in one restart, for epochs "
-                           f"{r.rejoin_epochs}{stale}; it serves epoch {r.epoch}")
+                stale = (
+                    " (the first for the map it was killed under, which names its previous process)"
+                    if r.rejoin_epochs[0] == r.epoch_killed
+                    else ""
+                )
+                out.append(
+                    f"rejoin ({j.keys} keys): {r.passes} catch-up passes in one restart, for epochs "
+                    f"{r.rejoin_epochs}{stale}; it serves epoch {r.epoch}"
+                )
                 break
     return out
 

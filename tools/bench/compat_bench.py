@@ -56,8 +56,22 @@ def run_baseline(cmd: list[str], out: Path, env: dict[str, str] | None = None) -
 
 
 def workload_args(args: argparse.Namespace, size: str) -> list[str]:
-    return ["--sizes", size, "--ops", args.ops, "--reps", str(args.reps), "--rep-time", str(args.rep_time),
-            "--batch", str(args.batch), "--segment", args.segment, "--local-buffer", args.local_buffer]
+    return [
+        "--sizes",
+        size,
+        "--ops",
+        args.ops,
+        "--reps",
+        str(args.reps),
+        "--rep-time",
+        str(args.rep_time),
+        "--batch",
+        str(args.batch),
+        "--segment",
+        args.segment,
+        "--local-buffer",
+        args.local_buffer,
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,20 +103,42 @@ def main(argv: list[str] | None = None) -> int:
             # and numbers compared with each other should be taken minutes apart at most.
             for size in [x.strip() for x in args.sizes.split(",") if x.strip()]:
                 one = workload_args(args, size)
-                got = {"mooncake": run_baseline([python, str(BASELINE), "--layout", "remote", *pin_args, *one],
-                                                root / "mooncake.json")}
+                got = {
+                    "mooncake": run_baseline(
+                        [python, str(BASELINE), "--layout", "remote", *pin_args, *one], root / "mooncake.json"
+                    )
+                }
                 for path in paths:
                     url = node.unix_url if path == "unix" else node.tcp_url.removeprefix("tcp://")
-                    cmd = [sys.executable, "-m", "mooncakefs.cli", "as-mooncake", "--", sys.executable,
-                           str(BASELINE), "--endpoint", url, *pin_args, *one]
+                    cmd = [
+                        sys.executable,
+                        "-m",
+                        "mooncakefs.cli",
+                        "as-mooncake",
+                        "--",
+                        sys.executable,
+                        str(BASELINE),
+                        "--endpoint",
+                        url,
+                        *pin_args,
+                        *one,
+                    ]
                     got[f"drop-in {path}"] = run_baseline(cmd, root / f"dropin-{path}.json")
                 for name, doc in got.items():
                     runs.setdefault(name, {**doc, "results": []})["results"].extend(doc["results"])
     table, rows = render(runs)
     print(table)
-    write_json(args.json, {"bench": "compat_bench", "machine": machine_info({"pinned_cpus": pin}),
-                           "command": " ".join([sys.executable, *sys.argv]), "rows": rows, "runs": runs,
-                           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    write_json(
+        args.json,
+        {
+            "bench": "compat_bench",
+            "machine": machine_info({"pinned_cpus": pin}),
+            "command": " ".join([sys.executable, *sys.argv]),
+            "rows": rows,
+            "runs": runs,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
     print(f"\nJSON: {args.json}", file=sys.stderr)
     slower = [r for r in rows if any(v < 1.0 for k, v in r.items() if k.startswith("ratio"))]
     if slower:

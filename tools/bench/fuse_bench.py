@@ -248,11 +248,13 @@ class Row:
             "unit": self.unit,
             "median": {k: self.median(k) for k in self.runs},
             "runs": self.runs,
-            ("daemon_cpu_s_per_gb" if self.unit == "GB/s" else "daemon_cpu_us_per_op"):
-                {k: statistics.median(v) for k, v in self.daemon_cpu.items() if v},
+            ("daemon_cpu_s_per_gb" if self.unit == "GB/s" else "daemon_cpu_us_per_op"): {
+                k: statistics.median(v) for k, v in self.daemon_cpu.items() if v
+            },
             "ratio_mooncakefs_to_minimal": self.ratio(),
             "target_ratio": self.target_ratio,
-            "meets_target": None if self.ratio() is None or self.target_ratio is None
+            "meets_target": None
+            if self.ratio() is None or self.target_ratio is None
             else self.ratio() >= self.target_ratio,
         }
 
@@ -268,8 +270,16 @@ class Results:
             self.rows[key] = Row(key, label, unit, target)
         return self.rows[key]
 
-    def add(self, key: str, label: str, unit: str, name: str, value: float,
-            target: float | None = None, daemon_cpu: float | None = None) -> None:
+    def add(
+        self,
+        key: str,
+        label: str,
+        unit: str,
+        name: str,
+        value: float,
+        target: float | None = None,
+        daemon_cpu: float | None = None,
+    ) -> None:
         r = self.row(key, label, unit, target)
         r.runs.setdefault(name, []).append(value)
         if daemon_cpu is not None:
@@ -288,8 +298,15 @@ class Results:
             verdict = "" if r.target_ratio is None else f">={r.target_ratio:.2f}"
             if ratio is not None and r.target_ratio is not None:
                 verdict += " ok" if ratio >= r.target_ratio else " MISS"
-            body.append([r.label, r.unit, *(fmt(r.median(n), r.unit) for n in names),
-                         "-" if ratio is None else f"{ratio:.2f}x", verdict])
+            body.append(
+                [
+                    r.label,
+                    r.unit,
+                    *(fmt(r.median(n), r.unit) for n in names),
+                    "-" if ratio is None else f"{ratio:.2f}x",
+                    verdict,
+                ]
+            )
         return format_table(header, body, [False, False, *([True] * len(names)), True, False])
 
     def cpu_table(self, names: list[str]) -> str:
@@ -300,8 +317,9 @@ class Results:
                 continue
             unit = "s/GB" if r.unit == "GB/s" else "us/op"
             cells = [statistics.median(r.daemon_cpu[n]) if r.daemon_cpu.get(n) else None for n in names]
-            body.append([r.label, unit, *("-" if c is None else f"{c:.2f}" if unit == "s/GB" else f"{c:.0f}"
-                                          for c in cells)])
+            body.append(
+                [r.label, unit, *("-" if c is None else f"{c:.2f}" if unit == "s/GB" else f"{c:.0f}" for c in cells)]
+            )
         return format_table(["daemon CPU", "unit", *names], body, [False, False, *([True] * len(names))])
 
 
@@ -321,8 +339,16 @@ def bandwidth(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / GB
 
 
-def measure_on(t: Target, res: Results, key: str, label: str, unit: str, work: Callable[[], float],
-               amount: float, target: float | None = None) -> float:
+def measure_on(
+    t: Target,
+    res: Results,
+    key: str,
+    label: str,
+    unit: str,
+    work: Callable[[], float],
+    amount: float,
+    target: float | None = None,
+) -> float:
     """Run ``work`` (returns seconds) and record amount/seconds, plus the daemon's CPU time per GB (s)
     or per op (us): where a daemon is slow but idle, it waits on round trips rather than computing."""
     cpu0 = t.cpu_seconds()
@@ -345,8 +371,15 @@ def prepare_read_file(t: Target, src: Path, cfg: Config, res: Results) -> None:
     t.read_file = t.mountpoint / "seq"
     log(f"{t.name}: writing {format_size(cfg.size)} read file from tmpfs (dd conv=fsync)")
     cmd = ["dd", f"if={src}", f"of={t.read_file}", "bs=1M", "conv=fsync"]
-    measure_on(t, res, "prep_write", "write from tmpfs src, fsync (prep)", "GB/s",
-               lambda: timed(cmd, t, cfg.op_timeout), cfg.size)
+    measure_on(
+        t,
+        res,
+        "prep_write",
+        "write from tmpfs src, fsync (prep)",
+        "GB/s",
+        lambda: timed(cmd, t, cfg.op_timeout),
+        cfg.size,
+    )
     timed(["cmp", str(src), str(t.read_file)], t, cfg.op_timeout)
     log(f"{t.name}: read file verified with cmp")
 
@@ -362,14 +395,36 @@ def read_rows(targets: list[Target], cfg: Config, res: Results) -> None:
             f = t.read_file
             dd = ["dd", f"if={f}", "of=/dev/null", "bs=1M"]
             drop_caches()
-            cold = measure_on(t, res, "read_dd_cold", "seq read cold, dd bs=1M", "GB/s",
-                              lambda dd=dd, t=t: timed(dd, t, cfg.op_timeout), cfg.size, READ_TARGET)
-            warm = measure_on(t, res, "read_dd_warm", "seq read again (page cache), dd bs=1M", "GB/s",
-                              lambda dd=dd, t=t: timed(dd, t, cfg.op_timeout), cfg.size)
+            cold = measure_on(
+                t,
+                res,
+                "read_dd_cold",
+                "seq read cold, dd bs=1M",
+                "GB/s",
+                lambda dd=dd, t=t: timed(dd, t, cfg.op_timeout),
+                cfg.size,
+                READ_TARGET,
+            )
+            warm = measure_on(
+                t,
+                res,
+                "read_dd_warm",
+                "seq read again (page cache), dd bs=1M",
+                "GB/s",
+                lambda dd=dd, t=t: timed(dd, t, cfg.op_timeout),
+                cfg.size,
+            )
             drop_caches()
-            cp = measure_on(t, res, "read_cp_cold", "seq read cold, cp F /dev/null", "GB/s",
-                            lambda f=f, t=t: timed(["cp", str(f), "/dev/null"], t, cfg.op_timeout),
-                            cfg.size, READ_TARGET)
+            cp = measure_on(
+                t,
+                res,
+                "read_cp_cold",
+                "seq read cold, cp F /dev/null",
+                "GB/s",
+                lambda f=f, t=t: timed(["cp", str(f), "/dev/null"], t, cfg.op_timeout),
+                cfg.size,
+                READ_TARGET,
+            )
             log(f"rep {rep + 1} {t.name}: read cold dd {cold:.2f}, again {warm:.2f}, cold cp {cp:.2f} GB/s")
 
 
@@ -388,10 +443,19 @@ def write_rows(targets: list[Target], cfg: Config, res: Results) -> None:
         write(t, True)
     for rep in range(cfg.reps):
         for t in targets:
-            a = measure_on(t, res, "write_dd_fsync", "seq write, dd bs=1M conv=fsync", "GB/s",
-                           lambda t=t: write(t, True), cfg.size, WRITE_TARGET)
-            b = measure_on(t, res, "write_dd", "seq write, dd bs=1M", "GB/s",
-                           lambda t=t: write(t, False), cfg.size, WRITE_TARGET)
+            a = measure_on(
+                t,
+                res,
+                "write_dd_fsync",
+                "seq write, dd bs=1M conv=fsync",
+                "GB/s",
+                lambda t=t: write(t, True),
+                cfg.size,
+                WRITE_TARGET,
+            )
+            b = measure_on(
+                t, res, "write_dd", "seq write, dd bs=1M", "GB/s", lambda t=t: write(t, False), cfg.size, WRITE_TARGET
+            )
             log(f"rep {rep + 1} {t.name}: write fsync {a:.2f}, no fsync {b:.2f} GB/s")
     for t in targets:
         with contextlib.suppress(FileNotFoundError):
@@ -406,18 +470,39 @@ def small_file_rows(targets: list[Target], cfg: Config, res: Results) -> None:
             d = t.mountpoint / f"small{rep}"
             d.mkdir()
             ls = ["ls", "-l", str(d)]
-            c = measure_on(t, res, "small_create", f"create+write 4KiB+close x{n}", "ops/s",
-                           lambda d=d, t=t: small_files(t, d, n, "create", cfg.op_timeout), n)
-            lw = measure_on(t, res, "small_ls", f"ls -l of {n} files", "ops/s",
-                            lambda ls=ls, t=t: timed(ls, t, cfg.op_timeout), n)
+            c = measure_on(
+                t,
+                res,
+                "small_create",
+                f"create+write 4KiB+close x{n}",
+                "ops/s",
+                lambda d=d, t=t: small_files(t, d, n, "create", cfg.op_timeout),
+                n,
+            )
+            lw = measure_on(
+                t, res, "small_ls", f"ls -l of {n} files", "ops/s", lambda ls=ls, t=t: timed(ls, t, cfg.op_timeout), n
+            )
             drop_caches()
-            lc = measure_on(t, res, "small_ls_cold", f"ls -l of {n} files, caches dropped", "ops/s",
-                            lambda ls=ls, t=t: timed(ls, t, cfg.op_timeout), n)
-            u = measure_on(t, res, "small_unlink", f"unlink x{n}", "ops/s",
-                           lambda d=d, t=t: small_files(t, d, n, "unlink", cfg.op_timeout), n)
+            lc = measure_on(
+                t,
+                res,
+                "small_ls_cold",
+                f"ls -l of {n} files, caches dropped",
+                "ops/s",
+                lambda ls=ls, t=t: timed(ls, t, cfg.op_timeout),
+                n,
+            )
+            u = measure_on(
+                t,
+                res,
+                "small_unlink",
+                f"unlink x{n}",
+                "ops/s",
+                lambda d=d, t=t: small_files(t, d, n, "unlink", cfg.op_timeout),
+                n,
+            )
             d.rmdir()
-            log(f"rep {rep + 1} {t.name}: create {c:,.0f}/s, ls -l {lw:,.0f}/s (cold {lc:,.0f}/s), "
-                f"unlink {u:,.0f}/s")
+            log(f"rep {rep + 1} {t.name}: create {c:,.0f}/s, ls -l {lw:,.0f}/s (cold {lc:,.0f}/s), unlink {u:,.0f}/s")
 
 
 def memory_rows(cfg: Config, res: Results, kv_dir: Path, dram: str) -> None:
@@ -452,8 +537,7 @@ def memory_rows(cfg: Config, res: Results, kv_dir: Path, dram: str) -> None:
                     raise RuntimeError("KV get_into returned different bytes than were put")
                 continue
             res.add("kv_put", "KV API put, 4MiB objects", "GB/s", "memory", bandwidth(n * KV_OBJECT, put_s))
-            res.add("kv_get_into", "KV API get_into, 4MiB objects", "GB/s", "memory",
-                    bandwidth(n * KV_OBJECT, get_s))
+            res.add("kv_get_into", "KV API get_into, 4MiB objects", "GB/s", "memory", bandwidth(n * KV_OBJECT, get_s))
 
 
 @contextlib.contextmanager
@@ -464,8 +548,11 @@ def py_spy(t: Target, out_dir: Path | None) -> Iterator[None]:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     svg = out_dir / f"fuse_bench_{t.name}.svg"
-    spy = subprocess.Popen(["py-spy", "record", "--native", "--idle", "-p", str(t.proc.pid), "-o", str(svg)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spy = subprocess.Popen(
+        ["py-spy", "record", "--native", "--idle", "-p", str(t.proc.pid), "-o", str(svg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     log(f"py-spy recording {t.name} (pid {t.proc.pid}) into {svg}")
     try:
         yield
@@ -480,8 +567,9 @@ def py_spy(t: Target, out_dir: Path | None) -> Iterator[None]:
 
 def mooncakefs_available() -> bool:
     """Whether ``python -m mooncakefs.cli mount`` exists yet."""
-    res = subprocess.run([sys.executable, "-m", "mooncakefs.cli", "mount", "--help"], capture_output=True,
-                         cwd=REPO, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "mooncakefs.cli", "mount", "--help"], capture_output=True, cwd=REPO, timeout=60
+    )
     return res.returncode == 0
 
 
@@ -491,11 +579,29 @@ def build_targets(args: argparse.Namespace, work: Path, cfg: Config) -> list[Tar
         name = name.strip()
         mnt = work / f"mnt_{name}"
         if name == "minimal_fs":
-            cmd = [sys.executable, str(HERE / "minimal_fs.py"), str(mnt), "--size", str(cfg.size),
-                   *(["--direct-io"] if args.minimal_direct_io else [])]
+            cmd = [
+                sys.executable,
+                str(HERE / "minimal_fs.py"),
+                str(mnt),
+                "--size",
+                str(cfg.size),
+                *(["--direct-io"] if args.minimal_direct_io else []),
+            ]
         elif name == "mooncakefs":
-            cmd = [sys.executable, "-m", "mooncakefs.cli", "mount", "--data", str(work / "data"),
-                   "--dram", args.dram, "--ssd", args.ssd, *shlex.split(args.mooncakefs_args), str(mnt)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "mooncakefs.cli",
+                "mount",
+                "--data",
+                str(work / "data"),
+                "--dram",
+                args.dram,
+                "--ssd",
+                args.ssd,
+                *shlex.split(args.mooncakefs_args),
+                str(mnt),
+            ]
         else:
             raise SystemExit(f"unknown target {name!r}: use minimal_fs and/or mooncakefs")
         targets.append(Target(name, mnt, cmd, work / f"{name}.log"))
@@ -504,9 +610,13 @@ def build_targets(args: argparse.Namespace, work: Path, cfg: Config) -> list[Tar
 
 def run(args: argparse.Namespace) -> int:
     size = (256 * MiB if args.quick else GiB) if args.size is None else args.size
-    cfg = Config(size=size - size % MiB, reps=args.reps or (1 if args.quick else 3),
-                 small_files=args.small_files or (1000 if args.quick else 10_000),
-                 op_timeout=args.op_timeout, mount_timeout=args.mount_timeout)
+    cfg = Config(
+        size=size - size % MiB,
+        reps=args.reps or (1 if args.quick else 3),
+        small_files=args.small_files or (1000 if args.quick else 10_000),
+        op_timeout=args.op_timeout,
+        mount_timeout=args.mount_timeout,
+    )
     if "mooncakefs" in args.targets and not mooncakefs_available():
         log("`python -m mooncakefs.cli mount` does not exist yet: measuring minimal_fs only")
         args.targets = ",".join(n for n in args.targets.split(",") if n.strip() != "mooncakefs")
@@ -555,10 +665,20 @@ def run(args: argparse.Namespace) -> int:
         memory_rows(cfg, res, Path(kv_dir), args.kv_dram)
 
     names = [t.name for t in targets]
-    title = (f"fuse_bench: {format_size(cfg.size)} files, {cfg.small_files:,} small files, "
-             f"median of {cfg.reps} rep(s), {time.perf_counter() - t_start:.0f} s")
-    table = "\n".join([title, res.table([*names, "memory"]), "", res.cpu_table(names), "",
-                       *(f"{t.name}: tuning {t.tuning}" + "".join(f"; NOTE {n}" for n in t.notes) for t in targets)])
+    title = (
+        f"fuse_bench: {format_size(cfg.size)} files, {cfg.small_files:,} small files, "
+        f"median of {cfg.reps} rep(s), {time.perf_counter() - t_start:.0f} s"
+    )
+    table = "\n".join(
+        [
+            title,
+            res.table([*names, "memory"]),
+            "",
+            res.cpu_table(names),
+            "",
+            *(f"{t.name}: tuning {t.tuning}" + "".join(f"; NOTE {n}" for n in t.notes) for t in targets),
+        ]
+    )
     payload = {
         "benchmark": "fuse_bench",
         "config": {**vars(cfg), "kv_object_bytes": KV_OBJECT, "quick": args.quick},
@@ -577,8 +697,9 @@ def parse_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="256MiB files, 1,000 small files, 1 rep (< 60 s)")
     ap.add_argument("--size", type=parse_size, default=None, help="bytes per large file (1GiB)")
     ap.add_argument("--reps", type=int, default=None, help="timed runs per row (3; 1 with --quick)")
@@ -589,10 +710,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mooncakefs-args", default="", help="extra mount flags, e.g. '--chunk-size 4MiB'")
     ap.add_argument("--kv-dram", default="2GiB", help="DRAM of the store used for the KV API rows")
     ap.add_argument("--minimal-direct-io", action="store_true", help="run minimal_fs with --direct-io")
-    ap.add_argument("--tune", action="store_true",
-                    help="apply minimal_fs.tune_mount() to mooncakefs's mount if it does not tune itself")
-    ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
-                    help="record a py-spy --native flame graph of a daemon into DIR")
+    ap.add_argument(
+        "--tune",
+        action="store_true",
+        help="apply minimal_fs.tune_mount() to mooncakefs's mount if it does not tune itself",
+    )
+    ap.add_argument(
+        "--py-spy",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="record a py-spy --native flame graph of a daemon into DIR",
+    )
     ap.add_argument("--py-spy-target", default="mooncakefs", help="which daemon --py-spy records")
     ap.add_argument("--workdir", default=None, help="parent of the mount points and data dir (/tmp)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep mount points, data dir and logs")

@@ -188,8 +188,7 @@ def op_runner(store: Any, op: str, w: Workload) -> tuple[Callable[[int, int], ob
     groups2 = [w.batch_keys(j) for j in range(w.batches)] * 2
     if op == "batch_put":
         items2 = [
-            list(zip(w.batch_keys(j), w.values[j * w.batch : (j + 1) * w.batch], strict=True))
-            for j in range(w.batches)
+            list(zip(w.batch_keys(j), w.values[j * w.batch : (j + 1) * w.batch], strict=True)) for j in range(w.batches)
         ] * 2
         batch_put = store.batch_put
 
@@ -340,9 +339,7 @@ class Bench:
         )
 
     def measure_row(self, store: Any, tier: str, op: str, w: Workload, *, cold: bool = False) -> Row:
-        row = Row(
-            tier=tier, op=op, size=w.size, keys=len(w.keys), batch=w.batch if op.startswith("batch") else 1
-        )
+        row = Row(tier=tier, op=op, size=w.size, keys=len(w.keys), batch=w.batch if op.startswith("batch") else 1)
         try:
             check_op(store, op, w)
             run, period, per_op = op_runner(store, op, w)
@@ -458,8 +455,18 @@ def run_mooncake(venv: str, args: argparse.Namespace) -> dict[str, Any]:
     script = Path(__file__).with_name("mooncake_baseline.py")
     with tempfile.TemporaryDirectory(prefix="kv_bench-mooncake-") as tmp:
         out = Path(tmp) / "mooncake.json"
-        cmd = [str(Path(venv) / "bin" / "python"), str(script), "--sizes", ",".join(map(format_size, args.sizes)),
-               "--reps", str(args.reps), "--rep-time", str(args.rep_seconds), "--json", str(out)]
+        cmd = [
+            str(Path(venv) / "bin" / "python"),
+            str(script),
+            "--sizes",
+            ",".join(map(format_size, args.sizes)),
+            "--reps",
+            str(args.reps),
+            "--rep-time",
+            str(args.rep_seconds),
+            "--json",
+            str(out),
+        ]
         return run_json_script(cmd, out)
 
 
@@ -571,9 +578,7 @@ def render(
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--quick", action="store_true", help=f"sizes {QUICK_SIZES}, short reps, 100k index objects"
-    )
+    p.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, short reps, 100k index objects")
     p.add_argument("--sizes", help=f"comma-separated value sizes (default {FULL_SIZES})")
     p.add_argument("--tiers", default="dram,ssd", help="which tiers to measure (default %(default)s)")
     p.add_argument(
@@ -584,17 +589,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--working-set",
         help="bytes of distinct keys per size, also the cap on one batch (default 256MiB, quick 64MiB)",
     )
-    p.add_argument(
-        "--max-keys", type=int, default=16384, help="cap on distinct keys per size (default %(default)s)"
-    )
+    p.add_argument("--max-keys", type=int, default=16384, help="cap on distinct keys per size (default %(default)s)")
     p.add_argument("--batch", type=int, default=32, help="keys per batch call (default %(default)s)")
     p.add_argument("--dram", default="2GiB", help="DRAM tier of the benchmark stores (default %(default)s)")
     p.add_argument("--ssd", default="4GiB", help="SSD tier of the benchmark stores (default %(default)s)")
     p.add_argument("--segment-size", help="segment_size passed to mooncakefs.open (default: the engine's)")
     p.add_argument("--dir", help="parent directory for the store data (default: a temporary directory)")
-    p.add_argument(
-        "--cold", action="store_true", help="drop the page cache before each SSD repetition (root)"
-    )
+    p.add_argument("--cold", action="store_true", help="drop the page cache before each SSD repetition (root)")
     p.add_argument(
         "--index-objects",
         type=int,
@@ -608,13 +609,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--index-child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--index-dir", help=argparse.SUPPRESS)
-    p.add_argument(
-        "--index-dram", default="1GiB", help="DRAM tier of the index-memory store (default %(default)s)"
-    )
+    p.add_argument("--index-dram", default="1GiB", help="DRAM tier of the index-memory store (default %(default)s)")
     args = p.parse_args(argv)
-    args.sizes = [
-        parse_size(x) for x in (args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)).split(",")
-    ]
+    args.sizes = [parse_size(x) for x in (args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)).split(",")]
     args.tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
     if args.rep_seconds is None:
         args.rep_seconds = 0.1 if args.quick else 0.25
@@ -656,9 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     try:
         bench = Bench(args)
-        progress(
-            f"buffers: {format_size(bench.src.nbytes)} source, {format_size(bench.dst.nbytes)} destination"
-        )
+        progress(f"buffers: {format_size(bench.src.nbytes)} source, {format_size(bench.dst.nbytes)} destination")
         rows, ssd_stats = [], None
         if "dram" in args.tiers:
             rows += bench.dram_rows(root)
@@ -666,9 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ssd, ssd_stats = bench.ssd_rows(root)
             rows += ssd
             if ssd_stats["after_reads"].get("dram", {}).get("objects"):
-                notes.append(
-                    "WARNING: objects reached DRAM during the ssd rows; some reads were not from SSD"
-                )
+                notes.append("WARNING: objects reached DRAM during the ssd rows; some reads were not from SSD")
         reference = bench.reference
         dst_page_offset = bench.dst.ctypes.data % 4096
         del bench

@@ -46,8 +46,18 @@ FILE_NAME = b"file"
 FILE_INODE = pyfuse3.ROOT_INODE + 1
 FUSECTL_DIR = Path("/sys/fs/fuse/connections")
 TIMEOUT = 300.0  # entry/attr cache seconds: nothing changes behind the kernel's back
-_SIZE_UNITS = {"": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB,
-               "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+_SIZE_UNITS = {
+    "": 1,
+    "k": KiB,
+    "kib": KiB,
+    "m": MiB,
+    "mib": MiB,
+    "g": GiB,
+    "gib": GiB,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+}
 
 
 # -- mount-time tuning (reusable) ----------------------------------------------------------------------
@@ -103,8 +113,7 @@ def _ensure_fusectl() -> None:
     """Mount fusectl at /sys/fs/fuse/connections (it is not mounted by default on these machines)."""
     if any(fstype == "fusectl" for _, _, fstype in _mounts()):
         return
-    subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL_DIR)], check=True,
-                   capture_output=True, text=True)
+    subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL_DIR)], check=True, capture_output=True, text=True)
 
 
 def tune_mount(
@@ -169,8 +178,7 @@ def prefaulted_mmap(nbytes: int, fill: str = "zero") -> mmap.mmap:
             buf.madvise(mmap.MADV_HUGEPAGE)
     step = 64 * MiB
     for start in range(0, nbytes - nbytes % 8, step):
-        words = np.frombuffer(buf, dtype=np.uint64, count=min(step, nbytes - nbytes % 8 - start) // 8,
-                              offset=start)
+        words = np.frombuffer(buf, dtype=np.uint64, count=min(step, nbytes - nbytes % 8 - start) // 8, offset=start)
         if fill == "pattern":
             words[:] = np.arange(start, start + 8 * len(words), 8, dtype=np.uint64)
         else:
@@ -240,8 +248,7 @@ class MinimalFS(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
-                     ) -> pyfuse3.EntryAttributes:
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         if name == b".":
             node = parent
@@ -271,8 +278,14 @@ class MinimalFS(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attr(self._node(inode))
 
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         if fields.update_size:
             if inode == FILE_INODE:
@@ -313,8 +326,9 @@ class MinimalFS(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         pass
 
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
-                    ) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         node = self._new_child(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode))
         node.nlink = 2
         return self._attr(node)
@@ -367,8 +381,9 @@ class MinimalFS(pyfuse3.Operations):
             self._resize(node, 0)
         return self._file_info(inode)
 
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self._new_child(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode))
         return self._file_info(node.inode), self._attr(node)
 
@@ -445,7 +460,7 @@ def parse_size(text: str) -> int:
     """Bytes from "1GiB", "256MiB", "4k" or a plain number."""
     t = text.strip().lower()
     digits = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = t[len(digits):]
+    unit = t[len(digits) :]
     if unit not in _SIZE_UNITS or not digits:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}")
     return int(float(digits) * _SIZE_UNITS[unit])
@@ -486,8 +501,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("mountpoint")
     ap.add_argument("--size", type=parse_size, default=GiB, help="size of the read-only /file (1GiB)")
-    ap.add_argument("--arena", type=parse_size, default=None,
-                    help="bytes of prefaulted memory for written files (default: size + 128MiB)")
+    ap.add_argument(
+        "--arena",
+        type=parse_size,
+        default=None,
+        help="bytes of prefaulted memory for written files (default: size + 128MiB)",
+    )
     ap.add_argument("--direct-io", action="store_true", help="FileInfo(direct_io=True): bypass page cache")
     ap.add_argument("--no-tune", action="store_true", help="leave the kernel's readahead/background defaults")
     ap.add_argument("--debug", action="store_true", help="libfuse debug output")

@@ -637,9 +637,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         help="extra master flag, e.g. --master-arg=--client_ttl=30",
     )
-    p.add_argument("--endpoint", default=None, metavar="ADDR",
-                   help="start no master: pass ADDR to setup() as master_server_addr (e.g. a mooncakefs node "
-                        "through the drop-in); implies --layout endpoint")
+    p.add_argument(
+        "--endpoint",
+        default=None,
+        metavar="ADDR",
+        help="start no master: pass ADDR to setup() as master_server_addr (e.g. a mooncakefs node "
+        "through the drop-in); implies --layout endpoint",
+    )
     p.add_argument("--json", default=None, help="write JSON here instead of stdout")
     p.add_argument("--verbose", action="store_true", help="keep Mooncake INFO logging")
     p.add_argument("--serve-segment", default=None, metavar="MASTER_ADDR", help=argparse.SUPPRESS)
@@ -676,15 +680,19 @@ def run_bench(args: argparse.Namespace, log_dir: str) -> tuple[list[Result], dic
     """Start master (+ segment server for --layout remote) and the measuring client; measure."""
     remote = args.layout == "remote"
     cpu_here, cpu_server = args.cpus if args.cpus else (None, None)
-    master = None if args.endpoint else Master(find_master_binary(args.master_bin),
-                                               os.path.join(log_dir, "master.log"), args.master_arg)
+    master = (
+        None
+        if args.endpoint
+        else Master(find_master_binary(args.master_bin), os.path.join(log_dir, "master.log"), args.master_arg)
+    )
     server: SegmentServer | None = None
     extra: dict[str, Any] = {}
     pin_process(cpu_here)  # after the master started: it inherits nothing and stays unpinned
     store = MooncakeDistributedStore()
     try:
-        setup_store(store, 0 if remote else args.segment, args.local_buffer,
-                    args.endpoint or (master.addr if master else ""))
+        setup_store(
+            store, 0 if remote else args.segment, args.local_buffer, args.endpoint or (master.addr if master else "")
+        )
         if remote:
             # Nothing holds a segment yet, so a put must fail: the measuring client stores nothing.
             rc = store.put("bench/probe/no-segment", b"x")
@@ -725,8 +733,11 @@ def main(argv: list[str] | None = None) -> int:
 
     drop_in = bool(getattr(mooncake, "__mooncakefs__", False))
     system = "mooncakefs-drop-in" if drop_in else "mooncake"
-    version = (__import__("mooncakefs").__version__ if drop_in
-               else importlib.metadata.version("mooncake-transfer-engine-non-cuda"))
+    version = (
+        __import__("mooncakefs").__version__
+        if drop_in
+        else importlib.metadata.version("mooncake-transfer-engine-non-cuda")
+    )
     log_dir = tempfile.mkdtemp(prefix="mooncake-baseline-")
     t_start = time.perf_counter()
     client_log = None if args.verbose else os.path.join(log_dir, "client.log")
@@ -756,7 +767,8 @@ def main(argv: list[str] | None = None) -> int:
             "metadata_server": "P2PHANDSHAKE",
             "global_segment_size": args.segment,
             "segment_owner": {"remote": "server process", "endpoint": f"the process behind {args.endpoint}"}.get(
-                args.layout, "measuring process"),
+                args.layout, "measuring process"
+            ),
             "endpoint": args.endpoint,
             "local_buffer_size": args.local_buffer,
             "cpus": args.cpus,

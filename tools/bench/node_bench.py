@@ -182,8 +182,22 @@ def running_node(root: Path, dram: str, port: int) -> Iterator[NodeInfo]:
     use: its sockets accept and its background pool prefault is over (the process has gone idle)."""
     sock_path = root / "node.sock"
     log_path = root / "node.log"
-    cmd = [sys.executable, "-m", "mooncakefs.cli", "node", "--data", str(root / "data"), "--dram", dram,
-           "--socket", str(sock_path), "--listen", f"127.0.0.1:{port}", "--metrics", "none"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mooncakefs.cli",
+        "node",
+        "--data",
+        str(root / "data"),
+        "--dram",
+        dram,
+        "--socket",
+        str(sock_path),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--metrics",
+        "none",
+    ]
     progress("starting node: " + shlex.join(cmd))
     t0 = time.perf_counter()
     with log_path.open("wb") as log, child_process(cmd, stdout=log, stderr=subprocess.STDOUT) as proc:
@@ -195,10 +209,13 @@ def running_node(root: Path, dram: str, port: int) -> Iterator[NodeInfo]:
         except BaseException:
             progress("node log:\n" + log_path.read_text(errors="replace")[-4000:])
             raise
-        info = NodeInfo(cmd, proc.pid, f"unix://{sock_path}", f"tcp://127.0.0.1:{tcp_port}", ready_s, settled_s,
-                        rss_shmem(proc.pid))
-        progress(f"node pid {proc.pid} ready in {ready_s:.1f}s, idle (pool prefaulted: "
-                 f"{format_size(info.pool_resident_bytes)} resident) after {settled_s:.1f}s")
+        info = NodeInfo(
+            cmd, proc.pid, f"unix://{sock_path}", f"tcp://127.0.0.1:{tcp_port}", ready_s, settled_s, rss_shmem(proc.pid)
+        )
+        progress(
+            f"node pid {proc.pid} ready in {ready_s:.1f}s, idle (pool prefaulted: "
+            f"{format_size(info.pool_resident_bytes)} resident) after {settled_s:.1f}s"
+        )
         yield info
         if proc.poll() is not None:
             raise RuntimeError(f"the node exited early ({proc.returncode}): {log_path.read_text()[-2000:]}")
@@ -330,8 +347,12 @@ class Reference:
         return lambda: into.append(self.rep(seconds))
 
     def summary(self) -> dict[str, Any]:
-        return {"value": float(np.median(self.samples)) if self.samples else None, "unit": self.unit,
-                "what": REFERENCE_TEXT[self.name], "samples": self.samples}
+        return {
+            "value": float(np.median(self.samples)) if self.samples else None,
+            "unit": self.unit,
+            "what": REFERENCE_TEXT[self.name],
+            "samples": self.samples,
+        }
 
 
 def copy_reference(src: np.ndarray, dst: np.ndarray) -> Reference:
@@ -411,8 +432,10 @@ class Workload:
         if op.startswith("batch"):
             n = len(self.keys) // self.batch
             groups = [self.keys[j * self.batch : (j + 1) * self.batch] for j in range(n)] * 2
-            items = [list(zip(g, self.values[j * self.batch : (j + 1) * self.batch], strict=True))
-                     for j, g in enumerate(groups[:n])] * 2
+            items = [
+                list(zip(g, self.values[j * self.batch : (j + 1) * self.batch], strict=True))
+                for j, g in enumerate(groups[:n])
+            ] * 2
             batch_get_into, batch_put, buffers = store.batch_get_into, store.batch_put, self.buffers
 
             def run_batch_put(start: int, count: int) -> None:
@@ -439,6 +462,7 @@ class Workload:
 
     def check(self, store: Any, op: str) -> None:
         """One untimed call of ``op`` whose result is compared with the source bytes."""
+
         def same(got: Any, j: int) -> bool:
             return np.array_equal(np.frombuffer(got, dtype=np.uint8), self.values[j])
 
@@ -460,8 +484,9 @@ class Workload:
             raise AssertionError(f"wrong result from {op} of {format_size(n)} values")
 
 
-def measure_rows(args: argparse.Namespace, url: str, via: str, src: np.ndarray, dst: np.ndarray,
-                 refs: dict[str, Reference]) -> list[Row]:
+def measure_rows(
+    args: argparse.Namespace, url: str, via: str, src: np.ndarray, dst: np.ndarray, refs: dict[str, Reference]
+) -> list[Row]:
     """Every (op, size) of ROWS through one client of the node, values prefilled first.  Each repetition
     of a row follows one repetition of its physical reference, so drift on a noisy host hits both."""
     loads = {
@@ -503,9 +528,18 @@ def run_mooncake(venv: str, args: argparse.Namespace, root: Path) -> dict[str, A
     """Mooncake's remote (cross-process) layout via mooncake_baseline.py in ``venv``: its JSON, or
     ``{"error": ...}``."""
     out = root / "mooncake.json"
-    cmd = [str(Path(venv) / "bin" / "python"), str(Path(__file__).with_name("mooncake_baseline.py")),
-           "--layout", "remote", "--sizes", f"{format_size(SMALL)},{format_size(LARGE)}",
-           "--reps", str(args.mooncake_reps), "--json", str(out)]
+    cmd = [
+        str(Path(venv) / "bin" / "python"),
+        str(Path(__file__).with_name("mooncake_baseline.py")),
+        "--layout",
+        "remote",
+        "--sizes",
+        f"{format_size(SMALL)},{format_size(LARGE)}",
+        "--reps",
+        str(args.mooncake_reps),
+        "--json",
+        str(out),
+    ]
     return {**run_json_script(cmd, out), "command": cmd}
 
 
@@ -526,8 +560,14 @@ def finish_rows(rows: Sequence[Row], mooncake: dict[str, Any] | None) -> None:
             row.x_mooncake = row.ops_per_s / row.mooncake_ops_per_s
         for t in TARGETS.get((row.via, row.op, row.size), ()):
             value = {"x_ref": row.x_ref, "x_mooncake": row.x_mooncake, "ops_per_s": row.ops_per_s}[t.metric]
-            row.targets.append({**asdict(t), "label": t.label(row.reference), "value": value,
-                                "pass": None if value is None else value >= t.minimum})
+            row.targets.append(
+                {
+                    **asdict(t),
+                    "label": t.label(row.reference),
+                    "value": value,
+                    "pass": None if value is None else value >= t.minimum,
+                }
+            )
 
 
 def _number(value: float) -> str:
@@ -535,8 +575,10 @@ def _number(value: float) -> str:
 
 
 def render(rows: Sequence[Row], refs: dict[str, dict[str, Any]], notes: Sequence[str]) -> str:
-    ref_rows = [[name, _number(v["value"]) if v["value"] else "-", str(len(v["samples"])), v["what"]]
-                for name, v in refs.items()]
+    ref_rows = [
+        [name, _number(v["value"]) if v["value"] else "-", str(len(v["samples"])), v["what"]]
+        for name, v in refs.items()
+    ]
     header = ["via", "op", "size", "keys/s", "GB/s", "ref", "ref value", "x ref", "mc keys/s", "x mc", "target"]
     right = [False, False, True, True, True, False, True, True, True, True, False]
     body, failures = [], []
@@ -547,21 +589,31 @@ def render(rows: Sequence[Row], refs: dict[str, dict[str, Any]], notes: Sequence
             failures.append(f"failed: {r.via} {r.op} {size}: {r.error}")
             body.append([r.via, r.op, size, "FAILED", "", "", "", "", "", "", "; ".join(verdicts)])
             continue
-        body.append([
-            r.via, r.op, size, f"{r.ops_per_s:,.0f}", f"{r.gbps:.3f}", r.reference or "",
-            _number(r.reference_value) if r.reference_value else "",
-            f"{r.x_ref:.2f}" if r.x_ref is not None else "",
-            f"{r.mooncake_ops_per_s:,.0f}" if r.mooncake_ops_per_s else "",
-            f"{r.x_mooncake:.2f}" if r.x_mooncake is not None else "", "; ".join(verdicts),
-        ])
-    return "\n".join([
-        "physical references (median of all their repetitions in this run):",
-        format_table(["ref", "value", "reps", "what"], ref_rows, [False, True, True, False]),
-        "",
-        format_table(header, body, right),
-        *failures,
-        *(f"note: {n}" for n in notes),
-    ])
+        body.append(
+            [
+                r.via,
+                r.op,
+                size,
+                f"{r.ops_per_s:,.0f}",
+                f"{r.gbps:.3f}",
+                r.reference or "",
+                _number(r.reference_value) if r.reference_value else "",
+                f"{r.x_ref:.2f}" if r.x_ref is not None else "",
+                f"{r.mooncake_ops_per_s:,.0f}" if r.mooncake_ops_per_s else "",
+                f"{r.x_mooncake:.2f}" if r.x_mooncake is not None else "",
+                "; ".join(verdicts),
+            ]
+        )
+    return "\n".join(
+        [
+            "physical references (median of all their repetitions in this run):",
+            format_table(["ref", "value", "reps", "what"], ref_rows, [False, True, True, False]),
+            "",
+            format_table(header, body, right),
+            *failures,
+            *(f"note: {n}" for n in notes),
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -622,20 +674,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if mooncake and "error" in mooncake:
         notes.append(f"mooncake baseline failed: {mooncake['error']}")
     elif mooncake:
-        notes.append(f"mc: Mooncake {mooncake.get('version')} --layout remote (client without a segment + a "
-                     f"segment-serving process, tcp loopback), median of {args.mooncake_reps} reps, same op and size")
+        notes.append(
+            f"mc: Mooncake {mooncake.get('version')} --layout remote (client without a segment + a "
+            f"segment-serving process, tcp loopback), median of {args.mooncake_reps} reps, same op and size"
+        )
     finish_rows(rows, mooncake)
-    report(render(rows, refs, notes), {
-        "tool": "node_bench",
-        "machine": machine_info(),
-        "config": {k: v for k, v in vars(args).items() if not k.startswith("peer")},
-        "node": asdict(node),
-        "references": refs,
-        "rows": [asdict(r) for r in rows],
-        "mooncake": mooncake,
-        "notes": notes,
-        "seconds": time.perf_counter() - started,
-    }, args.json)
+    report(
+        render(rows, refs, notes),
+        {
+            "tool": "node_bench",
+            "machine": machine_info(),
+            "config": {k: v for k, v in vars(args).items() if not k.startswith("peer")},
+            "node": asdict(node),
+            "references": refs,
+            "rows": [asdict(r) for r in rows],
+            "mooncake": mooncake,
+            "notes": notes,
+            "seconds": time.perf_counter() - started,
+        },
+        args.json,
+    )
     return 0
 
 

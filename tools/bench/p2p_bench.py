@@ -77,8 +77,12 @@ def one_round(bed: Testbed, readers: list[int], size: int, tmp: Path, tag: str) 
         out.unlink()
     src.unlink()
     os.unlink(bed.mounts[0].mnt / tag)
-    return {"all_s": max(ends.values()), "each_s": sorted(ends.values()), "source_bytes_sent": sent,
-            "cpu_busy": round(busy, 3)}
+    return {
+        "all_s": max(ends.values()),
+        "each_s": sorted(ends.values()),
+        "source_bytes_sent": sent,
+        "cpu_busy": round(busy, 3),
+    }
 
 
 def main() -> int:
@@ -101,37 +105,58 @@ def main() -> int:
     try:
         bed.start()
         link_s = size * 8 / parse_rate(args.rate)
-        print(f"file {args.size} MiB, links {args.rate} each way (the file over one link: {link_s:.2f} s), "
-              f"{len(bed.nodes)} hosts, p2p {os.environ.get('MOONCAKEFS_P2P', 'on')}", flush=True)
+        print(
+            f"file {args.size} MiB, links {args.rate} each way (the file over one link: {link_s:.2f} s), "
+            f"{len(bed.nodes)} hosts, p2p {os.environ.get('MOONCAKEFS_P2P', 'on')}",
+            flush=True,
+        )
         single = None
         for n in counts:
             rounds = [one_round(bed, list(range(1, n + 1)), size, tmp, f"f{n}-{i}") for i in range(args.files)]
             all_s = statistics.median(r["all_s"] for r in rounds)
             if n == 1 or single is None:
                 single = all_s
-            rows.append({"readers": n, "file_bytes": size, "single_reader_s": round(single, 3),
-                         "all_readers_s": round(all_s, 3), "ratio": round(all_s / single, 3),
-                         "source_bytes_sent": int(statistics.median(r["source_bytes_sent"] for r in rounds)),
-                         "source_x_file": round(statistics.median(r["source_bytes_sent"] for r in rounds) / size, 3),
-                         "link_s": round(link_s, 3), "rounds": rounds})
+            rows.append(
+                {
+                    "readers": n,
+                    "file_bytes": size,
+                    "single_reader_s": round(single, 3),
+                    "all_readers_s": round(all_s, 3),
+                    "ratio": round(all_s / single, 3),
+                    "source_bytes_sent": int(statistics.median(r["source_bytes_sent"] for r in rounds)),
+                    "source_x_file": round(statistics.median(r["source_bytes_sent"] for r in rounds) / size, 3),
+                    "link_s": round(link_s, 3),
+                    "rounds": rounds,
+                }
+            )
             r = rows[-1]
-            print(f"N={n:2d}  all readers {all_s:7.2f} s  (x{r['ratio']:.2f} of one reader, x{all_s / link_s:.2f} "
-                  f"of the link)  source sent {r['source_x_file']:.2f} x the file   "
-                  f"runs: {[round(x['all_s'], 2) for x in rounds]}  CPU busy {[x['cpu_busy'] for x in rounds]}",
-                  flush=True)
+            print(
+                f"N={n:2d}  all readers {all_s:7.2f} s  (x{r['ratio']:.2f} of one reader, x{all_s / link_s:.2f} "
+                f"of the link)  source sent {r['source_x_file']:.2f} x the file   "
+                f"runs: {[round(x['all_s'], 2) for x in rounds]}  CPU busy {[x['cpu_busy'] for x in rounds]}",
+                flush=True,
+            )
     finally:
         bed.close()
     head = ("readers", "file MiB", "single s", "all s", "ratio", "source sent", "x file")
     print("\n" + " ".join(f"{h:>{w}}" for h, w in zip(head, (7, 8, 9, 8, 6, 12, 7), strict=True)))
     for r in rows:
-        print(f"{r['readers']:>7} {r['file_bytes'] // MiB:>8} {r['single_reader_s']:>9.2f} {r['all_readers_s']:>8.2f} "
-              f"{r['ratio']:>6.2f} {r['source_bytes_sent']:>12} {r['source_x_file']:>7.2f}")
+        print(
+            f"{r['readers']:>7} {r['file_bytes'] // MiB:>8} {r['single_reader_s']:>9.2f} {r['all_readers_s']:>8.2f} "
+            f"{r['ratio']:>6.2f} {r['source_bytes_sent']:>12} {r['source_x_file']:>7.2f}"
+        )
     if args.json:
-        out = {"readers": [r["readers"] for r in rows], "file_bytes": size, "rate": args.rate,
-               "p2p": os.environ.get("MOONCAKEFS_P2P", "on"),
-               "single_reader_s": rows[0]["single_reader_s"] if rows else None,
-               "all_readers_s": [r["all_readers_s"] for r in rows], "ratio": [r["ratio"] for r in rows],
-               "source_bytes_sent": [r["source_bytes_sent"] for r in rows], "by_readers": rows}
+        out = {
+            "readers": [r["readers"] for r in rows],
+            "file_bytes": size,
+            "rate": args.rate,
+            "p2p": os.environ.get("MOONCAKEFS_P2P", "on"),
+            "single_reader_s": rows[0]["single_reader_s"] if rows else None,
+            "all_readers_s": [r["all_readers_s"] for r in rows],
+            "ratio": [r["ratio"] for r in rows],
+            "source_bytes_sent": [r["source_bytes_sent"] for r in rows],
+            "by_readers": rows,
+        }
         args.json.write_text(json.dumps(out, indent=2))
     return 0
 

@@ -82,8 +82,9 @@ def spawn(role: str) -> tuple[subprocess.Popen, dict[str, Any]]:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", role], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", role], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
     return proc, json.loads(proc.stdout.readline())  # type: ignore[union-attr]
 
 
@@ -105,8 +106,16 @@ def timed(run: Callable[[], int], reps: int, seconds: float) -> list[float]:
     return out
 
 
-def mooncakefs_cell(same_host: bool, session_info: dict[str, Any], op: str, block: int, batch: int,
-                    local: np.ndarray, args: argparse.Namespace, region: str = "managed") -> list[float]:
+def mooncakefs_cell(
+    same_host: bool,
+    session_info: dict[str, Any],
+    op: str,
+    block: int,
+    batch: int,
+    local: np.ndarray,
+    args: argparse.Namespace,
+    region: str = "managed",
+) -> list[float]:
     from mooncakefs.transfer import TransferEngine
 
     engine = TransferEngine()
@@ -130,8 +139,9 @@ def mooncakefs_cell(same_host: bool, session_info: dict[str, Any], op: str, bloc
         engine.close()
 
 
-def raw_cell(port: int, op: str, block: int, batch: int, local: np.ndarray, args: argparse.Namespace,
-             sock: socket.socket) -> list[float]:
+def raw_cell(
+    port: int, op: str, block: int, batch: int, local: np.ndarray, args: argparse.Namespace, sock: socket.socket
+) -> list[float]:
     view = memoryview(local)
 
     def run() -> int:
@@ -164,8 +174,9 @@ def mooncake_cells(venv: str, args: argparse.Namespace) -> dict[tuple[str, int, 
     log = Path(args.json).with_suffix(".mooncake-target.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        target = subprocess.Popen([binary, "--mode=target", "--local_server_name=127.0.0.1:0", *common],
-                                  stdout=out, stderr=subprocess.STDOUT)
+        target = subprocess.Popen(
+            [binary, "--mode=target", "--local_server_name=127.0.0.1:0", *common], stdout=out, stderr=subprocess.STDOUT
+        )
     results: dict[tuple[str, int, int], list[float]] = {}
     try:
         port = None
@@ -180,11 +191,24 @@ def mooncake_cells(venv: str, args: argparse.Namespace) -> dict[tuple[str, int, 
             for op in OPS:
                 got = []
                 for _ in range(args.mooncake_reps):
-                    run = subprocess.run([binary, "--mode=initiator", "--local_server_name=127.0.0.1:0",
-                                          f"--segment_id=127.0.0.1:{port}", *common, f"--block_size={block}",
-                                          f"--batch_size={batch}", "--threads=1",
-                                          f"--duration={args.mooncake_seconds}", f"--operation={op}",
-                                          "--report_unit=GB"], capture_output=True, text=True, timeout=120)
+                    run = subprocess.run(
+                        [
+                            binary,
+                            "--mode=initiator",
+                            "--local_server_name=127.0.0.1:0",
+                            f"--segment_id=127.0.0.1:{port}",
+                            *common,
+                            f"--block_size={block}",
+                            f"--batch_size={batch}",
+                            "--threads=1",
+                            f"--duration={args.mooncake_seconds}",
+                            f"--operation={op}",
+                            "--report_unit=GB",
+                        ],
+                        capture_output=True,
+                        text=True,
+                        timeout=120,
+                    )
                     m = re.search(r"throughput ([\d.]+) GB/s", run.stdout + run.stderr)
                     if not m:
                         raise RuntimeError(f"transfer_engine_bench said: {(run.stdout + run.stderr)[-500:]}")
@@ -223,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     sock = socket.create_connection(("127.0.0.1", raw_info["port"]))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     cells: dict[str, dict[tuple[str, int, int], list[float]]] = {
-        k: {} for k in ("tcp", "local", "local_vm", "raw", "memcpy")}
+        k: {} for k in ("tcp", "local", "local_vm", "raw", "memcpy")
+    }
     try:
         for block, batch in SHAPES:
             for op in OPS:
@@ -249,27 +274,80 @@ def main(argv: Sequence[str] | None = None) -> None:
             tcp, loc, rw, cp = med["tcp"][key], med["local"][key], med["raw"][key], med["memcpy"][key]
             vm = med["local_vm"][key]
             m = mc.get(key)
-            rows.append([f"{format_size(block)} x{batch}", op, f"{tcp:.2f}", f"{m:.2f}" if m else "-",
-                         f"{tcp / m:.2f}" if m else "-", f"{rw:.2f}", f"{tcp / rw:.2f}", f"{loc:.2f}",
-                         f"{cp:.2f}", f"{loc / cp:.2f}", f"{vm:.2f}", f"{vm / cp:.2f}"])
-            records.append({"block": block, "batch": batch, "op": op, "mooncakefs_tcp_gbps": cells["tcp"][key],
-                            "mooncakefs_local_gbps": cells["local"][key],
-                            "mooncakefs_local_process_vm_gbps": cells["local_vm"][key],
-                            "raw_socket_gbps": cells["raw"][key],
-                            "memcpy_gbps": cells["memcpy"][key], "mooncake_tcp_gbps": mooncake.get(key),
-                            "median": {"mooncakefs_tcp": tcp, "mooncakefs_local": loc, "raw_socket": rw,
-                                       "mooncakefs_local_process_vm": vm, "memcpy": cp, "mooncake_tcp": m},
-                            "ratio": {"tcp_vs_mooncake": tcp / m if m else None, "tcp_vs_raw_socket": tcp / rw,
-                                      "local_vs_memcpy": loc / cp, "local_process_vm_vs_memcpy": vm / cp}})
-    header = ["shape", "op", "mcfs tcp", "Mooncake tcp", "x Mooncake", "raw socket", "x raw", "mcfs local",
-              "memcpy", "x memcpy", "mcfs vm", "x memcpy"]
-    print("GB/s (1e9 bytes/s), medians of", args.reps, "reps; Mooncake:", args.mooncake_reps if mooncake else 0,
-          "runs of", args.mooncake_seconds, "s")
+            rows.append(
+                [
+                    f"{format_size(block)} x{batch}",
+                    op,
+                    f"{tcp:.2f}",
+                    f"{m:.2f}" if m else "-",
+                    f"{tcp / m:.2f}" if m else "-",
+                    f"{rw:.2f}",
+                    f"{tcp / rw:.2f}",
+                    f"{loc:.2f}",
+                    f"{cp:.2f}",
+                    f"{loc / cp:.2f}",
+                    f"{vm:.2f}",
+                    f"{vm / cp:.2f}",
+                ]
+            )
+            records.append(
+                {
+                    "block": block,
+                    "batch": batch,
+                    "op": op,
+                    "mooncakefs_tcp_gbps": cells["tcp"][key],
+                    "mooncakefs_local_gbps": cells["local"][key],
+                    "mooncakefs_local_process_vm_gbps": cells["local_vm"][key],
+                    "raw_socket_gbps": cells["raw"][key],
+                    "memcpy_gbps": cells["memcpy"][key],
+                    "mooncake_tcp_gbps": mooncake.get(key),
+                    "median": {
+                        "mooncakefs_tcp": tcp,
+                        "mooncakefs_local": loc,
+                        "raw_socket": rw,
+                        "mooncakefs_local_process_vm": vm,
+                        "memcpy": cp,
+                        "mooncake_tcp": m,
+                    },
+                    "ratio": {
+                        "tcp_vs_mooncake": tcp / m if m else None,
+                        "tcp_vs_raw_socket": tcp / rw,
+                        "local_vs_memcpy": loc / cp,
+                        "local_process_vm_vs_memcpy": vm / cp,
+                    },
+                }
+            )
+    header = [
+        "shape",
+        "op",
+        "mcfs tcp",
+        "Mooncake tcp",
+        "x Mooncake",
+        "raw socket",
+        "x raw",
+        "mcfs local",
+        "memcpy",
+        "x memcpy",
+        "mcfs vm",
+        "x memcpy",
+    ]
+    print(
+        "GB/s (1e9 bytes/s), medians of",
+        args.reps,
+        "reps; Mooncake:",
+        args.mooncake_reps if mooncake else 0,
+        "runs of",
+        args.mooncake_seconds,
+        "s",
+    )
     print(format_table(header, rows, [False, False] + [True] * 10))
-    print("mcfs tcp: same_host=False; mcfs local: same host, the peer's managed buffer (memfd, memcpy); "
-          "mcfs vm: same host, ordinary registered memory (process_vm_readv/writev)")
-    write_json(args.json, {"machine": machine_info({"mooncake_venv": args.vs_mooncake}), "rows": records,
-                           "args": vars(args)})
+    print(
+        "mcfs tcp: same_host=False; mcfs local: same host, the peer's managed buffer (memfd, memcpy); "
+        "mcfs vm: same host, ordinary registered memory (process_vm_readv/writev)"
+    )
+    write_json(
+        args.json, {"machine": machine_info({"mooncake_venv": args.vs_mooncake}), "rows": records, "args": vars(args)}
+    )
     print(f"wrote {args.json}")
 
 

@@ -11,5 +11,12 @@ from mooncakefs.compat.p2p_store import (
 )
 
 __mooncakefs__ = True
-__all__ = ["MAX_SHARD_SIZE", "P2PStore", "PayloadExists", "PayloadInfo", "PayloadNotFound", "PayloadNotOpened",
-           "PayloadOpened"]
+__all__ = [
+    "MAX_SHARD_SIZE",
+    "P2PStore",
+    "PayloadExists",
+    "PayloadInfo",
+    "PayloadNotFound",
+    "PayloadNotOpened",
+    "PayloadOpened",
+]

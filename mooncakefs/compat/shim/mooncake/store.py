@@ -11,5 +11,12 @@ from mooncakefs.compat.store import (
 )
 
 __mooncakefs__ = True
-__all__ = ["BufferHandle", "MooncakeDistributedStore", "MooncakeHostMemAllocator", "ObjectDataType",
-           "ReplicateConfig", "SoftPinAction", "bind_to_numa_node"]
+__all__ = [
+    "BufferHandle",
+    "MooncakeDistributedStore",
+    "MooncakeHostMemAllocator",
+    "ObjectDataType",
+    "ReplicateConfig",
+    "SoftPinAction",
+    "bind_to_numa_node",
+]
