@@ -623,11 +623,7 @@ class MooncakeDistributedStore:
         config: ReplicateConfig | None = None,
     ) -> list[int]:
         """``put_from`` of many: a code per key (all -600 if the lists differ in length)."""
-        try:
-            views = self._views(buffer_ptrs, sizes, len(keys))
-        except MooncakeError as exc:
-            return [self._fail(exc)] * len(keys)
-        return self._batch_put(keys, views, config, False, False)
+        return self._batch_put_from(keys, buffer_ptrs, sizes, config, upsert=False)
 
     def batch_upsert_from(
         self,
@@ -636,11 +632,22 @@ class MooncakeDistributedStore:
         sizes: Sequence[int],
         config: ReplicateConfig | None = None,
     ) -> list[int]:
+        return self._batch_put_from(keys, buffer_ptrs, sizes, config, upsert=True)
+
+    def _batch_put_from(
+        self,
+        keys: Sequence[str],
+        buffer_ptrs: Sequence[int],
+        sizes: Sequence[int],
+        config: ReplicateConfig | None,
+        *,
+        upsert: bool,
+    ) -> list[int]:
         try:
             views = self._views(buffer_ptrs, sizes, len(keys))
         except MooncakeError as exc:
             return [self._fail(exc)] * len(keys)
-        return self._batch_put(keys, views, config, True, False)
+        return self._batch_put(keys, views, config, upsert, False)
 
     def batch_put_from_multi_buffers(
         self,
