@@ -15,11 +15,25 @@ import time
 from pathlib import Path
 
 import pytest
+from layers import LAYERS, ORDER, layer_of
 
 MiB = 1 << 20
 KiB = 1 << 10
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for layer in LAYERS:
+        config.addinivalue_line("markers", f"{layer}: tests at the {layer} layer (tests/layers.py)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its file's layer and run the layers bottom-up (stable within a layer, so
+    module-scoped fixtures still see their tests together)."""
+    for item in items:
+        item.add_marker(layer_of(item.path.stem))
+    items.sort(key=lambda item: ORDER[layer_of(item.path.stem)])
 
 
 def rand_bytes(n: int, seed: object = 0) -> bytes:
