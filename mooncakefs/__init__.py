@@ -6,6 +6,18 @@ with mooncakefs.open("./kv", dram="2GiB", ssd="20GiB") as store:
     n = store.get_into("model/layer0/blk-17", out)
 """
 
+import os as _os
+import sys as _sys
+
+if _os.environ.get("MOONCAKEFS_ENGINE", "cython") not in ("cython", "python"):
+    raise ImportError(f"MOONCAKEFS_ENGINE={_os.environ['MOONCAKEFS_ENGINE']!r}: expected 'cython' or 'python'")
+if _os.environ.get("MOONCAKEFS_ENGINE") == "python":
+    # The pure-Python twins stand in for the Cython hot paths everywhere, child processes included (they
+    # inherit the variable): the test suite runs this way too, so both engines keep one behaviour.
+    from mooncakefs import _reference as _engine
+
+    _sys.modules["mooncakefs._engine"] = _engine
+
 from mooncakefs.client import RemoteStore, connect
 from mooncakefs.errors import (
     BufferTooSmall,

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 ALLOC_UNIT = 64
+VERSION_LIMIT = 1 << 126  # two 63-bit halves: each fits a signed 64-bit SQLite column
+VERSION_LOW_MASK = (1 << 63) - 1
 _NONE = -1
 _NUM_BINS = 256
 _FREE, _USED, _SPARE = 0, 1, 2
@@ -40,6 +42,13 @@ def _write_view(obj: object, what: str) -> memoryview:
 
 def nbytes(obj: object) -> int:
     return _read_view(obj, "value").nbytes
+
+
+def address(obj: object) -> int:
+    """Memory address of a buffer's first byte (to check alignment for O_DIRECT I/O), through numpy."""
+    import numpy
+
+    return int(numpy.frombuffer(_read_view(obj, "buffer"), dtype=numpy.uint8).ctypes.data)
 
 
 def copy(dst: object, src: object) -> int:
@@ -92,13 +101,69 @@ def vm_copy(pid: int, locals_: Sequence[int], remotes: Sequence[int], lengths: S
     return total
 
 
+def _crc32c_of_byte(byte: int) -> int:
+    """The CRC-32C register after shifting one byte through it, bit by bit: the definition."""
+    reg = byte
+    for _ in range(8):
+        reg = (reg >> 1) ^ (_POLY & -(reg & 1))
+    return reg
+
+
+_CRC_TABLE = tuple(_crc32c_of_byte(b) for b in range(256))
+
+
+def _crc_bytes(reg: int, data: bytes) -> int:
+    """Shift ``data`` through the (uninverted) CRC register, a byte at a time."""
+    table = _CRC_TABLE
+    for byte in data:
+        reg = (reg >> 8) ^ table[(reg ^ byte) & 0xFF]
+    return reg
+
+
+_LANE = 1024  # bytes per lane when a long buffer is checksummed as many lanes at once
+
+
+def _shift_tables(n: int) -> tuple[tuple[int, ...], ...]:
+    """Shifting the register through ``n`` zero bytes is linear over GF(2): four 256-entry tables, one per
+    byte of the register, give the image of every register as the XOR of four lookups."""
+    basis = [_crc_bytes(1 << bit, bytes(n)) for bit in range(32)]
+    return tuple(
+        tuple(_xor_of(basis[8 * k + i] for i in range(8) if value >> i & 1) for value in range(256)) for k in range(4)
+    )
+
+
+def _xor_of(values: Iterator[int]) -> int:
+    out = 0
+    for value in values:
+        out ^= value
+    return out
+
+
+_LANE_SHIFT = _shift_tables(_LANE)
+
+
 def crc32c(data: object, crc: int = 0) -> int:
-    """Bit-at-a-time CRC-32C: the definition, with no tables to get wrong."""
+    """CRC-32C through a 256-entry table built from the definition above.
+
+    Long buffers (the suite's pure-Python run checksums gigabytes) are cut into 1 KiB lanes whose
+    registers numpy advances side by side; the lanes are then folded in order, shifting the running
+    register past each lane with the linear tables of ``_shift_tables``.  Same result, ~100x sooner.
+    """
+    view = _read_view(data, "data")
     reg = crc ^ 0xFFFFFFFF
-    for byte in _read_view(data, "data").tobytes():
-        reg ^= byte
-        for _ in range(8):
-            reg = (reg >> 1) ^ (_POLY & -(reg & 1))
+    lanes = view.nbytes // _LANE if view.nbytes >= 16 * _LANE else 0
+    if lanes:
+        import numpy
+
+        table = numpy.array(_CRC_TABLE, dtype=numpy.uint32)
+        columns = numpy.frombuffer(view, dtype=numpy.uint8, count=lanes * _LANE).reshape(lanes, _LANE).T.copy()
+        regs = numpy.zeros(lanes, dtype=numpy.uint32)
+        for column in columns:
+            regs = (regs >> 8) ^ table[(regs ^ column) & 0xFF]
+        t0, t1, t2, t3 = _LANE_SHIFT
+        for lane in regs.tolist():
+            reg = t0[reg & 0xFF] ^ t1[reg >> 8 & 0xFF] ^ t2[reg >> 16 & 0xFF] ^ t3[reg >> 24] ^ lane
+    reg = _crc_bytes(reg, view[lanes * _LANE :].tobytes())
     return reg ^ 0xFFFFFFFF
 
 
@@ -284,6 +349,7 @@ class Entry:
     """Same fields as the Cython entry."""
 
     __slots__ = (
+        "_version",
         "crc",
         "dead",
         "dram",
@@ -300,16 +366,25 @@ class Entry:
         "size",
         "sticky",
         "tag",
-        "version",
     )
 
     def __init__(self, size: int = 0) -> None:
         self.size = size
-        self.version = self.tag = 0
+        self._version = self.tag = 0
         self.dram = self.dram_off = self.seg = self.seg_off = self.crc = -1
         self.expires = 0.0
         self.readers = self.hits = self.seen = self.queue = 0
         self.pinned = self.sticky = self.dead = self.durable = False
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        if not 0 <= value < VERSION_LIMIT:
+            raise ValueError(f"a version is an int from 0 to 2**126, got {value!r:.40}")
+        self._version = value
 
 
 INDEX_HEADER_BYTES, INDEX_SLOT_BYTES = 64, 32

@@ -557,3 +557,62 @@ def test_put_plain_engine_matches_reference(tmp_path, monkeypatch):
     assert native == twin
     assert any(s[0] for s in native), "the script never put a bad value"
     assert native[-1][5]["evictions"] > 100, "the script never filled the store"
+
+
+# ------------------------------------------------------------------------------------ the other twins
+
+
+def test_crc32c_portable_matches_the_hardware_path(engine):
+    """The Cython module's table-driven CRC (used where the CPU lacks SSE 4.2) against the fast path,
+    and both against the bitwise oracle where that is quick enough."""
+    rng = random.Random(7)
+    for n in (0, 1, 7, 8, 9, 63, 64, 65, 1000, 4095, 4096, 4097, 1 << 16, (1 << 20) + 3):
+        data, seed = rng.randbytes(n), rng.getrandbits(32)
+        assert engine.crc32c_portable(data, seed) == engine.crc32c(data, seed)
+        if n <= 4097:
+            assert engine.crc32c_portable(data, seed) == _crc32c_bitwise(data, seed)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_arena_engine_matches_reference(engine, reference, seed):
+    """The same random writes, reads, checksums and out-of-range calls on both arenas: same results, same
+    errors, same pool bytes."""
+    rng = random.Random(seed)
+    size = 1 << 14
+    pools = [bytearray(size), bytearray(size)]
+    arenas = [engine.Arena(pools[0]), reference.Arena(pools[1])]
+    for _ in range(400):
+        op = rng.choice(("write", "read", "read_into", "crc32c"))
+        off, n = rng.randrange(size + 64), rng.randrange(512)
+        data, short = rng.randbytes(n), rng.random() < 0.3 and n > 0
+        results = []
+        for arena in arenas:
+            try:
+                if op == "write":
+                    results.append(arena.write(off, data))
+                elif op == "read_into":
+                    out = bytearray(n - short)
+                    results.append((arena.read_into(off, n, out), bytes(out)))
+                else:
+                    results.append(getattr(arena, op)(off, n))
+            except (ValueError, TypeError, OverflowError) as exc:
+                results.append(type(exc))
+        assert results[0] == results[1], (op, off, n)
+    assert pools[0] == pools[1]
+    for arena in arenas:
+        arena.release()
+        with pytest.raises(ValueError, match="released"):
+            arena.read(0, 1)
+
+
+def test_entry_engine_matches_reference(engine, reference):
+    """Both entries start with the same fields and keep what is set, versions up to 2**126 included."""
+    fields = [f.lstrip("_") for f in reference.Entry.__slots__]
+    assert {f: getattr(engine.Entry(5), f) for f in fields} == {f: getattr(reference.Entry(5), f) for f in fields}
+    for entry in (engine.Entry(), reference.Entry()):
+        for version in (0, 1, (1 << 63) - 1, 1 << 63, (1 << 126) - 1):
+            entry.version = version
+            assert entry.version == version
+        for bad in (-1, 1 << 126):
+            with pytest.raises(ValueError, match="version"):
+                entry.version = bad
