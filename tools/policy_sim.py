@@ -36,6 +36,7 @@ from mooncakefs.cli import DEFAULT_TRACE
 from mooncakefs.replay import belady_hits, load_trace, lru_hits
 
 Requests = Sequence[list[int]]
+NEVER = 1 << 40  # the next-use gap of a reference whose block is not used again
 Evicted = Callable[[int, bool], None]  # (block, read since it was put): what a lower tier is offered
 
 
@@ -277,9 +278,13 @@ class Arc(Policy):
 
     def _replace(self, in_b2: bool) -> None:
         if self.t1 and (len(self.t1) > self.p or (in_b2 and len(self.t1) == self.p)):
-            self.b1[self.t1.popitem(last=False)[0]] = None
+            victim = self.t1.popitem(last=False)[0]
+            self.b1[victim] = None
+            self.evicted(victim, False)
         else:
-            self.b2[self.t2.popitem(last=False)[0]] = None
+            victim = self.t2.popitem(last=False)[0]
+            self.b2[victim] = None
+            self.evicted(victim, True)
 
     def use(self, block: int) -> None:
         t1, t2, b1, b2, c = self.t1, self.t2, self.b1, self.b2, self.c
@@ -304,7 +309,7 @@ class Arc(Policy):
                     b1.popitem(last=False)
                     self._replace(False)
                 else:
-                    t1.popitem(last=False)
+                    self.evicted(t1.popitem(last=False)[0], False)
             elif len(t1) + len(b1) < c <= len(t1) + len(t2) + len(b1) + len(b2):
                 if len(t1) + len(t2) + len(b1) + len(b2) >= 2 * c:
                     b2.popitem(last=False)
@@ -672,6 +677,9 @@ class TwoLevel(Policy):
                 if d < hits:
                     self.dram.read_below(b)
         self.dram.serve(chain, hits)
+        for b in chain:  # one demoted while its own request was served, and used again: DRAM has it
+            if b in self.ssd and self.dram.present(b):
+                del self.ssd[b]
 
 
 # ----------------------------------------------------------------------------------------- oracles
@@ -693,11 +701,12 @@ class AdmissionOracle(Lru):
 
 
 def next_use_gaps(requests: Requests) -> list[int]:
-    """For each block reference in order: how many references later its block is used next."""
+    """For each block reference in order: how many references later its block is used next (NEVER)."""
     flat = [b for chain in requests for b in chain]
-    gaps, last = [0] * len(flat), {}
+    gaps, last = [NEVER] * len(flat), {}
     for i in range(len(flat) - 1, -1, -1):
-        gaps[i] = last.get(flat[i], 1 << 40) - i
+        if flat[i] in last:
+            gaps[i] = last[flat[i]] - i
         last[flat[i]] = i
     return gaps
 
@@ -952,10 +961,11 @@ def analyze(requests: Requests) -> None:
     by_count: dict[int, list[int]] = {}
     for (used, _, _), g in zip(classes, after, strict=True):
         by_count.setdefault(used, []).append(g)
-    print(
-        "next-use gap median by times used before (1 = a block's first use):",
-        " ".join(f"{k + 1}:{statistics.median(v)}" for k, v in sorted(by_count.items())),
-    )
+    print("a use, by times its block was used before (0 = first use): used again, median gap to then")
+    for k, gs in sorted(by_count.items()):
+        back = [g for g in gs if g != NEVER]
+        share, median = len(back) / len(gs), statistics.median(back)
+        print(f"  {k}{'+' if k == 8 else ''}: n={len(gs)} again {share:.2f}, median {median:.0f}")
 
 
 def reuse_by_times_seen(requests: Requests, horizon: int) -> dict[str, tuple[int, float]]:
