@@ -53,7 +53,7 @@ def test_the_simulator_scores_as_replay_does():
     requests = chains()
     for capacity in (10, 50, 200):
         assert sim.score(requests, sim.Lru(capacity)) == lru_hits(requests, capacity)
-        assert sim.CANDIDATES["oracle: Belady"](capacity, requests) == belady_hits(requests, capacity)
+        assert sim.score(requests, sim.Belady(capacity, requests)) == belady_hits(requests, capacity)
     # prefix hits: a block present after a missing one is no hit
     assert sim.score([[1, 2, 3], [9, 2, 3]], sim.Lru(10)) == 0
 

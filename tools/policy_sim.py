@@ -685,6 +685,49 @@ class TwoLevel(Policy):
 # ----------------------------------------------------------------------------------------- oracles
 
 
+class Belady(Policy):
+    """Belady's MIN as a policy, as `replay.belady_hits` runs it (the new block itself is not admitted
+    when it is the one needed last), so that its hits can be broken down (``--hits-by-uses``)."""
+
+    def __init__(self, capacity: int, requests: Requests) -> None:
+        self.capacity, self.gaps, self.at = capacity, next_use_gaps(requests), 0
+        self.cached: dict[int, int] = {}  # block -> its next use
+        self.heap: list[tuple[int, int]] = []  # (-next use, block), stale items skipped
+
+    def present(self, block: int) -> bool:
+        return block in self.cached
+
+    def use(self, block: int) -> None:
+        nxt = self.at + self.gaps[self.at] if self.gaps[self.at] != NEVER else NEVER
+        self.at += 1
+        if block not in self.cached and len(self.cached) >= self.capacity:
+            while self.cached.get(self.heap[0][1]) != -self.heap[0][0]:
+                heapq.heappop(self.heap)
+            if -self.heap[0][0] <= nxt:
+                return
+            del self.cached[heapq.heappop(self.heap)[1]]
+        self.cached[block] = nxt
+        heapq.heappush(self.heap, (-nxt, block))
+
+
+def hits_by_uses(requests: Requests, policy: Policy) -> dict[str, tuple[int, int]]:
+    """Hits and references, keyed by how often the block was used before (1, 2-5, 6+): which reuses a
+    policy serves."""
+    used: Counter[int] = Counter()
+    hits: Counter[str] = Counter()
+    refs: Counter[str] = Counter()
+    for chain in requests:
+        found = prefix_len(policy, chain)
+        for d, b in enumerate(chain):
+            if used[b]:
+                k = "1" if used[b] == 1 else "2-5" if used[b] <= 5 else "6+"
+                refs[k] += 1
+                hits[k] += d < found
+            used[b] += 1
+        policy.serve(chain, found)
+    return {k: (hits[k], refs[k]) for k in ("1", "2-5", "6+")}
+
+
 class AdmissionOracle(Lru):
     """LRU that never admits a block that will not be used again: what perfect admission is worth."""
 
@@ -1033,6 +1076,11 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="also write the ratios here")
     p.add_argument("--analyze", action="store_true", help="instead: the trace's structure")
     p.add_argument(
+        "--hits-by-uses",
+        action="store_true",
+        help="instead: which reuses (by times the block was used before) LRU, the store's policy and Belady serve",
+    )
+    p.add_argument(
         "--reuse",
         type=int,
         metavar="H",
@@ -1046,6 +1094,20 @@ def main() -> None:
     if args.analyze:
         analyze(requests)
         return
+    if args.hits_by_uses:
+        unique = len({b for chain in requests for b in chain})
+        for f in [float(x) for x in args.capacity.split(",")]:
+            c = int(f * unique)
+            for name, policy in [
+                ("LRU, leaf first", Lru(c, leaf_first=True)),
+                ("fresh/main, leaf first (the store's)", FreshMain(c, leaf_first=True)),
+                ("Belady", Belady(c, requests)),
+            ]:
+                cells = "  ".join(
+                    f"used {k} before: {h}/{n} ({h / n:.2f})" for k, (h, n) in hits_by_uses(requests, policy).items()
+                )
+                print(f"{f:4.0%} {name:38} {cells}")
+        return
     if args.reuse:
         print(f"{'times seen before':>18}  {'requests':>8}  {f'again within {args.reuse}':>16}")
         for k, (n, share) in reuse_by_times_seen(requests, args.reuse).items():
@@ -1054,6 +1116,11 @@ def main() -> None:
     wanted = args.only.split(",") if args.only else [""]
     names = [name for name in CANDIDATES if any(w in name for w in wanted)]
     table = run(requests, [float(x) for x in args.capacity.split(",")], names, args.dram_share)
+    lru, belady = table.get("LRU"), table.get("oracle: Belady")
+    closed: dict[str, dict[str, float]] = {}
+    if lru and belady:
+        for name, row in table.items():
+            closed[name] = {f: (row[f] - lru[f]) / (belady[f] - lru[f]) for f in row if belady[f] > lru[f]}
     if args.json:
         flat = [b for chain in requests for b in chain]
         args.json.write_text(
@@ -1064,6 +1131,7 @@ def main() -> None:
                     "unique_blocks": len(set(flat)),
                     "dram_share": args.dram_share,
                     "hit_ratio": table,
+                    "gap_closed": closed,  # of the gap from LRU to Belady
                 },
                 indent=2,
             )
