@@ -11,7 +11,8 @@ table is a collection error: a new file has to say where it stands.
 from __future__ import annotations
 
 LAYERS: dict[str, tuple[str, ...]] = {
-    "unit": ("test_units", "test_engine_reference", "test_internal_keys", "test_placement", "test_transfer_paths"),
+    "unit": ("test_units", "test_engine_reference", "test_internal_keys", "test_placement", "test_transfer_paths",
+             "test_policy_sim"),
     "engine": ("test_api", "test_tiers", "test_ssd_direct", "test_policy", "test_stateful", "test_concurrency",
                "test_versions"),
     "node": ("test_node", "test_checksums", "test_permissions", "test_shared_index", "test_cli",
