@@ -18,6 +18,7 @@ import pytest
 from layers import LAYERS, ORDER, layer_of
 
 MiB = 1 << 20
+PURE_ENGINE = os.environ.get("MOONCAKEFS_ENGINE") == "python"  # the suite's run on the pure-Python twins
 KiB = 1 << 10
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import KiB, child_env, rand_bytes, tier_of
+from conftest import PURE_ENGINE, KiB, child_env, rand_bytes, tier_of
 
 from mooncakefs.cli import DEFAULT_TRACE
 from mooncakefs.replay import TraceError, belady_hits, load_trace, lru_hits
@@ -301,6 +301,7 @@ def test_replay_through_a_node_leaves_nothing_behind(tmp_path):
 
 
 @pytest.mark.skipif(not DEFAULT_TRACE.exists(), reason=f"the shared trace {DEFAULT_TRACE} is not here")
+@pytest.mark.skipif(PURE_ENGINE, reason="122k refs of 64 KiB take minutes on the pure-Python engine")
 @pytest.mark.parametrize("dram_share", ["0.33", "1"])
 def test_no_tier_costs_hits_on_the_shared_trace(tmp_path, dram_share):
     """DRAM + SSD at a total capacity hits at least as often as one LRU of that capacity (and so does
