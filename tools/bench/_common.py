@@ -1,41 +1,64 @@
 """The benchmarks' shared harness, so that each benchmark says only what it measures.
 
-Here: size labels and prefaulted buffers; the timing loop (reps, medians); child processes (started in
-their own session, dying with the benchmark, stopped on the way out) and their CPU time; the reference
-run in another virtualenv (the real Mooncake); progress lines; the table; the JSON (machine info,
-written atomically).  Only the standard library and numpy are used here, so the module also works inside
-the separate virtualenv that holds the real Mooncake (tools/bench/setup_mooncake_venv.sh), where
-mooncakefs is absent.
+Here: sizes, prefaulted buffers and number formats; the timing loop (reps, medians); the KV workload every
+store benchmark times (one runner and one check per op); physical references measured in the same run
+(numpy copy, loopback socket loops against a peer process); child processes (started in their own session,
+dying with the benchmark, stopped on the way out), free ports and CPU time; a mooncakefs node process, a
+single-member etcd and a Prometheus scrape; worker processes that load a service together; the reference
+run in another virtualenv (the real Mooncake); progress lines; the table; the JSON (machine info, written
+atomically).  Only the standard library and numpy are imported, so the module also works inside the
+separate virtualenv that holds the real Mooncake (tools/bench/setup_mooncake_venv.sh), where mooncakefs is
+absent; run as a script it is the peer process of the socket references.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
+import multiprocessing as mp
 import os
 import platform
+import re
 import shlex
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import time
+import traceback
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 GB = 1e9  # bandwidths are reported in GB/s = 1e9 bytes/s
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+T = TypeVar("T")
+Runner = Callable[[int, int], object]  # run(start, count): ``count`` ops from op number ``start`` on
 
 
 def format_size(n: int) -> str:
     """Exact binary size label: 4096 -> "4KiB", 16777216 -> "16MiB"; other values stay in bytes."""
-    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if n >= scale and n % scale == 0:
             return f"{n // scale}{unit}"
     return f"{n}B"
+
+
+def format_number(value: float) -> str:
+    """Two decimals for small values, none once they are large enough that decimals are noise."""
+    return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+
+
+def format_seconds(value: float | None, digits: int = 2) -> str:
+    """``1.23s``, or ``-`` for a time that was not measured."""
+    return "-" if value is None else f"{value:.{digits}f}s"
 
 
 def prefaulted(nbytes: int) -> np.ndarray:
@@ -49,8 +72,11 @@ def prefaulted(nbytes: int) -> np.ndarray:
     return words.view(np.uint8)[:nbytes]
 
 
+# -- timing --------------------------------------------------------------------------------------------
+
+
 def measure(
-    run: Callable[[int, int], object],
+    run: Runner,
     *,
     period: int,
     reps: int,
@@ -92,10 +118,277 @@ def measure(
     return results
 
 
-def median(values: Sequence[float]) -> float | None:
-    """The median of the repetitions (None for none): every benchmark reports medians, not means, so one
-    slow rep on a busy 2-core VM does not move the number."""
-    return statistics.median(values) if values else None
+def median(values: Iterable[float | None]) -> float | None:
+    """The median of the repetitions, skipping those that measured nothing (None for none): every benchmark
+    reports medians, not means, so one slow rep on a busy 2-core VM does not move the number."""
+    got = [v for v in values if v is not None]
+    return float(statistics.median(got)) if got else None
+
+
+# -- the KV workload -----------------------------------------------------------------------------------
+
+
+def raise_batch_errors(results: Iterable[object], what: str = "batch_put") -> None:
+    """A batch call answers per key (None, or the error) instead of raising: raise the first error."""
+    for r in results:
+        if r is not None:
+            raise r if isinstance(r, BaseException) else AssertionError(f"{what}: {r!r}")
+
+
+@dataclass
+class KVWorkload:
+    """Keys of one value size with their values (views into one prefaulted source) and the buffer reads write
+    into (one value for get_into and view, a whole batch for batch_get_into): what every store benchmark
+    times, whatever the store (embedded, a node, a cluster)."""
+
+    size: int
+    keys: list[str]
+    values: list[np.ndarray]
+    batch: int
+    dst: np.ndarray  # batch * size bytes
+
+    @classmethod
+    def carve(cls, prefix: str, size: int, count: int, batch: int, src: np.ndarray, dst: np.ndarray) -> KVWorkload:
+        """``count`` keys "<prefix>/<size>/<i>" whose values are consecutive slices of ``src``."""
+        return cls(
+            size,
+            [f"{prefix}/{format_size(size)}/{i}" for i in range(count)],
+            [src[i * size : (i + 1) * size] for i in range(count)],
+            batch,
+            dst[: batch * size],
+        )
+
+    @property
+    def batches(self) -> int:
+        return len(self.keys) // self.batch
+
+    def batch_keys(self, j: int) -> list[str]:
+        return self.keys[j * self.batch : (j + 1) * self.batch]
+
+    def batch_items(self, j: int) -> list[tuple[str, np.ndarray]]:
+        return list(zip(self.batch_keys(j), self.values[j * self.batch : (j + 1) * self.batch], strict=True))
+
+    def batch_buffers(self) -> list[np.ndarray]:
+        return [self.dst[i * self.size : (i + 1) * self.size] for i in range(self.batch)]
+
+    def runner(self, store: Any, op: str, *, strict: bool = False, **put_options: Any) -> tuple[Runner, int, int]:
+        """``(run(start, count), period, keys_per_call)`` for ``measure``.
+
+        Lists are doubled so ``run`` can index ``start .. start + count`` (start < period, count <= period)
+        without a modulo in the hot loop.  ``put_options`` go to put and batch_put (replicas=2); ``strict``
+        checks every batch's answers, for stores that report a failed key instead of raising (a cluster).
+        """
+        keys2, values2, one = self.keys * 2, self.values * 2, self.dst[: self.size]
+        put = functools.partial(store.put, **put_options) if put_options else store.put
+        batch_put = functools.partial(store.batch_put, **put_options) if put_options else store.batch_put
+        get, get_into, view, batch_get, batch_get_into = (
+            store.get,
+            store.get_into,
+            getattr(store, "view", None),
+            store.batch_get,
+            store.batch_get_into,
+        )
+        groups2 = [self.batch_keys(j) for j in range(self.batches)] * 2
+        items2 = [self.batch_items(j) for j in range(self.batches)] * 2
+        buffers, sink = self.batch_buffers(), memoryview(one)
+
+        def run_put(start: int, count: int) -> None:
+            for j in range(start, start + count):
+                put(keys2[j], values2[j])
+
+        def run_get(start: int, count: int) -> None:
+            for j in range(start, start + count):
+                get(keys2[j])
+
+        def run_get_into(start: int, count: int) -> None:
+            for j in range(start, start + count):
+                get_into(keys2[j], one)
+
+        def run_view(start: int, count: int) -> None:
+            # A view alone costs nothing per byte; what a reader does with it is consume the bytes, so the
+            # row times open + copy out into a destination + close, which makes it comparable with get_into.
+            for j in range(start, start + count):
+                with view(keys2[j]) as mv:
+                    sink[:] = mv
+
+        def run_batch_put(start: int, count: int) -> None:
+            for j in range(start, start + count):
+                results = batch_put(items2[j])
+                if strict:
+                    raise_batch_errors(results)
+
+        def run_batch_get(start: int, count: int) -> None:
+            for j in range(start, start + count):
+                if None in batch_get(groups2[j]) and strict:
+                    raise AssertionError("batch_get: a key is missing")
+
+        def run_batch_get_into(start: int, count: int) -> None:
+            for j in range(start, start + count):
+                batch_get_into(groups2[j], buffers)
+
+        singles = {"put": run_put, "get": run_get, "get_into": run_get_into, "view": run_view}
+        batched = {"batch_put": run_batch_put, "batch_get": run_batch_get, "batch_get_into": run_batch_get_into}
+        if op in singles:
+            return singles[op], len(self.keys), 1
+        if op in batched:
+            return batched[op], self.batches, self.batch
+        raise ValueError(f"unknown op {op!r}")
+
+    def check(self, store: Any, op: str, **put_options: Any) -> None:
+        """One untimed call of ``op`` whose result is compared with the source bytes; raises on a mismatch."""
+
+        def same(got: object, j: int) -> bool:
+            return np.array_equal(np.frombuffer(got, dtype=np.uint8), self.values[j])  # type: ignore[call-overload]
+
+        key, n, b = self.keys[0], self.size, self.batch
+        if op == "put":
+            store.put(key, self.values[0], **put_options)
+            ok, what = same(store.get(key), 0), "get after put"
+        elif op == "get":
+            ok, what = same(store.get(key), 0), "get"
+        elif op == "get_into":
+            written = store.get_into(key, self.dst[:n])
+            ok, what = written == n and same(self.dst[:n], 0), f"get_into (returned {written})"
+        elif op == "view":
+            with store.view(key) as mv:
+                ok, what = same(mv, 0), "view"
+        elif op == "batch_put":
+            res = store.batch_put(self.batch_items(0), **put_options)
+            errors = [r for r in res if r is not None]
+            ok = not errors and all(same(store.get(k), j) for j, k in enumerate(self.batch_keys(0)))
+            what = f"batch_put (errors {errors[:2]})"
+        elif op == "batch_get":
+            res = store.batch_get(self.batch_keys(0))
+            ok, what = len(res) == b and all(r is not None and same(r, j) for j, r in enumerate(res)), "batch_get"
+        elif op == "batch_get_into":
+            buffers = self.batch_buffers()
+            res = store.batch_get_into(self.batch_keys(0), buffers)
+            ok = res == [n] * b and all(same(buf, j) for j, buf in enumerate(buffers))
+            what = f"batch_get_into (returned {res[:3]}...)"
+        else:
+            raise ValueError(f"unknown op {op!r}")
+        if not ok:
+            raise AssertionError(f"wrong result from {what} for {format_size(n)} values")
+
+
+# -- references measured in the same run ---------------------------------------------------------------
+
+
+@dataclass
+class Reference:
+    """A physical reference: ``run(start, count)`` does ``count`` ops, each worth ``scale`` (GB, or 1 round
+    trip).  ``samples`` collects one value per repetition, each taken right before a repetition of a row
+    that is compared with it, so the drift of a noisy host reaches both sides of the ratio alike."""
+
+    name: str
+    run: Runner
+    period: int
+    scale: float
+    what: str = ""
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def unit(self) -> str:
+        return "GB/s" if self.scale != 1 else "round trips/s"
+
+    def warm_up(self, seconds: float) -> None:
+        measure(self.run, period=self.period, reps=1, rep_seconds=seconds)
+
+    def rep(self, seconds: float) -> float:
+        value = measure(self.run, period=self.period, reps=1, rep_seconds=seconds, warmup=False)[0] * self.scale
+        self.samples.append(value)
+        return value
+
+    def paired(self, seconds: float, into: list[float]) -> Callable[[], None]:
+        """A ``before_rep`` for ``measure``: one repetition of this reference, its value appended to ``into``."""
+        return lambda: into.append(self.rep(seconds))
+
+    def summary(self) -> dict[str, Any]:
+        return {"value": median(self.samples), "unit": self.unit, "what": self.what, "samples": self.samples}
+
+
+def copy_reference(name: str, sources: Sequence[np.ndarray], destinations: Sequence[np.ndarray]) -> Reference:
+    """numpy copy of each source into the destination beside it (GB/s): the memory bandwidth a store's copy
+    of the same values into the same kind of destination could reach."""
+    sources2, destinations2 = list(sources) * 2, list(destinations) * 2
+
+    def run(start: int, count: int) -> None:
+        for j in range(start, start + count):
+            np.copyto(destinations2[j], sources2[j])
+
+    return Reference(name, run, len(sources), sources[0].nbytes / GB)
+
+
+def recv_exactly(conn: socket.socket, buf: np.ndarray | bytearray, n: int) -> None:
+    if conn.recv_into(buf, n, socket.MSG_WAITALL) != n:
+        raise ConnectionError("the peer process closed the connection early")
+
+
+def peer_main(mode: str, address: str, size: int) -> int:
+    """The peer process of the socket references: connect to ``address`` and serve until EOF.
+
+    send: sendall ``size``-byte messages forever; sink: recv_into each message, answer a 1-byte ack;
+    echo: recv_into each message and send it back.
+    """
+    kind, _, where = address.partition(":")
+    if kind == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(where)
+    else:
+        host, _, port = where.rpartition(":")
+        sock = socket.create_connection((host, int(port)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = prefaulted(size)
+    with sock, contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        if mode == "send":
+            while True:
+                sock.sendall(buf)
+        else:
+            while sock.recv_into(buf, size, socket.MSG_WAITALL) == size:
+                sock.sendall(b"k" if mode == "sink" else buf)
+    return 0
+
+
+@contextlib.contextmanager
+def peer(mode: str, kind: str, size: int, root: Path, timeout: float = 30.0) -> Iterator[socket.socket]:
+    """A blocking connection to a peer process (this module run as a script) in ``mode`` over ``kind``
+    (tcp/unix); its Unix socket, if any, under ``root``."""
+    if kind == "unix":
+        path = root / f"peer-{mode}.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(1)
+        address = f"unix:{path}"
+    else:
+        listener = socket.create_server(("127.0.0.1", 0))
+        address = f"tcp:127.0.0.1:{listener.getsockname()[1]}"
+    with listener, child_process([sys.executable, str(Path(__file__).resolve()), mode, address, str(size)]) as proc:
+        listener.settimeout(timeout)
+        conn, _ = listener.accept()
+        conn.setblocking(True)
+        if kind == "tcp":
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn:
+            yield conn
+            conn.shutdown(socket.SHUT_RDWR)  # the peer sees EOF or EPIPE and exits
+        proc.wait(timeout=10)
+
+
+def stream_reference(name: str, conn: socket.socket, size: int, *, inbound: bool) -> Reference:
+    """``size``-byte messages over a peer connection (GB/s): received (peer in "send" mode: the reference of
+    a get) or sent and acknowledged (peer in "sink" mode: the reference of a put)."""
+    buf, ack = prefaulted(size), bytearray(1)
+
+    def recv(start: int, count: int) -> None:
+        for _ in range(count):
+            recv_exactly(conn, buf, size)
+
+    def send(start: int, count: int) -> None:
+        for _ in range(count):
+            conn.sendall(buf)
+            recv_exactly(conn, ack, 1)
+
+    return Reference(name, recv if inbound else send, 1, size / GB)
 
 
 # -- progress ------------------------------------------------------------------------------------------
@@ -116,19 +409,29 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM a SystemExit, so the ``finally`` and ``with`` blocks stop what the benchmark started."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def spawn(cmd: Sequence[str], **popen: Any) -> subprocess.Popen[bytes]:
     """Start ``cmd`` in its own session (a Ctrl-C reaches only the benchmark, which then stops it) that
     dies with this process."""
     return subprocess.Popen(list(cmd), start_new_session=True, preexec_fn=die_with_parent, **popen)
 
 
-def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """SIGTERM ``proc``, and SIGKILL it if it has not exited ``timeout`` seconds later."""
-    if proc.poll() is None:
-        proc.terminate()
+def stop(*procs: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM every one of ``procs`` at once, and SIGKILL those that have not exited ``timeout`` seconds
+    later."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
         try:
-            proc.wait(timeout=timeout)
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            progress(f"pid {proc.pid} ignored SIGTERM for {timeout:.0f}s: SIGKILL")
             proc.kill()
             proc.wait()
 
@@ -143,22 +446,389 @@ def child_process(cmd: Sequence[str], **popen: Any) -> Iterator[subprocess.Popen
         stop(proc)
 
 
+def wait_until(
+    ready: Callable[[], T],
+    what: str,
+    timeout: float,
+    *,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+    poll: float = 0.05,
+) -> T:
+    """Poll ``ready()`` until it returns something true, and return that; raise if ``proc`` exits first
+    (with the end of its ``log``) or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = ready()
+        if got:
+            return got
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+            raise RuntimeError(f"{what}: the process exited with {proc.returncode}\n{tail}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not after {timeout:.0f}s")
+        time.sleep(poll)
+
+
+def free_port() -> int:
+    """An unused loopback TCP port (another process could take it before it is used: a small race)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def accepts(address: str | tuple[str, int]) -> bool:
+    """Whether something accepts connections at ``address``: a Unix socket path, or (host, port)."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        return s.connect_ex(address) == 0
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (all its threads) from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_json_script(cmd: Sequence[str], out: Path) -> dict[str, Any]:
+def wait_idle(pid: int, timeout: float, window: float = 0.25, busy: float = 0.05) -> bool:
+    """Wait until the process uses under ``busy`` of a core over two consecutive windows (a daemon done
+    with its start-up work); False if it was still busy after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    quiet, last = 0, cpu_seconds(pid)
+    while quiet < 2 and time.monotonic() < deadline:
+        time.sleep(window)
+        now = cpu_seconds(pid)
+        quiet = quiet + 1 if now - last < busy * window else 0
+        last = now
+    return quiet >= 2
+
+
+def pin_threads(pid: int, cpu: int) -> None:
+    """Pin every thread of a process (affinity is per thread; threads started later inherit it) to one CPU."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), {cpu})
+
+
+def run_json_script(cmd: Sequence[str], out: Path, timeout: float | None = None) -> dict[str, Any]:
     """Run a script that writes its results to ``out`` (a reference in another virtualenv, such as the real
     Mooncake's mooncake_baseline.py), its own table going to our stderr: the JSON it wrote, or
     ``{"error": ...}`` if it failed."""
     progress("running " + shlex.join(cmd))
     with child_process(cmd, stdout=sys.stderr) as proc:
-        rc = proc.wait()
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"{shlex.join(cmd)} ran past {timeout:.0f}s"}
     if rc != 0 or not out.exists():
         return {"error": f"{shlex.join(cmd)} exited {rc}"}
     return json.loads(out.read_text())
+
+
+# -- services: a node, an etcd, their metrics ----------------------------------------------------------
+
+
+def node_command(root: Path, dram: str, *options: str, listen: str = "127.0.0.1:0", metrics: str = "none") -> list[str]:
+    """``mooncakefs node`` with its data dir and Unix socket under ``root``; ``options`` are appended."""
+    return [
+        sys.executable,
+        "-m",
+        "mooncakefs.cli",
+        "node",
+        "--data",
+        str(root / "data"),
+        "--dram",
+        dram,
+        "--socket",
+        str(root / "node.sock"),
+        "--listen",
+        listen,
+        "--metrics",
+        metrics,
+        *options,
+    ]
+
+
+class NodeProcess:
+    """A ``mooncakefs node`` child process on ``root``, its output appended to ``root/node.log`` (a restart
+    on the same root appends to it: ``output()`` is the current process's part)."""
+
+    def __init__(self, root: Path, cmd: Sequence[str]) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.launch(cmd)
+
+    def launch(self, cmd: Sequence[str]) -> None:
+        """Start the node (again: the previous process must have exited) on the same root."""
+        assert getattr(self, "proc", None) is None or self.proc.poll() is not None, "launch of a running node"
+        self.cmd = list(cmd)
+        self.tcp = ""  # host:port, from its ready line
+        self.ident = ""  # its node id, from its data dir, once ready
+        self.killed = False
+        self.log_from = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as log:
+            self.proc = spawn(self.cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def log(self) -> Path:
+        return self.root / "node.log"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.root / "node.sock"
+
+    def alive(self) -> bool:
+        return not self.killed and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the node gets no chance to leave its cluster."""
+        self.proc.kill()
+        self.killed = True
+
+    def output(self) -> str:
+        """What the current process has logged so far."""
+        with self.log.open("rb") as f:
+            f.seek(self.log_from)
+            return f.read().decode(errors="replace")
+
+    def ready(self) -> bool:
+        """Has the current process printed its ready line (then ``tcp`` and ``ident`` are set)?  Raises if it
+        exited before."""
+        if self.tcp:
+            return True
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"node {self.root.name} exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+        m = re.search(r"node ready: \S+ tcp://(\S+)", self.output())
+        if m:
+            self.tcp = m.group(1)
+            with contextlib.suppress(OSError):
+                self.ident = (self.root / "data" / "node-id").read_text().strip()
+        return m is not None
+
+
+def wait_ready(nodes: Sequence[NodeProcess], timeout: float) -> float:
+    """Wait until every one of ``nodes`` (started together) has printed its ready line; the seconds it took."""
+    t0 = time.perf_counter()
+    wait_until(lambda: all([n.ready() for n in nodes]), f"{len(nodes)} node(s) ready", timeout)
+    return time.perf_counter() - t0
+
+
+@dataclass
+class NodeInfo:
+    """A running node, as a benchmark reports it."""
+
+    cmd: list[str]
+    pid: int
+    unix_url: str
+    tcp_url: str
+    ready_s: float
+    settled_s: float
+    pool_resident_bytes: int
+
+
+def rss_shmem(pid: int) -> int:
+    """Resident shared memory of a process: how much of a node's DRAM pool has been touched."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@contextlib.contextmanager
+def running_node(root: Path, dram: str, port: int = 0, *, timeout: float = 60.0) -> Iterator[NodeInfo]:
+    """A node process serving ``root/node.sock`` and 127.0.0.1:``port`` (0: any free port), ready to use: its
+    sockets accept and its background pool prefault is over (the process has gone idle, or 3 x ``timeout``
+    passed); stopped on leaving."""
+    t0 = time.perf_counter()
+    node = NodeProcess(root, node_command(root, dram, listen=f"127.0.0.1:{port}"))
+    progress("starting node: " + shlex.join(node.cmd))
+    try:
+        ready_s = wait_ready([node], timeout)
+        host, _, tcp_port = node.tcp.rpartition(":")
+        wait_until(lambda: accepts(str(node.socket_path)), "the node's Unix socket accepting", timeout)
+        wait_until(lambda: accepts((host, int(tcp_port))), "the node's TCP port accepting", timeout)
+        if not wait_idle(node.pid, 3 * timeout):
+            progress(f"warning: the node was still busy after {3 * timeout:.0f}s; measuring anyway")
+        settled_s = time.perf_counter() - t0
+    except BaseException:
+        progress("node log:\n" + node.output()[-4000:])
+        stop(node.proc)
+        raise
+    info = NodeInfo(
+        node.cmd, node.pid, f"unix://{node.socket_path}", f"tcp://{node.tcp}", ready_s, settled_s, rss_shmem(node.pid)
+    )
+    progress(
+        f"node pid {node.pid} ready in {ready_s:.1f}s, idle (pool prefaulted: "
+        f"{format_size(info.pool_resident_bytes)} resident) after {settled_s:.1f}s"
+    )
+    try:
+        yield info
+        if node.proc.poll() is not None:
+            raise RuntimeError(f"the node exited early ({node.proc.returncode}): {node.output()[-2000:]}")
+    finally:
+        stop(node.proc)
+
+
+class EtcdProcess:
+    """A single-member etcd on free loopback ports, its data and log under ``root``: a benchmark's own."""
+
+    def __init__(self, root: Path, timeout: float = 30.0) -> None:
+        self.port, peer_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        peer_url = f"http://127.0.0.1:{peer_port}"
+        cmd = ["etcd", "--name", "b", "--data-dir", str(root / "etcd"), "--log-level", "warn"]
+        cmd += ["--listen-client-urls", self.url, "--advertise-client-urls", self.url]
+        cmd += ["--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url]
+        cmd += ["--initial-cluster", f"b={peer_url}"]
+        log = root / "etcd.log"
+        with log.open("wb") as out:
+            self.proc = spawn(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_until(self.healthy, "etcd healthy", timeout, proc=self.proc, log=log, poll=0.1)
+        except BaseException:
+            self.close()
+            raise
+
+    def http(self, path: str) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=5) as r:
+            return r.read().decode()
+
+    def healthy(self) -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(self.http("/health")).get("health") == "true"
+        return False
+
+    def version(self) -> str | None:
+        return json.loads(self.http("/version")).get("etcdserver")
+
+    def metrics(self) -> list[Sample]:
+        return parse_metrics(self.http("/metrics"))
+
+    def close(self) -> None:
+        stop(self.proc)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One Prometheus sample: ``name{labels} value``."""
+
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def parse_metrics(text: str) -> list[Sample]:
+    """The samples of a Prometheus text exposition (comments skipped)."""
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        name, _, labels = series.partition("{")
+        out.append(Sample(name, dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value)))
+    return out
+
+
+def scrape(url: str) -> list[Sample]:
+    """A /metrics endpoint's samples."""
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return parse_metrics(r.read().decode())
+
+
+# -- worker processes ----------------------------------------------------------------------------------
+
+
+class WorkersLost(Exception):
+    """A worker process is gone or hung: the phase that needs them cannot go on."""
+
+
+def _worker_main(wid: int, conn: Any, setup: Callable[..., Any], cfg: Any) -> None:
+    """A worker process: ``side = setup(wid, cfg, stack)``, then call ``side.<method>(*args)`` for every
+    (method, *args) received and answer ("ok", result) or ("error", text), until ("stop",)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops us
+    die_with_parent()
+    try:
+        with contextlib.ExitStack() as stack:
+            side = setup(wid, cfg, stack)
+            conn.send(("ok", getattr(side, "info", None)))
+            while True:
+                method, *args = conn.recv()
+                if method == "stop":
+                    conn.send(("ok", None))
+                    return
+                try:  # a failing request is reported, and the process goes on serving
+                    conn.send(("ok", getattr(side, method)(*args)))
+                except Exception as exc:
+                    conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"))
+
+
+class Workers:
+    """``n`` spawned worker processes that load a service together (each its own client); ``ask`` sends one
+    request to each and returns their answers.  ``setup(wid, cfg, stack)`` runs in each (a module-level
+    function: it is pickled) and returns the object whose methods the requests call; its ``info``, if
+    any, is in ``self.info``."""
+
+    def __init__(self, n: int, setup: Callable[..., Any], cfg: Any, *, name: str, timeout: float) -> None:
+        ctx = mp.get_context("spawn")  # no fork: the parent may hold threads (gRPC)
+        self.timeout = timeout
+        self.procs, self.conns = [], []
+        for wid in range(n):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker_main, args=(wid, child, setup, cfg), name=f"{name}-{wid}")
+            p.start()
+            child.close()
+            self.procs.append(p)
+            self.conns.append(parent)
+        try:
+            self.info = self.collect(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def collect(self, timeout: float) -> list[Any]:
+        """One answer from each process (all read, so the pipes stay in step); the first error raised."""
+        out, errors = [], []
+        deadline = time.monotonic() + timeout
+        for wid, conn in enumerate(self.conns):
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise WorkersLost(f"worker process {wid} did not answer in {timeout:.0f}s")
+            try:
+                status, value = conn.recv()
+            except EOFError:
+                raise WorkersLost(f"worker process {wid} exited") from None
+            if status != "ok":
+                errors.append(f"worker process {wid}: {value}")
+            out.append(value)
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        return out
+
+    def ask(self, *request: Any) -> list[Any]:
+        for conn in self.conns:
+            conn.send(request)
+        return self.collect(self.timeout)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(Exception):
+                conn.send(("stop",))
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        self.procs, self.conns = [], []
 
 
 # -- the report ----------------------------------------------------------------------------------------
@@ -215,3 +885,7 @@ def report(table: str, payload: dict[str, Any], json_path: str | Path | None) ->
     if json_path:
         write_json(json_path, payload)
         progress(f"wrote {json_path}")
+
+
+if __name__ == "__main__":  # the peer process of a socket reference: _common.py MODE ADDRESS SIZE
+    sys.exit(peer_main(sys.argv[1], sys.argv[2], int(sys.argv[3])))

@@ -67,37 +67,59 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
-import multiprocessing as mp
 import os
-import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import traceback
-import urllib.request
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import GB, format_size, format_table, machine_info, measure, prefaulted, write_json
-from node_bench import cpu_seconds, peer, progress, recv_exactly
+from _common import (
+    GB,
+    EtcdProcess,
+    GiB,
+    KiB,
+    KVWorkload,
+    MiB,
+    NodeProcess,
+    Reference,
+    Runner,
+    Workers,
+    WorkersLost,
+    cpu_seconds,
+    exit_on_sigterm,
+    format_number,
+    format_seconds,
+    format_size,
+    format_table,
+    free_port,
+    machine_info,
+    measure,
+    median,
+    node_command,
+    peer,
+    prefaulted,
+    progress,
+    raise_batch_errors,
+    scrape,
+    stop,
+    stream_reference,
+    wait_ready,
+    write_json,
+)
 
 import mooncakefs
 from mooncakefs.cluster.placement import PlacementMap
 from mooncakefs.store import encode_key
 from mooncakefs.units import parse_size
 
-KiB, MiB, GiB = 1024, 1024**2, 1024**3
 SMALL = 4 * KiB
 READY_TIMEOUT = 90.0  # a node process printing its ready line (8 Python processes start on 2 cores)
 MAP_TIMEOUT = 60.0  # the controller publishing a map with every node
@@ -111,120 +133,35 @@ REJOIN_POLL_S = 0.1  # etcd, the log; metrics every other poll until the map nam
 REJOIN_BATCH = 2048  # keys per batch_put while filling the node
 
 
-def _die_with_parent() -> None:
-    """The calling process gets SIGTERM when its parent dies, even by SIGKILL."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --------------------------------------------------------------------------------------- etcd and nodes
-
-
-@dataclass
-class NodeProc:
-    index: int
-    root: Path
-    proc: subprocess.Popen[bytes]
-    ident: str = ""
-    tcp: str = ""
-    killed: bool = False
-    log_from: int = 0  # where the current process's output starts in the log (restarts append to it)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def log(self) -> Path:
-        return self.root / "node.log"
-
-    def alive(self) -> bool:
-        return not self.killed and self.proc.poll() is None
-
-    def output(self) -> str:
-        """What the current process has logged so far."""
-        with self.log.open("rb") as f:
-            f.seek(self.log_from)
-            return f.read().decode(errors="replace")
-
-    def ready(self) -> bool:
-        """Has the current process printed its ready line (then ``tcp`` and ``ident`` are set)?"""
-        m = re.search(r"node ready: \S+ tcp://(\S+)", self.output())
-        if m:
-            self.tcp = m.group(1)
-            self.ident = (self.root / "data" / "node-id").read_text().strip()
-        return m is not None
 
 
 class Cluster:
     """An etcd and ``n`` nodes under ``root``; ``close()`` stops them all (nodes first, SIGTERM, then
-    SIGKILL after ``STOP_TIMEOUT``) and removes ``root``."""
+    SIGKILL after ``STOP_TIMEOUT``)."""
 
     def __init__(self, root: Path, args: argparse.Namespace) -> None:
         self.root, self.args = root, args
         self.name = "bench"
-        self.port, self.peer_port = free_port(), free_port()
-        self.etcd_url = f"http://127.0.0.1:{self.port}"
-        self.url = f"etcd://127.0.0.1:{self.port}/{self.name}"
-        self.etcd: subprocess.Popen[bytes] | None = None
-        self.nodes: list[NodeProc] = []
+        self.etcd: EtcdProcess | None = None
+        self.nodes: list[NodeProcess] = []
         self.client: Any = None  # etcd client of this process (mooncakefs.cluster.etcd.Etcd)
 
     # -- etcd ---------------------------------------------------------------------------------------------
 
-    def start_etcd(self) -> None:
-        peer_url = f"http://127.0.0.1:{self.peer_port}"
-        cmd = [
-            "etcd",
-            "--name",
-            "b",
-            "--data-dir",
-            str(self.root / "etcd"),
-            "--listen-client-urls",
-            self.etcd_url,
-            "--advertise-client-urls",
-            self.etcd_url,
-            "--listen-peer-urls",
-            peer_url,
-            "--initial-advertise-peer-urls",
-            peer_url,
-            "--initial-cluster",
-            f"b={peer_url}",
-            "--log-level",
-            "warn",
-        ]
-        with (self.root / "etcd.log").open("wb") as log:
-            self.etcd = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            if self.etcd.poll() is not None:
-                raise RuntimeError(
-                    f"etcd exited with {self.etcd.returncode}: "
-                    f"{(self.root / 'etcd.log').read_text(errors='replace')[-2000:]}"
-                )
-            with contextlib.suppress(OSError, ValueError):
-                if json.loads(self.http("/health")).get("health") == "true":
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError("etcd did not become healthy in 30 s")
-            time.sleep(0.1)
+    def start_etcd(self) -> EtcdProcess:
+        self.etcd = EtcdProcess(self.root)
+        return self.etcd
 
-    def http(self, path: str) -> str:
-        with urllib.request.urlopen(self.etcd_url + path, timeout=5) as r:
-            return r.read().decode()
+    @property
+    def etcd_url(self) -> str:
+        assert self.etcd is not None
+        return self.etcd.url
+
+    @property
+    def url(self) -> str:
+        assert self.etcd is not None
+        return f"etcd://127.0.0.1:{self.etcd.port}/{self.name}"
 
     def etcd_client(self) -> Any:
         if self.client is None:
@@ -243,76 +180,24 @@ class Cluster:
 
     # -- nodes --------------------------------------------------------------------------------------------
 
-    def _spawn(self, root: Path, metrics: str = "none", log_format: str = "text") -> subprocess.Popen[bytes]:
-        """One node process on ``root`` (its log appended to ``root/node.log``)."""
-        cmd = [
-            sys.executable,
-            "-m",
-            "mooncakefs.cli",
-            "node",
-            "--data",
-            str(root / "data"),
-            "--dram",
-            self.args.dram,
-            "--ssd",
-            self.args.node_ssd,
-            "--socket",
-            str(root / "n.sock"),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics",
-            metrics,
-            "--log-format",
-            log_format,
-            "--no-prefault",
-            "--etcd",
-            self.etcd_url,
-            "--cluster",
-            self.name,
-            "--lease-ttl",
-            str(self.args.lease_ttl),
-        ]
-        with (root / "node.log").open("ab") as log:
-            return subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
+    def node_cmd(self, root: Path, metrics: str = "none", log_format: str = "text") -> list[str]:
+        """A cluster node on ``root``: DRAM + SSD, no prefault, a short lease."""
+        a = self.args
+        cluster = ["--etcd", self.etcd_url, "--cluster", self.name, "--lease-ttl", str(a.lease_ttl)]
+        tiers = ["--ssd", a.node_ssd, "--log-format", log_format, "--no-prefault"]
+        return node_command(root, a.dram, *tiers, *cluster, metrics=metrics)
 
     def start_nodes(self, n: int) -> float:
         """Start ``n`` nodes in parallel; seconds until all printed their ready line."""
-        t0 = time.perf_counter()
         for i in range(n):
             root = self.root / f"n{i}"
-            root.mkdir()
-            self.nodes.append(NodeProc(i, root, self._spawn(root)))
-        deadline = time.monotonic() + READY_TIMEOUT
-        waiting = list(self.nodes)
-        while waiting:
-            for node in list(waiting):
-                if node.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"node {node.index} exited with {node.proc.returncode}:\n"
-                        f"{node.log.read_text(errors='replace')[-3000:]}"
-                    )
-                if node.ready():
-                    waiting.remove(node)
-            if waiting and time.monotonic() > deadline:
-                raise TimeoutError(f"{len(waiting)} node(s) not ready after {READY_TIMEOUT:.0f}s")
-            time.sleep(0.05)
-        return time.perf_counter() - t0
+            self.nodes.append(NodeProcess(root, self.node_cmd(root)))
+        return wait_ready(self.nodes, READY_TIMEOUT)
 
-    def restart(self, node: NodeProc, metrics: str) -> None:
+    def restart(self, node: NodeProcess, metrics: str) -> None:
         """Start ``node`` again on its data dir (it must have exited), with a metrics endpoint and JSON logs;
         poll ``node.ready()`` for its ready line."""
-        assert node.proc.poll() is not None, "restart of a running node"
-        node.log_from = node.log.stat().st_size
-        node.tcp = ""
-        node.proc = self._spawn(node.root, metrics=metrics, log_format="json")
-        node.killed = False
+        node.launch(self.node_cmd(node.root, metrics=metrics, log_format="json"))
 
     def connect(self) -> Any:
         """A cluster client whose map names every live node (waits for the controller to publish it)."""
@@ -336,36 +221,16 @@ class Cluster:
                 )
             time.sleep(0.1)
 
-    def by_id(self, ident: str) -> NodeProc:
+    def by_id(self, ident: str) -> NodeProcess:
         return next(n for n in self.nodes if n.ident == ident)
-
-    def kill(self, node: NodeProc) -> None:
-        node.proc.kill()
-        node.killed = True
 
     def close(self) -> None:
         if self.client is not None:
             with contextlib.suppress(Exception):
                 self.client.close()
-        procs = [n.proc for n in self.nodes]
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                progress(f"node pid {p.pid} ignored SIGTERM for {STOP_TIMEOUT:.0f}s: SIGKILL")
-                p.kill()
-                p.wait()
-        if self.etcd is not None and self.etcd.poll() is None:
-            self.etcd.terminate()
-            try:
-                self.etcd.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.etcd.kill()
-                self.etcd.wait()
+        stop(*(n.proc for n in self.nodes), timeout=STOP_TIMEOUT)
+        if self.etcd is not None:
+            self.etcd.close()
 
 
 # ------------------------------------------------------------------------------------------- etcd load
@@ -382,25 +247,22 @@ class EtcdSample:
 
 
 def sample_etcd(cluster: Cluster) -> EtcdSample:
+    assert cluster.etcd is not None
     handled: Counter[str] = Counter()
     totals = {"etcd_network_client_grpc_sent_bytes_total": 0.0, "etcd_network_client_grpc_received_bytes_total": 0.0}
-    for line in cluster.http("/metrics").splitlines():
-        if line.startswith("grpc_server_handled_total{"):
-            labels, value = line.rsplit(" ", 1)
-            d = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-            handled[f"{d['grpc_service'].rsplit('.', 1)[-1]}.{d['grpc_method']}"] += float(value)
-        else:
-            name, _, value = line.partition(" ")
-            if name in totals:
-                totals[name] = float(value)
-    assert cluster.etcd is not None
+    for sample in cluster.etcd.metrics():
+        if sample.name == "grpc_server_handled_total":
+            service, method = sample.labels["grpc_service"].rsplit(".", 1)[-1], sample.labels["grpc_method"]
+            handled[f"{service}.{method}"] += sample.value
+        elif sample.name in totals and not sample.labels:
+            totals[sample.name] = sample.value
     nodes_cpu = {n.pid: cpu_seconds(n.pid) for n in cluster.nodes if n.alive()}
     return EtcdSample(
         time.perf_counter(),
         dict(handled),
         totals["etcd_network_client_grpc_sent_bytes_total"],
         totals["etcd_network_client_grpc_received_bytes_total"],
-        cpu_seconds(cluster.etcd.pid),
+        cpu_seconds(cluster.etcd.proc.pid),
         nodes_cpu,
     )
 
@@ -469,208 +331,61 @@ class Spec:
 class ClientSide:
     """What one client process runs: the rows' ops on its own keys, and the socket references."""
 
-    def __init__(self, wid: int, store: Any, cfg: dict[str, Any], refs: dict[str, socket.socket]) -> None:
-        self.wid, self.store, self.cfg, self.refs = wid, store, cfg, refs
-        large, nbatch = cfg["value_size"], cfg["batch"]
-        self.src = prefaulted(max(cfg["small_keys"] * SMALL, cfg["large_keys"] * large))
-        self.dst = prefaulted(max(nbatch * SMALL, large))
-        self.runners: dict[str, tuple[Callable[[int, int], object], int, int]] = {}
-
-    def keys(self, spec: Spec) -> tuple[list[str], list[np.ndarray]]:
-        count = self.cfg["small_keys"] if spec.size == SMALL else self.cfg["large_keys"]
-        keys = [f"tp/w{self.wid}/r{spec.replicas}/{format_size(spec.size)}/{i}" for i in range(count)]
-        return keys, [self.src[i * spec.size : (i + 1) * spec.size] for i in range(count)]
+    def __init__(self, wid: int, store: Any, cfg: dict[str, Any], refs: dict[str, Reference]) -> None:
+        self.wid, self.store, self.cfg = wid, store, cfg
+        self.src = prefaulted(max(cfg["small_keys"] * SMALL, cfg["large_keys"] * cfg["value_size"]))
+        self.dst = prefaulted(max(cfg["batch"] * SMALL, cfg["value_size"]))
+        self.refs = refs
+        self.runners: dict[str, tuple[Runner, int, float]] = {}  # name -> (run, period, scale)
+        self.info = {"pid": os.getpid(), "via": cfg["via"], "epoch": store.map.epoch}
 
     def prepare(self, spec: Spec) -> None:
         """Build the row's runner, write its keys if it reads, run one untimed pass and check a result."""
         if spec.is_reference:
-            self.runners[spec.name] = (self._reference(spec), 1, 1)
-            self.runners[spec.name][0](0, 2)
+            ref = self.refs[spec.op]
+            ref.run(0, 2)
+            self.runners[spec.name] = (ref.run, ref.period, ref.scale)  # GB/s
             return
-        store, r, b = self.store, spec.replicas, spec.batch
-        keys, values = self.keys(spec)
+        count = self.cfg["small_keys"] if spec.size == SMALL else self.cfg["large_keys"]
+        w = KVWorkload.carve(f"tp/w{self.wid}/r{spec.replicas}", spec.size, count, spec.batch, self.src, self.dst)
         if spec.op in ("get", "batch_get", "get_into"):
-            put_many(store, list(zip(keys, values, strict=True)), r)
-        if spec.op.startswith("batch"):
-            n = len(keys) // b
-            groups = [keys[j * b : (j + 1) * b] for j in range(n)]
-            items = [list(zip(g, values[j * b : (j + 1) * b], strict=True)) for j, g in enumerate(groups)]
-
-            def run_batch_put(start: int, count: int) -> None:
-                for j in range(start, start + count):
-                    _all_ok(store.batch_put(items[j % n], replicas=r))
-
-            def run_batch_get(start: int, count: int) -> None:
-                for j in range(start, start + count):
-                    if None in store.batch_get(groups[j % n]):
-                        raise AssertionError("batch_get: a key is missing")
-
-            run, period = (run_batch_put if spec.op == "batch_put" else run_batch_get), n
-        else:
-            n, dst = len(keys), self.dst[: spec.size]
-
-            def run_put(start: int, count: int) -> None:
-                for j in range(start, start + count):
-                    store.put(keys[j % n], values[j % n], replicas=r)
-
-            def run_get(start: int, count: int) -> None:
-                for j in range(start, start + count):
-                    store.get(keys[j % n])
-
-            def run_get_into(start: int, count: int) -> None:
-                for j in range(start, start + count):
-                    store.get_into(keys[j % n], dst)
-
-            run, period = {"put": run_put, "get": run_get, "get_into": run_get_into}[spec.op], n
+            put_many(self.store, list(zip(w.keys, w.values, strict=True)), spec.replicas)
+        run, period, per_call = w.runner(self.store, spec.op, strict=True, replicas=spec.replicas)
         run(0, period)  # warm-up: every key and page touched once
-        self._check(spec, keys, values)
-        self.runners[spec.name] = (run, period, b)
-
-    def _check(self, spec: Spec, keys: list[str], values: list[np.ndarray]) -> None:
-        def same(got: Any, j: int) -> bool:
-            return np.array_equal(np.frombuffer(got, dtype=np.uint8), values[j])
-
-        if spec.op == "get_into":
-            ok = self.store.get_into(keys[1], self.dst[: spec.size]) == spec.size and same(self.dst[: spec.size], 1)
-        elif spec.op == "batch_get":
-            ok = all(same(v, j) for j, v in enumerate(self.store.batch_get(keys[: spec.batch])))
-        else:
-            ok = same(self.store.get(keys[1]), 1)
-        if not ok:
-            raise AssertionError(f"{spec.name}: a value read back differs from what was put")
-
-    def _reference(self, spec: Spec) -> Callable[[int, int], object]:
-        size, buf, ack = spec.size, self.dst[: spec.size], bytearray(1)
-        conn = self.refs[spec.op]
-
-        def recv(start: int, count: int) -> None:
-            for _ in range(count):
-                recv_exactly(conn, buf, size)
-
-        def send(start: int, count: int) -> None:
-            for _ in range(count):
-                conn.sendall(buf)
-                recv_exactly(conn, ack, 1)
-
-        return recv if spec.op == "loop-recv" else send
+        w.check(self.store, spec.op, replicas=spec.replicas)
+        self.runners[spec.name] = (run, period, per_call)  # keys/s
 
     def rep(self, name: str, seconds: float) -> float:
-        """Keys (or messages) per second of one timed repetition."""
-        run, period, per_call = self.runners[name]
-        return measure(run, period=period, reps=1, rep_seconds=seconds, warmup=False)[0] * per_call
-
-
-def _all_ok(results: list[Any]) -> None:
-    for r in results:
-        if r is not None:
-            raise r if isinstance(r, BaseException) else AssertionError(f"batch_put: {r!r}")
+        """Keys per second (GB/s for a reference) of one timed repetition."""
+        run, period, scale = self.runners[name]
+        return measure(run, period=period, reps=1, rep_seconds=seconds, warmup=False)[0] * scale
 
 
 def put_many(store: Any, pairs: list[tuple[str, Any]], replicas: int) -> None:
     """Untimed writes, all in one ``batch_put`` (the client sends each node its share)."""
-    _all_ok(store.batch_put(pairs, replicas=replicas))
+    raise_batch_errors(store.batch_put(pairs, replicas=replicas))
 
 
-def worker_main(wid: int, conn: Any, cfg: dict[str, Any]) -> None:
-    """A client process: connect, then serve ("prepare", spec) / ("rep", name, seconds) / ("stop",)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops us
-    _die_with_parent()
+def client_setup(wid: int, cfg: dict[str, Any], stack: contextlib.ExitStack) -> ClientSide:
+    """A client process (see ``Workers``): its reference peers, then its own cluster client."""
     if cfg["via"] == "tcp":  # another host than the nodes': the cluster client reaches them over TCP
         os.environ["MOONCAKEFS_HOST"] = f"cluster-bench-client-{wid}"
-    try:
-        with contextlib.ExitStack() as stack:
-            # The reference peers first: they are started with a preexec_fn, unsafe once gRPC threads run.
-            root = Path(cfg["root"])
-            refs = {
-                "loop-recv": stack.enter_context(peer("send", "tcp", cfg["value_size"], root)),
-                "loop-send": stack.enter_context(peer("sink", "tcp", cfg["value_size"], root)),
-            }
-            store = mooncakefs.connect(cfg["url"])
-            stack.callback(store.close)
-            deadline = time.monotonic() + MAP_TIMEOUT
-            while len(store.map.nodes) < cfg["nodes"]:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"map has {len(store.map.nodes)} nodes, not {cfg['nodes']}")
-                time.sleep(0.1)
-                store._refresh(store.map)
-            side = ClientSide(wid, store, cfg, refs)
-            conn.send(("ok", {"pid": os.getpid(), "via": cfg["via"], "epoch": store.map.epoch}))
-            while True:
-                msg = conn.recv()
-                if msg[0] == "stop":
-                    conn.send(("ok", None))
-                    return
-                try:  # a failing request is reported, and the process goes on serving
-                    if msg[0] == "prepare":
-                        side.prepare(msg[1])
-                        conn.send(("ok", None))
-                    elif msg[0] == "rep":
-                        conn.send(("ok", side.rep(msg[1], msg[2])))
-                except Exception as exc:
-                    conn.send(("error", f"{type(exc).__name__}: {exc}"))
-    except BaseException as exc:
-        with contextlib.suppress(Exception):
-            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"))
-
-
-class ClientsLost(Exception):
-    """A client process is gone or hung: the throughput phase cannot go on."""
-
-
-class Clients:
-    """``n`` spawned client processes; ``ask`` sends one message to each and returns their answers."""
-
-    def __init__(self, n: int, cfg: dict[str, Any]) -> None:
-        ctx = mp.get_context("spawn")  # no fork: the parent holds gRPC threads
-        self.procs, self.conns = [], []
-        for wid in range(n):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=worker_main, args=(wid, child, cfg), name=f"cluster-bench-client-{wid}")
-            p.start()
-            child.close()
-            self.procs.append(p)
-            self.conns.append(parent)
-        try:
-            self.info = self.collect(WORKER_TIMEOUT)
-        except BaseException:
-            self.close()
-            raise
-
-    def collect(self, timeout: float) -> list[Any]:
-        """One answer from each process (all read, so the pipes stay in step); the first error raised."""
-        out, errors = [], []
-        deadline = time.monotonic() + timeout
-        for wid, conn in enumerate(self.conns):
-            if not conn.poll(max(0.0, deadline - time.monotonic())):
-                raise ClientsLost(f"client process {wid} did not answer in {timeout:.0f}s")
-            try:
-                status, value = conn.recv()
-            except EOFError:
-                raise ClientsLost(f"client process {wid} exited") from None
-            if status != "ok":
-                errors.append(f"client process {wid}: {value}")
-            out.append(value)
-        if errors:
-            raise RuntimeError("; ".join(errors))
-        return out
-
-    def ask(self, *msg: Any, timeout: float = WORKER_TIMEOUT) -> list[Any]:
-        for conn in self.conns:
-            conn.send(msg)
-        return self.collect(timeout)
-
-    def close(self) -> None:
-        for conn in self.conns:
-            with contextlib.suppress(Exception):
-                conn.send(("stop",))
-        for p in self.procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    # The reference peers first: they are started with a preexec_fn, unsafe once gRPC threads run.
+    root, size = Path(cfg["root"]), cfg["value_size"]
+    sender, sink = (stack.enter_context(peer(mode, "tcp", size, root)) for mode in ("send", "sink"))
+    refs = {
+        "loop-recv": stream_reference("loop-recv", sender, size, inbound=True),
+        "loop-send": stream_reference("loop-send", sink, size, inbound=False),
+    }
+    store = mooncakefs.connect(cfg["url"])
+    stack.callback(store.close)
+    deadline = time.monotonic() + MAP_TIMEOUT
+    while len(store.map.nodes) < cfg["nodes"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"map has {len(store.map.nodes)} nodes, not {cfg['nodes']}")
+        time.sleep(0.1)
+        store._refresh(store.map)
+    return ClientSide(wid, store, cfg, refs)
 
 
 # ---------------------------------------------------------------------------------------------- throughput
@@ -707,7 +422,7 @@ def row_specs(args: argparse.Namespace) -> list[Spec]:
     return out
 
 
-def measure_throughput(args: argparse.Namespace, clients: Clients) -> tuple[list[Row], dict[str, list[float]]]:
+def measure_throughput(args: argparse.Namespace, clients: Workers) -> tuple[list[Row], dict[str, list[float]]]:
     refs = {"loop-recv": Spec("loop-recv", args.value_size), "loop-send": Spec("loop-send", args.value_size)}
     for ref in refs.values():
         clients.ask("prepare", ref)
@@ -723,21 +438,21 @@ def measure_throughput(args: argparse.Namespace, clients: Clients) -> tuple[list
             clients.ask("prepare", spec)
             for _ in range(args.reps):
                 if ref is not None:
-                    gbps = sum(clients.ask("rep", ref.name, args.seconds)) * ref.size / GB
+                    gbps = sum(clients.ask("rep", ref.name, args.seconds))
                     row.reference_reps.append(gbps)
                     ref_samples[ref.op].append(gbps)
                 row.reps_keys_per_s.append(sum(clients.ask("rep", spec.name, args.seconds)))
-            row.keys_per_s = float(np.median(row.reps_keys_per_s))
+            row.keys_per_s = median(row.reps_keys_per_s) or 0.0
             row.gbps = row.keys_per_s * spec.size / GB
             row.wire_gbps = row.gbps * (spec.replicas if spec.op.endswith("put") else 1)
             if row.reference_reps:
-                row.reference_gbps = float(np.median(row.reference_reps))
-                row.x_ref = row.wire_gbps / row.reference_gbps
+                row.reference_gbps = median(row.reference_reps)
+                row.x_ref = row.wire_gbps / row.reference_gbps if row.reference_gbps else None
             progress(
                 f"{spec.name}: {row.keys_per_s:,.0f} keys/s {row.gbps:.3f} GB/s"
                 + (f" (ref {row.reference_gbps:.3f} GB/s)" if row.reference_gbps else "")
             )
-        except ClientsLost:
+        except WorkersLost:
             raise
         except Exception as exc:  # one failing row must not hide the others
             row.error = str(exc).splitlines()[0][:300]
@@ -869,7 +584,7 @@ def measure_repair(args: argparse.Namespace, cluster: Cluster, keys: list[str], 
         etcd_before = sample_etcd(cluster)
         stop = threading.Event()
         t0 = time.perf_counter()
-        cluster.kill(victim)
+        victim.kill()
         watcher = threading.Thread(
             target=watch_etcd, args=(cluster, victim.ident, kill == "controller", t0, res, stop), daemon=True
         )
@@ -921,8 +636,8 @@ def measure_repair(args: argparse.Namespace, cluster: Cluster, keys: list[str], 
                 res.copy_s_per_gib = res.copy_s / (res.share_bytes / GiB)
                 res.copy_gbps = res.share_bytes / GB / res.copy_s
         progress(
-            f"repair ({kill}): lease gone {_s(res.lease_s)}, map {_s(res.map_s)}, first copy "
-            f"{_s(res.first_copy_s)}, repaired {_s(res.repaired_s)} after the kill"
+            f"repair ({kill}): lease gone {format_seconds(res.lease_s)}, map {format_seconds(res.map_s)}, first copy "
+            f"{format_seconds(res.first_copy_s)}, repaired {format_seconds(res.repaired_s)} after the kill"
         )
     except Exception as exc:
         res.error = f"{type(exc).__name__}: {exc}"
@@ -931,10 +646,6 @@ def measure_repair(args: argparse.Namespace, cluster: Cluster, keys: list[str], 
         for link in links.values():
             link.close()
     return res
-
-
-def _s(v: float | None, digits: int = 2) -> str:
-    return "-" if v is None else f"{v:.{digits}f}s"
 
 
 # -------------------------------------------------------------------------------------------------- rejoin
@@ -985,25 +696,6 @@ class Rejoin:
     error: str | None = None
 
 
-def _median(values: Sequence[float | None]) -> float | None:
-    got = [v for v in values if v is not None]
-    return float(np.median(got)) if got else None
-
-
-def scrape(port: int) -> dict[str, float]:
-    """A node's /metrics: unlabelled samples by name; labelled ones as "name{label=value}"."""
-    out: dict[str, float] = {}
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
-        m = re.fullmatch(r'(\w+)\{(\w+)="([^"]*)"\}', name)
-        out[f"{m.group(1)}{{{m.group(2)}={m.group(3)}}}" if m else name] = float(value)
-    return out
-
-
 def rejoin_keys(pmap: PlacementMap, node: str, start: int, count: int) -> tuple[list[str], int]:
     """``count`` keys whose group's first node is ``node`` ("rj/<i>" from ``start`` on); and the next i."""
     groups = {g for g, nodes in enumerate(pmap.replicas) if nodes and nodes[0] == node}
@@ -1039,7 +731,7 @@ class RejoinRun:
                 self._map = PlacementMap.from_json(kv.value), kv.mod_revision
         return self._map
 
-    def held(self, node: NodeProc) -> int:
+    def held(self, node: NodeProcess) -> int:
         with mooncakefs.connect("tcp://" + node.tcp) as link:
             return len(link)
 
@@ -1070,8 +762,9 @@ class RejoinRun:
                     rep = self.restart_once(node)
                     row.reps.append(rep)
                     progress(
-                        f"rejoin ({row.keys} keys) #{r + 1}: ready {_s(rep.ready_s)}, in map {_s(rep.map_s)}, "
-                        f"serving {_s(rep.serve_s)} after start; catch-up {_s(rep.rejoin_s)} in "
+                        f"rejoin ({row.keys} keys) #{r + 1}: ready {format_seconds(rep.ready_s)}, "
+                        f"in map {format_seconds(rep.map_s)}, serving {format_seconds(rep.serve_s)} after start; "
+                        f"catch-up {format_seconds(rep.rejoin_s)} in "
                         f"{rep.passes} pass(es), {rep.others} other nodes, pulled {rep.pulled}"
                         + (f", refused {rep.refused}" if rep.refused else "")
                     )
@@ -1087,7 +780,7 @@ class RejoinRun:
                 progress(f"rejoin: removed its {self.store.remove_prefix('rj/')} keys")
         return rows
 
-    def fill(self, node: NodeProc, target: int, next_i: int, row: Rejoin) -> int:
+    def fill(self, node: NodeProcess, target: int, next_i: int, row: Rejoin) -> int:
         """Put keys (owned by ``node``) until it has been given ``target`` of them."""
         pmap, _ = self.map()
         assert pmap is not None
@@ -1100,7 +793,7 @@ class RejoinRun:
             pairs = [
                 (k, self.src[((base + i) % 256) * SMALL : ((base + i) % 256 + 1) * SMALL]) for i, k in enumerate(chunk)
             ]
-            _all_ok(self.store.batch_put(pairs, replicas=1, durable=True))
+            raise_batch_errors(self.store.batch_put(pairs, replicas=1, durable=True))
         row.put_s = time.perf_counter() - t0
         self.keys += keys
         progress(f"rejoin: put {len(keys)} x 4KiB (replicas=1, durable) owned by {node.ident} in {row.put_s:.1f}s")
@@ -1124,12 +817,12 @@ class RejoinRun:
                 )
         return len(picks)
 
-    def restart_once(self, node: NodeProc) -> RejoinRep:
+    def restart_once(self, node: NodeProcess) -> RejoinRep:
         cluster, rep = self.cluster, RejoinRep()
         ident = node.ident
         before, _ = self.map()
         rep.epoch_killed = before.epoch if before is not None else 0
-        cluster.kill(node)
+        node.kill()
         node.proc.wait()
         t_kill = time.perf_counter()
         if self.args.rejoin_restart == "after-drop":
@@ -1159,7 +852,8 @@ class RejoinRun:
             if in_map and rep.map_s is None:
                 rep.map_s = now
             if rep.ready_s is not None and (polls % 2 == 0 or in_map):
-                m = scrape(port)
+                samples = scrape(f"http://127.0.0.1:{port}/metrics")
+                m = {s.name: s.value for s in samples if not s.labels}
                 rep.scrapes += 1
                 rejoining = m.get("mooncakefs_cluster_rejoining")
                 rep.seen_rejoining |= rejoining == 1
@@ -1167,15 +861,15 @@ class RejoinRun:
                     rep.serve_s, rep.epoch, rep.others = now, pmap.epoch, len(pmap.nodes) - 1
                     rep.pulled = int(m.get("mooncakefs_rejoin_pulled_total", m.get("mooncakefs_rejoin_pulled", 0)))
                     rep.refused = {
-                        k.split("=", 1)[1][:-1]: int(v)
-                        for k, v in m.items()
-                        if k.startswith("mooncakefs_request_errors_total{") and v
+                        s.labels.get("error", ""): int(s.value)
+                        for s in samples
+                        if s.name == "mooncakefs_request_errors_total" and s.value
                     }
                     break
             if now > REJOIN_TIMEOUT:
                 raise TimeoutError(
                     f"node {ident} not serving {REJOIN_TIMEOUT:.0f}s after its restart (ready "
-                    f"{_s(rep.ready_s)}, in map {_s(rep.map_s)}, scrapes {rep.scrapes})"
+                    f"{format_seconds(rep.ready_s)}, in map {format_seconds(rep.map_s)}, scrapes {rep.scrapes})"
                 )
             polls += 1
             time.sleep(REJOIN_POLL_S)
@@ -1198,11 +892,11 @@ class RejoinRun:
         if not reps:
             return
         row.others = reps[-1].others
-        row.drop_s = _median([r.drop_s for r in reps])
-        row.ready_s = _median([r.ready_s for r in reps])
-        row.map_s = _median([r.map_s for r in reps])
-        row.serve_s = _median([r.serve_s for r in reps])
-        row.rejoin_s = _median([r.rejoin_s for r in reps])
+        row.drop_s = median([r.drop_s for r in reps])
+        row.ready_s = median([r.ready_s for r in reps])
+        row.map_s = median([r.map_s for r in reps])
+        row.serve_s = median([r.serve_s for r in reps])
+        row.rejoin_s = median([r.rejoin_s for r in reps])
         row.passes = max(r.passes for r in reps)
         row.pulled = max(r.pulled for r in reps)
         refused: Counter[str] = Counter()
@@ -1214,10 +908,6 @@ class RejoinRun:
 
 
 # -------------------------------------------------------------------------------------------------- report
-
-
-def _num(v: float) -> str:
-    return f"{v:,.2f}" if v < 100 else f"{v:,.0f}"
 
 
 def render(
@@ -1252,7 +942,10 @@ def throughput_section(rows: Sequence[Row], refs: dict[str, Any]) -> list[str]:
     out.append(
         format_table(
             ["ref", "GB/s", "reps", "what"],
-            [[k, _num(v["gbps"]) if v["gbps"] else "-", str(len(v["samples"])), v["what"]] for k, v in refs.items()],
+            [
+                [k, format_number(v["gbps"]) if v["gbps"] else "-", str(len(v["samples"])), v["what"]]
+                for k, v in refs.items()
+            ],
             [False, True, True, False],
         )
     )
@@ -1271,7 +964,7 @@ def throughput_section(rows: Sequence[Row], refs: dict[str, Any]) -> list[str]:
                 f"{r.gbps:.3f}",
                 f"{r.wire_gbps:.3f}",
                 r.reference or "",
-                _num(r.reference_gbps) if r.reference_gbps else "",
+                format_number(r.reference_gbps) if r.reference_gbps else "",
                 f"{r.x_ref:.2f}" if r.x_ref is not None else "",
             ]
         )
@@ -1326,11 +1019,11 @@ def rejoin_section(args: argparse.Namespace, rejoins: Sequence[Rejoin]) -> list[
                 keys,
                 str(r.others),
                 str(len(r.reps)),
-                _s(r.drop_s),
-                _s(r.ready_s),
-                _s(r.map_s),
-                _s(r.serve_s),
-                _s(r.rejoin_s, 3),
+                format_seconds(r.drop_s),
+                format_seconds(r.ready_s),
+                format_seconds(r.map_s),
+                format_seconds(r.serve_s),
+                format_seconds(r.rejoin_s, 3),
                 str(r.passes),
                 f"{r.keys_nodes_per_s:,.0f}" if r.keys_nodes_per_s else "-",
                 str(r.pulled),
@@ -1377,14 +1070,14 @@ def repair_section(args: argparse.Namespace, repairs: Sequence[Repair]) -> list[
                 r.victim,
                 f"{r.keys_on_victim}/{r.keys}",
                 f"{r.share_bytes / MiB:.0f}",
-                _s(r.lease_s),
-                _s(r.new_controller_s) if r.kill == "controller" else "",
-                _s(r.map_s),
-                _s(r.first_copy_s),
-                _s(r.repaired_s),
-                _s(r.copy_s),
-                _num(r.s_per_gib) if r.s_per_gib else "-",
-                _num(r.copy_s_per_gib) if r.copy_s_per_gib else "-",
+                format_seconds(r.lease_s),
+                format_seconds(r.new_controller_s) if r.kill == "controller" else "",
+                format_seconds(r.map_s),
+                format_seconds(r.first_copy_s),
+                format_seconds(r.repaired_s),
+                format_seconds(r.copy_s),
+                format_number(r.s_per_gib) if r.s_per_gib else "-",
+                format_number(r.copy_s_per_gib) if r.copy_s_per_gib else "-",
                 f"{r.copy_gbps:.3f}" if r.copy_gbps else "-",
             ]
         )
@@ -1507,7 +1200,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # run the cleanups below
+    exit_on_sigterm()
     started = time.perf_counter()
     notes: list[str] = []
     rows: list[Row] = []
@@ -1522,9 +1215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack.callback(shutil.rmtree, root, ignore_errors=True)
         cluster = Cluster(root, args)
         stack.callback(cluster.close)
-        progress(f"starting etcd on {cluster.etcd_url} and {args.nodes} nodes under {root}")
-        cluster.start_etcd()
-        etcd_version = json.loads(cluster.http("/version")).get("etcdserver")
+        etcd_version = cluster.start_etcd().version()
+        progress(f"etcd on {cluster.etcd_url}; starting {args.nodes} nodes under {root}")
         ready_s = cluster.start_nodes(args.nodes)
         t_map = time.perf_counter()
         store = cluster.connect()
@@ -1565,7 +1257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "large_keys": args.large_keys,
             }
             progress(f"starting {args.clients} client processes")
-            clients = Clients(args.clients, cfg)
+            clients = Workers(args.clients, client_setup, cfg, name="cluster-bench-client", timeout=WORKER_TIMEOUT)
             stack.callback(clients.close)
             a = sample_etcd(cluster)
             rows, ref_samples = measure_throughput(args, clients)
@@ -1600,7 +1292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     refs = {
         name: {
-            "gbps": float(np.median(s)) if s else None,
+            "gbps": median(s),
             "samples": s,
             "what": (
                 f"{args.clients}x loopback TCP {format_size(args.value_size)} messages: "

@@ -24,35 +24,26 @@ drop-in/Mooncake ratios (keys/s; >1 means the drop-in is faster) and writes JSON
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import format_size, format_table, machine_info, write_json
-from node_bench import running_node
+from _common import format_size, format_table, machine_info, pin_threads, report, run_json_script, running_node
 
 HERE = Path(__file__).resolve().parent
 BASELINE = HERE / "mooncake_baseline.py"
+BASELINE_TIMEOUT = 3600.0
 
 
-def pin_all_threads(pid: int, cpu: int) -> None:
-    """Pin every thread of a running process (affinity is per thread) to one CPU."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), {cpu})
-
-
-def run_baseline(cmd: list[str], out: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_baseline(cmd: list[str], out: Path) -> dict[str, Any]:
     """Run one mooncake_baseline.py and return its JSON document (its table goes to our stderr)."""
-    print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
-    subprocess.run([*cmd, "--json", str(out)], check=True, env=env, timeout=3600)
-    return json.loads(out.read_text())
+    doc = run_json_script([*cmd, "--json", str(out)], out, timeout=BASELINE_TIMEOUT)
+    if "error" in doc:
+        raise RuntimeError(doc["error"])
+    return doc
 
 
 def workload_args(args: argparse.Namespace, size: str) -> list[str]:
@@ -98,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         (root / "node").mkdir()
         with running_node(root / "node", args.segment, 0) as node:
             if pin:
-                pin_all_threads(node.pid, pin[1])
+                pin_threads(node.pid, pin[1])
             # One size at a time, the three systems back to back: on a shared machine the load moves,
             # and numbers compared with each other should be taken minutes apart at most.
             for size in [x.strip() for x in args.sizes.split(",") if x.strip()]:
@@ -127,9 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name, doc in got.items():
                     runs.setdefault(name, {**doc, "results": []})["results"].extend(doc["results"])
     table, rows = render(runs)
-    print(table)
-    write_json(
-        args.json,
+    report(
+        table,
         {
             "bench": "compat_bench",
             "machine": machine_info({"pinned_cpus": pin}),
@@ -138,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             "runs": runs,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
+        args.json,
     )
-    print(f"\nJSON: {args.json}", file=sys.stderr)
     slower = [r for r in rows if any(v < 1.0 for k, v in r.items() if k.startswith("ratio"))]
     if slower:
         print(f"\n{len(slower)} row(s) where the drop-in is slower than Mooncake", file=sys.stderr)

@@ -37,13 +37,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from _common import (
     GB,
+    KiB,
+    KVWorkload,
+    MiB,
+    copy_reference,
     format_size,
     format_table,
     machine_info,
     measure,
+    median,
     prefaulted,
     progress,
     report,
@@ -53,7 +57,6 @@ from _common import (
 import mooncakefs
 from mooncakefs.units import parse_size
 
-KiB, MiB = 1024, 1024**2
 FULL_SIZES = "4KiB,64KiB,1MiB,16MiB,64MiB"
 QUICK_SIZES = "4KiB,64KiB,16MiB"
 DRAM_OPS = ("put", "get", "get_into", "view", "batch_put", "batch_get", "batch_get_into")
@@ -118,144 +121,6 @@ class Row:
     error: str | None = None
 
 
-@dataclass
-class Workload:
-    """Keys of one value size with their values (views into the shared source buffer) and batch groupings."""
-
-    size: int
-    keys: list[str]
-    values: list[np.ndarray]
-    batch: int
-    dst: np.ndarray  # batch * size bytes: one value for get_into, a whole batch for batch_get_into
-
-    @property
-    def batches(self) -> int:
-        return len(self.keys) // self.batch
-
-    def batch_keys(self, j: int) -> list[str]:
-        return self.keys[j * self.batch : (j + 1) * self.batch]
-
-    def batch_buffers(self) -> list[np.ndarray]:
-        return [self.dst[i * self.size : (i + 1) * self.size] for i in range(self.batch)]
-
-
-# ---------------------------------------------------------------------------------------------- ops
-
-
-def op_runner(store: Any, op: str, w: Workload) -> tuple[Callable[[int, int], object], int, int]:
-    """``(run(start, count), period, keys_per_op)`` for ``measure``.
-
-    Lists are doubled so ``run`` can index ``start .. start + count`` (start < period, count <= period)
-    without a modulo in the hot loop.
-    """
-    keys2, values2 = w.keys * 2, w.values * 2
-    dst_one = w.dst[: w.size]
-    if op == "put":
-        put = store.put
-
-        def run(start: int, count: int) -> None:
-            for j in range(start, start + count):
-                put(keys2[j], values2[j])
-
-        return run, len(w.keys), 1
-    if op == "get":
-        get = store.get
-
-        def run(start: int, count: int) -> None:
-            for j in range(start, start + count):
-                get(keys2[j])
-
-        return run, len(w.keys), 1
-    if op == "get_into":
-        get_into = store.get_into
-
-        def run(start: int, count: int) -> None:
-            for j in range(start, start + count):
-                get_into(keys2[j], dst_one)
-
-        return run, len(w.keys), 1
-    if op == "view":
-        # A view alone costs nothing per byte; what a reader does with it is consume the bytes, so the row
-        # times open + copy out into a destination + close, which makes it comparable with get_into.
-        view, sink = store.view, memoryview(dst_one)
-
-        def run(start: int, count: int) -> None:
-            for j in range(start, start + count):
-                with view(keys2[j]) as mv:
-                    sink[:] = mv
-
-        return run, len(w.keys), 1
-    groups2 = [w.batch_keys(j) for j in range(w.batches)] * 2
-    if op == "batch_put":
-        items2 = [
-            list(zip(w.batch_keys(j), w.values[j * w.batch : (j + 1) * w.batch], strict=True)) for j in range(w.batches)
-        ] * 2
-        batch_put = store.batch_put
-
-        def run(start: int, count: int) -> None:
-            for j in range(start, start + count):
-                batch_put(items2[j])
-
-        return run, w.batches, w.batch
-    if op == "batch_get":
-        batch_get = store.batch_get
-
-        def run(start: int, count: int) -> None:
-            for j in range(start, start + count):
-                batch_get(groups2[j])
-
-        return run, w.batches, w.batch
-    if op == "batch_get_into":
-        batch_get_into, buffers = store.batch_get_into, w.batch_buffers()
-
-        def run(start: int, count: int) -> None:
-            for j in range(start, start + count):
-                batch_get_into(groups2[j], buffers)
-
-        return run, w.batches, w.batch
-    raise ValueError(f"unknown op {op!r}")
-
-
-def check_op(store: Any, op: str, w: Workload) -> None:
-    """One untimed call of ``op`` whose result is compared with the source bytes; raises on a mismatch."""
-
-    def same(got: object, j: int) -> bool:
-        return np.array_equal(np.frombuffer(got, dtype=np.uint8), w.values[j])
-
-    key, n = w.keys[0], w.size
-    if op == "put":
-        store.put(key, w.values[0])
-        ok, what = same(store.get(key), 0), "get after put"
-    elif op == "get":
-        ok, what = same(store.get(key), 0), "get"
-    elif op == "get_into":
-        written = store.get_into(key, w.dst[:n])
-        ok, what = written == n and same(w.dst[:n], 0), f"get_into (returned {written})"
-    elif op == "view":
-        with store.view(key) as mv:
-            ok, what = same(mv, 0), "view"
-    elif op == "batch_put":
-        res = store.batch_put(list(zip(w.batch_keys(0), w.values[: w.batch], strict=True)))
-        errors = [r for r in res if r is not None]
-        ok = not errors and all(same(store.get(k), j) for j, k in enumerate(w.batch_keys(0)))
-        what = f"batch_put (errors {errors[:2]})"
-    elif op == "batch_get":
-        res = store.batch_get(w.batch_keys(0))
-        ok, what = (
-            len(res) == w.batch and all(r is not None and same(r, j) for j, r in enumerate(res)),
-            "batch_get",
-        )
-    elif op == "batch_get_into":
-        buffers = w.batch_buffers()
-        res = store.batch_get_into(w.batch_keys(0), buffers)
-        ok = res == [n] * w.batch and all(same(b, j) for j, b in enumerate(buffers))
-        what = f"batch_get_into (returned {res[:3]}...)"
-    else:
-        raise ValueError(f"unknown op {op!r}")
-    if not ok:
-        raise AssertionError(f"wrong result from {what} for {format_size(n)} values")
-
-
 def drop_page_cache() -> None:
     """Make the next SSD read come from the device, not the page cache (needs root)."""
     os.sync()
@@ -284,15 +149,9 @@ class Bench:
         keys = max(batch, min(a.max_keys, a.working_set // size))
         return keys - keys % batch, batch
 
-    def workload(self, size: int, prefix: str) -> Workload:
+    def workload(self, size: int, prefix: str) -> KVWorkload:
         keys, batch = self.layout[size]
-        return Workload(
-            size=size,
-            keys=[f"{prefix}/{format_size(size)}/{i}" for i in range(keys)],
-            values=[self.src[i * size : (i + 1) * size] for i in range(keys)],
-            batch=batch,
-            dst=self.dst[: batch * size],
-        )
+        return KVWorkload.carve(prefix, size, keys, batch, self.src, self.dst)
 
     def time(self, run: Callable[[int, int], object], period: int, *, cold: bool = False) -> list[float]:
         a = self.args
@@ -317,34 +176,25 @@ class Bench:
         batch calls write into: pool blocks or many batch buffers).
         """
         w = self.workload(size, "copy")
-        values2, fixed = w.values * 2, w.dst[:size]
-        slots2 = [self.dst[i * size : (i + 1) * size] for i in range(len(w.keys))] * 2
-
-        def to_fixed(start: int, count: int) -> None:
-            for j in range(start, start + count):
-                np.copyto(fixed, values2[j])
-
-        def to_slots(start: int, count: int) -> None:
-            for j in range(start, start + count):
-                np.copyto(slots2[j], values2[j])
-
+        slots = [self.dst[i * size : (i + 1) * size] for i in range(len(w.keys))]
         ref = {}
-        for kind, run in ((FIXED_DST, to_fixed), (ROTATING_DST, to_slots)):
-            reps = [r * size / GB for r in self.time(run, len(w.keys))]
-            ref[kind] = {"gbps": float(np.median(reps)), "reps_gbps": reps}
+        for kind, destinations in ((FIXED_DST, [w.dst[:size]] * len(w.keys)), (ROTATING_DST, slots)):
+            copy = copy_reference(kind, w.values, destinations)
+            reps = [r * copy.scale for r in self.time(copy.run, copy.period)]
+            ref[kind] = {"gbps": median(reps), "reps_gbps": reps}
         self.reference[tier, size] = ref
         progress(
             f"{tier} numpy copy {format_size(size)}: "
             + ", ".join(f"{kind} {v['gbps']:.2f} GB/s" for kind, v in ref.items())
         )
 
-    def measure_row(self, store: Any, tier: str, op: str, w: Workload, *, cold: bool = False) -> Row:
+    def measure_row(self, store: Any, tier: str, op: str, w: KVWorkload, *, cold: bool = False) -> Row:
         row = Row(tier=tier, op=op, size=w.size, keys=len(w.keys), batch=w.batch if op.startswith("batch") else 1)
         try:
-            check_op(store, op, w)
-            run, period, per_op = op_runner(store, op, w)
+            w.check(store, op)
+            run, period, per_op = w.runner(store, op)
             row.reps_ops_per_s = [r * per_op for r in self.time(run, period, cold=cold)]
-            row.ops_per_s = float(np.median(row.reps_ops_per_s))
+            row.ops_per_s = median(row.reps_ops_per_s) or 0.0
             row.gbps = row.ops_per_s * w.size / GB
             progress(f"{tier} {op} {format_size(w.size)}: {row.ops_per_s:,.0f} ops/s {row.gbps:.3f} GB/s")
         except Exception as exc:  # a failing op must not hide the other rows; it is reported in the table

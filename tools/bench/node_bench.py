@@ -41,14 +41,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,21 +52,30 @@ from typing import Any
 import numpy as np
 from _common import (
     GB,
-    child_process,
-    cpu_seconds,
+    KiB,
+    KVWorkload,
+    MiB,
+    Reference,
+    copy_reference,
+    exit_on_sigterm,
+    format_number,
     format_size,
     format_table,
     machine_info,
     measure,
+    median,
+    peer,
     prefaulted,
     progress,
+    recv_exactly,
     report,
     run_json_script,
+    running_node,
+    stream_reference,
 )
 
 import mooncakefs
 
-KiB, MiB = 1024, 1024**2
 SMALL, LARGE = 4 * KiB, 16 * MiB
 VIAS = ("unix", "tcp")
 # (op, size) rows measured for each transport, in table order.
@@ -93,9 +98,6 @@ REFERENCE_TEXT = {
     PP_TCP: "tcp ping-pong 4KiB between two processes, round trips/s",
     PP_UNIX: "unix-socket ping-pong 4KiB between two processes, round trips/s",
 }
-NODE_READY_TIMEOUT = 60.0
-NODE_SETTLE_TIMEOUT = 180.0  # the node prefaults its pool in the background: wait until it is idle
-PEER_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -158,233 +160,10 @@ class Row:
     error: str | None = None
 
 
-def rss_shmem(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssShmem:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-@dataclass
-class NodeInfo:
-    cmd: list[str]
-    pid: int
-    unix_url: str
-    tcp_url: str
-    ready_s: float
-    settled_s: float
-    pool_resident_bytes: int
-
-
-@contextlib.contextmanager
-def running_node(root: Path, dram: str, port: int) -> Iterator[NodeInfo]:
-    """A node process serving ``root/node.sock`` and 127.0.0.1:``port`` (0: any free port), ready to
-    use: its sockets accept and its background pool prefault is over (the process has gone idle)."""
-    sock_path = root / "node.sock"
-    log_path = root / "node.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mooncakefs.cli",
-        "node",
-        "--data",
-        str(root / "data"),
-        "--dram",
-        dram,
-        "--socket",
-        str(sock_path),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--metrics",
-        "none",
-    ]
-    progress("starting node: " + shlex.join(cmd))
-    t0 = time.perf_counter()
-    with log_path.open("wb") as log, child_process(cmd, stdout=log, stderr=subprocess.STDOUT) as proc:
-        try:
-            tcp_port = _wait_ready(proc, log_path)
-            ready_s = time.perf_counter() - t0
-            _wait_accepting(sock_path, tcp_port)
-            settled_s = _wait_idle(proc.pid) - t0
-        except BaseException:
-            progress("node log:\n" + log_path.read_text(errors="replace")[-4000:])
-            raise
-        info = NodeInfo(
-            cmd, proc.pid, f"unix://{sock_path}", f"tcp://127.0.0.1:{tcp_port}", ready_s, settled_s, rss_shmem(proc.pid)
-        )
-        progress(
-            f"node pid {proc.pid} ready in {ready_s:.1f}s, idle (pool prefaulted: "
-            f"{format_size(info.pool_resident_bytes)} resident) after {settled_s:.1f}s"
-        )
-        yield info
-        if proc.poll() is not None:
-            raise RuntimeError(f"the node exited early ({proc.returncode}): {log_path.read_text()[-2000:]}")
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], log_path: Path) -> int:
-    """The TCP port from the node's "ready" line."""
-    deadline = time.monotonic() + NODE_READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the node exited with {proc.returncode} before it was ready")
-        for line in log_path.read_text(errors="replace").splitlines():
-            if "node ready:" in line and "tcp://" in line:
-                return int(line.rsplit(":", 1)[1])
-        time.sleep(0.05)
-    raise TimeoutError(f"the node was not ready after {NODE_READY_TIMEOUT:.0f}s")
-
-
-def _wait_accepting(sock_path: Path, port: int) -> None:
-    for family, address in ((socket.AF_UNIX, str(sock_path)), (socket.AF_INET, ("127.0.0.1", port))):
-        deadline = time.monotonic() + NODE_READY_TIMEOUT
-        while True:
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                if s.connect_ex(address) == 0:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the node does not accept on {address}")
-            time.sleep(0.05)
-
-
-def _wait_idle(pid: int, window: float = 0.25, busy: float = 0.05) -> float:
-    """Wait until the process uses under ``busy`` of a core over two consecutive windows; when it was."""
-    deadline = time.monotonic() + NODE_SETTLE_TIMEOUT
-    quiet, last = 0, cpu_seconds(pid)
-    while quiet < 2 and time.monotonic() < deadline:
-        time.sleep(window)
-        now = cpu_seconds(pid)
-        quiet = quiet + 1 if now - last < busy * window else 0
-        last = now
-    if quiet < 2:
-        progress(f"warning: the node was still busy after {NODE_SETTLE_TIMEOUT:.0f}s; measuring anyway")
-    return time.perf_counter()
-
-
 # -------------------------------------------------------------------------------- physical references
 
 
-def peer_main(mode: str, address: str, size: int) -> int:
-    """The child side of the socket references (``--peer``): connect to ``address`` and serve until EOF.
-
-    send: sendall ``size``-byte messages forever; sink: recv_into each message, answer a 1-byte ack;
-    echo: recv_into each message and send it back.
-    """
-    kind, _, where = address.partition(":")
-    if kind == "unix":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(where)
-    else:
-        host, _, port = where.rpartition(":")
-        sock = socket.create_connection((host, int(port)))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = prefaulted(size)
-    with sock, contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        if mode == "send":
-            while True:
-                sock.sendall(buf)
-        else:
-            while sock.recv_into(buf, size, socket.MSG_WAITALL) == size:
-                sock.sendall(b"k" if mode == "sink" else buf)
-    return 0
-
-
-@contextlib.contextmanager
-def peer(mode: str, kind: str, size: int, root: Path) -> Iterator[socket.socket]:
-    """A blocking connection to a child process running ``peer_main(mode)`` over ``kind`` (tcp/unix)."""
-    if kind == "unix":
-        path = root / f"peer-{mode}.sock"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(path))
-        listener.listen(1)
-        address = f"unix:{path}"
-    else:
-        listener = socket.create_server(("127.0.0.1", 0))
-        address = f"tcp:127.0.0.1:{listener.getsockname()[1]}"
-    cmd = [sys.executable, __file__, "--peer", mode, "--peer-address", address, "--peer-size", str(size)]
-    with listener, child_process(cmd) as proc:
-        listener.settimeout(PEER_TIMEOUT)
-        conn, _ = listener.accept()
-        conn.setblocking(True)
-        if kind == "tcp":
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with conn:
-            yield conn
-            conn.shutdown(socket.SHUT_RDWR)  # the child sees EOF or EPIPE and exits
-        proc.wait(timeout=10)
-
-
-def recv_exactly(conn: socket.socket, buf: np.ndarray | bytearray, n: int) -> None:
-    if conn.recv_into(buf, n, socket.MSG_WAITALL) != n:
-        raise ConnectionError("the peer process closed the connection early")
-
-
-@dataclass
-class Reference:
-    """A physical reference: ``run(start, count)`` does ``count`` ops, each worth ``scale`` (GB or 1 round
-    trip).  ``samples`` collects one value per repetition, each taken right before a repetition of a row
-    that is compared with it."""
-
-    name: str
-    run: Callable[[int, int], object]
-    period: int
-    scale: float
-    samples: list[float] = field(default_factory=list)
-
-    @property
-    def unit(self) -> str:
-        return "GB/s" if self.scale != 1 else "round trips/s"
-
-    def warm_up(self, seconds: float) -> None:
-        measure(self.run, period=self.period, reps=1, rep_seconds=seconds)
-
-    def rep(self, seconds: float) -> float:
-        value = measure(self.run, period=self.period, reps=1, rep_seconds=seconds, warmup=False)[0] * self.scale
-        self.samples.append(value)
-        return value
-
-    def paired(self, seconds: float, into: list[float]) -> Callable[[], None]:
-        """A ``before_rep`` for ``measure``: one repetition of this reference, its value appended to ``into``."""
-        return lambda: into.append(self.rep(seconds))
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "value": float(np.median(self.samples)) if self.samples else None,
-            "unit": self.unit,
-            "what": REFERENCE_TEXT[self.name],
-            "samples": self.samples,
-        }
-
-
-def copy_reference(src: np.ndarray, dst: np.ndarray) -> Reference:
-    """numpy copy of 16 MiB from rotating source slices into one fixed destination (what get_into does)."""
-    slots = [src[i * LARGE : (i + 1) * LARGE] for i in range(len(src) // LARGE)] * 2
-    fixed = dst[:LARGE]
-
-    def run(start: int, count: int) -> None:
-        for j in range(start, start + count):
-            np.copyto(fixed, slots[j])
-
-    return Reference(COPY, run, len(slots) // 2, LARGE / GB)
-
-
-def stream_reference(conn: socket.socket, inbound: bool) -> Reference:
-    """16 MiB messages over a peer connection: received (peer in "send" mode) or sent and acknowledged
-    (peer in "sink" mode)."""
-    buf, ack = prefaulted(LARGE), bytearray(1)
-
-    def recv(start: int, count: int) -> None:
-        for _ in range(count):
-            recv_exactly(conn, buf, LARGE)
-
-    def send(start: int, count: int) -> None:
-        for _ in range(count):
-            conn.sendall(buf)
-            recv_exactly(conn, ack, 1)
-
-    return Reference(LOOP_RECV if inbound else LOOP_SEND, recv if inbound else send, 1, LARGE / GB)
-
-
-def ping_pong_reference(conn: socket.socket, kind: str) -> Reference:
+def ping_pong_reference(conn: Any, kind: str) -> Reference:
     """4 KiB out, the same 4 KiB back, over a peer connection in "echo" mode."""
     out, back = prefaulted(SMALL), prefaulted(SMALL)
 
@@ -401,87 +180,25 @@ def references(via: str, root: Path, src: np.ndarray, dst: np.ndarray) -> Iterat
     """The references of ``via``'s rows, their peer processes running (idle between repetitions)."""
     with contextlib.ExitStack() as stack:
         if via == "unix":
-            echo = stack.enter_context(peer("echo", "unix", SMALL, root))
-            refs = [copy_reference(src, dst), ping_pong_reference(echo, "unix")]
-        else:
+            # numpy copy of 16 MiB from rotating source slices into one fixed destination (what get_into does)
+            sources = [src[i * LARGE : (i + 1) * LARGE] for i in range(len(src) // LARGE)]
             refs = [
-                stream_reference(stack.enter_context(peer("send", "tcp", LARGE, root)), inbound=True),
-                stream_reference(stack.enter_context(peer("sink", "tcp", LARGE, root)), inbound=False),
+                copy_reference(COPY, sources, [dst[:LARGE]] * len(sources)),
+                ping_pong_reference(stack.enter_context(peer("echo", "unix", SMALL, root)), "unix"),
+            ]
+        else:
+            sender, sink = (stack.enter_context(peer(mode, "tcp", LARGE, root)) for mode in ("send", "sink"))
+            refs = [
+                stream_reference(LOOP_RECV, sender, LARGE, inbound=True),
+                stream_reference(LOOP_SEND, sink, LARGE, inbound=False),
                 ping_pong_reference(stack.enter_context(peer("echo", "tcp", SMALL, root)), "tcp"),
             ]
+        for ref in refs:
+            ref.what = REFERENCE_TEXT[ref.name]
         yield {r.name: r for r in refs}
 
 
 # ------------------------------------------------------------------------------------ mooncakefs rows
-
-
-class Workload:
-    """Keys of one value size with their values (views into one prefaulted buffer), and the buffers
-    reads write into (one value for get_into, a whole batch for batch_get_into)."""
-
-    def __init__(self, prefix: str, size: int, count: int, batch: int, src: np.ndarray, dst: np.ndarray) -> None:
-        self.size, self.batch = size, batch
-        self.keys = [f"{prefix}/{format_size(size)}/{i}" for i in range(count)]
-        self.values = [src[i * size : (i + 1) * size] for i in range(count)]
-        self.buffers = [dst[i * size : (i + 1) * size] for i in range(batch)]
-
-    def runner(self, store: Any, op: str) -> tuple[Callable[[int, int], object], int, int]:
-        """``(run(start, count), period, keys_per_call)`` for ``measure``; lists are doubled so that
-        ``start .. start + count`` never wraps."""
-        keys2, values2, dst = self.keys * 2, self.values * 2, self.buffers[0]
-        if op.startswith("batch"):
-            n = len(self.keys) // self.batch
-            groups = [self.keys[j * self.batch : (j + 1) * self.batch] for j in range(n)] * 2
-            items = [
-                list(zip(g, self.values[j * self.batch : (j + 1) * self.batch], strict=True))
-                for j, g in enumerate(groups[:n])
-            ] * 2
-            batch_get_into, batch_put, buffers = store.batch_get_into, store.batch_put, self.buffers
-
-            def run_batch_put(start: int, count: int) -> None:
-                for j in range(start, start + count):
-                    batch_put(items[j])
-
-            def run_batch_get_into(start: int, count: int) -> None:
-                for j in range(start, start + count):
-                    batch_get_into(groups[j], buffers)
-
-            return run_batch_put if op == "batch_put" else run_batch_get_into, n, self.batch
-        call = {"get": store.get, "put": store.put, "get_into": store.get_into}[op]
-        second = values2 if op == "put" else None if op == "get" else [dst] * len(keys2)
-
-        def run(start: int, count: int) -> None:
-            if second is None:
-                for j in range(start, start + count):
-                    call(keys2[j])
-            else:
-                for j in range(start, start + count):
-                    call(keys2[j], second[j])
-
-        return run, len(self.keys), 1
-
-    def check(self, store: Any, op: str) -> None:
-        """One untimed call of ``op`` whose result is compared with the source bytes."""
-
-        def same(got: Any, j: int) -> bool:
-            return np.array_equal(np.frombuffer(got, dtype=np.uint8), self.values[j])
-
-        n, b = self.size, self.batch
-        if op == "put":
-            store.put(self.keys[0], self.values[0])
-            ok = same(store.get(self.keys[0]), 0)
-        elif op == "get":
-            ok = same(store.get(self.keys[0]), 0)
-        elif op == "get_into":
-            ok = store.get_into(self.keys[0], self.buffers[0]) == n and same(self.buffers[0], 0)
-        elif op == "batch_put":
-            ok = store.batch_put(list(zip(self.keys[:b], self.values[:b], strict=True))) == [None] * b
-            ok = ok and all(same(store.get(k), j) for j, k in enumerate(self.keys[:b]))
-        else:
-            ok = store.batch_get_into(self.keys[:b], self.buffers) == [n] * b
-            ok = ok and all(same(buf, j) for j, buf in enumerate(self.buffers))
-        if not ok:
-            raise AssertionError(f"wrong result from {op} of {format_size(n)} values")
 
 
 def measure_rows(
@@ -490,8 +207,8 @@ def measure_rows(
     """Every (op, size) of ROWS through one client of the node, values prefilled first.  Each repetition
     of a row follows one repetition of its physical reference, so drift on a noisy host hits both."""
     loads = {
-        SMALL: Workload(via, SMALL, args.small_keys, args.batch, src, dst),
-        LARGE: Workload(via, LARGE, args.large_keys, 1, src, dst),
+        SMALL: KVWorkload.carve(via, SMALL, args.small_keys, args.batch, src, dst),
+        LARGE: KVWorkload.carve(via, LARGE, args.large_keys, 1, src, dst),
     }
     for ref in refs.values():
         ref.warm_up(args.rep_seconds)
@@ -511,7 +228,7 @@ def measure_rows(
                 before = ref.paired(args.rep_seconds, row.reference_reps) if ref else None
                 reps = measure(run, period=period, reps=args.reps, rep_seconds=args.rep_seconds, before_rep=before)
                 row.reps_ops_per_s = [r * per_call for r in reps]
-                row.ops_per_s = float(np.median(row.reps_ops_per_s))
+                row.ops_per_s = median(row.reps_ops_per_s) or 0.0
                 row.gbps = row.ops_per_s * size / GB
                 progress(f"{via} {op} {format_size(size)}: {row.ops_per_s:,.0f} keys/s {row.gbps:.3f} GB/s")
             except Exception as exc:  # one failing op must not hide the other rows
@@ -553,7 +270,7 @@ def finish_rows(rows: Sequence[Row], mooncake: dict[str, Any] | None) -> None:
         if row.error:
             continue
         if row.reference_reps:
-            row.reference_value = float(np.median(row.reference_reps))
+            row.reference_value = median(row.reference_reps)
             row.x_ref = (row.gbps if row.size == LARGE else row.ops_per_s) / row.reference_value
         if theirs.get((row.op, row.size)):
             row.mooncake_ops_per_s = theirs[row.op, row.size]
@@ -570,13 +287,9 @@ def finish_rows(rows: Sequence[Row], mooncake: dict[str, Any] | None) -> None:
             )
 
 
-def _number(value: float) -> str:
-    return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
-
-
 def render(rows: Sequence[Row], refs: dict[str, dict[str, Any]], notes: Sequence[str]) -> str:
     ref_rows = [
-        [name, _number(v["value"]) if v["value"] else "-", str(len(v["samples"])), v["what"]]
+        [name, format_number(v["value"]) if v["value"] else "-", str(len(v["samples"])), v["what"]]
         for name, v in refs.items()
     ]
     header = ["via", "op", "size", "keys/s", "GB/s", "ref", "ref value", "x ref", "mc keys/s", "x mc", "target"]
@@ -597,7 +310,7 @@ def render(rows: Sequence[Row], refs: dict[str, dict[str, Any]], notes: Sequence
                 f"{r.ops_per_s:,.0f}",
                 f"{r.gbps:.3f}",
                 r.reference or "",
-                _number(r.reference_value) if r.reference_value else "",
+                format_number(r.reference_value) if r.reference_value else "",
                 f"{r.x_ref:.2f}" if r.x_ref is not None else "",
                 f"{r.mooncake_ops_per_s:,.0f}" if r.mooncake_ops_per_s else "",
                 f"{r.x_mooncake:.2f}" if r.x_mooncake is not None else "",
@@ -633,9 +346,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mooncake-reps", type=int, default=3, help="repetitions of the Mooncake run (%(default)s)")
     p.add_argument("--dir", help="parent of the node's data dir and sockets (default: the system temp dir)")
     p.add_argument("--json", default="bench-results/node_bench.json", help="JSON results (%(default)s)")
-    p.add_argument("--peer", choices=("send", "sink", "echo"), help=argparse.SUPPRESS)
-    p.add_argument("--peer-address", help=argparse.SUPPRESS)
-    p.add_argument("--peer-size", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.via = [v.strip() for v in args.via.split(",") if v.strip()]
     if not set(args.via) <= set(VIAS):
@@ -648,9 +358,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.peer:
-        return peer_main(args.peer, args.peer_address, args.peer_size)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # run the cleanups below
+    exit_on_sigterm()
     started = time.perf_counter()
     # Client-side buffers, touched once here: the sources of every put and the destinations of every read.
     src = prefaulted(max(args.small_keys * SMALL, args.large_keys * LARGE))
@@ -684,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         {
             "tool": "node_bench",
             "machine": machine_info(),
-            "config": {k: v for k, v in vars(args).items() if not k.startswith("peer")},
+            "config": vars(args),
             "node": asdict(node),
             "references": refs,
             "rows": [asdict(r) for r in rows],
