@@ -43,15 +43,13 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import ctypes
+import functools
 import importlib.metadata
 import json
 import os
 import select
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,11 +60,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import (
+    GB,
+    GiB,
+    KiB,
+    MiB,
+    accepts,
+    exit_on_sigterm,
+    format_size,
+    format_table,
+    free_port,
+    median,
+    pin_threads,
+    spawn,
+    stop,
+    wait_until,
+    write_json,
+)
 from mooncake.store import MooncakeDistributedStore
-
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
 
 OPS_SINGLE = ("put", "get", "get_into", "put_from")
 OPS_BATCH = ("batch_put", "batch_get", "batch_get_into", "batch_put_from")
@@ -83,32 +94,6 @@ def parse_size(text: str) -> int:
             t, mult = t[: -len(suffix)], m
             break
     return int(float(t) * mult)
-
-
-def fmt_size(n: int) -> str:
-    """Short binary-unit label for tables."""
-    for unit, m in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if n >= m and n % m == 0:
-            return f"{n // m}{unit}"
-    return f"{n}B"
-
-
-def free_port() -> int:
-    """Ask the kernel for an unused loopback TCP port (small race window is acceptable here)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def terminate(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM a child, then SIGKILL it if it has not exited after ``grace`` seconds."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def find_master_binary(override: str | None) -> str:
@@ -128,22 +113,11 @@ def find_master_binary(override: str | None) -> str:
     raise FileNotFoundError("mooncake_master not found; run setup_mooncake_venv.sh")
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM the child if this process dies (even by SIGKILL) so it never leaks."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def pin_process(cpu: int | None) -> None:
-    """Pin every thread of this process (sched_setaffinity is per thread on Linux) to one CPU.
-
-    Threads created later inherit the mask, so call this before the store starts its threads.
-    """
-    if cpu is None:
-        return
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), {cpu})
+    """Pin every thread of this process to one CPU; threads created later inherit the mask, so call this
+    before the store starts its threads."""
+    if cpu is not None:
+        pin_threads(os.getpid(), cpu)
 
 
 def setup_store(store: MooncakeDistributedStore, segment: int, local_buffer: int, master_addr: str) -> None:
@@ -197,30 +171,19 @@ class Master:
         ]
         # Own session: a Ctrl-C in the terminal reaches only this script, which then stops its
         # children in order (store first, master last) instead of all of them dying at once.
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, start_new_session=True
-        )
+        self.proc = spawn(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         atexit.register(self.stop)
-        self._wait_ready(timeout=20.0)
+        listening = functools.partial(accepts, ("127.0.0.1", self.rpc_port))
+        wait_until(listening, f"mooncake_master listening (log: {log_path})", 20.0, proc=self.proc)
 
     @property
     def addr(self) -> str:
         """master_server_addr for setup()."""
         return f"127.0.0.1:{self.rpc_port}"
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mooncake_master exited rc={self.proc.returncode}; see {self.log_path}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.rpc_port), 0.2):
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"mooncake_master not listening after {timeout}s; see {self.log_path}")
-
     def stop(self) -> None:
         """SIGTERM (the master handles it as a graceful shutdown), then SIGKILL if it hangs."""
-        terminate(self.proc)
+        stop(self.proc)
         if not self._log.closed:
             self._log.close()
 
@@ -236,14 +199,7 @@ class SegmentServer:
         cmd = [sys.executable, os.path.abspath(__file__), "--serve-segment", master_addr, "--segment", str(segment)]
         if cpu is not None:
             cmd += ["--serve-cpu", str(cpu)]
-        self.proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            preexec_fn=_die_with_parent,
-            start_new_session=True,
-        )
+        self.proc = spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
         atexit.register(self.stop)
         self.pid = self.proc.pid
         self.hostname = self._wait_ready(timeout=60.0)
@@ -267,7 +223,7 @@ class SegmentServer:
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                terminate(self.proc)
+                stop(self.proc)
         if not self._log.closed:
             self._log.close()
 
@@ -276,14 +232,13 @@ def serve_segment(args: argparse.Namespace) -> int:
     """Hidden ``--serve-segment`` mode: contribute ``--segment`` bytes until stdin closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     pin_process(args.serve_cpu)
-    with sigterm_as_exit():
-        store = MooncakeDistributedStore()
-        try:
-            setup_store(store, args.segment, 0, args.serve_segment)  # serves only: no local buffer
-            print(f"READY {store.get_hostname()}", flush=True)
-            sys.stdin.buffer.read()  # returns at EOF: the measuring process is done or gone
-        finally:
-            store.close()
+    store = MooncakeDistributedStore()
+    try:
+        setup_store(store, args.segment, 0, args.serve_segment)  # serves only: no local buffer
+        print(f"READY {store.get_hostname()}", flush=True)
+        sys.stdin.buffer.read()  # returns at EOF: the measuring process is done or gone
+    finally:
+        store.close()
     return 0
 
 
@@ -324,7 +279,7 @@ class Result:
 
     @property
     def ops_per_s(self) -> float:
-        return statistics.median(self.reps) if self.reps else 0.0
+        return median(self.reps) or 0.0
 
     def to_json(self) -> dict[str, Any]:
         ops = self.ops_per_s
@@ -333,7 +288,7 @@ class Result:
             "size": self.size,
             "batch": self.batch,
             "ops_per_s": round(ops, 1),
-            "gbps": round(ops * self.size / 1e9, 4),
+            "gbps": round(ops * self.size / GB, 4),
             "reps": [round(r, 1) for r in self.reps],
         }
 
@@ -554,15 +509,18 @@ class Bench:
         self.remove(keys)
 
 
+def reps_text(reps: list[float]) -> str:
+    return " ".join(f"{x:.0f}" for x in reps)
+
+
 def print_table(results: list[Result], header: str) -> None:
     """Human table on stderr."""
-    out = sys.stderr
-    print(header, file=out)
-    print(f"{'op':<16}{'size':>8}{'keys/s':>14}{'GB/s':>10}   reps (keys/s)", file=out)
-    for r in results:
-        reps = " ".join(f"{x:.0f}" for x in r.reps)
-        gbps = r.ops_per_s * r.size / 1e9
-        print(f"{r.op:<16}{fmt_size(r.size):>8}{r.ops_per_s:>14,.0f}{gbps:>10.3f}   {reps}", file=out)
+    body = [
+        [r.op, format_size(r.size), f"{r.ops_per_s:,.0f}", f"{r.ops_per_s * r.size / GB:.3f}", reps_text(r.reps)]
+        for r in results
+    ]
+    table = format_table(["op", "size", "keys/s", "GB/s", "reps (keys/s)"], body, [False, True, True, True, False])
+    print(f"{header}\n{table}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -588,20 +546,6 @@ def native_stderr_to(path: str | None) -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         sys.stderr = old_stderr
-
-
-@contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit so finally-blocks close the store and stop the master."""
-
-    def handler(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -710,7 +654,7 @@ def run_bench(args: argparse.Namespace, log_dir: str) -> tuple[list[Result], dic
             for size in args.sizes:
                 t0 = time.perf_counter()
                 results.extend(bench.run_size(size, args.ops))
-                print(f"[{fmt_size(size)} done in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
+                print(f"[{format_size(size)} done in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
         finally:
             bench.close()
     except BaseException:
@@ -727,6 +671,7 @@ def run_bench(args: argparse.Namespace, log_dir: str) -> tuple[list[Result], dic
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()  # the finally blocks close the store and stop the master
     if args.serve_segment is not None:
         return serve_segment(args)
     import mooncake
@@ -741,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = tempfile.mkdtemp(prefix="mooncake-baseline-")
     t_start = time.perf_counter()
     client_log = None if args.verbose else os.path.join(log_dir, "client.log")
-    with sigterm_as_exit(), native_stderr_to(client_log):
+    with native_stderr_to(client_log):
         results, extra = run_bench(args, log_dir)
 
     elapsed = time.perf_counter() - t_start
@@ -754,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         where = "1 in-process client"
     header = (
-        f"{system} {version} [{args.layout}]: {where}, tcp, P2PHANDSHAKE, segment {fmt_size(args.segment)}, "
+        f"{system} {version} [{args.layout}]: {where}, tcp, P2PHANDSHAKE, segment {format_size(args.segment)}, "
         f"batch {args.batch}, median of {args.reps} x {args.rep_time}s reps, total {elapsed:.0f}s"
     )
     print_table(results, header)
@@ -781,11 +726,10 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": [r.to_json() for r in results],
     }
-    text = json.dumps(doc, indent=2)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        write_json(args.json, doc)
     else:
-        print(text)
+        print(json.dumps(doc, indent=2))
     shutil.rmtree(log_dir, ignore_errors=True)
     return 0
 
