@@ -15,20 +15,18 @@ host sent on its link meanwhile.  Physical reference printed beside: the file ov
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import MiB, format_table, machine_info, median, progress, report
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 from netns_hosts import Testbed, netns_unavailable
-
-MiB = 1 << 20
 
 
 def parse_rate(rate: str) -> float:
@@ -105,15 +103,15 @@ def main() -> int:
     try:
         bed.start()
         link_s = size * 8 / parse_rate(args.rate)
-        print(
+        progress(
             f"file {args.size} MiB, links {args.rate} each way (the file over one link: {link_s:.2f} s), "
-            f"{len(bed.nodes)} hosts, p2p {os.environ.get('MOONCAKEFS_P2P', 'on')}",
-            flush=True,
+            f"{len(bed.nodes)} hosts, p2p {os.environ.get('MOONCAKEFS_P2P', 'on')}"
         )
         single = None
         for n in counts:
             rounds = [one_round(bed, list(range(1, n + 1)), size, tmp, f"f{n}-{i}") for i in range(args.files)]
-            all_s = statistics.median(r["all_s"] for r in rounds)
+            all_s = median(r["all_s"] for r in rounds) or 0.0
+            sent = median(r["source_bytes_sent"] for r in rounds) or 0.0
             if n == 1 or single is None:
                 single = all_s
             rows.append(
@@ -123,30 +121,36 @@ def main() -> int:
                     "single_reader_s": round(single, 3),
                     "all_readers_s": round(all_s, 3),
                     "ratio": round(all_s / single, 3),
-                    "source_bytes_sent": int(statistics.median(r["source_bytes_sent"] for r in rounds)),
-                    "source_x_file": round(statistics.median(r["source_bytes_sent"] for r in rounds) / size, 3),
+                    "source_bytes_sent": int(sent),
+                    "source_x_file": round(sent / size, 3),
                     "link_s": round(link_s, 3),
                     "rounds": rounds,
                 }
             )
             r = rows[-1]
-            print(
+            progress(
                 f"N={n:2d}  all readers {all_s:7.2f} s  (x{r['ratio']:.2f} of one reader, x{all_s / link_s:.2f} "
                 f"of the link)  source sent {r['source_x_file']:.2f} x the file   "
-                f"runs: {[round(x['all_s'], 2) for x in rounds]}  CPU busy {[x['cpu_busy'] for x in rounds]}",
-                flush=True,
+                f"runs: {[round(x['all_s'], 2) for x in rounds]}  CPU busy {[x['cpu_busy'] for x in rounds]}"
             )
     finally:
         bed.close()
-    head = ("readers", "file MiB", "single s", "all s", "ratio", "source sent", "x file")
-    print("\n" + " ".join(f"{h:>{w}}" for h, w in zip(head, (7, 8, 9, 8, 6, 12, 7), strict=True)))
-    for r in rows:
-        print(
-            f"{r['readers']:>7} {r['file_bytes'] // MiB:>8} {r['single_reader_s']:>9.2f} {r['all_readers_s']:>8.2f} "
-            f"{r['ratio']:>6.2f} {r['source_bytes_sent']:>12} {r['source_x_file']:>7.2f}"
-        )
-    if args.json:
-        out = {
+    body = [
+        [
+            str(r["readers"]),
+            str(r["file_bytes"] // MiB),
+            f"{r['single_reader_s']:.2f}",
+            f"{r['all_readers_s']:.2f}",
+            f"{r['ratio']:.2f}",
+            str(r["source_bytes_sent"]),
+            f"{r['source_x_file']:.2f}",
+        ]
+        for r in rows
+    ]
+    header = ["readers", "file MiB", "single s", "all s", "ratio", "source sent", "x file"]
+    report(
+        format_table(header, body, [True] * len(header)),
+        {
             "readers": [r["readers"] for r in rows],
             "file_bytes": size,
             "rate": args.rate,
@@ -156,8 +160,10 @@ def main() -> int:
             "ratio": [r["ratio"] for r in rows],
             "source_bytes_sent": [r["source_bytes_sent"] for r in rows],
             "by_readers": rows,
-        }
-        args.json.write_text(json.dumps(out, indent=2))
+            "machine": machine_info(),
+        },
+        args.json,
+    )
     return 0
 
 
