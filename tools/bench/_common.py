@@ -713,6 +713,111 @@ class EtcdProcess:
         stop(self.proc)
 
 
+class LocalCluster:
+    """A single-member etcd and ``mooncakefs node`` processes under ``root``: a benchmark's own cluster.  Nodes
+    start together, restart on their data dir, die by SIGKILL; ``connect()`` gives a client whose map names
+    every live node; ``close()`` stops the nodes (SIGTERM, then SIGKILL after ``stop_timeout``), then etcd."""
+
+    def __init__(
+        self,
+        root: Path,
+        dram: str,
+        *node_options: str,
+        name: str = "bench",
+        lease_ttl: int = 3,
+        map_timeout: float = 60.0,
+        stop_timeout: float = 15.0,
+    ) -> None:
+        self.root, self.dram, self.node_options, self.name = root, dram, node_options, name
+        self.lease_ttl, self.map_timeout, self.stop_timeout = lease_ttl, map_timeout, stop_timeout
+        self.etcd: EtcdProcess | None = None
+        self.nodes: list[NodeProcess] = []
+        self.client: Any = None  # etcd client of this process (mooncakefs.cluster.etcd.Etcd)
+
+    def start_etcd(self) -> EtcdProcess:
+        self.etcd = EtcdProcess(self.root)
+        return self.etcd
+
+    @property
+    def etcd_url(self) -> str:
+        assert self.etcd is not None
+        return self.etcd.url
+
+    @property
+    def url(self) -> str:
+        """What ``mooncakefs.connect`` takes."""
+        assert self.etcd is not None
+        return f"etcd://127.0.0.1:{self.etcd.port}/{self.name}"
+
+    @property
+    def map_key(self) -> str:
+        return f"/mooncakefs/{self.name}/placement"
+
+    def etcd_client(self) -> Any:
+        if self.client is None:
+            from mooncakefs.cluster.etcd import Etcd
+
+            self.client = Etcd(self.etcd_url, timeout=5)
+        return self.client
+
+    def controller(self) -> str | None:
+        kv = self.etcd_client().get(f"/mooncakefs/{self.name}/controller")
+        return kv.value.decode() if kv is not None else None
+
+    def node_cmd(self, root: Path, metrics: str = "none", log_format: str = "text") -> list[str]:
+        """A cluster node on ``root``, without a pool prefault (nodes start together on small machines)."""
+        cluster = ["--etcd", self.etcd_url, "--cluster", self.name, "--lease-ttl", str(self.lease_ttl)]
+        own = [*self.node_options, "--log-format", log_format, "--no-prefault"]
+        return node_command(root, self.dram, *own, *cluster, metrics=metrics)
+
+    def start_nodes(self, n: int, timeout: float) -> float:
+        """Start ``n`` nodes in parallel; seconds until all printed their ready line."""
+        for i in range(n):
+            root = self.root / f"n{i}"
+            self.nodes.append(NodeProcess(root, self.node_cmd(root)))
+        return wait_ready(self.nodes, timeout)
+
+    def restart(self, node: NodeProcess, metrics: str) -> None:
+        """Start ``node`` again on its data dir (it must have exited), with a metrics endpoint and JSON logs;
+        poll ``node.ready()`` for its ready line."""
+        node.launch(self.node_cmd(node.root, metrics=metrics, log_format="json"))
+
+    def connect(self) -> Any:
+        """A cluster client whose map names every live node (waits for the controller to publish it)."""
+        import mooncakefs
+
+        live = {n.ident for n in self.nodes if n.alive()}
+        deadline = time.monotonic() + self.map_timeout
+        store = None
+        while True:
+            try:
+                if store is None:
+                    store = mooncakefs.connect(self.url)
+                else:
+                    store._refresh(store.map)
+                if set(store.map.nodes) == live:
+                    return store
+            except mooncakefs.MooncakeError:
+                pass
+            if time.monotonic() > deadline:
+                got = sorted(store.map.nodes) if store is not None else None
+                raise TimeoutError(
+                    f"no placement map naming the {len(live)} live nodes after {self.map_timeout:.0f}s (map has {got})"
+                )
+            time.sleep(0.1)
+
+    def by_id(self, ident: str) -> NodeProcess:
+        return next(n for n in self.nodes if n.ident == ident)
+
+    def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+        stop(*(n.proc for n in self.nodes), timeout=self.stop_timeout)
+        if self.etcd is not None:
+            self.etcd.close()
+
+
 @dataclass(frozen=True)
 class Sample:
     """One Prometheus sample: ``name{labels} value``."""

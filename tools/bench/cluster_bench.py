@@ -83,10 +83,10 @@ from typing import Any
 import numpy as np
 from _common import (
     GB,
-    EtcdProcess,
     GiB,
     KiB,
     KVWorkload,
+    LocalCluster,
     MiB,
     NodeProcess,
     Reference,
@@ -103,15 +103,12 @@ from _common import (
     machine_info,
     measure,
     median,
-    node_command,
     peer,
     prefaulted,
     progress,
     raise_batch_errors,
     scrape,
-    stop,
     stream_reference,
-    wait_ready,
     write_json,
 )
 
@@ -133,106 +130,6 @@ REJOIN_POLL_S = 0.1  # etcd, the log; metrics every other poll until the map nam
 REJOIN_BATCH = 2048  # keys per batch_put while filling the node
 
 
-# --------------------------------------------------------------------------------------- etcd and nodes
-
-
-class Cluster:
-    """An etcd and ``n`` nodes under ``root``; ``close()`` stops them all (nodes first, SIGTERM, then
-    SIGKILL after ``STOP_TIMEOUT``)."""
-
-    def __init__(self, root: Path, args: argparse.Namespace) -> None:
-        self.root, self.args = root, args
-        self.name = "bench"
-        self.etcd: EtcdProcess | None = None
-        self.nodes: list[NodeProcess] = []
-        self.client: Any = None  # etcd client of this process (mooncakefs.cluster.etcd.Etcd)
-
-    # -- etcd ---------------------------------------------------------------------------------------------
-
-    def start_etcd(self) -> EtcdProcess:
-        self.etcd = EtcdProcess(self.root)
-        return self.etcd
-
-    @property
-    def etcd_url(self) -> str:
-        assert self.etcd is not None
-        return self.etcd.url
-
-    @property
-    def url(self) -> str:
-        assert self.etcd is not None
-        return f"etcd://127.0.0.1:{self.etcd.port}/{self.name}"
-
-    def etcd_client(self) -> Any:
-        if self.client is None:
-            from mooncakefs.cluster.etcd import Etcd
-
-            self.client = Etcd(self.etcd_url, timeout=5)
-        return self.client
-
-    @property
-    def map_key(self) -> str:
-        return f"/mooncakefs/{self.name}/placement"
-
-    def controller(self) -> str | None:
-        kv = self.etcd_client().get(f"/mooncakefs/{self.name}/controller")
-        return kv.value.decode() if kv is not None else None
-
-    # -- nodes --------------------------------------------------------------------------------------------
-
-    def node_cmd(self, root: Path, metrics: str = "none", log_format: str = "text") -> list[str]:
-        """A cluster node on ``root``: DRAM + SSD, no prefault, a short lease."""
-        a = self.args
-        cluster = ["--etcd", self.etcd_url, "--cluster", self.name, "--lease-ttl", str(a.lease_ttl)]
-        tiers = ["--ssd", a.node_ssd, "--log-format", log_format, "--no-prefault"]
-        return node_command(root, a.dram, *tiers, *cluster, metrics=metrics)
-
-    def start_nodes(self, n: int) -> float:
-        """Start ``n`` nodes in parallel; seconds until all printed their ready line."""
-        for i in range(n):
-            root = self.root / f"n{i}"
-            self.nodes.append(NodeProcess(root, self.node_cmd(root)))
-        return wait_ready(self.nodes, READY_TIMEOUT)
-
-    def restart(self, node: NodeProcess, metrics: str) -> None:
-        """Start ``node`` again on its data dir (it must have exited), with a metrics endpoint and JSON logs;
-        poll ``node.ready()`` for its ready line."""
-        node.launch(self.node_cmd(node.root, metrics=metrics, log_format="json"))
-
-    def connect(self) -> Any:
-        """A cluster client whose map names every live node (waits for the controller to publish it)."""
-        live = {n.ident for n in self.nodes if n.alive()}
-        deadline = time.monotonic() + MAP_TIMEOUT
-        store = None
-        while True:
-            try:
-                if store is None:
-                    store = mooncakefs.connect(self.url)
-                else:
-                    store._refresh(store.map)
-                if set(store.map.nodes) == live:
-                    return store
-            except mooncakefs.MooncakeError:
-                pass
-            if time.monotonic() > deadline:
-                got = sorted(store.map.nodes) if store is not None else None
-                raise TimeoutError(
-                    f"no placement map naming the {len(live)} live nodes after {MAP_TIMEOUT:.0f}s (map has {got})"
-                )
-            time.sleep(0.1)
-
-    def by_id(self, ident: str) -> NodeProcess:
-        return next(n for n in self.nodes if n.ident == ident)
-
-    def close(self) -> None:
-        if self.client is not None:
-            with contextlib.suppress(Exception):
-                self.client.close()
-        stop(*(n.proc for n in self.nodes), timeout=STOP_TIMEOUT)
-        if self.etcd is not None:
-            self.etcd.close()
-
-
 # ------------------------------------------------------------------------------------------- etcd load
 
 
@@ -246,7 +143,7 @@ class EtcdSample:
     nodes_cpu_s: dict[int, float]  # node pid -> CPU seconds
 
 
-def sample_etcd(cluster: Cluster) -> EtcdSample:
+def sample_etcd(cluster: LocalCluster) -> EtcdSample:
     assert cluster.etcd is not None
     handled: Counter[str] = Counter()
     totals = {"etcd_network_client_grpc_sent_bytes_total": 0.0, "etcd_network_client_grpc_received_bytes_total": 0.0}
@@ -519,7 +416,7 @@ def write_repair_data(args: argparse.Namespace, store: Any) -> tuple[list[str], 
 
 
 def watch_etcd(
-    cluster: Cluster, victim: str, was_controller: bool, t0: float, out: Repair, stop: threading.Event
+    cluster: LocalCluster, victim: str, was_controller: bool, t0: float, out: Repair, stop: threading.Event
 ) -> None:
     """Note when the victim's record leaves etcd, when another node is controller, when a map without it
     is published: the time of the first read that saw each.  One keys-only read of the cluster's prefix
@@ -555,7 +452,9 @@ def watch_etcd(
         stop.wait(ETCD_POLL_S)
 
 
-def measure_repair(args: argparse.Namespace, cluster: Cluster, keys: list[str], src: np.ndarray, kill: str) -> Repair:
+def measure_repair(
+    args: argparse.Namespace, cluster: LocalCluster, keys: list[str], src: np.ndarray, kill: str
+) -> Repair:
     res = Repair(kill)
     size = args.value_size
     live = [n for n in cluster.nodes if n.alive()]
@@ -711,7 +610,7 @@ def rejoin_keys(pmap: PlacementMap, node: str, start: int, count: int) -> tuple[
 class RejoinRun:
     """The rejoin phase: fill one node with keys, restart it, time its way back into service."""
 
-    def __init__(self, args: argparse.Namespace, cluster: Cluster, store: Any) -> None:
+    def __init__(self, args: argparse.Namespace, cluster: LocalCluster, store: Any) -> None:
         self.args, self.cluster, self.store = args, cluster, store
         self.etcd_reads = 0  # this phase's own etcd reads (KV.Range each), taken out of its etcd window
         self.src = prefaulted(256 * SMALL)  # key number i holds slot i % 256
@@ -1213,11 +1112,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="cbench-", dir=args.dir))
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, root, ignore_errors=True)
-        cluster = Cluster(root, args)
+        cluster = LocalCluster(
+            root,
+            args.dram,
+            "--ssd",
+            args.node_ssd,
+            lease_ttl=args.lease_ttl,
+            map_timeout=MAP_TIMEOUT,
+            stop_timeout=STOP_TIMEOUT,
+        )
         stack.callback(cluster.close)
         etcd_version = cluster.start_etcd().version()
         progress(f"etcd on {cluster.etcd_url}; starting {args.nodes} nodes under {root}")
-        ready_s = cluster.start_nodes(args.nodes)
+        ready_s = cluster.start_nodes(args.nodes, READY_TIMEOUT)
         t_map = time.perf_counter()
         store = cluster.connect()
         stack.callback(store.close)
