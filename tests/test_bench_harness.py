@@ -1,0 +1,56 @@
+"""The benchmarks' shared harness (tools/bench/_common.py): every benchmark's numbers rest on its op runners,
+checks, medians and metrics parser, so they are tested once here rather than trusted in each benchmark."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
+
+from _common import KVWorkload, format_table, measure, median, parse_metrics, prefaulted
+
+import mooncakefs
+
+OPS = ("put", "get", "get_into", "view", "batch_put", "batch_get", "batch_get_into")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_runs_and_checks_against_an_embedded_store(tmp_path: Path, op: str) -> None:
+    src, dst = prefaulted(64 * 4096), prefaulted(8 * 4096)
+    w = KVWorkload.carve("t", 4096, 64, 8, src, dst)
+    with mooncakefs.open(tmp_path / "s", dram="16MiB", ssd=0) as store:
+        for key, value in zip(w.keys, w.values, strict=True):
+            store.put(key, value)
+        run, period, per_call = w.runner(store, op, strict=True)
+        assert (period, per_call) == ((8, 8) if op.startswith("batch") else (64, 1))
+        assert measure(run, period=period, reps=2, rep_seconds=0.001)[0] > 0
+        w.check(store, op)
+
+
+def test_check_catches_a_wrong_value(tmp_path: Path) -> None:
+    w = KVWorkload.carve("t", 4096, 2, 1, prefaulted(2 * 4096), prefaulted(4096))
+    with mooncakefs.open(tmp_path / "s", dram="16MiB", ssd=0) as store:
+        store.put(w.keys[0], w.values[1])
+        with pytest.raises(AssertionError, match="wrong result"):
+            w.check(store, "get")
+
+
+def test_median_skips_what_was_not_measured() -> None:
+    assert median([3.0, None, 1.0, 2.0]) == 2.0
+    assert median([None]) is None
+
+
+def test_parse_metrics_reads_names_labels_and_values() -> None:
+    text = '# HELP x y\ngrpc_server_handled_total{grpc_method="Range",grpc_service="etcdserverpb.KV"} 12\nup 1\n'
+    samples = parse_metrics(text)
+    assert [(s.name, s.labels, s.value) for s in samples] == [
+        ("grpc_server_handled_total", {"grpc_method": "Range", "grpc_service": "etcdserverpb.KV"}, 12.0),
+        ("up", {}, 1.0),
+    ]
+
+
+def test_format_table_aligns_numbers_right() -> None:
+    assert format_table(["op", "n"], [["get", "1"], ["put", "100"]], [False, True]).splitlines()[2] == "get    1"
