@@ -25,6 +25,10 @@ Examples::
     python tools/bench/fuse_bench.py --json bench-results/fuse_bench.json
     python tools/bench/fuse_bench.py --targets minimal_fs            # before mooncakefs can mount
     python tools/bench/fuse_bench.py --py-spy bench-results/          # flame graph of mooncakefs's daemon
+    git worktree add --detach /tmp/base main && (cd /tmp/base && python3 setup.py build_ext --inplace -q)
+    python tools/bench/fuse_bench.py --baseline /tmp/base --rows write,small   # before and after, one run
+
+Ratios are the median of the per-rep ratios (each rep runs the targets back to back).
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 KV_OBJECT = 4 * MiB
 READ_TARGET, WRITE_TARGET = 0.75, 0.70
+WRITE_FSYNC_TARGET, SMALL_FILES_TARGET = 0.80, 0.50  # issue 14's goals
+BASELINE = "baseline"  # mooncakefs mounted from another checkout (--baseline): before/after in one run
+ROW_GROUPS = ("read", "write", "small", "memory")
 
 SMALL_FILES_SCRIPT = r"""
 import os, sys, time
@@ -91,6 +98,7 @@ class Target:
     mountpoint: Path
     cmd: list[str]
     log_path: Path
+    cwd: Path = REPO  # the checkout whose code the daemon runs (python -m puts it first on sys.path)
     proc: subprocess.Popen[bytes] | None = None
     read_file: Path | None = None
     tuning: dict[str, Any] = field(default_factory=dict)
@@ -121,7 +129,7 @@ def start_mount(t: Target, timeout: float) -> None:
     t.mountpoint.mkdir(parents=True, exist_ok=True)
     log(f"mounting {t.name}: {shlex.join(t.cmd)}")
     with open(t.log_path, "wb") as out:
-        t.proc = spawn(t.cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        t.proc = spawn(t.cmd, stdout=out, stderr=subprocess.STDOUT, cwd=t.cwd)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = t.log_path.read_text(errors="replace")
@@ -238,9 +246,12 @@ class Row:
         vals = self.runs.get(name)
         return statistics.median(vals) if vals else None
 
-    def ratio(self) -> float | None:
-        a, b = self.median("minimal_fs"), self.median("mooncakefs")
-        return b / a if a and b is not None else None
+    def ratio(self, name: str = "mooncakefs") -> float | None:
+        """The median of the per-rep ratios ``name`` / minimal_fs: each pair ran back to back, so a
+        burst of load from other processes moves both of a pair rather than one side's median."""
+        pairs = zip(self.runs.get(name, []), self.runs.get("minimal_fs", []), strict=False)
+        ratios = [b / a for b, a in pairs if a]
+        return statistics.median(ratios) if ratios else None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -252,6 +263,7 @@ class Row:
                 k: statistics.median(v) for k, v in self.daemon_cpu.items() if v
             },
             "ratio_mooncakefs_to_minimal": self.ratio(),
+            **({"ratio_baseline_to_minimal": self.ratio(BASELINE)} if BASELINE in self.runs else {}),
             "target_ratio": self.target_ratio,
             "meets_target": None
             if self.ratio() is None or self.target_ratio is None
@@ -291,10 +303,12 @@ class Results:
                 return "-"
             return f"{v:,.0f}" if unit == "ops/s" else f"{v:.2f}"
 
-        header = ["measurement", "unit", *names, "ratio", "target"]
+        compared = [n for n in names if n in (BASELINE, "mooncakefs")]
+        header = ["measurement", "unit", *names, *(f"{n}/min" for n in compared), "target"]
         body = []
         for r in self.rows.values():
             ratio = r.ratio()
+            ratios = [r.ratio(n) for n in compared]
             verdict = "" if r.target_ratio is None else f">={r.target_ratio:.2f}"
             if ratio is not None and r.target_ratio is not None:
                 verdict += " ok" if ratio >= r.target_ratio else " MISS"
@@ -303,11 +317,11 @@ class Results:
                     r.label,
                     r.unit,
                     *(fmt(r.median(n), r.unit) for n in names),
-                    "-" if ratio is None else f"{ratio:.2f}x",
+                    *("-" if x is None else f"{x:.2f}x" for x in ratios),
                     verdict,
                 ]
             )
-        return format_table(header, body, [False, False, *([True] * len(names)), True, False])
+        return format_table(header, body, [False, False, *([True] * (len(names) + len(compared))), False])
 
     def cpu_table(self, names: list[str]) -> str:
         """Median daemon CPU time per unit of work: high means compute-bound, low but slow means waiting."""
@@ -451,7 +465,7 @@ def write_rows(targets: list[Target], cfg: Config, res: Results) -> None:
                 "GB/s",
                 lambda t=t: write(t, True),
                 cfg.size,
-                WRITE_TARGET,
+                WRITE_FSYNC_TARGET,
             )
             b = measure_on(
                 t, res, "write_dd", "seq write, dd bs=1M", "GB/s", lambda t=t: write(t, False), cfg.size, WRITE_TARGET
@@ -478,9 +492,17 @@ def small_file_rows(targets: list[Target], cfg: Config, res: Results) -> None:
                 "ops/s",
                 lambda d=d, t=t: small_files(t, d, n, "create", cfg.op_timeout),
                 n,
+                SMALL_FILES_TARGET,
             )
             lw = measure_on(
-                t, res, "small_ls", f"ls -l of {n} files", "ops/s", lambda ls=ls, t=t: timed(ls, t, cfg.op_timeout), n
+                t,
+                res,
+                "small_ls",
+                f"ls -l of {n} files",
+                "ops/s",
+                lambda ls=ls, t=t: timed(ls, t, cfg.op_timeout),
+                n,
+                SMALL_FILES_TARGET,
             )
             drop_caches()
             lc = measure_on(
@@ -491,6 +513,7 @@ def small_file_rows(targets: list[Target], cfg: Config, res: Results) -> None:
                 "ops/s",
                 lambda ls=ls, t=t: timed(ls, t, cfg.op_timeout),
                 n,
+                SMALL_FILES_TARGET,
             )
             u = measure_on(
                 t,
@@ -500,6 +523,7 @@ def small_file_rows(targets: list[Target], cfg: Config, res: Results) -> None:
                 "ops/s",
                 lambda d=d, t=t: small_files(t, d, n, "unlink", cfg.op_timeout),
                 n,
+                SMALL_FILES_TARGET,
             )
             d.rmdir()
             log(f"rep {rep + 1} {t.name}: create {c:,.0f}/s, ls -l {lw:,.0f}/s (cold {lc:,.0f}/s), unlink {u:,.0f}/s")
@@ -575,9 +599,12 @@ def mooncakefs_available() -> bool:
 
 def build_targets(args: argparse.Namespace, work: Path, cfg: Config) -> list[Target]:
     targets = []
-    for name in args.targets.split(","):
-        name = name.strip()
+    names = [name.strip() for name in args.targets.split(",")]
+    if args.baseline is not None:
+        names.append(BASELINE)
+    for name in names:
         mnt = work / f"mnt_{name}"
+        cwd = REPO
         if name == "minimal_fs":
             cmd = [
                 sys.executable,
@@ -587,14 +614,16 @@ def build_targets(args: argparse.Namespace, work: Path, cfg: Config) -> list[Tar
                 str(cfg.size),
                 *(["--direct-io"] if args.minimal_direct_io else []),
             ]
-        elif name == "mooncakefs":
+        elif name in ("mooncakefs", BASELINE):
+            if name == BASELINE:
+                cwd = args.baseline.resolve()
             cmd = [
                 sys.executable,
                 "-m",
                 "mooncakefs.cli",
                 "mount",
                 "--data",
-                str(work / "data"),
+                str(work / f"data_{name}"),
                 "--dram",
                 args.dram,
                 "--ssd",
@@ -604,7 +633,7 @@ def build_targets(args: argparse.Namespace, work: Path, cfg: Config) -> list[Tar
             ]
         else:
             raise SystemExit(f"unknown target {name!r}: use minimal_fs and/or mooncakefs")
-        targets.append(Target(name, mnt, cmd, work / f"{name}.log"))
+        targets.append(Target(name, mnt, cmd, work / f"{name}.log", cwd=cwd))
     return targets
 
 
@@ -625,8 +654,11 @@ def run(args: argparse.Namespace) -> int:
     targets = build_targets(args, work, cfg)
     res = Results()
     t_start = time.perf_counter()
+    rows = set(args.rows.split(","))
+    if unknown := rows - set(ROW_GROUPS):
+        raise SystemExit(f"unknown --rows {sorted(unknown)}: choose from {', '.join(ROW_GROUPS)}")
     try:
-        if any(t.name != "minimal_fs" for t in targets):
+        if "read" in rows and any(t.name != "minimal_fs" for t in targets):
             make_source(src, cfg.size)
         for t in targets:
             start_mount(t, cfg.mount_timeout)
@@ -638,14 +670,17 @@ def run(args: argparse.Namespace) -> int:
                 log(f"WARNING {t.name}: {t.notes[-1]}")
         spy_target = next((t for t in targets if t.name == args.py_spy_target), None)
         with py_spy(spy_target, args.py_spy) if spy_target else contextlib.nullcontext():
-            for t in targets:
-                prepare_read_file(t, src, cfg, res)
-            read_rows(targets, cfg, res)
-            for t in targets:  # free the read file's DRAM before writing as much again
-                if t.read_file is not None and t.name != "minimal_fs":
-                    t.read_file.unlink()
-            write_rows(targets, cfg, res)
-            small_file_rows(targets, cfg, res)
+            if "read" in rows:
+                for t in targets:
+                    prepare_read_file(t, src, cfg, res)
+                read_rows(targets, cfg, res)
+                for t in targets:  # free the read file's DRAM before writing as much again
+                    if t.read_file is not None and t.name != "minimal_fs":
+                        t.read_file.unlink()
+            if "write" in rows:
+                write_rows(targets, cfg, res)
+            if "small" in rows:
+                small_file_rows(targets, cfg, res)
     finally:
         for t in targets:
             stop_mount(t)
@@ -657,12 +692,14 @@ def run(args: argparse.Namespace) -> int:
         elif failed:
             for t in targets:
                 shutil.rmtree(t.mountpoint, ignore_errors=True)
-            shutil.rmtree(work / "data", ignore_errors=True)
+            for t in targets:
+                shutil.rmtree(work / f"data_{t.name}", ignore_errors=True)
             log(f"daemon logs kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix="fuse_bench_kv.", dir=args.workdir) as kv_dir:
-        memory_rows(cfg, res, Path(kv_dir), args.kv_dram)
+    if "memory" in rows:
+        with tempfile.TemporaryDirectory(prefix="fuse_bench_kv.", dir=args.workdir) as kv_dir:
+            memory_rows(cfg, res, Path(kv_dir), args.kv_dram)
 
     names = [t.name for t in targets]
     title = (
@@ -708,6 +745,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dram", default="2GiB", help="mooncakefs mount --dram")
     ap.add_argument("--ssd", default="4GiB", help="mooncakefs mount --ssd")
     ap.add_argument("--mooncakefs-args", default="", help="extra mount flags, e.g. '--chunk-size 4MiB'")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="CHECKOUT",
+        help="also mount mooncakefs from another checkout (built in place), e.g. a worktree of main: before/after",
+    )
+    ap.add_argument("--rows", default=",".join(ROW_GROUPS), help="row groups to measure: read,write,small,memory")
     ap.add_argument("--kv-dram", default="2GiB", help="DRAM of the store used for the KV API rows")
     ap.add_argument("--minimal-direct-io", action="store_true", help="run minimal_fs with --direct-io")
     ap.add_argument(
