@@ -1,8 +1,11 @@
 """The store as a POSIX filesystem: pyfuse3 request handlers over a Namespace and a Store.
 
 File data lives in chunk objects (``InternalKey``s, so they are sticky: demoted to SSD under pressure,
-never dropped).  Writes collect in per-inode chunk buffers; a buffer is stored as soon as a write fills
-it, and the rest when the file is flushed (every close: close-to-open consistency) or fsync'd (durably).
+never dropped), except that a small file's bytes (up to ``INLINE_MAX``) live inline in a local
+namespace: one SQLite transaction stores them with the file's size, where a chunk would cost a store
+put and its SSD index commit, and a store remove at unlink.  Writes collect in per-inode chunk
+buffers; a buffer is stored as soon as a write fills it, and the rest when the file is flushed (every
+close: close-to-open consistency) or fsync'd (durably).
 Reads of stored chunks are served from the DRAM pool itself: the reply is a memoryview of a leased
 block, so no copy is made before the kernel's.
 
@@ -17,6 +20,7 @@ the chunks) that the file's last writer published when it closed (close-to-open 
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import hashlib
@@ -56,6 +60,7 @@ RESERVED = {b".kv": KV_DIR, b".mooncakefs": CONTROL_DIR}
 DIRTY_LIMIT = 256 << 20  # unflushed bytes per file before its buffers are stored
 STORES_IN_FLIGHT = 2  # full chunks stored by worker threads while the next writes are taken
 LEASES_HELD = 64  # zero-copy replies: a view is released this many reads later, long after the reply
+INLINE_MAX = 64 << 10  # files up to this size keep their bytes in a local namespace, not in a chunk
 
 
 def chunk_key(ino: int, idx: int) -> InternalKey:
@@ -171,6 +176,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         self.attr_timeout = SHARED_ATTR_TIMEOUT if self.shared else ATTR_TIMEOUT
         self.seen: dict[int, tuple[int, int]] = {}  # shared: (mtime, size) of each file at its last open
         self.chunk_size = namespace.chunk_size
+        # A shared namespace keeps every byte in chunks: other mounts fetch them from the cluster's nodes.
+        self.inline_max = 0 if self.shared else min(INLINE_MAX, self.chunk_size)
         self.zeros = memoryview(bytes(self.chunk_size))
         self.files: dict[int, OpenInode] = {}  # open regular files by inode
         self.handles: dict[int, tuple[int, Any]] = {}  # fh -> (inode, per-handle data)
@@ -478,16 +485,26 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
 
     # -- extended attributes ---------------------------------------------------------------------------
 
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._writable(inode)
+    # Only the user.* namespace is kept.  The others are answered EOPNOTSUPP before anything is looked
+    # up: ls -l asks every file for security.selinux and system.posix_acl_access, and ls (like
+    # libselinux and libacl) takes EOPNOTSUPP, unlike ENODATA, as "none on this filesystem" and asks
+    # no further file of the mount.  The kernel turns getxattr off for the whole mount only on ENOSYS
+    # (fs/fuse/xattr.c), so user.* xattrs keep working.
+
+    @staticmethod
+    def _user_xattr(name: bytes) -> None:
         if not name.startswith(b"user."):
             raise fail(errno.EOPNOTSUPP)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable(inode)
+        self._user_xattr(name)
         self.ns.inode(inode)
         self.ns.setxattr(inode, name, value)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        # ls -l asks every file for security.selinux: answer without touching the namespace.
-        value = self.ns.getxattr(inode, name) if inode < KV_DIR and name.startswith(b"user.") else None
+        self._user_xattr(name)
+        value = self.ns.getxattr(inode, name) if inode < KV_DIR else None
         if value is None:
             raise fail(pyfuse3.ENOATTR)
         return value
@@ -497,6 +514,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._writable(inode)
+        self._user_xattr(name)
         if not self.ns.removexattr(inode, name):
             raise fail(pyfuse3.ENOATTR)
 
@@ -631,6 +649,10 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
     def _open_chunk(self, ino: int, state: OpenInode, idx: int) -> tuple[Any, memoryview]:
         """A stored chunk's view, entered: from the store, or (a cluster mount) from whichever other
         reader or replica holds it (``mooncakefs.p2p.Swarm``).  KeyNotFound if no one has it."""
+        if idx == 0 and self.inline_max:
+            inline = self.ns.get_inline(ino)
+            if inline is not None:
+                return contextlib.nullcontext(), memoryview(inline)
         if self.swarm is not None:
             opened = self.swarm.open_chunk(ino, state, idx)
             if opened is not None:
@@ -752,8 +774,13 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         # Page-aligned (mmap) buffers: the store can write them through to SSD with O_DIRECT.
         buf = self.spare_buffers.pop() if self.spare_buffers else mmap.mmap(-1, self.chunk_size)
         filled = 0
-        if idx * self.chunk_size < state.size and self.ns.has_chunk(ino, idx):
-            filled = self.store.get_into(chunk_key(ino, idx), buf)
+        if idx * self.chunk_size < state.size:
+            inline = self.ns.get_inline(ino) if idx == 0 and self.inline_max else None
+            if inline is not None:
+                buf[: len(inline)] = inline
+                filled = len(inline)
+            elif self.ns.has_chunk(ino, idx):
+                filled = self.store.get_into(chunk_key(ino, idx), buf)
         chunk = state.dirty[idx] = DirtyChunk(buf, filled)
         return chunk
 
@@ -792,18 +819,41 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
 
     def _commit_file(self, ino: int, durable: bool = False) -> None:
         state = self.files[ino]
+        inline = self._take_inline(ino, state)
         self._store_chunks(ino, state, durable)
         if durable and state.unsynced:
             self.store.persist([chunk_key(ino, idx) for idx in state.unsynced])
             state.unsynced.clear()
-        if state.mtime is not None:
-            node = self.ns.get(ino)
-            if node is not None:
-                node.size, node.mtime, node.ctime = state.size, state.mtime, max(state.mtime, node.ctime)
-                self.ns.update(node)
-            state.mtime = None
+        node = self.ns.get(ino) if state.mtime is not None or inline is not None else None
+        if node is not None and state.mtime is not None:
+            node.size, node.mtime, node.ctime = state.size, state.mtime, max(state.mtime, node.ctime)
+        if node is not None and inline is not None:
+            if self.ns.set_inline(ino, inline, node if state.mtime is not None else None):
+                self.store.remove(chunk_key(ino, 0))  # the file shrank into its inline row
+        elif node is not None and state.mtime is not None:
+            self.ns.update(node)
+        state.mtime = None
         if durable:
             self.ns.sync()
+
+    def _take_inline(self, ino: int, state: OpenInode) -> bytes | None:
+        """A small file's bytes, taken from its write buffer to be kept inline (None: not inline).  A
+        file grown past ``inline_max`` from its inline bytes gets them back in a chunk buffer, so they
+        are stored as its chunk 0."""
+        if state.size > self.inline_max:
+            grown = self.inline_max and state.mtime is not None and 0 not in state.dirty
+            if grown and self.ns.get_inline(ino) is not None:
+                self._dirty_chunk(ino, state, 0)
+            return None
+        chunk = state.dirty.pop(0, None)
+        if chunk is None:
+            return None
+        if state.size > chunk.filled:  # the file was extended past what was written: zeros
+            chunk.buf[chunk.filled : state.size] = self.zeros[: state.size - chunk.filled]
+        data = chunk.buf[: state.size]
+        self.spare_buffers.append(chunk.buf)
+        state.unsynced.discard(0)
+        return data
 
     def _truncate(self, node: Inode, size: int) -> None:
         """Cut or extend a file to ``size``: chunks past the end go, the last one is trimmed.  The
@@ -828,6 +878,10 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
                 if len(data) > tail:
                     self.store.put(key, data[:tail])
                     self._add_chunk(node.ino, last, memoryview(data)[:tail])
+            elif last == 0 and self.inline_max:
+                inline = self.ns.get_inline(node.ino)
+                if inline is not None and len(inline) > tail:
+                    self.ns.set_inline(node.ino, inline[:tail])
         if state is not None:
             state.size = size
             state.unsynced = {i for i in state.unsynced if i < keep}

@@ -2,7 +2,10 @@
 
 File bytes are not here: they are chunk objects in the store, keyed by (inode, chunk index).  The
 ``chunks`` table records which chunks were written, so a hole (never written: reads as zeros) can be
-told apart from a lost chunk (recorded but gone from the store: reads fail with EIO).
+told apart from a lost chunk (recorded but gone from the store: reads fail with EIO).  Small files
+are the exception: their bytes live ``inline`` here, committed with the file's size in one
+transaction (see ``MooncakeFS._take_inline``).  Where a file has an inline row, it is the truth
+for chunk 0, whatever the store holds under that chunk's key.
 
 Every method runs in one transaction, committed before it returns (WAL mode: a commit survives a
 crash of this process; ``sync()`` also makes it survive power loss).
@@ -58,6 +61,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     idx INTEGER NOT NULL,
     PRIMARY KEY (ino, idx)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inline (ino INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -332,6 +336,7 @@ class Namespace:
         with self._transaction():
             chunks = [idx for (idx,) in self.db.execute("SELECT idx FROM chunks WHERE ino = ?", (ino,))]
             self.db.execute("DELETE FROM chunks WHERE ino = ?", (ino,))
+            self.db.execute("DELETE FROM inline WHERE ino = ?", (ino,))
             self.db.execute("DELETE FROM xattrs WHERE ino = ?", (ino,))
             self.db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
         return chunks
@@ -373,13 +378,37 @@ class Namespace:
         return self.db.execute("SELECT 1 FROM chunks WHERE ino = ? AND idx = ?", (ino, idx)).fetchone() is not None
 
     def add_chunks(self, ino: int, indexes: list[int], sums: dict[int, int] | None = None) -> None:
-        """Record written chunks (``sums``, their CRC-32Cs, matter only to a shared namespace)."""
-        self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?)", [(ino, i) for i in indexes])
+        """Record stored chunks (``sums``, their CRC-32Cs, matter only to a shared namespace).  A stored
+        chunk 0 replaces the file's inline bytes."""
+        with self._transaction():
+            self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?)", [(ino, i) for i in indexes])
+            if 0 in indexes:
+                self.db.execute("DELETE FROM inline WHERE ino = ?", (ino,))
 
     def drop_chunks_from(self, ino: int, first: int) -> list[int]:
-        """Forget chunks ``first`` and beyond (truncation); returns their indexes."""
-        dropped = [i for (i,) in self.db.execute("SELECT idx FROM chunks WHERE ino = ? AND idx >= ?", (ino, first))]
-        self.db.execute("DELETE FROM chunks WHERE ino = ? AND idx >= ?", (ino, first))
+        """Forget chunks ``first`` and beyond (truncation), inline bytes too from 0; returns the indexes
+        of the stored ones."""
+        with self._transaction():
+            dropped = [i for (i,) in self.db.execute("SELECT idx FROM chunks WHERE ino = ? AND idx >= ?", (ino, first))]
+            self.db.execute("DELETE FROM chunks WHERE ino = ? AND idx >= ?", (ino, first))
+            if first == 0:
+                self.db.execute("DELETE FROM inline WHERE ino = ?", (ino,))
+        return dropped
+
+    # -- inline data -----------------------------------------------------------------------------------
+
+    def get_inline(self, ino: int) -> bytes | None:
+        row = self.db.execute("SELECT data FROM inline WHERE ino = ?", (ino,)).fetchone()
+        return row[0] if row else None
+
+    def set_inline(self, ino: int, data: bytes, node: Inode | None = None) -> bool:
+        """Keep a small file's bytes here, and (``node``) its new attributes, in one transaction.
+        Returns whether a stored chunk 0 was forgotten: the caller removes it from the store."""
+        with self._transaction():
+            self.db.execute("INSERT OR REPLACE INTO inline VALUES (?, ?)", (ino, data))
+            dropped = self.db.execute("DELETE FROM chunks WHERE ino = ? AND idx = 0", (ino,)).rowcount > 0
+            if node is not None:
+                self.update(node)
         return dropped
 
     # -- extended attributes ---------------------------------------------------------------------------
