@@ -61,6 +61,7 @@ DIRTY_LIMIT = 256 << 20  # unflushed bytes per file before its buffers are store
 STORES_IN_FLIGHT = 2  # full chunks stored by worker threads while the next writes are taken
 LEASES_HELD = 64  # zero-copy replies: a view is released this many reads later, long after the reply
 INLINE_MAX = 64 << 10  # files up to this size keep their bytes in a local namespace, not in a chunk
+REAP_DELAY = 0.02  # s: inodes forgotten meanwhile are deleted in one transaction (an rm -r: one per file)
 
 
 def chunk_key(ino: int, idx: int) -> InternalKey:
@@ -192,6 +193,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         self.kv_keys: dict[int, bytes] = {}
         self.started = time.time()
         self.swarm: Any = None  # a cluster mount: fetches chunks from other readers too (mooncakefs.p2p)
+        self.doomed: list[int] = []  # nameless, closed and forgotten inodes waiting to be deleted
 
     # -- start and stop --------------------------------------------------------------------------------
 
@@ -207,6 +209,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         for ino in list(self.files):
             self._commit_file(ino)
             self._drop_cached_chunk(self.files[ino])
+        self._reap()
         if self.swarm is not None:
             self.swarm.close()
         self._release_leases(0)
@@ -408,8 +411,29 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             self._delete_inode(node.ino)
 
     def _delete_inode(self, ino: int) -> None:
-        for idx in self.ns.remove_inode(ino):
-            self.store.remove(chunk_key(ino, idx))
+        """Delete an inode and its chunks: at once in a shared namespace (or when not serving), else
+        with those that follow within REAP_DELAY.  (A crash meanwhile leaves it nameless in the
+        namespace: the next mount collects it.)"""
+        if self.shared or self.nursery is None:
+            for idx in self.ns.remove_inode(ino):
+                self.store.remove(chunk_key(ino, idx))
+            return
+        self.doomed.append(ino)
+        if len(self.doomed) == 1:
+            self.nursery.start_soon(self._reap_soon)
+
+    async def _reap_soon(self) -> None:
+        await trio.sleep(REAP_DELAY)
+        try:
+            self._reap()
+        except Exception:  # never take the mount down: the inodes stay nameless until the next mount
+            log.exception("deleting unlinked inodes failed")
+
+    def _reap(self) -> None:
+        doomed, self.doomed = self.doomed, []
+        if doomed:
+            for ino, idx in self.ns.remove_inodes(doomed):
+                self.store.remove(chunk_key(ino, idx))
 
     # -- directories -----------------------------------------------------------------------------------
 
@@ -464,6 +488,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         self.handles.pop(fh, None)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        self._reap()  # space freed by an unlink shows at once
         stats = self.store.stats()
         capacity = used = 0
         # A cluster's stats are per node; each chunk is stored on ``replicas`` of them.
@@ -540,6 +565,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         return ino
 
     def _stats_json(self) -> bytes:
+        self._reap()
         stats = self.store.stats()
         inodes, chunks = self.ns.counts()
         stats["fs"] = {
