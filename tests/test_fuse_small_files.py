@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 
+import pytest
 from conftest import rand_bytes
 from fuse_helpers import KiB, MiB, read_file, write_file
+
+from mooncakefs.errors import MooncakeError
+from mooncakefs.fuse.namespace import FORMAT, Namespace
 
 INLINE_MAX = 64 * KiB  # mooncakefs.fuse.filesystem.INLINE_MAX
 
@@ -106,3 +111,21 @@ def test_ls_l_sends_no_xattr_request_per_file(mount_factory):
     # Writes ask for security.capability once per write call (40 here), ls -l at most twice on the
     # directory, our own getxattr once: one request per file for each of ls' two questions is 80 more.
     assert getxattrs <= files + 4, f"{getxattrs} GETXATTR requests: ls -l asked per file"
+
+
+def test_a_namespace_from_a_newer_mooncakefs_is_refused(tmp_path):
+    """The namespace says which format wrote it: a newer one (which may keep bytes where this code would
+    not look) is refused with a clear error, an older one is stamped current and keeps its files."""
+    path = tmp_path / "fs.sqlite"
+    Namespace(path, chunk_size=MiB).close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM settings WHERE name = 'format'").fetchone() == (str(FORMAT),)
+    db.execute("DELETE FROM settings WHERE name = 'format'")  # as format 1 left it
+    db.commit()
+    Namespace(path, chunk_size=MiB).close()
+    assert db.execute("SELECT value FROM settings WHERE name = 'format'").fetchone() == (str(FORMAT),)
+    db.execute("UPDATE settings SET value = ? WHERE name = 'format'", (str(FORMAT + 1),))
+    db.commit()
+    with pytest.raises(MooncakeError, match=f"format {FORMAT + 1}.*newer mooncakefs"):
+        Namespace(path, chunk_size=MiB)
+    db.close()

@@ -27,6 +27,7 @@ from typing import Any
 import pyfuse3
 
 from mooncakefs.datadir import private_dir, private_file, tighten
+from mooncakefs.errors import MooncakeError
 
 ROOT = pyfuse3.ROOT_INODE
 CACHED_INODES = 1 << 16  # rows kept in memory: every request reads one or two (a SELECT costs 30-90 us)
@@ -34,6 +35,7 @@ CACHED_INODES = 1 << 16  # rows kept in memory: every request reads one or two (
 # files; SQLite's default (1000 pages) made it every few hundred file creates, 40% of a commit's cost.
 WAL_CHECKPOINT_PAGES = 16384
 
+FORMAT = 2  # 1: inodes, dentries, xattrs, settings; 2: small files' bytes inline
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inodes (
     ino INTEGER PRIMARY KEY,
@@ -151,6 +153,7 @@ class Namespace:
         self.db.executescript(_SCHEMA)
         # Inode rows as the database has them: only this mount changes them, so reads need not ask it.
         self._rows: dict[int, tuple[Any, ...]] = {}
+        self._check_format()
         stored = self.db.execute("SELECT value FROM settings WHERE name = 'chunk_size'").fetchone()
         if stored is None:
             self.db.execute("INSERT INTO settings VALUES ('chunk_size', ?)", (str(chunk_size),))
@@ -161,6 +164,21 @@ class Namespace:
                 "INSERT INTO inodes (ino, mode, nlink, uid, gid, atime, mtime, ctime) VALUES (?,?,?,?,?,?,?,?)",
                 (ROOT, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(), now, now, now),
             )
+
+    def _check_format(self) -> None:
+        """Refuse a namespace written by a newer mooncakefs (it may keep bytes where this one would not
+        look, e.g. inline small files read as zeros before format 2), and stamp older ones as current:
+        every change so far only added tables."""
+        stored = self.db.execute("SELECT value FROM settings WHERE name = 'format'").fetchone()
+        found = int(stored[0]) if stored else 1
+        if found > FORMAT:
+            self.db.close()
+            raise MooncakeError(
+                f"{self.path} is namespace format {found}, written by a newer mooncakefs; this one reads up to "
+                f"format {FORMAT}: upgrade mooncakefs to mount it"
+            )
+        if found < FORMAT or stored is None:
+            self.db.execute("INSERT OR REPLACE INTO settings VALUES ('format', ?)", (str(FORMAT),))
 
     def close(self) -> None:
         self.db.close()
