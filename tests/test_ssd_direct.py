@@ -24,7 +24,7 @@ def test_aligned_values_go_direct_and_mix_with_buffered_ones(tmp_path):
             key = f"small/{i}"
             store.put(key, small[key], durable=True)  # buffered, unaligned, in the same segment
         segments = list(store._ssd.segments.values())
-        assert any(seg.direct_fd >= 0 for seg in segments), "no O_DIRECT write happened"
+        assert any(seg.place.direct_fd >= 0 for seg in segments), "no O_DIRECT write happened"
         offsets = [int(off) for (off,) in store._ssd.db.execute("SELECT off FROM objects WHERE size = ?", (MiB,))]
         assert offsets and all(off % DIRECT_ALIGN == 0 for off in offsets)
     with mooncakefs.open(tmp_path, dram="64MiB", ssd="256MiB") as store:
@@ -38,6 +38,6 @@ def test_unaligned_large_values_take_the_page_cache(tmp_path):
     with mooncakefs.open(tmp_path, dram="64MiB", ssd="256MiB") as store:
         data = bytearray(os.urandom(MiB + 1))  # not a multiple of the page size
         store.put("odd", data, durable=True)
-        assert all(seg.direct_fd == -1 for seg in store._ssd.segments.values())
+        assert all(seg.place.direct_fd == -1 for seg in store._ssd.segments.values())
     with mooncakefs.open(tmp_path, dram="64MiB", ssd="256MiB") as store:
         assert store.get("odd") == data

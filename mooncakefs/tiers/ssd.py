@@ -1,12 +1,15 @@
-"""The SSD tier: values packed into large append-only segment files, indexed in SQLite.
+"""The SSD tier: values packed into large append-only segments, indexed in SQLite.
 
-Layout under the tier's directory: ``seg-00000001.dat``, ``seg-00000002.dat``, ... each holding raw value
-bytes at 512-byte aligned offsets.  The index (key -> segment, offset, size, CRC-32C, expiry, pin,
-version, tag) is a SQLite table beside them, so a restart reads one table instead of scanning
-segments.  A value is written to its segment before its index row is committed, so after any crash a
+Segments live either as files in a directory (``seg-00000001.dat``, ``seg-00000002.dat``, ...) or in
+fixed-size regions of a raw block device (``ssd_device.py``); ``segments.py`` is the seam between the two,
+and everything below (what a segment holds, its journal, load, rebuild, fsck) is the same for both.  A
+segment holds raw value bytes at 512-byte aligned offsets.  The index (key -> segment, offset, size,
+CRC-32C, expiry, pin, version, tag) is a SQLite table in the data dir, so a restart reads one table
+instead of scanning segments.  A value is written to its segment before its index row is committed, so after any crash a
 row points at complete bytes; bytes with no row are garbage that reclamation removes with their segment.
 
-Each segment also has a journal, ``seg-00000001.keys``: one checksummed record per value appended
+Each segment also has a journal (beside a segment file, ``seg-00000001.keys``; in a device region, its
+journal area): one checksummed record per value appended
 (key, offset, size, CRC-32C, expiry, flags, version, tag, sequence number) and a tombstone per value
 dropped from it, buffered and written just before each index commit (and synced with the segment for
 durable puts).  The index records the highest sequence number it has taken in, so an index that is
@@ -14,18 +17,17 @@ behind its journals (a lost ``-wal``) is rolled forward at open, and a damaged o
 rebuilt from the journals alone.  Segments written before journals existed can be rebuilt only from
 their old index.
 
-Space comes back a whole segment at a time: when a segment's last live value goes, its file is
-deleted; when the tier is full, the store empties the segment with the fewest live bytes (relocating
-what must stay, evicting the rest) and deletes it.  Not thread-safe: the store serialises calls, and
-readers pin a segment so its file descriptor outlives a concurrent delete.
+Space comes back a whole segment at a time: when a segment's last live value goes, it is deleted (its
+files, or its region's header); when the tier is full, the store empties the segment with the fewest
+live bytes (relocating what must stay, evicting the rest) and deletes it.  Not thread-safe: the store
+serialises calls, and readers pin a segment so its file descriptor (or its region) outlives a
+concurrent delete.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import re
 import sqlite3
 import struct
 import time
@@ -33,17 +35,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mooncakefs import _engine
-from mooncakefs.datadir import private_dir, private_file, tighten
-from mooncakefs.errors import MooncakeError, OutOfSpace
-from mooncakefs.units import format_size
+from mooncakefs.datadir import private_file, tighten
+from mooncakefs.errors import InvalidArgument, MooncakeError
+from mooncakefs.tiers.segments import (
+    DIRECT_ALIGN,
+    SegmentFiles,
+    SegmentPlace,
+    SegmentStore,
+    fsync_path,
+    full_disk,
+    is_block_device,
+)
+from mooncakefs.units import format_size, parse_size, parse_ssd
 
 log = logging.getLogger("mooncakefs.ssd")
 
 ALIGN = 512
-DIRECT_ALIGN = 4096  # O_DIRECT needs page-aligned memory, offsets and lengths
-DIRECT_MIN = 1 << 20  # below this the page cache is cheaper than a device round trip
-_SEGMENT_FILE = re.compile(r"^seg-(\d{8})\.dat$")
-_JOURNAL_FILE = re.compile(r"^seg-(\d{8})\.keys$")
+__all__ = ["DIRECT_ALIGN", "SsdTier", "fsck", "open_segments", "resolve_ssd"]
 # Journal: a header (magic, format, segment id), then records.  A record is _RECORD (its CRC-32C over
 # everything after the CRC field; kind, flags, key length, sequence number, offset, size, value CRC,
 # tag, expiry, version halves), the key, and its own length again, so the last one can be read from
@@ -56,6 +64,7 @@ _RECORD_BODY = struct.Struct("<BBHQQQIIdQQ")  # _RECORD without its CRC
 _CRC = struct.Struct("<I")
 _TRAILER = struct.Struct("<H")
 _MAX_KEY = 1024
+_MAX_RECORD = _RECORD.size + _MAX_KEY + _TRAILER.size
 PUT, TOMBSTONE = 1, 2
 _VERIFY_CHUNK = 8 << 20
 _SCHEMA = """
@@ -76,27 +85,6 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) 
 """
 # Columns added since the first release: an older index gains them (their default) when opened.
 _ADDED_COLUMNS = {column: "INTEGER NOT NULL DEFAULT 0" for column in ("version_hi", "version_lo", "tag")}
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _close(seg: Segment) -> None:
-    os.close(seg.fd)
-    if seg.direct_fd >= 0:
-        os.close(seg.direct_fd)
-    if seg.journal_fd >= 0:
-        os.close(seg.journal_fd)
-        seg.journal_fd = -1
-
-
-def _journal_path(seg_path: Path) -> Path:
-    return seg_path.with_suffix(".keys")
 
 
 def _pack_record(
@@ -183,12 +171,12 @@ class Journal:
     size: int  # the file's size
 
 
-def read_journal(path: Path, seg_id: int) -> Journal:
+def read_journal(place: SegmentPlace, seg_id: int) -> Journal:
     """Parse a segment's journal, dropping damaged records and stopping at a torn tail."""
-    buf = path.read_bytes()
+    buf, extent = place.journal_read()
     head = _JOURNAL_HEAD.size
     if len(buf) < head or _JOURNAL_HEAD.unpack_from(buf)[0] != _JOURNAL_MAGIC:
-        return Journal([], 1 if buf else 0, 0, len(buf))
+        return Journal([], 1 if extent else 0, 0, extent)
     records, damaged, pos = [], 0, head
     while True:
         rec, end = _unpack_record(buf, pos, seg_id)
@@ -199,28 +187,28 @@ def read_journal(path: Path, seg_id: int) -> Journal:
         else:
             records.append(rec)
         pos = end
-    return Journal(records, damaged + (pos < len(buf)), pos, len(buf))
+    return Journal(records, damaged + (pos < extent), pos, extent)
 
 
-def _tail_seq(path: Path, seg_id: int) -> int | None:
+def _tail_seq(place: SegmentPlace, seg_id: int) -> int | None:
     """The sequence number of the journal's last record (0: none), read from its end without a scan;
-    None if the tail is not a whole record (then the journal must be read in full)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(_JOURNAL_HEAD.size)
-        if len(head) < _JOURNAL_HEAD.size or _JOURNAL_HEAD.unpack(head)[0] != _JOURNAL_MAGIC:
-            return None
-        if size == _JOURNAL_HEAD.size:
-            return 0
-        if size < _JOURNAL_HEAD.size + _RECORD.size + _TRAILER.size:
-            return None
-        f.seek(size - _TRAILER.size)
-        length = _TRAILER.unpack(f.read(_TRAILER.size))[0]
-        if length > size - _JOURNAL_HEAD.size:
-            return None
-        f.seek(size - length)
-        rec, end = _unpack_record(f.read(length), 0, seg_id)
-        return rec.seq if rec is not None and end == length else None
+    None if the tail is not a whole record, or where the journal ends is not known without reading it
+    (then the journal must be read in full)."""
+    size = place.journal_extent()
+    if size is None:
+        return None
+    head = place.journal_pread(_JOURNAL_HEAD.size, 0)
+    if len(head) < _JOURNAL_HEAD.size or _JOURNAL_HEAD.unpack(head)[0] != _JOURNAL_MAGIC:
+        return None
+    if size == _JOURNAL_HEAD.size:
+        return 0
+    if size < _JOURNAL_HEAD.size + _RECORD.size + _TRAILER.size:
+        return None
+    length = _TRAILER.unpack(place.journal_pread(_TRAILER.size, size - _TRAILER.size))[0]
+    if length > size - _JOURNAL_HEAD.size:
+        return None
+    rec, end = _unpack_record(place.journal_pread(length, size - length), 0, seg_id)
+    return rec.seq if rec is not None and end == length else None
 
 
 @dataclass
@@ -237,10 +225,10 @@ class Recovery:
     lost_bytes: int = 0
     expired: int = 0
     damaged_records: int = 0  # journal records dropped: torn or failing their own checksum
-    unjournaled: list[Path] = field(default_factory=list)  # older segments a rebuild could not read
+    unjournaled: list[str] = field(default_factory=list)  # older segments a rebuild could not read
     unjournaled_bytes: int = 0
 
-    def message(self, index_path: Path, directory: Path) -> str:
+    def message(self, index_path: Path, directory: Path | str) -> str:
         if self.rebuilt:
             text = f"the SSD tier's index {index_path} was {self.reason}; "
             if self.moved_to is not None:
@@ -262,8 +250,8 @@ class Recovery:
         if self.unjournaled:
             text += (
                 f"; {_plural(len(self.unjournaled), 'segment')} ({format_size(self.unjournaled_bytes)}) written before "
-                "segments had journals and cannot be rebuilt: kept as seg-*.dat.orphan, their values are "
-                "recoverable only with the old index"
+                "segments had journals (or whose journal could not be written) cannot be rebuilt: set aside "
+                f"({', '.join(self.unjournaled[:3])}), their values are recoverable only with the old index"
             )
         return text
 
@@ -309,7 +297,7 @@ def _move_aside(index_path: Path) -> Path:
         source = Path(f"{index_path}{suffix}")
         if source.exists():
             os.rename(source, f"{target}{suffix}")
-    _fsync_path(index_path.parent)
+    fsync_path(index_path.parent)
     return target
 
 
@@ -320,18 +308,45 @@ def aligned(n: int) -> int:
 @dataclass
 class Segment:
     id: int
-    path: Path
-    fd: int
+    place: SegmentPlace  # where its bytes live: files, or a region of a block device
     size: int = 0  # bytes written (the next record goes here)
     live: int = 0  # aligned bytes of values still indexed
-    readers: int = 0  # reads in flight: the fd stays open until they finish
+    readers: int = 0  # reads in flight: its place stays open until they finish
     doomed: bool = False
-    dir_synced: bool = False  # its directory entry is known to be on disk
-    direct_fd: int = -1  # an O_DIRECT descriptor for large aligned appends (-1: none yet, -2: refused)
     journaled: bool = False  # it has a journal (segments from before journals have none)
-    journal_fd: int = -1  # opened on the first write (older segments only get tombstones)
     journal_size: int = 0  # bytes of the journal on disk
     journal_buf: bytearray = field(default_factory=bytearray)  # records not yet written
+    journal_reserved: int = 0  # journal bytes its values' records and their tombstones may take
+
+
+def open_segments(
+    where: Path, capacity: int | None, segment_size: int, *, format: bool = False, writable: bool = True
+) -> SegmentStore:
+    """The segment store at ``where``: a block device's regions, or files in a directory."""
+    if is_block_device(where):
+        from mooncakefs.tiers.ssd_device import BlockDevice
+
+        return BlockDevice(where, capacity, segment_size, format=format, writable=writable)
+    if format:
+        raise InvalidArgument(f"formatting is for a block device, and {where} is not one")
+    return SegmentFiles(where)
+
+
+def resolve_ssd(ssd: int | str | None, ssd_dir: str | Path | None) -> tuple[int | None, Path | None] | None:
+    """Where the SSD tier of a store opened with ``ssd=`` and ``ssd_dir=`` is, and its size: None for no
+    SSD tier; a size of None for all of a block device, a place of None for the data dir's ``ssd/``.
+    ``ssd`` may also be the CLI's form, "/dev/nvme1n1" or "PATH:SIZE"."""
+    if isinstance(ssd, str) and "/" in ssd:
+        if ssd_dir is not None:
+            raise InvalidArgument(f"give the SSD tier's place in ssd= ({ssd!r}) or in ssd_dir=, not both")
+        size, ssd_dir = parse_ssd(ssd)
+    else:
+        size = None if ssd is None else parse_size(ssd, what="ssd") or None
+    if ssd_dir is not None and is_block_device(ssd_dir):
+        return size, Path(ssd_dir)
+    if not size:
+        return None
+    return size, Path(ssd_dir) if ssd_dir is not None else None
 
 
 PINNED, STICKY, DURABLE = 1, 2, 4  # bits of the index's flags column
@@ -341,15 +356,29 @@ class SsdTier:
     name = "ssd"
 
     def __init__(
-        self, directory: Path, capacity: int, *, segment_size: int, index_path: Path, rebuild: bool | str = False
+        self,
+        directory: Path,
+        capacity: int | None,
+        *,
+        segment_size: int,
+        index_path: Path,
+        rebuild: bool | str = False,
+        format: bool = False,
     ) -> None:
-        if capacity < ALIGN:
+        """``directory`` is where the segment files go, or a block device (then ``capacity`` is how
+        much of it to use, None for all, and ``format`` lets it overwrite what the device holds)."""
+        if capacity is not None and capacity < ALIGN:
             raise ValueError(f"ssd must be at least {ALIGN} bytes, got {capacity}")
         if segment_size < ALIGN:
             raise ValueError(f"segment_size must be at least {ALIGN} bytes, got {segment_size}")
-        self.dir = private_dir(Path(directory))
+        self.backend = open_segments(Path(directory), capacity, segment_size, format=format)
+        self.dir = self.backend.label
+        capacity = self.backend.capacity or capacity
+        if capacity is None:
+            self.backend.close()
+            raise ValueError(f"the SSD tier in {directory} needs a size")
         self.capacity = capacity
-        self.segment_size = segment_size
+        self.segment_size = self.backend.segment_limit or segment_size
         self.segments: dict[int, Segment] = {}
         self.active: Segment | None = None
         self.used = 0
@@ -365,7 +394,11 @@ class SsdTier:
         if rebuild:
             self._rebuild = rebuild if isinstance(rebuild, str) else "asked to be rebuilt"
         self._moved_to: Path | None = None
-        self.db = self._open_index()
+        try:
+            self.db = self._open_index()
+        except BaseException:
+            self.backend.close()
+            raise
         self._next_id = 1
         self._wal_path = Path(f"{index_path}-wal")
 
@@ -374,7 +407,7 @@ class SsdTier:
         empty one while segments exist is rebuilt too, rather than letting load delete their values."""
         path = self.index_path
         had_index = path.exists() and path.stat().st_size > 0
-        has_segments = any(_SEGMENT_FILE.match(p.name) for p in self.dir.iterdir())
+        has_segments = self.backend.has_segments()
         if self._rebuild is None:
             try:
                 db = _connect(path)
@@ -404,16 +437,13 @@ class SsdTier:
 
         Rows for missing or truncated segments, or expired values, are deleted; segments no row uses are
         deleted too (what a crash between writing bytes and committing their row leaves behind)."""
-        journals: dict[int, Path] = {}
-        for path in sorted(self.dir.iterdir()):
-            if match := _SEGMENT_FILE.match(path.name):
-                seg_id = int(match.group(1))
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-                self.segments[seg_id] = Segment(seg_id, path, fd, size=os.fstat(fd).st_size, dir_synced=True)
-                self._next_id = max(self._next_id, seg_id + 1)
-                tighten(path)
-            elif match := _JOURNAL_FILE.match(path.name):
-                journals[int(match.group(1))] = path
+        unsized: set[int] = set()  # segments whose size only their journal tells (device regions)
+        for found in self.backend.scan():
+            self.segments[found.seg_id] = Segment(found.seg_id, found.place, size=found.size or 0)
+            self.segments[found.seg_id].journaled = found.journaled
+            self._next_id = max(self._next_id, found.seg_id + 1)
+            if found.size is None:
+                unsized.add(found.seg_id)
         rebuilding = self._rebuild is not None
         committed = 0 if rebuilding else self._committed_seq()
         recovery = Recovery(
@@ -421,26 +451,24 @@ class SsdTier:
         )
         pending: list[JournalRecord] = []
         high = committed
-        for seg_id, path in journals.items():
-            seg = self.segments.get(seg_id)
-            if seg is None:  # its segment is gone, and its values with it
-                path.unlink(missing_ok=True)
+        for seg_id, seg in self.segments.items():
+            if not seg.journaled:
                 continue
-            tighten(path)
-            seg.journaled = True
-            last = None if rebuilding else _tail_seq(path, seg_id)
+            last = None if rebuilding else _tail_seq(seg.place, seg_id)
             if last is not None and last <= committed:
-                seg.journal_size = path.stat().st_size
+                seg.journal_size = seg.place.journal_extent() or 0
                 continue
-            journal = read_journal(path, seg_id)
+            journal = read_journal(seg.place, seg_id)
             recovery.damaged_records += journal.damaged
+            if seg_id in unsized:  # its values end where the last one its journal records does
+                seg.size = max((r.off + aligned(r.size) for r in journal.records if r.kind == PUT), default=0)
             if journal.end < _JOURNAL_HEAD.size:  # not a journal at all: start it again
                 journal.end = 0
                 seg.journal_buf += _JOURNAL_HEAD.pack(_JOURNAL_MAGIC, _JOURNAL_FORMAT, seg_id)
                 self._journal_dirty[seg_id] = seg
             if journal.end < journal.size:  # a torn tail: later records must not land after it
-                os.truncate(path, journal.end)
-            seg.journal_size = journal.end
+                seg.place.journal_truncate(journal.end, journal.size)
+            seg.journal_size = seg.journal_reserved = journal.end
             pending += (r for r in journal.records if r.seq > committed)
             high = max([high, *(r.seq for r in journal.records)])
         self._seq = high + 1
@@ -490,14 +518,14 @@ class SsdTier:
         for seg in list(self.segments.values()):
             if seg.live == 0:
                 if rebuilding and not seg.journaled:  # not ours to judge: only the old index knew it
-                    recovery.unjournaled.append(seg.path)
+                    recovery.unjournaled.append(seg.place.name)
                     recovery.unjournaled_bytes += seg.size
                     self._orphan(seg)
                 else:
                     self._delete(seg)
         self.used = sum(seg.size for seg in self.segments.values())
         if rebuilding or pending:
-            _fsync_path(self._wal_path)
+            fsync_path(self._wal_path)
             self.recovery = recovery
             log.warning("%s", recovery.message(self.index_path, self.dir))
         self._rebuild = None
@@ -548,14 +576,7 @@ class SsdTier:
         seg = self.segments.get(seg_id)
         if seg is None or off + size > seg.size:
             return False
-        value, done = 0, 0
-        while done < size:
-            chunk = os.pread(seg.fd, min(size - done, _VERIFY_CHUNK), off + done)
-            if not chunk:
-                return False
-            value = _engine.crc32c(chunk, value)
-            done += len(chunk)
-        return value == crc
+        return _crc_of(seg.place, off, size) == crc
 
     def _committed_seq(self) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE name = 'journal_seq'").fetchone()
@@ -568,8 +589,7 @@ class SsdTier:
     def _orphan(self, seg: Segment) -> None:
         """Set aside a segment a rebuild cannot read (no journal), keeping its bytes for the old index."""
         self.segments.pop(seg.id, None)
-        os.rename(seg.path, seg.path.with_name(seg.path.name + ".orphan"))
-        _close(seg)
+        seg.place.orphan()
 
     # -- writing ---------------------------------------------------------------------------------------
 
@@ -579,7 +599,22 @@ class SsdTier:
         return self._live
 
     def fits(self, size: int) -> bool:
-        return self.used + aligned(size) <= self.capacity
+        if self.used + aligned(size) > self.capacity:
+            return False
+        seg = self.active
+        return (seg is not None and self._has_room(seg, size)) or self.backend.can_create(aligned(size))
+
+    def _has_room(self, seg: Segment, size: int) -> bool:
+        """Whether a value of ``size`` bytes goes into ``seg`` rather than starting a new segment.  Where
+        segments have a fixed size (device regions) the value and its journal records must fit too: a
+        put reserves room for its record and the tombstone that may follow it, so a tombstone always
+        finds room."""
+        if seg.size and seg.size + size + DIRECT_ALIGN > self.segment_size:
+            return False
+        limit = self.backend.journal_limit
+        return limit is None or (
+            seg.journal_reserved + 2 * _MAX_RECORD <= limit and seg.size + aligned(size) <= self.segment_size
+        )
 
     def append(
         self, key: bytes, data: memoryview, crc: int, expires: float, flags: int, version: int = 0, tag: int = 0
@@ -590,30 +625,26 @@ class SsdTier:
         push out what readers use."""
         size = data.nbytes
         seg = self.active
-        if seg is None or (seg.size and seg.size + size + DIRECT_ALIGN > self.segment_size):
+        if seg is None or not self._has_room(seg, size):
             seg = self._new_segment()
-        fd = self._direct_fd(seg, data)
-        if fd >= 0:
+        direct = seg.place.can_direct(data)
+        if direct:
             gap = -seg.size % DIRECT_ALIGN
             seg.size += gap  # padding: garbage, like the end of any record
             self.used += gap
-        else:
-            fd = seg.fd
         off = seg.size
-        written = 0
         try:
-            while written < size:
-                written += os.pwrite(fd, data[written:], off + written)
+            seg.place.write(data, off, direct)
         except OSError as exc:  # nothing was indexed: the bytes written so far are garbage to overwrite
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutOfSpace(f"the disk under the SSD tier ({self.dir}) is full: {exc.strerror}") from None
-            raise
+            raise full_disk(exc, self.dir) from None
         seg.size += aligned(size)
         seg.live += aligned(size)
         self._live += aligned(size)
         self.used += aligned(size)
         if seg.journaled:  # written with the index commit: no system call here
-            seg.journal_buf += _pack_record(PUT, key, self._seq, off, size, crc, expires, flags, version, tag)
+            record = _pack_record(PUT, key, self._seq, off, size, crc, expires, flags, version, tag)
+            seg.journal_buf += record
+            seg.journal_reserved += 2 * len(record)
             self._seq += 1
             self._journal_dirty[seg.id] = seg
         self._begin()
@@ -624,42 +655,13 @@ class SsdTier:
         )
         return seg.id, off
 
-    @staticmethod
-    def _direct_fd(seg: Segment, data: memoryview) -> int:
-        """The segment's O_DIRECT descriptor if ``data`` can be written through it, else -1."""
-        size = data.nbytes
-        if size < DIRECT_MIN or size % DIRECT_ALIGN or _engine.address(data) % DIRECT_ALIGN or seg.direct_fd == -2:
-            return -1
-        if seg.direct_fd == -1:
-            try:
-                seg.direct_fd = os.open(seg.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-            except OSError:  # a filesystem without O_DIRECT: use the page cache
-                seg.direct_fd = -2
-                return -1
-        return seg.direct_fd
-
     def _new_segment(self) -> Segment:
         seg_id = self._next_id
         self._next_id += 1
-        path = self.dir / f"seg-{seg_id:08d}.dat"
-        fd = private_file(path, os.O_RDWR | os.O_TRUNC)
-        journal = _journal_path(path)
-        try:
-            journal_fd = private_file(journal, os.O_WRONLY | os.O_TRUNC)
-            try:
-                os.pwrite(journal_fd, _JOURNAL_HEAD.pack(_JOURNAL_MAGIC, _JOURNAL_FORMAT, seg_id), 0)
-            except BaseException:
-                os.close(journal_fd)
-                raise
-        except BaseException as exc:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-            journal.unlink(missing_ok=True)
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutOfSpace(f"the disk under the SSD tier ({self.dir}) is full: {exc.strerror}") from None
-            raise
+        head = _JOURNAL_HEAD.pack(_JOURNAL_MAGIC, _JOURNAL_FORMAT, seg_id)
+        place = self.backend.create(seg_id, head)
         seg = self.segments[seg_id] = Segment(
-            seg_id, path, fd, journaled=True, journal_fd=journal_fd, journal_size=_JOURNAL_HEAD.size
+            seg_id, place, journaled=True, journal_size=len(head), journal_reserved=len(head)
         )
         self.active = seg
         return seg
@@ -697,18 +699,15 @@ class SsdTier:
         sync_wal = False
         if durable_segments:
             for seg_id in durable_segments:
-                os.fdatasync(self.segments[seg_id].fd)
+                self.segments[seg_id].place.sync()
         self._flush_journals()
         if durable_segments:
             for seg_id in durable_segments:
                 seg = self.segments[seg_id]
-                if seg.journaled and seg.journal_fd >= 0:
-                    os.fdatasync(seg.journal_fd)
+                if seg.journaled:
+                    seg.place.journal_sync()
                 else:  # no journal to roll forward from (one that could not be written): sync the index
                     sync_wal = True
-                if not seg.dir_synced:
-                    _fsync_path(self.dir)
-                    seg.dir_synced = True
         if self._dirty:
             self._dirty = False
             if self._committed != self._seq - 1:
@@ -717,18 +716,15 @@ class SsdTier:
         if sync_wal:
             # In WAL mode a commit is an append to the -wal file; syncing it is what synchronous=FULL
             # would do on every commit.  Doing it only here keeps other commits free of fsyncs.
-            _fsync_path(self._wal_path)
+            fsync_path(self._wal_path)
 
     def _flush_journals(self) -> None:
         """Write the buffered journal records: one pwrite per segment that has any."""
         while self._journal_dirty:
             seg_id, seg = next(iter(self._journal_dirty.items()))
-            if seg.journal_fd < 0:  # an older segment getting a tombstone
-                seg.journal_fd = os.open(_journal_path(seg.path), os.O_WRONLY | os.O_CLOEXEC)
-            buf, done = seg.journal_buf, 0
+            buf = seg.journal_buf
             try:
-                while done < len(buf):
-                    done += os.pwrite(seg.journal_fd, buf[done:] if done else buf, seg.journal_size + done)
+                seg.place.journal_append(buf, seg.journal_size)
             except OSError as exc:
                 self._unjournal(seg, exc)
             else:
@@ -741,14 +737,11 @@ class SsdTier:
         index still has the values; only a rebuild could not, and it says so for a segment without one."""
         log.warning(
             "cannot write the journal of %s (%s): dropped it; an index rebuild could not recover this segment's values",
-            seg.path,
+            seg.place.name,
             exc.strerror,
         )
         seg.journaled = False
-        if seg.journal_fd >= 0:
-            os.close(seg.journal_fd)
-            seg.journal_fd = -1
-        _journal_path(seg.path).unlink(missing_ok=True)
+        seg.place.journal_drop()
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -760,23 +753,23 @@ class SsdTier:
     def unpin(self, seg: Segment) -> None:
         seg.readers -= 1
         if seg.doomed and seg.readers == 0:
-            _close(seg)
+            seg.place.release()
 
     @staticmethod
     def read_into(seg: Segment, off: int, size: int, dst: memoryview) -> None:
         """Read ``size`` bytes straight into ``dst`` (no GIL or store lock held during the I/O)."""
         done = 0
         while done < size:
-            n = os.preadv(seg.fd, [dst[done:size]], off + done)
+            n = seg.place.read_into(dst[done:size], off + done)
             if n == 0:
-                raise OSError(f"segment {seg.path} ends before offset {off + size}")
+                raise OSError(f"segment {seg.place.name} ends before offset {off + size}")
             done += n
 
     @staticmethod
     def read(seg: Segment, off: int, size: int) -> bytes:
-        data = os.pread(seg.fd, size, off)
+        data = seg.place.pread(size, off)
         if len(data) != size:
-            raise OSError(f"segment {seg.path} ends before offset {off + size}")
+            raise OSError(f"segment {seg.place.name} ends before offset {off + size}")
         return data
 
     # -- reclaiming ------------------------------------------------------------------------------------
@@ -798,27 +791,23 @@ class SsdTier:
         seg.live = 0
         if self.active is seg:
             self.active = None
-        seg.path.unlink(missing_ok=True)  # before its journal: a journal with no segment is removed at open
-        if seg.journaled:
-            _journal_path(seg.path).unlink(missing_ok=True)
-        if seg.journal_fd >= 0:
-            os.close(seg.journal_fd)
-            seg.journal_fd = -1
+        seg.place.remove(seg.journaled)
         if seg.readers:
             seg.doomed = True
         else:
-            _close(seg)
+            seg.place.release()
 
     def close(self) -> None:
         self.commit()
         self.db.close()
         for seg in self.segments.values():
             if not seg.readers:
-                _close(seg)
+                seg.place.release()
             else:
                 seg.doomed = True
         self.segments.clear()
         self.active = None
+        self.backend.close()
 
 
 # -- checking ----------------------------------------------------------------------------------------------
@@ -836,8 +825,8 @@ class FsckReport:
     damaged_records: int = 0  # journal records that are torn or fail their checksum
     pending: int = 0  # journal records newer than the index: the next open rolls them forward
     disagree: list[bytes] = field(default_factory=list)  # keys whose newest journal value is not the index's
-    unjournaled: list[Path] = field(default_factory=list)  # segments from before journals existed
-    orphans: list[Path] = field(default_factory=list)  # set aside by an earlier rebuild
+    unjournaled: list[str] = field(default_factory=list)  # segments from before journals existed
+    orphans: list[str] = field(default_factory=list)  # set aside by an earlier rebuild
 
     @property
     def ok(self) -> bool:
@@ -872,11 +861,11 @@ class FsckReport:
         return out
 
 
-def _crc_of(fd: int, off: int, size: int) -> int | None:
-    """The CRC-32C of ``size`` bytes at ``off``, or None if the file ends first."""
+def _crc_of(place: SegmentPlace, off: int, size: int) -> int | None:
+    """The CRC-32C of ``size`` bytes at ``off``, or None if the segment ends first."""
     value, done = 0, 0
     while done < size:
-        chunk = os.pread(fd, min(size - done, _VERIFY_CHUNK), off + done)
+        chunk = place.pread(min(size - done, _VERIFY_CHUNK), off + done)
         if not chunk:
             return None
         value = _engine.crc32c(chunk, value)
@@ -884,66 +873,57 @@ def _crc_of(fd: int, off: int, size: int) -> int | None:
     return value
 
 
-def fsck(directory: Path, index_path: Path, now: float | None = None) -> FsckReport:
+def fsck(segments: SegmentStore, index_path: Path, now: float | None = None) -> FsckReport:
     """Check an SSD tier that no store has open (hold its data dir's lock): every index row's bytes
     against their CRC, and the journals against the index.  Changes nothing."""
     now = time.time() if now is None else now
-    report = FsckReport()
-    directory, index_path = Path(directory), Path(index_path)
-    segments: dict[int, Path] = {}
-    journals: dict[int, Path] = {}
-    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
-        if match := _SEGMENT_FILE.match(path.name):
-            segments[int(match.group(1))] = path
-        elif match := _JOURNAL_FILE.match(path.name):
-            journals[int(match.group(1))] = path
-        elif path.name.endswith(".dat.orphan"):
-            report.orphans.append(path)
-    report.unjournaled = [path for seg_id, path in segments.items() if seg_id not in journals]
-    if not index_path.exists() or index_path.stat().st_size == 0:
-        report.index_error = "missing or empty" if segments else None
-        return report
+    report = FsckReport(orphans=segments.orphans())
+    index_path = Path(index_path)
+    found = {f.seg_id: f for f in segments.scan(writable=False)}
+    report.unjournaled = [f.place.name for f in found.values() if not f.journaled]
     try:
-        db = sqlite3.connect(index_path, isolation_level=None)
+        if not index_path.exists() or index_path.stat().st_size == 0:
+            report.index_error = "missing or empty" if found else None
+            return report
         try:
-            check = db.execute("PRAGMA quick_check").fetchone()
-            if check is None or check[0] != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {check[0] if check else 'no answer'}")
-            rows = db.execute("SELECT key, seg, off, size, crc, expires FROM objects").fetchall()
-            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            committed = (
-                db.execute("SELECT value FROM meta WHERE name = 'journal_seq'").fetchone() if "meta" in tables else None
-            )
-        finally:
-            db.close()
-    except sqlite3.DatabaseError as exc:
-        report.index_error = f"unreadable ({exc})"
-        return report
-    fds = {seg_id: os.open(path, os.O_RDONLY | os.O_CLOEXEC) for seg_id, path in segments.items()}
-    try:
+            db = sqlite3.connect(index_path, isolation_level=None)
+            try:
+                check = db.execute("PRAGMA quick_check").fetchone()
+                if check is None or check[0] != "ok":
+                    raise sqlite3.DatabaseError(f"quick_check: {check[0] if check else 'no answer'}")
+                rows = db.execute("SELECT key, seg, off, size, crc, expires FROM objects").fetchall()
+                tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                committed = (
+                    db.execute("SELECT value FROM meta WHERE name = 'journal_seq'").fetchone()
+                    if "meta" in tables
+                    else None
+                )
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as exc:
+            report.index_error = f"unreadable ({exc})"
+            return report
         index: dict[bytes, tuple[int, int]] = {}
         for key, seg_id, off, size, crc, _expires in rows:
             key = bytes(key)
             index[key] = (seg_id, off)
             report.rows += 1
             report.row_bytes += size
-            if seg_id not in fds:
+            if seg_id not in found:
                 report.bad_rows.append((key, f"segment {seg_id} is missing"))
                 continue
-            actual = _crc_of(fds[seg_id], off, size)
+            actual = _crc_of(found[seg_id].place, off, size)
             if actual is None:
                 report.bad_rows.append((key, f"segment {seg_id} ends before offset {off + size}"))
             elif actual != crc:
                 report.bad_rows.append((key, f"CRC-32C {actual:#010x} in segment {seg_id}, index says {crc:#010x}"))
+        journals = {seg_id: read_journal(f.place, seg_id) for seg_id, f in found.items() if f.journaled}
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        for f in found.values():
+            f.place.release()
     committed_seq = int(committed[0]) if committed else 0
     taken: list[JournalRecord] = []
-    for seg_id, path in journals.items():
-        if seg_id not in segments:
-            continue
-        journal = read_journal(path, seg_id)
+    for journal in journals.values():
         report.journal_records += len(journal.records)
         report.damaged_records += journal.damaged
         for r in journal.records:
