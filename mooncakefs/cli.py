@@ -323,8 +323,9 @@ def replay(
     "--ssd",
     default="16GiB",
     show_default=True,
-    help="SSD tier: SIZE in the data dir, or PATH:SIZE elsewhere.  0 for none: then the filesystem "
-    "lives in memory only and starts empty at every mount.",
+    help="SSD tier: SIZE in the data dir, PATH:SIZE elsewhere, or a raw block device (/dev/nvme1n1[:SIZE], "
+    "formatted by `mooncakefs node --format-ssd` if it holds anything).  0 for none: then the "
+    "filesystem lives in memory only and starts empty at every mount.",
 )
 @click.option(
     "--chunk-size",
@@ -499,7 +500,17 @@ def _address(text: str, what: str) -> tuple[str, int] | None:
 )
 @click.option("--dram", default="1GiB", show_default=True, callback=_size, help="DRAM pool size.")
 @click.option(
-    "--ssd", default="0", show_default=True, help="SSD tier: SIZE in the data dir, or PATH:SIZE elsewhere; 0 for none."
+    "--ssd",
+    default="0",
+    show_default=True,
+    help="SSD tier: SIZE in the data dir, PATH:SIZE in a directory elsewhere, or a raw block device "
+    "(/dev/nvme1n1, all of it, or /dev/nvme1n1:SIZE: no filesystem, O_DIRECT; see docs/nvme-of.md); 0 for none.",
+)
+@click.option(
+    "--format-ssd",
+    is_flag=True,
+    help="Let --ssd /dev/... format a device that holds a filesystem, a partition table or another "
+    "store, erasing it (without this such a device is refused; an empty one is formatted anyway).",
 )
 @click.option(
     "--socket",
@@ -576,6 +587,7 @@ def node(
     data: Path | None,
     dram: int,
     ssd: str,
+    format_ssd: bool,
     socket_path: Path | None,
     socket_mode: str,
     socket_group: str | None,
@@ -630,7 +642,9 @@ def node(
             "(anyone who can reach it reads usage and traffic counters)"
         )
     try:
-        store = mooncakefs.open(data, dram=dram, ssd=ssd_size, ssd_dir=ssd_dir, prefault=prefault)
+        store = mooncakefs.open(
+            data, dram=dram, ssd=ssd_size, ssd_dir=ssd_dir, ssd_format=format_ssd, prefault=prefault
+        )
     except mooncakefs.MooncakeError as exc:
         raise Failed(exc) from None
     default_path, chosen = default_socket()
@@ -988,7 +1002,8 @@ def _configure_logging(debug: bool, log_file: Path | None) -> None:
     "--ssd-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where the segments are, if the store was opened with ssd_dir= (default: DATA/ssd).",
+    help="Where the segments are, if the store was opened with ssd_dir= or a node with --ssd PATH:SIZE "
+    "(default: DATA/ssd); a block device (--ssd /dev/...) is given here too.",
 )
 @click.option(
     "--rebuild",
@@ -1003,22 +1018,30 @@ def fsck(data: Path | None, ssd_dir: Path | None, rebuild: bool) -> None:
     import time as _time
 
     from mooncakefs.datadir import DataDirLock, default_path
-    from mooncakefs.errors import StoreLocked
-    from mooncakefs.tiers.ssd import SsdTier
+    from mooncakefs.errors import MooncakeError
+    from mooncakefs.tiers.segments import is_block_device
+    from mooncakefs.tiers.ssd import SsdTier, open_segments
     from mooncakefs.tiers.ssd import fsck as check_tier
 
     data = (data or default_path()).expanduser()
     if not data.is_dir():
         raise click.ClickException(f"{data} is not a data dir")
     segments, index = ssd_dir or data / "ssd", data / "index.sqlite"
-    if not segments.is_dir():
+    if not segments.is_dir() and not is_block_device(segments):
         raise click.ClickException(f"{data} has no SSD tier ({segments} does not exist): nothing to check")
     try:
         lock = DataDirLock(data)
-    except StoreLocked as exc:
+    except MooncakeError as exc:
         raise Failed(exc) from None
     try:
-        report = check_tier(segments, index)
+        try:  # a device is opened exclusively: a node using it makes this fail, as its data dir lock would
+            store = open_segments(segments, None, 1 << 26, writable=False)
+        except MooncakeError as exc:
+            raise Failed(exc) from None
+        try:
+            report = check_tier(store, index)
+        finally:
+            store.close()
         for line in report.lines():
             click.echo(line)
         if not rebuild:
@@ -1039,7 +1062,7 @@ def fsck(data: Path | None, ssd_dir: Path | None, rebuild: bool) -> None:
         try:
             tier = SsdTier(
                 segments,
-                1 << 62,
+                None if is_block_device(segments) else 1 << 62,
                 segment_size=1 << 26,
                 index_path=index,
                 rebuild=report.index_error or "asked to be rebuilt (fsck --rebuild)",

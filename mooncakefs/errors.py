@@ -92,7 +92,13 @@ class StoreClosed(MooncakeError):
 
 
 class StoreLocked(MooncakeError):
-    """Another process holds the data directory."""
+    """Another process holds the data directory (or the SSD tier's block device)."""
+
+
+class DeviceRefused(InvalidArgument):
+    """The SSD tier will not use this block device as asked: it holds something that is not this store's
+    (a filesystem, a partition table, another version's superblock) and formatting was not asked for, it
+    is too small, or the size given does not fit it.  Nothing was written to the device."""
 
 
 class Unavailable(MooncakeError, ConnectionError):

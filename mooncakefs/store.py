@@ -58,7 +58,7 @@ from mooncakefs.errors import (
     describe_key,
 )
 from mooncakefs.tiers import DramTier, SsdTier
-from mooncakefs.tiers.ssd import DURABLE, PINNED, STICKY, Segment, aligned
+from mooncakefs.tiers.ssd import DURABLE, PINNED, STICKY, Segment, aligned, resolve_ssd
 from mooncakefs.units import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -496,6 +496,7 @@ class Store(KVMapping):
         dram: int | str = "1GiB",
         ssd: int | str | None = None,
         ssd_dir: str | Path | None = None,
+        ssd_format: bool = False,
         segment_size: int | str = "64MiB",
         high_watermark: float = 0.95,
         low_watermark: float = 0.85,
@@ -509,7 +510,7 @@ class Store(KVMapping):
         if promote_after < 1:
             raise ValueError(f"promote_after must be at least 1, got {promote_after}")
         dram_bytes = parse_size(dram, what="dram")
-        ssd_bytes = None if ssd is None else parse_size(ssd, what="ssd")
+        ssd_where = resolve_ssd(ssd, ssd_dir)  # None: no SSD tier
         self.path = Path(path if path is not None else default_path()).expanduser().resolve()
         private_dir(self.path)  # 0700 whatever the umask: keys and sizes are private
         self._datadir_lock = DataDirLock(self.path)
@@ -517,12 +518,13 @@ class Store(KVMapping):
         self._ssd: SsdTier | None = None
         try:
             self._dram = DramTier(dram_bytes, label=f"mooncakefs:{self.path}", prefault=prefault)
-            if ssd_bytes:
+            if ssd_where is not None:
                 self._ssd = SsdTier(
-                    Path(ssd_dir) if ssd_dir else self.path / "ssd",
-                    ssd_bytes,
+                    ssd_where[1] or self.path / "ssd",
+                    ssd_where[0],
                     segment_size=parse_size(segment_size, what="segment_size"),
                     index_path=self.path / "index.sqlite",
+                    format=ssd_format,
                 )
             self._init_state(high_watermark, low_watermark, promote_after)
         except BaseException:  # leave nothing held: the data dir must open again
@@ -1700,8 +1702,12 @@ def open(
 ) -> Store:
     """Open (creating if needed) the store in ``path`` (default: $MOONCAKEFS_DATA or
     ~/.local/share/mooncakefs) with a DRAM pool of ``dram`` bytes and, if ``ssd`` is given, an SSD tier.
+    ``ssd`` is a size ("20GiB", in ``ssd_dir``), or a raw block device: "/dev/nvme1n1" (all of it) or
+    "/dev/nvme1n1:2TiB" (docs/nvme-of.md).
 
-    Options: ssd_dir (default <path>/ssd), segment_size ("64MiB"), high_watermark (0.95),
+    Options: ssd_dir (default <path>/ssd; a block device there is used raw), ssd_format (False: a block
+    device that holds anything but this store's SSD tier is refused; True formats it, erasing it),
+    segment_size ("64MiB"), high_watermark (0.95),
     low_watermark (0.85), promote_after (2 SSD hits), prefault (False: back the whole DRAM pool with
     memory in a background thread now, rather than page by page on first use)."""
     return Store(path, dram=dram, ssd=ssd, **options)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 
 _UNITS = {
@@ -55,7 +57,12 @@ def format_size(n: float) -> str:
 
 
 def parse_ssd(value: str) -> tuple[int | None, Path | None]:
-    """The --ssd option: "SIZE", "PATH:SIZE", or "0" for no SSD tier."""
+    """The --ssd option: "SIZE", "PATH:SIZE", "0" for no SSD tier, or a block device alone ("/dev/nvme1n1":
+    all of it, the size None)."""
     path, _, size = value.rpartition(":")
+    if not path and "/" in value:
+        if not stat.S_ISBLK(os.stat(value).st_mode if os.path.exists(value) else 0):
+            raise ValueError(f"--ssd {value}: give a size (PATH:SIZE); only a block device may be given alone")
+        return None, Path(value)
     nbytes = parse_size(size, what="--ssd")
     return (nbytes or None), (Path(path) if path else None)

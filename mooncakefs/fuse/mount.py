@@ -95,7 +95,7 @@ def serve(
         fresh = not store.stats().get("ssd")  # the node keeps file data only as long as it has an SSD tier
     else:
         store = mooncakefs.open(data, dram=dram, ssd=ssd_size, ssd_dir=ssd_dir, prefault=True)
-        meta_dir, fresh = store.path, ssd_size is None
+        meta_dir, fresh = store.path, not store.stats().get("ssd")  # ssd_size is None for all of a device
     try:
         # Without an SSD tier no file data outlives the process, so neither may the namespace.
         namespace = Namespace(meta_dir / "fs.sqlite", chunk_size=chunk_size, fresh=fresh)
