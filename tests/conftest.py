@@ -124,7 +124,33 @@ def mooncakefs():
 
 
 @pytest.fixture
-def store_factory(tmp_path):
+def loop_devices(tmp_path_factory):
+    """A ``LoopDevices``: ``attach(size)`` makes a loop device over a sparse file; all are detached at
+    teardown, even when the test failed.  Skips the test where loop devices cannot be made."""
+    from blockdev_helpers import LoopDevices
+
+    loops = LoopDevices(tmp_path_factory.mktemp("loop"))
+    try:
+        loops.attach(1 << 20)
+    except (OSError, subprocess.SubprocessError) as exc:
+        loops.detach_all()
+        pytest.skip(f"cannot make a loop device here (needs root and /dev/loop-control): {exc}")
+    loops.detach_all()
+    yield loops
+    errors = loops.detach_all()
+    assert not errors, f"loop devices left attached: {errors}"
+
+
+@pytest.fixture
+def ssd_backend() -> str:
+    """Where ``store_factory`` puts an SSD tier given as a size: "files" in the data dir.  A test module
+    that overrides this fixture with params ["files", "blockdev"] runs its tests over both backends
+    (each store then gets a loop device of its own, sized to hold ``ssd`` bytes of values)."""
+    return "files"
+
+
+@pytest.fixture
+def store_factory(tmp_path, ssd_backend, request):
     """``make(path=None, **options)``: open a store under tmp_path (a fresh dir per call unless ``path``).
 
     Defaults: dram="32MiB", ssd=None. Every store opened here is closed at teardown.
@@ -133,12 +159,23 @@ def store_factory(tmp_path):
 
     opened = []
     counter = iter(range(1_000_000))
+    loops = request.getfixturevalue("loop_devices") if ssd_backend == "blockdev" else None
+    devices: dict[Path, str] = {}  # data dir -> its loop device: a reopened store finds its values again
 
     def make(path=None, **options):
         if path is None:
             path = tmp_path / f"store-{next(counter)}"
         options.setdefault("dram", "32MiB")
         options.setdefault("ssd", None)
+        if loops is not None and options["ssd"] and "/" not in str(options["ssd"]):
+            from blockdev_helpers import device_size_for
+
+            from mooncakefs.units import parse_size
+
+            if path not in devices:
+                segment = parse_size(options.get("segment_size", "64MiB"))
+                devices[path] = loops.attach(device_size_for(parse_size(options["ssd"]), segment))
+            options["ssd"] = devices[path]
         store = mooncakefs.open(path, **options)
         opened.append(store)
         return store

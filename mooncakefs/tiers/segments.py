@@ -77,12 +77,12 @@ class SegmentPlace(Protocol):
 
 @dataclass
 class Found:
-    """One segment a store found at open: its place, its size (None: the tier takes it from the
-    journal), and whether it has a journal."""
+    """One segment a store found at open: its place, its size (bytes of values and garbage; a device
+    region's whole value area), and whether it has a journal."""
 
     seg_id: int
     place: SegmentPlace
-    size: int | None
+    size: int
     journaled: bool
 
 

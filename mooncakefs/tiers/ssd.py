@@ -437,13 +437,10 @@ class SsdTier:
 
         Rows for missing or truncated segments, or expired values, are deleted; segments no row uses are
         deleted too (what a crash between writing bytes and committing their row leaves behind)."""
-        unsized: set[int] = set()  # segments whose size only their journal tells (device regions)
         for found in self.backend.scan():
-            self.segments[found.seg_id] = Segment(found.seg_id, found.place, size=found.size or 0)
-            self.segments[found.seg_id].journaled = found.journaled
+            seg = self.segments[found.seg_id] = Segment(found.seg_id, found.place, size=found.size)
+            seg.journaled = found.journaled
             self._next_id = max(self._next_id, found.seg_id + 1)
-            if found.size is None:
-                unsized.add(found.seg_id)
         rebuilding = self._rebuild is not None
         committed = 0 if rebuilding else self._committed_seq()
         recovery = Recovery(
@@ -460,8 +457,6 @@ class SsdTier:
                 continue
             journal = read_journal(seg.place, seg_id)
             recovery.damaged_records += journal.damaged
-            if seg_id in unsized:  # its values end where the last one its journal records does
-                seg.size = max((r.off + aligned(r.size) for r in journal.records if r.kind == PUT), default=0)
             if journal.end < _JOURNAL_HEAD.size:  # not a journal at all: start it again
                 journal.end = 0
                 seg.journal_buf += _JOURNAL_HEAD.pack(_JOURNAL_MAGIC, _JOURNAL_FORMAT, seg_id)
@@ -609,12 +604,18 @@ class SsdTier:
         segments have a fixed size (device regions) the value and its journal records must fit too: a
         put reserves room for its record and the tombstone that may follow it, so a tombstone always
         finds room."""
-        if seg.size and seg.size + size + DIRECT_ALIGN > self.segment_size:
-            return False
         limit = self.backend.journal_limit
-        return limit is None or (
-            seg.journal_reserved + 2 * _MAX_RECORD <= limit and seg.size + aligned(size) <= self.segment_size
-        )
+        if limit is None:  # files: a value larger than a segment gets a segment of its own
+            return not seg.size or seg.size + size + DIRECT_ALIGN <= self.segment_size
+        gap = -seg.size % DIRECT_ALIGN  # at most: the padding before a value written straight through
+        return seg.size + gap + aligned(size) <= self.segment_size and seg.journal_reserved + 2 * _MAX_RECORD <= limit
+
+    def _seal(self, seg: Segment) -> None:
+        """Stop appending to ``seg``.  A fixed-size segment's unused end becomes garbage, so that
+        reclaiming counts it (it is free only once the whole segment is)."""
+        if self.backend.journal_limit is not None and seg.size < self.segment_size:
+            self.used += self.segment_size - seg.size
+            seg.size = self.segment_size
 
     def append(
         self, key: bytes, data: memoryview, crc: int, expires: float, flags: int, version: int = 0, tag: int = 0
@@ -626,6 +627,8 @@ class SsdTier:
         size = data.nbytes
         seg = self.active
         if seg is None or not self._has_room(seg, size):
+            if seg is not None:
+                self._seal(seg)
             seg = self._new_segment()
         direct = seg.place.can_direct(data)
         if direct:

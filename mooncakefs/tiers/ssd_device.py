@@ -403,7 +403,8 @@ class BlockDevice:
                 free.append(index)
                 continue
             journaled = bool(head[HEADER:].strip(b"\0"))
-            found[seg_id] = Found(seg_id, DeviceRegion(self, index, seg_id), None, journaled)
+            # a segment found is sealed: its whole region is its size, the unused end garbage
+            found[seg_id] = Found(seg_id, DeviceRegion(self, index, seg_id), self.data_size, journaled)
         self._free = free  # ascending: already a heap
         self._found = [found[seg_id] for seg_id in sorted(found)]
         return self._found
