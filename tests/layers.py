@@ -23,7 +23,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "cluster": ("test_cluster", "test_cluster_store", "test_etcd_client", "test_fuse_cluster", "test_p2p",
                 "test_mooncake_p2p_store"),
     "netns": ("test_cluster_netns", "test_p2p_netns"),
-    "faults": ("test_crash", "test_hostile", "test_errors", "test_index_rebuild"),
+    "faults": ("test_crash", "test_hostile", "test_errors", "test_index_rebuild", "test_ssd_blockdev"),
 }  # fmt: skip
 
 LAYER_OF: dict[str, str] = {module: layer for layer, modules in LAYERS.items() for module in modules}
