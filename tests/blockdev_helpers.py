@@ -18,7 +18,7 @@ def device_size_for(capacity: int, segment_size: int) -> int:
     ``segment_size`` (the file-backed tier's ``ssd=`` for the same store)."""
     journal = max(MIN_JOURNAL, segment_size // 16)
     journal += -journal % 4096
-    regions = max(2, -(-capacity // segment_size))
+    regions = -(-capacity // segment_size) + 1  # the tier keeps one region free
     return FIRST_REGION + regions * (HEADER + journal + segment_size)
 
 

@@ -58,7 +58,7 @@ def test_node_killed_with_sigkill_recovers_its_durable_values_from_the_device(tm
             for key, value in durable.items():
                 client.put(key, value, durable=True)
                 client.put(f"plain-{key}", value)  # not durable: may or may not survive
-            assert client.stats()["ssd"]["capacity"] > 128 * MiB
+            assert client.stats()["ssd"]["capacity"] == 128 * MiB  # 3 regions of 64 MiB, one kept free
         node.kill()  # SIGKILL: no close, no flush
         assert not node.alive
         checked = fsck(node.data, device)

@@ -740,3 +740,16 @@ def test_failed_overwrite_straight_to_ssd_keeps_the_old_value(tmp_path):
         with pytest.raises(mooncakefs.OutOfSpace):
             store.put("k", bytes(12 * MiB))  # larger than DRAM and than the SSD tier
         assert store.get("k") == b"old value"
+
+
+def test_persist_of_values_in_segments_from_before_a_restart(store_factory, tmp_path):
+    """Their segments were opened at load, not written by this process: persisting them must still
+    sync (their journal, or the index), not fail."""
+    path = tmp_path / "db"
+    store = store_factory(path, **SMALL)
+    keys = fill(store, "k", 3, durable=True)
+    store.close()
+    store = store_factory(path, **SMALL)
+    assert store.persist(keys) == 0  # all on SSD already: nothing written, their segments synced
+    for k in keys:
+        assert store.get(k) == value_for(k)

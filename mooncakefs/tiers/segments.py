@@ -46,8 +46,9 @@ class SegmentPlace(Protocol):
     def journal_append(self, buf: bytes | bytearray, at: int) -> None:
         """Write journal bytes at ``at`` (the journal's end)."""
 
-    def journal_sync(self) -> None:
-        """Make the journal bytes written so far survive power loss."""
+    def journal_sync(self) -> bool:
+        """Make the journal bytes written so far survive power loss; False where this process has not
+        written to it (then the index must be synced instead)."""
 
     def journal_extent(self) -> int | None:
         """How long the journal is without reading it (None: only a full read tells)."""
@@ -186,8 +187,11 @@ class SegmentFile:
         while done < len(buf):
             done += os.pwrite(self.journal_fd, memoryview(buf)[done:], at + done)
 
-    def journal_sync(self) -> None:
+    def journal_sync(self) -> bool:
+        if self.journal_fd < 0:
+            return False
         os.fdatasync(self.journal_fd)
+        return True
 
     def journal_extent(self) -> int | None:
         return self.journal_path.stat().st_size

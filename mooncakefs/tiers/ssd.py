@@ -707,10 +707,8 @@ class SsdTier:
         if durable_segments:
             for seg_id in durable_segments:
                 seg = self.segments[seg_id]
-                if seg.journaled:
-                    seg.place.journal_sync()
-                else:  # no journal to roll forward from (one that could not be written): sync the index
-                    sync_wal = True
+                if not (seg.journaled and seg.place.journal_sync()):
+                    sync_wal = True  # no journal to roll forward from (one that could not be written): the index
         if self._dirty:
             self._dirty = False
             if self._committed != self._seq - 1:

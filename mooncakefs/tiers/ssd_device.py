@@ -192,8 +192,9 @@ class DeviceRegion:
         keep = end - end % block
         self._tail, self._tail_end = payload[keep - start :], end
 
-    def journal_sync(self) -> None:
+    def journal_sync(self) -> bool:
         os.fdatasync(self.io.fd)
+        return True
 
     def journal_extent(self) -> int | None:
         return None  # only reading the journal finds where it ends
@@ -374,7 +375,9 @@ class BlockDevice:
         self.region_size = HEADER + self.journal_size + data_size
         self.region_count = count
         self.formatted_size = size
-        self.capacity = count * data_size
+        # One region is kept free: compacting a region that a reader still holds (so it is not free yet)
+        # must still find a region to move that region's live values to.
+        self.capacity = (count - 1) * data_size
         self.uuid = device_uuid
 
     # -- segments --------------------------------------------------------------------------------------
@@ -428,8 +431,9 @@ class BlockDevice:
         return region
 
     def can_create(self, size: int) -> bool:
+        """A new segment for a put leaves one region free (only compaction's relocations take it)."""
         self.scan()
-        return bool(self._free) and size <= self.data_size
+        return len(self._free) > 1 and size <= self.data_size
 
     def free_region(self, index: int) -> None:
         heapq.heappush(self._free, index)
