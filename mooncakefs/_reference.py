@@ -389,12 +389,16 @@ class Entry:
 
 INDEX_HEADER_BYTES, INDEX_SLOT_BYTES = 64, 32
 _HEAD = struct.Struct("<QQq")  # magic, slots, heartbeat (ns)
+_U32 = struct.Struct("<I")
 _SLOT = struct.Struct("<IIQQII")  # seq, hits, h1, h2, off (64-byte units), size
 _IDX_MAGIC, _TOMB, _PROBES, _STALE_NS = 0x31584449434D4F4F, 0xFFFFFFFF, 32, 2_000_000_000
 
 
 class SharedIndex:
-    """The shared index's layout and protocol in plain Python (one process: no real concurrency)."""
+    """The shared index's layout and seqlock protocol in plain Python (see ``_shared_index.h``).
+
+    The node writes and readers in other processes read the same memory, so each step touches only the
+    fields the C version touches, in its order: a slot is never rewritten whole by a reader."""
 
     def __init__(self, table: object, pool: object = None, *, create: bool = False) -> None:
         self.table = _write_view(table, "index table")
@@ -414,8 +418,12 @@ class SharedIndex:
         return list(_SLOT.unpack_from(self.table, INDEX_HEADER_BYTES + i * INDEX_SLOT_BYTES))
 
     def _write(self, i: int, h1: int, h2: int, off: int, size: int) -> None:
+        """Seq made odd, the slot changed, seq made even again: a reader that overlaps sees seq move."""
+        at = INDEX_HEADER_BYTES + i * INDEX_SLOT_BYTES
         seq = self._slot(i)[0]
-        _SLOT.pack_into(self.table, INDEX_HEADER_BYTES + i * INDEX_SLOT_BYTES, seq + 2, 0, h1, h2, off, size)
+        _U32.pack_into(self.table, at, (seq + 1) & 0xFFFFFFFF)
+        _SLOT.pack_into(self.table, at, (seq + 1) & 0xFFFFFFFF, 0, h1, h2, off, size)
+        _U32.pack_into(self.table, at, (seq + 2) & 0xFFFFFFFF)
 
     def _probe(self, h1: int) -> Iterator[int]:
         for p in range(_PROBES):
@@ -480,15 +488,19 @@ class SharedIndex:
         i = self._find(h1, h2)
         if i < 0:
             return -1
-        seq, hits, _, _, off, size = self._slot(i)
-        if seq & 1 or size == _TOMB or off * 64 + size > len(self.pool):
+        at = INDEX_HEADER_BYTES + i * INDEX_SLOT_BYTES
+        seq, _, a, b, off, size = self._slot(i)
+        if seq & 1 or (a, b) != (h1, h2) or _U32.unpack_from(self.table, at)[0] != seq:
+            return -1  # the node is changing the slot, or changed it while we read it
+        if size == _TOMB or off * 64 + size > len(self.pool):
             return -1
         if size > len(out):
             return -2 - size
         out[:size] = self.pool[off * 64 : off * 64 + size]
-        if self._slot(i)[0] != seq:  # the node changed the slot mid-copy: the block may be reused
+        if _U32.unpack_from(self.table, at)[0] != seq:  # the node changed the slot mid-copy: the block may be reused
             return -1
-        _SLOT.pack_into(self.table, INDEX_HEADER_BYTES + i * INDEX_SLOT_BYTES, seq, hits + 1, h1, h2, off, size)
+        hits = _U32.unpack_from(self.table, at + 4)[0]  # racy and approximate, as in C: only the hits field
+        _U32.pack_into(self.table, at + 4, (hits + 1) & 0xFFFFFFFF)
         return size
 
     def read(self, digest: bytes, room: int = 65536) -> bytes | None:

@@ -11,6 +11,7 @@ import pkgutil
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import child_env, wait_until
@@ -144,6 +145,8 @@ def test_a_cluster_mount_with_etcd_away_fails_calls_with_etimedout_not_an_intern
         etcd.stop()
         expect_errno(errno.ETIMEDOUT, os.mkdir, mount.mnt / "during")
         expect_errno(errno.ETIMEDOUT, os.stat, mount.mnt / "unknown")
+        Path("/proc/sys/vm/drop_caches").write_text("2")  # the kernel forgets its inodes: no reply to fail
+        assert not wait_until(lambda: not mount.alive, timeout=2, interval=0.2), mount.describe()
         assert mount.alive, mount.describe()
         assert "internal error" not in mount.output and "Traceback" not in mount.output, mount.describe()
         assert "ETIMEDOUT" not in mount.output  # the log names etcd, not the errno

@@ -229,9 +229,14 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             if self.lookups[ino] <= 0:
                 del self.lookups[ino]
                 self.seen.pop(ino, None)
-                node = self.ns.get(ino) if ino < KV_DIR else None
-                if node is not None:
-                    self._maybe_delete(node)
+                try:
+                    node = self.ns.get(ino) if ino < KV_DIR else None
+                    if node is not None:
+                        self._maybe_delete(node)
+                except (pyfuse3.FUSEError, MooncakeError) as exc:
+                    # forget has no reply, so an error raised here would end the session: an unlinked
+                    # inode whose deletion fails now (etcd away) is left to the next mount's sweep
+                    log.warning("forget inode %d: %s; the next mount's sweep of nameless inodes deletes it", ino, exc)
 
     def _attrs(self, node: Inode) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
