@@ -117,6 +117,24 @@ class TransferError(MooncakeError):
     """A transfer between two endpoints failed on every connection it was tried on."""
 
 
+class PathFailed(TransferError):
+    """A path to a peer (a connection, an address, a NIC, a device) failed, not the request itself: the
+    transfer engine retries it on another path, and raises this only when every path failed."""
+
+
+class MetadataUnavailable(Unavailable):
+    """A transfer engine could not reach its metadata server (etcd) to publish or look up a segment."""
+
+
+class SegmentNotFound(MetadataUnavailable):
+    """No transfer engine publishes that segment name: it never did, or it closed, or it died and the
+    lease of its descriptor expired."""
+
+
+class SegmentNameTaken(InvalidArgument):
+    """Another live transfer engine already publishes this segment name."""
+
+
 class AddressNotRegistered(TransferError, ValueError):
     """A transfer named memory its owner never registered with its transfer engine (or unregistered):
     refused before any byte moves, on whichever side found it."""

@@ -12,16 +12,23 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from conftest import child_env, kill_process
+from node_helpers import free_port
 from te_peer import SIZE, pattern
 
 from mooncakefs import _engine, _reference
 from mooncakefs.errors import AddressNotRegistered, AuthenticationError, OutOfBounds, TransferError, Unavailable
 from mooncakefs.transfer import Engine, TransferEngine, TransferOpcode
-from mooncakefs.transfer.compat import ERR_ADDRESS_NOT_REGISTERED, ERR_INVALID_ARGUMENT, ERR_REJECT_HANDSHAKE
+from mooncakefs.transfer.compat import (
+    ERR_ADDRESS_NOT_REGISTERED,
+    ERR_INVALID_ARGUMENT,
+    ERR_METADATA,
+    ERR_REJECT_HANDSHAKE,
+)
 
 PEER = str(Path(__file__).with_name("te_peer.py"))
 MiB = 1 << 20
@@ -37,8 +44,11 @@ class Peer:
         secret: str | None = None,
         argv_prefix: list[str] | None = None,
         env: dict[str, str] | None = None,
+        metadata: str = "P2PHANDSHAKE",
+        also: tuple[str, ...] = (),
     ) -> None:
         args = [*(argv_prefix or []), sys.executable, PEER, host, protocol, *([secret] if secret else [])]
+        args += ["--metadata", metadata, *(f"--also={a}" for a in also)]
         self.proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env or child_env()
         )
@@ -47,13 +57,20 @@ class Peer:
             kill_process(self.proc)
             pytest.fail("the peer process did not start")
         info = json.loads(line)
+        if "error" in info:
+            kill_process(self.proc)
+            pytest.fail(f"the peer process did not start: {info['why']}")
         self.port, self.addr, self.managed, self.pid = info["port"], info["addr"], info["managed"], info["pid"]
-        self.session = f"{host}:{self.port}"
+        self.session = info["session"]
 
-    def crc(self) -> dict[str, int]:
-        self.proc.stdin.write("crc\n")  # type: ignore[union-attr]
+    def ask(self, command: str) -> Any:
+        """One command on the peer's stdin, and its JSON answer."""
+        self.proc.stdin.write(command + "\n")  # type: ignore[union-attr]
         self.proc.stdin.flush()  # type: ignore[union-attr]
         return json.loads(self.proc.stdout.readline())  # type: ignore[union-attr]
+
+    def crc(self) -> dict[str, int]:
+        return self.ask("crc")
 
     def kill(self) -> None:
         kill_process(self.proc)
@@ -141,7 +158,10 @@ def test_mooncake_seed_snippet_and_codes(peer: Peer) -> None:
     engine.close()
     fresh = TransferEngine()
     assert fresh.get_rpc_port() < 0 and "initialize" in str(fresh.last_error)
-    assert fresh.initialize("localhost", "etcd://127.0.0.1:2379", "tcp", "") == ERR_INVALID_ARGUMENT
+    assert fresh.initialize("localhost", "redis://127.0.0.1:6379", "tcp", "") == ERR_INVALID_ARGUMENT
+    assert "etcd://" in str(fresh.last_error)
+    assert fresh.initialize("localhost", f"etcd://127.0.0.1:{free_port()}", "tcp", "") == ERR_METADATA  # no etcd
+    assert "cannot reach the metadata server" in str(fresh.last_error)
     assert fresh.initialize("localhost", "P2PHANDSHAKE", "carrier-pigeon", "") == ERR_INVALID_ARGUMENT
 
 

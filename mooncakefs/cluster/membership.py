@@ -63,15 +63,24 @@ def connect_etcd(url: str, timeout: float = 5.0) -> Etcd:
 
 
 class Membership:
-    """Keep this node's record in etcd alive until ``stop()``."""
+    """Keep a record in etcd alive until ``stop()``: a node's (under its cluster's ``nodes/``), or another
+    key's (``key``: a transfer engine's segment descriptor, see ``transfer/metadata.py``)."""
 
     def __init__(
-        self, etcd_url: str, cluster: str, ident: str, record: dict[str, Any], *, ttl: int = DEFAULT_TTL
+        self,
+        etcd_url: str,
+        cluster: str,
+        ident: str,
+        record: dict[str, Any],
+        *,
+        ttl: int = DEFAULT_TTL,
+        key: str | None = None,
+        client: Etcd | None = None,
     ) -> None:
-        self.key = nodes_prefix(cluster) + ident
+        self.key = key if key is not None else nodes_prefix(cluster) + ident
         self.record = {"id": ident, **record}
         self.ttl = ttl
-        self._client = connect_etcd(etcd_url)
+        self._client = client if client is not None else connect_etcd(etcd_url)  # stop() closes it
         self._lease: Lease | None = None
         self.confirmed = 0.0  # monotonic time a request that etcd then confirmed our lease with was sent
         self._stop = threading.Event()
@@ -106,6 +115,11 @@ class Membership:
                     self.confirmed = sent
             except Exception as exc:  # etcd down: keep trying; the record returns when etcd does
                 log.warning("lease refresh failed", extra={"key": self.key, "why": str(exc)})
+
+    def update(self, record: dict[str, Any]) -> None:
+        """Write a new record under the same lease (EtcdError / EtcdUnavailable if etcd refuses)."""
+        self.record = {"id": self.record["id"], **record, "stint": self.record.get("stint")}
+        self._client.put(self.key, json.dumps(self.record), lease=self._lease)
 
     @property
     def lease(self) -> Lease | None:

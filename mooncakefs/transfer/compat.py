@@ -22,6 +22,7 @@ from mooncakefs.errors import (
     AddressOverlapped,
     AuthenticationError,
     InvalidArgument,
+    MetadataUnavailable,
     MooncakeError,
     Unavailable,
 )
@@ -54,10 +55,19 @@ class TransferOpcode(enum.IntEnum):
 
 
 class TransferNotify:
-    """A notification riding on a transfer (accepted for compatibility; not delivered yet)."""
+    """A notification riding on a transfer: the target engine gets (name, msg) in ``get_notifies`` once
+    the transfer's bytes are in place."""
 
     def __init__(self, name: str = "", msg: str = "") -> None:
         self.name, self.msg = name, msg
+
+    def __repr__(self) -> str:
+        return f"TransferNotify(name={self.name!r}, msg={self.msg!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TransferNotify) and (self.name, self.msg) == (other.name, other.msg)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as Mooncake's (name and msg are read-write)
 
 
 def code_of(exc: BaseException) -> int:
@@ -70,6 +80,8 @@ def code_of(exc: BaseException) -> int:
         return ERR_DEVICE_NOT_FOUND
     if isinstance(exc, AuthenticationError):
         return ERR_REJECT_HANDSHAKE
+    if isinstance(exc, MetadataUnavailable):  # etcd out of reach, or no such segment in it
+        return ERR_METADATA
     if isinstance(exc, InvalidArgument | TypeError | ValueError):
         return ERR_INVALID_ARGUMENT
     if isinstance(exc, Unavailable | OSError):
@@ -100,6 +112,14 @@ class TransferEngine:
         self._lock = threading.Lock()
         self.last_error: BaseException | None = None
 
+    @classmethod
+    def wrapping(cls, engine: Engine) -> TransferEngine:
+        """Mooncake's API over an ``Engine`` started with options ``initialize`` has no argument for
+        (more addresses to serve on, a secret, the lease ttl)."""
+        wrapper = cls()
+        wrapper._engine = engine
+        return wrapper
+
     # -- plumbing --------------------------------------------------------------------------------------
 
     def _call(self, fn: Callable[[], Any], failed: int | None = None) -> Any:
@@ -124,7 +144,10 @@ class TransferEngine:
         ``"rdma"`` where no RDMA device (or verbs library) is usable falls back to tcp with one warning,
         as Mooncake does: SGLang's disaggregation asks for "rdma" whatever the host has, and must run.
         ``MC_FORCE_TCP`` (Mooncake's switch) makes any protocol tcp.  ``Engine(protocol="rdma")`` stays
-        strict: the Pythonic API has "auto" for "rdma if you can"."""
+        strict: the Pythonic API has "auto" for "rdma if you can".
+
+        ``metadata_server``: ``P2PHANDSHAKE`` (peers are ``host:port``) or ``etcd://host:2379[/prefix]``
+        (this engine's segment, named ``local_hostname``, is published there; peers are segment names)."""
 
         def start() -> int:
             if self._engine is not None:
@@ -250,7 +273,7 @@ class TransferEngine:
         notify: TransferNotify | None = None,
         transport_hint: str = "",
     ) -> int:
-        return self.batch_transfer_sync(target_hostname, [buffer], [peer_buffer_address], [length], opcode)
+        return self.batch_transfer_sync(target_hostname, [buffer], [peer_buffer_address], [length], opcode, notify)
 
     def batch_transfer_sync_write(
         self,
@@ -283,7 +306,14 @@ class TransferEngine:
         transport_hint: str = "",
     ) -> int:
         def run() -> int:
-            self.engine.transfer(target_hostname, _opname(opcode), buffers, peer_buffer_addresses, lengths)
+            message = None
+            if notify is not None:
+                if not isinstance(notify, TransferNotify):
+                    raise InvalidArgument(f"notify must be a TransferNotify, not {type(notify).__name__}")
+                message = (notify.name, notify.msg)
+            self.engine.transfer(
+                target_hostname, _opname(opcode), buffers, peer_buffer_addresses, lengths, notify=message
+            )
             return 0
 
         return self._call(run)
@@ -376,7 +406,10 @@ class TransferEngine:
     # -- notifications and probes ----------------------------------------------------------------------
 
     def get_notifies(self) -> list[TransferNotify]:
-        return []
+        """The notifications peers sent with their transfers since the last call, oldest first; [] on
+        an engine not initialized."""
+        result = self._call(lambda: [TransferNotify(name, msg) for name, msg in self.engine.notifies()])
+        return result if isinstance(result, list) else []
 
     def send_probe(self, peer_server_name: str) -> int:
         return self._call(lambda: self.engine.probe(peer_server_name) or 0)

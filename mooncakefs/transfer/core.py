@@ -14,16 +14,24 @@ into one.  Transfers are submitted in batches and complete asynchronously (``Bat
   into stripes that travel on different connections at once, and a stripe whose connection fails is
   retried on another.
 
-``rdma`` slots in by implementing ``Transport`` (``rdma.py``).
+``rdma`` slots in by implementing ``Transport`` (``rdma.py``).  The public engine gives a peer several
+*paths* (one per address the peer serves on, each behind the local NIC that reaches it, and the
+same-host path before them): the router orders them per transfer and moves the transfers of a failed
+path to the next one.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from mooncakefs.errors import TransferError
+from mooncakefs.errors import MooncakeError, PathFailed, TransferError, Unavailable
+
+log = logging.getLogger("mooncakefs.transfer")
 
 READ, WRITE = "read", "write"
 
@@ -103,6 +111,18 @@ class Batch:
         return self.transferred
 
 
+class Progress(Protocol):
+    """What a transport reports a batch's progress to: the ``Batch``, or the router's share of it."""
+
+    error: BaseException | None
+
+    def part_done(self, nbytes: int) -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+    def add_parts(self, n: int) -> None: ...
+
+
 class Transport(Protocol):
     name: str
 
@@ -110,7 +130,7 @@ class Transport(Protocol):
         """Whether this transport can carry the transfer at all."""
         ...
 
-    def submit(self, transfers: list[Transfer], batch: Batch) -> None:
+    def submit(self, transfers: list[Transfer], batch: Progress) -> None:
         """Start the transfers; report each finished part (or the failure) to ``batch``."""
         ...
 
@@ -121,28 +141,152 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-class Router:
-    """Routes each transfer of a batch to the first transport (in preference order) that accepts it."""
+DOWN_SECONDS = 10.0  # a path that failed is tried after the others for this long
 
-    def __init__(self, transports: list[Transport]) -> None:
+
+def path_failure(exc: BaseException) -> bool:
+    """Whether a failure is the path's (another path may carry the transfer) rather than the request's
+    (not registered, out of bounds, refused: no path helps)."""
+    return isinstance(exc, PathFailed | Unavailable | ConnectionError | TimeoutError)
+
+
+class _Leg:
+    """The share of a batch one transport carries: it stands in for the batch towards the transport, so a
+    failed path hands its transfers to the next path instead of failing the batch.  Once failed over, the
+    leg is dead: its stripes still queued are skipped (their ``batch.error`` is set) and late completions
+    are ignored."""
+
+    __slots__ = ("_left", "_lock", "batch", "dead", "index", "items", "nbytes", "router")
+
+    def __init__(self, router: Router, batch: Batch, index: int, items: list[_Routed], parts: int) -> None:
+        self.router, self.batch, self.index, self.items = router, batch, index, items
+        self.nbytes = sum(len(r.transfer.buffer) for r in items)
+        self._left = parts
+        self._lock = threading.Lock()
+        self.dead = False
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.batch.error if not self.dead else _FAILED_OVER
+
+    def add_parts(self, n: int) -> None:
+        with self._lock:
+            self._left += n
+
+    def part_done(self, nbytes: int) -> None:
+        with self._lock:
+            if self.dead:
+                return
+            self._left -= 1
+            finished = self._left == 0
+        if finished:
+            self.batch.part_done(self.nbytes)
+
+    def fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.dead:
+                return
+            self.dead = True
+        self.router._leg_failed(self, exc)
+
+
+_FAILED_OVER = PathFailed("this path failed; its transfers went to another")
+
+
+@dataclass(slots=True)
+class _Routed:
+    """A transfer, the transports that may carry it (most preferred first), and what failed so far."""
+
+    transfer: Transfer
+    candidates: list[int]
+    failures: list[str] = field(default_factory=list)
+
+
+class Router:
+    """Routes each transfer of a batch to the first transport that accepts it, in preference order:
+    the list's, or ``order(transfer, index in batch)``'s (the engine ranks its paths by NUMA node and
+    spreads a batch over them).  A transport that fails for reasons of the path (``path_failure``) hands
+    its transfers to the next candidate and is tried last for ``DOWN_SECONDS``; the batch fails when a
+    request is refused, or when every path of a transfer failed (``PathFailed``, naming each)."""
+
+    def __init__(
+        self,
+        transports: list[Transport],
+        order: Callable[[Transfer, int], Sequence[int]] | None = None,
+        peer: str = "",
+    ) -> None:
         self.transports = transports
+        self._order = order
+        self.peer = peer
+        self._down: dict[int, float] = {}
+
+    def label(self, index: int) -> str:
+        transport = self.transports[index]
+        return getattr(transport, "label", transport.name)
+
+    def _candidates(self, transfer: Transfer, position: int) -> list[int]:
+        order = self._order(transfer, position) if self._order is not None else range(len(self.transports))
+        usable = [i for i in order if self.transports[i].accepts(transfer)]
+        if not self._down:
+            return usable
+        now = time.monotonic()
+        up = [i for i in usable if self._down.get(i, 0.0) <= now]
+        return up + [i for i in usable if i not in up]
 
     def submit(self, transfers: list[Transfer]) -> Batch:
-        routed: dict[int, list[Transfer]] = {}
-        parts = 0
-        for t in transfers:
-            for i, transport in enumerate(self.transports):
-                if transport.accepts(t):
-                    routed.setdefault(i, []).append(t)
-                    parts += transport.parts(t)
-                    break
-            else:
+        routed = []
+        for position, t in enumerate(transfers):
+            candidates = self._candidates(t, position)
+            if not candidates:
                 raise TransferError(f"no transport can carry a {t.op} of {len(t.buffer)} bytes")
-        batch = Batch(parts)
+            routed.append(_Routed(t, candidates))
+        groups = _group(routed)
+        batch = Batch(len(groups))
         batch.nbytes = sum(len(t.buffer) for t in transfers)
-        for i, group in routed.items():
-            self.transports[i].submit(group, batch)
+        for index, items in groups.items():
+            self._start(batch, index, items, failing_over=False)
         return batch
+
+    def _start(self, batch: Batch, index: int, items: list[_Routed], failing_over: bool = True) -> None:
+        """Hand a group to its transport.  One that cannot even start (closed, no device) raises to the
+        caller of ``submit``; while failing over, in a transport's thread, it counts as that path failing."""
+        transport = self.transports[index]
+        group = [r.transfer for r in items]
+        leg = _Leg(self, batch, index, items, sum(transport.parts(t) for t in group))
+        try:
+            transport.submit(group, leg)
+        except (MooncakeError, OSError) as exc:
+            if not failing_over:
+                raise
+            leg.fail(exc)
+
+    def _leg_failed(self, leg: _Leg, exc: BaseException) -> None:
+        batch = leg.batch
+        if batch.error is not None:
+            return
+        if not path_failure(exc):
+            batch.fail(exc)
+            return
+        label = self.label(leg.index)
+        self._down[leg.index] = time.monotonic() + DOWN_SECONDS
+        moved: list[_Routed] = []
+        for r in leg.items:
+            r.failures.append(f"{label}: {exc}")
+            r.candidates = [i for i in r.candidates if i != leg.index]
+            if not r.candidates:
+                batch.fail(
+                    PathFailed(
+                        f"every path{_to(self.peer)} failed for a {r.transfer.op} of {len(r.transfer.buffer)} bytes: "
+                        + "; ".join(r.failures)
+                    )
+                )
+                return
+            moved.append(r)
+        groups = _group(moved)
+        log.warning("path %s%s failed (%s): %d transfers go to the next path", label, _to(self.peer), exc, len(moved))
+        batch.add_parts(len(groups) - 1)  # the failed leg's part is replaced by the new legs'
+        for index, items in groups.items():
+            self._start(batch, index, items)
 
     def run(self, transfers: list[Transfer], timeout: float | None = None) -> int:
         """Submit and wait."""
@@ -153,4 +297,15 @@ class Router:
             transport.close()
 
 
-__all__ = ["READ", "WRITE", "Batch", "Region", "Router", "Transfer", "Transport"]
+def _group(routed: list[_Routed]) -> dict[int, list[_Routed]]:
+    groups: dict[int, list[_Routed]] = {}
+    for r in routed:
+        groups.setdefault(r.candidates[0], []).append(r)
+    return groups
+
+
+def _to(peer: str) -> str:
+    return f" to {peer}" if peer else ""
+
+
+__all__ = ["READ", "WRITE", "Batch", "Progress", "Region", "Router", "Transfer", "Transport", "path_failure"]

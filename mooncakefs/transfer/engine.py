@@ -12,8 +12,18 @@ per peer:
 - ``tcp`` (``TcpTransport``): the framed protocol, striped over several connections, small transfers
   of one batch gathered into one frame.
 
-A transfer a transport cannot carry for reasons of the path (the kernel refuses ``process_vm``, a
-device fails) goes to the next; one the peer refuses (not registered, out of bounds) fails at once.
+A peer that serves on several addresses (``addresses=``: one per NIC) gives this engine one tcp path
+per address, each behind the local NIC that reaches it (``paths.route_device``).  Per transfer, the
+paths are ranked by the NUMA node of its local buffer against each NIC's (``paths.rank_nodes``), and the
+transfers of a batch are spread over the paths nearest to their memory.  A transfer a path cannot carry
+(the kernel refuses ``process_vm``, a connection or a device fails) goes to the next path
+(``core.Router``); one the peer refuses (not registered, out of bounds) fails at once; ``PathFailed``
+names every path tried when none could carry it.
+
+Peers are found through the metadata named at start (``metadata.py``): ``P2PHANDSHAKE`` (a peer is its
+``host:port``) or ``etcd://``, where this engine publishes its segment descriptor under a lease and
+looks its peers' up by segment name.  ``notify`` leaves a (name, message) with a peer, which collects
+them with ``notifies``: how the side that wrote KV cache tells the side that reads it that it is there.
 """
 
 from __future__ import annotations
@@ -23,20 +33,23 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mooncakefs import _engine
 from mooncakefs.errors import (
     AddressNotRegistered,
     InvalidArgument,
     MooncakeError,
+    SegmentNotFound,
     Unavailable,
 )
 from mooncakefs.transfer import paths
-from mooncakefs.transfer.core import READ, WRITE, Batch, Region, Router, Transfer, Transport
+from mooncakefs.transfer.core import READ, WRITE, Batch, Region, Router, Transfer, Transport, path_failure
 from mooncakefs.transfer.local import ProcessTransport
 from mooncakefs.transfer.memory import ManagedBuffer, Registered, Registry
+from mooncakefs.transfer.metadata import EtcdMetadata, SegmentDescriptor, parse_metadata
 from mooncakefs.transfer.server import SegmentServer, host_identity
 from mooncakefs.transfer.tcp import TcpTransport
 from mooncakefs.wire import Channel, Op, client_handshake
@@ -71,8 +84,8 @@ class _Peer:
     router: Router
     transports: list[Transport]
     control: Channel
+    addresses: list[str]  # where the peer serves, its main address first
     lock: threading.Lock = field(default_factory=threading.Lock)
-    paths: list[str] = field(default_factory=list)
 
 
 class Engine:
@@ -90,19 +103,22 @@ class Engine:
         stripe: int = DEFAULT_STRIPE,
         io_timeout: float = 10.0,
         same_host: bool = True,
+        addresses: Sequence[str] = (),
+        lease_ttl: int | None = None,
     ) -> None:
-        if metadata not in ("P2PHANDSHAKE", "p2p", "", None):
-            raise InvalidArgument(
-                f"metadata server {metadata!r:.60}: only P2PHANDSHAKE (peers named host:port, "
-                "metadata exchanged on first contact) is supported so far"
-            )
+        """Serve on ``hostname`` (``host`` or ``host:port``) and on each of ``addresses`` (more
+        ``host[:port]``, one per NIC peers may use).  With ``etcd://`` metadata, ``hostname`` as given is
+        this engine's segment name, and its descriptor lives under a lease of ``lease_ttl`` seconds
+        (``MOONCAKEFS_TE_LEASE_TTL``, 10)."""
+        spec = parse_metadata(metadata)
         if protocol not in PROTOCOLS:
             raise InvalidArgument(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r:.40}")
         if not isinstance(hostname, str) or not hostname:
             raise InvalidArgument(f"hostname must be a non-empty str, got {hostname!r:.60}")
-        host, port = hostname, 0
-        if hostname.count(":") == 1 or hostname.startswith("["):
-            host, port = split_hostport(hostname, "local hostname")
+        host, port = _listen_address(hostname, "local hostname")
+        if isinstance(addresses, str) or not all(isinstance(a, str) for a in addresses):
+            raise InvalidArgument("addresses must be a list of 'host[:port]' strings")
+        more = [_listen_address(a, "address") for a in addresses]
         secret = secret if secret is not None else os.environ.get("MOONCAKEFS_SECRET")
         self._secret = secret.encode() if isinstance(secret, str) else secret
         self.connections, self.stripe, self.io_timeout = connections, stripe, io_timeout
@@ -110,19 +126,37 @@ class Engine:
         self.protocol, self.why = self._choose(protocol, devices)
         self.registry = Registry()
         self._managed: dict[int, ManagedBuffer] = {}
-        self.server = SegmentServer(self.registry, host, port, secret=self._secret, io_timeout=io_timeout)
-        if self._secret is None and not _loopback(host):
+        try:
+            self.server = SegmentServer(
+                self.registry, host, port, secret=self._secret, io_timeout=io_timeout, more=more
+            )
+        except BaseException:
+            self.registry.close()
+            raise
+        if self._secret is None and not all(_loopback(h) for h, _p in [(host, 0), *more]):
             log.warning(
-                "transfer engine on %s:%d has no secret: anyone who reaches the port can read and write "
+                "transfer engine on %s has no secret: anyone who reaches the port can read and write "
                 "the memory registered with it",
-                host,
-                self.server.port,
+                ", ".join(self.server.served()),
             )
         self.hostname = "localhost" if host in ("localhost", "") else host
+        # the name peers know this engine by: host:port, or with etcd the local hostname as given
+        self.segment_name = f"{self.hostname}:{self.rpc_port}" if spec.p2p else hostname
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()
         self._identity = host_identity()
         self._closed = False
+        self._meta: EtcdMetadata | None = None
+        if not spec.p2p:
+            try:
+                self._meta = EtcdMetadata(spec, lease_ttl)
+                self._meta.publish(self.descriptor())
+            except BaseException:
+                if self._meta is not None:
+                    self._meta.close()
+                self.server.close()
+                self.registry.close()
+                raise
 
     def _choose(self, protocol: str, devices: str) -> tuple[str, str]:
         """The transport for other hosts, and why (``auto``: rdma where a device exists, else tcp)."""
@@ -153,8 +187,28 @@ class Engine:
 
     @property
     def session_id(self) -> str:
-        """What peers name this engine by: ``host:port``."""
-        return f"{self.hostname}:{self.rpc_port}"
+        """What peers name this engine by: ``host:port``, or with etcd metadata its segment name."""
+        return self.segment_name
+
+    def descriptor(self) -> SegmentDescriptor:
+        """This engine's segment as peers see it (what it publishes in etcd)."""
+        return SegmentDescriptor(self.segment_name, self.protocol, self.server.served(), self.registry.ordered())
+
+    def _published(self, undo: Callable[[], None] | None = None) -> None:
+        """After a registration change: write the descriptor to etcd (no-op with the direct handshake).
+        If etcd refuses, ``undo`` takes the change back here, and Unavailable says why."""
+        if self._meta is None:
+            return
+        try:
+            self._meta.update(self.descriptor())
+        except Unavailable as exc:
+            if undo is not None:
+                undo()
+                raise
+            raise Unavailable(
+                f"{exc}: the memory is unregistered here (the engine refuses transfers to it), but "
+                "peers reading the descriptor still see it"
+            ) from None
 
     # -- memory ----------------------------------------------------------------------------------------
 
@@ -184,11 +238,13 @@ class Engine:
                 owner=view,
             )
         self.registry.add(entry)
+        self._published(undo=lambda: self.registry.remove(entry.addr))
         return entry.addr
 
     def unregister(self, addr: int) -> None:
         self._check_open()
         self.registry.remove(addr)
+        self._published()
 
     def allocate(self, length: int) -> int:
         """A managed buffer (a memfd, so same-host peers copy into it with memcpy), registered."""
@@ -200,14 +256,17 @@ class Engine:
             buf.close()
             raise
         self._managed[buf.addr] = buf
+        self._published(undo=lambda: self.free(buf.addr, publish=False))
         return buf.addr
 
-    def free(self, addr: int) -> None:
+    def free(self, addr: int, *, publish: bool = True) -> None:
         buf = self._managed.pop(addr, None)
         if buf is None:
             raise AddressNotRegistered(f"no managed buffer at {addr:#x}")
         self.registry.remove(addr)
         buf.close()
+        if publish:
+            self._published()
 
     def view(self, addr: int, length: int, write: bool = False) -> memoryview:
         """Registered memory of this process as a memoryview (bounds-checked)."""
@@ -260,10 +319,22 @@ class Engine:
         remote: Sequence[int],
         lengths: Sequence[int] | None = None,
         timeout: float | None = None,
+        notify: tuple[str, str] | None = None,
     ) -> int:
-        """``submit`` and wait (at most ``MC_TRANSFER_TIMEOUT`` plus a second per GiB); returns bytes moved."""
-        batch = self.submit(session, op, local, remote, lengths)
-        return batch.wait(timeout if timeout is not None else self.timeout_for(batch))
+        """``submit`` and wait (at most ``MC_TRANSFER_TIMEOUT`` plus a second per GiB); returns bytes moved.
+        With ``notify`` (name, message), the peer gets that notification once every byte has arrived."""
+        if notify is not None:
+            _check_notify(*notify)
+        try:
+            batch = self.submit(session, op, local, remote, lengths)
+            moved = batch.wait(timeout if timeout is not None else self.timeout_for(batch))
+        except MooncakeError as exc:
+            if path_failure(exc):
+                self._explain(session, exc)
+            raise
+        if notify is not None:
+            self.notify(session, *notify)
+        return moved
 
     def timeout_for(self, batch: Batch) -> float:
         return transfer_timeout() + getattr(batch, "nbytes", 0) / (1 << 30)
@@ -276,27 +347,47 @@ class Engine:
 
     def probe(self, session: str) -> None:
         """Reach the peer (connect, handshake, ping); Unavailable or AuthenticationError if it fails."""
-        peer = self._peer(session)
-        with peer.lock:
-            if peer.control.closed:
-                peer.control = self._connect(session)
-            peer.control.send(Op.PING)
-            peer.control.read_reply()
+        self._ask(self._peer(session), Op.PING)
+
+    def notify(self, session: str, name: str, message: str) -> None:
+        """Leave (name, message) with the peer, for its ``notifies()``; sent after the transfers before it
+        completed, so the peer that collects it finds their bytes in place."""
+        _check_notify(name, message)
+        self._ask(self._peer(session), Op.NOTIFY, [name, message])
+
+    def notifies(self) -> list[tuple[str, str]]:
+        """The (name, message) notifications peers left since the last call, oldest first."""
+        self._check_open()
+        return self.server.take_notifies()
 
     def paths(self, session: str) -> list[str]:
-        """The transports a session's transfers try, in order."""
-        return list(self._peer(session).paths)
+        """The kind of each path a session's transfers may take, in the list's order (``local``, ``tcp``)."""
+        return [t.name for t in self._peer(session).transports]
+
+    def routes(self, session: str) -> list[str]:
+        """Each path to a session in words: ``local``, ``tcp 10.0.0.2:7000 via eth1``."""
+        return [getattr(t, "label", t.name) for t in self._peer(session).transports]
+
+    def segment(self, session: str) -> SegmentDescriptor:
+        """A peer's segment as published now: from etcd, or (direct handshake) asked of the peer."""
+        self._check_open()
+        if self._meta is not None:
+            return self._meta.resolve(session)
+        peer = self._peer(session)
+        info = self._map(peer)
+        buffers = [row[:3] for row in info[5]]
+        return SegmentDescriptor(session, "", list(peer.addresses), buffers)
 
     # -- peers -----------------------------------------------------------------------------------------
 
-    def _connect(self, session: str) -> Channel:
-        host, port = split_hostport(session)
+    def _connect(self, address: str) -> Channel:
+        host, port = split_hostport(address)
         try:
             sock = socket.create_connection((host, port), timeout=self.io_timeout)
         except OSError as exc:
-            raise Unavailable(f"cannot reach the transfer engine at {session}: {exc.strerror or exc}") from None
+            raise Unavailable(f"cannot reach the transfer engine at {address}: {exc.strerror or exc}") from None
         sock.settimeout(None)
-        ch = Channel(sock, session, timeout=self.io_timeout)
+        ch = Channel(sock, address, timeout=self.io_timeout)
         try:
             client_handshake(ch, self._secret, "transfer engine")
         except BaseException:
@@ -304,15 +395,36 @@ class Engine:
             raise
         return ch
 
+    def _connect_any(self, session: str, addresses: Sequence[str]) -> Channel:
+        """A control connection to the first of the peer's addresses that answers."""
+        failures = []
+        for address in addresses:
+            try:
+                return self._connect(address)
+            except Unavailable as exc:
+                failures.append(str(exc))
+        if len(failures) == 1:
+            raise Unavailable(failures[0])
+        raise Unavailable(f"cannot reach {session} on any of its addresses: {'; '.join(failures)}")
+
+    def _locate(self, session: str) -> list[str]:
+        """The addresses a session is served on: itself (``host:port``), or its descriptor's in etcd."""
+        if self._meta is None:
+            split_hostport(session)
+            return [session]
+        return self._meta.resolve(session).addresses
+
     def _peer(self, session: str) -> _Peer:
         peer = self._peers.get(session)
         if peer is not None:
             return peer
         with self._lock:
+            self._check_open()
             peer = self._peers.get(session)
             if peer is not None:
                 return peer
-            control = self._connect(session)
+            addresses = self._locate(session)
+            control = self._connect_any(session, addresses)
             try:
                 control.send(Op.MAP)
                 info, _n = control.read_reply()
@@ -320,38 +432,87 @@ class Engine:
             except BaseException:
                 control.close()
                 raise
-            tcp = TcpTransport(
-                lambda: self._connect(session), connections=self.connections, stripe=self.stripe, vectored=True
-            )
-            transports: list[Transport] = [tcp]
-            names = ["tcp"]
+            if self._meta is None and len(info) > 7:  # the peer's other addresses: more paths to it
+                addresses += [a for a in info[7][1:] if isinstance(a, str) and a not in addresses]
+            transports, order = self._network_paths(addresses)
             if self.same_host and [boot, pidns] == list(self._identity) and boot:
                 peer_box: list[_Peer] = []
                 try:
-                    local = ProcessTransport(pid, lambda: self._fetch_table(peer_box[0]), version_fd, tcp, session)
+                    local = ProcessTransport(
+                        pid, lambda: self._fetch_table(peer_box[0]), version_fd, transports[0], session
+                    )
                 except OSError as exc:
                     log.warning("same-host path to %s unusable (%s): using tcp", session, exc.strerror or exc)
                 else:
                     transports.insert(0, local)
-                    names.insert(0, "local")
-            peer = _Peer(session, Router(transports), transports, control, paths=names)
-            if names[0] == "local":
+                    network_order = order
+                    order = lambda t, i: [0, *(k + 1 for k in network_order(t, i))]  # noqa: E731
+            peer = _Peer(session, Router(transports, order, session), transports, control, addresses)
+            if transports[0].name == "local":
                 peer_box.append(peer)
             self._peers[session] = peer
             return peer
 
-    def _map(self, peer: _Peer) -> list[Any]:
-        """The peer's MAP reply, asked now: its identity, table version, table and first buffer."""
+    def _network_paths(self, addresses: list[str]) -> tuple[list[Transport], Callable[[Transfer, int], list[int]]]:
+        """One tcp path per address, each behind the NIC that reaches it; and the order a transfer tries
+        them: NICs on its buffer's NUMA node first, the transfers of a batch spread over them."""
+        transports: list[Transport] = []
+        nodes = []
+        for address in addresses:
+            device = paths.route_device(split_hostport(address)[0])
+            nodes.append(device.numa)
+            transports.append(
+                TcpTransport(
+                    lambda address=address: self._connect(address),
+                    connections=self.connections,
+                    stripe=self.stripe,
+                    vectored=True,
+                    label=f"tcp {address} via {device.name or 'an unknown interface'}",
+                )
+            )
+        if len(nodes) == 1:
+            return transports, lambda t, i: [0]
+        numa_matters = paths.numa_matters(nodes)
+
+        def order(t: Transfer, position: int) -> list[int]:
+            numa = paths.buffer_node(_engine.address(t.buffer)) if numa_matters else -1
+            return paths.rank_nodes(nodes, numa, position)
+
+        return transports, order
+
+    def _ask(self, peer: _Peer, op: int, meta: Sequence[Any] = ()) -> Any:
+        """One request on the peer's control connection (connected again if it broke); its reply's meta."""
         with peer.lock:
             if peer.control.closed:
-                peer.control = self._connect(peer.session)
-            peer.control.send(Op.MAP)
-            info, _n = peer.control.read_reply()
-        return info
+                peer.control = self._connect_any(peer.session, peer.addresses)
+            try:
+                peer.control.send(op, list(meta))
+                reply, _n = peer.control.read_reply()
+            except Unavailable:
+                peer.control.close()
+                raise
+        return reply
+
+    def _map(self, peer: _Peer) -> list[Any]:
+        """The peer's MAP reply, asked now: its identity, table version, table and first buffer."""
+        return self._ask(peer, Op.MAP)
 
     def _fetch_table(self, peer: _Peer) -> tuple[int, list[list[int]]]:
         info = self._map(peer)
         return info[4], info[5]
+
+    def _explain(self, session: str, failure: BaseException) -> None:
+        """After a path failure with etcd metadata: drop the peer, and if its segment is gone from etcd,
+        say so (SegmentNotFound) rather than what broke on the way."""
+        if self._meta is None:
+            return
+        self.forget(session)
+        try:
+            self._meta.resolve(session)
+        except SegmentNotFound as gone:
+            raise gone from failure
+        except Unavailable:
+            return
 
     def first_buffer(self, session: str) -> int:
         """The first memory ``session`` registered that is still registered (this engine's own when
@@ -360,6 +521,8 @@ class Engine:
         self._check_open()
         if session == self.session_id:
             return self.registry.first()
+        if self._meta is not None:
+            return self._meta.resolve(session).first_buffer()
         info = self._map(self._peer(session))
         if len(info) > 6:
             return int(info[6])
@@ -385,6 +548,8 @@ class Engine:
         self._closed = True
         with self._lock:
             peers, self._peers = list(self._peers.values()), {}
+        if self._meta is not None:
+            self._meta.close()  # peers stop finding this engine before it stops answering
         for peer in peers:
             _close_peer(peer)
         self.server.close()
@@ -406,6 +571,22 @@ def _close_peer(peer: _Peer) -> None:
         with contextlib.suppress(Exception):
             t.close()
     peer.control.close()
+
+
+def _listen_address(text: str, what: str) -> tuple[str, int]:
+    """(host, port) to listen on from ``host`` or ``host:port`` (port 0: any free one)."""
+    if not isinstance(text, str) or not text:
+        raise InvalidArgument(f"{what} must be a non-empty str, got {text!r:.60}")
+    if text.count(":") == 1 or text.startswith("["):
+        return split_hostport(text, what)
+    return text, 0
+
+
+def _check_notify(name: Any, message: Any) -> None:
+    if not isinstance(name, str) or not isinstance(message, str):
+        raise InvalidArgument(
+            f"a notification is a name and a message, both str, not {type(name).__name__} and {type(message).__name__}"
+        )
 
 
 def _loopback(host: str) -> bool:

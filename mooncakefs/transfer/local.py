@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from mooncakefs import _engine
 from mooncakefs.errors import MooncakeError, TransferError, Unavailable
-from mooncakefs.transfer.core import READ, WRITE, Batch, Transfer, Transport
+from mooncakefs.transfer.core import READ, WRITE, Progress, Transfer, Transport
 from mooncakefs.transfer.memory import PeerTable, read_version
 
 log = logging.getLogger("mooncakefs.transfer")
@@ -35,7 +35,7 @@ class LocalTransport:
     def parts(self, transfer: Transfer) -> int:
         return 1
 
-    def submit(self, transfers: list[Transfer], batch: Batch) -> None:
+    def submit(self, transfers: list[Transfer], batch: Progress) -> None:
         """Runs the copies now, in the caller's thread: nothing is faster than starting at once."""
         for t in transfers:
             start = t.region.pool_offset + t.offset
@@ -128,7 +128,7 @@ class ProcessTransport:
                 hit = self._maps[memfd] = (m, memoryview(m), addr)
             return hit[1], hit[2]
 
-    def submit(self, transfers: list[Transfer], batch: Batch) -> None:
+    def submit(self, transfers: list[Transfer], batch: Progress) -> None:
         """Copies now, in the caller's thread (the GIL released for large copies)."""
         try:
             table = self._current()
@@ -173,7 +173,7 @@ class ProcessTransport:
             else:
                 batch.fail(TransferError(f"{self.peer}: same-host copy failed: {exc.strerror or exc}"))
 
-    def _give_up(self, transfers: list[Transfer], batch: Batch, exc: BaseException) -> None:
+    def _give_up(self, transfers: list[Transfer], batch: Progress, exc: BaseException) -> None:
         """The kernel will not let us reach the peer's memory: tcp from now on."""
         if self.enabled:
             self.enabled = False

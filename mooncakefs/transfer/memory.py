@@ -132,6 +132,11 @@ class Registry:
         with self._lock:
             return [[r.addr, r.length, int(r.writable), r.memfd] for r in self._ranges]
 
+    def ordered(self) -> list[list[int]]:
+        """[addr, length, writable] per range, in registration order: the buffers a segment descriptor lists."""
+        with self._lock:
+            return [[r.addr, r.length, int(r.writable)] for r in sorted(self._ranges, key=lambda r: r.seq)]
+
     def first(self) -> int:
         """The address of the earliest-registered range still registered (0 if none): Mooncake's
         ``getFirstBufferAddress`` means the segment's first buffer in registration order."""

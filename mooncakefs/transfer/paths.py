@@ -11,8 +11,12 @@ every NIC of the group; a transfer that fails on one device is retried on the ne
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
+import socket
+import struct
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from mooncakefs.errors import MooncakeError
@@ -134,18 +138,85 @@ def memory_node(addr: int) -> int:
     return node.value if rc == 0 and node.value >= 0 else -1
 
 
-def rank(devices: list[Device], numa: int, spread: int = 0) -> list[Device]:
-    """Devices in the order a transfer from memory on ``numa`` should try them: same NUMA node first
-    (all of them when the node is unknown), then the others; ``spread`` rotates each group, so the
-    transfers of a batch (spread = their index) land on every nearby NIC in turn."""
-    near = [d for d in devices if numa < 0 or d.numa < 0 or d.numa == numa]
-    far = [d for d in devices if d not in near]
+def rank_nodes(nodes: Sequence[int], numa: int, spread: int = 0) -> list[int]:
+    """Indexes into ``nodes`` (each device's NUMA node) in the order a transfer from memory on ``numa``
+    should try them: same NUMA node first (all of them when either node is unknown), then the others;
+    ``spread`` rotates each group, so the transfers of a batch (spread = their index) land on every
+    nearby device in turn."""
+    near = [i for i, n in enumerate(nodes) if numa < 0 or n < 0 or n == numa]
+    far = [i for i in range(len(nodes)) if i not in near]
     out = []
     for group in (near, far):
         if group:
             k = spread % len(group)
             out.extend(group[k:] + group[:k])
     return out
+
+
+def rank(devices: list[Device], numa: int, spread: int = 0) -> list[Device]:
+    """``rank_nodes`` for devices: the devices themselves, in order."""
+    return [devices[i] for i in rank_nodes([d.numa for d in devices], numa, spread)]
+
+
+def nic(name: str, root: str = SYSFS) -> Device:
+    """The network interface ``name`` with its NUMA node (-1 for loopback, virtual or unknown ones)."""
+    d = os.path.join(root, "class", "net", name)
+    return Device(name, _numa(d), pci=_pci(d) if os.path.exists(os.path.join(d, "device")) else "")
+
+
+_SIOCGIFADDR = 0x8915
+
+
+def interface_of(address: str) -> str:
+    """The local interface the kernel routes to ``address`` through ("" when it cannot say: IPv6, no
+    route): the source address the kernel picks, matched against each interface's IPv4 address."""
+    try:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((address, 9))  # a UDP "connect" sends nothing: it only picks the route
+            source = probe.getsockname()[0]
+        if family != socket.AF_INET:
+            return ""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _index, name in socket.if_nameindex():
+                try:
+                    raw = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+                except OSError:
+                    continue
+                if socket.inet_ntoa(raw[20:24]) == source:
+                    return name
+    except OSError:
+        return ""
+    return ""
+
+
+def route_device(address: str, root: str = SYSFS) -> Device:
+    """The NIC a connection to ``address`` leaves through, with its NUMA node."""
+    name = interface_of(address)
+    return nic(name, root) if name else Device("", -1)
+
+
+def numa_matters(nodes: Sequence[int]) -> bool:
+    """Whether devices on these NUMA nodes differ in distance to any memory (two known nodes or more):
+    only then is a buffer's node worth a system call."""
+    return len({n for n in nodes if n >= 0}) > 1
+
+
+def buffer_node(address: int) -> int:
+    """The NUMA node of the memory at ``address``: where its page is, or for a page not touched yet the
+    node of the CPU this thread runs on (where the first touch will put it); -1 if unknown."""
+    node = memory_node(address)
+    return node if node >= 0 else _cpu_node()
+
+
+def _cpu_node() -> int:
+    """The NUMA node of the CPU this thread runs on (-1 if unknown): where an untouched page will land."""
+    cpu, node = ctypes.c_uint(0), ctypes.c_uint(0)
+    try:
+        rc = _libc.getcpu(ctypes.byref(cpu), ctypes.byref(node))
+    except AttributeError:
+        return -1
+    return node.value if rc == 0 else -1
 
 
 def topology(filter_: str = "", root: str = SYSFS) -> str:

@@ -3,18 +3,24 @@
 It speaks the node's framed protocol (``wire.py``) and its handshake: ``HELLO`` (with a nonce when a
 secret is set), ``AUTH`` (HMAC of the nonce), then requests, each answered in order.  ``MAP`` returns
 what a peer needs to choose a path (this process's pid, boot id and pid namespace for the same-host
-path, the registered table and the memfd of its version); ``READ`` / ``WRITE`` move one range and
-``READV`` / ``WRITEV`` many at once.  Every range is checked against the registry before a byte moves:
-memory nobody registered, or past a registration's end, is an ``ERROR`` reply, never a touch.
+path, the registered table and the memfd of its version, the first registered buffer, every address
+it serves on); ``READ`` / ``WRITE`` move one range and ``READV`` / ``WRITEV`` many at once; ``NOTIFY``
+leaves a (name, message) for the owner's ``get_notifies``.  Every range is checked against the registry
+before a byte moves: memory nobody registered, or past a registration's end, is an ``ERROR`` reply,
+never a touch.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
+import threading
+from collections.abc import Sequence
 from typing import Any
 
+from mooncakefs.errors import OutOfSpace
 from mooncakefs.serving import Connection, FramedServer, Timeouts
 from mooncakefs.transfer.memory import Registry
 from mooncakefs.wire import Op
@@ -22,6 +28,8 @@ from mooncakefs.wire import Op
 log = logging.getLogger("mooncakefs.transfer")
 
 MAX_VECTOR = 4096  # ranges in one READV / WRITEV
+MAX_NOTIFIES = 65536  # notifications waiting for get_notifies; past this, senders are refused
+MAX_NOTIFY_BYTES = 1 << 20  # a notification's name and message together
 
 
 def host_identity() -> tuple[str, int]:
@@ -49,11 +57,26 @@ class SegmentServer(FramedServer):
     refusal = "this transfer engine requires the cluster secret (secret=... or MOONCAKEFS_SECRET)"
 
     def __init__(
-        self, registry: Registry, host: str, port: int = 0, *, secret: bytes | None = None, io_timeout: float = 30.0
+        self,
+        registry: Registry,
+        host: str,
+        port: int = 0,
+        *,
+        secret: bytes | None = None,
+        io_timeout: float = 30.0,
+        more: Sequence[tuple[str, int]] = (),
     ) -> None:
+        """Serve on ``host:port`` (its main address) and on each of ``more`` (one per NIC to offer peers)."""
         super().__init__(secret=secret, timeouts=Timeouts(handshake=min(10.0, io_timeout), io=io_timeout))
         self.registry = registry
-        self.address: tuple[str, int] = self.listen_tcp((host, port))
+        try:
+            self.address: tuple[str, int] = self.listen_tcp((host, port))
+            self.addresses = [self.address, *(self.listen_tcp(a) for a in more)]
+        except BaseException:
+            self.close_listeners()
+            raise
+        self._notifies: collections.deque[tuple[str, str]] = collections.deque()
+        self._notify_lock = threading.Lock()
         boot, pidns = host_identity()
         self._identity = [os.getpid(), boot, pidns]
         self.bytes_in = self.bytes_out = 0
@@ -64,6 +87,7 @@ class SegmentServer(FramedServer):
             Op.READV: self._readv,
             Op.WRITEV: self._writev,
             Op.PING: self._ping,
+            Op.NOTIFY: self._notify,
         }
         self.accept(name="mooncakefs-te-accept")
 
@@ -77,12 +101,44 @@ class SegmentServer(FramedServer):
     def _ping(self, conn: Connection, meta: list[Any], _n: int) -> None:
         conn.channel.send(Op.OK, [])
 
+    def served(self) -> list[str]:
+        """Every address this server listens on, as ``host:port``, the main one first."""
+        return [_hostport(h, p) for h, p in self.addresses]
+
+    def take_notifies(self) -> list[tuple[str, str]]:
+        """The notifications received since the last call, oldest first."""
+        with self._notify_lock:
+            out = list(self._notifies)
+            self._notifies.clear()
+        return out
+
     def _map(self, conn: Connection, meta: list[Any], _n: int) -> None:
         registry = self.registry
-        # the 7th field, the first registered address, answers a peer's get_first_buffer_address
+        # the 7th field, the first registered address, answers a peer's get_first_buffer_address; the 8th
+        # lists the addresses served, each a path the peer may use
         conn.channel.send(
-            Op.OK, [*self._identity, registry.version_fd, registry.version, registry.table(), registry.first()]
+            Op.OK,
+            [
+                *self._identity,
+                registry.version_fd,
+                registry.version,
+                registry.table(),
+                registry.first(),
+                self.served(),
+            ],
         )
+
+    def _notify(self, conn: Connection, meta: list[Any], _n: int) -> None:
+        name, message = meta
+        if type(name) is not str or type(message) is not str:
+            raise TypeError("a notification is a name and a message, both str")
+        if len(name) + len(message) > MAX_NOTIFY_BYTES:
+            raise ValueError(f"a notification holds at most {MAX_NOTIFY_BYTES} bytes of name and message")
+        with self._notify_lock:
+            if len(self._notifies) >= MAX_NOTIFIES:
+                raise OutOfSpace(f"the peer holds {MAX_NOTIFIES} notifications nobody collected (get_notifies)")
+            self._notifies.append((name, message))
+        conn.channel.send(Op.OK, [])
 
     def _read(self, conn: Connection, meta: list[Any], n: int) -> None:
         addr, offset, length = meta
@@ -115,6 +171,10 @@ class SegmentServer(FramedServer):
             conn.channel.read_payload_into(v)
         self.bytes_in += payload_len
         conn.channel.send(Op.OK, [])
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _int(v: Any) -> int:

@@ -19,8 +19,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mooncakefs.errors import MooncakeError, TransferError, Unavailable
-from mooncakefs.transfer.core import READ, Batch, Transfer
+from mooncakefs.errors import MooncakeError, PathFailed, TransferError, Unavailable
+from mooncakefs.transfer.core import READ, Progress, Transfer
 from mooncakefs.wire import Channel, Op, ProtocolError
 
 DEFAULT_STRIPE = 16 << 20
@@ -34,7 +34,7 @@ class _Stripe:
     buffer: memoryview
     handle: int
     offset: int
-    batch: Batch
+    batch: Progress
     attempts: int = 0
 
 
@@ -49,10 +49,12 @@ class TcpTransport:
         stripe: int = DEFAULT_STRIPE,
         attempts: int = 3,
         vectored: bool = False,
+        label: str = "tcp",
     ) -> None:
         if connections < 1 or stripe < 1 or attempts < 1:
             raise ValueError("connections, stripe and attempts must all be positive")
         self._connect = connect
+        self.label = label  # the path in messages: "tcp 10.0.0.2:7000 via eth1"
         self.vectored = vectored
         self.connections, self.stripe, self.attempts = connections, stripe, attempts
         self._queue: queue.SimpleQueue[_Stripe | None] = queue.SimpleQueue()
@@ -66,7 +68,7 @@ class TcpTransport:
     def parts(self, transfer: Transfer) -> int:
         return max(1, -(-len(transfer.buffer) // self.stripe))
 
-    def submit(self, transfers: list[Transfer], batch: Batch) -> None:
+    def submit(self, transfers: list[Transfer], batch: Progress) -> None:
         self._start_workers()
         for t in transfers:
             n = len(t.buffer)
@@ -106,7 +108,7 @@ class TcpTransport:
                             self._queue.put(s)  # another connection (or a fresh one) takes it
                         else:
                             s.batch.fail(
-                                TransferError(f"{s.op} of {len(s.buffer)} bytes failed after {s.attempts} tries: {exc}")
+                                PathFailed(f"{s.op} of {len(s.buffer)} bytes failed after {s.attempts} tries: {exc}")
                             )
                 except (MooncakeError, ValueError, TypeError) as exc:  # the peer refused it: no retry helps
                     stripe.batch.fail(exc)
