@@ -7,12 +7,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from te_peer import SIZE, pattern
+from test_cluster_netns import _free_subnet, ip
+from test_transfer_engine import Peer
 
-from mooncakefs.transfer import Engine, TransferEngine, paths, rdma
+from mooncakefs.errors import AddressNotRegistered, PathFailed, Unavailable
+from mooncakefs.transfer import READ, WRITE, Engine, Region, Router, Transfer, TransferEngine, paths, rdma
 
 
 def fake_sysfs(root: Path, devices: dict[str, tuple[int, str]]) -> str:
@@ -133,13 +142,10 @@ def test_rdma_without_a_usable_device_falls_back_to_tcp_in_mooncakes_api(caplog:
         Engine("127.0.0.1", protocol="rdma")
 
 
-@pytest.mark.skipif(
-    not paths.rdma_devices(),
-    reason="no RDMA device in /sys/class/infiniband (soft-RoCE: "
-    "rdma link add rxe0 type rxe netdev eth0): the device tests cannot run here",
-)
+@pytest.mark.skipif(not paths.rdma_devices(), reason="no RDMA device in /sys/class/infiniband")
 def test_an_rdma_device_is_seen() -> None:
-    """Where a device exists, auto picks rdma or says exactly why not (the transport is not set up yet)."""
+    """Where a device exists (a real one, or soft-RoCE: ``rdma link add rxe0 type rxe netdev eth0``), auto
+    picks rdma or says exactly why not (the transport is not set up yet)."""
     with Engine("127.0.0.1", protocol="auto") as e:
         assert e.protocol == "rdma" or "not yet" in e.why
 
@@ -158,3 +164,212 @@ def test_first_buffer_is_the_first_registered_not_the_lowest() -> None:
         assert initiator.first_buffer(target.session_id) == high == target.first_buffer(target.session_id)
         target.unregister(high)
         assert initiator.first_buffer(target.session_id) == low
+
+
+# ------------------------------------------------------------------------ choosing and changing paths
+
+
+def fake_nics(root: Path, nics: dict[str, int]) -> str:
+    """A sysfs-shaped /class/net: ``nics`` maps an interface to its NUMA node (-1: a virtual one, no device)."""
+    for name, numa in nics.items():
+        d = root / "class" / "net" / name
+        d.mkdir(parents=True)
+        if numa >= 0:
+            pci = root / "devices" / f"pci-{name}"
+            pci.mkdir(parents=True)
+            (pci / "numa_node").write_text(f"{numa}\n")
+            (d / "device").symlink_to(pci)
+    return str(root)
+
+
+def test_nics_and_their_numa_nodes_from_sysfs(tmp_path: Path) -> None:
+    root = fake_nics(tmp_path, {"eth0": 0, "eth1": 1, "veth7": -1})
+    assert [(n.name, n.numa, n.pci) for n in map(lambda i: paths.nic(i, root), ["eth0", "eth1", "veth7"])] == [
+        ("eth0", 0, "pci-eth0"),
+        ("eth1", 1, "pci-eth1"),
+        ("veth7", -1, ""),
+    ]
+    assert paths.nic("missing", root).numa == -1
+    assert paths.route_device("127.0.0.1").name == "lo"  # the kernel's route, the fake tree's node
+
+
+def test_rank_nodes_and_when_numa_matters() -> None:
+    assert paths.rank_nodes([0, 1, 1, 0], 1) == [1, 2, 0, 3]
+    assert paths.rank_nodes([0, 1, 1, 0], 1, spread=1) == [2, 1, 3, 0]
+    assert paths.rank_nodes([-1, 0], 1) == [0, 1]  # a NIC of unknown placement is near to everything
+    assert paths.rank_nodes([0, 0, 0], -1, spread=4) == [1, 2, 0]  # unknown memory: spread over all
+    assert not paths.numa_matters([-1, -1]) and not paths.numa_matters([0, 0, -1])
+    assert paths.numa_matters([0, 1])
+    buf = np.ones(1 << 16, dtype=np.uint8)
+    assert paths.buffer_node(buf.ctypes.data) >= 0 or not os.path.exists("/sys/devices/system/node")
+
+
+class FakePath:
+    """An in-memory transport for the router's unit tests: copies between buffers and a dict of regions,
+    or fails every transfer with ``failure`` (from another thread, as a network transport would)."""
+
+    name = "fake"
+
+    def __init__(self, label: str, memory: dict[int, bytearray], failure: BaseException | None = None) -> None:
+        self.label, self.memory, self.failure = label, memory, failure
+        self.carried = 0
+
+    def accepts(self, transfer: Transfer) -> bool:
+        return True
+
+    def parts(self, transfer: Transfer) -> int:
+        return 1
+
+    def submit(self, transfers: list[Transfer], batch: Any) -> None:
+        def run() -> None:
+            for t in transfers:
+                if self.failure is not None:
+                    batch.fail(self.failure)
+                    return
+                region = self.memory[t.region.handle]
+                if t.op == READ:
+                    t.buffer[:] = region[t.offset : t.offset + len(t.buffer)]
+                else:
+                    region[t.offset : t.offset + len(t.buffer)] = t.buffer
+                self.carried += 1
+                batch.part_done(len(t.buffer))
+
+        threading.Thread(target=run).start()
+
+    def close(self) -> None:
+        pass
+
+
+def writes(n: int) -> list[Transfer]:
+    return [Transfer(WRITE, memoryview(bytes([i]) * 10), Region(1, 100), offset=i * 10) for i in range(n)]
+
+
+def test_router_moves_a_failed_paths_transfers_to_the_next() -> None:
+    memory = {1: bytearray(100)}
+    broken = FakePath("tcp A", memory, PathFailed("connection refused"))
+    good = FakePath("tcp B", memory)
+    router = Router([broken, good], order=lambda t, i: paths.rank_nodes([-1, -1], -1, i), peer="peer:1")
+    assert router.run(writes(6), timeout=10) == 60
+    assert memory[1][:60] == b"".join(bytes([i]) * 10 for i in range(6)) and good.carried == 6
+    # the failed path is tried last for a while: the next batch goes to the good one straight away
+    good.carried = 0
+    assert router.run(writes(4), timeout=10) == 40 and good.carried == 4
+    broken.failure = None
+    assert broken.carried == 0
+
+
+def test_router_fails_only_when_every_path_failed_and_never_retries_a_refusal() -> None:
+    memory = {1: bytearray(100)}
+    router = Router(
+        [FakePath("tcp A via eth0", memory, PathFailed("reset")), FakePath("tcp B via eth1", memory, Unavailable("x"))]
+    )
+    with pytest.raises(PathFailed, match="every path failed") as failed:
+        router.run(writes(3), timeout=10)
+    assert "tcp A via eth0: reset" in str(failed.value) and "tcp B via eth1: x" in str(failed.value)
+    refusing = FakePath("tcp A", memory, AddressNotRegistered("not registered"))
+    spare = FakePath("tcp B", memory)
+    with pytest.raises(AddressNotRegistered):
+        Router([refusing, spare]).run(writes(2), timeout=10)
+    assert spare.carried == 0
+
+
+def test_engine_offers_a_path_per_address() -> None:
+    """A peer serving on two loopback addresses: two tcp paths, the batch spread over both, bytes exact."""
+    with Engine("127.0.0.1", addresses=["127.0.0.2"]) as target, Engine("127.0.0.1", same_host=False) as initiator:
+        assert len(target.server.served()) == 2
+        assert initiator.paths(target.session_id) == ["tcp", "tcp"]
+        routes = initiator.routes(target.session_id)
+        assert routes[0].startswith(f"tcp {target.session_id} via lo") and "127.0.0.2" in routes[1]
+        buf = target.allocate(1 << 20)
+        data = np.random.default_rng(1).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+        chunks = [memoryview(data)[i : i + 65536] for i in range(0, len(data), 65536)]
+        initiator.transfer(target.session_id, "write", chunks, [buf + i * 65536 for i in range(len(chunks))])
+        assert bytes(target.view(buf, len(data))) == data
+        peer = initiator._peer(target.session_id)
+        assert all(t._workers for t in peer.transports)  # both paths carried some of it
+
+
+# ---------------------------------------------------------------- two links to one host (network namespaces)
+
+
+@dataclass
+class TwoLinks:
+    """A namespace (the other host) joined to the root one by two veth pairs: two NICs each side."""
+
+    ns: str
+    root_ifs: list[str]
+    subnets: list[str]
+    undo: list[list[str]]
+
+    def root_ip(self, k: int) -> str:
+        return f"{self.subnets[k]}.1"
+
+    def iso_ip(self, k: int) -> str:
+        return f"{self.subnets[k]}.2"
+
+    def cut(self, k: int) -> None:
+        ip("link", "set", self.root_ifs[k], "down")
+
+
+@pytest.fixture
+def two_links():
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2")
+    pid = os.getpid() % 100000
+    ns = f"mcfs-te-{pid}"
+    if ip("netns", "add", ns, check=False).returncode != 0:
+        pytest.skip(f"cannot create the network namespace {ns}")
+    links = TwoLinks(ns, [], [], [["netns", "del", ns]])
+    try:
+        for k in range(2):
+            root_if, iso_if = f"mte{pid}{k}r", f"mte{pid}{k}i"
+            subnet = _free_subnet()
+            ip("link", "add", root_if, "type", "veth", "peer", "name", iso_if)
+            links.undo.append(["link", "del", root_if])
+            ip("link", "set", iso_if, "netns", ns)
+            ip("addr", "add", f"{subnet}.1/24", "dev", root_if)
+            ip("link", "set", root_if, "up")
+            unreachable = ["unreachable", f"{subnet}.0/24", "metric", "4000"]  # a cut link fails at once
+            ip("route", "add", *unreachable)
+            links.undo.append(["route", "del", *unreachable])
+            ip("-n", ns, "addr", "add", f"{subnet}.2/24", "dev", iso_if)
+            ip("-n", ns, "link", "set", iso_if, "up")
+            links.root_ifs.append(root_if)
+            links.subnets.append(subnet)
+        ip("-n", ns, "link", "set", "lo", "up")
+        yield links
+    finally:
+        for args in reversed(links.undo):
+            ip(*args, check=False)
+
+
+@pytest.mark.slow
+def test_a_cut_link_fails_over_to_the_other(two_links: TwoLinks, caplog: pytest.LogCaptureFixture) -> None:
+    """A peer in another namespace serving on both of its links: a batch spreads over both paths; with one
+    link cut the batch still completes, byte-exact, on the other; with both cut, PathFailed names both."""
+    peer = Peer(two_links.iso_ip(0), argv_prefix=["ip", "netns", "exec", two_links.ns], also=(two_links.iso_ip(1),))
+    want = pattern(SIZE)
+    try:
+        with Engine(two_links.root_ip(0), connections=2, stripe=1 << 20, io_timeout=2) as engine:
+            routes = engine.routes(peer.session)
+            assert [r.split(" via ")[1] for r in routes] == two_links.root_ifs
+
+            def read_batch() -> bytes:
+                out = bytearray(16 << 20)
+                views = [memoryview(out)[i << 20 : (i + 1) << 20] for i in range(16)]
+                engine.transfer(peer.session, "read", views, [peer.addr + (i << 20) for i in range(16)])
+                return bytes(out)
+
+            assert read_batch() == want[: 16 << 20].tobytes()
+            two_links.cut(0)
+            started = time.monotonic()
+            assert read_batch() == want[: 16 << 20].tobytes()
+            assert time.monotonic() - started < 60  # a few io timeouts, then the other path
+            moved = [r.getMessage() for r in caplog.records if "go to the next path" in r.getMessage()]
+            assert moved and routes[0] in moved[0]  # half the batch was on the cut link, and moved
+            two_links.cut(1)
+            with pytest.raises(PathFailed, match="every path") as failed:
+                read_batch()
+            assert routes[0] in str(failed.value) and routes[1] in str(failed.value)
+    finally:
+        peer.kill()
