@@ -150,6 +150,34 @@ def test_an_rdma_device_is_seen() -> None:
         assert e.protocol == "rdma" or "not yet" in e.why
 
 
+def test_pyverbs_set_up_without_a_device() -> None:
+    """pyverbs loads (the package, or Debian's python3-pyverbs by its path) and opening a device that is
+    not there is a DeviceNotFound naming it, not a crash."""
+    if rdma.load_pyverbs() is None:
+        pytest.skip(rdma.pyverbs_status())
+    import pyverbs.device
+
+    assert "pyverbs from" in rdma.pyverbs_status() and hasattr(pyverbs.device, "Context")
+    with pytest.raises(paths.DeviceNotFound, match="cannot open RDMA device 'mc-no-such-device'"):
+        rdma.VerbsDevice("mc-no-such-device")
+    assert "pyverbs set-up" in rdma.unavailable_reason()
+
+
+@pytest.mark.skipif(not paths.rdma_devices(), reason="no RDMA device in /sys/class/infiniband")
+def test_verbs_device_registers_memory() -> None:
+    """On a device: context, protection domain, a memory region with its keys, the port's GID for peers."""
+    if rdma.load_pyverbs() is None:
+        pytest.skip(rdma.pyverbs_status())
+    device = rdma.VerbsDevice(paths.rdma_devices()[0].name)
+    try:
+        buf = np.zeros(1 << 20, dtype=np.uint8)
+        lkey, rkey = device.register(buf.ctypes.data, buf.nbytes)
+        assert lkey and rkey and device.pd_pointer and device.info.gid
+        device.unregister(buf.ctypes.data)
+    finally:
+        device.close()
+
+
 def test_first_buffer_is_the_first_registered_not_the_lowest() -> None:
     """Mooncake's getFirstBufferAddress is the segment's first buffer in registration order, asked
     afresh of a peer each time (it registers and unregisters at will)."""

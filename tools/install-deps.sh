@@ -2,10 +2,11 @@
 # The Debian packages mooncakefs needs: FUSE 3 (kernel helper + headers for building pyfuse3), fio
 # (the filesystem tests verify with it), etcd (cluster mode; the tests start their own on loopback) and
 # iproute2 (the tests simulate hosts with network namespaces), and libibverbs' headers and tools
-# (libibverbs-dev, rdma-core: the rdma transport's Cython hot path builds against infiniband/verbs.h).
+# (libibverbs-dev, rdma-core: the rdma transport's Cython hot path builds against infiniband/verbs.h), and
+# Debian's pyverbs (python3-pyverbs: the rdma set-up loads it by its path when its modules fit our python).
 # Run as root; idempotent.
 set -euo pipefail
-packages=(fuse3 libfuse3-dev pkg-config fio etcd-server iproute2 libibverbs-dev rdma-core)
+packages=(fuse3 libfuse3-dev pkg-config fio etcd-server iproute2 libibverbs-dev rdma-core python3-pyverbs)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -7,15 +7,37 @@ in order, so one signalled completion covers the unsignalled ones before it).  `
 posts such a chain with one ``ibv_post_send``; ``_rdma.poll`` polls a completion queue with the GIL
 released.  Both build against Debian's libibverbs-dev and are exercised here without a device.
 
-What does not exist yet: the set-up with pyverbs (context, protection domain, memory regions, RC queue
-pairs) and the exchange of queue-pair numbers and rkeys through the engine's handshake.  Until then
-``available()`` is False and ``protocol="auto"`` uses tcp, saying why; ``protocol="rdma"`` is refused.
+The set-up goes through pyverbs (``load_pyverbs``: the ``pyverbs`` package, or Debian's
+``python3-pyverbs`` where its extension modules fit this interpreter): ``VerbsDevice`` opens a device's
+context, allocates a protection domain, registers memory regions (their lkey and rkey) and reads the
+port's LID and GID, which is what a peer needs in the segment descriptor.  pyverbs exposes the
+protection domain's pointer (``PD.pd``) but not a queue pair's, so the RC queue pairs the hot path posts
+on will be created in ``_rdma.pyx`` on that protection domain.
+
+What does not exist yet: those queue pairs, their INIT/RTR/RTS transitions with the peer's numbers
+(exchanged in the descriptor's ``rdma`` field or the handshake), and the transport that drives
+``plan``/``post_chain``/``poll``.  Nothing here has run on an RDMA device.  Until then ``available()``
+is False and ``protocol="auto"`` uses tcp, saying why; ``protocol="rdma"`` is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from mooncakefs.errors import AddressNotRegistered, InvalidArgument, MooncakeError
+from mooncakefs.transfer.paths import DeviceNotFound
+
+DEBIAN_PYVERBS = "/usr/lib/python3/dist-packages/pyverbs"  # apt install python3-pyverbs
 
 SLICE = 64 << 10  # Mooncake's MC_SLICE_SIZE: large transfers are cut so every queue pair and NIC gets a share
 MAX_CHAIN = 32  # work requests per ibv_post_send
@@ -88,10 +110,127 @@ def plan(
     return out
 
 
+# -- set-up through pyverbs ------------------------------------------------------------------------------
+
+
+@functools.cache
+def load_pyverbs() -> ModuleType | None:
+    """pyverbs, imported: the installed package, or else Debian's ``python3-pyverbs`` loaded from where
+    apt puts it, when its extension modules were built for this interpreter's ABI (Debian's python3 and
+    another CPython of the same minor version share it).  None when neither is there."""
+    with contextlib.suppress(ImportError):
+        return importlib.import_module("pyverbs")
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]  # ".cpython-311-x86_64-linux-gnu.so"
+    init = os.path.join(DEBIAN_PYVERBS, "__init__.py")
+    if not os.path.exists(os.path.join(DEBIAN_PYVERBS, "device" + suffix)) or not os.path.exists(init):
+        return None
+    spec = importlib.util.spec_from_file_location("pyverbs", init, submodule_search_locations=[DEBIAN_PYVERBS])
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pyverbs"] = module  # its submodules (pyverbs.device, ...) resolve through its path
+    try:
+        spec.loader.exec_module(module)
+        importlib.import_module("pyverbs.device")
+    except ImportError:
+        sys.modules.pop("pyverbs", None)
+        return None
+    return module
+
+
+def pyverbs_status() -> str:
+    """Where pyverbs comes from here, or why there is none, in words."""
+    module = load_pyverbs()
+    if module is None:
+        return (
+            "pyverbs is not installed (pip install 'mooncakefs[rdma]', or apt install python3-pyverbs "
+            f"where Debian's python is {sys.version_info.major}.{sys.version_info.minor})"
+        )
+    return f"pyverbs from {os.path.dirname(module.__file__ or '?')}"
+
+
+@dataclass(frozen=True, slots=True)
+class PortInfo:
+    """What a peer needs to reach one device's port: published in the segment descriptor's ``rdma``."""
+
+    device: str
+    port: int
+    lid: int
+    gid: str
+    gid_index: int
+    link_layer: str  # "InfiniBand" or "Ethernet" (RoCE)
+    mtu: int  # the active MTU enum (1: 256 B ... 5: 4096 B)
+
+
+class VerbsDevice:
+    """One RDMA device opened with pyverbs: its context, a protection domain, and a memory region per
+    registered range (``register`` gives its lkey and rkey).  ``pd_pointer`` is the ``ibv_pd *`` the
+    queue pairs of the hot path are to be created on."""
+
+    def __init__(self, name: str, port: int = 1, gid_index: int | None = None) -> None:
+        if load_pyverbs() is None:
+            raise DeviceNotFound(f"cannot open RDMA device {name!r}: {pyverbs_status()}")
+        from pyverbs.device import Context
+        from pyverbs.pd import PD
+        from pyverbs.pyverbs_error import PyverbsError
+
+        self.name, self.port = name, port
+        self.gid_index = gid_index if gid_index is not None else int(os.environ.get("MC_GID_INDEX", "0"))
+        self._mrs: dict[int, Any] = {}
+        try:
+            self.context = Context(name=name)
+        except PyverbsError as exc:
+            raise DeviceNotFound(f"cannot open RDMA device {name!r}: {exc}") from None
+        try:
+            self.pd = PD(self.context)
+            attr = self.context.query_port(port)
+            gid = self.context.query_gid(port, self.gid_index)
+        except PyverbsError as exc:
+            self.context.close()
+            raise DeviceNotFound(f"RDMA device {name!r} port {port}: {exc}") from None
+        link = "Ethernet" if getattr(attr, "link_layer", 0) == 2 else "InfiniBand"  # IBV_LINK_LAYER_ETHERNET
+        self.info = PortInfo(name, port, attr.lid, str(gid), self.gid_index, link, attr.active_mtu)
+
+    @property
+    def pd_pointer(self) -> int:
+        return int(self.pd.pd)
+
+    def register(self, addr: int, length: int, writable: bool = True) -> tuple[int, int]:
+        """Register ``[addr, addr + length)`` as a memory region peers may read (and write); (lkey, rkey)."""
+        from pyverbs import enums
+        from pyverbs.mr import MR
+        from pyverbs.pyverbs_error import PyverbsError
+
+        if addr in self._mrs:
+            raise InvalidArgument(f"{addr:#x} is registered with {self.name} already")
+        access = enums.IBV_ACCESS_LOCAL_WRITE | enums.IBV_ACCESS_REMOTE_READ
+        if writable:
+            access |= enums.IBV_ACCESS_REMOTE_WRITE
+        try:
+            mr = MR(self.pd, length, access, address=addr)
+        except PyverbsError as exc:
+            raise MooncakeError(f"{self.name} could not register {length} bytes at {addr:#x}: {exc}") from None
+        self._mrs[addr] = mr
+        return mr.lkey, mr.rkey
+
+    def unregister(self, addr: int) -> None:
+        mr = self._mrs.pop(addr, None)
+        if mr is None:
+            raise AddressNotRegistered(f"no memory region at {addr:#x} on {self.name}")
+        mr.close()
+
+    def close(self) -> None:
+        for mr in self._mrs.values():
+            mr.close()
+        self._mrs.clear()
+        self.pd.close()
+        self.context.close()
+
+
 def unavailable_reason() -> str:
     return (
-        "mooncakefs's rdma transport has its posting and polling built but not yet its set-up "
-        "(pyverbs queue pairs, the rkey exchange)"
+        "mooncakefs's rdma transport has its posting, polling and pyverbs set-up (context, protection "
+        f"domain, memory regions; {pyverbs_status()}) but not yet its queue pairs and their exchange"
     )
 
 
