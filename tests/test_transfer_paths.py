@@ -107,6 +107,19 @@ def test_rdma_hot_path_is_built() -> None:
         _rdma.post_chain(0, True, [(1, 0, 0, 0, 0, 1, True)])
     with pytest.raises(ValueError):
         _rdma.poll(0, 16, 0.0)
+    # the queue-pair set-up refuses what cannot be verbs objects before it calls the library
+    with pytest.raises(ValueError, match="protection domain"):
+        _rdma.create_cq(0, 16)
+    with pytest.raises(ValueError, match="completion queue"):
+        _rdma.create_rc_qp(1, 0, 64)
+    with pytest.raises(ValueError, match="no queue pair"):
+        _rdma.connect_rc_qp(0, 1, 0, 5, 7, 1, bytes(16))
+    with pytest.raises(ValueError, match="16 bytes"):
+        _rdma.connect_rc_qp(1, 1, 0, 5, 7, 1, b"short")
+    with pytest.raises(ValueError, match="mtu"):
+        _rdma.connect_rc_qp(1, 1, 0, 9, 7, 1, bytes(16))
+    _rdma.destroy_qp(0)  # nothing to destroy: a no-op, as closing twice is
+    _rdma.destroy_cq(0)
 
 
 def test_auto_falls_back_to_tcp_with_one_line(caplog: pytest.LogCaptureFixture) -> None:
@@ -168,11 +181,23 @@ def test_verbs_device_registers_memory() -> None:
     """On a device: context, protection domain, a memory region with its keys, the port's GID for peers."""
     if rdma.load_pyverbs() is None:
         pytest.skip(rdma.pyverbs_status())
+    from mooncakefs.transfer import _rdma
+
     device = rdma.VerbsDevice(paths.rdma_devices()[0].name)
     try:
         buf = np.zeros(1 << 20, dtype=np.uint8)
         lkey, rkey = device.register(buf.ctypes.data, buf.nbytes)
         assert lkey and rkey and device.pd_pointer and device.info.gid
+        # two RC queue pairs of this device connected to each other (loopback), then torn down
+        cq = _rdma.create_cq(device.pd_pointer, 256)
+        (qp_a, num_a), (qp_b, num_b) = (_rdma.create_rc_qp(device.pd_pointer, cq, 64) for _ in range(2))
+        gid = bytes.fromhex(device.info.gid.replace(":", ""))
+        info = device.info
+        _rdma.connect_rc_qp(qp_a, info.port, info.gid_index, info.mtu, num_b, info.lid, gid)
+        _rdma.connect_rc_qp(qp_b, info.port, info.gid_index, info.mtu, num_a, info.lid, gid)
+        _rdma.destroy_qp(qp_a)
+        _rdma.destroy_qp(qp_b)
+        _rdma.destroy_cq(cq)
         device.unregister(buf.ctypes.data)
     finally:
         device.close()

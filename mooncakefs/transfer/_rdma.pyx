@@ -1,28 +1,64 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """The rdma hot path: post a chain of RDMA READ/WRITE work requests with one ``ibv_post_send``, and poll a
 completion queue, both with the GIL released.  What to post (slices, chains, which ones are signalled) is
-planned in plain Python (``rdma.plan``) where it is unit-tested without a device; the queue pairs and
-completion queues come from pyverbs (``rdma.py``), passed here as raw pointers."""
+planned in plain Python (``rdma.plan``) where it is unit-tested without a device.  The protection domain
+comes from pyverbs (``rdma.VerbsDevice.pd_pointer``); the completion queues and RC queue pairs are made
+here on it (pyverbs does not hand out a queue pair's pointer), and connected with the numbers a peer
+publishes (``connect_rc_qp``).  None of it has run on a device: the calls are checked by the compiler
+against verbs.h, and their argument checks by the tests."""
 
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memset
+from libc.errno cimport errno as c_errno
+from libc.string cimport memcpy, memset
 
 from mooncakefs.transfer._verbs cimport (
+    IBV_ACCESS_LOCAL_WRITE,
+    IBV_ACCESS_REMOTE_READ,
+    IBV_ACCESS_REMOTE_WRITE,
+    IBV_QP_ACCESS_FLAGS,
+    IBV_QP_AV,
+    IBV_QP_DEST_QPN,
+    IBV_QP_MAX_DEST_RD_ATOMIC,
+    IBV_QP_MAX_QP_RD_ATOMIC,
+    IBV_QP_MIN_RNR_TIMER,
+    IBV_QP_PATH_MTU,
+    IBV_QP_PKEY_INDEX,
+    IBV_QP_PORT,
+    IBV_QP_RETRY_CNT,
+    IBV_QP_RNR_RETRY,
+    IBV_QP_RQ_PSN,
+    IBV_QP_SQ_PSN,
+    IBV_QP_STATE,
+    IBV_QP_TIMEOUT,
+    IBV_QPS_INIT,
+    IBV_QPS_RTR,
+    IBV_QPS_RTS,
+    IBV_QPT_RC,
     IBV_SEND_SIGNALED,
     IBV_WC_SUCCESS,
     IBV_WR_RDMA_READ,
     IBV_WR_RDMA_WRITE,
     ibv_cq,
+    ibv_create_cq,
+    ibv_create_qp,
+    ibv_destroy_cq,
+    ibv_destroy_qp,
+    ibv_modify_qp,
+    ibv_mtu,
+    ibv_pd,
     ibv_poll_cq,
     ibv_post_send,
     ibv_qp,
+    ibv_qp_attr,
+    ibv_qp_init_attr,
     ibv_send_wr,
     ibv_sge,
     ibv_wc,
     ibv_wc_status_str,
 )
 
+import errno
 import os
 import time
 
@@ -98,3 +134,109 @@ def poll(size_t cq, int max_entries, double timeout) -> list:
                  ibv_wc_status_str(wc[i].status).decode(), wc[i].byte_len) for i in range(got)]
     finally:
         free(wc)
+
+
+# -- set-up: completion queues and RC queue pairs on pyverbs' protection domain ----------------------------
+
+
+def create_cq(size_t pd, int entries) -> int:
+    """A completion queue of ``entries`` on the device of protection domain ``pd``; its pointer."""
+    if pd == 0 or entries < 1:
+        raise ValueError("a completion queue needs a protection domain and at least one entry")
+    cdef ibv_cq *cq
+    with nogil:
+        cq = ibv_create_cq((<ibv_pd *>pd).context, entries, NULL, NULL, 0)
+    if cq == NULL:
+        err = errno_value()
+        raise OSError(err, f"ibv_create_cq({entries}) failed: {os.strerror(err)}")
+    return <size_t>cq
+
+
+def destroy_cq(size_t cq) -> None:
+    if cq and ibv_destroy_cq(<ibv_cq *>cq):
+        raise OSError(errno_value(), "ibv_destroy_cq failed: a queue pair still uses it")
+
+
+def create_rc_qp(size_t pd, size_t cq, int max_send_wr) -> tuple:
+    """A reliable-connected queue pair on ``pd`` whose sends complete on ``cq``: (pointer, qp number)."""
+    if pd == 0 or cq == 0 or max_send_wr < 1:
+        raise ValueError("a queue pair needs a protection domain, a completion queue and room for work")
+    cdef ibv_qp_init_attr init
+    memset(&init, 0, sizeof(init))
+    init.send_cq = <ibv_cq *>cq
+    init.recv_cq = <ibv_cq *>cq
+    init.cap.max_send_wr = max_send_wr
+    init.cap.max_recv_wr = 1
+    init.cap.max_send_sge = 1
+    init.cap.max_recv_sge = 1
+    init.qp_type = IBV_QPT_RC
+    init.sq_sig_all = 0  # selective signalling: rdma.plan marks the work requests that complete
+    cdef ibv_qp *qp
+    with nogil:
+        qp = ibv_create_qp(<ibv_pd *>pd, &init)
+    if qp == NULL:
+        err = errno_value()
+        raise OSError(err, f"ibv_create_qp failed: {os.strerror(err)}")
+    return <size_t>qp, qp.qp_num
+
+
+def destroy_qp(size_t qp) -> None:
+    if qp and ibv_destroy_qp(<ibv_qp *>qp):
+        raise OSError(errno_value(), "ibv_destroy_qp failed")
+
+
+def connect_rc_qp(size_t qp, int port, int gid_index, int mtu, int remote_qpn, int remote_lid,
+                  bytes remote_gid, int psn=0, int remote_psn=0) -> None:
+    """Take a new RC queue pair through INIT, RTR and RTS towards the peer's queue pair ``remote_qpn``
+    (its port's LID, and its 16-byte GID: all zeros on InfiniBand without a global route)."""
+    if qp == 0:
+        raise ValueError("no queue pair")
+    if len(remote_gid) != 16:
+        raise ValueError(f"a GID is 16 bytes, got {len(remote_gid)}")
+    if not 1 <= mtu <= 5 or not 0 < port < 256 or not 0 <= gid_index < 256:
+        raise ValueError(f"mtu (1-5), port and gid index out of range: {mtu}, {port}, {gid_index}")
+    cdef ibv_qp_attr attr
+    cdef const unsigned char *gid = remote_gid
+    memset(&attr, 0, sizeof(attr))
+    attr.qp_state = IBV_QPS_INIT
+    attr.port_num = port
+    attr.pkey_index = 0
+    attr.qp_access_flags = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_WRITE
+    _modify(qp, &attr, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS, "INIT")
+    memset(&attr, 0, sizeof(attr))
+    attr.qp_state = IBV_QPS_RTR
+    attr.path_mtu = <ibv_mtu>mtu
+    attr.dest_qp_num = remote_qpn
+    attr.rq_psn = remote_psn
+    attr.max_dest_rd_atomic = 16
+    attr.min_rnr_timer = 12
+    attr.ah_attr.dlid = remote_lid
+    attr.ah_attr.port_num = port
+    if remote_gid != bytes(16):
+        attr.ah_attr.is_global = 1
+        memcpy(attr.ah_attr.grh.dgid.raw, gid, 16)
+        attr.ah_attr.grh.sgid_index = gid_index
+        attr.ah_attr.grh.hop_limit = 64
+    _modify(qp, &attr, IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN
+            | IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER, "RTR")
+    memset(&attr, 0, sizeof(attr))
+    attr.qp_state = IBV_QPS_RTS
+    attr.timeout = 14
+    attr.retry_cnt = 7
+    attr.rnr_retry = 7
+    attr.sq_psn = psn
+    attr.max_rd_atomic = 16
+    _modify(qp, &attr, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN
+            | IBV_QP_MAX_QP_RD_ATOMIC, "RTS")
+
+
+cdef void _modify(size_t qp, ibv_qp_attr *attr, int mask, str state) except *:
+    cdef int rc
+    with nogil:
+        rc = ibv_modify_qp(<ibv_qp *>qp, attr, mask)
+    if rc:
+        raise OSError(rc, f"ibv_modify_qp to {state} failed: {os.strerror(rc)}")
+
+
+cdef int errno_value():
+    return c_errno or errno.EIO

@@ -445,8 +445,7 @@ class Engine:
                     log.warning("same-host path to %s unusable (%s): using tcp", session, exc.strerror or exc)
                 else:
                     transports.insert(0, local)
-                    network_order = order
-                    order = lambda t, i: [0, *(k + 1 for k in network_order(t, i))]  # noqa: E731
+                    order = _after_local(order)
             peer = _Peer(session, Router(transports, order, session), transports, control, addresses)
             if transports[0].name == "local":
                 peer_box.append(peer)
@@ -571,6 +570,11 @@ def _close_peer(peer: _Peer) -> None:
         with contextlib.suppress(Exception):
             t.close()
     peer.control.close()
+
+
+def _after_local(network: Callable[[Transfer, int], list[int]]) -> Callable[[Transfer, int], list[int]]:
+    """The order of a peer's paths when the same-host path (index 0) comes before the network ones."""
+    return lambda t, i: [0, *(k + 1 for k in network(t, i))]
 
 
 def _listen_address(text: str, what: str) -> tuple[str, int]:

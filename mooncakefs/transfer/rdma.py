@@ -5,19 +5,22 @@ over queue pairs, chained ``max_chain`` to a post, every ``signal_every``-th and
 signalled), and says which transfer bytes each signalled completion vouches for (a queue pair completes
 in order, so one signalled completion covers the unsignalled ones before it).  ``_rdma.post_chain``
 posts such a chain with one ``ibv_post_send``; ``_rdma.poll`` polls a completion queue with the GIL
-released.  Both build against Debian's libibverbs-dev and are exercised here without a device.
+released.  Both build against Debian's libibverbs-dev; without a device only their refusals of
+missing queues are tested.
 
 The set-up goes through pyverbs (``load_pyverbs``: the ``pyverbs`` package, or Debian's
 ``python3-pyverbs`` where its extension modules fit this interpreter): ``VerbsDevice`` opens a device's
 context, allocates a protection domain, registers memory regions (their lkey and rkey) and reads the
 port's LID and GID, which is what a peer needs in the segment descriptor.  pyverbs exposes the
-protection domain's pointer (``PD.pd``) but not a queue pair's, so the RC queue pairs the hot path posts
-on will be created in ``_rdma.pyx`` on that protection domain.
+protection domain's pointer (``PD.pd``) but not a queue pair's, so the completion queues and RC queue
+pairs the hot path posts on are made in ``_rdma.pyx`` on that protection domain (``create_cq``,
+``create_rc_qp``) and taken through INIT, RTR and RTS with the peer's numbers (``connect_rc_qp``).
 
-What does not exist yet: those queue pairs, their INIT/RTR/RTS transitions with the peer's numbers
-(exchanged in the descriptor's ``rdma`` field or the handshake), and the transport that drives
-``plan``/``post_chain``/``poll``.  Nothing here has run on an RDMA device.  Until then ``available()``
-is False and ``protocol="auto"`` uses tcp, saying why; ``protocol="rdma"`` is refused.
+None of that has run on an RDMA device (there is none here): the verbs calls are checked by the compiler
+against verbs.h, and their argument checks by the tests.  What does not exist yet: publishing each
+device's queue-pair numbers and rkeys in the segment descriptor (its ``rdma`` field), and the transport
+that drives ``plan``/``post_chain``/``poll``.  Until then ``available()`` is False and
+``protocol="auto"`` uses tcp, saying why; ``protocol="rdma"`` is refused.
 """
 
 from __future__ import annotations
@@ -229,8 +232,9 @@ class VerbsDevice:
 
 def unavailable_reason() -> str:
     return (
-        "mooncakefs's rdma transport has its posting, polling and pyverbs set-up (context, protection "
-        f"domain, memory regions; {pyverbs_status()}) but not yet its queue pairs and their exchange"
+        "mooncakefs's rdma transport has its posting, polling and set-up (pyverbs context, protection domain "
+        f"and memory regions, {pyverbs_status()}; RC queue pairs) but not yet the queue-pair exchange and "
+        "the transport that drives them"
     )
 
 
