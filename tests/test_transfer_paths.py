@@ -173,7 +173,7 @@ def test_pyverbs_set_up_without_a_device() -> None:
     assert "pyverbs from" in rdma.pyverbs_status() and hasattr(pyverbs.device, "Context")
     with pytest.raises(paths.DeviceNotFound, match="cannot open RDMA device 'mc-no-such-device'"):
         rdma.VerbsDevice("mc-no-such-device")
-    assert "pyverbs set-up" in rdma.unavailable_reason()
+    assert "pyverbs context" in rdma.unavailable_reason()
 
 
 @pytest.mark.skipif(not paths.rdma_devices(), reason="no RDMA device in /sys/class/infiniband")
