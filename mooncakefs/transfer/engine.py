@@ -228,8 +228,6 @@ class Engine:
                 raise InvalidArgument(f"length {length} differs from the buffer's {len(view)} bytes")
             if writable and view.readonly:
                 raise InvalidArgument("the buffer is read-only: it cannot be registered writable")
-            from mooncakefs import _engine
-
             entry = Registered(
                 _engine.address(view) if len(view) else 0,
                 len(view),
