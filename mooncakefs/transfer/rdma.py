@@ -146,8 +146,9 @@ def pyverbs_status() -> str:
     module = load_pyverbs()
     if module is None:
         return (
-            "pyverbs is not installed (pip install 'mooncakefs[rdma]', or apt install python3-pyverbs "
-            f"where Debian's python is {sys.version_info.major}.{sys.version_info.minor})"
+            "pyverbs is not installed (apt install python3-pyverbs where Debian's python is "
+            f"{sys.version_info.major}.{sys.version_info.minor}, as tools/install-deps.sh does; PyPI's pyverbs "
+            "did not build here, see docs/architecture.md)"
         )
     return f"pyverbs from {os.path.dirname(module.__file__ or '?')}"
 
