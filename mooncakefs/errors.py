@@ -156,6 +156,15 @@ class EtcdUnavailable(EtcdError, Unavailable):
     """etcd could not be reached, or did not answer in time."""
 
 
+class EtcdCompacted(EtcdError):
+    """A watch asked etcd for history it has compacted away: read the current state again and watch from
+    there (``compact_revision``: the oldest revision etcd still has)."""
+
+    def __init__(self, message: str, compact_revision: int = 0) -> None:
+        super().__init__(message)
+        self.compact_revision = compact_revision
+
+
 class StaleEpoch(MooncakeError):
     """The request was routed with an older placement map than the node's: reload the map and retry."""
 

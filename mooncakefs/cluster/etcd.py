@@ -10,30 +10,42 @@ no protobuf dependency at all, so it never conflicts with the serving stack's.
 
 Used: ranges (one key, a prefix; limit, keys/count only, sorted by creation, min create revision), puts
 under a lease, deletes, transactions that compare version/mod/create revision or value, leases with
-keep-alive and revoke, the maintenance status.  Errors are ``EtcdError``; etcd out of reach or too slow is
+keep-alive and revoke, compaction, the maintenance status, and watches (``Watch``: the changes of a key or
+prefix pushed as they happen, resumed after a broken stream; ``Mirror``: a prefix's keys kept current by
+one), which replace re-reading etcd on a timer.  Errors are ``EtcdError``; etcd out of reach or too slow is
 ``EtcdUnavailable`` (also an ``Unavailable``); both live in ``mooncakefs.errors`` with the rest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
 
-from mooncakefs.errors import EtcdError, EtcdUnavailable
+from mooncakefs.errors import EtcdCompacted, EtcdError, EtcdUnavailable
 
 __all__ = [
+    "DELETE",
     "KV",
+    "PUT",
     "Compare",
     "Etcd",
+    "EtcdCompacted",
     "EtcdError",
     "EtcdUnavailable",
+    "Event",
     "Lease",
+    "Mirror",
     "RangeResult",
     "TxnResult",
+    "Watch",
     "create",
     "delete_op",
     "get_op",
@@ -45,6 +57,8 @@ __all__ = [
     "value",
     "version",
 ]
+
+log = logging.getLogger("mooncakefs.etcd")
 
 
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -345,7 +359,14 @@ class Etcd:
         endpoints = parse_etcd_url(url)
         self.url, self.timeout = url, timeout
         target = ",".join(f"{h}:{p}" for h, p in endpoints)
-        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20)]
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", 64 << 20),
+            # A watch is a stream that may carry nothing for hours: pings find a silently dead link (etcd
+            # refuses pings more often than every 5 s, its --grpc-keepalive-min-time).
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
         if len(endpoints) > 1:
             target = "ipv4:" + target
             options.append(("grpc.lb_policy_name", "round_robin"))
@@ -421,16 +442,37 @@ class Etcd:
             raise EtcdError(f"etcd at {self.url} granted no lease: {_one(f, 4).decode(errors='replace')}")
         return Lease(self, _one(f, 2), _one(f, 3))
 
-    def _keep_alive(self, ident: int) -> int:
-        call = self._methods.get("keepalive")
+    def _stream(self, method: str) -> Any:
+        """A bidirectional stream method, bytes in and out (made once per method)."""
+        call = self._methods.get(method)
         if call is None:
-            call = self._methods["keepalive"] = self._channel.stream_stream("/etcdserverpb.Lease/LeaseKeepAlive")
+            call = self._methods[method] = self._channel.stream_stream(method)
+        return call
+
+    def _keep_alive(self, ident: int) -> int:
+        call = self._stream("/etcdserverpb.Lease/LeaseKeepAlive")
         try:
             for answer in call(iter([_int(1, ident)]), timeout=self.timeout):
                 return _one(_fields(answer), 3)
         except grpc.RpcError as exc:
             raise self._error("LeaseKeepAlive", exc) from None
         raise EtcdUnavailable(f"etcd at {self.url} closed the keep-alive of lease {ident:x} without an answer")
+
+    def compact(self, revision: int) -> None:
+        """Drop the history before ``revision`` (a watch from earlier then gets ``EtcdCompacted``)."""
+        self._call("/etcdserverpb.KV/Compact", _int(1, revision) + _int(2, 1))  # physical: done when it answers
+
+    def watch(
+        self,
+        key: str | bytes,
+        on_events: Callable[[list[Event]], None],
+        *,
+        prefix: bool = False,
+        start_revision: int = 0,
+        on_compacted: Callable[[int], int] | None = None,
+    ) -> Watch:
+        """Follow the changes of ``key`` (every key under it with ``prefix``): see ``Watch``."""
+        return Watch(self, key, on_events, prefix=prefix, start_revision=start_revision, on_compacted=on_compacted)
 
     def status(self) -> int:
         """The revision etcd is at (a cheap check that it answers)."""
@@ -444,3 +486,289 @@ class Etcd:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- watching ------------------------------------------------------------------------------------------
+
+PUT, DELETE = "put", "delete"
+_RECONNECT_MAX_S = 2.0  # the longest pause between two tries to open a broken watch again
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change of a watched key (``mvccpb.Event``): ``kind`` is ``PUT`` or ``DELETE``; a delete's ``kv``
+    holds the key and, as ``mod_revision``, the revision it went at."""
+
+    kind: str
+    kv: KV
+
+    @property
+    def revision(self) -> int:
+        return self.kv.mod_revision
+
+    @classmethod
+    def decode(cls, buf: bytes) -> Event:
+        f = _fields(buf)
+        return cls(DELETE if _one(f, 1) == 1 else PUT, KV.decode(_one(f, 2, b"")))
+
+
+def _watch_create(key: bytes, range_end: bytes, start_revision: int) -> bytes:
+    """A ``WatchRequest`` holding a ``WatchCreateRequest`` (with progress notifications: each says every
+    event up to its revision was sent, so a resumed watch need not replay them)."""
+    create = _bytes(1, key) + _bytes(2, range_end) + _int(3, start_revision) + _int(4, 1)
+    return _bytes(1, create, always=True)
+
+
+def _watch_cancel(watch_id: int) -> bytes:
+    return _bytes(2, _int(1, watch_id), always=True)
+
+
+class Watch:
+    """The changes of one key, or of every key under a prefix, from a revision on, handed to
+    ``on_events`` (a list of ``Event``, in revision order) on the watch's own thread.
+
+    The stream is etcd's ``Watch/Watch``.  When it breaks (etcd restarted, its member lost, the link
+    down: keep-alive pings find a silent one) the watch opens it again from the revision after the last
+    one delivered, so no event is lost and none repeated.  History etcd compacted away cannot be resumed:
+    ``on_compacted(compact_revision)`` then re-reads whatever the caller keeps and returns the revision it
+    read at, and the watch goes on after it; without it the watch ends and ``error`` is an
+    ``EtcdCompacted``.  ``start_revision`` 0: from now.  ``close()`` cancels it and ends the thread."""
+
+    def __init__(
+        self,
+        client: Etcd,
+        key: str | bytes,
+        on_events: Callable[[list[Event]], None],
+        *,
+        prefix: bool = False,
+        start_revision: int = 0,
+        on_compacted: Callable[[int], int] | None = None,
+    ) -> None:
+        self.client = client
+        self.key = _key(key)
+        self.range_end = prefix_end(self.key) if prefix else b""
+        self.next_revision = start_revision  # where a reopened stream starts (0 until etcd says where now is)
+        self.error: EtcdError | None = None  # what ended the watch, if anything but close()
+        self.reconnects = 0
+        self.created = threading.Event()  # etcd confirmed the watch (again, after a reconnect)
+        self._on_events, self._on_compacted = on_events, on_compacted
+        self._watch_id = 0
+        self._backoff = 0.05
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._call: Any = None
+        self._requests: queue.SimpleQueue[bytes | None] | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="mooncakefs-etcd-watch")
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"Watch({self.key!r}{' prefix' if self.range_end else ''}, next revision {self.next_revision})"
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel the watch in etcd, end the stream and its thread."""
+        self._stop.set()
+        with self._lock:
+            call, requests = self._call, self._requests
+        if requests is not None:
+            requests.put(_watch_cancel(self._watch_id))
+        if threading.current_thread() is not self._thread:
+            self._thread.join(min(timeout, 1.0))  # etcd answers the cancel: the thread ends the stream itself
+        if call is not None and self._thread.is_alive():
+            call.cancel()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._stream()
+                return  # closed
+            except EtcdCompacted as exc:
+                if self._on_compacted is None:
+                    self.error = exc
+                    log.warning("%s", exc)
+                    return
+                try:
+                    self.next_revision = self._on_compacted(exc.compact_revision) + 1
+                    continue
+                except Exception as err:  # the caller could not read the state again (etcd away): retry
+                    log.warning("watch of %r: cannot resynchronise after a compaction: %s", self.key, err)
+            except EtcdUnavailable as exc:
+                if self._stop.is_set():
+                    return
+                self.reconnects += 1
+                log.info("watch of %r broke (%s): resuming from revision %d", self.key, exc, self.next_revision)
+            except EtcdError as exc:  # etcd refused the watch itself: retrying cannot help
+                self.error = exc
+                log.warning("%s", exc)
+                return
+            self._stop.wait(self._backoff)
+            self._backoff = min(self._backoff * 2, _RECONNECT_MAX_S)
+
+    def _stream(self) -> None:
+        """One stream: open it, deliver what it brings until it breaks (raises) or ``close()`` (returns)."""
+        requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        requests.put(_watch_create(self.key, self.range_end, self.next_revision))
+
+        def sending() -> Iterator[bytes]:
+            while (request := requests.get()) is not None:
+                yield request
+
+        call = self.client._stream("/etcdserverpb.Watch/Watch")(sending())  # no deadline: it lasts
+        with self._lock:
+            self._call, self._requests = call, requests
+        try:
+            if self._stop.is_set():
+                return
+            for answer in call:
+                if self._answer(answer):
+                    return
+        except grpc.RpcError as exc:
+            if self._stop.is_set():
+                return
+            raise EtcdUnavailable(str(self.client._error("Watch", exc))) from None
+        finally:
+            with self._lock:
+                self._call = self._requests = None
+            requests.put(None)  # ends the request iterator: grpc closes our side
+            call.cancel()
+        if not self._stop.is_set():
+            raise EtcdUnavailable(f"etcd at {self.client.url} ended the watch of {self.key!r}")
+
+    def _answer(self, buf: bytes) -> bool:
+        """Handle one ``WatchResponse``; True when the watch is over (cancelled at our request)."""
+        f = _fields(buf)
+        revision = _revision(_one(f, 1, None))
+        compacted = _one(f, 5)
+        if compacted:
+            raise EtcdCompacted(
+                f"etcd at {self.client.url}: the watch of {self.key!r} from revision {self.next_revision} asks "
+                f"for history compacted away (etcd keeps revision {compacted} on): read the state again",
+                compacted,
+            )
+        if _one(f, 4):  # cancelled
+            if self._stop.is_set():
+                return True
+            reason = _one(f, 6, b"").decode(errors="replace") or "no reason given"
+            raise EtcdError(f"etcd at {self.client.url} cancelled the watch of {self.key!r}: {reason}")
+        if _one(f, 3):  # created
+            self._watch_id = _one(f, 2)
+            if self.next_revision == 0:
+                self.next_revision = revision + 1
+            self._backoff = 0.05
+            self.created.set()
+        events = [Event.decode(e) for e in f.get(11, [])]
+        if events:
+            self.next_revision = events[-1].revision + 1
+            try:
+                self._on_events(events)
+            except Exception:
+                log.exception("a follower of %r failed on %d events", self.key, len(events))
+        elif not _one(f, 3) and revision >= self.next_revision:  # progress: every event up to it was sent
+            self.next_revision = revision + 1
+        return False
+
+
+class Mirror:
+    """The keys under a prefix as etcd holds them, kept current by a ``Watch`` instead of read again on a
+    timer: one range, then only the changes, pushed as they happen.  Read again in full at most every
+    ``resync_s`` when asked (a safety net), and whenever the watch lost history (compaction).
+    ``on_change()`` runs after each change, on the thread that saw it.  Thread-safe."""
+
+    def __init__(
+        self,
+        client: Etcd,
+        prefix: str | bytes,
+        *,
+        on_change: Callable[[], None] | None = None,
+        resync_s: float = 30.0,
+    ) -> None:
+        self.client, self.prefix = client, _key(prefix)
+        self.resync_s = resync_s
+        self.revision = 0  # the revision the keys are as of
+        self.loads = 0  # full reads (the first, the resyncs)
+        self._on_change = on_change
+        self._kvs: dict[bytes, KV] = {}
+        self._loaded_at = -1e9
+        self._tried_at = -1e9
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        loaded = self._load()
+        start = self.revision + 1 if loaded else 0  # etcd out of reach: changes from now, the rest when it is back
+        self._watch = client.watch(
+            self.prefix, self._apply, prefix=True, start_revision=start, on_compacted=self._recover
+        )
+
+    @property
+    def watch(self) -> Watch:
+        return self._watch
+
+    def snapshot(self) -> dict[bytes, KV]:
+        """The keys now (read again from etcd first if the last full read is ``resync_s`` old)."""
+        now = time.monotonic()
+        if now - self._loaded_at >= self.resync_s and now - self._tried_at >= min(1.0, self.resync_s):
+            self._load()
+        with self._lock:
+            return dict(self._kvs)
+
+    def wait(self, predicate: Callable[[dict[bytes, KV]], bool], timeout: float) -> bool:
+        """Block until ``predicate(keys)`` holds (checked at each change) or ``timeout`` passes."""
+        with self._changed:
+            return self._changed.wait_for(lambda: predicate(self._kvs), timeout)
+
+    def close(self) -> None:
+        self._watch.close()
+
+    def _apply(self, events: list[Event]) -> None:
+        with self._lock:
+            floor, changed = self.revision, False
+            for event in events:
+                if event.revision <= floor:  # already in a full read made after it
+                    continue
+                if event.kind == PUT:
+                    self._kvs[event.kv.key] = event.kv
+                else:
+                    self._kvs.pop(event.kv.key, None)
+                self.revision, changed = max(self.revision, event.revision), True
+            if changed:
+                self._changed.notify_all()
+        if changed and self._on_change is not None:
+            self._on_change()
+
+    def _load(self) -> bool:
+        """Read every key again; False if etcd did not answer (the watch's events go on meanwhile)."""
+        self._tried_at = time.monotonic()
+        for _ in range(3):
+            try:
+                result = self.client.range(self.prefix, prefix=True)
+            except EtcdError as exc:
+                log.warning("cannot read %r from etcd: %s", self.prefix, exc)
+                return False
+            with self._lock:
+                if result.revision < self.revision:  # an event newer than this read came in meanwhile: again
+                    continue
+                kvs = {kv.key: kv for kv in result.kvs}
+                changed = kvs != self._kvs
+                self._kvs, self.revision = kvs, result.revision
+                self._loaded_at = time.monotonic()
+                self.loads += 1
+                self._changed.notify_all()
+            if changed and self._on_change is not None:
+                self._on_change()
+            return True
+        return False
+
+    def _recover(self, compact_revision: int) -> int:
+        if not self._load():
+            raise EtcdUnavailable(f"etcd at {self.client.url} did not answer a read of {self.prefix!r}")
+        return self.revision
