@@ -2,9 +2,12 @@
 them to the other readers, so N hosts copying one file do not all pull it from the writer's nodes.
 
 Per file and per reading mount one record in etcd, under the mount's lease (a dead reader's record goes
-with it), ``fs/p2p/<ino>/<mount>``: ``{"node", "gen", "have", "reading"}``, written when the mount starts
-reading the file, when what it holds has grown by a tenth (at least 8 chunks, at most once a second),
-and when it closes the file; never per chunk.  A chunk's source is chosen in this order:
+with it), ``fs/p2p/<ino>/<mount>``: ``{"node", "gen", "have", "reading", "from"}``, written when the mount
+starts reading the file, when what it holds has grown by a tenth (at least 8 chunks, at most once a
+second), and when it closes the file; never per chunk.  A reader learns the others' records from an etcd
+watch of the file's prefix (``mooncakefs.cluster.etcd.Mirror``: one read, then each record as it is
+written), not by reading them again every second; a full read every 30 s is only a safety net.
+A chunk's source is chosen in this order:
 
 1. this host's node: an owner of the chunk (read as any other read), or a copy kept earlier;
 2. the readers whose record says they hold it, and readers whose node owns a replica, best first by
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mooncakefs._engine import crc32c
+from mooncakefs.cluster.etcd import KV, Mirror
 from mooncakefs.errors import ChecksumError, KeyNotFound, MooncakeError, StaleEpoch, Unavailable
 from mooncakefs.store import CachedKey, InternalKey
 
@@ -44,7 +48,7 @@ log = logging.getLogger("mooncakefs.p2p")
 
 SEED_WAIT_S = 8.0  # how long a reader waits for a chunk's seed to have it before asking the replicas
 POLL_S = 0.02  # between asking a seed again
-PEERS_REFRESH_S = 1.0  # how stale a file's reader records may be
+PEERS_RESYNC_S = 30.0  # a full read of a file's reader records besides the watch's changes (a safety net)
 ANNOUNCE_MIN_S = 1.0  # between two records of one file by one mount (except the last)
 ANNOUNCE_MIN_CHUNKS = 8  # ... and what must have been added since the last one (or a tenth of it)
 AHEAD = 16  # chunks a file's prefetchers fetch ahead of its reader
@@ -108,7 +112,9 @@ class FileState:
     inflight: dict[int, threading.Event] = field(default_factory=dict)
     pos: int = 0
     peers: list[Peer] = field(default_factory=list)
-    peers_at: float = 0.0
+    mirror: Mirror | None = None  # the file's reader records, kept current by a watch
+    peers_stale: bool = True  # the mirror changed since ``peers`` was made from it
+    parsed: dict[bytes, tuple[int, Peer | None]] = field(default_factory=dict)  # key -> (its revision, record)
     announced: int = -1
     announced_at: float = 0.0
     bad: set[str] = field(default_factory=set)  # nodes that served a bad copy of this file's chunks
@@ -179,6 +185,7 @@ class Swarm:
             f.closed = True
             f.wake.notify_all()
         self._announce(f, force=True)
+        self._forget(f)
 
     def close(self) -> None:
         self.stopped = True
@@ -188,6 +195,13 @@ class Swarm:
             with f.lock:
                 f.closed = True
                 f.wake.notify_all()
+            self._forget(f)
+
+    @staticmethod
+    def _forget(f: FileState) -> None:
+        """Stop watching the file's records (without waiting for etcd's answer: the mount's loop calls it)."""
+        if f.mirror is not None:
+            f.mirror.close(timeout=0)
 
     # -- files --------------------------------------------------------------------------------------------
 
@@ -196,12 +210,17 @@ class Swarm:
             f = self.files.get(ino)
             if f is not None and f.gen == tuple(state.gen):
                 return f
-            if f is not None:
-                f.closed = True
+            old = f
             chunks = -(-state.size // self.ns.chunk_size)
             f = self.files[ino] = FileState(ino, tuple(state.gen), dict(state.sums), chunks)
+        if old is not None:
+            old.closed = True
+            self._forget(old)
         self._announce(f, force=True)
-        self._refresh(f, force=True)
+        f.mirror = Mirror(
+            self.etcd, f"{self.prefix}{ino}/", on_change=lambda: self._records_changed(f), resync_s=PEERS_RESYNC_S
+        )
+        self._refresh(f)
         if chunks > 1:
             for i in range(PREFETCHERS):  # the first fetches only what this reader seeds: never waits on others
                 threading.Thread(
@@ -221,33 +240,51 @@ class Swarm:
             if not force and not enough:
                 return
             f.announced, f.announced_at = count, now
-            record = {"node": self.node, "gen": list(f.gen), "have": to_ranges(f.have), "reading": not f.closed}
+            record = {
+                "node": self.node,
+                "gen": list(f.gen),
+                "have": to_ranges(f.have),
+                "reading": not f.closed,
+                "from": dict(f.sources),  # bytes taken from each node: who served whom, for `mooncakefs p2p`
+            }
         try:
             self.etcd.put(self._record_key(f.ino), json.dumps(record, separators=(",", ":")), lease=self.ns._lease)
         except Exception as exc:  # etcd out of reach: readers fall back to seeds and replicas
             log.warning("cannot announce the chunks held of inode %d: %s", f.ino, exc)
 
-    def _refresh(self, f: FileState, *, force: bool = False) -> None:
-        """Reload the file's reader records (at most once a second)."""
-        if not force and time.monotonic() - f.peers_at < PEERS_REFRESH_S:
+    def _records_changed(self, f: FileState) -> None:
+        """The watch saw a reader's record change: the prefetchers look again at what to fetch."""
+        f.peers_stale = True
+        with f.lock:
+            f.wake.notify_all()
+
+    def _refresh(self, f: FileState) -> None:
+        """Make ``f.peers`` from the file's reader records as the watch last left them (each record parsed
+        once per revision of it)."""
+        if f.mirror is None:
             return
-        f.peers_at = time.monotonic()
+        f.mirror.refresh()  # the safety net: a full read when one is due
+        if not f.peers_stale:
+            return
+        f.peers_stale = False
+        parsed: dict[bytes, tuple[int, Peer | None]] = {}
+        for key, kv in f.mirror.snapshot().items():
+            old = f.parsed.get(key)
+            parsed[key] = old if old is not None and old[0] == kv.mod_revision else (kv.mod_revision, self._peer(f, kv))
+        f.parsed = parsed
+        f.peers = [peer for _, peer in parsed.values() if peer is not None]
+
+    def _peer(self, f: FileState, kv: KV) -> Peer | None:
+        """Another reader of this version of the file, from its record (None: this mount, another
+        version, or a record that does not parse)."""
         try:
-            rows = self.etcd.get_prefix(f"{self.prefix}{f.ino}/")
-        except Exception as exc:
-            log.warning("cannot read the readers of inode %d: %s", f.ino, exc)
-            return
-        peers = []
-        for kv in rows:
-            try:
-                record = json.loads(kv.value)
-                mount = kv.key.decode().rsplit("/", 1)[1]
-                if mount == self.ns.mount_id or tuple(record["gen"]) != f.gen:
-                    continue
-                peers.append(Peer(mount, record["node"], record["have"], bool(record["reading"])))
-            except (ValueError, KeyError, TypeError):
-                continue
-        f.peers = peers
+            record = json.loads(kv.value)
+            mount = kv.key.decode().rsplit("/", 1)[1]
+            if mount == self.ns.mount_id or tuple(record["gen"]) != f.gen:
+                return None
+            return Peer(mount, record["node"], record["have"], bool(record["reading"]))
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def _owners(self, ino: int, idx: int) -> list[str]:
         from mooncakefs.store import encode_key
@@ -323,7 +360,7 @@ class Swarm:
                 log.warning("node %s served a bad or stale copy of chunk %d of inode %d: skipping it", node, idx, f.ino)
                 f.bad.add(node)
                 continue
-            f.sources[node] = f.sources.get(node, 0) + len(data)
+            self._count(f, node, len(data))
             self._keep(f, idx, crc, data)
             return data
         try:  # from the replicas, by the cluster client's routing
@@ -332,9 +369,14 @@ class Swarm:
             log.warning("chunk %d of inode %d: %s", idx, f.ino, exc)
             return None
         if crc32c(data) == crc:
-            f.sources["replicas"] = f.sources.get("replicas", 0) + len(data)
+            self._count(f, "replicas", len(data))
             self._keep(f, idx, crc, data)
         return data  # (one that does not match: the file changed since it was opened here)
+
+    @staticmethod
+    def _count(f: FileState, source: str, size: int) -> None:
+        with f.lock:  # (the record is made from it on another thread)
+            f.sources[source] = f.sources.get(source, 0) + size
 
     def _pull(self, f: FileState, node: str, key: Any, wait: float) -> bytes | None:
         """The value of ``key`` on ``node``, waiting up to ``wait`` seconds for it to appear there."""
@@ -405,11 +447,21 @@ class Swarm:
                 return i
         return None if seeds_only or not todo else todo[0]
 
+    @staticmethod
+    def _sources_of(f: FileState) -> dict[str, int]:
+        with f.lock:
+            return dict(f.sources)
+
     def describe(self) -> dict[str, Any]:
         """What this mount is reading and from whom (for the stats file)."""
         with self.lock:
             files = list(self.files.values())
         return {
-            str(f.ino): {"chunks": f.chunks, "have": len(f.have), "peers": len(f.peers), "bytes_from": dict(f.sources)}
+            str(f.ino): {
+                "chunks": f.chunks,
+                "have": len(f.have),
+                "peers": len(f.peers),
+                "bytes_from": self._sources_of(f),
+            }
             for f in files
         }
