@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import json
@@ -15,13 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 import mooncakefs
 from mooncakefs.errors import MooncakeError, exit_code_of
-from mooncakefs.progress import progress
+from mooncakefs.progress import on_terminal, progress
 from mooncakefs.units import format_size, parse_size, parse_ssd
 
 REPLAY_WATERMARK = 0.9
@@ -927,6 +928,136 @@ def _mount_report(mount: Path, timeout: float) -> tuple[dict, Callable[[], None]
             _echo_tiers(stats)
 
     return data, render
+
+
+@main.command("watch", cls=_JsonErrorsCommand)
+@click.argument("path")
+@click.option(
+    "--etcd", "etcd_url", default="http://127.0.0.1:2379", show_default=True, help="etcd endpoint of the cluster."
+)
+@click.option("--cluster", default="default", show_default=True, help="Cluster name in etcd.")
+@click.option(
+    "--interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0.05),
+    help="Seconds between redraws, at most (a redraw comes when a reader's record changes).",
+)
+@click.option("--once", is_flag=True, help="Print the state once and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the state once as JSON and exit.")
+def watch(path: str, etcd_url: str, cluster: str, interval: float, once: bool, as_json: bool) -> None:
+    """Watch a file (or every file under a directory) being copied out of a cluster mount: which hosts
+    hold how much of it, and who served whom.
+
+    PATH: a path on a mount of the cluster on this host, or a path inside the cluster's filesystem
+    (/models/step-9000).  Redrawn live until Ctrl-C; --once or --json: once.  The readers' records
+    come from etcd (followed with a watch: nothing is read again while nothing changes), the nodes' bytes
+    sent from the nodes (asked over TCP; "-" when one cannot be reached)."""
+    from mooncakefs.cluster.etcd import Mirror
+    from mooncakefs.cluster.membership import connect_etcd
+    from mooncakefs.p2p.report import Distribution, namespace_path
+
+    try:
+        inside = namespace_path(path)
+        client = connect_etcd(etcd_url)
+    except (ValueError, MooncakeError) as exc:
+        _fail(exc, as_json)
+    with contextlib.closing(client):
+        dist = Distribution(client, cluster)
+        try:
+            view = _DistributionView(dist, inside, etcd_url, cluster)
+            if as_json or once:
+                records = {kv.key: kv for kv in client.get_prefix(dist.records_prefix)}
+                data = view.data(records)
+                click.echo(json.dumps(data, indent=2) if as_json else _render_distribution(data))
+                return
+        except MooncakeError as exc:
+            _fail(exc, as_json)
+        changed = threading.Event()
+        mirror = Mirror(client, dist.records_prefix, on_change=changed.set)
+        live = on_terminal(sys.stdout)
+        try:
+            while True:
+                changed.clear()
+                text = _render_distribution(view.data(mirror.snapshot()))
+                click.echo(("\x1b[H\x1b[2J" if live else "") + text + ("" if live else "\n"))
+                time.sleep(interval)
+                changed.wait(max(0.0, 10 * interval - interval))  # redraw on a change, or now and then
+        except KeyboardInterrupt:
+            pass
+        finally:
+            mirror.close()
+
+
+def _fail(exc: BaseException, as_json: bool) -> NoReturn:
+    """End a command on an expected error: "Error: ..." (or {"error": ...} for --json), its exit status."""
+    if as_json:
+        click.echo(json.dumps({"error": str(exc)}))
+        sys.exit(exit_code_of(exc))
+    raise Failed(exc) from None
+
+
+class _DistributionView:
+    """The files being watched (looked up again now and then: a copy may add files) and the nodes'
+    counters, around ``Distribution.report``."""
+
+    FILES_EVERY_S = 10.0
+
+    def __init__(self, dist: Any, path: str, etcd_url: str, cluster: str) -> None:
+        self.dist, self.path, self.etcd_url, self.cluster = dist, path, etcd_url, cluster
+        self.chunk_size = dist.chunk_size()
+        self.files = dist.files(path)
+        self.files_at = time.monotonic()
+
+    def data(self, records: dict) -> dict[str, Any]:
+        from mooncakefs.cluster.membership import list_nodes
+
+        if time.monotonic() - self.files_at > self.FILES_EVERY_S:
+            with contextlib.suppress(MooncakeError):
+                self.files, self.files_at = self.dist.files(self.path), time.monotonic()
+        reports = [r.to_json() for r in self.dist.report(self.files, records, self.chunk_size)]
+        involved = {r["node"] for f in reports for r in f["readers"]}
+        involved |= {n for f in reports for n in f["served"] if n != "replicas"}
+        try:
+            members = {r["id"]: r for r in list_nodes(self.etcd_url, self.cluster)[0]}
+        except MooncakeError:
+            members = {}
+        nodes = {}
+        for ident in sorted(involved):
+            stats = _node_stats(members.get(ident, {}).get("tcp"))
+            nodes[ident] = None if stats is None else stats.get("traffic")
+        return {"path": self.path, "cluster": self.cluster, "files": reports, "nodes": nodes}
+
+
+def _render_distribution(data: dict[str, Any]) -> str:
+    """The text form of ``mooncakefs watch``: a block per file, then the nodes' bytes sent."""
+    lines = []
+    for f in data["files"]:
+        readers = [r for r in f["readers"] if r["current"]]
+        done = sum(1 for r in readers if not r["reading"])
+        lines.append(
+            f"{f['path']}: {format_size(f['size'])} in {f['chunks']} chunks of {format_size(f['chunk_size'])}; "
+            f"{len(readers)} reader{'s' if len(readers) != 1 else ''}, {done} done"
+        )
+        if not readers:
+            continue
+        rows = [("  NODE", "HOLDS", "STATE", "TOOK FROM")]
+        for r in readers:
+            share = f"{r['chunks']}/{f['chunks']}" + (f" {100 * r['chunks'] // f['chunks']}%" if f["chunks"] else "")
+            took = ", ".join(f"{k} {format_size(v)}" for k, v in sorted(r["took_from"].items())) or "-"
+            rows.append((f"  {r['node']}", share, "reading" if r["reading"] else "done", took))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        served = ", ".join(f"{k} {format_size(v)}" for k, v in sorted(f["served"].items()))
+        lines.append(f"  served: {served or 'nothing yet'}")
+    if not data["files"]:
+        lines.append(f"{data['path']}: no files")
+    if data["nodes"]:
+        sent = ", ".join(
+            f"{ident} {'-' if t is None else format_size(t['sent'])}" for ident, t in sorted(data["nodes"].items())
+        )
+        lines.append(f"bytes sent by each node since it started: {sent}")
+    return "\n".join(lines)
 
 
 def _usage(size: int | None, used: int | None) -> str:

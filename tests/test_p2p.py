@@ -7,6 +7,7 @@ Bytes are counted where they leave: each node's ``mooncakefs_sent_bytes`` metric
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -234,3 +235,81 @@ def test_the_p2p_store_api(hosts, monkeypatch):
     finally:
         for s in (seed, second, third):
             s.close()
+
+
+def watch_cli(hosts: Hosts, *args: str, **kwargs) -> list[str]:
+    etcd_url = hosts.etcd.url.split(",")[0]
+    return [sys.executable, "-m", "mooncakefs.cli", "watch", "--etcd", etcd_url, "--cluster", CLUSTER, *args]
+
+
+def test_mooncakefs_watch_shows_who_holds_what_and_who_served_whom(hosts, tmp_path):
+    from conftest import child_env
+
+    payload = rand_bytes(6 * CHUNK + 99, "watched")
+    src = tmp_path / "src"
+    src.write_bytes(payload)
+    subprocess.run(["mkdir", "-p", str(hosts.mount("w").mnt / "ckpt")], check=True)
+    subprocess.run(["cp", str(src), str(hosts.mount("w").mnt / "ckpt" / "shard")], check=True, timeout=120)
+    env = child_env()
+    # live, from before the copies start (stdout a pipe: each redraw is one block, then a blank line)
+    live = subprocess.Popen(
+        watch_cli(hosts, "--interval", "0.2", "/ckpt"), stdout=subprocess.PIPE, text=True, env=env, bufsize=1
+    )
+    try:
+        first = live.stdout.readline()
+        assert first.startswith("/ckpt/shard: 24MiB in 7 chunks of 4MiB; 0 readers"), first
+        assert cp_out(hosts.mount("h1"), "ckpt/shard", tmp_path / "a") == payload
+        assert cp_out(hosts.mount("h2"), "ckpt/shard", tmp_path / "b") == payload
+        seen: list[str] = []
+        for line in live.stdout:  # the watch redraws when the readers' records change
+            seen.append(line)
+            if line.startswith("/ckpt/shard") and "2 readers, 2 done" in line:
+                break
+        else:
+            pytest.fail("the live view ended without showing both readers done:\n" + "".join(seen))
+    finally:
+        live.terminate()
+        live.wait(timeout=30)
+
+    out = subprocess.run(
+        watch_cli(hosts, "--json", str(hosts.mount("h3").mnt / "ckpt" / "shard")),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    (f,) = data["files"]
+    assert (f["path"], f["size"], f["chunks"]) == ("/ckpt/shard", len(payload), 7)
+    readers = {r["node"]: r for r in f["readers"] if r["current"]}
+    with mooncakefs.connect(hosts.url) as probe:
+        ident = {record["host"]: node for node, record in probe.map.nodes.items()}
+    assert set(readers) == {ident["h1"], ident["h2"]} and not any(r["reading"] for r in readers.values())
+    for r in readers.values():  # what each took from others, it kept (the last chunk is 99 bytes)
+        assert 0 < r["chunks"] <= 7 and (r["chunks"] - 1) * CHUNK < sum(r["took_from"].values()) <= r["chunks"] * CHUNK
+    # the second reader took from the first (it kept what it fetched), and the report adds it up
+    assert readers[ident["h2"]]["took_from"].get(ident["h1"], 0) > 0
+    assert f["served"][ident["h1"]] == readers[ident["h2"]]["took_from"][ident["h1"]]
+    assert all(t is not None and t["sent"] > 0 for t in data["nodes"].values()), data["nodes"]
+
+    once = subprocess.run(watch_cli(hosts, "--once", "/ckpt/shard"), env=env, capture_output=True, text=True)
+    assert once.returncode == 0 and "2 readers, 2 done" in once.stdout and "served:" in once.stdout
+
+
+def test_mooncakefs_watch_says_what_is_wrong(hosts, tmp_path):
+    from conftest import child_env
+
+    env = child_env()
+    missing = subprocess.run(watch_cli(hosts, "--json", "/no/such/file"), env=env, capture_output=True, text=True)
+    assert missing.returncode == 66 and "no such file or directory" in json.loads(missing.stdout)["error"]
+    elsewhere = subprocess.run(watch_cli(hosts, str(tmp_path)), env=env, capture_output=True, text=True)
+    assert elsewhere.returncode == 64 and "is not on a mooncakefs mount" in elsewhere.stderr
+    nobody = subprocess.run(
+        [sys.executable, "-m", "mooncakefs.cli", "watch", "--etcd", "http://127.0.0.1:1", "--once", "/x"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert nobody.returncode == 69 and "Error:" in nobody.stderr

@@ -544,7 +544,9 @@ class Node(FramedServer):
         self._ok(session, [self.store.match_prefix([self._key(session, k) for k in _batch(keys)])])
 
     def _stats(self, session: Session, meta: list[Any], _n: int) -> None:
-        self._ok(session, [self.store.stats()])
+        stats = self.store.stats()
+        stats["traffic"] = {"sent": self.bytes_out, "received": self.bytes_in}  # value bytes, as the metrics
+        self._ok(session, [stats])
 
     def _persist(self, session: Session, meta: list[Any], _n: int) -> None:
         (keys,) = meta
