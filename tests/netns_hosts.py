@@ -213,6 +213,14 @@ class Testbed:
         """Start ``cp`` of ``name`` out of host ``k``'s mount (it runs in the root namespace)."""
         return subprocess.Popen(["cp", str(self.mounts[k].mnt / name), str(dest)], stdin=subprocess.DEVNULL)
 
+    def cut(self, k: int) -> None:
+        """Partition host ``k``: its link goes down, so whatever it sends or is sent is dropped (no reset,
+        no refusal: the others learn by their timeouts, as with a pulled cable)."""
+        ip("link", "set", self.root_ifs[k], "down")
+
+    def restore(self, k: int) -> None:
+        ip("link", "set", self.root_ifs[k], "up")
+
     def drop_caches(self) -> None:
         """Forget the kernel's page cache of the mounts (a second copy must read through the mount)."""
         with contextlib.suppress(OSError):
