@@ -3,11 +3,15 @@ fence itself when cut off, and repair what the map says it should share.
 
 - **Controller.**  Every node is a candidate; the one that creates ``<cluster>/controller`` under its
   membership lease is the controller until that lease ends.  It compares the members in etcd with the
-  map's every ``CONTROLLER_POLL_S`` and, when they differ, writes a new map with the next epoch in a
+  map's whenever they change and, when they differ, writes a new map with the next epoch in a
   transaction that also checks it is still the controller and that nobody wrote the map since it read
   it.  So at most one map per epoch ever exists.
-- **Following.**  Nodes read the map every ``ttl / 3`` and, at once, whenever a client names a newer
-  epoch than theirs.  Requests routed by another epoch are refused (``StaleEpoch``): the client reloads.
+- **Following.**  Nodes read the map when it changes, and at once whenever a client names a newer epoch
+  than theirs.  Requests routed by another epoch are refused (``StaleEpoch``): the client reloads.
+- **Watching, not polling.**  Each node watches the member records, the controller key and the map
+  (``etcd.Watch``) and takes a step when one changes; it also steps every ``ttl / 3`` whatever happens (a
+  safety net), and ``RETRY_S`` after a step that failed (etcd away).  An idle cluster costs etcd one
+  small transaction per node every ``ttl / 3``, not a read of every member record twice a second.
 - **Fencing.**  A node whose lease etcd has not confirmed for ``2/3 ttl`` refuses writes (``Fenced``):
   by the time the controller could give its groups to others (the lease's ttl), it has stopped
   acknowledging.  Reads of what it holds go on, so with etcd down the cluster still serves.
@@ -55,7 +59,7 @@ from mooncakefs.wire import LOCAL, REPLICAS_SHIFT
 
 log = logging.getLogger("mooncakefs.cluster")
 
-CONTROLLER_POLL_S = 0.5
+RETRY_S = 0.5  # after a step that failed (etcd out of reach)
 REPAIR_RETRY_S = 2.0
 REPAIR_BATCH = 512
 
@@ -94,6 +98,8 @@ class NodeAgent:
         self._map_lock = threading.Lock()
         self._stop = threading.Event()
         self._repair_due = threading.Event()
+        self._poke = threading.Event()  # something the controller or a follower acts on changed in etcd
+        self._watches: list[etcd.Watch] = []
         self._threads: list[threading.Thread] = []
         self.repairs = 0  # values pushed to another node by repair
         self.pulls = 0  # newer values fetched from another node on rejoining
@@ -104,6 +110,10 @@ class NodeAgent:
     def start(self) -> NodeAgent:
         self.member.start()
         self.etcd = self.member.client
+        self._watches = [  # from now: the first step below reads what came before
+            self.etcd.watch(key, self._changed, prefix=prefix, on_compacted=self._changed_while_away)
+            for key, prefix in ((self.nodes_prefix, True), (self.controller_key, False), (self.map_key, False))
+        ]
         with contextlib.suppress(Exception):
             self._step()
         for target, name in ((self._follow, "mooncakefs-follow"), (self._repair_loop, "mooncakefs-repair")):
@@ -115,6 +125,9 @@ class NodeAgent:
     def stop(self) -> None:
         self._stop.set()
         self._repair_due.set()
+        self._poke.set()
+        for watch in self._watches:
+            watch.close()
         for t in self._threads:
             t.join(timeout=10)
         if self.is_controller:
@@ -179,15 +192,27 @@ class NodeAgent:
 
     # -- following the map, and controlling it -------------------------------------------------------
 
+    def _changed(self, events: list[etcd.Event]) -> None:
+        self._poke.set()
+
+    def _changed_while_away(self, compact_revision: int) -> int:
+        """A watch missed changes etcd no longer keeps: step anyway, and watch on from now."""
+        self._poke.set()
+        return self.etcd.status()
+
     def _follow(self) -> None:
-        last_read = 0.0
-        while not self._stop.wait(CONTROLLER_POLL_S):
+        wait = self.ttl / 3
+        while True:
+            self._poke.wait(wait)
+            self._poke.clear()  # before the step: a change during it makes another
+            if self._stop.is_set():
+                return
             try:
-                if self.is_controller or time.monotonic() - last_read > self.ttl / 3:
-                    self._step()
-                    last_read = time.monotonic()
-            except Exception as exc:  # etcd down: fencing takes over; try again next time
+                self._step()
+                wait = self.ttl / 3
+            except Exception as exc:  # etcd down: fencing takes over; try again soon
                 log.warning("cannot reach etcd", extra={"why": str(exc)[:200]})
+                wait = RETRY_S
 
     def _step(self) -> None:
         """One round: read the controller, and the map only if it changed (one request); stand for
