@@ -1017,7 +1017,7 @@ class _DistributionView:
                 self.files, self.files_at = self.dist.files(self.path), time.monotonic()
         reports = [r.to_json() for r in self.dist.report(self.files, records, self.chunk_size)]
         involved = {r["node"] for f in reports for r in f["readers"]}
-        involved |= {n for f in reports for n in f["served"] if n != "replicas"}
+        involved |= {n for f in reports for n in f["served"] if n not in ("replicas", "others")}
         try:
             members = {r["id"]: r for r in list_nodes(self.etcd_url, self.cluster)[0]}
         except MooncakeError:

@@ -313,3 +313,12 @@ def test_mooncakefs_watch_says_what_is_wrong(hosts, tmp_path):
         timeout=60,
     )
     assert nobody.returncode == 69 and "Error:" in nobody.stderr
+
+
+def test_a_record_names_its_biggest_sources_and_sums_the_rest():
+    from mooncakefs.p2p.swarm import top_sources
+
+    few = {"a": 3, "b": 1}
+    assert top_sources(few) == few
+    many = {f"n{i}": i for i in range(1, 21)}
+    assert top_sources(many, keep=3) == {"n20": 20, "n19": 19, "n18": 18, "others": sum(range(1, 18))}

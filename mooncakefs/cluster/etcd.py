@@ -713,11 +713,16 @@ class Mirror:
     def watch(self) -> Watch:
         return self._watch
 
-    def snapshot(self) -> dict[bytes, KV]:
-        """The keys now (read again from etcd first if the last full read is ``resync_s`` old)."""
+    def refresh(self) -> None:
+        """Read every key again if the last full read is ``resync_s`` old (retried at most once a second
+        while etcd does not answer)."""
         now = time.monotonic()
         if now - self._loaded_at >= self.resync_s and now - self._tried_at >= min(1.0, self.resync_s):
             self._load()
+
+    def snapshot(self) -> dict[bytes, KV]:
+        """The keys now (after a full read, if one is due)."""
+        self.refresh()
         with self._lock:
             return dict(self._kvs)
 
@@ -726,8 +731,9 @@ class Mirror:
         with self._changed:
             return self._changed.wait_for(lambda: predicate(self._kvs), timeout)
 
-    def close(self) -> None:
-        self._watch.close()
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop following (``timeout`` 0: cancel the stream without waiting for the thread to end)."""
+        self._watch.close(timeout)
 
     def _apply(self, events: list[Event]) -> None:
         with self._lock:

@@ -53,6 +53,7 @@ ANNOUNCE_MIN_S = 1.0  # between two records of one file by one mount (except the
 ANNOUNCE_MIN_CHUNKS = 8  # ... and what must have been added since the last one (or a tenth of it)
 AHEAD = 16  # chunks a file's prefetchers fetch ahead of its reader
 PREFETCHERS = 3  # threads per file being read
+RECORD_SOURCES = 8  # sources a reader's record names (the rest summed)
 
 
 def cache_key(ino: int, idx: int, crc: int) -> CachedKey:
@@ -78,6 +79,16 @@ def to_ranges(indexes: Iterable[int]) -> list[list[int]]:
             out[-1][1] = i + 1
         else:
             out.append([i, i + 1])
+    return out
+
+
+def top_sources(sources: dict[str, int], keep: int = RECORD_SOURCES) -> dict[str, int]:
+    """The ``keep`` sources that gave the most bytes, the rest summed as "others": a record stays small
+    however many readers a reader took chunks from (every record change goes to every reader)."""
+    ranked = sorted(sources.items(), key=lambda item: -item[1])
+    out = dict(ranked[:keep])
+    if len(ranked) > keep:
+        out["others"] = sum(n for _, n in ranked[keep:])
     return out
 
 
@@ -245,7 +256,7 @@ class Swarm:
                 "gen": list(f.gen),
                 "have": to_ranges(f.have),
                 "reading": not f.closed,
-                "from": dict(f.sources),  # bytes taken from each node: who served whom, for `mooncakefs p2p`
+                "from": top_sources(f.sources),  # who served this reader how much (`mooncakefs watch`)
             }
         try:
             self.etcd.put(self._record_key(f.ino), json.dumps(record, separators=(",", ":")), lease=self.ns._lease)

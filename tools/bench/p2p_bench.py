@@ -4,12 +4,17 @@ One writer host and up to 8 reader hosts, each a network namespace with a node a
 shaped to the same rate each way (tests/netns_hosts.py).  For each N in --readers: a fresh file is written
 on the writer's host, then N readers start ``cp`` together; all_readers_s is when the last one finished,
 single_reader_s the time of N = 1 (each with --files files, medians), source_bytes_sent what the writer's
-host sent on its link meanwhile.  Physical reference printed beside: the file over one shaped link
-(file_bytes / rate).  Needs root, etcd, FUSE.
+host sent on its link meanwhile, etcd_requests the requests etcd answered meanwhile (by method, from its
+own /metrics: the whole cluster's, nodes and mounts included) and etcd_events the watch events it sent.
+Physical reference printed beside: the file over one shaped link (file_bytes / rate).  Needs root, etcd,
+FUSE.
 
     python3 tools/bench/p2p_bench.py --json /tmp/p2p.json                     # 256 MiB, 400 Mbit/s, N=1,2,4,8
     MOONCAKEFS_P2P=off python3 tools/bench/p2p_bench.py --readers 1,4         # without readers serving
-    PYTHONPATH=/work/main python3 tools/bench/p2p_bench.py ...                # another checkout's code
+    cd /other/checkout && PYTHONPATH=$PWD python3 /this/tools/bench/p2p_bench.py  # another checkout's code
+
+(Run it from the root of the checkout measured: nodes and mounts start with ``python -m``, which imports
+the ``mooncakefs`` of the current directory before ``PYTHONPATH``.)
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from _common import MiB, format_table, machine_info, median, progress, report
@@ -46,6 +52,19 @@ def cpu_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+def etcd_counters(bed: Testbed) -> dict[str, float]:
+    """etcd's own counts of the requests it answered (by gRPC method) and the watch events it sent."""
+    url = f"http://{bed.subnet}.1:{bed.etcd_port}/metrics"
+    out: dict[str, float] = {}
+    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+        if line.startswith("grpc_server_handled_total{"):
+            method = line.split('grpc_method="', 1)[1].split('"', 1)[0]
+            out[method] = out.get(method, 0) + float(line.rsplit(" ", 1)[1])
+        elif line.startswith("etcd_debugging_mvcc_events_total "):
+            out["events"] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def one_round(bed: Testbed, readers: list[int], size: int, tmp: Path, tag: str) -> dict:
     src = tmp / f"{tag}.src"
     with open(src, "wb") as f:
@@ -53,6 +72,7 @@ def one_round(bed: Testbed, readers: list[int], size: int, tmp: Path, tag: str) 
     subprocess.run(["cp", str(src), str(bed.mounts[0].mnt / tag)], check=True, timeout=900)
     bed.drop_caches()
     before = bed.sent(0)
+    etcd0 = etcd_counters(bed)
     cpu0 = cpu_ticks()
     start = time.monotonic()
     procs = {k: bed.copy_out(k, tag, tmp / f"{tag}.{k}") for k in readers}
@@ -65,6 +85,7 @@ def one_round(bed: Testbed, readers: list[int], size: int, tmp: Path, tag: str) 
                 ends[k] = time.monotonic() - start
         time.sleep(0.01)
     sent = bed.sent(0) - before
+    etcd1 = etcd_counters(bed)
     cpu1 = cpu_ticks()
     busy = (cpu1[0] - cpu0[0]) / max(cpu1[1] - cpu0[1], 1)
     expected = src.read_bytes()
@@ -80,6 +101,8 @@ def one_round(bed: Testbed, readers: list[int], size: int, tmp: Path, tag: str) 
         "each_s": sorted(ends.values()),
         "source_bytes_sent": sent,
         "cpu_busy": round(busy, 3),
+        "etcd_requests": {k: int(v - etcd0.get(k, 0)) for k, v in etcd1.items() if k != "events" and v != etcd0.get(k)},
+        "etcd_events": int(etcd1.get("events", 0) - etcd0.get("events", 0)),
     }
 
 
@@ -133,6 +156,7 @@ def main() -> int:
                 f"of the link)  source sent {r['source_x_file']:.2f} x the file   "
                 f"runs: {[round(x['all_s'], 2) for x in rounds]}  CPU busy {[x['cpu_busy'] for x in rounds]}"
             )
+            print(f"        etcd: {[x['etcd_requests'] for x in rounds]}, events {[x['etcd_events'] for x in rounds]}")
     finally:
         bed.close()
     body = [
