@@ -1026,11 +1026,17 @@ class _DistributionView:
         for ident in sorted(involved):
             stats = _node_stats(members.get(ident, {}).get("tcp"))
             nodes[ident] = None if stats is None else stats.get("traffic")
-        return {"path": self.path, "cluster": self.cluster, "files": reports, "nodes": nodes}
+        hosts = {ident: members[ident].get("host") for ident in sorted(involved) if ident in members}
+        return {"path": self.path, "cluster": self.cluster, "files": reports, "nodes": nodes, "hosts": hosts}
 
 
 def _render_distribution(data: dict[str, Any]) -> str:
     """The text form of ``mooncakefs watch``: a block per file, then the nodes' bytes sent."""
+    hosts = data.get("hosts", {})
+
+    def name(ident: str) -> str:
+        return f"{ident} ({hosts[ident]})" if hosts.get(ident) else ident
+
     lines = []
     for f in data["files"]:
         readers = [r for r in f["readers"] if r["current"]]
@@ -1041,11 +1047,11 @@ def _render_distribution(data: dict[str, Any]) -> str:
         )
         if not readers:
             continue
-        rows = [("  NODE", "HOLDS", "STATE", "TOOK FROM")]
+        rows = [("  NODE (HOST)", "HOLDS", "STATE", "TOOK FROM")]
         for r in readers:
             share = f"{r['chunks']}/{f['chunks']}" + (f" {100 * r['chunks'] // f['chunks']}%" if f["chunks"] else "")
             took = ", ".join(f"{k} {format_size(v)}" for k, v in sorted(r["took_from"].items())) or "-"
-            rows.append((f"  {r['node']}", share, "reading" if r["reading"] else "done", took))
+            rows.append((f"  {name(r['node'])}", share, "reading" if r["reading"] else "done", took))
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         served = ", ".join(f"{k} {format_size(v)}" for k, v in sorted(f["served"].items()))
@@ -1054,7 +1060,8 @@ def _render_distribution(data: dict[str, Any]) -> str:
         lines.append(f"{data['path']}: no files")
     if data["nodes"]:
         sent = ", ".join(
-            f"{ident} {'-' if t is None else format_size(t['sent'])}" for ident, t in sorted(data["nodes"].items())
+            f"{name(ident)} {'-' if t is None else format_size(t['sent'])}"
+            for ident, t in sorted(data["nodes"].items())
         )
         lines.append(f"bytes sent by each node since it started: {sent}")
     return "\n".join(lines)
