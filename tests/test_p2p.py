@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 from conftest import MiB, rand_bytes, wait_until
@@ -255,6 +256,8 @@ def test_mooncakefs_watch_shows_who_holds_what_and_who_served_whom(hosts, tmp_pa
     live = subprocess.Popen(
         watch_cli(hosts, "--interval", "0.2", "/ckpt"), stdout=subprocess.PIPE, text=True, env=env, bufsize=1
     )
+    guard = threading.Timer(180, live.terminate)  # a view that never shows it must not hang the test
+    guard.start()
     try:
         first = live.stdout.readline()
         assert first.startswith("/ckpt/shard: 24MiB in 7 chunks of 4MiB; 0 readers"), first
@@ -268,6 +271,7 @@ def test_mooncakefs_watch_shows_who_holds_what_and_who_served_whom(hosts, tmp_pa
         else:
             pytest.fail("the live view ended without showing both readers done:\n" + "".join(seen))
     finally:
+        guard.cancel()
         live.terminate()
         live.wait(timeout=30)
 
