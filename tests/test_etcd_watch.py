@@ -280,3 +280,12 @@ def test_a_mirror_reads_everything_again_when_its_resync_is_due(client):
         assert wait_until(lambda: (mirror.snapshot(), mirror.loads)[1] >= 2, timeout=WAIT)
     finally:
         mirror.close()
+
+
+def test_a_watch_ends_when_its_client_is_closed(cluster):
+    other = Etcd(cluster.url, timeout=5)
+    watch = other.watch("/w10/", Collector(), prefix=True)
+    assert watch.created.wait(WAIT)
+    other.close()
+    assert wait_until(lambda: not watch.alive, timeout=WAIT), "a watch outlived its client"
+    assert watch.error is not None and "closed" in str(watch.error)

@@ -624,7 +624,10 @@ class Watch:
             while (request := requests.get()) is not None:
                 yield request
 
-        call = self.client._stream("/etcdserverpb.Watch/Watch")(sending())  # no deadline: it lasts
+        try:
+            call = self.client._stream("/etcdserverpb.Watch/Watch")(sending())  # no deadline: it lasts
+        except ValueError:  # grpc: "Cannot invoke RPC on closed channel!"
+            raise EtcdError(f"the client of etcd at {self.client.url} was closed under the watch") from None
         with self._lock:
             self._call, self._requests = call, requests
         try:
