@@ -787,11 +787,11 @@ cdef int FRESH_QUEUE = 1, MAIN_QUEUE = 2
 
 
 def put_plain(store, list run, Py_ssize_t at, long long stop_bytes, list results, tuple errors,
-              replace) -> int:
+              options) -> int:
     """Publish ``run[at:]`` (items ``(i, raw, key, Entry, value)`` prepared by ``Store.batch_put``) into
     a DRAM-only store with no shared index, under its lock, until ``stop_bytes`` have been copied;
     returns the index of the next item.  An item that raises one of ``errors`` gets it in
-    ``results[i]``; ``replace`` is ``Replace.ALWAYS``, for the store's own methods.  Eviction takes queue heads down to the low watermark; anything unusual (a leased
+    ``results[i]``; ``options`` are the run's ``PutOptions`` (replacing always), for the store's own methods.  Eviction takes queue heads down to the low watermark; anything unusual (a leased
     head, a pool too fragmented, a key replaced) is left to the store's own methods."""
     cdef dict index = store._index
     fresh, lru, ghost = store._fresh, store._lru, store._ghost
@@ -848,7 +848,7 @@ def put_plain(store, list run, Py_ssize_t at, long long stop_bytes, list results
                     try:
                         handle, offset = store._alloc_dram(size)
                         if handle < 0:  # raises the OutOfSpace a put would
-                            store._put_locked(raw, item[2], entry, item[4], replace, False, size + 1)
+                            store._put_locked(raw, item[2], entry, item[4], options, size + 1)
                             continue
                     finally:
                         fresh_bytes = store._fresh_bytes

@@ -521,7 +521,7 @@ def put_plain(
     stop_bytes: int,
     results: list[Any],
     errors: tuple[type[BaseException], ...],
-    replace: Any,
+    options: Any,
 ) -> int:
     """``_engine.put_plain`` in plain Python: the same steps in the same order."""
     index, fresh, lru, ghost = store._index, store._fresh, store._lru, store._ghost
@@ -561,7 +561,7 @@ def put_plain(
                 if handle < 0:
                     handle, offset = store._alloc_dram(size)
                     if handle < 0:
-                        store._put_locked(raw, key, entry, value, replace, False, size + 1)
+                        store._put_locked(raw, key, entry, value, options, size + 1)
                         continue
                 entry.dram, entry.dram_off = handle, offset
                 try:

@@ -25,6 +25,20 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from mooncakefs._engine import SharedIndex, crc32c, fill_bytes
+from mooncakefs.api import (
+    BATCH_ERRORS,
+    PLAIN_PUT,
+    KVMapping,
+    ObjectInfo,
+    PutOptions,
+    batch_targets,
+    buffer_error,
+    key_list,
+    put_options,
+    put_pairs,
+    raise_buffer_error,
+    value_error,
+)
 from mooncakefs.errors import (
     BufferTooSmall,
     MooncakeError,
@@ -32,24 +46,8 @@ from mooncakefs.errors import (
     Unavailable,
     describe_key,
 )
+from mooncakefs.keys import Key, decode_key, encode_key, encode_prefix, key_digest
 from mooncakefs.sockets import check_socket_path, default_socket
-from mooncakefs.store import (
-    Key,
-    KVMapping,
-    ObjectInfo,
-    batch_targets,
-    buffer_error,
-    check_put_options,
-    cluster_only,
-    decode_key,
-    encode_key,
-    encode_prefix,
-    key_digest,
-    key_list,
-    put_pairs,
-    raise_buffer_error,
-    value_error,
-)
 from mooncakefs.transfer.core import READ, WRITE, Region, Router, Transfer, Transport
 from mooncakefs.transfer.local import LocalTransport
 from mooncakefs.transfer.tcp import DEFAULT_STRIPE, TcpTransport
@@ -350,20 +348,16 @@ class RemoteStore(KVMapping):
         the bytes that arrive do not match.  (``cluster_flags``: the cluster client's LOCAL and replica
         count.  ``crc``: the value's CRC-32C when the caller keeps one, as a node copying a stored value
         does: sent instead of computed, so a copy whose bytes differ from the original is refused.)"""
-        if replicas is not None or placement is not None:
-            cluster_only("put", f"the node at {self.url}", replicas, placement)
+        options = put_options(pin, ttl, if_absent, durable, version, if_newer, 0, replicas, placement)
+        if options is not PLAIN_PUT:
+            options.single_store("put", f"the node at {self.url}")
+        self._put(key, value, options, cluster_flags, crc)
+
+    def _put(self, key: Key, value: Any, options: PutOptions, cluster_flags: int = 0, crc: int | None = None) -> None:
+        """``put`` with its options checked (``replicas`` and ``placement`` are the cluster client's, which
+        tells the node how it placed the value through ``cluster_flags``)."""
         raw, src = encode_key(key), _bytes_of(value)
-        if (
-            pin is not False
-            or ttl is not None
-            or if_absent is not False
-            or durable is not False
-            or version != 0
-            or type(version) is not int
-            or if_newer is not False
-        ):
-            ttl = check_put_options(pin, ttl, if_absent, durable, version, if_newer)
-        head = [raw, len(src), *pack_put_options(pin, ttl, if_absent, durable, version, if_newer, cluster_flags)]
+        head = [raw, len(src), *pack_put_options(options, cluster_flags)]
         if len(src) <= self.inline_max:
 
             def put_inline(ch: Channel) -> None:
@@ -412,23 +406,18 @@ class RemoteStore(KVMapping):
         """As ``Store.batch_put`` (and ``put``'s options): one result per item, None or the exception it
         raised; bad options or items that are not pairs fail the call before anything is sent.  Small
         values go in one frame; large ones one by one."""
-        if replicas is not None or placement is not None:
-            cluster_only("batch_put", f"the node at {self.url}", replicas, placement)
-        ttl = check_put_options(pin, ttl, if_absent, durable, version, if_newer)
-        pairs = put_pairs(items)
-        options = {
-            "pin": pin,
-            "ttl": ttl,
-            "if_absent": if_absent,
-            "durable": durable,
-            "version": version,
-            "if_newer": if_newer,
-            "cluster_flags": cluster_flags,
-        }
-        head = pack_put_options(**options)
+        options = put_options(pin, ttl, if_absent, durable, version, if_newer, 0, replicas, placement)
+        options.single_store("batch_put", f"the node at {self.url}")
+        return self._batch_put(put_pairs(items), options, cluster_flags)
+
+    def _batch_put(self, pairs: list[tuple[Any, Any]], options: PutOptions, cluster_flags: int = 0) -> list[Any]:
+        """``batch_put`` with its items and options checked (as ``_put``)."""
+        head = pack_put_options(options, cluster_flags)
         if len(pairs) > MAX_BATCH:  # the node takes at most MAX_BATCH items a request
             return [
-                r for i in range(0, len(pairs), MAX_BATCH) for r in self.batch_put(pairs[i : i + MAX_BATCH], **options)
+                r
+                for i in range(0, len(pairs), MAX_BATCH)
+                for r in self._batch_put(pairs[i : i + MAX_BATCH], options, cluster_flags)
             ]
         results: list[Any] = [None] * len(pairs)
         keys: list[bytes] = []
@@ -438,11 +427,11 @@ class RemoteStore(KVMapping):
         for i, (key, value) in enumerate(pairs):
             try:
                 raw, src = encode_key(key), _bytes_of(value)
-            except (MooncakeError, TypeError, ValueError) as exc:
+            except BATCH_ERRORS as exc:
                 results[i] = exc
                 continue
             if total + len(src) > BATCH_INLINE_MAX:
-                results[i] = self._each(self.put, key, src, **options)
+                results[i] = self._each(self._put, key, src, options, cluster_flags)
                 continue
             keys.append(raw)
             values.append(src)
@@ -703,20 +692,3 @@ class RemoteStore(KVMapping):
 
     def __len__(self) -> int:
         return self.stats()["objects"]
-
-
-def connect(url: str | os.PathLike[str] | None = None, **options: Any) -> Any:
-    """A client of the node at ``url``: "unix:///run/mooncakefs/node.sock" (same host: data moves by
-    memcpy through the shared pool) or "tcp://host:7480".  Default: the local node's socket.
-    "etcd://host:2379/CLUSTER" gives a ``ClusterStore`` over every node of a cluster instead (its
-    put takes replicas=R and placement="local"; option failover: seconds to wait out a dead node).
-
-    Options: secret (the cluster secret, default $MOONCAKEFS_SECRET), timeout (seconds a request may
-    wait on the node, 10), connections (TCP connections for large transfers, 4), stripe (bytes per
-    stripe of a large transfer, 16 MiB), inline_max (largest value carried in the request or reply
-    itself: 32 KiB on the Unix socket, 64 MiB over TCP)."""
-    if isinstance(url, str) and url.startswith("etcd://"):
-        from mooncakefs.cluster.client import ClusterStore
-
-        return ClusterStore(url, **options)
-    return RemoteStore(url, **options)

@@ -23,6 +23,11 @@ def describe_key(key: bytes | str) -> str:
     return repr(key[:80] + ("…" if len(key) > 80 else ""))
 
 
+def given(value: object) -> str:
+    """What a caller passed, for a message: its repr (cut short) and its type."""
+    return f"{value!r:.60} ({type(value).__name__})"
+
+
 class MooncakeError(Exception):
     """Base class of every error mooncakefs raises on purpose."""
 

@@ -26,23 +26,32 @@ checked on every SSD read.
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import heapq
 import itertools
-import math
 import mmap
-import numbers
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mooncakefs import _engine
 from mooncakefs._engine import Entry, SharedIndex
+from mooncakefs.api import (
+    BATCH_ERRORS,
+    PLAIN_PUT,
+    KVMapping,
+    ObjectInfo,
+    PutOptions,
+    Replace,
+    batch_targets,
+    key_list,
+    put_options,
+    put_pairs,
+    raise_buffer_error,
+    value_error,
+)
 from mooncakefs.datadir import DataDirLock, default_path, private_dir
 from mooncakefs.errors import (
     BufferTooSmall,
@@ -51,297 +60,32 @@ from mooncakefs.errors import (
     InvalidKey,
     KeyExists,
     KeyNotFound,
-    MooncakeError,
     NotNewer,
     OutOfSpace,
     StoreClosed,
     describe_key,
 )
+from mooncakefs.keys import (
+    INTERNAL_PREFIX,
+    MAX_KEY_BYTES,
+    InternalKey,
+    Key,
+    decode_key,
+    encode_key,
+    encode_prefix,
+    key_digest,
+)
 from mooncakefs.tiers import DramTier, SsdTier
 from mooncakefs.tiers.ssd import DURABLE, PINNED, STICKY, Segment, aligned, resolve_ssd
 from mooncakefs.units import format_size, parse_size
 
-if TYPE_CHECKING:
-    from typing import Self  # Python 3.11+; annotations only
-
-MAX_KEY_BYTES = 1024
 LOCKED_COPY_MAX = 64 * 1024  # values below this are copied under the store lock
 BATCH_LOCKED_MAX = 256 * 1024  # in batch calls, values up to this are copied under the lock too...
 BATCH_LOCKED_BYTES = 1 << 20  # ...taking it again after each MiB copied, so other threads wait little
 STAGING_MIN = 1 << 30  # begin_put may stage at least this much in memory for values bound for SSD
 FRESH_SHARE = 0.05  # of the store (DRAM + SSD, at most half of DRAM): fresh objects beyond it go first
 GHOST_FACTOR = 2  # the ghost list remembers this many evicted keys per object in the store
-BATCH_ERRORS = (MooncakeError, TypeError, ValueError)  # what fails one item of a batch, not the batch
 FRESH, MAIN = 1, 2  # Entry.queue: which DRAM eviction queue holds the entry (0: none, pinned or not in DRAM)
-INTERNAL_PREFIX = b"\xc0\x80"  # never valid UTF-8, so no str key has it; bytes keys may not use it
-Key = str | bytes
-
-
-class InternalKey(bytes):
-    """A key in mooncakefs's own namespace (the filesystem's file chunks): it starts with
-    INTERNAL_PREFIX, is hidden from ``keys()`` and ``remove_prefix()``, and its objects are sticky:
-    written through to SSD as they are put (so they survive a crash of the process; ``durable`` also
-    flushes them to the disk), evicted from DRAM only by demotion, never dropped."""
-
-    def __new__(cls, name: bytes) -> InternalKey:
-        return super().__new__(cls, INTERNAL_PREFIX + name)
-
-
-CACHE_NAME_PREFIX = b"p2p/"  # internal names under this are CachedKeys: copies a reader keeps to serve
-
-
-class CachedKey(InternalKey):
-    """An internal key for a copy that can be fetched again (a chunk a reader keeps to serve other
-    readers, a P2P Store shard): reserved like every internal key, but not sticky, so the copy is
-    evicted like any cached value instead of filling the SSD tier."""
-
-    def __new__(cls, name: bytes) -> CachedKey:
-        if not name.startswith(CACHE_NAME_PREFIX):
-            name = CACHE_NAME_PREFIX + name
-        return super().__new__(cls, name)  # type: ignore[return-value]
-
-
-def wire_key(raw: Any) -> Key:
-    """A key as it came over the wire (raw bytes), as the store's API takes it: internal ones (file
-    chunks, cluster pointers, cached copies) marked so; the store checks the rest."""
-    if type(raw) is bytes and raw.startswith(INTERNAL_PREFIX):
-        name = raw[len(INTERNAL_PREFIX) :]
-        return CachedKey(name) if name.startswith(CACHE_NAME_PREFIX) else InternalKey(name)
-    return raw
-
-
-def encode_key(key: object) -> bytes:
-    """The canonical bytes of a key: str keys are UTF-8, so "a" and b"a" are the same key."""
-    if type(key) is str:
-        try:
-            raw = key.encode()
-        except UnicodeEncodeError as exc:
-            raise InvalidKey(f"key {key!r} is not valid UTF-8: {exc.reason}") from None
-    elif type(key) is bytes:
-        raw = key
-        if raw.startswith(INTERNAL_PREFIX):
-            raise InvalidKey(f"key {key!r:.80} starts with {INTERNAL_PREFIX!r}, which mooncakefs reserves")
-    elif type(key) is InternalKey or type(key) is CachedKey:
-        raw = bytes(key)
-    elif isinstance(key, str | bytes):
-        return encode_key(str(key) if isinstance(key, str) else bytes(key))
-    else:
-        raise InvalidKey(f"key must be str or bytes, not {type(key).__name__} ({key!r:.80})")
-    if not 0 < len(raw) <= MAX_KEY_BYTES:
-        what = "empty" if not raw else f"{len(raw)} bytes long"
-        raise InvalidKey(f"key {key!r:.80} is {what}; keys are 1 to {MAX_KEY_BYTES} bytes")
-    return raw
-
-
-# -- argument checks ----------------------------------------------------------------------------------
-# Every store (embedded, a node's client, the cluster's) checks its arguments with these, before anything
-# is stored or sent, so that the same mistake gives the same error everywhere.  The hot paths test the
-# common case inline (``type(x) is``, ``x is False``) and call these only to raise or to normalise.
-
-MAX_VERSION = 1 << 126
-SINGLE_KEY_TYPES = (str, bytes, bytearray, memoryview)  # a key (or a buffer), where a list of keys is due
-BUFFER_KINDS = "bytes, bytearray, memoryview, numpy array"
-WRITABLE_KINDS = "bytearray, writable memoryview, numpy array"
-
-
-def given(value: object) -> str:
-    """What a caller passed, for a message: its repr (cut short) and its type."""
-    return f"{value!r:.60} ({type(value).__name__})"
-
-
-def check_flag(name: str, value: object) -> bool:
-    """A put flag (pin, if_absent, durable, if_newer) must be a bool: ``pin="no"`` would pin."""
-    if value is not True and value is not False:
-        raise InvalidArgument(f"{name} must be True or False, got {given(value)}")
-    return value
-
-
-def check_ttl(ttl: object) -> float | None:
-    """A ttl is None (never expires) or a positive, finite number of seconds; ``ttl="30"`` and
-    ``ttl=True`` are mistakes, not 30 s and 1 s."""
-    if ttl is None:
-        return None
-    if isinstance(ttl, bool) or not isinstance(ttl, numbers.Real):
-        raise InvalidArgument(f"ttl must be a number of seconds (int or float) or None, got {given(ttl)}")
-    try:
-        seconds = float(ttl)
-    except OverflowError:
-        seconds = math.inf
-    if not 0 < seconds < math.inf:  # also refuses nan
-        raise InvalidArgument(f"ttl must be a positive, finite number of seconds, got {ttl!r:.60}")
-    return seconds
-
-
-def check_version(version: object) -> int:
-    """A version is an int from 0 to 2**126 - 1 (it travels in 16 bytes; a bool is not one)."""
-    if type(version) is not int or not 0 <= version < MAX_VERSION:
-        raise InvalidArgument(f"version must be an int from 0 to 2**126 - 1, got {given(version)}")
-    return version
-
-
-def check_put_options(
-    pin: object, ttl: object, if_absent: object, durable: object, version: object = 0, if_newer: object = False
-) -> float | None:
-    """Check ``put``'s options, as every store takes them; returns the ttl in seconds (or None)."""
-    for name, flag in (("pin", pin), ("if_absent", if_absent), ("durable", durable), ("if_newer", if_newer)):
-        check_flag(name, flag)
-    if if_absent and if_newer:
-        raise InvalidArgument("put takes if_absent or if_newer, not both")
-    if version is not None:
-        check_version(version)
-    return check_ttl(ttl)
-
-
-def cluster_only(call: str, where: str, replicas: object, placement: object) -> None:
-    """``replicas`` and ``placement`` mean something only in a cluster: a single store (embedded, or one
-    node) keeps one copy of each value, so it takes replicas=1 and no placement, and says so clearly."""
-    if (replicas is None or (type(replicas) is int and replicas == 1)) and placement is None:
-        return
-    option = f"replicas={replicas!r:.40}" if placement is None else f"placement={placement!r:.40}"
-    raise InvalidArgument(
-        f"{call}({option}): replicas and placement need a cluster, and {where} is a single store that keeps "
-        "one copy of each value; connect to a cluster with mooncakefs.connect('etcd://HOST:2379/CLUSTER')"
-    )
-
-
-def value_error(value: object, what: str = "value") -> InvalidArgument:
-    """Why ``value`` is not a value to put (call only once taking its buffer has failed)."""
-    if isinstance(value, str):
-        return InvalidArgument(
-            f"{what} must be a bytes-like object ({BUFFER_KINDS}), not str: encode it first ({what}.encode())"
-        )
-    try:
-        view = memoryview(value)  # type: ignore[arg-type]
-    except TypeError:
-        return InvalidArgument(f"{what} must be a bytes-like object ({BUFFER_KINDS}), not {type(value).__name__}")
-    if not view.c_contiguous:
-        return InvalidArgument(
-            f"{what} must be a C-contiguous buffer ({type(value).__name__} is not; numpy: np.ascontiguousarray(a))"
-        )
-    return InvalidArgument(
-        f"{what} must be a C-contiguous bytes-like object ({BUFFER_KINDS}), not {type(value).__name__}"
-    )
-
-
-def buffer_error(buffer: object) -> InvalidArgument | None:
-    """Why ``buffer`` cannot receive a value (``get_into``), or None if it can: a bytes-like object that
-    is writable and C-contiguous."""
-    if isinstance(buffer, str):
-        return InvalidArgument(f"buffer must be a writable bytes-like object ({WRITABLE_KINDS}), not str")
-    try:
-        view = memoryview(buffer)  # type: ignore[arg-type]
-    except TypeError:
-        return InvalidArgument(
-            f"buffer must be a writable bytes-like object ({WRITABLE_KINDS}), not {type(buffer).__name__}"
-        )
-    if view.readonly:
-        return InvalidArgument(
-            f"buffer must be writable, and this {type(buffer).__name__} is read-only: "
-            f"pass a {WRITABLE_KINDS.replace(', numpy', ' or numpy')}"
-        )
-    if not view.c_contiguous:
-        return InvalidArgument(
-            f"buffer must be a C-contiguous buffer ({type(buffer).__name__} is not; numpy: np.ascontiguousarray(a))"
-        )
-    return None
-
-
-def raise_buffer_error(buffer: object) -> None:
-    """Raise why ``buffer`` cannot receive a value, if it cannot.  Called where a copy raised TypeError:
-    when the buffer is fine the error had another cause, and the caller raises it again."""
-    error = buffer_error(buffer)
-    if error is not None:
-        raise error from None
-
-
-def key_list(keys: object, call: str, what: str = "keys") -> Iterable[Any]:
-    """``keys`` itself, if it is a collection of keys: a call that takes many keys and got one
-    (``match_prefix("a/b")`` would look up "a", "/" and "b") or something else says so."""
-    if isinstance(keys, SINGLE_KEY_TYPES):
-        example = f"{keys!r:.60}" if what == "keys" else "buffer"
-        raise InvalidArgument(
-            f"{call} takes a list of {what}, not a single {type(keys).__name__} "
-            f"({keys!r:.60}): pass [{example}] for one"
-        )
-    try:
-        iter(keys)  # type: ignore[call-overload]
-    except TypeError:
-        raise InvalidArgument(f"{call} takes a list of {what}, got {given(keys)}") from None
-    return keys  # type: ignore[return-value]
-
-
-def put_pairs(items: object, call: str = "batch_put") -> list[tuple[Any, Any]]:
-    """A batch put's items, as a list of (key, value) pairs: from a mapping, or an iterable of pairs.
-    Anything else is refused as a whole, before any item is stored."""
-    if isinstance(items, Mapping):
-        return list(items.items())
-    if isinstance(items, SINGLE_KEY_TYPES):
-        raise InvalidArgument(
-            f"{call} takes a mapping or a list of (key, value) pairs, not a single "
-            f"{type(items).__name__} ({items!r:.60})"
-        )
-    try:
-        pairs = list(items)  # type: ignore[call-overload]
-    except TypeError:
-        raise InvalidArgument(f"{call} takes a mapping or a list of (key, value) pairs, got {given(items)}") from None
-    for i, pair in enumerate(pairs):
-        if type(pair) is not tuple or len(pair) != 2:
-            if not isinstance(pair, tuple | list) or len(pair) != 2:
-                raise InvalidArgument(f"{call} takes (key, value) pairs, but item {i} is {given(pair)}")
-            pairs[i] = tuple(pair)
-    return pairs
-
-
-def batch_targets(keys: object, buffers: object) -> tuple[list[Any], list[Any]]:
-    """``batch_get_into``'s keys and buffers, as lists of the same length."""
-    keys = list(key_list(keys, "batch_get_into"))
-    buffers = list(key_list(buffers, "batch_get_into", "buffers"))
-    if len(keys) != len(buffers):
-        raise InvalidArgument(
-            f"batch_get_into takes one buffer per key, got {len(keys)} keys and {len(buffers)} buffers"
-        )
-    return keys, buffers
-
-
-def encode_prefix(prefix: object) -> bytes:
-    """The bytes of a key prefix ("" matches every key).  An int is refused: ``bytes(5)`` would be five
-    NUL bytes, and ``remove_prefix(5)`` would remove the wrong keys."""
-    if type(prefix) is str:
-        try:
-            return prefix.encode()
-        except UnicodeEncodeError as exc:
-            raise InvalidKey(f"prefix {prefix!r:.80} is not valid UTF-8: {exc.reason}") from None
-    if isinstance(prefix, bytes | bytearray | memoryview):
-        return bytes(prefix)
-    if isinstance(prefix, str):
-        return encode_prefix(str(prefix))
-    raise InvalidArgument(f"prefix must be str or bytes, got {given(prefix)}")
-
-
-def key_digest(raw: bytes) -> bytes:
-    """A key's name in the shared index: 128 bits of BLAKE2b, so distinct keys never meet."""
-    return hashlib.blake2b(raw, digest_size=16).digest()
-
-
-def decode_key(raw: bytes) -> Key:
-    """Keys come back as str when they are UTF-8 (as every str key is), else as bytes."""
-    try:
-        return raw.decode()
-    except UnicodeDecodeError:
-        return raw
-
-
-@dataclass(frozen=True, slots=True)
-class ObjectInfo:
-    """What ``Store.stat`` reports about one object."""
-
-    key: Key
-    size: int
-    checksum: int  # CRC-32C of the value
-    tier: str  # "dram" or "ssd": the fastest tier holding it
-    pinned: bool
-    expires: float | None  # unix time, or None
-    version: int = 0  # what its writer put it with
 
 
 def _flags(entry: Entry) -> int:
@@ -401,33 +145,16 @@ class ValueView:
             self._entry = None
 
 
-class Replace(enum.IntEnum):
-    """When a put may take the place of the value a key already holds."""
-
-    ALWAYS = 0
-    NEVER = 1  # if_absent: KeyExists instead
-    IF_OLDER = 2  # if_newer: only a value of a lower version; NotNewer instead
-
-    @staticmethod
-    def of(if_absent: bool, if_newer: bool) -> Replace:
-        if (if_absent is not False and if_absent is not True) or (if_newer is not False and if_newer is not True):
-            check_put_options(False, None, if_absent, False, 0, if_newer)
-        if if_absent and if_newer:
-            raise InvalidArgument("put takes if_absent or if_newer, not both")
-        return Replace.NEVER if if_absent else Replace.IF_OLDER if if_newer else Replace.ALWAYS
-
-
 class PendingPut:
     """A put whose bytes arrive later (the node fills it from a socket or a client's memcpy).
 
     ``buffer`` is where the value goes: its DRAM block (``pool_offset`` >= 0), or, when DRAM has no
     room, a private buffer written to SSD at ``Store.end_put``.  Nobody sees it until then."""
 
-    __slots__ = ("buffer", "durable", "entry", "key", "raw", "replace")
+    __slots__ = ("buffer", "entry", "key", "options", "raw")
 
-    def __init__(self, raw: bytes, key: Key, entry: Entry, buffer: memoryview, replace: Replace, durable: bool) -> None:
-        self.raw, self.key, self.entry, self.buffer = raw, key, entry, buffer
-        self.replace, self.durable = replace, durable
+    def __init__(self, raw: bytes, key: Key, entry: Entry, buffer: memoryview, options: PutOptions) -> None:
+        self.raw, self.key, self.entry, self.buffer, self.options = raw, key, entry, buffer, options
 
     @property
     def pool_offset(self) -> int:
@@ -436,52 +163,6 @@ class PendingPut:
     @property
     def size(self) -> int:
         return self.entry.size
-
-
-class KVMapping:
-    """What ``Store``, ``RemoteStore`` and ``ClusterStore`` share on top of their own
-    get/put/remove/keys/close: the mapping protocol, the context manager, and running one item of a
-    batch call (``_each``)."""
-
-    _fatal: type[BaseException]  # the error that fails a whole batch call rather than one item
-    _closed: bool
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()  # type: ignore[attr-defined]
-
-    def __contains__(self, key: object) -> bool:
-        try:
-            return self.exists(key)  # type: ignore[attr-defined]
-        except MooncakeError:  # an invalid key, or an unreachable node: not known to be there
-            return False
-
-    def _each(self, op: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return op(*args, **kwargs)
-        except self._fatal:
-            raise
-        except (MooncakeError, TypeError, ValueError) as exc:
-            return exc
-
-    def __getitem__(self, key: Key) -> bytes:
-        return self.get(key)  # type: ignore[attr-defined]
-
-    def __setitem__(self, key: Key, value: Any) -> None:
-        self.put(key, value)  # type: ignore[attr-defined]
-
-    def __delitem__(self, key: Key) -> None:
-        if not self.remove(key):  # type: ignore[attr-defined]
-            raise KeyNotFound(key)
-
-    def __iter__(self) -> Iterator[Key]:
-        return self.keys()  # type: ignore[attr-defined]
 
 
 class Store(KVMapping):
@@ -663,14 +344,15 @@ class Store(KVMapping):
         too, for the writer's own use (a cluster node keeps the value's version and placement there);
         ``if_newer`` replaces only a value of a lower version, and raises NotNewer otherwise.
         ``replicas`` and ``placement`` are the cluster's: here only replicas=1 is taken (one copy)."""
-        if replicas is not None or placement is not None:
-            cluster_only("put", f"the embedded store at {self.path}", replicas, placement)
+        options = put_options(pin, ttl, if_absent, durable, version, if_newer, tag, replicas, placement)
+        if options is not PLAIN_PUT and (replicas is not None or placement is not None):
+            options.single_store("put", f"the embedded store at {self.path}")
         try:
             size = _engine.nbytes(value)
         except TypeError:
             raise value_error(value) from None
-        raw, entry = self._prepare_put(key, size, pin, ttl, durable, version, tag)
-        self._put_prepared(raw, key, entry, value, Replace.of(if_absent, if_newer), durable)
+        raw, entry = self._prepare_put(key, size, options)
+        self._put_prepared(raw, key, entry, value, options)
 
     def begin_put(
         self,
@@ -692,18 +374,16 @@ class Store(KVMapping):
         pool's size, or STAGING_MIN if more), so puts in flight cannot take the host's memory."""
         if type(size) is not int or not 0 <= size < 1 << 48:
             raise ValueError(f"value size must be an integer from 0 to 2**48, got {size!r:.40}")
-        raw, entry = self._prepare_put(key, size, pin, ttl, durable, version, tag)
-        replace = Replace.of(if_absent, if_newer)
+        options = put_options(pin, ttl, if_absent, durable, version, if_newer, tag)
+        raw, entry = self._prepare_put(key, size, options)
         with self._lock:
             self._check_open()
             if self._expiring:
                 self._reap_expired()
-            self._check_replace(raw, key, entry, replace)
+            self._check_replace(raw, key, entry, options.replace)
             entry.dram, entry.dram_off = self._alloc_dram(size)
             if entry.dram >= 0:
-                return PendingPut(
-                    raw, key, entry, self._dram.view[entry.dram_off : entry.dram_off + size], replace, durable
-                )
+                return PendingPut(raw, key, entry, self._dram.view[entry.dram_off : entry.dram_off + size], options)
             if entry.pinned or self._ssd is None:
                 self._put_ssd_only(raw, key, entry, b"")  # raises the OutOfSpace a put would
             budget = max(self._dram.capacity, STAGING_MIN)
@@ -718,7 +398,7 @@ class Store(KVMapping):
             except OSError as exc:
                 raise OutOfSpace(f"key {describe_key(key)}: cannot stage {format_size(size)}: {exc.strerror}") from None
             self._staged += size
-        return PendingPut(raw, key, entry, buffer, replace, durable)
+        return PendingPut(raw, key, entry, buffer, options)
 
     def end_put(self, pending: PendingPut, crc: int | None = None) -> None:
         """Publish a filled ``begin_put``: from here on readers see the new value.  ``crc``: its CRC-32C,
@@ -728,11 +408,11 @@ class Store(KVMapping):
             entry.crc = crc
         with self._lock:
             if entry.dram >= 0:
-                self._publish(raw, key, entry, pending.replace, pending.durable, pending.buffer)
+                self._publish(raw, key, entry, pending.options, pending.buffer)
                 return
             try:
                 self._check_open()
-                self._check_replace(raw, key, entry, pending.replace)
+                self._check_replace(raw, key, entry, pending.options.replace)
                 self._put_ssd_only(raw, key, entry, pending.buffer)
             finally:
                 self._unstage(pending)
@@ -752,9 +432,9 @@ class Store(KVMapping):
             self._staged -= len(pending.buffer)
             pending.buffer = None  # type: ignore[assignment]
 
-    def _put_prepared(self, raw: bytes, key: Key, entry: Entry, value: Any, replace: Replace, durable: bool) -> None:
+    def _put_prepared(self, raw: bytes, key: Key, entry: Entry, value: Any, options: PutOptions) -> None:
         with self._lock:
-            if self._put_locked(raw, key, entry, value, replace, durable):
+            if self._put_locked(raw, key, entry, value, options):
                 return
             self._unlocked_ops += 1
         try:
@@ -769,33 +449,23 @@ class Store(KVMapping):
                 if self._closed:
                     raise StoreClosed(f"store {self.path} was closed during put({key!r:.80})")
         with self._lock:
-            self._publish(raw, key, entry, replace, durable, value)
+            self._publish(raw, key, entry, options, value)
 
-    def _prepare_put(
-        self, key: Key, size: int, pin: bool, ttl: float | None, durable: bool, version: int, tag: int
-    ) -> tuple[bytes, Entry]:
-        """Check a put's arguments (no lock needed): the key's bytes and a fresh entry.  The common case
-        is tested inline; ``check_put_options`` explains anything else."""
+    def _prepare_put(self, key: Key, size: int, options: PutOptions) -> tuple[bytes, Entry]:
+        """A put's key bytes and a fresh entry carrying its (checked) options; no lock needed."""
         raw = encode_key(key)
         entry = Entry(size)
-        if (pin is not False and pin is not True) or (durable is not False and durable is not True):
-            check_put_options(pin, ttl, False, durable)
-        if version or type(version) is not int:
-            entry.version = check_version(version)
-        if tag:
-            if type(tag) is not int or not 0 <= tag < 1 << 32:
-                raise InvalidArgument(f"tag must be an int from 0 to 2**32 - 1, got {given(tag)}")
-            entry.tag = tag
-        if ttl is not None:
-            if (type(ttl) is not float and type(ttl) is not int) or not 0 < ttl < math.inf:
-                ttl = check_ttl(ttl)
-            entry.expires = time.time() + ttl
-        if durable and self._ssd is None:
+        entry.sticky = type(key) is InternalKey
+        if options is PLAIN_PUT:
+            return raw, entry
+        entry.version, entry.tag = options.version, options.tag
+        if options.ttl is not None:
+            entry.expires = time.time() + options.ttl
+        if options.durable and self._ssd is None:
             raise InvalidArgument(
                 f"put({describe_key(key)}, durable=True) needs an SSD tier: open the store with ssd=... (a node: --ssd)"
             )
-        entry.pinned, entry.durable = pin, durable
-        entry.sticky = type(key) is InternalKey
+        entry.pinned, entry.durable = options.pin, options.durable
         return raw, entry
 
     def _put_locked(
@@ -804,8 +474,7 @@ class Store(KVMapping):
         key: Key,
         entry: Entry,
         value: Any,
-        replace: Replace,
-        durable: bool,
+        options: PutOptions,
         locked_max: int = LOCKED_COPY_MAX,
     ) -> bool:
         """The part of a put done under the lock: True if that was all, False if the entry got a DRAM
@@ -815,7 +484,7 @@ class Store(KVMapping):
             raise StoreClosed(f"store {self.path} is closed")
         if self._expiring:
             self._reap_expired()
-        self._check_replace(raw, key, entry, replace)
+        self._check_replace(raw, key, entry, options.replace)
         entry.dram, entry.dram_off = self._alloc_dram(entry.size)
         if entry.dram < 0:
             self._put_ssd_only(raw, key, entry, value)
@@ -827,7 +496,7 @@ class Store(KVMapping):
         except BaseException:
             self._dram.free(entry.dram)
             raise
-        self._publish(raw, key, entry, replace, durable, value)
+        self._publish(raw, key, entry, options, value)
         return True
 
     def _check_replace(self, raw: bytes, key: Key, entry: Entry, replace: Replace) -> None:
@@ -842,14 +511,15 @@ class Store(KVMapping):
         if old.version >= entry.version:
             raise NotNewer(key)
 
-    def _publish(self, raw: bytes, key: Key, entry: Entry, replace: Replace, durable: bool, value: Any) -> None:
+    def _publish(self, raw: bytes, key: Key, entry: Entry, options: PutOptions, value: Any) -> None:
         """Make a filled entry the key's value (lock held).  ``value`` is what it was filled from: an SSD
         copy is written from there (the caller's buffer may be aligned for O_DIRECT; the pool block
         need not be)."""
         if self._closed:
             raise StoreClosed(f"store {self.path} is closed")
+        durable = options.durable
         try:
-            self._check_replace(raw, key, entry, replace)
+            self._check_replace(raw, key, entry, options.replace)
         except KeyExists:
             self._dram.free(entry.dram)
             raise
@@ -1539,14 +1209,12 @@ class Store(KVMapping):
         per MiB (BATCH_LOCKED_BYTES): KV-cache blocks of 64 KiB cost a lock round trip each otherwise.
         Items are taken to be a chain (a KV-cache prefix, as match_prefix reads it): the new values of
         a run are queued for eviction last item first, so that a chain's tail goes before its head."""
-        if replicas is not None or placement is not None:
-            cluster_only("batch_put", f"the embedded store at {self.path}", replicas, placement)
-        ttl = check_put_options(pin, ttl, if_absent, durable, version, if_newer)
+        options = put_options(pin, ttl, if_absent, durable, version, if_newer, tag, replicas, placement)
+        options.single_store("batch_put", f"the embedded store at {self.path}")
         pairs = put_pairs(items)
-        replace = Replace.of(if_absent, if_newer)
         results: list[Any] = []
         small: list[tuple[int, bytes, Key, Entry, Any]] = []  # a run waiting for the lock
-        plain = pin is False and durable is False and ttl is None and version == 0 and tag == 0
+        plain = not (options.pin or options.durable or options.ttl is not None or options.version or options.tag)
         nbytes = _engine.nbytes
         for key, value in pairs:
             results.append(None)
@@ -1560,25 +1228,24 @@ class Store(KVMapping):
                     entry = Entry(size)
                     entry.sticky = type(key) is InternalKey
                 else:
-                    raw, entry = self._prepare_put(key, size, pin, ttl, durable, version, tag)
+                    raw, entry = self._prepare_put(key, size, options)
                 if entry.size <= BATCH_LOCKED_MAX:
                     small.append((len(results) - 1, raw, key, entry, value))
                     continue
-                self._put_run(small, results, replace, durable, plain)
-                self._put_prepared(raw, key, entry, value, replace, durable)
+                self._put_run(small, results, options, plain)
+                self._put_prepared(raw, key, entry, value, options)
             except StoreClosed:
                 raise
-            except (MooncakeError, TypeError, ValueError) as exc:
+            except BATCH_ERRORS as exc:
                 results[-1] = exc
-        self._put_run(small, results, replace, durable, plain)
+        self._put_run(small, results, options, plain)
         return results
 
     def _put_run(
         self,
         run: list[tuple[int, bytes, Key, Entry, Any]],
         results: list[Any],
-        replace: Replace,
-        durable: bool,
+        options: PutOptions,
         plain: bool = False,
     ) -> None:
         """Store a run of prepared values under the lock, taken once per MiB, then empty the run.
@@ -1589,13 +1256,13 @@ class Store(KVMapping):
                 self._check_open()
                 if (
                     plain
-                    and replace is Replace.ALWAYS
-                    and not durable
+                    and options.replace is Replace.ALWAYS
+                    and not options.durable
                     and self._shared is None
                     and self._ssd is None
                     and not self._expiring
                 ):  # the KV-cache case: the loop in Cython
-                    at = _engine.put_plain(self, run, at, BATCH_LOCKED_BYTES, results, BATCH_ERRORS, replace)
+                    at = _engine.put_plain(self, run, at, BATCH_LOCKED_BYTES, results, BATCH_ERRORS, options)
                     continue
                 copied = 0
                 while at < n and copied < BATCH_LOCKED_BYTES:
@@ -1603,7 +1270,7 @@ class Store(KVMapping):
                     at += 1
                     copied += entry.size
                     try:
-                        self._put_locked(raw, key, entry, value, replace, durable, BATCH_LOCKED_MAX + 1)
+                        self._put_locked(raw, key, entry, value, options, BATCH_LOCKED_MAX + 1)
                     except BATCH_ERRORS as exc:
                         results[i] = exc
         if n > 1:  # leaf first: the run's head the newest of the fresh queue
@@ -1672,7 +1339,7 @@ class Store(KVMapping):
                             copied += entry.size
                             if copied >= BATCH_LOCKED_BYTES:
                                 break
-                    except (MooncakeError, TypeError, ValueError) as exc:
+                    except BATCH_ERRORS as exc:
                         results[i] = exc
                 start = i + 1
                 self._counters["dram"]["hits"] += hits

@@ -30,6 +30,7 @@ import msgpack
 
 from mooncakefs import errors
 from mooncakefs._engine import crc32c
+from mooncakefs.api import PLAIN_PUT, PutOptions
 from mooncakefs.errors import ChecksumError, MooncakeError, ProtocolError, Unavailable
 
 MAGIC = 0x434D  # b"MC"
@@ -68,20 +69,11 @@ PLACEMENT_FLAGS = LOCAL | ~((1 << REPLICAS_SHIFT) - 1)  # what a node keeps with
 _OPTION_FLAGS = {"pin": PIN, "if_absent": IF_ABSENT, "durable": DURABLE, "if_newer": IF_NEWER}
 
 
-def pack_put_options(
-    pin: bool = False,
-    ttl: float | None = None,
-    if_absent: bool = False,
-    durable: bool = False,
-    version: int = 0,
-    if_newer: bool = False,
-    cluster_flags: int = 0,
-) -> list[Any]:
-    """A put's options (``Store.put``'s, and the cluster's placement flags) as the end of its meta:
-    [flags, ttl, version]."""
-    options = {"pin": pin, "if_absent": if_absent, "durable": durable, "if_newer": if_newer}
-    flags = sum(bit for name, bit in _OPTION_FLAGS.items() if options[name]) | cluster_flags
-    return [flags, ttl, pack_version(version)]
+def pack_put_options(options: PutOptions = PLAIN_PUT, cluster_flags: int = 0) -> list[Any]:
+    """A put's options (checked ``PutOptions``, and the cluster's placement flags) as the end of its
+    meta: [flags, ttl, version]."""
+    flags = sum(bit for name, bit in _OPTION_FLAGS.items() if getattr(options, name)) | cluster_flags
+    return [flags, options.ttl, pack_version(options.version)]
 
 
 def unpack_put_options(flags: Any, ttl: Any, version: Any) -> dict[str, Any]:

@@ -28,9 +28,9 @@ from node_helpers import NodeProcess, free_port, mapped_node, raw_channel, wait_
 
 import mooncakefs
 from mooncakefs.errors import InvalidKey, MooncakeError
+from mooncakefs.keys import INTERNAL_PREFIX
 from mooncakefs.node import Node
 from mooncakefs.sockets import UnsafeSocketPath, default_socket
-from mooncakefs.store import INTERNAL_PREFIX
 from mooncakefs.wire import HEADER, MAGIC, Op
 
 MiB = 1 << 20

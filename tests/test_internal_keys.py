@@ -3,7 +3,7 @@
 import pytest
 
 import mooncakefs
-from mooncakefs.store import INTERNAL_PREFIX, InternalKey
+from mooncakefs.keys import INTERNAL_PREFIX, InternalKey
 
 MiB = 1 << 20
 

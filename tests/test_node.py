@@ -43,7 +43,7 @@ from mooncakefs.errors import (
     ProtocolError,
     Unavailable,
 )
-from mooncakefs.store import INTERNAL_PREFIX, InternalKey
+from mooncakefs.keys import INTERNAL_PREFIX, InternalKey
 from mooncakefs.wire import HEADER, MAGIC, Op
 
 TRANSPORTS = ["unix", "tcp"]

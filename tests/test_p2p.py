@@ -146,8 +146,8 @@ def test_a_reader_takes_chunks_from_an_earlier_reader_and_checks_them(hosts, tmp
     # copies tampered with on the readers' nodes are skipped, never served
     from mooncakefs.cluster.client import ClusterStore
     from mooncakefs.fuse.etcd_namespace import EtcdNamespace
+    from mooncakefs.keys import encode_key
     from mooncakefs.p2p.swarm import cache_key, chunk_name, score
-    from mooncakefs.store import encode_key
 
     ino = os.stat(first.mnt / "fan").st_ino
     with ClusterStore(hosts.url) as probe:

@@ -4,7 +4,7 @@ import mmap
 import os
 
 import mooncakefs
-from mooncakefs.store import InternalKey
+from mooncakefs.keys import InternalKey
 from mooncakefs.tiers.ssd import DIRECT_ALIGN
 
 MiB = 1 << 20

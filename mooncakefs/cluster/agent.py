@@ -53,8 +53,9 @@ from mooncakefs.errors import (
     StaleEpoch,
     Unavailable,
 )
+from mooncakefs.keys import wire_key
 from mooncakefs.progress import progress
-from mooncakefs.store import Store, wire_key
+from mooncakefs.store import Store
 from mooncakefs.wire import LOCAL, REPLICAS_SHIFT
 
 log = logging.getLogger("mooncakefs.cluster")

@@ -18,25 +18,26 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from mooncakefs.api import (
+    BATCH_ERRORS,
+    KVMapping,
+    ObjectInfo,
+    PutOptions,
+    batch_targets,
+    key_list,
+    put_options,
+    put_pairs,
+)
 from mooncakefs.client import RemoteStore, _bytes_of, _writable_bytes_of
 from mooncakefs.cluster.etcd import parse_etcd_url
 from mooncakefs.cluster.membership import cluster_prefix, connect_etcd, host_id
 from mooncakefs.cluster.placement import PlacementMap, pointer_key
 from mooncakefs.errors import InvalidArgument, KeyNotFound, MooncakeError, Moved, StaleEpoch, Unavailable
-from mooncakefs.store import (
-    Key,
-    KVMapping,
-    ObjectInfo,
-    batch_targets,
-    check_put_options,
-    encode_key,
-    encode_prefix,
-    key_list,
-    put_pairs,
-)
+from mooncakefs.keys import Key, encode_key, encode_prefix
 from mooncakefs.wire import LOCAL, REPLICAS_SHIFT, Channel, Op
 
 T = TypeVar("T")
@@ -252,32 +253,38 @@ class ClusterStore(KVMapping):
         """Store ``value`` on the first ``replicas`` nodes of the key's group; returns once all hold it.
         ``placement="local"`` keeps it on this host's node instead (the group's nodes note where).
         Arguments are checked as every store checks them, before any node is asked."""
-        raw = encode_key(key)
-        view = _bytes_of(value)
-        ttl = check_put_options(pin, ttl, if_absent, durable)
-        replicas = self.replicas if replicas is None else replicas
-        self._check_replicas(replicas)
-        if placement is not None and placement != "local":
-            raise InvalidArgument(f"placement must be None or 'local', got {placement!r:.60}")
-        options = {"pin": pin, "ttl": ttl, "if_absent": if_absent, "durable": durable}
+        self._put(
+            key, value, self._options(put_options(pin, ttl, if_absent, durable, 0, False, 0, replicas, placement))
+        )
+
+    def _put(self, key: Key, value: Any, options: PutOptions) -> None:
+        """``put`` with its options checked."""
+        raw, view = encode_key(key), _bytes_of(value)
+        replicas: int = options.replicas  # type: ignore[assignment]
+        spread = placement_flags(replicas, False)
 
         def attempt(pmap: PlacementMap) -> None:
             owners = self._owners(pmap, raw, replicas)
-            version = self._version(pmap)
-            if placement == "local":
+            stamped = replace(options, version=self._version(pmap))
+            if options.placement == "local":
                 here = self._local_node(pmap)
-                self._call(here, pmap, lambda link: link.put(key, view, local=True, version=version, **options))
-                self._on_all(
-                    pmap,
-                    owners,
-                    lambda link: link.put(pointer_key(raw), here.encode(), replicas=replicas, version=version),
-                )
+                self._call(here, pmap, lambda link: link._put(key, view, stamped, placement_flags(1, True)))
+                pointer = PutOptions(version=stamped.version)
+                self._on_all(pmap, owners, lambda link: link._put(pointer_key(raw), here.encode(), pointer, spread))
             else:
-                self._on_all(
-                    pmap, owners, lambda link: link.put(key, view, replicas=replicas, version=version, **options)
-                )
+                self._on_all(pmap, owners, lambda link: link._put(key, view, stamped, spread))
 
         self._retrying(attempt)
+
+    def _options(self, options: PutOptions) -> PutOptions:
+        """``options`` with their replica count (the client's default if not given, checked against this
+        cluster's placement width) and a placement this client knows."""
+        if options.placement is not None and options.placement != "local":
+            raise InvalidArgument(f"placement must be None or 'local', got {options.placement!r:.60}")
+        if options.replicas is None:
+            options = replace(options, replicas=self.replicas)
+        self._check_replicas(options.replicas)  # type: ignore[arg-type]
+        return options
 
     def _version(self, pmap: PlacementMap) -> int:
         """A new value's version: the map's epoch, then this client's clock (never repeating).  Repair
@@ -364,11 +371,9 @@ class ClusterStore(KVMapping):
     ) -> list[Any]:
         """As ``Store.batch_put``, each item on its ``replicas`` nodes: one batch per node.  Bad options
         or items that are not (key, value) pairs fail the call before any node is asked."""
-        ttl = check_put_options(pin, ttl, if_absent, durable)
+        options = self._options(put_options(pin, ttl, if_absent, durable, 0, False, 0, replicas))
         pairs = put_pairs(items)
-        replicas = self.replicas if replicas is None else replicas
-        self._check_replicas(replicas)
-        options = {"pin": pin, "ttl": ttl, "if_absent": if_absent, "durable": durable}
+        replicas = options.replicas
         results: list[Any] = [None] * len(pairs)
         pmap = self.map
         by_node: dict[str, list[int]] = defaultdict(list)
@@ -376,17 +381,13 @@ class ClusterStore(KVMapping):
             try:
                 for node in self._owners(pmap, encode_key(key), replicas):
                     by_node[node].append(i)
-            except (MooncakeError, TypeError, ValueError) as exc:
+            except BATCH_ERRORS as exc:
                 results[i] = exc
         retry: set[int] = set()
         flags = placement_flags(replicas, False)
-        version = self._version(pmap)
+        stamped = replace(options, version=self._version(pmap))
         answers = self._per_node(
-            pmap,
-            by_node,
-            lambda link, where: link.batch_put(
-                [pairs[i] for i in where], cluster_flags=flags, version=version, **options
-            ),
+            pmap, by_node, lambda link, where: link._batch_put([pairs[i] for i in where], stamped, flags)
         )
         for node, where in by_node.items():
             out = answers[node]
@@ -399,7 +400,7 @@ class ClusterStore(KVMapping):
                 elif r is not None and results[i] is None:
                     results[i] = r
         for i in sorted(retry):  # one by one, through the map's changes
-            results[i] = self._each(self.put, *pairs[i], replicas=replicas, **options)
+            results[i] = self._each(self._put, *pairs[i], options)
         return results
 
     def remove(self, key: Key) -> bool:

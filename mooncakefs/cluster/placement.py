@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from mooncakefs.store import INTERNAL_PREFIX, InternalKey, key_digest
+from mooncakefs.keys import INTERNAL_PREFIX, InternalKey, key_digest
 
 DEFAULT_GROUPS = 256
 DEFAULT_WIDTH = 3  # the most replicas a put may ask for

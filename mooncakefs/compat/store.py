@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import mooncakefs
+from mooncakefs.api import KVStore
 from mooncakefs.compat import ENDPOINT_ENV
 from mooncakefs.errors import (
     BufferTooSmall,
@@ -40,6 +41,7 @@ from mooncakefs.errors import (
     StoreClosed,
     Unavailable,
 )
+from mooncakefs.keys import encode_key
 
 log = logging.getLogger("mooncakefs.compat")
 
@@ -277,7 +279,7 @@ class MooncakeDistributedStore:
     """Mooncake's store client on a mooncakefs node or cluster (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._store: Any = None
+        self._store: KVStore | None = None
         self._cluster = False
         self._lock = threading.Lock()
         self._bases: list[int] = []
@@ -297,7 +299,7 @@ class MooncakeDistributedStore:
         log.debug("mooncake.store call failed: %s", exc)
         return code_of(exc) if code is None else code
 
-    def _need(self, copy: bool = False) -> Any:
+    def _need(self, copy: bool = False) -> KVStore:
         """The open store; with ``copy``, refuse as Mooncake does when no local buffer was set up."""
         if self._store is None:
             raise StoreClosed("the store is not set up: call setup() first (or it was closed)")
@@ -340,8 +342,6 @@ class MooncakeDistributedStore:
         if self._cluster:
             replicas = max(1, config.replica_num)
             if replicas > 1 and key is not None:  # best effort, as Mooncake: as many as the nodes allow
-                from mooncakefs.store import encode_key
-
                 replicas = min(replicas, max(1, len(self._store.map.owners(encode_key(key)))))
             if replicas > 1:
                 options["replicas"] = replicas

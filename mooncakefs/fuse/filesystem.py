@@ -31,6 +31,7 @@ import mmap
 import os
 import stat
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,9 +39,10 @@ import pyfuse3
 import trio
 
 from mooncakefs._engine import crc32c
+from mooncakefs.api import KVStore
 from mooncakefs.errors import KeyNotFound, MooncakeError, OutOfSpace, Unavailable, errno_of
 from mooncakefs.fuse.namespace import ROOT, Inode, Namespace, fail
-from mooncakefs.store import INTERNAL_PREFIX, InternalKey, Store, ValueView
+from mooncakefs.keys import INTERNAL_PREFIX, InternalKey
 
 if TYPE_CHECKING:
     from mooncakefs.fuse.etcd_namespace import EtcdNamespace
@@ -168,7 +170,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, store: Store, namespace: Namespace | EtcdNamespace) -> None:
+    def __init__(self, store: KVStore, namespace: Namespace | EtcdNamespace) -> None:
         super().__init__()
         self.store = store
         self.ns = namespace
@@ -183,7 +185,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         self.files: dict[int, OpenInode] = {}  # open regular files by inode
         self.handles: dict[int, tuple[int, Any]] = {}  # fh -> (inode, per-handle data)
         self.next_fh = 1
-        self.leases: collections.deque[ValueView] = collections.deque()
+        self.leases: collections.deque[AbstractContextManager[memoryview]] = collections.deque()
         self.spare_buffers: list[mmap.mmap] = []
         self.nursery: trio.Nursery | None = None  # set by the mount: where background stores run
         self.store_slots = trio.Semaphore(STORES_IN_FLIGHT)
@@ -707,7 +709,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         self._hold(view)
         return mv[off : off + size]
 
-    def _hold(self, view: ValueView) -> None:
+    def _hold(self, view: AbstractContextManager[memoryview]) -> None:
         """Keep a view's lease until well after the reply pyfuse3 sends from it."""
         self.leases.append(view)
         self._release_leases(LEASES_HELD)

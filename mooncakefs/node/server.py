@@ -40,9 +40,10 @@ from mooncakefs.errors import (
     Unavailable,
     describe_key,
 )
+from mooncakefs.keys import INTERNAL_PREFIX, InternalKey, Key, wire_key
 from mooncakefs.serving import ACCEPT_BACKLOG, Connection, FramedServer, Timeouts
 from mooncakefs.sockets import make_socket_dir
-from mooncakefs.store import INTERNAL_PREFIX, InternalKey, Key, PendingPut, Store, ValueView, wire_key
+from mooncakefs.store import PendingPut, Store, ValueView
 from mooncakefs.wire import (
     CRC_TRAILER,
     MAX_BATCH,

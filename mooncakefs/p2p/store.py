@@ -47,7 +47,7 @@ from mooncakefs.errors import (
     StaleEpoch,
     Unavailable,
 )
-from mooncakefs.store import CachedKey
+from mooncakefs.keys import CachedKey
 
 log = logging.getLogger("mooncakefs.p2p")
 

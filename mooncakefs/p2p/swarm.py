@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from mooncakefs._engine import crc32c
 from mooncakefs.cluster.etcd import KV, Mirror
 from mooncakefs.errors import ChecksumError, KeyNotFound, MooncakeError, StaleEpoch, Unavailable
-from mooncakefs.store import CachedKey, InternalKey
+from mooncakefs.keys import CachedKey, InternalKey, encode_key
 
 if TYPE_CHECKING:
     from mooncakefs.cluster.client import ClusterStore
@@ -298,8 +298,6 @@ class Swarm:
             return None
 
     def _owners(self, ino: int, idx: int) -> list[str]:
-        from mooncakefs.store import encode_key
-
         return self.store.map.owners(encode_key(chunk_name(ino, idx)))[: self.store.replicas]
 
     # -- where a chunk comes from ---------------------------------------------------------------------------

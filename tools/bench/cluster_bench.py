@@ -114,7 +114,7 @@ from _common import (
 
 import mooncakefs
 from mooncakefs.cluster.placement import PlacementMap
-from mooncakefs.store import encode_key
+from mooncakefs.keys import encode_key
 from mooncakefs.units import parse_size
 
 SMALL = 4 * KiB

@@ -1,0 +1,95 @@
+"""The shared API (mooncakefs/api.py): ``PutOptions`` checks put's keywords in one place, and every store
+offers what ``KVStore`` names, with the same keywords."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+
+import mooncakefs
+from mooncakefs.api import PLAIN_PUT, KVStore, PutOptions, Replace, put_options
+from mooncakefs.cluster.client import ClusterStore
+from mooncakefs.errors import InvalidArgument
+
+STORES = [mooncakefs.Store, mooncakefs.RemoteStore, ClusterStore]
+
+
+@pytest.mark.parametrize(
+    ("keywords", "message"),
+    [
+        ({"pin": "no"}, "pin must be True or False"),
+        ({"durable": 1}, "durable must be True or False"),
+        ({"ttl": "30"}, "ttl must be a number of seconds"),
+        ({"ttl": True}, "ttl must be a number of seconds"),
+        ({"ttl": -1}, "ttl must be a positive, finite number"),
+        ({"ttl": float("nan")}, "ttl must be a positive, finite number"),
+        ({"version": -1}, "version must be an int from 0 to 2\\*\\*126 - 1"),
+        ({"version": 1 << 126}, "version must be an int"),
+        ({"tag": 1 << 32}, "tag must be an int from 0 to 2\\*\\*32 - 1"),
+        ({"if_absent": True, "if_newer": True}, "put takes if_absent or if_newer, not both"),
+    ],
+)
+def test_put_options_refuse_bad_keywords_with_one_message(keywords, message):
+    with pytest.raises(InvalidArgument, match=message):
+        PutOptions(**keywords)
+    with pytest.raises(InvalidArgument, match=message):
+        put_options(**keywords)
+
+
+def test_put_options_normalise_and_are_frozen():
+    options = PutOptions(ttl=30, if_newer=True, version=7)
+    assert options.ttl == 30.0 and type(options.ttl) is float
+    assert options.replace is Replace.IF_OLDER
+    assert PutOptions(if_absent=True).replace is Replace.NEVER
+    assert PLAIN_PUT.replace is Replace.ALWAYS
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.ttl = 5  # type: ignore[misc]
+    assert put_options() is PLAIN_PUT  # the defaults cost no check and no allocation
+    assert put_options(pin=True) == PutOptions(pin=True)
+
+
+@pytest.mark.parametrize("options", [PutOptions(replicas=2), PutOptions(placement="local")])
+def test_single_store_refuses_cluster_options(options):
+    with pytest.raises(InvalidArgument, match="replicas and placement need a cluster"):
+        options.single_store("put", "the embedded store at /x")
+    PutOptions(replicas=1).single_store("put", "the embedded store at /x")  # one copy: fine
+
+
+def _protocol_methods() -> dict[str, inspect.Signature]:
+    names = [n for n, v in vars(KVStore).items() if callable(v) and (not n.startswith("_") or n.startswith("__"))]
+    wanted = {n for n in names if n not in vars(object) or n in ("__contains__", "__len__", "__enter__", "__exit__")}
+    return {n: inspect.signature(getattr(KVStore, n)) for n in wanted if not n.startswith("_abc")}
+
+
+@pytest.mark.parametrize("store_class", STORES, ids=lambda c: c.__name__)
+def test_every_store_offers_the_kvstore_protocol(store_class):
+    """Each method of KVStore is there, and takes at least the protocol's keywords (a store may add its
+    own, with defaults)."""
+    assert isinstance(vars(KVStore).get("closed"), property)
+    assert isinstance(getattr(store_class, "closed", None), property), f"{store_class.__name__}.closed"
+    for name, protocol in _protocol_methods().items():
+        method = getattr(store_class, name, None)
+        assert callable(method), f"{store_class.__name__} has no {name}"
+        params = inspect.signature(method).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        for param in protocol.parameters.values():
+            if param.kind is param.KEYWORD_ONLY:
+                assert param.name in params or takes_any, f"{store_class.__name__}.{name} lacks {param.name}="
+
+
+def test_connect_lives_at_the_front_and_the_node_client_imports_no_cluster():
+    """``connect`` chooses between RemoteStore and ClusterStore from the package's front, so client.py
+    (which cluster/client.py builds on) needs nothing from the cluster: no import cycle."""
+    assert mooncakefs.connect.__module__ == "mooncakefs"
+    source = Path(mooncakefs.client.__file__).read_text()
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module is not None
+    }
+    assert not {m for m in imported if m.startswith("mooncakefs.cluster")}, imported
+    assert not hasattr(mooncakefs.client, "connect")
