@@ -786,20 +786,22 @@ cdef class SharedIndex:
 cdef int FRESH_QUEUE = 1, MAIN_QUEUE = 2
 
 
-def put_plain(store, list run, Py_ssize_t at, long long stop_bytes, list results, tuple errors,
+def put_plain(dram, store, list run, Py_ssize_t at, long long stop_bytes, list results, tuple errors,
               options) -> int:
     """Publish ``run[at:]`` (items ``(i, raw, key, Entry, value)`` prepared by ``Store.batch_put``) into
     a DRAM-only store with no shared index, under its lock, until ``stop_bytes`` have been copied;
-    returns the index of the next item.  An item that raises one of ``errors`` gets it in
-    ``results[i]``; ``options`` are the run's ``PutOptions`` (replacing always), for the store's own methods.  Eviction takes queue heads down to the low watermark; anything unusual (a leased
-    head, a pool too fragmented, a key replaced) is left to the store's own methods."""
+    returns the index of the next item.  ``dram`` is the store's ``DramTier`` (its pool and queues).
+    An item that raises one of ``errors`` gets it in ``results[i]``; ``options`` are the run's
+    ``PutOptions`` (replacing always), for the store's own methods.  Eviction takes queue heads down to
+    the low watermark; anything unusual (a leased head, a pool too fragmented, a key replaced) is left
+    to the tier's and the store's own methods."""
     cdef dict index = store._index
-    fresh, lru, ghost = store._fresh, store._lru, store._ghost
-    allocator = store._dram.allocator
-    cdef Arena arena = store._dram.arena
-    cdef long long high = store._high, low = store._low, fresh_max = store._fresh_max
-    cdef long long ghost_factor = store._ghost_factor
-    cdef long long fresh_bytes = store._fresh_bytes
+    fresh, lru, ghost = dram.fresh, dram.main, dram.ghost
+    allocator = dram.allocator
+    cdef Arena arena = dram.arena
+    cdef long long high = dram.high, low = dram.low, fresh_max = dram.fresh_max
+    cdef long long ghost_factor = dram.ghost_factor
+    cdef long long fresh_bytes = dram.fresh_bytes
     cdef long long copied = 0, size, used_now
     cdef Py_ssize_t n = len(run), evicted = 0, i
     cdef Entry entry, old, victim
@@ -824,9 +826,9 @@ def put_plain(store, list run, Py_ssize_t at, long long stop_bytes, list results
                             break
                         victim = <Entry>queue[vraw]
                         if victim.readers:  # leased: the store's general path skips it
-                            store._fresh_bytes = fresh_bytes
-                            ok = store._evict_one()
-                            fresh_bytes = store._fresh_bytes
+                            dram.fresh_bytes = fresh_bytes
+                            ok = dram.evict_one()
+                            fresh_bytes = dram.fresh_bytes
                             if not ok:
                                 break
                             continue
@@ -844,14 +846,14 @@ def put_plain(store, list run, Py_ssize_t at, long long stop_bytes, list results
                             ghost.popitem(last=False)
                 handle, offset = reserve(size)
                 if handle < 0:
-                    store._fresh_bytes = fresh_bytes
+                    dram.fresh_bytes = fresh_bytes
                     try:
-                        handle, offset = store._alloc_dram(size)
+                        handle, offset = dram.reserve(size)
                         if handle < 0:  # raises the OutOfSpace a put would
                             store._put_locked(raw, item[2], entry, item[4], options, size + 1)
                             continue
                     finally:
-                        fresh_bytes = store._fresh_bytes
+                        fresh_bytes = dram.fresh_bytes
                 entry.dram, entry.dram_off = handle, offset
                 _get_read(item[4], &s, "value")
                 try:
@@ -867,11 +869,11 @@ def put_plain(store, list run, Py_ssize_t at, long long stop_bytes, list results
                 old = index.get(raw)
                 index[raw] = entry
                 if old is not None:
-                    store._fresh_bytes = fresh_bytes
-                    store._unqueue(raw, old)
+                    dram.fresh_bytes = fresh_bytes
+                    dram.unqueue(raw, old)
                     store._discard(raw, old)
-                    store._enqueue(raw, entry, True)
-                    fresh_bytes = store._fresh_bytes
+                    dram.enqueue(raw, entry, True)
+                    fresh_bytes = dram.fresh_bytes
                 elif ghost and raw in ghost:
                     del ghost[raw]
                     entry.queue = MAIN_QUEUE
@@ -883,6 +885,6 @@ def put_plain(store, list run, Py_ssize_t at, long long stop_bytes, list results
             except errors as exc:
                 results[i] = exc
     finally:
-        store._fresh_bytes = fresh_bytes
-        store._counters["dram"]["evictions"] += evicted
+        dram.fresh_bytes = fresh_bytes
+        dram.counters["evictions"] += evicted
     return at

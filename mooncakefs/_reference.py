@@ -515,6 +515,7 @@ class SharedIndex:
 
 
 def put_plain(
+    dram: Any,
     store: Any,
     run: list[Any],
     at: int,
@@ -524,8 +525,8 @@ def put_plain(
     options: Any,
 ) -> int:
     """``_engine.put_plain`` in plain Python: the same steps in the same order."""
-    index, fresh, lru, ghost = store._index, store._fresh, store._lru, store._ghost
-    allocator, view = store._dram.allocator, store._dram.view
+    index, fresh, lru, ghost = store._index, dram.fresh, dram.main, dram.ghost
+    allocator, view = dram.allocator, dram.view
     copied = evicted = 0
     try:
         while at < len(run) and copied < stop_bytes:
@@ -534,20 +535,20 @@ def put_plain(
             size = entry.size
             copied += size
             try:
-                if allocator.used + size > store._high:
-                    while allocator.used + size > store._low:
-                        queue = fresh if (store._fresh_bytes > store._fresh_max or not lru) else lru
+                if allocator.used + size > dram.high:
+                    while allocator.used + size > dram.low:
+                        queue = fresh if (dram.fresh_bytes > dram.fresh_max or not lru) else lru
                         if not queue:
                             break
                         vraw = next(iter(queue))
                         victim = queue[vraw]
                         if victim.readers:
-                            if not store._evict_one():
+                            if not dram.evict_one():
                                 break
                             continue
                         del queue[vraw]
                         if victim.queue == 1:
-                            store._fresh_bytes -= victim.size
+                            dram.fresh_bytes -= victim.size
                         victim.queue = 0
                         del index[vraw]
                         victim.dead = True
@@ -555,11 +556,11 @@ def put_plain(
                         victim.dram = victim.dram_off = -1
                         evicted += 1
                         ghost[vraw] = None
-                        if len(ghost) > store._ghost_factor * len(index) + 64:
+                        if len(ghost) > dram.ghost_factor * len(index) + 64:
                             ghost.popitem(last=False)
                 handle, offset = allocator.reserve(size)
                 if handle < 0:
-                    handle, offset = store._alloc_dram(size)
+                    handle, offset = dram.reserve(size)
                     if handle < 0:
                         store._put_locked(raw, key, entry, value, options, size + 1)
                         continue
@@ -576,9 +577,9 @@ def put_plain(
                 old = index.get(raw)
                 index[raw] = entry
                 if old is not None:
-                    store._unqueue(raw, old)
+                    dram.unqueue(raw, old)
                     store._discard(raw, old)
-                    store._enqueue(raw, entry, True)
+                    dram.enqueue(raw, entry, True)
                 elif ghost and raw in ghost:
                     del ghost[raw]
                     entry.queue = 2
@@ -586,9 +587,9 @@ def put_plain(
                 else:
                     entry.queue = 1
                     fresh[raw] = entry
-                    store._fresh_bytes += size
+                    dram.fresh_bytes += size
             except errors as exc:
                 results[i] = exc
     finally:
-        store._counters["dram"]["evictions"] += evicted
+        dram.counters["evictions"] += evicted
     return at

@@ -9,19 +9,15 @@ copies themselves release the GIL (``mooncakefs._engine``).
 Atomicity.  A put fills a fresh block that no reader can see, then publishes it by swapping the
 index entry under the lock; the old entry is retired and its block freed once its last lease ends.
 
-Tiering.  DRAM-resident, unpinned objects sit in one of two queues: ``fresh`` (put and not read since,
-first in first out) and ``main`` (read at least once, or put again soon after being evicted: least
-recently used first).  Most KV-cache blocks are never read again, so eviction takes fresh objects first
-while they hold more than FRESH_SHARE of the store (at most half of DRAM); a key evicted lately is
-remembered (the ghost list), so when it comes back it goes straight to main.  A put that would take DRAM
-past the high watermark first evicts down to the low watermark: an object with an SSD copy just gives
-up its DRAM block; one without is written to SSD (demoted), or dropped when there is no SSD tier.  An
-SSD-only object read ``promote_after`` times is copied back into DRAM, keeping its SSD copy (while the
-SSD tier is under half full) so a later eviction costs nothing.  On SSD (``_ssd_room``) nothing is
-evicted below the high watermark; above it, copies leave in the order they were written, those read
-since (or durable) getting a second chance, and compaction of the segment with the most garbage frees
-file space apart from that order.  Checksums (CRC-32C) are taken when a value first leaves DRAM, and
-checked on every SSD read.
+Tiering.  The store is the front door: it places each value in the fastest tier with room, in one
+order (``tiers.base.TIER_ORDER``: VRAM, DRAM, SSD), demotes what a tier evicts to the tier below, and
+promotes back up what is read from below.  Each tier keeps its own eviction order (``Tier.victims``):
+the DRAM tier's fresh and main queues and ghost list (tiers/dram.py), the SSD tier's write order with
+second chances and its compaction (tiers/ssd.py); docs/policy.md says why.  When DRAM must evict, a
+value with an SSD copy just gives up its DRAM block; one without is written to SSD (``demote``), or
+dropped when there is no SSD tier.  An SSD-only value read ``promote_after`` times is copied back into
+DRAM, keeping its SSD copy (while the SSD tier is under half full) so a later eviction costs nothing.
+Checksums (CRC-32C) are taken when a value first leaves DRAM, and checked on every SSD read.
 """
 
 from __future__ import annotations
@@ -31,7 +27,6 @@ import itertools
 import mmap
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -75,8 +70,9 @@ from mooncakefs.keys import (
     encode_prefix,
     key_digest,
 )
-from mooncakefs.tiers import DramTier, SsdTier
-from mooncakefs.tiers.ssd import DURABLE, PINNED, STICKY, Segment, aligned, resolve_ssd
+from mooncakefs.tiers.base import TIER_ORDER, Tier
+from mooncakefs.tiers.dram import FRESH, DramTier
+from mooncakefs.tiers.ssd import DURABLE, PINNED, STICKY, Segment, SsdTier, resolve_ssd
 from mooncakefs.units import format_size, parse_size
 
 LOCKED_COPY_MAX = 64 * 1024  # values below this are copied under the store lock
@@ -84,12 +80,6 @@ BATCH_LOCKED_MAX = 256 * 1024  # in batch calls, values up to this are copied un
 BATCH_LOCKED_BYTES = 1 << 20  # ...taking it again after each MiB copied, so other threads wait little
 STAGING_MIN = 1 << 30  # begin_put may stage at least this much in memory for values bound for SSD
 FRESH_SHARE = 0.05  # of the store (DRAM + SSD, at most half of DRAM): fresh objects beyond it go first
-GHOST_FACTOR = 2  # the ghost list remembers this many evicted keys per object in the store
-FRESH, MAIN = 1, 2  # Entry.queue: which DRAM eviction queue holds the entry (0: none, pinned or not in DRAM)
-
-
-def _flags(entry: Entry) -> int:
-    return (PINNED if entry.pinned else 0) | (STICKY if entry.sticky else 0) | (DURABLE if entry.durable else 0)
 
 
 class ValueView:
@@ -198,7 +188,13 @@ class Store(KVMapping):
         self._dram: DramTier | None = None
         self._ssd: SsdTier | None = None
         try:
-            self._dram = DramTier(dram_bytes, label=f"mooncakefs:{self.path}", prefault=prefault)
+            self._dram = DramTier(
+                dram_bytes,
+                label=f"mooncakefs:{self.path}",
+                prefault=prefault,
+                high_watermark=high_watermark,
+                low_watermark=low_watermark,
+            )
             if ssd_where is not None:
                 self._ssd = SsdTier(
                     ssd_where[1] or self.path / "ssd",
@@ -217,20 +213,21 @@ class Store(KVMapping):
             raise
 
     def _init_state(self, high_watermark: float, low_watermark: float, promote_after: int) -> None:
-        """The index and policy state, with whatever the SSD tier already holds."""
-        self._high = int(self._dram.capacity * high_watermark)
-        self._low = int(self._dram.capacity * low_watermark)
+        """The index, with whatever the SSD tier already holds, and the tiers wired to it."""
+        dram, ssd = self._dram, self._ssd
         self._promote_after = promote_after
         self._index: dict[bytes, Entry] = {}
-        self._lru: OrderedDict[bytes, Entry] = OrderedDict()  # main: DRAM residents read since put, LRU first
-        self._fresh: OrderedDict[bytes, Entry] = OrderedDict()  # DRAM residents not read since put, oldest first
-        self._fresh_bytes = 0
-        self._ghost: OrderedDict[bytes, None] = OrderedDict()  # keys evicted lately, oldest first
-        self._ghost_factor = GHOST_FACTOR
-        self._ssd_order: OrderedDict[bytes, Entry] = OrderedDict()  # unpinned SSD copies, oldest first
-        self._ssd_high = int(self._ssd.capacity * high_watermark) if self._ssd is not None else 0
+        dram.index, dram.place, dram.has_lower = self._index, self, ssd is not None
+        if ssd is not None:
+            ssd.attach(self._index, self, high_watermark)
+        # the one place the tiers are put in order (fastest first): what stats() reports, in that order
+        self._tiers: tuple[Tier, ...] = tuple(
+            sorted((t for t in (dram, ssd) if t is not None), key=lambda t: TIER_ORDER.index(t.name))
+        )
         # the fresh share is of the whole store (the SSD tier extends main), at most half of DRAM
-        self._fresh_max = min(int((self._high + self._ssd_high) * FRESH_SHARE), self._high // 2)
+        dram.fresh_max = min(int((dram.high + (ssd.high if ssd else 0)) * FRESH_SHARE), dram.high // 2)
+        self._reserve = dram.reserve  # the hot paths' DRAM calls, bound once
+        self._touch = dram.touch
         self._expiring: list[tuple[float, int, bytes, Entry]] = []  # heap by expiry time
         self._tiebreak = itertools.count()
         self._lock = threading.Lock()
@@ -239,11 +236,10 @@ class Store(KVMapping):
         self._closed = False
         self._shared: SharedIndex | None = None
         self._staged = 0  # bytes of begin_put values waiting in memory to go to SSD
-        self._counters = {
-            tier: dict.fromkeys(("hits", "misses", "evictions", "promotions"), 0) for tier in ("dram", "ssd")
-        }
-        if self._ssd is not None:
-            for rec in sorted(self._ssd.load(time.time()), key=lambda r: (r.seg, r.off)):  # oldest first
+        self._counters = {tier.name: tier.counters for tier in self._tiers}
+        self._counters.setdefault("ssd", dict.fromkeys(dram.counters, 0))  # misses are counted without one
+        if ssd is not None:
+            for rec in sorted(ssd.load(time.time()), key=lambda r: (r.seg, r.off)):  # oldest first
                 entry = Entry(rec.size)
                 entry.seg, entry.seg_off, entry.crc = rec.seg, rec.off, rec.crc
                 entry.expires, entry.version, entry.tag = rec.expires, rec.version, rec.tag
@@ -251,7 +247,7 @@ class Store(KVMapping):
                 entry.durable = bool(rec.flags & DURABLE)
                 self._index[rec.key] = entry
                 if not entry.pinned and not entry.sticky:
-                    self._ssd_order[rec.key] = entry
+                    ssd.order[rec.key] = entry
                 if entry.expires:
                     heapq.heappush(self._expiring, (entry.expires, next(self._tiebreak), rec.key, entry))
 
@@ -267,13 +263,16 @@ class Store(KVMapping):
                 self._idle.wait()
             self._dram.close()
             if self._ssd is not None:
+                self._ssd.order.clear()
                 self._ssd.close()
             self._index.clear()
-            self._lru.clear()
-            self._fresh.clear()
-            self._ghost.clear()
-            self._ssd_order.clear()
             self._datadir_lock.release()
+
+    # Views of the DRAM tier's queues, as they were when the store kept them (tests look at them).
+    _fresh = property(lambda self: self._dram.fresh)
+    _lru = property(lambda self: self._dram.main)
+    _ghost = property(lambda self: self._dram.ghost)
+    _fresh_bytes = property(lambda self: self._dram.fresh_bytes)
 
     def persist(self, keys: Iterable[Key] | None = None) -> int:
         """Make objects survive power loss: write those that live only in DRAM to SSD, then flush their
@@ -294,7 +293,7 @@ class Store(KVMapping):
                 if entry is None:
                     continue
                 if entry.seg < 0:
-                    self._write_to_ssd(raw, entry, self._dram_bytes(entry))
+                    self._write_to_ssd(raw, entry, self._dram.block(entry))
                     written += 1
                 segments.add(entry.seg)
             self._ssd.commit(durable_segments=segments or None)
@@ -381,7 +380,7 @@ class Store(KVMapping):
             if self._expiring:
                 self._reap_expired()
             self._check_replace(raw, key, entry, options.replace)
-            entry.dram, entry.dram_off = self._alloc_dram(size)
+            entry.dram, entry.dram_off = self._reserve(size)
             if entry.dram >= 0:
                 return PendingPut(raw, key, entry, self._dram.view[entry.dram_off : entry.dram_off + size], options)
             if entry.pinned or self._ssd is None:
@@ -422,7 +421,7 @@ class Store(KVMapping):
         with self._lock:
             if pending.entry.dram >= 0:
                 if not self._closed:
-                    self._dram.free(pending.entry.dram)
+                    self._dram.release(pending.entry.dram)
                 pending.entry.dram = pending.entry.dram_off = -1
             else:
                 self._unstage(pending)
@@ -441,7 +440,7 @@ class Store(KVMapping):
             self._dram.arena.write(entry.dram_off, value)
         except BaseException:
             with self._lock:
-                self._dram.free(entry.dram)
+                self._dram.release(entry.dram)
             raise
         finally:
             with self._lock:
@@ -485,7 +484,7 @@ class Store(KVMapping):
         if self._expiring:
             self._reap_expired()
         self._check_replace(raw, key, entry, options.replace)
-        entry.dram, entry.dram_off = self._alloc_dram(entry.size)
+        entry.dram, entry.dram_off = self._reserve(entry.size)
         if entry.dram < 0:
             self._put_ssd_only(raw, key, entry, value)
             return True
@@ -494,7 +493,7 @@ class Store(KVMapping):
         try:
             self._dram.arena.write(entry.dram_off, value)
         except BaseException:
-            self._dram.free(entry.dram)
+            self._dram.release(entry.dram)
             raise
         self._publish(raw, key, entry, options, value)
         return True
@@ -521,91 +520,28 @@ class Store(KVMapping):
         try:
             self._check_replace(raw, key, entry, options.replace)
         except KeyExists:
-            self._dram.free(entry.dram)
+            self._dram.release(entry.dram)
             raise
         if durable or (entry.sticky and self._ssd is not None):
             try:
                 self._write_to_ssd(raw, entry, memoryview(value).cast("B"))
             except BaseException:
-                self._dram.free(entry.dram)
+                self._dram.release(entry.dram)
                 raise
         old = self._index.get(raw)
         self._index[raw] = entry
         if self._shared is not None:
             self._share(raw, entry)
-        lru = self._lru
-        if old is not None:  # _unqueue, inline: a put costs a few µs and each call ~0.1
-            if old.queue == MAIN:
-                del lru[raw]
-            elif old.queue == FRESH:
-                del self._fresh[raw]
-                self._fresh_bytes -= old.size
-            old.queue = 0
+        if old is not None:
+            if old.queue:
+                self._dram.unqueue(raw, old)
             self._discard(raw, old)
-        if not entry.pinned and (not entry.sticky or self._ssd is not None):  # _evictable and _enqueue
-            if old is not None:  # replaced: used again
-                entry.queue = MAIN
-                lru[raw] = entry
-            elif not self._ghost or raw not in self._ghost:
-                entry.queue = FRESH
-                self._fresh[raw] = entry
-                self._fresh_bytes += entry.size
-            else:
-                self._enqueue(raw, entry, False)
+        if not entry.pinned and (not entry.sticky or self._ssd is not None):  # DramTier.evictable, inline
+            self._dram.enqueue(raw, entry, old is not None)  # replaced: used again
         if entry.expires:
             heapq.heappush(self._expiring, (entry.expires, next(self._tiebreak), raw, entry))
         if self._ssd is not None:
             self._ssd.commit(durable_segments={entry.seg} if durable else None)
-
-    def _dram_bytes(self, entry: Entry) -> memoryview:
-        return self._dram.view[entry.dram_off : entry.dram_off + entry.size]
-
-    def _enqueue(self, raw: bytes, entry: Entry, again: bool) -> None:
-        """Queue a new DRAM resident for eviction (lock held): in main if its key was just replaced or
-        evicted lately (``again``, or in the ghost list), else in fresh."""
-        ghost = self._ghost
-        if again or (ghost and raw in ghost):
-            if not again:
-                del ghost[raw]
-            entry.queue = MAIN
-            self._lru[raw] = entry
-        else:
-            entry.queue = FRESH
-            self._fresh[raw] = entry
-            self._fresh_bytes += entry.size
-
-    def _unqueue(self, raw: bytes, entry: Entry) -> None:
-        """Take an entry out of its eviction queue, if it is in one (lock held)."""
-        queue = entry.queue
-        if queue == MAIN:
-            del self._lru[raw]
-        elif queue == FRESH:
-            del self._fresh[raw]
-            self._fresh_bytes -= entry.size
-        entry.queue = 0
-
-    def _touch(self, raw: bytes, entry: Entry) -> None:
-        """A read of a DRAM resident: the most recently used of main (lock held).  O(1)."""
-        queue = entry.queue
-        if queue == MAIN:
-            self._lru.move_to_end(raw)
-        elif queue == FRESH:
-            del self._fresh[raw]
-            self._fresh_bytes -= entry.size
-            entry.queue = MAIN
-            self._lru[raw] = entry
-
-    def _remember(self, raw: bytes) -> None:
-        """Note a key evicted from DRAM without an SSD copy, so that it enters main if put again soon."""
-        ghost = self._ghost
-        ghost[raw] = None
-        if len(ghost) > self._ghost_factor * len(self._index) + 64:
-            ghost.popitem(last=False)
-
-    def _evictable(self, entry: Entry) -> bool:
-        """Whether a DRAM-resident entry belongs in the LRU: pinned ones stay put, and sticky ones can
-        only leave by demotion, so without an SSD tier they stay put too."""
-        return not entry.pinned and (not entry.sticky or self._ssd is not None)
 
     def _put_ssd_only(self, raw: bytes, key: Key, entry: Entry, value: Any) -> None:
         """No DRAM block can be had: store straight to SSD if the value may live there (lock held)."""
@@ -615,7 +551,7 @@ class Store(KVMapping):
         old = self._index.get(raw)
         self._unshare(raw)
         if old is not None:
-            self._unqueue(raw, old)
+            self._dram.unqueue(raw, old)
             self._discard(raw, old)
         self._index[raw] = entry
         if entry.expires:
@@ -625,7 +561,7 @@ class Store(KVMapping):
     def _no_dram_room(self, key: Key, entry: Entry) -> str:
         """Why a value that may live only in DRAM got no block (lock held): the pool's size, its high
         watermark (no value above it ever fits), how much pinned or in-use objects hold, and what fits."""
-        capacity, high, used = self._dram.capacity, self._high, self._dram.used
+        capacity, high, used = self._dram.capacity, self._dram.high, self._dram.used
         what = "a pinned value" if entry.pinned else "a value"
         if entry.size > high:
             why = (
@@ -649,21 +585,46 @@ class Store(KVMapping):
 
     def _write_to_ssd(self, raw: bytes, entry: Entry, data: memoryview) -> None:
         """Give an entry an SSD copy of ``data`` (lock held); OutOfSpace if the tier has no room."""
-        assert self._ssd is not None
-        if not self._ssd_room(entry.size, keep=entry.pinned or entry.sticky):
+        ssd = self._ssd
+        assert ssd is not None
+        if not ssd.allocate(raw, entry):
             raise OutOfSpace(
                 f"key {decode_key(raw)!r:.80}: no room for {format_size(entry.size)} on the SSD tier "
-                f"({format_size(self._ssd.used)} of {format_size(self._ssd.capacity)} used)"
+                f"({format_size(ssd.used)} of {format_size(ssd.capacity)} used)"
             )
         if entry.crc < 0:
             entry.crc = _engine.crc32c(data)
-        entry.seg, entry.seg_off = self._ssd.append(
-            raw, data, entry.crc, entry.expires, _flags(entry), entry.version, entry.tag
-        )
-        if not entry.pinned and not entry.sticky:
-            order = self._ssd_order
-            order.pop(raw, None)  # a replaced value's place, if it is still there
-            order[raw] = entry
+        ssd.write(raw, entry, data)
+
+    # -- what the tiers ask of the store (tiers/base.Placement) -----------------------------------------
+
+    def demote(self, raw: bytes, entry: Entry, earned: bool) -> bool:
+        """Give a DRAM value leaving the pool an SSD copy (lock held); False once the SSD tier is full.
+        A value never read since put is demoted only into free space: reclaiming room for it would push
+        out values that earned their place."""
+        ssd = self._ssd
+        if ssd is None:
+            return False
+        if not earned and not ssd.has_room(entry.size):
+            return True
+        try:
+            self._write_to_ssd(raw, entry, self._dram.block(entry))
+        except OutOfSpace:
+            return False
+        return True
+
+    def drop(self, raw: bytes, entry: Entry) -> None:
+        del self._index[raw]
+        self._discard(raw, entry)
+
+    def lost(self, raw: bytes, entry: Entry) -> None:
+        if self._index.get(raw) is entry:
+            del self._index[raw]
+        entry.dead = True
+        self._dram.remember(raw)
+
+    def read_since(self, raw: bytes, entry: Entry) -> bool:
+        return self._read_shared_since(raw, entry)
 
     # -- the shared index (node mode) -------------------------------------------------------------------
 
@@ -673,6 +634,7 @@ class Store(KVMapping):
         with self._lock:
             self._check_open()
             self._shared = index
+            self._dram.second_chances = True  # reads through it earn a second chance against eviction
             for raw, entry in self._index.items():
                 self._share(raw, entry)
 
@@ -684,6 +646,9 @@ class Store(KVMapping):
             self._shared.publish(key_digest(raw), entry.dram_off, entry.size)
         else:
             self._shared.remove(key_digest(raw))
+
+    def withdraw(self, raw: bytes) -> None:
+        self._unshare(raw)
 
     def _unshare(self, raw: bytes) -> None:
         """Withdraw a key from the shared index before its block can be freed (lock held)."""
@@ -703,182 +668,19 @@ class Store(KVMapping):
         if self._ssd is not None:
             self._ssd.commit(durable_segments=durable_segments)
 
-    # -- space ------------------------------------------------------------------------------------------
-
-    def _alloc_dram(self, size: int) -> tuple[int, int]:
-        """A DRAM block for ``size`` bytes, evicting LRU objects as needed; (-1, -1) if impossible."""
-        allocator = self._dram.allocator
-        if size > self._high:
-            return -1, -1
-        if allocator.used + size > self._high:
-            while allocator.used + size > self._low and self._evict_one():
-                pass
-        handle, offset = allocator.reserve(size)
-        while handle < 0 and self._evict_one():
-            handle, offset = allocator.reserve(size)
-        return handle, offset
-
-    def _evict_one(self) -> bool:
-        """Move one unleased object out of DRAM (lock held); False if none can go.
-
-        The oldest fresh object goes first while fresh ones hold more than their share of DRAM (or main
-        is empty), else the least recently used of main.  It is demoted to SSD unless it already has a
-        copy there; with no SSD tier (or no room on it) it is dropped (and its key remembered in the
-        ghost list), unless it is sticky, in which case the next candidate is tried.  An object read
-        through the shared index since eviction last looked gets a second chance (it counts as read);
-        when every candidate had one, the oldest goes all the same (busy readers must not make puts
-        fail)."""
-        if self._shared is None and self._ssd is None:  # the common case, inline: the head goes
-            queue = self._fresh if self._fresh_bytes > self._fresh_max or not self._lru else self._lru
-            if queue:
-                raw, entry = next(iter(queue.items()))
-                if not entry.readers:
-                    del queue[raw]
-                    if entry.queue == FRESH:
-                        self._fresh_bytes -= entry.size
-                    entry.queue = 0
-                    self._counters["dram"]["evictions"] += 1
-                    del self._index[raw]
-                    self._discard(raw, entry)
-                    self._remember(raw)
-                    return True
-        ssd_full = self._ssd is None
-        refreshed: list[tuple[bytes, Entry]] = []  # read through the shared index since last looked at
-        victim: Entry | None = None
-        raw = b""
-        if self._fresh_bytes > self._fresh_max or not self._lru:
-            queues = (self._fresh, self._lru)
-        else:
-            queues = (self._lru, self._fresh)
-        for second_chances in (self._shared is not None, False):
-            for queue in queues:
-                for raw, entry in queue.items():
-                    if entry.readers:
-                        continue
-                    if second_chances and self._read_shared_since(raw, entry):
-                        refreshed.append((raw, entry))
-                        continue
-                    if (
-                        entry.seg < 0
-                        and not ssd_full
-                        and (
-                            queue is self._lru
-                            or entry.sticky
-                            or (self._ssd.fits(entry.size) and self._ssd.live + entry.size <= self._ssd_high)
-                        )
-                    ):
-                        # a value never read since put is demoted only into free space: reclaiming
-                        # room for it would push out values that earned their place
-                        try:
-                            self._write_to_ssd(raw, entry, self._dram_bytes(entry))
-                        except OutOfSpace:
-                            ssd_full = True
-                    if entry.seg >= 0 or not entry.sticky:
-                        victim = entry
-                        break
-                if victim is not None:
-                    break
-            if victim is not None or not refreshed:
-                break
-        for r, e in refreshed:
-            self._touch(r, e)
-        if victim is None:
-            return False
-        entry = victim
-        self._unqueue(raw, entry)
-        self._counters["dram"]["evictions"] += 1
-        self._unshare(raw)
-        if entry.seg < 0:  # nowhere to demote it: it leaves the store
-            del self._index[raw]
-            self._discard(raw, entry)
-            self._remember(raw)
-        else:
-            self._dram.free(entry.dram)
-            entry.dram = entry.dram_off = -1
-        return True
-
-    def _ssd_room(self, size: int, keep: bool = False) -> bool:
-        """Make room for ``size`` bytes on SSD (lock held); False if impossible.
-
-        Two separate things.  **Eviction** keeps the live bytes within the high watermark, and nothing
-        is evicted below it: SSD copies leave in the order they were written (``_ssd_order``), except
-        that a value read since it was written (an SSD hit, or found by match_prefix) or durable gets a
-        second chance, as in CacheLib's flash cache with reinsertion: it goes to the back of the order,
-        its hits cleared.  A copy whose value is also in DRAM just goes; a value that lived only on SSD
-        leaves the store.  When every value has had its second chance, the oldest goes all the same.
-        Pinned and sticky values are never evicted, and may fill the tier to its capacity (``keep``).
-        **Compaction** then frees file space: the segment with the most garbage (removed, replaced and
-        evicted values) has its live values copied forward and is deleted.  Eviction order is kept
-        apart from where values sit in the files, so compaction does not make old values young."""
-        ssd = self._ssd
-        assert ssd is not None
-        if size > ssd.capacity:
-            return False
-        need = aligned(size)
-        high = ssd.capacity if keep else self._ssd_high
-        if ssd.live + need > high and not self._ssd_evict(ssd.live + need - high):
-            return False
-        tried: set[int] = set()
-        while not ssd.fits(size):
-            candidates = [g for g in ssd.segments.values() if g.size > g.live and g.id not in tried]
-            if not candidates:
-                return False
-            seg = max(candidates, key=lambda g: (g.size - g.live, -g.id))
-            tried.add(seg.id)
-            if seg is ssd.active:
-                ssd.active = None
-            residents = [(raw, self._index.get(raw)) for raw in ssd.keys_in(seg.id)]
-            moved = [
-                (raw, e, ssd.read(seg, e.seg_off, e.size)) for raw, e in residents if e is not None and e.seg == seg.id
-            ]
-            ssd.remove_segment(seg)
-            for raw, entry, data in moved:
-                entry.seg, entry.seg_off = ssd.append(
-                    raw, memoryview(data), entry.crc, entry.expires, _flags(entry), entry.version, entry.tag
-                )
-        return True
-
-    def _ssd_evict(self, excess: int) -> bool:
-        """Evict SSD copies, oldest first with second chances, until ``excess`` live bytes are gone
-        (lock held); False if only pinned and sticky values are left."""
-        ssd, order, index = self._ssd, self._ssd_order, self._index
-        assert ssd is not None
-        chances = len(order)  # after one lap, values get no more second chances
-        while excess > 0 and order:
-            raw, entry = next(iter(order.items()))
-            if chances > 0 and (entry.hits > 0 or entry.durable):
-                chances -= 1
-                entry.hits = 0
-                order.move_to_end(raw)
-                continue
-            del order[raw]
-            excess -= aligned(entry.size)
-            ssd.drop(raw, entry.seg, entry.seg_off, entry.size)
-            entry.seg = entry.seg_off = -1
-            if entry.dram < 0:  # its only copy: it leaves the store
-                if index.get(raw) is entry:
-                    del index[raw]
-                entry.dead = True
-                self._counters["ssd"]["evictions"] += 1
-                self._remember(raw)
-        return excess <= 0
-
     def _discard(self, raw: bytes, entry: Entry) -> None:
         """An entry left the index (replaced, removed, expired, evicted): free what no lease holds."""
         entry.dead = True
         if entry.seg >= 0:
-            self._ssd.drop(raw, entry.seg, entry.seg_off, entry.size)  # type: ignore[union-attr]
-            entry.seg = entry.seg_off = -1
-            if self._ssd_order.get(raw) is entry:
-                del self._ssd_order[raw]
+            self._ssd.free(raw, entry)  # type: ignore[union-attr]
         if entry.dram >= 0 and not entry.readers:
-            self._dram.free(entry.dram)
+            self._dram.release(entry.dram)
             entry.dram = entry.dram_off = -1
 
     def _release_lease(self, entry: Entry) -> None:
         entry.readers -= 1
         if entry.dead and not entry.readers and entry.dram >= 0:
-            self._dram.free(entry.dram)
+            self._dram.release(entry.dram)
             entry.dram = entry.dram_off = -1
 
     def _end_unlocked_op(self) -> None:
@@ -912,9 +714,7 @@ class Store(KVMapping):
             raise KeyNotFound(key)
         if entry.dram >= 0:
             dram["hits"] += 1
-            if entry.queue == MAIN:
-                self._lru.move_to_end(raw)
-            elif entry.queue:
+            if entry.queue:
                 self._touch(raw, entry)
         else:
             dram["misses"] += 1
@@ -924,7 +724,7 @@ class Store(KVMapping):
     def _remove(self, raw: bytes, entry: Entry) -> None:
         del self._index[raw]
         self._unshare(raw)
-        self._unqueue(raw, entry)
+        self._dram.unqueue(raw, entry)
         self._discard(raw, entry)
         self._commit()
 
@@ -1017,23 +817,21 @@ class Store(KVMapping):
                 return
             entry.hits += 1
             if entry.hits >= self._promote_after and not entry.pinned:
-                handle, offset = self._alloc_dram(entry.size)
+                dram = self._dram
+                handle, offset = dram.reserve(entry.size)
                 if handle >= 0 and (entry.dead or entry.dram >= 0):  # reclaimed or promoted meanwhile
-                    self._dram.free(handle)
+                    dram.release(handle)
                 elif handle >= 0:
-                    self._dram.arena.write(offset, data)
+                    dram.arena.write(offset, data)
                     entry.dram, entry.dram_off, entry.hits = handle, offset, 0
-                    entry.queue = MAIN  # read lately: it has earned main
-                    self._lru[raw] = entry
-                    self._counters["dram"]["promotions"] += 1
+                    dram.enqueue(raw, entry, True)  # read lately: it has earned main
+                    dram.counters["promotions"] += 1
                     if self._shared is not None:
                         self._share(raw, entry)
                     ssd = self._ssd
-                    if not entry.sticky and not entry.durable and entry.seg >= 0 and 2 * ssd.live > self._ssd_high:  # type: ignore[union-attr]
+                    if not entry.sticky and not entry.durable and entry.seg >= 0 and 2 * ssd.live > ssd.high:  # type: ignore[union-attr]
                         # a tier past half full keeps one copy of each value: the DRAM one, now
-                        ssd.drop(raw, entry.seg, entry.seg_off, entry.size)  # type: ignore[union-attr]
-                        entry.seg = entry.seg_off = -1
-                        self._ssd_order.pop(raw, None)
+                        ssd.free(raw, entry)  # type: ignore[union-attr]
                         self._commit()
 
     # -- queries ----------------------------------------------------------------------------------------
@@ -1065,7 +863,7 @@ class Store(KVMapping):
             for k, e in doomed:
                 del self._index[k]
                 self._unshare(k)
-                self._unqueue(k, e)
+                self._dram.unqueue(k, e)
                 self._discard(k, e)
             self._commit()
             return sum(1 for _, e in doomed if not e.expires or e.expires > now)
@@ -1137,12 +935,10 @@ class Store(KVMapping):
                 if entry is None or (entry.expires and self._lookup(raw) is None):
                     break
                 found.append((raw, entry))
-            lru = self._lru
+            touch = self._touch
             for raw, entry in reversed(found):
-                if entry.queue == MAIN:
-                    lru.move_to_end(raw)
-                elif entry.queue:
-                    self._touch(raw, entry)
+                if entry.queue:
+                    touch(raw, entry)
                 elif entry.dram < 0 and not entry.hits:
                     entry.hits = 1  # on SSD: hot for reclaim, so loading the chain cannot drop its tail
             return len(found)
@@ -1262,7 +1058,9 @@ class Store(KVMapping):
                     and self._ssd is None
                     and not self._expiring
                 ):  # the KV-cache case: the loop in Cython
-                    at = _engine.put_plain(self, run, at, BATCH_LOCKED_BYTES, results, BATCH_ERRORS, options)
+                    at = _engine.put_plain(
+                        self._dram, self, run, at, BATCH_LOCKED_BYTES, results, BATCH_ERRORS, options
+                    )
                     continue
                 copied = 0
                 while at < n and copied < BATCH_LOCKED_BYTES:
@@ -1275,7 +1073,7 @@ class Store(KVMapping):
                         results[i] = exc
         if n > 1:  # leaf first: the run's head the newest of the fresh queue
             with self._lock:
-                fresh = self._fresh
+                fresh = self._dram.fresh
                 for _, raw, _, entry, _ in reversed(run):
                     if entry.queue == FRESH:
                         fresh.move_to_end(raw)
@@ -1315,7 +1113,7 @@ class Store(KVMapping):
         single-key path must do the work (misses, SSD, large or expiring values)."""
         n = len(keys)
         results: list[Any] = [None] * n
-        index, lru = self._index, self._lru
+        index, touch = self._index, self._touch
         start = 0
         while start < n:
             with self._lock:  # taken again after each MiB copied (BATCH_LOCKED_BYTES)
@@ -1331,10 +1129,8 @@ class Store(KVMapping):
                             continue
                         results[i] = copy_out(i, key, entry)
                         hits += 1
-                        if entry.queue == MAIN:
-                            lru.move_to_end(raw)
-                        elif entry.queue:
-                            self._touch(raw, entry)
+                        if entry.queue:
+                            touch(raw, entry)
                         if entry.size >= LOCKED_COPY_MAX:  # small ones were always copied under the lock
                             copied += entry.size
                             if copied >= BATCH_LOCKED_BYTES:

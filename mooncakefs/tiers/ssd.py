@@ -31,12 +31,17 @@ import os
 import sqlite3
 import struct
 import time
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mooncakefs import _engine
+from mooncakefs._engine import Entry
 from mooncakefs.datadir import private_file, tighten
 from mooncakefs.errors import InvalidArgument, MooncakeError
+from mooncakefs.tiers.base import Placement
 from mooncakefs.tiers.segments import (
     DIRECT_ALIGN,
     SegmentFiles,
@@ -350,6 +355,11 @@ def resolve_ssd(ssd: int | str | None, ssd_dir: str | Path | None) -> tuple[int 
 
 
 PINNED, STICKY, DURABLE = 1, 2, 4  # bits of the index's flags column
+
+
+def entry_flags(entry: Entry) -> int:
+    """An entry's pin, sticky and durable marks as the index's flags column keeps them."""
+    return (PINNED if entry.pinned else 0) | (STICKY if entry.sticky else 0) | (DURABLE if entry.durable else 0)
 
 
 class SsdTier:
@@ -809,6 +819,108 @@ class SsdTier:
         self.segments.clear()
         self.active = None
         self.backend.close()
+
+    # -- the Tier protocol (tiers/base.py) and the SSD cache policy --------------------------------------
+    # The store calls these under its lock, after ``attach``.  Eviction keeps the live bytes within the
+    # high watermark, and nothing is evicted below it: copies leave in the order they were written
+    # (``order``), except that a value read since it was written (an SSD hit, or found by match_prefix) or
+    # durable gets a second chance, as in CacheLib's flash cache with reinsertion: it goes to the back of
+    # the order, its hits cleared.  A copy whose value is also in DRAM just goes; a value that lived only
+    # on SSD leaves the store.  When every value has had its second chance, the oldest goes all the same.
+    # Pinned and sticky values are never evicted, and may fill the tier to its capacity.  Compaction then
+    # frees file space: the segment with the most garbage (removed, replaced and evicted values) has its
+    # live values copied forward and is deleted.  Eviction order is kept apart from where values sit in
+    # the files, so compaction does not make old values young.
+
+    def attach(self, index: dict[bytes, Entry], place: Placement, high_watermark: float) -> None:
+        """Start serving a store: its index (compaction moves the values it names) and its placement."""
+        self.index, self.place = index, place
+        self.high = int(self.capacity * high_watermark)
+        self.order: OrderedDict[bytes, Entry] = OrderedDict()  # evictable copies, oldest first
+        self.counters = dict.fromkeys(("hits", "misses", "evictions", "promotions"), 0)
+
+    def allocate(self, raw: bytes, entry: Entry) -> bool:
+        return self.room(entry.size, keep=entry.pinned or entry.sticky)
+
+    def write(self, raw: bytes, entry: Entry, data: Any) -> None:
+        """Append the entry's value (its ``crc`` already taken) and note where it went."""
+        entry.seg, entry.seg_off = self.append(
+            raw, data, entry.crc, entry.expires, entry_flags(entry), entry.version, entry.tag
+        )
+        if not entry.pinned and not entry.sticky:
+            self.order.pop(raw, None)  # a replaced value's place, if it is still there
+            self.order[raw] = entry
+
+    def read_value(self, entry: Entry, dst: Any) -> int:
+        seg = self.pin(entry.seg)
+        try:
+            self.read_into(seg, entry.seg_off, entry.size, memoryview(dst).cast("B")[: entry.size])
+        finally:
+            self.unpin(seg)
+        return entry.size
+
+    def free(self, raw: bytes, entry: Entry) -> None:
+        self.drop(raw, entry.seg, entry.seg_off, entry.size)
+        entry.seg = entry.seg_off = -1
+        if self.order.get(raw) is entry:
+            del self.order[raw]
+
+    def victims(self) -> Iterator[tuple[bytes, Entry]]:
+        return iter(self.order.items())
+
+    def has_room(self, size: int) -> bool:
+        """Whether ``size`` bytes fit in free space under the high watermark, evicting nothing."""
+        return self.fits(size) and self.live + size <= self.high
+
+    def room(self, size: int, keep: bool = False) -> bool:
+        """Make room for ``size`` bytes (``keep``: a pinned or sticky value, which may fill the tier to
+        its capacity); False if impossible."""
+        if size > self.capacity:
+            return False
+        need = aligned(size)
+        high = self.capacity if keep else self.high
+        if self.live + need > high and not self._evict(self.live + need - high):
+            return False
+        tried: set[int] = set()
+        while not self.fits(size):
+            candidates = [g for g in self.segments.values() if g.size > g.live and g.id not in tried]
+            if not candidates:
+                return False
+            seg = max(candidates, key=lambda g: (g.size - g.live, -g.id))
+            tried.add(seg.id)
+            if seg is self.active:
+                self.active = None
+            residents = [(raw, self.index.get(raw)) for raw in self.keys_in(seg.id)]
+            moved = [
+                (raw, e, self.read(seg, e.seg_off, e.size)) for raw, e in residents if e is not None and e.seg == seg.id
+            ]
+            self.remove_segment(seg)
+            for raw, entry, data in moved:
+                entry.seg, entry.seg_off = self.append(
+                    raw, memoryview(data), entry.crc, entry.expires, entry_flags(entry), entry.version, entry.tag
+                )
+        return True
+
+    def _evict(self, excess: int) -> bool:
+        """Evict copies, oldest first with second chances, until ``excess`` live bytes are gone; False if
+        only pinned and sticky values are left."""
+        order = self.order
+        chances = len(order)  # after one lap, values get no more second chances
+        while excess > 0 and order:
+            raw, entry = next(iter(order.items()))
+            if chances > 0 and (entry.hits > 0 or entry.durable):
+                chances -= 1
+                entry.hits = 0
+                order.move_to_end(raw)
+                continue
+            del order[raw]
+            excess -= aligned(entry.size)
+            self.drop(raw, entry.seg, entry.seg_off, entry.size)
+            entry.seg = entry.seg_off = -1
+            if entry.dram < 0:  # its only copy: it leaves the store
+                self.counters["evictions"] += 1
+                self.place.lost(raw, entry)
+        return excess <= 0
 
 
 # -- checking ----------------------------------------------------------------------------------------------

@@ -1,0 +1,153 @@
+"""The Tier protocol (mooncakefs/tiers/base.py), run against every tier present: allocate, write, read
+back, free, usage and capacity, eviction order, and a full tier saying so.  The tiers are real (a memfd
+pool, segment files on disk); only the store around them is a recording stand-in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from conftest import rand_bytes
+from mooncakefs._engine import Entry, crc32c
+
+import mooncakefs
+from mooncakefs.errors import OutOfSpace
+from mooncakefs.tiers.base import TIER_ORDER, Tier
+from mooncakefs.tiers.dram import DramTier
+from mooncakefs.tiers.ssd import SsdTier
+
+CAPACITY = 1 << 20
+
+
+class RecordingPlacement:
+    """A store stand-in that owns an index and records what the tier asked of it."""
+
+    def __init__(self) -> None:
+        self.index: dict[bytes, Entry] = {}
+        self.dropped: list[bytes] = []
+        self.tier: Tier | None = None
+
+    def demote(self, raw: bytes, entry: Entry, earned: bool) -> bool:
+        return False  # no tier below
+
+    def drop(self, raw: bytes, entry: Entry) -> None:
+        """Out of the store: its block goes back to the tier (the real store frees it in every tier)."""
+        del self.index[raw]
+        entry.dead = True
+        self.tier.free(raw, entry)  # type: ignore[union-attr]
+        self.dropped.append(raw)
+
+    def lost(self, raw: bytes, entry: Entry) -> None:
+        self.index.pop(raw, None)
+        entry.dead = True
+        self.dropped.append(raw)
+
+    def withdraw(self, raw: bytes) -> None:
+        pass
+
+    def read_since(self, raw: bytes, entry: Entry) -> bool:
+        return False
+
+
+def make_dram(tmp_path, place: RecordingPlacement) -> DramTier:
+    tier = DramTier(CAPACITY, high_watermark=1.0, low_watermark=1.0)
+    tier.index, tier.place = place.index, place
+    return tier
+
+
+def make_ssd(tmp_path, place: RecordingPlacement) -> SsdTier:
+    tier = SsdTier(tmp_path / "ssd", CAPACITY, segment_size=256 << 10, index_path=tmp_path / "index.sqlite")
+    tier.attach(place.index, place, high_watermark=1.0)
+    return tier
+
+
+@pytest.fixture(params=[make_dram, make_ssd], ids=["dram", "ssd"])
+def tier_and_place(request, tmp_path) -> Iterator[tuple[Tier, RecordingPlacement]]:
+    place = RecordingPlacement()
+    tier = request.param(tmp_path, place)
+    place.tier = tier
+    yield tier, place
+    tier.close()
+
+
+def store_value(tier: Tier, place: RecordingPlacement, raw: bytes, data: bytes) -> Entry:
+    """What the store does to place a value in one tier: allocate, then write (and admit it to the
+    tier's eviction order, which the DRAM tier keeps apart from writing)."""
+    entry = Entry(len(data))
+    entry.crc = crc32c(data)
+    assert tier.allocate(raw, entry), f"{tier.name}: no room for {len(data)} bytes"
+    tier.write(raw, entry, memoryview(data))
+    if isinstance(tier, DramTier):
+        tier.enqueue(raw, entry, False)
+    place.index[raw] = entry
+    return entry
+
+
+def test_tiers_are_named_in_the_one_order():
+    assert [DramTier.name, SsdTier.name] == [n for n in TIER_ORDER if n in ("dram", "ssd")]
+
+
+def test_write_read_free_and_usage(tier_and_place):
+    tier, place = tier_and_place
+    assert tier.capacity == CAPACITY and tier.used == 0
+    values = {f"k{i}".encode(): rand_bytes(1000 + 4096 * i, seed=i) for i in range(4)}
+    entries = {raw: store_value(tier, place, raw, data) for raw, data in values.items()}
+    assert tier.used >= sum(len(v) for v in values.values())
+    for raw, data in values.items():
+        out = bytearray(len(data) + 10)
+        assert tier.read_value(entries[raw], out) == len(data)
+        assert bytes(out[: len(data)]) == data
+    for raw in values:
+        tier.free(raw, entries[raw])
+    assert tier.used == 0  # all given back (SSD: a segment's file goes with its last value)
+
+
+def test_victims_come_oldest_first(tier_and_place):
+    tier, place = tier_and_place
+    keys = [f"v{i}".encode() for i in range(5)]
+    for i, raw in enumerate(keys):
+        store_value(tier, place, raw, rand_bytes(2048, seed=i))
+    assert [raw for raw, _ in tier.victims()] == keys
+
+
+def test_a_full_tier_refuses_and_evicts_only_what_may_go(tier_and_place):
+    """Pinned values may not leave: once they fill the tier, allocate says no (the store turns that into
+    OutOfSpace); unpinned ones are evicted to make room, oldest first."""
+    tier, place = tier_and_place
+    entry = Entry(CAPACITY + 1)
+    assert not tier.allocate(b"huge", entry)
+    block = 64 << 10
+    pinned = 0
+    while True:
+        e = Entry(block)
+        e.pinned = True
+        e.crc = crc32c(bytes(block))
+        if not tier.allocate(b"p%d" % pinned, e):
+            break
+        tier.write(b"p%d" % pinned, e, memoryview(bytes(block)))
+        place.index[b"p%d" % pinned] = e
+        pinned += 1
+    assert pinned >= (CAPACITY // block) - 2
+    assert place.dropped == []  # nothing evictable: nothing was dropped
+
+
+def test_eviction_makes_room_from_the_oldest(tier_and_place):
+    tier, place = tier_and_place
+    block = 64 << 10
+    n = CAPACITY // block + 4
+    for i in range(n):
+        store_value(tier, place, b"e%d" % i, rand_bytes(block, seed=i))
+    assert place.dropped and place.dropped == [b"e%d" % i for i in range(len(place.dropped))]
+    assert tier.used <= tier.capacity
+
+
+@pytest.mark.parametrize("tier_name", ["dram", "ssd"])
+def test_the_store_says_which_tier_is_full(tmp_path, tier_name):
+    with mooncakefs.open(tmp_path / "kv", dram="1MiB", ssd="1MiB") as store:
+        if tier_name == "dram":
+            with pytest.raises(OutOfSpace, match="no room for a pinned value of 2MiB: the DRAM pool is 1MiB"):
+                store.put("big", bytes(2 << 20), pin=True)
+        else:
+            with pytest.raises(OutOfSpace, match="on the SSD tier"):
+                store.put("big", bytes(2 << 20), durable=True)
+        assert "big" not in store
