@@ -228,6 +228,7 @@ class Store(KVMapping):
         dram.fresh_max = min(int((dram.high + (ssd.high if ssd else 0)) * FRESH_SHARE), dram.high // 2)
         self._reserve = dram.reserve  # the hot paths' DRAM calls, bound once
         self._touch = dram.touch
+        self._enqueue = dram.enqueue
         self._expiring: list[tuple[float, int, bytes, Entry]] = []  # heap by expiry time
         self._tiebreak = itertools.count()
         self._lock = threading.Lock()
@@ -537,7 +538,7 @@ class Store(KVMapping):
                 self._dram.unqueue(raw, old)
             self._discard(raw, old)
         if not entry.pinned and (not entry.sticky or self._ssd is not None):  # DramTier.evictable, inline
-            self._dram.enqueue(raw, entry, old is not None)  # replaced: used again
+            self._enqueue(raw, entry, old is not None)  # replaced: used again
         if entry.expires:
             heapq.heappush(self._expiring, (entry.expires, next(self._tiebreak), raw, entry))
         if self._ssd is not None:
