@@ -1,5 +1,6 @@
-"""Storage tiers: where object bytes live.  The store decides what goes where; a tier only keeps
-bytes and its own space accounting."""
+"""Storage tiers: where object bytes live.  Each tier (the ``Tier`` protocol, tiers/base.py) keeps its
+bytes, its space accounting and its eviction order; the store decides what goes where and moves values
+between tiers in ``TIER_ORDER``."""
 
 from mooncakefs.tiers.dram import DramTier
 from mooncakefs.tiers.ssd import SsdTier
