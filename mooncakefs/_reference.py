@@ -404,6 +404,8 @@ class SharedIndex:
         self.table = _write_view(table, "index table")
         self.pool = None if pool is None else _read_view(pool, "pool")
         n = len(self.table)
+        if n < INDEX_HEADER_BYTES + INDEX_SLOT_BYTES:
+            raise ValueError("index table too small")
         if create:
             self.table[:] = bytes(n)
             slots = 1
@@ -411,7 +413,13 @@ class SharedIndex:
                 slots *= 2
             _HEAD.pack_into(self.table, 0, _IDX_MAGIC, slots, time.monotonic_ns())
         magic, self.slots, _ = _HEAD.unpack_from(self.table, 0)
-        if magic != _IDX_MAGIC:
+        slots = self.slots
+        if (
+            magic != _IDX_MAGIC
+            or slots == 0
+            or slots & (slots - 1)
+            or slots > (n - INDEX_HEADER_BYTES) // INDEX_SLOT_BYTES
+        ):
             raise ValueError("not a mooncakefs shared index")
 
     def _slot(self, i: int) -> list[int]:

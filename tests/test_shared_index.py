@@ -288,3 +288,22 @@ def test_values_every_reader_touched_are_still_evicted_when_a_put_needs_the_room
             store.put(f"k{i}", value)
         assert store.get("k299") == value
         assert store.stats()["dram"]["evictions"] >= 180
+
+
+@pytest.mark.parametrize("module", [_engine, _reference])
+def test_a_damaged_header_is_refused_by_both_engines(module):
+    """A slot count that is zero, not a power of two or past the end of the mapping, or a wrong magic:
+    neither the Cython index nor its twin trusts the table."""
+    table = bytearray(HEADER + 64 * _engine.INDEX_SLOT_BYTES)
+    module.SharedIndex(table, create=True)
+    for slots in (0, 3, 128, 1 << 40):
+        bad = bytearray(table)
+        struct.pack_into("<Q", bad, 8, slots)
+        with pytest.raises(ValueError, match="not a mooncakefs shared index"):
+            module.SharedIndex(bad)
+    bad = bytearray(table)
+    bad[:8] = bytes(8)
+    with pytest.raises(ValueError, match="not a mooncakefs shared index"):
+        module.SharedIndex(bad)
+    with pytest.raises(ValueError, match="too small"):
+        module.SharedIndex(bytearray(HEADER))
