@@ -64,6 +64,9 @@ STORES_IN_FLIGHT = 2  # full chunks stored by worker threads while the next writ
 LEASES_HELD = 64  # zero-copy replies: a view is released this many reads later, long after the reply
 INLINE_MAX = 64 << 10  # files up to this size keep their bytes in a local namespace, not in a chunk
 REAP_DELAY = 0.02  # s: inodes forgotten meanwhile are deleted in one transaction (an rm -r: one per file)
+# s: a local namespace's changes are committed in groups at most this much later (what kill -9 may lose),
+# since a commit costs as much as the rest of a create; fsync, fsyncdir and statfs commit at once.
+COMMIT_DELAY = 0.02
 
 
 def chunk_key(ino: int, idx: int) -> InternalKey:
@@ -196,6 +199,9 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         self.started = time.time()
         self.swarm: Any = None  # a cluster mount: fetches chunks from other readers too (mooncakefs.p2p)
         self.doomed: list[int] = []  # nameless, closed and forgotten inodes waiting to be deleted
+        self.commit_due = False  # a group commit of the namespace is scheduled
+        # The errno of a failed group commit: its changes are lost, and the mount is read-only from then.
+        self.lost: int | None = None
 
     # -- start and stop --------------------------------------------------------------------------------
 
@@ -206,17 +212,69 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             self._delete_inode(ino)
         return len(orphans)
 
+    def start_serving(self, nursery: trio.Nursery) -> None:
+        """Run background work (chunk stores, deletions, group commits) in ``nursery`` from now on."""
+        self.nursery = nursery
+        if not self.shared:
+            self.ns.group_commits(self._schedule_commit)
+
+    def stop_serving(self) -> None:
+        """Back to doing everything before answering: commits the namespace's open group."""
+        self.nursery = None
+        if not self.shared:
+            with contextlib.suppress(pyfuse3.FUSEError):  # (logged; the unmount goes on)
+                self._commit()
+            self.ns.group_commits(None)
+
     def shutdown(self) -> None:
         """Store every buffered write and make all file data durable (a clean unmount)."""
         for ino in list(self.files):
-            self._commit_file(ino)
+            if self.lost is None:
+                self._commit_file(ino)
             self._drop_cached_chunk(self.files[ino])
         self._reap()
         if self.swarm is not None:
             self.swarm.close()
         self._release_leases(0)
         self.store.persist()
-        self.ns.sync()
+        with contextlib.suppress(pyfuse3.FUSEError):  # (logged: a lost group is not synced)
+            self._commit()
+            self.ns.sync()
+
+    # -- group commits ---------------------------------------------------------------------------------
+
+    def _schedule_commit(self) -> None:
+        """A change opened a namespace group: commit it within COMMIT_DELAY."""
+        if not self.commit_due and self.nursery is not None:
+            self.commit_due = True
+            self.nursery.start_soon(self._commit_soon)
+
+    async def _commit_soon(self) -> None:
+        await trio.sleep(COMMIT_DELAY)
+        self.commit_due = False
+        with contextlib.suppress(pyfuse3.FUSEError):  # logged: the mount is read-only from now on
+            self._commit()
+
+    def _commit(self) -> None:
+        """Commit the namespace's open group: at the sync points, and before store objects whose names
+        must be durable first are written or removed.  A failed commit lost the group (SQLite rolls it
+        back): like a disk filesystem after a metadata write error, the mount turns read-only (what is
+        in memory no longer matches the namespace), and every later fsync, fsyncdir and flush of written
+        data answer the error (ENOSPC for a full disk, else EIO)."""
+        if self.lost is not None:
+            raise fail(self.lost)
+        changes = self.ns.uncommitted
+        try:
+            self.ns.commit()
+        except Exception as exc:
+            self.lost = errno.ENOSPC if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" else errno.EIO
+            log.error(
+                "committing %d namespace changes failed (%s): they are lost, and the mount is read-only "
+                "until it is mounted again",
+                changes,
+                exc,
+            )
+            raise fail(self.lost) from None
 
     # -- attributes ------------------------------------------------------------------------------------
 
@@ -338,9 +396,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         if parent == ROOT and name in RESERVED:
             raise fail(errno.EEXIST)
 
-    @staticmethod
-    def _writable(inode: int) -> None:
-        if inode >= KV_DIR:
+    def _writable(self, inode: int) -> None:
+        if inode >= KV_DIR or self.lost is not None:
             raise fail(errno.EROFS)
 
     async def mkdir(
@@ -421,12 +478,14 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         """Delete an inode and its chunks: at once in a shared namespace (or when not serving), else
         with those that follow within REAP_DELAY.  (A crash meanwhile leaves it nameless in the
         namespace: the next mount collects it.)"""
-        if self.shared or self.nursery is None:
+        if self.shared:
             for idx in self.ns.remove_inode(ino):
                 self.store.remove(chunk_key(ino, idx))
             return
         self.doomed.append(ino)
-        if len(self.doomed) == 1:
+        if self.nursery is None:
+            self._reap()
+        elif len(self.doomed) == 1:
             self.nursery.start_soon(self._reap_soon)
 
     async def _reap_soon(self) -> None:
@@ -437,9 +496,27 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             log.exception("deleting unlinked inodes failed")
 
     def _reap(self) -> None:
+        """Delete the doomed inodes.  Their chunks leave the store once the unlinks that left them
+        nameless are committed (a crash must not bring a name back without its bytes), and their rows
+        after that, in the open group: a crash in between leaves them nameless, for the next mount to
+        collect (removing a chunk twice is harmless).  After a lost group, nothing is deleted: the
+        unlinks may be among what was lost."""
         doomed, self.doomed = self.doomed, []
-        if doomed:
-            for ino, idx in self.ns.remove_inodes(doomed):
+        if not doomed or self.lost is not None:
+            return
+        chunks = self.ns.chunks_of(doomed)
+        if chunks:
+            self._commit()
+            for ino, idx in chunks:
+                self.store.remove(chunk_key(ino, idx))
+        self.ns.remove_inodes(doomed)
+
+    def _remove_chunks(self, ino: int, indexes: list[int]) -> None:
+        """Remove chunks the namespace forgot (a truncation, a file shrunk into its inline row), once
+        that is committed: a crash must not leave them recorded but gone (EIO)."""
+        if indexes:
+            self._commit()
+            for idx in indexes:
                 self.store.remove(chunk_key(ino, idx))
 
     # -- directories -----------------------------------------------------------------------------------
@@ -494,8 +571,15 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
     async def releasedir(self, fh: int) -> None:
         self.handles.pop(fh, None)
 
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        """Make the namespace (every directory's entries, not only this one's) survive power loss."""
+        self._commit()
+        self.ns.sync()
+
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         self._reap()  # space freed by an unlink shows at once
+        with contextlib.suppress(pyfuse3.FUSEError):  # (a lost group: df still answers)
+            self._commit()  # a cheap point to commit at: df, or a program that wants the namespace committed
         stats = self.store.stats()
         capacity = used = 0
         # A cluster's stats are per node; each chunk is stored on ``replicas`` of them.
@@ -600,6 +684,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         node = self.ns.inode(inode)
         if node.is_dir:
             raise fail(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            self._writable(inode)
         if flags & os.O_TRUNC and inode in self.files:
             await self._drain(self.files[inode])
         return self._open_file(node, flags)
@@ -773,6 +859,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
     async def _store_task(self, ino: int, state: OpenInode, idx: int, chunk: DirtyChunk, landed: trio.Event) -> None:
         try:
             data = memoryview(chunk.buf)[: chunk.filled]
+            self._commit()  # the file's inode first: a crash must not leave a chunk whose inode is lost
             await trio.to_thread.run_sync(self.store.put, chunk_key(ino, idx), data)
             self._add_chunk(ino, idx, data)
             state.unsynced.add(idx)
@@ -823,6 +910,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         if n > 0:
             if n > chunk.filled:  # the file was extended past what was written: zeros
                 chunk.buf[chunk.filled : n] = self.zeros[: n - chunk.filled]
+            self._commit()  # the file's inode first: a crash must not leave a chunk whose inode is lost
             self.store.put(chunk_key(ino, idx), memoryview(chunk.buf)[:n], durable=durable)
             self._add_chunk(ino, idx, memoryview(chunk.buf)[:n])
             if not durable:
@@ -848,6 +936,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         state = self.files[ino]
         await self._drain(state)
         state.error = None  # its chunk is back among the dirty ones: committing retries it
+        if self.lost is not None and (state.dirty or state.mtime is not None):
+            raise fail(self.lost)  # the namespace lost changes: nothing more is recorded in it
         self._commit_file(ino, durable)
 
     def _commit_file(self, ino: int, durable: bool = False) -> None:
@@ -862,11 +952,12 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             node.size, node.mtime, node.ctime = state.size, state.mtime, max(state.mtime, node.ctime)
         if node is not None and inline is not None:
             if self.ns.set_inline(ino, inline, node if state.mtime is not None else None):
-                self.store.remove(chunk_key(ino, 0))  # the file shrank into its inline row
+                self._remove_chunks(ino, [0])  # the file shrank into its inline row
         elif node is not None and state.mtime is not None:
             self.ns.update(node)
         state.mtime = None
         if durable:
+            self._commit()
             self.ns.sync()
 
     def _take_inline(self, ino: int, state: OpenInode) -> bytes | None:
@@ -898,8 +989,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         keep = -(-size // cs)  # chunks that still hold data
         for idx in [i for i in (state.dirty if state else {}) if i >= keep]:
             self.spare_buffers.append(state.dirty.pop(idx).buf)  # type: ignore[union-attr]
-        for idx in self.ns.drop_chunks_from(node.ino, keep):
-            self.store.remove(chunk_key(node.ino, idx))
+        self._remove_chunks(node.ino, self.ns.drop_chunks_from(node.ino, keep))
         tail = size % cs
         if tail and size < (state.size if state else node.size):
             last = size // cs

@@ -192,9 +192,11 @@ async def _serve_until_unmounted(fs: MooncakeFS) -> bool:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_signals)
         async with trio.open_nursery() as stores:  # background chunk stores: they finish before we exit
-            fs.nursery = stores
-            await pyfuse3.main()
-            fs.nursery = None
+            fs.start_serving(stores)
+            try:
+                await pyfuse3.main()
+            finally:
+                fs.stop_serving()
         nursery.cancel_scope.cancel()
     return signalled
 

@@ -7,8 +7,14 @@ are the exception: their bytes live ``inline`` here, committed with the file's s
 transaction (see ``MooncakeFS._take_inline``).  Where a file has an inline row, it is the truth
 for chunk 0, whatever the store holds under that chunk's key.
 
-Every method runs in one transaction, committed before it returns (WAL mode: a commit survives a
-crash of this process; ``sync()`` also makes it survive power loss).
+Every method is one atomic change.  By default each is committed before it returns; a serving mount
+groups them (``group_commits``): changes go into one open transaction, each in a savepoint, until the
+mount commits the group (on a timer, at fsync, fsyncdir, statfs and unmount, before store objects
+that depend on the namespace are written or removed, and after ``GROUP_MAX`` changes).  A commit costs
+as much as the rest of a create (a WAL append of every page it touched), so a group of them costs about
+one.  A crash of this process loses the open group only: the namespace comes back as it was at some
+commit, never with half a change (WAL mode: a commit survives a crash of this process; ``sync()``
+also makes it survive power loss).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ CACHED_INODES = 1 << 16  # rows kept in memory: every request reads one or two (
 # The WAL is checkpointed into the database every this many pages (64 MiB).  A checkpoint syncs both
 # files; SQLite's default (1000 pages) made it every few hundred file creates, 40% of a commit's cost.
 WAL_CHECKPOINT_PAGES = 16384
+GROUP_MAX = 1024  # changes in one group commit at most (a group's pages stay in SQLite's cache until then)
 
 FORMAT = 2  # 1: inodes, dentries, xattrs, settings; 2: small files' bytes inline
 _SCHEMA = """
@@ -153,6 +160,9 @@ class Namespace:
         self.db.executescript(_SCHEMA)
         # Inode rows as the database has them: only this mount changes them, so reads need not ask it.
         self._rows: dict[int, tuple[Any, ...]] = {}
+        self._grouped = 0  # changes in the open group, not committed yet
+        self._nested = False  # inside a change: methods it calls join it
+        self._on_group: Callable[[], None] | None = None  # group commits: told when a change opens a group
         self._check_format()
         stored = self.db.execute("SELECT value FROM settings WHERE name = 'chunk_size'").fetchone()
         if stored is None:
@@ -181,21 +191,72 @@ class Namespace:
             self.db.execute("INSERT OR REPLACE INTO settings VALUES ('format', ?)", (str(FORMAT),))
 
     def close(self) -> None:
-        self.db.close()
+        try:
+            self.commit()
+        finally:
+            self.db.close()
+
+    def group_commits(self, on_open: Callable[[], None] | None) -> None:
+        """Leave changes uncommitted until ``commit()`` (or ``GROUP_MAX`` of them): ``on_open`` is called
+        when a change opens a new group, so that the caller commits it soon.  None: each change commits
+        before it returns (the default; it commits the open group first)."""
+        self.commit()
+        self._on_group = on_open
+
+    @property
+    def uncommitted(self) -> int:
+        """How many changes a crash of this process would lose now."""
+        return self._grouped
+
+    def commit(self) -> None:
+        """Commit the open group, if any: every change made so far survives a crash of this process.  On
+        failure (a full disk) SQLite has rolled the whole group back: the error is raised, and the group's
+        changes are gone."""
+        if not self.db.in_transaction:
+            return
+        try:
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            self._rows.clear()  # rows changed in the group are no longer what they say
+            raise
+        finally:
+            self._grouped = 0
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        self.db.execute("BEGIN IMMEDIATE")
+        """One atomic change: a transaction of its own, or a savepoint inside the open group (or inside
+        the change that calls this one, which alone counts and commits)."""
+        if self._nested:
+            yield
+            return
+        opened = not self.db.in_transaction
+        self.db.execute("BEGIN IMMEDIATE" if opened else "SAVEPOINT change")
+        self._nested = True
         try:
             yield
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if opened:
+                self.db.execute("ROLLBACK")
+            else:
+                self.db.execute("ROLLBACK TO change")
+                self.db.execute("RELEASE change")
             self._rows.clear()  # rows changed inside the transaction are no longer what they say
             raise
-        self.db.execute("COMMIT")
+        finally:
+            self._nested = False
+        if not opened:
+            self.db.execute("RELEASE change")
+        self._grouped += 1
+        if self._on_group is None or self._grouped >= GROUP_MAX:
+            self.commit()
+        elif opened:
+            self._on_group()
 
     def sync(self) -> None:
-        """Make every committed change survive power loss (a WAL commit is an append to -wal)."""
+        """Commit, and make every committed change survive power loss (a WAL commit is an append to -wal)."""
+        self.commit()
         fd = os.open(f"{self.path}-wal", os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -241,12 +302,13 @@ class Namespace:
             node.ctime,
             node.target,
         )
-        self.db.execute(
-            "UPDATE inodes SET mode=?, nlink=?, uid=?, gid=?, rdev=?, size=?, atime=?, mtime=?, ctime=?, target=? "
-            "WHERE ino=?",
-            (*row[1:], node.ino),
-        )
-        self._cache(row)
+        with self._transaction():
+            self.db.execute(
+                "UPDATE inodes SET mode=?, nlink=?, uid=?, gid=?, rdev=?, size=?, atime=?, mtime=?, ctime=?, target=? "
+                "WHERE ino=?",
+                (*row[1:], node.ino),
+            )
+            self._cache(row)
 
     def lookup(self, parent: int, name: bytes) -> int | None:
         row = self.db.execute("SELECT ino FROM dentries WHERE parent = ? AND name = ?", (parent, name)).fetchone()
@@ -270,15 +332,16 @@ class Namespace:
         now = time.time_ns()
         is_dir = stat.S_ISDIR(mode)
         with self._transaction():
-            if self.lookup(parent, name) is not None:
-                raise fail(errno.EEXIST)
             values = (mode, 2 if is_dir else 1, uid, gid, rdev, len(target or b""), now, now, now, target)
             ino = self.db.execute(
                 "INSERT INTO inodes (mode, nlink, uid, gid, rdev, size, atime, mtime, ctime, target) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?)",
                 values,
             ).lastrowid
-            self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?,?,?)", (parent, name, ino))
+            try:  # (UNIQUE (parent, name) checks the name: cheaper than a lookup first)
+                self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?,?,?)", (parent, name, ino))
+            except sqlite3.IntegrityError:
+                raise fail(errno.EEXIST) from None
             parent_node.mtime = parent_node.ctime = now
             parent_node.nlink += is_dir
             self.update(parent_node)
@@ -375,23 +438,24 @@ class Namespace:
         for ino in (old_parent, new_parent, *(node.ino for node in nodes)):
             self._rows.pop(ino, None)
 
-    def remove_inode(self, ino: int) -> list[int]:
-        """Delete an inode that has no names and no open handles; returns its chunk indexes."""
-        return [idx for _, idx in self.remove_inodes([ino])]
+    def chunks_of(self, inos: list[int]) -> list[tuple[int, int]]:
+        """The stored chunks of these inodes, as (inode, index)."""
+        found: list[tuple[int, int]] = []
+        for ino in inos:
+            found += self.db.execute("SELECT ino, idx FROM chunks WHERE ino = ?", (ino,)).fetchall()
+        return found
 
-    def remove_inodes(self, inos: list[int]) -> list[tuple[int, int]]:
-        """Delete inodes that have no names and no open handles, in one transaction (a commit costs
-        more than the deletes); returns their chunks as (inode, index)."""
-        chunks: list[tuple[int, int]] = []
+    def remove_inodes(self, inos: list[int]) -> None:
+        """Delete inodes that have no names and no open handles, in one change (a commit costs more than
+        the deletes).  Their chunks must have left the store already: a crash before this commits
+        leaves the inodes nameless, for the next mount to collect again."""
         with self._transaction():
             for ino in inos:
-                chunks += self.db.execute("SELECT ino, idx FROM chunks WHERE ino = ?", (ino,)).fetchall()
                 self.db.execute("DELETE FROM chunks WHERE ino = ?", (ino,))
                 self.db.execute("DELETE FROM inline WHERE ino = ?", (ino,))
                 self.db.execute("DELETE FROM xattrs WHERE ino = ?", (ino,))
                 self.db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
                 self._rows.pop(ino, None)
-        return chunks
 
     def orphans(self) -> list[int]:
         """Inodes left with no names (unlinked while open when the last mount ended)."""
@@ -431,11 +495,13 @@ class Namespace:
 
     def add_chunks(self, ino: int, indexes: list[int], sums: dict[int, int] | None = None) -> None:
         """Record stored chunks (``sums``, their CRC-32Cs, matter only to a shared namespace).  A stored
-        chunk 0 replaces the file's inline bytes."""
+        chunk 0 replaces the file's inline bytes.  Committed at once, with the group before it: the chunk
+        is in the store already, and a crash must not leave it there unrecorded (a leak no mount finds)."""
         with self._transaction():
             self.db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?)", [(ino, i) for i in indexes])
             if 0 in indexes:
                 self.db.execute("DELETE FROM inline WHERE ino = ?", (ino,))
+        self.commit()
 
     def drop_chunks_from(self, ino: int, first: int) -> list[int]:
         """Forget chunks ``first`` and beyond (truncation), inline bytes too from 0; returns the indexes
