@@ -19,7 +19,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
              "test_error_codes", "test_mooncake_compat"),
     "transfer": ("test_transfer", "test_transfer_engine"),
     "fuse": ("test_fuse_kv", "test_fuse_lifecycle", "test_fuse_node", "test_fuse_posix", "test_fuse_scale",
-             "test_fuse_small_files", "test_fuse_stateful", "test_copy"),
+             "test_fuse_small_files", "test_fuse_stateful", "test_copy", "test_fuse_group_commit"),
     "cluster": ("test_cluster", "test_cluster_store", "test_etcd_client", "test_etcd_watch", "test_fuse_cluster",
                 "test_p2p", "test_mooncake_p2p_store", "test_transfer_metadata"),
     "netns": ("test_cluster_netns", "test_p2p_netns", "test_transfer_netns"),
