@@ -411,9 +411,6 @@ class EtcdNamespace:
     def sync(self) -> None:
         """Nothing to do: etcd has every committed change on a quorum's disks."""
 
-    def commit(self) -> None:
-        """Nothing to do: each change is its own etcd transaction, committed before it returns."""
-
     # -- inodes ----------------------------------------------------------------------------------------
 
     def _read(self, ino: int) -> EtcdInode | None:

@@ -261,6 +261,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         back): like a disk filesystem after a metadata write error, the mount turns read-only (what is
         in memory no longer matches the namespace), and every later fsync, fsyncdir and flush of written
         data answer the error (ENOSPC for a full disk, else EIO)."""
+        if self.shared:  # (every change is its own etcd transaction)
+            return
         if self.lost is not None:
             raise fail(self.lost)
         changes = self.ns.uncommitted

@@ -121,6 +121,13 @@ def may_replace(node: Inode, target: Inode, flags: int, is_empty: Callable[[int]
     return True
 
 
+def _batches(values: list[int], size: int = 500) -> Iterator[tuple[list[int], str]]:
+    """``values`` in slices of at most ``size``, each with the "?,?,..." of its ``IN (...)``."""
+    for start in range(0, len(values), size):
+        batch = values[start : start + size]
+        yield batch, ",".join("?" * len(batch))
+
+
 @dataclass
 class Inode:
     ino: int
@@ -441,20 +448,19 @@ class Namespace:
     def chunks_of(self, inos: list[int]) -> list[tuple[int, int]]:
         """The stored chunks of these inodes, as (inode, index)."""
         found: list[tuple[int, int]] = []
-        for ino in inos:
-            found += self.db.execute("SELECT ino, idx FROM chunks WHERE ino = ?", (ino,)).fetchall()
+        for batch, marks in _batches(inos):
+            found += self.db.execute(f"SELECT ino, idx FROM chunks WHERE ino IN ({marks})", batch).fetchall()
         return found
 
     def remove_inodes(self, inos: list[int]) -> None:
         """Delete inodes that have no names and no open handles, in one change (a commit costs more than
-        the deletes).  Their chunks must have left the store already: a crash before this commits
-        leaves the inodes nameless, for the next mount to collect again."""
+        the deletes; a statement per table, not per inode).  Their chunks must have left the store
+        already: a crash before this commits leaves the inodes nameless, for the next mount to collect."""
         with self._transaction():
+            for batch, marks in _batches(inos):
+                for table in ("chunks", "inline", "xattrs", "inodes"):
+                    self.db.execute(f"DELETE FROM {table} WHERE ino IN ({marks})", batch)
             for ino in inos:
-                self.db.execute("DELETE FROM chunks WHERE ino = ?", (ino,))
-                self.db.execute("DELETE FROM inline WHERE ino = ?", (ino,))
-                self.db.execute("DELETE FROM xattrs WHERE ino = ?", (ino,))
-                self.db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
                 self._rows.pop(ino, None)
 
     def orphans(self) -> list[int]:
