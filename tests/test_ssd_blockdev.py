@@ -247,3 +247,60 @@ def test_fsck_finds_a_corrupted_value_and_rebuild_recovers_from_the_device_journ
     with mooncakefs.open(tmp_path, ssd=device, **SMALL) as store:
         assert "victim" not in store
         assert all(store.get(f"k{i}") == rand_bytes(40_000, i) for i in range(30))
+
+
+# -- the index belongs to one device ----------------------------------------------------------------------
+
+
+def _fill(data, device: str, prefix: str, n: int = 12) -> dict[str, bytes]:
+    values = {f"{prefix}{i}": rand_bytes(30_000 + 101 * i, f"{prefix}{i}") for i in range(n)}
+    with mooncakefs.open(data, ssd=device, **SMALL) as store:
+        for key, value in values.items():
+            store.put(key, value, durable=True)
+    return values
+
+
+def _serves_exactly(data, device: str, values: dict[str, bytes], gone: dict[str, bytes]) -> str:
+    """Open ``data`` on ``device``: every key of ``values`` reads back byte-exact, none of ``gone`` is
+    there; returns why the index was rebuilt."""
+    with mooncakefs.open(data, ssd=device, **SMALL) as store:
+        for key, value in values.items():
+            assert store.get(key) == value, key
+        assert not any(key in store for key in gone)
+        recovery = store._ssd.recovery
+        assert recovery is not None and recovery.rebuilt
+        return recovery.reason
+
+
+def test_devices_swapped_under_their_data_dirs_serve_their_own_values(tmp_path, loop_devices):
+    first, second = (loop_devices.attach(device_size_for(16 * MiB, SEGMENT)) for _ in range(2))
+    a_values = _fill(tmp_path / "a", first, "a")
+    b_values = _fill(tmp_path / "b", second, "b")
+    # a's index now meets b's device: it must serve b's values (from b's journals), never a's rows
+    reason = _serves_exactly(tmp_path / "a", second, b_values, gone=a_values)
+    assert "another device" in reason and reason.count("uuid") >= 2, reason
+    assert list(tmp_path.joinpath("a").glob("index.sqlite.other-device-*")), "the old index is kept"
+    _serves_exactly(tmp_path / "a", first, a_values, gone=b_values)  # and back again
+    checked = fsck(tmp_path / "a", first)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_device_formatted_again_under_its_data_dir_serves_only_what_it_now_holds(tmp_path, device):
+    old = _fill(tmp_path / "data", device, "old")
+    new = {}
+    with mooncakefs.open(tmp_path / "other", ssd=device, ssd_format=True, **SMALL) as store:
+        for i in range(5):  # the same segment ids and offsets the old index names, other bytes
+            new[f"new{i}"] = rand_bytes(30_000 + 101 * i, f"new{i}")
+            store.put(f"new{i}", new[f"new{i}"], durable=True)
+    reason = _serves_exactly(tmp_path / "data", device, new, gone=old)
+    assert "formatted again" in reason, reason
+
+
+def test_fsck_names_an_index_made_for_another_device(tmp_path, loop_devices):
+    first, second = (loop_devices.attach(device_size_for(16 * MiB, SEGMENT)) for _ in range(2))
+    _fill(tmp_path / "a", first, "a")
+    _fill(tmp_path / "b", second, "b")
+    checked = fsck(tmp_path / "a", second)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert "another device" in checked.stdout and "--rebuild" in checked.stdout, checked.stdout
+    assert "CRC-32C" not in checked.stdout, checked.stdout

@@ -94,6 +94,10 @@ class SegmentStore(Protocol):
     capacity: int | None  # bytes the store itself limits the tier to (None: as the caller says)
     segment_limit: int | None  # the most value bytes one segment can hold (None: as the tier says)
     journal_limit: int | None  # the most journal bytes one segment can hold (None: unbounded)
+    # What the index records to know it was made for these segments: a device's superblock uuid and the
+    # size formatted (None for files, whose index lives beside them)
+    device_uuid: str | None
+    formatted_size: int | None
 
     def has_segments(self) -> bool: ...
 
@@ -243,6 +247,8 @@ class SegmentFiles:
     capacity = None
     segment_limit = None
     journal_limit = None
+    device_uuid = None
+    formatted_size = None
 
     def __init__(self, directory: Path, *, make: bool = True) -> None:
         """``make``: create the directory (mode 0700) if need be; else only look at it (fsck)."""

@@ -72,6 +72,7 @@ _MAX_KEY = 1024
 _MAX_RECORD = _RECORD.size + _MAX_KEY + _TRAILER.size
 PUT, TOMBSTONE = 1, 2
 _VERIFY_CHUNK = 8 << 20
+_DEVICE_UUID, _DEVICE_SIZE = "device_uuid", "device_size"  # the meta rows naming the device an index is for
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
     key BLOB PRIMARY KEY,
@@ -290,20 +291,45 @@ def _connect(index_path: Path) -> sqlite3.Connection:
     return db
 
 
-def _move_aside(index_path: Path) -> Path:
-    """Rename a damaged index (and its -wal and -shm, so it can still be opened) out of the way."""
+def _move_aside(index_path: Path, why: str = "broken") -> Path:
+    """Rename an index that cannot be used (and its -wal and -shm, so it can still be opened) out of the
+    way, as ``index.sqlite.WHY-TIME``."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    target = index_path.with_name(f"{index_path.name}.broken-{stamp}")
+    target = index_path.with_name(f"{index_path.name}.{why}-{stamp}")
     n = 1
     while target.exists():
         n += 1
-        target = index_path.with_name(f"{index_path.name}.broken-{stamp}-{n}")
+        target = index_path.with_name(f"{index_path.name}.{why}-{stamp}-{n}")
     for suffix in ("", "-wal", "-shm"):
         source = Path(f"{index_path}{suffix}")
         if source.exists():
             os.rename(source, f"{target}{suffix}")
     fsync_path(index_path.parent)
     return target
+
+
+def other_device(db: sqlite3.Connection, segments: SegmentStore) -> str | None:
+    """Why the index in ``db`` was not made for ``segments`` (None: it was, or it holds no rows to
+    mistake).  Its rows name segment ids and offsets, which on another device, or on this one formatted
+    again, hold other bytes: such an index must never be read."""
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    meta: dict[str, Any] = {}
+    if "meta" in tables:
+        meta = dict(db.execute("SELECT name, value FROM meta WHERE name IN (?, ?)", (_DEVICE_UUID, _DEVICE_SIZE)))
+    recorded, current = meta.get(_DEVICE_UUID), segments.device_uuid
+    if recorded == current:
+        return None
+    if recorded is None:
+        if "objects" not in tables or not db.execute("SELECT 1 FROM objects LIMIT 1").fetchone():
+            return None
+        return f"made before indexes recorded their device, so nothing shows it is {segments.label}'s (uuid {current})"
+    made_for = f"made for the SSD tier on the device with uuid {recorded}"
+    if isinstance(meta.get(_DEVICE_SIZE), int):
+        made_for += f" ({format_size(meta[_DEVICE_SIZE])})"
+    if current is None:
+        return f"{made_for}, but the SSD tier is now the directory {segments.label}"
+    size = f" ({format_size(segments.formatted_size)})" if segments.formatted_size else ""
+    return f"{made_for}, but {segments.label} holds uuid {current}{size}: another device, or this one formatted again"
 
 
 def aligned(n: int) -> int:
@@ -416,6 +442,7 @@ class SsdTier:
         """Connect to the index; a damaged one is moved aside (and rebuilt by ``load``), and a missing or
         empty one while segments exist is rebuilt too, rather than letting load delete their values."""
         path = self.index_path
+        aside = "broken"
         had_index = path.exists() and path.stat().st_size > 0
         has_segments = self.backend.has_segments()
         if self._rebuild is None:
@@ -424,14 +451,20 @@ class SsdTier:
             except sqlite3.DatabaseError as exc:
                 self._rebuild = f"unreadable ({exc})"
             else:
-                if had_index or not has_segments:
+                if had_index and (mismatch := other_device(db, self.backend)) is not None:
+                    # Rebuilt from the device's own journals, which hold every value committed to it: that
+                    # loses nothing, where refusing would only make the operator ask for the same rebuild.
+                    db.close()
+                    self._rebuild, aside = mismatch, "other-device"
+                elif had_index or not has_segments:
                     return db
-                db.close()
-                self._rebuild = "missing or empty"
-                for suffix in ("", "-wal", "-shm"):  # nothing worth keeping: what _connect just made
-                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+                else:
+                    db.close()
+                    self._rebuild = "missing or empty"
+                    for suffix in ("", "-wal", "-shm"):  # nothing worth keeping: what _connect just made
+                        Path(f"{path}{suffix}").unlink(missing_ok=True)
         if path.exists() or Path(f"{path}-wal").exists():
-            self._moved_to = _move_aside(path)
+            self._moved_to = _move_aside(path, aside)
         try:
             return _connect(path)
         except sqlite3.DatabaseError as exc:
@@ -516,6 +549,7 @@ class SsdTier:
         )
         self._flush_journals()  # tombstones for values found lost
         self._set_committed_seq(self._seq - 1)
+        self._record_device()
         self.db.execute("COMMIT")
         for rec in rows.values():
             self.segments[rec.seg].live += aligned(rec.size)
@@ -590,6 +624,15 @@ class SsdTier:
     def _set_committed_seq(self, seq: int) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('journal_seq', ?)", (seq,))
         self._committed = seq
+
+    def _record_device(self) -> None:
+        """Bind the index to its segments' device (see ``other_device``); files record nothing."""
+        self.db.execute("DELETE FROM meta WHERE name IN (?, ?)", (_DEVICE_UUID, _DEVICE_SIZE))
+        if self.backend.device_uuid is not None:
+            self.db.executemany(
+                "INSERT INTO meta (name, value) VALUES (?, ?)",
+                [(_DEVICE_UUID, self.backend.device_uuid), (_DEVICE_SIZE, self.backend.formatted_size)],
+            )
 
     def _orphan(self, seg: Segment) -> None:
         """Set aside a segment a rebuild cannot read (no journal), keeping its bytes for the old index."""
@@ -1004,6 +1047,9 @@ def fsck(segments: SegmentStore, index_path: Path, now: float | None = None) -> 
                 check = db.execute("PRAGMA quick_check").fetchone()
                 if check is None or check[0] != "ok":
                     raise sqlite3.DatabaseError(f"quick_check: {check[0] if check else 'no answer'}")
+                if (mismatch := other_device(db, segments)) is not None:
+                    report.index_error = mismatch
+                    return report
                 rows = db.execute("SELECT key, seg, off, size, crc, expires FROM objects").fetchall()
                 tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 committed = (

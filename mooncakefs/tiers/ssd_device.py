@@ -245,6 +245,8 @@ class BlockDevice:
 
     segment_limit: int
     journal_limit: int
+    device_uuid: str
+    formatted_size: int
 
     def __init__(
         self,
@@ -379,6 +381,7 @@ class BlockDevice:
         # must still find a region to move that region's live values to.
         self.capacity = (count - 1) * data_size
         self.uuid = device_uuid
+        self.device_uuid = str(device_uuid)
 
     # -- segments --------------------------------------------------------------------------------------
 
