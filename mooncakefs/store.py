@@ -588,6 +588,8 @@ class Store(KVMapping):
         """Give an entry an SSD copy of ``data`` (lock held); OutOfSpace if the tier has no room."""
         ssd = self._ssd
         assert ssd is not None
+        if (limit := ssd.too_large(entry.size)) is not None:
+            raise OutOfSpace(f"key {decode_key(raw)!r:.80}: {format_size(entry.size)} does not fit: {limit}")
         if not ssd.allocate(raw, entry):
             raise OutOfSpace(
                 f"key {decode_key(raw)!r:.80}: no room for {format_size(entry.size)} on the SSD tier "

@@ -199,7 +199,7 @@ def test_bad_forms_are_refused_with_a_reason(tmp_path, device):
 
 def test_a_value_larger_than_a_region_is_out_of_space(tmp_path, device):
     with mooncakefs.open(tmp_path, ssd=device, **SMALL) as store:
-        with pytest.raises(OutOfSpace):
+        with pytest.raises(OutOfSpace, match=r"one region, which holds 4MiB.*segment_size.*--format-ssd"):
             store.put("big", rand_bytes(10 * MiB, "big"))
         store.put("fits", rand_bytes(3 * MiB, "fits"))
         assert store.get("fits") == rand_bytes(3 * MiB, "fits")

@@ -652,6 +652,18 @@ class SsdTier:
         seg = self.active
         return (seg is not None and self._has_room(seg, size)) or self.backend.can_create(aligned(size))
 
+    def too_large(self, size: int) -> str | None:
+        """Why a value of ``size`` bytes can never go to this tier however much is free (None: it can).
+        A device region holds one segment, so a value must fit in a region's value area."""
+        if self.backend.journal_limit is None or aligned(size) <= self.segment_size:
+            return None
+        return (
+            f"a value on the SSD tier's device {self.dir} must fit in one region, which holds "
+            f"{format_size(self.segment_size)} of values; a larger segment_size (mooncakefs.open(..., "
+            "segment_size=...)) raises that limit, but only for a device formatted with it (ssd_format=True, "
+            "a node: --format-ssd; erases the device)"
+        )
+
     def _has_room(self, seg: Segment, size: int) -> bool:
         """Whether a value of ``size`` bytes goes into ``seg`` rather than starting a new segment.  Where
         segments have a fixed size (device regions) the value and its journal records must fit too: a
