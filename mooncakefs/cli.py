@@ -325,8 +325,14 @@ def replay(
     default="16GiB",
     show_default=True,
     help="SSD tier: SIZE in the data dir, PATH:SIZE elsewhere, or a raw block device (/dev/nvme1n1[:SIZE], "
-    "formatted by `mooncakefs node --format-ssd` if it holds anything).  0 for none: then the "
+    "formatted with --format-ssd if it holds anything).  0 for none: then the "
     "filesystem lives in memory only and starts empty at every mount.",
+)
+@click.option(
+    "--format-ssd",
+    is_flag=True,
+    help="As the node's: let --ssd /dev/... format a device that holds a filesystem, a partition table "
+    "or another store, erasing it (an empty one is formatted anyway).  Give it once, not at every mount.",
 )
 @click.option(
     "--chunk-size",
@@ -359,6 +365,7 @@ def mount(
     data: Path | None,
     dram: int,
     ssd: str,
+    format_ssd: bool,
     chunk_size: int,
     background: bool,
     allow_other: bool,
@@ -408,6 +415,8 @@ def mount(
         parse_ssd(ssd)
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="--ssd") from None
+    if format_ssd and (node or cluster):
+        raise click.UsageError("--format-ssd is for a mount's own SSD tier: a node's or a cluster's is theirs")
     if background:
         args = [
             *([cluster] if cluster else []),
@@ -422,6 +431,7 @@ def mount(
             str(replicas),
         ]
         args += ["--data", str(data)] if data else []
+        args += ["--format-ssd"] if format_ssd else []
         args += ["--allow-other"] if allow_other else []
         args += ["--debug"] if debug else []
         args += ["--node", node] if node else []
@@ -443,6 +453,7 @@ def mount(
             data=data,
             dram=dram,
             ssd=ssd,
+            ssd_format=format_ssd,
             chunk_size=chunk_size,
             debug=debug,
             allow_other=allow_other,

@@ -522,3 +522,28 @@ with open(log, "w") as out:
             read_file(m.mnt / "w" / name)
         except OSError as exc:
             pytest.fail(f"w/{name} is listed after recovery but reading it fails: {errno.errorcode.get(exc.errno)}")
+
+
+def test_ssd_on_a_block_device_formats_only_when_asked_and_survives_a_remount(mount_factory, loop_devices):
+    """``--ssd /dev/loopN``: a device holding stray data is refused (nothing written to it) unless
+    ``--format-ssd`` is given; then files written survive a remount made without the flag."""
+    from blockdev_helpers import device_size_for
+
+    device = loop_devices.attach(device_size_for(128 * MiB, 64 * MiB))  # the mount's 64 MiB segments
+    with open(device, "r+b") as f:
+        f.write(b"not empty")
+        os.fsync(f.fileno())
+    refused = mount_factory(ssd=device, dram="16MiB", start=False)
+    refused.mnt.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(refused.argv(), capture_output=True, text=True, timeout=60, env=child_env())
+    assert res.returncode != 0 and not is_mounted(refused.mnt), res.stdout + res.stderr
+    assert "--format-ssd" in res.stderr and "non-zero byte" in res.stderr, res.stderr
+    with open(device, "rb") as f:
+        assert f.read(9) == b"not empty"
+
+    m = mount_factory(data="data2", mnt="mnt2", ssd=device, dram="16MiB", extra=["--format-ssd"])
+    data = pattern_bytes(5 * MiB + 321, "on-the-device")
+    write_file(m.mnt / "f", data, fsync=True)
+    m.extra = []  # a remount must not format it again
+    m.restart()
+    assert read_file(m.mnt / "f") == data

@@ -66,6 +66,7 @@ def serve(
     dram: int,
     ssd: str,
     chunk_size: int,
+    ssd_format: bool = False,
     debug: bool = False,
     allow_other: bool = False,
     announce: Callable[[str], None] = print,
@@ -78,7 +79,8 @@ def serve(
     With ``node`` (a node URL) the file data lives in that node's pool, shared with its other clients,
     and only the namespace (``<data>/fs.sqlite``) is kept here.  With ``cluster`` (etcd://host:port/NAME)
     the file data lives on the cluster's nodes, each chunk on ``replicas`` of them, and the namespace in
-    its etcd, where every mount of the cluster (on any host) shares it."""
+    its etcd, where every mount of the cluster (on any host) shares it.  ``ssd_format`` lets ``ssd``, a
+    block device, be formatted even if it holds something, erasing it (a node's ``--format-ssd``)."""
     path = prepare_mountpoint(mountpoint)
     ssd_size, ssd_dir = parse_ssd(ssd)
     keep_freed_memory()
@@ -94,7 +96,7 @@ def serve(
         meta_dir.mkdir(parents=True, exist_ok=True)
         fresh = not store.stats().get("ssd")  # the node keeps file data only as long as it has an SSD tier
     else:
-        store = mooncakefs.open(data, dram=dram, ssd=ssd_size, ssd_dir=ssd_dir, prefault=True)
+        store = mooncakefs.open(data, dram=dram, ssd=ssd_size, ssd_dir=ssd_dir, ssd_format=ssd_format, prefault=True)
         meta_dir, fresh = store.path, not store.stats().get("ssd")  # ssd_size is None for all of a device
     try:
         # Without an SSD tier no file data outlives the process, so neither may the namespace.
