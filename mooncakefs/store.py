@@ -777,12 +777,12 @@ class Store(KVMapping):
                     return self._dram.arena.read(entry.dram_off, entry.size)
                 return self._dram.arena.read_into(entry.dram_off, entry.size, dst)
             if dst is None:
-                data = self._ssd.read(seg, entry.seg_off, entry.size)  # type: ignore[union-attr]
+                data = self._ssd.read_value(entry, None, seg)  # type: ignore[union-attr]
             else:
                 data = memoryview(dst).cast("B")[: entry.size]
                 if data.readonly:
                     raise TypeError("buffer must be writable")
-                self._ssd.read_into(seg, entry.seg_off, entry.size, data)  # type: ignore[union-attr]
+                self._ssd.read_value(entry, data, seg)  # type: ignore[union-attr]
             self._verify(raw, key, entry, data)
             return data if dst is None else entry.size
         except BaseException:
@@ -796,7 +796,7 @@ class Store(KVMapping):
         copy (lock held)."""
         entry.readers += 1
         self._unlocked_ops += 1
-        return None if entry.dram >= 0 else self._ssd.pin(entry.seg)  # type: ignore[union-attr]
+        return None if entry.dram >= 0 else self._ssd.lease(entry)  # type: ignore[union-attr]
 
     def _verify(self, raw: bytes, key: Key, entry: Entry, data: Any) -> None:
         if _engine.crc32c(data) != entry.crc:
@@ -815,7 +815,7 @@ class Store(KVMapping):
             self._end_unlocked_op()
             if seg is None:
                 return
-            self._ssd.unpin(seg)  # type: ignore[union-attr]
+            self._ssd.end_lease(seg)  # type: ignore[union-attr]
             if data is None or entry.dead or entry.dram >= 0 or self._closed:
                 return
             entry.hits += 1

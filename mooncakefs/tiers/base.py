@@ -22,9 +22,11 @@ class Tier(Protocol):
 
     ``allocate`` finds room for an entry's value (evicting by the tier's own policy if it must) and
     returns False when none can be made: the store then tries the next tier, or raises OutOfSpace.
-    ``write`` fills that room (and records where, in the entry); ``read_value`` copies the value out;
-    ``free`` gives its room back.  ``victims`` lists the values that may leave, first to go first.
-    Tiers are not thread-safe: the store serialises calls under its lock."""
+    ``write`` fills that room (and records where, in the entry); ``free`` gives its room back.  A read
+    is leased, so that the copy itself runs without the store's lock: ``lease`` (lock held) holds what
+    the read needs, ``read_value`` copies the value out (lock not needed), ``end_lease`` (lock held)
+    lets go.  It is the one way a tier's values are read.  ``victims`` lists the values that may leave,
+    first to go first.  Tiers are not thread-safe: the store serialises calls under its lock."""
 
     name: str
 
@@ -38,7 +40,16 @@ class Tier(Protocol):
 
     def write(self, raw: bytes, entry: Entry, data: Any) -> None: ...
 
-    def read_value(self, entry: Entry, dst: Any) -> int: ...
+    def lease(self, entry: Entry) -> Any:
+        """Hold the entry's place until ``end_lease``, even if it is freed meanwhile (lock held)."""
+        ...
+
+    def read_value(self, entry: Entry, dst: Any, lease: Any) -> Any:
+        """Copy the value into writable ``dst`` (returns its length) or, with ``dst`` None, into new
+        bytes (returned)."""
+        ...
+
+    def end_lease(self, lease: Any) -> None: ...
 
     def free(self, raw: bytes, entry: Entry) -> None: ...
 

@@ -103,8 +103,16 @@ class DramTier:
     def write(self, raw: bytes, entry: Entry, data: Any) -> None:
         self.arena.write(entry.dram_off, data)
 
-    def read_value(self, entry: Entry, dst: Any) -> int:
+    def lease(self, entry: Entry) -> None:
+        """Nothing of the tier's: the store's count of the entry's readers keeps its block."""
+
+    def read_value(self, entry: Entry, dst: Any, lease: None) -> Any:
+        if dst is None:
+            return self.arena.read(entry.dram_off, entry.size)
         return self.arena.read_into(entry.dram_off, entry.size, dst)
+
+    def end_lease(self, lease: None) -> None:
+        pass
 
     def free(self, raw: bytes, entry: Entry) -> None:
         """Give the entry's block back (it must hold no lease) and take it out of its queue."""

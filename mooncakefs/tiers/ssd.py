@@ -810,33 +810,38 @@ class SsdTier:
         seg.place.journal_drop()
 
     # -- reading ---------------------------------------------------------------------------------------
+    # The Tier protocol's leased read (tiers/base.py) is the only read: the store's hot path holds the
+    # segment (under its lock), copies without the lock, and lets go; compaction uses it under the lock.
 
-    def pin(self, seg_id: int) -> Segment:
-        seg = self.segments[seg_id]
+    def lease(self, entry: Entry) -> Segment:
+        """Pin the entry's segment: its place stays open (a region is not reused) until ``end_lease``,
+        even if the segment is deleted meanwhile."""
+        seg = self.segments[entry.seg]
         seg.readers += 1
         return seg
 
-    def unpin(self, seg: Segment) -> None:
+    def end_lease(self, seg: Segment) -> None:
         seg.readers -= 1
         if seg.doomed and seg.readers == 0:
             seg.place.release()
 
     @staticmethod
-    def read_into(seg: Segment, off: int, size: int, dst: memoryview) -> None:
-        """Read ``size`` bytes straight into ``dst`` (no GIL or store lock held during the I/O)."""
+    def read_value(entry: Entry, dst: Any, seg: Segment) -> Any:
+        """Read the value straight into ``dst`` (returns its length) or into new bytes (``dst`` None);
+        needs no lock, GIL released during the I/O."""
+        off, size = entry.seg_off, entry.size
+        if dst is None:
+            data = seg.place.pread(size, off)
+            if len(data) != size:
+                raise OSError(f"segment {seg.place.name} ends before offset {off + size}")
+            return data
         done = 0
         while done < size:
             n = seg.place.read_into(dst[done:size], off + done)
             if n == 0:
                 raise OSError(f"segment {seg.place.name} ends before offset {off + size}")
             done += n
-
-    @staticmethod
-    def read(seg: Segment, off: int, size: int) -> bytes:
-        data = seg.place.pread(size, off)
-        if len(data) != size:
-            raise OSError(f"segment {seg.place.name} ends before offset {off + size}")
-        return data
+        return size
 
     # -- reclaiming ------------------------------------------------------------------------------------
 
@@ -906,14 +911,6 @@ class SsdTier:
             self.order.pop(raw, None)  # a replaced value's place, if it is still there
             self.order[raw] = entry
 
-    def read_value(self, entry: Entry, dst: Any) -> int:
-        seg = self.pin(entry.seg)
-        try:
-            self.read_into(seg, entry.seg_off, entry.size, memoryview(dst).cast("B")[: entry.size])
-        finally:
-            self.unpin(seg)
-        return entry.size
-
     def free(self, raw: bytes, entry: Entry) -> None:
         self.drop(raw, entry.seg, entry.seg_off, entry.size)
         entry.seg = entry.seg_off = -1
@@ -947,7 +944,7 @@ class SsdTier:
                 self.active = None
             residents = [(raw, self.index.get(raw)) for raw in self.keys_in(seg.id)]
             moved = [
-                (raw, e, self.read(seg, e.seg_off, e.size)) for raw, e in residents if e is not None and e.seg == seg.id
+                (raw, e, self.read_value(e, None, seg)) for raw, e in residents if e is not None and e.seg == seg.id
             ]
             self.remove_segment(seg)
             for raw, entry, data in moved:
