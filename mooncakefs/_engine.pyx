@@ -149,10 +149,10 @@ cdef extern from "Python.h":
     int PyBUF_WRITE
 
 
-def fill_bytes(Py_ssize_t n, fill) -> bytes:
-    """A new bytes object of ``n`` bytes that ``fill(view)`` writes through a writable memoryview
-    before anyone else can see it: a value received from a socket lands in its final object, with no
-    bytearray to copy from."""
+cdef bytes _new_bytes(Py_ssize_t n):
+    """An uninitialised bytes object of ``n`` bytes, on huge pages where it is large enough to get fresh
+    pages from the kernel: a caller holding many such values at once (batch_get) frees them together,
+    glibc hands the memory back, and the next batch faults it in again."""
     out = PyBytes_FromStringAndSize(NULL, n)
     cdef size_t start, end
     if n >= HUGE_FILL_MIN:  # advice only: where THP is off or the call fails, small pages it is
@@ -160,6 +160,14 @@ def fill_bytes(Py_ssize_t n, fill) -> bytes:
         end = (<size_t>PyBytes_AS_STRING(out) + <size_t>n) & ~(HUGE_PAGE - 1)
         if end > start:
             madvise(<void *>start, end - start, MADV_HUGEPAGE)
+    return out
+
+
+def fill_bytes(Py_ssize_t n, fill) -> bytes:
+    """A new bytes object of ``n`` bytes that ``fill(view)`` writes through a writable memoryview
+    before anyone else can see it: a value received from a socket lands in its final object, with no
+    bytearray to copy from."""
+    out = _new_bytes(n)
     view = PyMemoryView_FromMemory(PyBytes_AS_STRING(out), n, PyBUF_WRITE)
     try:
         fill(view)
@@ -554,7 +562,7 @@ cdef class Arena:
     def read(self, size_t off, size_t n) -> bytes:
         """A new bytes object holding ``n`` pool bytes at ``off``."""
         self._check(off, n)
-        out = PyBytes_FromStringAndSize(NULL, n)
+        out = _new_bytes(n)
         _memcpy(PyBytes_AS_STRING(out), self.base + off, n)
         return out
 
