@@ -876,12 +876,22 @@ def put_plain(dram, store, list run, Py_ssize_t at, long long stop_bytes, list r
                     PyBuffer_Release(&s)
                 old = index.get(raw)
                 index[raw] = entry
-                if old is not None:
-                    dram.fresh_bytes = fresh_bytes
-                    dram.unqueue(raw, old)
-                    store._discard(raw, old)
-                    dram.enqueue(raw, entry, True)
-                    fresh_bytes = dram.fresh_bytes
+                if old is not None:  # replaced: DramTier.unqueue, Store._discard and enqueue, inline
+                    if old.queue == MAIN_QUEUE:
+                        del lru[raw]
+                    elif old.queue == FRESH_QUEUE:
+                        del fresh[raw]
+                        fresh_bytes -= old.size
+                    old.queue = 0
+                    if old.seg >= 0:  # an SSD copy: the store frees it
+                        store._discard(raw, old)
+                    else:
+                        old.dead = True
+                        if old.dram >= 0 and not old.readers:
+                            free(old.dram)
+                            old.dram = old.dram_off = -1
+                    entry.queue = MAIN_QUEUE
+                    lru[raw] = entry
                 elif ghost and raw in ghost:
                     del ghost[raw]
                     entry.queue = MAIN_QUEUE

@@ -71,7 +71,7 @@ from mooncakefs.keys import (
     key_digest,
 )
 from mooncakefs.tiers.base import TIER_ORDER, Tier
-from mooncakefs.tiers.dram import FRESH, DramTier
+from mooncakefs.tiers.dram import FRESH, MAIN, DramTier
 from mooncakefs.tiers.ssd import DURABLE, PINNED, STICKY, Segment, SsdTier, resolve_ssd
 from mooncakefs.units import format_size, parse_size
 
@@ -228,6 +228,9 @@ class Store(KVMapping):
         dram.fresh_max = min(int((dram.high + (ssd.high if ssd else 0)) * FRESH_SHARE), dram.high // 2)
         self._reserve = dram.reserve  # the hot paths' DRAM calls, bound once
         self._touch = dram.touch
+        self._main_to_end = dram.main.move_to_end  # a read of a value in main (the queue is never replaced)
+        self._read, self._read_into = dram.arena.read, dram.arena.read_into
+        self._dram_counters = dram.counters
         self._enqueue = dram.enqueue
         self._expiring: list[tuple[float, int, bytes, Entry]] = []  # heap by expiry time
         self._tiebreak = itertools.count()
@@ -352,7 +355,22 @@ class Store(KVMapping):
         except TypeError:
             raise value_error(value) from None
         raw, entry = self._prepare_put(key, size, options)
+        if size < LOCKED_COPY_MAX and options is PLAIN_PUT and not entry.sticky:
+            with self._lock:  # the common small put: the batch's loop in Cython does it in one call
+                if self._plain_store():
+                    results: list[Any] = [None]
+                    _engine.put_plain(
+                        self._dram, self, [(0, raw, key, entry, value)], 0, 1, results, BATCH_ERRORS, options
+                    )
+                    if results[0] is not None:
+                        raise results[0]
+                    return
         self._put_prepared(raw, key, entry, value, options)
+
+    def _plain_store(self) -> bool:
+        """Whether ``_engine.put_plain`` may store plain puts (lock held): an open, DRAM-only store with
+        no shared index to keep in step and nothing that may expire."""
+        return not self._closed and self._shared is None and self._ssd is None and not self._expiring
 
     def begin_put(
         self,
@@ -731,10 +749,26 @@ class Store(KVMapping):
         self._discard(raw, entry)
         self._commit()
 
+    def _small_hit(self, raw: bytes) -> Entry | None:
+        """``_find``'s common case in one call (lock held): a small DRAM value that cannot expire, in an
+        open store, counted as a hit and touched; None where ``_find`` must do the work."""
+        entry = self._index.get(raw)
+        if entry is None or entry.dram < 0 or entry.size >= LOCKED_COPY_MAX or entry.expires or self._closed:
+            return None
+        self._dram_counters["hits"] += 1
+        if entry.queue == MAIN:
+            self._main_to_end(raw)
+        elif entry.queue:
+            self._touch(raw, entry)
+        return entry
+
     def get(self, key: Key) -> bytes:
         """The value as a new bytes object (KeyNotFound if absent)."""
         raw = encode_key(key)
         with self._lock:
+            entry = self._small_hit(raw)
+            if entry is not None:
+                return self._read(entry.dram_off, entry.size)
             entry = self._find(raw, key)
             if entry.dram >= 0 and entry.size < LOCKED_COPY_MAX:
                 return self._dram.arena.read(entry.dram_off, entry.size)
@@ -749,7 +783,11 @@ class Store(KVMapping):
         try:
             room = _engine.nbytes(buffer)
             with self._lock:
-                entry = self._find(raw, key)
+                entry = self._small_hit(raw)
+                if entry is None:
+                    entry = self._find(raw, key)
+                elif entry.size <= room:
+                    return self._read_into(entry.dram_off, entry.size, buffer)
                 if entry.size > room:
                     raise BufferTooSmall(key, entry.size, room)
                 if entry.dram >= 0 and entry.size < LOCKED_COPY_MAX:
@@ -1054,12 +1092,7 @@ class Store(KVMapping):
             with self._lock:
                 self._check_open()
                 if (
-                    plain
-                    and options.replace is Replace.ALWAYS
-                    and not options.durable
-                    and self._shared is None
-                    and self._ssd is None
-                    and not self._expiring
+                    plain and options.replace is Replace.ALWAYS and not options.durable and self._plain_store()
                 ):  # the KV-cache case: the loop in Cython
                     at = _engine.put_plain(
                         self._dram, self, run, at, BATCH_LOCKED_BYTES, results, BATCH_ERRORS, options
