@@ -366,6 +366,11 @@ class Etcd:
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 5_000),
             ("grpc.http2.max_pings_without_data", 0),
+            # gRPC backs off reconnecting up to 120 s by default: a mount or node cut off by a partition
+            # would stay blind that long after the link healed.  Etcd is worth a try every second.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1_000),
         ]
         if len(endpoints) > 1:
             target = "ipv4:" + target
