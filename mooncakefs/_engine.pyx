@@ -802,7 +802,8 @@ def put_plain(dram, store, list run, Py_ssize_t at, long long stop_bytes, list r
     An item that raises one of ``errors`` gets it in ``results[i]``; ``options`` are the run's
     ``PutOptions`` (replacing always), for the store's own methods.  Eviction takes queue heads down to
     the low watermark; anything unusual (a leased head, a pool too fragmented, a key replaced) is left
-    to the tier's and the store's own methods."""
+    to the tier's and the store's own methods.  A sticky item (an ``InternalKey``'s: a file chunk) is
+    not queued: with no tier below it may not leave, so a full pool refuses the next with OutOfSpace."""
     cdef dict index = store._index
     fresh, lru, ghost = dram.fresh, dram.main, dram.ghost
     allocator = dram.allocator
@@ -876,7 +877,7 @@ def put_plain(dram, store, list run, Py_ssize_t at, long long stop_bytes, list r
                     PyBuffer_Release(&s)
                 old = index.get(raw)
                 index[raw] = entry
-                if old is not None:  # replaced: DramTier.unqueue, Store._discard and enqueue, inline
+                if old is not None:  # replaced: DramTier.unqueue and Store._discard, inline
                     if old.queue == MAIN_QUEUE:
                         del lru[raw]
                     elif old.queue == FRESH_QUEUE:
@@ -890,6 +891,9 @@ def put_plain(dram, store, list run, Py_ssize_t at, long long stop_bytes, list r
                         if old.dram >= 0 and not old.readers:
                             free(old.dram)
                             old.dram = old.dram_off = -1
+                if entry.sticky:  # no tier below to demote it to: never evicted (DramTier.evictable)
+                    pass
+                elif old is not None:  # replaced: used again
                     entry.queue = MAIN_QUEUE
                     lru[raw] = entry
                 elif ghost and raw in ghost:

@@ -587,6 +587,9 @@ def put_plain(
                 if old is not None:
                     dram.unqueue(raw, old)
                     store._discard(raw, old)
+                if entry.sticky:
+                    pass
+                elif old is not None:
                     dram.enqueue(raw, entry, True)
                 elif ghost and raw in ghost:
                     del ghost[raw]

@@ -78,3 +78,57 @@ def test_sticky_objects_are_written_through_and_persist_flushes_named_keys(tmp_p
         assert [store.get(chunk(i)) for i in range(5)] == [bytes([i]) * 1000 for i in range(5)]
         assert store.get("plain") == b"persisted on request"
         assert "volatile" not in store
+
+
+BLOCK = 16 * 1024  # small: put and batch_put store it through _engine.put_plain's fast path
+
+
+def _fill_sticky(store, way: str) -> tuple[list[int], set[str]]:
+    """Put 24 sticky 16 KiB chunks (more than a 256 KiB pool holds) one way; the indexes stored and the
+    names of the errors the rest got."""
+    items = [(chunk(i), bytes([i]) * BLOCK) for i in range(24)]
+    if way == "put":
+        results = []
+        for key, value in items:
+            try:
+                store.put(key, value)
+                results.append(None)
+            except mooncakefs.MooncakeError as exc:
+                results.append(exc)
+    elif way == "batch_put":
+        results = [r for item in items for r in store.batch_put([item])]
+    else:  # one batch: one run, put_plain called once per MiB
+        results = store.batch_put(items)
+    return [i for i, r in enumerate(results) if r is None], {type(r).__name__ for r in results if r is not None}
+
+
+@pytest.mark.parametrize("engine", ["cython", "twin"])
+def test_small_sticky_objects_without_ssd_are_never_queued_for_eviction(tmp_path, monkeypatch, engine):
+    """A DRAM-only store cannot demote a sticky object (a file chunk), so it never evicts one: once the
+    pool is full of them, more are refused with OutOfSpace, whichever way they were put.  Small values go
+    through _engine.put_plain (batch_put's loop; and its twin in _reference, step for step)."""
+    from mooncakefs import _engine, _reference
+
+    if engine == "twin":
+        monkeypatch.setattr(_engine, "put_plain", _reference.put_plain)
+    outcomes = {}
+    for way in ("put", "batch_put", "one_batch"):
+        with mooncakefs.open(tmp_path / way, dram="256KiB") as store:
+            stored, errors = _fill_sticky(store, way)
+            assert errors == {"OutOfSpace"}, way
+            assert len(stored) >= 13, way
+            assert stored == list(range(len(stored))), way  # refused from the first that had no room on
+            assert store.stats()["dram"]["evictions"] == 0, way
+            kept = stored[1:-4]
+            for i in stored[-4:]:  # room for plain values, which come and go around the sticky ones
+                store.remove(chunk(i))
+            assert store.batch_put([(chunk(0), bytes([100]) * BLOCK)]) == [None]  # replaced: still sticky
+            for i in range(40):
+                store.put(f"plain/{i}", bytes(BLOCK))
+            assert store.stats()["dram"]["evictions"] > 0, way
+            assert not any(raw.startswith(INTERNAL_PREFIX) for raw in [*store._fresh, *store._lru]), way
+            assert store.get(chunk(0)) == bytes([100]) * BLOCK, way
+            for i in kept:
+                assert store.get(chunk(i)) == bytes([i]) * BLOCK, (way, i)
+            outcomes[way] = stored
+    assert outcomes["batch_put"] == outcomes["put"] == outcomes["one_batch"]
