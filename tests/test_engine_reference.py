@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import importlib
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from conftest import child_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -616,3 +619,17 @@ def test_entry_engine_matches_reference(engine, reference):
         for bad in (-1, 1 << 126):
             with pytest.raises(ValueError, match="version"):
                 entry.version = bad
+
+
+def test_an_unknown_engine_switch_is_a_clear_error():
+    """MOONCAKEFS_ENGINE takes 'cython' or 'python': anything else stops the import and says so, rather
+    than silently running one of them."""
+    env = child_env() | {"MOONCAKEFS_ENGINE": "rust"}
+    out = subprocess.run([sys.executable, "-c", "import mooncakefs"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "MOONCAKEFS_ENGINE='rust': expected 'cython' or 'python'" in out.stderr
+    env["MOONCAKEFS_ENGINE"] = "python"
+    code = "import mooncakefs._engine as e; print(e.__name__)"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == (
+        "mooncakefs._reference"
+    )
