@@ -28,6 +28,7 @@ from mooncakefs.client import RemoteStore
 from mooncakefs.errors import (
     BufferTooSmall,
     ChecksumError,
+    CudaUnavailable,
     Fenced,
     InvalidArgument,
     InvalidKey,
@@ -52,6 +53,7 @@ __all__ = [
     "BufferTooSmall",
     "ChecksumError",
     "ClusterStore",
+    "CudaUnavailable",
     "Fenced",
     "InvalidArgument",
     "InvalidKey",

@@ -54,6 +54,8 @@ cdef class Entry:
     cdef public long long dram_off
     cdef public long long seg
     cdef public long long seg_off
+    cdef public long long vram
+    cdef public long long vram_off
     cdef public long long crc
     cdef public unsigned long long version_hi
     cdef public unsigned long long version_lo

@@ -594,7 +594,7 @@ VERSION_LOW_MASK = (1 << 63) - 1
 
 
 cdef class Entry:
-    """Where one object lives: a DRAM block and/or an SSD segment record (-1 when absent), its size,
+    """Where one object lives: a VRAM block, a DRAM block and/or an SSD segment record (-1 when absent), its size,
     CRC-32C (-1 until first computed), version and tag (set by its writer: the version below 2**126,
     the tag a 32-bit int), expiry (unix time, 0 for none), read leases, SSD hits, and whether it is
     pinned (never leaves DRAM) or sticky (may be demoted, never dropped), durable (put with durable=True:
@@ -608,6 +608,8 @@ cdef class Entry:
         self.dram_off = -1
         self.seg = -1
         self.seg_off = -1
+        self.vram = -1
+        self.vram_off = -1
         self.crc = -1
 
     @property

@@ -366,12 +366,14 @@ class Entry:
         "size",
         "sticky",
         "tag",
+        "vram",
+        "vram_off",
     )
 
     def __init__(self, size: int = 0) -> None:
         self.size = size
         self._version = self.tag = 0
-        self.dram = self.dram_off = self.seg = self.seg_off = self.crc = -1
+        self.dram = self.dram_off = self.seg = self.seg_off = self.vram = self.vram_off = self.crc = -1
         self.expires = 0.0
         self.readers = self.hits = self.seen = self.queue = 0
         self.pinned = self.sticky = self.dead = self.durable = False

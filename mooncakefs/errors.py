@@ -106,6 +106,11 @@ class DeviceRefused(InvalidArgument):
     is too small, or the size given does not fit it.  Nothing was written to the device."""
 
 
+class CudaUnavailable(MooncakeError):
+    """A VRAM tier or a GPU buffer was asked for, and CUDA cannot give it: the ``cuda`` extra is not
+    installed (``pip install 'mooncakefs[cuda]'``), the NVIDIA driver is absent, or there is no such GPU."""
+
+
 class Unavailable(MooncakeError, ConnectionError):
     """A node cannot be reached, went away mid-request, or did not answer in time."""
 
@@ -214,6 +219,7 @@ ERRORS: dict[type[MooncakeError], tuple[int, int]] = {
     ChecksumError: (_errno.EIO, EX_DATAERR),
     StoreClosed: (_errno.EIO, EX_SOFTWARE),
     StoreLocked: (_errno.EBUSY, EX_TEMPFAIL),
+    CudaUnavailable: (_errno.ENODEV, EX_UNAVAILABLE),
     Unavailable: (_errno.ETIMEDOUT, EX_UNAVAILABLE),  # as NFS soft mounts answer when the server is away
     NotServing: (_errno.EAGAIN, EX_TEMPFAIL),  # up, refusing for now: retry shortly
     AuthenticationError: (_errno.EACCES, EX_NOPERM),

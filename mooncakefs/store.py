@@ -60,6 +60,7 @@ from mooncakefs.errors import (
     StoreClosed,
     describe_key,
 )
+from mooncakefs.gpu import DeviceBuffer, device_buffer
 from mooncakefs.keys import (
     INTERNAL_PREFIX,
     MAX_KEY_BYTES,
@@ -73,12 +74,14 @@ from mooncakefs.keys import (
 from mooncakefs.tiers.base import TIER_ORDER, Tier
 from mooncakefs.tiers.dram import FRESH, MAIN, DramTier
 from mooncakefs.tiers.ssd import DURABLE, PINNED, STICKY, Segment, SsdTier, resolve_ssd
+from mooncakefs.tiers.vram import VramTier, VramView, choose_tier, should_promote
 from mooncakefs.units import format_size, parse_size
 
 LOCKED_COPY_MAX = 64 * 1024  # values below this are copied under the store lock
 BATCH_LOCKED_MAX = 256 * 1024  # in batch calls, values up to this are copied under the lock too...
 BATCH_LOCKED_BYTES = 1 << 20  # ...taking it again after each MiB copied, so other threads wait little
 STAGING_MIN = 1 << 30  # begin_put may stage at least this much in memory for values bound for SSD
+VRAM_LEASE = object()  # what _lease returns for a value read from VRAM (not a segment; None is DRAM)
 FRESH_SHARE = 0.05  # of the store (DRAM + SSD, at most half of DRAM): fresh objects beyond it go first
 
 
@@ -173,6 +176,8 @@ class Store(KVMapping):
         low_watermark: float = 0.85,
         promote_after: int = 2,
         prefault: bool = False,
+        vram: int | str | None = None,
+        device: int = 0,
     ) -> None:
         if not 0 < low_watermark <= high_watermark <= 1:
             raise ValueError(
@@ -187,6 +192,10 @@ class Store(KVMapping):
         self._datadir_lock = DataDirLock(self.path)
         self._dram: DramTier | None = None
         self._ssd: SsdTier | None = None
+        self._vram: VramTier | None = None
+        self._device = device
+        self._cuda: Any = None  # gpu.Cuda for GPU buffers: the VRAM tier's, or made on first use
+        self._gds: Any = None  # tiers.gds.GpuDirect: SSD -> GPU reads, made on first use
         try:
             self._dram = DramTier(
                 dram_bytes,
@@ -203,8 +212,15 @@ class Store(KVMapping):
                     index_path=self.path / "index.sqlite",
                     format=ssd_format,
                 )
+            if vram is not None:
+                self._vram = VramTier(parse_size(vram, what="vram"), device)
+                self._cuda = self._vram.cuda
+                # the DRAM pool pinned: DRAM <-> VRAM copies are direct DMA (best effort)
+                self._cuda.register_host(_engine.address(self._dram.view), self._dram.capacity)
             self._init_state(high_watermark, low_watermark, promote_after)
         except BaseException:  # leave nothing held: the data dir must open again
+            if self._vram is not None:
+                self._vram.close()
             if self._ssd is not None:
                 self._ssd.close()
             if self._dram is not None:
@@ -221,8 +237,10 @@ class Store(KVMapping):
         if ssd is not None:
             ssd.attach(self._index, self, high_watermark)
         # the one place the tiers are put in order (fastest first): what stats() reports, in that order
+        if self._vram is not None:
+            self._vram.place = self
         self._tiers: tuple[Tier, ...] = tuple(
-            sorted((t for t in (dram, ssd) if t is not None), key=lambda t: TIER_ORDER.index(t.name))
+            sorted((t for t in (self._vram, dram, ssd) if t is not None), key=lambda t: TIER_ORDER.index(t.name))
         )
         # the fresh share is of the whole store (the SSD tier extends main), at most half of DRAM
         dram.fresh_max = min(int((dram.high + (ssd.high if ssd else 0)) * FRESH_SHARE), dram.high // 2)
@@ -265,6 +283,12 @@ class Store(KVMapping):
             self._closed = True
             while self._unlocked_ops:
                 self._idle.wait()
+            if self._gds is not None:
+                self._gds.close()
+            if self._vram is not None:
+                self._vram.close()
+            elif self._cuda is not None:
+                self._cuda.close()
             self._dram.close()
             if self._ssd is not None:
                 self._ssd.order.clear()
@@ -297,7 +321,7 @@ class Store(KVMapping):
                 if entry is None:
                     continue
                 if entry.seg < 0:
-                    self._write_to_ssd(raw, entry, self._dram.block(entry))
+                    self._write_to_ssd(raw, entry, self._host_bytes(entry))
                     written += 1
                 segments.add(entry.seg)
             self._ssd.commit(durable_segments=segments or None)
@@ -320,6 +344,8 @@ class Store(KVMapping):
         tiers = f"dram {format_size(self._dram.used)}/{format_size(self._dram.capacity)}"
         if self._ssd is not None:
             tiers += f", ssd {format_size(self._ssd.used)}/{format_size(self._ssd.capacity)}"
+        if self._vram is not None:
+            tiers = f"vram {format_size(self._vram.used)}/{format_size(self._vram.capacity)}, {tiers}"
         return f"<mooncakefs.Store {self.path}: {len(self._index)} objects, {tiers}>"
 
     # -- writing ----------------------------------------------------------------------------------------
@@ -338,22 +364,34 @@ class Store(KVMapping):
         tag: int = 0,
         replicas: int | None = None,
         placement: str | None = None,
+        tier: str | None = None,
     ) -> None:
-        """Store ``value`` (any C-contiguous buffer) under ``key``, atomically replacing what was there.
+        """Store ``value`` (any C-contiguous buffer, or a GPU buffer: ``__cuda_array_interface__`` or
+        DLPack) under ``key``, atomically replacing what was there.
 
         ``pin`` keeps it in DRAM, never evicted; ``ttl`` (seconds) expires it; ``if_absent`` raises
         KeyExists rather than replace; ``durable`` returns only once it is flushed to the SSD tier.
         ``version`` (an int below 2**126) and ``tag`` (a 32-bit int) are kept with the value, on SSD
         too, for the writer's own use (a cluster node keeps the value's version and placement there);
         ``if_newer`` replaces only a value of a lower version, and raises NotNewer otherwise.
-        ``replicas`` and ``placement`` are the cluster's: here only replicas=1 is taken (one copy)."""
+        ``replicas`` and ``placement`` are the cluster's: here only replicas=1 is taken (one copy).
+        ``tier`` ("vram" or "dram") overrides where the value goes first (tiers/vram.choose_tier): by
+        default a GPU buffer goes to VRAM, if the store has a VRAM tier, and a host buffer to DRAM."""
         options = put_options(pin, ttl, if_absent, durable, version, if_newer, tag, replicas, placement)
         if options is not PLAIN_PUT and (replicas is not None or placement is not None):
             options.single_store("put", f"the embedded store at {self.path}")
         try:
             size = _engine.nbytes(value)
         except TypeError:
-            raise value_error(value) from None
+            device = device_buffer(value, stream=self._gpu_stream())
+            if device is None:
+                raise value_error(value) from None
+            with device:
+                self._put_gpu(key, device, options, tier)
+            return
+        if tier is not None:
+            self._put_gpu(key, memoryview(value).cast("B"), options, tier)
+            return
         raw, entry = self._prepare_put(key, size, options)
         if size < LOCKED_COPY_MAX and options is PLAIN_PUT and not entry.sticky:
             with self._lock:  # the common small put: the batch's loop in Cython does it in one call
@@ -370,7 +408,207 @@ class Store(KVMapping):
     def _plain_store(self) -> bool:
         """Whether ``_engine.put_plain`` may store plain puts (lock held): an open, DRAM-only store with
         no shared index to keep in step and nothing that may expire."""
-        return not self._closed and self._shared is None and self._ssd is None and not self._expiring
+        return (
+            not self._closed
+            and self._shared is None
+            and self._ssd is None
+            and self._vram is None
+            and not self._expiring
+        )
+
+    # -- GPU buffers and the VRAM tier ------------------------------------------------------------------
+
+    def _gpu(self) -> Any:
+        """The CUDA device GPU buffers are copied with (the VRAM tier's, else made now): CudaUnavailable
+        says what is missing."""
+        if self._cuda is None:
+            from mooncakefs.gpu import Cuda
+
+            with self._lock:
+                if self._cuda is None:
+                    self._cuda = Cuda(self._device)
+        return self._cuda
+
+    def _gpu_stream(self) -> int | None:
+        """The stream a DLPack producer should order its work before (None until CUDA is up)."""
+        return None if self._cuda is None else self._cuda.stream_handle
+
+    def _put_gpu(self, key: Key, value: Any, options: PutOptions, hint: str | None) -> None:
+        """A put of a GPU buffer (a DeviceBuffer) or a host one with a tier hint (a memoryview): into
+        VRAM where ``choose_tier`` says so and there is room, else through host memory as any put."""
+        on_device = isinstance(value, DeviceBuffer) and value.on_device
+        size = value.nbytes
+        raw, entry = self._prepare_put(key, size, options)
+        where = choose_tier(
+            hint,
+            on_device=on_device,
+            has_vram=self._vram is not None,
+            pinned=entry.pinned,
+            durable=entry.durable,
+            sticky=entry.sticky,
+        )
+        if where == "vram":
+            vram = self._vram
+            assert vram is not None
+            with self._lock:
+                self._check_open()
+                if self._expiring:
+                    self._reap_expired()
+                self._check_replace(raw, key, entry, options.replace)
+                if vram.allocate(raw, entry):
+                    try:
+                        vram.write(raw, entry, value)
+                    except BaseException:
+                        vram.free(raw, entry)
+                        raise
+                    self._publish_vram(raw, entry)
+                    return
+        if isinstance(value, DeviceBuffer):  # to the host, then as any put
+            host = bytearray(size)
+            if size:
+                self._gpu().d2h(_engine.address(host), value.ptr, size)
+            value = host
+        self._put_prepared(raw, key, entry, value, options)
+
+    def _publish_vram(self, raw: bytes, entry: Entry) -> None:
+        """Make a filled VRAM entry the key's value (lock held)."""
+        old = self._index.get(raw)
+        self._index[raw] = entry
+        self._unshare(raw)  # the shared index shows DRAM values only
+        if old is not None:
+            if old.queue:
+                self._dram.unqueue(raw, old)
+            self._discard(raw, old)
+        self._vram.admit(raw, entry)  # type: ignore[union-attr]
+        if entry.expires:
+            heapq.heappush(self._expiring, (entry.expires, next(self._tiebreak), raw, entry))
+        self._commit()
+
+    def _host_bytes(self, entry: Entry) -> memoryview:
+        """The value in host memory (lock held): its DRAM block, or a copy out of VRAM."""
+        if entry.dram >= 0:
+            return self._dram.block(entry)
+        return memoryview(self._vram.read_value(entry, None))  # type: ignore[union-attr]
+
+    def demote_vram(self, raw: bytes, entry: Entry) -> bool:
+        """A VRAM value with no copy below leaves the GPU (lock held): into DRAM (evicting there as
+        DRAM does), else onto SSD; False when neither can take it."""
+        dram = self._dram
+        handle, offset = dram.reserve(entry.size)
+        if handle >= 0:
+            entry.dram, entry.dram_off = handle, offset
+            self._vram.read_value(entry, dram.block(entry))  # type: ignore[union-attr]
+            dram.enqueue(raw, entry, True)  # it was in the fastest tier: it has earned main
+            if self._shared is not None:
+                self._share(raw, entry)
+            return True
+        if self._ssd is None:
+            return False
+        try:
+            self._write_to_ssd(raw, entry, self._host_bytes(entry))
+        except OutOfSpace:
+            return False
+        return True
+
+    def get_into_device(self, key: Key, buffer: Any) -> int:
+        """``get_into`` for a GPU buffer (``get_into`` calls it): device to device from VRAM, host to
+        device from the (pinned) DRAM pool, SSD to device by cuFile (tiers/gds.py).  A value read into
+        GPU buffers ``promote_after`` times is copied into VRAM."""
+        raw = encode_key(key)
+        dst = device_buffer(buffer, stream=self._gpu_stream(), writable=True)
+        if dst is None:
+            raise_buffer_error(buffer)
+        assert dst is not None
+        with dst:
+            gpu = self._gpu()
+            gpu.wait_for(dst)
+            if self._ssd is not None and self._gds is None:
+                from mooncakefs.tiers.gds import GpuDirect
+
+                gds = GpuDirect(gpu)
+                with self._lock:
+                    if self._gds is None:
+                        self._gds = gds
+            with self._lock:
+                entry = self._find(raw, key)
+                if entry.size > dst.nbytes:
+                    raise BufferTooSmall(key, entry.size, dst.nbytes)
+                if entry.vram >= 0:
+                    self._vram.counters["hits"] += 1  # type: ignore[union-attr]
+                    self._vram.touch(raw, entry)  # type: ignore[union-attr]
+                seg = prepared = None
+                if entry.vram < 0 and entry.dram < 0:
+                    seg = self._ssd.lease(entry)  # type: ignore[union-attr]
+                    prepared = self._gds.prepare(seg)
+                entry.readers += 1
+                self._unlocked_ops += 1
+            done = False
+            try:
+                if entry.vram >= 0:
+                    gpu.d2d(dst.ptr, self._vram.address(entry), entry.size)  # type: ignore[union-attr]
+                elif entry.dram >= 0:
+                    gpu.h2d(dst.ptr, _engine.address(self._dram.view) + entry.dram_off, entry.size)
+                elif entry.size:
+                    try:
+                        self._gds.read(entry, seg, prepared, dst.ptr)
+                    except ChecksumError:
+                        with self._lock:
+                            if self._index.get(raw) is entry:
+                                self._remove(raw, entry)
+                        raise ChecksumError(
+                            f"key {describe_key(key)}: the SSD copy fails its CRC-32C check (corrupted on disk); "
+                            "the entry was dropped"
+                        ) from None
+                done = True
+            finally:
+                with self._lock:
+                    self._release_lease(entry)
+                    self._end_unlocked_op()
+                    if seg is not None:
+                        self._ssd.end_lease(seg)  # type: ignore[union-attr]
+                    if done and not entry.dead and not self._closed and entry.vram < 0:
+                        entry.hits += 1
+                        self._promote_to_vram(raw, entry, dst.ptr)
+            return entry.size
+
+    def _promote_to_vram(self, raw: bytes, entry: Entry, src: int) -> None:
+        """Copy a value just read into a GPU buffer at ``src`` into VRAM, if it has earned it (lock held)."""
+        vram = self._vram
+        if vram is None or not should_promote(entry, self._promote_after, True):
+            return
+        if vram.allocate(raw, entry):
+            if entry.dead or self._index.get(raw) is not entry:  # evicted to make room: not worth it
+                vram.free(raw, entry)
+                return
+            vram.cuda.d2d(vram.address(entry), src, entry.size)
+            vram.admit(raw, entry)
+            entry.hits = 0
+            vram.counters["promotions"] += 1
+
+    def device_view(self, key: Key) -> VramView:
+        """A zero-copy view of a VRAM value (``__cuda_array_interface__``, ``__dlpack__``), for use as
+        ``with store.device_view(key) as v: torch.from_dlpack(v)``.  The block stays leased until the
+        block exits and every DLPack tensor made from it is gone."""
+        raw = encode_key(key)
+        with self._lock:
+            entry = self._find(raw, key)
+            if self._vram is None or entry.vram < 0:
+                raise InvalidArgument(
+                    f"key {describe_key(key)}: not in VRAM ({self._tier_name(entry)}): put it with tier='vram', "
+                    "or get_into a GPU buffer"
+                )
+            entry.readers += 1
+
+        def release() -> None:
+            with self._lock:
+                self._release_lease(entry)
+
+        return VramView(self._vram, entry, release)
+
+    @staticmethod
+    def _tier_name(entry: Entry) -> str:
+        """The fastest tier holding the entry."""
+        return "vram" if entry.vram >= 0 else "dram" if entry.dram >= 0 else "ssd"
 
     def begin_put(
         self,
@@ -697,12 +935,18 @@ class Store(KVMapping):
         if entry.dram >= 0 and not entry.readers:
             self._dram.release(entry.dram)
             entry.dram = entry.dram_off = -1
+        if entry.vram >= 0:
+            self._vram.unqueue(raw, entry)  # type: ignore[union-attr]
+            if not entry.readers:
+                self._vram.free(raw, entry)  # type: ignore[union-attr]
 
     def _release_lease(self, entry: Entry) -> None:
         entry.readers -= 1
         if entry.dead and not entry.readers and entry.dram >= 0:
             self._dram.release(entry.dram)
             entry.dram = entry.dram_off = -1
+        if entry.dead and not entry.readers and entry.vram >= 0:
+            self._vram.free(b"", entry)  # type: ignore[union-attr]
 
     def _end_unlocked_op(self) -> None:
         self._unlocked_ops -= 1
@@ -737,6 +981,8 @@ class Store(KVMapping):
             dram["hits"] += 1
             if entry.queue:
                 self._touch(raw, entry)
+        elif entry.vram >= 0:
+            self._vram.touch(raw, entry)  # type: ignore[union-attr]
         else:
             dram["misses"] += 1
             ssd["hits"] += 1
@@ -795,6 +1041,8 @@ class Store(KVMapping):
                 seg = self._lease(entry)
             return self._read_leased(raw, key, entry, seg, buffer)
         except TypeError:  # not a buffer, or a read-only one: say so as every store does
+            if hasattr(buffer, "__cuda_array_interface__") or hasattr(buffer, "__dlpack_device__"):
+                return self.get_into_device(key, buffer)
             raise_buffer_error(buffer)
             raise
 
@@ -809,6 +1057,13 @@ class Store(KVMapping):
         """Finish a read whose lease ``_lease`` took: into ``dst`` (returns the byte count) or, with no
         ``dst``, into new bytes (returned).  SSD bytes are checked against the entry's CRC."""
         data = None
+        if seg is VRAM_LEASE:
+            try:
+                return self._vram.read_value(entry, None if dst is None else memoryview(dst).cast("B"))  # type: ignore[union-attr]
+            finally:
+                with self._lock:
+                    self._release_lease(entry)
+                    self._end_unlocked_op()
         try:
             if seg is None:
                 if dst is None:
@@ -834,7 +1089,11 @@ class Store(KVMapping):
         copy (lock held)."""
         entry.readers += 1
         self._unlocked_ops += 1
-        return None if entry.dram >= 0 else self._ssd.lease(entry)  # type: ignore[union-attr]
+        if entry.dram >= 0:
+            return None
+        if entry.vram >= 0:
+            return VRAM_LEASE  # type: ignore[return-value]
+        return self._ssd.lease(entry)  # type: ignore[union-attr]
 
     def _verify(self, raw: bytes, key: Key, entry: Entry, data: Any) -> None:
         if _engine.crc32c(data) != entry.crc:
@@ -916,13 +1175,15 @@ class Store(KVMapping):
             entry = self._lookup(raw)
             if entry is None:
                 raise KeyNotFound(key)
-            if entry.crc < 0:  # DRAM-only values get their checksum when first asked for
+            if entry.crc < 0 and entry.dram >= 0:  # DRAM-only values get their checksum when first asked for
                 entry.crc = self._dram.arena.crc32c(entry.dram_off, entry.size)
+            elif entry.crc < 0:  # VRAM only: computed from a copy to the host
+                entry.crc = _engine.crc32c(self._host_bytes(entry))
             return ObjectInfo(
                 key=decode_key(raw),
                 size=entry.size,
                 checksum=entry.crc,
-                tier="dram" if entry.dram >= 0 else "ssd",
+                tier=self._tier_name(entry),
                 pinned=bool(entry.pinned),
                 expires=entry.expires or None,
                 version=entry.version,
@@ -1011,6 +1272,18 @@ class Store(KVMapping):
                     "segments": len(self._ssd.segments),
                     **self._counters["ssd"],
                 }
+            if self._vram is not None:
+                vram = self._vram
+                tiers["vram"] = {
+                    "capacity": vram.capacity,
+                    "used": vram.used,
+                    "objects": sum(1 for e in self._index.values() if e.vram >= 0),
+                    "device": vram.device,
+                    "name": vram.cuda.name,
+                    **vram.counters,
+                }
+            if self._gds is not None and "ssd" in tiers:
+                tiers["ssd"]["gpudirect"] = self._gds.status()
             tiers["objects"] = len(self._index)
             return tiers
 
@@ -1208,5 +1481,6 @@ def open(
     device that holds anything but this store's SSD tier is refused; True formats it, erasing it),
     segment_size ("64MiB"), high_watermark (0.95),
     low_watermark (0.85), promote_after (2 SSD hits), prefault (False: back the whole DRAM pool with
-    memory in a background thread now, rather than page by page on first use)."""
+    memory in a background thread now, rather than page by page on first use), vram (a VRAM tier of this
+    size on GPU ``device``: needs ``pip install 'mooncakefs[cuda]'`` and an NVIDIA GPU), device (0)."""
     return Store(path, dram=dram, ssd=ssd, **options)

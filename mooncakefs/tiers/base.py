@@ -2,8 +2,8 @@
 may ask of the store that places values in it (``Placement``).
 
 A value's record is one ``_engine.Entry`` in the store's index; each tier keeps its own location fields
-in it (DRAM: ``dram``/``dram_off``, SSD: ``seg``/``seg_off``) and its own eviction order over the
-entries it holds.  The store decides where a value goes and moves it between tiers (``Store`` in
+in it (VRAM: ``vram``/``vram_off``, DRAM: ``dram``/``dram_off``, SSD: ``seg``/``seg_off``) and its own
+eviction order over the entries it holds.  The store decides where a value goes and moves it between tiers (``Store`` in
 store.py); a tier keeps bytes, its space accounting, and which of its values should leave first.
 """
 
@@ -65,6 +65,11 @@ class Placement(Protocol):
     def demote(self, raw: bytes, entry: Entry, earned: bool) -> bool:
         """Give ``entry`` a copy in a tier below, if it has none and may have one (``earned``: it was
         read since put, or must be kept); False once the tiers below are full."""
+        ...
+
+    def demote_vram(self, raw: bytes, entry: Entry) -> bool:
+        """A VRAM value with no copy below leaves the GPU: give it one in DRAM (or SSD); False when no
+        tier below can take it (it is then dropped)."""
         ...
 
     def drop(self, raw: bytes, entry: Entry) -> None:

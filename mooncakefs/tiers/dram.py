@@ -154,17 +154,18 @@ class DramTier:
 
         The oldest fresh value goes first while fresh ones hold more than their share (or main is
         empty), else the least recently used of main.  The store demotes it to SSD unless it already
-        has a copy there; with no room below it leaves the store (and its key is remembered in the ghost
-        list), unless it is sticky, in which case the next candidate is tried.  A value read through the
-        shared index since eviction last looked gets a second chance (it counts as read); when every
-        candidate had one, the oldest goes all the same (busy readers must not make puts fail)."""
+        has a copy there (or in VRAM, which then keeps it); with no room below it leaves the store (and
+        its key is remembered in the ghost list), unless it is sticky, in which case the next candidate
+        is tried.  A value read through the shared index since eviction last looked gets a second chance
+        (it counts as read); when every candidate had one, the oldest goes all the same (busy readers
+        must not make puts fail)."""
         place = self.place
         assert place is not None
         if not self.second_chances and not self.has_lower:  # the common case, inline: the head goes
             queue = self._queues()[0]
             if queue:
                 raw, entry = next(iter(queue.items()))
-                if not entry.readers:
+                if not entry.readers and entry.vram < 0:  # a VRAM copy: the general path keeps it
                     del queue[raw]
                     if entry.queue == FRESH:
                         self.fresh_bytes -= entry.size
@@ -186,9 +187,9 @@ class DramTier:
                     if second_chances and place.read_since(raw, entry):
                         refreshed.append((raw, entry))
                         continue
-                    if entry.seg < 0 and not lower_full:
+                    if entry.seg < 0 and entry.vram < 0 and not lower_full:
                         lower_full = not place.demote(raw, entry, queue is self.main or entry.sticky)
-                    if entry.seg >= 0 or not entry.sticky:
+                    if entry.seg >= 0 or entry.vram >= 0 or not entry.sticky:
                         victim = entry
                         break
                 if victim is not None:
@@ -203,7 +204,7 @@ class DramTier:
         self.unqueue(raw, entry)
         self.counters["evictions"] += 1
         place.withdraw(raw)
-        if entry.seg < 0:  # nowhere to demote it: it leaves the store
+        if entry.seg < 0 and entry.vram < 0:  # nowhere to demote it, no copy in VRAM: it leaves the store
             place.drop(raw, entry)
             self.remember(raw)
         else:

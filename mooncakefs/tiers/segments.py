@@ -40,6 +40,10 @@ class SegmentPlace(Protocol):
     def pread(self, size: int, off: int) -> bytes:
         """Up to ``size`` value bytes at ``off`` (fewer past the end)."""
 
+    def gpu_source(self) -> tuple[str, int, int]:
+        """(name, descriptor or -1 to open the name with O_DIRECT, offset of the values in it): what
+        GPUDirect Storage reads the segment's values from (tiers/gds.py)."""
+
     def sync(self) -> None:
         """Make the value bytes written so far survive power loss."""
 
@@ -177,6 +181,11 @@ class SegmentFile:
 
     def pread(self, size: int, off: int) -> bytes:
         return os.pread(self.fd, size, off)
+
+    def gpu_source(self) -> tuple[str, int, int]:
+        """What GPUDirect Storage reads from (tiers/gds.py): a name, a descriptor to register (-1: open
+        the name with O_DIRECT), and where the segment's values start in it."""
+        return str(self.path), -1, 0
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

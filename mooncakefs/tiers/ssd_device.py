@@ -177,6 +177,10 @@ class DeviceRegion:
         size = max(0, min(size, self.data_size - off))
         return self.io.pread(size, self.data_at + off) if size else b""
 
+    def gpu_source(self) -> tuple[str, int, int]:
+        """GPUDirect Storage reads the device's own O_DIRECT descriptor, registered once for all regions."""
+        return self.device.label, self.io.fd, self.data_at
+
     def sync(self) -> None:
         os.fdatasync(self.io.fd)
 

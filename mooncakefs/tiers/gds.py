@@ -1,0 +1,165 @@
+"""SSD -> VRAM reads: GPUDirect Storage through cuFile, or pread + a host-to-device copy without it.
+
+cuFile (``cuda.bindings.cufile``, whose library ships in the ``nvidia-cufile-cu12`` wheel) reads a file
+straight into device memory.  With the ``nvidia-fs`` kernel driver loaded and a filesystem or device
+it supports, the NVMe DMA lands in GPU memory ("gds"); without the driver, cuFile's compatibility mode
+reads through a host bounce buffer inside the library ("compat") -- correct, not faster.  Which one we
+got is reported (``mode``, ``why``), and shown by ``stats()`` and ``mooncakefs status``.  Where cuFile
+cannot be used at all, reads fall back to ``pread`` into pinned memory and a copy to the device
+("pread+h2d"), saying why.
+
+Each segment file (or the raw device, for an SSD tier on a block device) is registered once
+(``cuFileHandleRegister`` on an O_DIRECT descriptor) and kept until it is deleted or the store closes.
+cuFile reads skip the CRC-32C check the host paths make: the bytes never pass through the host.
+
+``cuFileRead`` is called through ctypes: the cuda.bindings wrapper (12.9) drops its return value, the
+byte count, which a read must check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from pathlib import Path
+from typing import Any
+
+from mooncakefs import _engine
+from mooncakefs._engine import Entry
+from mooncakefs.errors import ChecksumError
+from mooncakefs.gpu import STAGING_CHUNK, Cuda
+from mooncakefs.tiers.ssd import Segment
+
+NVIDIA_FS = Path("/sys/module/nvidia_fs")  # present while the nvidia-fs kernel driver is loaded
+
+GDS, COMPAT, FALLBACK = "gds", "compat", "pread+h2d"
+
+
+def describe_mode(cufile_loaded: bool, nvidia_fs: bool, forced_compat: bool) -> tuple[str, str]:
+    """(mode, why) from what was found: the rule ``GpuDirect`` reports by, kept apart to be tested."""
+    if not cufile_loaded:
+        return FALLBACK, "cuFile is not available"
+    if forced_compat:
+        return COMPAT, "cuFile is configured to force compatibility mode (CUFILE_FORCE_COMPAT_MODE / cufile.json)"
+    if not nvidia_fs:
+        return COMPAT, "the nvidia-fs kernel driver is not loaded: cuFile reads through a host bounce buffer"
+    return GDS, "nvidia-fs is loaded: reads go from the NVMe device into GPU memory"
+
+
+class GpuDirect:
+    """Reads of SSD-tier values into device memory for one GPU (``cuda``).  Not thread-safe on its own:
+    registration runs under the store's lock; reads may run without it."""
+
+    def __init__(self, cuda: Cuda) -> None:
+        self.cuda = cuda
+        self.handles: dict[str, tuple[int, int, bool]] = {}  # name -> (cuFile handle, fd, fd is ours)
+        self._descr: list[Any] = []  # the CUfileDescr_t each handle was registered from, kept alive
+        self._read: Any = None
+        self._cufile: Any = None
+        try:
+            from cuda.bindings import cufile
+            from cuda.pathfinder import load_nvidia_dynamic_lib
+
+            cufile.driver_open()
+            library = ctypes.CDLL(load_nvidia_dynamic_lib("cufile").abs_path)
+            self._read = library.cuFileRead
+            self._read.restype = ctypes.c_ssize_t
+            self._read.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_int64]
+            self._cufile = cufile
+            forced = bool(cufile.get_parameter_bool(cufile.BoolConfigParameter.FORCE_COMPAT_MODE))
+            self.mode, self.why = describe_mode(True, NVIDIA_FS.exists(), forced)
+        except Exception as exc:  # ImportError, the library missing, cuFileDriverOpen refusing
+            self.mode, self.why = FALLBACK, f"cuFile is not available ({type(exc).__name__}: {exc})"
+
+    def status(self) -> dict[str, Any]:
+        return {"mode": self.mode, "why": self.why, "registered": len(self.handles)}
+
+    def _handle(self, seg: Segment) -> tuple[int, int]:
+        """The segment's cuFile handle (registered on first use) and where its values start."""
+        name, fd, base = seg.place.gpu_source()
+        known = self.handles.get(name)
+        if known is not None:
+            return known[0], base
+        cufile = self._cufile
+        ours = fd < 0
+        if ours:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError:  # a filesystem without O_DIRECT: cuFile's compatibility mode still reads it
+                fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        descr = cufile.Descr()
+        descr.type = cufile.FileHandleType.OPAQUE_FD
+        descr.handle.fd = fd
+        descr.fs_ops = 0
+        try:
+            handle = cufile.handle_register(descr.ptr)
+        except BaseException:
+            if ours:
+                os.close(fd)
+            raise
+        self._descr.append(descr)
+        self.handles[name] = (handle, fd, ours)
+        return handle, base
+
+    def forget(self, name: str) -> None:
+        """A segment file went away: deregister it (and close the descriptor we opened for it)."""
+        known = self.handles.pop(name, None)
+        if known is not None:
+            self._cufile.handle_deregister(known[0])
+            if known[2]:
+                os.close(known[1])
+
+    def prepare(self, seg: Segment) -> Any:
+        """Register the segment now (under the store's lock); returns what ``read`` needs."""
+        if self.mode == FALLBACK:
+            return None
+        try:
+            return self._handle(seg)
+        except Exception as exc:  # this file cannot be registered (its filesystem): read it the host way
+            self.why = f"{self.why}; {seg.place.name} could not be registered ({exc}), read by pread+h2d"
+            return None
+
+    def read(self, entry: Entry, seg: Segment, prepared: Any, dst: int) -> str:
+        """Read the entry's value from ``seg`` into device address ``dst``; returns the path taken."""
+        if prepared is None:
+            self._read_through_host(entry, seg, dst)
+            return FALLBACK
+        handle, base = prepared
+        self.cuda.current()
+        done, size = 0, entry.size
+        while done < size:
+            n = self._read(handle, dst, size - done, base + entry.seg_off + done, done)
+            if n < 0:
+                raise OSError(f"cuFileRead of {seg.place.name} failed: {self._cufile.op_status_error(-n)}")
+            if n == 0:
+                raise OSError(f"segment {seg.place.name} ends before offset {entry.seg_off + size}")
+            done += n
+        return self.mode
+
+    def _read_through_host(self, entry: Entry, seg: Segment, dst: int) -> None:
+        """pread into pinned staging, checked against the value's CRC-32C, then copied to the device."""
+        cuda, size = self.cuda, entry.size
+        staging = (ctypes.c_char * STAGING_CHUNK).from_address(cuda.staging[1])
+        view = memoryview(staging).cast("B")
+        crc = 0
+        for done in range(0, size, STAGING_CHUNK):
+            n = min(STAGING_CHUNK, size - done)
+            got = 0
+            while got < n:
+                k = seg.place.read_into(view[got:n], entry.seg_off + done + got)
+                if k == 0:
+                    raise OSError(f"segment {seg.place.name} ends before offset {entry.seg_off + size}")
+                got += k
+            crc = _engine.crc32c(view[:n], crc)
+            cuda.h2d(dst + done, cuda.staging[1], n)  # pinned: a direct copy
+        if crc != entry.crc:
+            raise ChecksumError("the SSD copy fails its CRC-32C check (corrupted on disk)")
+
+    def close(self) -> None:
+        for name in list(self.handles):
+            with contextlib.suppress(Exception):
+                self.forget(name)
+        self._descr.clear()
+        if self._cufile is not None:
+            with contextlib.suppress(Exception):
+                self._cufile.driver_close()
