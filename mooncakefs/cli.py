@@ -23,7 +23,7 @@ import click
 import mooncakefs
 from mooncakefs.errors import MooncakeError, exit_code_of
 from mooncakefs.progress import on_terminal, progress
-from mooncakefs.units import format_size, parse_size, parse_ssd
+from mooncakefs.units import format_size, parse_size, parse_ssd, parse_vram
 
 REPLAY_WATERMARK = 0.9
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "synthetic_trace.jsonl"
@@ -519,6 +519,13 @@ def _address(text: str, what: str) -> tuple[str, int] | None:
     "(/dev/nvme1n1, all of it, or /dev/nvme1n1:SIZE: no filesystem, O_DIRECT; see docs/nvme-of.md); 0 for none.",
 )
 @click.option(
+    "--vram",
+    default="0",
+    show_default=True,
+    help="VRAM tier: DEVICE:SIZE (GPU number and pool size, e.g. 0:16GiB), SIZE for GPU 0, 0 for none.  "
+    "Needs pip install 'mooncakefs[cuda]' and an NVIDIA GPU.",
+)
+@click.option(
     "--format-ssd",
     is_flag=True,
     help="Let --ssd /dev/... format a device that holds a filesystem, a partition table or another "
@@ -599,6 +606,7 @@ def node(
     data: Path | None,
     dram: int,
     ssd: str,
+    vram: str,
     format_ssd: bool,
     socket_path: Path | None,
     socket_mode: str,
@@ -637,6 +645,7 @@ def node(
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         ssd_size, ssd_dir = parse_ssd(ssd)
+        gpu = parse_vram(vram)
         mode = int(socket_mode, 8)
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(str(exc)) from None
@@ -655,7 +664,14 @@ def node(
         )
     try:
         store = mooncakefs.open(
-            data, dram=dram, ssd=ssd_size, ssd_dir=ssd_dir, ssd_format=format_ssd, prefault=prefault
+            data,
+            dram=dram,
+            ssd=ssd_size,
+            ssd_dir=ssd_dir,
+            ssd_format=format_ssd,
+            prefault=prefault,
+            vram=gpu[1] if gpu else None,
+            device=gpu[0] if gpu else 0,
         )
     except mooncakefs.MooncakeError as exc:
         raise Failed(exc) from None
@@ -1108,13 +1124,18 @@ def _echo_tiers(stats: dict) -> None:
         f"{'tier':<6}{'capacity':>10}{'used':>10}{'objects':>9}{'hits':>9}{'misses':>9}"
         f"{'evictions':>11}{'promotions':>12}"
     )
-    for tier in ("dram", "ssd"):
+    for tier in ("vram", "dram", "ssd"):
         if tier in stats:
             t = stats[tier]
             click.echo(
                 f"{tier:<6}{format_size(t['capacity']):>10}{format_size(t['used']):>10}{t['objects']:>9}"
                 f"{t['hits']:>9}{t['misses']:>9}{t['evictions']:>11}{t['promotions']:>12}"
             )
+    if "vram" in stats:
+        click.echo(f"vram: GPU {stats['vram']['device']} ({stats['vram']['name']})")
+    gds = stats.get("ssd", {}).get("gpudirect")
+    if gds:
+        click.echo(f"ssd -> vram: {gds['mode']} ({gds['why']})")
 
 
 def _node_stats(tcp: str | None) -> dict | None:

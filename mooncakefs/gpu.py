@@ -64,7 +64,16 @@ _capsule_set_name = ctypes.pythonapi.PyCapsule_SetName
 _capsule_set_name.restype, _capsule_set_name.argtypes = ctypes.c_int, [ctypes.py_object, ctypes.c_char_p]
 _capsule_get_name = ctypes.pythonapi.PyCapsule_GetName
 _capsule_get_name.restype, _capsule_get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-CAPSULE_DESTRUCTOR = ctypes.CFUNCTYPE(None, ctypes.py_object)
+# A capsule's destructor gets the dying capsule as a raw pointer: taking it as a py_object would
+# revive it (a reference to an object already at zero) and free it twice.
+CAPSULE_DESTRUCTOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_dying_valid = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p)(
+    ("PyCapsule_IsValid", ctypes.pythonapi)
+)
+_dying_get = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi)
+)
+DLTENSOR = b"dltensor"  # capsules keep a pointer to their name: it must outlive them
 _capsule_new = ctypes.pythonapi.PyCapsule_New
 _capsule_new.restype, _capsule_new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, CAPSULE_DESTRUCTOR]
 
@@ -250,10 +259,10 @@ def _delete_exported(tensor: Any) -> None:
 
 
 @CAPSULE_DESTRUCTOR
-def _capsule_destructor(capsule: Any) -> None:
+def _capsule_destructor(capsule: int) -> None:
     """An unused capsule dies (nobody took the tensor): delete the tensor ourselves, as the protocol asks."""
-    if _capsule_valid(capsule, b"dltensor"):
-        address = _capsule_get(capsule, b"dltensor")
+    if _dying_valid(capsule, DLTENSOR):
+        address = _dying_get(capsule, DLTENSOR)
         _delete_exported(ctypes.cast(address, ctypes.POINTER(DLManagedTensor)))
 
 
@@ -269,7 +278,7 @@ def export_dlpack(ptr: int, nbytes: int, device: tuple[int, int], on_release: Ca
     address = ctypes.addressof(managed)
     with _exported_lock:
         _exported[address] = (managed, shape, on_release)
-    return _capsule_new(address, b"dltensor", _capsule_destructor)
+    return _capsule_new(address, DLTENSOR, _capsule_destructor)
 
 
 def exported_alive() -> int:

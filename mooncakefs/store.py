@@ -217,8 +217,12 @@ class Store(KVMapping):
                 self._cuda = self._vram.cuda
                 # the DRAM pool pinned: DRAM <-> VRAM copies are direct DMA (best effort)
                 self._cuda.register_host(_engine.address(self._dram.view), self._dram.capacity)
+                if self._ssd is not None:  # SSD -> VRAM reads: which mode cuFile runs in shows in stats()
+                    self._start_gds()
             self._init_state(high_watermark, low_watermark, promote_after)
         except BaseException:  # leave nothing held: the data dir must open again
+            if self._gds is not None:
+                self._gds.close()
             if self._vram is not None:
                 self._vram.close()
             if self._ssd is not None:
@@ -429,6 +433,13 @@ class Store(KVMapping):
                     self._cuda = Cuda(self._device)
         return self._cuda
 
+    def _start_gds(self) -> None:
+        """SSD -> GPU reads (tiers/gds.py), told when the SSD tier lets a segment go."""
+        from mooncakefs.tiers.gds import GpuDirect
+
+        self._gds = GpuDirect(self._cuda)
+        self._ssd.on_release = self._gds.released  # type: ignore[union-attr]
+
     def _gpu_stream(self) -> int | None:
         """The stream a DLPack producer should order its work before (None until CUDA is up)."""
         return None if self._cuda is None else self._cuda.stream_handle
@@ -523,12 +534,9 @@ class Store(KVMapping):
             gpu = self._gpu()
             gpu.wait_for(dst)
             if self._ssd is not None and self._gds is None:
-                from mooncakefs.tiers.gds import GpuDirect
-
-                gds = GpuDirect(gpu)
                 with self._lock:
                     if self._gds is None:
-                        self._gds = gds
+                        self._start_gds()
             with self._lock:
                 entry = self._find(raw, key)
                 if entry.size > dst.nbytes:

@@ -66,3 +66,13 @@ def parse_ssd(value: str) -> tuple[int | None, Path | None]:
         return None, Path(value)
     nbytes = parse_size(size, what="--ssd")
     return (nbytes or None), (Path(path) if path else None)
+
+
+def parse_vram(value: str) -> tuple[int, int] | None:
+    """The --vram option: "DEVICE:SIZE" (GPU number and pool size), "SIZE" for GPU 0, "0" for no VRAM
+    tier.  Returns (device, size), or None for none."""
+    device, _, size = value.rpartition(":")
+    if device and not device.isdigit():
+        raise ValueError(f"--vram {value}: give DEVICE:SIZE with DEVICE a GPU number, like 0:16GiB")
+    nbytes = parse_size(size, what="--vram")
+    return (int(device or 0), nbytes) if nbytes else None

@@ -14,7 +14,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "unit": ("test_units", "test_engine_reference", "test_internal_keys", "test_placement", "test_transfer_paths",
              "test_policy_sim", "test_kvstore_api"),
     "engine": ("test_api", "test_tiers", "test_ssd_direct", "test_policy", "test_stateful", "test_concurrency",
-               "test_versions", "test_bench_harness", "test_tier_contract"),
+               "test_versions", "test_bench_harness", "test_tier_contract", "test_gpu_buffers", "test_vram"),
     "node": ("test_node", "test_checksums", "test_permissions", "test_shared_index", "test_cli",
              "test_error_codes", "test_mooncake_compat"),
     "transfer": ("test_transfer", "test_transfer_engine"),

@@ -101,8 +101,15 @@ class GpuDirect:
         self.handles[name] = (handle, fd, ours)
         return handle, base
 
+    def released(self, seg: Segment) -> None:
+        """The SSD tier let a deleted segment go (``SsdTier.on_release``): deregister its file.  The raw
+        device's one registration stays (its name is the device's, not the segment's)."""
+        name, fd, _ = seg.place.gpu_source()
+        if fd < 0:
+            self.forget(name)
+
     def forget(self, name: str) -> None:
-        """A segment file went away: deregister it (and close the descriptor we opened for it)."""
+        """Deregister a file (and close the descriptor we opened for it)."""
         known = self.handles.pop(name, None)
         if known is not None:
             self._cufile.handle_deregister(known[0])

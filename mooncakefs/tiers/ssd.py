@@ -32,7 +32,7 @@ import sqlite3
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -423,6 +423,7 @@ class SsdTier:
         self._seq = 1  # the next journal record's sequence number (set by load)
         self._committed = -1  # the sequence number the index last recorded taking in
         self._journal_dirty: dict[int, Segment] = {}
+        self.on_release: Callable[[Segment], None] | None = None  # GPUDirect's: a segment is let go
         self.index_path = Path(index_path)
         self.recovery: Recovery | None = None
         # Why the index is to be rebuilt (``rebuild`` may say); None: only if it turns out damaged.
@@ -823,7 +824,7 @@ class SsdTier:
     def end_lease(self, seg: Segment) -> None:
         seg.readers -= 1
         if seg.doomed and seg.readers == 0:
-            seg.place.release()
+            self._release(seg)
 
     @staticmethod
     def read_value(entry: Entry, dst: Any, seg: Segment) -> Any:
@@ -866,7 +867,13 @@ class SsdTier:
         if seg.readers:
             seg.doomed = True
         else:
-            seg.place.release()
+            self._release(seg)
+
+    def _release(self, seg: Segment) -> None:
+        """A deleted segment's last reader is gone: whoever registered it (GPUDirect) lets go first."""
+        if self.on_release is not None:
+            self.on_release(seg)
+        seg.place.release()
 
     def close(self) -> None:
         self.commit()
