@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mooncakefs import _engine
 from mooncakefs.errors import CudaUnavailable, InvalidArgument, given
 
 # DLPack device types (dlpack.h DLDeviceType)
@@ -464,3 +465,47 @@ def visible_devices() -> str:
     """What CUDA_VISIBLE_DEVICES says, for error messages (a GPU hidden from us looks absent)."""
     value = os.environ.get("CUDA_VISIBLE_DEVICES")
     return "" if value is None else f" (CUDA_VISIBLE_DEVICES={value!r})"
+
+
+class DeviceArray:
+    """Plain device memory (``cuMemAlloc``) described by ``__cuda_array_interface__`` (1-D uint8): a
+    GPU buffer for tests, benchmarks and callers without torch or cupy."""
+
+    def __init__(self, cuda: Cuda, nbytes: int) -> None:
+        self.cuda, self.nbytes = cuda, nbytes
+        self.ptr = cuda.alloc(max(nbytes, 1))
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return {"version": 3, "shape": (self.nbytes,), "typestr": "|u1", "data": (self.ptr, False),
+                "strides": None, "stream": None}  # fmt: skip
+
+    def upload(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        if view.nbytes:
+            self.cuda.h2d(self.ptr, _engine.address(view), view.nbytes)
+
+    def download(self, nbytes: int | None = None) -> bytes:
+        out = bytearray(self.nbytes if nbytes is None else nbytes)
+        if out:
+            self.cuda.d2h(_engine.address(out), self.ptr, len(out))
+        return bytes(out)
+
+    def close(self) -> None:
+        if self.ptr:
+            self.cuda.free(self.ptr)
+            self.ptr = 0
+
+
+class DLPackDeviceArray(DeviceArray):
+    """The same memory described by DLPack only, as a DLPack-only producer would."""
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        raise AttributeError("described by DLPack only")
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return DL_CUDA, self.cuda.device
+
+    def __dlpack__(self, stream: Any = None, **_: Any) -> Any:
+        return export_dlpack(self.ptr, self.nbytes, (DL_CUDA, self.cuda.device), lambda: None)

@@ -33,6 +33,9 @@ class RecordingPlacement:
     def demote(self, raw: bytes, entry: Entry, earned: bool) -> bool:
         return False  # no tier below
 
+    def demote_vram(self, raw: bytes, entry: Entry) -> bool:
+        return False  # no tier below
+
     def drop(self, raw: bytes, entry: Entry) -> None:
         """Out of the store: its block goes back to the tier (the real store frees it in every tier)."""
         del self.index[raw]
@@ -73,11 +76,26 @@ def make_ssd(tmp_path, place: RecordingPlacement, where: Path | None = None) -> 
     return tier
 
 
-@pytest.fixture(params=["dram", "ssd", "ssd-blockdev"])
+def make_vram(place: RecordingPlacement) -> Tier:
+    """The VRAM tier on GPU 0; the test is skipped where there is none (tests/test_vram.py says why)."""
+    from mooncakefs.errors import CudaUnavailable
+    from mooncakefs.tiers.vram import VramTier
+
+    try:
+        tier = VramTier(CAPACITY, 0)
+    except CudaUnavailable as exc:
+        pytest.skip(f"no CUDA device: {exc}")
+    tier.place = place
+    return tier
+
+
+@pytest.fixture(params=["dram", "ssd", "ssd-blockdev", "vram"])
 def tier_and_place(request, tmp_path) -> Iterator[tuple[Tier, RecordingPlacement]]:
     place = RecordingPlacement()
     if request.param == "dram":
         tier: Tier = make_dram(tmp_path, place)
+    elif request.param == "vram":
+        tier = make_vram(place)
     elif request.param == "ssd":
         tier = make_ssd(tmp_path, place)
     else:  # the SSD tier on a raw block device (a loop device here)
@@ -97,12 +115,16 @@ def store_value(tier: Tier, place: RecordingPlacement, raw: bytes, data: bytes) 
     tier.write(raw, entry, memoryview(data))
     if isinstance(tier, DramTier):
         tier.enqueue(raw, entry, False)
+    elif tier.name == "vram":
+        tier.admit(raw, entry)  # type: ignore[attr-defined]
     place.index[raw] = entry
     return entry
 
 
 def test_tiers_are_named_in_the_one_order():
-    assert [DramTier.name, SsdTier.name] == [n for n in TIER_ORDER if n in ("dram", "ssd")]
+    from mooncakefs.tiers.vram import VramTier
+
+    assert [VramTier.name, DramTier.name, SsdTier.name] == list(TIER_ORDER)
 
 
 def test_write_read_free_and_usage(tier_and_place):
