@@ -345,6 +345,7 @@ class Cuda:
         self.lock = threading.Lock()  # one copy at a time on the stream and the staging buffers
         self.staging = [_check(driver, driver.cuMemHostAlloc(STAGING_CHUNK, 0), "cuMemHostAlloc") for _ in range(2)]
         self.registered: list[tuple[int, int]] = []  # host ranges pinned with cuMemHostRegister
+        self.host_allocs: list[tuple[int, int]] = []  # pinned host memory from alloc_host
 
     @property
     def stream_handle(self) -> int:
@@ -375,6 +376,13 @@ class Cuda:
         self.current()
         return _check(self.driver, self.driver.cuMemGetInfo(), "cuMemGetInfo")
 
+    def alloc_host(self, nbytes: int) -> int:
+        """Pinned host memory (``cuMemHostAlloc``), freed by ``close``: copies from and to it are direct."""
+        self.current()
+        ptr = int(_check(self.driver, self.driver.cuMemHostAlloc(nbytes, 0), "cuMemHostAlloc"))
+        self.host_allocs.append((ptr, nbytes))
+        return ptr
+
     def register_host(self, ptr: int, nbytes: int) -> bool:
         """Pin a host range (the DRAM pool) so copies to and from it are direct DMA; False if refused."""
         self.current()
@@ -385,7 +393,7 @@ class Cuda:
         return True
 
     def _is_pinned(self, ptr: int, nbytes: int) -> bool:
-        ranges = [*self.registered, *((p, STAGING_CHUNK) for p in self.staging)]
+        ranges = [*self.registered, *self.host_allocs, *((p, STAGING_CHUNK) for p in self.staging)]
         return any(start <= ptr and ptr + nbytes <= start + size for start, size in ranges)
 
     def d2d(self, dst: int, src: int, nbytes: int) -> None:
@@ -454,9 +462,9 @@ class Cuda:
             for ptr, _ in self.registered:
                 d.cuMemHostUnregister(ptr)
             self.registered.clear()
-            for ptr in self.staging:
+            for ptr in [*self.staging, *(p for p, _ in self.host_allocs)]:
                 d.cuMemFreeHost(ptr)
-            self.staging = []
+            self.staging, self.host_allocs = [], []
             d.cuStreamDestroy(self.stream)
             d.cuDevicePrimaryCtxRelease(self.handle)
 
