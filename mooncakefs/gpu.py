@@ -340,7 +340,7 @@ class Cuda:
         self.context = _check(driver, driver.cuDevicePrimaryCtxRetain(self.handle), "cuDevicePrimaryCtxRetain")
         self.current()
         self.stream = _check(
-            driver, driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate"
+            driver, driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate"
         )
         self.lock = threading.Lock()  # one copy at a time on the stream and the staging buffers
         self.staging = [_check(driver, driver.cuMemHostAlloc(STAGING_CHUNK, 0), "cuMemHostAlloc") for _ in range(2)]
@@ -467,6 +467,17 @@ class Cuda:
             self.staging, self.host_allocs = [], []
             d.cuStreamDestroy(self.stream)
             d.cuDevicePrimaryCtxRelease(self.handle)
+
+
+def gpu_unavailable(device: int = 0) -> str | None:
+    """Why GPU ``device`` cannot be used here ("no CUDA device: ..."), or None if it can: what GPU tests
+    skip with and benchmarks report."""
+    try:
+        Cuda(device).close()
+    except CudaUnavailable as exc:
+        text = str(exc)
+        return text if text.startswith("no CUDA device") else f"no CUDA device: {text}"
+    return None
 
 
 def visible_devices() -> str:

@@ -26,6 +26,7 @@ from mooncakefs.gpu import (
     from_cuda_array_interface,
     from_dlpack,
     from_dlpack_capsule,
+    gpu_unavailable,
 )
 from mooncakefs.tiers.gds import COMPAT, FALLBACK, GDS, describe_mode
 from mooncakefs.tiers.vram import choose_tier, should_promote
@@ -45,17 +46,6 @@ class CudaArray:
             "stream": None,
             **interface,
         }
-
-
-def no_gpu_here() -> str | None:
-    """Why this machine has no usable GPU, or None if it has one (then these tests of refusals skip)."""
-    try:
-        from mooncakefs.gpu import Cuda
-
-        Cuda(0).close()
-    except CudaUnavailable as exc:
-        return str(exc)
-    return None
 
 
 # -- __cuda_array_interface__ -------------------------------------------------------------------------
@@ -264,7 +254,7 @@ def test_cuda_unavailable_is_a_device_error():
 
 @pytest.fixture
 def without_gpu():
-    reason = no_gpu_here()
+    reason = gpu_unavailable(0)
     if reason is None:
         pytest.skip("this machine has a GPU: tests/test_vram.py runs there")
     return reason

@@ -78,13 +78,13 @@ def make_ssd(tmp_path, place: RecordingPlacement, where: Path | None = None) -> 
 
 def make_vram(place: RecordingPlacement) -> Tier:
     """The VRAM tier on GPU 0; the test is skipped where there is none (tests/test_vram.py says why)."""
-    from mooncakefs.errors import CudaUnavailable
+    from mooncakefs.gpu import gpu_unavailable
     from mooncakefs.tiers.vram import VramTier
 
-    try:
-        tier = VramTier(CAPACITY, 0)
-    except CudaUnavailable as exc:
-        pytest.skip(f"no CUDA device: {exc}")
+    why = gpu_unavailable(0)
+    if why is not None:
+        pytest.skip(why)
+    tier = VramTier(CAPACITY, 0)
     tier.place = place
     return tier
 

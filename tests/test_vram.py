@@ -13,20 +13,13 @@ import pytest
 from conftest import rand_bytes
 
 import mooncakefs
-from mooncakefs.errors import BufferTooSmall, CudaUnavailable, InvalidArgument
-from mooncakefs.gpu import Cuda, DeviceArray, DLPackDeviceArray, exported_alive, from_dlpack
+from mooncakefs.errors import BufferTooSmall, InvalidArgument
+from mooncakefs.gpu import Cuda, DeviceArray, DLPackDeviceArray, exported_alive, from_dlpack, gpu_unavailable
 from mooncakefs.tiers.gds import COMPAT, FALLBACK, GDS
 
-
-def _gpu_or_reason() -> tuple[Cuda | None, str]:
-    try:
-        return Cuda(0), ""
-    except CudaUnavailable as exc:
-        return None, str(exc)
-
-
-CUDA, WHY = _gpu_or_reason()
-pytestmark = pytest.mark.skipif(CUDA is None, reason=f"no CUDA device: {WHY}")
+WHY = gpu_unavailable(0)
+CUDA = Cuda(0) if WHY is None else None
+pytestmark = pytest.mark.skipif(CUDA is None, reason=str(WHY))
 MiB = 1 << 20
 
 
@@ -164,3 +157,42 @@ def test_a_zero_copy_view_of_a_vram_value(tmp_path, gpu_arrays):
         store.put("host-only", b"x" * 100)
         with pytest.raises(InvalidArgument, match="not in VRAM"):
             store.device_view("host-only")
+
+
+def test_torch_tensors_in_and_out_without_copies_through_the_host(tmp_path):
+    """torch (where the GPU machine has it): its CUDA tensors' __cuda_array_interface__ in, get_into a
+    tensor, a strided one refused, and torch.from_dlpack of a VRAM view sharing its memory."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no GPU")
+    with mooncakefs.open(tmp_path / "kv", dram="16MiB", vram="64MiB") as store:
+        t = torch.randint(0, 255, (1024, 1024), dtype=torch.uint8, device="cuda")
+        store.put("t", t)
+        assert store.stat("t").tier == "vram"
+        out = torch.empty_like(t)
+        assert store.get_into("t", out) == t.numel() and torch.equal(out, t)
+        f = torch.randn(256, 256, device="cuda")  # float32: 4 bytes an element
+        store.put("f", f)
+        back = torch.empty_like(f)
+        assert store.get_into("f", back) == f.numel() * 4 and torch.equal(back, f)
+        with pytest.raises(InvalidArgument, match="not contiguous"):
+            store.put("strided", t.t())
+        with store.device_view("t") as view:
+            u = torch.from_dlpack(view)
+            assert u.device.type == "cuda" and u.numel() == t.numel()
+            assert torch.equal(u.view(1024, 1024), t)
+            del u
+        gc.collect()
+        assert exported_alive() == 0
+
+
+def test_cupy_arrays_in_and_out(tmp_path):
+    cupy = pytest.importorskip("cupy")
+    with mooncakefs.open(tmp_path / "kv", dram="16MiB", vram="64MiB") as store:
+        a = cupy.arange(1 << 18, dtype=cupy.int32)
+        store.put("a", a)
+        assert store.stat("a").tier == "vram"
+        b = cupy.zeros_like(a)
+        assert store.get_into("a", b) == a.nbytes and bool((a == b).all())
+        with pytest.raises(InvalidArgument, match="not contiguous"):
+            store.put("strided", a[::2])

@@ -56,23 +56,28 @@ class GpuDirect:
         self._descr: list[Any] = []  # the CUfileDescr_t each handle was registered from, kept alive
         self._read: Any = None
         self._cufile: Any = None
+        self.library = ""  # the libcufile.so.0 loaded
         try:
             from cuda.bindings import cufile
             from cuda.pathfinder import load_nvidia_dynamic_lib
 
             cufile.driver_open()
-            library = ctypes.CDLL(load_nvidia_dynamic_lib("cufile").abs_path)
-            self._read = library.cuFileRead
+            self.library = load_nvidia_dynamic_lib("cufile").abs_path
+            self._read = ctypes.CDLL(self.library).cuFileRead
             self._read.restype = ctypes.c_ssize_t
             self._read.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_int64]
             self._cufile = cufile
-            forced = bool(cufile.get_parameter_bool(cufile.BoolConfigParameter.FORCE_COMPAT_MODE))
-            self.mode, self.why = describe_mode(True, NVIDIA_FS.exists(), forced)
         except Exception as exc:  # ImportError, the library missing, cuFileDriverOpen refusing
             self.mode, self.why = FALLBACK, f"cuFile is not available ({type(exc).__name__}: {exc})"
+            return
+        try:
+            forced = bool(cufile.get_parameter_bool(cufile.BoolConfigParameter.FORCE_COMPAT_MODE))
+        except Exception:  # an older libcufile without the parameter API: its default, not forced
+            forced = False
+        self.mode, self.why = describe_mode(True, NVIDIA_FS.exists(), forced)
 
     def status(self) -> dict[str, Any]:
-        return {"mode": self.mode, "why": self.why, "registered": len(self.handles)}
+        return {"mode": self.mode, "why": self.why, "registered": len(self.handles), "library": self.library}
 
     def _handle(self, seg: Segment) -> tuple[int, int]:
         """The segment's cuFile handle (registered on first use) and where its values start."""

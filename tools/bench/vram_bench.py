@@ -34,11 +34,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import GB, MiB, format_number, format_size, format_table, machine_info, measure, median, progress, report
+from _common import (
+    GB,
+    MiB,
+    format_number,
+    format_size,
+    format_table,
+    machine_info,
+    measure,
+    median,
+    progress,
+    report,
+    write_json,
+)
 
 import mooncakefs
-from mooncakefs.errors import CudaUnavailable
-from mooncakefs.gpu import Cuda, DeviceArray
+from mooncakefs.gpu import Cuda, DeviceArray, gpu_unavailable
 from mooncakefs.tiers.gds import FALLBACK
 from mooncakefs.units import parse_size
 
@@ -68,13 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.reps, args.rep_seconds = 3, 0.1
     size = parse_size(args.size, what="--size")
-    try:
-        cuda = Cuda(args.device)
-    except CudaUnavailable as exc:
-        progress(f"vram_bench: skipped: {exc}")
+    why = gpu_unavailable(args.device)
+    if why is not None:
+        progress(f"vram_bench: skipped: {why}")
         if args.json:
-            report("", {"skipped": str(exc), "machine": machine_info()}, args.json)
+            write_json(args.json, {"skipped": why, "machine": machine_info()})
         return 0
+    cuda = Cuda(args.device)
     progress(f"vram_bench: GPU {args.device} ({cuda.name}), {format_size(size)} values")
     with tempfile.TemporaryDirectory(prefix="vram-bench-", dir=args.data) as tmp:
         return run(cuda, Path(tmp), size, args)
