@@ -259,7 +259,7 @@ class ObjectInfo:
     key: Key
     size: int
     checksum: int  # CRC-32C of the value
-    tier: str  # "dram" or "ssd": the fastest tier holding it
+    tier: str  # "vram", "dram" or "ssd": the fastest tier holding it
     pinned: bool
     expires: float | None  # unix time, or None
     version: int = 0  # what its writer put it with

@@ -709,6 +709,7 @@ def node(
             "tcp": f"{server.tcp[0]}:{server.tcp[1]}" if server.tcp else None,
             "dram": stats["dram"]["capacity"],
             "ssd": stats.get("ssd", {}).get("capacity", 0),
+            "vram": stats.get("vram", {}).get("capacity", 0),
         }
         try:
             agent = NodeAgent(

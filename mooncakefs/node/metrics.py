@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mooncakefs.tiers.base import TIER_ORDER
+
 if TYPE_CHECKING:
     from mooncakefs.node.server import Node
 
@@ -36,7 +38,7 @@ class NodeCollector(Collector):
             name: CounterMetricFamily(f"mooncakefs_tier_{name}", f"Tier {name}", labels=["tier"])
             for name in ("hits", "misses", "evictions", "promotions")
         }
-        for tier in ("dram", "ssd"):
+        for tier in TIER_ORDER:
             t = stats.get(tier)
             if t is None:
                 continue
