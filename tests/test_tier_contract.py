@@ -217,3 +217,39 @@ def test_the_store_says_which_tier_is_full(tmp_path, tier_name):
             with pytest.raises(OutOfSpace, match="on the SSD tier"):
                 store.put("big", bytes(2 << 20), durable=True)
         assert "big" not in store
+
+
+def test_an_ssd_victim_with_a_copy_in_vram_stays_in_the_store(tmp_path):
+    """The SSD tier evicts its copy of a value that VRAM also holds (promoted there by reads into GPU
+    buffers): only its SSD copy goes, not the value.  (The VRAM block is a number here: no GPU needed.)"""
+    place = RecordingPlacement()
+    tier = make_ssd(tmp_path, place)
+    place.tier = tier
+    try:
+        block = 64 << 10
+        kept = store_value(tier, place, b"in-vram", rand_bytes(block, seed="v"))
+        kept.vram, kept.vram_off = 7, 0
+        for i in range(tier.capacity // block + 4):
+            store_value(tier, place, b"f%d" % i, rand_bytes(block, seed=i))
+        assert kept.seg == -1  # its SSD copy was evicted...
+        assert b"in-vram" not in place.dropped and place.index[b"in-vram"] is kept  # ...the value was not
+        assert place.dropped  # others, with no copy elsewhere, left the store
+    finally:
+        tier.close()
+
+
+def test_a_dram_victim_with_a_copy_in_vram_keeps_it(tmp_path):
+    """DRAM evicts a value that VRAM also holds: it gives up its DRAM block and stays in the store."""
+    place = RecordingPlacement()
+    tier = make_dram(tmp_path, place)
+    place.tier = tier
+    try:
+        block = 64 << 10
+        kept = store_value(tier, place, b"in-vram", rand_bytes(block, seed="v"))
+        kept.vram, kept.vram_off = 7, 0
+        for i in range(tier.capacity // block + 4):
+            store_value(tier, place, b"f%d" % i, rand_bytes(block, seed=i))
+        assert kept.dram == -1 and b"in-vram" not in place.dropped and place.index[b"in-vram"] is kept
+        assert place.dropped
+    finally:
+        tier.close()

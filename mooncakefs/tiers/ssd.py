@@ -976,7 +976,7 @@ class SsdTier:
             excess -= aligned(entry.size)
             self.drop(raw, entry.seg, entry.seg_off, entry.size)
             entry.seg = entry.seg_off = -1
-            if entry.dram < 0:  # its only copy: it leaves the store
+            if entry.dram < 0 and entry.vram < 0:  # its only copy: it leaves the store
                 self.counters["evictions"] += 1
                 self.place.lost(raw, entry)
         return excess <= 0
