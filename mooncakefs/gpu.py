@@ -342,7 +342,7 @@ class Cuda:
         self.stream = _check(
             driver, driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate"
         )
-        self.lock = threading.Lock()  # one copy at a time on the stream and the staging buffers
+        self.lock = threading.RLock()  # one copy at a time on the stream and the staging buffers
         self.staging = [_check(driver, driver.cuMemHostAlloc(STAGING_CHUNK, 0), "cuMemHostAlloc") for _ in range(2)]
         self.registered: list[tuple[int, int]] = []  # host ranges pinned with cuMemHostRegister
         self.host_allocs: list[tuple[int, int]] = []  # pinned host memory from alloc_host

@@ -150,9 +150,17 @@ class GpuDirect:
 
     def _read_through_host(self, entry: Entry, seg: Segment, dst: int) -> None:
         """pread into pinned staging, checked against the value's CRC-32C, then copied to the device."""
-        cuda, size = self.cuda, entry.size
+        cuda = self.cuda
         staging = (ctypes.c_char * STAGING_CHUNK).from_address(cuda.staging[1])
         view = memoryview(staging).cast("B")
+        with cuda.lock:  # the staging buffer is the device's: one reader at a time
+            crc = self._stage_chunks(entry, seg, dst, view)
+        if crc != entry.crc:
+            raise ChecksumError("the SSD copy fails its CRC-32C check (corrupted on disk)")
+
+    def _stage_chunks(self, entry: Entry, seg: Segment, dst: int, view: memoryview) -> int:
+        """pread the value chunk by chunk into ``view`` (pinned), copying each to ``dst``; its CRC-32C."""
+        cuda, size = self.cuda, entry.size
         crc = 0
         for done in range(0, size, STAGING_CHUNK):
             n = min(STAGING_CHUNK, size - done)
@@ -164,8 +172,7 @@ class GpuDirect:
                 got += k
             crc = _engine.crc32c(view[:n], crc)
             cuda.h2d(dst + done, cuda.staging[1], n)  # pinned: a direct copy
-        if crc != entry.crc:
-            raise ChecksumError("the SSD copy fails its CRC-32C check (corrupted on disk)")
+        return crc
 
     def close(self) -> None:
         for name in list(self.handles):

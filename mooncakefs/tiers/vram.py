@@ -68,6 +68,8 @@ class VramTier:
         self.device = self.cuda.device
         free, total = self.cuda.mem_info()
         if capacity > free:
+            if cuda is None:
+                self.cuda.close()
             raise InvalidArgument(
                 f"vram={format_size(capacity)} does not fit on GPU {self.device} ({self.cuda.name}): "
                 f"{format_size(free)} of {format_size(total)} is free"
