@@ -110,10 +110,17 @@ def test_vram_values_without_room_below_are_dropped_not_kept(tmp_path, gpu_array
             assert store.get(f"k{i}") == bytes([i]) * (MiB // 2)
 
 
+@pytest.fixture(params=["files", "blockdev"])
+def ssd_backend(request) -> str:
+    """SSD -> VRAM over segment files and over a raw block device (a loop device: one registration)."""
+    return request.param
+
+
 @pytest.mark.parametrize("path", ["cufile", "pread+h2d"])
-def test_ssd_to_vram_is_byte_exact(tmp_path, gpu_arrays, path):
+def test_ssd_to_vram_is_byte_exact(store_factory, gpu_arrays, path):
     values = {f"ssd-{i}": rand_bytes(3 * MiB + 4096 * i + i, seed=("ssd", i)) for i in range(4)}
-    with mooncakefs.open(tmp_path / "kv", dram="4MiB", ssd="256MiB", vram="16MiB", promote_after=99) as store:
+    store = store_factory(dram="4MiB", ssd="256MiB", vram="16MiB", promote_after=99, segment_size="16MiB")
+    with store:
         for key, data in values.items():
             store.put(key, data, durable=True)
         gds = store._gds
