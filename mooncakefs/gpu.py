@@ -184,7 +184,8 @@ def _deleter_of(managed: ctypes.c_void_p | int) -> Callable[[], None]:
 
 def from_dlpack_capsule(capsule: Any, what: str = "DLPack capsule", *, writable: bool = False) -> DeviceBuffer:
     """Take the tensor out of a "dltensor" capsule (marking it used, as the protocol asks) and describe it.
-    The DeviceBuffer's ``close`` calls the producer's deleter: until then the memory stays valid."""
+    The DeviceBuffer's ``close`` calls the producer's deleter: until then the memory stays valid.
+    (``writable`` cannot be checked here: an unversioned DLPack tensor carries no read-only flag.)"""
     if not _capsule_valid(capsule, b"dltensor"):
         name = _capsule_get_name(capsule) if type(capsule).__name__ == "PyCapsule" else None
         raise InvalidArgument(
@@ -228,6 +229,12 @@ def from_dlpack(obj: Any, *, stream: int | None = None, writable: bool = False) 
             buf.close()
             raise InvalidArgument(f"{what}: the buffer is read-only, and a get writes into it") from None
     return buf
+
+
+def is_gpu_buffer(obj: Any) -> bool:
+    """Whether ``obj`` may describe GPU memory (it has one of the two protocols); cheap, parses nothing.
+    Asked only of what the buffer protocol refused, so host arrays never get here."""
+    return hasattr(obj, "__cuda_array_interface__") or hasattr(obj, "__dlpack_device__")
 
 
 def device_buffer(obj: Any, *, stream: int | None = None, writable: bool = False) -> DeviceBuffer | None:

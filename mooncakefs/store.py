@@ -60,7 +60,7 @@ from mooncakefs.errors import (
     StoreClosed,
     describe_key,
 )
-from mooncakefs.gpu import DeviceBuffer, device_buffer
+from mooncakefs.gpu import DeviceBuffer, device_buffer, is_gpu_buffer
 from mooncakefs.keys import (
     INTERNAL_PREFIX,
     MAX_KEY_BYTES,
@@ -1049,7 +1049,7 @@ class Store(KVMapping):
                 seg = self._lease(entry)
             return self._read_leased(raw, key, entry, seg, buffer)
         except TypeError:  # not a buffer, or a read-only one: say so as every store does
-            if hasattr(buffer, "__cuda_array_interface__") or hasattr(buffer, "__dlpack_device__"):
+            if is_gpu_buffer(buffer):
                 return self.get_into_device(key, buffer)
             raise_buffer_error(buffer)
             raise
@@ -1401,13 +1401,15 @@ class Store(KVMapping):
         keys, buffers = batch_targets(keys, buffers)
         arena = self._dram.arena
 
-        def copy_out(i: int, key: Key, entry: Entry) -> int:
+        def copy_out(i: int, key: Key, entry: Entry) -> int | None:
             try:
                 room = _engine.nbytes(buffers[i])
                 if entry.size > room:
                     raise BufferTooSmall(key, entry.size, room)
                 return arena.read_into(entry.dram_off, entry.size, buffers[i])
             except TypeError:
+                if is_gpu_buffer(buffers[i]):
+                    return None  # get_into takes it, one key at a time
                 raise_buffer_error(buffers[i])
                 raise
 

@@ -63,6 +63,10 @@ def test_host_and_device_buffers_in_and_out_of_vram(tmp_path, gpu_arrays):
             assert store.get_into(f"dev-{dlpack}", back) == len(data) and back.download() == data
         assert exported_alive() == 0
 
+        outs = [device_array(gpu_arrays, len(host)) for _ in range(2)]
+        assert store.batch_get_into(["host", "dev-False"], outs) == [len(host), 2 * MiB]
+        assert outs[0].download() == host and outs[1].download(2 * MiB) == rand_bytes(2 * MiB, seed=False)
+
         store.put("to-dram", device_array(gpu_arrays, 4096, b"d" * 4096), tier="dram")
         assert store.stat("to-dram").tier == "dram" and store.get("to-dram") == b"d" * 4096
         with pytest.raises(BufferTooSmall):
