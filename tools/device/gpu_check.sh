@@ -89,7 +89,8 @@ fi
 status[imports]=ok
 
 step "build the extension"
-if timeout 30 $PY -c "import mooncakefs._engine" 2> /dev/null; then
+# built for this python, in this tree (not another install's, which would not match this source)
+if timeout 30 $PY -c "import sys, mooncakefs._engine as e; sys.exit(not e.__file__.startswith('$ROOT/'))" 2> /dev/null; then
     echo "mooncakefs._engine imports as carried"
     status[build]=carried
 elif timeout 240 $PY setup.py build_ext --inplace -q; then
