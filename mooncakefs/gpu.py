@@ -137,11 +137,13 @@ def contiguous_nbytes(shape: tuple[int, ...], itemsize: int, strides: tuple[int,
     return nbytes
 
 
-def from_cuda_array_interface(obj: Any, *, writable: bool = False) -> DeviceBuffer:
-    """Read ``obj.__cuda_array_interface__`` (v2 or v3).  ``writable``: refuse a read-only one (a get's
-    destination).  The device is CUDA; which GPU is for the driver to say (unified addressing)."""
+def from_cuda_array_interface(obj: Any, *, writable: bool = False, cai: Any = None) -> DeviceBuffer:
+    """Read ``obj.__cuda_array_interface__`` (v2 or v3; ``cai``: already read, as producers build it anew
+    each time).  ``writable``: refuse a read-only one (a get's destination).  The device is CUDA; which
+    GPU is for the driver to say (unified addressing)."""
     what = f"__cuda_array_interface__ of {type(obj).__name__}"
-    cai = obj.__cuda_array_interface__
+    if cai is None:
+        cai = obj.__cuda_array_interface__
     if not isinstance(cai, dict):
         raise InvalidArgument(f"{what} must be a dict, got {given(cai)}")
     version = cai.get("version")
@@ -241,8 +243,9 @@ def device_buffer(obj: Any, *, stream: int | None = None, writable: bool = False
     """The device memory ``obj`` exposes, or None if it is host memory (or exposes neither protocol):
     the store then treats it as an ordinary buffer.  ``__cuda_array_interface__`` is preferred (no
     capsule to consume); DLPack counts only for a CUDA device."""
-    if hasattr(obj, "__cuda_array_interface__"):
-        return from_cuda_array_interface(obj, writable=writable)
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    if cai is not None:
+        return from_cuda_array_interface(obj, writable=writable, cai=cai)
     dlpack_device = getattr(obj, "__dlpack_device__", None)
     if dlpack_device is not None and hasattr(obj, "__dlpack__"):
         device_type, _ = dlpack_device()

@@ -525,11 +525,13 @@ class Store(KVMapping):
         """``get_into`` for a GPU buffer (``get_into`` calls it): device to device from VRAM, host to
         device from the (pinned) DRAM pool, SSD to device by cuFile (tiers/gds.py).  A value read into
         GPU buffers ``promote_after`` times is copied into VRAM."""
-        raw = encode_key(key)
         dst = device_buffer(buffer, stream=self._gpu_stream(), writable=True)
         if dst is None:
             raise_buffer_error(buffer)
         assert dst is not None
+        return self._get_into_gpu(encode_key(key), key, dst)
+
+    def _get_into_gpu(self, raw: bytes, key: Key, dst: DeviceBuffer) -> int:
         with dst:
             gpu = self._gpu()
             gpu.wait_for(dst)
@@ -543,7 +545,8 @@ class Store(KVMapping):
                     raise BufferTooSmall(key, entry.size, dst.nbytes)
                 if entry.vram >= 0:
                     self._vram.counters["hits"] += 1  # type: ignore[union-attr]
-                    self._vram.touch(raw, entry)  # type: ignore[union-attr]
+                    if entry.dram >= 0:  # _find touched its DRAM copy
+                        self._vram.touch(raw, entry)  # type: ignore[union-attr]
                 seg = prepared = None
                 if entry.vram < 0 and entry.dram < 0:
                     seg = self._ssd.lease(entry)  # type: ignore[union-attr]
@@ -1049,8 +1052,9 @@ class Store(KVMapping):
                 seg = self._lease(entry)
             return self._read_leased(raw, key, entry, seg, buffer)
         except TypeError:  # not a buffer, or a read-only one: say so as every store does
-            if is_gpu_buffer(buffer):
-                return self.get_into_device(key, buffer)
+            gpu = device_buffer(buffer, stream=self._gpu_stream(), writable=True)
+            if gpu is not None:
+                return self._get_into_gpu(raw, key, gpu)
             raise_buffer_error(buffer)
             raise
 
