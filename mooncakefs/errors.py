@@ -154,6 +154,11 @@ class OutOfBounds(AddressNotRegistered):
     """A transfer starts inside registered memory but runs past its end: refused before any byte moves."""
 
 
+class BadEndpoint(InvalidArgument):
+    """A peer's RDMA endpoint description (its device, queue pairs and registered regions with their
+    rkeys) is malformed, of another version, or larger than the limits: nothing is connected with it."""
+
+
 class AddressOverlapped(InvalidArgument):
     """Memory being registered overlaps memory already registered with the same engine."""
 

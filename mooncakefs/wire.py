@@ -52,6 +52,7 @@ class Op:
 
     HELLO, AUTH, MAP, PING = 1, 2, 3, 4
     NOTIFY = 5  # transfer engine: a (name, message) for the peer's get_notifies, sent after a transfer
+    RDMA_CONNECT, RDMA_REGIONS = 6, 7  # transfer engine: connect rdma queue pairs; the regions and their rkeys
     PUT, PUT_BEGIN, PUT_END, PUT_ABORT, WRITE, WRITEV = 10, 11, 12, 13, 14, 15
     GET, READ, RELEASE, READV = 20, 21, 22, 23  # READV / WRITEV: many ranges in one frame (transfer engine)
     EXISTS, REMOVE, REMOVE_PREFIX, STAT, KEYS, MATCH_PREFIX, STATS, PERSIST = 30, 31, 32, 33, 34, 35, 36, 37

@@ -152,9 +152,10 @@ def test_rdma_without_a_usable_device_falls_back_to_tcp_in_mooncakes_api(caplog:
 @pytest.mark.skipif(not paths.rdma_devices(), reason="no RDMA device in /sys/class/infiniband")
 def test_an_rdma_device_is_seen() -> None:
     """Where a device exists (a real one, or soft-RoCE: ``rdma link add rxe0 type rxe netdev eth0``), auto
-    picks rdma or says exactly why not (the transport is not set up yet)."""
+    picks rdma, or says exactly why not (the hot path is not built, pyverbs is missing, the device did
+    not open)."""
     with Engine("127.0.0.1", protocol="auto") as e:
-        assert e.protocol == "rdma" or "not yet" in e.why
+        assert e.protocol == "rdma" or "found, but" in e.why
 
 
 def test_pyverbs_set_up_without_a_device() -> None:
@@ -167,7 +168,7 @@ def test_pyverbs_set_up_without_a_device() -> None:
     assert "pyverbs from" in rdma.pyverbs_status() and hasattr(pyverbs.device, "Context")
     with pytest.raises(paths.DeviceNotFound, match="cannot open RDMA device 'mc-no-such-device'"):
         rdma.VerbsDevice("mc-no-such-device")
-    assert "pyverbs context" in rdma.unavailable_reason()
+    assert rdma.unavailable_reason() == "" or "_rdma is not built" in rdma.unavailable_reason()
 
 
 @pytest.mark.skipif(not paths.rdma_devices(), reason="no RDMA device in /sys/class/infiniband")

@@ -1,11 +1,13 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""The rdma hot path: post a chain of RDMA READ/WRITE work requests with one ``ibv_post_send``, and poll a
-completion queue, both with the GIL released.  What to post (slices, chains, which ones are signalled) is
+"""The rdma hot path: build a chain of RDMA READ/WRITE work requests (``ibv_send_wr`` + ``ibv_sge``) and post
+it with one ``ibv_post_send``, and poll a completion queue, both with the GIL released.  ``build_chain``
+fills the same C arrays without posting and reads them back, so the chains are tested without a device.  What to post (slices, chains, which ones are signalled) is
 planned in plain Python (``rdma.plan``) where it is unit-tested without a device.  The protection domain
 comes from pyverbs (``rdma.VerbsDevice.pd_pointer``); the completion queues and RC queue pairs are made
 here on it (pyverbs does not hand out a queue pair's pointer), and connected with the numbers a peer
-publishes (``connect_rc_qp``).  None of it has run on a device: the calls are checked by the compiler
-against verbs.h, and their argument checks by the tests."""
+publishes (``connect_rc_qp``).  None of it has run on a device here: the calls are checked by the compiler
+against verbs.h, the chains by ``build_chain``, and the device tests (tests/test_rdma_device.py) run where
+/sys/class/infiniband has a device."""
 
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
@@ -36,7 +38,22 @@ from mooncakefs.transfer._verbs cimport (
     IBV_QPS_RTS,
     IBV_QPT_RC,
     IBV_SEND_SIGNALED,
+    IBV_WC_BAD_RESP_ERR,
+    IBV_WC_FATAL_ERR,
+    IBV_WC_GENERAL_ERR,
+    IBV_WC_LOC_ACCESS_ERR,
+    IBV_WC_LOC_LEN_ERR,
+    IBV_WC_LOC_PROT_ERR,
+    IBV_WC_LOC_QP_OP_ERR,
+    IBV_WC_REM_ABORT_ERR,
+    IBV_WC_REM_ACCESS_ERR,
+    IBV_WC_REM_INV_REQ_ERR,
+    IBV_WC_REM_OP_ERR,
+    IBV_WC_RESP_TIMEOUT_ERR,
+    IBV_WC_RETRY_EXC_ERR,
+    IBV_WC_RNR_RETRY_EXC_ERR,
     IBV_WC_SUCCESS,
+    IBV_WC_WR_FLUSH_ERR,
     IBV_WR_RDMA_READ,
     IBV_WR_RDMA_WRITE,
     ibv_cq,
@@ -55,6 +72,7 @@ from mooncakefs.transfer._verbs cimport (
     ibv_send_wr,
     ibv_sge,
     ibv_wc,
+    ibv_wc_status,
     ibv_wc_status_str,
 )
 
@@ -63,55 +81,132 @@ import os
 import time
 
 
+WC_STATUS = {
+    "IBV_WC_SUCCESS": IBV_WC_SUCCESS,
+    "IBV_WC_LOC_LEN_ERR": IBV_WC_LOC_LEN_ERR,
+    "IBV_WC_LOC_QP_OP_ERR": IBV_WC_LOC_QP_OP_ERR,
+    "IBV_WC_LOC_PROT_ERR": IBV_WC_LOC_PROT_ERR,
+    "IBV_WC_WR_FLUSH_ERR": IBV_WC_WR_FLUSH_ERR,
+    "IBV_WC_BAD_RESP_ERR": IBV_WC_BAD_RESP_ERR,
+    "IBV_WC_LOC_ACCESS_ERR": IBV_WC_LOC_ACCESS_ERR,
+    "IBV_WC_REM_INV_REQ_ERR": IBV_WC_REM_INV_REQ_ERR,
+    "IBV_WC_REM_ACCESS_ERR": IBV_WC_REM_ACCESS_ERR,
+    "IBV_WC_REM_OP_ERR": IBV_WC_REM_OP_ERR,
+    "IBV_WC_RETRY_EXC_ERR": IBV_WC_RETRY_EXC_ERR,
+    "IBV_WC_RNR_RETRY_EXC_ERR": IBV_WC_RNR_RETRY_EXC_ERR,
+    "IBV_WC_REM_ABORT_ERR": IBV_WC_REM_ABORT_ERR,
+    "IBV_WC_FATAL_ERR": IBV_WC_FATAL_ERR,
+    "IBV_WC_RESP_TIMEOUT_ERR": IBV_WC_RESP_TIMEOUT_ERR,
+    "IBV_WC_GENERAL_ERR": IBV_WC_GENERAL_ERR,
+}  # verbs.h's completion statuses by name: rdma.py sorts them into path failures and refusals
+OPCODES = {"IBV_WR_RDMA_WRITE": IBV_WR_RDMA_WRITE, "IBV_WR_RDMA_READ": IBV_WR_RDMA_READ}
+SEND_SIGNALED = IBV_SEND_SIGNALED
+
+
+def status_text(int status) -> str:
+    """libibverbs' words for a completion status (``ibv_wc_status_str``; needs no device)."""
+    return ibv_wc_status_str(<ibv_wc_status>status).decode()
+
+
+cdef int _fill_chain(list wrs, bint write, ibv_send_wr *chain, ibv_sge *sges) except -1:
+    """Fill ``chain`` and ``sges`` (room for ``len(wrs)`` each) from the planned work requests, linked in
+    order: one scatter-gather entry each, RDMA WRITE or READ, IBV_SEND_SIGNALED where the plan says."""
+    cdef Py_ssize_t n = len(wrs), i
+    memset(chain, 0, n * sizeof(ibv_send_wr))
+    memset(sges, 0, n * sizeof(ibv_sge))
+    for i in range(n):
+        wr_id, laddr, lkey, raddr, rkey, length, signalled = wrs[i]
+        if not 0 < length <= 0xFFFFFFFF:
+            raise ValueError(f"work request {wr_id}: a length of {length} does not fit one ibv_sge")
+        sges[i].addr = <uint64_t>laddr
+        sges[i].length = <uint32_t>length
+        sges[i].lkey = <uint32_t>lkey
+        chain[i].wr_id = <uint64_t>wr_id
+        chain[i].sg_list = &sges[i]
+        chain[i].num_sge = 1
+        chain[i].opcode = IBV_WR_RDMA_WRITE if write else IBV_WR_RDMA_READ
+        chain[i].send_flags = IBV_SEND_SIGNALED if signalled else 0
+        chain[i].wr.rdma.remote_addr = <uint64_t>raddr
+        chain[i].wr.rdma.rkey = <uint32_t>rkey
+        chain[i].next = &chain[i + 1] if i + 1 < n else NULL
+    return 0
+
+
+cdef class _Chain:
+    """The C arrays of one chain, freed with the object."""
+    cdef ibv_send_wr *wrs
+    cdef ibv_sge *sges
+    cdef Py_ssize_t n
+
+    def __cinit__(self, Py_ssize_t n):
+        self.n = n
+        self.wrs = <ibv_send_wr *>malloc(max(n, 1) * sizeof(ibv_send_wr))
+        self.sges = <ibv_sge *>malloc(max(n, 1) * sizeof(ibv_sge))
+        if self.wrs == NULL or self.sges == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.wrs)
+        free(self.sges)
+
+
+def build_chain(bint write, list wrs) -> list:
+    """The test hook: fill the ``ibv_send_wr``/``ibv_sge`` arrays for ``wrs`` exactly as ``post_chain``
+    does, post nothing, and read every field back from the C structs (``next`` and ``sg_list`` as indexes
+    into the arrays, -1 for NULL), so the chain a device would get can be checked without one."""
+    cdef Py_ssize_t n = len(wrs), i
+    cdef _Chain c = _Chain(n)
+    if n == 0:
+        return []
+    _fill_chain(wrs, write, c.wrs, c.sges)
+    out = []
+    for i in range(n):
+        sge = c.wrs[i].sg_list
+        out.append({
+            "wr_id": c.wrs[i].wr_id,
+            "opcode": <int>c.wrs[i].opcode,
+            "send_flags": c.wrs[i].send_flags,
+            "num_sge": c.wrs[i].num_sge,
+            "sg_list": (sge - c.sges) if sge != NULL else -1,
+            "addr": sge.addr,
+            "length": sge.length,
+            "lkey": sge.lkey,
+            "remote_addr": c.wrs[i].wr.rdma.remote_addr,
+            "rkey": c.wrs[i].wr.rdma.rkey,
+            "next": (c.wrs[i].next - c.wrs) if c.wrs[i].next != NULL else -1,
+        })
+    return out
+
+
 def post_chain(size_t qp, bint write, list wrs) -> int:
     """Post ``wrs`` — tuples (wr_id, local addr, lkey, remote addr, rkey, length, signalled) — as one chain
-    on queue pair ``qp``.  Returns how many were posted; OSError if the provider refused the chain (then
-    none after the bad one went out, which the caller learns from the completions it gets)."""
-    cdef Py_ssize_t n = len(wrs), i
+    on queue pair ``qp``, with one ``ibv_post_send`` and the GIL released.  Returns how many were posted;
+    OSError if the provider refused the chain (none from the bad one on went out)."""
+    cdef Py_ssize_t n = len(wrs)
     if n == 0:
         return 0
     if qp == 0:
         raise ValueError("no queue pair")
-    cdef ibv_send_wr *chain = <ibv_send_wr *>malloc(n * sizeof(ibv_send_wr))
-    cdef ibv_sge *sges = <ibv_sge *>malloc(n * sizeof(ibv_sge))
+    cdef _Chain c = _Chain(n)
     cdef ibv_send_wr *bad = NULL
     cdef int rc
-    if chain == NULL or sges == NULL:
-        free(chain)
-        free(sges)
-        raise MemoryError()
-    try:
-        memset(chain, 0, n * sizeof(ibv_send_wr))
-        for i in range(n):
-            wr_id, laddr, lkey, raddr, rkey, length, signalled = wrs[i]
-            sges[i].addr = <uint64_t>laddr
-            sges[i].length = <uint32_t>length
-            sges[i].lkey = <uint32_t>lkey
-            chain[i].wr_id = <uint64_t>wr_id
-            chain[i].sg_list = &sges[i]
-            chain[i].num_sge = 1
-            chain[i].opcode = IBV_WR_RDMA_WRITE if write else IBV_WR_RDMA_READ
-            chain[i].send_flags = IBV_SEND_SIGNALED if signalled else 0
-            chain[i].wr.rdma.remote_addr = <uint64_t>raddr
-            chain[i].wr.rdma.rkey = <uint32_t>rkey
-            chain[i].next = &chain[i + 1] if i + 1 < n else NULL
-        with nogil:
-            rc = ibv_post_send(<ibv_qp *>qp, chain, &bad)
-        if rc:
-            posted = (bad - chain) if bad != NULL else 0
-            raise OSError(rc, f"ibv_post_send refused work request {posted} of {n}: {os.strerror(rc)}")
-        return n
-    finally:
-        free(chain)
-        free(sges)
+    _fill_chain(wrs, write, c.wrs, c.sges)
+    with nogil:
+        rc = ibv_post_send(<ibv_qp *>qp, c.wrs, &bad)
+    if rc:
+        posted = (bad - c.wrs) if bad != NULL else 0
+        raise OSError(rc, f"ibv_post_send refused work request {posted} of {n}: {os.strerror(rc)}")
+    return n
 
 
 def poll(size_t cq, int max_entries, double timeout) -> list:
-    """Completions from ``cq``: [(wr_id, ok, status text, bytes)], waiting up to ``timeout`` seconds for the
-    first (busy-polling with the GIL released); [] if none came."""
+    """Completions from ``cq``: [(wr_id, status, vendor error, bytes)], waiting up to ``timeout`` seconds
+    for the first (busy-polling with the GIL released, a batch of spins at a time); [] if none came."""
     if cq == 0:
         raise ValueError("no completion queue")
-    cdef ibv_wc *wc = <ibv_wc *>malloc(max(max_entries, 1) * sizeof(ibv_wc))
+    if max_entries < 1:
+        raise ValueError("poll at least one completion")
+    cdef ibv_wc *wc = <ibv_wc *>malloc(max_entries * sizeof(ibv_wc))
     cdef int got = 0
     cdef double deadline = time.monotonic() + timeout
     cdef int spins
@@ -130,8 +225,7 @@ def poll(size_t cq, int max_entries, double timeout) -> list:
                 raise OSError(-got, "ibv_poll_cq failed")
             if got > 0 or time.monotonic() >= deadline:
                 break
-        return [(wc[i].wr_id, wc[i].status == IBV_WC_SUCCESS,
-                 ibv_wc_status_str(wc[i].status).decode(), wc[i].byte_len) for i in range(got)]
+        return [(wc[i].wr_id, <int>wc[i].status, wc[i].vendor_err, wc[i].byte_len) for i in range(got)]
     finally:
         free(wc)
 

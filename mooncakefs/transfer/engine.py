@@ -8,7 +8,9 @@ per peer:
 
 - ``local`` (``ProcessTransport``): the peer is a process on this host (same boot id and pid
   namespace): memfd mapping or ``process_vm_readv/writev``, no socket on the data path;
-- ``rdma``: where a device exists and the peer has one too (``rdma.py``);
+- ``rdma``: where this engine has a device and the peer advertises one of the same link layer, one path
+  per local device (``rdma.RdmaTransport``), for local buffers registered with the engine (others go by
+  the next path); the queue pairs are set up through the control connection (``RDMA_CONNECT``);
 - ``tcp`` (``TcpTransport``): the framed protocol, striped over several connections, small transfers
   of one batch gathered into one frame.
 
@@ -45,7 +47,7 @@ from mooncakefs.errors import (
     SegmentNotFound,
     Unavailable,
 )
-from mooncakefs.transfer import paths
+from mooncakefs.transfer import paths, rdma
 from mooncakefs.transfer.core import READ, WRITE, Batch, Region, Router, Transfer, Transport, path_failure
 from mooncakefs.transfer.local import ProcessTransport
 from mooncakefs.transfer.memory import ManagedBuffer, Registered, Registry
@@ -123,15 +125,18 @@ class Engine:
         self._secret = secret.encode() if isinstance(secret, str) else secret
         self.connections, self.stripe, self.io_timeout = connections, stripe, io_timeout
         self.same_host = same_host and os.environ.get("MOONCAKEFS_TE_SAME_HOST", "1") != "0"
+        self._rdma: rdma.RdmaService | None = None
         self.protocol, self.why = self._choose(protocol, devices)
         self.registry = Registry()
         self._managed: dict[int, ManagedBuffer] = {}
         try:
             self.server = SegmentServer(
-                self.registry, host, port, secret=self._secret, io_timeout=io_timeout, more=more
+                self.registry, host, port, secret=self._secret, io_timeout=io_timeout, more=more, rdma=self._rdma
             )
         except BaseException:
             self.registry.close()
+            if self._rdma is not None:
+                self._rdma.close()
             raise
         if self._secret is None and not all(_loopback(h) for h, _p in [(host, 0), *more]):
             log.warning(
@@ -156,10 +161,13 @@ class Engine:
                     self._meta.close()
                 self.server.close()
                 self.registry.close()
+                if self._rdma is not None:
+                    self._rdma.close()
                 raise
 
     def _choose(self, protocol: str, devices: str) -> tuple[str, str]:
-        """The transport for other hosts, and why (``auto``: rdma where a device exists, else tcp)."""
+        """The transport for other hosts, and why (``auto``: rdma where a device exists and opens, else
+        tcp, with one log line saying why); with rdma, the devices opened (``self._rdma``)."""
         if protocol == "tcp":
             return "tcp", "asked for tcp"
         found = paths.rdma_devices(devices)
@@ -169,15 +177,16 @@ class Engine:
                 raise paths.DeviceNotFound(f"protocol 'rdma': {why}")
             log.info("transfer engine: using tcp, %s", why)
             return "tcp", why
-        from mooncakefs.transfer import rdma
-
-        if not rdma.available():
-            why = f"RDMA devices {', '.join(d.name for d in found)} found, but {rdma.unavailable_reason()}"
+        names = ", ".join(d.name for d in found)
+        try:
+            self._rdma = rdma.RdmaService(found)
+        except MooncakeError as exc:
+            why = f"RDMA devices {names} found, but {exc}"
             if protocol == "rdma":
-                raise paths.DeviceNotFound(why)
+                raise paths.DeviceNotFound(why) from None
             log.info("transfer engine: using tcp, %s", why)
             return "tcp", why
-        return "rdma", f"RDMA devices {', '.join(d.name for d in found)}"
+        return "rdma", f"RDMA devices {names}"
 
     # -- identity --------------------------------------------------------------------------------------
 
@@ -192,7 +201,8 @@ class Engine:
 
     def descriptor(self) -> SegmentDescriptor:
         """This engine's segment as peers see it (what it publishes in etcd)."""
-        return SegmentDescriptor(self.segment_name, self.protocol, self.server.served(), self.registry.ordered())
+        ports = rdma.encode_ports(self._rdma.ports()) if self._rdma is not None else []
+        return SegmentDescriptor(self.segment_name, self.protocol, self.server.served(), self.registry.ordered(), ports)
 
     def _published(self, undo: Callable[[], None] | None = None) -> None:
         """After a registration change: write the descriptor to etcd (no-op with the direct handshake).
@@ -235,13 +245,29 @@ class Engine:
                 location,
                 owner=view,
             )
-        self.registry.add(entry)
-        self._published(undo=lambda: self.registry.remove(entry.addr))
+        self._add(entry)
+        self._published(undo=lambda: self._remove(entry.addr))
         return entry.addr
+
+    def _add(self, entry: Registered) -> None:
+        """Into the registry, and with rdma a memory region on every device (or neither)."""
+        self.registry.add(entry)
+        if self._rdma is not None:
+            try:
+                self._rdma.register(entry.addr, entry.length, entry.writable)
+            except BaseException:
+                self.registry.remove(entry.addr)
+                raise
+
+    def _remove(self, addr: int) -> Registered:
+        entry = self.registry.remove(addr)
+        if self._rdma is not None:
+            self._rdma.unregister(addr)
+        return entry
 
     def unregister(self, addr: int) -> None:
         self._check_open()
-        self.registry.remove(addr)
+        self._remove(addr)
         self._published()
 
     def allocate(self, length: int) -> int:
@@ -249,7 +275,7 @@ class Engine:
         self._check_open()
         buf = ManagedBuffer(length)
         try:
-            self.registry.add(Registered(buf.addr, length, True, "*", memfd=buf.fd, owner=buf))
+            self._add(Registered(buf.addr, length, True, "*", memfd=buf.fd, owner=buf))
         except BaseException:
             buf.close()
             raise
@@ -261,7 +287,7 @@ class Engine:
         buf = self._managed.pop(addr, None)
         if buf is None:
             raise AddressNotRegistered(f"no managed buffer at {addr:#x}")
-        self.registry.remove(addr)
+        self._remove(addr)
         buf.close()
         if publish:
             self._published()
@@ -359,7 +385,8 @@ class Engine:
         return self.server.take_notifies()
 
     def paths(self, session: str) -> list[str]:
-        """The kind of each path a session's transfers may take, in the list's order (``local``, ``tcp``)."""
+        """The kind of each path a session's transfers may take, in the list's order (``local``, ``rdma``,
+        ``tcp``)."""
         return [t.name for t in self._peer(session).transports]
 
     def routes(self, session: str) -> list[str]:
@@ -427,18 +454,17 @@ class Engine:
                 control.send(Op.MAP)
                 info, _n = control.read_reply()
                 pid, boot, pidns, version_fd, _version, _table = info[:6]
+                if self._meta is None and len(info) > 7:  # the peer's other addresses: more paths to it
+                    addresses += [a for a in info[7][1:] if isinstance(a, str) and a not in addresses]
+                ports = self._rdma_ports(session, info[8] if len(info) > 8 else None)
             except BaseException:
                 control.close()
                 raise
-            if self._meta is None and len(info) > 7:  # the peer's other addresses: more paths to it
-                addresses += [a for a in info[7][1:] if isinstance(a, str) and a not in addresses]
-            transports, order = self._network_paths(addresses)
+            transports, order, tcp = self._network_paths(session, addresses, ports)
             if self.same_host and [boot, pidns] == list(self._identity) and boot:
                 peer_box: list[_Peer] = []
                 try:
-                    local = ProcessTransport(
-                        pid, lambda: self._fetch_table(peer_box[0]), version_fd, transports[0], session
-                    )
+                    local = ProcessTransport(pid, lambda: self._fetch_table(peer_box[0]), version_fd, tcp, session)
                 except OSError as exc:
                     log.warning("same-host path to %s unusable (%s): using tcp", session, exc.strerror or exc)
                 else:
@@ -450,9 +476,50 @@ class Engine:
             self._peers[session] = peer
             return peer
 
-    def _network_paths(self, addresses: list[str]) -> tuple[list[Transport], Callable[[Transfer, int], list[int]]]:
-        """One tcp path per address, each behind the NIC that reaches it; and the order a transfer tries
-        them: NICs on its buffer's NUMA node first, the transfers of a batch spread over them."""
+    def _rdma_ports(self, session: str, advertised: Any) -> list[rdma.PortInfo]:
+        """The peer's rdma ports this engine can reach (none without rdma on either side); BadEndpoint if
+        the peer's description of them is malformed."""
+        if self._rdma is None or advertised is None:
+            return []
+        ports = rdma.decode_ports(advertised, f"the rdma devices {session} advertises")
+        if not ports and self.protocol == "rdma":
+            log.info("transfer engine: %s has no rdma device, its transfers go by tcp", session)
+        return ports
+
+    def _rdma_paths(self, session: str, addresses: list[str], ports: list[rdma.PortInfo]) -> list[rdma.RdmaTransport]:
+        """One rdma path per local device that has a peer device of its link layer (the peer's devices
+        dealt out in turn), connected on first use through an authenticated control connection."""
+        if self._rdma is None:
+            return []
+        out = []
+        for i, (device, verbs) in enumerate(self._rdma.devices):
+            same = [p for p in ports if p.link_layer == verbs.info.link_layer]
+            if not same:
+                continue
+            remote = same[i % len(same)]
+            out.append(
+                rdma.RdmaTransport(
+                    verbs,
+                    self.registry,
+                    lambda: self._connect_any(session, addresses),
+                    remote,
+                    peer=session,
+                    numa=device.numa,
+                    deadline_for=lambda nbytes: transfer_timeout() + nbytes / (1 << 30),
+                    label=f"rdma {verbs.name} to {session} {remote.device}",
+                )
+            )
+        return out
+
+    def _network_paths(
+        self, session: str, addresses: list[str], ports: list[rdma.PortInfo]
+    ) -> tuple[list[Transport], Callable[[Transfer, int], list[int]], Transport]:
+        """The rdma paths (one per local device) and one tcp path per address, each behind the NIC that
+        reaches it; the order a transfer tries them: rdma first, then tcp, in each the devices on its
+        buffer's NUMA node first, the transfers of a batch spread over them; and the first tcp path (the
+        same-host path's fallback)."""
+        rdma_paths = self._rdma_paths(session, addresses, ports)
+        rdma_nodes = [t.numa for t in rdma_paths]
         transports: list[Transport] = []
         nodes = []
         for address in addresses:
@@ -467,15 +534,19 @@ class Engine:
                     label=f"tcp {address} via {device.name or 'an unknown interface'}",
                 )
             )
-        if len(nodes) == 1:
-            return transports, lambda t, i: [0]
-        numa_matters = paths.numa_matters(nodes)
+        tcp, k = transports[0], len(rdma_paths)
+        if not rdma_paths and len(nodes) == 1:
+            return transports, lambda t, i: [0], tcp
+        numa_matters = paths.numa_matters(nodes) or paths.numa_matters(rdma_nodes)
 
         def order(t: Transfer, position: int) -> list[int]:
             numa = paths.buffer_node(_engine.address(t.buffer)) if numa_matters else -1
-            return paths.rank_nodes(nodes, numa, position)
+            return [
+                *paths.rank_nodes(rdma_nodes, numa, position),
+                *(k + j for j in paths.rank_nodes(nodes, numa, position)),
+            ]
 
-        return transports, order
+        return [*rdma_paths, *transports], order, tcp
 
     def _ask(self, peer: _Peer, op: int, meta: Sequence[Any] = ()) -> Any:
         """One request on the peer's control connection (connected again if it broke); its reply's meta."""
@@ -555,6 +626,8 @@ class Engine:
                 buf.close()
         self._managed.clear()
         self.registry.close()
+        if self._rdma is not None:
+            self._rdma.close()  # memory regions, protection domains, contexts: after every queue pair
 
     def __enter__(self) -> Engine:
         return self

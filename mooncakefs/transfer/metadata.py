@@ -8,9 +8,10 @@ prefix when the URL has none), written under a lease that the engine keeps alive
 disappears from etcd within the lease's ttl and one that closes disappears at once.  The descriptor is
 what a peer needs before it sends a byte: the addresses the engine serves on (one per NIC it listens
 on), the memory it registered (address, length, writable, in registration order), its transport, and,
-for the rdma transport, per device its GID, LID and queue-pair numbers (empty while the rdma set-up is
-not written, see ``rdma.py``).  The engine writes it again on every registration change, before
-``register`` returns, so a peer that resolves the name afterwards sees the change.
+with rdma, its devices' ports (name, port, LID, GID, MTU, link layer: ``rdma.encode_ports``, validated on
+reading).  Queue-pair numbers and rkeys are not in it: they belong to one connection, and are exchanged
+on the control connection (``RDMA_CONNECT``, see ``rdma.py``).  The engine writes it again on every
+registration change, before ``register`` returns, so a peer that resolves the name afterwards sees it.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class SegmentDescriptor:
     protocol: str
     addresses: list[str]  # "host:port" the engine serves on, the first one its main address
     buffers: list[list[int]] = field(default_factory=list)  # [addr, length, writable], registration order
-    rdma: list[dict[str, Any]] = field(default_factory=list)  # per device: name, gid, lid, qp numbers
+    rdma: list[dict[str, Any]] = field(default_factory=list)  # per device: its port (rdma.encode_ports)
 
     def encode(self) -> dict[str, Any]:
         return {"v": DESCRIPTOR_VERSION, **asdict(self)}
@@ -101,7 +102,7 @@ class SegmentDescriptor:
                 record["protocol"],
                 [str(a) for a in record["addresses"]],
                 [[int(x) for x in b[:3]] for b in record["buffers"]],
-                list(record.get("rdma", [])),
+                _ports(record.get("rdma", []), name),
             )
         except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise EtcdError(f"the segment descriptor of {name!r} in etcd is not one this engine reads: {exc}") from None
@@ -182,6 +183,13 @@ class EtcdMetadata:
         else:
             with contextlib.suppress(Exception):
                 self.client.close()
+
+
+def _ports(records: Any, name: str) -> list[dict[str, Any]]:
+    """The descriptor's rdma ports, checked (BadEndpoint is a ValueError: the descriptor is refused)."""
+    from mooncakefs.transfer.rdma import decode_ports, encode_ports
+
+    return encode_ports(decode_ports(records, f"the rdma devices of segment {name!r}"))
 
 
 def _lease_ttl() -> int:

@@ -8,6 +8,11 @@ it serves on); ``READ`` / ``WRITE`` move one range and ``READV`` / ``WRITEV`` ma
 leaves a (name, message) for the owner's ``get_notifies``.  Every range is checked against the registry
 before a byte moves: memory nobody registered, or past a registration's end, is an ``ERROR`` reply,
 never a touch.
+
+With rdma devices (``rdma.RdmaService``), ``MAP`` also lists their ports, ``RDMA_CONNECT`` makes queue
+pairs for the peer on the device it names and answers with their numbers and every registered region's
+rkey on that device, and ``RDMA_REGIONS`` answers the regions again.  A connection holds at most one such
+set of queue pairs, destroyed when it closes: the peer's rdma path lives as long as its connection.
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mooncakefs.errors import OutOfSpace
+from mooncakefs.errors import InvalidArgument, OutOfSpace
 from mooncakefs.serving import Connection, FramedServer, Timeouts
 from mooncakefs.transfer.memory import Registry
 from mooncakefs.wire import Op
+
+if TYPE_CHECKING:
+    from mooncakefs.transfer.rdma import Link, RdmaService, VerbsDevice
 
 log = logging.getLogger("mooncakefs.transfer")
 
@@ -65,10 +73,14 @@ class SegmentServer(FramedServer):
         secret: bytes | None = None,
         io_timeout: float = 30.0,
         more: Sequence[tuple[str, int]] = (),
+        rdma: RdmaService | None = None,
     ) -> None:
-        """Serve on ``host:port`` (its main address) and on each of ``more`` (one per NIC to offer peers)."""
+        """Serve on ``host:port`` (its main address) and on each of ``more`` (one per NIC to offer peers);
+        with ``rdma``, answer peers' rdma set-up on its devices."""
         super().__init__(secret=secret, timeouts=Timeouts(handshake=min(10.0, io_timeout), io=io_timeout))
         self.registry = registry
+        self.rdma = rdma
+        self._links: dict[Connection, tuple[VerbsDevice, Link]] = {}
         try:
             self.address: tuple[str, int] = self.listen_tcp((host, port))
             self.addresses = [self.address, *(self.listen_tcp(a) for a in more)]
@@ -88,6 +100,8 @@ class SegmentServer(FramedServer):
             Op.WRITEV: self._writev,
             Op.PING: self._ping,
             Op.NOTIFY: self._notify,
+            Op.RDMA_CONNECT: self._rdma_connect,
+            Op.RDMA_REGIONS: self._rdma_regions,
         }
         self.accept(name="mooncakefs-te-accept")
 
@@ -115,7 +129,8 @@ class SegmentServer(FramedServer):
     def _map(self, conn: Connection, meta: list[Any], _n: int) -> None:
         registry = self.registry
         # the 7th field, the first registered address, answers a peer's get_first_buffer_address; the 8th
-        # lists the addresses served, each a path the peer may use
+        # lists the addresses served, each a path the peer may use; the 9th, this engine's rdma ports
+        # (None without rdma)
         conn.channel.send(
             Op.OK,
             [
@@ -125,8 +140,40 @@ class SegmentServer(FramedServer):
                 registry.table(),
                 registry.first(),
                 self.served(),
+                self._rdma_ports(),
             ],
         )
+
+    def _rdma_ports(self) -> list[dict[str, Any]] | None:
+        if self.rdma is None:
+            return None
+        from mooncakefs.transfer.rdma import encode_ports
+
+        return encode_ports(self.rdma.ports())
+
+    def _rdma_connect(self, conn: Connection, meta: list[Any], _n: int) -> None:
+        if self.rdma is None:
+            raise InvalidArgument("this transfer engine has no rdma device: use tcp")
+        if conn in self._links:
+            raise InvalidArgument("this connection has its rdma queue pairs already: open another for more")
+        device_name, endpoint = meta
+        reply, link = self.rdma.accept(device_name, endpoint, self.registry, conn.channel.peer)
+        self._links[conn] = (self.rdma.device(device_name), link)
+        conn.channel.send(Op.OK, [reply])
+
+    def _rdma_regions(self, conn: Connection, meta: list[Any], _n: int) -> None:
+        held = self._links.get(conn)
+        if held is None or self.rdma is None:
+            raise InvalidArgument("RDMA_REGIONS before RDMA_CONNECT on this connection")
+        from mooncakefs.transfer.rdma import encode_regions
+
+        conn.channel.send(Op.OK, [encode_regions(self.rdma.regions(held[0], self.registry))])
+
+    def end(self, conn: Connection) -> None:
+        """A connection that set up rdma queue pairs takes them with it."""
+        held = self._links.pop(conn, None)
+        if held is not None:
+            held[1].close()
 
     def _notify(self, conn: Connection, meta: list[Any], _n: int) -> None:
         name, message = meta
