@@ -12,12 +12,12 @@ from __future__ import annotations
 
 LAYERS: dict[str, tuple[str, ...]] = {
     "unit": ("test_units", "test_engine_reference", "test_internal_keys", "test_placement", "test_transfer_paths",
-             "test_policy_sim", "test_kvstore_api"),
+             "test_policy_sim", "test_kvstore_api", "test_rdma"),
     "engine": ("test_api", "test_tiers", "test_ssd_direct", "test_policy", "test_stateful", "test_concurrency",
                "test_versions", "test_bench_harness", "test_tier_contract", "test_gpu_buffers", "test_vram"),
     "node": ("test_node", "test_checksums", "test_permissions", "test_shared_index", "test_cli",
              "test_error_codes", "test_mooncake_compat"),
-    "transfer": ("test_transfer", "test_transfer_engine"),
+    "transfer": ("test_transfer", "test_transfer_engine", "test_rdma_device"),
     "fuse": ("test_fuse_kv", "test_fuse_lifecycle", "test_fuse_node", "test_fuse_posix", "test_fuse_scale",
              "test_fuse_small_files", "test_fuse_stateful", "test_copy", "test_fuse_group_commit"),
     "cluster": ("test_cluster", "test_cluster_store", "test_etcd_client", "test_etcd_watch", "test_fuse_cluster",

@@ -2,10 +2,10 @@
 
 argv: host [protocol] [secret] [--metadata P2PHANDSHAKE|etcd://...] [--also host[:port] ...].  Prints one
 JSON line: {"port", "session" (what peers name it by), "addr" (a numpy buffer of SIZE bytes filled with
-PATTERN), "managed" (a managed buffer of SIZE bytes, zeros), "pid"}.  Then, per stdin line: "crc" prints
-the CRC-32C of both buffers; "register N" registers N more bytes (0xAB) and prints {"addr"};
-"unregister ADDR" prints {"rc"}; "notifies" prints the notifications received, as [[name, msg], ...];
-"quit" (or EOF) exits.
+PATTERN), "managed" (a managed buffer of SIZE bytes, zeros), "pid", "protocol" (the one it chose)}.
+Then, per stdin line: "crc" prints the CRC-32C of both buffers; "register N" registers N more bytes
+(0xAB) and prints {"addr"}; "unregister ADDR" prints {"rc"}; "notifies" prints the notifications
+received, as [[name, msg], ...]; "quit" (or EOF) exits.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main() -> None:
         "addr": buf.ctypes.data,
         "managed": managed,
         "pid": os.getpid(),
+        "protocol": engine.get_engine().protocol,
     }
     print(json.dumps(info), flush=True)
     for line in iter(input_line, None):

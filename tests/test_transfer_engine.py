@@ -61,7 +61,7 @@ class Peer:
             kill_process(self.proc)
             pytest.fail(f"the peer process did not start: {info['why']}")
         self.port, self.addr, self.managed, self.pid = info["port"], info["addr"], info["managed"], info["pid"]
-        self.session = info["session"]
+        self.session, self.protocol = info["session"], info["protocol"]
 
     def ask(self, command: str) -> Any:
         """One command on the peer's stdin, and its JSON answer."""

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 from mooncakefs.errors import MooncakeError
 
-SYSFS = "/sys"
+SYSFS = "/sys"  # read at each call: a test points it at a tree of its own
 
 
 class DeviceNotFound(MooncakeError):
@@ -65,8 +65,9 @@ def _pci(device_dir: str) -> str:
         return ""
 
 
-def rdma_devices(filter_: str = "", root: str = SYSFS) -> list[Device]:
+def rdma_devices(filter_: str = "", root: str | None = None) -> list[Device]:
     """The RDMA devices with at least one active port, named in ``filter_`` (comma-separated) if given."""
+    root = SYSFS if root is None else root
     base = os.path.join(root, "class", "infiniband")
     try:
         names = sorted(os.listdir(base))
@@ -96,8 +97,9 @@ def rdma_devices(filter_: str = "", root: str = SYSFS) -> list[Device]:
     return found
 
 
-def no_rdma_reason(filter_: str = "", root: str = SYSFS) -> str:
+def no_rdma_reason(filter_: str = "", root: str | None = None) -> str:
     """Why ``rdma_devices`` came back empty, in words for the one log line."""
+    root = SYSFS if root is None else root
     base = os.path.join(root, "class", "infiniband")
     try:
         names = sorted(os.listdir(base))
@@ -110,8 +112,9 @@ def no_rdma_reason(filter_: str = "", root: str = SYSFS) -> str:
     return f"no RDMA device has an active port (found: {', '.join(names)})"
 
 
-def nics(root: str = SYSFS) -> list[Device]:
+def nics(root: str | None = None) -> list[Device]:
     """Plain network interfaces (not loopback), with their NUMA node where the kernel knows it."""
+    root = SYSFS if root is None else root
     base = os.path.join(root, "class", "net")
     try:
         names = sorted(os.listdir(base))
@@ -158,8 +161,9 @@ def rank(devices: list[Device], numa: int, spread: int = 0) -> list[Device]:
     return [devices[i] for i in rank_nodes([d.numa for d in devices], numa, spread)]
 
 
-def nic(name: str, root: str = SYSFS) -> Device:
+def nic(name: str, root: str | None = None) -> Device:
     """The network interface ``name`` with its NUMA node (-1 for loopback, virtual or unknown ones)."""
+    root = SYSFS if root is None else root
     d = os.path.join(root, "class", "net", name)
     return Device(name, _numa(d), pci=_pci(d) if os.path.exists(os.path.join(d, "device")) else "")
 
@@ -190,8 +194,9 @@ def interface_of(address: str) -> str:
     return ""
 
 
-def route_device(address: str, root: str = SYSFS) -> Device:
+def route_device(address: str, root: str | None = None) -> Device:
     """The NIC a connection to ``address`` leaves through, with its NUMA node."""
+    root = SYSFS if root is None else root
     name = interface_of(address)
     return nic(name, root) if name else Device("", -1)
 
@@ -219,9 +224,10 @@ def _cpu_node() -> int:
     return node.value if rc == 0 else -1
 
 
-def topology(filter_: str = "", root: str = SYSFS) -> str:
+def topology(filter_: str = "", root: str | None = None) -> str:
     """The local topology as JSON, Mooncake's ``get_local_topology`` shape: per NUMA node, the
     preferred devices and the others."""
+    root = SYSFS if root is None else root
     devices = rdma_devices(filter_, root)
     nodes = sorted({d.numa for d in devices} | {0})
     matrix = {}

@@ -305,6 +305,25 @@ class Endpoint:
         )
 
 
+class RemoteRegions:
+    """The regions a peer advertised, which every remote range is checked against before anything is
+    posted: inside one, writable for a write, else refused.  A refused range asks the peer afresh
+    (``fetch``) once, since it may have registered since we connected."""
+
+    def __init__(self, regions: Iterable[RemoteRegion], fetch: Callable[[], Iterable[RemoteRegion]]) -> None:
+        self._fetch = fetch
+        self._table = PeerTable([r.row() for r in regions], 0)
+
+    def rkey(self, addr: int, length: int, write: bool) -> int:
+        """The rkey for ``[addr, addr + length)``; AddressNotRegistered or OutOfBounds (never posted)."""
+        try:
+            return self._table.find(addr, length, write)[3]
+        except AddressNotRegistered:
+            pass  # the peer may have registered (or registered again, larger or writable) since
+        self._table = PeerTable([r.row() for r in self._fetch()], 0)
+        return self._table.find(addr, length, write)[3]
+
+
 def encode_regions(regions: Iterable[RemoteRegion]) -> list[list[int]]:
     return [r.row() for r in regions]
 
@@ -707,8 +726,9 @@ class RdmaTransport:
         self.label = label or f"rdma {device.name} to {peer} {remote.device}"
         self._channel: Channel | None = None
         self._link: Link | None = None
-        self._table: PeerTable | None = None
+        self._regions: RemoteRegions | None = None
         self._next_id = 1
+        self.posted = self.moved = 0  # work requests posted, bytes completed: what this path carried
         self._jobs: queue.SimpleQueue[tuple[list[Transfer], Progress] | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -776,19 +796,10 @@ class RdmaTransport:
                     f"{self.label}: local memory {laddr:#x} (+{n}) is not registered with this engine's "
                     f"{self.device.name}: rdma moves only registered memory"
                 )
-            row = self._remote(t.region.handle + t.offset, n, write)
-            out.append(Request(laddr, lkey, t.region.handle + t.offset, row[3], n))
+            assert self._regions is not None
+            raddr = t.region.handle + t.offset
+            out.append(Request(laddr, lkey, raddr, self._regions.rkey(raddr, n, write), n))
         return out
-
-    def _remote(self, addr: int, length: int, write: bool) -> list[int]:
-        """The peer's advertised region holding the range; asked afresh once if it is not in the table
-        (the peer may have registered since), then refused."""
-        assert self._table is not None
-        try:
-            return self._table.find(addr, length, write)
-        except AddressNotRegistered:
-            self._table = self._fetch_regions()
-            return self._table.find(addr, length, write)
 
     def _move(self, transfers: list[Transfer], write: bool, batch: Progress) -> None:
         requests = self.requests(transfers, write)
@@ -800,6 +811,7 @@ class RdmaTransport:
 
         def covered(index: int, nbytes: int) -> None:
             left[index] -= nbytes
+            self.moved += nbytes
             if left[index] == 0:
                 batch.part_done(requests[index].length)
 
@@ -814,7 +826,7 @@ class RdmaTransport:
                 link.cq,
                 depth=self.depth,
                 deadline=time.monotonic() + self._deadline_for(nbytes),
-                post=_rdma.post_chain,
+                post=self._post,
                 poll=_rdma.poll,
                 covered=covered,
                 success=_rdma.WC_STATUS["IBV_WC_SUCCESS"],
@@ -838,6 +850,13 @@ class RdmaTransport:
             )
             self._disconnect()  # the queue pairs are in the error state now; the next batch connects again
             raise error
+
+    def _post(self, qp: int, write: bool, chain: list[WorkRequest]) -> int:
+        _rdma = _hot_path()
+        assert _rdma is not None
+        n = _rdma.post_chain(qp, write, chain)
+        self.posted += n
+        return n
 
     # -- connecting ----------------------------------------------------------------------------------
 
@@ -874,13 +893,13 @@ class RdmaTransport:
             channel.close()
             raise
         self._channel, self._link = channel, link
-        self._table = PeerTable([r.row() for r in theirs.regions], 0)
+        self._regions = RemoteRegions(theirs.regions, self._fetch_regions)
 
-    def _fetch_regions(self) -> PeerTable:
+    def _fetch_regions(self) -> tuple[RemoteRegion, ...]:
         assert self._channel is not None
         self._channel.send(Op.RDMA_REGIONS, [])
         reply, _n = self._channel.read_reply()
-        return PeerTable([r.row() for r in decode_regions(_only(reply, self.peer), f"rdma regions of {self.peer}")], 0)
+        return decode_regions(_only(reply, self.peer), f"rdma regions of {self.peer}")
 
     def _disconnect(self) -> None:
         link, self._link = self._link, None
@@ -889,7 +908,7 @@ class RdmaTransport:
             link.close()
         if channel is not None:
             channel.close()  # the peer destroys its queue pairs of this path with it
-        self._table = None
+        self._regions = None
 
     def close(self) -> None:
         with self._lock:
