@@ -24,10 +24,12 @@ from mooncakefs.errors import (
     OutOfBounds,
     PathFailed,
     TransferError,
+    Unavailable,
 )
-from mooncakefs.transfer import Engine, paths, rdma
+from mooncakefs.transfer import WRITE, Engine, Region, Router, Transfer, paths, rdma
 from mooncakefs.transfer.core import path_failure
 from mooncakefs.transfer.metadata import SegmentDescriptor
+from mooncakefs.transfer.tcp import TcpTransport
 from mooncakefs.wire import Op
 
 PORT = rdma.PortInfo("mlx5_0", 1, 7, "fe80:0000:0000:0000:0202:c9ff:fe00:0001", 3, "Ethernet", 5)
@@ -237,6 +239,29 @@ def test_run_plan_keeps_each_send_queue_within_its_depth_and_covers_every_byte_o
         run(p, ScriptedQueuePairs(), 4, lambda i, n: None)
 
 
+def test_run_plan_stops_at_its_deadline_or_when_cancelled() -> None:
+    """A completion that never comes ends in TimeoutError at the deadline, or InterruptedError once the
+    transport is closing: the caller then destroys the queue pairs before telling the batch."""
+    p = rdma.plan([rdma.Request(0x1000, 1, 0x9000, 2, 640)], qps=2, slice_size=64)
+    silent = ScriptedQueuePairs()
+    silent.poll = lambda cq, n, timeout: []  # type: ignore[method-assign]
+    with pytest.raises(TimeoutError, match="had not completed by the deadline"):
+        rdma.run_plan(p, True, [1, 2], 9, depth=64, deadline=0.0, post=silent.post, poll=silent.poll, covered=print)
+    with pytest.raises(InterruptedError, match="the transport closed with 2 signalled work requests outstanding"):
+        rdma.run_plan(
+            p,
+            False,
+            [1, 2],
+            9,
+            depth=64,
+            deadline=float("inf"),
+            post=silent.post,
+            poll=silent.poll,
+            covered=print,
+            cancelled=lambda: True,
+        )
+
+
 def test_a_failed_completion_names_its_request() -> None:
     _rdma = hot_path()
     reqs = [rdma.Request(0x1000, 1, 0x9000, 2, 640), rdma.Request(0x5000, 1, 0xD000, 2, 640)]
@@ -359,3 +384,43 @@ def test_a_tcp_engine_advertises_no_rdma_and_refuses_rdma_set_up() -> None:
         finally:
             channel.close()
         assert initiator.paths(target.session_id) == ["local", "tcp"]
+
+
+class KeysOnly:
+    """Stands in for a ``VerbsDevice`` in a test that never reaches a verbs call: a name, a port, and an
+    (lkey, rkey) for whatever the engine registered.  It proves nothing about RDMA; it lets the real
+    transport decide which transfers it accepts and fail its path before touching a device."""
+
+    name = "standin0"
+    info = PORT
+
+    def keys(self, addr: int) -> tuple[int, int]:
+        return 1, 2
+
+
+def test_a_failed_rdma_path_hands_its_transfers_to_tcp(caplog: pytest.LogCaptureFixture) -> None:
+    """The rdma path cannot reach the peer (its control connection is refused): the router moves the
+    transfer to the tcp path, which delivers it, with one line naming the failed path."""
+    caplog.set_level(logging.WARNING, logger="mooncakefs.transfer")
+    with Engine("127.0.0.1", protocol="tcp") as target, Engine("127.0.0.1", protocol="tcp") as initiator:
+        remote = target.allocate(1 << 16)
+        local = bytearray(b"r" * (1 << 16))
+        initiator.register(local)
+
+        def refused() -> Any:
+            raise Unavailable("connection refused (on purpose)")
+
+        path = rdma.RdmaTransport(KeysOnly(), initiator.registry, refused, PORT, peer=target.session_id)  # type: ignore[arg-type]
+        tcp = TcpTransport(lambda: initiator._connect(target.session_id), connections=1)
+        router = Router([path, tcp], peer=target.session_id)
+        try:
+            assert router.run([Transfer(WRITE, memoryview(local), Region(remote, len(local)))], timeout=60) == len(
+                local
+            )
+            assert bytes(target.view(remote, len(local))) == bytes(local) and path.posted == path.moved == 0
+            # a buffer not registered here is not even offered to the rdma path
+            assert not path.accepts(Transfer(WRITE, memoryview(bytearray(16)), Region(remote, 16)))
+        finally:
+            router.close()
+    lines = [r.getMessage() for r in caplog.records if "go to the next path" in r.getMessage()]
+    assert len(lines) == 1 and "rdma standin0 to" in lines[0] and "connection refused (on purpose)" in lines[0]

@@ -525,12 +525,14 @@ def run_plan(
     poll: Poll,
     covered: Callable[[int, int], None],
     success: int = 0,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> tuple[int, int, int] | None:
     """Post the plan's chains, each when its queue pair has room for it among ``depth`` outstanding work
     requests, and poll ``cq`` until every signalled completion came; ``covered(request index, bytes)`` for
     each slice a successful one vouches for.  Returns the first failed completion (wr_id, status, vendor
-    error), None when all succeeded; TimeoutError past ``deadline`` (time.monotonic()).  ``post`` and
-    ``poll`` are ``_rdma.post_chain`` and ``_rdma.poll``."""
+    error), None when all succeeded; TimeoutError past ``deadline`` (time.monotonic()), InterruptedError
+    once ``cancelled()`` (checked at least every second: the transport is closing, and its queues are
+    about to go).  ``post`` and ``poll`` are ``_rdma.post_chain`` and ``_rdma.poll``."""
     if len(qps) != len(p.chains):
         raise ValueError(f"the plan is for {len(p.chains)} queue pairs, {len(qps)} given")
     pending = [collections.deque(chains) for chains in p.chains]
@@ -548,6 +550,8 @@ def run_plan(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"{left} signalled work requests had not completed by the deadline")
+        if cancelled():
+            raise InterruptedError(f"the transport closed with {left} signalled work requests outstanding")
         for wr_id, status, vendor_err, _nbytes in poll(cq, 64, min(remaining, 1.0)):
             if status != success:
                 return wr_id, status, vendor_err
@@ -733,6 +737,7 @@ class RdmaTransport:
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._stop = threading.Event()  # close(): the worker stops polling within a second
 
     def accepts(self, transfer: Transfer) -> bool:
         """Only a transfer whose local buffer is registered (with this device) can be posted."""
@@ -762,7 +767,9 @@ class RdmaTransport:
         try:
             while (job := self._jobs.get()) is not None:
                 transfers, batch = job
-                if batch.error is None:
+                if self._stop.is_set():
+                    batch.fail(PathFailed(f"{self.label}: the transport closed before the batch started"))
+                elif batch.error is None:
                     self._run(transfers, batch)
         finally:
             self._disconnect()
@@ -830,6 +837,7 @@ class RdmaTransport:
                 poll=_rdma.poll,
                 covered=covered,
                 success=_rdma.WC_STATUS["IBV_WC_SUCCESS"],
+                cancelled=self._stop.is_set,
             )
         except TimeoutError as exc:
             raise PathFailed(f"{self.label}: {exc}") from None
@@ -914,11 +922,12 @@ class RdmaTransport:
         with self._lock:
             self._closed = True
             worker, self._worker = self._worker, None
+        self._stop.set()
         if worker is None:
             self._disconnect()
             return
         self._jobs.put(None)
-        worker.join(timeout=10)
+        worker.join(timeout=10)  # the worker destroys the queue pairs as it leaves
 
 
 def path_failed(exc: BaseException) -> bool:
