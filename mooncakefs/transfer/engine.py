@@ -479,10 +479,10 @@ class Engine:
     def _rdma_ports(self, session: str, advertised: Any) -> list[rdma.PortInfo]:
         """The peer's rdma ports this engine can reach (none without rdma on either side); BadEndpoint if
         the peer's description of them is malformed."""
-        if self._rdma is None or advertised is None:
+        if self._rdma is None:
             return []
-        ports = rdma.decode_ports(advertised, f"the rdma devices {session} advertises")
-        if not ports and self.protocol == "rdma":
+        ports = rdma.decode_ports(advertised, f"the rdma devices {session} advertises") if advertised else []
+        if not ports:
             log.info("transfer engine: %s has no rdma device, its transfers go by tcp", session)
         return ports
 
