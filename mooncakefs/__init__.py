@@ -86,7 +86,9 @@ def connect(url: str | _os.PathLike[str] | None = None, **options: Any) -> Remot
     Options: secret (the cluster secret, default $MOONCAKEFS_SECRET), timeout (seconds a request may
     wait on the node, 10), connections (TCP connections for large transfers, 4), stripe (bytes per
     stripe of a large transfer, 16 MiB), inline_max (largest value carried in the request or reply
-    itself: 32 KiB on the Unix socket, 64 MiB over TCP)."""
+    itself: 32 KiB on the Unix socket, 64 MiB over TCP), prefault_pool (same host: map every page of
+    the node's pool in a background thread at once, for a long-lived client that moves much data
+    through it; False)."""
     if isinstance(url, str) and url.startswith("etcd://"):
         from mooncakefs.cluster.client import ClusterStore  # not at the top: it loads grpc, for clusters only
 

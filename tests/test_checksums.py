@@ -294,6 +294,39 @@ def test_a_batch_get_reports_a_byte_flipped_in_flight_for_its_item_only(proxied)
         assert s.batch_get_into(["flipped"], [bufs[1]]) == [len(flipped)] and bufs[1] == flipped
 
 
+def test_a_get_given_the_crc_its_value_must_have_refuses_a_different_value_on_every_path(proxied):
+    """``get(key, crc=...)``: a copy checked against the CRC its writer published (a reader taking a chunk
+    from another reader's node, mooncakefs.p2p).  A stale copy is consistent with the node's own CRC of
+    it, so only the writer's tells it apart; the bytes are checked once, in the pass that checks the
+    wire, and also where they come through the shared pool (no wire there)."""
+    node, proxy = proxied
+    current, stale = value(3 * MiB, 1), value(3 * MiB, 2)
+    with mooncakefs.connect(node.tcp_url, timeout=5) as s:
+        s.put("small", current[:100])
+        s.put("k", stale)
+    clients = {
+        "inline": mooncakefs.connect(node.tcp_url, timeout=5),
+        "striped": mooncakefs.connect(node.tcp_url, timeout=5, **ENGINE),
+        "pool": mooncakefs.connect(node.unix_url, timeout=5),
+    }
+    try:
+        for path, s in clients.items():
+            assert s.get("small", crc=_engine.crc32c(current[:100])) == current[:100], path
+            with pytest.raises(ChecksumError, match="key 'k'"):
+                s.get("k", crc=_engine.crc32c(current))
+            assert s.get("k", crc=_engine.crc32c(stale)) == stale, path  # the connection stays usable
+            assert s.get("k") == stale, path  # without it: the node's own CRC, as before
+    finally:
+        for s in clients.values():
+            s.close()
+    # and a byte flipped in flight still fails it, checked against the given CRC
+    with mooncakefs.connect(proxy.url, timeout=5) as s:
+        proxy.arm("down")
+        with pytest.raises(ChecksumError):
+            s.get("k", crc=_engine.crc32c(stale))
+        assert proxy.flipped["down"] == 1
+
+
 # ---------------------------------------------------------------------------- repair between replicas
 
 

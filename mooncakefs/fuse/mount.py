@@ -91,7 +91,7 @@ def serve(
         return
     store: Any
     if node is not None:
-        store = mooncakefs.connect(node)
+        store = mooncakefs.connect(node, prefault_pool=True)  # every file's data moves through its pool
         meta_dir = Path(data or default_path())
         meta_dir.mkdir(parents=True, exist_ok=True)
         fresh = not store.stats().get("ssd")  # the node keeps file data only as long as it has an SSD tier
@@ -113,7 +113,8 @@ def _open_cluster(url: str, chunk_size: int, replicas: int) -> tuple[Any, Any]:
     from mooncakefs.fuse.etcd_namespace import EtcdNamespace
 
     try:
-        store = ClusterStore(url, replicas=replicas)
+        # prefault_pool: this host's node's pool is where the mount keeps and reads chunks (mooncakefs.p2p)
+        store = ClusterStore(url, replicas=replicas, prefault_pool=True)
     except ValueError as exc:
         raise MooncakeError(str(exc)) from None
     try:
