@@ -131,6 +131,12 @@ class FileState:
     bad: set[str] = field(default_factory=set)  # nodes that served a bad copy of this file's chunks
     closed: bool = False
     sources: dict[str, int] = field(default_factory=dict)  # bytes fetched per node (for the record)
+    # Worked out once, not on every wake of every prefetcher (each costs hashing, and the count of chunks
+    # to fetch a pass over every chunk of the file): the chunks' owners and that count under one
+    # placement map, each chunk's seed among one set of readers.  Each cache is replaced whole, with
+    # what it is valid for, so threads never mix entries of two maps or two sets of readers.
+    owners: tuple[object, dict[int, list[str]], list[int]] = (None, {}, [])  # (map, owners, [count])
+    seeds: tuple[frozenset[str], dict[int, str]] = (frozenset(), {})
     lock: threading.Lock = field(default_factory=threading.Lock)
     wake: threading.Condition = field(init=False)
 
@@ -300,6 +306,22 @@ class Swarm:
     def _owners(self, ino: int, idx: int) -> list[str]:
         return self.store.map.owners(encode_key(chunk_name(ino, idx)))[: self.store.replicas]
 
+    def _owners_cache(self, f: FileState) -> tuple[object, dict[int, list[str]], list[int]]:
+        cache = f.owners
+        if cache[0] is not self.store.map:
+            cache = f.owners = (self.store.map, {}, [])
+        return cache
+
+    def _file_owners(self, f: FileState, idx: int) -> list[str]:
+        """``_owners`` of one of ``f``'s chunks, kept while the placement map stays the same."""
+        pmap, owners, _ = self._owners_cache(f)
+        found = owners.get(idx)
+        if found is None:
+            found = owners[idx] = self._owners(f.ino, idx)
+            if pmap is not self.store.map:  # the map changed meanwhile: do not keep it in the old one's cache
+                owners.pop(idx, None)
+        return found
+
     # -- where a chunk comes from ---------------------------------------------------------------------------
 
     def _local(self, ino: int, idx: int, crc: int) -> tuple[Any, memoryview] | None:
@@ -317,7 +339,7 @@ class Swarm:
         """(node, key, seconds to wait for it there) to try for chunk ``idx``, best first."""
         self._refresh(f)
         crc = f.sums[idx]
-        owners = self._owners(f.ino, idx)
+        owners = self._file_owners(f, idx)
         usable = [p for p in f.peers if p.node != self.node and p.node not in f.bad]
         readers = {p.node for p in usable}
         holders: dict[str, Any] = {}
@@ -337,8 +359,14 @@ class Swarm:
     def _seed(self, f: FileState, idx: int, usable: list[Peer]) -> str:
         """The reader that fetches chunk ``idx`` from the replicas for all (rendezvous over the readers
         reading this version now, this one included)."""
-        readers = {p.node for p in usable if p.reading} | {self.node}
-        return max(readers, key=lambda n: score(f.ino, idx, n))
+        readers = frozenset({p.node for p in usable if p.reading} | {self.node})
+        cache = f.seeds
+        if cache[0] != readers:
+            cache = f.seeds = (readers, {})
+        seed = cache[1].get(idx)
+        if seed is None:
+            seed = cache[1][idx] = max(readers, key=lambda n: score(f.ino, idx, n))
+        return seed
 
     def _obtain(self, f: FileState, idx: int) -> bytes | None:
         """Chunk ``idx``, fetched once however many threads want it: kept in this node and returned
@@ -362,12 +390,8 @@ class Swarm:
     def _fetch(self, f: FileState, idx: int) -> bytes | None:
         crc = f.sums[idx]
         for node, key, wait in self._sources(f, idx):
-            data = self._pull(f, node, key, wait)
+            data = self._pull(f, node, key, crc, wait)  # checked against the writer's CRC as it arrives
             if data is None:
-                continue
-            if crc32c(data) != crc:
-                log.warning("node %s served a bad or stale copy of chunk %d of inode %d: skipping it", node, idx, f.ino)
-                f.bad.add(node)
                 continue
             self._count(f, node, len(data))
             self._keep(f, idx, crc, data)
@@ -387,12 +411,17 @@ class Swarm:
         with f.lock:  # (the record is made from it on another thread)
             f.sources[source] = f.sources.get(source, 0) + size
 
-    def _pull(self, f: FileState, node: str, key: Any, wait: float) -> bytes | None:
-        """The value of ``key`` on ``node``, waiting up to ``wait`` seconds for it to appear there."""
+    def _pull(self, f: FileState, node: str, key: Any, crc: int, wait: float) -> bytes | None:
+        """The value of ``key`` on ``node``, waiting up to ``wait`` seconds for it to appear there, if its
+        bytes match ``crc`` (the writer's): checked in the one pass that also checks the wire."""
         deadline = time.monotonic() + wait
         while True:
             try:
-                return self.store.link(node).get(key)
+                return self.store.link(node).get(key, crc=crc)
+            except ChecksumError:
+                log.warning("node %s served a bad or stale copy of a chunk of inode %d: skipping it", node, f.ino)
+                f.bad.add(node)
+                return None
             except KeyNotFound:
                 if time.monotonic() >= deadline or f.closed or self.stopped:
                     return None
@@ -403,7 +432,7 @@ class Swarm:
                 log.info("node %s did not answer (%s): asking another", node, str(exc)[:120])
                 self.store.mark_down(node)
                 return None
-            except (ChecksumError, MooncakeError) as exc:
+            except MooncakeError as exc:
                 log.warning("node %s: %s", node, str(exc)[:200])
                 return None
 
@@ -442,7 +471,11 @@ class Swarm:
                 time.sleep(0.1)
 
     def _wanted(self, f: FileState) -> int:
-        return sum(1 for i in range(f.chunks) if i in f.sums and self.node not in self._owners(f.ino, i))
+        """How many of the file's chunks this node must fetch (those it owns it reads in place)."""
+        count = self._owners_cache(f)[2]
+        if not count:
+            count.append(sum(1 for i in range(f.chunks) if i in f.sums and self.node not in self._file_owners(f, i)))
+        return count[0]
 
     def _next(self, f: FileState, seeds_only: bool) -> int | None:
         self._refresh(f)
@@ -450,7 +483,7 @@ class Swarm:
         window = range(f.pos, min(f.pos + (2 * AHEAD if seeds_only else AHEAD), f.chunks))
         with f.lock:
             busy = set(f.have) | set(f.inflight)
-        todo = [i for i in window if i in f.sums and i not in busy and self.node not in self._owners(f.ino, i)]
+        todo = [i for i in window if i in f.sums and i not in busy and self.node not in self._file_owners(f, i)]
         for i in todo:
             if self._seed(f, i, usable) == self.node and not any(in_ranges(p.have, i) for p in usable):
                 return i
