@@ -41,6 +41,7 @@ from mooncakefs.api import (
 )
 from mooncakefs.errors import (
     BufferTooSmall,
+    InvalidArgument,
     MooncakeError,
     ProtocolError,
     Unavailable,
@@ -411,6 +412,46 @@ class RemoteStore(KVMapping):
 
         self._call(put_through_engine)
 
+    def put_in_place(self, key: Key, size: int, fill: Callable[[memoryview], bool], *, cluster_flags: int = 0) -> bool:
+        """Store a value of ``size`` bytes that ``fill`` writes where it will live: on the node's host
+        straight into its pool (no buffer of the caller's, no copy), else into a buffer then sent as
+        ``put`` sends one.  ``fill`` returns True once it has written all of it, or False to store
+        nothing (what it raises is raised, nothing stored either); returns what ``fill`` returned.
+        Errors of the node are raised as ``put``'s."""
+        if type(size) is not int or size < 0:
+            raise InvalidArgument(f"size must be a non-negative int, got {size!r:.40}")
+        if self._pool_view is None or size <= self.inline_max:
+            buffer = bytearray(size)
+            if not fill(memoryview(buffer)):
+                return False
+            self._put(key, buffer, PLAIN_PUT, cluster_flags)
+            return True
+        head = [encode_key(key), size, *pack_put_options(PLAIN_PUT, cluster_flags)]
+        outcome: list[Any] = []  # what fill returned or raised: kept apart from the node's own errors
+
+        def put_into_pool(ch: Channel) -> None:
+            outcome.clear()  # (run again on a fresh connection if the pooled one was found dead)
+            ch.send(Op.PUT_BEGIN, head)
+            (put_id, pool_offset), _ = ch.read_reply()
+            pool = self._pool_view
+            try:
+                if pool_offset < 0 or pool is None:  # (the node did not hand out its pool on this connection)
+                    raise ProtocolError(f"{self.url}: the node gave no pool offset to a client that maps its pool")
+                outcome.append(fill(pool[pool_offset : pool_offset + size]))
+            except BaseException as exc:
+                outcome.append(exc)
+            if outcome[0] is not True:
+                ch.send(Op.PUT_ABORT, [put_id])
+                ch.read_reply()
+                return
+            ch.send(Op.PUT_END, [put_id])
+            ch.read_reply()
+
+        self._call(put_into_pool)
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0] is True
+
     def batch_put(
         self,
         items: Mapping[Key, Any] | Iterable[tuple[Key, Any]],
@@ -485,10 +526,11 @@ class RemoteStore(KVMapping):
                 return value
         return self._read(key, None, crc)
 
-    def get_into(self, key: Key, buffer: Any) -> int:
+    def get_into(self, key: Key, buffer: Any, *, crc: int | None = None) -> int:
         """As ``Store.get_into``: BufferTooSmall (nothing written) if ``buffer`` is too short.
         ChecksumError if the bytes that crossed the wire fail the value's CRC-32C (corrupted in transit
-        or in the node's memory): ``buffer`` then holds those bad bytes, and must not be used."""
+        or in the node's memory), or ``crc`` (as ``get``'s) if given: ``buffer`` then holds those bad
+        bytes, and must not be used."""
         if self._index is not None:
             try:
                 n = self._index.read_into(key_digest(encode_key(key)), buffer)
@@ -496,8 +538,10 @@ class RemoteStore(KVMapping):
                 raise_buffer_error(buffer)
                 raise
             if n >= 0:
+                if crc is not None:
+                    check_crc(crc, crc32c(_writable_bytes_of(buffer)[:n]), self._what(key))
                 return n
-        return self._read(key, _writable_bytes_of(buffer))
+        return self._read(key, _writable_bytes_of(buffer), crc)
 
     def _what(self, key: Key) -> Callable[[], str]:
         """Names a value read from the node, for a ChecksumError's message."""

@@ -316,6 +316,40 @@ def test_mapping_protocol(client):
     assert repr(client).startswith("<mooncakefs.RemoteStore ")
 
 
+@pytest.mark.parametrize("size", [4 * KiB, 4 * MiB], ids=["4KiB", "4MiB"])
+def test_put_in_place_stores_what_fill_writes_or_nothing(client, size):
+    """``put_in_place``: the value is written where it will live (in the node's pool on its host, else a
+    buffer sent after); stored only when ``fill`` says it wrote it all, and never half.  (A reader of
+    a cluster mount receives a peer's chunk this way: straight off the socket into its node's pool.)"""
+    payload = bytes(range(256)) * (size // 256)
+    key = client.ns + "in-place"
+
+    def fill(out: memoryview) -> bool:
+        assert len(out) == size
+        out[:] = payload
+        return True
+
+    assert client.put_in_place(key, size, fill) is True
+    assert client.get(key) == payload
+
+    def give_up(out: memoryview) -> bool:
+        out[: size // 2] = b"\xff" * (size // 2)  # half written, then nothing to store
+        return False
+
+    assert client.put_in_place(client.ns + "not-there", size, give_up) is False
+    assert not client.exists(client.ns + "not-there")
+
+    def fail(out: memoryview) -> bool:
+        raise KeyNotFound("somewhere/else")
+
+    with pytest.raises(KeyNotFound):
+        client.put_in_place(key, size, fail)
+    assert client.get(key) == payload  # the value it would have replaced is still there
+    with pytest.raises(mooncakefs.InvalidArgument):
+        client.put_in_place(key, -1, fill)
+    # (the fixture checks the node holds no unfinished put afterwards: given-up ones were aborted)
+
+
 def test_view_keeps_value_while_replaced(client, transport):
     k = client.ns + "viewed"
     old, new = rand_bytes(1 * MiB, "old"), rand_bytes(1 * MiB, "new")

@@ -32,11 +32,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mooncakefs._engine import crc32c
+from mooncakefs.cluster.client import placement_flags
 from mooncakefs.cluster.etcd import KV, Mirror
 from mooncakefs.errors import ChecksumError, KeyNotFound, MooncakeError, StaleEpoch, Unavailable
 from mooncakefs.keys import CachedKey, InternalKey, encode_key
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from mooncakefs.cluster.client import ClusterStore
 
 log = logging.getLogger("mooncakefs.p2p")
+T = TypeVar("T")
 
 SEED_WAIT_S = 8.0  # how long a reader waits for a chunk's seed to have it before asking the replicas
 POLL_S = 0.02  # between asking a seed again
@@ -119,6 +121,7 @@ class FileState:
     gen: tuple[int, int]
     sums: dict[int, int]
     chunks: int
+    size: int = 0  # the file's bytes (its last chunk may be short)
     have: set[int] = field(default_factory=set)
     inflight: dict[int, threading.Event] = field(default_factory=dict)
     pos: int = 0
@@ -229,7 +232,7 @@ class Swarm:
                 return f
             old = f
             chunks = -(-state.size // self.ns.chunk_size)
-            f = self.files[ino] = FileState(ino, tuple(state.gen), dict(state.sums), chunks)
+            f = self.files[ino] = FileState(ino, tuple(state.gen), dict(state.sums), chunks, state.size)
         if old is not None:
             old.closed = True
             self._forget(old)
@@ -388,15 +391,36 @@ class Swarm:
             event.set()
 
     def _fetch(self, f: FileState, idx: int) -> bytes | None:
+        """Chunk ``idx`` from the first source that has it, checked against the writer's CRC as it arrives
+        and received straight into this host's node, where it is kept: None, the caller views it there.
+        The bytes themselves only where this host's node could not take them (or the replicas answered
+        with another version: the file changed since it was opened here)."""
         crc = f.sums[idx]
         for node, key, wait in self._sources(f, idx):
-            data = self._pull(f, node, key, crc, wait)  # checked against the writer's CRC as it arrives
-            if data is None:
-                continue
-            self._count(f, node, len(data))
-            self._keep(f, idx, crc, data)
-            return data
-        try:  # from the replicas, by the cluster client's routing
+
+            def from_holder(out: memoryview, node: str = node, key: Any = key, wait: float = wait) -> bool:
+                return self._pull(f, node, wait, lambda link: link.get_into(key, out, crc=crc)) == len(out)
+
+            kept = self._keep_in_place(f, idx, crc, from_holder)
+            if kept is None:  # this host's node cannot take it: the copy itself, not kept
+                data = self._pull(f, node, wait, lambda link, key=key: link.get(key, crc=crc))
+                kept = data is not None
+            else:
+                data = None
+            if kept:
+                self._count(f, node, self._length(f, idx))
+                return data
+
+        def from_replicas(out: memoryview) -> bool:  # by the cluster client's routing
+            try:
+                return self.store.get_into(chunk_name(f.ino, idx), out) == len(out) and crc32c(out) == crc
+            except MooncakeError:
+                return False
+
+        if self._keep_in_place(f, idx, crc, from_replicas):
+            self._count(f, "replicas", self._length(f, idx))
+            return None
+        try:  # not kept (this host's node cannot take it, or a chunk shorter than its place in the file)
             data = self.store.get(chunk_name(f.ino, idx))
         except MooncakeError as exc:
             log.warning("chunk %d of inode %d: %s", idx, f.ino, exc)
@@ -406,18 +430,23 @@ class Swarm:
             self._keep(f, idx, crc, data)
         return data  # (one that does not match: the file changed since it was opened here)
 
+    def _length(self, f: FileState, idx: int) -> int:
+        """The bytes of chunk ``idx`` (the last one of the file may be short)."""
+        return max(min(self.ns.chunk_size, f.size - idx * self.ns.chunk_size), 0)
+
     @staticmethod
     def _count(f: FileState, source: str, size: int) -> None:
         with f.lock:  # (the record is made from it on another thread)
             f.sources[source] = f.sources.get(source, 0) + size
 
-    def _pull(self, f: FileState, node: str, key: Any, crc: int, wait: float) -> bytes | None:
-        """The value of ``key`` on ``node``, waiting up to ``wait`` seconds for it to appear there, if its
-        bytes match ``crc`` (the writer's): checked in the one pass that also checks the wire."""
+    def _pull(self, f: FileState, node: str, wait: float, read: Callable[[Any], T]) -> T | None:
+        """``read(link to node)``: a value there, waiting up to ``wait`` seconds for it to appear; None if
+        it does not, if the node fails, or if the copy is bad or stale (its bytes do not match the
+        writer's CRC, which ``read`` checks in the one pass that also checks the wire)."""
         deadline = time.monotonic() + wait
         while True:
             try:
-                return self.store.link(node).get(key, crc=crc)
+                return read(self.store.link(node))
             except ChecksumError:
                 log.warning("node %s served a bad or stale copy of a chunk of inode %d: skipping it", node, f.ino)
                 f.bad.add(node)
@@ -436,13 +465,31 @@ class Swarm:
                 log.warning("node %s: %s", node, str(exc)[:200])
                 return None
 
+    def _keep_in_place(self, f: FileState, idx: int, crc: int, fill: Callable[[memoryview], bool]) -> bool | None:
+        """Keep chunk ``idx`` in this host's node, ``fill`` writing it straight into its place in the pool
+        (evictable, never repaired): True if kept, False if ``fill`` found no copy, None if this host's
+        node could not take it."""
+        try:
+            kept = self.store.link(self.node).put_in_place(
+                cache_key(f.ino, idx, crc), self._length(f, idx), fill, cluster_flags=placement_flags(1, True)
+            )
+        except MooncakeError as exc:
+            log.warning("cannot keep chunk %d of inode %d in this host's node: %s", idx, f.ino, exc)
+            return None
+        if kept:
+            self._held(f, idx)
+        return kept
+
     def _keep(self, f: FileState, idx: int, crc: int, data: bytes) -> None:
-        """Keep the copy in this host's node (evictable, never repaired) and count it as held."""
+        """Keep a copy in this host's node (evictable, never repaired) and count it as held."""
         try:
             self.store.link(self.node).put(cache_key(f.ino, idx, crc), data, local=True)
         except MooncakeError as exc:
             log.warning("cannot keep chunk %d of inode %d in this host's node: %s", idx, f.ino, exc)
             return
+        self._held(f, idx)
+
+    def _held(self, f: FileState, idx: int) -> None:
         with f.lock:
             f.have.add(idx)
         self._announce(f)
