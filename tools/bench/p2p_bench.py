@@ -6,10 +6,15 @@ on the writer's host, then N readers start ``cp`` together; all_readers_s is whe
 single_reader_s the time of N = 1 (each with --files files, medians), source_bytes_sent what the writer's
 host sent on its link meanwhile, etcd_requests the requests etcd answered meanwhile (by method, from its
 own /metrics: the whole cluster's, nodes and mounts included) and etcd_events the watch events it sent.
+Per round: cpu_busy, the whole machine's busy share (other work included), and cpu_s, the CPU seconds the
+testbed's own mounts, nodes, etcd and ``cp`` used (cpu_s_per_gib: their sum per GiB copied out).
+--rate shapes every link; a rate low enough that the CPU is not the limit (cpu_busy well below 1) shows
+whether the distribution itself meets its target.
 Physical reference printed beside: the file over one shaped link (file_bytes / rate).  Needs root, etcd,
 FUSE.
 
     python3 tools/bench/p2p_bench.py --json /tmp/p2p.json                     # 256 MiB, 400 Mbit/s, N=1,2,4,8
+    python3 tools/bench/p2p_bench.py --readers 1,4 --rate 150mbit             # links, not the CPU, the limit
     MOONCAKEFS_P2P=off python3 tools/bench/p2p_bench.py --readers 1,4         # without readers serving
     cd /other/checkout && PYTHONPATH=$PWD python3 /this/tools/bench/p2p_bench.py  # another checkout's code
 
@@ -52,6 +57,28 @@ def cpu_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+def process_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` has used so far; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def our_cpu_s(bed: Testbed) -> dict[str, float]:
+    """CPU seconds used so far by the testbed's processes, by kind: on a machine shared with other work
+    the whole machine's busy share says little, these say what moving the file cost (``cp``: the copies
+    this process waited for, as os.times counts its reaped children)."""
+    children = os.times()
+    return {
+        "mounts": sum(process_cpu_s(m.proc.pid if m.proc else None) for m in bed.mounts),
+        "nodes": sum(process_cpu_s(n.proc.pid if n.proc else None) for n in bed.nodes),
+        "etcd": process_cpu_s(bed.etcd_proc.pid if bed.etcd_proc else None),
+        "cp": children.children_user + children.children_system,
+    }
+
+
 def etcd_counters(bed: Testbed) -> dict[str, float]:
     """etcd's own counts of the requests it answered (by gRPC method) and the watch events it sent."""
     url = f"http://{bed.subnet}.1:{bed.etcd_port}/metrics"
@@ -74,6 +101,7 @@ def one_round(bed: Testbed, readers: list[int], size: int, tmp: Path, tag: str) 
     before = bed.sent(0)
     etcd0 = etcd_counters(bed)
     cpu0 = cpu_ticks()
+    ours0 = our_cpu_s(bed)
     start = time.monotonic()
     procs = {k: bed.copy_out(k, tag, tmp / f"{tag}.{k}") for k in readers}
     ends = {}
@@ -87,7 +115,9 @@ def one_round(bed: Testbed, readers: list[int], size: int, tmp: Path, tag: str) 
     sent = bed.sent(0) - before
     etcd1 = etcd_counters(bed)
     cpu1 = cpu_ticks()
+    ours1 = our_cpu_s(bed)
     busy = (cpu1[0] - cpu0[0]) / max(cpu1[1] - cpu0[1], 1)
+    ours = {k: round(ours1[k] - ours0[k], 2) for k in ours0}
     expected = src.read_bytes()
     for k in readers:
         out = tmp / f"{tag}.{k}"
@@ -101,6 +131,8 @@ def one_round(bed: Testbed, readers: list[int], size: int, tmp: Path, tag: str) 
         "each_s": sorted(ends.values()),
         "source_bytes_sent": sent,
         "cpu_busy": round(busy, 3),
+        "cpu_s": ours,
+        "cpu_s_per_gib": round(sum(ours.values()) / (len(readers) * size / (1 << 30)), 2),
         "etcd_requests": {k: int(v - etcd0.get(k, 0)) for k, v in etcd1.items() if k != "events" and v != etcd0.get(k)},
         "etcd_events": int(etcd1.get("events", 0) - etcd0.get("events", 0)),
     }
@@ -110,7 +142,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--readers", default="1,2,4,8")
     ap.add_argument("--size", default=256, type=int, help="MiB per file (default 256)")
-    ap.add_argument("--rate", default="400mbit")
+    ap.add_argument("--rate", default="400mbit", help="every link's rate each way, tc syntax (default 400mbit)")
     ap.add_argument("--files", default=2, type=int, help="files per N (medians; chunks land differently)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -154,7 +186,8 @@ def main() -> int:
             progress(
                 f"N={n:2d}  all readers {all_s:7.2f} s  (x{r['ratio']:.2f} of one reader, x{all_s / link_s:.2f} "
                 f"of the link)  source sent {r['source_x_file']:.2f} x the file   "
-                f"runs: {[round(x['all_s'], 2) for x in rounds]}  CPU busy {[x['cpu_busy'] for x in rounds]}"
+                f"runs: {[round(x['all_s'], 2) for x in rounds]}  CPU busy {[x['cpu_busy'] for x in rounds]}  "
+                f"CPU s per GiB copied {[x['cpu_s_per_gib'] for x in rounds]}"
             )
             print(f"        etcd: {[x['etcd_requests'] for x in rounds]}, events {[x['etcd_events'] for x in rounds]}")
     finally:
