@@ -75,6 +75,7 @@ _dying_get = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p
     ("PyCapsule_GetPointer", ctypes.pythonapi)
 )
 DLTENSOR = b"dltensor"  # capsules keep a pointer to their name: it must outlive them
+USED_DLTENSOR = b"used_dltensor"
 _capsule_new = ctypes.pythonapi.PyCapsule_New
 _capsule_new.restype, _capsule_new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, CAPSULE_DESTRUCTOR]
 
@@ -188,16 +189,16 @@ def from_dlpack_capsule(capsule: Any, what: str = "DLPack capsule", *, writable:
     """Take the tensor out of a "dltensor" capsule (marking it used, as the protocol asks) and describe it.
     The DeviceBuffer's ``close`` calls the producer's deleter: until then the memory stays valid.
     (``writable`` cannot be checked here: an unversioned DLPack tensor carries no read-only flag.)"""
-    if not _capsule_valid(capsule, b"dltensor"):
+    if not _capsule_valid(capsule, DLTENSOR):
         name = _capsule_get_name(capsule) if type(capsule).__name__ == "PyCapsule" else None
         raise InvalidArgument(
             f"{what}: not an unused DLPack capsule (name {name!r}; a capsule can be consumed only once)"
             if name is not None
             else f"{what}: not a PyCapsule, got {given(capsule)}"
         )
-    address = _capsule_get(capsule, b"dltensor")
+    address = _capsule_get(capsule, DLTENSOR)
     managed = ctypes.cast(address, ctypes.POINTER(DLManagedTensor)).contents
-    _capsule_set_name(capsule, b"used_dltensor")  # ours now: the capsule's destructor leaves it alone
+    _capsule_set_name(capsule, USED_DLTENSOR)  # ours now: the capsule's destructor leaves it alone
     release = _deleter_of(address)
     try:
         t = managed.dl_tensor
@@ -216,13 +217,19 @@ def from_dlpack_capsule(capsule: Any, what: str = "DLPack capsule", *, writable:
         raise
 
 
-def from_dlpack(obj: Any, *, stream: int | None = None, writable: bool = False) -> DeviceBuffer:
+Stream = int | Callable[[], int] | None  # our CUDA stream, or what makes CUDA ready and gives it
+
+
+def from_dlpack(obj: Any, *, stream: Stream = None, writable: bool = False) -> DeviceBuffer:
     """Read an object with ``__dlpack__``: ask it for a capsule (naming our ``stream`` for a CUDA
-    tensor, so its producer orders its work before ours) and parse that."""
+    tensor, so its producer orders its work before ours: without one it orders it before the legacy
+    default stream, which our non-blocking stream does not wait for) and parse that."""
     what = f"__dlpack__ of {type(obj).__name__}"
     device_type, _ = obj.__dlpack_device__()
-    on_gpu = device_type in DEVICE_TYPES and stream is not None
-    capsule = obj.__dlpack__(stream=stream) if on_gpu else obj.__dlpack__()
+    if device_type in DEVICE_TYPES and stream is not None:
+        capsule = obj.__dlpack__(stream=stream() if callable(stream) else stream)
+    else:
+        capsule = obj.__dlpack__()
     buf = from_dlpack_capsule(capsule, what, writable=writable)
     if writable and not buf.on_device:  # a host array's writability: the buffer protocol knows it
         try:
@@ -239,10 +246,11 @@ def is_gpu_buffer(obj: Any) -> bool:
     return hasattr(obj, "__cuda_array_interface__") or hasattr(obj, "__dlpack_device__")
 
 
-def device_buffer(obj: Any, *, stream: int | None = None, writable: bool = False) -> DeviceBuffer | None:
+def device_buffer(obj: Any, *, stream: Stream = None, writable: bool = False) -> DeviceBuffer | None:
     """The device memory ``obj`` exposes, or None if it is host memory (or exposes neither protocol):
     the store then treats it as an ordinary buffer.  ``__cuda_array_interface__`` is preferred (no
-    capsule to consume); DLPack counts only for a CUDA device."""
+    capsule to consume); DLPack counts only for a CUDA device.  ``stream`` (see ``from_dlpack``) may be
+    a callable, called only for a CUDA DLPack tensor."""
     cai = getattr(obj, "__cuda_array_interface__", None)
     if cai is not None:
         return from_cuda_array_interface(obj, writable=writable, cai=cai)
@@ -302,6 +310,7 @@ def exported_alive() -> int:
 
 CUDA_EXTRA = "pip install 'mooncakefs[cuda]'"
 STAGING_CHUNK = 8 << 20  # pinned staging buffers: two of these, filled and copied in turn
+EVENT_FLAGS = 2  # CU_EVENT_DISABLE_TIMING: the staging events only order copies
 
 
 def load_driver() -> Any:
@@ -347,15 +356,22 @@ class Cuda:
         self.device = device
         self.handle = _check(driver, driver.cuDeviceGet(device), "cuDeviceGet")
         self.name = _check(driver, driver.cuDeviceGetName(128, self.handle), "cuDeviceGetName").split(b"\0")[0].decode()
-        self.context = _check(driver, driver.cuDevicePrimaryCtxRetain(self.handle), "cuDevicePrimaryCtxRetain")
-        self.current()
-        self.stream = _check(
-            driver, driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate"
-        )
         self.lock = threading.RLock()  # one copy at a time on the stream and the staging buffers
-        self.staging = [_check(driver, driver.cuMemHostAlloc(STAGING_CHUNK, 0), "cuMemHostAlloc") for _ in range(2)]
+        self.stream: Any = None
+        self.staging: list[int] = []  # two pinned buffers (cuMemHostAlloc) for copies of pageable memory
         self.registered: list[tuple[int, int]] = []  # host ranges pinned with cuMemHostRegister
         self.host_allocs: list[tuple[int, int]] = []  # pinned host memory from alloc_host
+        self.context = _check(driver, driver.cuDevicePrimaryCtxRetain(self.handle), "cuDevicePrimaryCtxRetain")
+        try:  # a failure past here gives back what was taken (the primary context is shared: torch's too)
+            self.current()
+            self.stream = _check(
+                driver, driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate"
+            )
+            for _ in range(2):
+                self.staging.append(int(_check(driver, driver.cuMemHostAlloc(STAGING_CHUNK, 0), "cuMemHostAlloc")))
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def stream_handle(self) -> int:
@@ -425,24 +441,28 @@ class Cuda:
                 _check(d, d.cuMemcpyHtoDAsync(d.CUdeviceptr(dst), src, nbytes, self.stream), "cuMemcpyHtoDAsync")
                 self.sync()
                 return
-            events = [None, None]
-            for i, done in enumerate(range(0, nbytes, STAGING_CHUNK)):
-                n = min(STAGING_CHUNK, nbytes - done)
-                slot = i % 2
-                if events[slot] is not None:  # its last copy must be done before it is refilled
-                    _check(d, d.cuEventSynchronize(events[slot]), "cuEventSynchronize")
-                else:
-                    events[slot] = _check(d, d.cuEventCreate(0), "cuEventCreate")
-                ctypes.memmove(self.staging[slot], src + done, n)
-                _check(
-                    d,
-                    d.cuMemcpyHtoDAsync(d.CUdeviceptr(dst + done), self.staging[slot], n, self.stream),
-                    "cuMemcpyHtoDAsync",
-                )
-                _check(d, d.cuEventRecord(events[slot], self.stream), "cuEventRecord")
-            self.sync()
-            for event in events:
-                if event is not None:
+            events: list[Any] = []  # one per staging buffer: recorded after its copy was issued
+            try:
+                for i, done in enumerate(range(0, nbytes, STAGING_CHUNK)):
+                    n = min(STAGING_CHUNK, nbytes - done)
+                    slot = i % 2
+                    if slot < len(events):  # its last copy must be done before it is refilled
+                        _check(d, d.cuEventSynchronize(events[slot]), "cuEventSynchronize")
+                    else:
+                        events.append(_check(d, d.cuEventCreate(EVENT_FLAGS), "cuEventCreate"))
+                    ctypes.memmove(self.staging[slot], src + done, n)
+                    _check(
+                        d,
+                        d.cuMemcpyHtoDAsync(d.CUdeviceptr(dst + done), self.staging[slot], n, self.stream),
+                        "cuMemcpyHtoDAsync",
+                    )
+                    _check(d, d.cuEventRecord(events[slot], self.stream), "cuEventRecord")
+                self.sync()
+            except BaseException:
+                d.cuStreamSynchronize(self.stream)  # no copy issued may still read a buffer the next caller fills
+                raise
+            finally:
+                for event in events:
                     d.cuEventDestroy(event)
 
     def d2h(self, dst: int, src: int, nbytes: int) -> None:
@@ -466,17 +486,24 @@ class Cuda:
                 ctypes.memmove(dst + done, self.staging[0], n)
 
     def close(self) -> None:
+        """Give back what ``__init__`` took, once: a second close does nothing (releasing the primary
+        context twice would take it from whoever else retained it, torch say)."""
         d = self.driver
         with self.lock:
-            self.current()
+            if self.context is None:
+                return
+            d.cuCtxSetCurrent(self.context)
             for ptr, _ in self.registered:
                 d.cuMemHostUnregister(ptr)
             self.registered.clear()
             for ptr in [*self.staging, *(p for p, _ in self.host_allocs)]:
                 d.cuMemFreeHost(ptr)
             self.staging, self.host_allocs = [], []
-            d.cuStreamDestroy(self.stream)
+            if self.stream is not None:
+                d.cuStreamDestroy(self.stream)
+                self.stream = None
             d.cuDevicePrimaryCtxRelease(self.handle)
+            self.context = None
 
 
 def gpu_unavailable(device: int = 0) -> str | None:

@@ -15,6 +15,7 @@ and SSD.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -65,18 +66,22 @@ class VramTier:
         if capacity < _engine.ALLOC_UNIT:
             raise ValueError(f"vram must be at least {_engine.ALLOC_UNIT} bytes, got {capacity}")
         self.cuda = cuda if cuda is not None else Cuda(device)
+        self._owns_cuda = cuda is None  # close() gives back only a Cuda it made
         self.device = self.cuda.device
-        free, total = self.cuda.mem_info()
-        if capacity > free:
-            if cuda is None:
+        try:
+            free, total = self.cuda.mem_info()
+            if capacity > free:
+                raise InvalidArgument(
+                    f"vram={format_size(capacity)} does not fit on GPU {self.device} ({self.cuda.name}): "
+                    f"{format_size(free)} of {format_size(total)} is free"
+                )
+            self.allocator = _engine.OffsetAllocator(capacity)
+            self.capacity = self.allocator.capacity
+            self.base = self.cuda.alloc(self.capacity)
+        except BaseException:
+            if self._owns_cuda:
                 self.cuda.close()
-            raise InvalidArgument(
-                f"vram={format_size(capacity)} does not fit on GPU {self.device} ({self.cuda.name}): "
-                f"{format_size(free)} of {format_size(total)} is free"
-            )
-        self.allocator = _engine.OffsetAllocator(capacity)
-        self.capacity = self.allocator.capacity
-        self.base = self.cuda.alloc(self.capacity)
+            raise
         self.lru: OrderedDict[bytes, Entry] = OrderedDict()  # residents, least recently used first
         self.counters = dict.fromkeys(("hits", "misses", "evictions", "promotions"), 0)
         self.place: Placement | None = None
@@ -185,7 +190,8 @@ class VramTier:
         if self.base:
             self.cuda.free(self.base)
             self.base = 0
-        self.cuda.close()
+        if self._owns_cuda:
+            self.cuda.close()
 
 
 class VramView:
@@ -196,13 +202,16 @@ class VramView:
     def __init__(self, tier: VramTier, entry: Entry, release: Any) -> None:
         self._tier, self._entry, self._release = tier, entry, release
         self._holds = 1  # the with block's, plus one per capsule alive
+        self._holds_lock = threading.Lock()  # a capsule's deleter runs on whichever thread its consumer lets go
         self._closed = False
         self.nbytes = entry.size
         self.ptr = tier.address(entry)
 
     def _let_go(self) -> None:
-        self._holds -= 1
-        if self._holds == 0:
+        with self._holds_lock:
+            self._holds -= 1
+            last = self._holds == 0
+        if last:
             self._release()
 
     @property
@@ -214,15 +223,17 @@ class VramView:
         return DL_CUDA, self._tier.device
 
     def __dlpack__(self, stream: Any = None, **_: Any) -> Any:
-        if self._closed:
-            raise InvalidArgument("this VRAM view was closed: open another with store.device_view(key)")
-        self._holds += 1
+        with self._holds_lock:
+            if self._closed:
+                raise InvalidArgument("this VRAM view was closed: open another with store.device_view(key)")
+            self._holds += 1
         return self._tier.dlpack(self._entry, self._let_go)
 
     def __enter__(self) -> VramView:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if not self._closed:
-            self._closed = True
+        with self._holds_lock:
+            closing, self._closed = not self._closed, True
+        if closing:
             self._let_go()
