@@ -221,16 +221,22 @@ class Store(KVMapping):
                     self._start_gds()
             self._init_state(high_watermark, low_watermark, promote_after)
         except BaseException:  # leave nothing held: the data dir must open again
-            if self._gds is not None:
-                self._gds.close()
-            if self._vram is not None:
-                self._vram.close()
+            self._close_gpu()
             if self._ssd is not None:
                 self._ssd.close()
             if self._dram is not None:
                 self._dram.close()
             self._datadir_lock.release()
             raise
+
+    def _close_gpu(self) -> None:
+        """cuFile's registrations, then the VRAM tier and the CUDA device (before the DRAM pool they pinned)."""
+        if self._gds is not None:
+            self._gds.close()
+        if self._vram is not None:
+            self._vram.close()
+        elif self._cuda is not None:
+            self._cuda.close()
 
     def _init_state(self, high_watermark: float, low_watermark: float, promote_after: int) -> None:
         """The index, with whatever the SSD tier already holds, and the tiers wired to it."""
@@ -287,12 +293,7 @@ class Store(KVMapping):
             self._closed = True
             while self._unlocked_ops:
                 self._idle.wait()
-            if self._gds is not None:
-                self._gds.close()
-            if self._vram is not None:
-                self._vram.close()
-            elif self._cuda is not None:
-                self._cuda.close()
+            self._close_gpu()
             self._dram.close()
             if self._ssd is not None:
                 self._ssd.order.clear()
@@ -387,7 +388,7 @@ class Store(KVMapping):
         try:
             size = _engine.nbytes(value)
         except TypeError:
-            device = device_buffer(value, stream=self._gpu_stream())
+            device = device_buffer(value, stream=self._gpu_stream)
             if device is None:
                 raise value_error(value) from None
             with device:
@@ -440,9 +441,11 @@ class Store(KVMapping):
         self._gds = GpuDirect(self._cuda)
         self._ssd.on_release = self._gds.released  # type: ignore[union-attr]
 
-    def _gpu_stream(self) -> int | None:
-        """The stream a DLPack producer should order its work before (None until CUDA is up)."""
-        return None if self._cuda is None else self._cuda.stream_handle
+    def _gpu_stream(self) -> int:
+        """The stream a DLPack producer of a CUDA tensor orders its work before: ours, so CUDA comes up
+        first (without a stream named it would order it before the legacy default stream, which our
+        non-blocking stream does not wait for)."""
+        return self._gpu().stream_handle
 
     def _put_gpu(self, key: Key, value: Any, options: PutOptions, hint: str | None) -> None:
         """A put of a GPU buffer (a DeviceBuffer) or a host one with a tier hint (a memoryview): into
@@ -477,7 +480,9 @@ class Store(KVMapping):
         if isinstance(value, DeviceBuffer):  # to the host, then as any put
             host = bytearray(size)
             if size:
-                self._gpu().d2h(_engine.address(host), value.ptr, size)
+                gpu = self._gpu()
+                gpu.wait_for(value)  # the producer's stream (CAI v3) may still be writing it
+                gpu.d2h(_engine.address(host), value.ptr, size)
             value = host
         self._put_prepared(raw, key, entry, value, options)
 
@@ -525,7 +530,7 @@ class Store(KVMapping):
         """``get_into`` for a GPU buffer (``get_into`` calls it): device to device from VRAM, host to
         device from the (pinned) DRAM pool, SSD to device by cuFile (tiers/gds.py).  A value read into
         GPU buffers ``promote_after`` times is copied into VRAM."""
-        dst = device_buffer(buffer, stream=self._gpu_stream(), writable=True)
+        dst = device_buffer(buffer, stream=self._gpu_stream, writable=True)
         if dst is None:
             raise_buffer_error(buffer)
         assert dst is not None
@@ -547,18 +552,24 @@ class Store(KVMapping):
                     self._vram.counters["hits"] += 1  # type: ignore[union-attr]
                     if entry.dram >= 0:  # _find touched its DRAM copy
                         self._vram.touch(raw, entry)  # type: ignore[union-attr]
-                seg = prepared = None
-                if entry.vram < 0 and entry.dram < 0:
+                # the source is chosen here, under the lock: a promotion by another reader may give the
+                # entry a VRAM block the moment the lock is let go, before that block is filled
+                seg = prepared = vram_src = dram_src = None
+                if entry.vram >= 0:
+                    vram_src = self._vram.address(entry)  # type: ignore[union-attr]
+                elif entry.dram >= 0:
+                    dram_src = _engine.address(self._dram.view) + entry.dram_off
+                else:
                     seg = self._ssd.lease(entry)  # type: ignore[union-attr]
                     prepared = self._gds.prepare(seg)
                 entry.readers += 1
                 self._unlocked_ops += 1
             done = False
             try:
-                if entry.vram >= 0:
-                    gpu.d2d(dst.ptr, self._vram.address(entry), entry.size)  # type: ignore[union-attr]
-                elif entry.dram >= 0:
-                    gpu.h2d(dst.ptr, _engine.address(self._dram.view) + entry.dram_off, entry.size)
+                if vram_src is not None:
+                    gpu.d2d(dst.ptr, vram_src, entry.size)
+                elif dram_src is not None:
+                    gpu.h2d(dst.ptr, dram_src, entry.size)
                 elif entry.size:
                     try:
                         self._gds.read(entry, seg, prepared, dst.ptr)
@@ -591,7 +602,11 @@ class Store(KVMapping):
             if entry.dead or self._index.get(raw) is not entry:  # evicted to make room: not worth it
                 vram.free(raw, entry)
                 return
-            vram.cuda.d2d(vram.address(entry), src, entry.size)
+            try:
+                vram.cuda.d2d(vram.address(entry), src, entry.size)
+            except BaseException:  # the block would otherwise stay the entry's, unfilled and unlisted
+                vram.free(raw, entry)
+                raise
             vram.admit(raw, entry)
             entry.hits = 0
             vram.counters["promotions"] += 1
@@ -1052,7 +1067,7 @@ class Store(KVMapping):
                 seg = self._lease(entry)
             return self._read_leased(raw, key, entry, seg, buffer)
         except TypeError:  # not a buffer, or a read-only one: say so as every store does
-            gpu = device_buffer(buffer, stream=self._gpu_stream(), writable=True)
+            gpu = device_buffer(buffer, stream=self._gpu_stream, writable=True)
             if gpu is not None:
                 return self._get_into_gpu(raw, key, gpu)
             raise_buffer_error(buffer)

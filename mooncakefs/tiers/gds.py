@@ -57,17 +57,23 @@ class GpuDirect:
         self._read: Any = None
         self._cufile: Any = None
         self.library = ""  # the libcufile.so.0 loaded
+        opened = None
         try:
             from cuda.bindings import cufile
             from cuda.pathfinder import load_nvidia_dynamic_lib
 
             cufile.driver_open()
+            opened = cufile
             self.library = load_nvidia_dynamic_lib("cufile").abs_path
-            self._read = ctypes.CDLL(self.library).cuFileRead
+            # use_errno: a read that fails with -1 left its reason in errno (a filesystem error)
+            self._read = ctypes.CDLL(self.library, use_errno=True).cuFileRead
             self._read.restype = ctypes.c_ssize_t
             self._read.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_int64]
             self._cufile = cufile
         except Exception as exc:  # ImportError, the library missing, cuFileDriverOpen refusing
+            if opened is not None:  # opened, then the library could not be found: close it again
+                with contextlib.suppress(Exception):
+                    opened.driver_close()
             self.mode, self.why = FALLBACK, f"cuFile is not available ({type(exc).__name__}: {exc})"
             return
         try:
@@ -141,7 +147,10 @@ class GpuDirect:
         done, size = 0, entry.size
         while done < size:
             n = self._read(handle, dst, size - done, base + entry.seg_off + done, done)
-            if n < 0:
+            if n == -1:  # a system error: its errno says which (-n is no cuFile status here)
+                err = ctypes.get_errno()
+                raise OSError(err, f"cuFileRead of {seg.place.name} failed: {os.strerror(err)}")
+            if n < 0:  # a cuFile status, negated
                 raise OSError(f"cuFileRead of {seg.place.name} failed: {self._cufile.op_status_error(-n)}")
             if n == 0:
                 raise OSError(f"segment {seg.place.name} ends before offset {entry.seg_off + size}")

@@ -1,0 +1,241 @@
+"""The store's GPU logic without a GPU: the CUDA calls (``gpu.Cuda``) replaced by a stand-in whose
+"device memory" is host memory and whose copies are memmoves, so what the store does around them (which
+streams it waits for, which stream it names to DLPack producers, what a failed copy leaves behind) runs
+here; and ``gpu.Cuda`` itself over a stand-in of ``cuda.bindings.driver``, for what it gives back.
+What the copies do on a real GPU is tests/test_vram.py's."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import mooncakefs
+from mooncakefs import _engine, gpu
+from mooncakefs.gpu import DL_CUDA, DeviceBuffer, export_dlpack
+from mooncakefs.tiers import vram as vram_module
+from mooncakefs.tiers.gds import GpuDirect
+
+
+class HostCuda:
+    """``gpu.Cuda`` as the store uses it, on host memory: records the producer streams it waited for."""
+
+    STREAM = 0x5EED
+
+    def __init__(self, device: int = 0) -> None:
+        self.device, self.name = device, "host stand-in"
+        self.stream_handle = self.STREAM
+        self.lock = threading.RLock()
+        self.blocks: dict[int, Any] = {}
+        self.waited: list[int] = []
+        self.fail_d2d = False
+        self.closed = 0
+
+    def mem_info(self) -> tuple[int, int]:
+        return 1 << 30, 1 << 30
+
+    def alloc(self, nbytes: int) -> int:
+        block = ctypes.create_string_buffer(max(nbytes, 1))
+        self.blocks[ctypes.addressof(block)] = block
+        return ctypes.addressof(block)
+
+    def free(self, ptr: int) -> None:
+        del self.blocks[ptr]
+
+    def register_host(self, ptr: int, nbytes: int) -> bool:
+        return True
+
+    def wait_for(self, buf: DeviceBuffer) -> None:
+        if buf.stream:
+            self.waited.append(buf.stream)
+
+    def d2d(self, dst: int, src: int, nbytes: int) -> None:
+        if self.fail_d2d:
+            raise RuntimeError("cuMemcpyDtoDAsync failed: CUDA_ERROR_ILLEGAL_ADDRESS")
+        ctypes.memmove(dst, src, nbytes)
+
+    def h2d(self, dst: int, src: int, nbytes: int) -> None:
+        ctypes.memmove(dst, src, nbytes)
+
+    def d2h(self, dst: int, src: int, nbytes: int) -> None:
+        ctypes.memmove(dst, src, nbytes)
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+@pytest.fixture
+def cudas(monkeypatch: pytest.MonkeyPatch) -> list[HostCuda]:
+    """Every HostCuda the store makes, in order (the VRAM tier's, or the one GPU buffers bring up)."""
+    made: list[HostCuda] = []
+
+    def make(device: int = 0) -> HostCuda:
+        made.append(HostCuda(device))
+        return made[-1]
+
+    monkeypatch.setattr(vram_module, "Cuda", make)
+    monkeypatch.setattr(gpu, "Cuda", make)
+    return made
+
+
+class HostArray:
+    """Host memory described by ``__cuda_array_interface__`` v3 only, naming a producer's stream."""
+
+    def __init__(self, data: bytes, stream: int | None = None) -> None:
+        self.memory = ctypes.create_string_buffer(data, len(data))
+        self.__cuda_array_interface__ = {"version": 3, "shape": (len(data),), "typestr": "|u1",
+                                         "data": (ctypes.addressof(self.memory), False), "strides": None,
+                                         "stream": stream}  # fmt: skip
+
+    def bytes(self) -> bytes:
+        return self.memory.raw
+
+
+class DLPackOnly:
+    """A CUDA tensor as a DLPack-only producer shows it (on host memory): records the stream it was asked for."""
+
+    def __init__(self, data: bytes) -> None:
+        self.memory = ctypes.create_string_buffer(data, len(data))
+        self.asked: list[Any] = []
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return DL_CUDA, 0
+
+    def __dlpack__(self, stream: Any = None, **_: Any) -> Any:
+        self.asked.append(stream)
+        return export_dlpack(ctypes.addressof(self.memory), len(self.memory), (DL_CUDA, 0), lambda: None)
+
+
+def test_a_gpu_buffer_put_through_the_host_waits_for_its_producers_stream(tmp_path, cudas):
+    with mooncakefs.open(tmp_path / "kv", dram="4MiB") as store:  # no VRAM tier: the value goes to DRAM
+        store.put("k", HostArray(b"written by a kernel", stream=0x1234))
+        assert cudas[0].waited == [0x1234]
+        assert store.get("k") == b"written by a kernel"
+
+
+def test_a_dlpack_producer_is_asked_to_order_its_work_before_our_stream(tmp_path, cudas):
+    with mooncakefs.open(tmp_path / "kv", dram="4MiB") as store:  # CUDA is not up before the first GPU buffer
+        tensor = DLPackOnly(b"from a DLPack-only producer")
+        store.put("k", tensor)
+        assert tensor.asked == [HostCuda.STREAM]  # not None: that orders it before the legacy stream only
+        out = DLPackOnly(bytes(len(tensor.memory)))
+        assert store.get_into("k", out) == len(tensor.memory)
+        assert out.asked == [HostCuda.STREAM] and out.memory.raw == tensor.memory.raw
+
+
+def test_a_failed_promotion_leaves_the_value_where_it_was(tmp_path, cudas):
+    with mooncakefs.open(tmp_path / "kv", dram="4MiB", vram="1MiB", promote_after=1) as store:
+        store.put("k", b"v" * 1000)
+        assert store.stat("k").tier == "dram"
+        cudas[0].fail_d2d = True  # the read itself is host to device; the promotion's copy fails
+        with pytest.raises(RuntimeError, match="cuMemcpyDtoDAsync"):
+            store.get_into("k", HostArray(bytes(1000)))
+        assert store.stat("k").tier == "dram" and store.stats()["vram"]["used"] == 0  # no unfilled block kept
+        cudas[0].fail_d2d = False
+        out = HostArray(bytes(1000))
+        assert store.get_into("k", out) == 1000 and out.bytes() == b"v" * 1000
+        assert store.stat("k").tier == "vram"  # promoted this time
+        again = HostArray(bytes(1000))
+        assert store.get_into("k", again) == 1000 and again.bytes() == b"v" * 1000
+
+
+# -- gpu.Cuda over a stand-in driver ------------------------------------------------------------------
+
+
+class Driver:
+    """The ``cuda.bindings.driver`` calls ``gpu.Cuda`` makes, answering as they do ((CUresult, value)),
+    counting what is held; ``cuMemHostAlloc`` succeeds ``host_allocs`` times."""
+
+    CUstream_flags = SimpleNamespace(CU_STREAM_NON_BLOCKING=1)
+
+    def __init__(self, host_allocs: int) -> None:
+        self.host_allocs = host_allocs
+        self.retained = self.streams = self.pinned = 0
+
+    def cuInit(self, flags: int) -> tuple[int]:
+        return (0,)
+
+    def cuDeviceGetCount(self) -> tuple[int, int]:
+        return 0, 1
+
+    def cuDeviceGet(self, ordinal: int) -> tuple[int, int]:
+        return 0, ordinal
+
+    def cuDeviceGetName(self, length: int, device: int) -> tuple[int, bytes]:
+        return 0, b"stand-in\0\0"
+
+    def cuDevicePrimaryCtxRetain(self, device: int) -> tuple[int, str]:
+        self.retained += 1
+        return 0, "context"
+
+    def cuDevicePrimaryCtxRelease(self, device: int) -> tuple[int]:
+        self.retained -= 1
+        return (0,)
+
+    def cuCtxSetCurrent(self, context: str) -> tuple[int]:
+        return (0,)
+
+    def cuStreamCreate(self, flags: int) -> tuple[int, int]:
+        self.streams += 1
+        return 0, 77
+
+    def cuStreamDestroy(self, stream: int) -> tuple[int]:
+        self.streams -= 1
+        return (0,)
+
+    def cuMemHostAlloc(self, nbytes: int, flags: int) -> tuple[int, int]:
+        if self.host_allocs == 0:
+            return 2, 0  # CUDA_ERROR_OUT_OF_MEMORY
+        self.host_allocs -= 1
+        self.pinned += 1
+        return 0, 0x1000 * self.pinned
+
+    def cuMemFreeHost(self, ptr: int) -> tuple[int]:
+        self.pinned -= 1
+        return (0,)
+
+    def cuGetErrorName(self, err: int) -> tuple[int, bytes]:
+        return 0, b"CUDA_ERROR_OUT_OF_MEMORY"
+
+
+def test_cuda_that_fails_half_way_gives_back_the_context_it_retained(monkeypatch):
+    driver = Driver(host_allocs=1)
+    monkeypatch.setattr(gpu, "load_driver", lambda: driver)
+    with pytest.raises(RuntimeError, match="cuMemHostAlloc failed: CUDA_ERROR_OUT_OF_MEMORY"):
+        gpu.Cuda(0)
+    assert (driver.retained, driver.streams, driver.pinned) == (0, 0, 0)
+
+
+def test_closing_cuda_twice_releases_the_primary_context_once(monkeypatch):
+    driver = Driver(host_allocs=2)
+    monkeypatch.setattr(gpu, "load_driver", lambda: driver)
+    cuda = gpu.Cuda(0)
+    assert (driver.retained, driver.streams, driver.pinned) == (1, 1, 2)
+    cuda.close()
+    cuda.close()  # another user's retain (torch's) must survive it
+    assert (driver.retained, driver.streams, driver.pinned) == (0, 0, 0)
+
+
+# -- cuFile's errors ----------------------------------------------------------------------------------
+
+
+def test_a_cufile_read_failing_with_errno_says_the_system_error():
+    def read(handle: int, dst: int, size: int, offset: int, dst_offset: int) -> int:
+        ctypes.set_errno(errno.EIO)
+        return -1  # cuFileRead: -1 and errno for a filesystem error, -status for a cuFile one
+
+    direct = GpuDirect.__new__(GpuDirect)
+    direct.cuda = HostCuda()
+    direct.cuda.current = lambda: None  # type: ignore[attr-defined]
+    direct._read = read
+    direct._cufile = SimpleNamespace(op_status_error=lambda status: "unknown cufile error")
+    entry = _engine.Entry(4096)
+    entry.seg_off = 0
+    seg = SimpleNamespace(place=SimpleNamespace(name="seg-000001"))
+    with pytest.raises(OSError, match="Input/output error") as caught:
+        direct.read(entry, seg, (1, 0), 0x7F0000000000)  # type: ignore[arg-type]
+    assert caught.value.errno == errno.EIO
