@@ -26,7 +26,7 @@ from mooncakefs.errors import (
     TransferError,
     Unavailable,
 )
-from mooncakefs.transfer import WRITE, Engine, Region, Router, Transfer, paths, rdma
+from mooncakefs.transfer import READ, WRITE, Engine, Region, Router, Transfer, paths, rdma
 from mooncakefs.transfer.core import path_failure
 from mooncakefs.transfer.metadata import SegmentDescriptor
 from mooncakefs.transfer.tcp import TcpTransport
@@ -424,3 +424,20 @@ def test_a_failed_rdma_path_hands_its_transfers_to_tcp(caplog: pytest.LogCapture
             router.close()
     lines = [r.getMessage() for r in caplog.records if "go to the next path" in r.getMessage()]
     assert len(lines) == 1 and "rdma standin0 to" in lines[0] and "connection refused (on purpose)" in lines[0]
+
+
+def test_a_read_goes_by_rdma_only_into_memory_registered_writable() -> None:
+    """An rdma read lands in local memory by the NIC, which a memory region registered read-only (no local
+    write access) refuses: such a read is left to tcp, while a write from that memory still goes by rdma."""
+    with Engine("127.0.0.1", protocol="tcp") as engine:
+        read_only, writable = bytearray(4096), bytearray(4096)
+        engine.register(read_only, writable=False)
+        engine.register(writable)
+        path = rdma.RdmaTransport(KeysOnly(), engine.registry, lambda: None, PORT, peer="peer")  # type: ignore[arg-type]
+        remote = Region(0x7F0000000000, 4096)
+        try:
+            assert not path.accepts(Transfer(READ, memoryview(read_only), remote))
+            assert path.accepts(Transfer(WRITE, memoryview(read_only), remote))
+            assert path.accepts(Transfer(READ, memoryview(writable), remote))
+        finally:
+            path.close()

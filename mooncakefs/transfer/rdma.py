@@ -740,15 +740,19 @@ class RdmaTransport:
         self._stop = threading.Event()  # close(): the worker stops polling within a second
 
     def accepts(self, transfer: Transfer) -> bool:
-        """Only a transfer whose local buffer is registered (with this device) can be posted."""
-        return self._lkey(_engine.address(transfer.buffer), len(transfer.buffer)) is not None
+        """Only a transfer whose local buffer is registered (with this device) can be posted, and a read
+        only into one registered writable: the NIC writes it, which a memory region without local write
+        access refuses (tcp, which writes it from this process, takes those)."""
+        buffer = transfer.buffer
+        return self._lkey(_engine.address(buffer), len(buffer), transfer.op != WRITE) is not None
 
     def parts(self, transfer: Transfer) -> int:
         return 1
 
-    def _lkey(self, addr: int, length: int) -> int | None:
+    def _lkey(self, addr: int, length: int, local_write: bool) -> int | None:
+        """The lkey of the memory region holding the range (``local_write``: one the NIC may write)."""
         try:
-            entry = self.registry.find(addr, length)
+            entry = self.registry.find(addr, length, local_write)
         except MooncakeError:
             return None
         keys = self.device.keys(entry.addr)
@@ -797,11 +801,11 @@ class RdmaTransport:
         out = []
         for t in transfers:
             laddr, n = _engine.address(t.buffer), len(t.buffer)
-            lkey = self._lkey(laddr, n)
+            lkey = self._lkey(laddr, n, not write)
             if lkey is None:
                 raise AddressNotRegistered(
                     f"{self.label}: local memory {laddr:#x} (+{n}) is not registered with this engine's "
-                    f"{self.device.name}: rdma moves only registered memory"
+                    f"{self.device.name}{'' if write else ' as writable'}: rdma moves only registered memory"
                 )
             assert self._regions is not None
             raddr = t.region.handle + t.offset
