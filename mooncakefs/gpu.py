@@ -333,8 +333,24 @@ def _check(driver: Any, result: Any, call: str) -> Any:
     return values[0] if len(values) == 1 else tuple(values) or None
 
 
+class _Active:
+    """``with cuda.active:``: the device's context current inside, and the thread's own back after (a
+    caller working on another GPU, torch say, keeps the current context, and so the device, it had)."""
+
+    __slots__ = ("context", "driver")
+
+    def __init__(self, driver: Any, context: Any) -> None:
+        self.driver, self.context = driver, context
+
+    def __enter__(self) -> None:
+        _check(self.driver, self.driver.cuCtxPushCurrent(self.context), "cuCtxPushCurrent")
+
+    def __exit__(self, *exc: object) -> None:
+        self.driver.cuCtxPopCurrent()
+
+
 class Cuda:
-    """One GPU as the VRAM tier uses it: its primary context (made current on whichever thread calls),
+    """One GPU as the VRAM tier uses it: its primary context (pushed for each call, then popped),
     one stream for our copies, and two pinned staging buffers for pageable host memory.  Copies are
     issued on the stream and waited for before returning: callers see plain synchronous copies."""
 
@@ -362,13 +378,14 @@ class Cuda:
         self.registered: list[tuple[int, int]] = []  # host ranges pinned with cuMemHostRegister
         self.host_allocs: list[tuple[int, int]] = []  # pinned host memory from alloc_host
         self.context = _check(driver, driver.cuDevicePrimaryCtxRetain(self.handle), "cuDevicePrimaryCtxRetain")
+        self.active = _Active(driver, self.context)
         try:  # a failure past here gives back what was taken (the primary context is shared: torch's too)
-            self.current()
-            self.stream = _check(
-                driver, driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate"
-            )
-            for _ in range(2):
-                self.staging.append(int(_check(driver, driver.cuMemHostAlloc(STAGING_CHUNK, 0), "cuMemHostAlloc")))
+            with self.active:
+                self.stream = _check(
+                    driver, driver.cuStreamCreate(int(driver.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate"
+                )
+                for _ in range(2):
+                    self.staging.append(int(_check(driver, driver.cuMemHostAlloc(STAGING_CHUNK, 0), "cuMemHostAlloc")))
         except BaseException:
             self.close()
             raise
@@ -376,9 +393,6 @@ class Cuda:
     @property
     def stream_handle(self) -> int:
         return int(self.stream)
-
-    def current(self) -> None:
-        _check(self.driver, self.driver.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
 
     def sync(self) -> None:
         _check(self.driver, self.driver.cuStreamSynchronize(self.stream), "cuStreamSynchronize")
@@ -391,28 +405,28 @@ class Cuda:
             )
 
     def alloc(self, nbytes: int) -> int:
-        self.current()
-        return int(_check(self.driver, self.driver.cuMemAlloc(nbytes), f"cuMemAlloc({nbytes})"))
+        with self.active:
+            return int(_check(self.driver, self.driver.cuMemAlloc(nbytes), f"cuMemAlloc({nbytes})"))
 
     def free(self, ptr: int) -> None:
-        self.current()
-        _check(self.driver, self.driver.cuMemFree(self.driver.CUdeviceptr(ptr)), "cuMemFree")
+        with self.active:
+            _check(self.driver, self.driver.cuMemFree(self.driver.CUdeviceptr(ptr)), "cuMemFree")
 
     def mem_info(self) -> tuple[int, int]:
-        self.current()
-        return _check(self.driver, self.driver.cuMemGetInfo(), "cuMemGetInfo")
+        with self.active:
+            return _check(self.driver, self.driver.cuMemGetInfo(), "cuMemGetInfo")
 
     def alloc_host(self, nbytes: int) -> int:
         """Pinned host memory (``cuMemHostAlloc``), freed by ``close``: copies from and to it are direct."""
-        self.current()
-        ptr = int(_check(self.driver, self.driver.cuMemHostAlloc(nbytes, 0), "cuMemHostAlloc"))
+        with self.active:
+            ptr = int(_check(self.driver, self.driver.cuMemHostAlloc(nbytes, 0), "cuMemHostAlloc"))
         self.host_allocs.append((ptr, nbytes))
         return ptr
 
     def register_host(self, ptr: int, nbytes: int) -> bool:
         """Pin a host range (the DRAM pool) so copies to and from it are direct DMA; False if refused."""
-        self.current()
-        err = self.driver.cuMemHostRegister(ptr, nbytes, 0)[0]
+        with self.active:
+            err = self.driver.cuMemHostRegister(ptr, nbytes, 0)[0]
         if int(err) != 0:
             return False
         self.registered.append((ptr, nbytes))
@@ -424,8 +438,7 @@ class Cuda:
 
     def d2d(self, dst: int, src: int, nbytes: int) -> None:
         d = self.driver
-        with self.lock:
-            self.current()
+        with self.lock, self.active:
             _check(
                 d, d.cuMemcpyDtoDAsync(d.CUdeviceptr(dst), d.CUdeviceptr(src), nbytes, self.stream), "cuMemcpyDtoDAsync"
             )
@@ -435,8 +448,7 @@ class Cuda:
         """Host ``src`` (an address) to device ``dst``: directly from pinned memory, else through the
         staging buffers, one filling while the other is copied."""
         d = self.driver
-        with self.lock:
-            self.current()
+        with self.lock, self.active:
             if self._is_pinned(src, nbytes):
                 _check(d, d.cuMemcpyHtoDAsync(d.CUdeviceptr(dst), src, nbytes, self.stream), "cuMemcpyHtoDAsync")
                 self.sync()
@@ -469,8 +481,7 @@ class Cuda:
         """Device ``src`` to host ``dst`` (an address): directly into pinned memory, else through the
         staging buffers."""
         d = self.driver
-        with self.lock:
-            self.current()
+        with self.lock, self.active:
             if self._is_pinned(dst, nbytes):
                 _check(d, d.cuMemcpyDtoHAsync(dst, d.CUdeviceptr(src), nbytes, self.stream), "cuMemcpyDtoHAsync")
                 self.sync()
@@ -492,7 +503,7 @@ class Cuda:
         with self.lock:
             if self.context is None:
                 return
-            d.cuCtxSetCurrent(self.context)
+            d.cuCtxPushCurrent(self.context)
             for ptr, _ in self.registered:
                 d.cuMemHostUnregister(ptr)
             self.registered.clear()
@@ -502,6 +513,7 @@ class Cuda:
             if self.stream is not None:
                 d.cuStreamDestroy(self.stream)
                 self.stream = None
+            d.cuCtxPopCurrent()
             d.cuDevicePrimaryCtxRelease(self.handle)
             self.context = None
 

@@ -6,6 +6,7 @@ What the copies do on a real GPU is tests/test_vram.py's."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import threading
@@ -34,6 +35,7 @@ class HostCuda:
         self.waited: list[int] = []
         self.fail_d2d = False
         self.closed = 0
+        self.active = contextlib.nullcontext()
 
     def mem_info(self) -> tuple[int, int]:
         return 1 << 30, 1 << 30
@@ -155,6 +157,31 @@ class Driver:
     def __init__(self, host_allocs: int) -> None:
         self.host_allocs = host_allocs
         self.retained = self.streams = self.pinned = 0
+        self.current: list[str] = ["the caller's context"]  # the thread's context stack
+
+    def cuCtxSetCurrent(self, context: str) -> tuple[int]:
+        self.current[-1:] = [context]
+        return (0,)
+
+    def cuCtxPushCurrent(self, context: str) -> tuple[int]:
+        self.current.append(context)
+        return (0,)
+
+    def cuCtxPopCurrent(self) -> tuple[int, str]:
+        return 0, self.current.pop()
+
+    def cuMemAlloc(self, nbytes: int) -> tuple[int, int]:
+        assert self.current[-1] == "context", "cuMemAlloc outside our context"
+        return 0, 0xD000
+
+    def cuMemFree(self, ptr: int) -> tuple[int]:
+        return (0,)
+
+    def cuMemGetInfo(self) -> tuple[int, int, int]:
+        return 0, 1 << 30, 1 << 31
+
+    def CUdeviceptr(self, ptr: int) -> int:
+        return ptr
 
     def cuInit(self, flags: int) -> tuple[int]:
         return (0,)
@@ -174,9 +201,6 @@ class Driver:
 
     def cuDevicePrimaryCtxRelease(self, device: int) -> tuple[int]:
         self.retained -= 1
-        return (0,)
-
-    def cuCtxSetCurrent(self, context: str) -> tuple[int]:
         return (0,)
 
     def cuStreamCreate(self, flags: int) -> tuple[int, int]:
@@ -220,6 +244,19 @@ def test_closing_cuda_twice_releases_the_primary_context_once(monkeypatch):
     assert (driver.retained, driver.streams, driver.pinned) == (0, 0, 0)
 
 
+def test_cuda_leaves_the_callers_current_context_as_it_found_it(monkeypatch):
+    """A caller on another GPU (torch's current device) keeps its context: ours is pushed and popped."""
+    driver = Driver(host_allocs=2)
+    monkeypatch.setattr(gpu, "load_driver", lambda: driver)
+    cuda = gpu.Cuda(0)
+    ptr = cuda.alloc(4096)
+    assert cuda.mem_info() == (1 << 30, 1 << 31)
+    cuda.free(ptr)
+    assert driver.current == ["the caller's context"]
+    cuda.close()
+    assert driver.current == ["the caller's context"]
+
+
 # -- cuFile's errors ----------------------------------------------------------------------------------
 
 
@@ -229,8 +266,7 @@ def test_a_cufile_read_failing_with_errno_says_the_system_error():
         return -1  # cuFileRead: -1 and errno for a filesystem error, -status for a cuFile one
 
     direct = GpuDirect.__new__(GpuDirect)
-    direct.cuda = HostCuda()
-    direct.cuda.current = lambda: None  # type: ignore[attr-defined]
+    direct.cuda = HostCuda()  # type: ignore[assignment]
     direct._read = read
     direct._cufile = SimpleNamespace(op_status_error=lambda status: "unknown cufile error")
     entry = _engine.Entry(4096)

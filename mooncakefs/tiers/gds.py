@@ -143,18 +143,18 @@ class GpuDirect:
             self._read_through_host(entry, seg, dst)
             return FALLBACK
         handle, base = prepared
-        self.cuda.current()
         done, size = 0, entry.size
-        while done < size:
-            n = self._read(handle, dst, size - done, base + entry.seg_off + done, done)
-            if n == -1:  # a system error: its errno says which (-n is no cuFile status here)
-                err = ctypes.get_errno()
-                raise OSError(err, f"cuFileRead of {seg.place.name} failed: {os.strerror(err)}")
-            if n < 0:  # a cuFile status, negated
-                raise OSError(f"cuFileRead of {seg.place.name} failed: {self._cufile.op_status_error(-n)}")
-            if n == 0:
-                raise OSError(f"segment {seg.place.name} ends before offset {entry.seg_off + size}")
-            done += n
+        with self.cuda.active:  # cuFile reads in the current context
+            while done < size:
+                n = self._read(handle, dst, size - done, base + entry.seg_off + done, done)
+                if n == -1:  # a system error: its errno says which (-n is no cuFile status here)
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"cuFileRead of {seg.place.name} failed: {os.strerror(err)}")
+                if n < 0:  # a cuFile status, negated
+                    raise OSError(f"cuFileRead of {seg.place.name} failed: {self._cufile.op_status_error(-n)}")
+                if n == 0:
+                    raise OSError(f"segment {seg.place.name} ends before offset {entry.seg_off + size}")
+                done += n
         return self.mode
 
     def _read_through_host(self, entry: Entry, seg: Segment, dst: int) -> None:
