@@ -112,6 +112,8 @@ def test_rdma_hot_path_is_built() -> None:
         _rdma.connect_rc_qp(1, 1, 0, 5, 7, 1, b"short")
     with pytest.raises(ValueError, match="mtu"):
         _rdma.connect_rc_qp(1, 1, 0, 9, 7, 1, bytes(16))
+    with pytest.raises(ValueError, match="rd_atomic"):  # READs in flight: what the device allows, at least one
+        _rdma.connect_rc_qp(1, 1, 0, 5, 7, 1, bytes(16), rd_atomic=0)
     _rdma.destroy_qp(0)  # nothing to destroy: a no-op, as closing twice is
     _rdma.destroy_cq(0)
 

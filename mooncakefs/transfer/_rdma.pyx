@@ -280,11 +280,15 @@ def destroy_qp(size_t qp) -> None:
 
 
 def connect_rc_qp(size_t qp, int port, int gid_index, int mtu, int remote_qpn, int remote_lid,
-                  bytes remote_gid, int psn=0, int remote_psn=0) -> None:
+                  bytes remote_gid, int psn=0, int remote_psn=0, int rd_atomic=16, int dest_rd_atomic=16) -> None:
     """Take a new RC queue pair through INIT, RTR and RTS towards the peer's queue pair ``remote_qpn``
-    (its port's LID, and its 16-byte GID: all zeros on InfiniBand without a global route)."""
+    (its port's LID, and its 16-byte GID: all zeros on InfiniBand without a global route).  ``rd_atomic``
+    and ``dest_rd_atomic``: the RDMA READs it may have outstanding as initiator and serve as responder,
+    within the device's max_qp_init_rd_atom and max_qp_rd_atom (above them ibv_modify_qp fails)."""
     if qp == 0:
         raise ValueError("no queue pair")
+    if not 1 <= rd_atomic <= 255 or not 1 <= dest_rd_atomic <= 255:
+        raise ValueError(f"rd_atomic and dest_rd_atomic are 1 to 255, got {rd_atomic}, {dest_rd_atomic}")
     if len(remote_gid) != 16:
         raise ValueError(f"a GID is 16 bytes, got {len(remote_gid)}")
     if not 1 <= mtu <= 5 or not 0 < port < 256 or not 0 <= gid_index < 256:
@@ -302,7 +306,7 @@ def connect_rc_qp(size_t qp, int port, int gid_index, int mtu, int remote_qpn, i
     attr.path_mtu = <ibv_mtu>mtu
     attr.dest_qp_num = remote_qpn
     attr.rq_psn = remote_psn
-    attr.max_dest_rd_atomic = 16
+    attr.max_dest_rd_atomic = dest_rd_atomic
     attr.min_rnr_timer = 12
     attr.ah_attr.dlid = remote_lid
     attr.ah_attr.port_num = port
@@ -319,7 +323,7 @@ def connect_rc_qp(size_t qp, int port, int gid_index, int mtu, int remote_qpn, i
     attr.retry_cnt = 7
     attr.rnr_retry = 7
     attr.sq_psn = psn
-    attr.max_rd_atomic = 16
+    attr.max_rd_atomic = rd_atomic
     _modify(qp, &attr, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN
             | IBV_QP_MAX_QP_RD_ATOMIC, "RTS")
 

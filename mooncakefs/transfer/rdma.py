@@ -78,6 +78,7 @@ MAX_CHAIN = 32  # work requests per ibv_post_send
 SIGNAL_EVERY = 16  # one signalled work request per this many (and the last of every chain)
 QPS_PER_PATH = 2  # Mooncake's MC_NUM_QP_PER_EP
 QP_DEPTH = 256  # Mooncake's MC_MAX_WR: work requests outstanding per queue pair
+RD_ATOMIC = 16  # RDMA READs in flight per queue pair (as initiator, and served as responder), device allowing
 
 ENDPOINT_VERSION = 1
 MAX_QPS = 64  # queue pairs in one endpoint description
@@ -423,9 +424,13 @@ class VerbsDevice:
             self.pd = PD(self.context)
             attr = self.context.query_port(port)
             gid = self.context.query_gid(port, self.gid_index)
+            limits = self.context.query_device()
         except PyverbsError as exc:
             self.context.close()
             raise DeviceNotFound(f"RDMA device {name!r} port {port}: {exc}") from None
+        # READs in flight per queue pair, within what the device allows (more and ibv_modify_qp fails)
+        self.rd_atomic = max(1, min(RD_ATOMIC, limits.max_qp_init_rd_atom))
+        self.dest_rd_atomic = max(1, min(RD_ATOMIC, limits.max_qp_rd_atom))
         link = "Ethernet" if getattr(attr, "link_layer", 0) == 2 else "InfiniBand"  # IBV_LINK_LAYER_ETHERNET
         self.info = PortInfo(name, port, attr.lid, str(gid), self.gid_index, link, attr.active_mtu)
 
@@ -600,14 +605,18 @@ def new_psn() -> int:
     return secrets.randbits(24)
 
 
-def connect_link(link: Link, port: PortInfo, mine: Sequence[QpInfo], theirs: Endpoint) -> None:
-    """Take each of ``link``'s queue pairs to RTS towards the peer's queue pair of the same rank."""
+def connect_link(link: Link, device: VerbsDevice, mine: Sequence[QpInfo], theirs: Endpoint) -> None:
+    """Take each of ``link``'s queue pairs on ``device`` to RTS towards the peer's queue pair of the same rank."""
     _rdma = _hot_path()
     assert _rdma is not None
+    port = device.info
     mtu = min(port.mtu, theirs.port.mtu)
     gid = gid_bytes(theirs.port.gid)
     for qp, own, peer in zip(link.qps, mine, theirs.qps, strict=True):
-        _rdma.connect_rc_qp(qp, port.port, port.gid_index, mtu, peer.qp_num, theirs.port.lid, gid, own.psn, peer.psn)
+        _rdma.connect_rc_qp(
+            qp, port.port, port.gid_index, mtu, peer.qp_num, theirs.port.lid, gid, own.psn, peer.psn,
+            rd_atomic=device.rd_atomic, dest_rd_atomic=device.dest_rd_atomic,
+        )  # fmt: skip
 
 
 class RdmaService:
@@ -679,7 +688,7 @@ class RdmaService:
                 qp, number = _rdma.create_rc_qp(device.pd_pointer, link.cq, 1)
                 link.qps.append(qp)
                 mine.append(QpInfo(number, new_psn()))
-            connect_link(link, device.info, mine, theirs)
+            connect_link(link, device, mine, theirs)
         except OSError as exc:
             link.close()
             raise PathFailed(f"{device.name}: queue pairs for {peer} failed: {exc.strerror or exc}") from None
@@ -895,7 +904,7 @@ class RdmaTransport:
                     f"rdma endpoint from {self.peer}: {len(theirs.qps)} queue pairs on {theirs.port.device}, "
                     f"asked for {len(mine)} on {self.remote.device}"
                 )
-            connect_link(link, self.device.info, mine, theirs)
+            connect_link(link, self.device, mine, theirs)
         except OSError as exc:
             link.close()
             channel.close()
