@@ -513,7 +513,11 @@ class Store(KVMapping):
         handle, offset = dram.reserve(entry.size)
         if handle >= 0:
             entry.dram, entry.dram_off = handle, offset
-            self._vram.read_value(entry, dram.block(entry))  # type: ignore[union-attr]
+            try:
+                self._vram.read_value(entry, dram.block(entry))  # type: ignore[union-attr]
+            except BaseException:  # else the unfilled block stays the entry's, its copy once VRAM lets go
+                dram.free(raw, entry)
+                raise
             dram.enqueue(raw, entry, True)  # it was in the fastest tier: it has earned main
             if self._shared is not None:
                 self._share(raw, entry)

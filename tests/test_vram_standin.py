@@ -33,7 +33,7 @@ class HostCuda:
         self.lock = threading.RLock()
         self.blocks: dict[int, Any] = {}
         self.waited: list[int] = []
-        self.fail_d2d = False
+        self.fail_d2d = self.fail_d2h = False
         self.closed = 0
         self.active = contextlib.nullcontext()
 
@@ -64,6 +64,8 @@ class HostCuda:
         ctypes.memmove(dst, src, nbytes)
 
     def d2h(self, dst: int, src: int, nbytes: int) -> None:
+        if self.fail_d2h:
+            raise RuntimeError("cuMemcpyDtoHAsync failed: CUDA_ERROR_ILLEGAL_ADDRESS")
         ctypes.memmove(dst, src, nbytes)
 
     def close(self) -> None:
@@ -143,6 +145,25 @@ def test_a_failed_promotion_leaves_the_value_where_it_was(tmp_path, cudas):
         assert store.stat("k").tier == "vram"  # promoted this time
         again = HostArray(bytes(1000))
         assert store.get_into("k", again) == 1000 and again.bytes() == b"v" * 1000
+
+
+def test_a_failed_demotion_leaves_no_unfilled_copy_in_dram(tmp_path, cudas):
+    """VRAM evicts a value with no copy below: it is copied to DRAM.  When that copy fails, the DRAM
+    block must not stay the value's, or it becomes its only copy once VRAM lets the value go."""
+    block = 512 << 10
+    with mooncakefs.open(tmp_path / "kv", dram="4MiB", vram="1MiB") as store:
+        first = bytes(range(256)) * (block // 256)
+        store.put("first", HostArray(first))
+        store.put("second", HostArray(b"s" * block))
+        assert store.stat("first").tier == store.stat("second").tier == "vram"
+        dram_used = store.stats()["dram"]["used"]
+        cudas[0].fail_d2h = True
+        with pytest.raises(RuntimeError, match="cuMemcpyDtoHAsync"):
+            store.put("third", HostArray(b"t" * block))  # makes room: "first" goes to DRAM, and fails to
+        cudas[0].fail_d2h = False
+        assert store.stat("first").tier == "vram" and store.stats()["dram"]["used"] == dram_used
+        store.put("third", HostArray(b"t" * block))  # "first" is demoted for real now
+        assert store.stat("first").tier == "dram" and store.get("first") == first
 
 
 # -- gpu.Cuda over a stand-in driver ------------------------------------------------------------------
