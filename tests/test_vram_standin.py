@@ -34,7 +34,7 @@ class HostCuda:
         self.blocks: dict[int, Any] = {}
         self.waited: list[int] = []
         self.fail_d2d = self.fail_d2h = False
-        self.closed = 0
+        self.closed = self.synced = 0
         self.active = contextlib.nullcontext()
 
     def mem_info(self) -> tuple[int, int]:
@@ -50,6 +50,9 @@ class HostCuda:
 
     def register_host(self, ptr: int, nbytes: int) -> bool:
         return True
+
+    def sync(self) -> None:
+        self.synced += 1
 
     def wait_for(self, buf: DeviceBuffer) -> None:
         if buf.stream:
@@ -296,3 +299,22 @@ def test_a_cufile_read_failing_with_errno_says_the_system_error():
     with pytest.raises(OSError, match="Input/output error") as caught:
         direct.read(entry, seg, (1, 0), 0x7F0000000000)  # type: ignore[arg-type]
     assert caught.value.errno == errno.EIO
+
+
+def test_a_cufile_read_waits_for_our_stream_first():
+    """A DLPack destination's producer ordered its pending work before our stream; cuFile's read is not
+    issued on that stream, so it must be waited for before the read starts."""
+    direct = GpuDirect.__new__(GpuDirect)
+    direct.cuda = HostCuda()  # type: ignore[assignment]
+    synced_at_read: list[int] = []
+
+    def read(handle: int, dst: int, size: int, offset: int, dst_offset: int) -> int:
+        synced_at_read.append(direct.cuda.synced)  # type: ignore[attr-defined]
+        return size
+
+    direct._read, direct.mode = read, "compat"
+    entry = _engine.Entry(4096)
+    entry.seg_off = 0
+    seg = SimpleNamespace(place=SimpleNamespace(name="seg-000001"))
+    assert direct.read(entry, seg, (1, 0), 0x7F0000000000) == "compat"  # type: ignore[arg-type]
+    assert synced_at_read == [1]

@@ -145,6 +145,9 @@ class GpuDirect:
         handle, base = prepared
         done, size = 0, entry.size
         with self.cuda.active:  # cuFile reads in the current context
+            # a DLPack producer ordered its work on ``dst`` before our stream, but cuFile's read is not
+            # issued on it: wait for that stream first
+            self.cuda.sync()
             while done < size:
                 n = self._read(handle, dst, size - done, base + entry.seg_off + done, done)
                 if n == -1:  # a system error: its errno says which (-n is no cuFile status here)
