@@ -1,355 +1,349 @@
 """The transfer engine between two processes: mooncakefs (tcp, and the same-host path) beside Mooncake's own
 transfer_engine_bench (tcp), a raw socket and memcpy, measured in the same run.
 
-The target registers ordinary memory and a managed buffer; tcp and "local" use the managed buffer
-(mapped by a same-host peer), "vm" the ordinary memory (process_vm_readv/writev).
+A target process registers ordinary memory and a managed buffer; this process reaches them through
+mooncakefs's ``TransferEngine`` (Mooncake's method names) on three paths: ``tcp`` (the same-host path
+off) and ``local`` use the managed buffer (a memfd a same-host peer maps and memcpys), ``vm`` the
+ordinary memory (process_vm_readv/writev).  Shapes (block size x batch): 4KiB x32, 64KiB x32, 1MiB x32,
+16MiB x4; read and write; one synchronous batch at a time from one thread (Mooncake: --threads=1).
 
-Shapes (block size x batch): 4KiB x32, 64KiB x32, 1MiB x32, 16MiB x4; read and write.  One submitting
-thread everywhere (Mooncake: --threads=1).  Each cell is the median of --reps repetitions; ratios are
-to the same-run references: Mooncake for tcp, the raw socket for tcp, memcpy for the same-host path.
+References, in the same run: one repetition of the raw socket (a peer process streaming batch-sized
+messages: ``sendall`` -> ``recv_into(MSG_WAITALL)``; written ones acknowledged) right before each tcp
+repetition, and of memcpy (numpy copy of the same blocks between two local buffers) right before each
+same-host one, so the drift of a loaded host reaches both sides of a ratio.  Mooncake runs after, one
+transfer_engine_bench initiator per repetition against one target.  Each cell is the median of its
+repetitions; ratios are of medians.  Targets (issue 16): tcp >= 1.5x Mooncake at every shape, local
+>= 0.85x memcpy from 1 MiB up, tcp >= 0.8x the raw socket at 16 MiB.
 
+    tools/bench/setup_mooncake_venv.sh /tmp/mooncake-venv
     python3 tools/bench/te_bench.py --vs-mooncake /tmp/mooncake-venv --json bench-results/te_bench.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
-import socket
-import statistics
-import struct
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import (
+    GB,
+    KiB,
+    MiB,
+    Reference,
+    child_process,
+    copy_reference,
+    exit_on_sigterm,
+    format_size,
+    format_table,
+    machine_info,
+    measure,
+    median,
+    peer,
+    prefaulted,
+    progress,
+    report,
+    stream_reference,
+    wait_until,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GB, format_size, format_table, machine_info, prefaulted, write_json
-
-SHAPES = [(4 << 10, 32), (64 << 10, 32), (1 << 20, 32), (16 << 20, 4)]
+SHAPES = [(4 * KiB, 32), (64 * KiB, 32), (1 * MiB, 32), (16 * MiB, 4)]
 OPS = ("read", "write")
-REGION = 256 << 20
+REGION = 256 * MiB
+RAW, MEMCPY, MOONCAKE = "raw socket", "memcpy", "Mooncake"
+# path -> (same-host path on, the target's memory it reaches, its paired reference)
+PATHS = {"tcp": (False, "managed", RAW), "local": (True, "managed", MEMCPY), "vm": (True, "addr", MEMCPY)}
 
 
-# ------------------------------------------------------------------------------------------- peers
+@dataclass(frozen=True)
+class Target:
+    """A goal of issue 16: ``path`` at least ``minimum`` times ``reference`` for the shapes ``applies``."""
+
+    path: str
+    reference: str
+    minimum: float
+    applies: Callable[[int], bool]
+
+    def label(self) -> str:
+        return f"{self.path}>={self.minimum:g}x {self.reference}"
 
 
-def serve_engine() -> None:
-    """The target: a mooncakefs engine with REGION bytes registered; prints port and address."""
+TARGETS = (
+    Target("tcp", MOONCAKE, 1.5, lambda block: True),
+    Target("local", MEMCPY, 0.85, lambda block: block >= MiB),
+    Target("tcp", RAW, 0.8, lambda block: block == 16 * MiB),
+)
+
+
+@dataclass
+class Row:
+    """One (shape, op): GB/s of each repetition per path and per reference; medians and ratios at the end."""
+
+    block: int
+    batch: int
+    op: str
+    reps_gbps: dict[str, list[float]] = field(default_factory=dict)  # tcp, local, vm, raw socket, memcpy, Mooncake
+    median_gbps: dict[str, float | None] = field(default_factory=dict)
+    ratios: dict[str, float | None] = field(default_factory=dict)  # "tcp/Mooncake": ...
+    targets: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def shape(self) -> str:
+        return f"{format_size(self.block)} x{self.batch}"
+
+    def finish(self) -> None:
+        self.median_gbps = {name: median(reps) for name, reps in self.reps_gbps.items()}
+        pairs = [("tcp", MOONCAKE), ("tcp", RAW), ("local", MEMCPY), ("vm", MEMCPY)]
+        for path, ref in pairs:
+            ours, theirs = self.median_gbps.get(path), self.median_gbps.get(ref)
+            self.ratios[f"{path}/{ref}"] = ours / theirs if ours and theirs else None
+        for t in TARGETS:
+            if t.applies(self.block):
+                value = self.ratios[f"{t.path}/{t.reference}"]
+                self.targets.append(
+                    {"label": t.label(), "value": value, "pass": None if value is None else value >= t.minimum}
+                )
+
+
+# ------------------------------------------------------------------------------------ the target process
+
+
+def serve_target() -> None:
+    """The peer: a mooncakefs engine with REGION bytes of ordinary memory and a REGION managed buffer
+    registered; prints their addresses and its port, serves until stdin closes."""
     from mooncakefs.transfer import TransferEngine
 
     engine = TransferEngine()
-    assert engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
-    buf = prefaulted(REGION)  # ordinary memory: a same-host peer reaches it with process_vm_readv/writev
-    assert engine.register_memory(buf.ctypes.data, buf.nbytes) == 0
-    managed = engine.allocate_managed_buffer(REGION)  # a memfd: a same-host peer maps it and memcpys
+    if engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
+        raise SystemExit(f"initialize failed: {engine.last_error}")
+    buf = prefaulted(REGION)
+    engine.register_memory(buf.ctypes.data, buf.nbytes)
+    managed = engine.allocate_managed_buffer(REGION)
     engine.get_engine().view(managed, REGION, write=True)[:] = memoryview(buf)
     print(json.dumps({"port": engine.get_rpc_port(), "addr": buf.ctypes.data, "managed": managed}), flush=True)
     sys.stdin.read()
     engine.close()
 
 
-RAW = struct.Struct("<BQI")  # op (0 read, 1 write), block size, count
+@contextlib.contextmanager
+def target_process() -> Iterator[dict[str, Any]]:
+    """The target process, running the same ``mooncakefs`` as this one; its port and addresses."""
+    import mooncakefs
+
+    env = {**os.environ, "PYTHONPATH": str(Path(mooncakefs.__file__).resolve().parents[1])}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve"]
+    with child_process(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) as proc:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError("the target process exited before it was ready")
+        yield json.loads(line)
 
 
-def serve_raw() -> None:
-    """The raw-socket reference: blocks sent with sendall and received with recv_into(MSG_WAITALL)."""
-    lst = socket.create_server(("127.0.0.1", 0))
-    print(json.dumps({"port": lst.getsockname()[1]}), flush=True)
-    conn, _ = lst.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = memoryview(prefaulted(REGION))
-    head = bytearray(RAW.size)
-    while conn.recv_into(head, RAW.size, socket.MSG_WAITALL) == RAW.size:
-        op, n, count = RAW.unpack(head)
-        for i in range(count):
-            block = buf[(i * n) % (REGION - n) :][:n]
-            if op == 0:
-                conn.sendall(block)
-            else:
-                conn.recv_into(block, n, socket.MSG_WAITALL)
-        if op == 1:
-            conn.sendall(b"k")
+# -------------------------------------------------------------------------------------- mooncakefs rows
 
 
-def spawn(role: str) -> tuple[subprocess.Popen, dict[str, Any]]:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", role], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-    )
-    return proc, json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+def engines(local: np.ndarray) -> dict[bool, Any]:
+    """One mooncakefs ``TransferEngine`` per setting of the same-host path, ``local`` registered in each."""
+    from mooncakefs.transfer import TransferEngine
+    from mooncakefs.transfer.engine import Engine
 
-
-# ----------------------------------------------------------------------------------------- timing
-
-
-def timed(run: Callable[[], int], reps: int, seconds: float) -> list[float]:
-    """GB/s of each repetition: ``run()`` (one batch, returns bytes) repeated for ``seconds``."""
-    run()  # warm: connections, page tables
-    out = []
-    for _ in range(reps):
-        moved, start = 0, time.perf_counter()
-        while True:
-            moved += run()
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                break
-        out.append(moved / elapsed / GB)
+    out = {}
+    for same_host in (False, True):
+        engine = TransferEngine.wrapping(Engine("127.0.0.1", "P2PHANDSHAKE", "tcp", same_host=same_host))
+        engine.register_memory(local.ctypes.data, local.nbytes)
+        out[same_host] = engine
     return out
 
 
-def mooncakefs_cell(
-    same_host: bool,
-    session_info: dict[str, Any],
-    op: str,
-    block: int,
-    batch: int,
-    local: np.ndarray,
-    args: argparse.Namespace,
-    region: str = "managed",
-) -> list[float]:
-    from mooncakefs.transfer import TransferEngine
-
-    engine = TransferEngine()
-    os.environ["MOONCAKEFS_TE_SAME_HOST"] = "1" if same_host else "0"
-    assert engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
-    engine.register_memory(local.ctypes.data, local.nbytes)
-    session = f"127.0.0.1:{session_info['port']}"
-    lptrs = [local.ctypes.data + i * block for i in range(batch)]
-    rptrs = [session_info[region] + i * block for i in range(batch)]
+def batch_runner(engine: Any, session: str, op: str, local: int, remote: int, block: int, batch: int) -> Callable:
+    """``run(start, count)``: ``count`` synchronous batches of ``batch`` blocks, local ↔ remote."""
+    lptrs = [local + i * block for i in range(batch)]
+    rptrs = [remote + i * block for i in range(batch)]
     lengths = [block] * batch
     call = engine.batch_transfer_sync_read if op == "read" else engine.batch_transfer_sync_write
 
-    def run() -> int:
-        if call(session, lptrs, rptrs, lengths) != 0:
-            raise RuntimeError(f"transfer failed: {engine.last_error}")
-        return block * batch
+    def run(start: int, count: int) -> None:
+        for _ in range(count):
+            if call(session, lptrs, rptrs, lengths) != 0:
+                raise RuntimeError(f"{op} of {batch} x {format_size(block)} failed: {engine.last_error}")
 
-    try:
-        return timed(run, args.reps, args.rep_seconds)
-    finally:
-        engine.close()
+    return run
 
 
-def raw_cell(
-    port: int, op: str, block: int, batch: int, local: np.ndarray, args: argparse.Namespace, sock: socket.socket
-) -> list[float]:
-    view = memoryview(local)
-
-    def run() -> int:
-        sock.sendall(RAW.pack(0 if op == "read" else 1, block, batch))
-        for i in range(batch):
-            if op == "read":
-                sock.recv_into(view[i * block :][:block], block, socket.MSG_WAITALL)
-            else:
-                sock.sendall(view[i * block :][:block])
-        if op == "write":
-            sock.recv(1)
-        return block * batch
-
-    return timed(run, args.reps, args.rep_seconds)
-
-
-def memcpy_cell(block: int, batch: int, src: np.ndarray, dst: np.ndarray, args: argparse.Namespace) -> list[float]:
-    def run() -> int:
-        for i in range(batch):
-            np.copyto(dst[i * block : (i + 1) * block], src[i * block : (i + 1) * block])
-        return block * batch
-
-    return timed(run, args.reps, args.rep_seconds)
+def measure_rows(args: argparse.Namespace, root: Path) -> list[Row]:
+    """Every shape and op on every path, each repetition after one of its paired reference's."""
+    local, scratch = prefaulted(REGION), prefaulted(REGION)
+    rows = []
+    with target_process() as info, contextlib.ExitStack() as stack:
+        session = f"127.0.0.1:{info['port']}"
+        engine = engines(local)
+        for e in engine.values():
+            stack.callback(e.close)
+        for block, batch in SHAPES:
+            blocks = [slice(i * block, (i + 1) * block) for i in range(batch)]
+            memcpy = copy_reference(MEMCPY, [local[b] for b in blocks], [scratch[b] for b in blocks])
+            with peer("send", "tcp", block * batch, root) as sender, peer("sink", "tcp", block * batch, root) as sink:
+                refs = {
+                    "read": {MEMCPY: memcpy, RAW: stream_reference(RAW, sender, block * batch, inbound=True)},
+                    "write": {MEMCPY: memcpy, RAW: stream_reference(RAW, sink, block * batch, inbound=False)},
+                }
+                rows += [measure_row(args, engine, session, info, local, refs[op], block, batch, op) for op in OPS]
+    return rows
 
 
-def mooncake_cells(venv: str, args: argparse.Namespace) -> dict[tuple[str, int, int], list[float]]:
-    """Mooncake's transfer_engine_bench, tcp, P2P handshake: a target, then one initiator run per rep."""
+def measure_row(
+    args: argparse.Namespace,
+    engine: dict[bool, Any],
+    session: str,
+    info: dict[str, Any],
+    local: np.ndarray,
+    refs: dict[str, Reference],
+    block: int,
+    batch: int,
+    op: str,
+) -> Row:
+    row = Row(block, batch, op)
+    for path, (same_host, region, ref_name) in PATHS.items():
+        ref = refs[ref_name]
+        ref.warm_up(args.rep_seconds)
+        paired = row.reps_gbps.setdefault(ref_name, [])
+        run = batch_runner(engine[same_host], session, op, local.ctypes.data, info[region], block, batch)
+        before = ref.paired(args.rep_seconds, paired)
+        reps = measure(run, period=1, reps=args.reps, rep_seconds=args.rep_seconds, before_rep=before)
+        row.reps_gbps[path] = [r * block * batch / GB for r in reps]
+        progress(f"{row.shape} {op} {path}: {median(row.reps_gbps[path]):.2f} GB/s")
+    return row
+
+
+# ------------------------------------------------------------------------------------------- Mooncake
+
+
+def mooncake_reps(venv: str, args: argparse.Namespace, root: Path, rows: Sequence[Row]) -> str:
+    """Mooncake's transfer_engine_bench (tcp, P2P handshake, one thread): a target, then one initiator run per
+    repetition of each row; GB/s into ``row.reps_gbps[MOONCAKE]``.  Returns the wheel's version."""
     binary = str(Path(venv) / "bin" / "transfer_engine_bench")
     common = ["--metadata_server=P2PHANDSHAKE", "--protocol=tcp", f"--buffer_size={REGION}"]
-    log = Path(args.json).with_suffix(".mooncake-target.log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        target = subprocess.Popen(
-            [binary, "--mode=target", "--local_server_name=127.0.0.1:0", *common], stdout=out, stderr=subprocess.STDOUT
+    log = root / "mooncake-target.log"
+    target_cmd = [binary, "--mode=target", "--local_server_name=127.0.0.1:0", *common]
+    with log.open("wb") as out, child_process(target_cmd, stdout=out, stderr=subprocess.STDOUT) as target:
+        found = wait_until(
+            lambda: re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text(errors="replace")),
+            "Mooncake's transfer_engine_bench target listening",
+            30,
+            proc=target,
+            log=log,
         )
-    results: dict[tuple[str, int, int], list[float]] = {}
-    try:
-        port = None
-        deadline = time.monotonic() + 30
-        while port is None and time.monotonic() < deadline:
-            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())
-            port = int(m.group(1)) if m else None
-            time.sleep(0.1)
-        if port is None:
-            raise RuntimeError(f"Mooncake's target did not start (see {log})")
-        for block, batch in SHAPES:
-            for op in OPS:
-                got = []
-                for _ in range(args.mooncake_reps):
-                    run = subprocess.run(
-                        [
-                            binary,
-                            "--mode=initiator",
-                            "--local_server_name=127.0.0.1:0",
-                            f"--segment_id=127.0.0.1:{port}",
-                            *common,
-                            f"--block_size={block}",
-                            f"--batch_size={batch}",
-                            "--threads=1",
-                            f"--duration={args.mooncake_seconds}",
-                            f"--operation={op}",
-                            "--report_unit=GB",
-                        ],
-                        capture_output=True,
-                        text=True,
-                        timeout=120,
-                    )
-                    m = re.search(r"throughput ([\d.]+) GB/s", run.stdout + run.stderr)
-                    if not m:
-                        raise RuntimeError(f"transfer_engine_bench said: {(run.stdout + run.stderr)[-500:]}")
-                    got.append(float(m.group(1)))
-                results[(op, block, batch)] = got
-    finally:
-        target.kill()
-        target.wait()
-    return results
+        for row in rows:
+            cmd = [binary, "--mode=initiator", "--local_server_name=127.0.0.1:0", f"--segment_id=127.0.0.1:{found[1]}"]
+            cmd += [*common, f"--block_size={row.block}", f"--batch_size={row.batch}", "--threads=1"]
+            cmd += [f"--duration={args.mooncake_seconds}", f"--operation={row.op}", "--report_unit=GB"]
+            for _ in range(args.mooncake_reps):
+                run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                said = run.stdout + run.stderr
+                m = re.search(r"throughput ([\d.]+) GB/s", said)
+                if not m:
+                    raise RuntimeError(f"transfer_engine_bench said: {said[-500:]}")
+                row.reps_gbps.setdefault(MOONCAKE, []).append(float(m[1]))
+            progress(f"{row.shape} {row.op} Mooncake: {median(row.reps_gbps[MOONCAKE]):.2f} GB/s")
+    version = subprocess.run(
+        [
+            str(Path(venv) / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m; print(m.version('mooncake-transfer-engine-non-cuda'))",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    return version.stdout.strip() or "unknown"
 
 
-# -------------------------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------------------------- report
+
+
+def render(rows: Sequence[Row], notes: Sequence[str]) -> str:
+    def gbps(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    def x(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}x"
+
+    header = ["shape", "op", "tcp", MOONCAKE, "x", RAW, "x", "local", "vm", MEMCPY, "x local", "x vm", "targets"]
+    body = []
+    for r in rows:
+        m, q = r.median_gbps, r.ratios
+        verdicts = [f"{t['label']} {'?' if t['pass'] is None else 'ok' if t['pass'] else 'MISS'}" for t in r.targets]
+        cells = [m["tcp"], m.get(MOONCAKE), q["tcp/Mooncake"], m[RAW], q["tcp/raw socket"], m["local"], m["vm"]]
+        cells += [m[MEMCPY], q["local/memcpy"], q["vm/memcpy"]]
+        kinds = [gbps, gbps, x, gbps, x, gbps, gbps, gbps, x, x]
+        body.append([r.shape, r.op, *(show(v) for show, v in zip(kinds, cells, strict=True)), "; ".join(verdicts)])
+    table = format_table(header, body, [False, False] + [True] * 10 + [False])
+    return "\n".join([table, *(f"note: {n}" for n in notes)])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per cell, median reported (%(default)s)")
-    p.add_argument("--rep-seconds", type=float, default=0.4, help="length of one repetition (%(default)s)")
+    p.add_argument("--rep-seconds", type=float, default=0.4, help="time bound of one repetition (%(default)s)")
     p.add_argument("--vs-mooncake", metavar="VENV", help="also run Mooncake's transfer_engine_bench from VENV")
     p.add_argument("--mooncake-reps", type=int, default=3, help="Mooncake runs per cell (%(default)s)")
     p.add_argument("--mooncake-seconds", type=int, default=2, help="--duration of each Mooncake run (%(default)s)")
     p.add_argument("--json", default="bench-results/te_bench.json", help="JSON results (%(default)s)")
-    p.add_argument("--serve", choices=("engine", "raw"), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.reps < 1 or args.rep_seconds <= 0 or args.mooncake_reps < 1 or args.mooncake_seconds < 1:
+        p.error("--reps, --rep-seconds, --mooncake-reps and --mooncake-seconds must be positive")
+    return args
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.serve == "engine":
-        return serve_engine()
-    if args.serve == "raw":
-        return serve_raw()
-    local, scratch = prefaulted(REGION), prefaulted(REGION).copy()
-    target, info = spawn("engine")
-    raw, raw_info = spawn("raw")
-    sock = socket.create_connection(("127.0.0.1", raw_info["port"]))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    cells: dict[str, dict[tuple[str, int, int], list[float]]] = {
-        k: {} for k in ("tcp", "local", "local_vm", "raw", "memcpy")
-    }
-    try:
-        for block, batch in SHAPES:
-            for op in OPS:
-                key = (op, block, batch)
-                cells["tcp"][key] = mooncakefs_cell(False, info, op, block, batch, local, args)
-                cells["local"][key] = mooncakefs_cell(True, info, op, block, batch, local, args)
-                cells["local_vm"][key] = mooncakefs_cell(True, info, op, block, batch, local, args, "addr")
-                cells["raw"][key] = raw_cell(raw_info["port"], op, block, batch, local, args, sock)
-                cells["memcpy"][key] = memcpy_cell(block, batch, local, scratch, args)
-    finally:
-        sock.close()
-        for proc in (target, raw):
-            proc.kill()
-            proc.wait()
-    mooncake = mooncake_cells(args.vs_mooncake, args) if args.vs_mooncake else {}
-
-    med = {name: {k: statistics.median(v) for k, v in c.items()} for name, c in cells.items()}
-    mc = {k: statistics.median(v) for k, v in mooncake.items()}
-    rows, records = [], []
-    for block, batch in SHAPES:
-        for op in OPS:
-            key = (op, block, batch)
-            tcp, loc, rw, cp = med["tcp"][key], med["local"][key], med["raw"][key], med["memcpy"][key]
-            vm = med["local_vm"][key]
-            m = mc.get(key)
-            rows.append(
-                [
-                    f"{format_size(block)} x{batch}",
-                    op,
-                    f"{tcp:.2f}",
-                    f"{m:.2f}" if m else "-",
-                    f"{tcp / m:.2f}" if m else "-",
-                    f"{rw:.2f}",
-                    f"{tcp / rw:.2f}",
-                    f"{loc:.2f}",
-                    f"{cp:.2f}",
-                    f"{loc / cp:.2f}",
-                    f"{vm:.2f}",
-                    f"{vm / cp:.2f}",
-                ]
-            )
-            records.append(
-                {
-                    "block": block,
-                    "batch": batch,
-                    "op": op,
-                    "mooncakefs_tcp_gbps": cells["tcp"][key],
-                    "mooncakefs_local_gbps": cells["local"][key],
-                    "mooncakefs_local_process_vm_gbps": cells["local_vm"][key],
-                    "raw_socket_gbps": cells["raw"][key],
-                    "memcpy_gbps": cells["memcpy"][key],
-                    "mooncake_tcp_gbps": mooncake.get(key),
-                    "median": {
-                        "mooncakefs_tcp": tcp,
-                        "mooncakefs_local": loc,
-                        "raw_socket": rw,
-                        "mooncakefs_local_process_vm": vm,
-                        "memcpy": cp,
-                        "mooncake_tcp": m,
-                    },
-                    "ratio": {
-                        "tcp_vs_mooncake": tcp / m if m else None,
-                        "tcp_vs_raw_socket": tcp / rw,
-                        "local_vs_memcpy": loc / cp,
-                        "local_process_vm_vs_memcpy": vm / cp,
-                    },
-                }
-            )
-    header = [
-        "shape",
-        "op",
-        "mcfs tcp",
-        "Mooncake tcp",
-        "x Mooncake",
-        "raw socket",
-        "x raw",
-        "mcfs local",
-        "memcpy",
-        "x memcpy",
-        "mcfs vm",
-        "x memcpy",
+    if args.serve:
+        serve_target()
+        return 0
+    exit_on_sigterm()
+    started = time.perf_counter()
+    version = None
+    with tempfile.TemporaryDirectory(prefix="te_bench-") as tmp:
+        rows = measure_rows(args, Path(tmp))
+        if args.vs_mooncake:
+            version = mooncake_reps(args.vs_mooncake, args, Path(tmp), rows)
+    for row in rows:
+        row.finish()
+    notes = [
+        f"GB/s = 1e9 B/s; median of {args.reps} reps of {args.rep_seconds}s, each after one rep of its reference "
+        "(tcp: raw socket, local and vm: memcpy); x: ratio of medians",
+        "tcp: the same-host path off; local: the target's managed buffer (memfd, memcpy); vm: its ordinary "
+        "registered memory (process_vm_readv/writev)",
     ]
-    print(
-        "GB/s (1e9 bytes/s), medians of",
-        args.reps,
-        "reps; Mooncake:",
-        args.mooncake_reps if mooncake else 0,
-        "runs of",
-        args.mooncake_seconds,
-        "s",
+    if version:
+        notes.append(
+            f"Mooncake: mooncake-transfer-engine-non-cuda {version} transfer_engine_bench, tcp, --threads=1, "
+            f"median of {args.mooncake_reps} runs of {args.mooncake_seconds}s"
+        )
+    report(
+        render(rows, notes),
+        {
+            "tool": "te_bench",
+            "machine": machine_info({"mooncake_venv": args.vs_mooncake, "mooncake_version": version}),
+            "config": vars(args),
+            "rows": [{**asdict(r), "shape": r.shape} for r in rows],
+            "notes": notes,
+            "seconds": time.perf_counter() - started,
+        },
+        args.json,
     )
-    print(format_table(header, rows, [False, False] + [True] * 10))
-    print(
-        "mcfs tcp: same_host=False; mcfs local: same host, the peer's managed buffer (memfd, memcpy); "
-        "mcfs vm: same host, ordinary registered memory (process_vm_readv/writev)"
-    )
-    write_json(
-        args.json, {"machine": machine_info({"mooncake_venv": args.vs_mooncake}), "rows": records, "args": vars(args)}
-    )
-    print(f"wrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
