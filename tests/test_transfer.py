@@ -3,6 +3,7 @@ TCP transport striping reads and writes over several connections to a real node.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -16,7 +17,7 @@ from mooncakefs.errors import TransferError, Unavailable
 from mooncakefs.transfer.core import READ, WRITE, Batch, Region, Router, Transfer
 from mooncakefs.transfer.local import LocalTransport
 from mooncakefs.transfer.tcp import TcpTransport
-from mooncakefs.wire import Op
+from mooncakefs.wire import Channel, Op
 
 STRIPE = 64 * KiB
 
@@ -115,6 +116,47 @@ def test_transfer_validation():
         TcpTransport(lambda: None, connections=0)
     with pytest.raises(ValueError):
         TcpTransport(lambda: None, stripe=0)
+    with pytest.raises(ValueError):
+        TcpTransport(lambda: None, depth=0)
+
+
+def test_tcp_worker_sends_the_next_request_before_the_reply():
+    """One connection keeps two requests in flight: a peer that answers the first only once the second has
+    arrived is served (a worker waiting for each reply before the next request would stall the stream
+    between stripes; here it would wait forever, and the hang guard fails the batch)."""
+    mine, theirs = socket.socketpair()
+    theirs.settimeout(10)  # hang guard
+    gate = threading.Event()
+    connects = []
+
+    def connect() -> Channel:
+        if connects:
+            raise Unavailable("one connection only")
+        connects.append(1)
+        gate.wait(10)  # the worker holds its first stripe until the whole batch is queued
+        return Channel(mine, "pair")
+
+    data = rand_bytes(2 * STRIPE, "pipelined")
+
+    def serve() -> None:
+        with theirs:
+            peer = Channel(theirs, "test")
+            asked = [peer.read_frame()[2] for _ in range(2)]  # both requests before any reply
+            for _handle, offset, n in asked:
+                peer.send(Op.OK, (), data[offset : offset + n])
+
+    server = threading.Thread(target=serve)
+    server.start()
+    tcp = TcpTransport(connect, connections=1, stripe=STRIPE, attempts=1)
+    try:
+        out = bytearray(2 * STRIPE)
+        batch = Router([tcp]).submit([Transfer(READ, memoryview(out), Region(7, len(out)))])
+        gate.set()
+        assert batch.wait(20) == len(out)
+        assert out == data
+    finally:
+        tcp.close()
+        server.join(15)
 
 
 # ----------------------------------------------------------------------------------- local transport

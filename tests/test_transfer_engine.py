@@ -205,6 +205,23 @@ def test_batch_of_small_and_large(engine: Engine, peer: Peer) -> None:
     assert back == src.tobytes()
 
 
+def test_read_and_write_batches_at_once_on_one_connection(peer: Peer) -> None:
+    """A read and a write of the peer's whole buffers in flight together on one connection complete
+    byte-exact: the worker keeps requests in flight, but never sends a write's payload while a read's
+    reply is coming back (both sides would block on full socket buffers until the I/O timeout)."""
+    data = pattern(SIZE, seed=13)
+    out = bytearray(SIZE)
+    with Engine("127.0.0.1", protocol="tcp", same_host=False, connections=1, stripe=SIZE, io_timeout=3) as e:
+        e.probe(peer.session)
+        (tcp,) = e._peer(peer.session).transports
+        tcp.attempts = 1  # a connection broken by the I/O timeout fails the batch instead of being retried
+        reading = e.submit(peer.session, "read", [out], [peer.addr])
+        writing = e.submit(peer.session, "write", [data], [peer.managed])
+        assert reading.wait(60) == writing.wait(60) == SIZE
+    assert out == pattern(SIZE).tobytes()
+    assert peer.crc()["managed"] == _engine.crc32c(data)
+
+
 # ---------------------------------------------------------------------------------------------- safety
 
 
