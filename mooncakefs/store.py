@@ -640,27 +640,19 @@ class Store(KVMapping):
         """The fastest tier holding the entry."""
         return "vram" if entry.vram >= 0 else "dram" if entry.dram >= 0 else "ssd"
 
-    def begin_put(
-        self,
-        key: Key,
-        size: int,
-        *,
-        pin: bool = False,
-        ttl: float | None = None,
-        if_absent: bool = False,
-        durable: bool = False,
-        version: int = 0,
-        if_newer: bool = False,
-        tag: int = 0,
-    ) -> PendingPut:
+    def begin_put(self, key: Key, size: int, options: PutOptions = PLAIN_PUT) -> PendingPut:
         """Reserve room for a ``size``-byte value: fill ``.buffer``, then ``end_put`` (or ``abort_put``).
 
-        This is ``put`` in two halves, for callers that receive the bytes straight into place.  A value
-        that must go straight to SSD is staged in memory first; staging is limited in all (to the DRAM
-        pool's size, or STAGING_MIN if more), so puts in flight cannot take the host's memory."""
+        This is ``put`` in two halves, for callers that receive the bytes straight into place (a node
+        receiving a put); ``options`` are ``put``'s keywords, checked (``PutOptions``), which the caller
+        carries from where it got them.  A value that must go straight to SSD is staged in memory first;
+        staging is limited in all (to the DRAM pool's size, or STAGING_MIN if more), so puts in flight
+        cannot take the host's memory."""
         if type(size) is not int or not 0 <= size < 1 << 48:
             raise ValueError(f"value size must be an integer from 0 to 2**48, got {size!r:.40}")
-        options = put_options(pin, ttl, if_absent, durable, version, if_newer, tag)
+        if not isinstance(options, PutOptions):
+            raise InvalidArgument(f"begin_put's options must be a PutOptions, got {type(options).__name__}")
+        options.single_store("begin_put", f"the embedded store at {self.path}")
         raw, entry = self._prepare_put(key, size, options)
         with self._lock:
             self._check_open()
@@ -1352,7 +1344,10 @@ class Store(KVMapping):
         a run are queued for eviction last item first, so that a chain's tail goes before its head."""
         options = put_options(pin, ttl, if_absent, durable, version, if_newer, tag, replicas, placement)
         options.single_store("batch_put", f"the embedded store at {self.path}")
-        pairs = put_pairs(items)
+        return self._batch_put(put_pairs(items), options)
+
+    def _batch_put(self, pairs: list[tuple[Key, Any]], options: PutOptions) -> list[Any]:
+        """``batch_put`` with its items and options checked (what a node passes on from the wire)."""
         results: list[Any] = []
         small: list[tuple[int, bytes, Key, Entry, Any]] = []  # a run waiting for the lock
         plain = not (options.pin or options.durable or options.ttl is not None or options.version or options.tag)

@@ -77,16 +77,20 @@ def pack_put_options(options: PutOptions = PLAIN_PUT, cluster_flags: int = 0) ->
     return [flags, options.ttl, pack_version(options.version)]
 
 
-def unpack_put_options(flags: Any, ttl: Any, version: Any) -> dict[str, Any]:
-    """``Store.put``'s options from the end of a put's meta.  The flags that say how a cluster client
-    placed the value (LOCAL, the replica count) become its tag, which the node keeps for repair."""
+def unpack_put_options(flags: Any, ttl: Any, version: Any) -> PutOptions:
+    """``PutOptions`` from the end of a put's meta, checked as a local put's keywords are (InvalidArgument).
+    The flags that say how a cluster client placed the value (LOCAL, the replica count) become its tag,
+    which the node keeps for repair."""
     if type(flags) is not int or not 0 <= flags < 1 << 32:
         raise ValueError(f"put flags must be a 32-bit int, got {flags!r:.40}")
-    return {name: bool(flags & bit) for name, bit in _OPTION_FLAGS.items()} | {
-        "ttl": ttl,
-        "version": unpack_version(version),
-        "tag": flags & PLACEMENT_FLAGS,
-    }
+    if flags == 0 and ttl is None and version is None:
+        return PLAIN_PUT  # the common case, which the store recognises by identity
+    return PutOptions(
+        **{name: bool(flags & bit) for name, bit in _OPTION_FLAGS.items()},
+        ttl=ttl,
+        version=unpack_version(version),
+        tag=flags & PLACEMENT_FLAGS,
+    )
 
 
 def pack_version(version: int) -> bytes | None:

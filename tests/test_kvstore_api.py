@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import mooncakefs
+from mooncakefs import wire
 from mooncakefs.api import PLAIN_PUT, KVStore, PutOptions, Replace, put_options
 from mooncakefs.cluster.client import ClusterStore
 from mooncakefs.errors import InvalidArgument
@@ -57,6 +58,21 @@ def test_single_store_refuses_cluster_options(options):
     with pytest.raises(InvalidArgument, match="replicas and placement need a cluster"):
         options.single_store("put", "the embedded store at /x")
     PutOptions(replicas=1).single_store("put", "the embedded store at /x")  # one copy: fine
+
+
+def test_put_options_travel_to_a_node_as_put_options():
+    """A node turns a put's meta into the same checked ``PutOptions`` a local put makes, and carries it to
+    the store as it is: no keywords repeated, one check.  The defaults come back as PLAIN_PUT itself,
+    which the store's fast path recognises by identity."""
+    assert wire.unpack_put_options(*wire.pack_put_options()) is PLAIN_PUT
+    options = PutOptions(pin=True, ttl=30, durable=True, version=9, if_newer=True)
+    assert wire.unpack_put_options(*wire.pack_put_options(options)) == options
+    placed = wire.unpack_put_options(*wire.pack_put_options(PLAIN_PUT, wire.LOCAL | 3 << wire.REPLICAS_SHIFT))
+    assert placed == PutOptions(tag=wire.LOCAL | 3 << wire.REPLICAS_SHIFT)
+    with pytest.raises(InvalidArgument, match="ttl must be a number of seconds"):
+        wire.unpack_put_options(0, "30", None)
+    with pytest.raises(InvalidArgument, match="if_absent or if_newer"):
+        wire.unpack_put_options(wire.IF_ABSENT | wire.IF_NEWER, None, None)
 
 
 def _protocol_methods() -> dict[str, inspect.Signature]:

@@ -11,6 +11,7 @@ import pytest
 
 import mooncakefs
 from mooncakefs import errors
+from mooncakefs.api import PutOptions
 
 BIG = 1 << 100  # a version past 64 bits, as the cluster's are from epoch 2 on
 
@@ -49,7 +50,7 @@ def test_if_newer_replaces_only_an_older_version(store, existing, incoming, repl
 
 def test_if_newer_is_checked_when_a_begun_put_is_published(store):
     """A newer value published while a two-part put was being filled wins over it."""
-    pending = store.begin_put("k", 4, version=5, if_newer=True)
+    pending = store.begin_put("k", 4, PutOptions(version=5, if_newer=True))
     pending.buffer[:] = b"late"
     store.put("k", b"meanwhile", version=9)
     with pytest.raises(errors.NotNewer):

@@ -363,12 +363,12 @@ class Node(FramedServer):
         if type(size) is not int or size + (CRC_TRAILER.size if session.channel.flags & WITH_CRC else 0) != payload_len:
             raise ValueError(f"put declares {size!r:.40} bytes but carries {payload_len}")
         options = unpack_put_options(flags, ttl, version)
-        self._receive_put(session, self.store.begin_put(self._key(session, key), size, **options))
+        self._receive_put(session, self.store.begin_put(self._key(session, key), size, options))
         self._ok(session)
 
     def _put_begin(self, session: Session, meta: list[Any], _n: int) -> None:
         key, size, flags, ttl, version = meta
-        pending = self.store.begin_put(self._key(session, key), size, **unpack_put_options(flags, ttl, version))
+        pending = self.store.begin_put(self._key(session, key), size, unpack_put_options(flags, ttl, version))
         put_id = secrets.randbits(63)
         with self._pending_lock:
             self._pending[put_id] = Reservation(pending, session)
@@ -586,12 +586,12 @@ class Node(FramedServer):
                 except ChecksumError as exc:
                     bad[i] = exc
             good = [i for i in range(len(keys)) if i not in bad]
-            stored = iter(self.store.batch_put([(self._key(session, keys[i]), values[i]) for i in good], **options))
+            stored = iter(self.store._batch_put([(self._key(session, keys[i]), values[i]) for i in good], options))
             results = [bad[i] if i in bad else next(stored) for i in range(len(keys))]
         else:
             for key, size, crc in zip(keys, sizes, crcs, strict=True):
                 try:
-                    pending = self.store.begin_put(self._key(session, key), size, **options)
+                    pending = self.store.begin_put(self._key(session, key), size, options)
                 except (MooncakeError, ValueError, TypeError) as exc:
                     if isinstance(exc, Unavailable):
                         raise
