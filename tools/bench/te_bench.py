@@ -106,7 +106,7 @@ class Row:
         pairs = [("tcp", MOONCAKE), ("tcp", RAW), ("local", MEMCPY), ("vm", MEMCPY)]
         for path, ref in pairs:
             ours, theirs = self.median_gbps.get(path), self.median_gbps.get(ref)
-            self.ratios[f"{path}/{ref}"] = ours / theirs if ours and theirs else None
+            self.ratios[f"{path}/{ref}"] = ours / theirs if ours is not None and theirs else None
         for t in TARGETS:
             if t.applies(self.block):
                 value = self.ratios[f"{t.path}/{t.reference}"]
@@ -246,14 +246,14 @@ def mooncake_reps(venv: str, args: argparse.Namespace, root: Path, rows: Sequenc
         for row in rows:
             cmd = [binary, "--mode=initiator", "--local_server_name=127.0.0.1:0", f"--segment_id=127.0.0.1:{found[1]}"]
             cmd += [*common, f"--block_size={row.block}", f"--batch_size={row.batch}", "--threads=1"]
-            cmd += [f"--duration={args.mooncake_seconds}", f"--operation={row.op}", "--report_unit=GB"]
+            cmd += [f"--duration={args.mooncake_seconds}", f"--operation={row.op}", "--report_unit=MB"]
             for _ in range(args.mooncake_reps):
                 run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
                 said = run.stdout + run.stderr
-                m = re.search(r"throughput ([\d.]+) GB/s", said)
+                m = re.search(r"throughput ([\d.]+) MB/s", said)  # MB: GB's two decimals round small shapes to 0
                 if not m:
                     raise RuntimeError(f"transfer_engine_bench said: {said[-500:]}")
-                row.reps_gbps.setdefault(MOONCAKE, []).append(float(m[1]))
+                row.reps_gbps.setdefault(MOONCAKE, []).append(float(m[1]) / 1e3)
             progress(f"{row.shape} {row.op} Mooncake: {median(row.reps_gbps[MOONCAKE]):.2f} GB/s")
     version = subprocess.run(
         [
@@ -272,7 +272,7 @@ def mooncake_reps(venv: str, args: argparse.Namespace, root: Path, rows: Sequenc
 
 def render(rows: Sequence[Row], notes: Sequence[str]) -> str:
     def gbps(v: float | None) -> str:
-        return "-" if v is None else f"{v:.2f}"
+        return "-" if v is None else f"{v:.3g}"
 
     def x(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}x"
