@@ -157,8 +157,12 @@ class TcpTransport:
                 continue
             if stripe.op != READ and any(g[0].op == READ for g in inflight):
                 # a write's payload sent while a read's reply comes back could fill both socket buffers
-                # with neither side reading: it waits until the reads are in
-                self._queue.put(stripe)
+                # with neither side reading: it waits until the reads are in (never behind close's sentinels)
+                with self._lock:
+                    if self._closed:
+                        stripe.batch.fail(TransferError("the transport is closed"))
+                    else:
+                        self._queue.put(stripe)
                 return None
             return self._gather(stripe) if self.vectored and len(stripe.buffer) <= VECTOR_BYTES else [stripe]
 
