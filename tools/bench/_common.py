@@ -327,8 +327,8 @@ def recv_exactly(conn: socket.socket, buf: np.ndarray | bytearray, n: int) -> No
 def peer_main(mode: str, address: str, size: int) -> int:
     """The peer process of the socket references: connect to ``address`` and serve until EOF.
 
-    send: sendall ``size``-byte messages forever; sink: recv_into each message, answer a 1-byte ack;
-    echo: recv_into each message and send it back.
+    send: sendall ``size``-byte messages forever; serve: sendall one message per 1-byte request; sink:
+    recv_into each message, answer a 1-byte ack; echo: recv_into each message and send it back.
     """
     kind, _, where = address.partition(":")
     if kind == "unix":
@@ -342,6 +342,9 @@ def peer_main(mode: str, address: str, size: int) -> int:
     with sock, contextlib.suppress(BrokenPipeError, ConnectionResetError):
         if mode == "send":
             while True:
+                sock.sendall(buf)
+        elif mode == "serve":
+            while sock.recv(1):
                 sock.sendall(buf)
         else:
             while sock.recv_into(buf, size, socket.MSG_WAITALL) == size:
@@ -374,13 +377,20 @@ def peer(mode: str, kind: str, size: int, root: Path, timeout: float = 30.0) -> 
         proc.wait(timeout=10)
 
 
-def stream_reference(name: str, conn: socket.socket, size: int, *, inbound: bool) -> Reference:
+def stream_reference(name: str, conn: socket.socket, size: int, *, inbound: bool, requested: bool = False) -> Reference:
     """``size``-byte messages over a peer connection (GB/s): received (peer in "send" mode: the reference of
-    a get) or sent and acknowledged (peer in "sink" mode: the reference of a put)."""
+    a get; ``requested``, the peer in "serve" mode: each asked for with a 1-byte request, the reference of a
+    synchronous read, which pays a round trip per call) or sent and acknowledged (peer in "sink" mode: the
+    reference of a put)."""
     buf, ack = prefaulted(size), bytearray(1)
 
     def recv(start: int, count: int) -> None:
         for _ in range(count):
+            recv_exactly(conn, buf, size)
+
+    def request(start: int, count: int) -> None:
+        for _ in range(count):
+            conn.sendall(b"r")
             recv_exactly(conn, buf, size)
 
     def send(start: int, count: int) -> None:
@@ -388,7 +398,7 @@ def stream_reference(name: str, conn: socket.socket, size: int, *, inbound: bool
             conn.sendall(buf)
             recv_exactly(conn, ack, 1)
 
-    return Reference(name, recv if inbound else send, 1, size / GB)
+    return Reference(name, (request if requested else recv) if inbound else send, 1, size / GB)
 
 
 # -- progress ------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ off) and ``local`` use the managed buffer (a memfd a same-host peer maps and mem
 ordinary memory (process_vm_readv/writev).  Shapes (block size x batch): 4KiB x32, 64KiB x32, 1MiB x32,
 16MiB x4; read and write; one synchronous batch at a time from one thread (Mooncake: --threads=1).
 
-References, in the same run: one repetition of the raw socket (a peer process streaming batch-sized
-messages: ``sendall`` -> ``recv_into(MSG_WAITALL)``; written ones acknowledged) right before each tcp
+References, in the same run: one repetition of the raw socket (a peer process and batch-sized messages,
+one round trip per batch as a synchronous batch has: a 1-byte request, then ``sendall`` ->
+``recv_into(MSG_WAITALL)`` for reads; ``sendall``, then a 1-byte ack for writes) right before each tcp
 repetition, and of memcpy (numpy copy of the same blocks between two local buffers) right before each
 same-host one, so the drift of a loaded host reaches both sides of a ratio.  Mooncake runs after, one
 transfer_engine_bench initiator per repetition against one target.  Each cell is the median of its
@@ -192,9 +193,12 @@ def measure_rows(args: argparse.Namespace, root: Path) -> list[Row]:
         for block, batch in SHAPES:
             blocks = [slice(i * block, (i + 1) * block) for i in range(batch)]
             memcpy = copy_reference(MEMCPY, [local[b] for b in blocks], [scratch[b] for b in blocks])
-            with peer("send", "tcp", block * batch, root) as sender, peer("sink", "tcp", block * batch, root) as sink:
+            with peer("serve", "tcp", block * batch, root) as server, peer("sink", "tcp", block * batch, root) as sink:
                 refs = {
-                    "read": {MEMCPY: memcpy, RAW: stream_reference(RAW, sender, block * batch, inbound=True)},
+                    "read": {
+                        MEMCPY: memcpy,
+                        RAW: stream_reference(RAW, server, block * batch, inbound=True, requested=True),
+                    },
                     "write": {MEMCPY: memcpy, RAW: stream_reference(RAW, sink, block * batch, inbound=False)},
                 }
                 rows += [measure_row(args, engine, session, info, local, refs[op], block, batch, op) for op in OPS]
