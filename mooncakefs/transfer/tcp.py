@@ -66,6 +66,8 @@ class TcpTransport:
         self._queue: queue.SimpleQueue[_Stripe | None] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._idle = 0  # workers waiting for a stripe with nothing in flight
+        self._idle_lock = threading.Lock()
         self._closed = False
 
     def accepts(self, transfer: Transfer) -> bool:
@@ -144,13 +146,25 @@ class TcpTransport:
                 channel.close()
 
     def _take(self, inflight: collections.deque[list[_Stripe]]) -> list[_Stripe] | None:
-        """The next stripes to send as one request: waits for them only when nothing is in flight.  None
-        when none can be sent now; [] when the transport is closing."""
+        """The next stripes to send as one request: waits for them only when nothing is in flight, and
+        takes more behind a request in flight only when no other worker is idle (a batch spreads over the
+        connections first).  None when none can be sent now; [] when the transport is closing."""
         while True:
-            try:
-                stripe = self._queue.get(block=not inflight)
-            except queue.Empty:
-                return None
+            if inflight:
+                if self._idle:  # a connection with nothing to do takes it: spread a batch before queueing
+                    return None
+                try:
+                    stripe = self._queue.get_nowait()
+                except queue.Empty:
+                    return None
+            else:
+                with self._idle_lock:
+                    self._idle += 1
+                try:
+                    stripe = self._queue.get()
+                finally:
+                    with self._idle_lock:
+                        self._idle -= 1
             if stripe is None:
                 return []
             if stripe.batch.error is not None:  # the batch failed already: skip its other stripes
