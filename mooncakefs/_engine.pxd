@@ -1,4 +1,5 @@
 # Declarations for the hot paths in _engine.pyx; the logic lives there.
+from cpython.object cimport PyObject
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 
@@ -48,24 +49,60 @@ cdef class Arena:
     cdef int _check(self, size_t off, size_t n) except -1
 
 
+cdef extern from *:
+    """
+    /* An entry's size and flags in one word: values are under 2**48 bytes (Store.begin_put checks). */
+    typedef struct {
+        uint64_t size : 48;
+        uint64_t queue : 2;
+        uint64_t pinned : 1;
+        uint64_t sticky : 1;
+        uint64_t dead : 1;
+        uint64_t durable : 1;
+        uint64_t has_crc : 1;
+    } mc_entry_word;
+    """
+    ctypedef struct mc_entry_word:
+        uint64_t size
+        unsigned int queue
+        bint pinned
+        bint sticky
+        bint dead
+        bint durable
+        bint has_crc
+
+
 cdef class Entry:
-    cdef public long long size
-    cdef public long long dram
-    cdef public long long dram_off
-    cdef public long long seg
+    # 8-byte fields first, then 4-byte ones: 96 bytes after the object header, so 112 in all.
+    cdef PyObject *prev  # the neighbours in the eviction queue holding it (borrowed: the queue owns it)
+    cdef PyObject *next
+    cdef readonly bytes key  # set when first queued: what eviction needs to find it in the index
+    cdef mc_entry_word word
     cdef public long long seg_off
-    cdef public long long vram
-    cdef public long long vram_off
-    cdef public long long crc
+    cdef public double expires
     cdef public unsigned long long version_hi
     cdef public unsigned long long version_lo
+    cdef uint32_t dram_unit  # dram_off // 64, or NONE
+    cdef public int dram
+    cdef public int seg
+    cdef uint32_t vram_unit  # vram_off // 64, or NONE
+    cdef public int vram
+    cdef uint32_t crc32
     cdef public unsigned int tag
-    cdef public double expires
     cdef public int readers
     cdef public int hits
     cdef public unsigned int seen
-    cdef public bint pinned
-    cdef public bint sticky
-    cdef public bint dead
-    cdef public bint durable
-    cdef public int queue
+
+
+cdef class EntryQueue:
+    cdef PyObject *head
+    cdef PyObject *tail
+    cdef readonly Py_ssize_t count
+    cdef readonly long long nbytes
+    cdef readonly unsigned int ident
+
+    cdef int push(self, bytes key, Entry entry) except -1
+    cdef void unlink(self, Entry entry) noexcept
+    cdef void to_back(self, Entry entry) noexcept
+    cdef void drop_all(self) noexcept
+    cdef int check(self, Entry entry) except -1

@@ -7,9 +7,13 @@ Each has a pure-Python twin in ``mooncakefs._reference`` that the tests run agai
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free as c_free, malloc, realloc
 from libc.string cimport memcpy, memset
+
+cimport cython
 
 import os
 
@@ -593,24 +597,119 @@ VERSION_LIMIT = 1 << 126  # two 63-bit halves: each fits a signed 64-bit SQLite 
 VERSION_LOW_MASK = (1 << 63) - 1
 
 
+VALUE_SIZE_LIMIT = 1 << 48  # what an entry's size field holds (Store.begin_put's limit too)
+
+
+cdef uint32_t _offset_unit(long long offset) except? 0xFFFFFFFE:
+    """A pool offset (DRAM or VRAM: the allocator's 64-byte units) as an entry keeps it; -1 is none."""
+    if offset == -1:
+        return NONE
+    if offset < 0 or offset % UNIT or offset // UNIT >= NONE:
+        raise ValueError(f"a DRAM or VRAM offset is a multiple of {UNIT} below {UNIT} * 2**32 (or -1), got {offset}")
+    return <uint32_t>(offset // UNIT)
+
+
+@cython.no_gc  # its only object field is bytes, and the queue links are borrowed: it is never in a cycle
+@cython.final
 cdef class Entry:
     """Where one object lives: a VRAM block, a DRAM block and/or an SSD segment record (-1 when absent), its size,
     CRC-32C (-1 until first computed), version and tag (set by its writer: the version below 2**126,
     the tag a 32-bit int), expiry (unix time, 0 for none), read leases, SSD hits, and whether it is
     pinned (never leaves DRAM) or sticky (may be demoted, never dropped), durable (put with durable=True:
     kept through SSD reclaim while the tier has room), and which DRAM eviction queue holds it (``queue``:
-    0 none, 1 fresh, 2 main; see store.py).  A C struct with attribute access, not tracked by the
-    garbage collector."""
+    0 none, 1 fresh, 2 main; see tiers/dram.py), with its links in that queue and its ``key``.
+
+    A C struct with attribute access, not tracked by the garbage collector, 112 bytes: one exists per
+    object in the store, so every field is as narrow as its values allow (the DRAM offset is kept in
+    the allocator's 64-byte units, the flags share a word with the size)."""
 
     def __cinit__(self, long long size=0):
         self.size = size
         self.dram = -1
-        self.dram_off = -1
+        self.dram_unit = NONE
         self.seg = -1
         self.seg_off = -1
         self.vram = -1
-        self.vram_off = -1
-        self.crc = -1
+        self.vram_unit = NONE
+
+    @property
+    def size(self):
+        return self.word.size
+
+    @size.setter
+    def size(self, long long value):
+        if not 0 <= value < VALUE_SIZE_LIMIT:
+            raise ValueError(f"an entry's size is from 0 to 2**48 bytes, got {value}")
+        if self.word.queue:
+            raise ValueError("the size of a queued entry cannot change (its queue counts its bytes)")
+        self.word.size = value
+
+    @property
+    def dram_off(self):
+        return -1 if self.dram_unit == NONE else <long long>self.dram_unit * UNIT
+
+    @dram_off.setter
+    def dram_off(self, long long value):
+        self.dram_unit = _offset_unit(value)
+
+    @property
+    def vram_off(self):
+        return -1 if self.vram_unit == NONE else <long long>self.vram_unit * UNIT
+
+    @vram_off.setter
+    def vram_off(self, long long value):
+        self.vram_unit = _offset_unit(value)
+
+    @property
+    def crc(self):
+        return self.crc32 if self.word.has_crc else -1
+
+    @crc.setter
+    def crc(self, long long value):
+        if value == -1:
+            self.word.has_crc = False
+        elif not 0 <= value <= 0xFFFFFFFF:
+            raise ValueError(f"a CRC-32C is a 32-bit int (or -1 for none), got {value}")
+        else:
+            self.crc32 = <uint32_t>value
+            self.word.has_crc = True
+
+    @property
+    def pinned(self):
+        return <bint>self.word.pinned
+
+    @pinned.setter
+    def pinned(self, bint value):
+        self.word.pinned = value
+
+    @property
+    def sticky(self):
+        return <bint>self.word.sticky
+
+    @sticky.setter
+    def sticky(self, bint value):
+        self.word.sticky = value
+
+    @property
+    def dead(self):
+        return <bint>self.word.dead
+
+    @dead.setter
+    def dead(self, bint value):
+        self.word.dead = value
+
+    @property
+    def durable(self):
+        return <bint>self.word.durable
+
+    @durable.setter
+    def durable(self, bint value):
+        self.word.durable = value
+
+    @property
+    def queue(self):
+        """Which ``EntryQueue`` holds it (its ``ident``), 0 for none: set by the queues alone."""
+        return self.word.queue
 
     @property
     def version(self):
@@ -621,6 +720,121 @@ cdef class Entry:
         if not 0 <= value < VERSION_LIMIT:
             raise ValueError(f"a version is an int from 0 to 2**126, got {value!r:.40}")
         self.version_hi, self.version_lo = value >> 63, value & VERSION_LOW_MASK
+
+
+@cython.final
+cdef class EntryQueue:
+    """An eviction queue threaded through its entries (``Entry.prev``/``next``), oldest first: push at
+    the back, removal and move to the back in O(1), and no memory of its own per entry (the OrderedDict
+    it replaces cost ~90 bytes an object).  ``ident`` (1 to 3) is what ``Entry.queue`` says while an
+    entry is in it, ``nbytes`` the sum of their sizes.  The queue holds a reference to each entry in it;
+    an entry is in one queue at most.  Iterating yields keys, oldest first, as an OrderedDict's would,
+    and raises RuntimeError if the entry it stands on leaves the queue meanwhile."""
+
+    def __cinit__(self, unsigned int ident):
+        if not 1 <= ident <= 3:
+            raise ValueError(f"a queue's ident is 1, 2 or 3, got {ident}")
+        self.ident = ident
+
+    def __dealloc__(self):
+        self.drop_all()
+
+    cdef void drop_all(self) noexcept:
+        cdef PyObject *at = self.head
+        cdef Entry entry
+        while at != NULL:
+            entry = <Entry>at
+            at = entry.next
+            self.unlink(entry)
+
+    cdef int push(self, bytes key, Entry entry) except -1:
+        if entry.word.queue:
+            raise ValueError(f"entry is already in queue {entry.word.queue}")
+        entry.key = key
+        Py_INCREF(entry)
+        entry.prev = self.tail
+        entry.next = NULL
+        if self.tail != NULL:
+            (<Entry>self.tail).next = <PyObject *>entry
+        else:
+            self.head = <PyObject *>entry
+        self.tail = <PyObject *>entry
+        entry.word.queue = self.ident
+        self.count += 1
+        self.nbytes += entry.word.size
+        return 0
+
+    cdef void unlink(self, Entry entry) noexcept:
+        """Take out an entry it holds (the caller checked ``entry.word.queue``) and drop its reference."""
+        if entry.prev != NULL:
+            (<Entry>entry.prev).next = entry.next
+        else:
+            self.head = entry.next
+        if entry.next != NULL:
+            (<Entry>entry.next).prev = entry.prev
+        else:
+            self.tail = entry.prev
+        entry.prev = entry.next = NULL
+        entry.word.queue = 0
+        self.count -= 1
+        self.nbytes -= entry.word.size
+        Py_DECREF(entry)
+
+    cdef void to_back(self, Entry entry) noexcept:
+        """Move an entry it holds to the back (the most recent end)."""
+        if self.tail == <PyObject *>entry:
+            return
+        if entry.prev != NULL:
+            (<Entry>entry.prev).next = entry.next
+        else:
+            self.head = entry.next
+        (<Entry>entry.next).prev = entry.prev  # not the tail: it has a next
+        entry.prev = self.tail
+        entry.next = NULL
+        (<Entry>self.tail).next = <PyObject *>entry
+        self.tail = <PyObject *>entry
+
+    cdef int check(self, Entry entry) except -1:
+        if entry.word.queue != self.ident:
+            raise ValueError(f"entry is in queue {entry.word.queue}, not in queue {self.ident}")
+        return 0
+
+    def append(self, bytes key, Entry entry) -> None:
+        """Queue ``entry`` (of ``key``) at the back; ValueError if it is in a queue already."""
+        self.push(key, entry)
+
+    def remove(self, Entry entry) -> None:
+        self.check(entry)
+        self.unlink(entry)
+
+    def move_to_back(self, Entry entry) -> None:
+        self.check(entry)
+        self.to_back(entry)
+
+    def first(self):
+        """The oldest entry, or None if the queue is empty."""
+        return None if self.head == NULL else <Entry>self.head
+
+    def items(self):
+        """``(key, entry)`` pairs, oldest first."""
+        cdef Entry entry
+        cdef PyObject *at = self.head
+        while at != NULL:
+            entry = <Entry>at
+            yield entry.key, entry
+            if entry.word.queue != self.ident:
+                raise RuntimeError("an eviction queue changed during iteration")
+            at = entry.next
+
+    def __iter__(self):
+        for key, _ in self.items():
+            yield key
+
+    def __len__(self) -> int:
+        return self.count
+
+    def clear(self) -> None:
+        self.drop_all()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -807,13 +1021,13 @@ def put_plain(dram, store, list run, Py_ssize_t at, long long stop_bytes, list r
     to the tier's and the store's own methods.  A sticky item (an ``InternalKey``'s: a file chunk) is
     not queued: with no tier below it may not leave, so a full pool refuses the next with OutOfSpace."""
     cdef dict index = store._index
-    fresh, lru, ghost = dram.fresh, dram.main, dram.ghost
-    allocator = dram.allocator
+    cdef EntryQueue fresh = dram.fresh, lru = dram.main, queue
+    ghost = dram.ghost
+    cdef OffsetAllocator allocator = dram.allocator
     cdef Arena arena = dram.arena
     cdef long long high = dram.high, low = dram.low, fresh_max = dram.fresh_max
     cdef long long ghost_factor = dram.ghost_factor
-    cdef long long fresh_bytes = dram.fresh_bytes
-    cdef long long copied = 0, size, used_now
+    cdef long long copied = 0, size
     cdef Py_ssize_t n = len(run), evicted = 0, i
     cdef Entry entry, old, victim
     cdef Py_buffer s
@@ -825,46 +1039,36 @@ def put_plain(dram, store, list run, Py_ssize_t at, long long stop_bytes, list r
             i = item[0]
             raw = item[1]
             entry = <Entry>item[3]
-            size = entry.size
+            size = entry.word.size
             copied += size
             try:
-                if allocator.used + size > high:
-                    while allocator.used + size > low:
-                        queue = fresh if (fresh_bytes > fresh_max or not lru) else lru
-                        if not queue:
+                if <long long>(allocator.used_units * UNIT) + size > high:
+                    while <long long>(allocator.used_units * UNIT) + size > low:
+                        queue = fresh if (fresh.nbytes > fresh_max or not lru.count) else lru
+                        if not queue.count:
                             break
-                        for vraw in queue:
-                            break
-                        victim = <Entry>queue[vraw]
+                        victim = <Entry>queue.head
                         if victim.readers:  # leased: the store's general path skips it
-                            dram.fresh_bytes = fresh_bytes
-                            ok = dram.evict_one()
-                            fresh_bytes = dram.fresh_bytes
-                            if not ok:
+                            if not dram.evict_one():
                                 break
                             continue
-                        del queue[vraw]
-                        if victim.queue == FRESH_QUEUE:
-                            fresh_bytes -= victim.size
-                        victim.queue = 0
+                        vraw = victim.key
+                        queue.unlink(victim)
                         del index[vraw]
-                        victim.dead = True
+                        victim.word.dead = True
                         free(victim.dram)
-                        victim.dram = victim.dram_off = -1
+                        victim.dram = -1
+                        victim.dram_unit = NONE
                         evicted += 1
                         ghost[vraw] = None
                         if len(ghost) > ghost_factor * len(index) + 64:
                             ghost.popitem(last=False)
                 handle, offset = reserve(size)
                 if handle < 0:
-                    dram.fresh_bytes = fresh_bytes
-                    try:
-                        handle, offset = dram.reserve(size)
-                        if handle < 0:  # raises the OutOfSpace a put would
-                            store._put_locked(raw, item[2], entry, item[4], options, size + 1)
-                            continue
-                    finally:
-                        fresh_bytes = dram.fresh_bytes
+                    handle, offset = dram.reserve(size)
+                    if handle < 0:  # raises the OutOfSpace a put would
+                        store._put_locked(raw, item[2], entry, item[4], options, size + 1)
+                        continue
                 entry.dram, entry.dram_off = handle, offset
                 _get_read(item[4], &s, "value")
                 try:
@@ -873,42 +1077,37 @@ def put_plain(dram, store, list run, Py_ssize_t at, long long stop_bytes, list r
                     memcpy(arena.base + <size_t>offset, s.buf, size)
                 except BaseException:
                     free(handle)
-                    entry.dram = entry.dram_off = -1
+                    entry.dram = -1
+                    entry.dram_unit = NONE
                     raise
                 finally:
                     PyBuffer_Release(&s)
                 old = index.get(raw)
                 index[raw] = entry
                 if old is not None:  # replaced: DramTier.unqueue and Store._discard, inline
-                    if old.queue == MAIN_QUEUE:
-                        del lru[raw]
-                    elif old.queue == FRESH_QUEUE:
-                        del fresh[raw]
-                        fresh_bytes -= old.size
-                    old.queue = 0
+                    if old.word.queue == MAIN_QUEUE:
+                        lru.unlink(old)
+                    elif old.word.queue == FRESH_QUEUE:
+                        fresh.unlink(old)
                     if old.seg >= 0:  # an SSD copy: the store frees it
                         store._discard(raw, old)
                     else:
-                        old.dead = True
+                        old.word.dead = True
                         if old.dram >= 0 and not old.readers:
                             free(old.dram)
-                            old.dram = old.dram_off = -1
-                if entry.sticky:  # no tier below to demote it to: never evicted (DramTier.evictable)
+                            old.dram = -1
+                            old.dram_unit = NONE
+                if entry.word.sticky:  # no tier below to demote it to: never evicted (DramTier.evictable)
                     pass
                 elif old is not None:  # replaced: used again
-                    entry.queue = MAIN_QUEUE
-                    lru[raw] = entry
+                    lru.push(raw, entry)
                 elif ghost and raw in ghost:
                     del ghost[raw]
-                    entry.queue = MAIN_QUEUE
-                    lru[raw] = entry
+                    lru.push(raw, entry)
                 else:
-                    entry.queue = FRESH_QUEUE
-                    fresh[raw] = entry
-                    fresh_bytes += size
+                    fresh.push(raw, entry)
             except errors as exc:
                 results[i] = exc
     finally:
-        dram.fresh_bytes = fresh_bytes
         dram.counters["evictions"] += evicted
     return at

@@ -11,6 +11,7 @@ import errno
 import os
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -345,38 +346,91 @@ class Arena:
         return True
 
 
+VALUE_SIZE_LIMIT = 1 << 48
+
+
+def _pool_offset(offset: int) -> int:
+    """The Cython entry keeps pool offsets in the allocator's 64-byte units, in 32 bits: the same checks."""
+    if offset != -1 and (offset < 0 or offset % ALLOC_UNIT or offset // ALLOC_UNIT >= 0xFFFFFFFF):
+        raise ValueError(
+            f"a DRAM or VRAM offset is a multiple of {ALLOC_UNIT} below {ALLOC_UNIT} * 2**32 (or -1), got {offset}"
+        )
+    return offset
+
+
 class Entry:
-    """Same fields as the Cython entry."""
+    """Same fields, same checks as the Cython entry (whose narrow fields make the checks)."""
 
     __slots__ = (
+        "_crc",
+        "_dram_off",
+        "_size",
         "_version",
-        "crc",
+        "_vram_off",
         "dead",
         "dram",
-        "dram_off",
         "durable",
         "expires",
         "hits",
+        "key",
         "pinned",
         "queue",
         "readers",
         "seen",
         "seg",
         "seg_off",
-        "size",
         "sticky",
         "tag",
         "vram",
-        "vram_off",
     )
 
     def __init__(self, size: int = 0) -> None:
+        self.queue = 0
         self.size = size
+        self.key: bytes | None = None
         self._version = self.tag = 0
-        self.dram = self.dram_off = self.seg = self.seg_off = self.vram = self.vram_off = self.crc = -1
+        self.dram = self._dram_off = self.seg = self.seg_off = self.vram = self._vram_off = self._crc = -1
         self.expires = 0.0
-        self.readers = self.hits = self.seen = self.queue = 0
+        self.readers = self.hits = self.seen = 0
         self.pinned = self.sticky = self.dead = self.durable = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        if not 0 <= value < VALUE_SIZE_LIMIT:
+            raise ValueError(f"an entry's size is from 0 to 2**48 bytes, got {value}")
+        if self.queue:
+            raise ValueError("the size of a queued entry cannot change (its queue counts its bytes)")
+        self._size = value
+
+    @property
+    def dram_off(self) -> int:
+        return self._dram_off
+
+    @dram_off.setter
+    def dram_off(self, value: int) -> None:
+        self._dram_off = _pool_offset(value)
+
+    @property
+    def vram_off(self) -> int:
+        return self._vram_off
+
+    @vram_off.setter
+    def vram_off(self, value: int) -> None:
+        self._vram_off = _pool_offset(value)
+
+    @property
+    def crc(self) -> int:
+        return self._crc
+
+    @crc.setter
+    def crc(self, value: int) -> None:
+        if value != -1 and not 0 <= value <= 0xFFFFFFFF:
+            raise ValueError(f"a CRC-32C is a 32-bit int (or -1 for none), got {value}")
+        self._crc = value
 
     @property
     def version(self) -> int:
@@ -387,6 +441,64 @@ class Entry:
         if not 0 <= value < VERSION_LIMIT:
             raise ValueError(f"a version is an int from 0 to 2**126, got {value!r:.40}")
         self._version = value
+
+
+class EntryQueue:
+    """``_engine.EntryQueue`` on an OrderedDict: the same operations and order, keyed by the entry
+    itself (its id), as the Cython queue links entries, not keys."""
+
+    def __init__(self, ident: int) -> None:
+        if not 1 <= ident <= 3:
+            raise ValueError(f"a queue's ident is 1, 2 or 3, got {ident}")
+        self.ident = ident
+        self.nbytes = 0
+        self._entries: OrderedDict[int, Entry] = OrderedDict()
+
+    @property
+    def count(self) -> int:
+        return len(self._entries)
+
+    def append(self, key: bytes, entry: Entry) -> None:
+        if entry.queue:
+            raise ValueError(f"entry is already in queue {entry.queue}")
+        entry.key = key
+        self._entries[id(entry)] = entry
+        entry.queue = self.ident
+        self.nbytes += entry.size
+
+    def _check(self, entry: Entry) -> None:
+        if entry.queue != self.ident:
+            raise ValueError(f"entry is in queue {entry.queue}, not in queue {self.ident}")
+
+    def remove(self, entry: Entry) -> None:
+        self._check(entry)
+        del self._entries[id(entry)]
+        entry.queue = 0
+        self.nbytes -= entry.size
+
+    def move_to_back(self, entry: Entry) -> None:
+        self._check(entry)
+        self._entries.move_to_end(id(entry))
+
+    def first(self) -> Entry | None:
+        return next(iter(self._entries.values()), None)
+
+    def items(self) -> Iterator[tuple[bytes, Entry]]:
+        for entry in self._entries.values():
+            yield entry.key, entry  # type: ignore[misc]
+
+    def __iter__(self) -> Iterator[bytes]:
+        for key, _ in self.items():
+            yield key
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        for entry in self._entries.values():
+            entry.queue = 0
+        self._entries.clear()
+        self.nbytes = 0
 
 
 INDEX_HEADER_BYTES, INDEX_SLOT_BYTES = 64, 32
@@ -547,19 +659,16 @@ def put_plain(
             try:
                 if allocator.used + size > dram.high:
                     while allocator.used + size > dram.low:
-                        queue = fresh if (dram.fresh_bytes > dram.fresh_max or not lru) else lru
-                        if not queue:
+                        queue = fresh if (fresh.nbytes > dram.fresh_max or not lru.count) else lru
+                        victim = queue.first()
+                        if victim is None:
                             break
-                        vraw = next(iter(queue))
-                        victim = queue[vraw]
                         if victim.readers:
                             if not dram.evict_one():
                                 break
                             continue
-                        del queue[vraw]
-                        if victim.queue == 1:
-                            dram.fresh_bytes -= victim.size
-                        victim.queue = 0
+                        vraw = victim.key
+                        queue.remove(victim)
                         del index[vraw]
                         victim.dead = True
                         allocator.free(victim.dram)
@@ -592,15 +701,12 @@ def put_plain(
                 if entry.sticky:
                     pass
                 elif old is not None:
-                    dram.enqueue(raw, entry, True)
+                    lru.append(raw, entry)
                 elif ghost and raw in ghost:
                     del ghost[raw]
-                    entry.queue = 2
-                    lru[raw] = entry
+                    lru.append(raw, entry)
                 else:
-                    entry.queue = 1
-                    fresh[raw] = entry
-                    dram.fresh_bytes += size
+                    fresh.append(raw, entry)
             except errors as exc:
                 results[i] = exc
     finally:

@@ -256,7 +256,7 @@ class Store(KVMapping):
         dram.fresh_max = min(int((dram.high + (ssd.high if ssd else 0)) * FRESH_SHARE), dram.high // 2)
         self._reserve = dram.reserve  # the hot paths' DRAM calls, bound once
         self._touch = dram.touch
-        self._main_to_end = dram.main.move_to_end  # a read of a value in main (the queue is never replaced)
+        self._main_to_back = dram.main.move_to_back  # a read of a value in main (the queue is never replaced)
         self._read, self._read_into = dram.arena.read, dram.arena.read_into
         self._dram_counters = dram.counters
         self._enqueue = dram.enqueue
@@ -1025,7 +1025,7 @@ class Store(KVMapping):
             return None
         self._dram_counters["hits"] += 1
         if entry.queue == MAIN:
-            self._main_to_end(raw)
+            self._main_to_back(entry)
         elif entry.queue:
             self._touch(raw, entry)
         return entry
@@ -1408,10 +1408,10 @@ class Store(KVMapping):
                         results[i] = exc
         if n > 1:  # leaf first: the run's head the newest of the fresh queue
             with self._lock:
-                fresh = self._dram.fresh
-                for _, raw, _, entry, _ in reversed(run):
+                to_back = self._dram.fresh.move_to_back
+                for _, _, _, entry, _ in reversed(run):
                     if entry.queue == FRESH:
-                        fresh.move_to_end(raw)
+                        to_back(entry)
         run.clear()
 
     def batch_get_into(self, keys: Iterable[Key], buffers: Iterable[Any]) -> list[Any]:

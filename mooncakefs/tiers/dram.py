@@ -11,6 +11,9 @@ objects first while they hold more than their share (``fresh_max``); a key evict
 remembered (the ``ghost`` list), so when it comes back it goes straight to main.  A reservation that
 would take the pool past the high watermark first evicts down to the low watermark.  What happens to a
 victim (a copy on SSD, or out of the store) is the store's to say (``Placement``).
+
+The two queues are ``_engine.EntryQueue``s: linked through the entries themselves, so a queued object
+costs no memory beyond its entry (with OrderedDicts it cost ~90 bytes more).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mooncakefs import _engine
-from mooncakefs._engine import Entry
+from mooncakefs._engine import Entry, EntryQueue
 from mooncakefs.tiers.base import Placement
 
 FRESH, MAIN = 1, 2  # Entry.queue: which eviction queue holds the entry (0: none, pinned or not in DRAM)
@@ -66,9 +69,8 @@ class DramTier:
         self.release = self.allocator.free  # give a block back by its handle
         self.high = int(self.capacity * high_watermark)
         self.low = int(self.capacity * low_watermark)
-        self.fresh: OrderedDict[bytes, Entry] = OrderedDict()  # residents not read since put, oldest first
-        self.main: OrderedDict[bytes, Entry] = OrderedDict()  # residents read since put, LRU first
-        self.fresh_bytes = 0
+        self.fresh = EntryQueue(FRESH)  # residents not read since put, oldest first
+        self.main = EntryQueue(MAIN)  # residents read since put, LRU first
         self.fresh_max = self.high // 2  # the store lowers it to its share of the whole store
         self.ghost: OrderedDict[bytes, None] = OrderedDict()  # keys evicted lately, oldest first
         self.ghost_factor = GHOST_FACTOR
@@ -86,6 +88,11 @@ class DramTier:
     @property
     def used(self) -> int:
         return self.allocator.used
+
+    @property
+    def fresh_bytes(self) -> int:
+        """Bytes of the values in the fresh queue (what ``fresh_max`` bounds)."""
+        return self.fresh.nbytes
 
     def readonly_view(self, offset: int, size: int) -> memoryview:
         return self.view[offset : offset + size].toreadonly()
@@ -142,7 +149,7 @@ class DramTier:
             handle, offset = allocator.reserve(size)
         return handle, offset
 
-    def _queues(self) -> tuple[OrderedDict[bytes, Entry], OrderedDict[bytes, Entry]]:
+    def _queues(self) -> tuple[EntryQueue, EntryQueue]:
         """The queues in the order eviction takes from: fresh first while it holds more than its share
         (or main is empty)."""
         if self.fresh_bytes > self.fresh_max or not self.main:
@@ -163,17 +170,14 @@ class DramTier:
         assert place is not None
         if not self.second_chances and not self.has_lower:  # the common case, inline: the head goes
             queue = self._queues()[0]
-            if queue:
-                raw, entry = next(iter(queue.items()))
-                if not entry.readers and entry.vram < 0:  # a VRAM copy: the general path keeps it
-                    del queue[raw]
-                    if entry.queue == FRESH:
-                        self.fresh_bytes -= entry.size
-                    entry.queue = 0
-                    self.counters["evictions"] += 1
-                    place.drop(raw, entry)
-                    self.remember(raw)
-                    return True
+            entry = queue.first()
+            if entry is not None and not entry.readers and entry.vram < 0:  # a VRAM copy: the general path keeps it
+                raw = entry.key
+                queue.remove(entry)
+                self.counters["evictions"] += 1
+                place.drop(raw, entry)
+                self.remember(raw)
+                return True
         lower_full = not self.has_lower
         refreshed: list[tuple[bytes, Entry]] = []  # read through the shared index since last looked at
         victim: Entry | None = None
@@ -226,33 +230,26 @@ class DramTier:
         if again or (ghost and raw in ghost):
             if not again:
                 del ghost[raw]
-            entry.queue = MAIN
-            self.main[raw] = entry
+            self.main.append(raw, entry)
         else:
-            entry.queue = FRESH
-            self.fresh[raw] = entry
-            self.fresh_bytes += entry.size
+            self.fresh.append(raw, entry)
 
     def unqueue(self, raw: bytes, entry: Entry) -> None:
         """Take an entry out of its eviction queue, if it is in one."""
         queue = entry.queue
         if queue == MAIN:
-            del self.main[raw]
+            self.main.remove(entry)
         elif queue == FRESH:
-            del self.fresh[raw]
-            self.fresh_bytes -= entry.size
-        entry.queue = 0
+            self.fresh.remove(entry)
 
     def touch(self, raw: bytes, entry: Entry) -> None:
         """A read of a resident: the most recently used of main.  O(1)."""
         queue = entry.queue
         if queue == MAIN:
-            self.main.move_to_end(raw)
+            self.main.move_to_back(entry)
         elif queue == FRESH:
-            del self.fresh[raw]
-            self.fresh_bytes -= entry.size
-            entry.queue = MAIN
-            self.main[raw] = entry
+            self.fresh.remove(entry)
+            self.main.append(raw, entry)
 
     def remember(self, raw: bytes) -> None:
         """Note a key evicted without a copy below, so that it enters main if put again soon."""
@@ -265,7 +262,6 @@ class DramTier:
         self.fresh.clear()
         self.main.clear()
         self.ghost.clear()
-        self.fresh_bytes = 0
 
     def close(self) -> None:
         """Unmap the pool.  Views a caller still holds keep the mapping alive until they go away."""
