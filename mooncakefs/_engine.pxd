@@ -27,8 +27,7 @@ cdef class OffsetAllocator:
     cdef uint32_t *n_addr_prev
     cdef uint32_t *n_addr_next
     cdef uint8_t *n_state
-    cdef uint32_t *spare
-    cdef uint32_t spare_len
+    cdef uint32_t spare_head  # the last retired node, NONE if none: node records to reuse, newest first
     cdef uint32_t heads[256]
     cdef uint32_t top_mask
     cdef uint8_t leaf_mask[32]

@@ -332,10 +332,10 @@ cdef class OffsetAllocator:
         self.n_addr_prev = <uint32_t *>malloc(self.room * sizeof(uint32_t))
         self.n_addr_next = <uint32_t *>malloc(self.room * sizeof(uint32_t))
         self.n_state = <uint8_t *>malloc(self.room * sizeof(uint8_t))
-        self.spare = <uint32_t *>malloc(self.room * sizeof(uint32_t))
         if not (self.n_off and self.n_size and self.n_bin_prev and self.n_bin_next and self.n_addr_prev
-                and self.n_addr_next and self.n_state and self.spare):
+                and self.n_addr_next and self.n_state):
             raise MemoryError()
+        self.spare_head = NONE
         cdef int i
         for i in range(NUM_BINS):
             self.heads[i] = NONE
@@ -351,13 +351,14 @@ cdef class OffsetAllocator:
 
     def __dealloc__(self):
         c_free(self.n_off); c_free(self.n_size); c_free(self.n_bin_prev); c_free(self.n_bin_next)
-        c_free(self.n_addr_prev); c_free(self.n_addr_next); c_free(self.n_state); c_free(self.spare)
+        c_free(self.n_addr_prev); c_free(self.n_addr_next); c_free(self.n_state)
 
     cdef uint32_t _new_node(self) except 0xFFFFFFFF:
         cdef uint32_t n
-        if self.spare_len:
-            self.spare_len -= 1
-            return self.spare[self.spare_len]
+        if self.spare_head != NONE:  # retired nodes are chained through their (unused) bin links
+            n = self.spare_head
+            self.spare_head = self.n_bin_next[n]
+            return n
         if self.count == self.room:
             room = self.room * 2
             self.n_off = <uint32_t *>_grow(self.n_off, room * sizeof(uint32_t))
@@ -367,7 +368,6 @@ cdef class OffsetAllocator:
             self.n_addr_prev = <uint32_t *>_grow(self.n_addr_prev, room * sizeof(uint32_t))
             self.n_addr_next = <uint32_t *>_grow(self.n_addr_next, room * sizeof(uint32_t))
             self.n_state = <uint8_t *>_grow(self.n_state, room * sizeof(uint8_t))
-            self.spare = <uint32_t *>_grow(self.spare, room * sizeof(uint32_t))
             self.room = room
         n = self.count
         self.count += 1
@@ -488,8 +488,8 @@ cdef class OffsetAllocator:
 
     cdef void _retire(self, uint32_t n) noexcept nogil:
         self.n_state[n] = SPARE
-        self.spare[self.spare_len] = n
-        self.spare_len += 1
+        self.n_bin_next[n] = self.spare_head
+        self.spare_head = n
 
     def offset(self, long long handle) -> int:
         """Byte offset of an allocated block in the pool."""
