@@ -1004,110 +1004,276 @@ cdef class SharedIndex:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The store's plain batch put (store.Store._put_run): its inner loop, here because at 64 KiB a value the
-# bookkeeping around each copy cost as much as the copy.  Twin: _reference.put_plain.
+# The store's common calls on small values, each one C call under the store's lock: at 4 KiB the
+# bookkeeping around a copy (index, queues, allocator, counters) cost several times the copy in Python.
+# Twin: _reference.PlainPath.
 
-cdef int FRESH_QUEUE = 1, MAIN_QUEUE = 2
+cdef unsigned int FRESH_QUEUE = 1, MAIN_QUEUE = 2
 
 
-def put_plain(dram, store, list run, Py_ssize_t at, long long stop_bytes, list results, tuple errors,
-              options) -> int:
-    """Publish ``run[at:]`` (items ``(i, raw, key, Entry, value)`` prepared by ``Store.batch_put``) into
-    a DRAM-only store with no shared index, under its lock, until ``stop_bytes`` have been copied;
-    returns the index of the next item.  ``dram`` is the store's ``DramTier`` (its pool and queues).
-    An item that raises one of ``errors`` gets it in ``results[i]``; ``options`` are the run's
-    ``PutOptions`` (replacing always), for the store's own methods.  Eviction takes queue heads down to
-    the low watermark; anything unusual (a leased head, a pool too fragmented, a key replaced) is left
-    to the tier's and the store's own methods.  A sticky item (an ``InternalKey``'s: a file chunk) is
-    not queued: with no tier below it may not leave, so a full pool refuses the next with OutOfSpace."""
-    cdef dict index = store._index
-    cdef EntryQueue fresh = dram.fresh, lru = dram.main, queue
-    ghost = dram.ghost
-    cdef OffsetAllocator allocator = dram.allocator
-    cdef Arena arena = dram.arena
-    cdef long long high = dram.high, low = dram.low, fresh_max = dram.fresh_max
-    cdef long long ghost_factor = dram.ghost_factor
-    cdef long long copied = 0, size
-    cdef Py_ssize_t n = len(run), evicted = 0, i
-    cdef Entry entry, old, victim
-    cdef Py_buffer s
-    reserve, free = allocator.reserve, allocator.free
-    try:
-        while at < n and copied < stop_bytes:
-            item = <tuple>run[at]
-            at += 1
-            i = item[0]
-            raw = item[1]
-            entry = <Entry>item[3]
-            size = entry.word.size
-            copied += size
-            try:
-                if <long long>(allocator.used_units * UNIT) + size > high:
-                    while <long long>(allocator.used_units * UNIT) + size > low:
-                        queue = fresh if (fresh.nbytes > fresh_max or not lru.count) else lru
-                        if not queue.count:
-                            break
-                        victim = <Entry>queue.head
-                        if victim.readers:  # leased: the store's general path skips it
-                            if not dram.evict_one():
-                                break
-                            continue
-                        vraw = victim.key
-                        queue.unlink(victim)
-                        del index[vraw]
-                        victim.word.dead = True
-                        free(victim.dram)
-                        victim.dram = -1
-                        victim.dram_unit = NONE
-                        evicted += 1
-                        ghost[vraw] = None
-                        if len(ghost) > ghost_factor * len(index) + 64:
-                            ghost.popitem(last=False)
-                handle, offset = reserve(size)
-                if handle < 0:
-                    handle, offset = dram.reserve(size)
-                    if handle < 0:  # raises the OutOfSpace a put would
-                        store._put_locked(raw, item[2], entry, item[4], options, size + 1)
-                        continue
-                entry.dram, entry.dram_off = handle, offset
-                _get_read(item[4], &s, "value")
+@cython.final
+cdef class PlainPath:
+    """The store's hot paths over its DRAM tier: plain puts into a DRAM-only store (``put``,
+    ``put_run``) and reads of small DRAM-resident values (``get``, ``get_into``, ``read_many``).
+
+    Built by the store once its tiers are wired, from its ``DramTier`` (pool, allocator, queues, ghost
+    list; its watermarks and fresh share are read then, and do not change after) and itself (the index,
+    and its general methods for anything unusual: a leased head, a fragmented pool, a replaced value
+    with an SSD copy).  The caller holds the store's lock and has checked that the store is open."""
+
+    cdef object dram, store, ghost
+    cdef dict index, counters
+    cdef EntryQueue fresh, main
+    cdef OffsetAllocator allocator
+    cdef Arena arena
+    cdef long long high, low, fresh_max, ghost_factor, small_max, batch_max, max_key
+    cdef long long evicted  # values it has evicted, all calls together
+
+    def __cinit__(self, dram, store, long long small_max, long long batch_max, long long max_key):
+        """``small_max``: values below it are read here one at a time; ``batch_max``: values up to it
+        are read here in batches; ``max_key``: the longest key in bytes."""
+        self.dram, self.store = dram, store
+        self.index, self.counters = store._index, dram.counters
+        self.fresh, self.main, self.ghost = dram.fresh, dram.main, dram.ghost
+        self.allocator, self.arena = dram.allocator, dram.arena
+        self.high, self.low, self.fresh_max, self.ghost_factor = dram.high, dram.low, dram.fresh_max, dram.ghost_factor
+        self.small_max, self.batch_max, self.max_key = small_max, batch_max, max_key
+
+    # -- writing --
+
+    cdef int _make_room(self, long long size) except -1:
+        """Evict queue heads down to the low watermark if ``size`` more bytes would pass the high one.
+        A leased head goes to the tier's general eviction."""
+        cdef EntryQueue queue
+        cdef Entry victim
+        if <long long>(self.allocator.used_units * UNIT) + size <= self.high:
+            return 0
+        while <long long>(self.allocator.used_units * UNIT) + size > self.low:
+            queue = self.fresh if (self.fresh.nbytes > self.fresh_max or not self.main.count) else self.main
+            if not queue.count:
+                break
+            victim = <Entry>queue.head
+            if victim.readers:  # leased: the tier's general path steps around it
+                if not self.dram.evict_one():
+                    break
+                continue
+            vraw = victim.key
+            queue.unlink(victim)
+            del self.index[vraw]
+            victim.word.dead = True
+            self.allocator.free(victim.dram)
+            victim.dram = -1
+            victim.dram_unit = NONE
+            self.evicted += 1
+            self.ghost[vraw] = None
+            if len(self.ghost) > self.ghost_factor * len(self.index) + 64:
+                self.ghost.popitem(last=False)
+        return 0
+
+    cdef int _put(self, bytes raw, key, Entry entry, value, options) except -1:
+        """One plain put: room, block, copy, publish, queue (see ``put``)."""
+        cdef long long size = entry.word.size
+        cdef Py_buffer s
+        cdef Entry old
+        self._make_room(size)
+        handle, offset = self.allocator.reserve(size)
+        if handle < 0:
+            handle, offset = self.dram.reserve(size)
+            if handle < 0:  # raises the OutOfSpace a put would
+                self.store._put_locked(raw, key, entry, value, options, size + 1)
+                return 0
+        entry.dram, entry.dram_off = handle, offset
+        _get_read(value, &s, "value")
+        try:
+            if s.len != size or self.arena._check(offset, size) < 0:
+                raise ValueError(f"value is {s.len} bytes, {size} expected")
+            _memcpy(self.arena.base + <size_t>offset, s.buf, size)
+        except BaseException:
+            self.allocator.free(handle)
+            entry.dram = -1
+            entry.dram_unit = NONE
+            raise
+        finally:
+            PyBuffer_Release(&s)
+        old = self.index.get(raw)
+        self.index[raw] = entry
+        if old is not None:  # replaced: DramTier.unqueue and Store._discard, inline
+            if old.word.queue == MAIN_QUEUE:
+                self.main.unlink(old)
+            elif old.word.queue == FRESH_QUEUE:
+                self.fresh.unlink(old)
+            if old.seg >= 0:  # an SSD copy: the store frees it
+                self.store._discard(raw, old)
+            else:
+                old.word.dead = True
+                if old.dram >= 0 and not old.readers:
+                    self.allocator.free(old.dram)
+                    old.dram = -1
+                    old.dram_unit = NONE
+        if entry.word.sticky:  # no tier below to demote it to: never evicted (DramTier.evictable)
+            pass
+        elif old is not None:  # replaced: used again
+            self.main.push(raw, entry)
+        elif self.ghost and raw in self.ghost:
+            del self.ghost[raw]
+            self.main.push(raw, entry)
+        else:
+            self.fresh.push(raw, entry)
+        return 0
+
+    cdef inline void _count_evictions(self, long long before) except *:
+        cdef long long evicted = self.evicted - before
+        if evicted:
+            self.counters["evictions"] += evicted
+
+    def put(self, bytes raw, key, Entry entry, value, options) -> None:
+        """Publish one prepared plain put (``Store.put``) into a DRAM-only store with no shared index and
+        nothing that may expire.  Eviction takes queue heads down to the low watermark; a sticky entry (an
+        ``InternalKey``'s: a file chunk) is not queued: with no tier below it may not leave, so a full pool
+        refuses the next put with OutOfSpace."""
+        cdef long long before = self.evicted
+        try:
+            self._put(raw, key, entry, value, options)
+        finally:
+            self._count_evictions(before)
+
+    def put_run(self, list run, Py_ssize_t at, long long stop_bytes, list results, tuple errors, options) -> int:
+        """``put`` for ``run[at:]`` (items ``(i, raw, key, Entry, value)`` prepared by ``Store.batch_put``)
+        until ``stop_bytes`` have been copied; returns the index of the next item.  An item that raises
+        one of ``errors`` gets it in ``results[i]``."""
+        cdef Py_ssize_t n = len(run)
+        cdef long long copied = 0, before = self.evicted
+        cdef tuple item
+        cdef Entry entry
+        try:
+            while at < n and copied < stop_bytes:
+                item = <tuple>run[at]
+                at += 1
+                entry = <Entry>item[3]
+                copied += entry.word.size
                 try:
-                    if s.len != size or arena._check(offset, size) < 0:
-                        raise ValueError(f"value is {s.len} bytes, {size} expected")
-                    memcpy(arena.base + <size_t>offset, s.buf, size)
-                except BaseException:
-                    free(handle)
-                    entry.dram = -1
-                    entry.dram_unit = NONE
-                    raise
-                finally:
-                    PyBuffer_Release(&s)
-                old = index.get(raw)
-                index[raw] = entry
-                if old is not None:  # replaced: DramTier.unqueue and Store._discard, inline
-                    if old.word.queue == MAIN_QUEUE:
-                        lru.unlink(old)
-                    elif old.word.queue == FRESH_QUEUE:
-                        fresh.unlink(old)
-                    if old.seg >= 0:  # an SSD copy: the store frees it
-                        store._discard(raw, old)
+                    self._put(item[1], item[2], entry, item[4], options)
+                except errors as exc:
+                    results[item[0]] = exc
+        finally:
+            self._count_evictions(before)
+        return at
+
+    # -- reading --
+
+    cdef Entry _hit(self, bytes raw, long long limit):
+        """The entry of a DRAM-resident value of at most ``limit`` bytes that cannot expire, counted as a
+        hit and touched (the most recent of main); None where the store's general path must do the work."""
+        cdef object found = self.index.get(raw)
+        if found is None:
+            return None
+        cdef Entry entry = <Entry>found
+        if entry.dram < 0 or <long long>entry.word.size > limit or entry.expires:
+            return None
+        self.counters["hits"] += 1
+        self._touch(raw, entry)
+        return entry
+
+    cdef inline void _touch(self, bytes raw, Entry entry) except *:
+        """DramTier.touch: a read makes a resident the most recent of main."""
+        if entry.word.queue == MAIN_QUEUE:
+            self.main.to_back(entry)
+        elif entry.word.queue == FRESH_QUEUE:
+            self.fresh.unlink(entry)
+            self.main.push(raw, entry)
+
+    cdef inline bytes _copy_out(self, Entry entry):
+        cdef size_t size = entry.word.size
+        self.arena._check(<size_t>entry.dram_unit * UNIT, size)
+        out = PyBytes_FromStringAndSize(NULL, size)
+        _memcpy(PyBytes_AS_STRING(out), self.arena.base + <size_t>entry.dram_unit * UNIT, size)
+        return out
+
+    def get(self, bytes raw):
+        """A small DRAM-resident value as new bytes, or None: ask the store's general path."""
+        cdef Entry entry = self._hit(raw, self.small_max - 1)
+        return None if entry is None else self._copy_out(entry)
+
+    def get_into(self, bytes raw, buffer) -> int:
+        """Copy a small DRAM-resident value into ``buffer``: its size; -1 to ask the store's general path;
+        -2 - size if the buffer is too small (nothing written)."""
+        cdef Entry entry = self._hit(raw, self.small_max - 1)
+        if entry is None:
+            return -1
+        cdef Py_buffer d
+        cdef long long size = entry.word.size
+        _get_write(buffer, &d, "buffer")
+        try:
+            if d.len < size:
+                return -2 - size
+            self.arena._check(<size_t>entry.dram_unit * UNIT, size)
+            memcpy(d.buf, self.arena.base + <size_t>entry.dram_unit * UNIT, size)
+            return size
+        finally:
+            PyBuffer_Release(&d)
+
+    def read_many(self, list keys, list buffers, list results, Py_ssize_t start, long long stop_bytes, encode,
+                  copy_out, tuple errors) -> int:
+        """The loop of ``Store._batch_read``: copy the DRAM-resident values of up to ``batch_max`` bytes
+        among ``keys[start:]`` into ``buffers`` (None: into new bytes), leaving in ``results[i]`` the byte
+        count or the bytes, or the exception (one of ``errors``) key i raised, and None where the store's
+        single-key path must do the work; stops once ``stop_bytes`` of values of at least ``small_max``
+        bytes are copied, and returns where the next call starts.  ``encode`` gives a key's bytes;
+        ``copy_out(i, key, entry)`` is the store's own copy, called where a buffer is refused or too
+        small, so that it raises what the store raises."""
+        cdef Py_ssize_t n = len(keys), i = start
+        cdef long long copied = 0, hits = 0, size
+        cdef object found
+        cdef Entry entry
+        cdef Py_buffer d
+        cdef bint into = buffers is not None, done
+        try:
+            while i < n:
+                key = keys[i]
+                i += 1
+                try:
+                    if type(key) is str and (<str>key).isascii() and 0 < len(<str>key) <= self.max_key:
+                        raw = (<str>key).encode()  # encode_key's common case, inline
                     else:
-                        old.word.dead = True
-                        if old.dram >= 0 and not old.readers:
-                            free(old.dram)
-                            old.dram = -1
-                            old.dram_unit = NONE
-                if entry.word.sticky:  # no tier below to demote it to: never evicted (DramTier.evictable)
-                    pass
-                elif old is not None:  # replaced: used again
-                    lru.push(raw, entry)
-                elif ghost and raw in ghost:
-                    del ghost[raw]
-                    lru.push(raw, entry)
-                else:
-                    fresh.push(raw, entry)
-            except errors as exc:
-                results[i] = exc
-    finally:
-        dram.counters["evictions"] += evicted
-    return at
+                        raw = encode(key)
+                    found = self.index.get(raw)
+                    if found is None:
+                        continue
+                    entry = <Entry>found
+                    size = entry.word.size
+                    if entry.dram < 0 or size > self.batch_max or entry.expires:
+                        continue
+                    if not into:
+                        results[i - 1] = self._copy_out(entry)
+                    else:
+                        done = False
+                        if _writable(buffers[i - 1], &d):
+                            try:
+                                if d.len >= size:
+                                    self.arena._check(<size_t>entry.dram_unit * UNIT, size)
+                                    _memcpy(d.buf, self.arena.base + <size_t>entry.dram_unit * UNIT, size)
+                                    done = True
+                            finally:
+                                PyBuffer_Release(&d)
+                        results[i - 1] = size if done else copy_out(i - 1, key, entry)  # that raises why not
+                    hits += 1
+                    self._touch(raw, entry)
+                    if size >= self.small_max:  # small ones were always copied under the lock
+                        copied += size
+                        if copied >= stop_bytes:
+                            break
+                except errors as exc:
+                    results[i - 1] = exc
+        finally:
+            if hits:
+                self.counters["hits"] += hits
+        return i
+
+
+cdef bint _writable(object obj, Py_buffer *view):
+    """Take a writable C-contiguous view of ``obj``; False (no error set) if it has none."""
+    try:
+        PyObject_GetBuffer(obj, view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+    except (BufferError, TypeError, ValueError):
+        return False
+    return True

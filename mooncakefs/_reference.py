@@ -636,79 +636,173 @@ class SharedIndex:
             self.pool.release()
 
 
-def put_plain(
-    dram: Any,
-    store: Any,
-    run: list[Any],
-    at: int,
-    stop_bytes: int,
-    results: list[Any],
-    errors: tuple[type[BaseException], ...],
-    options: Any,
-) -> int:
-    """``_engine.put_plain`` in plain Python: the same steps in the same order."""
-    index, fresh, lru, ghost = store._index, dram.fresh, dram.main, dram.ghost
-    allocator, view = dram.allocator, dram.view
-    copied = evicted = 0
-    try:
+class PlainPath:
+    """``_engine.PlainPath`` in plain Python: the same steps in the same order."""
+
+    def __init__(self, dram: Any, store: Any, small_max: int, batch_max: int, max_key: int) -> None:
+        self.dram, self.store = dram, store
+        self.index, self.counters = store._index, dram.counters
+        self.fresh, self.main, self.ghost = dram.fresh, dram.main, dram.ghost
+        self.allocator, self.view = dram.allocator, dram.view
+        self.high, self.low, self.fresh_max, self.ghost_factor = dram.high, dram.low, dram.fresh_max, dram.ghost_factor
+        self.small_max, self.batch_max, self.max_key = small_max, batch_max, max_key
+
+    # -- writing --
+
+    def _make_room(self, size: int) -> None:
+        allocator = self.allocator
+        if allocator.used + size <= self.high:
+            return
+        while allocator.used + size > self.low:
+            queue = self.fresh if (self.fresh.nbytes > self.fresh_max or not self.main.count) else self.main
+            victim = queue.first()
+            if victim is None:
+                break
+            if victim.readers:
+                if not self.dram.evict_one():
+                    break
+                continue
+            vraw = victim.key
+            queue.remove(victim)
+            del self.index[vraw]
+            victim.dead = True
+            allocator.free(victim.dram)
+            victim.dram = victim.dram_off = -1
+            self.counters["evictions"] += 1
+            self.ghost[vraw] = None
+            if len(self.ghost) > self.ghost_factor * len(self.index) + 64:
+                self.ghost.popitem(last=False)
+
+    def put(self, raw: bytes, key: Any, entry: Entry, value: Any, options: Any) -> None:
+        size = entry.size
+        self._make_room(size)
+        handle, offset = self.allocator.reserve(size)
+        if handle < 0:
+            handle, offset = self.dram.reserve(size)
+            if handle < 0:
+                self.store._put_locked(raw, key, entry, value, options, size + 1)
+                return
+        entry.dram, entry.dram_off = handle, offset
+        try:
+            src = _read_view(value, "value")
+            if src.nbytes != size:
+                raise ValueError(f"value is {src.nbytes} bytes, {size} expected")
+            self.view[offset : offset + size] = src
+        except BaseException:
+            self.allocator.free(handle)
+            entry.dram = entry.dram_off = -1
+            raise
+        old = self.index.get(raw)
+        self.index[raw] = entry
+        if old is not None:
+            self.dram.unqueue(raw, old)
+            self.store._discard(raw, old)
+        if entry.sticky:
+            pass
+        elif old is not None:
+            self.main.append(raw, entry)
+        elif self.ghost and raw in self.ghost:
+            del self.ghost[raw]
+            self.main.append(raw, entry)
+        else:
+            self.fresh.append(raw, entry)
+
+    def put_run(
+        self,
+        run: list[Any],
+        at: int,
+        stop_bytes: int,
+        results: list[Any],
+        errors: tuple[type[BaseException], ...],
+        options: Any,
+    ) -> int:
+        copied = 0
         while at < len(run) and copied < stop_bytes:
             i, raw, key, entry, value = run[at]
             at += 1
-            size = entry.size
-            copied += size
+            copied += entry.size
             try:
-                if allocator.used + size > dram.high:
-                    while allocator.used + size > dram.low:
-                        queue = fresh if (fresh.nbytes > dram.fresh_max or not lru.count) else lru
-                        victim = queue.first()
-                        if victim is None:
-                            break
-                        if victim.readers:
-                            if not dram.evict_one():
-                                break
-                            continue
-                        vraw = victim.key
-                        queue.remove(victim)
-                        del index[vraw]
-                        victim.dead = True
-                        allocator.free(victim.dram)
-                        victim.dram = victim.dram_off = -1
-                        evicted += 1
-                        ghost[vraw] = None
-                        if len(ghost) > dram.ghost_factor * len(index) + 64:
-                            ghost.popitem(last=False)
-                handle, offset = allocator.reserve(size)
-                if handle < 0:
-                    handle, offset = dram.reserve(size)
-                    if handle < 0:
-                        store._put_locked(raw, key, entry, value, options, size + 1)
-                        continue
-                entry.dram, entry.dram_off = handle, offset
-                try:
-                    src = memoryview(value).cast("B")
-                    if src.nbytes != size:
-                        raise ValueError(f"value is {src.nbytes} bytes, {size} expected")
-                    view[offset : offset + size] = src
-                except BaseException:
-                    allocator.free(handle)
-                    entry.dram = entry.dram_off = -1
-                    raise
-                old = index.get(raw)
-                index[raw] = entry
-                if old is not None:
-                    dram.unqueue(raw, old)
-                    store._discard(raw, old)
-                if entry.sticky:
-                    pass
-                elif old is not None:
-                    lru.append(raw, entry)
-                elif ghost and raw in ghost:
-                    del ghost[raw]
-                    lru.append(raw, entry)
-                else:
-                    fresh.append(raw, entry)
+                self.put(raw, key, entry, value, options)
             except errors as exc:
                 results[i] = exc
-    finally:
-        dram.counters["evictions"] += evicted
-    return at
+        return at
+
+    # -- reading --
+
+    def _hit(self, raw: bytes, limit: int) -> Entry | None:
+        entry = self.index.get(raw)
+        if entry is None or entry.dram < 0 or entry.size > limit or entry.expires:
+            return None
+        self.counters["hits"] += 1
+        self._touch(raw, entry)
+        return entry
+
+    def _touch(self, raw: bytes, entry: Entry) -> None:
+        if entry.queue == self.main.ident:
+            self.main.move_to_back(entry)
+        elif entry.queue == self.fresh.ident:
+            self.fresh.remove(entry)
+            self.main.append(raw, entry)
+
+    def _copy_out(self, entry: Entry) -> bytes:
+        return self.view[entry.dram_off : entry.dram_off + entry.size].tobytes()
+
+    def get(self, raw: bytes) -> bytes | None:
+        entry = self._hit(raw, self.small_max - 1)
+        return None if entry is None else self._copy_out(entry)
+
+    def get_into(self, raw: bytes, buffer: Any) -> int:
+        entry = self._hit(raw, self.small_max - 1)
+        if entry is None:
+            return -1
+        out = _write_view(buffer, "buffer")
+        if out.nbytes < entry.size:
+            return -2 - entry.size
+        out[: entry.size] = self.view[entry.dram_off : entry.dram_off + entry.size]
+        return entry.size
+
+    def read_many(
+        self,
+        keys: list[Any],
+        buffers: list[Any] | None,
+        results: list[Any],
+        start: int,
+        stop_bytes: int,
+        encode: Callable[[Any], bytes],
+        copy_out: Callable[[int, Any, Entry], Any],
+        errors: tuple[type[BaseException], ...],
+    ) -> int:
+        copied = hits = 0
+        i = start
+        try:
+            while i < len(keys):
+                key = keys[i]
+                i += 1
+                try:
+                    raw = encode(key)
+                    entry = self.index.get(raw)
+                    if entry is None or entry.dram < 0 or entry.size > self.batch_max or entry.expires:
+                        continue
+                    if buffers is None:
+                        results[i - 1] = self._copy_out(entry)
+                    else:
+                        try:
+                            out = _write_view(buffers[i - 1], "buffer")
+                        except TypeError:
+                            out = None
+                        if out is not None and out.nbytes >= entry.size:
+                            out[: entry.size] = self.view[entry.dram_off : entry.dram_off + entry.size]
+                            results[i - 1] = entry.size
+                        else:
+                            results[i - 1] = copy_out(i - 1, key, entry)
+                    hits += 1
+                    self._touch(raw, entry)
+                    if entry.size >= self.small_max:
+                        copied += entry.size
+                        if copied >= stop_bytes:
+                            break
+                except errors as exc:
+                    results[i - 1] = exc
+        finally:
+            self.counters["hits"] += hits
+        return i

@@ -72,7 +72,7 @@ from mooncakefs.keys import (
     key_digest,
 )
 from mooncakefs.tiers.base import TIER_ORDER, Tier
-from mooncakefs.tiers.dram import FRESH, MAIN, DramTier
+from mooncakefs.tiers.dram import FRESH, DramTier
 from mooncakefs.tiers.ssd import DURABLE, PINNED, STICKY, Segment, SsdTier, resolve_ssd
 from mooncakefs.tiers.vram import VramTier, VramView, choose_tier, should_promote
 from mooncakefs.units import format_size, parse_size
@@ -256,10 +256,9 @@ class Store(KVMapping):
         dram.fresh_max = min(int((dram.high + (ssd.high if ssd else 0)) * FRESH_SHARE), dram.high // 2)
         self._reserve = dram.reserve  # the hot paths' DRAM calls, bound once
         self._touch = dram.touch
-        self._main_to_back = dram.main.move_to_back  # a read of a value in main (the queue is never replaced)
-        self._read, self._read_into = dram.arena.read, dram.arena.read_into
-        self._dram_counters = dram.counters
         self._enqueue = dram.enqueue
+        # small puts and reads in one C call each (the watermarks and fresh share are set by now)
+        self._plain = _engine.PlainPath(dram, self, LOCKED_COPY_MAX, BATCH_LOCKED_MAX, MAX_KEY_BYTES)
         self._expiring: list[tuple[float, int, bytes, Entry]] = []  # heap by expiry time
         self._tiebreak = itertools.count()
         self._lock = threading.Lock()
@@ -399,19 +398,14 @@ class Store(KVMapping):
             return
         raw, entry = self._prepare_put(key, size, options)
         if size < LOCKED_COPY_MAX and options is PLAIN_PUT and not entry.sticky:
-            with self._lock:  # the common small put: the batch's loop in Cython does it in one call
+            with self._lock:  # the common small put: one call into Cython
                 if self._plain_store():
-                    results: list[Any] = [None]
-                    _engine.put_plain(
-                        self._dram, self, [(0, raw, key, entry, value)], 0, 1, results, BATCH_ERRORS, options
-                    )
-                    if results[0] is not None:
-                        raise results[0]
+                    self._plain.put(raw, key, entry, value, options)
                     return
         self._put_prepared(raw, key, entry, value, options)
 
     def _plain_store(self) -> bool:
-        """Whether ``_engine.put_plain`` may store plain puts (lock held): an open, DRAM-only store with
+        """Whether ``_engine.PlainPath`` may store plain puts (lock held): an open, DRAM-only store with
         no shared index to keep in step and nothing that may expire."""
         return (
             not self._closed
@@ -1017,26 +1011,14 @@ class Store(KVMapping):
         self._discard(raw, entry)
         self._commit()
 
-    def _small_hit(self, raw: bytes) -> Entry | None:
-        """``_find``'s common case in one call (lock held): a small DRAM value that cannot expire, in an
-        open store, counted as a hit and touched; None where ``_find`` must do the work."""
-        entry = self._index.get(raw)
-        if entry is None or entry.dram < 0 or entry.size >= LOCKED_COPY_MAX or entry.expires or self._closed:
-            return None
-        self._dram_counters["hits"] += 1
-        if entry.queue == MAIN:
-            self._main_to_back(entry)
-        elif entry.queue:
-            self._touch(raw, entry)
-        return entry
-
     def get(self, key: Key) -> bytes:
         """The value as a new bytes object (KeyNotFound if absent)."""
         raw = encode_key(key)
         with self._lock:
-            entry = self._small_hit(raw)
-            if entry is not None:
-                return self._read(entry.dram_off, entry.size)
+            if not self._closed:  # the common case, a small DRAM value, in one call
+                value = self._plain.get(raw)
+                if value is not None:
+                    return value
             entry = self._find(raw, key)
             if entry.dram >= 0 and entry.size < LOCKED_COPY_MAX:
                 return self._dram.arena.read(entry.dram_off, entry.size)
@@ -1051,11 +1033,13 @@ class Store(KVMapping):
         try:
             room = _engine.nbytes(buffer)
             with self._lock:
-                entry = self._small_hit(raw)
-                if entry is None:
-                    entry = self._find(raw, key)
-                elif entry.size <= room:
-                    return self._read_into(entry.dram_off, entry.size, buffer)
+                if not self._closed:  # the common case, a small DRAM value, in one call
+                    n = self._plain.get_into(raw, buffer)
+                    if n >= 0:
+                        return n
+                    if n < -1:
+                        raise BufferTooSmall(key, -2 - n, room)
+                entry = self._find(raw, key)
                 if entry.size > room:
                     raise BufferTooSmall(key, entry.size, room)
                 if entry.dram >= 0 and entry.size < LOCKED_COPY_MAX:
@@ -1385,7 +1369,7 @@ class Store(KVMapping):
         plain: bool = False,
     ) -> None:
         """Store a run of prepared values under the lock, taken once per MiB, then empty the run.
-        ``plain``: no item is pinned, expiring, versioned or tagged (``_engine.put_plain`` may do it)."""
+        ``plain``: no item is pinned, expiring, versioned or tagged (``_engine.PlainPath`` may do it)."""
         n, at = len(run), 0
         while at < n:
             with self._lock:
@@ -1393,9 +1377,7 @@ class Store(KVMapping):
                 if (
                     plain and options.replace is Replace.ALWAYS and not options.durable and self._plain_store()
                 ):  # the KV-cache case: the loop in Cython
-                    at = _engine.put_plain(
-                        self._dram, self, run, at, BATCH_LOCKED_BYTES, results, BATCH_ERRORS, options
-                    )
+                    at = self._plain.put_run(run, at, BATCH_LOCKED_BYTES, results, BATCH_ERRORS, options)
                     continue
                 copied = 0
                 while at < n and copied < BATCH_LOCKED_BYTES:
@@ -1431,51 +1413,32 @@ class Store(KVMapping):
                 raise_buffer_error(buffers[i])
                 raise
 
-        results = self._batch_read(keys, copy_out)
+        results = self._batch_read(keys, buffers, copy_out)
         return [r if r is not None else self._each(self.get_into, keys[i], buffers[i]) for i, r in enumerate(results)]
 
     def batch_get(self, keys: Iterable[Key]) -> list[bytes | None]:
         """The values of many keys, None for each key that is missing (or invalid, or corrupted)."""
         keys = list(key_list(keys, "batch_get"))
         arena = self._dram.arena
-        results = self._batch_read(keys, lambda i, key, entry: arena.read(entry.dram_off, entry.size))
+        results = self._batch_read(keys, None, lambda i, key, entry: arena.read(entry.dram_off, entry.size))
         out = [self._each(self.get, keys[i]) if r is None else r for i, r in enumerate(results)]
         return [None if isinstance(v, Exception) else v for v in out]
 
-    def _batch_read(self, keys: list[Key], copy_out: Any) -> list[Any]:
-        """Read the DRAM-resident values of up to BATCH_LOCKED_MAX bytes among ``keys`` under the lock,
-        taken once per MiB copied.
+    def _batch_read(self, keys: list[Key], buffers: list[Any] | None, copy_out: Any) -> list[Any]:
+        """Read the DRAM-resident values of up to BATCH_LOCKED_MAX bytes among ``keys`` (into ``buffers``,
+        or new bytes) under the lock, taken once per MiB copied (BATCH_LOCKED_BYTES).
 
-        Returns one slot per key: ``copy_out(i, key, entry)``'s result or exception, or None where the
-        single-key path must do the work (misses, SSD, large or expiring values)."""
+        Returns one slot per key: the byte count or bytes, or the exception for that key, or None where
+        the single-key path must do the work (misses, SSD, large or expiring values).  ``copy_out(i, key,
+        entry)`` copies one value as the caller would, raising what it should (``PlainPath.read_many``)."""
         n = len(keys)
         results: list[Any] = [None] * n
-        index, touch = self._index, self._touch
+        read_many = self._plain.read_many
         start = 0
         while start < n:
-            with self._lock:  # taken again after each MiB copied (BATCH_LOCKED_BYTES)
+            with self._lock:
                 self._check_open()
-                hits = copied = 0
-                i = start
-                for i in range(start, n):
-                    key = keys[i]
-                    try:
-                        raw = encode_key(key)
-                        entry = index.get(raw)
-                        if entry is None or entry.dram < 0 or entry.size > BATCH_LOCKED_MAX or entry.expires:
-                            continue
-                        results[i] = copy_out(i, key, entry)
-                        hits += 1
-                        if entry.queue:
-                            touch(raw, entry)
-                        if entry.size >= LOCKED_COPY_MAX:  # small ones were always copied under the lock
-                            copied += entry.size
-                            if copied >= BATCH_LOCKED_BYTES:
-                                break
-                    except BATCH_ERRORS as exc:
-                        results[i] = exc
-                start = i + 1
-                self._counters["dram"]["hits"] += hits
+                start = read_many(keys, buffers, results, start, BATCH_LOCKED_BYTES, encode_key, copy_out, BATCH_ERRORS)
         return results
 
     def batch_exists(self, keys: Iterable[Key]) -> list[bool]:

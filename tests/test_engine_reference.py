@@ -503,7 +503,8 @@ def test_fill_bytes_hands_a_writable_view_then_bytes(impl):
 def _batch_put_script(store, seed: int) -> list[tuple]:
     """A random run of KV-cache-shaped calls on a small DRAM-only store, with what it holds after each:
     chains put (some overwritten, some back after eviction), prefixes matched and read, a leased head,
-    a value of the wrong size and one that is not a buffer."""
+    a value of the wrong size and one that is not a buffer, single and batched reads (some into short
+    buffers)."""
     import mooncakefs
 
     rng = random.Random(seed)
@@ -514,8 +515,22 @@ def _batch_put_script(store, seed: int) -> list[tuple]:
     for step in range(120):
         chain = [f"c{rng.randrange(12)}/{j}".encode() for j in range(rng.randrange(1, 9))]
         hit = store.match_prefix(chain)
+        reads: list[object] = []
         if hit:
             store.batch_get(chain[:hit])
+            if step % 3 == 0:  # into buffers, one of them too small now and then
+                buffers = [bytearray(block) for _ in range(hit)]
+                if step % 9 == 0:
+                    buffers[0] = bytearray(10)
+                reads += [
+                    r if isinstance(r, int) else type(r).__name__ for r in store.batch_get_into(chain[:hit], buffers)
+                ]
+            if step % 5 == 0:  # one key at a time: the single-key paths touch and count too
+                reads.append(len(store.get(chain[hit - 1])))
+                try:
+                    reads.append(store.get_into(chain[0], bytearray(block // 2)))
+                except mooncakefs.BufferTooSmall:
+                    reads.append("BufferTooSmall")
         items = [(k, values[j % 8]) for j, k in enumerate(chain[hit:])]
         if step % 17 == 5:
             items.append((b"odd", values[0][:100] + values[1]))  # another size: fine
@@ -531,6 +546,7 @@ def _batch_put_script(store, seed: int) -> list[tuple]:
         snapshots.append(
             (
                 errors,
+                reads,
                 list(store._fresh),
                 list(store._lru),
                 list(store._ghost),
@@ -545,21 +561,22 @@ def _batch_put_script(store, seed: int) -> list[tuple]:
     return snapshots
 
 
-def test_put_plain_engine_matches_reference(tmp_path, monkeypatch):
+def test_plain_path_engine_matches_reference(tmp_path, monkeypatch):
     import mooncakefs
     from mooncakefs import _engine as engine_module
     from mooncakefs import _reference as reference_module
 
     def run(impl, name: str) -> list[tuple]:
-        monkeypatch.setattr(engine_module, "put_plain", impl)
+        monkeypatch.setattr(engine_module, "PlainPath", impl)
         with mooncakefs.open(tmp_path / name, dram="256KiB") as store:
             return _batch_put_script(store, seed=3)
 
-    native = run(engine_module.put_plain, "engine")
-    twin = run(reference_module.put_plain, "reference")
+    native = run(engine_module.PlainPath, "engine")
+    twin = run(reference_module.PlainPath, "reference")
     assert native == twin
     assert any(s[0] for s in native), "the script never put a bad value"
-    assert native[-1][5]["evictions"] > 100, "the script never filled the store"
+    assert native[-1][6]["evictions"] > 100, "the script never filled the store"
+    assert any("BufferTooSmall" in s[1] for s in native), "the script never read into a short buffer"
 
 
 # ------------------------------------------------------------------------------------ the other twins

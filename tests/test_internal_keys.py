@@ -80,7 +80,7 @@ def test_sticky_objects_are_written_through_and_persist_flushes_named_keys(tmp_p
         assert "volatile" not in store
 
 
-BLOCK = 16 * 1024  # small: put and batch_put store it through _engine.put_plain's fast path
+BLOCK = 16 * 1024  # small: put and batch_put store it through _engine.PlainPath
 
 
 def _fill_sticky(store, way: str) -> tuple[list[int], set[str]]:
@@ -97,7 +97,7 @@ def _fill_sticky(store, way: str) -> tuple[list[int], set[str]]:
                 results.append(exc)
     elif way == "batch_put":
         results = [r for item in items for r in store.batch_put([item])]
-    else:  # one batch: one run, put_plain called once per MiB
+    else:  # one batch: one run, PlainPath.put_run called once per MiB
         results = store.batch_put(items)
     return [i for i, r in enumerate(results) if r is None], {type(r).__name__ for r in results if r is not None}
 
@@ -106,11 +106,11 @@ def _fill_sticky(store, way: str) -> tuple[list[int], set[str]]:
 def test_small_sticky_objects_without_ssd_are_never_queued_for_eviction(tmp_path, monkeypatch, engine):
     """A DRAM-only store cannot demote a sticky object (a file chunk), so it never evicts one: once the
     pool is full of them, more are refused with OutOfSpace, whichever way they were put.  Small values go
-    through _engine.put_plain (batch_put's loop; and its twin in _reference, step for step)."""
+    through _engine.PlainPath (put, and batch_put's loop; and its twin in _reference, step for step)."""
     from mooncakefs import _engine, _reference
 
     if engine == "twin":
-        monkeypatch.setattr(_engine, "put_plain", _reference.put_plain)
+        monkeypatch.setattr(_engine, "PlainPath", _reference.PlainPath)
     outcomes = {}
     for way in ("put", "batch_put", "one_batch"):
         with mooncakefs.open(tmp_path / way, dram="256KiB") as store:
