@@ -33,6 +33,8 @@ cdef class OffsetAllocator:
     cdef uint8_t leaf_mask[32]
 
     cdef uint32_t _new_node(self) except 0xFFFFFFFF
+    cdef long long _alloc(self, size_t nbytes) except -2
+    cdef int _free(self, long long handle) except -1
     cdef void _insert_free(self, uint32_t n) noexcept nogil
     cdef void _remove_free(self, uint32_t n) noexcept nogil
     cdef uint32_t _find_bin(self, uint32_t b) noexcept nogil

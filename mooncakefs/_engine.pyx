@@ -415,6 +415,9 @@ cdef class OffsetAllocator:
 
         O(1) unless the pool is nearly full: then the one bin holding blocks within 12.5% of the request
         is scanned."""
+        return self._alloc(nbytes)
+
+    cdef long long _alloc(self, size_t nbytes) except -2:
         cdef size_t want = (nbytes + UNIT - 1) // UNIT
         if want == 0:
             want = 1
@@ -462,6 +465,9 @@ cdef class OffsetAllocator:
 
     def free(self, long long handle) -> None:
         """Return a block; it merges with free neighbours."""
+        self._free(handle)
+
+    cdef int _free(self, long long handle) except -1:
         if handle < 0 or handle >= self.count or self.n_state[handle] != USED:
             raise ValueError(f"handle {handle} is not allocated")
         cdef uint32_t n = <uint32_t>handle
@@ -485,6 +491,7 @@ cdef class OffsetAllocator:
                 self.n_addr_prev[self.n_addr_next[other]] = n
             self._retire(other)
         self._insert_free(n)
+        return 0
 
     cdef void _retire(self, uint32_t n) noexcept nogil:
         self.n_state[n] = SPARE
@@ -1061,7 +1068,7 @@ cdef class PlainPath:
             queue.unlink(victim)
             del self.index[vraw]
             victim.word.dead = True
-            self.allocator.free(victim.dram)
+            self.allocator._free(victim.dram)
             victim.dram = -1
             victim.dram_unit = NONE
             self.evicted += 1
@@ -1076,20 +1083,23 @@ cdef class PlainPath:
         cdef Py_buffer s
         cdef Entry old
         self._make_room(size)
-        handle, offset = self.allocator.reserve(size)
-        if handle < 0:
+        cdef long long handle = self.allocator._alloc(size), offset
+        if handle >= 0:
+            offset = <long long>self.allocator.n_off[handle] * UNIT
+        else:
             handle, offset = self.dram.reserve(size)
             if handle < 0:  # raises the OutOfSpace a put would
                 self.store._put_locked(raw, key, entry, value, options, size + 1)
                 return 0
-        entry.dram, entry.dram_off = handle, offset
+        entry.dram = handle
+        entry.dram_unit = <uint32_t>(offset // UNIT)
         _get_read(value, &s, "value")
         try:
             if s.len != size or self.arena._check(offset, size) < 0:
                 raise ValueError(f"value is {s.len} bytes, {size} expected")
             _memcpy(self.arena.base + <size_t>offset, s.buf, size)
         except BaseException:
-            self.allocator.free(handle)
+            self.allocator._free(handle)
             entry.dram = -1
             entry.dram_unit = NONE
             raise
@@ -1107,7 +1117,7 @@ cdef class PlainPath:
             else:
                 old.word.dead = True
                 if old.dram >= 0 and not old.readers:
-                    self.allocator.free(old.dram)
+                    self.allocator._free(old.dram)
                     old.dram = -1
                     old.dram_unit = NONE
         if entry.word.sticky:  # no tier below to demote it to: never evicted (DramTier.evictable)
