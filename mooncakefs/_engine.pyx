@@ -115,6 +115,10 @@ cdef inline uint32_t _crc(uint32_t crc, const uint8_t *p, size_t n) noexcept:
 
 def nbytes(obj) -> int:
     """Length in bytes of any C-contiguous buffer (TypeError otherwise)."""
+    return _nbytes(obj)
+
+
+cdef Py_ssize_t _nbytes(object obj) except -1:
     cdef Py_buffer view
     _get_read(obj, &view, "value")
     cdef Py_ssize_t n = view.len
@@ -1168,6 +1172,48 @@ cdef class PlainPath:
         finally:
             self._count_evictions(before)
         return at
+
+    def prepare_run(self, list pairs, Py_ssize_t at, list results, list run, encode, internal_key, value_error,
+                    tuple errors) -> int:
+        """``Store.batch_put``'s loop for plain options: for each of ``pairs[at:]`` a slot in ``results``
+        and, for a value of up to ``batch_max`` bytes, an item ``(i, raw, key, Entry, value)`` in ``run``
+        (or the exception, one of ``errors``, it raised in its slot).  Stops at a larger value, its slot
+        added, and returns its index (``len(pairs)`` when done).  ``encode`` gives a key's bytes,
+        ``internal_key`` is the type whose values are sticky, ``value_error(value)`` says why a value is
+        not a buffer."""
+        cdef Py_ssize_t n = len(pairs), size
+        cdef Entry entry
+        while at < n:
+            key, value = pairs[at]
+            results.append(None)
+            try:
+                try:
+                    size = _nbytes(value)
+                except TypeError:
+                    raise value_error(value) from None
+                if size > self.batch_max:
+                    return at
+                if type(key) is str and (<str>key).isascii() and 0 < len(<str>key) <= self.max_key:
+                    raw = (<str>key).encode()  # encode_key's common case, inline
+                else:
+                    raw = encode(key)
+                entry = Entry.__new__(Entry, size)
+                entry.word.sticky = type(key) is internal_key
+                run.append((at, raw, key, entry, value))
+            except errors as exc:
+                results[at] = exc
+            at += 1
+        return at
+
+    def leaf_first(self, list run) -> None:
+        """Requeue a run's fresh values last item first: a chain's head the newest of the fresh queue,
+        so that its tail goes first."""
+        cdef Py_ssize_t i
+        cdef Entry entry
+        for i in range(len(run) - 1, -1, -1):
+            entry = <Entry>(<tuple>run[i])[3]
+            if entry.word.queue == FRESH_QUEUE:
+                self.fresh.to_back(entry)
 
     # -- reading --
 

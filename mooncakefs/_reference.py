@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import importlib
 import os
 import struct
 import time
@@ -646,6 +647,8 @@ class PlainPath:
         self.allocator, self.view = dram.allocator, dram.view
         self.high, self.low, self.fresh_max, self.ghost_factor = dram.high, dram.low, dram.fresh_max, dram.ghost_factor
         self.small_max, self.batch_max, self.max_key = small_max, batch_max, max_key
+        # entries of the engine in use: the tests also run this twin in a store on the Cython queues
+        self.new_entry = importlib.import_module("mooncakefs._engine").Entry
 
     # -- writing --
 
@@ -726,6 +729,41 @@ class PlainPath:
             except errors as exc:
                 results[i] = exc
         return at
+
+    def prepare_run(
+        self,
+        pairs: list[tuple[Any, Any]],
+        at: int,
+        results: list[Any],
+        run: list[Any],
+        encode: Callable[[Any], bytes],
+        internal_key: type,
+        value_error: Callable[[Any], BaseException],
+        errors: tuple[type[BaseException], ...],
+    ) -> int:
+        while at < len(pairs):
+            key, value = pairs[at]
+            results.append(None)
+            try:
+                try:
+                    size = nbytes(value)
+                except TypeError:
+                    raise value_error(value) from None
+                if size > self.batch_max:
+                    return at
+                raw = encode(key)
+                entry = self.new_entry(size)
+                entry.sticky = type(key) is internal_key
+                run.append((at, raw, key, entry, value))
+            except errors as exc:
+                results[at] = exc
+            at += 1
+        return at
+
+    def leaf_first(self, run: list[Any]) -> None:
+        for item in reversed(run):
+            if item[3].queue == self.fresh.ident:
+                self.fresh.move_to_back(item[3])
 
     # -- reading --
 

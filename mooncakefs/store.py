@@ -72,7 +72,7 @@ from mooncakefs.keys import (
     key_digest,
 )
 from mooncakefs.tiers.base import TIER_ORDER, Tier
-from mooncakefs.tiers.dram import FRESH, DramTier
+from mooncakefs.tiers.dram import DramTier
 from mooncakefs.tiers.ssd import DURABLE, PINNED, STICKY, Segment, SsdTier, resolve_ssd
 from mooncakefs.tiers.vram import VramTier, VramView, choose_tier, should_promote
 from mooncakefs.units import format_size, parse_size
@@ -1335,23 +1335,20 @@ class Store(KVMapping):
         results: list[Any] = []
         small: list[tuple[int, bytes, Key, Entry, Any]] = []  # a run waiting for the lock
         plain = not (options.pin or options.durable or options.ttl is not None or options.version or options.tag)
-        nbytes = _engine.nbytes
-        for key, value in pairs:
-            results.append(None)
+        at = 0
+        while at < len(pairs):
+            if plain:  # the values of a run prepared in one call, up to the first one too large for it
+                at = self._plain.prepare_run(
+                    pairs, at, results, small, encode_key, InternalKey, value_error, BATCH_ERRORS
+                )
+            else:
+                at = self._prepare_run(pairs, at, results, small, options)
+            if at == len(pairs):
+                break
+            key, value = pairs[at]  # too large for a run: the run so far goes first, then it alone
+            at += 1
             try:
-                try:
-                    size = nbytes(value)
-                except TypeError:
-                    raise value_error(value) from None
-                if plain:  # _prepare_put's common case, inline
-                    raw = encode_key(key)
-                    entry = Entry(size)
-                    entry.sticky = type(key) is InternalKey
-                else:
-                    raw, entry = self._prepare_put(key, size, options)
-                if entry.size <= BATCH_LOCKED_MAX:
-                    small.append((len(results) - 1, raw, key, entry, value))
-                    continue
+                raw, entry = self._prepare_put(key, _engine.nbytes(value), options)
                 self._put_run(small, results, options, plain)
                 self._put_prepared(raw, key, entry, value, options)
             except StoreClosed:
@@ -1360,6 +1357,34 @@ class Store(KVMapping):
                 results[-1] = exc
         self._put_run(small, results, options, plain)
         return results
+
+    def _prepare_run(
+        self,
+        pairs: list[tuple[Key, Any]],
+        at: int,
+        results: list[Any],
+        run: list[tuple[int, bytes, Key, Entry, Any]],
+        options: PutOptions,
+    ) -> int:
+        """``PlainPath.prepare_run`` for any options: a slot in ``results`` for each of ``pairs[at:]`` and
+        an item in ``run`` for each value of up to BATCH_LOCKED_MAX bytes; returns the index of the first
+        larger one (its slot added), or ``len(pairs)``."""
+        while at < len(pairs):
+            key, value = pairs[at]
+            results.append(None)
+            try:
+                try:
+                    size = _engine.nbytes(value)
+                except TypeError:
+                    raise value_error(value) from None
+                if size > BATCH_LOCKED_MAX:
+                    return at
+                raw, entry = self._prepare_put(key, size, options)
+                run.append((at, raw, key, entry, value))
+            except BATCH_ERRORS as exc:
+                results[at] = exc
+            at += 1
+        return at
 
     def _put_run(
         self,
@@ -1390,10 +1415,7 @@ class Store(KVMapping):
                         results[i] = exc
         if n > 1:  # leaf first: the run's head the newest of the fresh queue
             with self._lock:
-                to_back = self._dram.fresh.move_to_back
-                for _, _, _, entry, _ in reversed(run):
-                    if entry.queue == FRESH:
-                        to_back(entry)
+                self._plain.leaf_first(run)
         run.clear()
 
     def batch_get_into(self, keys: Iterable[Key], buffers: Iterable[Any]) -> list[Any]:
