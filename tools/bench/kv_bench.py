@@ -93,13 +93,13 @@ TARGETS: dict[tuple[str, str, int], Target] = {
     ("dram", "get_into", 16 * MiB): Target("x_memcpy", 0.85),
     ("dram", "view", 16 * MiB): Target("x_memcpy", 0.85),
     ("dram", "put", 16 * MiB): Target("x_memcpy", 0.7),
-    ("dram", "get", 4 * KiB): Target("ops_per_s", 200e3),
-    ("dram", "put", 4 * KiB): Target("ops_per_s", 100e3),
-    ("dram", "batch_put", 4 * KiB): Target("ops_per_s", 500e3),
+    ("dram", "get", 4 * KiB): Target("ops_per_s", 1e6),
+    ("dram", "put", 4 * KiB): Target("ops_per_s", 500e3),
+    ("dram", "batch_put", 4 * KiB): Target("ops_per_s", 1e6),
     ("dram", "batch_get", 4 * KiB): Target("ops_per_s", 500e3),
-    ("dram", "batch_get_into", 4 * KiB): Target("ops_per_s", 500e3),
+    ("dram", "batch_get_into", 4 * KiB): Target("ops_per_s", 1.5e6),
 }
-INDEX_TARGET_BYTES = 400
+INDEX_TARGET_BYTES = 256
 
 
 @dataclass
