@@ -650,3 +650,80 @@ def test_an_unknown_engine_switch_is_a_clear_error():
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == (
         "mooncakefs._reference"
     )
+
+
+def test_entry_is_112_bytes_and_not_tracked_by_the_collector(engine):
+    """One entry exists per object in the store: its size is most of the index's memory (docs/architecture.md)."""
+    import gc
+
+    if engine.__name__ != "mooncakefs._engine":
+        pytest.skip("the Cython entry's layout (this run has the twins in its place)")
+    entry = engine.Entry(5)
+    assert sys.getsizeof(entry) <= 112
+    assert not gc.is_tracked(entry)
+
+
+def test_entry_fields_refuse_what_they_cannot_hold(impl):
+    """The narrow fields take their whole range and refuse the rest, in both engines alike."""
+    entry = impl.Entry()
+    for value in (0, 64, (0xFFFFFFFF - 1) * 64, -1):
+        entry.dram_off = value
+        assert entry.dram_off == value
+    for bad in (1, 65, 0xFFFFFFFF * 64, -2):
+        with pytest.raises(ValueError, match="DRAM offset"):
+            entry.dram_off = bad
+    for value in (0, 0xFFFFFFFF, -1):
+        entry.crc = value
+        assert entry.crc == value
+    with pytest.raises(ValueError, match="CRC"):
+        entry.crc = 1 << 32
+    entry.size = (1 << 48) - 1
+    assert entry.size == (1 << 48) - 1
+    for bad in (1 << 48, -1):
+        with pytest.raises(ValueError, match="size"):
+            entry.size = bad
+    for flag in ("pinned", "sticky", "dead", "durable"):
+        setattr(entry, flag, True)
+        assert getattr(entry, flag) is True
+        setattr(entry, flag, False)
+        assert getattr(entry, flag) is False
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_entry_queue_engine_matches_reference(engine, reference, seed):
+    """The same random pushes, removals, moves to the back and wrong-queue calls on both engines' pairs of
+    queues: same order, counts, bytes, errors and ``Entry.queue``."""
+    rng = random.Random(seed)
+    sizes = [rng.randrange(1, 1000) for _ in range(40)]
+    sides = [
+        ((impl.EntryQueue(1), impl.EntryQueue(2)), [impl.Entry(size) for size in sizes]) for impl in (engine, reference)
+    ]
+    for step in range(2000):
+        op, q, k = rng.choice(("append", "remove", "move_to_back", "first")), rng.randrange(2), rng.randrange(40)
+        seen = []
+        for queues, entries in sides:
+            try:
+                if op == "append":
+                    result = queues[q].append(f"k{k}".encode(), entries[k])
+                elif op == "first":
+                    first = queues[q].first()
+                    result = None if first is None else first.key
+                else:
+                    result = getattr(queues[q], op)(entries[k])
+            except ValueError as exc:
+                result = ("ValueError", str(exc))
+            state = [(list(qu), [key for key, _ in qu.items()], len(qu), qu.nbytes) for qu in queues]
+            seen.append((result, state, [e.queue for e in entries]))
+        assert seen[0] == seen[1], f"step {step}: {op} queue {q} entry {k}"
+    for queues, entries in sides:
+        entry = queues[0].first()
+        if entry is not None:  # an entry that leaves the queue under an iteration stops it
+            items = queues[0].items()
+            next(items)
+            queues[0].remove(entry)
+            with pytest.raises(RuntimeError):
+                next(items)
+        for qu in queues:
+            qu.clear()
+            assert len(qu) == qu.nbytes == 0 and qu.first() is None
+        assert all(e.queue == 0 for e in entries)
