@@ -1050,6 +1050,12 @@ cdef class PlainPath:
         self.high, self.low, self.fresh_max, self.ghost_factor = dram.high, dram.low, dram.fresh_max, dram.ghost_factor
         self.small_max, self.batch_max, self.max_key = small_max, batch_max, max_key
 
+    cdef inline bytes _encode(self, key, encode):
+        """A key's bytes: ``encode_key``'s common case (an ASCII str of allowed length) here, else ``encode``."""
+        if type(key) is str and (<str>key).isascii() and 0 < len(<str>key) <= self.max_key:
+            return (<str>key).encode()
+        return encode(key)
+
     # -- writing --
 
     cdef int _make_room(self, long long size) except -1:
@@ -1193,10 +1199,7 @@ cdef class PlainPath:
                     raise value_error(value) from None
                 if size > self.batch_max:
                     return at
-                if type(key) is str and (<str>key).isascii() and 0 < len(<str>key) <= self.max_key:
-                    raw = (<str>key).encode()  # encode_key's common case, inline
-                else:
-                    raw = encode(key)
+                raw = self._encode(key, encode)
                 entry = Entry.__new__(Entry, size)
                 entry.word.sticky = type(key) is internal_key
                 run.append((at, raw, key, entry, value))
@@ -1288,10 +1291,7 @@ cdef class PlainPath:
                 key = keys[i]
                 i += 1
                 try:
-                    if type(key) is str and (<str>key).isascii() and 0 < len(<str>key) <= self.max_key:
-                        raw = (<str>key).encode()  # encode_key's common case, inline
-                    else:
-                        raw = encode(key)
+                    raw = self._encode(key, encode)
                     found = self.index.get(raw)
                     if found is None:
                         continue
