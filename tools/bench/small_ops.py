@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Keys per second of the embedded store's small calls, by wall clock and by this process's CPU time.
+
+4 KiB ``put``, ``get``, ``get_into``, and 32-key ``batch_put`` / ``batch_get_into`` over 8192 resident keys
+of a DRAM-only store.  On a shared VM the wall clock says as much about the neighbours as about the code;
+the CPU time of the process is disturbed far less, so A/B runs (``PYTHONPATH=<tree>`` from each tree,
+interleaved) compare it.  One line per op: ``op keys_per_wall_s keys_per_cpu_s``.
+
+Example::
+
+    python3 tools/bench/small_ops.py --seconds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import mooncakefs
+
+OPS = ("put", "get", "get_into", "batch_put", "batch_get_into")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops", default=",".join(OPS), help="comma-separated ops (default: all)")
+    p.add_argument("--seconds", type=float, default=2.0, help="time per op (default 2)")
+    p.add_argument("--keys", type=int, default=8192, help="resident keys (default 8192)")
+    p.add_argument("--batch", type=int, default=32, help="keys per batch call (default 32)")
+    args = p.parse_args()
+    values = [os.urandom(4096) for _ in range(64)]
+    keys = [f"bench/key/{i:08d}" for i in range(args.keys)]
+    groups = [keys[i : i + args.batch] for i in range(0, len(keys), args.batch)]
+    items = [[(k, values[j % 64]) for j, k in enumerate(g)] for g in groups]
+    one, buffers = bytearray(4096), [bytearray(4096) for _ in range(args.batch)]
+    with tempfile.TemporaryDirectory() as d, mooncakefs.open(d, dram="256MiB") as store:
+        for i, key in enumerate(keys):
+            store.put(key, values[i % 64])
+
+        def put() -> None:
+            for i, key in enumerate(keys):
+                store.put(key, values[i & 63])
+
+        def get() -> None:
+            for key in keys:
+                store.get(key)  # each value dropped at once, as a caller would
+
+        def get_into() -> None:
+            for key in keys:
+                store.get_into(key, one)
+
+        def batch_put() -> None:
+            for group in items:
+                store.batch_put(group)
+
+        def batch_get_into() -> None:
+            for group in groups:
+                store.batch_get_into(group, buffers)
+
+        passes = {f.__name__: f for f in (put, get, get_into, batch_put, batch_get_into)}
+        for op in args.ops.split(","):
+            one_pass, done = passes[op], 0
+            wall, cpu = time.perf_counter(), time.process_time()
+            while time.perf_counter() - wall < args.seconds:
+                one_pass()
+                done += len(keys)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            print(op, round(done / wall), round(done / cpu), flush=True)
+
+
+if __name__ == "__main__":
+    main()
