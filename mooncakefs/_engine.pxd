@@ -74,20 +74,20 @@ cdef extern from *:
 
 
 cdef class Entry:
-    # 8-byte fields first, then 4-byte ones: 96 bytes after the object header, so 112 in all.
+    # 8-byte fields first, then 4-byte ones: 96 bytes after the object header, so 112 in all (pymalloc
+    # rounds to 16: one 4-byte field more would cost 16 bytes an object).
     cdef PyObject *prev  # the neighbours in the eviction queue holding it (borrowed: the queue owns it)
     cdef PyObject *next
     cdef readonly bytes key  # set when first queued: what eviction needs to find it in the index
     cdef mc_entry_word word
-    cdef public long long seg_off
     cdef public double expires
     cdef public unsigned long long version_hi
     cdef public unsigned long long version_lo
     cdef uint32_t dram_unit  # dram_off // 64, or NONE
     cdef public int dram
     cdef public int seg
-    cdef uint32_t vram_unit  # vram_off // 64, or NONE
-    cdef public int vram
+    cdef uint32_t seg_unit  # seg_off // 512 (the SSD tier's record alignment), or NONE
+    cdef public int vram  # a VRAM block's handle (its offset is the VRAM tier's allocator's to say)
     cdef uint32_t crc32
     cdef public unsigned int tag
     cdef public int readers

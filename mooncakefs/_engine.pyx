@@ -611,13 +611,13 @@ VERSION_LOW_MASK = (1 << 63) - 1
 VALUE_SIZE_LIMIT = 1 << 48  # what an entry's size field holds (Store.begin_put's limit too)
 
 
-cdef uint32_t _offset_unit(long long offset) except? 0xFFFFFFFE:
-    """A pool offset (DRAM or VRAM: the allocator's 64-byte units) as an entry keeps it; -1 is none."""
-    if offset == -1:
-        return NONE
-    if offset < 0 or offset % UNIT or offset // UNIT >= NONE:
-        raise ValueError(f"a DRAM or VRAM offset is a multiple of {UNIT} below {UNIT} * 2**32 (or -1), got {offset}")
-    return <uint32_t>(offset // UNIT)
+cdef extern from *:
+    """
+    #define MC_SEG_UNIT 512
+    """
+    const long long SEG_UNIT "MC_SEG_UNIT"
+
+SSD_ALIGN = SEG_UNIT  # every SSD record starts on it (tiers/ssd.py's ALIGN), so entries keep offsets in it
 
 
 @cython.no_gc  # its only object field is bytes, and the queue links are borrowed: it is never in a cycle
@@ -639,9 +639,8 @@ cdef class Entry:
         self.dram = -1
         self.dram_unit = NONE
         self.seg = -1
-        self.seg_off = -1
+        self.seg_unit = NONE
         self.vram = -1
-        self.vram_unit = NONE
 
     @property
     def size(self):
@@ -661,15 +660,25 @@ cdef class Entry:
 
     @dram_off.setter
     def dram_off(self, long long value):
-        self.dram_unit = _offset_unit(value)
+        if value == -1:
+            self.dram_unit = NONE
+        elif value < 0 or value % UNIT or value // UNIT >= NONE:
+            raise ValueError(f"a DRAM offset is a multiple of {UNIT} below {UNIT} * 2**32 (or -1), got {value}")
+        else:
+            self.dram_unit = <uint32_t>(value // UNIT)
 
     @property
-    def vram_off(self):
-        return -1 if self.vram_unit == NONE else <long long>self.vram_unit * UNIT
+    def seg_off(self):
+        return -1 if self.seg_unit == NONE else <long long>self.seg_unit * SEG_UNIT
 
-    @vram_off.setter
-    def vram_off(self, long long value):
-        self.vram_unit = _offset_unit(value)
+    @seg_off.setter
+    def seg_off(self, long long value):
+        if value == -1:
+            self.seg_unit = NONE
+        elif value < 0 or value % SEG_UNIT or value // SEG_UNIT >= NONE:
+            raise ValueError(f"an SSD offset is a multiple of {SEG_UNIT} below {SEG_UNIT} * 2**32 (or -1), got {value}")
+        else:
+            self.seg_unit = <uint32_t>(value // SEG_UNIT)
 
     @property
     def crc(self):

@@ -348,15 +348,7 @@ class Arena:
 
 
 VALUE_SIZE_LIMIT = 1 << 48
-
-
-def _pool_offset(offset: int) -> int:
-    """The Cython entry keeps pool offsets in the allocator's 64-byte units, in 32 bits: the same checks."""
-    if offset != -1 and (offset < 0 or offset % ALLOC_UNIT or offset // ALLOC_UNIT >= 0xFFFFFFFF):
-        raise ValueError(
-            f"a DRAM or VRAM offset is a multiple of {ALLOC_UNIT} below {ALLOC_UNIT} * 2**32 (or -1), got {offset}"
-        )
-    return offset
+SSD_ALIGN = 512
 
 
 class Entry:
@@ -365,9 +357,9 @@ class Entry:
     __slots__ = (
         "_crc",
         "_dram_off",
+        "_seg_off",
         "_size",
         "_version",
-        "_vram_off",
         "dead",
         "dram",
         "durable",
@@ -379,7 +371,6 @@ class Entry:
         "readers",
         "seen",
         "seg",
-        "seg_off",
         "sticky",
         "tag",
         "vram",
@@ -390,7 +381,7 @@ class Entry:
         self.size = size
         self.key: bytes | None = None
         self._version = self.tag = 0
-        self.dram = self._dram_off = self.seg = self.seg_off = self.vram = self._vram_off = self._crc = -1
+        self.dram = self._dram_off = self.seg = self._seg_off = self.vram = self._crc = -1
         self.expires = 0.0
         self.readers = self.hits = self.seen = 0
         self.pinned = self.sticky = self.dead = self.durable = False
@@ -413,15 +404,23 @@ class Entry:
 
     @dram_off.setter
     def dram_off(self, value: int) -> None:
-        self._dram_off = _pool_offset(value)
+        if value != -1 and (value < 0 or value % ALLOC_UNIT or value // ALLOC_UNIT >= 0xFFFFFFFF):
+            raise ValueError(
+                f"a DRAM offset is a multiple of {ALLOC_UNIT} below {ALLOC_UNIT} * 2**32 (or -1), got {value}"
+            )
+        self._dram_off = value
 
     @property
-    def vram_off(self) -> int:
-        return self._vram_off
+    def seg_off(self) -> int:
+        return self._seg_off
 
-    @vram_off.setter
-    def vram_off(self, value: int) -> None:
-        self._vram_off = _pool_offset(value)
+    @seg_off.setter
+    def seg_off(self, value: int) -> None:
+        if value != -1 and (value < 0 or value % SSD_ALIGN or value // SSD_ALIGN >= 0xFFFFFFFF):
+            raise ValueError(
+                f"an SSD offset is a multiple of {SSD_ALIGN} below {SSD_ALIGN} * 2**32 (or -1), got {value}"
+            )
+        self._seg_off = value
 
     @property
     def crc(self) -> int:

@@ -672,6 +672,12 @@ def test_entry_fields_refuse_what_they_cannot_hold(impl):
     for bad in (1, 65, 0xFFFFFFFF * 64, -2):
         with pytest.raises(ValueError, match="DRAM offset"):
             entry.dram_off = bad
+    for value in (0, 512, (0xFFFFFFFF - 1) * 512, -1):
+        entry.seg_off = value
+        assert entry.seg_off == value
+    for bad in (64, 0xFFFFFFFF * 512, -2):
+        with pytest.raises(ValueError, match="SSD offset"):
+            entry.seg_off = bad
     for value in (0, 0xFFFFFFFF, -1):
         entry.crc = value
         assert entry.crc == value

@@ -218,7 +218,7 @@ def test_pinned_durable_and_internal_values_stay_on_the_host():
 
 def test_reads_into_gpu_buffers_promote_after_enough_of_them():
     entry = _engine.Entry(100)
-    assert (entry.vram, entry.vram_off) == (-1, -1)
+    assert entry.vram == -1
     entry.hits = 1
     assert not should_promote(entry, 2, True)
     entry.hits = 2

@@ -228,7 +228,7 @@ def test_an_ssd_victim_with_a_copy_in_vram_stays_in_the_store(tmp_path):
     try:
         block = 64 << 10
         kept = store_value(tier, place, b"in-vram", rand_bytes(block, seed="v"))
-        kept.vram, kept.vram_off = 7, 0
+        kept.vram = 7
         for i in range(tier.capacity // block + 4):
             store_value(tier, place, b"f%d" % i, rand_bytes(block, seed=i))
         assert kept.seg == -1  # its SSD copy was evicted...
@@ -246,7 +246,7 @@ def test_a_dram_victim_with_a_copy_in_vram_keeps_it(tmp_path):
     try:
         block = 64 << 10
         kept = store_value(tier, place, b"in-vram", rand_bytes(block, seed="v"))
-        kept.vram, kept.vram_off = 7, 0
+        kept.vram = 7
         for i in range(tier.capacity // block + 4):
             store_value(tier, place, b"f%d" % i, rand_bytes(block, seed=i))
         assert kept.dram == -1 and b"in-vram" not in place.dropped and place.index[b"in-vram"] is kept

@@ -2,7 +2,7 @@
 may ask of the store that places values in it (``Placement``).
 
 A value's record is one ``_engine.Entry`` in the store's index; each tier keeps its own location fields
-in it (VRAM: ``vram``/``vram_off``, DRAM: ``dram``/``dram_off``, SSD: ``seg``/``seg_off``) and its own
+in it (VRAM: ``vram``, DRAM: ``dram``/``dram_off``, SSD: ``seg``/``seg_off``) and its own
 eviction order over the entries it holds.  The store decides where a value goes and moves it between tiers (``Store`` in
 store.py); a tier keeps bytes, its space accounting, and which of its values should leave first.
 """

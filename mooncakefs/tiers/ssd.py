@@ -55,7 +55,7 @@ from mooncakefs.units import format_size, parse_size, parse_ssd
 
 log = logging.getLogger("mooncakefs.ssd")
 
-ALIGN = 512
+ALIGN = _engine.SSD_ALIGN  # 512: records start on it (entries keep SSD offsets in these units)
 __all__ = ["DIRECT_ALIGN", "SsdTier", "fsck", "open_segments", "resolve_ssd"]
 # Journal: a header (magic, format, segment id), then records.  A record is _RECORD (its CRC-32C over
 # everything after the CRC field; kind, flags, key length, sequence number, offset, size, value CRC,

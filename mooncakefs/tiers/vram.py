@@ -92,17 +92,17 @@ class VramTier:
 
     def address(self, entry: Entry) -> int:
         """The device address of the entry's value."""
-        return self.base + entry.vram_off
+        return self.base + self.allocator.offset(entry.vram)
 
     # -- the Tier protocol ------------------------------------------------------------------------------
 
     def allocate(self, raw: bytes, entry: Entry) -> bool:
         if entry.size > self.capacity:
             return False
-        handle, offset = self.allocator.reserve(entry.size)
+        handle = self.allocator.alloc(entry.size)
         while handle < 0 and self.evict_one():
-            handle, offset = self.allocator.reserve(entry.size)
-        entry.vram, entry.vram_off = handle, offset
+            handle = self.allocator.alloc(entry.size)
+        entry.vram = handle  # its offset is the allocator's to say (address): the entry keeps 4 bytes less
         return handle >= 0
 
     def write(self, raw: bytes, entry: Entry, data: Any) -> None:
@@ -157,7 +157,7 @@ class VramTier:
         """Give the entry's block back (it must hold no lease) and take it out of the LRU order."""
         self.unqueue(raw, entry)
         self.allocator.free(entry.vram)
-        entry.vram = entry.vram_off = -1
+        entry.vram = -1
 
     def victims(self) -> Iterator[tuple[bytes, Entry]]:
         for raw, entry in self.lru.items():
