@@ -239,7 +239,9 @@ def test_same_host_reads_skip_the_node_and_see_every_update(small_node):
 def test_a_slot_changed_during_the_copy_is_a_miss():
     """The reader's second sequence check: a copy of 256 MiB runs without the GIL, and meanwhile another
     thread republishes the slot (as the node does before reusing a block).  A busy machine may delay
-    the reader past the publish (then it reads the new slot whole), so it tries until one overlaps."""
+    the reader past the publish (then it reads the new slot whole), so it tries until one overlaps: up
+    to 200 times, as a loaded 2-core machine can deschedule the reader for longer than the sleep below
+    many times in a row."""
     import threading
 
     size = 256 << 20
@@ -250,7 +252,7 @@ def test_a_slot_changed_during_the_copy_is_a_miss():
     d = digest(b"big")
     dst = bytearray(size)
     outcomes = []
-    for attempt in range(20):
+    for attempt in range(200):
         node.publish(d, 4096 * (attempt % 2), size)
         result: list[int] = []
         started = threading.Event()
