@@ -10,13 +10,19 @@ written), not by reading them again every second; a full read every 30 s is only
 A chunk's source is chosen in this order:
 
 1. this host's node: an owner of the chunk (read as any other read), or a copy kept earlier;
-2. the readers whose record says they hold it, and readers whose node owns a replica, best first by
-   rendezvous hash of (file, chunk, node), so each chunk has one preferred holder and the load spreads;
+2. the readers whose record says they hold it, readers whose node owns a replica, and (where some reader
+   holds it, and this reader has not yet taken its share of the file from them) the chunk's replicas
+   themselves: the one with the fewest requests of this mount in flight first, ties broken by a hash of
+   (file, chunk, node, this node), so every uplink, the writer's included, stays busy and readers that
+   want the same chunk ask different holders (``rank_sources``);
 3. the chunk's *seed*: of the readers reading this version of the file now, the one the same hash
    picks.  The seed fetches the chunk from its replicas (its prefetcher runs ahead of its reader), and
    every other reader waits a little for it there: so the replicas' hosts send about one copy of the
    file however many readers there are;
 4. the replicas, through the cluster client's routing (and its failover).
+
+A file's prefetchers fetch the chunks this reader seeds first, then the rarest of their window (the
+fewest readers hold it), so that what the replicas send is what the readers can trade (``rarest_first``).
 
 Every copy taken from another reader is checked against the CRC-32C the file's writer published with
 the file (``sums`` in its inode): a bad copy is dropped and its node not asked again for that file; a
@@ -32,7 +38,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -98,6 +105,24 @@ def in_ranges(ranges: list[list[int]], idx: int) -> bool:
     return any(a <= idx < b for a, b in ranges)
 
 
+def rank_sources(
+    candidates: Iterable[str], inflight: Mapping[str, int], tiebreak: Callable[[str], int], down: Callable[[str], bool]
+) -> list[str]:
+    """The candidates for one chunk, best first: nodes up before nodes marked down, then the fewest of
+    this mount's requests in flight to the node (a busy uplink makes a slow source, and a hash alone sends
+    every reader of a chunk to the same one), then the highest ``tiebreak`` (a hash that differs per
+    chunk and per reader, so equal candidates share the load)."""
+    return sorted(candidates, key=lambda n: (down(n), inflight.get(n, 0), -tiebreak(n)))
+
+
+def rarest_first(todo: Iterable[int], holders: Callable[[int], int]) -> list[int]:
+    """Chunks to fetch, the rarest among the other readers first (BitTorrent's rarest first: the replicas'
+    and holders' uplinks then carry what few others can serve, so every reader soon has something to
+    trade); chunks nobody holds yet last (they come from their seed); ties in file order."""
+    counted = [(holders(i), pos, i) for pos, i in enumerate(todo)]
+    return [i for n, _, i in sorted(counted, key=lambda c: (c[0] == 0, c[0], c[1]))]
+
+
 class _Opened:
     """A context manager over bytes the mount holds itself (a copy it could not keep in its node)."""
 
@@ -134,6 +159,7 @@ class FileState:
     bad: set[str] = field(default_factory=set)  # nodes that served a bad copy of this file's chunks
     closed: bool = False
     sources: dict[str, int] = field(default_factory=dict)  # bytes fetched per node (for the record)
+    from_replicas: int = 0  # bytes fetched from nodes that are not readers of the file (its replicas)
     # Worked out once, not on every wake of every prefetcher (each costs hashing, and the count of chunks
     # to fetch a pass over every chunk of the file): the chunks' owners and that count under one
     # placement map, each chunk's seed among one set of readers.  Each cache is replaced whole, with
@@ -156,6 +182,7 @@ class Swarm:
         self.prefix = namespace.prefix + "p2p/"
         self.files: dict[int, FileState] = {}
         self.lock = threading.Lock()
+        self.inflight: dict[str, int] = {}  # this mount's requests in flight, per node (``rank_sources``)
         self.stopped = False
 
     @classmethod
@@ -352,12 +379,25 @@ class Swarm:
         for node in owners:
             if node in readers:
                 holders[node] = chunk_name(f.ino, idx)  # a reader whose node holds a replica
-        out = [(n, holders[n], 0.0) for n in sorted(holders, key=lambda n: -score(f.ino, idx, n))]
-        out.sort(key=lambda item: self.store.is_down(item[0]))
+        candidates = dict(holders)
+        if holders and f.from_replicas < self._replica_share(f, usable):
+            for node in owners:  # the replicas too (the writer's uplink), up to this reader's share
+                if node != self.node and node not in f.bad:
+                    candidates.setdefault(node, chunk_name(f.ino, idx))
+        with self.lock:
+            inflight = dict(self.inflight)
+        ranked = rank_sources(candidates, inflight, lambda n: score(f.ino, idx, n, self.node), self.store.is_down)
+        out = [(n, candidates[n], 0.0) for n in ranked]
         seed = self._seed(f, idx, usable)
         if seed != self.node and seed not in holders and not self.store.is_down(seed):
             out.append((seed, cache_key(f.ino, idx, crc), SEED_WAIT_S))
         return out
+
+    def _replica_share(self, f: FileState, usable: list[Peer]) -> int:
+        """The bytes this reader may take from the replicas: the file over the readers reading it now, so
+        the replicas' hosts send about one copy of it however many readers there are."""
+        readers = len({p.node for p in usable if p.reading} | {self.node})
+        return f.size // readers
 
     def _seed(self, f: FileState, idx: int, usable: list[Peer]) -> str:
         """The reader that fetches chunk ``idx`` from the replicas for all (rendezvous over the readers
@@ -408,7 +448,7 @@ class Swarm:
             else:
                 data = None
             if kept:
-                self._count(f, node, self._length(f, idx))
+                self._count(f, node, self._length(f, idx), replica=all(p.node != node for p in f.peers))
                 return data
 
         def from_replicas(out: memoryview) -> bool:  # by the cluster client's routing
@@ -418,7 +458,7 @@ class Swarm:
                 return False
 
         if self._keep_in_place(f, idx, crc, from_replicas):
-            self._count(f, "replicas", self._length(f, idx))
+            self._count(f, "replicas", self._length(f, idx), replica=True)
             return None
         try:  # not kept (this host's node cannot take it, or a chunk shorter than its place in the file)
             data = self.store.get(chunk_name(f.ino, idx))
@@ -426,7 +466,7 @@ class Swarm:
             log.warning("chunk %d of inode %d: %s", idx, f.ino, exc)
             return None
         if crc32c(data) == crc:
-            self._count(f, "replicas", len(data))
+            self._count(f, "replicas", len(data), replica=True)
             self._keep(f, idx, crc, data)
         return data  # (one that does not match: the file changed since it was opened here)
 
@@ -435,9 +475,11 @@ class Swarm:
         return max(min(self.ns.chunk_size, f.size - idx * self.ns.chunk_size), 0)
 
     @staticmethod
-    def _count(f: FileState, source: str, size: int) -> None:
+    def _count(f: FileState, source: str, size: int, *, replica: bool = False) -> None:
         with f.lock:  # (the record is made from it on another thread)
             f.sources[source] = f.sources.get(source, 0) + size
+            if replica:
+                f.from_replicas += size
 
     def _pull(self, f: FileState, node: str, wait: float, read: Callable[[Any], T]) -> T | None:
         """``read(link to node)``: a value there, waiting up to ``wait`` seconds for it to appear; None if
@@ -446,7 +488,8 @@ class Swarm:
         deadline = time.monotonic() + wait
         while True:
             try:
-                return read(self.store.link(node))
+                with self._in_flight(node):
+                    return read(self.store.link(node))
             except ChecksumError:
                 log.warning("node %s served a bad or stale copy of a chunk of inode %d: skipping it", node, f.ino)
                 f.bad.add(node)
@@ -464,6 +507,17 @@ class Swarm:
             except MooncakeError as exc:
                 log.warning("node %s: %s", node, str(exc)[:200])
                 return None
+
+    @contextmanager
+    def _in_flight(self, node: str) -> Iterator[None]:
+        """Count a request to ``node`` as in flight while it runs (the load ``rank_sources`` weighs)."""
+        with self.lock:
+            self.inflight[node] = self.inflight.get(node, 0) + 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.inflight[node] -= 1
 
     def _keep_in_place(self, f: FileState, idx: int, crc: int, fill: Callable[[memoryview], bool]) -> bool | None:
         """Keep chunk ``idx`` in this host's node, ``fill`` writing it straight into its place in the pool
@@ -534,7 +588,17 @@ class Swarm:
         for i in todo:
             if self._seed(f, i, usable) == self.node and not any(in_ranges(p.have, i) for p in usable):
                 return i
-        return None if seeds_only or not todo else todo[0]
+        if seeds_only or not todo:
+            return None
+        readers = {p.node for p in usable}
+        return rarest_first(todo, lambda i: self._holders(f, i, usable, readers))[0]
+
+    def _holders(self, f: FileState, idx: int, usable: list[Peer], readers: set[str]) -> int:
+        """How many other readers can serve chunk ``idx``: those whose record lists it, and those whose
+        node owns a replica of it."""
+        nodes = {p.node for p in usable if in_ranges(p.have, idx)}
+        nodes.update(n for n in self._file_owners(f, idx) if n in readers)
+        return len(nodes)
 
     @staticmethod
     def _sources_of(f: FileState) -> dict[str, int]:

@@ -1,0 +1,79 @@
+"""Where a cluster mount's reader takes a chunk from (``mooncakefs.p2p.swarm``): the choice itself, on a
+swarm whose cluster, placement map and reader records are stand-ins (no etcd, nodes or FUSE): which
+holder is asked first, when the replicas (the writer's uplink) are asked, which chunk is fetched next."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from mooncakefs.p2p.swarm import FileState, Peer, Swarm, rank_sources, rarest_first
+
+CHUNK = 1 << 20
+
+
+class Placement:
+    """A placement map that puts every chunk on the same nodes."""
+
+    def __init__(self, owners: list[str]) -> None:
+        self.owners_of = owners
+
+    def owners(self, key: bytes) -> list[str]:
+        return list(self.owners_of)
+
+
+def swarm(owners: list[str], node: str = "me") -> Swarm:
+    store = SimpleNamespace(map=Placement(owners), replicas=len(owners), is_down=lambda n: False)
+    namespace = SimpleNamespace(client=None, prefix="fs/", chunk_size=CHUNK, mount_id="m-me")
+    return Swarm(store, namespace, node)  # type: ignore[arg-type]
+
+
+def file_read_by(peers: list[Peer], chunks: int = 8) -> FileState:
+    f = FileState(7, (1, 1), {i: 1000 + i for i in range(chunks)}, chunks, chunks * CHUNK)
+    f.peers = peers
+    return f
+
+
+def test_the_least_busy_holder_comes_first_and_down_ones_last():
+    ranked = rank_sources(["a", "b", "c"], {"a": 2, "b": 0, "c": 1}, lambda n: 0, lambda n: n == "b")
+    assert ranked == ["c", "a", "b"]
+
+
+def test_equal_holders_are_spread_by_the_hash_over_chunks():
+    firsts = {rank_sources(["a", "b", "c"], {}, lambda n, i=i: hash((i, n)), lambda n: False)[0] for i in range(64)}
+    assert firsts == {"a", "b", "c"}
+
+
+def test_a_busy_holder_is_passed_over_for_the_writers_node():
+    """Peer r1 holds chunk 3, r2's node owns a replica, w (the writer, not reading) owns the other: with
+    requests in flight to both readers, this reader asks w (hashing alone never named w at all)."""
+    s = swarm(["w", "r2"])
+    f = file_read_by([Peer("m1", "r1", [[0, 8]], True), Peer("m2", "r2", [], True)])
+    s.inflight.update({"r1": 1, "r2": 2})
+    assert [node for node, _, _ in s._sources(f, 3)][:3] == ["w", "r1", "r2"]
+    s.inflight.update({"r1": 0, "r2": 0, "w": 3})
+    assert [node for node, _, _ in s._sources(f, 3)][-1] == "w"
+
+
+def test_the_replicas_serve_a_reader_only_up_to_its_share_and_not_chunks_nobody_holds():
+    s = swarm(["w", "x"])
+    f = file_read_by([Peer("m1", "r1", [[0, 4]], True)])
+    assert {node for node, _, _ in s._sources(f, 2)} == {"r1", "w", "x"}
+    f.from_replicas = f.size // 2  # two readers: half the file each
+    assert [node for node, _, _ in s._sources(f, 2)] == ["r1"]
+    f.from_replicas = 0
+    # chunk 5: no reader holds it, so it comes from its seed (or the replicas by the cluster's routing)
+    assert all(node not in ("w", "x") for node, _, _ in s._sources(f, 5))
+
+
+def test_the_rarest_chunk_of_the_window_is_fetched_first():
+    s = swarm(["w", "x"])
+    f = file_read_by(
+        [
+            Peer("m1", "a", [[0, 4]], True),
+            Peer("m2", "b", [[0, 1], [2, 4]], True),
+            Peer("m3", "c", [[0, 1], [3, 4]], True),
+        ],
+        chunks=4,
+    )
+    assert s._next(f, seeds_only=False) == 1  # held by one reader; chunk 0 by three
+    assert rarest_first([0, 1, 2, 3], {0: 3, 1: 0, 2: 2, 3: 2}.__getitem__) == [2, 3, 0, 1]
