@@ -15,7 +15,7 @@ A chunk's source is chosen in this order:
    themselves: the one with the fewest requests of this mount in flight first, ties broken by a hash of
    (file, chunk, node, this node), so every uplink, the writer's included, stays busy and readers that
    want the same chunk ask different holders (``rank_sources``);
-3. the chunk's *seed*: of the readers reading this version of the file now, the one the same hash
+3. the chunk's *seed*: of the readers reading this version of the file now, the one a rendezvous hash
    picks.  The seed fetches the chunk from its replicas (its prefetcher runs ahead of its reader), and
    every other reader waits a little for it there: so the replicas' hosts send about one copy of the
    file however many readers there are;
