@@ -139,9 +139,14 @@ def test_a_reader_takes_chunks_from_an_earlier_reader_and_checks_them(hosts, tmp
     # each copy moved at most one file's worth over the wire ...
     assert sum(by_first.values()) <= len(payload) * 1.02, by_first
     assert sum(by_second.values()) <= len(payload) * 1.02, by_second
-    # ... and the second reader took what its own node lacked from the first reader's node, which kept
-    # what it fetched: none of it from the nodes that hold the replicas
-    assert by_second["h1"] == sum(by_second.values()) > 0, by_second
+    # ... the second reader took from the first reader's node, which kept what it fetched (at equal load
+    # a reader is asked before a replica, and its first request found nothing in flight) ...
+    assert by_second["h1"] > 0, by_second
+    # ... and the hosts that read no copy sent about one copy in all: the second reader asked them only
+    # while what the first one's record said it took from them left some of the file (each of its
+    # threads checks before a request: up to 4 may cross the line at once)
+    replicas_sent = sum(by[host] for by in (by_first, by_second) for host in ("h0", "h3"))
+    assert replicas_sent <= len(payload) + 4 * CHUNK, (by_first, by_second)
 
     # copies tampered with on the readers' nodes are skipped, never served
     from mooncakefs.cluster.client import ClusterStore

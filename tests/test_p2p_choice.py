@@ -38,6 +38,11 @@ def test_the_least_busy_holder_comes_first_and_down_ones_last():
     assert ranked == ["c", "a", "b"]
 
 
+def test_at_equal_load_a_reader_comes_before_a_replica():
+    ranked = rank_sources(["w", "a", "b"], {"b": 1}, {"w": 9, "a": 0, "b": 0}.__getitem__, lambda n: False, {"w"})
+    assert ranked == ["a", "w", "b"]
+
+
 def test_equal_holders_are_spread_by_the_hash_over_chunks():
     firsts = {rank_sources(["a", "b", "c"], {}, lambda n, i=i: hash((i, n)), lambda n: False)[0] for i in range(64)}
     assert firsts == {"a", "b", "c"}
@@ -54,11 +59,11 @@ def test_a_busy_holder_is_passed_over_for_the_writers_node():
     assert [node for node, _, _ in s._sources(f, 3)][-1] == "w"
 
 
-def test_the_replicas_serve_a_reader_only_up_to_its_share_and_not_chunks_nobody_holds():
+def test_the_replicas_send_about_one_copy_and_not_chunks_nobody_holds():
     s = swarm(["w", "x"])
-    f = file_read_by([Peer("m1", "r1", [[0, 4]], True)])
+    f = file_read_by([Peer("m1", "r1", [[0, 4]], True, {"w": 3 * CHUNK, "me": CHUNK})])
     assert {node for node, _, _ in s._sources(f, 2)} == {"r1", "w", "x"}
-    f.from_replicas = f.size // 2  # two readers: half the file each
+    f.from_replicas = f.size - 3 * CHUNK  # with r1's 3 chunks from w, the one copy is spent
     assert [node for node, _, _ in s._sources(f, 2)] == ["r1"]
     f.from_replicas = 0
     # chunk 5: no reader holds it, so it comes from its seed (or the replicas by the cluster's routing)

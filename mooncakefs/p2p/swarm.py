@@ -38,7 +38,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -106,13 +106,18 @@ def in_ranges(ranges: list[list[int]], idx: int) -> bool:
 
 
 def rank_sources(
-    candidates: Iterable[str], inflight: Mapping[str, int], tiebreak: Callable[[str], int], down: Callable[[str], bool]
+    candidates: Iterable[str],
+    inflight: Mapping[str, int],
+    tiebreak: Callable[[str], int],
+    down: Callable[[str], bool],
+    replicas: Container[str] = (),
 ) -> list[str]:
     """The candidates for one chunk, best first: nodes up before nodes marked down, then the fewest of
     this mount's requests in flight to the node (a busy uplink makes a slow source, and a hash alone sends
-    every reader of a chunk to the same one), then the highest ``tiebreak`` (a hash that differs per
-    chunk and per reader, so equal candidates share the load)."""
-    return sorted(candidates, key=lambda n: (down(n), inflight.get(n, 0), -tiebreak(n)))
+    every reader of a chunk to the same one), then readers before ``replicas`` (nodes that are not
+    reading: they take the load the readers' uplinks cannot), then the highest ``tiebreak`` (a hash that
+    differs per chunk and per reader, so equal candidates share the load)."""
+    return sorted(candidates, key=lambda n: (down(n), inflight.get(n, 0), n in replicas, -tiebreak(n)))
 
 
 def rarest_first(todo: Iterable[int], holders: Callable[[int], int]) -> list[int]:
@@ -136,6 +141,7 @@ class Peer:
     node: str
     have: list[list[int]]
     reading: bool
+    took: dict[str, int] = field(default_factory=dict)  # bytes it took from each source (its "from")
 
 
 @dataclass
@@ -329,8 +335,9 @@ class Swarm:
             mount = kv.key.decode().rsplit("/", 1)[1]
             if mount == self.ns.mount_id or tuple(record["gen"]) != f.gen:
                 return None
-            return Peer(mount, record["node"], record["have"], bool(record["reading"]))
-        except (ValueError, KeyError, TypeError):
+            took = {str(source): int(n) for source, n in record.get("from", {}).items()}
+            return Peer(mount, record["node"], record["have"], bool(record["reading"]), took)
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
     def _owners(self, ino: int, idx: int) -> list[str]:
@@ -380,24 +387,33 @@ class Swarm:
             if node in readers:
                 holders[node] = chunk_name(f.ino, idx)  # a reader whose node holds a replica
         candidates = dict(holders)
-        if holders and f.from_replicas < self._replica_share(f, usable):
-            for node in owners:  # the replicas too (the writer's uplink), up to this reader's share
-                if node != self.node and node not in f.bad:
-                    candidates.setdefault(node, chunk_name(f.ino, idx))
+        replicas = set()
+        if holders and self._replica_budget(f) > 0:
+            for node in owners:  # the replicas too (the writer's uplink), while the budget lasts
+                if node != self.node and node not in f.bad and node not in holders:
+                    candidates[node] = chunk_name(f.ino, idx)
+                    replicas.add(node)
         with self.lock:
             inflight = dict(self.inflight)
-        ranked = rank_sources(candidates, inflight, lambda n: score(f.ino, idx, n, self.node), self.store.is_down)
+        ranked = rank_sources(
+            candidates, inflight, lambda n: score(f.ino, idx, n, self.node), self.store.is_down, replicas
+        )
         out = [(n, candidates[n], 0.0) for n in ranked]
         seed = self._seed(f, idx, usable)
         if seed != self.node and seed not in holders and not self.store.is_down(seed):
             out.append((seed, cache_key(f.ino, idx, crc), SEED_WAIT_S))
         return out
 
-    def _replica_share(self, f: FileState, usable: list[Peer]) -> int:
-        """The bytes this reader may take from the replicas: the file over the readers reading it now, so
-        the replicas' hosts send about one copy of it however many readers there are."""
-        readers = len({p.node for p in usable if p.reading} | {self.node})
-        return f.size // readers
+    def _replica_budget(self, f: FileState) -> int:
+        """The bytes readers may still take straight from the replicas where a reader holds the chunk too:
+        one copy of the file, less what all readers of this version took from nodes that read no copy
+        (the records' ``from``, and this reader's own count), so the replicas' hosts send about one copy
+        however many readers there are, concurrent or one after another."""
+        readers = {p.node for p in f.peers} | {self.node}
+        taken = sum(n for p in f.peers for source, n in p.took.items() if source not in readers)
+        with f.lock:
+            taken += f.from_replicas
+        return f.size - taken
 
     def _seed(self, f: FileState, idx: int, usable: list[Peer]) -> str:
         """The reader that fetches chunk ``idx`` from the replicas for all (rendezvous over the readers
