@@ -11,10 +11,11 @@ A chunk's source is chosen in this order:
 
 1. this host's node: an owner of the chunk (read as any other read), or a copy kept earlier;
 2. the readers whose record says they hold it, readers whose node owns a replica, and (where some reader
-   holds it, and this reader has not yet taken its share of the file from them) the chunk's replicas
-   themselves: the one with the fewest requests of this mount in flight first, ties broken by a hash of
-   (file, chunk, node, this node), so every uplink, the writer's included, stays busy and readers that
-   want the same chunk ask different holders (``rank_sources``);
+   holds it, while all readers together have taken less than one copy of the file from them) the
+   chunk's replicas themselves: the one with the fewest requests of this mount in flight first, a
+   reader before a replica at equal load, then by a hash of (file, chunk, node, this node), so every
+   uplink, the writer's included, stays busy and readers that want the same chunk ask different
+   holders (``rank_sources``);
 3. the chunk's *seed*: of the readers reading this version of the file now, the one a rendezvous hash
    picks.  The seed fetches the chunk from its replicas (its prefetcher runs ahead of its reader), and
    every other reader waits a little for it there: so the replicas' hosts send about one copy of the
