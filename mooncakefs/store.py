@@ -572,13 +572,7 @@ class Store(KVMapping):
                     try:
                         self._gds.read(entry, seg, prepared, dst.ptr)
                     except ChecksumError:
-                        with self._lock:
-                            if self._index.get(raw) is entry:
-                                self._remove(raw, entry)
-                        raise ChecksumError(
-                            f"key {describe_key(key)}: the SSD copy fails its CRC-32C check (corrupted on disk); "
-                            "the entry was dropped"
-                        ) from None
+                        raise self._drop_corrupt(raw, key, entry) from None
                 done = True
             finally:
                 with self._lock:
@@ -1104,13 +1098,17 @@ class Store(KVMapping):
 
     def _verify(self, raw: bytes, key: Key, entry: Entry, data: Any) -> None:
         if _engine.crc32c(data) != entry.crc:
-            with self._lock:
-                if self._index.get(raw) is entry:
-                    self._remove(raw, entry)
-            raise ChecksumError(
-                f"key {describe_key(key)}: the SSD copy fails its CRC-32C check (corrupted on disk); "
-                "the entry was dropped"
-            )
+            raise self._drop_corrupt(raw, key, entry)
+
+    def _drop_corrupt(self, raw: bytes, key: Key, entry: Entry) -> ChecksumError:
+        """Drop an entry whose SSD copy failed its CRC-32C check (unless a newer one replaced it) and
+        return the error that says so: a corrupted value is never served, and never read again."""
+        with self._lock:
+            if self._index.get(raw) is entry:
+                self._remove(raw, entry)
+        return ChecksumError(
+            f"key {describe_key(key)}: the SSD copy fails its CRC-32C check (corrupted on disk); the entry was dropped"
+        )
 
     def _end_lease(self, raw: bytes, entry: Entry, seg: Any, data: Any) -> None:
         """Release a lease taken by ``_lease``; an SSD read that completed may promote the object."""
