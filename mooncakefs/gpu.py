@@ -432,6 +432,16 @@ class Cuda:
         self.registered.append((ptr, nbytes))
         return True
 
+    def unregister_host(self, ptr: int) -> None:
+        """Unpin a range ``register_host`` pinned (nothing if it did not): before it is unmapped, when
+        this device outlives it (a store closed while device views are alive)."""
+        for i, (start, _) in enumerate(self.registered):
+            if start == ptr:
+                del self.registered[i]
+                with self.active:
+                    _check(self.driver, self.driver.cuMemHostUnregister(ptr), "cuMemHostUnregister")
+                return
+
     def _is_pinned(self, ptr: int, nbytes: int) -> bool:
         ranges = [*self.registered, *self.host_allocs, *((p, STAGING_CHUNK) for p in self.staging)]
         return any(start <= ptr and ptr + nbytes <= start + size for start, size in ranges)

@@ -230,9 +230,13 @@ class Store(KVMapping):
             raise
 
     def _close_gpu(self) -> None:
-        """cuFile's registrations, then the VRAM tier and the CUDA device (before the DRAM pool they pinned)."""
+        """cuFile's registrations, the DRAM pool's pinning (before the pool is unmapped), then the VRAM
+        tier and the CUDA device: those last two stay until the last device view is gone
+        (``VramTier.close``), as the DRAM pool's mapping stays for the last memoryview."""
         if self._gds is not None:
             self._gds.close()
+        if self._cuda is not None and self._dram is not None:
+            self._cuda.unregister_host(_engine.address(self._dram.view))
         if self._vram is not None:
             self._vram.close()
         elif self._cuda is not None:
@@ -455,22 +459,8 @@ class Store(KVMapping):
             durable=entry.durable,
             sticky=entry.sticky,
         )
-        if where == "vram":
-            vram = self._vram
-            assert vram is not None
-            with self._lock:
-                self._check_open()
-                if self._expiring:
-                    self._reap_expired()
-                self._check_replace(raw, key, entry, options.replace)
-                if vram.allocate(raw, entry):
-                    try:
-                        vram.write(raw, entry, value)
-                    except BaseException:
-                        vram.free(raw, entry)
-                        raise
-                    self._publish_vram(raw, entry)
-                    return
+        if where == "vram" and self._put_vram(raw, key, entry, value, options.replace):
+            return
         if isinstance(value, DeviceBuffer):  # to the host, then as any put
             host = bytearray(size)
             if size:
@@ -479,6 +469,42 @@ class Store(KVMapping):
                 gpu.d2h(_engine.address(host), value.ptr, size)
             value = host
         self._put_prepared(raw, key, entry, value, options)
+
+    def _put_vram(self, raw: bytes, key: Key, entry: Entry, value: Any, replace: Replace) -> bool:
+        """Put a value into a fresh VRAM block: False (nothing done) when VRAM has no room for it.
+
+        The copy (device to device, or host to device, staged when the host memory is not pinned) runs
+        without the store's lock, as a large DRAM put's does: the block belongs to an entry that no
+        reader sees and no eviction lists until it is published, after the copy."""
+        vram = self._vram
+        assert vram is not None
+        with self._lock:
+            self._check_open()
+            if self._expiring:
+                self._reap_expired()
+            self._check_replace(raw, key, entry, replace)
+            if not vram.allocate(raw, entry):
+                return False
+            self._unlocked_ops += 1
+        try:
+            vram.write(raw, entry, value)
+        except BaseException:
+            with self._lock:
+                self._end_unlocked_op()
+                if not self._closed:
+                    vram.free(raw, entry)
+            raise
+        with self._lock:
+            self._end_unlocked_op()
+            if self._closed:
+                raise StoreClosed(f"store {self.path} was closed during put({key!r:.80})")
+            try:
+                self._check_replace(raw, key, entry, replace)  # another put may have published meanwhile
+            except BaseException:
+                vram.free(raw, entry)
+                raise
+            self._publish_vram(raw, entry)
+        return True
 
     def _publish_vram(self, raw: bytes, entry: Entry) -> None:
         """Make a filled VRAM entry the key's value (lock held)."""
@@ -562,7 +588,6 @@ class Store(KVMapping):
                     prepared = self._gds.prepare(seg)
                 entry.readers += 1
                 self._unlocked_ops += 1
-            done = False
             try:
                 if vram_src is not None:
                     gpu.d2d(dst.ptr, vram_src, entry.size)
@@ -573,40 +598,58 @@ class Store(KVMapping):
                         self._gds.read(entry, seg, prepared, dst.ptr)
                     except ChecksumError:
                         raise self._drop_corrupt(raw, key, entry) from None
-                done = True
             finally:
                 with self._lock:
                     self._release_lease(entry)
                     self._end_unlocked_op()
                     if seg is not None:
                         self._ssd.end_lease(seg)  # type: ignore[union-attr]
-                    if done and not entry.dead and not self._closed and entry.vram < 0:
-                        entry.hits += 1
-                        self._promote_to_vram(raw, entry, dst.ptr)
+            self._promote_to_vram(raw, entry, dst.ptr)
             return entry.size
 
     def _promote_to_vram(self, raw: bytes, entry: Entry, src: int) -> None:
-        """Copy a value just read into a GPU buffer at ``src`` into VRAM, if it has earned it (lock held)."""
+        """Count a read into the GPU buffer at ``src`` and, once the value has earned it, copy it from
+        there into VRAM.  The copy runs without the store's lock, into a block no entry owns yet
+        (``VramTier.reserve``); the entry takes it only if it is still the key's value, not in VRAM,
+        and the store still open: else the block is given back."""
         vram = self._vram
-        if vram is None or not should_promote(entry, self._promote_after, True):
-            return
-        if vram.allocate(raw, entry):
-            if entry.dead or self._index.get(raw) is not entry:  # evicted to make room: not worth it
-                vram.free(raw, entry)
+        with self._lock:
+            if entry.dead or self._closed or entry.vram >= 0:
                 return
-            try:
-                vram.cuda.d2d(vram.address(entry), src, entry.size)
-            except BaseException:  # the block would otherwise stay the entry's, unfilled and unlisted
-                vram.free(raw, entry)
-                raise
+            entry.hits += 1
+            if vram is None or not should_promote(entry, self._promote_after, True):
+                return
+            handle = vram.reserve(entry.size)
+            if handle < 0:
+                return
+            if entry.dead or self._index.get(raw) is not entry:  # evicted to make room: not worth it
+                vram.release(handle)
+                return
+            self._unlocked_ops += 1
+        try:
+            vram.cuda.d2d(vram.block_address(handle), src, entry.size)
+        except BaseException:
+            with self._lock:
+                self._end_unlocked_op()
+                if not self._closed:
+                    vram.release(handle)
+            raise
+        with self._lock:
+            self._end_unlocked_op()
+            if self._closed:
+                return
+            if entry.dead or entry.vram >= 0 or self._index.get(raw) is not entry:  # changed during the copy
+                vram.release(handle)
+                return
+            entry.vram, entry.hits = handle, 0
             vram.admit(raw, entry)
-            entry.hits = 0
             vram.counters["promotions"] += 1
 
     def device_view(self, key: Key) -> VramView:
         """A zero-copy view of a VRAM value (``__cuda_array_interface__``, ``__dlpack__``), for use as
         ``with store.device_view(key) as v: torch.from_dlpack(v)``.  The block stays leased until the
-        block exits and every DLPack tensor made from it is gone."""
+        block exits and every DLPack tensor made from it is gone; ``close()`` leaves the VRAM pool (and
+        the device) to the last of them."""
         raw = encode_key(key)
         with self._lock:
             entry = self._find(raw, key)
@@ -616,12 +659,16 @@ class Store(KVMapping):
                     "or get_into a GPU buffer"
                 )
             entry.readers += 1
+            vram = self._vram
+            vram.view_opened()  # counted under the lock: close() cannot free the pool before the view exists
 
         def release() -> None:
             with self._lock:
-                self._release_lease(entry)
+                if not self._closed:
+                    self._release_lease(entry)
+                vram.view_closed()  # after close(), the last view frees the pool
 
-        return VramView(self._vram, entry, release)
+        return VramView(vram, entry, release)
 
     @staticmethod
     def _tier_name(entry: Entry) -> str:
@@ -1182,17 +1229,22 @@ class Store(KVMapping):
                 raise KeyNotFound(key)
             if entry.crc < 0 and entry.dram >= 0:  # DRAM-only values get their checksum when first asked for
                 entry.crc = self._dram.arena.crc32c(entry.dram_off, entry.size)
-            elif entry.crc < 0:  # VRAM only: computed from a copy to the host
-                entry.crc = _engine.crc32c(self._host_bytes(entry))
-            return ObjectInfo(
-                key=decode_key(raw),
-                size=entry.size,
-                checksum=entry.crc,
-                tier=self._tier_name(entry),
-                pinned=bool(entry.pinned),
-                expires=entry.expires or None,
-                version=entry.version,
-            )
+            if entry.crc >= 0:
+                return self._object_info(raw, entry)
+            seg = self._lease(entry)  # VRAM only: its checksum from a copy to the host, made without the lock
+        entry.crc = _engine.crc32c(self._read_leased(raw, key, entry, seg, None))  # any reader computes the same
+        return self._object_info(raw, entry)
+
+    def _object_info(self, raw: bytes, entry: Entry) -> ObjectInfo:
+        return ObjectInfo(
+            key=decode_key(raw),
+            size=entry.size,
+            checksum=entry.crc,
+            tier=self._tier_name(entry),
+            pinned=bool(entry.pinned),
+            expires=entry.expires or None,
+            version=entry.version,
+        )
 
     def versions(self, keys: Iterable[Key]) -> list[int | None]:
         """Each key's version (what its writer put it with), None where it is absent."""

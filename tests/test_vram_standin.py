@@ -21,6 +21,8 @@ from mooncakefs.gpu import DL_CUDA, DeviceBuffer, export_dlpack
 from mooncakefs.tiers import vram as vram_module
 from mooncakefs.tiers.gds import GpuDirect
 
+HANG_GUARD = 60  # seconds: only so that a broken test fails rather than hangs; nothing is timed
+
 
 class HostCuda:
     """``gpu.Cuda`` as the store uses it, on host memory: records the producer streams it waited for."""
@@ -36,6 +38,23 @@ class HostCuda:
         self.fail_d2d = self.fail_d2h = False
         self.closed = self.synced = 0
         self.active = contextlib.nullcontext()
+        self.copies: list[str] = []  # the kind of each copy made, in order
+        self.paused: tuple[str, threading.Event, threading.Event] | None = None
+
+    def pause_next(self, kind: str) -> tuple[threading.Event, threading.Event]:
+        """Hold the next copy of ``kind`` ("d2d", "h2d", "d2h") until the second event is set; the first
+        is set once it is held."""
+        held, go = threading.Event(), threading.Event()
+        self.paused = (kind, held, go)
+        return held, go
+
+    def _copy(self, kind: str) -> None:
+        self.copies.append(kind)
+        paused = self.paused
+        if paused is not None and paused[0] == kind:
+            self.paused = None
+            paused[1].set()
+            assert paused[2].wait(HANG_GUARD), "a paused copy was never let go"
 
     def mem_info(self) -> tuple[int, int]:
         return 1 << 30, 1 << 30
@@ -51,6 +70,9 @@ class HostCuda:
     def register_host(self, ptr: int, nbytes: int) -> bool:
         return True
 
+    def unregister_host(self, ptr: int) -> None:
+        pass
+
     def sync(self) -> None:
         self.synced += 1
 
@@ -59,14 +81,17 @@ class HostCuda:
             self.waited.append(buf.stream)
 
     def d2d(self, dst: int, src: int, nbytes: int) -> None:
+        self._copy("d2d")
         if self.fail_d2d:
             raise RuntimeError("cuMemcpyDtoDAsync failed: CUDA_ERROR_ILLEGAL_ADDRESS")
         ctypes.memmove(dst, src, nbytes)
 
     def h2d(self, dst: int, src: int, nbytes: int) -> None:
+        self._copy("h2d")
         ctypes.memmove(dst, src, nbytes)
 
     def d2h(self, dst: int, src: int, nbytes: int) -> None:
+        self._copy("d2h")
         if self.fail_d2h:
             raise RuntimeError("cuMemcpyDtoHAsync failed: CUDA_ERROR_ILLEGAL_ADDRESS")
         ctypes.memmove(dst, src, nbytes)
@@ -167,6 +192,172 @@ def test_a_failed_demotion_leaves_no_unfilled_copy_in_dram(tmp_path, cudas):
         assert store.stat("first").tier == "vram" and store.stats()["dram"]["used"] == dram_used
         store.put("third", HostArray(b"t" * block))  # "first" is demoted for real now
         assert store.stat("first").tier == "dram" and store.get("first") == first
+
+
+def test_closing_the_store_leaves_the_vram_pool_to_its_last_device_view(tmp_path, cudas):
+    """As a memoryview keeps the DRAM pool's mapping after close(), a device view (and each DLPack tensor
+    made from it) keeps the VRAM pool and the device: a caller never reads freed device memory."""
+    store = mooncakefs.open(tmp_path / "kv", dram="4MiB", vram="1MiB")
+    store.put("k", HostArray(b"kept on the gpu"))
+    cuda = cudas[0]
+    with store.device_view("k") as view:
+        capsule = view.__dlpack__()
+        store.close()
+        assert cuda.blocks and cuda.closed == 0
+        assert ctypes.string_at(view.ptr, view.nbytes) == b"kept on the gpu"
+    assert cuda.blocks and cuda.closed == 0  # the capsule still holds it
+    del capsule
+    assert not cuda.blocks and cuda.closed == 1
+    with pytest.raises(mooncakefs.StoreClosed):
+        store.device_view("k")
+
+
+class Started:
+    """A call run on its own thread: ``result()`` waits for it (a hang guard only) and returns or raises
+    what it did."""
+
+    def __init__(self, call: Any, *args: Any, **kwargs: Any) -> None:
+        self._outcome: list[Any] = []
+        self._thread = threading.Thread(target=self._run, args=(call, args, kwargs), daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Any, args: Any, kwargs: Any) -> None:
+        try:
+            self._outcome.append((True, call(*args, **kwargs)))
+        except BaseException as exc:
+            self._outcome.append((False, exc))
+
+    def result(self) -> Any:
+        self._thread.join(HANG_GUARD)
+        assert self._outcome, "the call is still waiting (for the store's lock?)"
+        ok, value = self._outcome[0]
+        if not ok:
+            raise value
+        return value
+
+
+def while_paused(cuda: HostCuda, kind: str, paused_call: Started | Any, *others: Any) -> Any:
+    """Start ``paused_call`` (a function of no arguments) with its next ``kind`` copy held, run
+    ``others`` (functions of no arguments) on another thread meanwhile, each to the end, then let the
+    copy go; returns the paused call's ``Started``.  With the copy made under the store's lock, the
+    others wait for it and the hang guard fails the test."""
+    held, go = cuda.pause_next(kind)
+    started = Started(paused_call)
+    assert held.wait(HANG_GUARD), "the copy was never made"
+    try:
+        Started(lambda: [other() for other in others]).result()
+    finally:
+        go.set()
+    return started
+
+
+def test_a_put_into_vram_copies_without_the_store_lock(tmp_path, cudas):
+    with mooncakefs.open(tmp_path / "kv", dram="4MiB", vram="1MiB") as store:
+        store.put("other", b"o" * 100)
+        put = while_paused(
+            cudas[0],
+            "d2d",
+            lambda: store.put("k", HostArray(b"from the gpu")),
+            lambda: store.put("more", b"m" * 100),
+            lambda: store.get("other"),
+            store.stats,
+        )
+        assert put.result() is None
+        assert store.get("k") == b"from the gpu" and store.stat("k").tier == "vram"
+
+
+def test_a_put_into_vram_published_after_an_overwrite_wins(tmp_path, cudas):
+    with mooncakefs.open(tmp_path / "kv", dram="4MiB", vram="1MiB") as store:
+        put = while_paused(
+            cudas[0], "d2d", lambda: store.put("k", HostArray(b"g" * 1000)), lambda: store.put("k", b"h" * 1000)
+        )
+        put.result()  # published last: its value is the key's
+        assert store.get("k") == b"g" * 1000 and store.stat("k").tier == "vram"
+        stats = store.stats()
+        assert stats["dram"]["used"] == 0 and stats["vram"]["objects"] == 1
+
+
+def test_an_if_absent_put_into_vram_loses_to_a_put_made_during_its_copy(tmp_path, cudas):
+    with mooncakefs.open(tmp_path / "kv", dram="4MiB", vram="1MiB") as store:
+        put = while_paused(
+            cudas[0],
+            "d2d",
+            lambda: store.put("k", HostArray(b"g" * 1000), if_absent=True),
+            lambda: store.put("k", b"h" * 1000),
+        )
+        with pytest.raises(mooncakefs.KeyExists):
+            put.result()
+        assert store.get("k") == b"h" * 1000 and store.stats()["vram"]["used"] == 0  # its block given back
+
+
+def test_a_vram_block_being_filled_is_never_evicted(tmp_path, cudas):
+    """VRAM fills up during a put's copy: the values already there make room, not the block in flight."""
+    block = 512 << 10
+    with mooncakefs.open(tmp_path / "kv", dram="4MiB", vram="1MiB") as store:
+        first = bytes(range(256)) * (block // 256)
+        put = while_paused(
+            cudas[0],
+            "d2d",
+            lambda: store.put("first", HostArray(first)),
+            lambda: store.put("second", HostArray(b"s" * block)),
+            lambda: store.put("third", HostArray(b"t" * block)),  # evicts "second" to DRAM
+        )
+        put.result()
+        assert [store.stat(k).tier for k in ("first", "second", "third")] == ["vram", "dram", "vram"]
+        assert store.get("first") == first and store.get("second") == b"s" * block
+
+
+def test_close_waits_for_a_vram_put_in_flight_and_the_put_says_so(tmp_path, cudas):
+    store = mooncakefs.open(tmp_path / "kv", dram="4MiB", vram="1MiB")
+    cuda = cudas[0]
+    held, go = cuda.pause_next("d2d")
+    put = Started(store.put, "k", HostArray(b"g" * 1000))
+    assert held.wait(HANG_GUARD)
+    closing = Started(store.close)
+    for _ in range(HANG_GUARD * 100):  # until close() has begun waiting for the copy (a hang guard)
+        if store._closed:
+            break
+        threading.Event().wait(0.01)
+    assert store._closed and cuda.blocks  # the pool is not freed under the copy
+    go.set()
+    with pytest.raises(mooncakefs.StoreClosed):
+        put.result()
+    closing.result()
+    assert not cuda.blocks and cuda.closed == 1
+
+
+@pytest.mark.parametrize("meanwhile", ["overwrite", "remove"])
+def test_a_promotion_copies_without_the_store_lock_and_gives_up_on_a_changed_key(tmp_path, cudas, meanwhile):
+    with mooncakefs.open(tmp_path / "kv", dram="4MiB", vram="1MiB", promote_after=1) as store:
+        store.put("k", b"v" * 1000)
+        out = HostArray(bytes(1000))
+        change = (lambda: store.put("k", b"w" * 1000)) if meanwhile == "overwrite" else (lambda: store.remove("k"))
+        read = while_paused(cudas[0], "d2d", lambda: store.get_into("k", out), change)  # the read is h2d
+        assert read.result() == 1000 and out.bytes() == b"v" * 1000
+        assert store.stats()["vram"]["used"] == 0  # the promoted block was given back
+        if meanwhile == "overwrite":
+            assert store.get("k") == b"w" * 1000 and store.stat("k").tier == "dram"
+        else:
+            assert "k" not in store
+
+
+def test_a_promotion_copies_without_the_store_lock(tmp_path, cudas):
+    with mooncakefs.open(tmp_path / "kv", dram="4MiB", vram="1MiB", promote_after=1) as store:
+        store.put("k", b"v" * 1000)
+        out = HostArray(bytes(1000))
+        read = while_paused(cudas[0], "d2d", lambda: store.get_into("k", out), lambda: store.get("k"))
+        assert read.result() == 1000 and out.bytes() == b"v" * 1000
+        assert store.stat("k").tier == "vram" and store.stats()["vram"]["promotions"] == 1
+        again = HostArray(bytes(1000))
+        assert store.get_into("k", again) == 1000 and again.bytes() == b"v" * 1000
+
+
+def test_the_checksum_of_a_vram_value_is_computed_without_the_store_lock(tmp_path, cudas):
+    with mooncakefs.open(tmp_path / "kv", dram="4MiB", vram="1MiB") as store:
+        store.put("k", HostArray(b"g" * 1000))
+        store.put("other", b"o" * 100)
+        stat = while_paused(cudas[0], "d2h", lambda: store.stat("k"), lambda: store.get("other"))
+        assert stat.result().checksum == _engine.crc32c(b"g" * 1000)
 
 
 # -- gpu.Cuda over a stand-in driver ------------------------------------------------------------------

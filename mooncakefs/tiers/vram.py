@@ -57,7 +57,8 @@ def should_promote(entry: Entry, promote_after: int, has_vram: bool) -> bool:
 
 class VramTier:
     """A fixed-size pool of device memory on one GPU, with an LRU eviction order.  Not thread-safe: the
-    store serialises calls (copies included).  ``place`` (the store) must be set before anything is
+    store serialises calls to its bookkeeping; copies into blocks nobody else can reach (reserved, or
+    leased) may run without the store's lock.  ``place`` (the store) must be set before anything is
     evicted."""
 
     name = "vram"
@@ -85,6 +86,8 @@ class VramTier:
         self.lru: OrderedDict[bytes, Entry] = OrderedDict()  # residents, least recently used first
         self.counters = dict.fromkeys(("hits", "misses", "evictions", "promotions"), 0)
         self.place: Placement | None = None
+        self.views = 0  # device views alive (with their DLPack tensors): the pool outlives close() for them
+        self._closed = False
 
     @property
     def used(self) -> int:
@@ -92,18 +95,32 @@ class VramTier:
 
     def address(self, entry: Entry) -> int:
         """The device address of the entry's value."""
-        return self.base + self.allocator.offset(entry.vram)
+        return self.block_address(entry.vram)
+
+    def block_address(self, handle: int) -> int:
+        """The device address of a block by its allocator handle (``reserve``'s, or an entry's ``vram``)."""
+        return self.base + self.allocator.offset(handle)
+
+    def reserve(self, size: int) -> int:
+        """A block of ``size`` bytes, evicting least recently used values to make room: its handle, or -1.
+        It belongs to no entry, so nothing reads or evicts it: a promotion fills it without the store's
+        lock, then hands it to its entry (or ``release``s it)."""
+        if size > self.capacity:
+            return -1
+        handle = self.allocator.alloc(size)
+        while handle < 0 and self.evict_one():
+            handle = self.allocator.alloc(size)
+        return handle
+
+    def release(self, handle: int) -> None:
+        """Give back a block ``reserve`` handed out that no entry took."""
+        self.allocator.free(handle)
 
     # -- the Tier protocol ------------------------------------------------------------------------------
 
     def allocate(self, raw: bytes, entry: Entry) -> bool:
-        if entry.size > self.capacity:
-            return False
-        handle = self.allocator.alloc(entry.size)
-        while handle < 0 and self.evict_one():
-            handle = self.allocator.alloc(entry.size)
-        entry.vram = handle  # its offset is the allocator's to say (address): the entry keeps 4 bytes less
-        return handle >= 0
+        entry.vram = self.reserve(entry.size)  # its offset is the allocator's to say: the entry keeps 4 bytes less
+        return entry.vram >= 0
 
     def write(self, raw: bytes, entry: Entry, data: Any) -> None:
         """Fill the entry's block from a GPU buffer (device to device) or a host buffer (host to device)."""
@@ -185,8 +202,27 @@ class VramTier:
         consumer lets go (the store holds the block leased until then)."""
         return export_dlpack(self.address(entry), entry.size, (DL_CUDA, self.device), on_release)
 
+    def view_opened(self) -> None:
+        """A device view of one of the pool's values was handed out (store lock held)."""
+        self.views += 1
+
+    def view_closed(self) -> None:
+        """A device view and every DLPack tensor made from it are gone (store lock held): the last one
+        after ``close`` frees the pool."""
+        self.views -= 1
+        if self._closed and not self.views:
+            self._free_pool()
+
     def close(self) -> None:
+        """Free the pool and give back the device, once no device view is alive: a view still held (or a
+        DLPack tensor made from one) keeps it until the last goes, as a memoryview keeps the DRAM pool's
+        mapping, so a caller never reads freed (maybe reused) device memory through one."""
         self.lru.clear()
+        self._closed = True
+        if not self.views:
+            self._free_pool()
+
+    def _free_pool(self) -> None:
         if self.base:
             self.cuda.free(self.base)
             self.base = 0
