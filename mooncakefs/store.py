@@ -73,6 +73,7 @@ from mooncakefs.keys import (
 )
 from mooncakefs.tiers.base import TIER_ORDER, Tier
 from mooncakefs.tiers.dram import DramTier
+from mooncakefs.tiers.gds import VERIFY_MODES
 from mooncakefs.tiers.ssd import DURABLE, PINNED, STICKY, Segment, SsdTier, resolve_ssd
 from mooncakefs.tiers.vram import VramTier, VramView, choose_tier, should_promote
 from mooncakefs.units import format_size, parse_size
@@ -178,6 +179,7 @@ class Store(KVMapping):
         prefault: bool = False,
         vram: int | str | None = None,
         device: int = 0,
+        gpu_verify: str = "first",
     ) -> None:
         if not 0 < low_watermark <= high_watermark <= 1:
             raise ValueError(
@@ -185,6 +187,8 @@ class Store(KVMapping):
             )
         if promote_after < 1:
             raise ValueError(f"promote_after must be at least 1, got {promote_after}")
+        if gpu_verify not in VERIFY_MODES:
+            raise ValueError(f"gpu_verify must be one of {VERIFY_MODES}, got {gpu_verify!r:.40}")
         dram_bytes = parse_size(dram, what="dram")
         ssd_where = resolve_ssd(ssd, ssd_dir)  # None: no SSD tier
         self.path = Path(path if path is not None else default_path()).expanduser().resolve()
@@ -196,6 +200,7 @@ class Store(KVMapping):
         self._device = device
         self._cuda: Any = None  # gpu.Cuda for GPU buffers: the VRAM tier's, or made on first use
         self._gds: Any = None  # tiers.gds.GpuDirect: SSD -> GPU reads, made on first use
+        self._gpu_verify = gpu_verify  # which cuFile reads are checked against their CRC-32C (tiers/gds.py)
         try:
             self._dram = DramTier(
                 dram_bytes,
@@ -436,7 +441,7 @@ class Store(KVMapping):
         """SSD -> GPU reads (tiers/gds.py), told when the SSD tier lets a segment go."""
         from mooncakefs.tiers.gds import GpuDirect
 
-        self._gds = GpuDirect(self._cuda)
+        self._gds = GpuDirect(self._cuda, self._gpu_verify)
         self._ssd.on_release = self._gds.released  # type: ignore[union-attr]
 
     def _gpu_stream(self) -> int:
@@ -1545,5 +1550,7 @@ def open(
     segment_size ("64MiB"), high_watermark (0.95),
     low_watermark (0.85), promote_after (2 SSD hits), prefault (False: back the whole DRAM pool with
     memory in a background thread now, rather than page by page on first use), vram (a VRAM tier of this
-    size on GPU ``device``: needs ``pip install 'mooncakefs[cuda]'`` and an NVIDIA GPU), device (0)."""
+    size on GPU ``device``: needs ``pip install 'mooncakefs[cuda]'`` and an NVIDIA GPU), device (0),
+    gpu_verify ("first": which SSD -> GPU reads through cuFile are checked against the value's CRC-32C,
+    by a copy back to the host: the first of each value since open, "always", or "never"; tiers/gds.py)."""
     return Store(path, dram=dram, ssd=ssd, **options)

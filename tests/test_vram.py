@@ -7,13 +7,14 @@ tools/device/gpu_check.sh runs them on a GPU machine."""
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterator
 
 import pytest
 from conftest import rand_bytes
 
 import mooncakefs
-from mooncakefs.errors import BufferTooSmall, InvalidArgument
+from mooncakefs.errors import BufferTooSmall, ChecksumError, InvalidArgument
 from mooncakefs.gpu import Cuda, DeviceArray, DLPackDeviceArray, exported_alive, from_dlpack, gpu_unavailable
 from mooncakefs.tiers.gds import COMPAT, FALLBACK, GDS
 
@@ -145,6 +146,30 @@ def test_ssd_to_vram_is_byte_exact(store_factory, gpu_arrays, path):
             assert dst.download(len(data)) == data, key
         registered = store.stats()["ssd"]["gpudirect"]["registered"]
         assert registered == 0 if gds.mode == FALLBACK and path == "pread+h2d" else registered >= 0
+
+
+@pytest.mark.parametrize("path", ["cufile", "pread+h2d"])
+def test_a_value_corrupted_on_ssd_fails_its_first_read_into_vram(store_factory, gpu_arrays, path):
+    """cuFile reads are checked against the CRC-32C on their first read of each value (gpu_verify="first",
+    by a copy back to the host); the pread + H2D path on every read."""
+    data = rand_bytes(6 * MiB, seed="corrupted")  # over the DRAM pool: straight to SSD
+    with store_factory(dram="4MiB", ssd="64MiB", vram="16MiB", promote_after=99, segment_size="16MiB") as store:
+        store.put("bad", data)
+        assert store.stat("bad").tier == "ssd"
+        entry = store._index[b"bad"]
+        name, _, base = store._ssd.segments[entry.seg].place.gpu_source()
+        fd = os.open(name, os.O_RDWR)
+        try:
+            os.pwrite(fd, bytes([data[1000] ^ 1]), base + entry.seg_off + 1000)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dst = device_array(gpu_arrays, len(data))
+        if path == "pread+h2d":
+            store._gds.mode = FALLBACK
+        with pytest.raises(ChecksumError):
+            store.get_into("bad", dst)
+        assert "bad" not in store
 
 
 def test_a_zero_copy_view_of_a_vram_value(tmp_path, gpu_arrays):

@@ -17,9 +17,11 @@ import pytest
 
 import mooncakefs
 from mooncakefs import _engine, gpu
+from mooncakefs.errors import ChecksumError
 from mooncakefs.gpu import DL_CUDA, DeviceBuffer, export_dlpack
+from mooncakefs.tiers import gds as gds_module
 from mooncakefs.tiers import vram as vram_module
-from mooncakefs.tiers.gds import GpuDirect
+from mooncakefs.tiers.gds import COMPAT, GpuDirect
 
 HANG_GUARD = 60  # seconds: only so that a broken test fails rather than hangs; nothing is timed
 
@@ -39,6 +41,8 @@ class HostCuda:
         self.closed = self.synced = 0
         self.active = contextlib.nullcontext()
         self.copies: list[str] = []  # the kind of each copy made, in order
+        self._staging = [ctypes.create_string_buffer(gpu.STAGING_CHUNK) for _ in range(2)]
+        self.staging = [ctypes.addressof(b) for b in self._staging]  # "pinned" staging buffers
         self.paused: tuple[str, threading.Event, threading.Event] | None = None
 
     def pause_next(self, kind: str) -> tuple[threading.Event, threading.Event]:
@@ -475,14 +479,22 @@ def test_cuda_leaves_the_callers_current_context_as_it_found_it(monkeypatch):
 # -- cuFile's errors ----------------------------------------------------------------------------------
 
 
+def cufile_stand_in(read: Any, verify: str = "never") -> GpuDirect:
+    """A GpuDirect in compatibility mode on a HostCuda, whose cuFileRead is ``read``."""
+    direct = GpuDirect.__new__(GpuDirect)
+    direct.cuda = HostCuda()  # type: ignore[assignment]
+    direct._read, direct.mode = read, COMPAT
+    direct.verify, direct.verified, direct.checked = verify, {}, 0
+    direct.why, direct.handles, direct.library = "a stand-in", {}, ""
+    return direct
+
+
 def test_a_cufile_read_failing_with_errno_says_the_system_error():
     def read(handle: int, dst: int, size: int, offset: int, dst_offset: int) -> int:
         ctypes.set_errno(errno.EIO)
         return -1  # cuFileRead: -1 and errno for a filesystem error, -status for a cuFile one
 
-    direct = GpuDirect.__new__(GpuDirect)
-    direct.cuda = HostCuda()  # type: ignore[assignment]
-    direct._read = read
+    direct = cufile_stand_in(read)
     direct._cufile = SimpleNamespace(op_status_error=lambda status: "unknown cufile error")
     entry = _engine.Entry(4096)
     entry.seg_off = 0
@@ -495,17 +507,86 @@ def test_a_cufile_read_failing_with_errno_says_the_system_error():
 def test_a_cufile_read_waits_for_our_stream_first():
     """A DLPack destination's producer ordered its pending work before our stream; cuFile's read is not
     issued on that stream, so it must be waited for before the read starts."""
-    direct = GpuDirect.__new__(GpuDirect)
-    direct.cuda = HostCuda()  # type: ignore[assignment]
     synced_at_read: list[int] = []
 
     def read(handle: int, dst: int, size: int, offset: int, dst_offset: int) -> int:
         synced_at_read.append(direct.cuda.synced)  # type: ignore[attr-defined]
         return size
 
-    direct._read, direct.mode = read, "compat"
+    direct = cufile_stand_in(read)
     entry = _engine.Entry(4096)
     entry.seg_off = 0
-    seg = SimpleNamespace(place=SimpleNamespace(name="seg-000001"))
+    seg = SimpleNamespace(id=1, place=SimpleNamespace(name="seg-000001"))
     assert direct.read(entry, seg, (1, 0), 0x7F0000000000) == "compat"  # type: ignore[arg-type]
     assert synced_at_read == [1]
+
+
+# -- cuFile reads and the CRC-32C ---------------------------------------------------------------------
+
+
+def file_read(disk: bytearray) -> Any:
+    """cuFileRead over ``disk`` (the segment's bytes), into host memory standing in for the device's."""
+
+    def read(handle: int, dst: int, size: int, offset: int, dst_offset: int) -> int:
+        n = min(size, len(disk) - offset)
+        ctypes.memmove(dst + dst_offset, bytes(disk[offset : offset + n]), n)
+        return n
+
+    return read
+
+
+@pytest.mark.parametrize("verify", ["first", "always", "never"])
+def test_which_cufile_reads_are_checked_against_the_crc(monkeypatch, verify):
+    monkeypatch.setattr(gds_module, "STAGING_CHUNK", 4096)  # a value of several chunks
+    value = bytes(range(256)) * 40
+    disk = bytearray(512) + bytearray(value)
+    direct = cufile_stand_in(file_read(disk), verify)
+    entry = _engine.Entry(len(value))
+    entry.seg_off, entry.crc = 512, _engine.crc32c(value)
+    seg = SimpleNamespace(id=7, place=SimpleNamespace(name="seg-000007", gpu_source=lambda: ("seg-000007", 3, 0)))
+    dst = ctypes.create_string_buffer(len(value))
+    for _ in range(2):
+        direct.read(entry, seg, (1, 0), ctypes.addressof(dst))  # type: ignore[arg-type]
+        assert dst.raw == value
+    assert direct.checked == {"first": 1, "always": 2, "never": 0}[verify]
+    assert direct.status()["verify"] == verify
+    disk[512 + 5000] ^= 1  # corrupted on disk
+    if verify == "never":
+        direct.read(entry, seg, (1, 0), ctypes.addressof(dst))  # type: ignore[arg-type]
+        return
+    if verify == "first":
+        direct.released(seg)  # type: ignore[arg-type]  # its verified offsets go with it
+        assert direct.verified == {}
+    with pytest.raises(ChecksumError):
+        direct.read(entry, seg, (1, 0), ctypes.addressof(dst))  # type: ignore[arg-type]
+
+
+def test_a_value_corrupted_on_ssd_is_caught_on_its_first_cufile_read(tmp_path, cudas):
+    """SSD -> GPU through cuFile (its read a pread here) checks the first read of each value, as host
+    reads do every read: a corrupted value is dropped, never served."""
+    with mooncakefs.open(tmp_path / "kv", dram="1MiB", ssd="64MiB", vram="1MiB", promote_after=99) as store:
+        good, bad = b"g" * (1536 << 10), b"b" * (1536 << 10)  # over the DRAM pool: straight to SSD
+        store.put("good", good)
+        store.put("bad", bad)
+        assert store.stat("good").tier == store.stat("bad").tier == "ssd"
+        direct = store._gds
+        assert direct is not None
+        segment = store._ssd.segments[store._index[b"bad"].seg]
+        name, _, base = segment.place.gpu_source()
+        with open(name, "r+b") as f:
+            f.seek(base + store._index[b"bad"].seg_off + 1000)
+            f.write(b"X")
+
+        def read(handle: Any, dst: int, size: int, offset: int, dst_offset: int) -> int:
+            chunk = (ctypes.c_char * size).from_address(dst + dst_offset)
+            return handle.place.read_into(memoryview(chunk).cast("B"), offset)
+
+        direct.mode, direct._read = COMPAT, read
+        direct.prepare = lambda seg: (seg, base)
+        out = HostArray(bytes(len(good)))
+        for _ in range(2):
+            assert store.get_into("good", out) == len(good) and out.bytes() == good
+        with pytest.raises(ChecksumError, match="dropped"):
+            store.get_into("bad", HostArray(bytes(len(bad))))
+        assert "bad" not in store and store.get("good") == good
+        assert store.stats()["ssd"]["gpudirect"]["checked"] == 2  # the first read of each value only

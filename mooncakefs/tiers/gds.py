@@ -10,7 +10,20 @@ cannot be used at all, reads fall back to ``pread`` into pinned memory and a cop
 
 Each segment file (or the raw device, for an SSD tier on a block device) is registered once
 (``cuFileHandleRegister`` on an O_DIRECT descriptor) and kept until it is deleted or the store closes.
-cuFile reads skip the CRC-32C check the host paths make: the bytes never pass through the host.
+
+Checksums.  A cuFile read lands in device memory, where there is no CRC-32C to run (we ship no GPU
+kernels), so checking it costs a copy back to the host: ``verify`` says when that copy is made.
+"first" (the default): the first cuFile read of each value on SSD since the store opened is copied
+back through pinned staging and checked against the value's CRC-32C; later reads of the same bytes are
+not.  "always": every read is checked (a second PCIe transfer per read).  "never": none is.  Why
+"first" is enough: an SSD location is written once (segments are append-only, a value is never
+rewritten in place, and a value moved by compaction is a new location, checked again), so what can be
+wrong with its bytes is wrong before the first read (a write torn by a crash, a bug in the offsets, a
+device or file changed under us while the store was closed) and that read catches it; what can go wrong
+later, the medium decaying, NVMe's own ECC detects and cuFile reports as a failed read, which raises.
+Silent corruption after the first read (a controller returning wrong bytes without an error) is not
+caught: ``verify="always"`` is for those who will pay for it.  The "pread+h2d" path checks every read
+(the bytes pass through the host anyway).
 
 ``cuFileRead`` is called through ctypes: the cuda.bindings wrapper (12.9) drops its return value, the
 byte count, which a read must check.
@@ -33,6 +46,7 @@ from mooncakefs.tiers.ssd import Segment
 NVIDIA_FS = Path("/sys/module/nvidia_fs")  # present while the nvidia-fs kernel driver is loaded
 
 GDS, COMPAT, FALLBACK = "gds", "compat", "pread+h2d"
+VERIFY_MODES = ("first", "always", "never")  # which cuFile reads are checked against the CRC-32C
 
 
 def describe_mode(cufile_loaded: bool, nvidia_fs: bool, forced_compat: bool) -> tuple[str, str]:
@@ -50,8 +64,15 @@ class GpuDirect:
     """Reads of SSD-tier values into device memory for one GPU (``cuda``).  Not thread-safe on its own:
     registration runs under the store's lock; reads may run without it."""
 
-    def __init__(self, cuda: Cuda) -> None:
+    def __init__(self, cuda: Cuda, verify: str = "first") -> None:
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"gpu_verify must be one of {VERIFY_MODES}, got {verify!r:.40}")
         self.cuda = cuda
+        self.verify = verify
+        # segment id -> offsets of its values whose cuFile read passed the check ("first"); a segment's
+        # set goes with it (released), and segment ids are never reused while the store is open
+        self.verified: dict[int, set[int]] = {}
+        self.checked = 0  # cuFile reads checked against their CRC-32C (a copy to the host each)
         self.handles: dict[str, tuple[int, int, bool]] = {}  # name -> (cuFile handle, fd, fd is ours)
         self._descr: list[Any] = []  # the CUfileDescr_t each handle was registered from, kept alive
         self._read: Any = None
@@ -83,7 +104,14 @@ class GpuDirect:
         self.mode, self.why = describe_mode(True, NVIDIA_FS.exists(), forced)
 
     def status(self) -> dict[str, Any]:
-        return {"mode": self.mode, "why": self.why, "registered": len(self.handles), "library": self.library}
+        return {
+            "mode": self.mode,
+            "why": self.why,
+            "registered": len(self.handles),
+            "library": self.library,
+            "verify": self.verify,
+            "checked": self.checked,
+        }
 
     def _handle(self, seg: Segment) -> tuple[int, int]:
         """The segment's cuFile handle (registered on first use) and where its values start."""
@@ -115,6 +143,7 @@ class GpuDirect:
     def released(self, seg: Segment) -> None:
         """The SSD tier let a deleted segment go (``SsdTier.on_release``): deregister its file.  The raw
         device's one registration stays (its name is the device's, not the segment's)."""
+        self.verified.pop(seg.id, None)
         name, fd, _ = seg.place.gpu_source()
         if fd < 0:
             self.forget(name)
@@ -158,13 +187,40 @@ class GpuDirect:
                 if n == 0:
                     raise OSError(f"segment {seg.place.name} ends before offset {entry.seg_off + size}")
                 done += n
+        if self._must_check(entry, seg):
+            self._check_on_host(entry, dst)
+            self.verified.setdefault(seg.id, set()).add(entry.seg_off)  # before released(seg): we hold a lease
         return self.mode
+
+    def _must_check(self, entry: Entry, seg: Segment) -> bool:
+        """Whether this cuFile read is checked (``verify``; a value with no CRC-32C cannot be)."""
+        if self.verify == "never" or entry.crc < 0:
+            return False
+        return self.verify == "always" or entry.seg_off not in self.verified.get(seg.id, ())
+
+    def _check_on_host(self, entry: Entry, dst: int) -> None:
+        """Copy the value just read into device memory at ``dst`` back through pinned staging, chunk by
+        chunk, and check its CRC-32C."""
+        cuda, size = self.cuda, entry.size
+        view = self._staging()
+        crc = 0
+        with cuda.lock:  # the staging buffer is the device's: one user at a time
+            for done in range(0, size, STAGING_CHUNK):
+                n = min(STAGING_CHUNK, size - done)
+                cuda.d2h(cuda.staging[1], dst + done, n)  # pinned: a direct copy
+                crc = _engine.crc32c(view[:n], crc)
+        self.checked += 1
+        if crc != entry.crc:
+            raise ChecksumError("the SSD copy fails its CRC-32C check (corrupted on disk)")
+
+    def _staging(self) -> memoryview:
+        """The pinned staging buffer SSD reads use (the second: the device's copies use the first)."""
+        return memoryview((ctypes.c_char * STAGING_CHUNK).from_address(self.cuda.staging[1])).cast("B")
 
     def _read_through_host(self, entry: Entry, seg: Segment, dst: int) -> None:
         """pread into pinned staging, checked against the value's CRC-32C, then copied to the device."""
         cuda = self.cuda
-        staging = (ctypes.c_char * STAGING_CHUNK).from_address(cuda.staging[1])
-        view = memoryview(staging).cast("B")
+        view = self._staging()
         with cuda.lock:  # the staging buffer is the device's: one reader at a time
             crc = self._stage_chunks(entry, seg, dst, view)
         if crc != entry.crc:
