@@ -294,7 +294,8 @@ class Store(KVMapping):
     # -- lifecycle --------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Wait for copies in flight, then release the pool, the SSD files and the data dir."""
+        """Wait for copies in flight, then release the pool, the SSD files and the data dir.  Views still
+        held keep what they show: a memoryview the DRAM pool's mapping, a device view the VRAM pool."""
         with self._lock:
             if self._closed:
                 return

@@ -209,7 +209,7 @@ class GpuDirect:
                 n = min(STAGING_CHUNK, size - done)
                 cuda.d2h(cuda.staging[1], dst + done, n)  # pinned: a direct copy
                 crc = _engine.crc32c(view[:n], crc)
-        self.checked += 1
+            self.checked += 1
         if crc != entry.crc:
             raise ChecksumError("the SSD copy fails its CRC-32C check (corrupted on disk)")
 
