@@ -8,7 +8,10 @@ Rows (16 MiB values by default, each a median of interleaved repetitions):
   Target (issue 13): at least 0.8 x cudaMemcpy D2D.
 - ``vram put``: ``store.put(key, gpu_buffer)`` into VRAM (replacing the key's value).
 - ``ssd -> vram (cuFile)``: ``get_into`` of values only on the SSD tier, read by cuFile in whichever mode
-  it runs (the table says: "gds", or "compat" without the nvidia-fs driver).
+  it runs (the table says: "gds", or "compat" without the nvidia-fs driver), unchecked: what every read
+  but a value's first costs under the default ``gpu_verify="first"``.
+- ``ssd -> vram (cuFile, CRC checked)``: the same with each read checked against the value's CRC-32C by
+  a copy back to the host (``gpu_verify="always"``; under "first", a value's first read).
 - ``ssd -> vram (store, pread+h2d)``: the same through the store's fallback (pread into pinned memory,
   CRC-32C check, copy to the device).
 - ``pread + H2D``: the plain reference: ``preadv`` of the same bytes into pinned memory, then one
@@ -133,20 +136,22 @@ def run(cuda: Cuda, root: Path, size: int, args: argparse.Namespace) -> int:
                 got += os.preadv(fds[path], [stage[got:size]], off + got)
             cuda.h2d(arrays[1 + i].ptr, stage_ptr, size)
 
-        def get_ssd(i: int, fallback: bool) -> None:
-            saved = gds.mode
+        def get_ssd(i: int, fallback: bool, verify: str = "never") -> None:
+            saved = gds.mode, gds.verify
             if fallback:
                 gds.mode = FALLBACK
+            gds.verify = verify
             try:
                 store.get_into(f"s{i}", dsts[i])
             finally:
-                gds.mode = saved
+                gds.mode, gds.verify = saved
 
         ops: dict[str, tuple[Callable[[int], Any], bool]] = {
             "cudaMemcpy D2D": (lambda i: cuda.d2d(dsts[i].ptr, src.ptr, size), False),
             "vram get_into": (lambda i: store.get_into(f"v{i}", dsts[i]), False),
             "vram put": (lambda i: store.put(f"v{i}", src), False),
             f"ssd -> vram (cuFile, {mode})": (lambda i: get_ssd(i, False), True),
+            f"ssd -> vram (cuFile, {mode}, CRC checked)": (lambda i: get_ssd(i, False, "always"), True),
             "ssd -> vram (store, pread+h2d)": (lambda i: get_ssd(i, True), True),
             "pread + H2D": (pread_h2d, True),
         }
@@ -177,6 +182,7 @@ def run(cuda: Cuda, root: Path, size: int, args: argparse.Namespace) -> int:
         "vram get_into": gbps["vram get_into"] / ref_d2d,
         "vram put": gbps["vram put"] / ref_d2d,
         f"ssd -> vram (cuFile, {mode})": gbps[f"ssd -> vram (cuFile, {mode})"] / ref_pread,
+        f"ssd -> vram (cuFile, {mode}, CRC checked)": gbps[f"ssd -> vram (cuFile, {mode}, CRC checked)"] / ref_pread,
         "ssd -> vram (store, pread+h2d)": gbps["ssd -> vram (store, pread+h2d)"] / ref_pread,
     }
     rows = [
