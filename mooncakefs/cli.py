@@ -526,6 +526,14 @@ def _address(text: str, what: str) -> tuple[str, int] | None:
     "Needs pip install 'mooncakefs[cuda]' and an NVIDIA GPU.",
 )
 @click.option(
+    "--gpu-verify",
+    type=click.Choice(["first", "always", "never"]),
+    default="first",
+    show_default=True,
+    help="Which SSD -> GPU reads through cuFile are checked against the value's CRC-32C (a copy back to the "
+    "host): the first of each value since the node started, every one, or none.",
+)
+@click.option(
     "--format-ssd",
     is_flag=True,
     help="Let --ssd /dev/... format a device that holds a filesystem, a partition table or another "
@@ -607,6 +615,7 @@ def node(
     dram: int,
     ssd: str,
     vram: str,
+    gpu_verify: str,
     format_ssd: bool,
     socket_path: Path | None,
     socket_mode: str,
@@ -672,6 +681,7 @@ def node(
             prefault=prefault,
             vram=gpu[1] if gpu else None,
             device=gpu[0] if gpu else 0,
+            gpu_verify=gpu_verify,
         )
     except mooncakefs.MooncakeError as exc:
         raise Failed(exc) from None
@@ -1136,7 +1146,8 @@ def _echo_tiers(stats: dict) -> None:
         click.echo(f"vram: GPU {stats['vram']['device']} ({stats['vram']['name']})")
     gds = stats.get("ssd", {}).get("gpudirect")
     if gds:
-        click.echo(f"ssd -> vram: {gds['mode']} ({gds['why']})")
+        checks = f"CRC check: {gds.get('verify')} ({gds.get('checked')} reads checked)"
+        click.echo(f"ssd -> vram: {gds['mode']} ({gds['why']}); {checks}")
 
 
 def _node_stats(tcp: str | None) -> dict | None:

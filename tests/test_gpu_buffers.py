@@ -287,6 +287,17 @@ def test_gpu_buffers_without_cuda_say_what_is_missing(tmp_path, without_gpu):
         assert "vram" not in store.stats()
 
 
+def test_which_gpu_reads_are_checked_is_one_of_three(tmp_path):
+    with pytest.raises(ValueError, match="gpu_verify must be one of"):
+        mooncakefs.open(tmp_path / "kv", dram="4MiB", gpu_verify="sometimes")
+    out = subprocess.run(
+        [sys.executable, "-m", "mooncakefs.cli", "node", "--data", str(tmp_path / "node"), "--dram", "4MiB",
+         "--gpu-verify", "sometimes", "--listen", "none", "--metrics", "none"],
+        capture_output=True, text=True, timeout=120, env=child_env(),
+    )  # fmt: skip
+    assert out.returncode == 2 and "'first', 'always', 'never'" in out.stderr, out.stderr
+
+
 def test_the_node_refuses_vram_without_cuda(tmp_path, without_gpu):
     out = subprocess.run(
         [sys.executable, "-m", "mooncakefs.cli", "node", "--data", str(tmp_path / "node"), "--dram", "4MiB",
