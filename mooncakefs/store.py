@@ -668,13 +668,30 @@ class Store(KVMapping):
             vram = self._vram
             vram.view_opened()  # counted under the lock: close() cannot free the pool before the view exists
 
+        def let_go() -> None:  # lock held
+            if not self._closed:
+                self._release_lease(entry)
+            vram.view_closed()  # after close(), the last view frees the pool
+
         def release() -> None:
-            with self._lock:
-                if not self._closed:
-                    self._release_lease(entry)
-                vram.view_closed()  # after close(), the last view frees the pool
+            """The view's exit, or a DLPack consumer's deleter: on any thread, maybe inside a store call on
+            this one (the GC freeing a tensor in a reference cycle while the lock is held), so it never
+            waits for the lock: when the lock is busy, another thread lets go once it is free."""
+            if self._lock.acquire(blocking=False):
+                try:
+                    let_go()
+                finally:
+                    self._lock.release()
+            else:
+                threading.Thread(
+                    target=self._locked, args=(let_go,), name="mooncakefs-view-release", daemon=True
+                ).start()
 
         return VramView(vram, entry, release)
+
+    def _locked(self, call: Any) -> None:
+        with self._lock:
+            call()
 
     @staticmethod
     def _tier_name(entry: Entry) -> str:

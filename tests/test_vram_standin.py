@@ -216,6 +216,34 @@ def test_closing_the_store_leaves_the_vram_pool_to_its_last_device_view(tmp_path
         store.device_view("k")
 
 
+def until(condition: Any) -> None:
+    """Wait for ``condition()`` to hold (a hang guard: nothing is timed)."""
+    for _ in range(HANG_GUARD * 100):
+        if condition():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("the condition never held")
+
+
+def test_a_device_view_let_go_inside_a_store_call_does_not_deadlock(tmp_path, cudas):
+    """A DLPack consumer lets go of our capsule on whichever thread frees its tensor, maybe one inside a
+    store call (the GC collecting a cycle while the store's lock is held): the release must not wait for
+    that lock there, and the lease still ends once the lock is free."""
+    store = mooncakefs.open(tmp_path / "kv", dram="4MiB", vram="1MiB")
+    store.put("k", HostArray(b"v" * 100))
+    with store.device_view("k") as view:
+        capsules = [view.__dlpack__()]
+
+    def freed_inside_a_store_call() -> None:
+        with store._lock:
+            capsules.clear()  # the deleter runs here, on this thread, lock held
+
+    Started(freed_inside_a_store_call).result()
+    store.remove("k")
+    until(lambda: store.stats()["vram"]["used"] == 0)  # the lease ended: the block was freed
+    store.close()
+
+
 class Started:
     """A call run on its own thread: ``result()`` waits for it (a hang guard only) and returns or raises
     what it did."""
@@ -318,11 +346,8 @@ def test_close_waits_for_a_vram_put_in_flight_and_the_put_says_so(tmp_path, cuda
     put = Started(store.put, "k", HostArray(b"g" * 1000))
     assert held.wait(HANG_GUARD)
     closing = Started(store.close)
-    for _ in range(HANG_GUARD * 100):  # until close() has begun waiting for the copy (a hang guard)
-        if store._closed:
-            break
-        threading.Event().wait(0.01)
-    assert store._closed and cuda.blocks  # the pool is not freed under the copy
+    until(lambda: store._closed)  # close() has begun waiting for the copy
+    assert cuda.blocks  # the pool is not freed under the copy
     go.set()
     with pytest.raises(mooncakefs.StoreClosed):
         put.result()
