@@ -39,6 +39,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,7 +64,32 @@ ANNOUNCE_MIN_S = 1.0  # between two records of one file by one mount (except the
 ANNOUNCE_MIN_CHUNKS = 8  # ... and what must have been added since the last one (or a tenth of it)
 AHEAD = 16  # chunks a file's prefetchers fetch ahead of its reader
 PREFETCHERS = 3  # threads per file being read
+HEDGE_FACTOR = 3.0  # a fetch the reader waits on is overdue after this many times a typical fetch of the file
+HEDGE_MIN_S = 0.5  # ... and never before this (nor, with no fetch done yet, before HEDGE_FIRST_S)
+HEDGE_FIRST_S = 1.0
+HEDGE_SAMPLES = 16  # recent fetch times a file's typical one is the median of
 RECORD_SOURCES = 8  # sources a reader's record names (the rest summed)
+TRACE_ENV = "MOONCAKEFS_P2P_TRACE"  # a folder: each mount writes there a line per chunk fetched or waited for
+
+
+class Trace:
+    """Per-chunk timeline of one mount (off unless MOONCAKEFS_P2P_TRACE names a folder): when each fetch
+    started and ended, from which source, and how long the reader itself waited on a chunk; for finding
+    where a distribution's time goes (``tools/bench/p2p_timeline.py`` reads it)."""
+
+    def __init__(self, node: str) -> None:
+        folder = os.environ.get(TRACE_ENV)
+        path = os.path.join(folder, f"{node}-{os.getpid()}.jsonl") if folder else None
+        self.out = open(path, "a") if path else None  # noqa: SIM115 (open for the mount's life)
+        self.lock = threading.Lock()
+
+    def __call__(self, event: str, **fields: object) -> None:
+        if self.out is None:
+            return
+        line = json.dumps({"ev": event, "t": time.time(), "thread": threading.current_thread().name, **fields})
+        with self.lock:
+            self.out.write(line + "\n")
+            self.out.flush()
 
 
 def cache_key(ino: int, idx: int, crc: int) -> CachedKey:
@@ -137,6 +163,20 @@ class _Opened:
 
 
 @dataclass
+class Pending:
+    """A chunk being fetched: ``done`` is set by whichever answer comes first, the fetch's own or (if the
+    reader waited on it too long) a second holder's; ``data`` holds the bytes where they were not kept in
+    this host's node (the second holder's copy is never kept: the first fetch keeps its own)."""
+
+    started: float = field(default_factory=time.monotonic)
+    source: str | None = None  # the node asked now (a second request goes elsewhere)
+    seeded: bool = False  # ... is the chunk's seed, waited for (then no second request to the replicas)
+    data: bytes | None = None
+    hedged: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
 class Peer:
     mount: str
     node: str
@@ -155,7 +195,8 @@ class FileState:
     chunks: int
     size: int = 0  # the file's bytes (its last chunk may be short)
     have: set[int] = field(default_factory=set)
-    inflight: dict[int, threading.Event] = field(default_factory=dict)
+    inflight: dict[int, Pending] = field(default_factory=dict)
+    fetch_s: deque[float] = field(default_factory=lambda: deque(maxlen=HEDGE_SAMPLES))  # recent fetches' times
     pos: int = 0
     peers: list[Peer] = field(default_factory=list)
     mirror: Mirror | None = None  # the file's reader records, kept current by a watch
@@ -191,6 +232,7 @@ class Swarm:
         self.lock = threading.Lock()
         self.inflight: dict[str, int] = {}  # this mount's requests in flight, per node (``rank_sources``)
         self.stopped = False
+        self.trace = Trace(node)
 
     @classmethod
     def for_mount(cls, store: Any, namespace: Any) -> Swarm | None:
@@ -221,7 +263,9 @@ class Swarm:
         opened = self._local(ino, idx, crc)
         if opened is not None:
             return opened
-        data = self._obtain(f, idx)
+        waited = time.time()
+        data = self._obtain(f, idx, reader=True)
+        self.trace("read_wait", ino=ino, idx=idx, t0=waited)
         opened = self._local(ino, idx, crc)
         if opened is not None:
             return opened
@@ -238,6 +282,7 @@ class Swarm:
         with f.lock:
             f.closed = True
             f.wake.notify_all()
+        self.trace("closed", ino=ino, have=len(f.have), chunks=f.chunks)
         self._announce(f, force=True)
         self._forget(f)
 
@@ -270,6 +315,7 @@ class Swarm:
         if old is not None:
             old.closed = True
             self._forget(old)
+        self.trace("opened", ino=ino, chunks=chunks, wanted=self._wanted(f))
         self._announce(f, force=True)
         f.mirror = Mirror(
             self.etcd, f"{self.prefix}{ino}/", on_change=lambda: self._records_changed(f), resync_s=PEERS_RESYNC_S
@@ -428,32 +474,94 @@ class Swarm:
             seed = cache[1][idx] = max(readers, key=lambda n: score(f.ino, idx, n))
         return seed
 
-    def _obtain(self, f: FileState, idx: int) -> bytes | None:
-        """Chunk ``idx``, fetched once however many threads want it: kept in this node and returned
-        (None if only the replicas could be asked and they failed too)."""
+    def _obtain(self, f: FileState, idx: int, *, reader: bool = False) -> bytes | None:
+        """Chunk ``idx``, fetched once however many threads want it: kept in this node (None: the caller
+        views it there) or its bytes.  The ``reader`` (the thread a read waits on) does not fetch itself:
+        it waits, and asks a second holder once the fetch is overdue (``_hedge``), so one slow holder or
+        lost packet stalls neither the read nor, behind it, the prefetchers' window."""
         with f.lock:
-            event = f.inflight.get(idx)
-            mine = event is None
+            pending = f.inflight.get(idx)
+            mine = pending is None
             if mine:
-                event = f.inflight[idx] = threading.Event()
-        if not mine:
-            event.wait()
-            return None  # the other thread kept it in the node (or failed): the caller looks there
+                pending = f.inflight[idx] = Pending()
+        if mine and not reader:
+            self._complete(f, idx, pending)
+        elif mine:
+            threading.Thread(
+                target=self._complete, args=(f, idx, pending), daemon=True, name=f"mooncakefs-p2p-{f.ino}-read"
+            ).start()
+        if reader and not pending.done.wait(self._hedge_after(f, pending)):
+            self._hedge(f, idx, pending)
+        pending.done.wait()
+        return pending.data
+
+    def _complete(self, f: FileState, idx: int, pending: Pending) -> None:
+        """Fetch ``pending``'s chunk, then let its waiters go (whatever happened)."""
         try:
-            return self._fetch(f, idx)
+            data = self._fetch(f, idx, pending)
+            if data is not None and pending.data is None:
+                pending.data = data
         finally:
             with f.lock:
-                del f.inflight[idx]
+                if f.inflight.get(idx) is pending:
+                    del f.inflight[idx]
                 f.wake.notify_all()
-            event.set()
+            pending.done.set()
 
-    def _fetch(self, f: FileState, idx: int) -> bytes | None:
+    def _hedge_after(self, f: FileState, pending: Pending) -> float:
+        """Seconds from now until ``pending`` is overdue: HEDGE_FACTOR times the median of the file's recent
+        fetches (each from its source's first byte asked to its last), counted from when this fetch began;
+        at least HEDGE_MIN_S."""
+        with f.lock:
+            recent = sorted(f.fetch_s)
+        typical = HEDGE_FACTOR * recent[len(recent) // 2] if recent else HEDGE_FIRST_S
+        return max(typical, HEDGE_MIN_S) - (time.monotonic() - pending.started)
+
+    def _hedge(self, f: FileState, idx: int, pending: Pending) -> None:
+        """The end-game request: ask a second holder for an overdue chunk, in another thread, and take
+        whichever answer arrives first (the second copy checked against the writer's CRC, as every copy).
+        At most one per fetch; no etcd write."""
+        with f.lock:
+            if pending.hedged or pending.done.is_set():
+                return
+            pending.hedged = True
+        log.info("chunk %d of inode %d is overdue from %s: asking a second holder", idx, f.ino, pending.source)
+        threading.Thread(
+            target=self._second_copy, args=(f, idx, pending), daemon=True, name=f"mooncakefs-p2p-{f.ino}-hedge"
+        ).start()
+
+    def _second_copy(self, f: FileState, idx: int, pending: Pending) -> None:
+        """The second request: the sources the fetch would pick now that have the chunk (not a seed that
+        may not have it yet), then its replicas, unless the fetch waits on its seed (which is fetching it
+        from them: the replicas' hosts send each chunk about once)."""
+        crc, slow = f.sums[idx], pending.source
+        sources = self._sources(f, idx)
+        candidates = [(node, key) for node, key, wait in sources if wait == 0]
+        if not pending.seeded:
+            owners = [n for n in self._file_owners(f, idx) if n != self.node and n not in f.bad]
+            candidates += [(n, chunk_name(f.ino, idx)) for n in owners if all(n != s for s, _, _ in sources)]
+        for node, key in candidates:
+            if node == slow or pending.done.is_set():
+                continue
+            started = time.time()
+            data = self._pull(f, node, 0.0, lambda link, key=key: link.get(key, crc=crc))
+            self.trace("hedge", ino=f.ino, idx=idx, src=node, t0=started, ok=data is not None, slow=slow)
+            if data is not None:
+                if pending.data is None:
+                    pending.data = data
+                pending.done.set()
+                return
+
+    def _fetch(self, f: FileState, idx: int, pending: Pending) -> bytes | None:
         """Chunk ``idx`` from the first source that has it, checked against the writer's CRC as it arrives
         and received straight into this host's node, where it is kept: None, the caller views it there.
         The bytes themselves only where this host's node could not take them (or the replicas answered
         with another version: the file changed since it was opened here)."""
         crc = f.sums[idx]
-        for node, key, wait in self._sources(f, idx):
+        sources = self._sources(f, idx)
+        for node, key, wait in sources:
+            started = time.time()
+            pending.source, pending.seeded = node, wait > 0
 
             def from_holder(out: memoryview, node: str = node, key: Any = key, wait: float = wait) -> bool:
                 return self._pull(f, node, wait, lambda link: link.get_into(key, out, crc=crc)) == len(out)
@@ -464,8 +572,20 @@ class Swarm:
                 kept = data is not None
             else:
                 data = None
+            self.trace(
+                "fetch",
+                ino=f.ino,
+                idx=idx,
+                src=node,
+                t0=started,
+                ok=bool(kept),
+                seed_wait=wait,
+                ranked=[s[0] for s in sources],
+            )
             if kept:
                 self._count(f, node, self._length(f, idx), replica=all(p.node != node for p in f.peers))
+                with f.lock:
+                    f.fetch_s.append(time.time() - started)
                 return data
 
         def from_replicas(out: memoryview) -> bool:  # by the cluster client's routing
@@ -474,7 +594,10 @@ class Swarm:
             except MooncakeError:
                 return False
 
+        started = time.time()
+        pending.source, pending.seeded = None, False
         if self._keep_in_place(f, idx, crc, from_replicas):
+            self.trace("fetch", ino=f.ino, idx=idx, src="replicas", t0=started, ok=True, seed_wait=0)
             self._count(f, "replicas", self._length(f, idx), replica=True)
             return None
         try:  # not kept (this host's node cannot take it, or a chunk shorter than its place in the file)
