@@ -26,6 +26,8 @@ from conftest import kill_process, wait_until
 from fuse_helpers import FuseMount
 from node_helpers import NodeProcess, free_port
 
+NODE_PORT = "7480"  # every host's node listens there
+
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=check)
@@ -127,9 +129,8 @@ class Testbed:
             ip("-n", ns, "addr", "add", f"{self.host_ip(k)}/24", "dev", "eth0")
             ip("-n", ns, "link", "set", "eth0", "up")
             ip("-n", ns, "link", "set", "lo", "up")
-            shape = ["tbf", "rate", self.rate, "burst", "256kb", "latency", "100ms"]
-            tc("-n", ns, "qdisc", "add", "dev", "eth0", "root", *shape)  # the host's uplink
-            tc("qdisc", "add", "dev", root_if, "root", *shape)  # its downlink
+            tc("-n", ns, "qdisc", "add", "dev", "eth0", "root", *self.shape())  # the host's uplink
+            tc("qdisc", "add", "dev", root_if, "root", *self.shape())  # its downlink
         self.etcd_proc = subprocess.Popen(
             [
                 "etcd",
@@ -171,7 +172,7 @@ class Testbed:
                 dram=self.dram,
                 secret=self.secret,
                 netns=ns,
-                listen=f"{self.host_ip(k)}:7480",
+                listen=f"{self.host_ip(k)}:{NODE_PORT}",
                 env={"MOONCAKEFS_HOST": f"h{k}"},
                 extra=("--etcd", etcd, "--cluster", self.cluster, "--lease-ttl", "3"),
             )
@@ -220,6 +221,31 @@ class Testbed:
 
     def restore(self, k: int) -> None:
         ip("link", "set", self.root_ifs[k], "up")
+
+    def shape(self, rate: str | None = None, latency: str = "100ms") -> list[str]:
+        """A link's qdisc: ``rate`` (the testbed's by default) each way."""
+        return ["tbf", "rate", rate or self.rate, "burst", "256kb", "latency", latency]
+
+    def crawl_serving(self, k: int, rate: str) -> None:
+        """Host ``k``'s node sends its answers at ``rate`` (a failing NIC, a host swamped by other work):
+        what leaves from its node's port goes through a class of its own, queued, not dropped (a 5 s
+        queue: the bytes keep trickling, so no request to it times out), while its heartbeats and etcd
+        leases keep the host's rate (it stays in the map, and its records say what it holds)."""
+
+        def on_host(line: str, *more: str) -> None:
+            tc("-n", self.names[k], *line.split(), *more)
+
+        on_host("qdisc del dev eth0 root")
+        on_host("qdisc add dev eth0 root handle 1: htb default 2")
+        on_host(f"class add dev eth0 parent 1: classid 1:1 htb rate {rate} ceil {rate}")
+        on_host(f"class add dev eth0 parent 1: classid 1:2 htb rate {self.rate} ceil {self.rate}")
+        on_host("qdisc add dev eth0 parent 1:1", *self.shape(rate, "5s"))
+        on_host(f"filter add dev eth0 parent 1: protocol ip prio 1 u32 match ip sport {NODE_PORT} 0xffff flowid 1:1")
+
+    def restore_serving(self, k: int) -> None:
+        """Undo ``crawl_serving``: host ``k``'s uplink is one link of the testbed's rate again."""
+        tc("-n", self.names[k], "qdisc", "del", "dev", "eth0", "root")
+        tc("-n", self.names[k], "qdisc", "add", "dev", "eth0", "root", *self.shape())
 
     def drop_caches(self) -> None:
         """Forget the kernel's page cache of the mounts (a second copy must read through the mount)."""

@@ -74,6 +74,27 @@ def test_four_readers_at_once_get_every_byte_and_spare_the_source(bed, tmp_path)
     assert total <= READERS * 1.1 * FILE, f"readers sent {total / FILE:.2f}x the file"
 
 
+def test_a_holder_that_crawls_is_asked_around_not_waited_for(bed, tmp_path):
+    """A reader's node holds the whole file, then sends its answers at a crawl (its packets still flow,
+    so no request to it fails or times out: 4 MiB takes ~9 minutes).  The readers that ask it for a chunk
+    must not wait for it: once the chunk is overdue they ask a second holder and take the first answer
+    (before, a read waited for the crawling one to finish: far past the hang guard)."""
+    alive = [k for k in range(1, READERS + 1) if bed.nodes[k].alive]
+    crawling, readers = alive[0], alive[1:]
+    payload = rand_bytes(FILE, "crawl")
+    write(bed, "crawl", payload, tmp_path)
+    assert copy_all(bed, "crawl", [crawling], tmp_path)[crawling] == payload  # it holds every chunk now
+    bed.crawl_serving(crawling, "64kbit")
+    try:
+        copies = copy_all(bed, "crawl", readers, tmp_path)
+        for k, data in copies.items():
+            assert data == payload, f"reader {k} got different bytes"
+        asked = [k for k in readers if "asking a second holder" in bed.mounts[k].output]
+        assert asked, "no reader asked the crawling holder for anything: the test proved nothing"
+    finally:
+        bed.restore_serving(crawling)
+
+
 def test_a_holder_killed_mid_copy_costs_time_not_data(bed, tmp_path):
     payload = rand_bytes(FILE, "kill")
     write(bed, "kill", payload, tmp_path)
