@@ -14,11 +14,14 @@ controller has published a placement map naming every node, and then measures:
    get_into of ``--value-size`` values.  With ``--via tcp`` (default) the clients claim another host
    name ($MOONCAKEFS_HOST), so every value crosses loopback TCP as it would from a remote client;
    ``--via unix`` lets them use the nodes' Unix sockets and shared pools.
-   Physical reference, in the same client processes: each client process receives ``--value-size``
-   messages from its own sender process over loopback TCP (``sendall`` -> ``recv_into(MSG_WAITALL)``,
-   the reference of get) or sends them to its own sink process that acks each with one byte (the
-   reference of put), all client processes at once, summed.  One repetition of the reference runs right
-   before each repetition of a large-value row, so drift on a noisy host reaches both sides of the ratio.
+   Physical reference, in the same client processes: each client process asks its own server process
+   for ``--value-size`` messages, one 1-byte request each, over loopback TCP (``sendall`` ->
+   ``recv_into(MSG_WAITALL)``: the reference of get, which pays a round trip per value as a get does),
+   or sends them to its own sink process that acks each with one byte (the reference of put), all client
+   processes at once, summed.  One repetition of the reference runs right before each repetition of a
+   large-value row, so drift on a noisy host reaches both sides of the ratio.  Get rows also show the
+   ratio to a stream with no requests (a sender process that sends messages back to back: ``x stream``),
+   a bound no request/reply protocol reaches.
 2. **Repair.**  ``--repair-data`` of ``--value-size`` values are written with replicas=2, then a node is
    SIGKILLed (``--kill``: a node that is not the controller, then the controller).  From the kill on, a
    thread polls etcd (is the node's record gone: its lease expired; is there a map without it) and the
@@ -46,7 +49,7 @@ controller has published a placement map naming every node, and then measures:
    to hold the keys if ``--ssd`` is too small.
 
 ``--phases`` picks the phases (the at-rest etcd window always runs); they run in the order throughput,
-rejoin, repair.
+rejoin, repair; ``--rows`` picks the throughput rows (small: the 4 KiB ones, large: ``--value-size``).
 
 Method, for small noisy VMs: buffers are allocated and written before timing and reused; each row runs
 one untimed warm-up pass over its keys (which also checks what it reads), then ``--reps`` repetitions of
@@ -61,6 +64,7 @@ Examples::
     python tools/bench/cluster_bench.py
     python tools/bench/cluster_bench.py --nodes 12 --value-size 4MiB --seconds 2 --json bench-results/c.json
     python tools/bench/cluster_bench.py --phases rejoin --rejoin-keys 20000,100000 --idle-seconds 2
+    python tools/bench/cluster_bench.py --phases throughput --rows large --replicas 1 --idle-seconds 1
 """
 
 from __future__ import annotations
@@ -208,7 +212,7 @@ def etcd_window(phase: str, a: EtcdSample, b: EtcdSample, own: dict[str, int] | 
 @dataclass(frozen=True)
 class Spec:
     """One row's op: ``op`` of ``size`` values with ``replicas``, ``batch`` keys a call; or a reference
-    (op "loop-recv" / "loop-send")."""
+    (op "loop-recv" / "loop-req" / "loop-send")."""
 
     op: str
     size: int
@@ -269,9 +273,10 @@ def client_setup(wid: int, cfg: dict[str, Any], stack: contextlib.ExitStack) -> 
         os.environ["MOONCAKEFS_HOST"] = f"cluster-bench-client-{wid}"
     # The reference peers first: they are started with a preexec_fn, unsafe once gRPC threads run.
     root, size = Path(cfg["root"]), cfg["value_size"]
-    sender, sink = (stack.enter_context(peer(mode, "tcp", size, root)) for mode in ("send", "sink"))
+    sender, server, sink = (stack.enter_context(peer(mode, "tcp", size, root)) for mode in ("send", "serve", "sink"))
     refs = {
         "loop-recv": stream_reference("loop-recv", sender, size, inbound=True),
+        "loop-req": stream_reference("loop-req", server, size, inbound=True, requested=True),
         "loop-send": stream_reference("loop-send", sink, size, inbound=False),
     }
     store = mooncakefs.connect(cfg["url"])
@@ -302,34 +307,38 @@ class Row:
     reference_reps: list[float] = field(default_factory=list)  # GB/s, one right before each repetition
     reference_gbps: float | None = None
     x_ref: float | None = None  # wire GB/s over the reference's GB/s
+    stream_reps: list[float] = field(default_factory=list)  # get rows: the loop-recv stream, GB/s
+    x_stream: float | None = None  # get rows: GB/s over the stream's GB/s
     error: str | None = None
 
 
 def row_specs(args: argparse.Namespace) -> list[Spec]:
     out = []
     for r in args.replicas:
-        out += [
-            Spec("put", SMALL, r),
-            Spec("batch_put", SMALL, r, args.batch),
-            Spec("get", SMALL, r),
-            Spec("batch_get", SMALL, r, args.batch),
-            Spec("put", args.value_size, r),
-            Spec("get_into", args.value_size, r),
-        ]
+        if "small" in args.rows:
+            out += [
+                Spec("put", SMALL, r),
+                Spec("batch_put", SMALL, r, args.batch),
+                Spec("get", SMALL, r),
+                Spec("batch_get", SMALL, r, args.batch),
+            ]
+        if "large" in args.rows:
+            out += [Spec("put", args.value_size, r), Spec("get_into", args.value_size, r)]
     return out
 
 
 def measure_throughput(args: argparse.Namespace, clients: Workers) -> tuple[list[Row], dict[str, list[float]]]:
-    refs = {"loop-recv": Spec("loop-recv", args.value_size), "loop-send": Spec("loop-send", args.value_size)}
+    refs = {name: Spec(name, args.value_size) for name in ("loop-recv", "loop-req", "loop-send")}
     for ref in refs.values():
         clients.ask("prepare", ref)
     ref_samples: dict[str, list[float]] = {name: [] for name in refs}
     rows = []
     for spec in row_specs(args):
         row = Row(spec.op, spec.size, spec.replicas, spec.batch)
-        ref = None
+        ref = stream = None
         if spec.size != SMALL:
-            ref = refs["loop-send" if spec.op == "put" else "loop-recv"]
+            ref = refs["loop-send" if spec.op == "put" else "loop-req"]
+            stream = None if spec.op == "put" else refs["loop-recv"]
             row.reference = ref.op
         try:
             clients.ask("prepare", spec)
@@ -338,6 +347,10 @@ def measure_throughput(args: argparse.Namespace, clients: Workers) -> tuple[list
                     gbps = sum(clients.ask("rep", ref.name, args.seconds))
                     row.reference_reps.append(gbps)
                     ref_samples[ref.op].append(gbps)
+                if stream is not None:
+                    gbps = sum(clients.ask("rep", stream.name, args.seconds))
+                    row.stream_reps.append(gbps)
+                    ref_samples[stream.op].append(gbps)
                 row.reps_keys_per_s.append(sum(clients.ask("rep", spec.name, args.seconds)))
             row.keys_per_s = median(row.reps_keys_per_s) or 0.0
             row.gbps = row.keys_per_s * spec.size / GB
@@ -345,6 +358,8 @@ def measure_throughput(args: argparse.Namespace, clients: Workers) -> tuple[list
             if row.reference_reps:
                 row.reference_gbps = median(row.reference_reps)
                 row.x_ref = row.wire_gbps / row.reference_gbps if row.reference_gbps else None
+            if row.stream_reps and (stream_gbps := median(row.stream_reps)):
+                row.x_stream = row.wire_gbps / stream_gbps
             progress(
                 f"{spec.name}: {row.keys_per_s:,.0f} keys/s {row.gbps:.3f} GB/s"
                 + (f" (ref {row.reference_gbps:.3f} GB/s)" if row.reference_gbps else "")
@@ -852,7 +867,7 @@ def throughput_section(rows: Sequence[Row], refs: dict[str, Any]) -> list[str]:
     for r in rows:
         size = format_size(r.size) if r.batch == 1 else f"{r.batch}x{format_size(r.size)}"
         if r.error:
-            body.append([str(r.replicas), r.op, size, "FAILED", "", "", "", "", r.error[:60]])
+            body.append([str(r.replicas), r.op, size, "FAILED", "", "", "", "", "", r.error[:60]])
             continue
         body.append(
             [
@@ -865,15 +880,16 @@ def throughput_section(rows: Sequence[Row], refs: dict[str, Any]) -> list[str]:
                 r.reference or "",
                 format_number(r.reference_gbps) if r.reference_gbps else "",
                 f"{r.x_ref:.2f}" if r.x_ref is not None else "",
+                f"{r.x_stream:.2f}" if r.x_stream is not None else "",
             ]
         )
     out += [
         "",
         "aggregate throughput:",
         format_table(
-            ["R", "op", "size", "keys/s", "GB/s", "wire GB/s", "ref", "ref GB/s", "x ref"],
+            ["R", "op", "size", "keys/s", "GB/s", "wire GB/s", "ref", "ref GB/s", "x ref", "x stream"],
             body,
-            [True, False, True, True, True, True, False, True, True],
+            [True, False, True, True, True, True, False, True, True, True],
         ),
     ]
     return out
@@ -1024,6 +1040,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="how the clients reach the nodes: tcp as from another host, or unix (%(default)s)",
     )
     p.add_argument("--replicas", default="1,2", help="replica counts of the throughput rows (%(default)s)")
+    p.add_argument(
+        "--rows",
+        default="small,large",
+        help="throughput rows: small (4KiB values), large (--value-size values) (%(default)s)",
+    )
     p.add_argument("--batch", type=int, default=32, help="keys per batch call (%(default)s)")
     p.add_argument("--small-keys", type=int, default=1024, help="distinct 4KiB keys per client and row (%(default)s)")
     p.add_argument("--large-data", default="32MiB", help="distinct large values per client and row (%(default)s)")
@@ -1076,6 +1097,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not phases <= set(PHASES):
         p.error(f"--phases takes {', '.join(PHASES)}")
     args.phases = [ph for ph in PHASES if ph in phases]
+    args.rows = {x.strip() for x in args.rows.split(",") if x.strip()}
+    if not args.rows or not args.rows <= {"small", "large"}:
+        p.error("--rows takes small and large")
     if "rejoin" in args.phases and (not args.rejoin_keys or args.rejoin_keys[0] < 1 or args.rejoin_reps < 1):
         p.error("--rejoin-keys must be positive counts and --rejoin-reps at least 1")
     # The rejoin keys live on one node's SSD (4 KiB each, durable): room for them on top of --ssd.
@@ -1203,11 +1227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "samples": s,
             "what": (
                 f"{args.clients}x loopback TCP {format_size(args.value_size)} messages: "
-                + (
-                    "sender process sendall -> client recv_into(MSG_WAITALL)"
-                    if name == "loop-recv"
-                    else "client sendall -> sink process recv_into + 1-byte ack"
-                )
+                + {
+                    "loop-recv": "sender process sendall, back to back -> client recv_into(MSG_WAITALL)",
+                    "loop-req": "client 1-byte request -> server process sendall -> client recv_into(MSG_WAITALL)",
+                    "loop-send": "client sendall -> sink process recv_into + 1-byte ack",
+                }[name]
             ),
         }
         for name, s in ref_samples.items()
@@ -1217,7 +1241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes.append(
             f"keys/s counts keys (batch rows: {args.batch} per call); GB/s counts value bytes (1e9 B/s); "
             "wire GB/s counts every copy a put sends (R x); x ref = wire GB/s over the reference taken right "
-            "before each rep"
+            "before each rep (get: loop-req, a round trip per value as a get pays); x stream = over loop-recv, "
+            "a stream with no requests"
         )
     notes.append(
         "etcd: at rest = nodes idle; under load = the whole throughput phase; rejoin = the whole rejoin "
