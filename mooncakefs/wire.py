@@ -41,7 +41,11 @@ PREAUTH_MAX_META = 1 << 10  # before the handshake is done, a frame's meta is th
 MAX_PAYLOAD = 1 << 48
 MAX_BATCH = 4096
 RECV_BUFFER = 256 << 10
-SMALL_SEND = 64 << 10  # payloads up to this are copied next to the header: one send() per frame
+SMALL_SEND = 64 << 10  # payloads up to this are copied next to the header; larger ones are gathered (sendmsg)
+# A frame's first recv asks for at most this much: enough for a small request whole, little enough that a
+# large payload lands mostly in place (what the buffer took of it is copied out again).
+FIRST_READ = 64 << 10
+MAX_IOV = 512  # buffers per sendmsg / recvmsg_into (the kernel's limit is 1024)
 CRC_CHUNK = 1 << 20  # a value is checksummed in chunks this big as it is sent or received, while still in cache
 CRC_TRAILER = struct.Struct("<I")  # the CRC-32C that follows a PUT's value in its payload
 WITH_CRC = 1  # frame header flag: the payload is a value followed by its CRC-32C (CRC_TRAILER)
@@ -225,17 +229,16 @@ class Channel:
             if size <= SMALL_SEND:
                 self.sock.sendall(b"".join([head, *parts]) if parts else head)
             else:
-                self.sock.sendall(head)
-                for p in parts:
-                    self.sock.sendall(p)
+                self._send_parts([head, *parts])
         except OSError as exc:
             raise self._lost(exc) from None
 
     def send_value(self, op: int, meta: Any, value: memoryview, crc: int | None = None) -> int:
         """Send a frame whose payload is ``value`` then its CRC-32C (CRC_TRAILER); returns the CRC.  A
-        large value's CRC is computed chunk by chunk between its sends, so it overlaps with the peer
-        receiving; a ``crc`` the caller already has (a copy of a stored value) is sent as it is, so a
-        copy whose bytes differ from it is refused."""
+        large value goes CRC_CHUNK at a time, each chunk's CRC computed right before it is sent (so the
+        send copies it from cache) while the peer receives the one before; the header travels with the
+        first chunk and the CRC with the last, in the same system call.  A ``crc`` the caller already has
+        (a copy of a stored value) is sent as it is, so a copy whose bytes differ from it is refused."""
         n = len(value)
         if n <= SMALL_SEND:
             if crc is None:
@@ -243,19 +246,36 @@ class Channel:
             self.send(op, meta, [value, CRC_TRAILER.pack(crc)], flags=WITH_CRC)
             return crc
         m = _pack(meta)
+        parts: list[Any] = [HEADER.pack(MAGIC, op, WITH_CRC, len(m), n + CRC_TRAILER.size) + m]
+        step = CRC_CHUNK if crc is None else n
         running = 0
         try:
-            self.sock.sendall(HEADER.pack(MAGIC, op, WITH_CRC, len(m), n + CRC_TRAILER.size) + m)
-            for start in range(0, n, CRC_CHUNK):
-                chunk = value[start : start + CRC_CHUNK]
-                self.sock.sendall(chunk)
+            for start in range(0, n, step):
+                chunk = value[start : start + step]
                 if crc is None:
                     running = crc32c(chunk, running)
-            crc = running if crc is None else crc
-            self.sock.sendall(CRC_TRAILER.pack(crc))
+                parts.append(chunk)
+                if start + step >= n:
+                    parts.append(CRC_TRAILER.pack(running if crc is None else crc))
+                self._send_parts(parts)
+                parts = []
         except OSError as exc:
             raise self._lost(exc) from None
-        return crc
+        return running if crc is None else crc
+
+    def _send_parts(self, parts: list[Any]) -> None:
+        """Send buffers back to back, gathered into as few system calls as the kernel takes (a partial send,
+        which a send timeout can cause, goes on where it stopped)."""
+        views = [memoryview(p) for p in parts]
+        views = [v if v.format == "B" and v.ndim == 1 else v.cast("B") for v in views if v.nbytes]
+        first = 0
+        while first < len(views):
+            sent = self.sock.sendmsg(views[first : first + MAX_IOV])
+            while first < len(views) and sent >= len(views[first]):
+                sent -= len(views[first])
+                first += 1
+            if sent:
+                views[first] = views[first][sent:]
 
     def send_with_fds(self, op: int, meta: Any, fds: list[int]) -> None:
         m = _pack(meta)
@@ -324,37 +344,62 @@ class Channel:
             raise error_from_meta(meta)
         raise ProtocolError(f"{self.peer}: expected a reply, got opcode {op}")
 
-    def read_payload_into(self, dst: memoryview) -> None:
-        """Fill ``dst`` (a byte view) from the current payload."""
-        n = len(dst)
+    def read_payload_into(self, dst: memoryview, trailer: memoryview | None = None) -> None:
+        """Fill ``dst`` (a byte view), then ``trailer`` if given, from the current payload.  What the buffer
+        holds is copied; a small rest refills the buffer (one recv for the many small values of a batch);
+        a large one is received in place, into both views in one call."""
+        parts = [dst] if trailer is None else [dst, trailer]
+        n = sum(len(p) for p in parts)
         if n > self.payload_left:
             raise ProtocolError(f"{self.peer}: payload has {self.payload_left} bytes left, {n} wanted")
         self.payload_left -= n
-        have = min(n, self._end - self._start)
-        if have:
-            dst[:have] = self._view[self._start : self._start + have]
-            self._start += have
-        while have < n:
+        rest = []
+        for part in parts:
+            have = min(len(part), self._end - self._start)
+            if have:
+                part[:have] = self._view[self._start : self._start + have]
+                self._start += have
+            if have < len(part):
+                rest.append(part[have:])
+        if not rest:
+            return
+        left = sum(len(p) for p in rest)
+        if left < FIRST_READ:
+            self._fill(left, ask=min(left + self.payload_left, RECV_BUFFER))
+            for part in rest:
+                part[:] = self._view[self._start : self._start + len(part)]
+                self._start += len(part)
+            return
+        first = 0
+        while first < len(rest):
             try:
-                got = self.sock.recv_into(dst[have:], n - have, socket.MSG_WAITALL)
+                if len(rest) - first == 1:
+                    got = self.sock.recv_into(rest[first], len(rest[first]), socket.MSG_WAITALL)
+                else:
+                    got = self.sock.recvmsg_into(rest[first:], 0, socket.MSG_WAITALL)[0]
             except OSError as exc:
                 raise self._lost(exc) from None
             if not got:
                 raise self._lost(None)
-            have += got
-            if have < n and self.deadline is not None and time.monotonic() > self.deadline:
+            while first < len(rest) and got >= len(rest[first]):
+                got -= len(rest[first])
+                first += 1
+            if got:
+                rest[first] = rest[first][got:]
+            if first < len(rest) and self.deadline is not None and time.monotonic() > self.deadline:
                 raise self._lost(TimeoutError())
 
-    def read_payload_crc(self, dst: memoryview) -> int:
-        """``read_payload_into`` that returns the CRC-32C of what it received, computed chunk by chunk as
-        the bytes arrive (the GIL is released for it), while the rest is still in flight."""
+    def read_payload_crc(self, dst: memoryview, trailer: memoryview | None = None) -> int:
+        """``read_payload_into`` that returns the CRC-32C of what ``dst`` received, computed chunk by chunk
+        as the bytes arrive (the GIL is released for it), while the rest is still in flight.  ``trailer``
+        (not in the CRC) is received with the last chunk."""
         if len(dst) <= CRC_CHUNK:  # the common small value: one read, one CRC
-            self.read_payload_into(dst)
+            self.read_payload_into(dst, trailer)
             return crc32c(dst)
         crc = 0
         for start in range(0, len(dst), CRC_CHUNK):
             chunk = dst[start : start + CRC_CHUNK]
-            self.read_payload_into(chunk)
+            self.read_payload_into(chunk, trailer if start + CRC_CHUNK >= len(dst) else None)
             crc = crc32c(chunk, crc)
         return crc
 
@@ -373,9 +418,8 @@ class Channel:
                 f"{what()}: a put's payload is its value then a {CRC_TRAILER.size}-byte CRC-32C: "
                 f"{len(dst)} + {CRC_TRAILER.size} bytes expected, {self.payload_left} sent"
             )
-        got = self.read_payload_crc(dst)
         trailer = bytearray(CRC_TRAILER.size)
-        self.read_payload_into(memoryview(trailer))
+        got = self.read_payload_crc(dst, memoryview(trailer))
         (sent,) = CRC_TRAILER.unpack(trailer)
         if sent != got:
             check_crc(sent, got, what)
@@ -412,7 +456,7 @@ class Channel:
         until = time.monotonic() + idle
         while True:
             try:
-                got = self.sock.recv_into(self._view)
+                got = self.sock.recv_into(self._view, FIRST_READ)
             except OSError as exc:
                 if _timed_out(exc) and time.monotonic() < until:
                     continue
@@ -422,17 +466,22 @@ class Channel:
             self._end = got
             return
 
-    def _fill(self, n: int) -> None:
-        """Make at least ``n`` bytes (at most RECV_BUFFER) readable from the buffer."""
+    def _fill(self, n: int, ask: int = FIRST_READ) -> None:
+        """Make at least ``n`` bytes (at most RECV_BUFFER) readable from the buffer, each recv asking for
+        up to ``ask`` (more when ``n`` needs it): a frame's first read takes little of a large payload,
+        which is received in place instead."""
         if self._end - self._start >= n:
             return
-        if self._start + n > RECV_BUFFER:  # no room behind: move what is left to the front
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._start + max(n, ask) > RECV_BUFFER:  # no room behind: move what is left to the front
             left = self._end - self._start
             self._buf[:left] = self._view[self._start : self._end]
             self._start, self._end = 0, left
         while self._end - self._start < n:
+            want = min(RECV_BUFFER - self._end, max(n - (self._end - self._start), ask))
             try:
-                got = self.sock.recv_into(self._view[self._end :])
+                got = self.sock.recv_into(self._view[self._end :], want)
             except OSError as exc:
                 raise self._lost(exc) from None
             if not got:

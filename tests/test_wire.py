@@ -1,0 +1,148 @@
+"""The framing of ``mooncakefs.wire``: what crosses the socket for a value, and how many system calls it takes.
+
+A stand-in socket holds what one side sends and serves it to the other as a peer that has sent it all
+already (the case where a receiver reads the most at once), counting the calls each side makes.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from mooncakefs._engine import crc32c
+
+from mooncakefs.errors import ChecksumError
+from mooncakefs.wire import CRC_CHUNK, FIRST_READ, SMALL_SEND, Channel, Op
+
+MiB = 1 << 20
+
+
+class Pipe:
+    """A socket whose peer has already sent everything written to it; ``max_send`` bytes at most are taken
+    by one send (a partial send, as a send timeout gives)."""
+
+    family = socket.AF_UNIX
+
+    def __init__(self, max_send: int | None = None) -> None:
+        self.data = bytearray()
+        self.pos = 0
+        self.max_send = max_send
+        self.sends = self.recvs = 0
+        self.staged = 0  # bytes received into the reading channel's own buffer (copied out again later)
+        self.reader_buffer: bytearray | None = None
+
+    def sendall(self, data: object) -> None:
+        self.sends += 1
+        self.data += memoryview(data).cast("B")  # type: ignore[arg-type]
+
+    def sendmsg(self, buffers: list[object]) -> int:
+        self.sends += 1
+        sent = 0
+        for b in buffers:
+            view = memoryview(b).cast("B")  # type: ignore[arg-type]
+            if self.max_send is not None:
+                view = view[: self.max_send - sent]
+            self.data += view
+            sent += len(view)
+        return sent
+
+    def _serve(self, into: memoryview) -> int:
+        n = min(len(into), len(self.data) - self.pos)
+        into[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        if into.obj is self.reader_buffer:
+            self.staged += n
+        return n
+
+    def recv_into(self, buffer: memoryview, nbytes: int = 0, flags: int = 0) -> int:
+        self.recvs += 1
+        return self._serve(buffer[: nbytes or len(buffer)])
+
+    def recvmsg_into(
+        self, buffers: list[memoryview], ancbufsize: int = 0, flags: int = 0
+    ) -> tuple[int, list, int, None]:
+        self.recvs += 1
+        return sum(self._serve(b) for b in buffers), [], 0, None
+
+    def close(self) -> None:
+        pass
+
+
+def channel(pipe: Pipe) -> Channel:
+    ch = Channel(pipe, "test")  # type: ignore[arg-type]
+    pipe.reader_buffer = ch._buf
+    return ch
+
+
+PATTERN = bytes(i * 7 % 251 for i in range(4096))
+
+
+def value_of(size: int) -> memoryview:
+    """``size`` bytes of a pattern that does not repeat at any power-of-two offset below 4 KiB."""
+    return memoryview(PATTERN * (size // len(PATTERN) + 1))[:size]
+
+
+@pytest.mark.parametrize("size", [0, 1, SMALL_SEND, SMALL_SEND + 1, CRC_CHUNK, 3 * CRC_CHUNK + 5])
+@pytest.mark.parametrize("known_crc", [False, True])
+def test_a_put_frame_arrives_whole_with_its_crc(size: int, known_crc: bool) -> None:
+    value = value_of(size)
+    pipe = Pipe(max_send=100_000)  # every large send is cut short and must go on where it stopped
+    crc = channel(pipe).send_value(Op.PUT, ["k", size], value, crc32c(value) if known_crc else None)
+    assert crc == crc32c(value)
+    ch = channel(pipe)
+    op, _flags, meta, _n = ch.read_frame()
+    assert (op, meta) == (Op.PUT, ["k", size])
+    out = bytearray(size)
+    assert ch.read_value_into(memoryview(out), lambda: "k") == crc
+    assert out == value and ch.payload_left == 0 and pipe.pos == len(pipe.data)
+
+
+def test_a_wrong_crc_named_by_the_sender_is_refused_where_the_value_lands() -> None:
+    value = value_of(2 * MiB)
+    pipe = Pipe()
+    channel(pipe).send_value(Op.PUT, [], value, crc32c(value) ^ 1)
+    ch = channel(pipe)
+    ch.read_frame()
+    with pytest.raises(ChecksumError):
+        ch.read_value_into(memoryview(bytearray(len(value))), lambda: "k")
+    assert ch.payload_left == 0  # the whole payload was read: the connection stays in step
+
+
+def test_a_1mib_put_is_one_send_and_lands_in_place_in_two_reads() -> None:
+    """The header, the value and its CRC go out in one system call; the receiver's first read takes
+    little of the value (the rest goes straight into its place) and one more read takes the rest and
+    the CRC."""
+    value = value_of(MiB)
+    pipe = Pipe()
+    channel(pipe).send_value(Op.PUT, ["k", MiB], value)
+    assert pipe.sends == 1
+    ch = channel(pipe)
+    ch.read_frame()
+    ch.read_value_into(memoryview(bytearray(MiB)), lambda: "k")
+    assert pipe.recvs == 2
+    assert pipe.staged <= FIRST_READ
+
+
+def test_a_large_reply_is_one_send() -> None:
+    pipe = Pipe()
+    channel(pipe).send(Op.OK, [MiB, 0, -1, 5], value_of(MiB))
+    assert pipe.sends == 1
+    ch = channel(pipe)
+    assert ch.read_reply() == ([MiB, 0, -1, 5], MiB)
+    out = bytearray(MiB)
+    ch.read_payload_crc(memoryview(out))
+    assert out == value_of(MiB) and pipe.staged <= FIRST_READ
+
+
+def test_the_small_values_of_a_batch_are_read_through_the_buffer() -> None:
+    """A batch's many small values cost a few reads, not one each (the first read is bounded)."""
+    values = [value_of(4096) for _ in range(64)]
+    pipe = Pipe()
+    channel(pipe).send(Op.BATCH_PUT, [len(values)], values)
+    ch = channel(pipe)
+    ch.read_frame()
+    for v in values:
+        out = bytearray(len(v))
+        ch.read_payload_into(memoryview(out))
+        assert out == v
+    assert pipe.recvs <= 3
