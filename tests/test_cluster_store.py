@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_until
+from mooncakefs._engine import crc32c
 from node_helpers import EtcdCluster, NodeProcess, scrape_metrics
 
 import mooncakefs
+import mooncakefs.cluster.client
+import mooncakefs.wire
 from mooncakefs.cluster.client import NodeLink
 from mooncakefs.cluster.placement import PlacementMap
 from mooncakefs.errors import KeyNotFound, StaleEpoch, Unavailable
@@ -144,6 +147,27 @@ def test_keys_live_on_the_first_r_nodes_of_their_group(make_cluster):
         store.put("k", b"v", replicas=0)
     with pytest.raises(ValueError, match="placement"):
         store.put("k", b"v", placement="elsewhere")
+
+
+def test_copies_sent_over_tcp_share_one_crc_of_the_value(make_cluster, monkeypatch):
+    """A put with replicas=3 from another host checksums its value once, not once per copy, and every
+    node checks the copy it receives against that CRC (a value changed after it was taken is refused)."""
+    cluster = make_cluster(3)
+    monkeypatch.setenv("MOONCAKEFS_HOST", "another-host")  # the nodes are reached over TCP
+    store = cluster.client()
+    checksummed: list[int] = []
+
+    def counting_crc32c(data, crc=0):
+        checksummed.append(memoryview(data).nbytes)
+        return crc32c(data, crc)
+
+    monkeypatch.setattr(mooncakefs.wire, "crc32c", counting_crc32c)
+    monkeypatch.setattr(mooncakefs.cluster.client, "crc32c", counting_crc32c)
+    value = bytes(range(256)) * 4096  # 1 MiB
+    store.put("once", value, replicas=3)
+    assert sum(checksummed) == len(value)
+    assert cluster.holders("once") == set(store.map.owners(b"once"))
+    assert store.get("once") == value
 
 
 def test_local_placement_stays_on_this_host_and_is_found_from_everywhere(make_cluster):

@@ -22,6 +22,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from mooncakefs._engine import crc32c
 from mooncakefs.api import (
     BATCH_ERRORS,
     KVMapping,
@@ -258,12 +259,15 @@ class ClusterStore(KVMapping):
         )
 
     def _put(self, key: Key, value: Any, options: PutOptions) -> None:
-        """``put`` with its options checked."""
+        """``put`` with its options checked.  Several copies sent over TCP carry one CRC-32C of the value,
+        computed once here rather than once per copy as each is sent."""
         raw, view = encode_key(key), _bytes_of(value)
         replicas: int = options.replicas  # type: ignore[assignment]
         spread = placement_flags(replicas, False)
+        crc: int | None = None
 
         def attempt(pmap: PlacementMap) -> None:
+            nonlocal crc
             owners = self._owners(pmap, raw, replicas)
             stamped = replace(options, version=self._version(pmap))
             if options.placement == "local":
@@ -271,8 +275,14 @@ class ClusterStore(KVMapping):
                 self._call(here, pmap, lambda link: link._put(key, view, stamped, placement_flags(1, True)))
                 pointer = PutOptions(version=stamped.version)
                 self._on_all(pmap, owners, lambda link: link._put(pointer_key(raw), here.encode(), pointer, spread))
-            else:
-                self._on_all(pmap, owners, lambda link: link._put(key, view, stamped, spread))
+                return
+            if crc is None and sum(not self._on_this_host(pmap.nodes[n]) for n in owners) > 1:
+                crc = crc32c(view)
+
+            def send(link: NodeLink) -> None:
+                link._put(key, view, stamped, spread, crc if link.kind == "tcp" else None)
+
+            self._on_all(pmap, owners, send)
 
         self._retrying(attempt)
 
