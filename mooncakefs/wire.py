@@ -3,8 +3,10 @@
 A frame is a 16-byte header (magic, opcode, flags, meta length, payload length), then ``meta`` (a
 msgpack array of the request's arguments, at most MAX_META bytes), then ``payload`` (raw value bytes).
 Both lengths are checked before anything is allocated for them, and a payload is received straight
-into its destination (a pool block, the caller's buffer), never staged.  Conversation is strictly
-request then reply on each connection, except RELEASE, which has no reply.  See docs/architecture.md.
+into its destination (a pool block, the caller's buffer): only what came with the header, at most
+FIRST_READ bytes, passes through the connection's buffer.  A large frame leaves in one ``sendmsg``
+(header, payload, CRC), so the peer is woken once for it.  Conversation is strictly request then reply
+on each connection, except RELEASE, which has no reply.  See docs/architecture.md.
 
 Values carry their CRC-32C end to end (``crc32c`` from ``mooncakefs._engine``).  A frame flagged
 WITH_CRC ends its payload with one (CRC_TRAILER): a PUT's is the value's, computed by the sender chunk
