@@ -4,8 +4,8 @@ A frame is a 16-byte header (magic, opcode, flags, meta length, payload length),
 msgpack array of the request's arguments, at most MAX_META bytes), then ``payload`` (raw value bytes).
 Both lengths are checked before anything is allocated for them, and a payload is received straight
 into its destination (a pool block, the caller's buffer): only what came with the header, at most
-FIRST_READ bytes, passes through the connection's buffer.  A large frame leaves in one ``sendmsg``
-(header, payload, CRC), so the peer is woken once for it.  Conversation is strictly request then reply
+FIRST_READ bytes, passes through the connection's buffer.  A large frame's header leaves with its
+payload in one ``sendmsg``, so the peer is woken once for both.  Conversation is strictly request then reply
 on each connection, except RELEASE, which has no reply.  See docs/architecture.md.
 
 Values carry their CRC-32C end to end (``crc32c`` from ``mooncakefs._engine``).  A frame flagged
@@ -47,7 +47,7 @@ SMALL_SEND = 64 << 10  # payloads up to this are copied next to the header; larg
 # A frame's first recv asks for at most this much: enough for a small request whole, little enough that a
 # large payload lands mostly in place (what the buffer took of it is copied out again).
 FIRST_READ = 64 << 10
-MAX_IOV = 512  # buffers per sendmsg / recvmsg_into (the kernel's limit is 1024)
+MAX_IOV = 512  # buffers per sendmsg (the kernel's limit is 1024)
 CRC_CHUNK = 1 << 20  # a value is checksummed in chunks this big as it is sent or received, while still in cache
 CRC_TRAILER = struct.Struct("<I")  # the CRC-32C that follows a PUT's value in its payload
 WITH_CRC = 1  # frame header flag: the payload is a value followed by its CRC-32C (CRC_TRAILER)
@@ -237,33 +237,29 @@ class Channel:
 
     def send_value(self, op: int, meta: Any, value: memoryview, crc: int | None = None) -> int:
         """Send a frame whose payload is ``value`` then its CRC-32C (CRC_TRAILER); returns the CRC.  A
-        large value goes CRC_CHUNK at a time, each chunk's CRC computed right before it is sent (so the
-        send copies it from cache) while the peer receives the one before; the header travels with the
-        first chunk and the CRC with the last, in the same system call.  A ``crc`` the caller already has
-        (a copy of a stored value) is sent as it is, so a copy whose bytes differ from it is refused."""
+        large value goes CRC_CHUNK at a time (the header with the first), each chunk's CRC computed right
+        after it is sent, while the peer receives it (and checks what came before); the CRC follows.  A
+        ``crc`` the caller already has (a copy of a stored value, or of one sent to several nodes) goes out
+        with the value in one call, as it is, so a copy whose bytes differ from it is refused."""
         n = len(value)
-        if n <= SMALL_SEND:
+        if n <= SMALL_SEND or crc is not None:
             if crc is None:
                 crc = crc32c(value)
             self.send(op, meta, [value, CRC_TRAILER.pack(crc)], flags=WITH_CRC)
             return crc
         m = _pack(meta)
         parts: list[Any] = [HEADER.pack(MAGIC, op, WITH_CRC, len(m), n + CRC_TRAILER.size) + m]
-        step = CRC_CHUNK if crc is None else n
         running = 0
         try:
-            for start in range(0, n, step):
-                chunk = value[start : start + step]
-                if crc is None:
-                    running = crc32c(chunk, running)
-                parts.append(chunk)
-                if start + step >= n:
-                    parts.append(CRC_TRAILER.pack(running if crc is None else crc))
-                self._send_parts(parts)
+            for start in range(0, n, CRC_CHUNK):
+                chunk = value[start : start + CRC_CHUNK]
+                self._send_parts([*parts, chunk])
                 parts = []
+                running = crc32c(chunk, running)
+            self.sock.sendall(CRC_TRAILER.pack(running))
         except OSError as exc:
             raise self._lost(exc) from None
-        return running if crc is None else crc
+        return running
 
     def _send_parts(self, parts: list[Any]) -> None:
         """Send buffers back to back, gathered into as few system calls as the kernel takes (a partial send,
@@ -346,62 +342,44 @@ class Channel:
             raise error_from_meta(meta)
         raise ProtocolError(f"{self.peer}: expected a reply, got opcode {op}")
 
-    def read_payload_into(self, dst: memoryview, trailer: memoryview | None = None) -> None:
-        """Fill ``dst`` (a byte view), then ``trailer`` if given, from the current payload.  What the buffer
-        holds is copied; a small rest refills the buffer (one recv for the many small values of a batch);
-        a large one is received in place, into both views in one call."""
-        parts = [dst] if trailer is None else [dst, trailer]
-        n = sum(len(p) for p in parts)
+    def read_payload_into(self, dst: memoryview) -> None:
+        """Fill ``dst`` (a byte view) from the current payload.  What the buffer holds is copied; a small
+        rest refills the buffer (one recv for the many small values of a batch); a large one is received
+        in place."""
+        n = len(dst)
         if n > self.payload_left:
             raise ProtocolError(f"{self.peer}: payload has {self.payload_left} bytes left, {n} wanted")
         self.payload_left -= n
-        rest = []
-        for part in parts:
-            have = min(len(part), self._end - self._start)
-            if have:
-                part[:have] = self._view[self._start : self._start + have]
-                self._start += have
-            if have < len(part):
-                rest.append(part[have:])
-        if not rest:
+        have = min(n, self._end - self._start)
+        if have:
+            dst[:have] = self._view[self._start : self._start + have]
+            self._start += have
+        if have < n and n - have < FIRST_READ:
+            self._fill(n - have, ask=min(n - have + self.payload_left, RECV_BUFFER))
+            dst[have:] = self._view[self._start : self._start + n - have]
+            self._start += n - have
             return
-        left = sum(len(p) for p in rest)
-        if left < FIRST_READ:
-            self._fill(left, ask=min(left + self.payload_left, RECV_BUFFER))
-            for part in rest:
-                part[:] = self._view[self._start : self._start + len(part)]
-                self._start += len(part)
-            return
-        first = 0
-        while first < len(rest):
+        while have < n:
             try:
-                if len(rest) - first == 1:
-                    got = self.sock.recv_into(rest[first], len(rest[first]), socket.MSG_WAITALL)
-                else:
-                    got = self.sock.recvmsg_into(rest[first:], 0, socket.MSG_WAITALL)[0]
+                got = self.sock.recv_into(dst[have:], n - have, socket.MSG_WAITALL)
             except OSError as exc:
                 raise self._lost(exc) from None
             if not got:
                 raise self._lost(None)
-            while first < len(rest) and got >= len(rest[first]):
-                got -= len(rest[first])
-                first += 1
-            if got:
-                rest[first] = rest[first][got:]
-            if first < len(rest) and self.deadline is not None and time.monotonic() > self.deadline:
+            have += got
+            if have < n and self.deadline is not None and time.monotonic() > self.deadline:
                 raise self._lost(TimeoutError())
 
-    def read_payload_crc(self, dst: memoryview, trailer: memoryview | None = None) -> int:
-        """``read_payload_into`` that returns the CRC-32C of what ``dst`` received, computed chunk by chunk
-        as the bytes arrive (the GIL is released for it), while the rest is still in flight.  ``trailer``
-        (not in the CRC) is received with the last chunk."""
+    def read_payload_crc(self, dst: memoryview) -> int:
+        """``read_payload_into`` that returns the CRC-32C of what it received, computed chunk by chunk as
+        the bytes arrive (the GIL is released for it), while the rest is still in flight."""
         if len(dst) <= CRC_CHUNK:  # the common small value: one read, one CRC
-            self.read_payload_into(dst, trailer)
+            self.read_payload_into(dst)
             return crc32c(dst)
         crc = 0
         for start in range(0, len(dst), CRC_CHUNK):
             chunk = dst[start : start + CRC_CHUNK]
-            self.read_payload_into(chunk, trailer if start + CRC_CHUNK >= len(dst) else None)
+            self.read_payload_into(chunk)
             crc = crc32c(chunk, crc)
         return crc
 
@@ -420,8 +398,9 @@ class Channel:
                 f"{what()}: a put's payload is its value then a {CRC_TRAILER.size}-byte CRC-32C: "
                 f"{len(dst)} + {CRC_TRAILER.size} bytes expected, {self.payload_left} sent"
             )
+        got = self.read_payload_crc(dst)  # while the sender computes the CRC it sends next
         trailer = bytearray(CRC_TRAILER.size)
-        got = self.read_payload_crc(dst, memoryview(trailer))
+        self.read_payload_into(memoryview(trailer))
         (sent,) = CRC_TRAILER.unpack(trailer)
         if sent != got:
             check_crc(sent, got, what)
