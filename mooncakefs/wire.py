@@ -4,8 +4,7 @@ A frame is a 16-byte header (magic, opcode, flags, meta length, payload length),
 msgpack array of the request's arguments, at most MAX_META bytes), then ``payload`` (raw value bytes).
 Both lengths are checked before anything is allocated for them, and a payload is received straight
 into its destination (a pool block, the caller's buffer): only what came with the header, at most
-FIRST_READ bytes, passes through the connection's buffer.  A large frame's header leaves with its
-payload in one ``sendmsg``, so the peer is woken once for both.  Conversation is strictly request then reply
+FIRST_READ bytes, passes through the connection's buffer.  Conversation is strictly request then reply
 on each connection, except RELEASE, which has no reply.  See docs/architecture.md.
 
 Values carry their CRC-32C end to end (``crc32c`` from ``mooncakefs._engine``).  A frame flagged
@@ -43,11 +42,10 @@ PREAUTH_MAX_META = 1 << 10  # before the handshake is done, a frame's meta is th
 MAX_PAYLOAD = 1 << 48
 MAX_BATCH = 4096
 RECV_BUFFER = 256 << 10
-SMALL_SEND = 64 << 10  # payloads up to this are copied next to the header; larger ones are gathered (sendmsg)
+SMALL_SEND = 64 << 10  # payloads up to this are copied next to the header: one send() per frame
 # A frame's first recv asks for at most this much: enough for a small request whole, little enough that a
 # large payload lands mostly in place (what the buffer took of it is copied out again).
 FIRST_READ = 64 << 10
-MAX_IOV = 512  # buffers per sendmsg (the kernel's limit is 1024)
 CRC_CHUNK = 1 << 20  # a value is checksummed in chunks this big as it is sent or received, while still in cache
 CRC_TRAILER = struct.Struct("<I")  # the CRC-32C that follows a PUT's value in its payload
 WITH_CRC = 1  # frame header flag: the payload is a value followed by its CRC-32C (CRC_TRAILER)
@@ -230,8 +228,10 @@ class Channel:
         try:
             if size <= SMALL_SEND:
                 self.sock.sendall(b"".join([head, *parts]) if parts else head)
-            else:
-                self._send_parts([head, *parts])
+            else:  # the header alone first: the peer reads it and gets ready while the payload follows
+                self.sock.sendall(head)
+                for p in parts:
+                    self.sock.sendall(p)
         except OSError as exc:
             raise self._lost(exc) from None
 
@@ -242,7 +242,7 @@ class Channel:
         ``crc`` the caller already has (a copy of a stored value, or of one sent to several nodes) goes out
         with the value in one call, as it is, so a copy whose bytes differ from it is refused."""
         n = len(value)
-        if n <= SMALL_SEND or crc is not None:
+        if n <= SMALL_SEND:
             if crc is None:
                 crc = crc32c(value)
             self.send(op, meta, [value, CRC_TRAILER.pack(crc)], flags=WITH_CRC)
@@ -251,6 +251,9 @@ class Channel:
         parts: list[Any] = [HEADER.pack(MAGIC, op, WITH_CRC, len(m), n + CRC_TRAILER.size) + m]
         running = 0
         try:
+            if crc is not None:
+                self._send_parts([*parts, value, CRC_TRAILER.pack(crc)])
+                return crc
             for start in range(0, n, CRC_CHUNK):
                 chunk = value[start : start + CRC_CHUNK]
                 self._send_parts([*parts, chunk])
@@ -262,13 +265,13 @@ class Channel:
         return running
 
     def _send_parts(self, parts: list[Any]) -> None:
-        """Send buffers back to back, gathered into as few system calls as the kernel takes (a partial send,
-        which a send timeout can cause, goes on where it stopped)."""
+        """Send a few buffers back to back in one system call (a partial send, which a send timeout can
+        cause, goes on where it stopped)."""
         views = [memoryview(p) for p in parts]
         views = [v if v.format == "B" and v.ndim == 1 else v.cast("B") for v in views if v.nbytes]
         first = 0
         while first < len(views):
-            sent = self.sock.sendmsg(views[first : first + MAX_IOV])
+            sent = self.sock.sendmsg(views[first:])
             while first < len(views) and sent >= len(views[first]):
                 sent -= len(views[first])
                 first += 1
