@@ -276,7 +276,7 @@ class ClusterStore(KVMapping):
                 pointer = PutOptions(version=stamped.version)
                 self._on_all(pmap, owners, lambda link: link._put(pointer_key(raw), here.encode(), pointer, spread))
                 return
-            if crc is None and sum(not self._on_this_host(pmap.nodes[n]) for n in owners) > 1:
+            if crc is None and len(owners) > 1 and sum(not self._on_this_host(pmap.nodes[n]) for n in owners) > 1:
                 crc = crc32c(view)
 
             def send(link: NodeLink) -> None:
