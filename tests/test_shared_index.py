@@ -238,41 +238,41 @@ def test_same_host_reads_skip_the_node_and_see_every_update(small_node):
 @pytest.mark.skipif(PURE_ENGINE, reason="the twin copies holding the GIL: no publish can land mid-copy")
 def test_a_slot_changed_during_the_copy_is_a_miss():
     """The reader's second sequence check: a copy of 256 MiB runs without the GIL, and meanwhile another
-    thread republishes the slot (as the node does before reusing a block).  A busy machine may delay
-    the reader past the publish (then it reads the new slot whole), so it tries until one overlaps: up
-    to 200 times, as a loaded 2-core machine can deschedule the reader for longer than the sleep below
-    many times in a row."""
+    thread republishes the slot (as the node does before reusing a block).  The publisher watches the
+    destination fill (the pool is all ones, the destination zeros) and republishes once the copy has
+    begun and before it has ended, so the overlap does not depend on how the machine schedules the
+    reader; an attempt where the copy ran to its end first is tried again."""
     import threading
 
     size = 256 << 20
-    pool = bytearray(size + 4096)
+    pool = bytearray(b"\x01") * (size + 4096)
     table = bytearray(HEADER + 64 * _engine.INDEX_SLOT_BYTES)
     node = _engine.SharedIndex(table, create=True)
     reader = _engine.SharedIndex(table, pool)
     d = digest(b"big")
-    dst = bytearray(size)
+    probes = range(0, size, 16 << 20)  # where the publisher looks for copied bytes
     outcomes = []
-    for attempt in range(200):
+    for attempt in range(50):
         node.publish(d, 4096 * (attempt % 2), size)
+        dst = bytearray(size)
         result: list[int] = []
-        started = threading.Event()
 
-        def read(result: list[int] = result, started: threading.Event = started) -> None:
-            started.set()
+        def read(dst: bytearray = dst, result: list[int] = result) -> None:
             result.append(reader.read_into(d, dst))
 
         t = threading.Thread(target=read)
         t.start()
-        started.wait()
-        time.sleep(0.002)  # the copy is under way (it takes tens of milliseconds)
+        while not result and not any(dst[i] for i in probes):
+            time.sleep(0)  # wait for the copy to begin
+        overlapped = not result and not all(dst[i] for i in probes)
         node.publish(d, 4096 * (1 - attempt % 2), size)  # the slot moves on: the block may be reused
         t.join()
         assert result[0] in (-1, size)
         outcomes.append(result[0])
-        if result[0] == -1:
+        if overlapped and result[0] == -1:
             break
     assert -1 in outcomes, outcomes
-    assert reader.read_into(d, dst) == size  # unchanged slot: a hit
+    assert reader.read_into(d, bytearray(size)) == size  # unchanged slot: a hit
 
 
 def test_values_every_reader_touched_are_still_evicted_when_a_put_needs_the_room(tmp_path):
