@@ -60,6 +60,7 @@ def test_engine_and_reference_change_the_table_identically():
         assert fast_table[HEADER:] == ref_table[HEADER:]
     readers = _engine.SharedIndex(fast_table, pool), _reference.SharedIndex(ref_table, pool)
     for d in keys:
+        fast.beat(), ref.beat()  # the node is alive however long the run above took (readers trust 2 s)
         a, b = bytearray(5000), bytearray(5000)
         assert readers[0].read_into(d, a) == readers[1].read_into(d, b)
         assert a == b
@@ -73,6 +74,7 @@ def test_read_reports_miss_too_small_and_stale_node():
         d = digest(b"a")
         assert reader.read_into(d, bytearray(8)) == -1  # never published
         assert node.publish(d, 128, 5)
+        node.beat()  # a busy machine may have taken the 2 s readers trust a beat for since create
         out = bytearray(8)
         assert reader.read_into(d, out) == 5 and out[:5] == b"hello"
         assert reader.read(d) == b"hello"
@@ -238,7 +240,8 @@ def test_same_host_reads_skip_the_node_and_see_every_update(small_node):
 @pytest.mark.skipif(PURE_ENGINE, reason="the twin copies holding the GIL: no publish can land mid-copy")
 def test_a_slot_changed_during_the_copy_is_a_miss():
     """The reader's second sequence check: a copy of 256 MiB runs without the GIL, and meanwhile another
-    thread republishes the slot (as the node does before reusing a block).  The publisher watches the
+    thread republishes the slot (as the node does before reusing a block).  The node beats before each
+    read, as readers take a node silent for 2 s as gone (a miss for another reason).  The publisher watches the
     destination fill (the pool is all ones, the destination zeros) and republishes once the copy has
     begun and before it has ended, so the overlap does not depend on how the machine schedules the
     reader; an attempt where the copy ran to its end first is tried again."""
@@ -254,6 +257,7 @@ def test_a_slot_changed_during_the_copy_is_a_miss():
     outcomes = []
     for attempt in range(50):
         node.publish(d, 4096 * (attempt % 2), size)
+        node.beat()
         dst = bytearray(size)
         result: list[int] = []
 
@@ -272,6 +276,7 @@ def test_a_slot_changed_during_the_copy_is_a_miss():
         if overlapped and result[0] == -1:
             break
     assert -1 in outcomes, outcomes
+    node.beat()
     assert reader.read_into(d, bytearray(size)) == size  # unchanged slot: a hit
 
 
