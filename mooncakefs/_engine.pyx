@@ -6,9 +6,10 @@ Each has a pure-Python twin in ``mooncakefs._reference`` that the tests run agai
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
+from cpython.unicode cimport PyUnicode_AsUTF8String
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free as c_free, malloc, realloc
 from libc.string cimport memcpy, memset
@@ -16,6 +17,10 @@ from libc.string cimport memcpy, memset
 cimport cython
 
 import os
+
+from mooncakefs.api import PLAIN_PUT
+from mooncakefs.keys import INTERNAL_PREFIX, MAX_KEY_BYTES, InternalKey
+from mooncakefs.keys import encode_key as _encode_key_checked
 
 
 cdef extern from *:
@@ -124,6 +129,34 @@ cdef Py_ssize_t _nbytes(object obj) except -1:
     cdef Py_ssize_t n = view.len
     PyBuffer_Release(&view)
     return n
+
+
+# A key is encoded on every call: in Python that cost as much as the index lookup it is for.
+cdef Py_ssize_t MAX_KEY = MAX_KEY_BYTES
+assert INTERNAL_PREFIX == b"\xc0\x80"  # _encode_key tests these two bytes
+
+
+cpdef bytes encode_key(object key):
+    """``keys.encode_key`` (the twin, and what tells a refused key why) in C for the keys nearly every call
+    brings: a str that encodes to UTF-8, or bytes outside the internal namespace, 1 to MAX_KEY_BYTES long.
+    Anything else (an InternalKey, a subclass, a bad key) goes to ``keys.encode_key``."""
+    cdef bytes raw
+    cdef const char *p
+    if type(key) is str:
+        try:
+            raw = PyUnicode_AsUTF8String(key)
+        except UnicodeEncodeError:
+            return _encode_key_checked(key)
+    elif type(key) is bytes:
+        raw = <bytes>key
+        p = PyBytes_AS_STRING(raw)
+        if PyBytes_GET_SIZE(raw) >= 2 and <unsigned char>p[0] == 0xC0 and <unsigned char>p[1] == 0x80:
+            return _encode_key_checked(key)
+    else:
+        return _encode_key_checked(key)
+    if 0 < PyBytes_GET_SIZE(raw) <= MAX_KEY:
+        return raw
+    return _encode_key_checked(key)
 
 
 def address(obj) -> int:
@@ -1038,32 +1071,42 @@ cdef class PlainPath:
 
     Built by the store once its tiers are wired, from its ``DramTier`` (pool, allocator, queues, ghost
     list; its watermarks and fresh share are read then, and do not change after) and itself (the index,
-    and its general methods for anything unusual: a leased head, a fragmented pool, a replaced value
-    with an SSD copy).  The caller holds the store's lock and has checked that the store is open."""
+    its lock, the heap of expiring values, and its general methods for anything unusual: a leased head,
+    a fragmented pool, a replaced value with an SSD copy).  ``put``, ``get`` and ``get_into`` take the
+    store's lock themselves (taking it in Python cost as much as the call); for the other calls the
+    caller holds it and has checked that the store is open."""
 
-    cdef object dram, store, ghost
+    cdef object dram, store, ghost, acquire, release
     cdef dict index, counters
+    cdef list expiring
     cdef EntryQueue fresh, main
     cdef OffsetAllocator allocator
     cdef Arena arena
-    cdef long long high, low, fresh_max, ghost_factor, small_max, batch_max, max_key
+    cdef long long high, low, fresh_max, ghost_factor, small_max, batch_max
     cdef long long evicted  # values it has evicted, all calls together
+    cdef bint closed, shared, lower
 
-    def __cinit__(self, dram, store, long long small_max, long long batch_max, long long max_key):
-        """``small_max``: values below it are read here one at a time; ``batch_max``: values up to it
-        are read here in batches; ``max_key``: the longest key in bytes."""
+    def __cinit__(self, dram, store, lock, long long small_max, long long batch_max):
+        """``lock``: the store's lock (a ``threading.Lock``: every other store path takes it too);
+        ``small_max``: values below it are put and read here one at a time; ``batch_max``: values up to
+        it are put and read here in batches."""
         self.dram, self.store = dram, store
-        self.index, self.counters = store._index, dram.counters
+        self.acquire, self.release = lock.acquire, lock.release
+        self.index, self.counters, self.expiring = store._index, dram.counters, store._expiring
+        self.lower = store._ssd is not None or store._vram is not None
         self.fresh, self.main, self.ghost = dram.fresh, dram.main, dram.ghost
         self.allocator, self.arena = dram.allocator, dram.arena
         self.high, self.low, self.fresh_max, self.ghost_factor = dram.high, dram.low, dram.fresh_max, dram.ghost_factor
-        self.small_max, self.batch_max, self.max_key = small_max, batch_max, max_key
+        self.small_max, self.batch_max = small_max, batch_max
 
-    cdef inline bytes _encode(self, key, encode):
-        """A key's bytes: ``encode_key``'s common case (an ASCII str of allowed length) here, else ``encode``."""
-        if type(key) is str and (<str>key).isascii() and 0 < len(<str>key) <= self.max_key:
-            return (<str>key).encode()
-        return encode(key)
+    def close(self) -> None:
+        """The store is closed (lock held): ``put``, ``get`` and ``get_into`` leave every call to the
+        store's general path, which says so."""
+        self.closed = True
+
+    def index_shared(self) -> None:
+        """The store now keeps a shared index in step (lock held): ``put`` leaves puts to its general path."""
+        self.shared = True
 
     # -- writing --
 
@@ -1155,16 +1198,37 @@ cdef class PlainPath:
         if evicted:
             self.counters["evictions"] += evicted
 
-    def put(self, bytes raw, key, Entry entry, value, options) -> None:
-        """Publish one prepared plain put (``Store.put``) into a DRAM-only store with no shared index and
-        nothing that may expire.  Eviction takes queue heads down to the low watermark; a sticky entry (an
-        ``InternalKey``'s: a file chunk) is not queued: with no tier below it may not leave, so a full pool
-        refuses the next put with OutOfSpace."""
-        cdef long long before = self.evicted
+    def put(self, key, value) -> bool:
+        """``Store.put`` with no options of a value below ``small_max`` bytes into an open DRAM-only store
+        with no shared index and nothing that may expire, the store's lock taken here: True once done;
+        False leaves the put to the store's general path (anything else, and whatever is wrong with the
+        value).  A refused key raises what ``keys.encode_key`` says.  Eviction takes queue heads down to
+        the low watermark."""
+        cdef Py_buffer s
+        cdef Py_ssize_t size
+        cdef long long before
+        if type(key) is InternalKey:  # sticky (a file chunk): the general path writes it through
+            return False
+        if not _readable(value, &s):
+            return False
+        size = s.len
+        PyBuffer_Release(&s)
+        if size >= self.small_max:
+            return False
+        raw = encode_key(key)
+        cdef Entry entry = Entry.__new__(Entry, size)
+        self.acquire()
         try:
-            self._put(raw, key, entry, value, options)
+            if self.closed or self.shared or self.lower or self.expiring:
+                return False
+            before = self.evicted
+            try:
+                self._put(raw, key, entry, value, PLAIN_PUT)
+            finally:
+                self._count_evictions(before)
         finally:
-            self._count_evictions(before)
+            self.release()
+        return True
 
     def put_run(self, list run, Py_ssize_t at, long long stop_bytes, list results, tuple errors, options) -> int:
         """``put`` for ``run[at:]`` (items ``(i, raw, key, Entry, value)`` prepared by ``Store.batch_put``)
@@ -1188,14 +1252,12 @@ cdef class PlainPath:
             self._count_evictions(before)
         return at
 
-    def prepare_run(self, list pairs, Py_ssize_t at, list results, list run, encode, internal_key, value_error,
-                    tuple errors) -> int:
+    def prepare_run(self, list pairs, Py_ssize_t at, list results, list run, value_error, tuple errors) -> int:
         """``Store.batch_put``'s loop for plain options: for each of ``pairs[at:]`` a slot in ``results``
         and, for a value of up to ``batch_max`` bytes, an item ``(i, raw, key, Entry, value)`` in ``run``
         (or the exception, one of ``errors``, it raised in its slot).  Stops at a larger value, its slot
-        added, and returns its index (``len(pairs)`` when done).  ``encode`` gives a key's bytes,
-        ``internal_key`` is the type whose values are sticky, ``value_error(value)`` says why a value is
-        not a buffer."""
+        added, and returns its index (``len(pairs)`` when done).  ``value_error(value)`` says why a value
+        is not a buffer."""
         cdef Py_ssize_t n = len(pairs), size
         cdef Entry entry
         while at < n:
@@ -1208,9 +1270,9 @@ cdef class PlainPath:
                     raise value_error(value) from None
                 if size > self.batch_max:
                     return at
-                raw = self._encode(key, encode)
+                raw = encode_key(key)
                 entry = Entry.__new__(Entry, size)
-                entry.word.sticky = type(key) is internal_key
+                entry.word.sticky = type(key) is InternalKey
                 run.append((at, raw, key, entry, value))
             except errors as exc:
                 results[at] = exc
@@ -1257,38 +1319,58 @@ cdef class PlainPath:
         _memcpy(PyBytes_AS_STRING(out), self.arena.base + <size_t>entry.dram_unit * UNIT, size)
         return out
 
-    def get(self, bytes raw):
-        """A small DRAM-resident value as new bytes, or None: ask the store's general path."""
-        cdef Entry entry = self._hit(raw, self.small_max - 1)
-        return None if entry is None else self._copy_out(entry)
-
-    def get_into(self, bytes raw, buffer) -> int:
-        """Copy a small DRAM-resident value into ``buffer``: its size; -1 to ask the store's general path;
-        -2 - size if the buffer is too small (nothing written)."""
-        cdef Entry entry = self._hit(raw, self.small_max - 1)
-        if entry is None:
-            return -1
-        cdef Py_buffer d
-        cdef long long size = entry.word.size
-        _get_write(buffer, &d, "buffer")
+    def get(self, key):
+        """``Store.get`` of a small DRAM-resident value in an open store, the store's lock taken here: the
+        value as new bytes, or None: ask the store's general path.  A refused key raises."""
+        cdef bytes raw = encode_key(key)
+        cdef Entry entry
+        self.acquire()
         try:
-            if d.len < size:
-                return -2 - size
-            self.arena._check(<size_t>entry.dram_unit * UNIT, size)
-            memcpy(d.buf, self.arena.base + <size_t>entry.dram_unit * UNIT, size)
-            return size
+            if self.closed:
+                return None
+            entry = self._hit(raw, self.small_max - 1)
+            return None if entry is None else self._copy_out(entry)
+        finally:
+            self.release()
+
+    def get_into(self, key, buffer) -> int:
+        """``Store.get_into`` of a small DRAM-resident value in an open store, the store's lock taken here:
+        its size; -1 to ask the store's general path (which also says what is wrong with a buffer that is
+        not writable); -2 - size if the buffer is too small (nothing written).  A refused key raises."""
+        cdef bytes raw = encode_key(key)
+        cdef Entry entry
+        cdef Py_buffer d
+        cdef long long size
+        if not _writable(buffer, &d):
+            return -1
+        try:
+            self.acquire()
+            try:
+                if self.closed:
+                    return -1
+                entry = self._hit(raw, self.small_max - 1)
+                if entry is None:
+                    return -1
+                size = entry.word.size
+                if d.len < size:
+                    return -2 - size
+                self.arena._check(<size_t>entry.dram_unit * UNIT, size)
+                memcpy(d.buf, self.arena.base + <size_t>entry.dram_unit * UNIT, size)
+                return size
+            finally:
+                self.release()
         finally:
             PyBuffer_Release(&d)
 
-    def read_many(self, list keys, list buffers, list results, Py_ssize_t start, long long stop_bytes, encode,
-                  copy_out, tuple errors) -> int:
+    def read_many(self, list keys, list buffers, list results, Py_ssize_t start, long long stop_bytes, copy_out,
+                  tuple errors) -> int:
         """The loop of ``Store._batch_read``: copy the DRAM-resident values of up to ``batch_max`` bytes
         among ``keys[start:]`` into ``buffers`` (None: into new bytes), leaving in ``results[i]`` the byte
         count or the bytes, or the exception (one of ``errors``) key i raised, and None where the store's
         single-key path must do the work; stops once ``stop_bytes`` of values of at least ``small_max``
-        bytes are copied, and returns where the next call starts.  ``encode`` gives a key's bytes;
-        ``copy_out(i, key, entry)`` is the store's own copy, called where a buffer is refused or too
-        small, so that it raises what the store raises."""
+        bytes are copied, and returns where the next call starts.  ``copy_out(i, key, entry)`` is the
+        store's own copy, called where a buffer is refused or too small, so that it raises what the store
+        raises."""
         cdef Py_ssize_t n = len(keys), i = start
         cdef long long copied = 0, hits = 0, size
         cdef object found
@@ -1300,7 +1382,7 @@ cdef class PlainPath:
                 key = keys[i]
                 i += 1
                 try:
-                    raw = self._encode(key, encode)
+                    raw = encode_key(key)
                     found = self.index.get(raw)
                     if found is None:
                         continue
@@ -1333,6 +1415,15 @@ cdef class PlainPath:
             if hits:
                 self.counters["hits"] += hits
         return i
+
+
+cdef bint _readable(object obj, Py_buffer *view):
+    """Take a C-contiguous view of ``obj``; False (no error set) if it has none."""
+    try:
+        PyObject_GetBuffer(obj, view, PyBUF_SIMPLE)
+    except (BufferError, TypeError, ValueError):
+        return False
+    return True
 
 
 cdef bint _writable(object obj, Py_buffer *view):

@@ -16,6 +16,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from mooncakefs.api import PLAIN_PUT
+from mooncakefs.keys import InternalKey, encode_key  # the twin of _engine.encode_key: every key's rules
+
 ALLOC_UNIT = 64
 VERSION_LIMIT = 1 << 126  # two 63-bit halves: each fits a signed 64-bit SQLite column
 VERSION_LOW_MASK = (1 << 63) - 1
@@ -639,15 +642,23 @@ class SharedIndex:
 class PlainPath:
     """``_engine.PlainPath`` in plain Python: the same steps in the same order."""
 
-    def __init__(self, dram: Any, store: Any, small_max: int, batch_max: int, max_key: int) -> None:
-        self.dram, self.store = dram, store
-        self.index, self.counters = store._index, dram.counters
+    def __init__(self, dram: Any, store: Any, lock: Any, small_max: int, batch_max: int) -> None:
+        self.dram, self.store, self.lock = dram, store, lock
+        self.index, self.counters, self.expiring = store._index, dram.counters, store._expiring
+        self.lower = store._ssd is not None or store._vram is not None
+        self.closed = self.shared = False
         self.fresh, self.main, self.ghost = dram.fresh, dram.main, dram.ghost
         self.allocator, self.view = dram.allocator, dram.view
         self.high, self.low, self.fresh_max, self.ghost_factor = dram.high, dram.low, dram.fresh_max, dram.ghost_factor
-        self.small_max, self.batch_max, self.max_key = small_max, batch_max, max_key
+        self.small_max, self.batch_max = small_max, batch_max
         # entries of the engine in use: the tests also run this twin in a store on the Cython queues
         self.new_entry = importlib.import_module("mooncakefs._engine").Entry
+
+    def close(self) -> None:
+        self.closed = True
+
+    def index_shared(self) -> None:
+        self.shared = True
 
     # -- writing --
 
@@ -675,7 +686,24 @@ class PlainPath:
             if len(self.ghost) > self.ghost_factor * len(self.index) + 64:
                 self.ghost.popitem(last=False)
 
-    def put(self, raw: bytes, key: Any, entry: Entry, value: Any, options: Any) -> None:
+    def put(self, key: Any, value: Any) -> bool:
+        if type(key) is InternalKey:
+            return False
+        try:
+            size = nbytes(value)
+        except TypeError:
+            return False
+        if size >= self.small_max:
+            return False
+        raw = encode_key(key)
+        entry = self.new_entry(size)
+        with self.lock:
+            if self.closed or self.shared or self.lower or self.expiring:
+                return False
+            self._put(raw, key, entry, value, PLAIN_PUT)
+        return True
+
+    def _put(self, raw: bytes, key: Any, entry: Entry, value: Any, options: Any) -> None:
         size = entry.size
         self._make_room(size)
         handle, offset = self.allocator.reserve(size)
@@ -724,7 +752,7 @@ class PlainPath:
             at += 1
             copied += entry.size
             try:
-                self.put(raw, key, entry, value, options)
+                self._put(raw, key, entry, value, options)
             except errors as exc:
                 results[i] = exc
         return at
@@ -735,8 +763,6 @@ class PlainPath:
         at: int,
         results: list[Any],
         run: list[Any],
-        encode: Callable[[Any], bytes],
-        internal_key: type,
         value_error: Callable[[Any], BaseException],
         errors: tuple[type[BaseException], ...],
     ) -> int:
@@ -750,9 +776,9 @@ class PlainPath:
                     raise value_error(value) from None
                 if size > self.batch_max:
                     return at
-                raw = encode(key)
+                raw = encode_key(key)
                 entry = self.new_entry(size)
-                entry.sticky = type(key) is internal_key
+                entry.sticky = type(key) is InternalKey
                 run.append((at, raw, key, entry, value))
             except errors as exc:
                 results[at] = exc
@@ -784,19 +810,30 @@ class PlainPath:
     def _copy_out(self, entry: Entry) -> bytes:
         return self.view[entry.dram_off : entry.dram_off + entry.size].tobytes()
 
-    def get(self, raw: bytes) -> bytes | None:
-        entry = self._hit(raw, self.small_max - 1)
-        return None if entry is None else self._copy_out(entry)
+    def get(self, key: Any) -> bytes | None:
+        raw = encode_key(key)
+        with self.lock:
+            if self.closed:
+                return None
+            entry = self._hit(raw, self.small_max - 1)
+            return None if entry is None else self._copy_out(entry)
 
-    def get_into(self, raw: bytes, buffer: Any) -> int:
-        entry = self._hit(raw, self.small_max - 1)
-        if entry is None:
+    def get_into(self, key: Any, buffer: Any) -> int:
+        raw = encode_key(key)
+        try:
+            out = _write_view(buffer, "buffer")
+        except TypeError:
             return -1
-        out = _write_view(buffer, "buffer")
-        if out.nbytes < entry.size:
-            return -2 - entry.size
-        out[: entry.size] = self.view[entry.dram_off : entry.dram_off + entry.size]
-        return entry.size
+        with self.lock:
+            if self.closed:
+                return -1
+            entry = self._hit(raw, self.small_max - 1)
+            if entry is None:
+                return -1
+            if out.nbytes < entry.size:
+                return -2 - entry.size
+            out[: entry.size] = self.view[entry.dram_off : entry.dram_off + entry.size]
+            return entry.size
 
     def read_many(
         self,
@@ -805,7 +842,6 @@ class PlainPath:
         results: list[Any],
         start: int,
         stop_bytes: int,
-        encode: Callable[[Any], bytes],
         copy_out: Callable[[int, Any, Entry], Any],
         errors: tuple[type[BaseException], ...],
     ) -> int:
@@ -816,7 +852,7 @@ class PlainPath:
                 key = keys[i]
                 i += 1
                 try:
-                    raw = encode(key)
+                    raw = encode_key(key)
                     entry = self.index.get(raw)
                     if entry is None or entry.dram < 0 or entry.size > self.batch_max or entry.expires:
                         continue

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mooncakefs import _engine
-from mooncakefs._engine import Entry, SharedIndex
+from mooncakefs._engine import Entry, SharedIndex, encode_key
 from mooncakefs.api import (
     BATCH_ERRORS,
     PLAIN_PUT,
@@ -67,7 +67,6 @@ from mooncakefs.keys import (
     InternalKey,
     Key,
     decode_key,
-    encode_key,
     encode_prefix,
     key_digest,
 )
@@ -266,11 +265,11 @@ class Store(KVMapping):
         self._reserve = dram.reserve  # the hot paths' DRAM calls, bound once
         self._touch = dram.touch
         self._enqueue = dram.enqueue
-        # small puts and reads in one C call each (the watermarks and fresh share are set by now)
-        self._plain = _engine.PlainPath(dram, self, LOCKED_COPY_MAX, BATCH_LOCKED_MAX, MAX_KEY_BYTES)
         self._expiring: list[tuple[float, int, bytes, Entry]] = []  # heap by expiry time
         self._tiebreak = itertools.count()
         self._lock = threading.Lock()
+        # small puts and reads in one C call each (the watermarks and fresh share are set by now)
+        self._plain = _engine.PlainPath(dram, self, self._lock, LOCKED_COPY_MAX, BATCH_LOCKED_MAX)
         self._idle = threading.Condition(self._lock)  # close() waits here for unlocked copies to end
         self._unlocked_ops = 0
         self._closed = False
@@ -300,6 +299,7 @@ class Store(KVMapping):
             if self._closed:
                 return
             self._closed = True
+            self._plain.close()
             while self._unlocked_ops:
                 self._idle.wait()
             self._close_gpu()
@@ -391,6 +391,22 @@ class Store(KVMapping):
         ``replicas`` and ``placement`` are the cluster's: here only replicas=1 is taken (one copy).
         ``tier`` ("vram" or "dram") overrides where the value goes first (tiers/vram.choose_tier): by
         default a GPU buffer goes to VRAM, if the store has a VRAM tier, and a host buffer to DRAM."""
+        if (  # nearly every put: no options (put_options's PLAIN_PUT, inline), a small value, in one C call
+            pin is False
+            and ttl is None
+            and if_absent is False
+            and durable is False
+            and version == 0
+            and type(version) is int
+            and if_newer is False
+            and tag == 0
+            and type(tag) is int
+            and replicas is None
+            and placement is None
+            and tier is None
+            and self._plain.put(key, value)
+        ):
+            return
         options = put_options(pin, ttl, if_absent, durable, version, if_newer, tag, replicas, placement)
         if options is not PLAIN_PUT and (replicas is not None or placement is not None):
             options.single_store("put", f"the embedded store at {self.path}")
@@ -407,11 +423,6 @@ class Store(KVMapping):
             self._put_gpu(key, memoryview(value).cast("B"), options, tier)
             return
         raw, entry = self._prepare_put(key, size, options)
-        if size < LOCKED_COPY_MAX and options is PLAIN_PUT and not entry.sticky:
-            with self._lock:  # the common small put: one call into Cython
-                if self._plain_store():
-                    self._plain.put(raw, key, entry, value, options)
-                    return
         self._put_prepared(raw, key, entry, value, options)
 
     def _plain_store(self) -> bool:
@@ -973,6 +984,7 @@ class Store(KVMapping):
         with self._lock:
             self._check_open()
             self._shared = index
+            self._plain.index_shared()
             self._dram.second_chances = True  # reads through it earn a second chance against eviction
             for raw, entry in self._index.items():
                 self._share(raw, entry)
@@ -1077,12 +1089,11 @@ class Store(KVMapping):
 
     def get(self, key: Key) -> bytes:
         """The value as a new bytes object (KeyNotFound if absent)."""
+        value = self._plain.get(key)  # the common case, a small DRAM value, in one C call
+        if value is not None:
+            return value
         raw = encode_key(key)
         with self._lock:
-            if not self._closed:  # the common case, a small DRAM value, in one call
-                value = self._plain.get(raw)
-                if value is not None:
-                    return value
             entry = self._find(raw, key)
             if entry.dram >= 0 and entry.size < LOCKED_COPY_MAX:
                 return self._dram.arena.read(entry.dram_off, entry.size)
@@ -1093,16 +1104,15 @@ class Store(KVMapping):
         """Copy the value into the start of writable ``buffer``; returns its length in bytes.
 
         BufferTooSmall (nothing written) if the buffer is shorter than the value."""
+        n = self._plain.get_into(key, buffer)  # the common case, a small DRAM value, in one C call
+        if n >= 0:
+            return n
         raw = encode_key(key)
         try:
             room = _engine.nbytes(buffer)
+            if n < -1:
+                raise BufferTooSmall(key, -2 - n, room)
             with self._lock:
-                if not self._closed:  # the common case, a small DRAM value, in one call
-                    n = self._plain.get_into(raw, buffer)
-                    if n >= 0:
-                        return n
-                    if n < -1:
-                        raise BufferTooSmall(key, -2 - n, room)
                 entry = self._find(raw, key)
                 if entry.size > room:
                     raise BufferTooSmall(key, entry.size, room)
@@ -1411,9 +1421,7 @@ class Store(KVMapping):
         at = 0
         while at < len(pairs):
             if plain:  # the values of a run prepared in one call, up to the first one too large for it
-                at = self._plain.prepare_run(
-                    pairs, at, results, small, encode_key, InternalKey, value_error, BATCH_ERRORS
-                )
+                at = self._plain.prepare_run(pairs, at, results, small, value_error, BATCH_ERRORS)
             else:
                 at = self._prepare_run(pairs, at, results, small, options)
             if at == len(pairs):
@@ -1533,7 +1541,7 @@ class Store(KVMapping):
         while start < n:
             with self._lock:
                 self._check_open()
-                start = read_many(keys, buffers, results, start, BATCH_LOCKED_BYTES, encode_key, copy_out, BATCH_ERRORS)
+                start = read_many(keys, buffers, results, start, BATCH_LOCKED_BYTES, copy_out, BATCH_ERRORS)
         return results
 
     def batch_exists(self, keys: Iterable[Key]) -> list[bool]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import random
 import struct
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -315,6 +317,120 @@ def test_concurrent_remove_has_one_winner(store_factory):
 
     assert sum(run_threads(8, work)) == len(keys)
     assert len(store) == 0
+
+
+# ------------------------------------------------------------------- small values, the C paths
+
+SMALL = 4096
+
+
+def small_value(k: int, gen: int) -> bytes:
+    """4 KiB that say whose they are: key index and generation, then one byte repeated that both decide."""
+    return struct.pack("<II", k, gen) + bytes([(k * 31 + gen) & 0xFF]) * (SMALL - 8)
+
+
+def check_small(data: bytes | memoryview, k: int, where: str) -> None:
+    assert len(data) == SMALL, f"{where}: {len(data)} bytes"
+    owner, gen = struct.unpack_from("<II", data)
+    assert owner == k, f"{where}: the value of key {owner}"
+    fill = bytes([(k * 31 + gen) & 0xFF])
+    assert data[8:] == fill * (SMALL - 8), f"{where}: mixed bytes (torn or crossed write)"
+
+
+def test_threads_hammering_the_same_small_keys(store_factory):
+    """8 threads put, get, get_into, remove and batch the same 4 KiB keys, in a store small enough to evict:
+    the single-key calls take the store's lock inside one C call, the others in Python, and both must be
+    the one lock.  Every read is a whole value of its own key; at the end the index and the pool agree."""
+    store = store_factory(dram="1MiB", ssd=None)
+    n_keys = 320  # 1.25 MiB of values: eviction runs all along
+    keys = [f"small/{k}" for k in range(n_keys)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # thread switches between nearly every bytecode of the Python paths
+
+    def work(t: int) -> int:
+        rng = random.Random(t)
+        buf, bufs = bytearray(SMALL), [bytearray(SMALL) for _ in range(4)]
+        reads = 0
+        for step in range(1500):
+            k = rng.randrange(16) if rng.random() < 0.7 else rng.randrange(n_keys)  # mostly the hot ones
+            key, op = keys[k], rng.randrange(8)
+            try:
+                if op == 0:
+                    store.put(key, small_value(k, step))
+                elif op == 1:  # the general put path, on the same keys (and an expiring value now and then)
+                    store.put(key, small_value(k, step), ttl=0.01 if step % 50 == 0 else None, tag=1)
+                elif op == 2:
+                    check_small(store.get(key), k, f"get {key}")
+                    reads += 1
+                elif op == 3:
+                    assert store.get_into(key, buf) == SMALL
+                    check_small(buf, k, f"get_into {key}")
+                    reads += 1
+                elif op == 4:
+                    store.remove(key)
+                elif op == 5:
+                    ks = [rng.randrange(n_keys) for _ in range(4)]
+                    store.batch_put([(keys[j], small_value(j, step)) for j in ks])
+                elif op == 6:
+                    ks = [rng.randrange(16) for _ in range(4)]
+                    for j, r, b in zip(ks, store.batch_get_into([keys[j] for j in ks], bufs), bufs, strict=True):
+                        if isinstance(r, int):
+                            check_small(b, j, f"batch_get_into {keys[j]}")
+                            reads += 1
+                        else:
+                            assert isinstance(r, mooncakefs.KeyNotFound), r
+                else:
+                    with store.view(key) as mv:
+                        check_small(mv, k, f"view {key}")
+                        reads += 1
+            except mooncakefs.KeyNotFound:
+                pass
+        return reads
+
+    try:
+        assert sum(run_threads(8, work)) > 0
+    finally:
+        sys.setswitchinterval(switch)
+    time.sleep(0.05)  # every value put with ttl=0.01 has expired: the reads below drop them all
+    present = 0
+    for k, key in enumerate(keys):
+        try:
+            check_small(store.get(key), k, f"final get {key}")
+            present += 1
+        except mooncakefs.KeyNotFound:
+            pass
+    stats = store.stats()["dram"]
+    assert len(store) == present == stats["objects"]
+    assert stats["used"] == present * SMALL  # no block leaked or shared
+    assert stats["evictions"] > 0
+
+
+@pytest.mark.parametrize("call", ["put", "get", "get_into", "batch_put", "batch_get_into"])
+def test_small_calls_wait_for_the_store_lock(store_factory, call):
+    """The single-key calls take the store's lock inside C: it must be the lock every other path takes.
+    While the test holds it, a call from another thread waits (however long it is given), then ends."""
+    store = store_factory(dram="1MiB", ssd=None)
+    store.put("k", small_value(1, 0))
+    calls = {
+        "put": lambda: store.put("k", small_value(1, 1)),
+        "get": lambda: store.get("k"),
+        "get_into": lambda: store.get_into("k", bytearray(SMALL)),
+        "batch_put": lambda: store.batch_put([("k", small_value(1, 2))]),
+        "batch_get_into": lambda: store.batch_get_into(["k"], [bytearray(SMALL)]),
+    }
+    done = threading.Event()
+
+    def run() -> None:
+        calls[call]()
+        done.set()
+
+    thread = threading.Thread(target=run)
+    with store._lock:
+        thread.start()
+        assert not done.wait(0.3), f"{call} ran while another thread held the store's lock"
+    assert done.wait(60), f"{call} never ended once the lock was free"
+    thread.join()
+    check_small(store.get("k"), 1, "after")
 
 
 # ------------------------------------------------------------------------------ close under load

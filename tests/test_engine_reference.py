@@ -579,6 +579,81 @@ def test_plain_path_engine_matches_reference(tmp_path, monkeypatch):
     assert any("BufferTooSmall" in s[1] for s in native), "the script never read into a short buffer"
 
 
+# --------------------------------------------------------------------------------------- encode_key
+
+
+class _StrKey(str):
+    pass
+
+
+class _BytesKey(bytes):
+    pass
+
+
+def _encode_outcome(impl, key: object) -> tuple:
+    """What ``impl.encode_key`` does with ``key``: the bytes (and whether it is the key object itself), or
+    the error's type and message."""
+    try:
+        raw = impl.encode_key(key)
+    except Exception as exc:  # the type and message are what is compared
+        return type(exc), str(exc)
+    return type(raw), raw, raw is key
+
+
+ENCODE_CASES = [
+    "a",
+    "bench/key/00000001",
+    "x" * 1024,
+    "x" * 1025,
+    "",
+    "é",
+    "é" * 512,  # 1024 bytes in UTF-8
+    "é" * 513,  # 513 characters, 1026 bytes: too long
+    "\U0001f600" * 256,
+    "\ud800",  # a lone surrogate: not UTF-8
+    "ok\ud800",
+    b"a",
+    b"\x80\xff",  # not UTF-8: a bytes key may be any bytes
+    b"x" * 1024,
+    b"x" * 1025,
+    b"",
+    b"\xc0",
+    b"\xc0\x80",
+    b"\xc0\x80name",  # the internal namespace: refused as a bytes key
+    b"\x80\xc0",
+    _StrKey("sub"),
+    _StrKey(""),
+    _BytesKey(b"sub"),
+    _BytesKey(b"\xc0\x80x"),
+    bytearray(b"a"),
+    memoryview(b"a"),
+    5,
+    None,
+    ("a",),
+]
+
+
+@pytest.mark.parametrize("key", ENCODE_CASES, ids=repr)
+def test_encode_key_engine_matches_reference(engine, reference, key):
+    """The C key encoding (``_engine.encode_key``) against its twin, the general ``keys.encode_key``: the same
+    bytes for every valid key, the same error and message for every refused one."""
+    assert _encode_outcome(engine, key) == _encode_outcome(reference, key)
+
+
+def test_encode_key_internal_keys_match_reference(engine, reference):
+    from mooncakefs.keys import CachedKey, InternalKey
+
+    for key in (InternalKey(b"chunk"), CachedKey(b"shard"), InternalKey(b"x" * 1100)):
+        assert _encode_outcome(engine, key) == _encode_outcome(reference, key)
+    assert engine.encode_key(InternalKey(b"c")) == b"\xc0\x80c"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.text(max_size=600), st.binary(max_size=1100)))
+def test_encode_key_engine_matches_reference_on_any_key(engine, reference, key):
+    assert _encode_outcome(engine, key) == _encode_outcome(reference, key)
+
+
 # ------------------------------------------------------------------------------------ the other twins
 
 
