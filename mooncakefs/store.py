@@ -1484,19 +1484,18 @@ class Store(KVMapping):
                     plain and options.replace is Replace.ALWAYS and not options.durable and self._plain_store()
                 ):  # the KV-cache case: the loop in Cython
                     at = self._plain.put_run(run, at, BATCH_LOCKED_BYTES, results, BATCH_ERRORS, options)
-                    continue
-                copied = 0
-                while at < n and copied < BATCH_LOCKED_BYTES:
-                    i, raw, key, entry, value = run[at]
-                    at += 1
-                    copied += entry.size
-                    try:
-                        self._put_locked(raw, key, entry, value, options, BATCH_LOCKED_MAX + 1)
-                    except BATCH_ERRORS as exc:
-                        results[i] = exc
-        if n > 1:  # leaf first: the run's head the newest of the fresh queue
-            with self._lock:
-                self._plain.leaf_first(run)
+                else:
+                    copied = 0
+                    while at < n and copied < BATCH_LOCKED_BYTES:
+                        i, raw, key, entry, value = run[at]
+                        at += 1
+                        copied += entry.size
+                        try:
+                            self._put_locked(raw, key, entry, value, options, BATCH_LOCKED_MAX + 1)
+                        except BATCH_ERRORS as exc:
+                            results[i] = exc
+                if at == n and n > 1:  # leaf first (the run's head the newest of the fresh queue), still locked
+                    self._plain.leaf_first(run)
         run.clear()
 
     def batch_get_into(self, keys: Iterable[Key], buffers: Iterable[Any]) -> list[Any]:
@@ -1517,6 +1516,8 @@ class Store(KVMapping):
                 raise
 
         results = self._batch_read(keys, buffers, copy_out)
+        if None not in results:  # every key read under the lock (the common case)
+            return results
         return [r if r is not None else self._each(self.get_into, keys[i], buffers[i]) for i, r in enumerate(results)]
 
     def batch_get(self, keys: Iterable[Key]) -> list[bytes | None]:
