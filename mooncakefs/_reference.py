@@ -691,7 +691,7 @@ class PlainPath:
             return False
         try:
             size = nbytes(value)
-        except TypeError:
+        except (BufferError, TypeError, ValueError):  # what _engine's _readable turns away
             return False
         if size >= self.small_max:
             return False
@@ -822,7 +822,7 @@ class PlainPath:
         raw = encode_key(key)
         try:
             out = _write_view(buffer, "buffer")
-        except TypeError:
+        except (BufferError, TypeError, ValueError):  # what _engine's _writable turns away
             return -1
         with self.lock:
             if self.closed:
