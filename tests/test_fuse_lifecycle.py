@@ -372,6 +372,42 @@ def test_fsync_makes_data_durable_on_ssd(mount_factory):
         os.close(fd)
 
 
+def test_failed_write_through_is_reported_by_fsync_and_synced_bytes_survive_kill9(mount_factory):
+    """Full chunks go to the SSD tier in the background while the writer goes on, so a full SSD tier
+    fails a store nobody waits for: the fsync after it must answer ENOSPC (again at every retry, since
+    the bytes are still not on the disk), never success.  Every byte an fsync did confirm survives
+    kill -9 of the daemon."""
+    m = mount_factory(dram="64MiB", ssd="8MiB", chunk_size="1MiB")
+    fd = os.open(m.mnt / "f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    written: list[bytes] = []
+    synced = 0  # bytes of ``f`` an fsync confirmed
+    try:
+        for i in range(32):  # 32 MiB into an 8 MiB SSD tier: some fsync must fail
+            block = rand_bytes(1 * MiB, f"wt{i}")
+            assert os.write(fd, block) == len(block)  # ends a chunk: its store is behind, not waited for
+            written.append(block)
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, f"fsync after {i + 1} MiB: {errno.errorcode.get(exc.errno)}"
+                break
+            synced = sum(map(len, written))
+        else:
+            pytest.fail("32 MiB were fsync'd on a mount with an 8 MiB SSD tier")
+        assert synced, "the first fsync already failed: the tier had no room at all"
+        expect_errno(errno.ENOSPC, os.fsync, fd)  # still not durable: the error is not forgotten
+    finally:
+        try:
+            os.close(fd)
+        except OSError as exc:  # the flush at close retries the store, and may report it once more
+            assert exc.errno == errno.ENOSPC, f"close: {errno.errorcode.get(exc.errno)}"
+    m.kill9()
+    m.start()
+    got = read_file(m.mnt / "f")
+    assert len(got) >= synced, f"after kill -9: {len(got)} bytes, but {synced} were fsync'd"
+    assert got[:synced] == b"".join(written)[:synced], "fsync'd bytes changed after kill -9"
+
+
 # ------------------------------------------------------------------------------------------- checksums
 
 
