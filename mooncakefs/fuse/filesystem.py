@@ -60,7 +60,9 @@ STATS_FILE = KV_DIR + 2
 KV_FIRST = KV_DIR + 16
 RESERVED = {b".kv": KV_DIR, b".mooncakefs": CONTROL_DIR}
 DIRTY_LIMIT = 256 << 20  # unflushed bytes per file before its buffers are stored
-STORES_IN_FLIGHT = 2  # full chunks stored by worker threads while the next writes are taken
+# Full chunks stored (and written through to the SSD tier) by worker threads while the next writes are
+# taken: four, not two, so that a stall of a shared disk is absorbed instead of stopping the writer.
+STORES_IN_FLIGHT = 4
 LEASES_HELD = 64  # zero-copy replies: a view is released this many reads later, long after the reply
 INLINE_MAX = 64 << 10  # files up to this size keep their bytes in a local namespace, not in a chunk
 REAP_DELAY = 0.02  # s: inodes forgotten meanwhile are deleted in one transaction (an rm -r: one per file)
