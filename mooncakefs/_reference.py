@@ -65,6 +65,18 @@ def copy(dst: object, src: object) -> int:
     return s.nbytes
 
 
+def copy_many(dsts: Sequence[object], srcs: Sequence[object]) -> int:
+    if len(dsts) != len(srcs):
+        raise ValueError(f"{len(dsts)} destinations for {len(srcs)} sources")
+    pairs = [(_write_view(d, "destination"), _read_view(s, "source")) for d, s in zip(dsts, srcs, strict=True)]
+    for i, (d, s) in enumerate(pairs):
+        if d.nbytes < s.nbytes:
+            raise ValueError(f"destination {i} holds {d.nbytes} bytes, source has {s.nbytes}")
+    for d, s in pairs:
+        d[: s.nbytes] = s
+    return sum(s.nbytes for _d, s in pairs)
+
+
 def fill_bytes(n: int, fill: Callable[[memoryview], object]) -> bytes:
     buf = bytearray(n)
     fill(memoryview(buf))

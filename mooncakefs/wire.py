@@ -46,6 +46,7 @@ SMALL_SEND = 64 << 10  # payloads up to this are copied next to the header: one 
 # A frame's first recv asks for at most this much: enough for a small request whole, little enough that a
 # large payload lands mostly in place (what the buffer took of it is copied out again).
 FIRST_READ = 64 << 10
+IOV_CHUNK = 512  # buffers handed to one sendmsg / recvmsg_into (the kernel takes at most IOV_MAX, 1024)
 CRC_CHUNK = 1 << 20  # a value is checksummed in chunks this big as it is sent or received, while still in cache
 CRC_TRAILER = struct.Struct("<I")  # the CRC-32C that follows a PUT's value in its payload
 WITH_CRC = 1  # frame header flag: the payload is a value followed by its CRC-32C (CRC_TRAILER)
@@ -230,8 +231,10 @@ class Channel:
                 self.sock.sendall(b"".join([head, *parts]) if parts else head)
             else:  # the header alone first: the peer reads it and gets ready while the payload follows
                 self.sock.sendall(head)
-                for p in parts:
-                    self.sock.sendall(p)
+                if len(parts) == 1:
+                    self.sock.sendall(parts[0])
+                else:  # many ranges (a READV reply): one system call, not one per range
+                    self._send_parts(parts)
         except OSError as exc:
             raise self._lost(exc) from None
 
@@ -271,7 +274,7 @@ class Channel:
         views = [v if v.format == "B" and v.ndim == 1 else v.cast("B") for v in views if v.nbytes]
         first = 0
         while first < len(views):
-            sent = self.sock.sendmsg(views[first:])
+            sent = self.sock.sendmsg(views[first : first + IOV_CHUNK])
             while first < len(views) and sent >= len(views[first]):
                 sent -= len(views[first])
                 first += 1
@@ -371,6 +374,41 @@ class Channel:
                 raise self._lost(None)
             have += got
             if have < n and self.deadline is not None and time.monotonic() > self.deadline:
+                raise self._lost(TimeoutError())
+
+    def read_payload_into_many(self, dsts: Sequence[memoryview]) -> None:
+        """Fill each of ``dsts`` (byte views) in turn from the current payload, with one ``recvmsg_into``
+        for all of them where the kernel allows: the ranges of a READV reply cost one system call."""
+        wanted = sum(len(d) for d in dsts)
+        if wanted > self.payload_left:
+            raise ProtocolError(f"{self.peer}: payload has {self.payload_left} bytes left, {wanted} wanted")
+        self.payload_left -= wanted
+        left = [d for d in dsts if len(d)]
+        first = 0
+        while first < len(left) and self._start < self._end:  # what is buffered already
+            d = left[first]
+            have = min(len(d), self._end - self._start)
+            d[:have] = self._view[self._start : self._start + have]
+            self._start += have
+            if have < len(d):
+                left[first] = d[have:]
+            else:
+                first += 1
+        while first < len(left):
+            try:
+                chunk = left[first : first + IOV_CHUNK]
+                got, _anc, _flags, _addr = self.sock.recvmsg_into(chunk, 0, socket.MSG_WAITALL)
+            except OSError as exc:
+                raise self._lost(exc) from None
+            if not got:
+                raise self._lost(None)
+            while got:  # what arrived: whole buffers, then part of one
+                if got < len(left[first]):
+                    left[first] = left[first][got:]
+                    break
+                got -= len(left[first])
+                first += 1
+            if first < len(left) and self.deadline is not None and time.monotonic() > self.deadline:
                 raise self._lost(TimeoutError())
 
     def read_payload_crc(self, dst: memoryview) -> int:

@@ -213,6 +213,24 @@ def test_copy_dst_too_small(impl):
         impl.copy(np.zeros(2, dtype=np.float32), b"123456789")  # 8 bytes < 9
 
 
+def test_copy_many_copies_each_pair_and_counts_every_byte(impl):
+    """Blocks big enough together to copy without the GIL, small ones, an empty one, numpy on either side."""
+    srcs = [random.Random(1).randbytes(1 << 20), b"abc", b"", np.arange(8, dtype=np.uint16)]
+    dsts = [bytearray(1 << 20), bytearray(5), bytearray(0), np.zeros(16, dtype=np.uint8)]
+    assert impl.copy_many(dsts, srcs) == (1 << 20) + 3 + 16
+    assert dsts[0] == srcs[0] and dsts[1] == b"abc\0\0"
+    assert dsts[3].tobytes() == srcs[3].tobytes()
+
+
+def test_copy_many_checks_every_pair_before_copying_any(impl):
+    first = bytearray(4)
+    with pytest.raises(ValueError, match="destination 1 holds 1 bytes"):
+        impl.copy_many([first, bytearray(1)], [b"abcd", b"xy"])
+    assert first == bytearray(4)
+    with pytest.raises(ValueError):
+        impl.copy_many([bytearray(4)], [b"ab", b"cd"])
+
+
 @pytest.mark.parametrize(
     "dst",
     [b"\x00" * 16, memoryview(b"\x00" * 16), memoryview(bytearray(16)).toreadonly()],

@@ -159,6 +159,60 @@ def test_tcp_worker_sends_the_next_request_before_the_reply():
         server.join(15)
 
 
+class _Trickle:
+    """A real socket that moves at most ``most`` bytes per call: what the kernel does when a signal or a
+    timeout cuts a vectored ``sendmsg`` / ``recvmsg_into`` short."""
+
+    def __init__(self, sock: socket.socket, most: int) -> None:
+        self.sock, self.most, self.family = sock, most, sock.family
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def sendmsg(self, buffers: list) -> int:
+        data = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)[: self.most]
+        return self.sock.send(data)
+
+    def recv_into(self, buf: memoryview, n: int = 0, flags: int = 0) -> int:
+        return self.sock.recv_into(buf, min(n or len(buf), self.most))
+
+    def recvmsg_into(self, buffers: list, _anc: int = 0, _flags: int = 0) -> tuple[int, list, int, None]:
+        data = self.sock.recv(min(self.most, sum(len(b) for b in buffers)))
+        at = 0
+        for b in buffers:
+            n = min(len(b), len(data) - at)
+            b[:n] = data[at : at + n]
+            at += n
+        return len(data), [], 0, None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_vectored_payload_arrives_whole_through_partial_sends_and_receives():
+    """A frame of many ranges (a READV reply: more buffers than one ``sendmsg`` / ``recvmsg_into`` takes,
+    empty ones among them) sent and received by calls that each move a few hundred bytes, the first ones
+    buffered with the header, lands byte-exact in the receiver's buffers, and the payload is used up."""
+    a, b = socket.socketpair()
+    a.settimeout(10)  # hang guards
+    b.settimeout(10)
+    parts = [rand_bytes((i * 37) % 300, f"part {i}") for i in range(700)] + [rand_bytes(200 * KiB, "big")]
+    sender, receiver = Channel(_Trickle(a, 1000), "tx"), Channel(_Trickle(b, 777), "rx")  # type: ignore[arg-type]
+    sending = threading.Thread(target=sender.send, args=(Op.OK, [], parts))
+    sending.start()
+    try:
+        _meta, size = receiver.read_reply()
+        assert size == sum(len(p) for p in parts)
+        into = [memoryview(bytearray(len(p))) for p in parts]
+        receiver.read_payload_into_many(into)
+        assert [bytes(v) for v in into] == parts
+        assert receiver.payload_left == 0
+    finally:
+        sending.join(15)
+        sender.close()
+        receiver.close()
+
+
 # ----------------------------------------------------------------------------------- local transport
 
 

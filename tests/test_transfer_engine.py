@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -220,6 +222,55 @@ def test_read_and_write_batches_at_once_on_one_connection(peer: Peer) -> None:
         assert reading.wait(60) == writing.wait(60) == SIZE
     assert out == pattern(SIZE).tobytes()
     assert peer.crc()["managed"] == _engine.crc32c(data)
+
+
+def test_a_batch_of_small_blocks_travels_as_a_few_vectored_requests() -> None:
+    """32 blocks of 4 KiB are one READV; 32 of 64 KiB (2 MiB) two WRITEVs or READVs of 1 MiB (not a
+    request per block), byte-exact either way."""
+    memory = bytearray(4 * MiB)
+    with Engine("127.0.0.1", protocol="tcp") as target:
+        base = target.register(memory)
+        with Engine("127.0.0.1", protocol="tcp", same_host=False, connections=4) as e:
+            for block, per_op in ((4096, 1), (64 << 10, 2)):
+                data = pattern(32 * block, seed=block)
+                blocks = [memoryview(data)[i * block : (i + 1) * block] for i in range(32)]
+                remote = [base + 2 * i * block for i in range(32)]  # every other block: ranges apart
+                before = dict(target.server.requests)
+                assert e.transfer(target.session_id, "write", blocks, remote) == len(data)
+                out = bytearray(len(data))
+                views = [memoryview(out)[i * block : (i + 1) * block] for i in range(32)]
+                assert e.transfer(target.session_id, "read", views, remote) == len(data)
+                assert out == data.tobytes()
+                sent = {op: n - before.get(op, 0) for op, n in target.server.requests.items()}
+                assert (sent.get("writev", 0), sent.get("readv", 0), sent.get("read", 0)) == (per_op, per_op, 0)
+
+
+def test_a_small_sync_batch_is_carried_by_the_thread_that_waits_for_it(peer: Peer) -> None:
+    """The thread in a synchronous transfer sends its own small batch and reads the reply (no hand-off
+    to a worker thread and back); when its connection breaks, the workers carry the request instead."""
+    data = pattern(32 * 4096, seed=21)
+    with Engine("127.0.0.1", protocol="tcp", same_host=False) as e:
+        e.probe(peer.session)
+        (tcp,) = e._peer(peer.session).transports
+        connected_by: list[threading.Thread] = []
+        connect = tcp._connect
+
+        def recording_connect() -> Any:
+            connected_by.append(threading.current_thread())
+            return connect()
+
+        tcp._connect = recording_connect
+        remote = [peer.managed + i * 4096 for i in range(32)]
+        for _ in range(20):
+            assert e.transfer(peer.session, "write", [data[i * 4096 : (i + 1) * 4096] for i in range(32)], remote)
+        assert threading.current_thread() in connected_by
+        for channel in tcp._spare:  # the waiting threads' connections break under them
+            channel.sock.shutdown(socket.SHUT_RDWR)
+        out = bytearray(len(data))
+        for _ in range(3):
+            views = [memoryview(out)[i * 4096 : (i + 1) * 4096] for i in range(32)]
+            assert e.transfer(peer.session, "read", views, remote) == len(data)
+            assert out == data.tobytes()
 
 
 # ---------------------------------------------------------------------------------------------- safety

@@ -74,6 +74,7 @@ class Batch:
         self.error: BaseException | None = None
         self.transferred = 0
         self.nbytes = 0  # what the batch will move in all (set by the router)
+        self._helpers: list[Callable[[], None]] = []
         if parts == 0:
             self._done.set()
 
@@ -95,13 +96,26 @@ class Batch:
                 self.error = exc
             self._done.set()
 
+    def assist(self, helper: Callable[[], None]) -> None:
+        """A transport's offer to move part of the batch in the thread that waits for it: ``wait`` runs
+        ``helper`` before it blocks, so a small batch needs no hand-off to another thread and back."""
+        self._helpers.append(helper)
+
     def done(self) -> bool:
         """Poll: True once the batch has completed or failed."""
         return self._done.is_set()
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until the batch completes; returns the bytes moved.  TransferError if a transfer failed
-        (or the wait timed out)."""
+        (or the wait timed out).  The transports' helpers run first, in this thread; a helper waits for a
+        silent peer no longer than its connection's I/O timeout, which can carry the wait past ``timeout``."""
+        if self._helpers:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            helpers, self._helpers = self._helpers, []
+            for helper in helpers:
+                if not self._done.is_set():
+                    helper()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._done.wait(timeout):
             raise TransferError(f"transfer batch not complete after {timeout} s")
         if self.error is not None:
@@ -121,6 +135,8 @@ class Progress(Protocol):
     def fail(self, exc: BaseException) -> None: ...
 
     def add_parts(self, n: int) -> None: ...
+
+    def assist(self, helper: Callable[[], None]) -> None: ...
 
 
 class Transport(Protocol):
@@ -188,6 +204,9 @@ class _Leg:
                 return
             self.dead = True
         self.router._leg_failed(self, exc)
+
+    def assist(self, helper: Callable[[], None]) -> None:
+        self.batch.assist(helper)
 
 
 _FAILED_OVER = PathFailed("this path failed; its transfers went to another")

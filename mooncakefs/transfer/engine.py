@@ -531,6 +531,7 @@ class Engine:
                     connections=self.connections,
                     stripe=self.stripe,
                     vectored=True,
+                    assist=True,
                     label=f"tcp {address} via {device.name or 'an unknown interface'}",
                 )
             )

@@ -214,8 +214,7 @@ class SegmentServer(FramedServer):
         views = self._ranges(meta, True)
         if sum(len(v) for v in views) != payload_len:
             raise ValueError(f"a WRITEV of {payload_len} bytes names ranges of {sum(len(v) for v in views)}")
-        for v in views:
-            conn.channel.read_payload_into(v)
+        conn.channel.read_payload_into_many(views)
         self.bytes_in += payload_len
         conn.channel.send(Op.OK, [])
 
