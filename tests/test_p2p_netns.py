@@ -7,6 +7,7 @@ not data.  Bytes are asserted, never times (tests/netns_hosts.py has the set-up)
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -34,6 +35,16 @@ def bed(tmp_path_factory):
         for mount in testbed.mounts:
             sys.stderr.write(f"\n{mount.describe()[-3000:]}\n")
         testbed.close()
+
+
+@pytest.fixture(autouse=True)
+def fresh_files(bed):
+    """Each test's files are removed after it: the hosts' pools hold the files written (sticky chunks,
+    two replicas each) and the copies readers kept, so leftovers of earlier tests would fill them."""
+    yield
+    for path in bed.mounts[0].mnt.iterdir():
+        with contextlib.suppress(OSError):  # a host an earlier test killed may hold a replica: best effort
+            path.unlink()
 
 
 def write(bed: Testbed, name: str, payload: bytes, tmp_path) -> None:
