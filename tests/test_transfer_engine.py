@@ -225,13 +225,13 @@ def test_read_and_write_batches_at_once_on_one_connection(peer: Peer) -> None:
 
 
 def test_a_batch_of_small_blocks_travels_as_a_few_vectored_requests() -> None:
-    """32 blocks of 4 KiB are one READV; 32 of 64 KiB (2 MiB) two WRITEVs or READVs of 1 MiB (not a
-    request per block), byte-exact either way."""
-    memory = bytearray(4 * MiB)
+    """32 blocks of 4 KiB are one READV, 32 of 64 KiB (2 MiB) one too, 32 of 256 KiB (8 MiB) four
+    WRITEVs or READVs of 2 MiB (not a request per block), byte-exact either way."""
+    memory = bytearray(16 * MiB)
     with Engine("127.0.0.1", protocol="tcp") as target:
         base = target.register(memory)
         with Engine("127.0.0.1", protocol="tcp", same_host=False, connections=4) as e:
-            for block, per_op in ((4096, 1), (64 << 10, 2)):
+            for block, per_op in ((4096, 1), (64 << 10, 1), (256 << 10, 4)):
                 data = pattern(32 * block, seed=block)
                 blocks = [memoryview(data)[i * block : (i + 1) * block] for i in range(32)]
                 remote = [base + 2 * i * block for i in range(32)]  # every other block: ranges apart

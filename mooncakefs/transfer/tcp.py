@@ -12,8 +12,8 @@ transport runs over the node's Unix socket, for values a local client cannot rea
 With ``vectored`` (a peer that serves ``READV`` / ``WRITEV``: the public engine's server), the small
 stripes of a batch are grouped when it is submitted into requests of many ranges each, one frame per
 request, sent with one ``sendmsg`` and received with one ``recvmsg_into`` straight into the stripes'
-buffers: a batch of 32 blocks of 4 KiB costs one round trip, not 32, and 32 blocks of 64 KiB travel
-as two requests of 1 MiB on two connections, not as 32 hand-offs between threads.
+buffers: a batch of 32 blocks of 4 KiB or of 64 KiB costs one round trip, not 32 hand-offs between
+threads and requests.
 
 With ``assist``, the thread that waits for a batch of at most ``connections`` requests (``Batch.wait``)
 runs the batch's requests still queued itself, on a connection kept for waiting threads: a small
@@ -35,7 +35,7 @@ from mooncakefs.transfer.core import READ, Progress, Transfer
 from mooncakefs.wire import Channel, Op, ProtocolError
 
 DEFAULT_STRIPE = 16 << 20
-VECTOR_BYTES = 1 << 20  # stripes up to this size travel together in one READV / WRITEV, at most this much
+VECTOR_BYTES = 2 << 20  # stripes up to this size travel together in one READV / WRITEV, at most this much
 VECTOR_COUNT = 256  # ranges in one READV / WRITEV
 DEPTH = 2  # requests in flight per connection
 
@@ -102,9 +102,7 @@ class TcpTransport:
     def _requests(self, stripes: list[_Stripe]) -> list[list[_Stripe]]:
         """The stripes of one batch as requests, in order.  Without ``vectored``, one stripe each; with it,
         the small stripes of each op share requests of up to VECTOR_BYTES and VECTOR_COUNT ranges.  Full
-        requests beat spreading a batch thinner over the connections: on 2 cores, 32 x 64 KiB as two
-        requests of 1 MiB took 0.69x / 0.77x (read / write) main's CPU time per byte, as four requests
-        of 512 KiB 0.93x / 1.51x (docs/architecture.md)."""
+        requests beat spreading a batch thinner over the connections on 2 cores (docs/architecture.md)."""
         if not self.vectored:
             return [[s] for s in stripes]
         out: list[list[_Stripe]] = []
