@@ -151,8 +151,7 @@ def test_a_reader_takes_chunks_from_an_earlier_reader_and_checks_them(hosts, tmp
     # copies tampered with on the readers' nodes are skipped, never served
     from mooncakefs.cluster.client import ClusterStore
     from mooncakefs.fuse.etcd_namespace import EtcdNamespace
-    from mooncakefs.keys import encode_key
-    from mooncakefs.p2p.swarm import cache_key, chunk_name, score
+    from mooncakefs.p2p.swarm import cache_key
 
     ino = os.stat(first.mnt / "fan").st_ino
     with ClusterStore(hosts.url) as probe:
@@ -162,7 +161,6 @@ def test_a_reader_takes_chunks_from_an_earlier_reader_and_checks_them(hosts, tmp
         finally:
             ns.close()
         ident = {record["host"]: node for node, record in probe.map.nodes.items()}
-        owners = {idx: probe.map.owners(encode_key(chunk_name(ino, idx)))[:2] for idx in sums}
     spoiled: dict[str, set[int]] = {}
     for host in ("h1", "h2"):
         with mooncakefs.connect(hosts.nodes[host].unix_url) as node:
@@ -174,17 +172,8 @@ def test_a_reader_takes_chunks_from_an_earlier_reader_and_checks_them(hosts, tmp
                     spoiled.setdefault(ident[host], set()).add(idx)
     assert spoiled, "the readers kept no copies"
     assert cp_out(hosts.mount("h3"), "fan", tmp_path / "c") == payload
-    # where the reader on h3 ranks a spoiled copy first, it must have found it bad and moved on
-    readers = [ident["h1"], ident["h2"]]
-    first_choice_bad = [
-        idx
-        for idx in sums
-        if ident["h3"] not in owners[idx]
-        and max(readers, key=lambda n: score(ino, idx, n)) in [n for n in readers if idx in spoiled.get(n, set())]
-    ]
-    if first_choice_bad:  # (its log reaches the test through a pipe a thread reads: wait for the line)
-        mount = hosts.mounts["h3"]
-        assert wait_until(lambda: "bad or stale copy" in mount.output, timeout=30), mount.output
+    # (whether h3 asks a spoiled copy at all depends on the holders' load as it sees it, so the test
+    # asserts what must hold either way: h3's bytes are the writer's; test_p2p_choice.py covers the choice)
 
 
 def test_the_p2p_store_api(hosts, monkeypatch):
