@@ -10,6 +10,8 @@ expected (a one-line message, no traceback); anything else that escapes is a bug
 from __future__ import annotations
 
 import errno as _errno
+import types
+from collections.abc import Sequence
 from typing import ClassVar
 
 
@@ -257,6 +259,17 @@ def errno_of(exc: BaseException) -> int:
 def exit_code_of(exc: BaseException) -> int:
     """The mooncakefs command's exit status for ``exc``: the table's, else 1."""
     return exc.exit_code if isinstance(exc, MooncakeError) else 1
+
+
+#: Rows of a ``code_in`` table: an exception class (or a union of them, ``A | B``) and its code.
+CodeTable = Sequence[tuple[type[BaseException] | types.UnionType, int]]
+
+
+def code_in(table: CodeTable, exc: BaseException, default: int) -> int:
+    """The code of the first row of ``table`` that ``exc`` is an instance of, else ``default``.  For the
+    foreign return codes of the Mooncake drop-ins, each its own table; first match wins, so a subclass's
+    row goes before its base's."""
+    return next((code for kinds, code in table if isinstance(exc, kinds)), default)
 
 
 _apply_table()

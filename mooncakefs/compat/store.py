@@ -33,6 +33,7 @@ from mooncakefs.compat import ENDPOINT_ENV
 from mooncakefs.errors import (
     BufferTooSmall,
     ChecksumError,
+    CodeTable,
     InvalidArgument,
     KeyExists,
     KeyNotFound,
@@ -40,6 +41,7 @@ from mooncakefs.errors import (
     OutOfSpace,
     StoreClosed,
     Unavailable,
+    code_in,
 )
 from mooncakefs.keys import encode_key
 
@@ -63,21 +65,20 @@ DEFAULT_MASTER = "127.0.0.1:50051"
 _U64 = 1 << 64
 
 
+#: Each mooncakefs exception's closest Mooncake error code (``code_in``: first match wins).
+CODES: CodeTable = (
+    (KeyNotFound, OBJECT_NOT_FOUND),
+    (KeyExists, OBJECT_ALREADY_EXISTS),
+    (OutOfSpace, NO_AVAILABLE_HANDLE),
+    (ChecksumError, CHECKSUM_MISMATCH),
+    (Unavailable, RPC_FAIL),
+    (InvalidArgument | BufferTooSmall | StoreClosed | TypeError | ValueError, INVALID_PARAMS),
+)
+
+
 def code_of(exc: BaseException) -> int:
     """The Mooncake error code closest in meaning to a mooncakefs exception."""
-    if isinstance(exc, KeyNotFound):
-        return OBJECT_NOT_FOUND
-    if isinstance(exc, KeyExists):
-        return OBJECT_ALREADY_EXISTS
-    if isinstance(exc, OutOfSpace):
-        return NO_AVAILABLE_HANDLE
-    if isinstance(exc, ChecksumError):
-        return CHECKSUM_MISMATCH
-    if isinstance(exc, Unavailable):
-        return RPC_FAIL
-    if isinstance(exc, InvalidArgument | BufferTooSmall | StoreClosed | TypeError | ValueError):
-        return INVALID_PARAMS
-    return INTERNAL_ERROR
+    return code_in(CODES, exc, INTERNAL_ERROR)
 
 
 def parse_size(value: object) -> int:

@@ -21,10 +21,12 @@ from mooncakefs.errors import (
     AddressNotRegistered,
     AddressOverlapped,
     AuthenticationError,
+    CodeTable,
     InvalidArgument,
     MetadataUnavailable,
     MooncakeError,
     Unavailable,
+    code_in,
 )
 from mooncakefs.transfer.core import READ, WRITE, Batch
 from mooncakefs.transfer.engine import Engine
@@ -70,25 +72,23 @@ class TransferNotify:
     __hash__ = None  # type: ignore[assignment]  # mutable, as Mooncake's (name and msg are read-write)
 
 
+#: Each exception's Mooncake transfer engine return code (``code_in``: first match wins).
+CODES: CodeTable = (
+    (AddressNotRegistered, ERR_ADDRESS_NOT_REGISTERED),
+    (AddressOverlapped, ERR_ADDRESS_OVERLAPPED),
+    (DeviceNotFound, ERR_DEVICE_NOT_FOUND),
+    (AuthenticationError, ERR_REJECT_HANDSHAKE),
+    (MetadataUnavailable, ERR_METADATA),  # etcd out of reach, or no such segment in it
+    (InvalidArgument | TypeError | ValueError, ERR_INVALID_ARGUMENT),
+    (Unavailable | OSError, ERR_SOCKET),
+    (MemoryError, ERR_MEMORY),
+)
+
+
 def code_of(exc: BaseException) -> int:
-    """The Mooncake return code for an exception."""
-    if isinstance(exc, AddressNotRegistered):
-        return ERR_ADDRESS_NOT_REGISTERED
-    if isinstance(exc, AddressOverlapped):
-        return ERR_ADDRESS_OVERLAPPED
-    if isinstance(exc, DeviceNotFound):
-        return ERR_DEVICE_NOT_FOUND
-    if isinstance(exc, AuthenticationError):
-        return ERR_REJECT_HANDSHAKE
-    if isinstance(exc, MetadataUnavailable):  # etcd out of reach, or no such segment in it
-        return ERR_METADATA
-    if isinstance(exc, InvalidArgument | TypeError | ValueError):
-        return ERR_INVALID_ARGUMENT
-    if isinstance(exc, Unavailable | OSError):
-        return ERR_SOCKET
-    if isinstance(exc, MemoryError):
-        return ERR_MEMORY
-    return -1  # a transfer that failed, as Mooncake's binding says it
+    """The Mooncake return code for an exception (-1, a failed transfer, as Mooncake's binding says it,
+    for any other)."""
+    return code_in(CODES, exc, -1)
 
 
 def _opname(opcode: Any) -> str:
