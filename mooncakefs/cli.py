@@ -65,6 +65,23 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
         raise click.BadParameter(str(exc)) from None
 
 
+DATA_DIR_HELP = "Data dir (default: $MOONCAKEFS_DATA or ~/.local/share/mooncakefs)."
+
+
+def _data_option(help_text: str = DATA_DIR_HELP) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The --data option of every command that opens a data dir (``help_text``: where it defaults to)."""
+    return click.option("--data", type=click.Path(file_okay=False, path_type=Path), help=help_text)
+
+
+def _dram_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The --dram option of every command that opens a store."""
+    return click.option("--dram", default=default, show_default=True, callback=_size, help="DRAM pool size.")
+
+
+#: The --cluster option of every command that finds a cluster in etcd.
+_cluster_option = click.option("--cluster", default="default", show_default=True, help="Cluster name in etcd.")
+
+
 def _synthetic_requests(limit: int, seed: int = 7) -> Iterator[list[int]]:
     """Requests shaped like Mooncake's traces: conversations whose turns extend a shared prefix, a
     few system prompts shared by many, popularity skewed toward recent conversations."""
@@ -86,12 +103,8 @@ def _synthetic_requests(limit: int, seed: int = 7) -> Iterator[list[int]]:
 
 
 @main.command()
-@click.option(
-    "--data",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Data dir to use (default: a temporary dir, deleted afterwards).",
-)
-@click.option("--dram", default="256MiB", show_default=True, callback=_size, help="DRAM pool size.")
+@_data_option("Data dir to use (default: a temporary dir, deleted afterwards).")
+@_dram_option("256MiB")
 @click.option("--ssd", default="1GiB", show_default=True, callback=_size, help="SSD tier size (0: none).")
 @click.option(
     "--block-size",
@@ -178,11 +191,7 @@ def _fraction(name: str, value: float) -> float:
     help="Fraction of the capacity in DRAM, the rest on SSD (1: DRAM alone).",
 )
 @click.option("--block-size", default="64KiB", show_default=True, callback=_size, help="Bytes per KV block.")
-@click.option(
-    "--data",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Data dir of the embedded store (default: a temporary dir, deleted afterwards).",
-)
+@_data_option("Data dir of the embedded store (default: a temporary dir, deleted afterwards).")
 @click.option("--requests", "limit", default=None, type=click.IntRange(min=1), help="Replay only the first N requests.")
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results as JSON here."
@@ -314,12 +323,8 @@ def replay(
 @main.command()
 @click.argument("source", metavar="[SOURCE]")
 @click.argument("mountpoint", required=False, metavar="MOUNTPOINT", type=click.Path(file_okay=False, path_type=Path))
-@click.option(
-    "--data",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Data dir (default: $MOONCAKEFS_DATA or ~/.local/share/mooncakefs).",
-)
-@click.option("--dram", default="1GiB", show_default=True, callback=_size, help="DRAM pool size.")
+@_data_option()
+@_dram_option("1GiB")
 @click.option(
     "--ssd",
     default="16GiB",
@@ -505,12 +510,8 @@ def _address(text: str, what: str) -> tuple[str, int] | None:
 
 
 @main.command()
-@click.option(
-    "--data",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Data dir (default: $MOONCAKEFS_DATA or ~/.local/share/mooncakefs).",
-)
-@click.option("--dram", default="1GiB", show_default=True, callback=_size, help="DRAM pool size.")
+@_data_option()
+@_dram_option("1GiB")
 @click.option(
     "--ssd",
     default="0",
@@ -601,7 +602,7 @@ def _address(text: str, what: str) -> tuple[str, int] | None:
     default=None,
     help="Join a cluster: register this node in etcd (http://host:2379) under a lease.",
 )
-@click.option("--cluster", default="default", show_default=True, help="Cluster name in etcd.")
+@_cluster_option
 @click.option(
     "--lease-ttl",
     default=10,
@@ -765,7 +766,7 @@ class _JsonErrorsCommand(click.Command):
     show_default=True,
     help="etcd endpoint of the cluster to report on.",
 )
-@click.option("--cluster", default="default", show_default=True, help="Cluster name in etcd.")
+@_cluster_option
 @click.option(
     "--node",
     "node_url",
@@ -973,7 +974,7 @@ def _mount_report(mount: Path, timeout: float) -> tuple[dict, Callable[[], None]
 @click.option(
     "--etcd", "etcd_url", default="http://127.0.0.1:2379", show_default=True, help="etcd endpoint of the cluster."
 )
-@click.option("--cluster", default="default", show_default=True, help="Cluster name in etcd.")
+@_cluster_option
 @click.option(
     "--interval",
     default=1.0,
@@ -1174,12 +1175,7 @@ def _configure_logging(debug: bool, log_file: Path | None) -> None:
 
 
 @main.command()
-@click.option(
-    "--data",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Data dir (default: $MOONCAKEFS_DATA, else ~/.local/share/mooncakefs).",
-)
+@_data_option()
 @click.option(
     "--ssd-dir",
     type=click.Path(file_okay=False, path_type=Path),
