@@ -36,7 +36,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -47,6 +47,7 @@ from mooncakefs.cluster.etcd import Compare, Lease, RangeResult
 from mooncakefs.cluster.membership import cluster_prefix, connect_etcd
 from mooncakefs.errors import EtcdError, Unavailable, errno_of
 from mooncakefs.fuse.namespace import ROOT, Inode, count_unlink, fail, may_replace, may_unlink
+from mooncakefs.ranges import in_ranges, indexes_in, to_ranges
 
 log = logging.getLogger("mooncakefs.fuse")
 
@@ -126,25 +127,6 @@ def decode_sums(text: str) -> dict[int, int]:
 # -- chunk ranges --------------------------------------------------------------------------------------
 
 
-def _in_ranges(ranges: list[list[int]], idx: int) -> bool:
-    return any(start <= idx < end for start, end in ranges)
-
-
-def _indexes(ranges: list[list[int]]) -> Iterator[int]:
-    for start, end in ranges:
-        yield from range(start, end)
-
-
-def _to_ranges(indexes: Iterable[int]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for idx in sorted(set(indexes)):
-        if out and out[-1][1] == idx:
-            out[-1][1] = idx + 1
-        else:
-            out.append([idx, idx + 1])
-    return out
-
-
 def _merge(ranges: list[list[int]], cut: int | None, added: set[int]) -> list[list[int]]:
     """``ranges`` less every chunk from ``cut`` on, plus ``added``."""
     kept = [
@@ -152,7 +134,7 @@ def _merge(ranges: list[list[int]], cut: int | None, added: set[int]) -> list[li
     ]
     if not added:
         return kept
-    return _to_ranges([*_indexes(kept), *added])
+    return to_ranges([*indexes_in(kept), *added])
 
 
 @dataclass
@@ -704,7 +686,7 @@ class EtcdNamespace:
             txn.delete(self._ikey(ino))
             txn.delete(self._xprefix(ino), prefix=True)
             txn.delete(self._orphan_key(ino))
-            return list(_indexes(node.chunks))
+            return list(indexes_in(node.chunks))
 
         chunks = self._atomically(change)
         if pending is not None:
@@ -771,7 +753,7 @@ class EtcdNamespace:
             if pending.cut is not None and idx >= pending.cut:
                 return False
         node = self._read(ino)
-        return node is not None and _in_ranges(node.chunks, idx)
+        return node is not None and in_ranges(node.chunks, idx)
 
     def add_chunks(self, ino: int, indexes: list[int], sums: dict[int, int] | None = None) -> None:
         """Record stored chunks (and their CRC-32Cs): published with the file's size by its next
@@ -789,7 +771,7 @@ class EtcdNamespace:
         pending = self._pending.setdefault(ino, _PendingChunks())
         node = self._read(ino)
         recorded = node.chunks if node is not None else []
-        dropped = {i for i in _indexes(recorded) if i >= first and (pending.cut is None or i < pending.cut)}
+        dropped = {i for i in indexes_in(recorded) if i >= first and (pending.cut is None or i < pending.cut)}
         dropped |= {i for i in pending.added if i >= first}
         pending.added = {i for i in pending.added if i < first}
         pending.sums = {i: c for i, c in pending.sums.items() if i < first}

@@ -50,6 +50,7 @@ from mooncakefs.cluster.client import placement_flags
 from mooncakefs.cluster.etcd import KV, Mirror
 from mooncakefs.errors import ChecksumError, KeyNotFound, MooncakeError, StaleEpoch, Unavailable
 from mooncakefs.keys import CachedKey, InternalKey, encode_key
+from mooncakefs.ranges import in_ranges, to_ranges
 
 if TYPE_CHECKING:
     from mooncakefs.cluster.client import ClusterStore
@@ -108,16 +109,6 @@ def score(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "big")
 
 
-def to_ranges(indexes: Iterable[int]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for i in sorted(set(indexes)):
-        if out and out[-1][1] == i:
-            out[-1][1] = i + 1
-        else:
-            out.append([i, i + 1])
-    return out
-
-
 def top_sources(sources: dict[str, int], keep: int = RECORD_SOURCES) -> dict[str, int]:
     """The ``keep`` sources that gave the most bytes, the rest summed as "others": a record stays small
     however many readers a reader took chunks from (every record change goes to every reader)."""
@@ -126,10 +117,6 @@ def top_sources(sources: dict[str, int], keep: int = RECORD_SOURCES) -> dict[str
     if len(ranked) > keep:
         out["others"] = sum(n for _, n in ranked[keep:])
     return out
-
-
-def in_ranges(ranges: list[list[int]], idx: int) -> bool:
-    return any(a <= idx < b for a, b in ranges)
 
 
 def rank_sources(
