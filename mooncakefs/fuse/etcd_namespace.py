@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from mooncakefs.cluster import etcd
-from mooncakefs.cluster.etcd import Compare, Lease, RangeResult
+from mooncakefs.cluster.etcd import Compare, Lease
 from mooncakefs.cluster.membership import cluster_prefix, connect_etcd
 from mooncakefs.errors import EtcdError, Unavailable, errno_of
 from mooncakefs.fuse.namespace import ROOT, Inode, count_unlink, fail, may_replace, may_unlink
@@ -296,31 +296,10 @@ class EtcdNamespace:
     def _orphan_key(self, ino: int) -> str:
         return f"{self.prefix}orphan/{ino}"
 
-    def _range(
-        self,
-        prefix: str,
-        *,
-        limit: int = 0,
-        keys_only: bool = False,
-        count_only: bool = False,
-        by_creation: bool = False,
-        min_create_revision: int = 0,
-    ) -> RangeResult:
-        """A range request over a prefix."""
-        return self.client.range(
-            prefix,
-            prefix=True,
-            limit=limit,
-            keys_only=keys_only,
-            count_only=count_only,
-            by_creation=by_creation,
-            min_create_revision=min_create_revision,
-        )
-
     def _count(self, prefix: str, limit: int = 0) -> int:
         if limit:
-            return len(self._range(prefix, limit=limit, keys_only=True).kvs)
-        return self._range(prefix, count_only=True).count
+            return len(self.client.range(prefix, prefix=True, limit=limit, keys_only=True).kvs)
+        return self.client.range(prefix, prefix=True, count_only=True).count
 
     def _txn(self, compare: list[Compare], ops: list[bytes]) -> tuple[bool, int]:
         """(succeeded, the revision it was applied at)."""
@@ -697,7 +676,7 @@ class EtcdNamespace:
     def orphans(self) -> list[int]:
         """Inodes left with no names that no live mount has open (their last user ended)."""
         prefix = self.prefix + "orphan/"
-        found = [int(kv.key[len(prefix) :]) for kv in self._range(prefix, keys_only=True).kvs]
+        found = [int(kv.key[len(prefix) :]) for kv in self.client.range(prefix, prefix=True, keys_only=True).kvs]
         return [ino for ino in found if not self._count(self._oprefix(ino), limit=1)]
 
     # -- open files ------------------------------------------------------------------------------------
@@ -738,7 +717,7 @@ class EtcdNamespace:
         """(cookie, name, ino) of a directory's entries after cookie ``after``, in a stable order: the
         cookie is the entry's creation revision in etcd."""
         prefix = self._dprefix(parent)
-        response = self._range(prefix, limit=limit, by_creation=True, min_create_revision=after + 1)
+        response = self.client.range(prefix, prefix=True, limit=limit, by_creation=True, min_create_revision=after + 1)
         start = len(prefix.encode())
         return [(kv.create_revision, bytes.fromhex(kv.key[start:].decode()), int(kv.value)) for kv in response.kvs]
 
@@ -799,7 +778,9 @@ class EtcdNamespace:
     def listxattr(self, ino: int) -> list[bytes]:
         prefix = self._xprefix(ino)
         start = len(prefix.encode())
-        return [bytes.fromhex(kv.key[start:].decode()) for kv in self._range(prefix, keys_only=True).kvs]
+        return [
+            bytes.fromhex(kv.key[start:].decode()) for kv in self.client.range(prefix, prefix=True, keys_only=True).kvs
+        ]
 
     @_etcd_errors
     def removexattr(self, ino: int, name: bytes) -> bool:
@@ -813,7 +794,7 @@ class EtcdNamespace:
     def counts(self) -> tuple[int, int]:
         """(inodes, chunks) in the namespace (reads every inode: for statistics, not for statfs)."""
         inodes = chunks = 0
-        for kv in self._range(self.prefix + "i/").kvs:
+        for kv in self.client.range(self.prefix + "i/", prefix=True).kvs:
             inodes += 1
             chunks += sum(end - start for start, end in json.loads(kv.value).get("chunks", []))
         return inodes, chunks
