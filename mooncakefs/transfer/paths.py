@@ -58,6 +58,19 @@ def _numa(device_dir: str) -> int:
         return -1
 
 
+def _class_dir(kind: str, root: str | None) -> str:
+    """``<root>/class/<kind>``: where sysfs (``SYSFS``, or the tree at ``root``) lists the devices of a kind."""
+    return os.path.join(SYSFS if root is None else root, "class", kind)
+
+
+def _names(directory: str) -> list[str] | None:
+    """The entries of ``directory``, sorted; None when it cannot be read (no such class on this host)."""
+    try:
+        return sorted(os.listdir(directory))
+    except OSError:
+        return None
+
+
 def _pci(device_dir: str) -> str:
     try:
         return os.path.basename(os.path.realpath(os.path.join(device_dir, "device")))
@@ -67,11 +80,9 @@ def _pci(device_dir: str) -> str:
 
 def rdma_devices(filter_: str = "", root: str | None = None) -> list[Device]:
     """The RDMA devices with at least one active port, named in ``filter_`` (comma-separated) if given."""
-    root = SYSFS if root is None else root
-    base = os.path.join(root, "class", "infiniband")
-    try:
-        names = sorted(os.listdir(base))
-    except OSError:
+    base = _class_dir("infiniband", root)
+    names = _names(base)
+    if names is None:
         return []
     wanted = {n.strip() for n in filter_.split(",") if n.strip()} if filter_ else None
     found = []
@@ -99,11 +110,9 @@ def rdma_devices(filter_: str = "", root: str | None = None) -> list[Device]:
 
 def no_rdma_reason(filter_: str = "", root: str | None = None) -> str:
     """Why ``rdma_devices`` came back empty, in words for the one log line."""
-    root = SYSFS if root is None else root
-    base = os.path.join(root, "class", "infiniband")
-    try:
-        names = sorted(os.listdir(base))
-    except OSError:
+    base = _class_dir("infiniband", root)
+    names = _names(base)
+    if names is None:
         return f"no RDMA device ({base} does not exist)"
     if not names:
         return f"no RDMA device ({base} is empty)"
@@ -114,13 +123,12 @@ def no_rdma_reason(filter_: str = "", root: str | None = None) -> str:
 
 def nics(root: str | None = None) -> list[Device]:
     """Plain network interfaces (not loopback), with their NUMA node where the kernel knows it."""
-    root = SYSFS if root is None else root
-    base = os.path.join(root, "class", "net")
-    try:
-        names = sorted(os.listdir(base))
-    except OSError:
-        return []
-    return [Device(n, _numa(os.path.join(base, n)), pci=_pci(os.path.join(base, n))) for n in names if n != "lo"]
+    base = _class_dir("net", root)
+    return [
+        Device(n, _numa(os.path.join(base, n)), pci=_pci(os.path.join(base, n)))
+        for n in _names(base) or []
+        if n != "lo"
+    ]
 
 
 _MPOL_F_NODE, _MPOL_F_ADDR = 1, 2
@@ -163,8 +171,7 @@ def rank(devices: list[Device], numa: int, spread: int = 0) -> list[Device]:
 
 def nic(name: str, root: str | None = None) -> Device:
     """The network interface ``name`` with its NUMA node (-1 for loopback, virtual or unknown ones)."""
-    root = SYSFS if root is None else root
-    d = os.path.join(root, "class", "net", name)
+    d = os.path.join(_class_dir("net", root), name)
     return Device(name, _numa(d), pci=_pci(d) if os.path.exists(os.path.join(d, "device")) else "")
 
 
@@ -196,7 +203,6 @@ def interface_of(address: str) -> str:
 
 def route_device(address: str, root: str | None = None) -> Device:
     """The NIC a connection to ``address`` leaves through, with its NUMA node."""
-    root = SYSFS if root is None else root
     name = interface_of(address)
     return nic(name, root) if name else Device("", -1)
 
@@ -227,7 +233,6 @@ def _cpu_node() -> int:
 def topology(filter_: str = "", root: str | None = None) -> str:
     """The local topology as JSON, Mooncake's ``get_local_topology`` shape: per NUMA node, the
     preferred devices and the others."""
-    root = SYSFS if root is None else root
     devices = rdma_devices(filter_, root)
     nodes = sorted({d.numa for d in devices} | {0})
     matrix = {}
