@@ -30,10 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from _common import MiB, format_table, machine_info, median, progress, report
+from _common import MiB, cpu_seconds, format_table, machine_info, median, progress, report, scrape
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
@@ -59,11 +58,12 @@ def cpu_ticks() -> tuple[int, int]:
 
 def process_cpu_s(pid: int | None) -> float:
     """CPU seconds (user + system, all threads) process ``pid`` has used so far; 0 if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, TypeError):
+    if pid is None:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        return cpu_seconds(pid)
+    except OSError:
+        return 0.0
 
 
 def our_cpu_s(bed: Testbed) -> dict[str, float]:
@@ -81,14 +81,13 @@ def our_cpu_s(bed: Testbed) -> dict[str, float]:
 
 def etcd_counters(bed: Testbed) -> dict[str, float]:
     """etcd's own counts of the requests it answered (by gRPC method) and the watch events it sent."""
-    url = f"http://{bed.subnet}.1:{bed.etcd_port}/metrics"
     out: dict[str, float] = {}
-    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
-        if line.startswith("grpc_server_handled_total{"):
-            method = line.split('grpc_method="', 1)[1].split('"', 1)[0]
-            out[method] = out.get(method, 0) + float(line.rsplit(" ", 1)[1])
-        elif line.startswith("etcd_debugging_mvcc_events_total "):
-            out["events"] = float(line.rsplit(" ", 1)[1])
+    for sample in scrape(f"http://{bed.subnet}.1:{bed.etcd_port}/metrics"):
+        if sample.name == "grpc_server_handled_total":
+            method = sample.labels["grpc_method"]
+            out[method] = out.get(method, 0) + sample.value
+        elif sample.name == "etcd_debugging_mvcc_events_total" and not sample.labels:
+            out["events"] = sample.value
     return out
 
 
