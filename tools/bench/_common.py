@@ -539,12 +539,15 @@ def run_json_script(cmd: Sequence[str], out: Path, timeout: float | None = None)
 # -- services: a node, an etcd, their metrics ----------------------------------------------------------
 
 
+def cli_command(*args: str) -> list[str]:
+    """``mooncakefs ARGS`` of the checkout measured: ``python -m`` imports the current directory's
+    ``mooncakefs`` (run benchmarks from the root of the checkout they measure)."""
+    return [sys.executable, "-m", "mooncakefs.cli", *args]
+
+
 def node_command(root: Path, dram: str, *options: str, listen: str = "127.0.0.1:0", metrics: str = "none") -> list[str]:
     """``mooncakefs node`` with its data dir and Unix socket under ``root``; ``options`` are appended."""
-    return [
-        sys.executable,
-        "-m",
-        "mooncakefs.cli",
+    return cli_command(
         "node",
         "--data",
         str(root / "data"),
@@ -557,7 +560,7 @@ def node_command(root: Path, dram: str, *options: str, listen: str = "127.0.0.1:
         "--metrics",
         metrics,
         *options,
-    ]
+    )
 
 
 class NodeProcess:

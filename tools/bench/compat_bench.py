@@ -31,7 +31,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import format_size, format_table, machine_info, pin_threads, report, run_json_script, running_node
+from _common import (
+    cli_command,
+    format_size,
+    format_table,
+    machine_info,
+    pin_threads,
+    report,
+    run_json_script,
+    running_node,
+)
 
 HERE = Path(__file__).resolve().parent
 BASELINE = HERE / "mooncake_baseline.py"
@@ -101,19 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for path in paths:
                     url = node.unix_url if path == "unix" else node.tcp_url.removeprefix("tcp://")
-                    cmd = [
-                        sys.executable,
-                        "-m",
-                        "mooncakefs.cli",
-                        "as-mooncake",
-                        "--",
-                        sys.executable,
-                        str(BASELINE),
-                        "--endpoint",
-                        url,
-                        *pin_args,
-                        *one,
-                    ]
+                    cmd = cli_command(
+                        "as-mooncake", "--", sys.executable, str(BASELINE), "--endpoint", url, *pin_args, *one
+                    )
                     got[f"drop-in {path}"] = run_baseline(cmd, root / f"dropin-{path}.json")
                 for name, doc in got.items():
                     runs.setdefault(name, {**doc, "results": []})["results"].extend(doc["results"])
