@@ -43,6 +43,17 @@ T = TypeVar("T")
 Runner = Callable[[int, int], object]  # run(start, count): ``count`` ops from op number ``start`` on
 
 
+def parse_size(text: str) -> int:
+    """Bytes from "4KiB", "64k", "1MiB", "2G" or "4096" (binary units, as ``format_size`` writes them)."""
+    t = text.strip().lower().replace("ib", "").replace("b", "")
+    mult = 1
+    for suffix, m in (("k", KiB), ("m", MiB), ("g", GiB)):
+        if t.endswith(suffix):
+            t, mult = t[: -len(suffix)], m
+            break
+    return int(float(t) * mult)
+
+
 def format_size(n: int) -> str:
     """Exact binary size label: 4096 -> "4KiB", 16777216 -> "16MiB"; other values stay in bytes."""
     for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):

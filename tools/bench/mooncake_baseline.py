@@ -62,7 +62,6 @@ from typing import Any
 import numpy as np
 from _common import (
     GB,
-    GiB,
     KiB,
     MiB,
     accepts,
@@ -71,6 +70,7 @@ from _common import (
     format_table,
     free_port,
     median,
+    parse_size,
     pin_threads,
     spawn,
     stop,
@@ -83,17 +83,6 @@ OPS_SINGLE = ("put", "get", "get_into", "put_from")
 OPS_BATCH = ("batch_put", "batch_get", "batch_get_into", "batch_put_from")
 # Batched ops are only measured for small values, as in the brief (KV-page sized objects).
 BATCH_MAX_SIZE = 64 * KiB
-
-
-def parse_size(text: str) -> int:
-    """Parse '4KiB', '64k', '1MiB', '2G', '4096' into bytes (binary units)."""
-    t = text.strip().lower().replace("ib", "").replace("b", "")
-    mult = 1
-    for suffix, m in (("k", KiB), ("m", MiB), ("g", GiB)):
-        if t.endswith(suffix):
-            t, mult = t[: -len(suffix)], m
-            break
-    return int(float(t) * mult)
 
 
 def find_master_binary(override: str | None) -> str:
@@ -159,7 +148,6 @@ class Master:
         self.rpc_port = free_port()
         self.metrics_port = free_port()
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         cmd = [
             binary,
             f"--rpc_port={self.rpc_port}",
@@ -171,7 +159,8 @@ class Master:
         ]
         # Own session: a Ctrl-C in the terminal reaches only this script, which then stops its
         # children in order (store first, master last) instead of all of them dying at once.
-        self.proc = spawn(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        with open(log_path, "wb") as log:  # the master holds its own descriptor of it
+            self.proc = spawn(cmd, stdout=log, stderr=subprocess.STDOUT)
         atexit.register(self.stop)
         listening = functools.partial(accepts, ("127.0.0.1", self.rpc_port))
         wait_until(listening, f"mooncake_master listening (log: {log_path})", 20.0, proc=self.proc)
@@ -184,8 +173,6 @@ class Master:
     def stop(self) -> None:
         """SIGTERM (the master handles it as a graceful shutdown), then SIGKILL if it hangs."""
         stop(self.proc)
-        if not self._log.closed:
-            self._log.close()
 
 
 class SegmentServer:
@@ -195,11 +182,11 @@ class SegmentServer:
 
     def __init__(self, master_addr: str, segment: int, cpu: int | None, log_path: str) -> None:
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         cmd = [sys.executable, os.path.abspath(__file__), "--serve-segment", master_addr, "--segment", str(segment)]
         if cpu is not None:
             cmd += ["--serve-cpu", str(cpu)]
-        self.proc = spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        with open(log_path, "wb") as log:  # the server holds its own descriptor of it
+            self.proc = spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
         atexit.register(self.stop)
         self.pid = self.proc.pid
         self.hostname = self._wait_ready(timeout=60.0)
@@ -224,8 +211,6 @@ class SegmentServer:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 stop(self.proc)
-        if not self._log.closed:
-            self._log.close()
 
 
 def serve_segment(args: argparse.Namespace) -> int:
