@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
 
-from _common import KVWorkload, format_table, measure, median, parse_metrics, prefaulted
+from _common import KVWorkload, format_size, format_table, measure, median, parse_metrics, parse_size, prefaulted
 
 import mooncakefs
 
@@ -41,6 +41,15 @@ def test_check_catches_a_wrong_value(tmp_path: Path) -> None:
 def test_median_skips_what_was_not_measured() -> None:
     assert median([3.0, None, 1.0, 2.0]) == 2.0
     assert median([None]) is None
+
+
+@pytest.mark.parametrize("text", ["4096", "4KiB", "4k", "64KB", "1MiB", "1.5M", "2G", " 16 MiB "])
+def test_parse_size_reads_binary_units_and_what_format_size_writes(text: str) -> None:
+    expected = {"4096": 4096, "4KiB": 4096, "4k": 4096, "64KB": 65536, "1MiB": 1 << 20, "1.5M": 3 << 19}
+    expected |= {"2G": 2 << 30, " 16 MiB ": 16 << 20}
+    n = parse_size(text)
+    assert n == expected[text]
+    assert parse_size(format_size(n)) == n
 
 
 def test_parse_metrics_reads_names_labels_and_values() -> None:
