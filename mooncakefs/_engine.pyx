@@ -83,7 +83,7 @@ ALLOC_UNIT = UNIT
 cdef inline int _get_read(object obj, Py_buffer *view, str what) except -1:
     try:
         PyObject_GetBuffer(obj, view, PyBUF_SIMPLE)
-    except BufferError as exc:
+    except (BufferError, ValueError) as exc:  # numpy says ValueError for a strided array
         raise TypeError(f"{what} must be a C-contiguous bytes-like object: {exc}") from None
     except TypeError:
         raise TypeError(f"{what} must be a bytes-like object (bytes, bytearray, memoryview, numpy array), "

@@ -641,18 +641,13 @@ def node(
     import logging
     import signal
 
+    from mooncakefs.logs import log_to
     from mooncakefs.node import Node
-    from mooncakefs.node.metrics import JsonFormatter, serve_metrics
+    from mooncakefs.node.metrics import serve_metrics
     from mooncakefs.serving import Timeouts
     from mooncakefs.sockets import default_socket
 
-    handler = logging.StreamHandler()
-    handler.setFormatter(
-        JsonFormatter()
-        if log_format == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    log_to(logging.StreamHandler(), json_lines=log_format == "json")
     try:
         ssd_size, ssd_dir = parse_ssd(ssd)
         gpu = parse_vram(vram)
@@ -837,7 +832,17 @@ def _status_report(
         return _node_report(node_url, timeout)
     if mount_path is not None:
         return _mount_report(mount_path, timeout)
-    return _cluster_report(etcd_url, cluster)
+    try:
+        return _cluster_report(etcd_url, cluster)
+    except Failed as exc:
+        if not etcd_given and exc.exit_code == exit_code_of(mooncakefs.Unavailable("")):  # no etcd here at all
+            from mooncakefs.sockets import default_socket
+
+            exc.message += (
+                f"\n(no cluster here? `mooncakefs status --node unix://{default_socket()[0]}` reports on "
+                "this host's node, `--mount DIR` on a mount)"
+            )
+        raise
 
 
 def _cluster_report(etcd_url: str, cluster: str) -> tuple[dict, Callable[[], None]]:
@@ -1169,9 +1174,9 @@ def _configure_logging(debug: bool, log_file: Path | None) -> None:
 
         private_dir(log_file.parent)
         os.close(private_file(log_file, os.O_WRONLY | os.O_APPEND))  # 0600: the log names files and keys
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
+    from mooncakefs.logs import log_to
+
+    log_to(logging.FileHandler(log_file) if log_file else logging.StreamHandler(), debug=debug)
 
 
 @main.command()

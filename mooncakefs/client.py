@@ -103,7 +103,10 @@ def parse_url(url: str | os.PathLike[str] | None) -> tuple[str, Any]:
         return "unix", parts.path
     if parts.scheme == "tcp" and parts.hostname:
         return "tcp", (parts.hostname, parts.port or DEFAULT_PORT)
-    raise ValueError(f"node URL must be unix:///path/to/node.sock or tcp://host:port, got {text!r}")
+    raise InvalidArgument(
+        f"node URL must be unix:///path/to/node.sock or tcp://host:port "
+        f"(a cluster: etcd://host:2379/CLUSTER, through mooncakefs.connect), got {text!r}"
+    )
 
 
 def _bytes_of(value: Any) -> memoryview:

@@ -7,6 +7,8 @@ import re
 import stat
 from pathlib import Path
 
+from mooncakefs.errors import InvalidArgument
+
 _UNITS = {
     "": 1,
     "b": 1,
@@ -27,19 +29,20 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(value: int | str, *, what: str = "size") -> int:
-    """Bytes from an int or a string such as "512MiB", "2GiB", "10GB" (powers of 1000) or "4k" (1024)."""
+    """Bytes from an int or a string such as "512MiB", "2GiB", "10GB" (powers of 1000) or "4k" (1024).
+    A bad one is ``InvalidArgument`` (a TypeError and a ValueError), as every bad argument is."""
     if isinstance(value, bool):
-        raise TypeError(f"{what} must be an int or a string like '2GiB', not a bool")
+        raise InvalidArgument(f"{what} must be an int or a string like '2GiB', not a bool")
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"{what} must not be negative, got {value}")
+            raise InvalidArgument(f"{what} must not be negative, got {value}")
         return value
     if not isinstance(value, str):
-        raise TypeError(f"{what} must be an int or a string like '2GiB', not {type(value).__name__}")
+        raise InvalidArgument(f"{what} must be an int or a string like '2GiB', not {type(value).__name__}")
     match = _SIZE.match(value)
     unit = match and _UNITS.get(match.group(2).lower())
     if not match or unit is None:
-        raise ValueError(f"{what} {value!r} is not a size: give bytes or a string like '512MiB', '10GB'")
+        raise InvalidArgument(f"{what} {value!r} is not a size: give bytes or a string like '512MiB', '10GB'")
     return int(float(match.group(1)) * unit)
 
 

@@ -142,6 +142,17 @@ def test_status_json_is_json_on_every_error(tmp_path):
     assert out.returncode != 0 and out.stdout == "" and "cannot reach the node" in out.stderr
 
 
+def test_status_without_a_cluster_names_the_node_and_mount_forms():
+    """`mooncakefs status` on a host with a node but no etcd used to end at etcd's refusal."""
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 2379)) == 0:
+            pytest.skip("an etcd listens on the default 127.0.0.1:2379 here")
+    out = cli("status")
+    assert out.returncode == mooncakefs.errors.exit_code_of(mooncakefs.Unavailable(""))
+    assert "cannot read the cluster from etcd" in out.stderr
+    assert "mooncakefs status --node unix://" in out.stderr and "--mount DIR" in out.stderr
+
+
 # -- status --mount ---------------------------------------------------------------------------------------
 
 

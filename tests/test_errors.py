@@ -12,6 +12,7 @@ import contextlib
 import math
 import shutil
 
+import numpy as np
 import pytest
 from conftest import MiB, wait_until
 from node_helpers import EtcdCluster, NodeProcess
@@ -214,6 +215,10 @@ BAD_VALUES = [
     (
         memoryview(bytearray(16))[::2],
         "value must be a C-contiguous buffer (memoryview is not; numpy: np.ascontiguousarray(a))",
+    ),
+    (  # numpy refuses a strided array's buffer with ValueError, not BufferError: it used to escape raw
+        np.zeros((4, 4))[:, ::2],
+        "value must be a C-contiguous buffer (ndarray is not; numpy: np.ascontiguousarray(a))",
     ),
 ]
 

@@ -163,6 +163,16 @@ def test_default_data_dir_from_env(mount_factory, tmp_path):
     assert read_file(m.mnt / "f") == b"in the default data dir"
 
 
+def test_a_missing_mount_point_is_named_with_the_fix(tmp_path):
+    """It used to say the missing directory "is not a directory"."""
+    missing = tmp_path / "nowhere"
+    argv = [sys.executable, "-m", "mooncakefs.cli", "mount", "--data", str(tmp_path / "d"), str(missing)]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=child_env())
+    assert res.returncode != 0
+    assert f"mount point {missing} does not exist: create it first (mkdir -p {missing})" in res.stderr
+    assert not missing.exists()
+
+
 def test_data_dir_in_use_is_refused(mount_factory, tmp_path):
     """A second mount of the same data dir fails (non-zero exit, no hang) and leaves the first intact."""
     import mooncakefs

@@ -408,7 +408,7 @@ def test_connect_errors(tmp_path):
         mooncakefs.connect(f"unix://{tmp_path}/nobody.sock", timeout=1)
     with pytest.raises(Unavailable):
         mooncakefs.connect(f"tcp://127.0.0.1:{free_port()}", timeout=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(mooncakefs.InvalidArgument, match="etcd://host:2379/CLUSTER"):  # it did not name the cluster URL
         mooncakefs.connect("http://example.invalid/")
 
 

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mooncakefs.errors import InvalidArgument
 from mooncakefs.units import format_size, parse_size
 
 
@@ -67,6 +68,13 @@ def test_parse_size_bool_is_not_a_size():
 def test_parse_size_error_message_names_the_input():
     with pytest.raises(ValueError, match="bogus"):
         parse_size("bogus")
+
+
+@pytest.mark.parametrize("bad", ["lots", -1, None, True])
+def test_a_bad_size_is_invalid_argument_as_every_bad_argument_is(bad):
+    """``open(dram="lots")`` used to raise a bare ValueError, outside ``mooncakefs.errors``."""
+    with pytest.raises(InvalidArgument):
+        parse_size(bad, what="dram")
 
 
 @pytest.mark.parametrize(

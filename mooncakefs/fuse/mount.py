@@ -43,6 +43,8 @@ def prepare_mountpoint(mountpoint: Path) -> str:
             subprocess.run(["umount", "-l", path], capture_output=True, check=False)
     elif mount_device(path) is not None and os.path.ismount(path):
         raise MooncakeError(f"{path} is already a mount point")
+    if not os.path.exists(path):
+        raise MooncakeError(f"mount point {path} does not exist: create it first (mkdir -p {path})")
     if not os.path.isdir(path):
         raise MooncakeError(f"mount point {path} is not a directory")
     return path

@@ -1,15 +1,13 @@
-"""Prometheus metrics and structured logs for the node.
+"""Prometheus metrics for the node.
 
 The metrics are gathered when Prometheus scrapes, from counters the node keeps anyway, so serving a
 request costs nothing extra for them."""
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -94,21 +92,3 @@ def serve_metrics(node: Node, host: str, port: int) -> tuple[str, int]:
     registry.register(NodeCollector(node))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server.server_address[0], server.server_address[1]
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and the record's ``extra`` fields."""
-
-    _standard = set(vars(logging.makeLogRecord({})))
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        out.update((k, v) for k, v in vars(record).items() if k not in self._standard and k != "message")
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
