@@ -101,3 +101,25 @@ def test_the_background_mounts_log_is_private_under_umask_0(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(log)], check=True, env=child_env(), timeout=60)
     assert "hello" in log.read_text()
     assert_private({str(log.parent): os.stat(log.parent).st_mode & 0o777, str(log): os.stat(log).st_mode & 0o777})
+
+
+def test_a_cluster_nodes_id_file_is_private_under_umask_0(tmp_path):
+    """The node-id file sits in the data dir beside the index; the rule is the same for every file."""
+    data = tmp_path / "data"
+    code = (
+        "import os, sys; from pathlib import Path; os.umask(0); "
+        "from mooncakefs.datadir import private_dir; from mooncakefs.cluster.membership import node_id; "
+        "data = private_dir(Path(sys.argv[1])); print(node_id(data)); print(node_id(data))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(data)], check=True, capture_output=True, text=True, env=child_env(), timeout=60
+    ).stdout.split()
+    assert len(out) == 2 and out[0] == out[1], out  # kept: a restarted node is the same member
+    path = data / "node-id"
+    assert_private({str(path): os.stat(path).st_mode & 0o777})
+    os.chmod(path, 0o644)  # as nodes before this rule wrote it
+    again = subprocess.run(
+        [sys.executable, "-c", code, str(data)], check=True, capture_output=True, text=True, env=child_env(), timeout=60
+    ).stdout.split()
+    assert again == out
+    assert_private({str(path): os.stat(path).st_mode & 0o777})

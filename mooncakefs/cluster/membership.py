@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mooncakefs.cluster.etcd import Etcd, Lease
+from mooncakefs.datadir import private_file, tighten
 from mooncakefs.errors import Unavailable
 
 log = logging.getLogger("mooncakefs.cluster")
@@ -46,13 +47,18 @@ def host_id() -> str:
 
 
 def node_id(data_dir: Path) -> str:
-    """The node's identity, kept in its data dir so that a restarted node is the same member."""
+    """The node's identity, kept in its data dir so that a restarted node is the same member; written
+    0600 whatever the umask, as every file of a data dir is (docs/security.md); an older looser one is
+    tightened."""
     path = data_dir / "node-id"
+    tighten(path)
     try:
         return path.read_text().strip()
     except FileNotFoundError:
         ident = uuid.uuid4().hex[:12]
-        path.write_text(ident + "\n")
+        fd = private_file(path, os.O_WRONLY | os.O_TRUNC)
+        with os.fdopen(fd, "w") as f:
+            f.write(ident + "\n")
         return ident
 
 
