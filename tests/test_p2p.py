@@ -316,6 +316,33 @@ def test_mooncakefs_watch_says_what_is_wrong(hosts, tmp_path):
     assert nobody.returncode == 69 and "Error:" in nobody.stderr
 
 
+def test_watch_names_a_missing_path_and_a_cluster_with_no_filesystem_as_such():
+    """The reasons read as reasons, not as keys: "key 'the cluster has no ...': not in the store" was the
+    message of a watch on a cluster no mount had used yet."""
+    from conftest import child_env
+
+    from mooncakefs.cluster.membership import connect_etcd
+    from mooncakefs.p2p.report import Distribution
+
+    etcd = EtcdCluster().start()
+    try:
+        with connect_etcd(etcd.url) as client, pytest.raises(KeyNotFound) as missing:
+            Distribution(client, CLUSTER).files("/no/such/file")
+        assert str(missing.value) == "key '/no/such/file': no such file or directory in the cluster's filesystem"
+        fresh = subprocess.run(
+            [sys.executable, "-m", "mooncakefs.cli", "watch", "--etcd", etcd.url, "--cluster", CLUSTER, "--json", "/x"],
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        error = json.loads(fresh.stdout)["error"]
+        assert fresh.returncode == 66 and "the cluster has no filesystem yet" in error, (fresh.returncode, error)
+        assert "not in the store" not in error, error
+    finally:
+        etcd.close()
+
+
 def test_a_record_names_its_biggest_sources_and_sums_the_rest():
     from mooncakefs.p2p.swarm import top_sources
 

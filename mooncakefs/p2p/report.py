@@ -66,6 +66,10 @@ class FileReport:
         }
 
 
+# why a path is a KeyNotFound: "key '/models/x': no such file or directory in the cluster's filesystem"
+NO_SUCH_PATH = "no such file or directory in the cluster's filesystem"
+
+
 def namespace_path(path: str) -> str:
     """The path inside the cluster's filesystem: ``path`` itself, or, for a path on a mounted cluster
     filesystem on this host, its part below the mount's root."""
@@ -95,7 +99,7 @@ class Distribution:
     def chunk_size(self) -> int:
         kv = self.client.get(self.fs + "settings")
         if kv is None:
-            raise KeyNotFound("the cluster has no filesystem yet (no mount ever started)")
+            raise KeyNotFound(self.fs + "settings", "the cluster has no filesystem yet (no mount ever started)")
         return int(json.loads(kv.value)["chunk_size"])
 
     def files(self, path: str) -> list[tuple[str, int, dict[str, Any]]]:
@@ -104,11 +108,11 @@ class Distribution:
         for name in [p for p in path.split("/") if p]:
             kv = self.client.get(f"{self.fs}d/{ino}/{name.encode().hex()}")
             if kv is None:
-                raise KeyNotFound(f"{path}: no such file or directory in the cluster's filesystem")
+                raise KeyNotFound(path, NO_SUCH_PATH)
             ino = int(kv.value)
         record = self._inode(ino)
         if record is None:
-            raise KeyNotFound(f"{path}: no such file or directory in the cluster's filesystem")
+            raise KeyNotFound(path, NO_SUCH_PATH)
         return list(self._walk(path.rstrip("/") or "/", ino, record))
 
     def _walk(self, path: str, ino: int, record: dict[str, Any]) -> Iterable[tuple[str, int, dict[str, Any]]]:
