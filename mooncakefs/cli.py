@@ -994,7 +994,8 @@ def watch(path: str, etcd_url: str, cluster: str, interval: float, once: bool, a
     hold how much of it, and who served whom.
 
     PATH: a path on a mount of the cluster on this host, or a path inside the cluster's filesystem
-    (/models/step-9000).  Redrawn live until Ctrl-C; --once or --json: once.  The readers' records
+    (/models/step-9000); one that exists on this host is taken as a local path, so for the cluster's
+    root name a mount's root.  Redrawn live until Ctrl-C; --once or --json: once.  The readers' records
     come from etcd (followed with a watch: nothing is read again while nothing changes), the nodes' bytes
     sent from the nodes (asked over TCP; "-" when one cannot be reached)."""
     from mooncakefs.cluster.etcd import Mirror
