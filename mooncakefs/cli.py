@@ -65,7 +65,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
         raise click.BadParameter(str(exc)) from None
 
 
-DATA_DIR_HELP = "Data dir (default: $MOONCAKEFS_DATA or ~/.local/share/mooncakefs)."
+DATA_DIR_HELP = "Data dir (default: $MOONCAKEFS_DATA, else $XDG_DATA_HOME/mooncakefs, else ~/.local/share/mooncakefs)."
 
 
 def _data_option(help_text: str = DATA_DIR_HELP) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
