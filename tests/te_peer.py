@@ -5,7 +5,9 @@ JSON line: {"port", "session" (what peers name it by), "addr" (a numpy buffer of
 PATTERN), "managed" (a managed buffer of SIZE bytes, zeros), "pid", "protocol" (the one it chose)}.
 Then, per stdin line: "crc" prints the CRC-32C of both buffers; "register N" registers N more bytes
 (0xAB) and prints {"addr"}; "unregister ADDR" prints {"rc"}; "notifies" prints the notifications
-received, as [[name, msg], ...]; "quit" (or EOF) exits.
+received, as [[name, msg], ...]; "close" closes the engine (the process and its buffer stay) and prints
+{"rc"}; "bufcrc" prints the CRC-32C of the registered buffer alone (also after "close"); "quit" (or EOF)
+exits.
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ def main() -> None:
             print(json.dumps({"rc": engine.unregister_memory(int(arg))}), flush=True)
         elif command == "notifies":
             print(json.dumps([[n.name, n.msg] for n in engine.get_notifies()]), flush=True)
+        elif command == "close":  # the engine closes; the process and its buffer stay
+            print(json.dumps({"rc": engine.close()}), flush=True)
+        elif command == "bufcrc":
+            print(json.dumps({"buf": _engine.crc32c(buf)}), flush=True)
         elif command == "quit":
             break
     engine.close()

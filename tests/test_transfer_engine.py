@@ -357,6 +357,23 @@ def test_dead_peer_same_host_path() -> None:
         p.kill()
 
 
+def test_a_closed_peers_memory_is_not_written_over_the_same_host_path() -> None:
+    """A peer whose engine closed (its process and buffer still there) takes no more writes: the same-host
+    path kept the table it had checked and copied into the memory the peer no longer offered."""
+    p = Peer()
+    try:
+        with Engine("127.0.0.1") as engine:
+            engine.write(p.session, b"\x00" * 16, p.addr)
+            assert engine.paths(p.session)[0] == "local"
+            assert p.ask("close") == {"rc": 0}
+            before = p.ask("bufcrc")
+            with pytest.raises((TransferError, Unavailable)):
+                engine.write(p.session, b"\xff" * 16, p.addr)
+            assert p.ask("bufcrc") == before
+    finally:
+        p.kill()
+
+
 def test_dead_peer_compat_codes(peer: Peer) -> None:
     engine = TransferEngine()
     assert engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp") == 0

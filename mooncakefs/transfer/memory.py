@@ -147,9 +147,12 @@ class Registry:
         return len(self._ranges)
 
     def close(self) -> None:
+        """Forget every range, and move the published version: a same-host peer re-reads the table (and
+        finds the engine gone) instead of copying into memory it checked against the old one."""
         with self._lock:
             self._ranges.clear()
             self._starts.clear()
+            self._bump()
         self._version_map.close()
         os.close(self._version_fd)
 
