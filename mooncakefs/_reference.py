@@ -118,6 +118,28 @@ def vm_copy(pid: int, locals_: Sequence[int], remotes: Sequence[int], lengths: S
     return total
 
 
+def copy_at(
+    dst_addrs: Sequence[int], src_addrs: Sequence[int], lengths: Sequence[int], pinned: Sequence[Any] = ()
+) -> int:
+    """``lengths[i]`` bytes from address ``src_addrs[i]`` to ``dst_addrs[i]``, through ctypes; ``pinned``
+    held as memoryviews until the copies end."""
+    if not len(dst_addrs) == len(src_addrs) == len(lengths):
+        raise ValueError(f"{len(dst_addrs)} destinations and {len(src_addrs)} sources for {len(lengths)} lengths")
+    for i, (d, s, n) in enumerate(zip(dst_addrs, src_addrs, lengths, strict=True)):
+        if d < 0 or s < 0 or n < 0:
+            raise OverflowError(f"copy {i}: negative address or length")
+        if n and (d == 0 or s == 0):
+            raise ValueError(f"copy {i}: no memory at address 0")
+    views = [_read_view(p, "pinned buffer") for p in pinned]
+    try:
+        for d, s, n in zip(dst_addrs, src_addrs, lengths, strict=True):
+            ctypes.memmove(d, s, n)
+    finally:
+        for v in views:
+            v.release()
+    return sum(lengths)
+
+
 def _crc32c_of_byte(byte: int) -> int:
     """The CRC-32C register after shifting one byte through it, bit by bit: the definition."""
     reg = byte

@@ -231,6 +231,41 @@ def test_copy_many_checks_every_pair_before_copying_any(impl):
         impl.copy_many([bytearray(4)], [b"ab", b"cd"])
 
 
+def test_copy_at_copies_between_addresses_and_lets_the_pinned_go(impl):
+    """Pointer copies (the transfer engine's same-host batches): each range byte-exact, an empty one
+    skipped, the pinned mapping held only while copying (it closes afterwards)."""
+    import mmap
+
+    src = np.frombuffer(random.Random(2).randbytes(3 << 20), dtype=np.uint8)
+    pool = mmap.mmap(-1, 4 << 20)
+    dst = np.frombuffer(pool, dtype=np.uint8)
+    base = dst.ctypes.data
+    n = impl.copy_at(
+        [base, base + (2 << 20), base + 5],
+        [src.ctypes.data, src.ctypes.data + (1 << 20), 0],
+        [1 << 20, (2 << 20) - 7, 0],
+        [pool],
+    )
+    assert n == (3 << 20) - 7
+    assert np.array_equal(dst[: 1 << 20], src[: 1 << 20])
+    assert np.array_equal(dst[2 << 20 : (4 << 20) - 7], src[1 << 20 : (3 << 20) - 7])
+    assert not dst[1 << 20 : 2 << 20].any()
+    del dst
+    pool.close()  # nothing holds it any more
+
+
+def test_copy_at_refuses_mismatched_lists_and_null_addresses_before_copying(impl):
+    out = np.zeros(8, dtype=np.uint8)
+    src = np.arange(8, dtype=np.uint8)
+    with pytest.raises(ValueError, match="2 destinations and 1 sources for 1 lengths"):
+        impl.copy_at([out.ctypes.data, out.ctypes.data], [src.ctypes.data], [8])
+    with pytest.raises(ValueError, match="copy 1: no memory at address 0"):
+        impl.copy_at([out.ctypes.data, out.ctypes.data], [src.ctypes.data, 0], [4, 4])
+    with pytest.raises(OverflowError):
+        impl.copy_at([out.ctypes.data], [src.ctypes.data], [-1])
+    assert not out.any()
+
+
 @pytest.mark.parametrize(
     "dst",
     [b"\x00" * 16, memoryview(b"\x00" * 16), memoryview(bytearray(16)).toreadonly()],

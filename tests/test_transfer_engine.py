@@ -207,6 +207,70 @@ def test_batch_of_small_and_large(engine: Engine, peer: Peer) -> None:
     assert back == src.tobytes()
 
 
+def routed_batches(engine: Engine, session: str) -> list[int]:
+    """From now on, the size of each batch the engine routes to ``session`` (the general path)."""
+    router = engine._peer(session).router
+    routed: list[int] = []
+    submit = router.submit
+    router.submit = lambda transfers: routed.append(len(transfers)) or submit(transfers)  # type: ignore[method-assign]
+    return routed
+
+
+def test_a_batch_of_pointers_to_a_managed_buffer_is_one_copy_with_no_routing(peer: Peer) -> None:
+    """Mooncake's usual call (registered pointers on both sides) to a same-host peer's managed buffer is
+    copied by the same-host path's fast path, not routed block by block: byte-exact both ways, blocks in
+    two local registrations, a zero-length block skipped; refusals are those of the routed path, with the
+    peer's memory untouched; ordinary (process_vm) memory and buffers still take the routed path."""
+    block = 256 << 10
+    first, second = pattern(16 * block, seed=31), pattern(16 * block, seed=32)
+    with Engine("127.0.0.1", protocol="tcp") as e:
+        local = [e.register(first), e.register(second)]
+        ptrs = [local[i // 16] + (i % 16) * block for i in range(32)]
+        remote = [peer.managed + 3 + i * block for i in range(32)]
+        routed = routed_batches(e, peer.session)
+        assert (
+            e.transfer(peer.session, "write", [*ptrs, ptrs[0]], [*remote, peer.managed], [block] * 32 + [0])
+            == 32 * block
+        )
+        first[:], second[:] = 0, 0
+        assert e.transfer(peer.session, "read", ptrs, remote, [block] * 32) == 32 * block
+        assert first.tobytes() == pattern(16 * block, seed=31).tobytes()
+        assert second.tobytes() == pattern(16 * block, seed=32).tobytes()
+        assert routed == []
+        before = peer.crc()
+        with pytest.raises(OutOfBounds):
+            e.transfer(peer.session, "write", ptrs[:2], [peer.managed, peer.managed + SIZE - 100], [block, block])
+        with pytest.raises(AddressNotRegistered):
+            e.transfer(peer.session, "write", ptrs[:2], [peer.managed, peer.addr - 4096], [block, block])
+        with pytest.raises(AddressNotRegistered):  # the initiator's own pointer must be registered
+            e.transfer(peer.session, "write", [ptrs[0], 0x1000], remote[:2], [block, block])
+        assert peer.crc() == before and routed == []
+        assert e.transfer(peer.session, "read", ptrs[:1], [peer.addr], [block]) == block  # process_vm
+        assert e.transfer(peer.session, "read", [bytearray(block)], [peer.managed], [block]) == block  # a buffer
+        assert routed == [1, 1]
+        assert first[:block].tobytes() == pattern(SIZE)[:block].tobytes()
+
+
+def test_the_fast_path_maps_the_managed_buffer_again_when_the_peer_table_moves(peer: Peer) -> None:
+    """The peer registering more memory moves its table's version: the next pointer batch fetches the
+    table again and still lands in the managed buffer."""
+    data = pattern(MiB, seed=41)
+    with Engine("127.0.0.1", protocol="tcp") as e:
+        ptr = e.register(data)
+        assert e.transfer(peer.session, "write", [ptr], [peer.managed], [MiB]) == MiB
+        (same_host, _tcp) = e._peer(peer.session).transports
+        version = same_host._table.version
+        routed = routed_batches(e, peer.session)
+        more = peer.ask("register 4096")["addr"]
+        assert e.transfer(peer.session, "write", [ptr], [peer.managed + MiB], [MiB]) == MiB
+        assert same_host._table.version > version and routed == []
+        assert e.transfer(peer.session, "read", [ptr], [more], [4096]) == 4096
+        assert data[:4096].tobytes() == b"\xab" * 4096
+    expected = bytearray(SIZE)
+    expected[:MiB] = expected[MiB : 2 * MiB] = pattern(MiB, seed=41).tobytes()
+    assert peer.crc()["managed"] == _engine.crc32c(expected)
+
+
 def test_read_and_write_batches_at_once_on_one_connection(peer: Peer) -> None:
     """A read and a write of the peer's whole buffers in flight together on one connection complete
     byte-exact: the worker keeps requests in flight, but never sends a write's payload while a read's

@@ -243,6 +243,10 @@ class Router:
         transport = self.transports[index]
         return getattr(transport, "label", transport.name)
 
+    def is_down(self, index: int) -> bool:
+        """Whether transport ``index`` failed lately (it is tried after the others until ``DOWN_SECONDS``)."""
+        return bool(self._down) and self._down.get(index, 0.0) > time.monotonic()
+
     def _candidates(self, transfer: Transfer, position: int) -> list[int]:
         order = self._order(transfer, position) if self._order is not None else range(len(self.transports))
         usable = [i for i in order if self.transports[i].accepts(transfer)]

@@ -315,24 +315,38 @@ class Engine:
                 f"a batch needs as many local buffers ({len(local)}), remote addresses "
                 f"({len(remote)}) and lengths ({len(lengths)})"
             )
-        transfers = []
+        views: list[memoryview | None] = []  # None: a registered pointer, checked
+        pointers = True
+        start, end = 1, 0  # the registered range the last pointer fell in: a batch's blocks are usually in one
         for buf, addr, n in zip(local, remote, lengths, strict=True):
             if type(n) is not int or n < 0:
                 raise InvalidArgument(f"length must be a non-negative int, got {n!r:.30}")
             if type(addr) is not int or addr <= 0:
                 raise AddressNotRegistered(f"remote address {addr!r:.30} is not a valid pointer")
             if type(buf) is int:
-                view = self.registry.view(buf, n, write=op == READ)
+                if not start <= buf <= buf + n <= end:
+                    entry = self.registry.find(buf, n, write=op == READ)
+                    start, end = entry.addr, entry.end
+                views.append(None)
             else:
+                pointers = False
                 view = _byte_view(buf, "local buffer")
                 if op == READ and view.readonly:
                     raise InvalidArgument("a read needs a writable local buffer")
                 if len(view) < n:
                     raise InvalidArgument(f"the local buffer holds {len(view)} bytes, the transfer {n}")
-                view = view[:n]
-            if n:
-                transfers.append(Transfer(op, view, Region(addr, n)))
+                views.append(view[:n])
         peer = self._peer(session)
+        same_host = peer.transports[0]
+        if isinstance(same_host, ProcessTransport) and pointers and not peer.router.is_down(0):
+            batch = same_host.copy_now(op, local, remote, lengths)  # every block in one call, no routing
+            if batch is not None:
+                return batch
+        transfers = [
+            Transfer(op, view if view is not None else _engine.view_at(buf, n, op == READ), Region(addr, n))
+            for buf, addr, n, view in zip(local, remote, lengths, views, strict=True)
+            if n
+        ]
         return peer.router.submit(transfers)
 
     def transfer(
