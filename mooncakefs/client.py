@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from mooncakefs import shm
 from mooncakefs._engine import SharedIndex, crc32c, fill_bytes
 from mooncakefs.api import (
     BATCH_ERRORS,
@@ -244,6 +245,7 @@ class RemoteStore(KVMapping):
                 finally:
                     for fd in fds:
                         os.close(fd)
+                shm.advise_huge(self._pool)  # the node's huge pages (if the host lends them) mapped whole here
                 self._pool_view = memoryview(self._pool)
                 if self._prefault_pool:
                     threading.Thread(

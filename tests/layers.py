@@ -12,7 +12,8 @@ from __future__ import annotations
 
 LAYERS: dict[str, tuple[str, ...]] = {
     "unit": ("test_units", "test_engine_reference", "test_internal_keys", "test_placement", "test_transfer_paths",
-             "test_policy_sim", "test_kvstore_api", "test_rdma", "test_p2p_choice", "test_wire", "test_logs"),
+             "test_policy_sim", "test_kvstore_api", "test_rdma", "test_p2p_choice", "test_wire", "test_logs",
+             "test_shm"),
     "engine": ("test_api", "test_tiers", "test_ssd_direct", "test_policy", "test_stateful", "test_concurrency",
                "test_versions", "test_bench_harness", "test_tier_contract", "test_gpu_buffers", "test_vram",
                "test_vram_standin"),

@@ -19,14 +19,13 @@ costs no memory beyond its entry (with OrderedDicts it cost ~90 bytes more).
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
-from mooncakefs import _engine
+from mooncakefs import _engine, shm
 from mooncakefs._engine import Entry, EntryQueue
 from mooncakefs.tiers.base import Placement
 
@@ -51,14 +50,9 @@ class DramTier:
     ) -> None:
         if capacity < _engine.ALLOC_UNIT:
             raise ValueError(f"dram must be at least {_engine.ALLOC_UNIT} bytes, got {capacity}")
-        self.fd = os.memfd_create(label, os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, capacity)
-            self.map = mmap.mmap(self.fd, capacity, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.view = memoryview(self.map)
+        memory = shm.create(label, capacity)  # on huge pages where the host lends them
+        self.fd, self.map, self.pages = memory.fd, memory.map, memory.pages
+        self.view = memoryview(self.map)[:capacity]
         self.arena = _engine.Arena(self.map)
         self._prefaulter = None
         if prefault:  # back the pool with memory now, off the request path

@@ -15,10 +15,10 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from mooncakefs import _engine
+from mooncakefs import _engine, shm
 from mooncakefs.errors import MooncakeError, TransferError, Unavailable
 from mooncakefs.transfer.core import READ, WRITE, Batch, Progress, Transfer, Transport
-from mooncakefs.transfer.memory import PeerTable, read_version
+from mooncakefs.transfer.memory import MANAGED_LABEL, PeerTable, read_version
 
 log = logging.getLogger("mooncakefs.transfer")
 
@@ -133,7 +133,7 @@ class ProcessTransport:
             hit = self._maps.get(memfd)
             if hit is None or hit.peer_addr != addr:
                 path = f"/proc/{self.pid}/fd/{memfd}"
-                if not os.readlink(path).startswith("/memfd:mooncakefs-te-buffer"):
+                if not os.readlink(path).startswith(f"/memfd:{MANAGED_LABEL}"):
                     raise OSError(errno.ESTALE, f"{path} is no longer the peer's buffer")
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
                 try:
@@ -141,6 +141,7 @@ class ProcessTransport:
                     m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
                 finally:
                     os.close(fd)
+                shm.advise_huge(m)  # the peer's huge pages, mapped whole here too
                 view = memoryview(m)
                 hit = self._maps[memfd] = _PeerMapping(m, view, addr, _engine.address(view))
             return hit

@@ -17,10 +17,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from mooncakefs import _engine
+from mooncakefs import _engine, shm
 from mooncakefs.errors import AddressNotRegistered, AddressOverlapped, InvalidArgument, OutOfBounds
 
 PAGE = mmap.PAGESIZE
+MANAGED_LABEL = "mooncakefs-te-buffer"  # a managed buffer's memfd name: what a peer checks before mapping it
 _VERSION = struct.Struct("<Q")
 
 
@@ -187,21 +188,16 @@ def read_version(view: memoryview) -> int:
 
 
 class ManagedBuffer:
-    """Memory the engine allocated: a memfd mapped here, that a same-host peer can map too."""
+    """Memory the engine allocated: a memfd mapped here, that a same-host peer can map too, on huge
+    pages where the host lends them (``shm.create``)."""
 
     def __init__(self, length: int) -> None:
         if type(length) is not int or length <= 0:
             raise InvalidArgument(f"a managed buffer needs a positive length, got {length!r:.40}")
         self.length = length
-        self.fd = os.memfd_create("mooncakefs-te-buffer", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(self.fd, -(-length // PAGE) * PAGE)
-            self._map = mmap.mmap(self.fd, -(-length // PAGE) * PAGE)
-        except OSError:
-            os.close(self.fd)
-            raise
-        self.addr = _engine.address(self._map)
+        self._memory = shm.create(MANAGED_LABEL, length)
+        self.fd, self.pages = self._memory.fd, self._memory.pages
+        self.addr = _engine.address(self._memory.map)
 
     def close(self) -> None:
-        self._map.close()
-        os.close(self.fd)
+        self._memory.close()

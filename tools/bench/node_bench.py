@@ -75,6 +75,7 @@ from _common import (
 )
 
 import mooncakefs
+from mooncakefs import shm
 
 SMALL, LARGE = 4 * KiB, 16 * MiB
 VIAS = ("unix", "tcp")
@@ -378,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "GB/s = 1e9 B/s",
         "ref value: median of the reference's reps taken right before each of the row's reps; x ref: GB/s over "
         "it (16MiB) or keys/s over its round trips/s (4KiB)",
+        f"pages: {shm.host_pages()} (copy: between numpy buffers, anonymous memory; unix 16MiB rows: out of or "
+        "into the node's pool, shared memory)",
     ]
     if mooncake and "error" in mooncake:
         notes.append(f"mooncake baseline failed: {mooncake['error']}")

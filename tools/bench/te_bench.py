@@ -323,11 +323,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             version = mooncake_reps(args.vs_mooncake, args, Path(tmp), rows)
     for row in rows:
         row.finish()
+    from mooncakefs import shm
+
     notes = [
         f"GB/s = 1e9 B/s; median of {args.reps} reps of {args.rep_seconds}s, each after one rep of its reference "
         "(tcp: raw socket, local and vm: memcpy); x: ratio of medians",
         "tcp: the same-host path off; local: the target's managed buffer (memfd, memcpy); vm: its ordinary "
         "registered memory (process_vm_readv/writev)",
+        f"pages: {shm.host_pages()} (memcpy copies between numpy buffers, anonymous memory; local copies to "
+        "or from a memfd, shared memory)",
     ]
     if version:
         notes.append(
