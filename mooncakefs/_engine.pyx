@@ -1480,10 +1480,15 @@ cdef bint _writable(object obj, Py_buffer *view):
 # ---------------------------------------------------------------------------------------------------
 # The transfer engine's same-host batches.  Twin: _reference.copy_at.
 
+cdef extern from "_stream_copy.h" nogil:
+    bint mc_stream_worth(size_t total)
+    void mc_stream_copy(void *dst, const void *src, size_t n)
+
+
 def copy_at(dst_addrs, src_addrs, lengths, pinned=()) -> int:
     """Copy ``lengths[i]`` bytes from address ``src_addrs[i]`` to ``dst_addrs[i]``, every copy with the
-    GIL released once: a same-host batch given as pointers, with no memoryview per block (building 64 of
-    them cost as much as copying 1 MiB).  ``pinned``: buffers held (exported) until the copies end, so
+    GIL released once, with streaming stores when the batch is large: a same-host batch given as
+    pointers, with no memoryview per block (building 64 of them cost as much as copying 1 MiB).  ``pinned``: buffers held (exported) until the copies end, so
     that a mapping they own cannot be closed meanwhile.  The caller has checked every range against what
     its owner registered; nothing here can.  Returns the bytes copied."""
     cdef Py_ssize_t count = len(lengths), npin = len(pinned), i, held = 0
@@ -1507,7 +1512,11 @@ def copy_at(dst_addrs, src_addrs, lengths, pinned=()) -> int:
         for held in range(npin):
             _get_read(pinned[held], &pins[held], "pinned buffer")
         held = npin
-        if total >= GIL_FREE_BYTES:
+        if mc_stream_worth(total):  # far past the caches: streaming stores (_stream_copy.h says why)
+            with nogil:
+                for i in range(count):
+                    mc_stream_copy(<void *>d[i], <const void *>s[i], n[i])
+        elif total >= GIL_FREE_BYTES:
             with nogil:
                 for i in range(count):
                     memcpy(<void *>d[i], <const void *>s[i], n[i])

@@ -13,6 +13,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "_stream_copy.h"
+
 #define MC_IDX_MAGIC 0x31584449434d4f4fULL /* "OOMCIDX1" */
 #define MC_TOMB 0xFFFFFFFFu
 #define MC_PROBES 32
@@ -119,7 +121,10 @@ static int64_t mc_idx_read(void *base, uint64_t mask, const uint8_t *pool, uint6
         MC_BARRIER();
         if (MC_LOAD32(&s->seq) != seq || size == MC_TOMB || off + size > pool_size) return -1;
         if (size > room) return -2 - (int64_t)size;
-        memcpy(dst, pool + off, size);
+        if (mc_stream_worth(size))
+            mc_stream_copy(dst, pool + off, size); /* a large value: streaming stores (_stream_copy.h) */
+        else
+            memcpy(dst, pool + off, size);
         MC_BARRIER();
         if (MC_LOAD32(&s->seq) != seq) return -1;
         __atomic_fetch_add(&s->hits, 1, __ATOMIC_RELAXED);

@@ -254,6 +254,26 @@ def test_copy_at_copies_between_addresses_and_lets_the_pinned_go(impl):
     pool.close()  # nothing holds it any more
 
 
+def test_copy_at_of_a_large_batch_streams_byte_exact_at_any_alignment(impl):
+    """Past 4 MiB in all the Cython copy streams its stores (_stream_copy.h): destinations and sources at
+    odd offsets, lengths not a multiple of any vector, a short block among large ones; bytes around each
+    destination stay untouched."""
+    src = np.frombuffer(random.Random(3).randbytes(12 << 20), dtype=np.uint8)
+    dst = np.zeros((12 << 20) + 4096, dtype=np.uint8)
+    sizes = [(4 << 20) + 77, 100, 1 << 20, (3 << 20) + 31, 4095]
+    dst_at, src_at, d, s = [], [], 5, 3
+    for n in sizes:
+        dst_at.append(d)
+        src_at.append(s)
+        d, s = d + n + 13, s + n + 1
+    n = impl.copy_at([dst.ctypes.data + o for o in dst_at], [src.ctypes.data + o for o in src_at], sizes)
+    assert n == sum(sizes)
+    expected = np.zeros_like(dst)
+    for o, p, k in zip(dst_at, src_at, sizes, strict=True):
+        expected[o : o + k] = src[p : p + k]
+    assert np.array_equal(dst, expected)
+
+
 def test_copy_at_refuses_mismatched_lists_and_null_addresses_before_copying(impl):
     out = np.zeros(8, dtype=np.uint8)
     src = np.arange(8, dtype=np.uint8)
