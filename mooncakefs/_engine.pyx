@@ -1483,13 +1483,34 @@ cdef bint _writable(object obj, Py_buffer *view):
 cdef extern from "_stream_copy.h" nogil:
     bint mc_stream_worth(size_t total)
     void mc_stream_copy(void *dst, const void *src, size_t n)
+    int mc_stream_current()
+    int mc_stream_force(int kind)
+    size_t MC_STREAM_MIN
+
+STREAM_COPY_MIN = MC_STREAM_MIN
+_STREAM_KINDS = ("memcpy", "sse2", "avx2")  # the header's MC_STREAM_MEMCPY, _SSE2, _AVX2
+
+
+def stream_copy_kind() -> str:
+    """How a copy of STREAM_COPY_MIN bytes or more stores: "avx2" or "sse2" (streaming, what the CPU has),
+    or "memcpy" (not x86-64, or forced): the benches print it beside their references."""
+    return _STREAM_KINDS[mc_stream_current()]
+
+
+def force_stream_copy(kind: str) -> str:
+    """Pin the large copies' path to ``kind`` ("memcpy", "sse2", "avx2", or "auto": the best again), so
+    tests reach every path on one CPU; one the CPU lacks falls to the best it has.  Returns the path taken."""
+    if kind != "auto" and kind not in _STREAM_KINDS:
+        raise ValueError(f"stream copy kind {kind!r}: expected auto, {', '.join(_STREAM_KINDS)}")
+    return _STREAM_KINDS[mc_stream_force(-1 if kind == "auto" else _STREAM_KINDS.index(kind))]
 
 
 def copy_at(dst_addrs, src_addrs, lengths, pinned=()) -> int:
     """Copy ``lengths[i]`` bytes from address ``src_addrs[i]`` to ``dst_addrs[i]``, every copy with the
-    GIL released once, with streaming stores when the batch is large: a same-host batch given as
-    pointers, with no memoryview per block (building 64 of them cost as much as copying 1 MiB).  ``pinned``: buffers held (exported) until the copies end, so
-    that a mapping they own cannot be closed meanwhile.  The caller has checked every range against what
+    GIL released once: a same-host batch given as pointers, with no memoryview per block (building 64 of
+    them cost as much as copying 1 MiB); STREAM_COPY_MIN bytes or more in all with streaming stores (the
+    destinations are a peer's or a caller's memory, not read back at once).  ``pinned``: buffers held
+    (exported) until the copies end, so that a mapping they own cannot be closed meanwhile.  The caller has checked every range against what
     its owner registered; nothing here can.  Returns the bytes copied."""
     cdef Py_ssize_t count = len(lengths), npin = len(pinned), i, held = 0
     if len(dst_addrs) != count or len(src_addrs) != count:

@@ -140,6 +140,22 @@ def copy_at(
     return sum(lengths)
 
 
+STREAM_COPY_MIN = 4 << 20
+_STREAM_KINDS = ("memcpy", "sse2", "avx2")
+
+
+def stream_copy_kind() -> str:
+    """Always "memcpy": the twin copies with ctypes.memmove; same bytes, no streaming stores."""
+    return "memcpy"
+
+
+def force_stream_copy(kind: str) -> str:
+    """Checks ``kind`` as the Cython engine does; the twin has only one path, "memcpy"."""
+    if kind != "auto" and kind not in _STREAM_KINDS:
+        raise ValueError(f"stream copy kind {kind!r}: expected auto, {', '.join(_STREAM_KINDS)}")
+    return "memcpy"
+
+
 def _crc32c_of_byte(byte: int) -> int:
     """The CRC-32C register after shifting one byte through it, bit by bit: the definition."""
     reg = byte

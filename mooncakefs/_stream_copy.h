@@ -4,14 +4,19 @@
  * reads as the L3 share of a thread.  On the KVM dev VMs it reads 256 MiB there and so never streams a
  * copy below 192 MiB: a 16 MiB or 32 MiB copy, which cannot stay in any cache anyway, first reads
  * every destination line into the cache (read-for-ownership), then writes it back, a third more memory
- * traffic.  Measured on the dev VM (AMD EPYC, KVM), CPU time, interleaved: streaming stores copied
- * 1 MiB x32 at 1.5-1.7x and 16 MiB x4 at 1.3-1.4x glibc's memcpy, out of or into a 4 KiB-paged memfd.
+ * traffic.  What it gained on the dev VM: README, the same-host rows and the A/B below them.
  *
- * mc_stream_worth(total): whether a call copying ``total`` bytes in all streams (MC_STREAM_MIN and up:
- * well past a core's L2, so the destination would leave the cache before anyone reads it).
- * mc_stream_copy(dst, src, n): memcpy's contract (no overlap), AVX2 where the CPU has it, else SSE2
- * (every x86-64); unaligned sources, the destination aligned by a short memcpy first.  Elsewhere, or
- * for short copies, memcpy.
+ * Used only where it helps: a call that copies MC_STREAM_MIN bytes or more in all (mc_stream_worth),
+ * whose destination is a caller's buffer or a peer's memory that nobody reads back at once and that
+ * would have left the caches before anyone did (4 MiB is past a core's L2 and glibc's own threshold on
+ * hosts that report their L3 share right).  Blocks under MC_STREAM_BLOCK_MIN in such a call are memcpy'd.
+ *
+ * mc_stream_copy(dst, src, n): memcpy's contract (no overlap).  AVX2 where the CPU (and the kernel's
+ * saved state) has it, checked at run time, else SSE2 (every x86-64); the destination is first aligned
+ * to 32 bytes by a short memcpy of the head, the loads are unaligned, the tail (under one 128- or 64-byte
+ * step) is memcpy'd after an sfence, so that the streamed stores are ordered before any later store.
+ * Elsewhere (not x86-64 or not GCC/clang), memcpy.  mc_stream_force(kind) pins the path (tests):
+ * MC_STREAM_AUTO, MC_STREAM_MEMCPY, MC_STREAM_SSE2 or MC_STREAM_AVX2 (taken only where the CPU has it).
  */
 #ifndef MC_STREAM_COPY_H
 #define MC_STREAM_COPY_H
@@ -23,10 +28,33 @@
 #define MC_STREAM_MIN ((size_t)4 << 20)
 #define MC_STREAM_BLOCK_MIN ((size_t)4096) /* blocks below this in a streamed call are memcpy'd */
 
+enum { MC_STREAM_AUTO = -1, MC_STREAM_MEMCPY = 0, MC_STREAM_SSE2 = 1, MC_STREAM_AVX2 = 2 };
+
 static inline int mc_stream_worth(size_t total) { return total >= MC_STREAM_MIN; }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+
+static int mc_stream_kind = MC_STREAM_AUTO; /* racy first use is harmless: every thread finds the same */
+
+static int mc_stream_best(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") ? MC_STREAM_AVX2 : MC_STREAM_SSE2;
+}
+
+/* The path copies take now: the one forced, else the best the CPU has. */
+static inline int mc_stream_current(void) {
+    if (mc_stream_kind == MC_STREAM_AUTO) mc_stream_kind = mc_stream_best();
+    return mc_stream_kind;
+}
+
+/* Pin the path (MC_STREAM_AUTO: the best again); AVX2 on a CPU without it falls to the best. */
+static inline int mc_stream_force(int kind) {
+    int best = mc_stream_best();
+    if (kind < MC_STREAM_MEMCPY || kind > best) kind = best;
+    mc_stream_kind = kind;
+    return kind;
+}
 
 __attribute__((target("avx2"))) static void mc_stream_avx2(char *d, const char *s, size_t n) {
     size_t i = 0;
@@ -61,23 +89,27 @@ static void mc_stream_sse2(char *d, const char *s, size_t n) {
 }
 
 static inline void mc_stream_copy(void *dst, const void *src, size_t n) {
-    static int avx2 = -1; /* racy first use is harmless: every thread computes the same answer */
     char *d = (char *)dst;
     const char *s = (const char *)src;
-    if (n < MC_STREAM_BLOCK_MIN) {
+    int kind = mc_stream_current();
+    if (n < MC_STREAM_BLOCK_MIN || kind == MC_STREAM_MEMCPY) {
         memcpy(d, s, n);
         return;
     }
-    size_t head = (32 - ((uintptr_t)d & 31)) & 31;
+    size_t head = (32 - ((uintptr_t)d & 31)) & 31; /* n >= 4096: the head always fits */
     memcpy(d, s, head);
-    if (avx2 < 0) avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
-    if (avx2)
+    if (kind == MC_STREAM_AVX2)
         mc_stream_avx2(d + head, s + head, n - head);
     else
         mc_stream_sse2(d + head, s + head, n - head);
 }
 
 #else
+static inline int mc_stream_current(void) { return MC_STREAM_MEMCPY; }
+static inline int mc_stream_force(int kind) {
+    (void)kind;
+    return MC_STREAM_MEMCPY;
+}
 static inline void mc_stream_copy(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
 #endif
 

@@ -274,6 +274,70 @@ def test_copy_at_of_a_large_batch_streams_byte_exact_at_any_alignment(impl):
     assert np.array_equal(dst, expected)
 
 
+@pytest.fixture(params=["memcpy", "sse2", "avx2"])
+def stream_kind(engine, request):
+    """Every path of the streaming copy on this CPU (one it lacks falls to the best it has); auto after."""
+    taken = engine.force_stream_copy(request.param)
+    yield taken
+    engine.force_stream_copy("auto")
+
+
+def _copy_at_both(engine, reference, src: np.ndarray, sizes, dst_offsets, src_offsets) -> None:
+    """Copy the same blocks with the engine and with the twin into two zeroed buffers; every byte equal,
+    the guard bytes around each block untouched."""
+    span = max(o + n for o, n in zip(dst_offsets, sizes, strict=True)) + 4096
+    ours, theirs = np.zeros(span, dtype=np.uint8), np.zeros(span, dtype=np.uint8)
+    for impl, dst in ((engine, ours), (reference, theirs)):
+        n = impl.copy_at([dst.ctypes.data + o for o in dst_offsets], [src.ctypes.data + o for o in src_offsets], sizes)
+        assert n == sum(sizes)
+    assert np.array_equal(ours, theirs)
+    assert ours.any()  # something was copied (the sources are random bytes)
+
+
+@pytest.mark.parametrize("dst_head", [0, 1, 31, 32, 33])
+@pytest.mark.parametrize("src_head", [0, 7])
+@pytest.mark.parametrize("delta", [-1, 0, 1, 63, 127, 129])
+def test_streaming_copy_matches_the_twin_around_the_threshold(
+    engine, reference, stream_kind, dst_head, src_head, delta
+):
+    """A single block just under, at and over STREAM_COPY_MIN (memcpy below, streamed from it), from and to
+    addresses off the 32-byte grid (the head memcpy'd to align the stores) and with every tail under one
+    vector step (memcpy'd after the sfence): byte-exact against the twin's ctypes.memmove."""
+    size = engine.STREAM_COPY_MIN + delta
+    src = np.frombuffer(random.Random(delta).randbytes(size + 64), dtype=np.uint8)
+    base = 64 - (src.ctypes.data % 64)  # offsets from a 64-byte boundary, whatever numpy handed out
+    _copy_at_both(engine, reference, src, [size], [base + dst_head], [base + src_head])
+
+
+def test_streaming_copy_of_a_batch_with_blocks_around_the_block_minimum_matches_the_twin(
+    engine, reference, stream_kind
+):
+    """A streamed batch (over STREAM_COPY_MIN in all) whose short blocks sit around MC_STREAM_BLOCK_MIN
+    (4096: memcpy'd below, streamed from it), at odd offsets: byte-exact against the twin."""
+    sizes = [engine.STREAM_COPY_MIN, 4095, 4096, 4097, 4096 + 127, 4096 + 128, 31, 0, 129]
+    src = np.frombuffer(random.Random(9).randbytes(sum(sizes) + 4096), dtype=np.uint8)
+    dst_at, src_at, d, s = [], [], 3, 1
+    for n in sizes:
+        dst_at.append(d)
+        src_at.append(s)
+        d, s = d + n + 17, s + n + 5
+    _copy_at_both(engine, reference, src, sizes, dst_at, src_at)
+
+
+def test_the_streaming_copy_paths_are_named_and_bad_ones_refused(impl):
+    """The benches print the path beside their references; the twin never streams."""
+    assert impl.stream_copy_kind() in ("memcpy", "sse2", "avx2")
+    with pytest.raises(ValueError, match="stream copy kind 'avx512'"):
+        impl.force_stream_copy("avx512")
+    try:
+        assert impl.force_stream_copy("memcpy") == "memcpy" == impl.stream_copy_kind()
+        assert impl.force_stream_copy("avx2") in (
+            ("memcpy",) if impl.__name__.endswith("_reference") else ("sse2", "avx2")
+        )
+    finally:
+        impl.force_stream_copy("auto")
+
+
 def test_copy_at_refuses_mismatched_lists_and_null_addresses_before_copying(impl):
     out = np.zeros(8, dtype=np.uint8)
     src = np.arange(8, dtype=np.uint8)
