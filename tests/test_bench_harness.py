@@ -6,11 +6,24 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
 
-from _common import KVWorkload, format_size, format_table, measure, median, parse_metrics, parse_size, prefaulted
+from _common import (
+    KVWorkload,
+    format_size,
+    format_table,
+    glibc_copy_note,
+    in_turn,
+    measure,
+    median,
+    parse_metrics,
+    parse_size,
+    prefaulted,
+    stream_copy_reference,
+)
 
 import mooncakefs
 
@@ -63,3 +76,23 @@ def test_parse_metrics_reads_names_labels_and_values() -> None:
 
 def test_format_table_aligns_numbers_right() -> None:
     assert format_table(["op", "n"], [["get", "1"], ["put", "100"]], [False, True]).splitlines()[2] == "get    1"
+
+
+def test_the_streaming_copy_reference_copies_each_batch_and_counts_its_bytes() -> None:
+    """copy nt / memcpy nt: ``per_call`` blocks a call, every block landing in the destination beside it;
+    one op is worth one call's bytes."""
+    src, dst = prefaulted(4 * 8192), prefaulted(4 * 8192)
+    src[:] = np.arange(src.size, dtype=np.uint64).astype(np.uint8)
+    blocks = [slice(i * 8192, (i + 1) * 8192) for i in range(4)]
+    ref = stream_copy_reference("nt", [src[b] for b in blocks], [dst[b] for b in blocks], per_call=2)
+    assert (ref.period, ref.scale) == (2, 2 * 8192 / 1e9)
+    ref.run(1, 2)  # the second call, then the first again (the list is walked twice over)
+    assert np.array_equal(dst, src)
+
+
+def test_in_turn_runs_each_reference_once_in_order_and_the_note_names_both_thresholds() -> None:
+    seen: list[str] = []
+    in_turn(lambda: seen.append("copy"), lambda: seen.append("copy nt"))()
+    assert seen == ["copy", "copy nt"]
+    note = glibc_copy_note()
+    assert "glibc memcpy (numpy copy) from" in note and "mooncakefs copy_at from 4MiB" in note

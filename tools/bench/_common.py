@@ -318,6 +318,16 @@ class Reference:
         return {"value": median(self.samples), "unit": self.unit, "what": self.what, "samples": self.samples}
 
 
+def in_turn(*befores: Callable[[], None]) -> Callable[[], None]:
+    """One ``before_rep`` for ``measure`` that runs several references' repetitions, one after another."""
+
+    def run() -> None:
+        for before in befores:
+            before()
+
+    return run
+
+
 def copy_reference(name: str, sources: Sequence[np.ndarray], destinations: Sequence[np.ndarray]) -> Reference:
     """numpy copy of each source into the destination beside it (GB/s): the memory bandwidth a store's copy
     of the same values into the same kind of destination could reach."""
@@ -328,6 +338,55 @@ def copy_reference(name: str, sources: Sequence[np.ndarray], destinations: Seque
             np.copyto(destinations2[j], sources2[j])
 
     return Reference(name, run, len(sources), sources[0].nbytes / GB)
+
+
+def stream_copy_reference(
+    name: str, sources: Sequence[np.ndarray], destinations: Sequence[np.ndarray], per_call: int = 1
+) -> Reference:
+    """The copy the same-host paths make, of each source into the destination beside it (GB/s):
+    ``mooncakefs._engine.copy_at`` of ``per_call`` blocks a call, whose stores stream once a call moves
+    STREAM_COPY_MIN bytes or more.  numpy's copy is glibc's memcpy, which streams only past its own
+    threshold (glibc_copy_note), so beside copy_reference this says how much of a same-host row's lead
+    over numpy comes from the streaming stores alone rather than from the path."""
+    from mooncakefs import _engine
+
+    calls = [
+        (
+            [d.ctypes.data for d in destinations[i : i + per_call]],
+            [s.ctypes.data for s in sources[i : i + per_call]],
+            [s.nbytes for s in sources[i : i + per_call]],
+        )
+        for i in range(0, len(sources), per_call)
+    ]
+    calls2 = calls * 2
+
+    def run(start: int, count: int) -> None:
+        for j in range(start, start + count):
+            _engine.copy_at(*calls2[j])
+
+    return Reference(name, run, len(calls), sum(s.nbytes for s in sources[:per_call]) / GB)
+
+
+def glibc_copy_note() -> str:
+    """Which copies stream their stores in this run: glibc's memcpy (numpy's copy) past its
+    x86_non_temporal_threshold (from ``ld.so --list-diagnostics``, GLIBC_TUNABLES can move it), ours
+    from mooncakefs._engine.STREAM_COPY_MIN, on the path stream_copy_kind names."""
+    from mooncakefs import _engine
+
+    threshold = "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            ["/lib64/ld-linux-x86-64.so.2", "--list-diagnostics"], capture_output=True, text=True, timeout=10
+        ).stdout
+        found = re.search(r"non_temporal_threshold=(0x[0-9a-f]+)", out)
+        if found:
+            threshold = format_size(int(found.group(1), 16))
+    ours = format_size(getattr(_engine, "STREAM_COPY_MIN", 4 << 20))
+    return (
+        f"streaming stores: glibc memcpy (numpy copy) from {threshold} "
+        f"(GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!s}), mooncakefs copy_at from {ours} "
+        f"({_engine.stream_copy_kind()})"
+    )
 
 
 def recv_exactly(conn: socket.socket, buf: np.ndarray | bytearray, n: int) -> None:

@@ -10,8 +10,11 @@ ordinary memory (process_vm_readv/writev).  Shapes (block size x batch): 4KiB x3
 References, in the same run: one repetition of the raw socket (a peer process and batch-sized messages,
 one round trip per batch as a synchronous batch has: a 1-byte request, then ``sendall`` ->
 ``recv_into(MSG_WAITALL)`` for reads; ``sendall``, then a 1-byte ack for writes) right before each tcp
-repetition, and of memcpy (numpy copy of the same blocks between two local buffers) right before each
-same-host one, so the drift of a loaded host reaches both sides of a ratio.  Mooncake runs after, one
+repetition, and of memcpy (numpy copy of the same blocks between two local buffers, glibc's memcpy) right
+before each same-host one, so the drift of a loaded host reaches both sides of a ratio.  Before each local
+repetition also "memcpy nt": the same blocks copied by the call the local path makes (``copy_at``, which
+streams its stores from 4 MiB a call; glibc streams only past its own threshold, 192 MiB on the dev VMs),
+so that a local row's lead over memcpy can be told apart from the streaming stores alone.  Mooncake runs after, one
 transfer_engine_bench initiator per repetition against one target.  Each cell is the median of its
 repetitions; ratios are of medians.  Targets (issue 16): tcp >= 1.5x Mooncake at every shape, local
 >= 0.85x memcpy from 1 MiB up, tcp >= 0.8x the raw socket at 16 MiB.
@@ -47,6 +50,8 @@ from _common import (
     exit_on_sigterm,
     format_size,
     format_table,
+    glibc_copy_note,
+    in_turn,
     machine_info,
     measure,
     median,
@@ -54,6 +59,7 @@ from _common import (
     prefaulted,
     progress,
     report,
+    stream_copy_reference,
     stream_reference,
     wait_until,
 )
@@ -61,9 +67,13 @@ from _common import (
 SHAPES = [(4 * KiB, 32), (64 * KiB, 32), (1 * MiB, 32), (16 * MiB, 4)]
 OPS = ("read", "write")
 REGION = 256 * MiB
-RAW, MEMCPY, MOONCAKE = "raw socket", "memcpy", "Mooncake"
-# path -> (same-host path on, the target's memory it reaches, its paired reference)
-PATHS = {"tcp": (False, "managed", RAW), "local": (True, "managed", MEMCPY), "vm": (True, "addr", MEMCPY)}
+RAW, MEMCPY, MEMCPY_NT, MOONCAKE = "raw socket", "memcpy", "memcpy nt", "Mooncake"
+# path -> (same-host path on, the target's memory it reaches, its paired references)
+PATHS = {
+    "tcp": (False, "managed", (RAW,)),
+    "local": (True, "managed", (MEMCPY, MEMCPY_NT)),
+    "vm": (True, "addr", (MEMCPY,)),
+}
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,7 @@ class Row:
     block: int
     batch: int
     op: str
-    reps_gbps: dict[str, list[float]] = field(default_factory=dict)  # tcp, local, vm, raw socket, memcpy, Mooncake
+    reps_gbps: dict[str, list[float]] = field(default_factory=dict)  # paths, references, Mooncake
     median_gbps: dict[str, float | None] = field(default_factory=dict)
     ratios: dict[str, float | None] = field(default_factory=dict)  # "tcp/Mooncake": ...
     targets: list[dict[str, Any]] = field(default_factory=list)
@@ -104,7 +114,7 @@ class Row:
 
     def finish(self) -> None:
         self.median_gbps = {name: median(reps) for name, reps in self.reps_gbps.items()}
-        pairs = [("tcp", MOONCAKE), ("tcp", RAW), ("local", MEMCPY), ("vm", MEMCPY)]
+        pairs = [("tcp", MOONCAKE), ("tcp", RAW), ("local", MEMCPY), ("local", MEMCPY_NT), ("vm", MEMCPY)]
         for path, ref in pairs:
             ours, theirs = self.median_gbps.get(path), self.median_gbps.get(ref)
             self.ratios[f"{path}/{ref}"] = ours / theirs if ours is not None and theirs else None
@@ -192,14 +202,21 @@ def measure_rows(args: argparse.Namespace, root: Path) -> list[Row]:
             stack.callback(e.close)
         for block, batch in SHAPES:
             blocks = [slice(i * block, (i + 1) * block) for i in range(batch)]
-            memcpy = copy_reference(MEMCPY, [local[b] for b in blocks], [scratch[b] for b in blocks])
+            sources, destinations = [local[b] for b in blocks], [scratch[b] for b in blocks]
+            memcpy = copy_reference(MEMCPY, sources, destinations)
+            memcpy_nt = stream_copy_reference(MEMCPY_NT, sources, destinations, per_call=batch)
             with peer("serve", "tcp", block * batch, root) as server, peer("sink", "tcp", block * batch, root) as sink:
                 refs = {
                     "read": {
                         MEMCPY: memcpy,
+                        MEMCPY_NT: memcpy_nt,
                         RAW: stream_reference(RAW, server, block * batch, inbound=True, requested=True),
                     },
-                    "write": {MEMCPY: memcpy, RAW: stream_reference(RAW, sink, block * batch, inbound=False)},
+                    "write": {
+                        MEMCPY: memcpy,
+                        MEMCPY_NT: memcpy_nt,
+                        RAW: stream_reference(RAW, sink, block * batch, inbound=False),
+                    },
                 }
                 rows += [measure_row(args, engine, session, info, local, refs[op], block, batch, op) for op in OPS]
     return rows
@@ -217,12 +234,13 @@ def measure_row(
     op: str,
 ) -> Row:
     row = Row(block, batch, op)
-    for path, (same_host, region, ref_name) in PATHS.items():
-        ref = refs[ref_name]
-        ref.warm_up(args.rep_seconds)
-        paired = row.reps_gbps.setdefault(ref_name, [])
+    for path, (same_host, region, ref_names) in PATHS.items():
+        befores = []
+        for name in ref_names:
+            refs[name].warm_up(args.rep_seconds)
+            befores.append(refs[name].paired(args.rep_seconds, row.reps_gbps.setdefault(name, [])))
         run = batch_runner(engine[same_host], session, op, local.ctypes.data, info[region], block, batch)
-        before = ref.paired(args.rep_seconds, paired)
+        before = in_turn(*befores)
         reps = measure(run, period=1, reps=args.reps, rep_seconds=args.rep_seconds, before_rep=before)
         row.reps_gbps[path] = [r * block * batch / GB for r in reps]
         progress(f"{row.shape} {op} {path}: {median(row.reps_gbps[path]):.2f} GB/s")
@@ -281,16 +299,17 @@ def render(rows: Sequence[Row], notes: Sequence[str]) -> str:
     def x(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}x"
 
-    header = ["shape", "op", "tcp", MOONCAKE, "x", RAW, "x", "local", "vm", MEMCPY, "x local", "x vm", "targets"]
+    header = ["shape", "op", "tcp", MOONCAKE, "x", RAW, "x", "local", "vm", MEMCPY, "x local", "x vm", MEMCPY_NT]
+    header += ["x local", "targets"]
     body = []
     for r in rows:
         m, q = r.median_gbps, r.ratios
         verdicts = [f"{t['label']} {'?' if t['pass'] is None else 'ok' if t['pass'] else 'MISS'}" for t in r.targets]
         cells = [m["tcp"], m.get(MOONCAKE), q["tcp/Mooncake"], m[RAW], q["tcp/raw socket"], m["local"], m["vm"]]
-        cells += [m[MEMCPY], q["local/memcpy"], q["vm/memcpy"]]
-        kinds = [gbps, gbps, x, gbps, x, gbps, gbps, gbps, x, x]
+        cells += [m[MEMCPY], q["local/memcpy"], q["vm/memcpy"], m[MEMCPY_NT], q[f"local/{MEMCPY_NT}"]]
+        kinds = [gbps, gbps, x, gbps, x, gbps, gbps, gbps, x, x, gbps, x]
         body.append([r.shape, r.op, *(show(v) for show, v in zip(kinds, cells, strict=True)), "; ".join(verdicts)])
-    table = format_table(header, body, [False, False] + [True] * 10 + [False])
+    table = format_table(header, body, [False, False] + [True] * 12 + [False])
     return "\n".join([table, *(f"note: {n}" for n in notes)])
 
 
@@ -326,8 +345,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mooncakefs import shm
 
     notes = [
-        f"GB/s = 1e9 B/s; median of {args.reps} reps of {args.rep_seconds}s, each after one rep of its reference "
-        "(tcp: raw socket, local and vm: memcpy); x: ratio of medians",
+        f"GB/s = 1e9 B/s; median of {args.reps} reps of {args.rep_seconds}s, each after one rep of its references "
+        "(tcp: raw socket, local: memcpy and memcpy nt, vm: memcpy); x: ratio of medians",
+        "memcpy: numpy copy of the batch's blocks, one at a time (glibc memcpy); memcpy nt: the same blocks "
+        "copied by the call the local path makes (mooncakefs copy_at, the batch at once), so local/memcpy nt "
+        "is the path's cost beside a copy that streams as it does",
+        glibc_copy_note(),
         "tcp: the same-host path off; local: the target's managed buffer (memfd, memcpy); vm: its ordinary "
         "registered memory (process_vm_readv/writev)",
         f"pages: {shm.host_pages()} (memcpy copies between numpy buffers, anonymous memory; local copies to "
