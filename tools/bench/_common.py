@@ -378,7 +378,7 @@ def glibc_copy_note() -> str:
         out = subprocess.run(
             ["/lib64/ld-linux-x86-64.so.2", "--list-diagnostics"], capture_output=True, text=True, timeout=10
         ).stdout
-        found = re.search(r"non_temporal_threshold=(0x[0-9a-f]+)", out)
+        found = re.search(r"cpu_features\.non_temporal_threshold=(0x[0-9a-f]+)", out)
         if found:
             threshold = format_size(int(found.group(1), 16))
     ours = format_size(getattr(_engine, "STREAM_COPY_MIN", 4 << 20))
