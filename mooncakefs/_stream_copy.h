@@ -7,9 +7,10 @@
  * traffic.  What it gained on the dev VM: README, the same-host rows and the A/B below them.
  *
  * Used only where it helps: a call that copies MC_STREAM_MIN bytes or more in all (mc_stream_worth),
- * whose destination is a caller's buffer or a peer's memory that nobody reads back at once and that
- * would have left the caches before anyone did (4 MiB is past a core's L2 and glibc's own threshold on
- * hosts that report their L3 share right).  Blocks under MC_STREAM_BLOCK_MIN in such a call are memcpy'd.
+ * into a peer's memory or a caller's buffer, most of which would have left a core's L2 before anyone
+ * read it (4 MiB is past it, and near glibc's own threshold on hosts that report their L3 share
+ * right); a reader coming at once may lose some L3 hits.  Blocks under MC_STREAM_BLOCK_MIN in such a
+ * call are memcpy'd.
  *
  * mc_stream_copy(dst, src, n): memcpy's contract (no overlap).  AVX2 where the CPU (and the kernel's
  * saved state) has it, checked at run time, else SSE2 (every x86-64); the destination is first aligned
