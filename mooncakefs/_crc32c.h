@@ -1,8 +1,11 @@
 /* CRC-32C (Castagnoli) for mooncakefs._engine.
  *
+ * x86-64 with VPCLMULQDQ and AVX2: 128 bytes at a time folded by carry-less multiplication into four
+ * 256-bit accumulators, which the crc32 instruction then reduces (about 1.5x the lanes below on the
+ * 2-core AMD EPYC VM of docs/scaling.md: every put is checksummed by its sender and by the node).
  * x86-64 with SSE4.2: the crc32 instruction on three interleaved lanes (it has a 3-cycle latency and
  * 1-cycle throughput, so one lane runs at a third of the speed), lanes joined by a table-driven shift.
- * Elsewhere: slicing-by-8 tables.  Both compute the same function; the tests compare them with a
+ * Elsewhere: slicing-by-8 tables.  All compute the same function; the tests compare them with a
  * pure-Python bitwise reference. */
 #ifndef MC_CRC32C_H
 #define MC_CRC32C_H
@@ -10,6 +13,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #define MC_CRC32C_POLY 0x82F63B78u
 #define MC_LANE 8192u /* bytes per lane in the interleaved loop */
@@ -17,6 +23,7 @@
 static uint32_t mc_crc_table[8][256];
 static uint32_t mc_shift_table[4][256]; /* register -> register after MC_LANE zero bytes */
 static int mc_crc_hw = 0;
+static int mc_crc_fold = 0;
 
 static uint32_t mc_crc32c_sw(uint32_t crc, const uint8_t *p, size_t n) {
     while (n && ((uintptr_t)p & 7)) { crc = mc_crc_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8); n--; }
@@ -60,6 +67,37 @@ __attribute__((target("sse4.2"))) static uint32_t mc_crc32c_hw(uint32_t crc, con
     while (n--) a = __builtin_ia32_crc32qi((uint32_t)a, *p++);
     return (uint32_t)a;
 }
+
+/* Folding: a 128-bit block A that lies D bits before block C (the message is A.x^D + C + ...) is
+ * replaced, modulo the polynomial, by lo(A).(x^(D+31) mod P) + hi(A).(x^(D-33) mod P), a product that
+ * fits 128 bits and is XORed into C.  The constants are bit-reflected 32-bit remainders (the register's
+ * own layout), the exponents shifted by 33 for the reflected product's one-bit offset and the 32 bits
+ * of the lane above them.  Here D = 1024 (each 128-bit lane folds onto the block 128 bytes on).  The CRC
+ * of the message is then that of the last 128 folded bytes followed by the tail. */
+#define MC_FOLD_BYTES 128u
+#define MC_FOLD_LO 0x6992cea2 /* x^(1024+31) mod P, reflected */
+#define MC_FOLD_HI 0x0d3b6092 /* x^(1024-33) mod P, reflected */
+
+__attribute__((target("sse4.2,pclmul,avx2,vpclmulqdq"))) static uint32_t mc_crc32c_fold(uint32_t crc, const uint8_t *p,
+                                                                                          size_t n) {
+    __m256i acc[4], k = _mm256_setr_epi32(MC_FOLD_LO, 0, MC_FOLD_HI, 0, MC_FOLD_LO, 0, MC_FOLD_HI, 0);
+    uint8_t last[MC_FOLD_BYTES];
+    for (int i = 0; i < 4; i++) acc[i] = _mm256_loadu_si256((const __m256i *)(p + 32 * i));
+    /* A register carried in is the same as its bits XORed into the message's first four bytes. */
+    acc[0] = _mm256_xor_si256(acc[0], _mm256_zextsi128_si256(_mm_cvtsi32_si128((int)crc)));
+    p += MC_FOLD_BYTES;
+    n -= MC_FOLD_BYTES;
+    while (n >= MC_FOLD_BYTES) {
+        for (int i = 0; i < 4; i++) {
+            __m256i lo = _mm256_clmulepi64_epi128(acc[i], k, 0x00), hi = _mm256_clmulepi64_epi128(acc[i], k, 0x11);
+            acc[i] = _mm256_xor_si256(_mm256_xor_si256(lo, hi), _mm256_loadu_si256((const __m256i *)(p + 32 * i)));
+        }
+        p += MC_FOLD_BYTES;
+        n -= MC_FOLD_BYTES;
+    }
+    for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i *)(last + 32 * i), acc[i]);
+    return mc_crc32c_hw(mc_crc32c_hw(0, last, MC_FOLD_BYTES), p, n);
+}
 #endif
 
 static void mc_crc32c_init(void) {
@@ -79,6 +117,8 @@ static void mc_crc32c_init(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
     mc_crc_hw = __builtin_cpu_supports("sse4.2");
+    mc_crc_fold = mc_crc_hw && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("pclmul") &&
+                  __builtin_cpu_supports("vpclmulqdq");
 #endif
 }
 
@@ -86,6 +126,7 @@ static void mc_crc32c_init(void) {
 static uint32_t mc_crc32c(uint32_t crc, const uint8_t *p, size_t n) {
     crc = ~crc;
 #if defined(__x86_64__) && defined(__GNUC__)
+    if (mc_crc_fold && n >= 2 * MC_FOLD_BYTES) return ~mc_crc32c_fold(crc, p, n);
     if (mc_crc_hw) return ~mc_crc32c_hw(crc, p, n);
 #endif
     return ~mc_crc32c_sw(crc, p, n);

@@ -805,6 +805,25 @@ def test_crc32c_portable_matches_the_hardware_path(engine):
             assert engine.crc32c_portable(data, seed) == _crc32c_bitwise(data, seed)
 
 
+def test_crc32c_folding_path_matches_the_oracle_at_every_edge(engine):
+    """The folding path (128 bytes a step, from 256 bytes on, where the CPU has VPCLMULQDQ) at each length
+    around its edges, from unaligned addresses and with a register carried in, against the bitwise oracle;
+    a long buffer against the table-driven one.  On other CPUs this checks the crc32 lanes the same way."""
+    rng = random.Random(11)
+    data = rng.randbytes(1 << 12)
+    lengths = sorted({n + d for n in (128, 256, 384, 512, 1024, 1280, 4000) for d in (-1, 0, 1, 7, 8, 127)})
+    for n in lengths:
+        for offset in (0, 1, 3, 8, 13):
+            seed = rng.getrandbits(32)
+            expected = _crc32c_bitwise(data[offset : offset + n], seed)
+            assert engine.crc32c(memoryview(data)[offset : offset + n], seed) == expected, (n, offset)
+    big = rng.randbytes((3 << 20) + 77)
+    assert engine.crc32c(memoryview(big)[5:], 0xDEADBEEF) == engine.crc32c_portable(big[5:], 0xDEADBEEF)
+    # split anywhere, the running CRC is the whole buffer's
+    cut = (1 << 20) + 129
+    assert engine.crc32c(big[cut:], engine.crc32c(big[:cut])) == engine.crc32c(big)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_arena_engine_matches_reference(engine, reference, seed):
     """The same random writes, reads, checksums and out-of-range calls on both arenas: same results, same
