@@ -122,6 +122,18 @@ static void mc_crc32c_init(void) {
 #endif
 }
 
+/* The path mc_crc32c takes (from 256 bytes on): "fold", "lanes" (the crc32 instruction) or "table". */
+static const char *mc_crc32c_path(void) { return mc_crc_fold ? "fold" : mc_crc_hw ? "lanes" : "table"; }
+
+/* Keep mc_crc32c off the paths faster than `path` (one of mc_crc32c_path's names; 0 if unknown), as on a
+ * CPU without their instructions: lets the tests and a user pin the path the CPU would otherwise pick. */
+static int mc_crc32c_limit(const char *path) {
+    if (strcmp(path, "table") == 0) mc_crc_hw = mc_crc_fold = 0;
+    else if (strcmp(path, "lanes") == 0) mc_crc_fold = 0;
+    else if (strcmp(path, "fold") != 0) return 0;
+    return 1;
+}
+
 /* Standard CRC-32C of p[0:n], continuing from a previous result `crc` (0 to start). */
 static uint32_t mc_crc32c(uint32_t crc, const uint8_t *p, size_t n) {
     crc = ~crc;

@@ -7,6 +7,8 @@ cdef extern from "_crc32c.h" nogil:
     void mc_crc32c_init()
     uint32_t mc_crc32c(uint32_t crc, const uint8_t *p, size_t n)
     uint32_t mc_crc32c_portable(uint32_t crc, const uint8_t *p, size_t n)
+    const char *mc_crc32c_path()
+    int mc_crc32c_limit(const char *path)
 
 
 cdef extern from *:

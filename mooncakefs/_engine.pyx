@@ -58,6 +58,11 @@ cdef Py_ssize_t HUGE_FILL_MIN = 4 << 20
 cdef size_t HUGE_PAGE = 2 << 20
 
 mc_crc32c_init()
+# MOONCAKEFS_CRC32C=lanes or =table keeps crc32c off the faster paths, as on a CPU without their
+# instructions: the tests check each path this CPU has, through the same dispatch.
+_crc_limit = os.environ.get("MOONCAKEFS_CRC32C", "")
+if _crc_limit and not mc_crc32c_limit(_crc_limit.encode()):
+    raise ImportError(f"MOONCAKEFS_CRC32C={_crc_limit!r}: expected 'fold', 'lanes' or 'table'")
 
 cdef extern from *:
     """
@@ -357,6 +362,12 @@ def crc32c(data, uint32_t crc=0) -> int:
         return _crc(crc, <const uint8_t *>v.buf, v.len)
     finally:
         PyBuffer_Release(&v)
+
+
+def crc32c_path() -> str:
+    """The path crc32c takes from 256 bytes on: "fold" (VPCLMULQDQ), "lanes" (the crc32 instruction) or
+    "table" (slicing-by-8), picked from the CPU's features and MOONCAKEFS_CRC32C."""
+    return mc_crc32c_path().decode()
 
 
 def crc32c_portable(data, uint32_t crc=0) -> int:

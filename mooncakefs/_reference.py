@@ -225,6 +225,11 @@ def crc32c(data: object, crc: int = 0) -> int:
 crc32c_portable = crc32c
 
 
+def crc32c_path() -> str:
+    """The twin has one path (the Cython engine names the CPU instructions its crc32c uses)."""
+    return "python"
+
+
 def _bin_down(units: int) -> int:
     if units < 8:
         return units

@@ -7,9 +7,12 @@ the same deterministic algorithm in both, so the same alloc/free sequence gives 
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -805,23 +808,66 @@ def test_crc32c_portable_matches_the_hardware_path(engine):
             assert engine.crc32c_portable(data, seed) == _crc32c_bitwise(data, seed)
 
 
+# Lengths around the folding path's edges (128 bytes a step, from 256 bytes on) and the lanes' tails.
+_CRC_EDGE_LENGTHS = sorted({n + d for n in (128, 256, 384, 512, 1024, 1280, 4000) for d in (-1, 0, 1, 7, 8, 127)})
+_CRC_EDGE_OFFSETS = (0, 1, 3, 8, 13)  # unaligned starts
+
+
+def _crc_edge_cases() -> tuple[bytes, list[tuple[int, int, int]], bytes]:
+    """Data, (offset, length, seed) cases over it, and a buffer long enough for every path's main loop."""
+    rng = random.Random(11)
+    data = rng.randbytes(1 << 12)
+    cases = [(offset, n, rng.getrandbits(32)) for n in _CRC_EDGE_LENGTHS for offset in _CRC_EDGE_OFFSETS]
+    return data, cases, rng.randbytes((3 << 20) + 77)
+
+
 def test_crc32c_folding_path_matches_the_oracle_at_every_edge(engine):
     """The folding path (128 bytes a step, from 256 bytes on, where the CPU has VPCLMULQDQ) at each length
     around its edges, from unaligned addresses and with a register carried in, against the bitwise oracle;
     a long buffer against the table-driven one.  On other CPUs this checks the crc32 lanes the same way."""
-    rng = random.Random(11)
-    data = rng.randbytes(1 << 12)
-    lengths = sorted({n + d for n in (128, 256, 384, 512, 1024, 1280, 4000) for d in (-1, 0, 1, 7, 8, 127)})
-    for n in lengths:
-        for offset in (0, 1, 3, 8, 13):
-            seed = rng.getrandbits(32)
-            expected = _crc32c_bitwise(data[offset : offset + n], seed)
-            assert engine.crc32c(memoryview(data)[offset : offset + n], seed) == expected, (n, offset)
-    big = rng.randbytes((3 << 20) + 77)
+    data, cases, big = _crc_edge_cases()
+    for offset, n, seed in cases:
+        expected = _crc32c_bitwise(data[offset : offset + n], seed)
+        assert engine.crc32c(memoryview(data)[offset : offset + n], seed) == expected, (n, offset)
     assert engine.crc32c(memoryview(big)[5:], 0xDEADBEEF) == engine.crc32c_portable(big[5:], 0xDEADBEEF)
     # split anywhere, the running CRC is the whole buffer's
     cut = (1 << 20) + 129
     assert engine.crc32c(big[cut:], engine.crc32c(big[:cut])) == engine.crc32c(big)
+
+
+_CRC_CHILD = """
+import json, sys
+import mooncakefs._engine as engine
+from test_engine_reference import _crc_edge_cases
+data, cases, big = _crc_edge_cases()
+crcs = [engine.crc32c(memoryview(data)[offset : offset + n], seed) for offset, n, seed in cases]
+print(json.dumps({"path": engine.crc32c_path(), "crcs": crcs, "big": engine.crc32c(memoryview(big)[5:], 7)}))
+"""
+
+
+@pytest.mark.parametrize(("limit", "paths"), [("lanes", {"lanes", "table"}), ("table", {"table"})])
+def test_crc32c_falls_back_to_the_slower_paths_and_they_agree(reference, limit, paths):
+    """A CPU without VPCLMULQDQ (or without SSE 4.2) takes the crc32 lanes (or the tables): the Cython
+    engine, imported with MOONCAKEFS_CRC32C keeping it off the faster paths, goes through the same
+    dispatch and gives the bitwise oracle's CRC at every edge."""
+    env = child_env() | {"MOONCAKEFS_CRC32C": limit}
+    env.pop("MOONCAKEFS_ENGINE", None)  # the C paths, in the pure-Python run too
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env["PYTHONPATH"]])
+    child = subprocess.run([sys.executable, "-c", _CRC_CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr
+    out = json.loads(child.stdout)
+    assert out["path"] in paths
+    data, cases, big = _crc_edge_cases()
+    assert out["crcs"] == [_crc32c_bitwise(data[offset : offset + n], seed) for offset, n, seed in cases]
+    assert out["big"] == reference.crc32c(big[5:], 7)
+
+
+def test_an_unknown_crc32c_path_is_a_clear_error():
+    env = child_env() | {"MOONCAKEFS_CRC32C": "avx9000"}
+    env.pop("MOONCAKEFS_ENGINE", None)
+    out = subprocess.run([sys.executable, "-c", "import mooncakefs._engine"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "MOONCAKEFS_CRC32C='avx9000': expected 'fold', 'lanes' or 'table'" in out.stderr
 
 
 @pytest.mark.parametrize("seed", range(3))
