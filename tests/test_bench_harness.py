@@ -19,10 +19,13 @@ from _common import (
     in_turn,
     measure,
     median,
+    message_slots,
     parse_metrics,
     parse_size,
+    peer,
     prefaulted,
     stream_copy_reference,
+    stream_reference,
 )
 
 import mooncakefs
@@ -96,3 +99,26 @@ def test_in_turn_runs_each_reference_once_in_order_and_the_note_names_both_thres
     assert seen == ["copy", "copy nt"]
     note = glibc_copy_note()
     assert "glibc memcpy (numpy copy) from" in note and "mooncakefs copy_at from 4MiB" in note
+
+
+def test_message_slots_rotate_through_distinct_memory() -> None:
+    """A reference moving a store's values goes through as much memory as they fill, one slot per value,
+    none overlapping; with no spread it reuses one buffer."""
+    slots = message_slots(4096, 5 * 4096 + 100)
+    assert [len(s) for s in slots] == [4096] * 5
+    for i, slot in enumerate(slots):
+        slot[:] = bytes([i + 1]) * 4096
+    assert [bytes(s[:1]) for s in slots] == [bytes([i + 1]) for i in range(5)]
+    assert len(message_slots(4096, 0)) == 1 and len(message_slots(4096, 4096)) == 1
+
+
+@pytest.mark.parametrize(("mode", "inbound", "requested"), [("sink", False, False), ("serve", True, True)])
+def test_a_spread_reference_runs_against_its_peer_process(
+    tmp_path: Path, mode: str, inbound: bool, requested: bool
+) -> None:
+    """The peer process takes the spread too: a put reference's sink and a get reference's server rotate
+    through it, and the reference still measures."""
+    with peer(mode, "tcp", 64 << 10, tmp_path, spread=4 << 20) as conn:
+        ref = stream_reference("r", conn, 64 << 10, inbound=inbound, requested=requested, spread=4 << 20)
+        ref.run(0, 70)  # past the 64 slots: the rotation wraps
+        assert ref.rep(0.01) > 0

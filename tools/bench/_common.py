@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -389,16 +390,26 @@ def glibc_copy_note() -> str:
     )
 
 
-def recv_exactly(conn: socket.socket, buf: np.ndarray | bytearray, n: int) -> None:
+def recv_exactly(conn: socket.socket, buf: np.ndarray | bytearray | memoryview, n: int) -> None:
     if conn.recv_into(buf, n, socket.MSG_WAITALL) != n:
         raise ConnectionError("the peer process closed the connection early")
 
 
-def peer_main(mode: str, address: str, size: int) -> int:
+def message_slots(size: int, spread: int) -> list[memoryview]:
+    """``size``-byte message buffers over ``spread`` bytes of distinct, prefaulted memory (one buffer if
+    ``spread`` <= ``size``): a reference that moves a store's values goes through as much memory as they
+    fill, which the caches do not hold, rather than one buffer they keep hot."""
+    count = max(1, spread // size)
+    memory = memoryview(prefaulted(count * size)).cast("B")
+    return [memory[i * size : (i + 1) * size] for i in range(count)]
+
+
+def peer_main(mode: str, address: str, size: int, spread: int = 0) -> int:
     """The peer process of the socket references: connect to ``address`` and serve until EOF.
 
     send: sendall ``size``-byte messages forever; serve: sendall one message per 1-byte request; sink:
-    recv_into each message, answer a 1-byte ack; echo: recv_into each message and send it back.
+    recv_into each message, answer a 1-byte ack; echo: recv_into each message and send it back.  The
+    messages rotate through ``spread`` bytes (``message_slots``).
     """
     kind, _, where = address.partition(":")
     if kind == "unix":
@@ -408,24 +419,26 @@ def peer_main(mode: str, address: str, size: int) -> int:
         host, _, port = where.rpartition(":")
         sock = socket.create_connection((host, int(port)))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = prefaulted(size)
+    slots = itertools.cycle(message_slots(size, spread))
     with sock, contextlib.suppress(BrokenPipeError, ConnectionResetError):
         if mode == "send":
             while True:
-                sock.sendall(buf)
+                sock.sendall(next(slots))
         elif mode == "serve":
             while sock.recv(1):
-                sock.sendall(buf)
+                sock.sendall(next(slots))
         else:
-            while sock.recv_into(buf, size, socket.MSG_WAITALL) == size:
+            while sock.recv_into(buf := next(slots), size, socket.MSG_WAITALL) == size:
                 sock.sendall(b"k" if mode == "sink" else buf)
     return 0
 
 
 @contextlib.contextmanager
-def peer(mode: str, kind: str, size: int, root: Path, timeout: float = 30.0) -> Iterator[socket.socket]:
+def peer(
+    mode: str, kind: str, size: int, root: Path, timeout: float = 30.0, spread: int = 0
+) -> Iterator[socket.socket]:
     """A blocking connection to a peer process (this module run as a script) in ``mode`` over ``kind``
-    (tcp/unix); its Unix socket, if any, under ``root``."""
+    (tcp/unix); its Unix socket, if any, under ``root``; its messages rotate through ``spread`` bytes."""
     if kind == "unix":
         path = root / f"peer-{mode}.sock"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -435,7 +448,8 @@ def peer(mode: str, kind: str, size: int, root: Path, timeout: float = 30.0) -> 
     else:
         listener = socket.create_server(("127.0.0.1", 0))
         address = f"tcp:127.0.0.1:{listener.getsockname()[1]}"
-    with listener, child_process([sys.executable, str(Path(__file__).resolve()), mode, address, str(size)]) as proc:
+    command = [sys.executable, str(Path(__file__).resolve()), mode, address, str(size), str(spread)]
+    with listener, child_process(command) as proc:
         listener.settimeout(timeout)
         conn, _ = listener.accept()
         conn.setblocking(True)
@@ -447,25 +461,27 @@ def peer(mode: str, kind: str, size: int, root: Path, timeout: float = 30.0) -> 
         proc.wait(timeout=10)
 
 
-def stream_reference(name: str, conn: socket.socket, size: int, *, inbound: bool, requested: bool = False) -> Reference:
+def stream_reference(
+    name: str, conn: socket.socket, size: int, *, inbound: bool, requested: bool = False, spread: int = 0
+) -> Reference:
     """``size``-byte messages over a peer connection (GB/s): received (peer in "send" mode: the reference of
     a get; ``requested``, the peer in "serve" mode: each asked for with a 1-byte request, the reference of a
     synchronous read, which pays a round trip per call) or sent and acknowledged (peer in "sink" mode: the
-    reference of a put)."""
-    buf, ack = prefaulted(size), bytearray(1)
+    reference of a put); this side's messages rotate through ``spread`` bytes (``message_slots``)."""
+    slots, ack = message_slots(size, spread), bytearray(1)
 
     def recv(start: int, count: int) -> None:
-        for _ in range(count):
-            recv_exactly(conn, buf, size)
+        for i in range(start, start + count):
+            recv_exactly(conn, slots[i % len(slots)], size)
 
     def request(start: int, count: int) -> None:
-        for _ in range(count):
+        for i in range(start, start + count):
             conn.sendall(b"r")
-            recv_exactly(conn, buf, size)
+            recv_exactly(conn, slots[i % len(slots)], size)
 
     def send(start: int, count: int) -> None:
-        for _ in range(count):
-            conn.sendall(buf)
+        for i in range(start, start + count):
+            conn.sendall(slots[i % len(slots)])
             recv_exactly(conn, ack, 1)
 
     return Reference(name, (request if requested else recv) if inbound else send, 1, size / GB)
@@ -1076,4 +1092,4 @@ def report(table: str, payload: dict[str, Any], json_path: str | Path | None) ->
 
 
 if __name__ == "__main__":  # the peer process of a socket reference: _common.py MODE ADDRESS SIZE
-    sys.exit(peer_main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    sys.exit(peer_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0))

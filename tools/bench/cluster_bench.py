@@ -18,7 +18,9 @@ controller has published a placement map naming every node, and then measures:
    for ``--value-size`` messages, one 1-byte request each, over loopback TCP (``sendall`` ->
    ``recv_into(MSG_WAITALL)``: the reference of get, which pays a round trip per value as a get does),
    or sends them to its own sink process that acks each with one byte (the reference of put), all client
-   processes at once, summed.  One repetition of the reference runs right before each repetition of a
+   processes at once, summed.  The messages rotate through as much memory as the row's values fill
+   (``--large-data``) on the peer's side and, for put, on the client's: the caches do not hold them,
+   as they do not hold the values.  One repetition of the reference runs right before each repetition of a
    large-value row, so drift on a noisy host reaches both sides of the ratio.  Get rows also show the
    ratio to a stream with no requests (a sender process that sends messages back to back: ``x stream``),
    a bound no request/reply protocol reaches.
@@ -273,11 +275,17 @@ def client_setup(wid: int, cfg: dict[str, Any], stack: contextlib.ExitStack) -> 
         os.environ["MOONCAKEFS_HOST"] = f"cluster-bench-client-{wid}"
     # The reference peers first: they are started with a preexec_fn, unsafe once gRPC threads run.
     root, size = Path(cfg["root"]), cfg["value_size"]
-    sender, server, sink = (stack.enter_context(peer(mode, "tcp", size, root)) for mode in ("send", "serve", "sink"))
+    # The messages rotate through as much memory as a row's values fill (a put reads them from the
+    # client's and writes them into the nodes' memory, a get reads them from the nodes'), not one buffer
+    # the caches keep; a get lands in one buffer on the client, as the get_into row's does.
+    spread = cfg["large_keys"] * size
+    sender, server, sink = (
+        stack.enter_context(peer(mode, "tcp", size, root, spread=spread)) for mode in ("send", "serve", "sink")
+    )
     refs = {
         "loop-recv": stream_reference("loop-recv", sender, size, inbound=True),
         "loop-req": stream_reference("loop-req", server, size, inbound=True, requested=True),
-        "loop-send": stream_reference("loop-send", sink, size, inbound=False),
+        "loop-send": stream_reference("loop-send", sink, size, inbound=False, spread=spread),
     }
     store = mooncakefs.connect(cfg["url"])
     stack.callback(store.close)
@@ -1226,7 +1234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "gbps": median(s),
             "samples": s,
             "what": (
-                f"{args.clients}x loopback TCP {format_size(args.value_size)} messages: "
+                f"{args.clients}x loopback TCP {format_size(args.value_size)} messages "
+                f"(the peer's, and a put's source, rotating over {format_size(args.large_keys * args.value_size)}): "
                 + {
                     "loop-recv": "sender process sendall, back to back -> client recv_into(MSG_WAITALL)",
                     "loop-req": "client 1-byte request -> server process sendall -> client recv_into(MSG_WAITALL)",
