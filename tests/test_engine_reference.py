@@ -862,6 +862,12 @@ def test_crc32c_falls_back_to_the_slower_paths_and_they_agree(reference, limit, 
     assert out["big"] == reference.crc32c(big[5:], 7)
 
 
+def test_crc32c_path_names_the_path_taken(impl):
+    """Both modules say which path their crc32c takes (the twin has one), so a report can name it."""
+    expected = {"python"} if impl.__name__.endswith("_reference") else {"fold", "lanes", "table"}
+    assert impl.crc32c_path() in expected
+
+
 def test_an_unknown_crc32c_path_is_a_clear_error():
     env = child_env() | {"MOONCAKEFS_CRC32C": "avx9000"}
     env.pop("MOONCAKEFS_ENGINE", None)
