@@ -47,10 +47,7 @@ SMALL_SEND = 64 << 10  # payloads up to this are copied next to the header: one 
 # large payload lands mostly in place (what the buffer took of it is copied out again).
 FIRST_READ = 64 << 10
 IOV_CHUNK = 512  # buffers handed to one sendmsg / recvmsg_into (the kernel takes at most IOV_MAX, 1024)
-CRC_CHUNK = 1 << 20  # a value is checksummed in chunks this big as it is received, while still in cache
-# A value is checksummed then sent in chunks this big: each stays in the core's cache (1 MiB of L2 for 2
-# cores here) from the CRC's read to the kernel's copy, so a value that is not in cache is read once.
-SEND_CRC_CHUNK = 256 << 10
+CRC_CHUNK = 1 << 20  # a value is checksummed in chunks this big as it is sent or received, while still in cache
 CRC_TRAILER = struct.Struct("<I")  # the CRC-32C that follows a PUT's value in its payload
 WITH_CRC = 1  # frame header flag: the payload is a value followed by its CRC-32C (CRC_TRAILER)
 
@@ -243,11 +240,10 @@ class Channel:
 
     def send_value(self, op: int, meta: Any, value: memoryview, crc: int | None = None) -> int:
         """Send a frame whose payload is ``value`` then its CRC-32C (CRC_TRAILER); returns the CRC.  A
-        large value goes SEND_CRC_CHUNK at a time (the header with the first, the CRC with the last), each
-        chunk checksummed right before it is sent: the value is read from memory once, the kernel's copy
-        finding each chunk in cache, and the peer receives one chunk while the next is checksummed.  A
-        ``crc`` the caller already has (a copy of a stored value, or of one sent to several nodes) goes
-        out with the value in one call, as it is, so a copy whose bytes differ from it is refused."""
+        large value goes CRC_CHUNK at a time (the header with the first), each chunk's CRC computed right
+        after it is sent, while the peer receives it (and checks what came before); the CRC follows.  A
+        ``crc`` the caller already has (a copy of a stored value, or of one sent to several nodes) goes out
+        with the value in one call, as it is, so a copy whose bytes differ from it is refused."""
         n = len(value)
         if n <= SMALL_SEND:
             if crc is None:
@@ -256,19 +252,17 @@ class Channel:
             return crc
         m = _pack(meta)
         parts: list[Any] = [HEADER.pack(MAGIC, op, WITH_CRC, len(m), n + CRC_TRAILER.size) + m]
+        running = 0
         try:
             if crc is not None:
                 self._send_parts([*parts, value, CRC_TRAILER.pack(crc)])
                 return crc
-            running = 0
-            for start in range(0, n, SEND_CRC_CHUNK):
-                chunk = value[start : start + SEND_CRC_CHUNK]
-                running = crc32c(chunk, running)
-                parts.append(chunk)
-                if start + SEND_CRC_CHUNK >= n:
-                    parts.append(CRC_TRAILER.pack(running))
-                self._send_parts(parts)
+            for start in range(0, n, CRC_CHUNK):
+                chunk = value[start : start + CRC_CHUNK]
+                self._send_parts([*parts, chunk])
                 parts = []
+                running = crc32c(chunk, running)
+            self.sock.sendall(CRC_TRAILER.pack(running))
         except OSError as exc:
             raise self._lost(exc) from None
         return running
@@ -445,13 +439,9 @@ class Channel:
                 f"{what()}: a put's payload is its value then a {CRC_TRAILER.size}-byte CRC-32C: "
                 f"{len(dst)} + {CRC_TRAILER.size} bytes expected, {self.payload_left} sent"
             )
+        got = self.read_payload_crc(dst)  # while the sender computes the CRC it sends next
         trailer = bytearray(CRC_TRAILER.size)
-        if len(dst) <= CRC_CHUNK:  # the value and its CRC in one call, then one pass over the value
-            self.read_payload_into_many([dst, memoryview(trailer)])
-            got = crc32c(dst)
-        else:
-            got = self.read_payload_crc(dst)
-            self.read_payload_into(memoryview(trailer))
+        self.read_payload_into(memoryview(trailer))
         (sent,) = CRC_TRAILER.unpack(trailer)
         if sent != got:
             check_crc(sent, got, what)
