@@ -73,7 +73,7 @@ from mooncakefs.keys import (
 from mooncakefs.tiers.base import TIER_ORDER, Tier
 from mooncakefs.tiers.dram import DramTier
 from mooncakefs.tiers.gds import VERIFY_MODES
-from mooncakefs.tiers.ssd import DURABLE, PINNED, STICKY, Segment, SsdTier, resolve_ssd
+from mooncakefs.tiers.ssd import DURABLE, PINNED, STICKY, Reservation, Segment, SsdTier, resolve_ssd
 from mooncakefs.tiers.vram import VramTier, VramView, choose_tier, should_promote
 from mooncakefs.units import format_size, parse_size
 
@@ -783,12 +783,21 @@ class Store(KVMapping):
         with self._lock:
             if self._put_locked(raw, key, entry, value, options):
                 return
+            try:
+                reserved = self._reserve_ssd(raw, entry, value, options)
+            except BaseException:
+                self._dram.release(entry.dram)
+                raise
             self._unlocked_ops += 1
         try:
             self._dram.arena.write(entry.dram_off, value)
+            if reserved is not None:
+                self._write_reserved(entry, reserved, value)
         except BaseException:
             with self._lock:
                 self._dram.release(entry.dram)
+                if reserved is not None and not self._closed:
+                    self._ssd.cancel(reserved)  # type: ignore[union-attr]
             raise
         finally:
             with self._lock:
@@ -796,7 +805,31 @@ class Store(KVMapping):
                 if self._closed:
                     raise StoreClosed(f"store {self.path} was closed during put({key!r:.80})")
         with self._lock:
-            self._publish(raw, key, entry, options, value)
+            self._publish(raw, key, entry, options, value, reserved)
+
+    def _writes_through(self, entry: Entry, options: PutOptions) -> bool:
+        """Whether a put gets its SSD copy at once: durable values, and sticky ones where there is an SSD tier."""
+        return options.durable or (entry.sticky and self._ssd is not None)
+
+    def _reserve_ssd(self, raw: bytes, entry: Entry, value: Any, options: PutOptions) -> Reservation | None:
+        """Room on SSD for a large put's write-through, to be written without the lock (lock held), so
+        that one put's disk write overlaps other calls and other puts' writes; None where the value is
+        written under the lock at publish (no write-through, or not page-aligned).  OutOfSpace if the
+        tier has no room."""
+        if not self._writes_through(entry, options):
+            return None
+        data = memoryview(value).cast("B")
+        if not SsdTier.unlocked(data):
+            return None
+        self._make_ssd_room(raw, entry)
+        return self._ssd.reserve(data)  # type: ignore[union-attr]
+
+    def _write_reserved(self, entry: Entry, reserved: Reservation, value: Any) -> None:
+        """The unlocked half of a reserved write-through: checksum the value and write its bytes."""
+        data = memoryview(value).cast("B")
+        if entry.crc < 0:
+            entry.crc = _engine.crc32c(data)
+        self._ssd.write_reserved(reserved, data)  # type: ignore[union-attr]
 
     def _prepare_put(self, key: Key, size: int, options: PutOptions) -> tuple[bytes, Entry]:
         """A put's key bytes and a fresh entry carrying its (checked) options; no lock needed."""
@@ -858,10 +891,12 @@ class Store(KVMapping):
         if old.version >= entry.version:
             raise NotNewer(key)
 
-    def _publish(self, raw: bytes, key: Key, entry: Entry, options: PutOptions, value: Any) -> None:
+    def _publish(
+        self, raw: bytes, key: Key, entry: Entry, options: PutOptions, value: Any, reserved: Reservation | None = None
+    ) -> None:
         """Make a filled entry the key's value (lock held).  ``value`` is what it was filled from: an SSD
         copy is written from there (the caller's buffer may be aligned for O_DIRECT; the pool block
-        need not be)."""
+        need not be), unless it was written already into ``reserved``."""
         if self._closed:
             raise StoreClosed(f"store {self.path} is closed")
         durable = options.durable
@@ -869,8 +904,12 @@ class Store(KVMapping):
             self._check_replace(raw, key, entry, options.replace)
         except KeyExists:
             self._dram.release(entry.dram)
+            if reserved is not None:
+                self._ssd.cancel(reserved)  # type: ignore[union-attr]
             raise
-        if durable or (entry.sticky and self._ssd is not None):
+        if reserved is not None:
+            self._ssd.publish(reserved, raw, entry)  # type: ignore[union-attr]
+        elif self._writes_through(entry, options):
             try:
                 self._write_to_ssd(raw, entry, memoryview(value).cast("B"))
             except BaseException:
@@ -933,6 +972,13 @@ class Store(KVMapping):
 
     def _write_to_ssd(self, raw: bytes, entry: Entry, data: memoryview) -> None:
         """Give an entry an SSD copy of ``data`` (lock held); OutOfSpace if the tier has no room."""
+        self._make_ssd_room(raw, entry)
+        if entry.crc < 0:
+            entry.crc = _engine.crc32c(data)
+        self._ssd.write(raw, entry, data)  # type: ignore[union-attr]
+
+    def _make_ssd_room(self, raw: bytes, entry: Entry) -> None:
+        """Make room on the SSD tier for the entry's value (lock held); OutOfSpace if there is none."""
         ssd = self._ssd
         assert ssd is not None
         if (limit := ssd.too_large(entry.size)) is not None:
@@ -942,9 +988,6 @@ class Store(KVMapping):
                 f"key {decode_key(raw)!r:.80}: no room for {format_size(entry.size)} on the SSD tier "
                 f"({format_size(ssd.used)} of {format_size(ssd.capacity)} used)"
             )
-        if entry.crc < 0:
-            entry.crc = _engine.crc32c(data)
-        ssd.write(raw, entry, data)
 
     # -- what the tiers ask of the store (tiers/base.Placement) -----------------------------------------
 

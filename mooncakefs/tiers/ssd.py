@@ -33,6 +33,7 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from mooncakefs.errors import InvalidArgument, MooncakeError
 from mooncakefs.tiers.base import Placement
 from mooncakefs.tiers.segments import (
     DIRECT_ALIGN,
+    DIRECT_MIN,
     SegmentFiles,
     SegmentPlace,
     SegmentStore,
@@ -56,7 +58,7 @@ from mooncakefs.units import format_size, parse_size, parse_ssd
 log = logging.getLogger("mooncakefs.ssd")
 
 ALIGN = _engine.SSD_ALIGN  # 512: records start on it (entries keep SSD offsets in these units)
-__all__ = ["DIRECT_ALIGN", "SsdTier", "fsck", "open_segments", "resolve_ssd"]
+__all__ = ["DIRECT_ALIGN", "Reservation", "SsdTier", "fsck", "open_segments", "resolve_ssd"]
 # Journal: a header (magic, format, segment id), then records.  A record is _RECORD (its CRC-32C over
 # everything after the CRC field; kind, flags, key length, sequence number, offset, size, value CRC,
 # tag, expiry, version halves), the key, and its own length again, so the last one can be read from
@@ -72,6 +74,7 @@ _MAX_KEY = 1024
 _MAX_RECORD = _RECORD.size + _MAX_KEY + _TRAILER.size
 PUT, TOMBSTONE = 1, 2
 _VERIFY_CHUNK = 8 << 20
+SYNC_THREADS = 8  # segments a durable commit syncs at once
 _DEVICE_UUID, _DEVICE_SIZE = "device_uuid", "device_size"  # the meta rows naming the device an index is for
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -348,6 +351,18 @@ class Segment:
     journal_size: int = 0  # bytes of the journal on disk
     journal_buf: bytearray = field(default_factory=bytearray)  # records not yet written
     journal_reserved: int = 0  # journal bytes its values' records and their tombstones may take
+    writing: int = 0  # reservations being written without the store's lock: never compacted or deleted meanwhile
+
+
+@dataclass
+class Reservation:
+    """Room in a segment for one value that is written without the store's lock (``SsdTier.reserve``)
+    and indexed under it afterwards (``publish``) or given back (``cancel``)."""
+
+    seg: Segment
+    off: int
+    size: int
+    direct: bool  # written with O_DIRECT (its start padded to a page)
 
 
 def open_segments(
@@ -423,6 +438,7 @@ class SsdTier:
         self._seq = 1  # the next journal record's sequence number (set by load)
         self._committed = -1  # the sequence number the index last recorded taking in
         self._journal_dirty: dict[int, Segment] = {}
+        self._syncer: ThreadPoolExecutor | None = None  # syncs the segments of a durable commit at once
         self.on_release: Callable[[Segment], None] | None = None  # GPUDirect's: a segment is let go
         self.index_path = Path(index_path)
         self.recovery: Recovery | None = None
@@ -691,6 +707,73 @@ class SsdTier:
         bypass the page cache (O_DIRECT): filling fresh page-cache pages is slow, and they would only
         push out what readers use."""
         size = data.nbytes
+        seg, direct = self._target(data)
+        off = seg.size
+        try:
+            seg.place.write(data, off, direct)
+        except OSError as exc:  # nothing was indexed: the bytes written so far are garbage to overwrite
+            raise full_disk(exc, self.dir) from None
+        self._take(seg, size)
+        self._record(key, seg, off, size, crc, expires, flags, version, tag)
+        return seg.id, off
+
+    @staticmethod
+    def unlocked(data: memoryview) -> bool:
+        """Whether a value may be written without the store's lock (``reserve``): only page-aligned
+        whole pages, which share no device block with their neighbours (a device region rewrites the
+        blocks around an unaligned value, so those are written in order, under the lock)."""
+        return data.nbytes >= DIRECT_MIN and not data.nbytes % DIRECT_ALIGN and not _engine.address(data) % DIRECT_ALIGN
+
+    def reserve(self, data: memoryview) -> Reservation:
+        """Set aside room for ``data`` (``unlocked``; the caller checked ``room``), so that its bytes can
+        be written while the store serves other calls, several values at once.  The room counts as used
+        and live from now on, and its segment is neither compacted nor deleted until the reservation is
+        published or cancelled.  Nothing is indexed or journaled yet: a crash before ``publish`` leaves
+        garbage, never a value whose bytes are missing."""
+        size = data.nbytes
+        seg, direct = self._target(data)
+        res = Reservation(seg, seg.size, size, direct)
+        self._take(seg, size)
+        seg.writing += 1
+        seg.journal_reserved += 2 * _MAX_RECORD  # its record and tombstone must find room in a region's journal
+        return res
+
+    def write_reserved(self, res: Reservation, data: memoryview) -> None:
+        """Write a reserved value's bytes; needs no lock (nothing else writes there, and the segment
+        stays).  OutOfSpace for a full disk: then ``cancel``."""
+        try:
+            res.seg.place.write(data, res.off, res.direct)
+        except OSError as exc:
+            raise full_disk(exc, self.dir) from None
+
+    def publish(self, res: Reservation, key: bytes, entry: Entry) -> None:
+        """Index a value written into its reservation (uncommitted) and note where it went, as ``write``
+        does for a value written under the lock."""
+        seg = res.seg
+        seg.writing -= 1
+        seg.journal_reserved -= 2 * _MAX_RECORD
+        self._record(
+            key, seg, res.off, res.size, entry.crc, entry.expires, entry_flags(entry), entry.version, entry.tag
+        )
+        entry.seg, entry.seg_off = seg.id, res.off
+        self._enlist(key, entry)
+
+    def cancel(self, res: Reservation) -> None:
+        """Give back a reservation whose value is not indexed (its write failed, or the put was refused):
+        its room becomes garbage, and a segment left with nothing live goes."""
+        seg = res.seg
+        seg.writing -= 1
+        seg.journal_reserved -= 2 * _MAX_RECORD
+        seg.live -= aligned(res.size)
+        self._live -= aligned(res.size)
+        if seg.live == 0 and seg.id in self.segments:
+            self._delete(seg)
+
+    def _target(self, data: memoryview) -> tuple[Segment, bool]:
+        """The segment the next value goes to (a new one if the active one has no room), and whether it
+        is written straight through (O_DIRECT; its start is then padded to a page, the padding garbage
+        like the end of any record)."""
+        size = data.nbytes
         seg = self.active
         if seg is None or not self._has_room(seg, size):
             if seg is not None:
@@ -699,18 +782,32 @@ class SsdTier:
         direct = seg.place.can_direct(data)
         if direct:
             gap = -seg.size % DIRECT_ALIGN
-            seg.size += gap  # padding: garbage, like the end of any record
+            seg.size += gap
             self.used += gap
-        off = seg.size
-        try:
-            seg.place.write(data, off, direct)
-        except OSError as exc:  # nothing was indexed: the bytes written so far are garbage to overwrite
-            raise full_disk(exc, self.dir) from None
+        return seg, direct
+
+    def _take(self, seg: Segment, size: int) -> None:
+        """Count a value of ``size`` bytes at the segment's end as written and live."""
         seg.size += aligned(size)
         seg.live += aligned(size)
         self._live += aligned(size)
         self.used += aligned(size)
-        if seg.journaled:  # written with the index commit: no system call here
+
+    def _record(
+        self,
+        key: bytes,
+        seg: Segment,
+        off: int,
+        size: int,
+        crc: int,
+        expires: float,
+        flags: int,
+        version: int,
+        tag: int,
+    ) -> None:
+        """Journal (buffered until the commit: no system call here) and index a value whose bytes are in
+        its segment."""
+        if seg.journaled:
             record = _pack_record(PUT, key, self._seq, off, size, crc, expires, flags, version, tag)
             seg.journal_buf += record
             seg.journal_reserved += 2 * len(record)
@@ -722,7 +819,6 @@ class SsdTier:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (key, seg.id, off, size, crc, expires, flags, version >> 63, version & _engine.VERSION_LOW_MASK, tag),
         )
-        return seg.id, off
 
     def _new_segment(self) -> Segment:
         seg_id = self._next_id
@@ -766,15 +862,14 @@ class SsdTier:
         entries, so the values survive power loss, not only a crash of this process.  The index commit
         itself needs no sync then: an index that loses it is rolled forward from the journal at open."""
         sync_wal = False
-        if durable_segments:
-            for seg_id in durable_segments:
-                self.segments[seg_id].place.sync()
+        places = [self.segments[seg_id].place for seg_id in durable_segments or ()]
+        self._at_once(lambda place: place.sync(), places)
         self._flush_journals()
         if durable_segments:
-            for seg_id in durable_segments:
-                seg = self.segments[seg_id]
-                if not (seg.journaled and seg.place.journal_sync()):
-                    sync_wal = True  # no journal to roll forward from (one that could not be written): the index
+            journaled = [seg.place for seg in map(self.segments.__getitem__, durable_segments) if seg.journaled]
+            # no journal to roll forward from (unjournaled, or one that could not be written): sync the index
+            sync_wal = len(journaled) < len(durable_segments)
+            sync_wal |= not all(self._at_once(lambda place: place.journal_sync(), journaled))
         if self._dirty:
             self._dirty = False
             if self._committed != self._seq - 1:
@@ -784,6 +879,16 @@ class SsdTier:
             # In WAL mode a commit is an append to the -wal file; syncing it is what synchronous=FULL
             # would do on every commit.  Doing it only here keeps other commits free of fsyncs.
             fsync_path(self._wal_path)
+
+    def _at_once(self, call: Callable[[SegmentPlace], Any], places: list[SegmentPlace]) -> list[Any]:
+        """``call`` on each place, on threads where there are several: a sync waits on the disk, and the
+        filesystem joins syncs that wait together into one journal commit (16 segments of 64 MiB written
+        with O_DIRECT synced in 0.04-0.5 s at once, 0.7-1.5 s one by one, on a loaded VM's ext4)."""
+        if len(places) < 2:
+            return [call(place) for place in places]
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="mooncakefs-ssd-sync")
+        return list(self._syncer.map(call, places))
 
     def _flush_journals(self) -> None:
         """Write the buffered journal records: one pwrite per segment that has any."""
@@ -886,6 +991,8 @@ class SsdTier:
         self.segments.clear()
         self.active = None
         self.backend.close()
+        if self._syncer is not None:
+            self._syncer.shutdown()
 
     # -- the Tier protocol (tiers/base.py) and the SSD cache policy --------------------------------------
     # The store calls these under its lock, after ``attach``.  Eviction keeps the live bytes within the
@@ -914,6 +1021,10 @@ class SsdTier:
         entry.seg, entry.seg_off = self.append(
             raw, data, entry.crc, entry.expires, entry_flags(entry), entry.version, entry.tag
         )
+        self._enlist(raw, entry)
+
+    def _enlist(self, raw: bytes, entry: Entry) -> None:
+        """Put a new SSD copy at the back of the eviction order (pinned and sticky values stay out)."""
         if not entry.pinned and not entry.sticky:
             self.order.pop(raw, None)  # a replaced value's place, if it is still there
             self.order[raw] = entry
@@ -942,7 +1053,7 @@ class SsdTier:
             return False
         tried: set[int] = set()
         while not self.fits(size):
-            candidates = [g for g in self.segments.values() if g.size > g.live and g.id not in tried]
+            candidates = [g for g in self.segments.values() if g.size > g.live and g.id not in tried and not g.writing]
             if not candidates:
                 return False
             seg = max(candidates, key=lambda g: (g.size - g.live, -g.id))
