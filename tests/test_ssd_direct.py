@@ -192,3 +192,25 @@ def test_kill_9_mid_unlocked_write_keeps_what_was_committed_and_nothing_torn(tmp
         assert not store.exists(InternalKey(b"torn")), "a value whose bytes were never all written came back"
     report = fsck(SegmentFiles(tmp_path / "ssd", make=False), tmp_path / "index.sqlite")
     assert report.ok, report.lines()
+
+
+def test_a_durable_commit_syncs_its_segments_at_once(tmp_path, monkeypatch):
+    """persist() of values in several segments syncs them on threads together (the filesystem then
+    joins their flushes): each sync here waits until another one has started."""
+    with mooncakefs.open(tmp_path, dram="64MiB", ssd="256MiB", segment_size="1MiB") as store:
+        keys = [InternalKey(b"k%d" % i) for i in range(4)]
+        for i, key in enumerate(keys):
+            store.put(key, aligned_buffer(i))  # a segment each
+        assert len(store._ssd.segments) == 4
+        together = threading.Barrier(2, timeout=HANG_GUARD)
+        synced = []
+        sync = SegmentFile.sync
+
+        def sync_with_another(self):
+            together.wait()
+            synced.append(self.path)
+            sync(self)
+
+        monkeypatch.setattr(SegmentFile, "sync", sync_with_another)
+        store.persist(keys)
+        assert len(set(synced)) == 4
