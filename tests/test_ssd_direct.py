@@ -149,6 +149,86 @@ def test_a_failed_unlocked_write_is_given_back(tmp_path, monkeypatch):
         assert store.get(InternalKey(b"k")) == bytes([3]) * MiB
 
 
+def test_a_failed_first_write_leaves_no_segment_behind(tmp_path, monkeypatch):
+    """A full disk on the very first write-through: the segment made for it holds nothing live, so
+    giving the room back deletes it, and no row names the value."""
+    with mooncakefs.open(tmp_path, dram="64MiB", ssd="256MiB") as store:
+
+        def full(self, data, off, direct):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(SegmentFile, "write", full)
+        with pytest.raises(mooncakefs.OutOfSpace):
+            store.put("k", aligned_buffer(1), durable=True)
+        assert not store._ssd.segments and store._ssd.live == 0 and store._ssd.used == 0
+        assert store._ssd.db.execute("SELECT COUNT(*) FROM objects").fetchone() == (0,)
+        assert not store.exists("k")
+        assert store._dram.used == 0, "the failed put kept its DRAM block"
+    assert not list((tmp_path / "ssd").glob("seg-*.dat"))
+
+
+SMALL_VALUE = b"s" * 100
+
+
+def put_small(store: mooncakefs.Store, **options) -> None:
+    """Another caller's put of ``k``: small, so written under the store lock, and durable, so on SSD."""
+    store.put("k", SMALL_VALUE, durable=True, **options)
+
+
+# Each race: the put held in its unlocked write (keywords), the value there before it (None: none),
+# what another caller does meanwhile, what the held put raises once let go, and which value is left.
+WRITE_RACES = {
+    "if_absent loses to a put": ({"if_absent": True}, None, put_small, mooncakefs.KeyExists, SMALL_VALUE),
+    "if_newer loses to a newer put": (
+        {"version": 1, "if_newer": True}, None, lambda store: put_small(store, version=2), mooncakefs.NotNewer,
+        SMALL_VALUE,
+    ),
+    "overwritten meanwhile": ({}, None, put_small, None, b"\x02" * MiB),
+    "old value removed meanwhile": ({}, b"\x01" * MiB, lambda store: store.remove("k"), None, b"\x02" * MiB),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("race", WRITE_RACES)
+def test_a_put_of_the_same_key_during_an_unlocked_write(tmp_path, monkeypatch, race):
+    """The held put is checked again when it publishes: a refused one gives back its SSD room and its DRAM
+    block, an accepted one replaces whatever came meanwhile; either way nothing is left over (after the
+    key is removed, the tiers are empty) and the segment it shares with older values stays."""
+    options, before, meanwhile, raises, left = WRITE_RACES[race]
+    with mooncakefs.open(tmp_path, dram="64MiB", ssd="256MiB") as store:
+        if before is not None:
+            store.put("k", aligned_buffer(before[0]), durable=True)
+        started, go, _ = _blocked_direct_writes(monkeypatch)
+        outcome: list[BaseException | None] = []
+
+        def held_put() -> None:
+            try:
+                store.put("k", aligned_buffer(2), durable=True, **options)
+            except mooncakefs.MooncakeError as exc:
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        writer = threading.Thread(target=held_put)
+        writer.start()
+        try:
+            assert started.wait(HANG_GUARD), "the write-through never started"
+            meanwhile(store)
+        finally:
+            go.set()
+            writer.join(HANG_GUARD)
+        assert len(outcome) == 1 and type(outcome[0]) is (raises or type(None)), outcome
+        assert store.get("k") == left
+        assert not any(seg.writing for seg in store._ssd.segments.values())
+        assert store._ssd.live == -(-len(left) // 512) * 512, "SSD room of a value no row names is still live"
+        store.persist()
+    with mooncakefs.open(tmp_path, dram="64MiB", ssd="256MiB") as store:
+        assert store.get("k") == left
+        assert store.remove("k")
+        assert store._ssd.live == 0 and store._dram.used == 0
+    report = fsck(SegmentFiles(tmp_path / "ssd", make=False), tmp_path / "index.sqlite")
+    assert report.ok, report.lines()
+
+
 KILLED_MID_WRITE = r"""
 import mmap, sys, threading
 import mooncakefs
@@ -163,15 +243,19 @@ def aligned(fill):
 store = mooncakefs.open(sys.argv[1], dram="64MiB", ssd="256MiB")
 store.put(InternalKey(b"before"), aligned(1), durable=True)
 write = SegmentFile.write
+half_written = threading.Event()
 
 def half_then_hang(self, data, off, direct):
-    if direct:
-        write(self, data[: len(data) // 2], off, direct)
-        threading.Event().wait()  # killed here, half of the value on the disk
+    if direct:  # the second half first: the file then reaches past the value, so only its row can tell
+        half = len(data) // 2
+        write(self, data[half:], off + half, direct)
+        half_written.set()
+        threading.Event().wait()  # killed here, the first half never written
     write(self, data, off, direct)
 
 SegmentFile.write = half_then_hang
 threading.Thread(target=store.put, args=(InternalKey(b"torn"), aligned(2)), daemon=True).start()
+assert half_written.wait(60), "the torn value's write never started"
 store.put("after", b"y" * 100, durable=True)  # commits the index while the torn value's room is reserved
 print("ready", flush=True)
 threading.Event().wait()
