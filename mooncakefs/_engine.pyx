@@ -6,6 +6,7 @@ Each has a pure-Python twin in ``mooncakefs._reference`` that the tests run agai
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.exc cimport PyErr_Clear, PyErr_ExceptionMatches
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
@@ -18,7 +19,7 @@ cimport cython
 
 import os
 
-from mooncakefs.api import PLAIN_PUT
+from mooncakefs.api import BATCH_ERRORS, PLAIN_PUT, value_error
 from mooncakefs.keys import INTERNAL_PREFIX, MAX_KEY_BYTES, InternalKey
 from mooncakefs.keys import encode_key as _encode_key_checked
 
@@ -233,6 +234,8 @@ def copy_many(dsts, srcs) -> int:
 
 
 cdef extern from "Python.h":
+    # PyObject_GetBuffer with its error left to the caller (``_take_buffer``): no exception handling
+    int _get_buffer "PyObject_GetBuffer"(object obj, Py_buffer *view, int flags)
     object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
     int PyBUF_WRITE
 
@@ -721,7 +724,8 @@ cdef class Entry:
     the allocator's 64-byte units, the flags share a word with the size)."""
 
     def __cinit__(self, long long size=0):
-        self.size = size
+        if size:
+            self.size = size
         self.dram = -1
         self.dram_unit = NONE
         self.seg = -1
@@ -1119,15 +1123,16 @@ cdef unsigned int FRESH_QUEUE = 1, MAIN_QUEUE = 2
 
 @cython.final
 cdef class PlainPath:
-    """The store's hot paths over its DRAM tier: plain puts into a DRAM-only store (``put``,
-    ``put_run``) and reads of small DRAM-resident values (``get``, ``get_into``, ``read_many``).
+    """The store's hot paths over its DRAM tier: plain puts into a store with no VRAM tier (``put``,
+    ``batch_put``, ``put_run``) and reads of small DRAM-resident values (``get``, ``get_into``,
+    ``batch_get_into``, ``read_batch``).
 
     Built by the store once its tiers are wired, from its ``DramTier`` (pool, allocator, queues, ghost
     list; its watermarks and fresh share are read then, and do not change after) and itself (the index,
     its lock, the heap of expiring values, and its general methods for anything unusual: a leased head,
-    a fragmented pool, a replaced value with an SSD copy).  ``put``, ``get`` and ``get_into`` take the
-    store's lock themselves (taking it in Python cost as much as the call); for the other calls the
-    caller holds it and has checked that the store is open."""
+    a fragmented pool, eviction that demotes to SSD, a replaced value with an SSD copy, a sticky value
+    to write through).  Every call takes the store's lock itself (taking it in Python cost as much as
+    the call), and checks that the store is open."""
 
     cdef object dram, store, ghost, acquire, release
     cdef dict index, counters
@@ -1135,37 +1140,50 @@ cdef class PlainPath:
     cdef EntryQueue fresh, main
     cdef OffsetAllocator allocator
     cdef Arena arena
-    cdef long long high, low, fresh_max, ghost_factor, small_max, batch_max
+    cdef long long high, low, fresh_max, ghost_factor, small_max, batch_max, batch_bytes
     cdef long long evicted  # values it has evicted, all calls together
-    cdef bint closed, shared, lower
+    cdef bint closed, shared, has_ssd, has_vram
 
-    def __cinit__(self, dram, store, lock, long long small_max, long long batch_max):
+    def __cinit__(self, dram, store, lock, long long small_max, long long batch_max, long long batch_bytes):
         """``lock``: the store's lock (a ``threading.Lock``: every other store path takes it too);
         ``small_max``: values below it are put and read here one at a time; ``batch_max``: values up to
-        it are put and read here in batches."""
+        it are put and read here in batches, the lock taken again after each ``batch_bytes`` copied."""
         self.dram, self.store = dram, store
         self.acquire, self.release = lock.acquire, lock.release
         self.index, self.counters, self.expiring = store._index, dram.counters, store._expiring
-        self.lower = store._ssd is not None or store._vram is not None
+        self.has_ssd, self.has_vram = store._ssd is not None, store._vram is not None
         self.fresh, self.main, self.ghost = dram.fresh, dram.main, dram.ghost
         self.allocator, self.arena = dram.allocator, dram.arena
         self.high, self.low, self.fresh_max, self.ghost_factor = dram.high, dram.low, dram.fresh_max, dram.ghost_factor
-        self.small_max, self.batch_max = small_max, batch_max
+        self.small_max, self.batch_max, self.batch_bytes = small_max, batch_max, batch_bytes
 
     def close(self) -> None:
-        """The store is closed (lock held): ``put``, ``get`` and ``get_into`` leave every call to the
-        store's general path, which says so."""
+        """The store is closed (lock held): every call leaves the work to the store's general path, which
+        says so."""
         self.closed = True
 
     def index_shared(self) -> None:
-        """The store now keeps a shared index in step (lock held): ``put`` leaves puts to its general path."""
+        """The store now keeps a shared index in step (lock held): puts go to its general path."""
         self.shared = True
+
+    cdef inline bint _plain_store(self) noexcept:
+        """Whether plain puts may be stored here (lock held): an open store with no shared index to keep
+        in step, no VRAM tier and nothing that may expire (``Store._plain_store``)."""
+        return not (self.closed or self.shared or self.has_vram or self.expiring)
+
+    cdef int _lock_open(self) except -1:
+        """Take the store's lock; StoreClosed (the store's own words) if the store is closed."""
+        self.acquire()
+        if self.closed:
+            self.release()
+            self.store._check_open()
+        return 0
 
     # -- writing --
 
     cdef int _make_room(self, long long size) except -1:
-        """Evict queue heads down to the low watermark if ``size`` more bytes would pass the high one.
-        A leased head goes to the tier's general eviction."""
+        """Evict queue heads down to the low watermark if ``size`` more bytes would pass the high one
+        (no tier below: a victim leaves the store).  A leased head goes to the tier's general eviction."""
         cdef EntryQueue queue
         cdef Entry victim
         if <long long>(self.allocator.used_units * UNIT) + size <= self.high:
@@ -1192,34 +1210,31 @@ cdef class PlainPath:
                 self.ghost.popitem(last=False)
         return 0
 
-    cdef int _put(self, bytes raw, key, Entry entry, value, options) except -1:
-        """One plain put: room, block, copy, publish, queue (see ``put``)."""
-        cdef long long size = entry.word.size
-        cdef Py_buffer s
+    cdef int _put(self, bytes raw, key, Entry entry, value, const char *src, options) except -1:
+        """One plain put of ``value``, whose ``entry.size`` bytes are at ``src`` (lock held): room,
+        block, copy, publish, queue.  Returns 1 where it changed the SSD tier (the caller commits)."""
+        cdef long long size = entry.word.size, handle = -1, offset = 0
+        cdef int changed = 0
         cdef Entry old
-        self._make_room(size)
-        cdef long long handle = self.allocator._alloc(size), offset
+        if entry.word.sticky and self.has_ssd:  # written through to SSD as it is put: the general path
+            self.store._put_locked(raw, key, entry, value, options, self.batch_max + 1)
+            return 0
+        if not self.has_ssd:  # no tier below: evicted heads leave the store, inline
+            self._make_room(size)
+        if not self.has_ssd or <long long>(self.allocator.used_units * UNIT) + size <= self.high:
+            handle = self.allocator._alloc(size)
         if handle >= 0:
             offset = <long long>self.allocator.n_off[handle] * UNIT
-        else:
+        else:  # a fragmented pool, a leased head, or eviction that demotes to SSD: the tier's general path
             handle, offset = self.dram.reserve(size)
-            if handle < 0:  # raises the OutOfSpace a put would
+            changed = self.has_ssd
+            if handle < 0:  # raises the OutOfSpace a put would, or stores the value on SSD only
                 self.store._put_locked(raw, key, entry, value, options, size + 1)
                 return 0
+        self.arena._check(offset, size)
+        _memcpy(self.arena.base + <size_t>offset, src, size)
         entry.dram = handle
         entry.dram_unit = <uint32_t>(offset // UNIT)
-        _get_read(value, &s, "value")
-        try:
-            if s.len != size or self.arena._check(offset, size) < 0:
-                raise ValueError(f"value is {s.len} bytes, {size} expected")
-            _memcpy(self.arena.base + <size_t>offset, s.buf, size)
-        except BaseException:
-            self.allocator._free(handle)
-            entry.dram = -1
-            entry.dram_unit = NONE
-            raise
-        finally:
-            PyBuffer_Release(&s)
         old = self.index.get(raw)
         self.index[raw] = entry
         if old is not None:  # replaced: DramTier.unqueue and Store._discard, inline
@@ -1229,6 +1244,7 @@ cdef class PlainPath:
                 self.fresh.unlink(old)
             if old.seg >= 0:  # an SSD copy: the store frees it
                 self.store._discard(raw, old)
+                changed = 1
             else:
                 old.word.dead = True
                 if old.dram >= 0 and not old.readers:
@@ -1244,7 +1260,7 @@ cdef class PlainPath:
             self.main.push(raw, entry)
         else:
             self.fresh.push(raw, entry)
-        return 0
+        return changed
 
     cdef inline void _count_evictions(self, long long before) except *:
         cdef long long evicted = self.evicted - before
@@ -1252,65 +1268,108 @@ cdef class PlainPath:
             self.counters["evictions"] += evicted
 
     def put(self, key, value) -> bool:
-        """``Store.put`` with no options of a value below ``small_max`` bytes into an open DRAM-only store
-        with no shared index and nothing that may expire, the store's lock taken here: True once done;
-        False leaves the put to the store's general path (anything else, and whatever is wrong with the
-        value).  A refused key raises what ``keys.encode_key`` says.  Eviction takes queue heads down to
-        the low watermark."""
+        """``Store.put`` with no options of a value below ``small_max`` bytes into an open store with no
+        VRAM tier, no shared index and nothing that may expire: True once done; False leaves the put to
+        the store's general path (anything else, and whatever is wrong with the value).  A refused key
+        raises what ``keys.encode_key`` says.  The value's buffer is taken once, for its size and its copy."""
         cdef Py_buffer s
-        cdef Py_ssize_t size
         cdef long long before
+        cdef int changed = 0
+        cdef Entry entry
         if type(key) is InternalKey:  # sticky (a file chunk): the general path writes it through
             return False
         if not _readable(value, &s):
             return False
-        size = s.len
-        PyBuffer_Release(&s)
-        if size >= self.small_max:
-            return False
-        raw = encode_key(key)
-        cdef Entry entry = Entry.__new__(Entry, size)
-        self.acquire()
         try:
-            if self.closed or self.shared or self.lower or self.expiring:
+            if s.len >= self.small_max:
                 return False
-            before = self.evicted
+            raw = encode_key(key)
+            entry = _new_entry(s.len)
+            self.acquire()
             try:
-                self._put(raw, key, entry, value, PLAIN_PUT)
+                if not self._plain_store():
+                    return False
+                before = self.evicted
+                try:
+                    changed = self._put(raw, key, entry, value, <const char *>s.buf, PLAIN_PUT)
+                finally:
+                    self._count_evictions(before)
+                    if changed:
+                        self.store._commit()
             finally:
-                self._count_evictions(before)
+                self.release()
         finally:
-            self.release()
+            PyBuffer_Release(&s)
         return True
 
-    def put_run(self, list run, Py_ssize_t at, long long stop_bytes, list results, tuple errors, options) -> int:
-        """``put`` for ``run[at:]`` (items ``(i, raw, key, Entry, value)`` prepared by ``Store.batch_put``)
-        until ``stop_bytes`` have been copied; returns the index of the next item.  An item that raises
-        one of ``errors`` gets it in ``results[i]``."""
-        cdef Py_ssize_t n = len(run)
-        cdef long long copied = 0, before = self.evicted
-        cdef tuple item
-        cdef Entry entry
+    cdef int _put_item(self, tuple item, list results, options) except -1:
+        """``_put`` of one run item ``(i, raw, key, Entry, value)``; an error of the item's own (one of
+        BATCH_ERRORS) goes in ``results[i]``.  Returns what ``_put`` does."""
+        cdef Entry entry = <Entry>item[3]
+        cdef Py_buffer s
         try:
-            while at < n and copied < stop_bytes:
-                item = <tuple>run[at]
-                at += 1
-                entry = <Entry>item[3]
-                copied += entry.word.size
-                try:
-                    self._put(item[1], item[2], entry, item[4], options)
-                except errors as exc:
-                    results[item[0]] = exc
-        finally:
-            self._count_evictions(before)
-        return at
+            _get_read(item[4], &s, "value")
+            try:
+                if s.len != entry.word.size:
+                    raise ValueError(f"value is {s.len} bytes, {entry.word.size} expected")
+                return self._put(item[1], item[2], entry, item[4], <const char *>s.buf, options)
+            finally:
+                PyBuffer_Release(&s)
+        except BATCH_ERRORS as exc:
+            results[<Py_ssize_t>item[0]] = exc
+        return 0
 
-    def prepare_run(self, list pairs, Py_ssize_t at, list results, list run, value_error, tuple errors) -> int:
-        """``Store.batch_put``'s loop for plain options: for each of ``pairs[at:]`` a slot in ``results``
-        and, for a value of up to ``batch_max`` bytes, an item ``(i, raw, key, Entry, value)`` in ``run``
-        (or the exception, one of ``errors``, it raised in its slot).  Stops at a larger value, its slot
-        added, and returns its index (``len(pairs)`` when done).  ``value_error(value)`` says why a value
-        is not a buffer."""
+    def put_run(self, list run, list results, options, bint plain) -> None:
+        """``Store._put_run``: see ``_put_run``."""
+        self._put_run(run, results, options, plain)
+
+    cdef int _put_run(self, list run, list results, options, bint plain) except -1:
+        """Store a run of prepared items ``(i, raw, key, Entry, value)`` (from
+        ``prepare_run``), the store's lock taken once per ``batch_bytes`` copied; an item that raises
+        one of BATCH_ERRORS gets it in ``results[i]``.  ``plain``: no item is pinned, expiring,
+        versioned, tagged, durable or conditional, so while the store allows it (``_plain_store``) the
+        items are stored here, and otherwise one by one by the store's general path.  The run's new
+        values are queued leaf first before the lock is let go the last time."""
+        cdef Py_ssize_t n = len(run), at = 0
+        cdef long long copied, before
+        cdef int changed
+        cdef tuple item
+        while at < n:
+            self._lock_open()
+            try:
+                copied = 0
+                if plain and self._plain_store():
+                    before, changed = self.evicted, 0
+                    try:
+                        while at < n and copied < self.batch_bytes:
+                            item = <tuple>run[at]
+                            at += 1
+                            copied += (<Entry>item[3]).word.size
+                            changed |= self._put_item(item, results, options)
+                    finally:
+                        self._count_evictions(before)
+                        if changed:
+                            self.store._commit()
+                else:
+                    while at < n and copied < self.batch_bytes:
+                        item = <tuple>run[at]
+                        at += 1
+                        copied += (<Entry>item[3]).word.size
+                        try:
+                            self.store._put_locked(item[1], item[2], item[3], item[4], options, self.batch_max + 1)
+                        except BATCH_ERRORS as exc:
+                            results[<Py_ssize_t>item[0]] = exc
+                if at == n and n > 1:  # leaf first, still locked
+                    self._leaf_first(run)
+            finally:
+                self.release()
+        return 0
+
+    cdef Py_ssize_t _prepare(self, list pairs, Py_ssize_t at, list results, list run) except -1:
+        """For each (key, value) pair of ``pairs[at:]`` a slot in ``results`` and, for a value of up to
+        ``batch_max`` bytes, an item ``(i, raw, key, Entry, value)`` in ``run`` (or the exception, one of
+        BATCH_ERRORS, it raised in its slot).  Stops at a larger value, its slot added, and returns its
+        index (``len(pairs)`` when done)."""
         cdef Py_ssize_t n = len(pairs), size
         cdef Entry entry
         while at < n:
@@ -1324,15 +1383,42 @@ cdef class PlainPath:
                 if size > self.batch_max:
                     return at
                 raw = encode_key(key)
-                entry = Entry.__new__(Entry, size)
+                entry = _new_entry(size)
                 entry.word.sticky = type(key) is InternalKey
                 run.append((at, raw, key, entry, value))
-            except errors as exc:
+            except BATCH_ERRORS as exc:
                 results[at] = exc
             at += 1
         return at
 
-    def leaf_first(self, list run) -> None:
+    def prepare_run(self, list pairs, Py_ssize_t at, list results, list run) -> int:
+        """``Store._batch_put``'s loop for plain options over pairs it has checked: see ``_prepare``."""
+        return self._prepare(pairs, at, results, run)
+
+    def batch_put(self, items):
+        """``Store.batch_put`` with no options, in one call: the results, or None to leave the batch to
+        the store's general path, which says what is wrong with it (``items`` not a dict or a list of
+        (key, value) tuples) or takes what is not small (a value above ``batch_max`` bytes).  Nothing is
+        stored before it decides."""
+        cdef list pairs, results = [], run = []
+        cdef Py_ssize_t i, n
+        if type(items) is list:
+            pairs = <list>items
+            n = len(pairs)
+            for i in range(n):
+                if type(pairs[i]) is not tuple or len(<tuple>pairs[i]) != 2:
+                    return None
+        elif type(items) is dict:
+            pairs = list((<dict>items).items())
+            n = len(pairs)
+        else:
+            return None
+        if self._prepare(pairs, 0, results, run) != n:
+            return None
+        self._put_run(run, results, PLAIN_PUT, True)
+        return results
+
+    cdef void _leaf_first(self, list run) noexcept:
         """Requeue a run's fresh values last item first: a chain's head the newest of the fresh queue,
         so that its tail goes first."""
         cdef Py_ssize_t i
@@ -1415,16 +1501,10 @@ cdef class PlainPath:
         finally:
             PyBuffer_Release(&d)
 
-    def read_many(self, list keys, list buffers, list results, Py_ssize_t start, long long stop_bytes, copy_out,
-                  tuple errors) -> int:
-        """The loop of ``Store._batch_read``: copy the DRAM-resident values of up to ``batch_max`` bytes
-        among ``keys[start:]`` into ``buffers`` (None: into new bytes), leaving in ``results[i]`` the byte
-        count or the bytes, or the exception (one of ``errors``) key i raised, and None where the store's
-        single-key path must do the work; stops once ``stop_bytes`` of values of at least ``small_max``
-        bytes are copied, and returns where the next call starts.  ``copy_out(i, key, entry)`` is the
-        store's own copy, called where a buffer is refused or too small, so that it raises what the store
-        raises."""
-        cdef Py_ssize_t n = len(keys), i = start
+    cdef Py_ssize_t _read_many(self, list keys, list buffers, list results, Py_ssize_t i) except -1:
+        """One lock's worth of ``read_batch`` (lock held): from key ``i`` on, until ``batch_bytes`` of
+        values of at least ``small_max`` bytes are copied; returns where the next one starts."""
+        cdef Py_ssize_t n = len(keys)
         cdef long long copied = 0, hits = 0, size
         cdef object found
         cdef Entry entry
@@ -1455,37 +1535,84 @@ cdef class PlainPath:
                                     done = True
                             finally:
                                 PyBuffer_Release(&d)
-                        results[i - 1] = size if done else copy_out(i - 1, key, entry)  # that raises why not
+                        # the store's own copy raises why not (a short or read-only buffer)
+                        results[i - 1] = size if done else self.store._copy_into(key, entry, buffers[i - 1])
                     hits += 1
                     self._touch(raw, entry)
                     if size >= self.small_max:  # small ones were always copied under the lock
                         copied += size
-                        if copied >= stop_bytes:
+                        if copied >= self.batch_bytes:
                             break
-                except errors as exc:
+                except BATCH_ERRORS as exc:
                     results[i - 1] = exc
         finally:
             if hits:
                 self.counters["hits"] += hits
         return i
 
+    def read_batch(self, list keys, list buffers) -> list:
+        """``Store.batch_get``'s loop: see ``_read_batch``."""
+        return self._read_batch(keys, buffers)
 
-cdef bint _readable(object obj, Py_buffer *view):
-    """Take a C-contiguous view of ``obj``; False (no error set) if it has none."""
-    try:
-        PyObject_GetBuffer(obj, view, PyBUF_SIMPLE)
-    except (BufferError, TypeError, ValueError):
-        return False
-    return True
+    cdef list _read_batch(self, list keys, list buffers):
+        """The loop of ``Store.batch_get`` and ``batch_get_into``: copy the DRAM-resident values of up to
+        ``batch_max`` bytes among ``keys`` into ``buffers`` (None: into new bytes), the store's lock
+        taken once per ``batch_bytes`` copied.  Returns one slot per key: the byte count or the bytes,
+        or the exception (one of BATCH_ERRORS) the key raised, or None where the store's single-key path
+        must do the work (misses, SSD, large or expiring values, GPU buffers)."""
+        cdef Py_ssize_t n = len(keys), start = 0
+        cdef list results = [None] * n
+        while start < n:
+            self._lock_open()
+            try:
+                start = self._read_many(keys, buffers, results, start)
+            finally:
+                self.release()
+        return results
+
+    def batch_get_into(self, keys, buffers):
+        """``Store.batch_get_into`` in one call: one result per key, the byte count or the exception for
+        that key; the keys ``read_batch`` leaves go to the store's ``get_into`` one by one.  None leaves
+        the call to the store, which says what is wrong with its arguments (``keys`` and ``buffers`` not
+        two lists of the same length)."""
+        if type(keys) is not list or type(buffers) is not list or len(<list>keys) != len(<list>buffers):
+            return None
+        cdef list results = self._read_batch(<list>keys, <list>buffers)
+        cdef Py_ssize_t i
+        for i in range(len(results)):
+            if results[i] is None:
+                results[i] = self.store._each(self.store.get_into, keys[i], buffers[i])
+        return results
 
 
-cdef bint _writable(object obj, Py_buffer *view):
-    """Take a writable C-contiguous view of ``obj``; False (no error set) if it has none."""
-    try:
-        PyObject_GetBuffer(obj, view, PyBUF_SIMPLE | PyBUF_WRITABLE)
-    except (BufferError, TypeError, ValueError):
-        return False
-    return True
+cdef inline Entry _new_entry(Py_ssize_t size):
+    """A fresh entry of ``size`` bytes (below the 2**48 limit: a buffer's length), its fields set here
+    rather than through ``Entry.__init__``'s checks."""
+    cdef Entry entry = Entry.__new__(Entry)
+    entry.word.size = size
+    return entry
+
+
+cdef int _take_buffer(object obj, Py_buffer *view, int flags) except -1:
+    """Take a view of ``obj`` with ``flags``: 1, or 0 (no error set) if it has none (BufferError,
+    TypeError, ValueError: numpy's word for a read-only array).  No try block: the call is on every put
+    and read."""
+    if _get_buffer(obj, view, flags) == 0:
+        return 1
+    if PyErr_ExceptionMatches(BufferError) or PyErr_ExceptionMatches(TypeError) or PyErr_ExceptionMatches(ValueError):
+        PyErr_Clear()
+        return 0
+    return -1
+
+
+cdef inline int _readable(object obj, Py_buffer *view) except -1:
+    """Take a C-contiguous view of ``obj``: 1, or 0 (no error set) if it has none."""
+    return _take_buffer(obj, view, PyBUF_SIMPLE)
+
+
+cdef inline int _writable(object obj, Py_buffer *view) except -1:
+    """Take a writable C-contiguous view of ``obj``: 1, or 0 (no error set) if it has none."""
+    return _take_buffer(obj, view, PyBUF_SIMPLE | PyBUF_WRITABLE)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ the same calls), slowly and obviously, so the tests can check the fast versions 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import importlib
@@ -16,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from mooncakefs.api import PLAIN_PUT
+from mooncakefs.api import BATCH_ERRORS, PLAIN_PUT, value_error
 from mooncakefs.keys import InternalKey, encode_key  # the twin of _engine.encode_key: every key's rules
 
 ALLOC_UNIT = 64
@@ -697,15 +698,15 @@ class SharedIndex:
 class PlainPath:
     """``_engine.PlainPath`` in plain Python: the same steps in the same order."""
 
-    def __init__(self, dram: Any, store: Any, lock: Any, small_max: int, batch_max: int) -> None:
+    def __init__(self, dram: Any, store: Any, lock: Any, small_max: int, batch_max: int, batch_bytes: int) -> None:
         self.dram, self.store, self.lock = dram, store, lock
         self.index, self.counters, self.expiring = store._index, dram.counters, store._expiring
-        self.lower = store._ssd is not None or store._vram is not None
+        self.has_ssd, self.has_vram = store._ssd is not None, store._vram is not None
         self.closed = self.shared = False
         self.fresh, self.main, self.ghost = dram.fresh, dram.main, dram.ghost
         self.allocator, self.view = dram.allocator, dram.view
         self.high, self.low, self.fresh_max, self.ghost_factor = dram.high, dram.low, dram.fresh_max, dram.ghost_factor
-        self.small_max, self.batch_max = small_max, batch_max
+        self.small_max, self.batch_max, self.batch_bytes = small_max, batch_max, batch_bytes
         # entries of the engine in use: the tests also run this twin in a store on the Cython queues
         self.new_entry = importlib.import_module("mooncakefs._engine").Entry
 
@@ -714,6 +715,16 @@ class PlainPath:
 
     def index_shared(self) -> None:
         self.shared = True
+
+    def _plain_store(self) -> bool:
+        return not (self.closed or self.shared or self.has_vram or self.expiring)
+
+    @contextlib.contextmanager
+    def _lock_open(self) -> Iterator[None]:
+        with self.lock:
+            if self.closed:
+                self.store._check_open()
+            yield
 
     # -- writing --
 
@@ -741,46 +752,30 @@ class PlainPath:
             if len(self.ghost) > self.ghost_factor * len(self.index) + 64:
                 self.ghost.popitem(last=False)
 
-    def put(self, key: Any, value: Any) -> bool:
-        if type(key) is InternalKey:
-            return False
-        try:
-            size = nbytes(value)
-        except (BufferError, TypeError, ValueError):  # what _engine's _readable turns away
-            return False
-        if size >= self.small_max:
-            return False
-        raw = encode_key(key)
-        entry = self.new_entry(size)
-        with self.lock:
-            if self.closed or self.shared or self.lower or self.expiring:
-                return False
-            self._put(raw, key, entry, value, PLAIN_PUT)
-        return True
-
-    def _put(self, raw: bytes, key: Any, entry: Entry, value: Any, options: Any) -> None:
+    def _put(self, raw: bytes, key: Any, entry: Entry, value: Any, src: memoryview, options: Any) -> bool:
         size = entry.size
-        self._make_room(size)
-        handle, offset = self.allocator.reserve(size)
+        changed = False
+        if entry.sticky and self.has_ssd:
+            self.store._put_locked(raw, key, entry, value, options, self.batch_max + 1)
+            return False
+        if not self.has_ssd:
+            self._make_room(size)
+        handle = -1
+        if not self.has_ssd or self.allocator.used + size <= self.high:
+            handle, offset = self.allocator.reserve(size)
         if handle < 0:
             handle, offset = self.dram.reserve(size)
+            changed = self.has_ssd
             if handle < 0:
                 self.store._put_locked(raw, key, entry, value, options, size + 1)
-                return
+                return False
+        self.view[offset : offset + size] = src
         entry.dram, entry.dram_off = handle, offset
-        try:
-            src = _read_view(value, "value")
-            if src.nbytes != size:
-                raise ValueError(f"value is {src.nbytes} bytes, {size} expected")
-            self.view[offset : offset + size] = src
-        except BaseException:
-            self.allocator.free(handle)
-            entry.dram = entry.dram_off = -1
-            raise
         old = self.index.get(raw)
         self.index[raw] = entry
         if old is not None:
             self.dram.unqueue(raw, old)
+            changed = changed or old.seg >= 0
             self.store._discard(raw, old)
         if entry.sticky:
             pass
@@ -791,36 +786,70 @@ class PlainPath:
             self.main.append(raw, entry)
         else:
             self.fresh.append(raw, entry)
+        return changed
 
-    def put_run(
-        self,
-        run: list[Any],
-        at: int,
-        stop_bytes: int,
-        results: list[Any],
-        errors: tuple[type[BaseException], ...],
-        options: Any,
-    ) -> int:
-        copied = 0
-        while at < len(run) and copied < stop_bytes:
-            i, raw, key, entry, value = run[at]
-            at += 1
-            copied += entry.size
+    def put(self, key: Any, value: Any) -> bool:
+        if type(key) is InternalKey:
+            return False
+        try:
+            src = _read_view(value, "value")
+        except (BufferError, TypeError, ValueError):  # what _engine's _readable turns away
+            return False
+        if src.nbytes >= self.small_max:
+            return False
+        raw = encode_key(key)
+        entry = self.new_entry(src.nbytes)
+        with self.lock:
+            if not self._plain_store():
+                return False
+            changed = False
             try:
-                self._put(raw, key, entry, value, options)
-            except errors as exc:
-                results[i] = exc
-        return at
+                changed = self._put(raw, key, entry, value, src, PLAIN_PUT)
+            finally:
+                if changed:
+                    self.store._commit()
+        return True
 
-    def prepare_run(
-        self,
-        pairs: list[tuple[Any, Any]],
-        at: int,
-        results: list[Any],
-        run: list[Any],
-        value_error: Callable[[Any], BaseException],
-        errors: tuple[type[BaseException], ...],
-    ) -> int:
+    def _put_item(self, item: tuple[Any, ...], results: list[Any], options: Any) -> bool:
+        i, raw, key, entry, value = item
+        try:
+            src = _read_view(value, "value")
+            if src.nbytes != entry.size:
+                raise ValueError(f"value is {src.nbytes} bytes, {entry.size} expected")
+            return self._put(raw, key, entry, value, src, options)
+        except BATCH_ERRORS as exc:
+            results[i] = exc
+        return False
+
+    def put_run(self, run: list[Any], results: list[Any], options: Any, plain: bool) -> None:
+        at = 0
+        while at < len(run):
+            with self._lock_open():
+                copied = 0
+                if plain and self._plain_store():
+                    changed = False
+                    try:
+                        while at < len(run) and copied < self.batch_bytes:
+                            item = run[at]
+                            at += 1
+                            copied += item[3].size
+                            changed |= self._put_item(item, results, options)
+                    finally:
+                        if changed:
+                            self.store._commit()
+                else:
+                    while at < len(run) and copied < self.batch_bytes:
+                        i, raw, key, entry, value = run[at]
+                        at += 1
+                        copied += entry.size
+                        try:
+                            self.store._put_locked(raw, key, entry, value, options, self.batch_max + 1)
+                        except BATCH_ERRORS as exc:
+                            results[i] = exc
+                if at == len(run) and len(run) > 1:
+                    self._leaf_first(run)
+
+    def prepare_run(self, pairs: list[tuple[Any, Any]], at: int, results: list[Any], run: list[Any]) -> int:
         while at < len(pairs):
             key, value = pairs[at]
             results.append(None)
@@ -835,12 +864,28 @@ class PlainPath:
                 entry = self.new_entry(size)
                 entry.sticky = type(key) is InternalKey
                 run.append((at, raw, key, entry, value))
-            except errors as exc:
+            except BATCH_ERRORS as exc:
                 results[at] = exc
             at += 1
         return at
 
-    def leaf_first(self, run: list[Any]) -> None:
+    def batch_put(self, items: Any) -> list[Any] | None:
+        if type(items) is list:
+            pairs = items
+            if any(type(pair) is not tuple or len(pair) != 2 for pair in pairs):
+                return None
+        elif type(items) is dict:
+            pairs = list(items.items())
+        else:
+            return None
+        results: list[Any] = []
+        run: list[Any] = []
+        if self.prepare_run(pairs, 0, results, run) != len(pairs):
+            return None
+        self.put_run(run, results, PLAIN_PUT, True)
+        return results
+
+    def _leaf_first(self, run: list[Any]) -> None:
         for item in reversed(run):
             if item[3].queue == self.fresh.ident:
                 self.fresh.move_to_back(item[3])
@@ -890,18 +935,8 @@ class PlainPath:
             out[: entry.size] = self.view[entry.dram_off : entry.dram_off + entry.size]
             return entry.size
 
-    def read_many(
-        self,
-        keys: list[Any],
-        buffers: list[Any] | None,
-        results: list[Any],
-        start: int,
-        stop_bytes: int,
-        copy_out: Callable[[int, Any, Entry], Any],
-        errors: tuple[type[BaseException], ...],
-    ) -> int:
+    def _read_many(self, keys: list[Any], buffers: list[Any] | None, results: list[Any], i: int) -> int:
         copied = hits = 0
-        i = start
         try:
             while i < len(keys):
                 key = keys[i]
@@ -922,15 +957,32 @@ class PlainPath:
                             out[: entry.size] = self.view[entry.dram_off : entry.dram_off + entry.size]
                             results[i - 1] = entry.size
                         else:
-                            results[i - 1] = copy_out(i - 1, key, entry)
+                            results[i - 1] = self.store._copy_into(key, entry, buffers[i - 1])
                     hits += 1
                     self._touch(raw, entry)
                     if entry.size >= self.small_max:
                         copied += entry.size
-                        if copied >= stop_bytes:
+                        if copied >= self.batch_bytes:
                             break
-                except errors as exc:
+                except BATCH_ERRORS as exc:
                     results[i - 1] = exc
         finally:
             self.counters["hits"] += hits
         return i
+
+    def read_batch(self, keys: list[Any], buffers: list[Any] | None) -> list[Any]:
+        results: list[Any] = [None] * len(keys)
+        start = 0
+        while start < len(keys):
+            with self._lock_open():
+                start = self._read_many(keys, buffers, results, start)
+        return results
+
+    def batch_get_into(self, keys: Any, buffers: Any) -> list[Any] | None:
+        if type(keys) is not list or type(buffers) is not list or len(keys) != len(buffers):
+            return None
+        results = self.read_batch(keys, buffers)
+        for i, r in enumerate(results):
+            if r is None:
+                results[i] = self.store._each(self.store.get_into, keys[i], buffers[i])
+        return results

@@ -269,7 +269,7 @@ class Store(KVMapping):
         self._tiebreak = itertools.count()
         self._lock = threading.Lock()
         # small puts and reads in one C call each (the watermarks and fresh share are set by now)
-        self._plain = _engine.PlainPath(dram, self, self._lock, LOCKED_COPY_MAX, BATCH_LOCKED_MAX)
+        self._plain = _engine.PlainPath(dram, self, self._lock, LOCKED_COPY_MAX, BATCH_LOCKED_MAX, BATCH_LOCKED_BYTES)
         self._idle = threading.Condition(self._lock)  # close() waits here for unlocked copies to end
         self._unlocked_ops = 0
         self._closed = False
@@ -424,17 +424,6 @@ class Store(KVMapping):
             return
         raw, entry = self._prepare_put(key, size, options)
         self._put_prepared(raw, key, entry, value, options)
-
-    def _plain_store(self) -> bool:
-        """Whether ``_engine.PlainPath`` may store plain puts (lock held): an open, DRAM-only store with
-        no shared index to keep in step and nothing that may expire."""
-        return (
-            not self._closed
-            and self._shared is None
-            and self._ssd is None
-            and self._vram is None
-            and not self._expiring
-        )
 
     # -- GPU buffers and the VRAM tier ------------------------------------------------------------------
 
@@ -1453,18 +1442,25 @@ class Store(KVMapping):
         Items are taken to be a chain (a KV-cache prefix, as match_prefix reads it): the new values of
         a run are queued for eviction last item first, so that a chain's tail goes before its head."""
         options = put_options(pin, ttl, if_absent, durable, version, if_newer, tag, replicas, placement)
-        options.single_store("batch_put", f"the embedded store at {self.path}")
+        if options is PLAIN_PUT:  # the KV-cache case: a batch of small values is one C call, checks included
+            results = self._plain.batch_put(items)
+            if results is not None:
+                return results
+        else:
+            options.single_store("batch_put", f"the embedded store at {self.path}")
         return self._batch_put(put_pairs(items), options)
 
     def _batch_put(self, pairs: list[tuple[Key, Any]], options: PutOptions) -> list[Any]:
         """``batch_put`` with its items and options checked (what a node passes on from the wire)."""
-        results: list[Any] = []
+        if options is PLAIN_PUT and (results := self._plain.batch_put(pairs)) is not None:
+            return results
+        results = []
         small: list[tuple[int, bytes, Key, Entry, Any]] = []  # a run waiting for the lock
         plain = not (options.pin or options.durable or options.ttl is not None or options.version or options.tag)
         at = 0
         while at < len(pairs):
             if plain:  # the values of a run prepared in one call, up to the first one too large for it
-                at = self._plain.prepare_run(pairs, at, results, small, value_error, BATCH_ERRORS)
+                at = self._plain.prepare_run(pairs, at, results, small)
             else:
                 at = self._prepare_run(pairs, at, results, small, options)
             if at == len(pairs):
@@ -1517,76 +1513,40 @@ class Store(KVMapping):
         options: PutOptions,
         plain: bool = False,
     ) -> None:
-        """Store a run of prepared values under the lock, taken once per MiB, then empty the run.
-        ``plain``: no item is pinned, expiring, versioned or tagged (``_engine.PlainPath`` may do it)."""
-        n, at = len(run), 0
-        while at < n:
-            with self._lock:
-                self._check_open()
-                if (
-                    plain and options.replace is Replace.ALWAYS and not options.durable and self._plain_store()
-                ):  # the KV-cache case: the loop in Cython
-                    at = self._plain.put_run(run, at, BATCH_LOCKED_BYTES, results, BATCH_ERRORS, options)
-                else:
-                    copied = 0
-                    while at < n and copied < BATCH_LOCKED_BYTES:
-                        i, raw, key, entry, value = run[at]
-                        at += 1
-                        copied += entry.size
-                        try:
-                            self._put_locked(raw, key, entry, value, options, BATCH_LOCKED_MAX + 1)
-                        except BATCH_ERRORS as exc:
-                            results[i] = exc
-                if at == n and n > 1:  # leaf first (the run's head the newest of the fresh queue), still locked
-                    self._plain.leaf_first(run)
+        """Store a run of prepared values under the lock, taken once per MiB (``PlainPath.put_run``), the
+        run's head left the newest of the fresh queue; then empty the run.  ``plain``: no item is
+        pinned, expiring, versioned or tagged."""
+        self._plain.put_run(run, results, options, plain and options.replace is Replace.ALWAYS)
         run.clear()
 
     def batch_get_into(self, keys: Iterable[Key], buffers: Iterable[Any]) -> list[Any]:
         """get_into for many keys; one result per key: the byte count, or the exception for that key."""
-        keys, buffers = batch_targets(keys, buffers)
-        arena = self._dram.arena
+        results = self._plain.batch_get_into(keys, buffers)  # lists of keys and buffers: one C call
+        if results is None:
+            results = self._plain.batch_get_into(*batch_targets(keys, buffers))  # raises what is wrong
+        return results
 
-        def copy_out(i: int, key: Key, entry: Entry) -> int | None:
-            try:
-                room = _engine.nbytes(buffers[i])
-                if entry.size > room:
-                    raise BufferTooSmall(key, entry.size, room)
-                return arena.read_into(entry.dram_off, entry.size, buffers[i])
-            except TypeError:
-                if is_gpu_buffer(buffers[i]):
-                    return None  # get_into takes it, one key at a time
-                raise_buffer_error(buffers[i])
-                raise
-
-        results = self._batch_read(keys, buffers, copy_out)
-        if None not in results:  # every key read under the lock (the common case)
-            return results
-        return [r if r is not None else self._each(self.get_into, keys[i], buffers[i]) for i, r in enumerate(results)]
+    def _copy_into(self, key: Key, entry: Entry, buffer: Any) -> int | None:
+        """A DRAM value into ``buffer`` where ``PlainPath.read_batch`` could not copy it (lock held):
+        BufferTooSmall, or why the buffer is refused, as ``get_into`` says it; None for a GPU buffer
+        (``get_into`` takes it, one key at a time)."""
+        try:
+            room = _engine.nbytes(buffer)
+            if entry.size > room:
+                raise BufferTooSmall(key, entry.size, room)
+            return self._dram.arena.read_into(entry.dram_off, entry.size, buffer)
+        except TypeError:
+            if is_gpu_buffer(buffer):
+                return None
+            raise_buffer_error(buffer)
+            raise
 
     def batch_get(self, keys: Iterable[Key]) -> list[bytes | None]:
         """The values of many keys, None for each key that is missing (or invalid, or corrupted)."""
         keys = list(key_list(keys, "batch_get"))
-        arena = self._dram.arena
-        results = self._batch_read(keys, None, lambda i, key, entry: arena.read(entry.dram_off, entry.size))
+        results = self._plain.read_batch(keys, None)  # under the lock, once per MiB copied
         out = [self._each(self.get, keys[i]) if r is None else r for i, r in enumerate(results)]
         return [None if isinstance(v, Exception) else v for v in out]
-
-    def _batch_read(self, keys: list[Key], buffers: list[Any] | None, copy_out: Any) -> list[Any]:
-        """Read the DRAM-resident values of up to BATCH_LOCKED_MAX bytes among ``keys`` (into ``buffers``,
-        or new bytes) under the lock, taken once per MiB copied (BATCH_LOCKED_BYTES).
-
-        Returns one slot per key: the byte count or bytes, or the exception for that key, or None where
-        the single-key path must do the work (misses, SSD, large or expiring values).  ``copy_out(i, key,
-        entry)`` copies one value as the caller would, raising what it should (``PlainPath.read_many``)."""
-        n = len(keys)
-        results: list[Any] = [None] * n
-        read_many = self._plain.read_many
-        start = 0
-        while start < n:
-            with self._lock:
-                self._check_open()
-                start = read_many(keys, buffers, results, start, BATCH_LOCKED_BYTES, copy_out, BATCH_ERRORS)
-        return results
 
     def batch_exists(self, keys: Iterable[Key]) -> list[bool]:
         out = [self._each(self.exists, key) for key in key_list(keys, "batch_exists")]
