@@ -641,7 +641,7 @@ def test_fill_bytes_hands_a_writable_view_then_bytes(impl):
 
 
 def _batch_put_script(store, seed: int) -> list[tuple]:
-    """A random run of KV-cache-shaped calls on a small DRAM-only store, with what it holds after each:
+    """A random run of KV-cache-shaped calls on a small store, with what it holds after each:
     chains put (some overwritten, some back after eviction), prefixes matched and read, a leased head,
     a value of the wrong size and one that is not a buffer, single and batched reads (some into short
     buffers)."""
@@ -692,6 +692,7 @@ def _batch_put_script(store, seed: int) -> list[tuple]:
                 list(store._ghost),
                 store._fresh_bytes,
                 store.stats()["dram"],
+                store.stats().get("ssd"),
                 sorted(store._index),
             )
         )
@@ -701,14 +702,17 @@ def _batch_put_script(store, seed: int) -> list[tuple]:
     return snapshots
 
 
-def test_plain_path_engine_matches_reference(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ssd", [None, "4MiB"], ids=["dram-only", "with-ssd"])
+def test_plain_path_engine_matches_reference(tmp_path, monkeypatch, ssd):
+    """The same calls on the Cython PlainPath and its twin leave the same store behind, in a DRAM-only
+    store (eviction drops queue heads inline) and in one with an SSD tier (eviction demotes)."""
     import mooncakefs
     from mooncakefs import _engine as engine_module
     from mooncakefs import _reference as reference_module
 
     def run(impl, name: str) -> list[tuple]:
         monkeypatch.setattr(engine_module, "PlainPath", impl)
-        with mooncakefs.open(tmp_path / name, dram="256KiB") as store:
+        with mooncakefs.open(tmp_path / name, dram="256KiB", ssd=ssd, segment_size="1MiB") as store:
             return _batch_put_script(store, seed=3)
 
     native = run(engine_module.PlainPath, "engine")
@@ -716,6 +720,7 @@ def test_plain_path_engine_matches_reference(tmp_path, monkeypatch):
     assert native == twin
     assert any(s[0] for s in native), "the script never put a bad value"
     assert native[-1][6]["evictions"] > 100, "the script never filled the store"
+    assert ssd is None or native[-1][7]["objects"] > 0, "nothing was demoted to SSD"
     assert any("BufferTooSmall" in s[1] for s in native), "the script never read into a short buffer"
 
 
