@@ -2,13 +2,15 @@
 """Keys per second of the embedded store's small calls, by wall clock and by this process's CPU time.
 
 4 KiB ``put``, ``get``, ``get_into``, and 32-key ``batch_put`` / ``batch_get_into`` over 8192 resident keys
-of a DRAM-only store.  On a shared VM the wall clock says as much about the neighbours as about the code;
-the CPU time of the process is disturbed far less, so A/B runs (``PYTHONPATH=<tree>`` from each tree,
-interleaved) compare it.  One line per op: ``op keys_per_wall_s keys_per_cpu_s``.
+of a DRAM-only store (``--ssd``: with an SSD tier as well, as kv_bench's stores have).  On a shared VM the
+wall clock says as much about the neighbours as about the code; the CPU time of the process is disturbed
+far less, so A/B runs (``PYTHONPATH=<tree>`` from each tree, interleaved) compare it.  One line per op:
+``op keys_per_wall_s keys_per_cpu_s``.
 
 Example::
 
     python3 tools/bench/small_ops.py --seconds 2
+    python3 tools/bench/small_ops.py --seconds 2 --ssd 1GiB
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=2.0, help="time per op (default 2)")
     p.add_argument("--keys", type=int, default=8192, help="resident keys (default 8192)")
     p.add_argument("--batch", type=int, default=32, help="keys per batch call (default 32)")
+    p.add_argument("--ssd", help="an SSD tier of this size too (default: none); the values stay in DRAM")
     args = p.parse_args()
     values = [os.urandom(4096) for _ in range(64)]
     keys = [f"bench/key/{i:08d}" for i in range(args.keys)]
     groups = [keys[i : i + args.batch] for i in range(0, len(keys), args.batch)]
     items = [[(k, values[j % 64]) for j, k in enumerate(g)] for g in groups]
     one, buffers = bytearray(4096), [bytearray(4096) for _ in range(args.batch)]
-    with tempfile.TemporaryDirectory() as d, mooncakefs.open(d, dram="256MiB") as store:
+    with tempfile.TemporaryDirectory() as d, mooncakefs.open(d, dram="256MiB", ssd=args.ssd) as store:
         for i, key in enumerate(keys):
             store.put(key, values[i % 64])
 
