@@ -1442,19 +1442,18 @@ class Store(KVMapping):
         Items are taken to be a chain (a KV-cache prefix, as match_prefix reads it): the new values of
         a run are queued for eviction last item first, so that a chain's tail goes before its head."""
         options = put_options(pin, ttl, if_absent, durable, version, if_newer, tag, replicas, placement)
-        if options is PLAIN_PUT:  # the KV-cache case: a batch of small values is one C call, checks included
-            results = self._plain.batch_put(items)
-            if results is not None:
-                return results
-        else:
+        if options is not PLAIN_PUT:
             options.single_store("batch_put", f"the embedded store at {self.path}")
-        return self._batch_put(put_pairs(items), options)
+        return self._batch_put(items, options)
 
-    def _batch_put(self, pairs: list[tuple[Key, Any]], options: PutOptions) -> list[Any]:
-        """``batch_put`` with its items and options checked (what a node passes on from the wire)."""
-        if options is PLAIN_PUT and (results := self._plain.batch_put(pairs)) is not None:
-            return results
-        results = []
+    def _batch_put(self, items: Any, options: PutOptions) -> list[Any]:
+        """``batch_put`` with its options checked (what a node passes on from the wire: a list of pairs)."""
+        if options is PLAIN_PUT:  # the KV-cache case: a batch of small values is one C call, checks included
+            plain_results = self._plain.batch_put(items)
+            if plain_results is not None:
+                return plain_results
+        pairs = put_pairs(items)  # says what is wrong with items
+        results: list[Any] = []
         small: list[tuple[int, bytes, Key, Entry, Any]] = []  # a run waiting for the lock
         plain = not (options.pin or options.durable or options.ttl is not None or options.version or options.tag)
         at = 0
