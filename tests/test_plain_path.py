@@ -5,9 +5,12 @@ checks inside that call, saying what is wrong exactly as the store's general pat
 
 from __future__ import annotations
 
+import json
+import textwrap
 from typing import Any
 
 import pytest
+from conftest import run_python
 
 import mooncakefs
 from mooncakefs import store as store_module
@@ -25,6 +28,26 @@ def engine(request, monkeypatch) -> str:
     if request.param == "twin":
         monkeypatch.setattr(_engine, "PlainPath", _reference.PlainPath)
     return request.param
+
+
+def _put_then_die(tmp_path, engine: str, body: str) -> Any:
+    """Run ``body`` on a store at ``tmp_path`` (opened with ``SSD``) in a child interpreter that then exits
+    without closing it, as a killed process would, and return what the body printed (JSON): a reopen
+    finds only what the puts themselves committed, not what a close would have."""
+    prelude = (
+        "import json, os, sys\n"
+        "import mooncakefs\n"
+        "from mooncakefs import _engine, _reference\n"
+        "from mooncakefs.keys import InternalKey\n"
+        "if sys.argv[2] == 'twin':\n"
+        "    _engine.PlainPath = _reference.PlainPath\n"
+        f"BLOCK = {BLOCK}\n"
+        "store = mooncakefs.open(sys.argv[1], **json.loads(sys.argv[3]))\n"
+    )
+    code = prelude + textwrap.dedent(body) + "\nos._exit(0)  # no close\n"
+    done = run_python(code, str(tmp_path), engine, json.dumps(SSD))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
 
 
 def _refuse(monkeypatch, name: str, where: Any = store_module.Store) -> None:
@@ -56,40 +79,56 @@ def test_small_puts_into_a_store_with_an_ssd_tier_take_the_plain_path(tmp_path, 
 @pytest.mark.parametrize("way", ["put", "batch_put"])
 def test_plain_puts_demote_what_dram_evicts_and_commit_it(tmp_path, engine, way):
     """Past the high watermark, eviction goes through the DRAM tier's general path: victims are written
-    to SSD, not dropped, and their SSD copies are committed (they are there after a reopen)."""
+    to SSD, not dropped, and their SSD copies are committed by the puts (they are there after a reopen
+    of a store that was never closed)."""
     values = {f"k/{i}": bytes([i]) * BLOCK for i in range(40)}
-    with mooncakefs.open(tmp_path, **SSD) as store:
-        if way == "put":
+    seen = _put_then_die(
+        tmp_path,
+        engine,
+        f"""
+        values = {{f"k/{{i}}": bytes([i]) * BLOCK for i in range(40)}}
+        if {way!r} == "put":
             for key, value in values.items():
                 store.put(key, value)
         else:
             for i in range(0, 40, 8):
                 assert store.batch_put(list(values.items())[i : i + 8]) == [None] * 8
-        stats = store.stats()
-        assert stats["dram"]["evictions"] > 0
-        assert stats["ssd"]["objects"] > 0
-        assert stats["objects"] == 40  # none dropped
-        assert all(store.get(key) == value for key, value in values.items())
-        on_ssd = {key for key in values if store.stat(key).tier == "ssd"}
+        read_back = all(store.get(key) == value for key, value in values.items())
+        on_ssd = sorted(key for key in values if store.stat(key).tier == "ssd")
+        print(json.dumps(dict(stats=store.stats(), read_back=read_back, on_ssd=on_ssd)))
+        """,
+    )
+    stats = seen["stats"]
+    assert stats["dram"]["evictions"] > 0
+    assert stats["ssd"]["objects"] > 0
+    assert stats["objects"] == 40  # none dropped
+    assert seen["read_back"]
     with mooncakefs.open(tmp_path, **SSD) as store:
-        assert on_ssd and all(store.get(key) == values[key] for key in on_ssd)
+        assert seen["on_ssd"] and all(store.get(key) == values[key] for key in seen["on_ssd"])
 
 
 @pytest.mark.parametrize("way", ["put", "batch_put"])
 def test_a_plain_put_frees_the_ssd_copy_of_the_value_it_replaces(tmp_path, engine, way):
-    """The value replaced had an SSD copy: the store frees it, and the removal is committed (a reopen does
-    not bring the old value back)."""
-    with mooncakefs.open(tmp_path, **SSD) as store:
+    """The value replaced had an SSD copy: the store frees it, and the put commits the removal (a reopen
+    of a store that was never closed does not bring the old value back)."""
+    seen = _put_then_die(
+        tmp_path,
+        engine,
+        f"""
+        store.put("keep", b"kept" * 100, durable=True)  # the segment stays: only the index forgets "k"
         store.put("k", b"old" * 100, durable=True)
-        assert store.stats()["ssd"]["objects"] == 1
-        if way == "put":
+        before = store.stats()["ssd"]["objects"]
+        if {way!r} == "put":
             store.put("k", b"new" * 100)
         else:
             assert store.batch_put([("k", b"new" * 100), ("other", b"x")]) == [None, None]
-        assert store.stats()["ssd"]["objects"] == 0
-        assert store.get("k") == b"new" * 100
+        print(json.dumps([before, store.stats()["ssd"]["objects"], store.get("k") == b"new" * 100]))
+        """,
+    )
+    assert seen == [2, 1, True]
     with mooncakefs.open(tmp_path, **SSD) as store:
         assert "k" not in store  # the new value lived in DRAM only; the old one is gone for good
+        assert store.get("keep") == b"kept" * 100
 
 
 def test_a_sticky_value_in_a_plain_batch_is_written_through(tmp_path, engine):
