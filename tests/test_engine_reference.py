@@ -913,6 +913,21 @@ def test_arena_engine_matches_reference(engine, reference, seed):
             arena.read(0, 1)
 
 
+@pytest.mark.parametrize("dst_head, delta", [(0, 0), (1, -1), (33, 1), (4095, 129)])
+def test_a_large_arena_write_streams_byte_exact(engine, reference, stream_kind, dst_head, delta):
+    """Arena.write of STREAM_COPY_MIN bytes or more (a FUSE chunk's put) takes the streaming copy on every
+    path: the same pool bytes as the twin, off the 32-byte grid and with odd tails, the guard bytes
+    around the value untouched."""
+    value = random.Random(delta).randbytes(engine.STREAM_COPY_MIN + delta)
+    size = len(value) + dst_head + 4096
+    pools = [bytearray(size), bytearray(size)]
+    for arena in (engine.Arena(pools[0]), reference.Arena(pools[1])):
+        assert arena.write(dst_head, value) == len(value)
+        arena.release()
+    assert pools[0] == pools[1]
+    assert pools[0][dst_head : dst_head + len(value)] == value
+
+
 def test_entry_engine_matches_reference(engine, reference):
     """Both entries start with the same fields and keep what is set, versions up to 2**126 included."""
     fields = [f.lstrip("_") for f in reference.Entry.__slots__]
