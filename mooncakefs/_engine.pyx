@@ -1410,7 +1410,7 @@ cdef class PlainPath:
         cdef list pairs, results = [], run = []
         cdef Py_ssize_t i, n
         if type(items) is list:
-            pairs = <list>items
+            pairs = list(<list>items)  # our own: the caller's list may change while the lock is awaited
             n = len(pairs)
             for i in range(n):
                 if type(pairs[i]) is not tuple or len(<tuple>pairs[i]) != 2:
@@ -1584,6 +1584,9 @@ cdef class PlainPath:
         two lists of the same length)."""
         if type(keys) is not list or type(buffers) is not list or len(<list>keys) != len(<list>buffers):
             return None
+        # Copies: the loops index them unchecked, and another thread may resize the caller's lists while
+        # the lock is awaited (the GIL released).
+        keys, buffers = list(<list>keys), list(<list>buffers)
         cdef list results = self._read_batch(<list>keys, <list>buffers)
         cdef Py_ssize_t i
         for i in range(len(results)):

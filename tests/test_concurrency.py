@@ -433,6 +433,47 @@ def test_small_calls_wait_for_the_store_lock(store_factory, call):
     check_small(store.get("k"), 1, "after")
 
 
+LISTS_RESIZED = r"""
+import sys, threading, time
+import mooncakefs
+
+store = mooncakefs.open(sys.argv[1], dram="8MiB", ssd=None)
+keys = [f"k{i}" for i in range(8)]
+for key in keys:
+    store.put(key, b"v" * 64)
+for i in range(20000):
+    store.put(f"x{i}", b"x")
+buffers = [bytearray(64) for _ in keys]
+items = [(key, b"w" * 64) for key in keys]
+out = {}
+calls = {
+    "batch_get_into": lambda: store.batch_get_into(keys, buffers),
+    "batch_put": lambda: store.batch_put(items),
+}
+with store._lock:
+    thread = threading.Thread(target=lambda: out.update(r=calls[sys.argv[2]]()))
+    thread.start()
+    time.sleep(0.3)  # most likely waiting for the lock by now; either way the answer below holds
+    keys.extend(f"x{i}" for i in range(20000))  # grown: read on past the end of the results
+    buffers.extend(bytearray(64) for _ in range(20000))
+    items.clear()  # shrunk: read on through freed memory
+thread.join()
+results = out["r"]
+assert len(results) in (0, 8, 20008), len(results)
+print("ok", len(results))
+"""
+
+
+@pytest.mark.parametrize("call", ["batch_get_into", "batch_put"])
+def test_a_batch_whose_lists_grow_while_it_waits_for_the_lock(tmp_path, call):
+    """The C batch loops index the lists unchecked: they must work on their own copies, since another
+    thread may resize the caller's lists while the call waits for the store's lock with the GIL
+    released (before, a grown key list wrote past the end of the results, a shrunk item list was read
+    from freed memory: a crash or a corrupt heap)."""
+    proc = run_python(LISTS_RESIZED, str(tmp_path / "store"), call, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), (proc.returncode, proc.stderr[-2000:])
+
+
 # ------------------------------------------------------------------------------ close under load
 
 CLOSE_UNDER_LOAD = r"""
