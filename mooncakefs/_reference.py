@@ -871,7 +871,7 @@ class PlainPath:
 
     def batch_put(self, items: Any) -> list[Any] | None:
         if type(items) is list:
-            pairs = items
+            pairs = list(items)  # our own, as PlainPath's: the caller's may change while the lock is awaited
             if any(type(pair) is not tuple or len(pair) != 2 for pair in pairs):
                 return None
         elif type(items) is dict:
@@ -981,6 +981,7 @@ class PlainPath:
     def batch_get_into(self, keys: Any, buffers: Any) -> list[Any] | None:
         if type(keys) is not list or type(buffers) is not list or len(keys) != len(buffers):
             return None
+        keys, buffers = list(keys), list(buffers)  # our own, as PlainPath's
         results = self.read_batch(keys, buffers)
         for i, r in enumerate(results):
             if r is None:
