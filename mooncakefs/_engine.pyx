@@ -86,10 +86,22 @@ cdef extern from *:
 ALLOC_UNIT = UNIT
 
 
+cdef bint _strided(object obj):
+    """Whether ``obj`` exports a buffer, just not a C-contiguous one."""
+    try:
+        return not memoryview(obj).c_contiguous
+    except (TypeError, ValueError):
+        return False
+
+
 cdef inline int _get_read(object obj, Py_buffer *view, str what) except -1:
     try:
         PyObject_GetBuffer(obj, view, PyBUF_SIMPLE)
-    except (BufferError, ValueError) as exc:  # numpy says ValueError for a strided array
+    except BufferError as exc:
+        raise TypeError(f"{what} must be a C-contiguous bytes-like object: {exc}") from None
+    except ValueError as exc:  # numpy's word for a strided array; a closed mmap's too, which stays one
+        if not _strided(obj):
+            raise
         raise TypeError(f"{what} must be a C-contiguous bytes-like object: {exc}") from None
     except TypeError:
         raise TypeError(f"{what} must be a bytes-like object (bytes, bytearray, memoryview, numpy array), "

@@ -209,6 +209,20 @@ def test_copy_into_2d_numpy_dst(impl):
     np.testing.assert_array_equal(dst, expected)
 
 
+def test_a_strided_source_is_a_type_error_and_a_closed_mmap_a_value_error(impl):
+    """Callers tell the two apart: a strided array is a bad argument (InvalidArgument once the store
+    words it), a mapping closed meanwhile is the transfer engine's cue to fall back (local.copy_now)."""
+    import mmap
+
+    with pytest.raises(TypeError, match="C-contiguous"):
+        impl.copy(bytearray(64), np.zeros((4, 4))[:, ::2])
+    closed = mmap.mmap(-1, 4096)
+    closed.close()
+    with pytest.raises(ValueError) as caught:
+        impl.copy(bytearray(64), closed)
+    assert not isinstance(caught.value, TypeError)
+
+
 def test_copy_dst_too_small(impl):
     with pytest.raises(ValueError):
         impl.copy(bytearray(9), b"0123456789")
