@@ -239,13 +239,11 @@ class RemoteStore(KVMapping):
                         raise error_from_meta(meta)
                     if len(fds) != 2:
                         raise ProtocolError(f"{self.url}: the node did not pass its pool and index")
-                    rw = mmap.PROT_READ | mmap.PROT_WRITE
-                    self._pool = mmap.mmap(fds[0], meta[0], mmap.MAP_SHARED, rw)
-                    index_map = mmap.mmap(fds[1], meta[1], mmap.MAP_SHARED, rw)
+                    self._pool = shm.map_whole(fds[0], meta[0])
+                    index_map = mmap.mmap(fds[1], meta[1], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
                 finally:
                     for fd in fds:
                         os.close(fd)
-                shm.advise_huge(self._pool)  # the node's huge pages (if the host lends them) mapped whole here
                 self._pool_view = memoryview(self._pool)
                 if self._prefault_pool:
                     threading.Thread(

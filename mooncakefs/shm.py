@@ -23,6 +23,7 @@ so its page tables can map the huge pages whole.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 from dataclasses import dataclass
@@ -124,6 +125,18 @@ def _hugetlb(label: str, size: int) -> SharedMemory | None:
         os.close(fd)
         return None
     return SharedMemory(fd, m, length, HUGETLB)
+
+
+def map_whole(fd: int, at_least: int) -> mmap.mmap:
+    """Map another process's memfd read-write, all of it, advised for huge pages.  All of it: a memfd
+    on reserved huge pages is whole 2 MiB pages, and an unmap of a shorter length fails (EINVAL, which
+    ``mmap.close`` ignores), so a mapping of just what the user asked for would outlive its close."""
+    size = os.fstat(fd).st_size
+    if size < at_least:
+        raise OSError(errno.ESTALE, f"shared memory of {size} bytes where {at_least} were promised")
+    m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    advise_huge(m)  # the owner's huge pages mapped whole here too
+    return m
 
 
 def advise_huge(m: mmap.mmap) -> bool:

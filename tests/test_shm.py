@@ -124,6 +124,34 @@ def test_reserved_huge_pages_back_the_pool_and_managed_buffers() -> None:
     tier.close()
 
 
+def _mapped_ranges(fd_name: str) -> list[str]:
+    return [line for line in Path("/proc/self/maps").read_text().splitlines() if fd_name in line]
+
+
+@pytest.mark.skipif(shm.free_hugetlb_bytes() < 8 * MiB, reason="no free reserved 2 MiB huge pages (vm.nr_hugepages)")
+def test_another_process_mapping_of_a_huge_paged_memfd_goes_at_close() -> None:
+    """A 3 MiB pool is a 4 MiB memfd on huge pages; a client that mapped 3 MiB could never unmap it
+    (munmap of a hugetlb mapping wants whole huge pages; mmap.close ignores the EINVAL), so each
+    client or transfer-engine remap leaked the mapping and pinned its pages."""
+    owner = shm.create("mooncakefs-map-whole", 3 * MiB)
+    assert owner.pages == shm.HUGETLB
+    before = len(_mapped_ranges("mooncakefs-map-whole"))
+    for _ in range(3):
+        m = shm.map_whole(owner.fd, 3 * MiB)
+        m[3 * MiB - 1] = 7
+        m.close()
+    assert len(_mapped_ranges("mooncakefs-map-whole")) == before
+    owner.close()
+
+
+def test_a_memfd_shorter_than_promised_is_refused() -> None:
+    owner = shm.create("mooncakefs-short", 64 * 1024)
+    with pytest.raises(OSError) as caught:
+        shm.map_whole(owner.fd, owner.length + 1)
+    assert caught.value.errno == errno.ESTALE
+    owner.close()
+
+
 def test_the_pool_and_managed_buffers_say_which_pages_they_got(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(shm.HUGEPAGES_ENV, "off")
     tier = DramTier(4 * MiB)

@@ -137,11 +137,9 @@ class ProcessTransport:
                     raise OSError(errno.ESTALE, f"{path} is no longer the peer's buffer")
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
                 try:
-                    size = -(-length // mmap.PAGESIZE) * mmap.PAGESIZE
-                    m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                    m = shm.map_whole(fd, length)
                 finally:
                     os.close(fd)
-                shm.advise_huge(m)  # the peer's huge pages, mapped whole here too
                 view = memoryview(m)
                 hit = self._maps[memfd] = _PeerMapping(m, view, addr, _engine.address(view))
             return hit
