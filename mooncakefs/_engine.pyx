@@ -1177,8 +1177,8 @@ cdef class PlainPath:
         self.small_max, self.batch_max, self.batch_bytes = small_max, batch_max, batch_bytes
 
     def close(self) -> None:
-        """The store is closed (lock held): every call leaves the work to the store's general path, which
-        says so."""
+        """The store is closed (lock held): the calls that take the lock raise StoreClosed themselves
+        (``_lock_open``); the others leave the work to the store's general path, which says so."""
         self.closed = True
 
     def index_shared(self) -> None:
@@ -1187,7 +1187,7 @@ cdef class PlainPath:
 
     cdef inline bint _plain_store(self) noexcept:
         """Whether plain puts may be stored here (lock held): an open store with no shared index to keep
-        in step, no VRAM tier and nothing that may expire (``Store._plain_store``)."""
+        in step, no VRAM tier and nothing that may expire (otherwise ``Store._put_locked`` stores them)."""
         return not (self.closed or self.shared or self.has_vram or self.expiring)
 
     cdef int _lock_open(self) except -1:
@@ -1343,8 +1343,8 @@ cdef class PlainPath:
         self._put_run(run, results, options, plain)
 
     cdef int _put_run(self, list run, list results, options, bint plain) except -1:
-        """Store a run of prepared items ``(i, raw, key, Entry, value)`` (from
-        ``prepare_run``), the store's lock taken once per ``batch_bytes`` copied; an item that raises
+        """Store a run of prepared items ``(i, raw, key, Entry, value)`` (from ``prepare_run``, or from
+        ``Store._prepare_run`` for other options), the store's lock taken once per ``batch_bytes`` copied; an item that raises
         one of BATCH_ERRORS gets it in ``results[i]``.  ``plain``: no item is pinned, expiring,
         versioned, tagged, durable or conditional, so while the store allows it (``_plain_store``) the
         items are stored here, and otherwise one by one by the store's general path.  The run's new

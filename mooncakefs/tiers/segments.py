@@ -19,6 +19,13 @@ from mooncakefs.errors import OutOfSpace
 
 DIRECT_ALIGN = 4096  # O_DIRECT needs page-aligned memory, offsets and lengths
 DIRECT_MIN = 1 << 20  # below this the page cache is cheaper than a device round trip
+
+
+def direct_aligned(data: memoryview) -> bool:
+    """Whether ``data`` is large enough for O_DIRECT and whole pages at a page-aligned address."""
+    return data.nbytes >= DIRECT_MIN and not data.nbytes % DIRECT_ALIGN and not _engine.address(data) % DIRECT_ALIGN
+
+
 _SEGMENT_FILE = re.compile(r"^seg-(\d{8})\.dat$")
 _JOURNAL_FILE = re.compile(r"^seg-(\d{8})\.keys$")
 
@@ -159,8 +166,7 @@ class SegmentFile:
         self.dir_synced = journal_fd < 0  # a segment found at open is in its directory already
 
     def can_direct(self, data: memoryview) -> bool:
-        size = data.nbytes
-        if size < DIRECT_MIN or size % DIRECT_ALIGN or _engine.address(data) % DIRECT_ALIGN or self.direct_fd == -2:
+        if self.direct_fd == -2 or not direct_aligned(data):
             return False
         if self.direct_fd == -1:
             try:

@@ -45,10 +45,10 @@ from mooncakefs.errors import InvalidArgument, MooncakeError
 from mooncakefs.tiers.base import Placement
 from mooncakefs.tiers.segments import (
     DIRECT_ALIGN,
-    DIRECT_MIN,
     SegmentFiles,
     SegmentPlace,
     SegmentStore,
+    direct_aligned,
     fsync_path,
     full_disk,
     is_block_device,
@@ -722,7 +722,7 @@ class SsdTier:
         """Whether a value may be written without the store's lock (``reserve``): only page-aligned
         whole pages, which share no device block with their neighbours (a device region rewrites the
         blocks around an unaligned value, so those are written in order, under the lock)."""
-        return data.nbytes >= DIRECT_MIN and not data.nbytes % DIRECT_ALIGN and not _engine.address(data) % DIRECT_ALIGN
+        return direct_aligned(data)
 
     def reserve(self, data: memoryview) -> Reservation:
         """Set aside room for ``data`` (``unlocked``; the caller checked ``room``), so that its bytes can

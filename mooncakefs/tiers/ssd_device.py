@@ -27,7 +27,7 @@ from pathlib import Path
 
 from mooncakefs import _engine
 from mooncakefs.errors import DeviceRefused, OutOfSpace, StoreLocked
-from mooncakefs.tiers.segments import DIRECT_ALIGN, DIRECT_MIN, Found, SegmentPlace
+from mooncakefs.tiers.segments import DIRECT_ALIGN, Found, SegmentPlace, direct_aligned
 from mooncakefs.units import format_size
 
 log = logging.getLogger("mooncakefs.ssd")
@@ -162,7 +162,7 @@ class DeviceRegion:
         self._tail_end = -1  # the journal offset the cached tail ends at (-1: not cached)
 
     def can_direct(self, data: memoryview) -> bool:
-        return data.nbytes >= DIRECT_MIN and not data.nbytes % DIRECT_ALIGN and not _engine.address(data) % DIRECT_ALIGN
+        return direct_aligned(data)
 
     def write(self, data: memoryview, off: int, direct: bool) -> None:
         if off + data.nbytes > self.data_size:
