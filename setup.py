@@ -11,6 +11,7 @@ extensions = [
     Extension(
         "mooncakefs._engine",
         ["mooncakefs/_engine.pyx"],
+        depends=["mooncakefs/_crc32c.h", "mooncakefs/_shared_index.h", "mooncakefs/_stream_copy.h"],
         extra_compile_args=["-O3"],
     )
 ]

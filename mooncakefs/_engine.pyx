@@ -121,12 +121,21 @@ cdef inline int _get_write(object obj, Py_buffer *view, str what) except -1:
     return 0
 
 
+cdef extern from "_stream_copy.h" nogil:
+    void mc_copy(void *dst, const void *src, size_t n)  # memcpy, but not REP MOVSB's slow case
+    bint mc_stream_worth(size_t total)
+    void mc_stream_copy(void *dst, const void *src, size_t n)
+    int mc_stream_current()
+    int mc_stream_force(int kind)
+    size_t MC_STREAM_MIN
+
+
 cdef inline void _memcpy(void *dst, const void *src, size_t n) noexcept:
     if n >= GIL_FREE_BYTES:
         with nogil:
-            memcpy(dst, src, n)
+            mc_copy(dst, src, n)
     else:
-        memcpy(dst, src, n)
+        mc_copy(dst, src, n)
 
 
 cdef inline uint32_t _crc(uint32_t crc, const uint8_t *p, size_t n) noexcept:
@@ -232,10 +241,10 @@ def copy_many(dsts, srcs) -> int:
         if total >= GIL_FREE_BYTES:
             with nogil:
                 for i in range(count):
-                    memcpy(d[i].buf, s[i].buf, <size_t>s[i].len)
+                    mc_copy(d[i].buf, s[i].buf, <size_t>s[i].len)
         else:
             for i in range(count):
-                memcpy(d[i].buf, s[i].buf, <size_t>s[i].len)
+                mc_copy(d[i].buf, s[i].buf, <size_t>s[i].len)
         return total
     finally:
         for i in range(held):
@@ -1513,7 +1522,7 @@ cdef class PlainPath:
                 if d.len < size:
                     return -2 - size
                 self.arena._check(<size_t>entry.dram_unit * UNIT, size)
-                memcpy(d.buf, self.arena.base + <size_t>entry.dram_unit * UNIT, size)
+                mc_copy(d.buf, self.arena.base + <size_t>entry.dram_unit * UNIT, size)
                 return size
             finally:
                 self.release()
@@ -1640,13 +1649,6 @@ cdef inline int _writable(object obj, Py_buffer *view) except -1:
 # ---------------------------------------------------------------------------------------------------
 # The transfer engine's same-host batches.  Twin: _reference.copy_at.
 
-cdef extern from "_stream_copy.h" nogil:
-    bint mc_stream_worth(size_t total)
-    void mc_stream_copy(void *dst, const void *src, size_t n)
-    int mc_stream_current()
-    int mc_stream_force(int kind)
-    size_t MC_STREAM_MIN
-
 STREAM_COPY_MIN = MC_STREAM_MIN
 _STREAM_KINDS = ("memcpy", "sse2", "avx2")  # the header's MC_STREAM_MEMCPY, _SSE2, _AVX2
 
@@ -1700,10 +1702,10 @@ def copy_at(dst_addrs, src_addrs, lengths, pinned=()) -> int:
         elif total >= GIL_FREE_BYTES:
             with nogil:
                 for i in range(count):
-                    memcpy(<void *>d[i], <const void *>s[i], n[i])
+                    mc_copy(<void *>d[i], <const void *>s[i], n[i])
         else:
             for i in range(count):
-                memcpy(<void *>d[i], <const void *>s[i], n[i])
+                mc_copy(<void *>d[i], <const void *>s[i], n[i])
         return total
     finally:
         for i in range(held):

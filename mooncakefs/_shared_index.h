@@ -124,7 +124,7 @@ static int64_t mc_idx_read(void *base, uint64_t mask, const uint8_t *pool, uint6
         if (mc_stream_worth(size))
             mc_stream_copy(dst, pool + off, size); /* a large value: streaming stores (_stream_copy.h) */
         else
-            memcpy(dst, pool + off, size);
+            mc_copy(dst, pool + off, size);
         MC_BARRIER();
         if (MC_LOAD32(&s->seq) != seq) return -1;
         __atomic_fetch_add(&s->hits, 1, __ATOMIC_RELAXED);

@@ -18,6 +18,14 @@
  * step) is memcpy'd after an sfence, so that the streamed stores are ordered before any later store.
  * Elsewhere (not x86-64 or not GCC/clang), memcpy.  mc_stream_force(kind) pins the path (tests):
  * MC_STREAM_AUTO, MC_STREAM_MEMCPY, MC_STREAM_SSE2 or MC_STREAM_AVX2 (taken only where the CPU has it).
+ *
+ * mc_copy(dst, src, n): every other copy of the store and the transfer engine (memcpy's contract).
+ * glibc copies 2112 bytes and more (x86_rep_movsb_threshold, on CPUs with FSRM) with REP MOVSB, which
+ * on the AMD EPYC dev VMs runs 4-6x slower when the destination is 1 to 63 bytes past the source, modulo
+ * a page (4K aliasing): a 4 KiB get_into a slice of a large numpy array (numpy's data starts 16 bytes
+ * into a page, the pool's values at 0) took 3.5-5 us instead of 0.7-0.9, and so did 64 KiB and 256 KiB.
+ * Such copies (MC_SKEW_MIN bytes or more) take a 32-byte vector loop whose aligned stores trail its
+ * loads; all others, and any without AVX2 or with the memcpy path forced, are memcpy.
  */
 #ifndef MC_STREAM_COPY_H
 #define MC_STREAM_COPY_H
@@ -28,6 +36,8 @@
 
 #define MC_STREAM_MIN ((size_t)4 << 20)
 #define MC_STREAM_BLOCK_MIN ((size_t)4096) /* blocks below this in a streamed call are memcpy'd */
+#define MC_SKEW_MIN ((size_t)2048)         /* glibc's REP MOVSB starts at 2112 */
+#define MC_SKEW_SPAN ((uintptr_t)64)       /* dst - src, modulo a page, in [1, 64): the slow case */
 
 enum { MC_STREAM_AUTO = -1, MC_STREAM_MEMCPY = 0, MC_STREAM_SSE2 = 1, MC_STREAM_AVX2 = 2 };
 
@@ -89,12 +99,40 @@ static void mc_stream_sse2(char *d, const char *s, size_t n) {
     memcpy(d + i, s + i, n - i);
 }
 
+__attribute__((target("avx2"))) static void mc_skew_avx2(char *d, const char *s, size_t n) {
+    size_t i = (32 - ((uintptr_t)d & 31)) & 31; /* n >= MC_SKEW_MIN: the head always fits */
+    memcpy(d, s, i);
+    for (; i + 128 <= n; i += 128) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(s + i));
+        __m256i b = _mm256_loadu_si256((const __m256i *)(s + i + 32));
+        __m256i c = _mm256_loadu_si256((const __m256i *)(s + i + 64));
+        __m256i e = _mm256_loadu_si256((const __m256i *)(s + i + 96));
+        _mm256_store_si256((__m256i *)(d + i), a);
+        _mm256_store_si256((__m256i *)(d + i + 32), b);
+        _mm256_store_si256((__m256i *)(d + i + 64), c);
+        _mm256_store_si256((__m256i *)(d + i + 96), e);
+    }
+    memcpy(d + i, s + i, n - i);
+}
+
+/* 1 if a copy of n bytes from s to d is REP MOVSB's slow case (the header's comment). */
+static inline int mc_skewed(const void *d, const void *s, size_t n) {
+    return n >= MC_SKEW_MIN && (((uintptr_t)d - (uintptr_t)s) & 4095) - 1 < MC_SKEW_SPAN - 1;
+}
+
+static inline void mc_copy(void *dst, const void *src, size_t n) {
+    if (mc_skewed(dst, src, n) && mc_stream_current() == MC_STREAM_AVX2)
+        mc_skew_avx2((char *)dst, (const char *)src, n);
+    else
+        memcpy(dst, src, n);
+}
+
 static inline void mc_stream_copy(void *dst, const void *src, size_t n) {
     char *d = (char *)dst;
     const char *s = (const char *)src;
     int kind = mc_stream_current();
     if (n < MC_STREAM_BLOCK_MIN || kind == MC_STREAM_MEMCPY) {
-        memcpy(d, s, n);
+        mc_copy(d, s, n);
         return;
     }
     size_t head = (32 - ((uintptr_t)d & 31)) & 31; /* n >= 4096: the head always fits */
@@ -111,6 +149,7 @@ static inline int mc_stream_force(int kind) {
     (void)kind;
     return MC_STREAM_MEMCPY;
 }
+static inline void mc_copy(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
 static inline void mc_stream_copy(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
 #endif
 

@@ -341,6 +341,23 @@ def test_streaming_copy_of_a_batch_with_blocks_around_the_block_minimum_matches_
     _copy_at_both(engine, reference, src, sizes, dst_at, src_at)
 
 
+@pytest.mark.parametrize("size", [2047, 2048, 2049, 4096, 4096 + 127, (64 << 10) + 33])
+@pytest.mark.parametrize("skew", [1, 16, 31, 63, 64, 4080])
+@pytest.mark.parametrize("dst_head", [0, 5, 32])
+def test_a_copy_just_past_its_source_is_byte_exact(engine, stream_kind, size, skew, dst_head):
+    """Copies whose destination is 1 to 63 bytes past the source, modulo a page (REP MOVSB's slow case,
+    which mc_copy takes with its own vector loop), of sizes around MC_SKEW_MIN, with every head (the
+    destination off the 32-byte grid) and tail: the bytes land, the bytes around them stay untouched."""
+    src = np.frombuffer(random.Random(size + skew).randbytes(size + 8192), dtype=np.uint8)
+    src_at = 4096 - src.ctypes.data % 4096 + dst_head
+    source = src[src_at : src_at + size]
+    dst = np.zeros(size + 8192, dtype=np.uint8)
+    at = (source.ctypes.data + skew - dst.ctypes.data) % 4096
+    assert engine.copy(dst[at : at + size + 7], source) == size
+    assert np.array_equal(dst[at : at + size], source)
+    assert not dst[:at].any() and not dst[at + size :].any()
+
+
 def test_the_streaming_copy_paths_are_named_and_bad_ones_refused(impl):
     """The benches print the path beside their references; the twin never streams."""
     assert impl.stream_copy_kind() in ("memcpy", "sse2", "avx2")
