@@ -205,6 +205,24 @@ def test_a_value_larger_than_a_region_is_out_of_space(tmp_path, device):
         assert store.get("fits") == rand_bytes(3 * MiB, "fits")
 
 
+def test_a_durable_commit_syncs_the_device_once_for_all_its_regions(tmp_path, device, monkeypatch):
+    """The regions of a device share its one descriptor: a commit that makes three segments durable
+    syncs it once for their values and once for their journals, not twice per segment."""
+    values = {f"k{i}": rand_bytes(3 * MiB, i) for i in range(3)}  # one 4 MiB segment each
+    with mooncakefs.open(tmp_path, ssd=device, dram="16MiB", segment_size="4MiB") as store:
+        for key, value in values.items():
+            store.put(key, value)
+        synced: list[int] = []
+        real = os.fdatasync
+        monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(os.fstat(fd).st_rdev), real(fd))[1])
+        assert store.persist(values) == 3
+        monkeypatch.undo()
+        assert synced.count(os.stat(device).st_rdev) == 2, synced
+    with mooncakefs.open(tmp_path, ssd=device, **SMALL) as store:
+        for key, value in values.items():
+            assert store.get(key) == value
+
+
 # -- layouts ----------------------------------------------------------------------------------------------
 
 

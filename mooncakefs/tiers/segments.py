@@ -34,6 +34,7 @@ class SegmentPlace(Protocol):
     """Where one segment's value bytes and journal bytes are."""
 
     name: str  # for messages: a file name, or a device and region
+    sync_key: object  # places with equal keys share one sync (a device's regions: its one descriptor)
 
     def can_direct(self, data: memoryview) -> bool:
         """Whether ``data`` can be written without a copy (the tier then starts it page-aligned)."""
@@ -159,6 +160,7 @@ class SegmentFile:
         self.dir = directory
         self.path = path
         self.name = str(path)
+        self.sync_key: object = path
         self.fd = fd
         self.direct_fd = -1  # an O_DIRECT descriptor for large aligned appends (-1: none yet, -2: refused)
         self.journal_path = path.with_suffix(".keys")

@@ -881,8 +881,9 @@ class SsdTier:
             fsync_path(self._wal_path)
 
     def _at_once(self, call: Callable[[SegmentPlace], Any], places: list[SegmentPlace]) -> list[Any]:
-        """``call`` on each place, on threads where there are several: a sync waits on the disk, and the
-        filesystem joins syncs that wait together into one journal commit."""
+        """``call`` on one place of each ``sync_key``, on threads where there are several: a sync waits
+        on the disk, and the filesystem joins syncs that wait together into one journal commit."""
+        places = list({place.sync_key: place for place in places}.values())
         if len(places) < 2:
             return [call(place) for place in places]
         if self._syncer is None:

@@ -151,6 +151,7 @@ class DeviceRegion:
         self.io = device.io
         self.index = index
         self.name = f"{device.label} region {index} (segment {seg_id})"
+        self.sync_key: object = device  # one fdatasync of the device covers all its regions
         start = FIRST_REGION + index * device.region_size
         self.header_at = start
         self.journal_at = start + HEADER
