@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from mooncakefs import shm
-from mooncakefs._engine import SharedIndex, crc32c, fill_bytes
+from mooncakefs._engine import SharedIndex, address, crc32c, fill_bytes
 from mooncakefs.api import (
     BATCH_ERRORS,
     PLAIN_PUT,
@@ -55,6 +55,7 @@ from mooncakefs.transfer.local import LocalTransport
 from mooncakefs.transfer.tcp import DEFAULT_STRIPE, TcpTransport
 from mooncakefs.wire import (
     CRC_TRAILER,
+    LINE,
     MAX_BATCH,
     WITH_CRC,
     Channel,
@@ -557,12 +558,13 @@ class RemoteStore(KVMapping):
         room = len(dst) if dst is not None else 1 << 62
         what = self._what(key)
         crc: int | None = None
+        phase = 0 if dst is None else address(dst) % LINE  # where in a line the value lands: see wire.payload_phase
 
         def ask(ch: Channel) -> Any:
             """The value (small ones come inline, checked as they arrive), or the Region of a value
             leased for the engine."""
             nonlocal crc
-            ch.send(Op.GET, [raw, min(room, self.inline_max), True])
+            ch.send(Op.GET, [raw, min(room, self.inline_max), True, phase])
             (size, lease, pool_offset, crc), _ = ch.read_reply()
             if expected is not None:
                 crc = expected

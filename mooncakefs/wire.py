@@ -182,23 +182,26 @@ def check_crc(expected: int | None, got: int, what: Callable[[], str]) -> None:
         raise exc
 
 
-def payload_phase(source: int) -> int:
-    """The offset modulo LINE at which a payload from address ``source`` should start in the stream.
+def payload_phase(source: int, destination: int = 0) -> int:
+    """The offset modulo LINE at which a payload from address ``source``, bound for address
+    ``destination`` in the receiver (a pool block, on a line, unless the receiver said where), should
+    start in the stream.
 
     Each copy of it (the sender's into the kernel's socket pages, the receiver's out of them) is slow
-    when its destination lies 1-31 bytes past its source modulo a page (see the module docstring).  The
+    when its destination lies 1-31 bytes past its source modulo a page (see the module docstring); the
     kernel's pages start each frame on a line (the previous frame's pages are freed by the time a
-    request's reply or the next request comes), and a receiving pool block starts on one.  The source's
-    own phase makes the sender's copy aligned and puts the receiver's destination behind its source,
-    unless the phase is past half a line: then half a line less keeps both copies 32-63 bytes apart."""
-    phase = source % LINE
-    return phase if phase <= LINE // 2 else phase - LINE // 2
+    request's reply or the next request comes).  The source's own phase makes the sender's copy
+    aligned, and is kept unless it puts the receiver's destination 1-31 bytes past it: then half a line
+    further keeps both copies 32-63 bytes apart."""
+    if 0 < (destination - source) % LINE < LINE // 2:
+        return (source + LINE // 2) % LINE
+    return source % LINE
 
 
-def _frame_head(op: int, flags: int, m: bytes, payload_len: int, first: Any = None) -> bytes:
+def _frame_head(op: int, flags: int, m: bytes, payload_len: int, first: Any = None, destination: int = 0) -> bytes:
     """A frame's header and meta ``m``; with ``first`` (the first buffer of a large payload) padded so
-    that the payload starts at its ``payload_phase``."""
-    pad = 0 if first is None else (payload_phase(address(first)) - HEADER.size - len(m)) % LINE
+    that the payload starts at its ``payload_phase`` for ``destination``."""
+    pad = 0 if first is None else (payload_phase(address(first), destination) - HEADER.size - len(m)) % LINE
     head = HEADER.pack(MAGIC, op, flags | pad << PAD_SHIFT, len(m), payload_len) + m
     return head + bytes(pad) if pad else head
 
@@ -251,8 +254,9 @@ class Channel:
 
     # -- sending ----------------------------------------------------------------------------------------
 
-    def send(self, op: int, meta: Any = (), payload: Any = None, flags: int = 0) -> None:
-        """Send one frame; ``payload`` is a buffer or a list of buffers (sent without copying if large)."""
+    def send(self, op: int, meta: Any = (), payload: Any = None, flags: int = 0, destination: int = 0) -> None:
+        """Send one frame; ``payload`` is a buffer or a list of buffers (sent without copying if large),
+        ``destination`` the address (or only its phase in a line) where the peer receives a large one."""
         m = _pack(meta)
         parts = payload if isinstance(payload, list) else ([] if payload is None else [payload])
         size = sum(memoryview(p).nbytes for p in parts)
@@ -261,7 +265,7 @@ class Channel:
                 head = _frame_head(op, flags, m, size)
                 self.sock.sendall(b"".join([head, *parts]) if parts else head)
             else:  # the header alone first: the peer reads it and gets ready while the payload follows
-                self.sock.sendall(_frame_head(op, flags, m, size, parts[0]))
+                self.sock.sendall(_frame_head(op, flags, m, size, parts[0], destination))
                 if len(parts) == 1:
                     self.sock.sendall(parts[0])
                 else:  # many ranges (a READV reply): one system call, not one per range

@@ -144,11 +144,12 @@ def _slow_copy(source: int, destination: int) -> bool:
 
 
 @pytest.mark.parametrize("phase", [0, 1, 16, 31, 32, 33, 48, 63])
-@pytest.mark.parametrize("how", ["put", "reply"])
-def test_a_large_payload_is_padded_so_neither_kernel_copy_is_a_slow_one(phase: int, how: str) -> None:
+@pytest.mark.parametrize(("how", "landing"), [("put", 0), ("reply", 0), ("reply", 16), ("reply", 48)])
+def test_a_large_payload_is_padded_so_neither_kernel_copy_is_a_slow_one(phase: int, how: str, landing: int) -> None:
     """Wherever the value's buffer starts, the payload lands at a stream offset (the kernel's socket
     pages start each frame on a line) that makes neither the sender's copy into those pages nor the
-    receiver's copy out of them into a line-aligned pool block a slow one; the frame reads back whole."""
+    receiver's copy out of them a slow one: into a pool block (on a line) for a put, into where the
+    reader said it lands the value for a reply.  The frame reads back whole."""
     memory = bytearray(MiB + 2 * LINE)
     skew = (phase - address(memory)) % LINE
     value = memoryview(memory)[skew : skew + MiB]
@@ -160,9 +161,9 @@ def test_a_large_payload_is_padded_so_neither_kernel_copy_is_a_slow_one(phase: i
         channel(pipe).send_value(Op.PUT, meta, value)
         start = len(pipe.data) - MiB - CRC_TRAILER.size
     else:
-        channel(pipe).send(Op.OK, meta, value)
+        channel(pipe).send(Op.OK, meta, value, destination=landing)
         start = len(pipe.data) - MiB
-    assert not _slow_copy(address(value), start) and not _slow_copy(start, 0)
+    assert not _slow_copy(address(value), start) and not _slow_copy(start, landing)
     ch = channel(pipe)
     op, flags, got_meta, _n = ch.read_frame()
     assert (op, got_meta, flags & ~1) == ((Op.PUT if how == "put" else Op.OK), meta, 0)

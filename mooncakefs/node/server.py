@@ -471,13 +471,17 @@ class Node(FramedServer):
         return info, None
 
     def _get(self, session: Session, meta: list[Any], _n: int) -> None:
-        key, inline_max, with_crc = meta if len(meta) == 3 else (*meta, False)
-        info, inline = self._lease(session, key, inline_max, with_crc is True)
+        """GET [key, inline_max, with_crc (optional), the phase in a cache line of where the client lands
+        the value (optional; wire.payload_phase)]."""
+        key, inline_max, *rest = meta
+        with_crc = len(rest) > 0 and rest[0] is True
+        phase = rest[1] if len(rest) > 1 and type(rest[1]) is int else 0
+        info, inline = self._lease(session, key, inline_max, with_crc)
         if inline is None:
             self._ok(session, info)
             return
         with inline:
-            self._ok(session, info, inline.data)
+            session.channel.send(Op.OK, info, inline.data, destination=phase)
 
     def _read(self, session: Session, meta: list[Any], _n: int) -> None:
         lease_id, offset, length = meta
