@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 GB = 1e9  # bandwidths are reported in GB/s = 1e9 bytes/s
+PAGE = 4096  # message buffers start on one (message_slots)
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 T = TypeVar("T")
 Runner = Callable[[int, int], object]  # run(start, count): ``count`` ops from op number ``start`` on
@@ -398,10 +399,15 @@ def recv_exactly(conn: socket.socket, buf: np.ndarray | bytearray | memoryview, 
 def message_slots(size: int, spread: int) -> list[memoryview]:
     """``size``-byte message buffers over ``spread`` bytes of distinct, prefaulted memory (one buffer if
     ``spread`` <= ``size``): a reference that moves a store's values goes through as much memory as they
-    fill, which the caches do not hold, rather than one buffer they keep hot."""
+    fill, which the caches do not hold, rather than one buffer they keep hot.  The buffers start on a page
+    (numpy's own large arrays start 16 bytes into one), so neither kernel copy of a message, into or out
+    of the socket's pages, is one of the slow ones on the AMD VMs (``mooncakefs.wire.payload_phase``):
+    the reference is the best the sockets do, whatever the buffers of the rows measured against it."""
     count = max(1, spread // size)
-    memory = memoryview(prefaulted(count * size)).cast("B")
-    return [memory[i * size : (i + 1) * size] for i in range(count)]
+    memory = prefaulted(count * size + PAGE)
+    start = -memory.ctypes.data % PAGE
+    view = memoryview(memory).cast("B")[start : start + count * size]
+    return [view[i * size : (i + 1) * size] for i in range(count)]
 
 
 def peer_main(mode: str, address: str, size: int, spread: int = 0) -> int:
