@@ -1295,11 +1295,20 @@ cdef class PlainPath:
         if evicted:
             self.counters["evictions"] += evicted
 
-    def put(self, key, value) -> bool:
-        """``Store.put`` with no options of a value below ``small_max`` bytes into an open store with no
-        VRAM tier, no shared index and nothing that may expire: True once done; False leaves the put to
-        the store's general path (anything else, and whatever is wrong with the value).  A refused key
-        raises what ``keys.encode_key`` says.  The value's buffer is taken once, for its size and its copy."""
+    def put(self, key, value, **options) -> None:
+        """``Store.put`` as the store's instances answer it (``Store._init_state`` binds it): a put with no
+        options of a value below ``small_max`` bytes into an open store with no VRAM tier, no shared
+        index and nothing that may expire is done here; any other goes to ``Store.put`` (options) or
+        ``Store._put_general``, which say what is wrong with the value.  A refused key raises what
+        ``keys.encode_key`` says."""
+        if options:
+            type(self.store).put(self.store, key, value, **options)
+        elif not self._put_small(key, value):
+            self.store._put_general(key, value, PLAIN_PUT, None)
+
+    cdef bint _put_small(self, key, value) except -1:
+        """``put`` of a plain small value: True once done, False to leave it to the store's general path.
+        The value's buffer is taken once, for its size and its copy."""
         cdef Py_buffer s
         cdef long long before
         cdef int changed = 0
@@ -1423,11 +1432,20 @@ cdef class PlainPath:
         """``Store._batch_put``'s loop for plain options over pairs it has checked: see ``_prepare``."""
         return self._prepare(pairs, at, results, run)
 
-    def batch_put(self, items):
-        """``Store.batch_put`` with no options, in one call: the results, or None to leave the batch to
-        the store's general path, which says what is wrong with it (``items`` not a dict or a list of
-        (key, value) tuples) or takes what is not small (a value above ``batch_max`` bytes).  Nothing is
-        stored before it decides."""
+    def batch_put(self, items, **options) -> list:
+        """``Store.batch_put`` as the store's instances answer it (``Store._init_state`` binds it): a batch
+        with no options in one call here, unless ``_batch_put_small`` leaves it to the store's general
+        path (``Store._batch_put_general``); one with options goes to ``Store.batch_put``."""
+        if options:
+            return type(self.store).batch_put(self.store, items, **options)
+        results = self._batch_put_small(items)
+        return self.store._batch_put_general(items, PLAIN_PUT) if results is None else results
+
+    cdef list _batch_put_small(self, items):
+        """A batch with no options: the results, or None to leave the batch to the store's general path,
+        which says what is wrong with it (``items`` not a dict or a list of (key, value) tuples) or
+        takes what is not small (a value above ``batch_max`` bytes).  Nothing is stored before it
+        decides."""
         cdef list pairs, results = [], run = []
         cdef Py_ssize_t i, n
         if type(items) is list:
@@ -1486,9 +1504,15 @@ cdef class PlainPath:
         _memcpy(PyBytes_AS_STRING(out), self.arena.base + <size_t>entry.dram_unit * UNIT, size)
         return out
 
-    def get(self, key):
-        """``Store.get`` of a small DRAM-resident value in an open store, the store's lock taken here: the
-        value as new bytes, or None: ask the store's general path.  A refused key raises."""
+    def get(self, key) -> bytes:
+        """``Store.get`` as the store's instances answer it (``Store._init_state`` binds it): a small
+        DRAM-resident value is copied out here, anything else by ``Store._get_general``."""
+        value = self._get_small(key)
+        return self.store._get_general(key) if value is None else value
+
+    cdef bytes _get_small(self, key):
+        """``get`` of a small DRAM-resident value in an open store, the store's lock taken here: the value
+        as new bytes, or None: ask the store's general path.  A refused key raises."""
         cdef bytes raw = encode_key(key)
         cdef Entry entry
         self.acquire()

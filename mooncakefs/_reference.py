@@ -788,7 +788,13 @@ class PlainPath:
             self.fresh.append(raw, entry)
         return changed
 
-    def put(self, key: Any, value: Any) -> bool:
+    def put(self, key: Any, value: Any, **options: Any) -> None:
+        if options:
+            type(self.store).put(self.store, key, value, **options)
+        elif not self._put_small(key, value):
+            self.store._put_general(key, value, PLAIN_PUT, None)
+
+    def _put_small(self, key: Any, value: Any) -> bool:
         if type(key) is InternalKey:
             return False
         try:
@@ -869,7 +875,13 @@ class PlainPath:
             at += 1
         return at
 
-    def batch_put(self, items: Any) -> list[Any] | None:
+    def batch_put(self, items: Any, **options: Any) -> list[Any]:
+        if options:
+            return type(self.store).batch_put(self.store, items, **options)
+        results = self._batch_put_small(items)
+        return self.store._batch_put_general(items, PLAIN_PUT) if results is None else results
+
+    def _batch_put_small(self, items: Any) -> list[Any] | None:
         if type(items) is list:
             pairs = list(items)  # our own, as PlainPath's: the caller's may change while the lock is awaited
             if any(type(pair) is not tuple or len(pair) != 2 for pair in pairs):
@@ -910,7 +922,11 @@ class PlainPath:
     def _copy_out(self, entry: Entry) -> bytes:
         return self.view[entry.dram_off : entry.dram_off + entry.size].tobytes()
 
-    def get(self, key: Any) -> bytes | None:
+    def get(self, key: Any) -> bytes:
+        value = self._get_small(key)
+        return self.store._get_general(key) if value is None else value
+
+    def _get_small(self, key: Any) -> bytes | None:
         raw = encode_key(key)
         with self.lock:
             if self.closed:

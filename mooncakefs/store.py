@@ -270,6 +270,10 @@ class Store(KVMapping):
         self._lock = threading.Lock()
         # small puts and reads in one C call each (the watermarks and fresh share are set by now)
         self._plain = _engine.PlainPath(dram, self, self._lock, LOCKED_COPY_MAX, BATCH_LOCKED_MAX, BATCH_LOCKED_BYTES)
+        # ...with no Python frame before it: an instance's put, get and batch_put are PlainPath's, which
+        # come back to this class's methods for anything but a plain small call (the frame and its
+        # keyword checks cost a 4 KiB put as much as the C call itself)
+        self.put, self.get, self.batch_put = self._plain.put, self._plain.get, self._plain.batch_put
         self._idle = threading.Condition(self._lock)  # close() waits here for unlocked copies to end
         self._unlocked_ops = 0
         self._closed = False
@@ -390,26 +394,19 @@ class Store(KVMapping):
         ``if_newer`` replaces only a value of a lower version, and raises NotNewer otherwise.
         ``replicas`` and ``placement`` are the cluster's: here only replicas=1 is taken (one copy).
         ``tier`` ("vram" or "dram") overrides where the value goes first (tiers/vram.choose_tier): by
-        default a GPU buffer goes to VRAM, if the store has a VRAM tier, and a host buffer to DRAM."""
-        if (  # nearly every put: no options (put_options's PLAIN_PUT, inline), a small value, in one C call
-            pin is False
-            and ttl is None
-            and if_absent is False
-            and durable is False
-            and version == 0
-            and type(version) is int
-            and if_newer is False
-            and tag == 0
-            and type(tag) is int
-            and replicas is None
-            and placement is None
-            and tier is None
-            and self._plain.put(key, value)
-        ):
-            return
+        default a GPU buffer goes to VRAM, if the store has a VRAM tier, and a host buffer to DRAM.
+
+        An instance's ``put`` is ``PlainPath.put`` (``_init_state``): it calls this with options only."""
         options = put_options(pin, ttl, if_absent, durable, version, if_newer, tag, replicas, placement)
+        if options is PLAIN_PUT and tier is None:  # options that are all the defaults: a plain put after all
+            self._plain.put(key, value)
+            return
         if options is not PLAIN_PUT and (replicas is not None or placement is not None):
             options.single_store("put", f"the embedded store at {self.path}")
+        self._put_general(key, value, options, tier)
+
+    def _put_general(self, key: Key, value: Any, options: PutOptions, tier: str | None) -> None:
+        """``put`` with its options checked, of anything ``PlainPath.put`` leaves to it."""
         try:
             size = _engine.nbytes(value)
         except TypeError:
@@ -1121,9 +1118,10 @@ class Store(KVMapping):
 
     def get(self, key: Key) -> bytes:
         """The value as a new bytes object (KeyNotFound if absent)."""
-        value = self._plain.get(key)  # the common case, a small DRAM value, in one C call
-        if value is not None:
-            return value
+        return self._plain.get(key)  # what an instance's get is (_init_state): PlainPath.get
+
+    def _get_general(self, key: Key) -> bytes:
+        """``get`` of anything but a small DRAM value (``PlainPath.get`` leaves it here)."""
         raw = encode_key(key)
         with self._lock:
             entry = self._find(raw, key)
@@ -1440,7 +1438,10 @@ class Store(KVMapping):
         Consecutive values of up to BATCH_LOCKED_MAX bytes are stored under one acquisition of the lock
         per MiB (BATCH_LOCKED_BYTES): KV-cache blocks of 64 KiB cost a lock round trip each otherwise.
         Items are taken to be a chain (a KV-cache prefix, as match_prefix reads it): the new values of
-        a run are queued for eviction last item first, so that a chain's tail goes before its head."""
+        a run are queued for eviction last item first, so that a chain's tail goes before its head.
+
+        An instance's ``batch_put`` is ``PlainPath.batch_put`` (``_init_state``): it calls this with
+        options only."""
         options = put_options(pin, ttl, if_absent, durable, version, if_newer, tag, replicas, placement)
         if options is not PLAIN_PUT:
             options.single_store("batch_put", f"the embedded store at {self.path}")
@@ -1449,9 +1450,12 @@ class Store(KVMapping):
     def _batch_put(self, items: Any, options: PutOptions) -> list[Any]:
         """``batch_put`` with its options checked (what a node passes on from the wire: a list of pairs)."""
         if options is PLAIN_PUT:  # the KV-cache case: a batch of small values is one C call, checks included
-            plain_results = self._plain.batch_put(items)
-            if plain_results is not None:
-                return plain_results
+            return self._plain.batch_put(items)
+        return self._batch_put_general(items, options)
+
+    def _batch_put_general(self, items: Any, options: PutOptions) -> list[Any]:
+        """``_batch_put`` of what ``PlainPath.batch_put`` leaves to it: a value that is not small, items to
+        say what is wrong with, or options."""
         pairs = put_pairs(items)  # says what is wrong with items
         results: list[Any] = []
         small: list[tuple[int, bytes, Key, Entry, Any]] = []  # a run waiting for the lock
