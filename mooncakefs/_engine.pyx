@@ -1170,6 +1170,7 @@ cdef class PlainPath:
     cdef Arena arena
     cdef long long high, low, fresh_max, ghost_factor, small_max, batch_max, batch_bytes
     cdef long long evicted  # values it has evicted, all calls together
+    cdef long long hits  # reads _hit counted, not yet in the DRAM tier's counters (fold_counters)
     cdef bint closed, shared, has_ssd, has_vram
 
     def __cinit__(self, dram, store, lock, long long small_max, long long batch_max, long long batch_bytes):
@@ -1189,6 +1190,13 @@ cdef class PlainPath:
         """The store is closed (lock held): the calls that take the lock raise StoreClosed themselves
         (``_lock_open``); the others leave the work to the store's general path, which says so."""
         self.closed = True
+
+    def fold_counters(self) -> None:
+        """Add the hits ``get`` and ``get_into`` counted to the DRAM tier's counters (lock held):
+        ``Store.stats`` calls it first.  A dict update on every read cost a 4 KiB get a twentieth."""
+        if self.hits:
+            self.counters["hits"] += self.hits
+            self.hits = 0
 
     def index_shared(self) -> None:
         """The store now keeps a shared index in step (lock held): puts go to its general path."""
@@ -1485,7 +1493,7 @@ cdef class PlainPath:
         cdef Entry entry = <Entry>found
         if entry.dram < 0 or <long long>entry.word.size > limit or entry.expires:
             return None
-        self.counters["hits"] += 1
+        self.hits += 1
         self._touch(raw, entry)
         return entry
 

@@ -703,6 +703,7 @@ class PlainPath:
         self.index, self.counters, self.expiring = store._index, dram.counters, store._expiring
         self.has_ssd, self.has_vram = store._ssd is not None, store._vram is not None
         self.closed = self.shared = False
+        self.hits = 0
         self.fresh, self.main, self.ghost = dram.fresh, dram.main, dram.ghost
         self.allocator, self.view = dram.allocator, dram.view
         self.high, self.low, self.fresh_max, self.ghost_factor = dram.high, dram.low, dram.fresh_max, dram.ghost_factor
@@ -712,6 +713,11 @@ class PlainPath:
 
     def close(self) -> None:
         self.closed = True
+
+    def fold_counters(self) -> None:
+        if self.hits:
+            self.counters["hits"] += self.hits
+            self.hits = 0
 
     def index_shared(self) -> None:
         self.shared = True
@@ -908,7 +914,7 @@ class PlainPath:
         entry = self.index.get(raw)
         if entry is None or entry.dram < 0 or entry.size > limit or entry.expires:
             return None
-        self.counters["hits"] += 1
+        self.hits += 1
         self._touch(raw, entry)
         return entry
 

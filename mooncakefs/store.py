@@ -1374,6 +1374,7 @@ class Store(KVMapping):
         "promotions" counts objects copied up into DRAM."""
         with self._lock:
             self._check_open()
+            self._plain.fold_counters()  # the hits of small reads, counted in C
             in_dram = sum(1 for e in self._index.values() if e.dram >= 0)
             tiers: dict[str, Any] = {
                 "dram": {
