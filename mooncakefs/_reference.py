@@ -12,6 +12,7 @@ import errno
 import importlib
 import os
 import struct
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -693,6 +694,9 @@ class SharedIndex:
         self.table.release()
         if self.pool is not None:
             self.pool.release()
+
+
+StoreLock = threading.Lock  # _engine.StoreLock: a threading.Lock that its PlainPath takes in C
 
 
 class PlainPath:

@@ -267,7 +267,7 @@ class Store(KVMapping):
         self._enqueue = dram.enqueue
         self._expiring: list[tuple[float, int, bytes, Entry]] = []  # heap by expiry time
         self._tiebreak = itertools.count()
-        self._lock = threading.Lock()
+        self._lock = _engine.StoreLock()  # a threading.Lock that PlainPath takes in C
         # small puts and reads in one C call each (the watermarks and fresh share are set by now)
         self._plain = _engine.PlainPath(dram, self, self._lock, LOCKED_COPY_MAX, BATCH_LOCKED_MAX, BATCH_LOCKED_BYTES)
         # ...with no Python frame before it: an instance's put, get and batch_put are PlainPath's, which

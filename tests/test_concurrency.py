@@ -433,6 +433,111 @@ def test_small_calls_wait_for_the_store_lock(store_factory, call):
     check_small(store.get("k"), 1, "after")
 
 
+def _locks() -> list:
+    """The store's lock (``_engine.StoreLock``: PlainPath takes it in C) and threading.Lock, which it
+    must behave as (and which is its pure-Python twin)."""
+    from mooncakefs import _engine
+
+    return [_engine.StoreLock, threading.Lock]
+
+
+@pytest.mark.parametrize("make_lock", _locks(), ids=lambda make: make.__name__)
+def test_store_lock_answers_as_a_threading_lock(make_lock):
+    """acquire (blocking, non-blocking, with a timeout), release, locked, the context manager, the
+    argument errors, and a Condition on it, as threading.Lock answers them."""
+    lock = make_lock()
+    assert not lock.locked()
+    assert lock.acquire() is True
+    assert lock.locked()
+    assert lock.acquire(False) is False
+    assert lock.acquire(blocking=False) is False
+    assert lock.acquire(timeout=0.01) is False  # held by this thread: not reentrant
+    lock.release()
+    assert not lock.locked()
+    with pytest.raises(RuntimeError, match="release unlocked lock"):
+        lock.release()
+    with lock as entered:
+        assert entered is True
+        assert lock.locked()
+    assert not lock.locked()
+    with pytest.raises(ValueError, match="can't specify a timeout for a non-blocking call"):
+        lock.acquire(False, 1)
+    with pytest.raises(ValueError, match="timeout value must be"):  # threading.Lock says "positive" on 3.11
+        lock.acquire(timeout=-2)
+    with pytest.raises(OverflowError):
+        lock.acquire(timeout=threading.TIMEOUT_MAX * 2)
+    assert not lock.locked()
+    condition, woken = threading.Condition(lock), []
+
+    def waiter() -> None:
+        with condition:
+            woken.append(condition.wait_for(lambda: bool(woken) or None, timeout=60))
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    with condition:
+        woken.append("go")
+        condition.notify_all()
+    thread.join(60)
+    assert woken == ["go", True]
+    assert not lock.locked()
+
+
+@pytest.mark.parametrize("make_lock", _locks(), ids=lambda make: make.__name__)
+def test_store_lock_lets_one_thread_in_at_a_time(make_lock):
+    """Threads that yield the GIL while they hold it (as the store's general paths do, copying or
+    writing to SSD) never overlap, and any thread may give it back (threading.Lock allows that)."""
+    lock, inside, overlaps, total = make_lock(), [0], [0], [0]
+
+    def work(i: int) -> None:
+        for _ in range(300):
+            with lock:
+                inside[0] += 1
+                if inside[0] != 1:
+                    overlaps[0] += 1
+                time.sleep(0)  # let another thread run while the lock is held
+                total[0] += 1
+                inside[0] -= 1
+
+    run_threads(THREADS, work)
+    assert (overlaps[0], total[0]) == (0, THREADS * 300)
+    lock.acquire()
+    other = threading.Thread(target=lock.release)
+    other.start()
+    other.join(60)
+    assert not lock.locked()
+
+
+def test_store_lock_wait_runs_signal_handlers():
+    """A thread waiting for the store's lock still runs signal handlers: Ctrl-C stops a wait as it stops
+    one for a threading.Lock (the semaphore wait is interrupted, the handler runs, its exception rises)."""
+    import signal
+
+    from mooncakefs import _engine
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers run in the main thread only")
+    lock = _engine.StoreLock()
+    lock.acquire()
+    releaser = threading.Timer(60, lock.release)  # a hang guard only: the alarm comes long before
+    releaser.start()
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("alarm")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt, match="alarm"):
+            lock.acquire()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        releaser.cancel()
+    assert lock.locked()  # still the first holder's
+    lock.release()
+
+
 LISTS_RESIZED = r"""
 import sys, threading, time
 import mooncakefs
