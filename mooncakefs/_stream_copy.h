@@ -10,7 +10,8 @@
  * into a peer's memory or a caller's buffer, most of which would have left a core's L2 before anyone
  * read it (4 MiB is past it, and near glibc's own threshold on hosts that report their L3 share
  * right); a reader coming at once may lose some L3 hits.  Blocks under MC_STREAM_BLOCK_MIN in such a
- * call are memcpy'd.
+ * call are mc_copy'd.  Also a small put's value of MC_STREAM_BLOCK_MIN or more into its pool block
+ * (_engine's _copy_to_pool): that block is rarely cached or read back at once.
  *
  * mc_stream_copy(dst, src, n): memcpy's contract (no overlap).  AVX2 where the CPU (and the kernel's
  * saved state) has it, checked at run time, else SSE2 (every x86-64); the destination is first aligned
