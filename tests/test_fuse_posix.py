@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -1016,3 +1019,99 @@ def test_statfs_space_comes_back_after_unlink(shared_mount, fuse_dir):
     while used() > base + 4 * MiB and time.monotonic() < deadline:
         time.sleep(0.1)
     assert used() <= base + 4 * MiB, f"used: {base} before, {grown} with the file, {used()} after unlink"
+
+
+# ------------------------------------------------------------------------------ write-only (direct) handles
+
+
+def test_write_only_handle_costs_one_request_per_write(tmp_path, fuse_watchdog):
+    """A write-only handle is opened with direct_io: the kernel sends each write() on its own, not after
+    a getxattr(security.capability) as on its buffered path (half the requests of a sequential write)."""
+    from fuse_helpers import FuseMount
+
+    m = FuseMount(tmp_path / "data", tmp_path / "mnt", ssd="0", extra=["--debug"]).start()
+    fuse_watchdog.watch(m)
+    try:
+        data = rand_bytes(64 * KiB, "direct")
+        fd = os.open(m.mnt / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            for i in range(8):
+                assert os.pwrite(fd, data[i * 8 * KiB : (i + 1) * 8 * KiB], i * 8 * KiB) == 8 * KiB
+        finally:
+            os.close(fd)
+        assert read_file(m.mnt / "f") == data
+    finally:
+        m.stop()
+    requests = [line.split("opcode: ")[1].split()[0] for line in m.lines if "opcode: " in line]
+    assert requests.count("WRITE") == 8, requests
+    assert "GETXATTR" not in requests, f"getxattr requests next to the writes: {requests}"
+
+
+def test_direct_writes_reach_other_handles_and_their_mappings(fuse_dir):
+    """Pages another handle cached (read, or mapped) show what a write-only handle wrote since."""
+    import mmap
+
+    p = fuse_dir / "f"
+    write_file(p, b"A" * (2 * MiB))
+    reader = os.open(p, os.O_RDONLY)
+    try:
+        assert os.pread(reader, 4, MiB) == b"AAAA"  # now in the page cache
+        with mmap.mmap(reader, 0, access=mmap.ACCESS_READ) as mapped:
+            assert mapped[:4] == b"AAAA"
+            writer = os.open(p, os.O_WRONLY)
+            try:
+                os.pwrite(writer, b"BBBB", MiB)
+                assert os.pread(reader, 4, MiB) == b"BBBB"
+                os.pwrite(writer, b"CCCC", 0)
+                assert mapped[:4] == b"CCCC"
+            finally:
+                os.close(writer)
+    finally:
+        os.close(reader)
+
+
+def _write_without_fsetid(path, *, wait_first: bool = False) -> subprocess.Popen:
+    """A child (root, but without CAP_FSETID, like any user's writer) that opens ``path`` write-only
+    and writes a byte to it; with ``wait_first``, it writes only after a line on its stdin."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop CAP_FSETID")
+    script = (
+        "import os, sys\n"
+        f"fd = os.open({str(path)!r}, os.O_WRONLY)\n"
+        "print('open', flush=True)\n"
+        f"{'sys.stdin.readline()' if wait_first else ''}\n"
+        "os.write(fd, b'y')\n"
+        "os.close(fd)\n"
+    )
+    argv = ["setpriv", "--bounding-set=-fsetid", "--inh-caps=-fsetid", sys.executable, "-c", script]
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline() == "open\n"
+    return child
+
+
+@pytest.mark.parametrize("mode, left", [(0o6775, 0o775), (0o4755, 0o755), (0o2755, 0o755), (0o2745, 0o2745)])
+def test_write_by_unprivileged_writer_clears_set_id_bits(fuse_dir, mode, left):
+    """As on a disk filesystem: set-user-ID goes, set-group-ID too where group execute is set (without
+    it, only for writers outside the file's group: this one is in it)."""
+    p = fuse_dir / "f"
+    write_file(p, b"x")
+    os.chmod(p, mode)
+    assert _write_without_fsetid(p).wait(timeout=30) == 0
+    assert stat.S_IMODE(os.stat(p).st_mode) == left
+
+
+def test_chmod_u_s_while_a_write_only_handle_is_open_is_cleared_by_its_write(fuse_dir):
+    """The handle was opened direct (no set-ID bits then); its next write clears the bits a chmod set
+    since, as the kernel does before a buffered write."""
+    p = fuse_dir / "f"
+    write_file(p, b"x")
+    os.chmod(p, 0o775)
+    child = _write_without_fsetid(p, wait_first=True)
+    try:
+        os.chmod(p, 0o6775)
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o6775
+    finally:
+        child.communicate("\n", timeout=30)
+    assert child.returncode == 0
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o775
+    assert read_file(p) == b"y"

@@ -66,6 +66,14 @@ STORES_IN_FLIGHT = 4
 LEASES_HELD = 64  # zero-copy replies: a view is released this many reads later, long after the reply
 INLINE_MAX = 64 << 10  # files up to this size keep their bytes in a local namespace, not in a chunk
 REAP_DELAY = 0.02  # s: inodes forgotten meanwhile are deleted in one transaction (an rm -r: one per file)
+# The data of a write-only handle: opened with direct_io, so the kernel hands each write() straight on,
+# without copying it into the page cache first and, above all, without the getxattr(security.capability)
+# that its buffered path (file_remove_privs) sends before every write call: one request per write, not
+# two.  The buffered path would stop asking only with FUSE_HANDLE_KILLPRIV_V2, which libfuse 3.14 (and so
+# pyfuse3 3.5) cannot ask for.  Readers need no page cache from such a handle, and the kernel keeps the
+# pages other handles cached coherent with direct writes (tests/test_fuse_posix.py checks both).
+DIRECT_WRITES = "direct writes"
+SET_ID = stat.S_ISUID | stat.S_ISGID  # mode bits a write may clear: files with them keep the buffered path
 # s: a local namespace's changes are committed in groups at most this much later (what kill -9 may lose),
 # since a commit costs as much as the rest of a create; fsync, fsyncdir and statfs commit at once.
 COMMIT_DELAY = 0.02
@@ -135,6 +143,9 @@ class OpenInode:
     chunk: tuple[int, Any, memoryview] | None = None  # (index, its view, the bytes)
     sums: dict[int, int] = field(default_factory=dict)  # chunk CRC-32Cs the file's writer published
     gen: tuple[int, int] = (0, 0)  # (mtime, size) at the open that read ``sums``: readers of one version
+    # Mode bits a direct write must clear (set by a chmod while the file is open): the kernel leaves
+    # that to the filesystem on its direct path, and pyfuse3 does not pass on the write's kill flag.
+    privs: int = 0
 
 
 def _handler(method: Any) -> Any:
@@ -363,6 +374,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             node.mtime = now
         if fields.update_mode:
             node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+            if inode in self.files:
+                self.files[inode].privs = node.mode & SET_ID
         if fields.update_uid:
             node.uid = attr.st_uid
         if fields.update_gid:
@@ -715,7 +728,11 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             version = (node.mtime, node.size)
             keep_cache = keep_cache and self.seen.get(node.ino) == version
             self.seen[node.ino] = version
-        return pyfuse3.FileInfo(fh=self._new_handle(node.ino), keep_cache=keep_cache)
+        # A set-ID file keeps the kernel's buffered path, which knows whether a write clears the bits
+        # (not for callers with CAP_FSETID; set-group-ID without group execute only for non-members).
+        direct = (flags & os.O_ACCMODE) == os.O_WRONLY and not node.mode & SET_ID
+        fh = self._new_handle(node.ino, DIRECT_WRITES if direct else None)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=direct)
 
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
@@ -809,10 +826,12 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             self.leases.popleft().__exit__(None, None, None)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        ino, _ = self.handles[fh]
+        ino, data = self.handles[fh]
         self._writable(ino)
         state = self.files[ino]
         self._raise_stored_error(state)
+        if state.privs and data is DIRECT_WRITES:
+            self._kill_privs(ino, state)
         cs = self.chunk_size
         end = off + len(buf)
         src = memoryview(buf)
@@ -837,6 +856,18 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         if len(state.dirty) * cs > DIRTY_LIMIT:
             self._store_chunks(ino, state)
         return len(buf)
+
+    def _kill_privs(self, ino: int, state: OpenInode) -> None:
+        """Clear the set-ID bits a chmod gave a file after a direct handle was opened on it, as the
+        kernel's buffered path would before the write.  The writer's credentials are unknown here
+        (pyfuse3 passes neither them nor the write's kill flag), so every writer clears both bits: in
+        the rare case of a chmod u+s or g+s while a write-only handle is open, keeping a set-ID bit
+        would be the unsafe mistake."""
+        node = self.ns.inode(ino)
+        node.mode &= ~state.privs
+        node.ctime = time.time_ns()
+        state.privs = 0
+        self.ns.update(node)
 
     async def _store_behind(self, ino: int, state: OpenInode, idx: int) -> None:
         """Store a full chunk on a worker thread while this write is answered and the next one taken
