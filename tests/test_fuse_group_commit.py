@@ -19,7 +19,7 @@ from conftest import child_env, rand_bytes
 from fuse_helpers import MiB, expect_errno, fsync_dir, read_file, write_file
 
 import mooncakefs
-from mooncakefs.fuse.filesystem import MooncakeFS
+from mooncakefs.fuse.filesystem import MooncakeFS, chunk_key
 from mooncakefs.fuse.namespace import ROOT, Namespace
 
 COMMIT_DELAY = 0.02  # mooncakefs.fuse.filesystem.COMMIT_DELAY
@@ -80,6 +80,47 @@ class Caller:
     """The requesting process of a handler call (what pyfuse3 passes as ``ctx``)."""
 
     uid, gid, pid, umask = os.getuid(), os.getgid(), os.getpid(), 0o022
+
+
+def committed_chunks(db_path) -> set[tuple[int, int]]:
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
+        return set(db.execute("SELECT ino, idx FROM chunks"))
+
+
+def test_chunk_records_join_the_group_only_where_asked(tmp_path):
+    """A sequential write records a chunk every few milliseconds: grouped, those records cost one
+    commit per group instead of one each.  Ungrouped, a record commits at once, with the group."""
+    path = tmp_path / "fs.sqlite"
+    ns = Namespace(path, chunk_size=MiB)
+    ns.group_commits(lambda: None)
+    try:
+        ino = ns.create(ROOT, b"f", 0o100644, 0, 0).ino
+        ns.commit()
+        ns.add_chunks(ino, [0], grouped=True)
+        ns.add_chunks(ino, [1], grouped=True)
+        assert ns.uncommitted == 2
+        assert committed_chunks(path) == set(), "grouped chunk records were committed at once"
+        ns.add_chunks(ino, [2])
+        assert ns.uncommitted == 0
+        assert committed_chunks(path) == {(ino, 0), (ino, 1), (ino, 2)}
+    finally:
+        ns.close()
+
+
+def test_a_clean_session_is_told_apart_from_a_crashed_one(tmp_path):
+    path = tmp_path / "fs.sqlite"
+    ns = Namespace(path, chunk_size=MiB)
+    assert not ns.open_session(), "a new namespace passed for one whose last mount ended cleanly"
+    ns.close_session()
+    ns.close()
+    ns = Namespace(path, chunk_size=MiB)
+    assert ns.open_session(), "a closed session was not seen as clean"
+    ns.close()  # no close_session: as after kill -9
+    ns = Namespace(path, chunk_size=MiB)
+    try:
+        assert not ns.open_session(), "a session that never closed was seen as clean"
+    finally:
+        ns.close()
 
 
 @pytest.mark.parametrize("how", ["unlink", "O_TRUNC", "truncate, then rewrite small"])
@@ -301,3 +342,25 @@ def test_failed_group_commit_turns_the_mount_read_only(mount_factory, tmp_path, 
     assert set(os.listdir(m.mnt)) - {".kv", ".mooncakefs"} == {"kept"}, "the lost group came back"
     write_file(m.mnt / "after", b"works again", fsync=True)
     assert read_file(m.mnt / "after") == b"works again"
+
+
+def test_chunks_a_crash_left_unrecorded_are_removed_by_the_next_mount(mount_factory):
+    """Chunk records wait for the group commit, so kill -9 may leave chunks in the store (on the SSD
+    tier) that no record names: of a file whose record was in the lost group, or of an inode that group
+    created.  The next mount removes them (here put in place while the daemon is down), and only them."""
+    m = mount_factory(chunk_size="1MiB")
+    data = rand_bytes(3 * MiB + 5, "kept")
+    write_file(m.mnt / "kept", data, fsync=True)
+    ino = os.stat(m.mnt / "kept").st_ino
+    m.kill9()
+    store = mooncakefs.open(m.data, dram="64MiB", ssd="256MiB")
+    try:
+        for stray in (chunk_key(ino, 9), chunk_key(ino + 1000, 0)):
+            store.put(stray, rand_bytes(MiB, bytes(stray)))
+    finally:
+        store.close()
+    m.start()
+    assert read_file(m.mnt / "kept") == data
+    stats = store_stats(m.mnt)
+    assert stats["objects"] == stats["fs"]["chunks"] == 4, f"chunks leaked in the store: {stats}"
+    assert "removed 2 file chunks" in m.output

@@ -215,6 +215,10 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         self.commit_due = False  # a group commit of the namespace is scheduled
         # The errno of a failed group commit: its changes are lost, and the mount is read-only from then.
         self.lost: int | None = None
+        # Chunk records join the namespace's group commits where the next mount can find the chunks a
+        # crash left unrecorded (``collect_leaked_chunks``: a local namespace over an embedded store);
+        # elsewhere each is committed before the next chunk is stored.
+        self.grouped_chunks = not self.shared and callable(getattr(store, "raw_index", None))
 
     # -- start and stop --------------------------------------------------------------------------------
 
@@ -224,6 +228,24 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         for ino in orphans:
             self._delete_inode(ino)
         return len(orphans)
+
+    def collect_leaked_chunks(self) -> int:
+        """Start this mount's session of a local namespace; if the last one did not end cleanly, remove
+        the chunks the store holds but the namespace does not record (stored just before a crash, their
+        records in the group it lost, or of an inode that group created).  Returns how many."""
+        if self.shared or self.ns.open_session() or not self.grouped_chunks:
+            return 0
+        prefix = bytes(chunk_key(0, 0))[:-16]
+        recorded = self.ns.chunk_records()
+        leaked = []
+        for raw in self.store.raw_index():  # type: ignore[attr-defined]
+            if raw.startswith(prefix) and len(raw) == len(prefix) + 16:
+                ino, idx = int.from_bytes(raw[-16:-8], "big"), int.from_bytes(raw[-8:], "big")
+                if (ino, idx) not in recorded:
+                    leaked.append(chunk_key(ino, idx))
+        for key in leaked:
+            self.store.remove(key)
+        return len(leaked)
 
     def start_serving(self, nursery: trio.Nursery) -> None:
         """Run background work (chunk stores, deletions, group commits) in ``nursery`` from now on."""
@@ -250,6 +272,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             self.swarm.close()
         self._release_leases(0)
         self.store.persist()
+        if not self.shared and self.lost is None:
+            self.ns.close_session()
         with contextlib.suppress(pyfuse3.FUSEError):  # (logged: a lost group is not synced)
             self._commit()
             self.ns.sync()
@@ -894,7 +918,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
     async def _store_task(self, ino: int, state: OpenInode, idx: int, chunk: DirtyChunk, landed: trio.Event) -> None:
         try:
             data = memoryview(chunk.buf)[: chunk.filled]
-            self._commit()  # the file's inode first: a crash must not leave a chunk whose inode is lost
+            self._commit_before_chunk()
             await trio.to_thread.run_sync(self.store.put, chunk_key(ino, idx), data)
             self._add_chunk(ino, idx, data)
             state.unsynced.add(idx)
@@ -945,7 +969,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         if n > 0:
             if n > chunk.filled:  # the file was extended past what was written: zeros
                 chunk.buf[chunk.filled : n] = self.zeros[: n - chunk.filled]
-            self._commit()  # the file's inode first: a crash must not leave a chunk whose inode is lost
+            self._commit_before_chunk()
             self.store.put(chunk_key(ino, idx), memoryview(chunk.buf)[:n], durable=durable)
             self._add_chunk(ino, idx, memoryview(chunk.buf)[:n])
             if not durable:
@@ -953,13 +977,19 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         del state.dirty[idx]
         self.spare_buffers.append(chunk.buf)
 
+    def _commit_before_chunk(self) -> None:
+        """Before a chunk is stored: the file's inode first, where a crash must not leave a chunk whose
+        inode is lost (unless the next mount collects such chunks: ``grouped_chunks``)."""
+        if not self.grouped_chunks:
+            self._commit()
+
     def _add_chunk(self, ino: int, idx: int, data: memoryview) -> None:
         """Record a stored chunk; in a shared namespace with its CRC-32C, published with the file at its
         flush, so that readers can check a copy they take from another reader rather than trust it."""
         if self.shared:
             self.ns.add_chunks(ino, [idx], {idx: crc32c(data)})
         else:
-            self.ns.add_chunks(ino, [idx])
+            self.ns.add_chunks(ino, [idx], grouped=self.grouped_chunks)
 
     def _store_chunks(self, ino: int, state: OpenInode, durable: bool = False) -> None:
         for idx in sorted(state.dirty):

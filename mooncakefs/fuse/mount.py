@@ -148,6 +148,8 @@ def _serve(
             from mooncakefs.p2p.swarm import Swarm
 
             fs.swarm = Swarm.for_mount(store, namespace)
+        if leaked := fs.collect_leaked_chunks():
+            log.info("removed %d file chunks stored just before the last mount crashed, never recorded", leaked)
         if orphans := fs.collect_orphans():
             log.info("deleted %d files that were unlinked while open when their last mount ended", orphans)
         fsname = str(store.path).replace(",", "\\,")  # (mount options are comma-separated)
