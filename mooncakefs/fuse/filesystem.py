@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import trio
 
-from mooncakefs._engine import crc32c
+from mooncakefs._engine import copy_many, crc32c
 from mooncakefs.api import KVStore
 from mooncakefs.errors import KeyNotFound, MooncakeError, OutOfSpace, Unavailable, errno_of
 from mooncakefs.fuse.namespace import ROOT, Inode, Namespace, fail
@@ -120,10 +120,36 @@ def unescape_kv_name(name: bytes) -> bytes:
 @dataclass
 class DirtyChunk:
     """A chunk's write buffer.  Bytes past ``filled`` are stale (buffers are reused unzeroed): a write
-    that starts beyond it zeroes the gap first, and nothing past it is ever read or stored."""
+    that starts beyond it zeroes the gap first, and nothing past it is ever read or stored.
+
+    The last ``pending_bytes`` before ``filled`` are not in ``buf`` yet: writes that appended them are
+    kept as views of their requests' (immutable) bytes, and copied in by ``settle``, in one call that
+    releases the GIL, on the worker thread that stores a full chunk: so a sequential write's copy is not
+    made on the thread that serves the requests.  Whatever else looks at ``buf`` settles it first."""
 
     buf: mmap.mmap
     filled: int
+    pending: list[memoryview] = field(default_factory=list)
+    pending_bytes: int = 0
+
+    def append(self, data: memoryview) -> None:
+        """Add ``data`` at ``filled``, to be copied at the next ``settle``."""
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        self.filled += len(data)
+
+    def settle(self) -> None:
+        """Copy the pending writes into ``buf``."""
+        if not self.pending:
+            return
+        start, whole = self.filled - self.pending_bytes, memoryview(self.buf)
+        targets = []
+        for piece in self.pending:
+            targets.append(whole[start : start + len(piece)])
+            start += len(piece)
+        copy_many(targets, self.pending)
+        self.pending.clear()
+        self.pending_bytes = 0
 
 
 @dataclass
@@ -772,10 +798,12 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
                 return data[off : off + size]
             return self._read_kv(self.kv_keys[ino], off, size)
         state = self.files[ino]
+        cs = self.chunk_size
+        while in_flight := [i for i in range(off // cs, -(-(off + size) // cs)) if i in state.storing]:
+            await state.storing[in_flight[0]][1].wait()  # (its bytes are being copied into its buffer)
         end = min(off + size, state.size)
         if off >= end:
             return b""
-        cs = self.chunk_size
         pieces = []
         while off < end:
             idx, within = divmod(off, cs)
@@ -786,9 +814,10 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
 
     def _chunk_slice(self, ino: int, state: OpenInode, idx: int, within: int, n: int) -> Any:
         """``n`` bytes of chunk ``idx`` from ``within``: from its write buffer, from the pool without a
-        copy, or zeros for a hole."""
-        dirty = state.dirty.get(idx) or (state.storing[idx][0] if idx in state.storing else None)
+        copy, or zeros for a hole.  The chunk is not in flight (``read`` waits for it to land)."""
+        dirty = state.dirty.get(idx)
         if dirty is not None:
+            dirty.settle()
             have = max(min(dirty.filled - within, n), 0)
             if have == n:
                 return memoryview(dirty.buf)[within : within + n]
@@ -859,6 +888,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         cs = self.chunk_size
         end = off + len(buf)
         src = memoryview(buf)
+        appendable = type(buf) is bytes  # immutable: a view of it may be kept until it is copied
         pos = off
         while pos < end:
             idx, within = divmod(pos, cs)
@@ -866,10 +896,14 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             if idx in state.storing:  # rewriting a chunk on its way to the store: let it land first
                 await state.storing[idx][1].wait()
             chunk = self._dirty_chunk(ino, state, idx)
-            if within > chunk.filled:
-                chunk.buf[chunk.filled : within] = self.zeros[: within - chunk.filled]
-            chunk.buf[within : within + n] = src[pos - off : pos - off + n]
-            chunk.filled = max(chunk.filled, within + n)
+            if within == chunk.filled and appendable:  # a sequential write: copied later, off this thread
+                chunk.append(src[pos - off : pos - off + n])
+            else:
+                chunk.settle()
+                if within > chunk.filled:
+                    chunk.buf[chunk.filled : within] = self.zeros[: within - chunk.filled]
+                chunk.buf[within : within + n] = src[pos - off : pos - off + n]
+                chunk.filled = max(chunk.filled, within + n)
             pos += n
             if end > state.size:
                 state.size = end
@@ -917,9 +951,8 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
 
     async def _store_task(self, ino: int, state: OpenInode, idx: int, chunk: DirtyChunk, landed: trio.Event) -> None:
         try:
-            data = memoryview(chunk.buf)[: chunk.filled]
             self._commit_before_chunk()
-            await trio.to_thread.run_sync(self.store.put, chunk_key(ino, idx), data)
+            data = await trio.to_thread.run_sync(self._settle_and_put, ino, idx, chunk)
             self._add_chunk(ino, idx, data)
             state.unsynced.add(idx)
             self.spare_buffers.append(chunk.buf)
@@ -931,6 +964,13 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
             del state.storing[idx]
             landed.set()
             self.store_slots.release()
+
+    def _settle_and_put(self, ino: int, idx: int, chunk: DirtyChunk) -> memoryview:
+        """A full chunk's pending writes copied in and the chunk stored (on a worker thread)."""
+        chunk.settle()
+        data = memoryview(chunk.buf)[: chunk.filled]
+        self.store.put(chunk_key(ino, idx), data)
+        return data
 
     @staticmethod
     async def _drain(state: OpenInode) -> None:
@@ -965,6 +1005,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
 
     def _store_chunk(self, ino: int, state: OpenInode, idx: int, durable: bool = False) -> None:
         chunk = state.dirty[idx]
+        chunk.settle()
         n = min(self.chunk_size, state.size - idx * self.chunk_size)
         if n > 0:
             if n > chunk.filled:  # the file was extended past what was written: zeros
@@ -1037,6 +1078,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         chunk = state.dirty.pop(0, None)
         if chunk is None:
             return None
+        chunk.settle()
         if state.size > chunk.filled:  # the file was extended past what was written: zeros
             chunk.buf[chunk.filled : state.size] = self.zeros[: state.size - chunk.filled]
         data = chunk.buf[: state.size]
@@ -1059,6 +1101,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         if tail and size < (state.size if state else node.size):
             last = size // cs
             if state is not None and last in state.dirty:
+                state.dirty[last].settle()
                 state.dirty[last].filled = min(state.dirty[last].filled, tail)
             elif self.ns.has_chunk(node.ino, last):
                 key = chunk_key(node.ino, last)
