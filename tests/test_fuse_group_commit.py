@@ -127,7 +127,8 @@ def test_a_clean_session_is_told_apart_from_a_crashed_one(tmp_path):
 def test_chunks_leave_the_store_only_after_the_namespace_forgot_them(tmp_path, how):
     """The handlers of a serving mount, called in this process over a real store: whenever a chunk is
     removed from the store, the committed namespace (what a crash would keep) no longer records it
-    under a file that has a name.  Each way a chunk leaves is triggered with a group still open."""
+    under a file that has a name, nor gives that file a size that reaches into it (zeros where data
+    was) unless its inline row holds those bytes.  Each way a chunk leaves is triggered with a group still open."""
     store = mooncakefs.open(tmp_path / "data", dram="64MiB", ssd="256MiB")
     path = store.path / "fs.sqlite"
     ns = Namespace(path, chunk_size=MiB)
@@ -144,8 +145,16 @@ def test_chunks_leave_the_store_only_after_the_namespace_forgot_them(tmp_path, h
 
     real_remove = store.remove
 
+    def committed_size_reaches(key: bytes) -> bool:
+        ino, idx = int.from_bytes(key[-16:-8], "big"), int.from_bytes(key[-8:], "big")
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            row = db.execute("SELECT nlink, size FROM inodes WHERE ino = ?", (ino,)).fetchone()
+            inline = db.execute("SELECT 1 FROM inline WHERE ino = ?", (ino,)).fetchone()  # chunk 0's truth
+        return row is not None and row[0] > 0 and row[1] > idx * MiB and not (idx == 0 and inline)
+
     def remove(key):  # a spy: the real store removes the chunk, after the check
         assert not committed_chunk_of_named_file(bytes(key)), f"{how}: a chunk left before its name did"
+        assert not committed_size_reaches(bytes(key)), f"{how}: a chunk left while the committed size covered it"
         removed.append(bytes(key))
         return real_remove(key)
 

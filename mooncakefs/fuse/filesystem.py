@@ -1096,9 +1096,14 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         keep = -(-size // cs)  # chunks that still hold data
         for idx in [i for i in (state.dirty if state else {}) if i >= keep]:
             self.spare_buffers.append(state.dirty.pop(idx).buf)  # type: ignore[union-attr]
+        old_size = state.size if state else node.size
+        # The new size goes into the change that forgets the chunks, committed before they leave the
+        # store: a crash must not keep the old size over chunks that are gone (zeros where data was).
+        node.size = size
+        self.ns.update(node)
         self._remove_chunks(node.ino, self.ns.drop_chunks_from(node.ino, keep))
         tail = size % cs
-        if tail and size < (state.size if state else node.size):
+        if tail and size < old_size:
             last = size // cs
             if state is not None and last in state.dirty:
                 state.dirty[last].settle()
