@@ -1115,3 +1115,30 @@ def test_chmod_u_s_while_a_write_only_handle_is_open_is_cleared_by_its_write(fus
     assert child.returncode == 0
     assert stat.S_IMODE(os.stat(p).st_mode) == 0o775
     assert read_file(p) == b"y"
+
+
+def test_appends_not_yet_copied_are_seen_by_reads_overwrites_and_truncation(fuse_dir):
+    """Appending writes are copied into their chunk buffer later (on the thread that stores a full
+    chunk); a read, an overwrite or a truncation in between must see them, as must what is stored."""
+    p = fuse_dir / "f"
+    model = bytearray()
+    writer = os.open(p, os.O_WRONLY | os.O_CREAT, 0o644)
+    other = os.open(p, os.O_RDWR)
+    try:
+        for i in range(5):  # 40 KiB appends: chunks of 64 KiB fill, go to the store, and start again
+            piece = rand_bytes(40 * KiB, ("append", i))
+            os.write(writer, piece)
+            model += piece
+            assert os.pread(other, 8 * KiB, len(model) - 8 * KiB) == bytes(model[-8 * KiB :])
+        os.pwrite(writer, b"X" * 100, 130 * KiB)  # inside the last, partly filled chunk
+        model[130 * KiB : 130 * KiB + 100] = b"X" * 100
+        os.ftruncate(other, 150 * KiB)
+        del model[150 * KiB :]
+        piece = rand_bytes(30 * KiB, "after")
+        os.pwrite(writer, piece, len(model))
+        model += piece
+        assert os.pread(other, len(model) + 10, 0) == bytes(model)
+    finally:
+        os.close(writer)
+        os.close(other)
+    assert read_file(p) == bytes(model)
