@@ -68,18 +68,25 @@ static inline int mc_stream_force(int kind) {
     return kind;
 }
 
-__attribute__((target("avx2"))) static void mc_stream_avx2(char *d, const char *s, size_t n) {
+/* Copy whole 128-byte steps with AVX2, streaming or plain stores to a 32-byte aligned d; the bytes done. */
+__attribute__((target("avx2"), always_inline)) static inline size_t mc_avx2_steps(char *d, const char *s, size_t n,
+                                                                                int stream) {
     size_t i = 0;
     for (; i + 128 <= n; i += 128) {
-        __m256i a = _mm256_loadu_si256((const __m256i *)(s + i));
-        __m256i b = _mm256_loadu_si256((const __m256i *)(s + i + 32));
-        __m256i c = _mm256_loadu_si256((const __m256i *)(s + i + 64));
-        __m256i e = _mm256_loadu_si256((const __m256i *)(s + i + 96));
-        _mm256_stream_si256((__m256i *)(d + i), a);
-        _mm256_stream_si256((__m256i *)(d + i + 32), b);
-        _mm256_stream_si256((__m256i *)(d + i + 64), c);
-        _mm256_stream_si256((__m256i *)(d + i + 96), e);
+        __m256i v[4];
+        for (int k = 0; k < 4; k++) v[k] = _mm256_loadu_si256((const __m256i *)(s + i + 32 * k));
+        for (int k = 0; k < 4; k++) {
+            if (stream)
+                _mm256_stream_si256((__m256i *)(d + i + 32 * k), v[k]);
+            else
+                _mm256_store_si256((__m256i *)(d + i + 32 * k), v[k]);
+        }
     }
+    return i;
+}
+
+__attribute__((target("avx2"))) static void mc_stream_avx2(char *d, const char *s, size_t n) {
+    size_t i = mc_avx2_steps(d, s, n, 1);
     _mm_sfence();
     memcpy(d + i, s + i, n - i);
 }
@@ -103,16 +110,7 @@ static void mc_stream_sse2(char *d, const char *s, size_t n) {
 __attribute__((target("avx2"))) static void mc_skew_avx2(char *d, const char *s, size_t n) {
     size_t i = (32 - ((uintptr_t)d & 31)) & 31; /* n >= MC_SKEW_MIN: the head always fits */
     memcpy(d, s, i);
-    for (; i + 128 <= n; i += 128) {
-        __m256i a = _mm256_loadu_si256((const __m256i *)(s + i));
-        __m256i b = _mm256_loadu_si256((const __m256i *)(s + i + 32));
-        __m256i c = _mm256_loadu_si256((const __m256i *)(s + i + 64));
-        __m256i e = _mm256_loadu_si256((const __m256i *)(s + i + 96));
-        _mm256_store_si256((__m256i *)(d + i), a);
-        _mm256_store_si256((__m256i *)(d + i + 32), b);
-        _mm256_store_si256((__m256i *)(d + i + 64), c);
-        _mm256_store_si256((__m256i *)(d + i + 96), e);
-    }
+    i += mc_avx2_steps(d + i, s + i, n - i, 0);
     memcpy(d + i, s + i, n - i);
 }
 
