@@ -4,7 +4,9 @@
 4 KiB ``put``, ``get``, ``get_into``, and 32-key ``batch_put`` / ``batch_get_into`` over 8192 resident keys
 of a DRAM-only store (``--ssd``: with an SSD tier as well, as kv_bench's stores have).  ``--into numpy``
 reads into 4 KiB slices of a numpy array that start 16 bytes into a page, as a large array's do (kv_bench's);
-``--copy memcpy`` makes every copy glibc's memcpy (the A/B of ``_stream_copy.h``'s mc_copy).  On a shared VM the
+``--copy memcpy`` makes every copy glibc's memcpy (the A/B of ``_stream_copy.h``'s mc_copy).  ``copy_many``
+is the floor of ``batch_get_into``: each batch's 4 KiB blocks copied by one ``_engine.copy_many`` from a
+page-aligned array as large as the values (no store, no index).  On a shared VM the
 wall clock says as much about the neighbours as about the code; the CPU time of the process is disturbed
 far less, so A/B runs (``PYTHONPATH=<tree>`` from each tree, interleaved) compare it.  One line per op:
 ``op keys_per_wall_s keys_per_cpu_s``.
@@ -28,7 +30,7 @@ import numpy as np
 import mooncakefs
 from mooncakefs import _engine
 
-OPS = ("put", "get", "get_into", "batch_put", "batch_get_into")
+OPS = ("put", "get", "get_into", "batch_put", "batch_get_into", "copy_many")
 
 
 def main() -> None:
@@ -81,7 +83,16 @@ def main() -> None:
             for group in groups:
                 store.batch_get_into(group, buffers)
 
-        passes = {f.__name__: f for f in (put, get, get_into, batch_put, batch_get_into)}
+        cold = np.ones(len(keys) * 4096 + 4096, dtype=np.uint8)
+        at = -cold.ctypes.data % 4096  # on a page, as the pool's values are
+        blocks = [cold[at + i * 4096 : at + (i + 1) * 4096] for i in range(len(keys))]
+        block_groups = [blocks[i : i + args.batch] for i in range(0, len(blocks), args.batch)]
+
+        def copy_many() -> None:
+            for group in block_groups:
+                _engine.copy_many(buffers[: len(group)], group)
+
+        passes = {f.__name__: f for f in (put, get, get_into, batch_put, batch_get_into, copy_many)}
         for op in args.ops.split(","):
             one_pass, done = passes[op], 0
             wall, cpu = time.perf_counter(), time.process_time()
