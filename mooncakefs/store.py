@@ -272,8 +272,11 @@ class Store(KVMapping):
         self._plain = _engine.PlainPath(dram, self, self._lock, LOCKED_COPY_MAX, BATCH_LOCKED_MAX, BATCH_LOCKED_BYTES)
         # ...with no Python frame before it: an instance's put, get and batch_put are PlainPath's, which
         # come back to this class's methods for anything but a plain small call (the frame and its
-        # keyword checks cost a 4 KiB put as much as the C call itself)
-        self.put, self.get, self.batch_put = self._plain.put, self._plain.get, self._plain.batch_put
+        # keyword checks cost a 4 KiB put as much as the C call itself); not where a subclass overrides
+        # one, as an instance's attribute would hide the override
+        for name in ("put", "get", "batch_put"):
+            if getattr(type(self), name) is getattr(Store, name):
+                setattr(self, name, getattr(self._plain, name))
         self._idle = threading.Condition(self._lock)  # close() waits here for unlocked copies to end
         self._unlocked_ops = 0
         self._closed = False

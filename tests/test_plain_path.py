@@ -196,3 +196,37 @@ def test_batch_get_into_errors_per_key_and_per_call(tmp_path, engine):
         buffers = (bytearray(100), bytearray(100))
         assert store.batch_get_into(("a", "b"), buffers) == [100, 100]
         assert buffers[1] == b"y" * 100
+
+
+def test_a_subclass_keeps_its_own_put_get_and_batch_put(tmp_path, engine):
+    """An instance's put, get and batch_put are PlainPath's only where its class has Store's own: a
+    subclass that overrides one is answered by its override, for plain calls as for calls with options."""
+    calls: list[str] = []
+
+    class Logged(store_module.Store):
+        def put(self, key: Any, value: Any, **options: Any) -> None:
+            calls.append("put")
+            super().put(key, value, **options)
+
+        def get(self, key: Any) -> bytes:
+            calls.append("get")
+            return super().get(key)
+
+        def batch_put(self, items: Any, **options: Any) -> list[Any]:
+            calls.append("batch_put")
+            return super().batch_put(items, **options)
+
+    store = Logged(tmp_path / "s", dram="4MiB")
+    try:
+        store.put("a", b"x" * BLOCK)
+        store.put("b", b"y", pin=True)
+        store.batch_put([("c", b"z")])
+        assert store.get("a") == b"x" * BLOCK
+        assert calls == ["put", "put", "batch_put", "get"], "a subclass's override was passed by"
+    finally:
+        store.close()
+    plain = mooncakefs.open(tmp_path / "plain", dram="4MiB")
+    try:
+        assert plain.get.__self__ is plain._plain, "a plain Store's get no longer goes straight to C"
+    finally:
+        plain.close()
