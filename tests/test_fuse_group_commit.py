@@ -82,6 +82,14 @@ class Caller:
     uid, gid, pid, umask = os.getuid(), os.getgid(), os.getpid(), 0o022
 
 
+def _size_fields() -> object:
+    """pyfuse3.SetattrFields with only ``update_size`` set (a truncate)."""
+    fields = type("Fields", (), {"update_size": True})()
+    for name in ("mode", "uid", "gid", "atime", "mtime", "ctime"):
+        setattr(fields, f"update_{name}", False)
+    return fields
+
+
 def committed_chunks(db_path) -> set[tuple[int, int]]:
     with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
         return set(db.execute("SELECT ino, idx FROM chunks"))
@@ -177,11 +185,8 @@ def test_chunks_leave_the_store_only_after_the_namespace_forgot_them(tmp_path, h
                 info = await fs.open(attrs.st_ino, os.O_WRONLY | os.O_TRUNC, caller)
                 await fs.release(info.fh)
             else:
-                fields = type("Fields", (), {"update_size": True})()
-                for name in ("mode", "uid", "gid", "atime", "mtime", "ctime"):
-                    setattr(fields, f"update_{name}", False)
                 attrs.st_size = 1000
-                await fs.setattr(attrs.st_ino, attrs, fields, None, caller)  # chunks 1 and 2 go
+                await fs.setattr(attrs.st_ino, attrs, _size_fields(), None, caller)  # chunks 1 and 2 go
                 info = await fs.open(attrs.st_ino, os.O_WRONLY, caller)
                 await fs.write(info.fh, 0, b"small now")
                 await fs.release(info.fh)  # its bytes go inline, and chunk 0 goes
@@ -190,6 +195,54 @@ def test_chunks_leave_the_store_only_after_the_namespace_forgot_them(tmp_path, h
     try:
         trio.run(main)
         assert removed, f"{how} removed no chunk from the store"
+    finally:
+        fs.shutdown()
+        ns.close()
+        store.close()
+
+
+def test_a_trimmed_last_chunk_is_stored_only_after_the_new_size_is_committed(tmp_path):
+    """A truncation inside a file's last chunk drops no whole chunk, only stores that chunk shorter: a
+    crash must not keep the old size over the shortened chunk (zeros where data was), so the new size
+    is committed before the shorter chunk replaces the old one."""
+    store = mooncakefs.open(tmp_path / "data", dram="64MiB", ssd="256MiB")
+    path = store.path / "fs.sqlite"
+    ns = Namespace(path, chunk_size=MiB)
+    fs = MooncakeFS(store, ns)
+    trimmed: list[tuple[int, int]] = []
+    real_put = store.put
+
+    def committed_size(ino: int) -> int:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            return db.execute("SELECT size FROM inodes WHERE ino = ?", (ino,)).fetchone()[0]
+
+    def put(key, value, **options):  # a spy: checks a chunk stored shorter than it was, then stores it
+        raw = bytes(key)
+        if raw.startswith(bytes(chunk_key(0, 0))[:-16]) and raw in store.raw_index():
+            ino, idx, n = int.from_bytes(raw[-16:-8], "big"), int.from_bytes(raw[-8:], "big"), len(value)
+            if n < store.stat(key).size:
+                trimmed.append((ino, idx))
+                assert committed_size(ino) <= idx * MiB + n, "a chunk was cut while the committed size covered it"
+        return real_put(key, value, **options)
+
+    store.put = put  # type: ignore[method-assign]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fs.start_serving(nursery)
+            caller = Caller()
+            info, attrs = await fs.create(ROOT, b"f", 0o644, os.O_WRONLY, caller)
+            await fs.write(info.fh, 0, rand_bytes(3 * MiB, "chunks"))
+            await fs.fsync(info.fh, False)
+            await fs.release(info.fh)
+            await fs.mkdir(ROOT, b"opens-a-group", 0o755, caller)
+            attrs.st_size = 2 * MiB + 1000  # inside chunk 2: no whole chunk goes
+            await fs.setattr(attrs.st_ino, attrs, _size_fields(), None, caller)
+            fs.stop_serving()
+
+    try:
+        trio.run(main)
+        assert trimmed, "the truncation stored no shorter chunk"
     finally:
         fs.shutdown()
         ns.close()

@@ -1112,6 +1112,7 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
                 key = chunk_key(node.ino, last)
                 data = self.store.get(key)
                 if len(data) > tail:
+                    self._commit()  # the new size first, as for the chunks dropped: not the old over a cut chunk
                     self.store.put(key, data[:tail])
                     self._add_chunk(node.ino, last, memoryview(data)[:tail])
             elif last == 0 and self.inline_max:
