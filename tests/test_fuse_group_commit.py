@@ -426,3 +426,28 @@ def test_chunks_a_crash_left_unrecorded_are_removed_by_the_next_mount(mount_fact
     stats = store_stats(m.mnt)
     assert stats["objects"] == stats["fs"]["chunks"] == 4, f"chunks leaked in the store: {stats}"
     assert "removed 2 file chunks" in m.output
+
+
+@pytest.mark.parametrize("grow", ["truncate", "write past its end"])
+def test_a_chunk_a_crash_left_longer_than_its_file_is_cut_by_the_next_mount(mount_factory, grow):
+    """A truncation commits the new size before it cuts the last chunk, so kill -9 between the two
+    leaves that chunk longer than its file (here put back in place while the daemon is down).  The
+    next mount cuts it: a file grown again reads zeros past its old end, not the bytes cut away."""
+    m = mount_factory(chunk_size="1MiB")
+    data = rand_bytes(MiB + 100 * 1024, "cut")
+    write_file(m.mnt / "f", data, fsync=True)
+    ino = os.stat(m.mnt / "f").st_ino
+    m.kill9()
+    store = mooncakefs.open(m.data, dram="64MiB", ssd="256MiB")
+    try:
+        store.put(chunk_key(ino, 1), data[MiB:] + b"\xab" * (2 * MiB - len(data)))  # as before its cut
+    finally:
+        store.close()
+    m.start()
+    if grow == "truncate":
+        os.truncate(m.mnt / "f", 3 * MiB)
+    else:
+        with open(m.mnt / "f", "r+b") as f:
+            f.seek(3 * MiB - 1)
+            f.write(b"\0")
+    assert read_file(m.mnt / "f") == data + bytes(3 * MiB - len(data)), "bytes cut away came back"

@@ -258,8 +258,24 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
     def collect_leaked_chunks(self) -> int:
         """Start this mount's session of a local namespace; if the last one did not end cleanly, remove
         the chunks the store holds but the namespace does not record (stored just before a crash, their
-        records in the group it lost, or of an inode that group created).  Returns how many."""
-        if self.shared or self.ns.open_session() or not self.grouped_chunks:
+        records in the group it lost, or of an inode that group created).  Returns how many.
+
+        First each file's chunks are cut to its committed size, as ``_truncate`` cuts them: a crash
+        between a truncation's commit and its cut of the last chunk left that chunk longer than its
+        file, and chunks recorded before their file's size was may lie past it, whose bytes a file
+        grown again would show where zeros belong."""
+        if self.shared or self.ns.open_session():
+            return 0
+        self.ns.group_commits(lambda: None)  # one commit for the files' unchanged rows, not one each
+        try:
+            for ino in sorted({ino for ino, _ in self.ns.chunk_records()}):
+                node = self.ns.get(ino)
+                if node is not None and node.nlink:  # (nameless ones: collect_orphans; chunks may be gone)
+                    with contextlib.suppress(KeyNotFound):  # a chunk lost otherwise: reads say so, not the mount
+                        self._truncate(node, node.size)
+        finally:
+            self.ns.group_commits(None)
+        if not self.grouped_chunks:
             return 0
         prefix = bytes(chunk_key(0, 0))[:-16]
         recorded = self.ns.chunk_records()
@@ -1103,18 +1119,17 @@ class MooncakeFS(pyfuse3.Operations, metaclass=_GuardedHandlers):
         self.ns.update(node)
         self._remove_chunks(node.ino, self.ns.drop_chunks_from(node.ino, keep))
         tail = size % cs
-        if tail and size < old_size:
+        if tail and size <= old_size:  # (the same size: collect_leaked_chunks cuts what a crash left long)
             last = size // cs
             if state is not None and last in state.dirty:
                 state.dirty[last].settle()
                 state.dirty[last].filled = min(state.dirty[last].filled, tail)
-            elif self.ns.has_chunk(node.ino, last):
+            elif self.ns.has_chunk(node.ino, last) and self.store.stat(chunk_key(node.ino, last)).size > tail:
                 key = chunk_key(node.ino, last)
                 data = self.store.get(key)
-                if len(data) > tail:
-                    self._commit()  # the new size first, as for the chunks dropped: not the old over a cut chunk
-                    self.store.put(key, data[:tail])
-                    self._add_chunk(node.ino, last, memoryview(data)[:tail])
+                self._commit()  # the new size first, as for the chunks dropped: not the old over a cut chunk
+                self.store.put(key, data[:tail])
+                self._add_chunk(node.ino, last, memoryview(data)[:tail])
             elif last == 0 and self.inline_max:
                 inline = self.ns.get_inline(node.ino)
                 if inline is not None and len(inline) > tail:
