@@ -14,7 +14,8 @@ from cpython.unicode cimport PyUnicode_AsUTF8String
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free as c_free, malloc, realloc
 from libc.string cimport memcpy, memset
-from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.types cimport clockid_t
 
 cimport cython
 
@@ -1172,7 +1173,7 @@ cdef extern from "<semaphore.h>" nogil:
     int sem_destroy(sem_t *sem)
     int sem_wait(sem_t *sem)
     int sem_trywait(sem_t *sem)
-    int sem_timedwait(sem_t *sem, const timespec *abs_timeout)
+    int sem_clockwait(sem_t *sem, clockid_t clock, const timespec *abs_timeout)  # glibc 2.30+
     int sem_post(sem_t *sem)
 
 
@@ -1231,7 +1232,7 @@ cdef class StoreLock:
         cdef timespec deadline
         cdef long whole
         if timeout >= 0:
-            clock_gettime(CLOCK_REALTIME, &deadline)  # sem_timedwait's clock
+            clock_gettime(CLOCK_MONOTONIC, &deadline)  # not the wall clock, which may be stepped
             whole = <long>timeout
             deadline.tv_sec += whole
             deadline.tv_nsec += <long>((timeout - whole) * 1e9)
@@ -1240,7 +1241,7 @@ cdef class StoreLock:
                 deadline.tv_nsec -= 1000000000
         while True:
             with nogil:
-                r = sem_wait(self.sem) if timeout < 0 else sem_timedwait(self.sem, &deadline)
+                r = sem_wait(self.sem) if timeout < 0 else sem_clockwait(self.sem, CLOCK_MONOTONIC, &deadline)
                 err = errno if r else 0
             if r == 0:
                 self.held = True
