@@ -131,6 +131,16 @@ def test_a_clean_session_is_told_apart_from_a_crashed_one(tmp_path):
         ns.close()
 
 
+async def _three_chunks_then_a_group(fs: MooncakeFS, caller: Caller):
+    """File "f" of three 1 MiB chunks, fsync'd, then a mkdir that opens a namespace group: its attrs."""
+    info, attrs = await fs.create(ROOT, b"f", 0o644, os.O_WRONLY, caller)
+    await fs.write(info.fh, 0, rand_bytes(3 * MiB, "chunks"))
+    await fs.fsync(info.fh, False)
+    await fs.release(info.fh)
+    await fs.mkdir(ROOT, b"opens-a-group", 0o755, caller)
+    return attrs
+
+
 @pytest.mark.parametrize("how", ["unlink", "O_TRUNC", "truncate, then rewrite small"])
 def test_chunks_leave_the_store_only_after_the_namespace_forgot_them(tmp_path, how):
     """The handlers of a serving mount, called in this process over a real store: whenever a chunk is
@@ -172,11 +182,7 @@ def test_chunks_leave_the_store_only_after_the_namespace_forgot_them(tmp_path, h
         async with trio.open_nursery() as nursery:
             fs.start_serving(nursery)
             caller = Caller()
-            info, attrs = await fs.create(ROOT, b"f", 0o644, os.O_WRONLY, caller)
-            await fs.write(info.fh, 0, rand_bytes(3 * MiB, "chunks"))
-            await fs.fsync(info.fh, False)
-            await fs.release(info.fh)
-            await fs.mkdir(ROOT, b"opens-a-group", 0o755, caller)
+            attrs = await _three_chunks_then_a_group(fs, caller)
             if how == "unlink":
                 await fs.unlink(ROOT, b"f", caller)
                 await fs.forget([(attrs.st_ino, 1)])
@@ -231,11 +237,7 @@ def test_a_trimmed_last_chunk_is_stored_only_after_the_new_size_is_committed(tmp
         async with trio.open_nursery() as nursery:
             fs.start_serving(nursery)
             caller = Caller()
-            info, attrs = await fs.create(ROOT, b"f", 0o644, os.O_WRONLY, caller)
-            await fs.write(info.fh, 0, rand_bytes(3 * MiB, "chunks"))
-            await fs.fsync(info.fh, False)
-            await fs.release(info.fh)
-            await fs.mkdir(ROOT, b"opens-a-group", 0o755, caller)
+            attrs = await _three_chunks_then_a_group(fs, caller)
             attrs.st_size = 2 * MiB + 1000  # inside chunk 2: no whole chunk goes
             await fs.setattr(attrs.st_ino, attrs, _size_fields(), None, caller)
             fs.stop_serving()
