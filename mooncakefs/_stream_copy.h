@@ -22,9 +22,9 @@
  *
  * mc_copy(dst, src, n): every other copy of the store and the transfer engine (memcpy's contract).
  * glibc copies 2112 bytes and more (x86_rep_movsb_threshold, on CPUs with FSRM) with REP MOVSB, which
- * on the AMD EPYC dev VMs runs 4-6x slower when the destination is 1 to 63 bytes past the source, modulo
- * a page (4K aliasing): a 4 KiB get_into a slice of a large numpy array (numpy's data starts 16 bytes
- * into a page, the pool's values at 0) took 3.5-5 us instead of 0.7-0.9, and so did 64 KiB and 256 KiB.
+ * on the AMD EPYC dev VMs runs 3-7x slower when the destination is 1 to 31 bytes past the source, modulo
+ * a page (tools/bench/copy_skew.py): every 4 KiB get_into a slice of a large numpy array (numpy's data
+ * starts 16 bytes into a page, the pool's values at 0) took that path, and so did larger copies.
  * Such copies (MC_SKEW_MIN bytes or more) take a 32-byte vector loop whose aligned stores trail its
  * loads; all others, and any without AVX2 or with the memcpy path forced, are memcpy.
  */
