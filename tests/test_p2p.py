@@ -287,12 +287,16 @@ def test_mooncakefs_watch_shows_who_holds_what_and_who_served_whom(hosts, tmp_pa
     with mooncakefs.connect(hosts.url) as probe:
         ident = {record["host"]: node for node, record in probe.map.nodes.items()}
     assert set(readers) == {ident["h1"], ident["h2"]} and not any(r["reading"] for r in readers.values())
-    for r in readers.values():  # what each took from others, it kept (the last chunk is 99 bytes)
-        assert 0 < r["chunks"] <= 7 and (r["chunks"] - 1) * CHUNK < sum(r["took_from"].values()) <= r["chunks"] * CHUNK
+    for r in readers.values():  # each holds some chunks and took at most the file from others (what it
+        # holds by now can be fewer than it took: its small DRAM tier may have let some go)
+        assert 0 < r["chunks"] <= 7 and 0 < sum(r["took_from"].values()) <= 7 * CHUNK
     # the second reader took from the first (it kept what it fetched), and the report adds it up
     assert readers[ident["h2"]]["took_from"].get(ident["h1"], 0) > 0
     assert f["served"][ident["h1"]] == readers[ident["h2"]]["took_from"][ident["h1"]]
-    assert all(t is not None and t["sent"] > 0 for t in data["nodes"].values()), data["nodes"]
+    # every node's traffic is there; h1 served h2, so it sent (a node holding only replicas no reader
+    # happened to choose sends nothing: which replica a read takes is left to chance)
+    assert all(t is not None for t in data["nodes"].values()), data["nodes"]
+    assert data["nodes"][ident["h1"]]["sent"] >= f["served"][ident["h1"]] > 0, data["nodes"]
 
     once = subprocess.run(watch_cli(hosts, "--once", "/ckpt/shard"), env=env, capture_output=True, text=True)
     assert once.returncode == 0 and "2 readers, 2 done" in once.stdout and "served:" in once.stdout
