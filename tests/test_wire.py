@@ -8,11 +8,23 @@ from __future__ import annotations
 
 import socket
 
+import msgpack
 import pytest
 from mooncakefs._engine import address, crc32c
 
-from mooncakefs.errors import ChecksumError
-from mooncakefs.wire import CRC_CHUNK, CRC_TRAILER, FIRST_READ, LINE, SMALL_SEND, Channel, Op
+from mooncakefs.errors import ChecksumError, Unavailable
+from mooncakefs.wire import (
+    CRC_CHUNK,
+    CRC_TRAILER,
+    FIRST_READ,
+    HEADER,
+    LINE,
+    MAGIC,
+    PAD_SHIFT,
+    SMALL_SEND,
+    Channel,
+    Op,
+)
 
 MiB = 1 << 20
 
@@ -187,3 +199,21 @@ def test_the_small_values_of_a_batch_are_read_through_the_buffer() -> None:
         ch.read_payload_into(memoryview(out))
         assert out == v
     assert pipe.recvs <= 3
+
+
+def test_a_peer_s_padding_is_skipped_bounded_and_a_short_one_drops_the_connection() -> None:
+    """Padding flags from a careless or hostile peer: the most a header can ask for (63 bytes) is
+    skipped, also on a frame with no payload, and the next frame reads in step; a peer that stops
+    inside its padding loses its connection with a clear error, nothing waits for the rest."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ch = Channel(ours, "peer")
+        meta = msgpack.packb(["k"])
+        theirs.sendall(HEADER.pack(MAGIC, Op.GET, 63 << PAD_SHIFT, len(meta), 0) + meta + b"\xff" * 63)
+        theirs.sendall(HEADER.pack(MAGIC, Op.OK, 0, len(meta), 0) + meta)
+        assert ch.read_frame() == (Op.GET, 0, ["k"], 0)
+        assert ch.read_frame() == (Op.OK, 0, ["k"], 0)
+        theirs.sendall(HEADER.pack(MAGIC, Op.GET, 40 << PAD_SHIFT, len(meta), 0) + meta + b"\0" * 10)
+        theirs.shutdown(socket.SHUT_WR)
+        with pytest.raises(Unavailable, match="closed by the peer"):
+            ch.read_frame()
