@@ -4,6 +4,8 @@ holder is asked first, when the replicas (the writer's uplink) are asked, which 
 
 from __future__ import annotations
 
+import json
+import threading
 from types import SimpleNamespace
 
 from mooncakefs.p2p.swarm import FileState, Peer, Swarm, rank_sources, rarest_first
@@ -82,3 +84,39 @@ def test_the_rarest_chunk_of_the_window_is_fetched_first():
     )
     assert s._next(f, seeds_only=False) == 1  # held by one reader; chunk 0 by three
     assert rarest_first([0, 1, 2, 3], {0: 3, 1: 0, 2: 2, 3: 2}.__getitem__) == [2, 3, 0, 1]
+
+
+class BlockingEtcd:
+    """Records each put; the first one waits until the test lets it go (a slow etcd round trip)."""
+
+    def __init__(self) -> None:
+        self.puts: list[dict] = []
+        self.first_entered, self.release = threading.Event(), threading.Event()
+
+    def put(self, key: str, value: str, lease: object = None) -> None:
+        if not self.first_entered.is_set():
+            self.first_entered.set()
+            self.release.wait(30)
+        self.puts.append(json.loads(value))
+
+
+def test_the_record_of_a_close_is_never_overtaken_by_an_earlier_one():
+    """A prefetcher made a "reading" record and its put was slow; the file closed meanwhile.  The close's
+    record must land last, or the watch shows the reader reading forever (the flake of the watch test:
+    h2 never "done")."""
+    s = swarm(["w"])
+    etcd = s.etcd = BlockingEtcd()
+    s.ns._lease = None
+    f = file_read_by([])
+    f.have.add(0)
+    prefetcher = threading.Thread(target=s._announce, args=(f,), kwargs={"force": True})
+    prefetcher.start()
+    assert etcd.first_entered.wait(30)
+    f.closed = True
+    closer = threading.Thread(target=s._announce, args=(f,), kwargs={"force": True})
+    closer.start()
+    closer.join(0.5)  # before the fix it puts now, ahead of the slow one; after it, it waits for it
+    etcd.release.set()
+    prefetcher.join(30)
+    closer.join(30)
+    assert [p["reading"] for p in etcd.puts][-1] is False, etcd.puts

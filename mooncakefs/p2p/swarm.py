@@ -203,6 +203,9 @@ class FileState:
     seeds: tuple[frozenset[str], dict[int, str]] = (frozenset(), {})
     lock: threading.Lock = field(default_factory=threading.Lock)
     wake: threading.Condition = field(init=False)
+    # Held from making a record to its put: two threads' puts land in the order their records were made,
+    # so a prefetcher's "reading" record can never land after the record of the file's close.
+    announcing: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.wake = threading.Condition(self.lock)
@@ -320,24 +323,25 @@ class Swarm:
 
     def _announce(self, f: FileState, *, force: bool = False) -> None:
         """Publish what this node holds of the file, if it grew enough since the last record."""
-        with f.lock:
-            count, now = len(f.have), time.monotonic()
-            grown = count - max(f.announced, 0)
-            enough = grown >= max(ANNOUNCE_MIN_CHUNKS, f.announced // 10) and now - f.announced_at >= ANNOUNCE_MIN_S
-            if not force and not enough:
-                return
-            f.announced, f.announced_at = count, now
-            record = {
-                "node": self.node,
-                "gen": list(f.gen),
-                "have": to_ranges(f.have),
-                "reading": not f.closed,
-                "from": top_sources(f.sources),  # who served this reader how much (`mooncakefs watch`)
-            }
-        try:
-            self.etcd.put(self._record_key(f.ino), json.dumps(record, separators=(",", ":")), lease=self.ns._lease)
-        except Exception as exc:  # etcd out of reach: readers fall back to seeds and replicas
-            log.warning("cannot announce the chunks held of inode %d: %s", f.ino, exc)
+        with f.announcing:
+            with f.lock:
+                count, now = len(f.have), time.monotonic()
+                grown = count - max(f.announced, 0)
+                enough = grown >= max(ANNOUNCE_MIN_CHUNKS, f.announced // 10) and now - f.announced_at >= ANNOUNCE_MIN_S
+                if not force and not enough:
+                    return
+                f.announced, f.announced_at = count, now
+                record = {
+                    "node": self.node,
+                    "gen": list(f.gen),
+                    "have": to_ranges(f.have),
+                    "reading": not f.closed,
+                    "from": top_sources(f.sources),  # who served this reader how much (`mooncakefs watch`)
+                }
+            try:
+                self.etcd.put(self._record_key(f.ino), json.dumps(record, separators=(",", ":")), lease=self.ns._lease)
+            except Exception as exc:  # etcd out of reach: readers fall back to seeds and replicas
+                log.warning("cannot announce the chunks held of inode %d: %s", f.ino, exc)
 
     def _records_changed(self, f: FileState) -> None:
         """The watch saw a reader's record change: the prefetchers look again at what to fetch."""
