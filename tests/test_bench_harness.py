@@ -122,3 +122,17 @@ def test_a_spread_reference_runs_against_its_peer_process(
         ref = stream_reference("r", conn, 64 << 10, inbound=inbound, requested=requested, spread=4 << 20)
         ref.run(0, 70)  # past the 64 slots: the rotation wraps
         assert ref.rep(0.01) > 0
+
+
+def test_vram_bench_writes_its_json_under_bench_results_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README says every benchmark writes JSON under bench-results/; vram_bench wrote none without --json.
+    The GPU check is stubbed out so this runs the same with or without a GPU."""
+    import vram_bench
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(vram_bench, "gpu_unavailable", lambda device: "no CUDA device: stubbed by the test")
+    assert vram_bench.main([]) == 0
+    written = tmp_path / "bench-results" / "vram_bench.json"
+    assert "stubbed by the test" in written.read_text()

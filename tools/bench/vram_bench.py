@@ -18,7 +18,8 @@ Rows (16 MiB values by default, each a median of interleaved repetitions):
   ``cuMemcpyHtoDAsync``; no store.  Target: cuFile at least 1.0 x this.
 
 SSD rows drop the segment files from the page cache before each repetition (``--warm`` keeps it).
-Without a GPU (or without ``mooncakefs[cuda]``) it says why and exits 0, writing that reason to --json.
+Without a GPU (or without ``mooncakefs[cuda]``) it says why and exits 0, writing that reason to --json
+(bench-results/vram_bench.json, as every benchmark writes its JSON under bench-results/).
 
 Examples::
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, help="data dir (SSD tier files); default a temporary dir")
     parser.add_argument("--warm", action="store_true", help="keep the page cache between SSD repetitions")
     parser.add_argument("--quick", action="store_true", help="3 reps of 0.1 s")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, default=Path("bench-results/vram_bench.json"), help="where the JSON goes")
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.rep_seconds = 3, 0.1
