@@ -59,6 +59,22 @@ def test_open_is_callable_and_returns_a_context_manager(tmp_path):
         store.close()
 
 
+def test_importing_the_package_leaves_the_transfer_engine_and_etcd_unloaded():
+    """``import mooncakefs`` (every CLI command, every embedded user) loads the engine, its etcd client
+    (grpc) and the RDMA driver only when asked for: they were half of its time; the names still work."""
+    from conftest import run_python
+
+    heavy = ["grpc", "mooncakefs.transfer.engine", "mooncakefs.transfer.rdma", "mooncakefs.cluster.etcd"]
+    code = (
+        "import sys, mooncakefs, mooncakefs.cli; "
+        f"print([m for m in {heavy!r} if m in sys.modules]); "
+        "from mooncakefs.transfer import Engine, TransferEngine; print(Engine.__name__, TransferEngine.__name__)"
+    )
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[]", "Engine TransferEngine"], out.stdout
+
+
 def test_cli_help(tmp_path):
     import subprocess
     import sys
