@@ -55,6 +55,7 @@ from mooncakefs.transfer.local import LocalTransport
 from mooncakefs.transfer.tcp import DEFAULT_STRIPE, TcpTransport
 from mooncakefs.wire import (
     CRC_TRAILER,
+    FIRST_READ,
     LINE,
     MAX_BATCH,
     WITH_CRC,
@@ -77,6 +78,7 @@ TCP_INLINE_MAX = 64 << 20
 BATCH_INLINE_MAX = 4 << 20  # a batched put up to this size goes in one frame
 MADV_POPULATE_WRITE = 23  # Linux 5.14 (the mmap module of Python 3.11 does not name it)
 PREFAULT_STEP = 4 << 20  # the pool is mapped in steps this big (each holds the GIL a millisecond or two)
+REPLY_HEAD_READ = 256  # a get reply's header and meta (and what padding follows them) fit this
 
 
 def prefault_mapping(pool: mmap.mmap) -> None:
@@ -559,13 +561,16 @@ class RemoteStore(KVMapping):
         what = self._what(key)
         crc: int | None = None
         phase = 0 if dst is None else address(dst) % LINE  # where in a line the value lands: see wire.payload_phase
+        # A large buffer is likely for a large value, which comes in the reply's first segments: its first
+        # recv takes the reply's header and little of the value, which then arrives straight in place.
+        first_read = REPLY_HEAD_READ if room > FIRST_READ else FIRST_READ
 
         def ask(ch: Channel) -> Any:
             """The value (small ones come inline, checked as they arrive), or the Region of a value
             leased for the engine."""
             nonlocal crc
             ch.send(Op.GET, [raw, min(room, self.inline_max), True, phase])
-            (size, lease, pool_offset, crc), _ = ch.read_reply()
+            (size, lease, pool_offset, crc), _ = ch.read_reply(first_read)
             if expected is not None:
                 crc = expected
             if lease:

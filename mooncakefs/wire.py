@@ -256,7 +256,12 @@ class Channel:
 
     def send(self, op: int, meta: Any = (), payload: Any = None, flags: int = 0, destination: int = 0) -> None:
         """Send one frame; ``payload`` is a buffer or a list of buffers (sent without copying if large),
-        ``destination`` the address (or only its phase in a line) where the peer receives a large one."""
+        ``destination`` the address (or only its phase in a line) where the peer receives a large one.
+
+        A large payload goes out with its header in one ``sendmsg``: one system call fewer than the
+        header sent on its own first, and the payload follows the header in the same call, as its padding
+        (``payload_phase``) assumes.  The peer's first read then finds the header with the start of the
+        payload (a reader expecting a large payload asks for little: ``read_frame``'s ``first_read``)."""
         m = _pack(meta)
         parts = payload if isinstance(payload, list) else ([] if payload is None else [payload])
         size = sum(memoryview(p).nbytes for p in parts)
@@ -264,12 +269,8 @@ class Channel:
             if size <= SMALL_SEND:
                 head = _frame_head(op, flags, m, size)
                 self.sock.sendall(b"".join([head, *parts]) if parts else head)
-            else:  # the header alone first: the peer reads it and gets ready while the payload follows
-                self.sock.sendall(_frame_head(op, flags, m, size, parts[0], destination))
-                if len(parts) == 1:
-                    self.sock.sendall(parts[0])
-                else:  # many ranges (a READV reply): one system call, not one per range
-                    self._send_parts(parts)
+            else:  # one system call for the header and the payload (many ranges of a READV reply too)
+                self._send_parts([_frame_head(op, flags, m, size, parts[0], destination), *parts])
         except OSError as exc:
             raise self._lost(exc) from None
 
@@ -335,6 +336,7 @@ class Channel:
         *,
         idle: float | None = None,
         within: float | None = None,
+        first_read: int = FIRST_READ,
     ) -> tuple[int, int, Any, int]:
         """The next frame's (opcode, flags, meta, payload length); read the payload next.  A frame larger
         than the limits is refused before anything is allocated for it.
@@ -348,7 +350,7 @@ class Channel:
             self._await_frame(idle)
         if within is not None:
             self.deadline = time.monotonic() + within
-        self._fill(HEADER.size)
+        self._fill(HEADER.size, first_read)
         magic, op, flags, meta_len, payload_len = HEADER.unpack_from(self._buf, self._start)
         if magic != MAGIC:
             raise ProtocolError(f"{self.peer}: bad frame magic {magic:#06x}")
@@ -377,9 +379,10 @@ class Channel:
         self._start, self._end = 0, len(data)
         return (*self.read_frame(), fds)
 
-    def read_reply(self) -> tuple[Any, int]:
-        """The reply to a request: (meta, payload length); an ERROR reply is raised as its exception."""
-        op, _flags, meta, payload_len = self.read_frame()
+    def read_reply(self, first_read: int = FIRST_READ) -> tuple[Any, int]:
+        """The reply to a request: (meta, payload length); an ERROR reply is raised as its exception.
+        ``first_read``: how much its first recv asks for (``read_frame``)."""
+        op, _flags, meta, payload_len = self.read_frame(first_read=first_read)
         if op == Op.OK:
             return meta, payload_len
         if op == Op.ERROR:

@@ -136,16 +136,19 @@ def test_a_value_with_a_known_crc_is_one_send() -> None:
     assert pipe.sends == 1
 
 
-def test_a_large_reply_lands_in_place() -> None:
-    """The reader's first read takes the header and little of the payload; the rest is received
-    straight into the caller's buffer."""
+@pytest.mark.parametrize("first_read", [FIRST_READ, 256])
+def test_a_large_reply_is_one_send_and_lands_in_place(first_read: int) -> None:
+    """The header and the payload go out in one system call (the header sent alone first cost the node a
+    second one).  The reader's first read takes the header and at most ``first_read`` bytes of the
+    payload; the rest is received straight into the caller's buffer."""
     pipe = Pipe()
     channel(pipe).send(Op.OK, [MiB, 0, -1, 5], value_of(MiB))
+    assert pipe.sends == 1
     ch = channel(pipe)
-    assert ch.read_reply() == ([MiB, 0, -1, 5], MiB)
+    assert ch.read_reply(first_read) == ([MiB, 0, -1, 5], MiB)
     out = bytearray(MiB)
     ch.read_payload_crc(memoryview(out))
-    assert out == value_of(MiB) and pipe.staged <= FIRST_READ
+    assert out == value_of(MiB) and pipe.staged <= first_read
     assert pipe.recvs == 2
 
 
