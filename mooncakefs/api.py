@@ -108,6 +108,16 @@ class PutOptions:
         replace = Replace.NEVER if self.if_absent else Replace.IF_OLDER if self.if_newer else Replace.ALWAYS
         object.__setattr__(self, "replace", replace)
 
+    def stamped(self, version: int) -> PutOptions:
+        """These options with ``version`` (checked): what a cluster client sends with each value it puts.
+        A copy of fields checked when these were made, without ``dataclasses.replace``'s checking them
+        again, which was a tenth of a cluster put's Python."""
+        copy = object.__new__(PutOptions)
+        for name in _PUT_FIELDS:
+            object.__setattr__(copy, name, getattr(self, name))
+        object.__setattr__(copy, "version", check_version(version))
+        return copy
+
     def single_store(self, call: str, where: str) -> None:
         """``replicas`` and ``placement`` mean something only in a cluster: a single store (embedded, or
         one node) keeps one copy of each value, so it takes replicas=1 and no placement, and says so."""
@@ -122,6 +132,9 @@ class PutOptions:
 
 
 PLAIN_PUT = PutOptions()  # every keyword at its default: what nearly every put is
+_PUT_FIELDS = PutOptions.__slots__
+# A cluster put names only its replica count, nearly always a small one: made once each.
+_REPLICA_PUTS = {replicas: PutOptions(replicas=replicas) for replicas in range(1, 9)}
 
 
 def put_options(
@@ -135,7 +148,8 @@ def put_options(
     replicas: object = None,
     placement: object = None,
 ) -> PutOptions:
-    """``put``'s keywords as checked ``PutOptions``; the defaults (the common case) cost no check."""
+    """``put``'s keywords as checked ``PutOptions``; the defaults (the common case, alone or with a small
+    replica count) cost no check."""
     if (
         pin is False
         and ttl is None
@@ -146,10 +160,12 @@ def put_options(
         and if_newer is False
         and tag == 0
         and type(tag) is int
-        and replicas is None
         and placement is None
     ):
-        return PLAIN_PUT
+        if replicas is None:
+            return PLAIN_PUT
+        if type(replicas) is int and replicas in _REPLICA_PUTS:
+            return _REPLICA_PUTS[replicas]
     return PutOptions(pin, ttl, if_absent, durable, version, if_newer, tag, replicas, placement)  # type: ignore[arg-type]
 
 

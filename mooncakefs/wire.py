@@ -83,12 +83,22 @@ PIN, IF_ABSENT, DURABLE, LOCAL, IF_NEWER = 1, 2, 4, 8, 16
 REPLICAS_SHIFT = 8
 PLACEMENT_FLAGS = LOCAL | ~((1 << REPLICAS_SHIFT) - 1)  # what a node keeps with the value (its tag)
 _OPTION_FLAGS = {"pin": PIN, "if_absent": IF_ABSENT, "durable": DURABLE, "if_newer": IF_NEWER}
+# The options of a cluster client's plain put by its placement flags (a few kinds: replica counts, LOCAL),
+# made once each rather than checked again on every put a node receives.
+_PLACED_PUTS: dict[int, PutOptions] = {}
+_PLACED_PUTS_MAX = 64
 
 
 def pack_put_options(options: PutOptions = PLAIN_PUT, cluster_flags: int = 0) -> list[Any]:
     """A put's options (checked ``PutOptions``, and the cluster's placement flags) as the end of its
     meta: [flags, ttl, version]."""
-    flags = sum(bit for name, bit in _OPTION_FLAGS.items() if getattr(options, name)) | cluster_flags
+    flags = (
+        (PIN if options.pin else 0)
+        | (IF_ABSENT if options.if_absent else 0)
+        | (DURABLE if options.durable else 0)
+        | (IF_NEWER if options.if_newer else 0)
+        | cluster_flags
+    )
     return [flags, options.ttl, pack_version(options.version)]
 
 
@@ -100,6 +110,13 @@ def unpack_put_options(flags: Any, ttl: Any, version: Any) -> PutOptions:
         raise ValueError(f"put flags must be a 32-bit int, got {flags!r:.40}")
     if flags == 0 and ttl is None and version is None:
         return PLAIN_PUT  # the common case, which the store recognises by identity
+    if flags & ~PLACEMENT_FLAGS == 0 and ttl is None:  # a cluster client's plain put: a tag and a version
+        placed = _PLACED_PUTS.get(flags)
+        if placed is None:
+            placed = PutOptions(tag=flags)
+            if len(_PLACED_PUTS) < _PLACED_PUTS_MAX:
+                _PLACED_PUTS[flags] = placed
+        return placed if version is None else placed.stamped(unpack_version(version))
     return PutOptions(
         **{name: bool(flags & bit) for name, bit in _OPTION_FLAGS.items()},
         ttl=ttl,

@@ -53,6 +53,22 @@ def test_put_options_normalise_and_are_frozen():
     assert put_options(pin=True) == PutOptions(pin=True)
 
 
+@pytest.mark.parametrize(
+    "options", [PLAIN_PUT, put_options(replicas=2), PutOptions(ttl=3, if_absent=True, tag=7, replicas=3)]
+)
+def test_stamped_options_equal_the_same_options_made_with_the_version(options):
+    """What a cluster client sends with each value: the options it was given, with its version; checked."""
+    stamped = options.stamped(11)
+    assert stamped == dataclasses.replace(options, version=11) and stamped.replace is options.replace
+    assert options.version == 0  # a copy: the options given stay as they were
+    with pytest.raises(InvalidArgument, match="version must be an int"):
+        options.stamped(-1)
+
+
+def test_a_replica_count_alone_costs_no_check():
+    assert put_options(replicas=2) is put_options(replicas=2) == PutOptions(replicas=2)
+
+
 @pytest.mark.parametrize("options", [PutOptions(replicas=2), PutOptions(placement="local")])
 def test_single_store_refuses_cluster_options(options):
     with pytest.raises(InvalidArgument, match="replicas and placement need a cluster"):
@@ -69,6 +85,9 @@ def test_put_options_travel_to_a_node_as_put_options():
     assert wire.unpack_put_options(*wire.pack_put_options(options)) == options
     placed = wire.unpack_put_options(*wire.pack_put_options(PLAIN_PUT, wire.LOCAL | 3 << wire.REPLICAS_SHIFT))
     assert placed == PutOptions(tag=wire.LOCAL | 3 << wire.REPLICAS_SHIFT)
+    tag = 2 << wire.REPLICAS_SHIFT
+    versioned = wire.unpack_put_options(*wire.pack_put_options(PutOptions(version=5), tag))
+    assert versioned == PutOptions(tag=tag, version=5) and versioned.replace is Replace.ALWAYS
     with pytest.raises(InvalidArgument, match="ttl must be a number of seconds"):
         wire.unpack_put_options(0, "30", None)
     with pytest.raises(InvalidArgument, match="if_absent or if_newer"):

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from mooncakefs._engine import crc32c
 from mooncakefs.api import (
     BATCH_ERRORS,
+    PLAIN_PUT,
     KVMapping,
     ObjectInfo,
     PutOptions,
@@ -269,7 +270,7 @@ class ClusterStore(KVMapping):
         def attempt(pmap: PlacementMap) -> None:
             nonlocal crc
             owners = self._owners(pmap, raw, replicas)
-            stamped = replace(options, version=self._version(pmap))
+            stamped = options.stamped(self._version(pmap))
             if options.placement == "local":
                 here = self._local_node(pmap)
                 self._call(here, pmap, lambda link: link._put(key, view, stamped, placement_flags(1, True)))
@@ -291,7 +292,9 @@ class ClusterStore(KVMapping):
         cluster's placement width) and a placement this client knows."""
         if options.placement is not None and options.placement != "local":
             raise InvalidArgument(f"placement must be None or 'local', got {options.placement!r:.60}")
-        if options.replicas is None:
+        if options is PLAIN_PUT:
+            options = put_options(replicas=self.replicas)
+        elif options.replicas is None:
             options = replace(options, replicas=self.replicas)
         self._check_replicas(options.replicas)  # type: ignore[arg-type]
         return options
@@ -395,7 +398,7 @@ class ClusterStore(KVMapping):
                 results[i] = exc
         retry: set[int] = set()
         flags = placement_flags(replicas, False)
-        stamped = replace(options, version=self._version(pmap))
+        stamped = options.stamped(self._version(pmap))
         answers = self._per_node(
             pmap, by_node, lambda link, where: link._batch_put([pairs[i] for i in where], stamped, flags)
         )
