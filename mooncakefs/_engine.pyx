@@ -1496,11 +1496,18 @@ cdef class PlainPath:
             PyBuffer_Release(&s)
         return True
 
-    cdef int _put_item(self, tuple item, list results, options) except -1:
-        """``_put`` of one run item ``(i, raw, key, Entry, value)``; an error of the item's own (one of
+    cdef int _put_item(self, tuple item, list results, options, const Py_buffer *held) except -1:
+        """``_put`` of one run item ``(i, raw, key, Entry, value)``, from ``held`` (its value's buffer,
+        taken by ``_prepare``) or else from a buffer taken here; an error of the item's own (one of
         BATCH_ERRORS) goes in ``results[i]``.  Returns what ``_put`` does."""
         cdef Entry entry = <Entry>item[3]
         cdef Py_buffer s
+        if held != NULL:
+            try:
+                return self._put(item[1], item[2], entry, item[4], <const char *>held.buf, options)
+            except BATCH_ERRORS as exc:
+                results[<Py_ssize_t>item[0]] = exc
+            return 0
         try:
             _get_read(item[4], &s, "value")
             try:
@@ -1515,15 +1522,16 @@ cdef class PlainPath:
 
     def put_run(self, list run, list results, options, bint plain) -> None:
         """``Store._put_run``: see ``_put_run``."""
-        self._put_run(run, results, options, plain)
+        self._put_run(run, results, options, plain, NULL)
 
-    cdef int _put_run(self, list run, list results, options, bint plain) except -1:
+    cdef int _put_run(self, list run, list results, options, bint plain, const Py_buffer *views) except -1:
         """Store a run of prepared items ``(i, raw, key, Entry, value)`` (from ``prepare_run``, or from
         ``Store._prepare_run`` for other options), the store's lock taken once per ``batch_bytes`` copied; an item that raises
         one of BATCH_ERRORS gets it in ``results[i]``.  ``plain``: no item is pinned, expiring,
         versioned, tagged, durable or conditional, so while the store allows it (``_plain_store``) the
         items are stored here, and otherwise one by one by the store's general path.  The run's new
-        values are queued leaf first before the lock is let go the last time."""
+        values are queued leaf first before the lock is let go the last time.  ``views``: NULL, or the
+        buffers of the run's values (``_prepare``'s), item by item."""
         cdef Py_ssize_t n = len(run), at = 0
         cdef long long copied, before
         cdef int changed
@@ -1539,7 +1547,7 @@ cdef class PlainPath:
                             item = <tuple>run[at]
                             at += 1
                             copied += (<Entry>item[3]).word.size
-                            changed |= self._put_item(item, results, options)
+                            changed |= self._put_item(item, results, options, NULL if views == NULL else &views[at - 1])
                     finally:
                         self._count_evictions(before)
                         if changed:
@@ -1559,27 +1567,41 @@ cdef class PlainPath:
                 self.release()
         return 0
 
-    cdef Py_ssize_t _prepare(self, list pairs, Py_ssize_t at, list results, list run) except -1:
+    cdef Py_ssize_t _prepare(self, list pairs, Py_ssize_t at, list results, list run, Py_buffer *views) except -1:
         """For each (key, value) pair of ``pairs[at:]`` a slot in ``results`` and, for a value of up to
         ``batch_max`` bytes, an item ``(i, raw, key, Entry, value)`` in ``run`` (or the exception, one of
         BATCH_ERRORS, it raised in its slot).  Stops at a larger value, its slot added, and returns its
-        index (``len(pairs)`` when done)."""
+        index (``len(pairs)`` when done).  ``views``: NULL, or room for one buffer per pair, where the
+        buffer of each value that joins the run is kept (``views[k]`` for ``run[k]``, the caller's to
+        release) for ``_put_run`` to copy from: taking a numpy array's buffer costs more instructions
+        than the rest of a 4 KiB put's preparing, and it was taken twice."""
         cdef Py_ssize_t n = len(pairs), size
         cdef Entry entry
+        cdef Py_buffer *view
         while at < n:
             key, value = pairs[at]
             results.append(None)
             try:
+                view = NULL if views == NULL else &views[len(run)]
                 try:
-                    size = _nbytes(value)
+                    if view == NULL:
+                        size = _nbytes(value)
+                    else:
+                        _get_read(value, view, "value")
+                        size = view.len
                 except TypeError:
                     raise value_error(value) from None
-                if size > self.batch_max:
-                    return at
-                raw = encode_key(key)
-                entry = _new_entry(size)
-                entry.word.sticky = type(key) is InternalKey
-                run.append((at, raw, key, entry, value))
+                try:
+                    if size > self.batch_max:
+                        return at
+                    raw = encode_key(key)
+                    entry = _new_entry(size)
+                    entry.word.sticky = type(key) is InternalKey
+                    run.append((at, raw, key, entry, value))
+                    view = NULL  # the run's now
+                finally:
+                    if view != NULL:
+                        PyBuffer_Release(view)
             except BATCH_ERRORS as exc:
                 results[at] = exc
             at += 1
@@ -1587,7 +1609,7 @@ cdef class PlainPath:
 
     def prepare_run(self, list pairs, Py_ssize_t at, list results, list run) -> int:
         """``Store._batch_put``'s loop for plain options over pairs it has checked: see ``_prepare``."""
-        return self._prepare(pairs, at, results, run)
+        return self._prepare(pairs, at, results, run, NULL)
 
     def batch_put(self, items, **options) -> list:
         """``Store.batch_put`` as the store's instances answer it (``Store._init_state`` binds it): a batch
@@ -1605,6 +1627,7 @@ cdef class PlainPath:
         decides."""
         cdef list pairs, results = [], run = []
         cdef Py_ssize_t i, n
+        cdef Py_buffer *views
         if type(items) is list:
             pairs = list(<list>items)  # our own: the caller's list may change while the lock is awaited
             n = len(pairs)
@@ -1616,10 +1639,18 @@ cdef class PlainPath:
             n = len(pairs)
         else:
             return None
-        if self._prepare(pairs, 0, results, run) != n:
-            return None
-        self._put_run(run, results, PLAIN_PUT, True)
-        return results
+        views = <Py_buffer *>malloc(max(n, 1) * sizeof(Py_buffer))
+        if views == NULL:
+            raise MemoryError()
+        try:
+            if self._prepare(pairs, 0, results, run, views) != n:
+                return None
+            self._put_run(run, results, PLAIN_PUT, True, views)
+            return results
+        finally:
+            for i in range(len(run)):
+                PyBuffer_Release(&views[i])
+            c_free(views)
 
     cdef void _leaf_first(self, list run) noexcept:
         """Requeue a run's fresh values last item first: a chain's head the newest of the fresh queue,
@@ -1714,8 +1745,8 @@ cdef class PlainPath:
         """One lock's worth of ``read_batch`` (lock held): from key ``i`` on, until ``batch_bytes`` of
         values of at least ``small_max`` bytes are copied; returns where the next one starts."""
         cdef Py_ssize_t n = len(keys)
-        cdef long long copied = 0, hits = 0, size
-        cdef object found
+        cdef long long copied = 0, hits = 0, size, counted = -1
+        cdef object found, count = None  # the int of the last byte count given (``counted``): one per size
         cdef Entry entry
         cdef Py_buffer d
         cdef bint into = buffers is not None, done
@@ -1744,8 +1775,12 @@ cdef class PlainPath:
                                     done = True
                             finally:
                                 PyBuffer_Release(&d)
-                        # the store's own copy raises why not (a short or read-only buffer)
-                        results[i - 1] = size if done else self.store._copy_into(key, entry, buffers[i - 1])
+                        if done:
+                            if size != counted:
+                                count, counted = size, size
+                            results[i - 1] = count
+                        else:  # the store's own copy raises why not (a short or read-only buffer)
+                            results[i - 1] = self.store._copy_into(key, entry, buffers[i - 1])
                     hits += 1
                     self._touch(raw, entry)
                     if size >= self.small_max:  # small ones were always copied under the lock

@@ -826,8 +826,14 @@ class PlainPath:
                     self.store._commit()
         return True
 
-    def _put_item(self, item: tuple[Any, ...], results: list[Any], options: Any) -> bool:
+    def _put_item(self, item: tuple[Any, ...], results: list[Any], options: Any, held: memoryview | None) -> bool:
         i, raw, key, entry, value = item
+        if held is not None:
+            try:
+                return self._put(raw, key, entry, value, held, options)
+            except BATCH_ERRORS as exc:
+                results[i] = exc
+            return False
         try:
             src = _read_view(value, "value")
             if src.nbytes != entry.size:
@@ -837,7 +843,9 @@ class PlainPath:
             results[i] = exc
         return False
 
-    def put_run(self, run: list[Any], results: list[Any], options: Any, plain: bool) -> None:
+    def put_run(
+        self, run: list[Any], results: list[Any], options: Any, plain: bool, views: list[memoryview] | None = None
+    ) -> None:
         at = 0
         while at < len(run):
             with self._lock_open():
@@ -849,7 +857,7 @@ class PlainPath:
                             item = run[at]
                             at += 1
                             copied += item[3].size
-                            changed |= self._put_item(item, results, options)
+                            changed |= self._put_item(item, results, options, None if views is None else views[at - 1])
                     finally:
                         if changed:
                             self.store._commit()
@@ -865,21 +873,35 @@ class PlainPath:
                 if at == len(run) and len(run) > 1:
                     self._leaf_first(run)
 
-    def prepare_run(self, pairs: list[tuple[Any, Any]], at: int, results: list[Any], run: list[Any]) -> int:
+    def prepare_run(
+        self,
+        pairs: list[tuple[Any, Any]],
+        at: int,
+        results: list[Any],
+        run: list[Any],
+        views: list[memoryview] | None = None,
+    ) -> int:
         while at < len(pairs):
             key, value = pairs[at]
             results.append(None)
             try:
                 try:
-                    size = nbytes(value)
+                    view = _read_view(value, "value")
                 except TypeError:
                     raise value_error(value) from None
-                if size > self.batch_max:
-                    return at
-                raw = encode_key(key)
-                entry = self.new_entry(size)
-                entry.sticky = type(key) is InternalKey
-                run.append((at, raw, key, entry, value))
+                try:
+                    if view.nbytes > self.batch_max:
+                        return at
+                    raw = encode_key(key)
+                    entry = self.new_entry(view.nbytes)
+                    entry.sticky = type(key) is InternalKey
+                    run.append((at, raw, key, entry, value))
+                    if views is not None:  # kept for put_run, as PlainPath._prepare keeps it
+                        views.append(view)
+                        view = None
+                finally:
+                    if view is not None:
+                        view.release()
             except BATCH_ERRORS as exc:
                 results[at] = exc
             at += 1
@@ -902,10 +924,15 @@ class PlainPath:
             return None
         results: list[Any] = []
         run: list[Any] = []
-        if self.prepare_run(pairs, 0, results, run) != len(pairs):
-            return None
-        self.put_run(run, results, PLAIN_PUT, True)
-        return results
+        views: list[memoryview] = []
+        try:
+            if self.prepare_run(pairs, 0, results, run, views) != len(pairs):
+                return None
+            self.put_run(run, results, PLAIN_PUT, True, views)
+            return results
+        finally:
+            for view in views:
+                view.release()
 
     def _leaf_first(self, run: list[Any]) -> None:
         for item in reversed(run):

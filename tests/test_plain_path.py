@@ -174,6 +174,24 @@ def test_batch_put_errors_per_item_and_per_call(tmp_path, engine):
         assert store.get("as-list") == b"l" and len(store.get("big")) == 300 * 1024
 
 
+@pytest.mark.parametrize("large", [False, True])
+def test_batch_put_lets_go_of_every_value_buffer(tmp_path, engine, large):
+    """The buffers a batch's values lend its copies are all given back when it returns: those of stored
+    values, of an item refused for its key, and (``large``: a value too large for the batch's run, which
+    sends the batch to the store's general path) of the run it had begun."""
+    with mooncakefs.open(tmp_path, dram="4MiB") as store:
+        values = [bytearray([i]) * 4096 for i in range(4)]
+        items = [("a", values[0]), ("", values[1]), ("b", values[2])]
+        if large:
+            items.append(("big", bytearray(300 * 1024)))
+        items.append(("c", values[3]))
+        results = store.batch_put(items)
+        assert [type(r).__name__ for r in results] == ["NoneType", "InvalidKey"] + ["NoneType"] * (len(items) - 2)
+        for value in values:
+            value.extend(b"more")  # BufferError if a view of it were still held
+        assert [store.get(k) for k in "abc"] == [bytes([0]) * 4096, bytes([2]) * 4096, bytes([3]) * 4096]
+
+
 def test_batch_get_into_errors_per_key_and_per_call(tmp_path, engine):
     """A short or read-only buffer, a bad key and a missing key fail alone, as ``get_into`` says; lists
     of different lengths fail the call; tuples of keys and buffers work."""
