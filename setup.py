@@ -18,11 +18,19 @@ extensions = [
 
 # The rdma hot path needs <infiniband/verbs.h>.  Without it the engine still works (tcp, local); say so.
 if os.path.exists("/usr/include/infiniband/verbs.h") or os.environ.get("MOONCAKEFS_RDMA") == "1":
-    extensions.append(Extension("mooncakefs.transfer._rdma", ["mooncakefs/transfer/_rdma.pyx"],
-                                libraries=["ibverbs"], extra_compile_args=["-O3"]))
+    extensions.append(
+        Extension(
+            "mooncakefs.transfer._rdma",
+            ["mooncakefs/transfer/_rdma.pyx"],
+            libraries=["ibverbs"],
+            extra_compile_args=["-O3"],
+        )
+    )
 else:
-    print("mooncakefs: <infiniband/verbs.h> not found (apt install libibverbs-dev): building without the rdma "
-          "transport", file=sys.stderr)
+    print(
+        "mooncakefs: <infiniband/verbs.h> not found (apt install libibverbs-dev): building without the rdma transport",
+        file=sys.stderr,
+    )
 
 setup(
     ext_modules=cythonize(
