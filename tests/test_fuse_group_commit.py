@@ -131,14 +131,23 @@ def test_a_clean_session_is_told_apart_from_a_crashed_one(tmp_path):
         ns.close()
 
 
-async def _three_chunks_then_a_group(fs: MooncakeFS, caller: Caller):
-    """File "f" of three 1 MiB chunks, fsync'd, then a mkdir that opens a namespace group: its attrs."""
-    info, attrs = await fs.create(ROOT, b"f", 0o644, os.O_WRONLY, caller)
-    await fs.write(info.fh, 0, rand_bytes(3 * MiB, "chunks"))
-    await fs.fsync(info.fh, False)
-    await fs.release(info.fh)
-    await fs.mkdir(ROOT, b"opens-a-group", 0o755, caller)
-    return attrs
+def _on_three_chunks_in_a_group(fs: MooncakeFS, then) -> None:
+    """Serve ``fs``'s handlers in this process, make file "f" of three 1 MiB chunks (fsync'd), open a
+    namespace group with a mkdir, then ``await then(attrs of f, caller)`` before serving stops."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fs.start_serving(nursery)
+            caller = Caller()
+            info, attrs = await fs.create(ROOT, b"f", 0o644, os.O_WRONLY, caller)
+            await fs.write(info.fh, 0, rand_bytes(3 * MiB, "chunks"))
+            await fs.fsync(info.fh, False)
+            await fs.release(info.fh)
+            await fs.mkdir(ROOT, b"opens-a-group", 0o755, caller)
+            await then(attrs, caller)
+            fs.stop_serving()
+
+    trio.run(main)
 
 
 @pytest.mark.parametrize("how", ["unlink", "O_TRUNC", "truncate, then rewrite small"])
@@ -178,28 +187,23 @@ def test_chunks_leave_the_store_only_after_the_namespace_forgot_them(tmp_path, h
 
     store.remove = remove  # type: ignore[method-assign]
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            fs.start_serving(nursery)
-            caller = Caller()
-            attrs = await _three_chunks_then_a_group(fs, caller)
-            if how == "unlink":
-                await fs.unlink(ROOT, b"f", caller)
-                await fs.forget([(attrs.st_ino, 1)])
-                await fs.statfs(caller)  # deletes the forgotten inode at once
-            elif how == "O_TRUNC":
-                info = await fs.open(attrs.st_ino, os.O_WRONLY | os.O_TRUNC, caller)
-                await fs.release(info.fh)
-            else:
-                attrs.st_size = 1000
-                await fs.setattr(attrs.st_ino, attrs, _size_fields(), None, caller)  # chunks 1 and 2 go
-                info = await fs.open(attrs.st_ino, os.O_WRONLY, caller)
-                await fs.write(info.fh, 0, b"small now")
-                await fs.release(info.fh)  # its bytes go inline, and chunk 0 goes
-            fs.stop_serving()
+    async def forget_the_chunks(attrs, caller) -> None:
+        if how == "unlink":
+            await fs.unlink(ROOT, b"f", caller)
+            await fs.forget([(attrs.st_ino, 1)])
+            await fs.statfs(caller)  # deletes the forgotten inode at once
+        elif how == "O_TRUNC":
+            info = await fs.open(attrs.st_ino, os.O_WRONLY | os.O_TRUNC, caller)
+            await fs.release(info.fh)
+        else:
+            attrs.st_size = 1000
+            await fs.setattr(attrs.st_ino, attrs, _size_fields(), None, caller)  # chunks 1 and 2 go
+            info = await fs.open(attrs.st_ino, os.O_WRONLY, caller)
+            await fs.write(info.fh, 0, b"small now")
+            await fs.release(info.fh)  # its bytes go inline, and chunk 0 goes
 
     try:
-        trio.run(main)
+        _on_three_chunks_in_a_group(fs, forget_the_chunks)
         assert removed, f"{how} removed no chunk from the store"
     finally:
         fs.shutdown()
@@ -233,17 +237,12 @@ def test_a_trimmed_last_chunk_is_stored_only_after_the_new_size_is_committed(tmp
 
     store.put = put  # type: ignore[method-assign]
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            fs.start_serving(nursery)
-            caller = Caller()
-            attrs = await _three_chunks_then_a_group(fs, caller)
-            attrs.st_size = 2 * MiB + 1000  # inside chunk 2: no whole chunk goes
-            await fs.setattr(attrs.st_ino, attrs, _size_fields(), None, caller)
-            fs.stop_serving()
+    async def truncate_inside_the_last_chunk(attrs, caller) -> None:
+        attrs.st_size = 2 * MiB + 1000  # inside chunk 2: no whole chunk goes
+        await fs.setattr(attrs.st_ino, attrs, _size_fields(), None, caller)
 
     try:
-        trio.run(main)
+        _on_three_chunks_in_a_group(fs, truncate_inside_the_last_chunk)
         assert trimmed, "the truncation stored no shorter chunk"
     finally:
         fs.shutdown()
