@@ -562,8 +562,9 @@ class RemoteStore(KVMapping):
         crc: int | None = None
         phase = 0 if dst is None else address(dst) % LINE  # where in a line the value lands: see wire.payload_phase
         # A large buffer is likely for a large value, which comes in the reply's first segments: its first
-        # recv takes the reply's header and little of the value, which then arrives straight in place.
-        first_read = REPLY_HEAD_READ if room > FIRST_READ else FIRST_READ
+        # recv takes the reply's header and little of the value, which then arrives straight in place.  A
+        # get has no buffer to land in and its values are mostly small: one recv takes a small one whole.
+        first_read = REPLY_HEAD_READ if dst is not None and room > FIRST_READ else FIRST_READ
 
         def ask(ch: Channel) -> Any:
             """The value (small ones come inline, checked as they arrive), or the Region of a value

@@ -369,6 +369,33 @@ def test_view_keeps_value_while_replaced(client, transport):
     assert client.get(k) == old
 
 
+class _CountingSocket:
+    """A client connection's socket that counts its receives (and does everything else as the socket)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.recvs = sock, 0
+
+    def recv_into(self, *args):
+        self.recvs += 1
+        return self.sock.recv_into(*args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.sock, name)
+
+
+def test_a_small_get_over_tcp_is_one_receive(shared_node):
+    """A get has no buffer to land a value in, so its first receive asks for a small value whole: one
+    recv per get (a get_into a large buffer reads the reply's header first, to land a large value in place)."""
+    with mooncakefs.connect(shared_node.url("tcp"), timeout=10) as store:
+        store.put("one-recv", rand_bytes(4 * KiB, "one-recv"))
+        (ch,) = store._idle  # the pooled connection the next requests take
+        ch.sock = counting = _CountingSocket(ch.sock)
+        for _ in range(5):
+            assert store.get("one-recv") == rand_bytes(4 * KiB, "one-recv")
+        assert counting.recvs == 5
+        store.remove("one-recv")
+
+
 def test_internal_keys_are_optional_and_hidden(client):
     # Plain str/bytes keys are all a user needs; InternalKey still travels (the filesystem's chunks).
     ikey = InternalKey(client.ns.encode() + b"chunk-0")
