@@ -1928,3 +1928,362 @@ def copy_at(dst_addrs, src_addrs, lengths, pinned=()) -> int:
             PyBuffer_Release(&pins[i])
         c_free(d)
         c_free(pins)
+
+
+# ------------------------------------------------------------------------ the framing of a connection
+
+import socket as _socket
+import struct as _struct
+import errno as _errno
+
+import msgpack as _msgpack
+
+from mooncakefs.errors import ProtocolError, Unavailable
+from mooncakefs import frame as _frame
+
+from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from libc.string cimport memmove
+
+cdef Py_ssize_t HEADER_SIZE = _frame.HEADER.size
+cdef unsigned int FRAME_MAGIC = _frame.MAGIC
+cdef Py_ssize_t RECV_BUFFER = _frame.RECV_BUFFER
+cdef Py_ssize_t FIRST_READ = _frame.FIRST_READ
+cdef Py_ssize_t SMALL_SEND = _frame.SMALL_SEND
+cdef Py_ssize_t IOV_CHUNK = _frame.IOV_CHUNK
+cdef Py_ssize_t MAX_META = _frame.MAX_META
+cdef uint64_t MAX_PAYLOAD = _frame.MAX_PAYLOAD
+cdef int PAD_SHIFT = _frame.PAD_SHIFT
+cdef int FLAGS_MASK = _frame.FLAGS_MASK
+cdef Py_ssize_t LINE = _frame.LINE
+assert HEADER_SIZE == 16 and _frame.HEADER.format == "<HBBIQ", "frame header layout changed: update Framing"
+
+cdef object _pack = _msgpack.Packer(use_bin_type=True).pack
+cdef object _unpackb = _msgpack.unpackb
+cdef object _UnpackException = _msgpack.UnpackException
+cdef int _MSG_WAITALL = _socket.MSG_WAITALL
+
+
+cdef inline double _monotonic() noexcept:
+    """time.monotonic(): the same clock (CLOCK_MONOTONIC), without a call into Python."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef inline uint64_t _le(const unsigned char *p, int n) noexcept:
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(n - 1, -1, -1):
+        v = (v << 8) | p[i]
+    return v
+
+
+cdef inline void _put_le(unsigned char *p, uint64_t v, int n) noexcept:
+    cdef int i
+    for i in range(n):
+        p[i] = <unsigned char>(v & 0xFF)
+        v >>= 8
+
+
+cdef Py_ssize_t _pad_for(object first, object destination) except -1:
+    """The padding that starts a large payload at its ``frame.payload_phase`` (a frame's header and meta
+    are added by the caller's arithmetic: see ``frame_head``)."""
+    cdef size_t source = address(first)
+    cdef size_t dest = <size_t>(destination % LINE)  # any int a peer names: only its phase counts
+    cdef size_t skew = (dest - source) % LINE
+    if 0 < skew < <size_t>(LINE // 2):
+        return <Py_ssize_t>((source + LINE // 2) % LINE)
+    return <Py_ssize_t>(source % LINE)
+
+
+cdef bytes _frame_head(int op, int flags, bytes m, uint64_t payload_len, object first, object destination,
+                       Py_ssize_t room=0):
+    """A frame's header and meta, padded for ``first`` (None: no padding), and ``room`` bytes after them
+    left for the caller to fill (a small payload sent in the same buffer)."""
+    if not 0 <= op < 256 or not 0 <= flags <= FLAGS_MASK:
+        raise ValueError(f"opcode {op} or flags {flags} out of a frame header's range")
+    cdef Py_ssize_t mlen = len(m)
+    cdef Py_ssize_t pad = 0
+    if first is not None:
+        pad = ((_pad_for(first, destination) - HEADER_SIZE - mlen) % LINE + LINE) % LINE  # C's % may be < 0
+    cdef bytes head = PyBytes_FromStringAndSize(NULL, HEADER_SIZE + mlen + pad + room)
+    cdef unsigned char *w = <unsigned char *>PyBytes_AS_STRING(head)
+    _put_le(w, FRAME_MAGIC, 2)
+    w[2] = <unsigned char>op
+    w[3] = <unsigned char>(flags | pad << PAD_SHIFT)
+    _put_le(w + 4, <uint64_t>mlen, 4)
+    _put_le(w + 8, payload_len, 8)
+    memcpy(w + HEADER_SIZE, PyBytes_AS_STRING(m), mlen)
+    memset(w + HEADER_SIZE + mlen, 0, pad)
+    return head
+
+
+def frame_head(int op, int flags, bytes m, uint64_t payload_len, first=None, destination=0) -> bytes:
+    """A frame's header and meta ``m``; with ``first`` (the first buffer of a large payload) padded so
+    that the payload starts at its ``payload_phase`` for ``destination``."""
+    return _frame_head(op, flags, m, payload_len, first, destination)
+
+
+cdef bint _timed_out(object exc):
+    return exc.errno in (_errno.EAGAIN, _errno.EWOULDBLOCK) or isinstance(exc, TimeoutError)
+
+
+def timed_out(exc: OSError) -> bool:
+    """Whether a socket call failed only because its timeout passed."""
+    return _timed_out(exc)
+
+
+cdef class Framing:
+    """The part of a connection every request and reply goes through (``wire.Channel`` adds the rest):
+    its receive buffer, reading a frame's header and meta, receiving a payload, sending a frame.  Not
+    thread-safe: one request at a time, by one thread.
+
+    Reads are buffered, so a small frame costs one ``recv``; payloads bigger than what is buffered are
+    received straight into the caller's memory.  The socket is called through its Python methods, so a
+    test may hand in any object that has them."""
+
+    cdef public object sock, peer
+    # A node's limit on receiving the current frame (time.monotonic()): a peer that trickles its bytes
+    # is dropped once it passes, even though each recv makes progress.
+    cdef public object deadline
+    cdef public long long payload_left  # bytes of the current frame's payload not yet read
+    cdef public int flags  # the current frame's header flags
+    cdef public bint closed
+    cdef public Py_ssize_t _start, _end
+    cdef readonly bytearray _buf
+    cdef readonly object _view
+    cdef unsigned char *_p
+
+    def __init__(self, sock, peer, timeout=None):
+        self.sock, self.peer = sock, peer
+        if timeout is not None:
+            self.set_timeout(timeout)
+        if sock.family != _socket.AF_UNIX:
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._p = <unsigned char *>PyByteArray_AS_STRING(self._buf)
+        self._start = self._end = 0
+        self.payload_left = 0
+        self.flags = 0
+        self.closed = False
+        self.deadline = None
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+
+    def set_timeout(self, seconds):
+        """How long one send or recv may wait: kernel-side timeouts keep the socket blocking, so a recv
+        is one syscall."""
+        tv = _struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+        self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, tv)
+
+    def _lost(self, exc):
+        """The peer is gone or silent: this connection is done for."""
+        self.close()
+        if exc is None:
+            why = "closed by the peer"
+        elif _timed_out(exc):
+            why = "timed out"
+        else:
+            why = f"failed: {exc.strerror or exc}"
+        return Unavailable(f"{self.peer}: connection {why}")
+
+    # -- sending ----------------------------------------------------------------------------------------
+
+    def send(self, int op, meta=(), payload=None, int flags=0, destination=0):
+        """Send one frame; ``payload`` is a buffer or a list of buffers (sent without copying if large),
+        ``destination`` the address (or only its phase in a line) where the peer receives a large one.
+
+        A small frame is one buffer (header, meta and payload copied together) and one ``sendall``.  A
+        large payload goes out with its header in one ``sendmsg``, as its padding (``payload_phase``)
+        assumes; the peer's first read then finds the header with the start of the payload (a reader
+        expecting a large payload asks for little: ``read_frame``'s ``first_read``)."""
+        cdef bytes m = _pack(meta)
+        cdef list parts = payload if isinstance(payload, list) else ([] if payload is None else [payload])
+        cdef Py_buffer view
+        cdef Py_ssize_t size = 0, at
+        for part in parts:
+            _get_read(part, &view, "payload")
+            size += view.len
+            PyBuffer_Release(&view)
+        try:
+            if size > SMALL_SEND:  # one system call for the header and the payload (a READV reply's ranges too)
+                self._send_parts([_frame_head(op, flags, m, size, parts[0], destination), *parts])
+                return
+            out = _frame_head(op, flags, m, size, None, 0, size)
+            at = HEADER_SIZE + len(m)
+            for part in parts:
+                _get_read(part, &view, "payload")
+                if view.len > len(out) - at:
+                    PyBuffer_Release(&view)
+                    raise ValueError("a payload buffer grew while its frame was being sent")
+                memcpy(PyBytes_AS_STRING(out) + at, view.buf, view.len)
+                at += view.len
+                PyBuffer_Release(&view)
+            if at != len(out):
+                raise ValueError("a payload buffer shrank while its frame was being sent")
+            self.sock.sendall(out)
+        except OSError as exc:
+            raise self._lost(exc) from None
+
+    def _send_parts(self, list parts):
+        """Send a few buffers back to back in one system call (a partial send, which a send timeout can
+        cause, goes on where it stopped)."""
+        views = [memoryview(p) for p in parts]
+        views = [v if v.format == "B" and v.ndim == 1 else v.cast("B") for v in views if v.nbytes]
+        cdef Py_ssize_t first = 0, sent
+        while first < len(views):
+            sent = self.sock.sendmsg(views[first : first + IOV_CHUNK])
+            while first < len(views) and sent >= len(views[first]):
+                sent -= len(views[first])
+                first += 1
+            if sent:
+                views[first] = views[first][sent:]
+
+    # -- receiving --------------------------------------------------------------------------------------
+
+    def read_frame(self, Py_ssize_t max_meta=MAX_META, uint64_t max_payload=MAX_PAYLOAD, *, idle=None,
+                   within=None, Py_ssize_t first_read=FIRST_READ):
+        """The next frame's (opcode, flags, meta, payload length); read the payload next.  A frame larger
+        than the limits is refused before anything is allocated for it.
+
+        A server passes ``idle``, how long to wait for the frame to begin (the socket's own timeout
+        repeats until then), and ``within``, how long its header and meta may take once it has begun:
+        that sets ``deadline``, which a peer trickling bytes cannot push back."""
+        if self.payload_left:
+            self.skip_payload()
+        if idle is not None and self._start == self._end:
+            self._await_frame(idle)
+        if within is not None:
+            self.deadline = _monotonic() + within
+        self._fill(HEADER_SIZE, first_read)
+        cdef const unsigned char *h = self._p + self._start
+        cdef unsigned int magic = <unsigned int>_le(h, 2)
+        cdef int op = h[2]
+        cdef int flags = h[3]
+        cdef uint64_t meta_len = _le(h + 4, 4)
+        cdef uint64_t payload_len = _le(h + 8, 8)
+        if magic != FRAME_MAGIC:
+            raise ProtocolError(f"{self.peer}: bad frame magic {magic:#06x}")
+        if meta_len > <uint64_t>max(max_meta, 0) or payload_len > max_payload:
+            raise ProtocolError(f"{self.peer}: frame too large (meta {meta_len}, payload {payload_len})")
+        self._start += HEADER_SIZE
+        meta = self._read_meta(<Py_ssize_t>meta_len) if meta_len else ()
+        cdef int pad = flags >> PAD_SHIFT
+        if pad:
+            self._fill(pad, FIRST_READ)
+            self._start += pad
+            flags &= FLAGS_MASK
+        self.payload_left = <long long>payload_len
+        self.flags = flags
+        return op, flags, meta, payload_len
+
+    def read_payload_into(self, dst):
+        """Fill ``dst`` (a writable buffer) from the current payload.  What the buffer holds is copied; a
+        small rest refills the buffer (one recv for the many small values of a batch); a large one is
+        received in place."""
+        cdef Py_buffer view
+        _get_write(dst, &view, "destination")
+        try:
+            self._read_into(<unsigned char *>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef int _read_into(self, unsigned char *dst, Py_ssize_t n) except -1:
+        if n > self.payload_left:
+            raise ProtocolError(f"{self.peer}: payload has {self.payload_left} bytes left, {n} wanted")
+        self.payload_left -= n
+        cdef Py_ssize_t have = min(n, self._end - self._start), got
+        if have:
+            memcpy(dst, self._p + self._start, have)
+            self._start += have
+        if have < n and n - have < FIRST_READ:
+            self._fill(n - have, min(n - have + self.payload_left, RECV_BUFFER))
+            memcpy(dst + have, self._p + self._start, n - have)
+            self._start += n - have
+            return 0
+        while have < n:
+            try:  # the caller holds dst's buffer: a view of its rest without an owner is safe meanwhile
+                got = self.sock.recv_into(PyMemoryView_FromMemory(<char *>dst + have, n - have, PyBUF_WRITE),
+                                          n - have, _MSG_WAITALL)
+            except OSError as exc:
+                raise self._lost(exc) from None
+            if not got:
+                raise self._lost(None)
+            have += got
+            if have < n and self.deadline is not None and _monotonic() > self.deadline:
+                raise self._lost(TimeoutError())
+        return 0
+
+    def skip_payload(self):
+        """Drain what is left of the current payload (a request that failed before reading it)."""
+        cdef Py_ssize_t n
+        scratch = None
+        while self.payload_left:
+            n = min(self.payload_left, RECV_BUFFER)
+            if scratch is None:
+                scratch = bytearray(n)
+            self._read_into(<unsigned char *>PyByteArray_AS_STRING(scratch), n)
+
+    cdef object _read_meta(self, Py_ssize_t n):
+        cdef object raw
+        if n <= RECV_BUFFER:
+            self._fill(n, FIRST_READ)
+            raw = self._view[self._start : self._start + n]
+            self._start += n
+        else:
+            raw = bytearray(n)
+            self.payload_left = n
+            self._read_into(<unsigned char *>PyByteArray_AS_STRING(raw), n)
+        try:
+            return _unpackb(raw, use_list=True, raw=False, strict_map_key=False)
+        except (ValueError, _UnpackException) as exc:
+            raise ProtocolError(f"{self.peer}: undecodable frame meta ({exc})") from None
+
+    cdef int _await_frame(self, double idle) except -1:
+        """Block until a frame's first bytes arrive, for at most ``idle`` seconds."""
+        self._start = self._end = 0
+        cdef double until = _monotonic() + idle
+        cdef Py_ssize_t got
+        while True:
+            try:
+                got = self.sock.recv_into(self._view, FIRST_READ)
+            except OSError as exc:
+                if _timed_out(exc) and _monotonic() < until:
+                    continue
+                raise self._lost(exc) from None
+            if not got:
+                raise self._lost(None)
+            self._end = got
+            return 0
+
+    cdef int _fill(self, Py_ssize_t n, Py_ssize_t ask) except -1:
+        """Make at least ``n`` bytes (at most RECV_BUFFER) readable from the buffer, each recv asking for
+        up to ``ask`` (more when ``n`` needs it): a frame's first read takes little of a large payload,
+        which is received in place instead."""
+        if self._end - self._start >= n:
+            return 0
+        cdef Py_ssize_t left, want, got
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._start + max(n, ask) > RECV_BUFFER:  # no room behind: move what is left to the front
+            left = self._end - self._start
+            memmove(self._p, self._p + self._start, left)
+            self._start, self._end = 0, left
+        while self._end - self._start < n:
+            want = min(RECV_BUFFER - self._end, max(n - (self._end - self._start), ask))
+            try:
+                got = self.sock.recv_into(self._view[self._end :], want)
+            except OSError as exc:
+                raise self._lost(exc) from None
+            if not got:
+                raise self._lost(None)
+            self._end += got
+            if self.deadline is not None and _monotonic() > self.deadline:
+                raise self._lost(TimeoutError())
+        return 0

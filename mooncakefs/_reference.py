@@ -11,6 +11,7 @@ import ctypes
 import errno
 import importlib
 import os
+import socket
 import struct
 import threading
 import time
@@ -18,7 +19,24 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import msgpack
+
 from mooncakefs.api import BATCH_ERRORS, PLAIN_PUT, value_error
+from mooncakefs.errors import ProtocolError, Unavailable
+from mooncakefs.frame import (
+    FIRST_READ,
+    FLAGS_MASK,
+    HEADER,
+    IOV_CHUNK,
+    LINE,
+    MAGIC,
+    MAX_META,
+    MAX_PAYLOAD,
+    PAD_SHIFT,
+    RECV_BUFFER,
+    SMALL_SEND,
+    payload_phase,
+)
 from mooncakefs.keys import InternalKey, encode_key  # the twin of _engine.encode_key: every key's rules
 
 ALLOC_UNIT = 64
@@ -1040,3 +1058,233 @@ class PlainPath:
             if r is None:
                 results[i] = self.store._each(self.store.get_into, keys[i], buffers[i])
         return results
+
+
+# ------------------------------------------------------------------------ the framing of a connection
+
+
+def frame_head(op: int, flags: int, m: bytes, payload_len: int, first: Any = None, destination: int = 0) -> bytes:
+    """A frame's header and meta ``m``; with ``first`` (the first buffer of a large payload) padded so
+    that the payload starts at its ``payload_phase`` for ``destination``."""
+    pad = 0 if first is None else (payload_phase(address(first), destination) - HEADER.size - len(m)) % LINE
+    head = HEADER.pack(MAGIC, op, flags | pad << PAD_SHIFT, len(m), payload_len) + m
+    return head + bytes(pad) if pad else head
+
+
+def timed_out(exc: OSError) -> bool:
+    """Whether a socket call failed only because its timeout passed."""
+    return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or isinstance(exc, TimeoutError)
+
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+class Framing:
+    """The part of a connection every request and reply goes through (``wire.Channel`` adds the rest):
+    its receive buffer, reading a frame's header and meta, receiving a payload, sending a frame.  Not
+    thread-safe: one request at a time, by one thread.
+
+    Reads are buffered, so a small frame costs one ``recv``; payloads bigger than what is buffered are
+    received straight into the caller's memory."""
+
+    def __init__(self, sock: socket.socket, peer: str, timeout: float | None = None) -> None:
+        self.sock, self.peer = sock, peer
+        if timeout is not None:
+            self.set_timeout(timeout)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0
+        self.payload_left = 0  # bytes of the current frame's payload not yet read
+        self.flags = 0  # the current frame's header flags
+        self.closed = False
+        # A node's limit on receiving the current frame (time.monotonic()): a peer that trickles its
+        # bytes is dropped once it passes, even though each recv makes progress.
+        self.deadline: float | None = None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+
+    def set_timeout(self, seconds: float) -> None:
+        """How long one send or recv may wait: kernel-side timeouts keep the socket blocking, so a recv
+        is one syscall."""
+        tv = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+    def _lost(self, exc: OSError | None) -> Unavailable:
+        """The peer is gone or silent: this connection is done for."""
+        self.close()
+        if exc is None:
+            why = "closed by the peer"
+        elif timed_out(exc):
+            why = "timed out"
+        else:
+            why = f"failed: {exc.strerror or exc}"
+        return Unavailable(f"{self.peer}: connection {why}")
+
+    # -- sending ----------------------------------------------------------------------------------------
+
+    def send(self, op: int, meta: Any = (), payload: Any = None, flags: int = 0, destination: int = 0) -> None:
+        """Send one frame; ``payload`` is a buffer or a list of buffers (sent without copying if large),
+        ``destination`` the address (or only its phase in a line) where the peer receives a large one.
+
+        A large payload goes out with its header in one ``sendmsg``: one system call fewer than the
+        header sent on its own first, and the payload follows the header in the same call, as its padding
+        (``payload_phase``) assumes.  The peer's first read then finds the header with the start of the
+        payload (a reader expecting a large payload asks for little: ``read_frame``'s ``first_read``)."""
+        m = _pack(meta)
+        parts = payload if isinstance(payload, list) else ([] if payload is None else [payload])
+        size = sum(memoryview(p).nbytes for p in parts)
+        try:
+            if size <= SMALL_SEND:
+                head = frame_head(op, flags, m, size)
+                self.sock.sendall(b"".join([head, *parts]) if parts else head)
+            else:  # one system call for the header and the payload (many ranges of a READV reply too)
+                self._send_parts([frame_head(op, flags, m, size, parts[0], destination), *parts])
+        except OSError as exc:
+            raise self._lost(exc) from None
+
+    def _send_parts(self, parts: list[Any]) -> None:
+        """Send a few buffers back to back in one system call (a partial send, which a send timeout can
+        cause, goes on where it stopped)."""
+        views = [memoryview(p) for p in parts]
+        views = [v if v.format == "B" and v.ndim == 1 else v.cast("B") for v in views if v.nbytes]
+        first = 0
+        while first < len(views):
+            sent = self.sock.sendmsg(views[first : first + IOV_CHUNK])
+            while first < len(views) and sent >= len(views[first]):
+                sent -= len(views[first])
+                first += 1
+            if sent:
+                views[first] = views[first][sent:]
+
+    # -- receiving --------------------------------------------------------------------------------------
+
+    def read_frame(
+        self,
+        max_meta: int = MAX_META,
+        max_payload: int = MAX_PAYLOAD,
+        *,
+        idle: float | None = None,
+        within: float | None = None,
+        first_read: int = FIRST_READ,
+    ) -> tuple[int, int, Any, int]:
+        """The next frame's (opcode, flags, meta, payload length); read the payload next.  A frame larger
+        than the limits is refused before anything is allocated for it.
+
+        A server passes ``idle``, how long to wait for the frame to begin (the socket's own timeout
+        repeats until then), and ``within``, how long its header and meta may take once it has begun:
+        that sets ``deadline``, which a peer trickling bytes cannot push back."""
+        if self.payload_left:
+            self.skip_payload()
+        if idle is not None and self._start == self._end:
+            self._await_frame(idle)
+        if within is not None:
+            self.deadline = time.monotonic() + within
+        self._fill(HEADER.size, first_read)
+        magic, op, flags, meta_len, payload_len = HEADER.unpack_from(self._buf, self._start)
+        if magic != MAGIC:
+            raise ProtocolError(f"{self.peer}: bad frame magic {magic:#06x}")
+        if meta_len > max_meta or payload_len > max_payload:
+            raise ProtocolError(f"{self.peer}: frame too large (meta {meta_len}, payload {payload_len})")
+        self._start += HEADER.size
+        meta = self._read_meta(meta_len) if meta_len else ()
+        if pad := flags >> PAD_SHIFT:
+            self._fill(pad)
+            self._start += pad
+            flags &= FLAGS_MASK
+        self.payload_left = payload_len
+        self.flags = flags
+        return op, flags, meta, payload_len
+
+    def read_payload_into(self, dst: memoryview) -> None:
+        """Fill ``dst`` (a byte view) from the current payload.  What the buffer holds is copied; a small
+        rest refills the buffer (one recv for the many small values of a batch); a large one is received
+        in place."""
+        n = len(dst)
+        if n > self.payload_left:
+            raise ProtocolError(f"{self.peer}: payload has {self.payload_left} bytes left, {n} wanted")
+        self.payload_left -= n
+        have = min(n, self._end - self._start)
+        if have:
+            dst[:have] = self._view[self._start : self._start + have]
+            self._start += have
+        if have < n and n - have < FIRST_READ:
+            self._fill(n - have, ask=min(n - have + self.payload_left, RECV_BUFFER))
+            dst[have:] = self._view[self._start : self._start + n - have]
+            self._start += n - have
+            return
+        while have < n:
+            try:
+                got = self.sock.recv_into(dst[have:], n - have, socket.MSG_WAITALL)
+            except OSError as exc:
+                raise self._lost(exc) from None
+            if not got:
+                raise self._lost(None)
+            have += got
+            if have < n and self.deadline is not None and time.monotonic() > self.deadline:
+                raise self._lost(TimeoutError())
+
+    def skip_payload(self) -> None:
+        """Drain what is left of the current payload (a request that failed before reading it)."""
+        while self.payload_left:
+            n = min(self.payload_left, RECV_BUFFER)
+            self.read_payload_into(memoryview(bytearray(n)))
+
+    def _read_meta(self, n: int) -> Any:
+        if n <= RECV_BUFFER:
+            self._fill(n)
+            raw: Any = self._view[self._start : self._start + n]
+            self._start += n
+        else:
+            raw = bytearray(n)
+            self.payload_left = n
+            self.read_payload_into(memoryview(raw))
+        try:
+            return msgpack.unpackb(raw, use_list=True, raw=False, strict_map_key=False)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise ProtocolError(f"{self.peer}: undecodable frame meta ({exc})") from None
+
+    def _await_frame(self, idle: float) -> None:
+        """Block until a frame's first bytes arrive, for at most ``idle`` seconds."""
+        self._start = self._end = 0
+        until = time.monotonic() + idle
+        while True:
+            try:
+                got = self.sock.recv_into(self._view, FIRST_READ)
+            except OSError as exc:
+                if timed_out(exc) and time.monotonic() < until:
+                    continue
+                raise self._lost(exc) from None
+            if not got:
+                raise self._lost(None)
+            self._end = got
+            return
+
+    def _fill(self, n: int, ask: int = FIRST_READ) -> None:
+        """Make at least ``n`` bytes (at most RECV_BUFFER) readable from the buffer, each recv asking for
+        up to ``ask`` (more when ``n`` needs it): a frame's first read takes little of a large payload,
+        which is received in place instead."""
+        if self._end - self._start >= n:
+            return
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._start + max(n, ask) > RECV_BUFFER:  # no room behind: move what is left to the front
+            left = self._end - self._start
+            self._buf[:left] = self._view[self._start : self._end]
+            self._start, self._end = 0, left
+        while self._end - self._start < n:
+            want = min(RECV_BUFFER - self._end, max(n - (self._end - self._start), ask))
+            try:
+                got = self.sock.recv_into(self._view[self._end :], want)
+            except OSError as exc:
+                raise self._lost(exc) from None
+            if not got:
+                raise self._lost(None)
+            self._end += got
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                raise self._lost(TimeoutError())

@@ -25,7 +25,6 @@ meta of a few dozen bytes put its value there whenever its buffer starts near th
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import hmac
 import socket
@@ -37,29 +36,30 @@ from typing import Any
 import msgpack
 
 from mooncakefs import errors
-from mooncakefs._engine import address, crc32c
+from mooncakefs._engine import Framing, crc32c, frame_head
 from mooncakefs.api import PLAIN_PUT, PutOptions
-from mooncakefs.errors import ChecksumError, MooncakeError, ProtocolError, Unavailable
+from mooncakefs.errors import ChecksumError, MooncakeError, ProtocolError
+from mooncakefs.frame import (  # noqa: F401  (the frame's layout, named here too for wire's users)
+    FIRST_READ,
+    FLAGS_MASK,
+    HEADER,
+    IOV_CHUNK,
+    LINE,
+    MAGIC,
+    MAX_META,
+    MAX_PAYLOAD,
+    PAD_SHIFT,
+    RECV_BUFFER,
+    SMALL_SEND,
+    payload_phase,
+)
 
-MAGIC = 0x434D  # b"MC"
 VERSION = 4  # 2: puts carry a version; 3: values carry their CRC-32C; 4: payloads may be padded
-HEADER = struct.Struct("<HBBIQ")  # magic, opcode, flags, meta length, payload length
-MAX_META = 8 << 20  # a batch of 4096 keys of 1 KiB fits
 PREAUTH_MAX_META = 1 << 10  # before the handshake is done, a frame's meta is this small and has no payload
-MAX_PAYLOAD = 1 << 48
 MAX_BATCH = 4096
-RECV_BUFFER = 256 << 10
-SMALL_SEND = 64 << 10  # payloads up to this are copied next to the header: one send() per frame
-# A frame's first recv asks for at most this much: enough for a small request whole, little enough that a
-# large payload lands mostly in place (what the buffer took of it is copied out again).
-FIRST_READ = 64 << 10
-IOV_CHUNK = 512  # buffers handed to one sendmsg / recvmsg_into (the kernel takes at most IOV_MAX, 1024)
 CRC_CHUNK = 1 << 20  # a value is checksummed in chunks this big as it is sent or received, while still in cache
 CRC_TRAILER = struct.Struct("<I")  # the CRC-32C that follows a PUT's value in its payload
 WITH_CRC = 1  # frame header flag: the payload is a value followed by its CRC-32C (CRC_TRAILER)
-PAD_SHIFT = 2  # frame header flags from this bit up: bytes of padding between the meta and the payload
-FLAGS_MASK = (1 << PAD_SHIFT) - 1
-LINE = 64  # cache line: a large payload's stream offset is padded to its source's phase in one
 
 
 class Op:
@@ -199,30 +199,6 @@ def check_crc(expected: int | None, got: int, what: Callable[[], str]) -> None:
         raise exc
 
 
-def payload_phase(source: int, destination: int = 0) -> int:
-    """The offset modulo LINE at which a payload from address ``source``, bound for address
-    ``destination`` in the receiver (a pool block, on a line, unless the receiver said where), should
-    start in the stream.
-
-    Each copy of it (the sender's into the kernel's socket pages, the receiver's out of them) is slow
-    when its destination lies 1-31 bytes past its source modulo a page (see the module docstring); the
-    kernel's pages start each frame on a line (the previous frame's pages are freed by the time a
-    request's reply or the next request comes).  The source's own phase makes the sender's copy
-    aligned, and is kept unless it puts the receiver's destination 1-31 bytes past it: then half a line
-    further keeps both copies 32-63 bytes apart."""
-    if 0 < (destination - source) % LINE < LINE // 2:
-        return (source + LINE // 2) % LINE
-    return source % LINE
-
-
-def _frame_head(op: int, flags: int, m: bytes, payload_len: int, first: Any = None, destination: int = 0) -> bytes:
-    """A frame's header and meta ``m``; with ``first`` (the first buffer of a large payload) padded so
-    that the payload starts at its ``payload_phase`` for ``destination``."""
-    pad = 0 if first is None else (payload_phase(address(first), destination) - HEADER.size - len(m)) % LINE
-    head = HEADER.pack(MAGIC, op, flags | pad << PAD_SHIFT, len(m), payload_len) + m
-    return head + bytes(pad) if pad else head
-
-
 def client_handshake(ch: Channel, secret: bytes | None, what: str) -> str:
     """Answer a server's HELLO with AUTH (proving the secret when it asks); the server's instance id.
     ``what`` names the kind of server for the messages ("node", "transfer engine")."""
@@ -241,55 +217,15 @@ def client_handshake(ch: Channel, secret: bytes | None, what: str) -> str:
     return instance
 
 
-class Channel:
-    """One framed connection.  Not thread-safe: one request at a time, by one thread.
-
-    Reads are buffered, so a small frame costs one ``recv``; payloads bigger than what is buffered are
-    received straight into the caller's memory."""
+class Channel(Framing):
+    """One framed connection: ``Framing`` (in the engine: every frame goes through it) and what only
+    some requests need.  Not thread-safe: one request at a time, by one thread."""
 
     def __init__(self, sock: socket.socket, peer: str, timeout: float | None = None) -> None:
-        self.sock, self.peer = sock, peer
-        if timeout is not None:
-            self.set_timeout(timeout)
-        if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._buf = bytearray(RECV_BUFFER)
-        self._view = memoryview(self._buf)
-        self._start = self._end = 0
-        self.payload_left = 0  # bytes of the current frame's payload not yet read
-        self.flags = 0  # the current frame's header flags
-        self.closed = False
+        super().__init__(sock, peer, timeout)
         self.epoch: int | None = None  # the placement epoch announced on this connection (cluster clients)
-        # A node's limit on receiving the current frame (time.monotonic()): a peer that trickles its
-        # bytes is dropped once it passes, even though each recv makes progress.
-        self.deadline: float | None = None
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.sock.close()
 
     # -- sending ----------------------------------------------------------------------------------------
-
-    def send(self, op: int, meta: Any = (), payload: Any = None, flags: int = 0, destination: int = 0) -> None:
-        """Send one frame; ``payload`` is a buffer or a list of buffers (sent without copying if large),
-        ``destination`` the address (or only its phase in a line) where the peer receives a large one.
-
-        A large payload goes out with its header in one ``sendmsg``: one system call fewer than the
-        header sent on its own first, and the payload follows the header in the same call, as its padding
-        (``payload_phase``) assumes.  The peer's first read then finds the header with the start of the
-        payload (a reader expecting a large payload asks for little: ``read_frame``'s ``first_read``)."""
-        m = _pack(meta)
-        parts = payload if isinstance(payload, list) else ([] if payload is None else [payload])
-        size = sum(memoryview(p).nbytes for p in parts)
-        try:
-            if size <= SMALL_SEND:
-                head = _frame_head(op, flags, m, size)
-                self.sock.sendall(b"".join([head, *parts]) if parts else head)
-            else:  # one system call for the header and the payload (many ranges of a READV reply too)
-                self._send_parts([_frame_head(op, flags, m, size, parts[0], destination), *parts])
-        except OSError as exc:
-            raise self._lost(exc) from None
 
     def send_value(self, op: int, meta: Any, value: memoryview, crc: int | None = None) -> int:
         """Send a frame whose payload is ``value`` then its CRC-32C (CRC_TRAILER); returns the CRC.  A
@@ -303,7 +239,7 @@ class Channel:
                 crc = crc32c(value)
             self.send(op, meta, [value, CRC_TRAILER.pack(crc)], flags=WITH_CRC)
             return crc
-        parts: list[Any] = [_frame_head(op, WITH_CRC, _pack(meta), n + CRC_TRAILER.size, value)]
+        parts: list[Any] = [frame_head(op, WITH_CRC, _pack(meta), n + CRC_TRAILER.size, value)]
         running = 0
         try:
             if crc is not None:
@@ -319,69 +255,11 @@ class Channel:
             raise self._lost(exc) from None
         return running
 
-    def _send_parts(self, parts: list[Any]) -> None:
-        """Send a few buffers back to back in one system call (a partial send, which a send timeout can
-        cause, goes on where it stopped)."""
-        views = [memoryview(p) for p in parts]
-        views = [v if v.format == "B" and v.ndim == 1 else v.cast("B") for v in views if v.nbytes]
-        first = 0
-        while first < len(views):
-            sent = self.sock.sendmsg(views[first : first + IOV_CHUNK])
-            while first < len(views) and sent >= len(views[first]):
-                sent -= len(views[first])
-                first += 1
-            if sent:
-                views[first] = views[first][sent:]
-
     def send_with_fds(self, op: int, meta: Any, fds: list[int]) -> None:
         m = _pack(meta)
-        socket.send_fds(self.sock, [_frame_head(op, 0, m, 0)], fds)
+        socket.send_fds(self.sock, [frame_head(op, 0, m, 0)], fds)
 
     # -- receiving --------------------------------------------------------------------------------------
-
-    def set_timeout(self, seconds: float) -> None:
-        """How long one send or recv may wait: kernel-side timeouts keep the socket blocking, so a recv
-        is one syscall."""
-        tv = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-
-    def read_frame(
-        self,
-        max_meta: int = MAX_META,
-        max_payload: int = MAX_PAYLOAD,
-        *,
-        idle: float | None = None,
-        within: float | None = None,
-        first_read: int = FIRST_READ,
-    ) -> tuple[int, int, Any, int]:
-        """The next frame's (opcode, flags, meta, payload length); read the payload next.  A frame larger
-        than the limits is refused before anything is allocated for it.
-
-        A server passes ``idle``, how long to wait for the frame to begin (the socket's own timeout
-        repeats until then), and ``within``, how long its header and meta may take once it has begun:
-        that sets ``deadline``, which a peer trickling bytes cannot push back."""
-        if self.payload_left:
-            self.skip_payload()
-        if idle is not None and self._start == self._end:
-            self._await_frame(idle)
-        if within is not None:
-            self.deadline = time.monotonic() + within
-        self._fill(HEADER.size, first_read)
-        magic, op, flags, meta_len, payload_len = HEADER.unpack_from(self._buf, self._start)
-        if magic != MAGIC:
-            raise ProtocolError(f"{self.peer}: bad frame magic {magic:#06x}")
-        if meta_len > max_meta or payload_len > max_payload:
-            raise ProtocolError(f"{self.peer}: frame too large (meta {meta_len}, payload {payload_len})")
-        self._start += HEADER.size
-        meta = self._read_meta(meta_len) if meta_len else ()
-        if pad := flags >> PAD_SHIFT:
-            self._fill(pad)
-            self._start += pad
-            flags &= FLAGS_MASK
-        self.payload_left = payload_len
-        self.flags = flags
-        return op, flags, meta, payload_len
 
     def read_frame_with_fds(self, max_fds: int) -> tuple[int, int, Any, int, list[int]]:
         """``read_frame`` for a reply carrying file descriptors (SCM_RIGHTS); nothing may be buffered."""
@@ -405,34 +283,6 @@ class Channel:
         if op == Op.ERROR:
             raise error_from_meta(meta)
         raise ProtocolError(f"{self.peer}: expected a reply, got opcode {op}")
-
-    def read_payload_into(self, dst: memoryview) -> None:
-        """Fill ``dst`` (a byte view) from the current payload.  What the buffer holds is copied; a small
-        rest refills the buffer (one recv for the many small values of a batch); a large one is received
-        in place."""
-        n = len(dst)
-        if n > self.payload_left:
-            raise ProtocolError(f"{self.peer}: payload has {self.payload_left} bytes left, {n} wanted")
-        self.payload_left -= n
-        have = min(n, self._end - self._start)
-        if have:
-            dst[:have] = self._view[self._start : self._start + have]
-            self._start += have
-        if have < n and n - have < FIRST_READ:
-            self._fill(n - have, ask=min(n - have + self.payload_left, RECV_BUFFER))
-            dst[have:] = self._view[self._start : self._start + n - have]
-            self._start += n - have
-            return
-        while have < n:
-            try:
-                got = self.sock.recv_into(dst[have:], n - have, socket.MSG_WAITALL)
-            except OSError as exc:
-                raise self._lost(exc) from None
-            if not got:
-                raise self._lost(None)
-            have += got
-            if have < n and self.deadline is not None and time.monotonic() > self.deadline:
-                raise self._lost(TimeoutError())
 
     def read_payload_into_many(self, dsts: Sequence[memoryview]) -> None:
         """Fill each of ``dsts`` (byte views) in turn from the current payload, with one ``recvmsg_into``
@@ -509,79 +359,3 @@ class Channel:
         out = bytearray(n)
         self.read_payload_into(memoryview(out))
         return out
-
-    def skip_payload(self) -> None:
-        """Drain what is left of the current payload (a request that failed before reading it)."""
-        while self.payload_left:
-            n = min(self.payload_left, RECV_BUFFER)
-            self.read_payload_into(memoryview(bytearray(n)))
-
-    def _read_meta(self, n: int) -> Any:
-        if n <= RECV_BUFFER:
-            self._fill(n)
-            raw: Any = self._view[self._start : self._start + n]
-            self._start += n
-        else:
-            raw = bytearray(n)
-            self.payload_left = n
-            self.read_payload_into(memoryview(raw))
-        try:
-            return msgpack.unpackb(raw, use_list=True, raw=False, strict_map_key=False)
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise ProtocolError(f"{self.peer}: undecodable frame meta ({exc})") from None
-
-    def _await_frame(self, idle: float) -> None:
-        """Block until a frame's first bytes arrive, for at most ``idle`` seconds."""
-        self._start = self._end = 0
-        until = time.monotonic() + idle
-        while True:
-            try:
-                got = self.sock.recv_into(self._view, FIRST_READ)
-            except OSError as exc:
-                if _timed_out(exc) and time.monotonic() < until:
-                    continue
-                raise self._lost(exc) from None
-            if not got:
-                raise self._lost(None)
-            self._end = got
-            return
-
-    def _fill(self, n: int, ask: int = FIRST_READ) -> None:
-        """Make at least ``n`` bytes (at most RECV_BUFFER) readable from the buffer, each recv asking for
-        up to ``ask`` (more when ``n`` needs it): a frame's first read takes little of a large payload,
-        which is received in place instead."""
-        if self._end - self._start >= n:
-            return
-        if self._start == self._end:
-            self._start = self._end = 0
-        elif self._start + max(n, ask) > RECV_BUFFER:  # no room behind: move what is left to the front
-            left = self._end - self._start
-            self._buf[:left] = self._view[self._start : self._end]
-            self._start, self._end = 0, left
-        while self._end - self._start < n:
-            want = min(RECV_BUFFER - self._end, max(n - (self._end - self._start), ask))
-            try:
-                got = self.sock.recv_into(self._view[self._end :], want)
-            except OSError as exc:
-                raise self._lost(exc) from None
-            if not got:
-                raise self._lost(None)
-            self._end += got
-            if self.deadline is not None and time.monotonic() > self.deadline:
-                raise self._lost(TimeoutError())
-
-    def _lost(self, exc: OSError | None) -> Unavailable:
-        """The peer is gone or silent: this channel is done for."""
-        self.close()
-        if exc is None:
-            why = "closed by the peer"
-        elif _timed_out(exc):
-            why = "timed out"
-        else:
-            why = f"failed: {exc.strerror or exc}"
-        return Unavailable(f"{self.peer}: connection {why}")
-
-
-def _timed_out(exc: OSError) -> bool:
-    """Whether a socket call failed only because its timeout passed."""
-    return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or isinstance(exc, TimeoutError)

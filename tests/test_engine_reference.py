@@ -10,6 +10,8 @@ import importlib
 import json
 import os
 import random
+import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -1067,3 +1069,147 @@ def test_entry_queue_engine_matches_reference(engine, reference, seed):
             qu.clear()
             assert len(qu) == qu.nbytes == 0 and qu.first() is None
         assert all(e.queue == 0 for e in entries)
+
+
+# -- the framing of a connection ------------------------------------------------------------------------
+
+
+class _Peer:
+    """A socket stand-in: what is sent to it is kept in ``sent``; receives are served from ``incoming``, at
+    most ``chunk`` bytes a call (as a slow peer's bytes arrive), then end of stream.  A send takes at most
+    ``max_send`` bytes (a partial send, as a send timeout gives)."""
+
+    family = socket.AF_UNIX
+
+    def __init__(self, incoming: bytes = b"", chunk: int = 1 << 30, max_send: int = 1 << 30) -> None:
+        self.incoming, self.pos, self.chunk, self.max_send = incoming, 0, chunk, max_send
+        self.sent = bytearray()
+
+    def setsockopt(self, *_args: object) -> None:
+        pass
+
+    def sendall(self, data: object) -> None:
+        self.sent += memoryview(data).cast("B")  # type: ignore[arg-type]
+
+    def sendmsg(self, buffers: list) -> int:
+        taken = 0
+        for b in buffers:
+            view = memoryview(b).cast("B")[: self.max_send - taken]
+            self.sent += view
+            taken += len(view)
+        return taken
+
+    def recv_into(self, buffer: memoryview, nbytes: int = 0, _flags: int = 0) -> int:
+        n = min(nbytes or len(buffer), self.chunk, len(self.incoming) - self.pos)
+        buffer[:n] = self.incoming[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        pass
+
+
+def _random_frames(seed: int) -> list[tuple[int, int, object, object, int]]:
+    """Frames of every shape: (opcode, flags, meta, payload: None, a buffer or a list of them, the
+    destination's phase).  Payloads across the small-send bound, some at odd addresses (so padded
+    differently); one meta larger than the receive buffer."""
+    rng = random.Random(seed)
+    frames = []
+    for i in range(40):
+        meta = [rng.randrange(1 << 40), f"key/{i}", bytes(rng.randrange(50)), None, True, rng.random()]
+        if i == 17:
+            meta.append(bytes(300 << 10))  # read through the payload path: larger than the receive buffer
+        size = rng.choice([0, 1, 100, 4096, 64 << 10, (64 << 10) + 1, 200 << 10])
+        data = memoryview(bytes(rng.randrange(256) for _ in range(min(size, 256))) * (size // 256 + 1))
+        offset = rng.randrange(64)
+        payload: object = data[offset : offset + size] if size else None
+        if size and rng.random() < 0.3:  # a list of buffers, an empty one among them
+            cut = rng.randrange(size)
+            payload = [data[offset : offset + cut], b"", data[offset + cut : offset + size]]
+        frames.append((rng.randrange(256), rng.randrange(4), meta, payload, rng.randrange(1 << 20)))
+    return frames
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_framing_sends_the_bytes_its_twin_sends(engine, reference, seed):
+    """Header, meta, padding and payload byte for byte, partial sends resumed where they stopped."""
+    frames = _random_frames(seed)  # made once: a payload's address decides its padding
+    for max_send in (1 << 30, 1000):
+        streams = []
+        for impl in (engine, reference):
+            peer = _Peer(max_send=max_send)
+            framing = impl.Framing(peer, "peer")
+            for op, flags, meta, payload, destination in frames:
+                framing.send(op, meta, payload, flags, destination)
+            streams.append(bytes(peer.sent))
+        assert streams[0] == streams[1]
+
+
+def _read_all(impl, stream: bytes, chunk: int) -> list:
+    """Every frame of ``stream`` as ``impl`` reads it: its header fields and meta, then its payload read
+    in two pieces, or skipped (every third frame)."""
+    framing = impl.Framing(_Peer(stream, chunk), "peer")
+    out = []
+    for i in range(len(_random_frames(1))):
+        op, flags, meta, n = framing.read_frame()
+        out.append((op, flags, meta, n, framing.flags))
+        if i % 3 and n:
+            payload = bytearray(n)
+            framing.read_payload_into(memoryview(payload)[: n // 2])
+            framing.read_payload_into(memoryview(payload)[n // 2 :])
+            out.append(bytes(payload))
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1 << 30, 4096, 7])
+def test_the_framing_reads_what_its_twin_reads(engine, reference, chunk):
+    peer = _Peer()
+    sender = reference.Framing(peer, "peer")
+    frames = _random_frames(1)
+    for op, flags, meta, payload, destination in frames:
+        sender.send(op, meta, payload, flags, destination)
+    got = _read_all(engine, bytes(peer.sent), chunk)
+    assert got == _read_all(reference, bytes(peer.sent), chunk)
+    assert [g[:3] for g in got if isinstance(g, tuple)] == [(op, flags, meta) for op, flags, meta, *_ in frames]
+
+
+def _frame(meta: bytes = b"\x90", payload: bytes = b"", magic: int = 0x434D, op: int = 100, flags: int = 0) -> bytes:
+    return struct.pack("<HBBIQ", magic, op, flags, len(meta), len(payload)) + meta + payload
+
+
+@pytest.mark.parametrize(
+    ("stream", "limits", "payload"),
+    [
+        (_frame(magic=0x1234), {}, 0),  # not a frame
+        (_frame(meta=b"\x91" * 9), {"max_meta": 8}, 0),  # meta over the limit: refused before it is read
+        (_frame(payload=b"x" * 9), {"max_payload": 8}, 0),
+        (_frame(meta=b"\xc1"), {}, 0),  # undecodable meta
+        (_frame(meta=b"\x92\x01"), {}, 0),  # meta cut short by the peer's end
+        (_frame()[:9], {}, 0),  # header cut short
+        (_frame(payload=b"abc")[:-1], {}, 3),  # payload cut short
+        (_frame(payload=b"abc"), {}, 4),  # more wanted than the payload holds
+        (_frame(flags=5 << 2), {}, 0),  # padding the peer never sends
+    ],
+)
+def test_the_framing_refuses_what_its_twin_refuses(engine, reference, stream, limits, payload):
+    """Each broken or oversized frame raises the same error, with the same message, from both."""
+    seen = []
+    for impl in (engine, reference):
+        framing = impl.Framing(_Peer(stream, chunk=3), "peer")
+        try:
+            framing.read_frame(**limits)
+            framing.read_payload_into(memoryview(bytearray(payload)))
+            seen.append(None)
+        except Exception as exc:
+            seen.append((type(exc).__name__, str(exc)))
+    assert seen[0] is not None and seen[0] == seen[1]
+
+
+def test_the_framing_drops_a_peer_that_trickles_past_the_deadline(engine, reference):
+    """A frame whose bytes come one at a time past its deadline ends the connection in both: each recv
+    made progress, the deadline did not move."""
+    for impl in (engine, reference):
+        framing = impl.Framing(_Peer(_frame(meta=b"\x92\x01\xc0"), chunk=1), "peer")
+        with pytest.raises(Exception, match="peer: connection timed out") as caught:
+            framing.read_frame(within=-1.0)
+        assert type(caught.value).__name__ == "Unavailable" and framing.closed
