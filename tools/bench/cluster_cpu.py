@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""CPU time per operation of a cluster's large put and get_into, on the clients and on the nodes, and an
-interleaved A/B of it between two trees.
+"""CPU time per operation of a cluster's large put and get_into (or of a single node's small get and put),
+on the clients and on the nodes, and an interleaved A/B of it between two trees.
 
 On the 2-core dev VMs, ``cluster_bench.py``'s 2 client processes and 8 nodes keep both cores busy, so the
 CPU an operation costs, summed over its client and its node, is what bounds the rates there; its
@@ -12,6 +12,10 @@ crosses loopback TCP); ``--clients`` client processes each put and read their ow
 ``--value-size`` from a prefaulted numpy array (a value 16 bytes into a page, as numpy's are), all at
 once, for ``--seconds`` a slice; the nodes' idle work (their etcd leases and watches) is in their share.
 
+With ``--target node``, the same for one node (no etcd) reached ``--via`` loopback TCP or its Unix socket,
+by default with its ops ``get`` and ``put`` of 4 KiB values: the per-request cost of the node and its
+client, which small values show best.
+
 With ``--ab TREE``, the same runs on TREE's code too (its own cluster, from its root, its code on
 PYTHONPATH), the two trees' slices alternating, the order flipped each round; printed: the medians of
 each tree and of the per-round ratios (this tree over TREE).
@@ -20,6 +24,7 @@ Examples::
 
     python3 tools/bench/cluster_cpu.py
     python3 tools/bench/cluster_cpu.py --ab /work/wt-base --rounds 10 --seconds 1.5
+    python3 tools/bench/cluster_cpu.py --target node --via tcp --ab /work/wt-base --rounds 8
 """
 
 from __future__ import annotations
@@ -37,9 +42,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import LocalCluster, cpu_seconds, format_table, machine_info, median, parse_size, prefaulted, write_json
+from _common import (
+    LocalCluster,
+    cpu_seconds,
+    format_table,
+    machine_info,
+    median,
+    parse_size,
+    prefaulted,
+    running_node,
+    write_json,
+)
 
-OPS = ("put", "get_into")
+OPS = {"cluster": ("put", "get_into"), "node": ("get", "put")}
+SIZES = {"cluster": "1MiB", "node": "4KiB"}
 VALUES = 32  # distinct values per client process
 NODES = 8
 
@@ -47,24 +63,29 @@ NODES = 8
 def client_main(url: str, wid: int, size: int, replicas: int) -> None:
     """A client process: its values put once and read once, then ``<op> <seconds>`` lines on stdin, each
     answered with a JSON line (ops done, wall seconds, this process's CPU seconds)."""
-    os.environ["MOONCAKEFS_HOST"] = f"cluster-cpu-client-{wid}"  # another host: values cross TCP
+    cluster = url.startswith("etcd://")
+    if cluster:
+        os.environ["MOONCAKEFS_HOST"] = f"cluster-cpu-client-{wid}"  # another host: values cross TCP
     import mooncakefs
 
     store = mooncakefs.connect(url)
-    while len(store.map.nodes) < NODES:
+    while cluster and len(store.map.nodes) < NODES:
         time.sleep(0.1)
         store._refresh(store.map)
     source, landing = prefaulted(VALUES * size), prefaulted(size)
     keys = [f"cluster-cpu/{wid}/{i}" for i in range(VALUES)]
     values = [source[i * size : (i + 1) * size] for i in range(VALUES)]
+    placed = {"replicas": replicas} if cluster else {}
 
     def run(op: str, i: int) -> None:
         if op == "put":
-            store.put(keys[i % VALUES], values[i % VALUES], replicas=replicas)
+            store.put(keys[i % VALUES], values[i % VALUES], **placed)
+        elif op == "get":
+            store.get(keys[i % VALUES])
         else:
             store.get_into(keys[i % VALUES], landing)
 
-    for op in OPS:  # every value and page touched once
+    for op in ("put", "get_into"):  # every value and page touched once
         for i in range(VALUES):
             run(op, i)
     print(json.dumps({"ready": True}), flush=True)
@@ -79,25 +100,32 @@ def client_main(url: str, wid: int, size: int, replicas: int) -> None:
     store.close()
 
 
-def serve_main(clients: int, size: int, replicas: int) -> None:
-    """A cluster and its client processes; ``<op> <seconds>`` lines on stdin run a slice on every client
-    at once, answered with one JSON line: ops, wall seconds, clients' and nodes' CPU seconds."""
+def serve_main(args: argparse.Namespace) -> None:
+    """A cluster (or a node) and its client processes; ``<op> <seconds>`` lines on stdin run a slice on every
+    client at once, answered with one JSON line: ops, wall seconds, clients' and nodes' CPU seconds."""
     root = Path(tempfile.mkdtemp(prefix="cluster-cpu-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, root, ignore_errors=True)
-        cluster = LocalCluster(root, "64MiB", "--ssd", "256MiB")
-        stack.callback(cluster.close)
-        cluster.start_etcd()
-        cluster.start_nodes(NODES, 120.0)
-        nodes = [n.proc.pid for n in cluster.nodes]
-        command = [sys.executable, __file__, "client", cluster.url, "--value-size", str(size), "--replicas"]
+        if args.target == "node":
+            node = stack.enter_context(running_node(root, "512MiB"))
+            url, nodes = node.tcp_url if args.via == "tcp" else node.unix_url, [node.pid]
+        else:
+            cluster = LocalCluster(root, "64MiB", "--ssd", "256MiB")
+            stack.callback(cluster.close)
+            cluster.start_etcd()
+            cluster.start_nodes(NODES, 120.0)
+            url, nodes = cluster.url, [n.proc.pid for n in cluster.nodes]
+        command = [sys.executable, __file__, "client", url, "--value-size", str(args.value_size), "--replicas"]
         procs = [
             stack.enter_context(
                 subprocess.Popen(
-                    [*command, str(replicas), "--wid", str(w)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+                    [*command, str(args.replicas), "--wid", str(w)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
                 )
             )
-            for w in range(clients)
+            for w in range(args.clients)
         ]
         for proc in procs:
             stack.callback(proc.kill)
@@ -119,7 +147,7 @@ def start_tree(tree: Path, args: argparse.Namespace) -> subprocess.Popen[str]:
     """``serve`` with ``tree``'s code: run from its root, its code on PYTHONPATH (nodes included)."""
     command = [sys.executable, __file__, "serve", "--clients", str(args.clients), "--value-size", str(args.value_size)]
     proc = subprocess.Popen(
-        [*command, "--replicas", str(args.replicas)],
+        [*command, "--replicas", str(args.replicas), "--target", args.target, "--via", args.via],
         cwd=tree,
         env={**os.environ, "PYTHONPATH": str(tree)},
         stdin=subprocess.PIPE,
@@ -147,27 +175,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("url", nargs="?", help=argparse.SUPPRESS)
     p.add_argument("--wid", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--ab", type=Path, help="another tree's root: measure both, interleaved")
-    p.add_argument("--clients", type=int, default=2, help="client processes (%(default)s)")
-    p.add_argument("--value-size", default="1MiB", help="value size (%(default)s)")
+    p.add_argument("--target", choices=("cluster", "node"), default="cluster", help="what to measure (%(default)s)")
+    p.add_argument("--via", choices=("tcp", "unix"), default="tcp", help="a node's transport (%(default)s)")
+    p.add_argument("--clients", type=int, help="client processes (cluster: 2, node: 1)")
+    p.add_argument("--value-size", help="value size (cluster: 1MiB, node: 4KiB)")
     p.add_argument("--replicas", type=int, default=1, help="copies of each put (%(default)s)")
     p.add_argument("--rounds", type=int, default=8, help="slices of each op per tree (%(default)s)")
     p.add_argument("--seconds", type=float, default=1.5, help="length of a slice (%(default)s)")
     p.add_argument("--json", default="bench-results/cluster_cpu.json", help="JSON results (%(default)s)")
     args = p.parse_args(argv)
-    args.value_size = parse_size(str(args.value_size))
+    args.value_size = parse_size(args.value_size or SIZES[args.target])
+    args.clients = args.clients or (2 if args.target == "cluster" else 1)
+    ops = OPS[args.target]
     if args.mode == "client":
         client_main(args.url, args.wid, args.value_size, args.replicas)
         return 0
     if args.mode == "serve":
-        serve_main(args.clients, args.value_size, args.replicas)
+        serve_main(args)
         return 0
     trees = {"this": Path.cwd()} | ({"other": args.ab.resolve()} if args.ab else {})
     procs = {name: start_tree(tree, args) for name, tree in trees.items()}
-    slices: dict[tuple[str, str], list[dict[str, float]]] = {(t, op): [] for t in trees for op in OPS}
+    slices: dict[tuple[str, str], list[dict[str, float]]] = {(t, op): [] for t in trees for op in ops}
     try:
         for r in range(args.rounds):
             order = list(trees) if r % 2 == 0 else list(trees)[::-1]
-            for op in OPS:
+            for op in ops:
                 for name in order:
                     slices[(name, op)].append(ask(procs[name], op, args.seconds))
     finally:
@@ -176,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             proc.wait(timeout=60)
     rows: list[list[str]] = []
     payload: dict[str, Any] = {"trees": {k: str(v) for k, v in trees.items()}, "slices": {}, "ratios": {}}
-    for op in OPS:
+    for op in ops:
         for name, tree in trees.items():
             got = slices[(name, op)]
             payload["slices"][f"{name} {op}"] = got
@@ -196,7 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append([op, "this / other", "", "", f"{median(cpu):.3f}x", f"{median(rate):.3f}x"])
     header = ["op", "tree", "client us/op", "nodes us/op", "CPU us/op", "GB/s"]
     print(format_table(header, rows, [False, False, True, True, True, True]))
-    setup = f"{args.clients} clients, {NODES} nodes, replicas {args.replicas}"
+    setup = (
+        f"{args.clients} clients, {NODES} nodes, replicas {args.replicas}"
+        if args.target == "cluster"
+        else f"{args.clients} client(s), one node via {args.via}"
+    )
     print(f"medians of {args.rounds} slices of {args.seconds:g} s; {setup}")
     write_json(
         args.json,
