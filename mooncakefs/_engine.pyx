@@ -1956,6 +1956,9 @@ cdef uint64_t MAX_PAYLOAD = _frame.MAX_PAYLOAD
 cdef int PAD_SHIFT = _frame.PAD_SHIFT
 cdef int FLAGS_MASK = _frame.FLAGS_MASK
 cdef Py_ssize_t LINE = _frame.LINE
+cdef Py_ssize_t CRC_CHUNK = _frame.CRC_CHUNK
+cdef int WITH_CRC = _frame.WITH_CRC
+assert _frame.CRC_TRAILER.format == "<I", "a value's CRC trailer changed: update Framing"
 assert HEADER_SIZE == 16 and _frame.HEADER.format == "<HBBIQ", "frame header layout changed: update Framing"
 
 cdef object _pack = _msgpack.Packer(use_bin_type=True).pack
@@ -2131,6 +2134,52 @@ cdef class Framing:
         except OSError as exc:
             raise self._lost(exc) from None
 
+    def send_value(self, int op, meta, value, crc=None):
+        """Send a frame whose payload is ``value`` then its CRC-32C (CRC_TRAILER); returns the CRC.  A small
+        value goes in one buffer with its header and CRC; a large one CRC_CHUNK at a time (the header with
+        the first), each chunk's CRC computed right after it is sent, while the peer receives it (and
+        checks what came before); the CRC follows.  A ``crc`` the caller already has (a copy of a stored
+        value, or of one sent to several nodes) goes out with the value in one call, as it is, so a copy
+        whose bytes differ from it is refused."""
+        cdef Py_buffer view
+        cdef Py_ssize_t n, at, start
+        cdef uint32_t running = 0
+        cdef bytes m = _pack(meta)
+        _get_read(value, &view, "value")
+        try:
+            n = view.len
+            if n <= SMALL_SEND:
+                running = <uint32_t>crc if crc is not None else _crc(0, <const uint8_t *>view.buf, n)
+                try:
+                    if n + 4 > SMALL_SEND:  # with its CRC, a large payload: padded, as send pads it
+                        self._send_parts([_frame_head(op, WITH_CRC, m, n + 4, value, 0), value,
+                                          _frame.CRC_TRAILER.pack(running)])
+                        return running
+                    out = _frame_head(op, WITH_CRC, m, n + 4, None, 0, n + 4)
+                    at = HEADER_SIZE + len(m)
+                    memcpy(PyBytes_AS_STRING(out) + at, view.buf, n)
+                    _put_le(<unsigned char *>PyBytes_AS_STRING(out) + at + n, running, 4)
+                    self.sock.sendall(out)
+                except OSError as exc:
+                    raise self._lost(exc) from None
+                return running
+            parts = [_frame_head(op, WITH_CRC, m, n + 4, value, 0)]
+            try:
+                if crc is not None:
+                    self._send_parts([*parts, value, _frame.CRC_TRAILER.pack(crc)])
+                    return crc
+                whole = PyMemoryView_FromMemory(<char *>view.buf, n, PyBUF_READ)  # value is held meanwhile
+                for start in range(0, n, CRC_CHUNK):
+                    self._send_parts([*parts, whole[start : start + CRC_CHUNK]])
+                    parts = []
+                    running = _crc(running, <const uint8_t *>view.buf + start, min(CRC_CHUNK, n - start))
+                self.sock.sendall(_frame.CRC_TRAILER.pack(running))
+            except OSError as exc:
+                raise self._lost(exc) from None
+            return running
+        finally:
+            PyBuffer_Release(&view)
+
     def _send_parts(self, list parts):
         """Send a few buffers back to back in one system call (a partial send, which a send timeout can
         cause, goes on where it stopped)."""
@@ -2219,6 +2268,52 @@ cdef class Framing:
             if have < n and self.deadline is not None and _monotonic() > self.deadline:
                 raise self._lost(TimeoutError())
         return 0
+
+    def read_payload_crc(self, dst):
+        """``read_payload_into`` that returns the CRC-32C of what it received, computed chunk by chunk as
+        the bytes arrive (the GIL is released for it), while the rest is still in flight."""
+        cdef Py_buffer view
+        _get_write(dst, &view, "destination")
+        try:
+            return self._read_crc(<unsigned char *>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef uint32_t _read_crc(self, unsigned char *dst, Py_ssize_t n) except? 0xFFFFFFFF:
+        cdef uint32_t crc = 0
+        cdef Py_ssize_t start, size
+        for start in range(0, n, CRC_CHUNK):
+            size = min(CRC_CHUNK, n - start)
+            self._read_into(dst + start, size)
+            crc = _crc(crc, dst + start, size)
+        return crc
+
+    def read_value_into(self, dst, what):
+        """Receive a PUT's payload: the value into ``dst``, then, if the frame is flagged WITH_CRC, its
+        CRC (CRC_TRAILER), which must match what arrived; returns the CRC (None: the sender named none).
+        ChecksumError on a mismatch, with the whole payload read, so the connection stays in step.
+        ``what`` names the value for the message."""
+        cdef Py_buffer view
+        cdef unsigned char trailer[4]
+        cdef uint32_t got
+        _get_write(dst, &view, "destination")
+        try:
+            if not self.flags & WITH_CRC:
+                if self.payload_left != view.len:
+                    raise ValueError(f"{what()}: {view.len} bytes expected, {self.payload_left} sent")
+                self._read_into(<unsigned char *>view.buf, view.len)
+                return None
+            if self.payload_left != view.len + 4:
+                raise ValueError(
+                    f"{what()}: a put's payload is its value then a 4-byte CRC-32C: "
+                    f"{view.len} + 4 bytes expected, {self.payload_left} sent"
+                )
+            got = self._read_crc(<unsigned char *>view.buf, view.len)  # while the sender computes the CRC
+            self._read_into(trailer, 4)
+            _frame.check_crc(<uint32_t>_le(trailer, 4), got, what)
+            return got
+        finally:
+            PyBuffer_Release(&view)
 
     def skip_payload(self):
         """Drain what is left of the current payload (a request that failed before reading it)."""

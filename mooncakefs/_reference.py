@@ -24,6 +24,8 @@ import msgpack
 from mooncakefs.api import BATCH_ERRORS, PLAIN_PUT, value_error
 from mooncakefs.errors import ProtocolError, Unavailable
 from mooncakefs.frame import (
+    CRC_CHUNK,
+    CRC_TRAILER,
     FIRST_READ,
     FLAGS_MASK,
     HEADER,
@@ -35,6 +37,8 @@ from mooncakefs.frame import (
     PAD_SHIFT,
     RECV_BUFFER,
     SMALL_SEND,
+    WITH_CRC,
+    check_crc,
     payload_phase,
 )
 from mooncakefs.keys import InternalKey, encode_key  # the twin of _engine.encode_key: every key's rules
@@ -1148,6 +1152,34 @@ class Framing:
         except OSError as exc:
             raise self._lost(exc) from None
 
+    def send_value(self, op: int, meta: Any, value: memoryview, crc: int | None = None) -> int:
+        """Send a frame whose payload is ``value`` then its CRC-32C (CRC_TRAILER); returns the CRC.  A
+        large value goes CRC_CHUNK at a time (the header with the first), each chunk's CRC computed right
+        after it is sent, while the peer receives it (and checks what came before); the CRC follows.  A
+        ``crc`` the caller already has (a copy of a stored value, or of one sent to several nodes) goes out
+        with the value in one call, as it is, so a copy whose bytes differ from it is refused."""
+        n = len(value)
+        if n <= SMALL_SEND:
+            if crc is None:
+                crc = crc32c(value)
+            self.send(op, meta, [value, CRC_TRAILER.pack(crc)], flags=WITH_CRC)
+            return crc
+        parts: list[Any] = [frame_head(op, WITH_CRC, _pack(meta), n + CRC_TRAILER.size, value)]
+        running = 0
+        try:
+            if crc is not None:
+                self._send_parts([*parts, value, CRC_TRAILER.pack(crc)])
+                return crc
+            for start in range(0, n, CRC_CHUNK):
+                chunk = value[start : start + CRC_CHUNK]
+                self._send_parts([*parts, chunk])
+                parts = []
+                running = crc32c(chunk, running)
+            self.sock.sendall(CRC_TRAILER.pack(running))
+        except OSError as exc:
+            raise self._lost(exc) from None
+        return running
+
     def _send_parts(self, parts: list[Any]) -> None:
         """Send a few buffers back to back in one system call (a partial send, which a send timeout can
         cause, goes on where it stopped)."""
@@ -1228,6 +1260,41 @@ class Framing:
             have += got
             if have < n and self.deadline is not None and time.monotonic() > self.deadline:
                 raise self._lost(TimeoutError())
+
+    def read_payload_crc(self, dst: memoryview) -> int:
+        """``read_payload_into`` that returns the CRC-32C of what it received, computed chunk by chunk as
+        the bytes arrive (the GIL is released for it), while the rest is still in flight."""
+        if len(dst) <= CRC_CHUNK:  # the common small value: one read, one CRC
+            self.read_payload_into(dst)
+            return crc32c(dst)
+        crc = 0
+        for start in range(0, len(dst), CRC_CHUNK):
+            chunk = dst[start : start + CRC_CHUNK]
+            self.read_payload_into(chunk)
+            crc = crc32c(chunk, crc)
+        return crc
+
+    def read_value_into(self, dst: memoryview, what: Callable[[], str]) -> int | None:
+        """Receive a PUT's payload: the value into ``dst``, then, if the frame is flagged WITH_CRC, its
+        CRC (CRC_TRAILER), which must match what arrived; returns the CRC (None: the sender named none).
+        ChecksumError on a mismatch, with the whole payload read, so the connection stays in step.
+        ``what`` names the value for the message."""
+        if not self.flags & WITH_CRC:
+            if self.payload_left != len(dst):
+                raise ValueError(f"{what()}: {len(dst)} bytes expected, {self.payload_left} sent")
+            self.read_payload_into(dst)
+            return None
+        if self.payload_left != len(dst) + CRC_TRAILER.size:
+            raise ValueError(
+                f"{what()}: a put's payload is its value then a {CRC_TRAILER.size}-byte CRC-32C: "
+                f"{len(dst)} + {CRC_TRAILER.size} bytes expected, {self.payload_left} sent"
+            )
+        got = self.read_payload_crc(dst)  # while the sender computes the CRC it sends next
+        trailer = bytearray(CRC_TRAILER.size)
+        self.read_payload_into(memoryview(trailer))
+        (sent,) = CRC_TRAILER.unpack(trailer)
+        check_crc(sent, got, what)
+        return got
 
     def skip_payload(self) -> None:
         """Drain what is left of the current payload (a request that failed before reading it)."""

@@ -28,18 +28,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import socket
-import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
 
 from mooncakefs import errors
-from mooncakefs._engine import Framing, crc32c, frame_head
+from mooncakefs._engine import Framing, frame_head
 from mooncakefs.api import PLAIN_PUT, PutOptions
-from mooncakefs.errors import ChecksumError, MooncakeError, ProtocolError
+from mooncakefs.errors import MooncakeError, ProtocolError
 from mooncakefs.frame import (  # noqa: F401  (the frame's layout, named here too for wire's users)
+    CRC_CHUNK,
+    CRC_TRAILER,
     FIRST_READ,
     FLAGS_MASK,
     HEADER,
@@ -51,15 +52,15 @@ from mooncakefs.frame import (  # noqa: F401  (the frame's layout, named here to
     PAD_SHIFT,
     RECV_BUFFER,
     SMALL_SEND,
+    WITH_CRC,
+    check_crc,
+    crc_error,
     payload_phase,
 )
 
 VERSION = 4  # 2: puts carry a version; 3: values carry their CRC-32C; 4: payloads may be padded
 PREAUTH_MAX_META = 1 << 10  # before the handshake is done, a frame's meta is this small and has no payload
 MAX_BATCH = 4096
-CRC_CHUNK = 1 << 20  # a value is checksummed in chunks this big as it is sent or received, while still in cache
-CRC_TRAILER = struct.Struct("<I")  # the CRC-32C that follows a PUT's value in its payload
-WITH_CRC = 1  # frame header flag: the payload is a value followed by its CRC-32C (CRC_TRAILER)
 
 
 class Op:
@@ -182,23 +183,6 @@ def error_from_meta(meta: Sequence[Any]) -> BaseException:
         return ProtocolError(f"malformed error reply: {meta!r:.200}")
 
 
-def crc_error(expected: int | None, got: int, what: Callable[[], str]) -> ChecksumError | None:
-    """The ChecksumError of a value whose bytes (CRC ``got``) are not the ones sent (CRC ``expected``;
-    None: the sender named none), else None.  ``what`` names the value."""
-    if expected is None or expected == got:
-        return None
-    return ChecksumError(
-        f"{what()} fails its CRC-32C check (expected {expected:#010x}, got {got:#010x}): its bytes "
-        "were corrupted in transit or in the sender's memory"
-    )
-
-
-def check_crc(expected: int | None, got: int, what: Callable[[], str]) -> None:
-    """Raise ``crc_error``'s ChecksumError, if any."""
-    if (exc := crc_error(expected, got, what)) is not None:
-        raise exc
-
-
 def client_handshake(ch: Channel, secret: bytes | None, what: str) -> str:
     """Answer a server's HELLO with AUTH (proving the secret when it asks); the server's instance id.
     ``what`` names the kind of server for the messages ("node", "transfer engine")."""
@@ -226,34 +210,6 @@ class Channel(Framing):
         self.epoch: int | None = None  # the placement epoch announced on this connection (cluster clients)
 
     # -- sending ----------------------------------------------------------------------------------------
-
-    def send_value(self, op: int, meta: Any, value: memoryview, crc: int | None = None) -> int:
-        """Send a frame whose payload is ``value`` then its CRC-32C (CRC_TRAILER); returns the CRC.  A
-        large value goes CRC_CHUNK at a time (the header with the first), each chunk's CRC computed right
-        after it is sent, while the peer receives it (and checks what came before); the CRC follows.  A
-        ``crc`` the caller already has (a copy of a stored value, or of one sent to several nodes) goes out
-        with the value in one call, as it is, so a copy whose bytes differ from it is refused."""
-        n = len(value)
-        if n <= SMALL_SEND:
-            if crc is None:
-                crc = crc32c(value)
-            self.send(op, meta, [value, CRC_TRAILER.pack(crc)], flags=WITH_CRC)
-            return crc
-        parts: list[Any] = [frame_head(op, WITH_CRC, _pack(meta), n + CRC_TRAILER.size, value)]
-        running = 0
-        try:
-            if crc is not None:
-                self._send_parts([*parts, value, CRC_TRAILER.pack(crc)])
-                return crc
-            for start in range(0, n, CRC_CHUNK):
-                chunk = value[start : start + CRC_CHUNK]
-                self._send_parts([*parts, chunk])
-                parts = []
-                running = crc32c(chunk, running)
-            self.sock.sendall(CRC_TRAILER.pack(running))
-        except OSError as exc:
-            raise self._lost(exc) from None
-        return running
 
     def send_with_fds(self, op: int, meta: Any, fds: list[int]) -> None:
         m = _pack(meta)
@@ -318,42 +274,6 @@ class Channel(Framing):
                 first += 1
             if first < len(left) and self.deadline is not None and time.monotonic() > self.deadline:
                 raise self._lost(TimeoutError())
-
-    def read_payload_crc(self, dst: memoryview) -> int:
-        """``read_payload_into`` that returns the CRC-32C of what it received, computed chunk by chunk as
-        the bytes arrive (the GIL is released for it), while the rest is still in flight."""
-        if len(dst) <= CRC_CHUNK:  # the common small value: one read, one CRC
-            self.read_payload_into(dst)
-            return crc32c(dst)
-        crc = 0
-        for start in range(0, len(dst), CRC_CHUNK):
-            chunk = dst[start : start + CRC_CHUNK]
-            self.read_payload_into(chunk)
-            crc = crc32c(chunk, crc)
-        return crc
-
-    def read_value_into(self, dst: memoryview, what: Callable[[], str]) -> int | None:
-        """Receive a PUT's payload: the value into ``dst``, then, if the frame is flagged WITH_CRC, its
-        CRC (CRC_TRAILER), which must match what arrived; returns the CRC (None: the sender named none).
-        ChecksumError on a mismatch, with the whole payload read, so the connection stays in step.
-        ``what`` names the value for the message."""
-        if not self.flags & WITH_CRC:
-            if self.payload_left != len(dst):
-                raise ValueError(f"{what()}: {len(dst)} bytes expected, {self.payload_left} sent")
-            self.read_payload_into(dst)
-            return None
-        if self.payload_left != len(dst) + CRC_TRAILER.size:
-            raise ValueError(
-                f"{what()}: a put's payload is its value then a {CRC_TRAILER.size}-byte CRC-32C: "
-                f"{len(dst)} + {CRC_TRAILER.size} bytes expected, {self.payload_left} sent"
-            )
-        got = self.read_payload_crc(dst)  # while the sender computes the CRC it sends next
-        trailer = bytearray(CRC_TRAILER.size)
-        self.read_payload_into(memoryview(trailer))
-        (sent,) = CRC_TRAILER.unpack(trailer)
-        if sent != got:
-            check_crc(sent, got, what)
-        return got
 
     def read_payload(self, n: int) -> bytearray:
         out = bytearray(n)

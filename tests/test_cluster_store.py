@@ -161,11 +161,19 @@ def test_copies_sent_over_tcp_share_one_crc_of_the_value(make_cluster, monkeypat
         checksummed.append(memoryview(data).nbytes)
         return crc32c(data, crc)
 
-    monkeypatch.setattr(mooncakefs.wire, "crc32c", counting_crc32c)
+    sent_crcs: list[int | None] = []  # the CRC each copy went out with (None: computed as it was sent)
+    send_value = mooncakefs.wire.Channel.send_value
+
+    def recording_send_value(self, op, meta, value, crc=None):
+        sent_crcs.append(crc)
+        return send_value(self, op, meta, value, crc)
+
     monkeypatch.setattr(mooncakefs.cluster.client, "crc32c", counting_crc32c)
+    monkeypatch.setattr(mooncakefs.wire.Channel, "send_value", recording_send_value)
     value = bytes(range(256)) * 4096  # 1 MiB
     store.put("once", value, replicas=3)
     assert sum(checksummed) == len(value)
+    assert len(sent_crcs) == 3 and sent_crcs[0] is not None and len(set(sent_crcs)) == 1
     assert cluster.holders("once") == set(store.map.owners(b"once"))
     assert store.get("once") == value
 

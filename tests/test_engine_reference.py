@@ -1213,3 +1213,45 @@ def test_the_framing_drops_a_peer_that_trickles_past_the_deadline(engine, refere
         with pytest.raises(Exception, match="peer: connection timed out") as caught:
             framing.read_frame(within=-1.0)
         assert type(caught.value).__name__ == "Unavailable" and framing.closed
+
+
+@pytest.mark.parametrize("size", [0, 5, 64 << 10, (64 << 10) + 1, (1 << 20) + 3, (3 << 20) + 5])
+@pytest.mark.parametrize("known", [False, True])
+def test_a_value_and_its_crc_cross_as_in_the_twin(engine, reference, size, known):
+    """``send_value`` sends the same bytes from both (the CRC computed as it goes, or the one given), and
+    ``read_value_into`` lands the same value and returns the same CRC, read in any piece sizes."""
+    value = memoryview(bytes(random.Random(size).randbytes(size)))
+    crc = engine.crc32c(value)
+    streams = []
+    for impl in (engine, reference):
+        peer = _Peer(max_send=300_000)
+        assert impl.Framing(peer, "peer").send_value(10, ["k", size], value, crc if known else None) == crc
+        streams.append(bytes(peer.sent))
+    assert streams[0] == streams[1]
+    for impl in (engine, reference):
+        framing = impl.Framing(_Peer(streams[0], chunk=100_003), "peer")
+        assert framing.read_frame()[:3] == (10, 1, ["k", size])
+        into = bytearray(size)
+        assert framing.read_value_into(memoryview(into), lambda: "v") == crc and into == value
+        assert framing.payload_left == 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "flags", "room"),
+    [
+        (b"abcd" + struct.pack("<I", 0), 1, 4),  # a CRC that is not the value's
+        (b"abcd" + struct.pack("<I", 0xD5A8AB1C), 1, 5),  # a value of another size than announced
+        (b"abcd", 0, 3),  # no CRC, and the size does not match either
+    ],
+)
+def test_a_value_that_does_not_match_is_refused_as_in_the_twin(engine, reference, payload, flags, room):
+    seen = []
+    for impl in (engine, reference):
+        framing = impl.Framing(_Peer(_frame(payload=payload, flags=flags)), "peer")
+        framing.read_frame()
+        try:
+            framing.read_value_into(memoryview(bytearray(room)), lambda: "the value of k")
+            seen.append(None)
+        except Exception as exc:
+            seen.append((type(exc).__name__, str(exc)))
+    assert seen[0] is not None and seen[0] == seen[1]
