@@ -56,7 +56,22 @@ def plan(sources: Iterable[Path], dest: Path, *, recursive: bool) -> list[Item]:
             items.extend(_tree(src, target))
         else:
             items.append(_item(src, target, st))
+    for item in items:
+        if _same_file(item):
+            raise CopyError(f"{item.src} and {item.dst} are the same file: not copied")
     return items
+
+
+def _same_file(item: Item) -> bool:
+    """Whether ``item.dst`` already is ``item.src``: copying a file onto itself (by its own name, a
+    link to it, or a directory holding it) truncates it before the first byte is read, and a link onto
+    itself is unlinked before it is read."""
+    try:
+        src = os.lstat(item.src)
+        dst = os.stat(item.dst) if item.kind == "file" else os.lstat(item.dst)  # a file is written through links
+    except OSError:  # no such destination, or one that cannot be reached: the copy itself says why
+        return False
+    return os.path.samestat(src, dst)
 
 
 def _inside(path: Path, directory: Path) -> bool:

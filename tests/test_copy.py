@@ -86,16 +86,22 @@ def test_a_long_copy_shows_a_bar_on_a_terminal(mount_factory, tmp_path):
         (["dir", "out"], "is a directory: use -r"),
         (["a", "b", "not-a-dir"], "needs DEST to be an existing directory"),
         (["-r", "dir", "dir/inner"], "into itself"),
+        (["a", "a"], "are the same file"),  # cp truncated it to 0 bytes, and said nothing
+        (["a", "."], "are the same file"),
+        (["a", "link-to-a"], "are the same file"),
+        (["link-to-a", "link-to-a"], "are the same file"),  # the link was unlinked, then read
     ],
 )
 def test_refusals_are_clear_and_write_nothing(tmp_path, args, message):
     (tmp_path / "dir").mkdir()
     (tmp_path / "a").write_bytes(b"a")
     (tmp_path / "b").write_bytes(b"b")
+    (tmp_path / "link-to-a").symlink_to("a")
     before = sorted(p.name for p in tmp_path.rglob("*"))
     status, err = cp(*args, cwd=tmp_path)
     assert status != 0 and message in err, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "a").read_bytes() == b"a" and os.readlink(tmp_path / "link-to-a") == "a"
 
 
 def test_the_plan_follows_cps_rules(tmp_path):
