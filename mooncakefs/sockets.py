@@ -13,7 +13,7 @@ import os
 import stat
 from pathlib import Path
 
-from mooncakefs.errors import MooncakeError
+from mooncakefs.errors import InvalidArgument, MooncakeError
 
 
 class UnsafeSocketPath(MooncakeError):
@@ -43,6 +43,12 @@ def make_socket_dir(path: Path, chosen: bool) -> None:
         with contextlib.suppress(FileExistsError):  # made meanwhile, perhaps by someone else: checked below
             os.mkdir(directory, 0o700)
     check_socket_path(path, chosen)
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):  # the node replaces a stale socket: never anything else
+            raise InvalidArgument(
+                f"the socket path {path} holds something that is not a socket (a file, a directory, a link): "
+                "it is left alone; give the node a path that is free or holds a socket"
+            )
 
 
 def check_socket_path(path: str | os.PathLike[str], chosen: bool) -> None:

@@ -38,6 +38,7 @@ from mooncakefs import wire
 from mooncakefs.errors import (
     AuthenticationError,
     BufferTooSmall,
+    InvalidArgument,
     InvalidKey,
     KeyExists,
     KeyNotFound,
@@ -747,6 +748,22 @@ def test_listening_beyond_loopback_needs_a_secret(tmp_path):
     assert r.returncode != 0
     assert "--secret-file" in r.stderr and "0.0.0.0" in r.stderr, r.stderr
     assert not (tmp_path / "n.sock").exists()
+
+
+@pytest.mark.parametrize("occupant", ["file", "link"])  # a directory: click's --socket refuses it
+def test_a_socket_path_that_holds_something_else_is_refused_and_left_alone(tmp_path, occupant):
+    """The node deleted whatever sat at --socket (a stale socket, it assumed): a regular file was lost."""
+    path = tmp_path / "n.sock"
+    if occupant == "file":
+        path.write_bytes(b"precious")
+    else:
+        path.symlink_to(tmp_path / "elsewhere")
+    argv = [sys.executable, "-m", "mooncakefs.cli", "node", "--data", str(tmp_path / "d"), "--dram", "16MiB"]
+    argv += ["--socket", str(path), "--listen", "none", "--metrics", "none", "--no-prefault"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=child_env())
+    assert r.returncode == InvalidArgument.exit_code, r.stderr
+    assert "holds something that is not a socket" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert path.read_bytes() == b"precious" if occupant == "file" else path.is_symlink()
 
 
 def test_second_node_on_same_socket_or_data_is_refused(node_factory, tmp_path):
