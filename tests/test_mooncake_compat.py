@@ -170,6 +170,18 @@ def test_registered_buffers_put_from_get_into_and_refusals(store):
     assert store.put_from("after", sp, 16) == INVALID_PARAMS
 
 
+def test_a_range_past_the_address_space_is_refused_and_registration_still_works(store):
+    """register_buffer(ptr, 2**63) raised OverflowError (Mooncake returns a code) after recording the
+    pointer but not its range: from then on every register_buffer and put_from raised IndexError."""
+    assert store.register_buffer(4096, 1 << 63) == INVALID_PARAMS
+    assert store.register_buffer((1 << 64) - 8, 16) == INVALID_PARAMS
+    assert "address space" in str(store.last_error)
+    buf = np.arange(4096, dtype=np.uint8)
+    assert store.register_buffer(buf.ctypes.data, buf.nbytes) == 0
+    assert store.put_from("after-refusals", buf.ctypes.data, 4096) == 0 and store.get("after-refusals") == bytes(buf)
+    assert store.unregister_buffer(buf.ctypes.data) == 0
+
+
 def test_setup_config_dict_with_human_readable_sizes_and_clear_refusals(node):
     s = MooncakeDistributedStore()
     config = {

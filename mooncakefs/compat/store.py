@@ -23,6 +23,7 @@ import logging
 import mmap
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -494,6 +495,9 @@ class MooncakeDistributedStore:
                 raise InvalidArgument(
                     f"register_buffer needs a positive pointer and size, got {buffer_ptr!r:.30}, {size!r:.30}"
                 )
+            if buffer_ptr + size > _U64 or size > sys.maxsize:
+                raise InvalidArgument(f"[{buffer_ptr:#x}, +{size}) runs past the end of the address space")
+            region = _Registered(buffer_ptr, size)  # before the lists change: they stay in step whatever fails
             with self._lock:
                 i = bisect.bisect_right(self._bases, buffer_ptr)
                 before = self._regions[i - 1] if i else None
@@ -501,7 +505,7 @@ class MooncakeDistributedStore:
                 if (before and before.base + before.size > buffer_ptr) or (after and buffer_ptr + size > after.base):
                     raise InvalidArgument(f"[{buffer_ptr:#x}, +{size}) overlaps a registered buffer")
                 self._bases.insert(i, buffer_ptr)
-                self._regions.insert(i, _Registered(buffer_ptr, size))
+                self._regions.insert(i, region)
         except (MooncakeError, TypeError, ValueError) as exc:
             return self._fail(exc, INVALID_PARAMS)
         return OK
