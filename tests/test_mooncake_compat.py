@@ -139,6 +139,30 @@ def test_put_get_and_the_lookups_keep_mooncakes_meanings(store):
     assert store.health_check() == 0 and store.get_hostname().startswith("localhost:")
 
 
+def test_one_key_where_a_list_is_due_is_a_type_error_as_in_mooncake(store):
+    """batch_remove("abc") removed the keys "a", "b" and "c"; get_batch("abc") and put_batch("ab", ...)
+    read and wrote them.  Mooncake's binding refuses a str there (TypeError), as these do now."""
+    for key in "abc":
+        assert store.put(key, key.encode()) == 0
+    calls = {
+        "batch_remove": lambda: store.batch_remove("abc"),
+        "get_batch": lambda: store.get_batch("abc"),
+        "batch_get_buffer": lambda: store.batch_get_buffer("abc"),
+        "batch_is_exist": lambda: store.batch_is_exist(b"abc"),
+        "put_batch": lambda: store.put_batch("ab", [b"x", b"y"]),
+        "upsert_batch": lambda: store.upsert_batch("ab", [b"x", b"y"]),
+        "batch_put_from": lambda: store.batch_put_from("a", [1], [1]),
+        "batch_upsert_from": lambda: store.batch_upsert_from("a", [1], [1]),
+        "batch_get_into": lambda: store.batch_get_into("a", [1], [1]),
+        "batch_put_from_multi_buffers": lambda: store.batch_put_from_multi_buffers("a", [[1]], [[1]]),
+        "batch_get_into_multi_buffers": lambda: store.batch_get_into_multi_buffers("a", [[1]], [[1]]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"{name}\\(\\): keys must be a list of str"):
+            call()
+    assert store.get_batch(["a", "b", "c"]) == [b"a", b"b", b"c"]
+
+
 def test_registered_buffers_put_from_get_into_and_refusals(store):
     """LMCache (register_buffer, put_from, batch_get_into, unregister_buffer), SGLang HiCache
     (register_buffer, batch_put_from, batch_get_into, *_multi_buffers)."""

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import mooncakefs
-from mooncakefs.api import KVStore
+from mooncakefs.api import SINGLE_KEY_TYPES, KVStore
 from mooncakefs.compat import ENDPOINT_ENV
 from mooncakefs.errors import (
     BufferTooSmall,
@@ -128,6 +128,17 @@ def endpoint_of(master_server_addr: str, metadata_server: str = "") -> str:
         f"master_server_addr must be host:port (a mooncakefs node's TCP address), tcp://…, "
         f"unix://… or etcd://host:port/cluster; got {master_server_addr!r:.80}"
     )
+
+
+def _refuse_one_key(keys: object, call: str) -> None:
+    """TypeError for one key where a list of keys is due, as Mooncake's binding (pybind11) raises:
+    iterating a str would act on each of its characters as a key (``batch_remove("abc")`` removing
+    "a", "b" and "c")."""
+    if isinstance(keys, SINGLE_KEY_TYPES):
+        raise TypeError(
+            f"{call}(): keys must be a list of str, not a single {type(keys).__name__} ({keys!r:.60}); "
+            f"pass [{keys!r:.60}] for one"
+        )
 
 
 class SoftPinAction(enum.IntEnum):
@@ -610,9 +621,11 @@ class MooncakeDistributedStore:
 
     def put_batch(self, keys: Sequence[str], values: Sequence[Any], config: ReplicateConfig | None = None) -> int:
         """Write-once ``put`` of many: one code for all (the first failure's, else 0)."""
+        _refuse_one_key(keys, "put_batch")
         return next((c for c in self._batch_put(keys, values, config, False, True) if c), OK)
 
     def upsert_batch(self, keys: Sequence[str], values: Sequence[Any], config: ReplicateConfig | None = None) -> int:
+        _refuse_one_key(keys, "upsert_batch")
         return next((c for c in self._batch_put(keys, values, config, True, True) if c), OK)
 
     def _views(self, buffer_ptrs: Sequence[int], sizes: Sequence[int], n: int) -> list[memoryview]:
@@ -628,6 +641,7 @@ class MooncakeDistributedStore:
         config: ReplicateConfig | None = None,
     ) -> list[int]:
         """``put_from`` of many: a code per key (all -600 if the lists differ in length)."""
+        _refuse_one_key(keys, "batch_put_from")
         return self._batch_put_from(keys, buffer_ptrs, sizes, config, upsert=False)
 
     def batch_upsert_from(
@@ -637,6 +651,7 @@ class MooncakeDistributedStore:
         sizes: Sequence[int],
         config: ReplicateConfig | None = None,
     ) -> list[int]:
+        _refuse_one_key(keys, "batch_upsert_from")
         return self._batch_put_from(keys, buffer_ptrs, sizes, config, upsert=True)
 
     def _batch_put_from(
@@ -662,6 +677,7 @@ class MooncakeDistributedStore:
         config: ReplicateConfig | None = None,
     ) -> list[int]:
         """Each object gathered from several registered ranges, in order."""
+        _refuse_one_key(keys, "batch_put_from_multi_buffers")
         try:
             if len(all_buffer_ptrs) != len(keys) or len(all_sizes) != len(keys):
                 raise InvalidArgument(f"{len(keys)} keys but {len(all_buffer_ptrs)} pointer lists")
@@ -682,6 +698,7 @@ class MooncakeDistributedStore:
 
     def get_batch(self, keys: Sequence[str]) -> list[bytes]:
         """A value per key, b"" for each miss."""
+        _refuse_one_key(keys, "get_batch")
         try:
             values = self._need(True).batch_get([self._key(k) for k in keys])
         except (MooncakeError, TypeError, ValueError) as exc:
@@ -695,6 +712,7 @@ class MooncakeDistributedStore:
         return BufferHandle(value) if value else None
 
     def batch_get_buffer(self, keys: Sequence[str]) -> list[BufferHandle | None]:
+        _refuse_one_key(keys, "batch_get_buffer")
         return [BufferHandle(v) if v else None for v in self.get_batch(keys)] if keys else []
 
     def get_into(self, key: str, buffer_ptr: int, size: int) -> int:
@@ -706,6 +724,7 @@ class MooncakeDistributedStore:
 
     def batch_get_into(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int]) -> list[int]:
         """``get_into`` of many: bytes or a negative code per key."""
+        _refuse_one_key(keys, "batch_get_into")
         try:
             store = self._need()
             views = self._views(buffer_ptrs, sizes, len(keys))
@@ -722,6 +741,7 @@ class MooncakeDistributedStore:
         prefer_alloc_in_same_node: bool = False,
     ) -> list[int]:
         """Each object scattered over several registered ranges, in order: bytes or a code per key."""
+        _refuse_one_key(keys, "batch_get_into_multi_buffers")
         out = []
         for key, ptrs, sizes in zip(keys, all_buffer_ptrs, all_sizes, strict=False):
             try:
@@ -814,6 +834,7 @@ class MooncakeDistributedStore:
             return -1
 
     def batch_is_exist(self, keys: Sequence[str]) -> list[int]:
+        _refuse_one_key(keys, "batch_is_exist")
         if not keys:
             return []
         try:
@@ -837,6 +858,7 @@ class MooncakeDistributedStore:
             return self._fail(exc)
 
     def batch_remove(self, keys: Sequence[str], force: bool = False) -> list[int]:
+        _refuse_one_key(keys, "batch_remove")
         return [self.remove(k, force) for k in keys]
 
     def _remove_matching(self, match: Callable[[str], bool]) -> int:
