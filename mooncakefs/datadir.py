@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from mooncakefs.errors import StoreLocked
+from mooncakefs.errors import InvalidArgument, StoreLocked
 
 
 def default_path() -> Path:
@@ -28,8 +28,14 @@ def private_dir(path: Path) -> Path:
 
     The umask is process-wide, so it is never changed (other threads create files too); instead an
     existing directory of ours that others may enter is tightened.  One owned by someone else is left
-    as it is: changing it is its owner's business."""
-    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    as it is: changing it is its owner's business.  A path that cannot be a directory of ours (a file
+    is there, no permission, a read-only filesystem) is InvalidArgument, naming the path and why."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    except FileExistsError:  # exist_ok covers a directory: something else is there
+        raise InvalidArgument(f"cannot use {path} as a directory: it exists and is not one") from None
+    except OSError as exc:
+        raise InvalidArgument(f"cannot create the directory {path}: {exc.strerror or exc}") from None
     _tighten(path, DIR_MODE)
     return path
 
@@ -70,7 +76,10 @@ class DataDirLock:
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / "LOCK"
-        self.fd = private_file(self.path)
+        try:
+            self.fd = private_file(self.path)
+        except OSError as exc:  # a directory this user cannot write, or on a read-only filesystem
+            raise InvalidArgument(f"cannot use {directory} as a data dir: {self.path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -59,6 +59,7 @@ from mooncakefs.errors import (
     OutOfSpace,
     StoreClosed,
     describe_key,
+    given,
 )
 from mooncakefs.gpu import DeviceBuffer, device_buffer, is_gpu_buffer
 from mooncakefs.keys import (
@@ -71,7 +72,7 @@ from mooncakefs.keys import (
     key_digest,
 )
 from mooncakefs.tiers.base import TIER_ORDER, Tier
-from mooncakefs.tiers.dram import DramTier
+from mooncakefs.tiers.dram import DramTier, check_pool_size
 from mooncakefs.tiers.gds import VERIFY_MODES
 from mooncakefs.tiers.ssd import DURABLE, PINNED, STICKY, Reservation, Segment, SsdTier, resolve_ssd
 from mooncakefs.tiers.vram import VramTier, VramView, choose_tier, should_promote
@@ -180,15 +181,20 @@ class Store(KVMapping):
         device: int = 0,
         gpu_verify: str = "first",
     ) -> None:
-        if not 0 < low_watermark <= high_watermark <= 1:
-            raise ValueError(
-                f"watermarks must satisfy 0 < low <= high <= 1, got low={low_watermark} high={high_watermark}"
+        watermarks = (low_watermark, high_watermark)
+        if not all(isinstance(w, int | float) and not isinstance(w, bool) for w in watermarks) or not (
+            0 < low_watermark <= high_watermark <= 1
+        ):
+            raise InvalidArgument(
+                f"watermarks must be numbers with 0 < low <= high <= 1, got low={given(low_watermark)} "
+                f"high={given(high_watermark)}"
             )
-        if promote_after < 1:
-            raise ValueError(f"promote_after must be at least 1, got {promote_after}")
+        if type(promote_after) is not int or promote_after < 1:
+            raise InvalidArgument(f"promote_after must be an int of at least 1, got {given(promote_after)}")
         if gpu_verify not in VERIFY_MODES:
-            raise ValueError(f"gpu_verify must be one of {VERIFY_MODES}, got {gpu_verify!r:.40}")
+            raise InvalidArgument(f"gpu_verify must be one of {VERIFY_MODES}, got {gpu_verify!r:.40}")
         dram_bytes = parse_size(dram, what="dram")
+        check_pool_size(dram_bytes)  # before the data dir is made or locked
         ssd_where = resolve_ssd(ssd, ssd_dir)  # None: no SSD tier
         self.path = Path(path if path is not None else default_path()).expanduser().resolve()
         private_dir(self.path)  # 0700 whatever the umask: keys and sizes are private

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,6 +185,72 @@ def test_open_bad_size(tmp_path, bad):
         mooncakefs.open(tmp_path / "db", dram=bad)
     with pytest.raises(ValueError):
         mooncakefs.open(tmp_path / "db2", dram="16MiB", ssd=bad)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"dram": 0},  # each of these raised a bare ValueError or TypeError, and the CLI showed a traceback
+        {"dram": 63},
+        {"dram": "1TiB"},  # more than one pool's allocator numbers (and than this host's memory)
+        {"dram": "16MiB", "high_watermark": float("nan")},
+        {"dram": "16MiB", "high_watermark": "0.9"},
+        {"dram": "16MiB", "promote_after": 0},
+        {"dram": "16MiB", "promote_after": None},
+        {"dram": "16MiB", "gpu_verify": None},
+    ],
+)
+def test_open_bad_options_are_invalid_argument_and_make_nothing(tmp_path, options):
+    with pytest.raises(mooncakefs.InvalidArgument):
+        mooncakefs.open(tmp_path / "db", **options)
+    assert not (tmp_path / "db").exists()
+
+
+@pytest.mark.parametrize("options", [{"ssd": 100}, {"ssd": "16MiB", "segment_size": 0}])
+def test_an_ssd_tier_too_small_is_invalid_argument_and_leaves_nothing_locked(tmp_path, options):
+    with pytest.raises(mooncakefs.InvalidArgument, match="at least 512 bytes"):
+        mooncakefs.open(tmp_path / "db", dram="16MiB", **options)
+    with mooncakefs.open(tmp_path / "db", dram="16MiB") as store:
+        store.put("k", b"v")
+
+
+def test_a_dram_pool_beyond_the_hosts_memory_is_refused(tmp_path):
+    """A pool beyond RAM ends in swap or the OOM killer (at once if prefaulted, as the node does by default)."""
+    from mooncakefs.tiers.dram import host_memory
+
+    with pytest.raises(mooncakefs.InvalidArgument, match=r"dram .* is more than"):
+        mooncakefs.open(tmp_path / "db", dram=host_memory() + MiB)
+
+
+def test_open_in_a_place_that_cannot_be_a_data_dir_names_it(tmp_path):
+    """A file where the data dir or the SSD dir goes, or a directory that cannot be made, raised
+    FileExistsError, NotADirectoryError or FileNotFoundError out of pathlib."""
+    file = tmp_path / "file"
+    file.write_bytes(b"mine")
+    for path, ssd_dir in ((file, None), (file / "sub", None), (tmp_path / "db", file)):
+        with pytest.raises(mooncakefs.InvalidArgument, match=str(file)):
+            mooncakefs.open(path, dram="16MiB", ssd="16MiB", ssd_dir=ssd_dir, segment_size="4MiB")
+    assert file.read_bytes() == b"mine"
+    with pytest.raises(mooncakefs.InvalidArgument, match="cannot create the directory"):
+        mooncakefs.open("/proc/mooncakefs-no-such-dir/db", dram="16MiB")
+    with mooncakefs.open(tmp_path / "db", dram="16MiB") as store:  # nothing was left locked
+        store.put("k", b"v")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_a_data_dir_this_user_cannot_write_is_a_clear_invalid_argument(tmp_path):
+    """Another user's directory (readable, not writable) raised PermissionError on its LOCK file."""
+    from test_hostile import as_user
+
+    theirs = Path(tempfile.mkdtemp(prefix="mcfs-", dir="/tmp"))  # pytest's tmp dirs are root's alone
+    try:
+        theirs.chmod(0o755)
+        for path in (theirs, theirs / "sub"):
+            outcome = as_user(65534, lambda path=path: mooncakefs.open(path, dram="16MiB").close())
+            assert outcome[:2] == ("raised", "InvalidArgument"), outcome
+            assert str(theirs) in outcome[2] and "Permission denied" in outcome[2], outcome
+    finally:
+        shutil.rmtree(theirs)
 
 
 def test_open_bad_size_does_not_leave_the_dir_locked(tmp_path):

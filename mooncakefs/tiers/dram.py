@@ -27,10 +27,33 @@ from typing import Any
 
 from mooncakefs import _engine, shm
 from mooncakefs._engine import Entry, EntryQueue
+from mooncakefs.errors import InvalidArgument
 from mooncakefs.tiers.base import Placement
+from mooncakefs.units import format_size
 
 FRESH, MAIN = 1, 2  # Entry.queue: which eviction queue holds the entry (0: none, pinned or not in DRAM)
 GHOST_FACTOR = 2  # the ghost list remembers this many evicted keys per object in the store
+POOL_UNITS_LIMIT = 0xFFFFFFFF  # the offset allocator numbers a pool's ALLOC_UNIT-byte units in 32 bits
+
+
+def host_memory() -> int:
+    """Bytes of physical memory on this host."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_pool_size(capacity: int) -> None:
+    """InvalidArgument unless a DRAM pool of ``capacity`` bytes can be made and filled: at least one
+    allocation unit, no more units than the allocator numbers, and no more than the host's memory (a
+    pool beyond it ends in swap, or in the OOM killer once it fills up or is prefaulted)."""
+    if capacity < _engine.ALLOC_UNIT:
+        raise InvalidArgument(f"dram must be at least {_engine.ALLOC_UNIT} bytes, got {capacity}")
+    if capacity // _engine.ALLOC_UNIT >= POOL_UNITS_LIMIT:
+        limit = POOL_UNITS_LIMIT * _engine.ALLOC_UNIT
+        raise InvalidArgument(
+            f"dram {format_size(capacity)} is more than one DRAM pool holds (under {format_size(limit)})"
+        )
+    if capacity > (memory := host_memory()):
+        raise InvalidArgument(f"dram {format_size(capacity)} is more than this host's memory ({format_size(memory)})")
 
 
 class DramTier:
@@ -48,8 +71,7 @@ class DramTier:
         high_watermark: float = 0.95,
         low_watermark: float = 0.85,
     ) -> None:
-        if capacity < _engine.ALLOC_UNIT:
-            raise ValueError(f"dram must be at least {_engine.ALLOC_UNIT} bytes, got {capacity}")
+        check_pool_size(capacity)
         memory = shm.create(label, capacity)  # on huge pages where the host lends them
         self.fd, self.map, self.pages = memory.fd, memory.map, memory.pages
         self.view = memoryview(self.map)[:capacity]

@@ -419,15 +419,15 @@ class SsdTier:
         """``directory`` is where the segment files go, or a block device (then ``capacity`` is how
         much of it to use, None for all, and ``format`` lets it overwrite what the device holds)."""
         if capacity is not None and capacity < ALIGN:
-            raise ValueError(f"ssd must be at least {ALIGN} bytes, got {capacity}")
+            raise InvalidArgument(f"ssd must be at least {ALIGN} bytes, got {capacity}")
         if segment_size < ALIGN:
-            raise ValueError(f"segment_size must be at least {ALIGN} bytes, got {segment_size}")
+            raise InvalidArgument(f"segment_size must be at least {ALIGN} bytes, got {segment_size}")
         self.backend = open_segments(Path(directory), capacity, segment_size, format=format)
         self.dir = self.backend.label
         capacity = self.backend.capacity or capacity
         if capacity is None:
             self.backend.close()
-            raise ValueError(f"the SSD tier in {directory} needs a size")
+            raise InvalidArgument(f"the SSD tier in {directory} needs a size")
         self.capacity = capacity
         self.segment_size = self.backend.segment_limit or segment_size
         self.segments: dict[int, Segment] = {}
