@@ -65,6 +65,32 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
         raise click.BadParameter(str(exc)) from None
 
 
+class Seconds(click.FloatRange):
+    """A number of seconds above ``min`` (or at least it, with ``min_open=False``), finite and at most a
+    year: click's FloatRange lets NaN through (it compares false with every bound), and a socket timeout
+    beyond what the kernel's clock counts is an OverflowError."""
+
+    name = "seconds"
+    LIMIT = 365 * 86400.0
+
+    def __init__(self, min: float = 0.0, min_open: bool = True) -> None:
+        super().__init__(min=min, max=self.LIMIT, min_open=min_open)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if math.isnan(seconds):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
+
+
+def _block_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """A KV block's size: at least one byte (0-byte blocks replay as hits that move nothing)."""
+    size = _size(ctx, param, value)
+    if size < 1:
+        raise click.BadParameter("a block is at least 1 byte, like 64KiB")
+    return size
+
+
 DATA_DIR_HELP = "Data dir (default: $MOONCAKEFS_DATA, else $XDG_DATA_HOME/mooncakefs, else ~/.local/share/mooncakefs)."
 
 
@@ -110,7 +136,7 @@ def _synthetic_requests(limit: int, seed: int = 7) -> Iterator[list[int]]:
     "--block-size",
     default="64KiB",
     show_default=True,
-    callback=_size,
+    callback=_block_size,
     help="Bytes per KV block (one block is 512 tokens of KV cache).",
 )
 @click.option(
@@ -190,7 +216,7 @@ def _fraction(name: str, value: float) -> float:
     type=float,
     help="Fraction of the capacity in DRAM, the rest on SSD (1: DRAM alone).",
 )
-@click.option("--block-size", default="64KiB", show_default=True, callback=_size, help="Bytes per KV block.")
+@click.option("--block-size", default="64KiB", show_default=True, callback=_block_size, help="Bytes per KV block.")
 @_data_option("Data dir of the embedded store (default: a temporary dir, deleted afterwards).")
 @click.option("--requests", "limit", default=None, type=click.IntRange(min=1), help="Replay only the first N requests.")
 @click.option(
@@ -216,6 +242,8 @@ def replay(
 
     capacity = _fraction("--capacity", capacity)
     dram_share = _fraction("--dram-share", dram_share)
+    if json_path is not None and not os.access(json_path.parent, os.W_OK):  # known now, not after the replay
+        raise click.BadParameter(f"cannot write into {json_path.parent}", param_hint="--json")
     if trace is None:
         if not DEFAULT_TRACE.exists():
             raise click.UsageError(f"no TRACE given, and the default trace {DEFAULT_TRACE} is not there")
@@ -315,7 +343,10 @@ def replay(
         f"(numpy): {out['copy_ceiling_block_refs_per_s']:,.0f} block refs/s"
     )
     if json_path:
-        json_path.write_text(json.dumps(out, indent=2) + "\n")
+        try:
+            json_path.write_text(json.dumps(out, indent=2) + "\n")
+        except OSError as exc:
+            raise click.ClickException(f"cannot write the results to {json_path}: {exc.strerror or exc}") from None
     if wrong:
         raise click.ClickException(f"{wrong} blocks came back with the wrong bytes")
 
@@ -344,7 +375,7 @@ def replay(
     default="4MiB",
     show_default=True,
     callback=_size,
-    help="Bytes per chunk object of file data (fixed when the filesystem is created).",
+    help="Bytes per chunk object of file data, 4KiB to 1GiB (fixed when the filesystem is created).",
 )
 @click.option("--background", is_flag=True, help="Return once mounted; the daemon logs to <data>/mount.log.")
 @click.option("--allow-other", is_flag=True, help="Let users other than the mounter use the mount.")
@@ -506,7 +537,34 @@ def _address(text: str, what: str) -> tuple[str, int] | None:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         raise click.BadParameter(f"expected HOST:PORT or 'none', got {text!r}", param_hint=what)
+    if int(port) > 65535:  # bind() would take it modulo 65536 (99999: 34463), or raise OverflowError
+        raise click.BadParameter(f"port {port} is not a TCP port (0 to 65535; 0: any free one)", param_hint=what)
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _socket_mode(text: str) -> int:
+    """--socket-mode: permission bits in octal, 0000 to 0777."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise click.BadParameter(
+            f"expected octal permission bits like 0600 or 0660, got {text!r}", param_hint="--socket-mode"
+        )
+    return mode
+
+
+def _socket_group(name: str | None) -> int | None:
+    """--socket-group: a group name or number, as its gid (None: leave the socket's group as it is)."""
+    if name is None or name.isdigit():
+        return None if name is None else int(name)
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise click.BadParameter(f"no group {name!r} on this host", param_hint="--socket-group") from None
 
 
 @main.command()
@@ -578,14 +636,14 @@ def _address(text: str, what: str) -> tuple[str, int] | None:
     "--idle-timeout",
     default=600.0,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(),
     help="Seconds a client connection may sit idle before the node closes it (clients reconnect).",
 )
 @click.option(
     "--io-timeout",
     default=30.0,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(),
     help="Seconds the node waits on a client that stopped sending a request's bytes or taking its "
     "reply, or left a put unfinished; its connection or reserved room is then reclaimed.",
 )
@@ -651,9 +709,9 @@ def node(
     try:
         ssd_size, ssd_dir = parse_ssd(ssd)
         gpu = parse_vram(vram)
-        mode = int(socket_mode, 8)
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(str(exc)) from None
+    mode, group = _socket_mode(socket_mode), _socket_group(socket_group)
     tcp = _address(listen, "--listen")
     metrics_at = _address(metrics, "--metrics")
     secret = _read_secret(secret_file)
@@ -688,7 +746,7 @@ def node(
         tcp=tcp,
         secret=secret or None,
         socket_mode=mode,
-        socket_group=socket_group,
+        socket_group=group,
         socket_chosen=chosen or socket_path is not None,
         timeouts=Timeouts(handshake=min(10.0, io_timeout), idle=idle_timeout, io=io_timeout),
     )
@@ -780,7 +838,7 @@ class _JsonErrorsCommand(click.Command):
     "--timeout",
     default=10.0,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(),
     help="Seconds to wait for the --node or --mount to answer.",
 )
 @click.option(
@@ -984,7 +1042,7 @@ def _mount_report(mount: Path, timeout: float) -> tuple[dict, Callable[[], None]
     "--interval",
     default=1.0,
     show_default=True,
-    type=click.FloatRange(min=0.05),
+    type=Seconds(min=0.05, min_open=False),
     help="Seconds between redraws, at most (a redraw comes when a reader's record changes).",
 )
 @click.option("--once", is_flag=True, help="Print the state once and exit.")
@@ -1280,7 +1338,16 @@ def as_mooncake(endpoint: str | None, command: tuple[str, ...]) -> None:
         mooncakefs as-mooncake --endpoint unix:///run/mooncakefs/node.sock -- python -m sglang.launch_server ...
     """
     from mooncakefs.compat import child_environment
+    from mooncakefs.compat.store import endpoint_of
 
+    if endpoint:
+        try:
+            endpoint_of(endpoint)  # a typo shows here, not as -600 from each setup() of the program
+        except MooncakeError:
+            raise click.BadParameter(
+                f"expected HOST:PORT, tcp://…, unix://… or etcd://HOST:PORT/CLUSTER, got {endpoint!r}",
+                param_hint="--endpoint",
+            ) from None
     env = child_environment(endpoint)
     try:
         os.execvpe(command[0], list(command), env)
@@ -1338,9 +1405,12 @@ def install_mount_helper(prefix: Path) -> None:
     if not helper.exists():
         raise click.ClickException("mount.mooncakefs is not installed next to this Python; reinstall mooncakefs")
     link = prefix / "mount.mooncakefs"
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(helper)
+    try:
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(helper)
+    except OSError as exc:  # no such --prefix, not ours to write (run as root), a read-only /sbin
+        raise click.ClickException(f"cannot link {link} -> {helper}: {exc.strerror or exc}") from None
     click.echo(f"{link} -> {helper}")
 
 

@@ -332,6 +332,41 @@ def test_demo_needs_nothing_beyond_the_core_dependencies():
     assert "numpy" in core
 
 
+NODE = ("node", "--data", "{tmp}/d", "--socket", "{tmp}/n.sock", "--dram", "8MiB", "--no-prefault")
+QUIET = ("--listen", "none", "--metrics", "none")
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        # tracebacks before: ValueError out of the DRAM tier, KeyError out of getgrnam, OverflowError out of
+        # bind() and settimeout(), ValueError out of the node's timeouts (NaN passes click's FloatRange),
+        # FileNotFoundError out of symlink_to and, after the whole replay, out of writing --json
+        ((*NODE, *QUIET, "--dram", "0"), 64, "dram must be at least 64 bytes"),
+        ((*NODE, "--listen", "none", "--metrics", "127.0.0.1:70000"), 2, "port 70000 is not a TCP port"),
+        ((*NODE, *QUIET, "--socket-group", "no-such-group-here"), 2, "no group 'no-such-group-here'"),
+        ((*NODE, *QUIET, "--io-timeout", "nan"), 2, "'nan' is not a number of seconds"),
+        (("status", "--node", "unix:///nowhere.sock", "--timeout", "1e308"), 2, "1e+308 is not in the range"),
+        (("replay", "--requests", "3", "--json", "{tmp}/no-dir/out.json"), 2, "cannot write into {tmp}/no-dir"),
+        (("install-mount-helper", "--prefix", "{tmp}/no-dir"), 1, "cannot link {tmp}/no-dir/mount.mooncakefs"),
+        # accepted before, and wrong later: a node on port 34463 (99999 mod 65536), a socket nobody could
+        # reach, 0-byte blocks replayed as hits, a program whose every setup() returned -600, and a
+        # filesystem whose chunk size of 0 (kept for good) made every write EIO
+        ((*NODE, "--metrics", "none", "--listen", "127.0.0.1:99999"), 2, "port 99999 is not a TCP port"),
+        ((*NODE, *QUIET, "--socket-mode", "01777"), 2, "expected octal permission bits"),
+        (("demo", "--requests", "3", "--block-size", "0"), 2, "a block is at least 1 byte"),
+        (("as-mooncake", "--endpoint", "no-port-here", "--", "true"), 2, "Invalid value for --endpoint"),
+        # (a mount point that is not there: were the chunk size let through, nothing would be mounted)
+        (("mount", "{tmp}/fs", "{tmp}/no-mnt", "--chunk-size", "0", "--ssd", "0"), 64, "chunk size must be from 4KiB"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_its_exit_status(tmp_path, args, status, message):
+    out = cli(*(a.format(tmp=tmp_path) for a in args), timeout=60)
+    assert out.returncode == status, out.stderr
+    assert message.format(tmp=tmp_path) in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "n.sock").exists() and not (tmp_path / "fs").exists()
+
+
 def test_a_node_whose_port_is_taken_says_so_and_never_claims_to_listen(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

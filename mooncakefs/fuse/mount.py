@@ -22,14 +22,15 @@ import trio
 
 import mooncakefs
 from mooncakefs.datadir import default_path
-from mooncakefs.errors import MooncakeError
+from mooncakefs.errors import InvalidArgument, MooncakeError
 from mooncakefs.fuse.filesystem import MooncakeFS
 from mooncakefs.fuse.namespace import Namespace
 from mooncakefs.fuse.tuning import is_stale_mount, mount_device, tune_mount
-from mooncakefs.units import parse_ssd
+from mooncakefs.units import format_size, parse_ssd
 
 log = logging.getLogger("mooncakefs.fuse")
 DEFAULT_REPLICAS = 2  # copies of each file chunk in a cluster
+CHUNK_SIZES = (4 << 10, 1 << 30)  # a chunk is a page at least, and a buffer of it is kept per open file
 READY = "mounted"  # the word the foreground daemon prints once the mount answers
 
 
@@ -83,6 +84,11 @@ def serve(
     the file data lives on the cluster's nodes, each chunk on ``replicas`` of them, and the namespace in
     its etcd, where every mount of the cluster (on any host) shares it.  ``ssd_format`` lets ``ssd``, a
     block device, be formatted even if it holds something, erasing it (a node's ``--format-ssd``)."""
+    low, high = CHUNK_SIZES
+    if not low <= chunk_size <= high:  # a new filesystem keeps it: chunks of 0 bytes made every write EIO
+        raise InvalidArgument(
+            f"chunk size must be from {format_size(low)} to {format_size(high)}, got {format_size(chunk_size)}"
+        )
     path = prepare_mountpoint(mountpoint)
     ssd_size, ssd_dir = parse_ssd(ssd)
     keep_freed_memory()
