@@ -14,8 +14,9 @@ import pytest
 from node_helpers import EtcdCluster
 
 from mooncakefs.cluster import etcd
+from mooncakefs.cluster.client import parse_cluster_url
 from mooncakefs.cluster.etcd import Etcd, prefix_end
-from mooncakefs.errors import EtcdError, EtcdUnavailable, Unavailable
+from mooncakefs.errors import EtcdError, EtcdUnavailable, InvalidArgument, Unavailable
 
 pytestmark = pytest.mark.skipif(
     shutil.which("etcd") is None, reason="etcd is not installed (tools/install-deps.sh installs etcd-server)"
@@ -32,6 +33,20 @@ def test_prefix_end():
     assert prefix_end("/a/") == b"/a0"
     assert prefix_end(b"a\xff\xff") == b"b"
     assert prefix_end(b"\xff") == b"\0"  # every key
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:99999", "127.0.0.1:2379,127.0.0.1:x", "ftp://127.0.0.1:2379", "http://:2379"]
+)
+def test_a_bad_etcd_url_is_invalid_argument_naming_it(url):
+    """A port out of range was urllib's bare "Port out of range 0-65535" (exit status 1 from the CLI)."""
+    with pytest.raises(InvalidArgument, match="etcd URL must look like") as caught:
+        etcd.parse_etcd_url(url)
+    assert repr(url) in str(caught.value)
+    with pytest.raises(InvalidArgument, match="99999"):
+        parse_cluster_url("etcd://127.0.0.1:99999/c")
+    with pytest.raises(InvalidArgument, match="cluster URL must look like"):
+        parse_cluster_url("etcd://")
 
 
 def test_get_put_delete_and_revisions(client):

@@ -114,7 +114,7 @@ def parse_cluster_url(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     cluster = parts.path.strip("/")
     if parts.scheme != "etcd" or not parts.netloc or not cluster or "/" in cluster:
-        raise ValueError(f"cluster URL must look like etcd://127.0.0.1:2379/prod, got {url!r}")
+        raise InvalidArgument(f"cluster URL must look like etcd://127.0.0.1:2379/prod, got {url!r}")
     endpoints = ",".join(f"http://{member}" for member in parts.netloc.split(","))
     parse_etcd_url(endpoints)  # each member must be host:port
     return endpoints, cluster

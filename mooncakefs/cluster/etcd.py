@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from mooncakefs.errors import EtcdCompacted, EtcdError, EtcdUnavailable
+from mooncakefs.errors import EtcdCompacted, EtcdError, EtcdUnavailable, InvalidArgument
 
 __all__ = [
     "DELETE",
@@ -69,9 +69,15 @@ def parse_etcd_url(url: str) -> list[tuple[str, int]]:
     endpoints = []
     for one in url.split(","):
         parts = urlsplit(one if "//" in one else f"http://{one}")
-        if parts.scheme not in ("http", "etcd") or not parts.hostname:
-            raise ValueError(f"etcd URL must look like http://127.0.0.1:2379 (comma-separate members), got {url!r}")
-        endpoints.append((parts.hostname, parts.port or 2379))
+        try:
+            port = parts.port  # ValueError for one that is not a number from 0 to 65535
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("http", "etcd") or not parts.hostname or port == -1:
+            raise InvalidArgument(
+                f"etcd URL must look like http://127.0.0.1:2379 (comma-separate members), got {url!r}"
+            )
+        endpoints.append((parts.hostname, port or 2379))
     return endpoints
 
 
