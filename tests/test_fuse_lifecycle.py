@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from conftest import child_env, rand_bytes
@@ -171,6 +174,34 @@ def test_a_missing_mount_point_is_named_with_the_fix(tmp_path):
     assert res.returncode != 0
     assert f"mount point {missing} does not exist: create it first (mkdir -p {missing})" in res.stderr
     assert not missing.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_a_mount_the_kernel_refuses_is_one_clear_error(tmp_path):
+    """An unprivileged user mounting on a directory of root's: libfuse's bare RuntimeError ("fuse_session_
+    mount failed") came out as a traceback after fusermount3's line saying why."""
+    import encodings.unicode_escape  # noqa: F401  (the mount imports it late: as another user the child may not)
+
+    from test_hostile import as_user
+
+    from mooncakefs.fuse.mount import serve
+
+    base = Path(tempfile.mkdtemp(prefix="mcfs-", dir="/tmp"))  # pytest's tmp dirs are root's alone
+    try:
+        base.chmod(0o755)
+        data, mnt = base / "data", base / "mnt"
+        data.mkdir()
+        os.chown(data, 65534, 65534)
+        mnt.mkdir()  # root's: another user may not mount on it
+
+        def mount() -> None:
+            serve(mnt, data=data, dram=16 << 20, ssd="0", chunk_size=1 << 20, announce=lambda line: None)
+
+        outcome = as_user(65534, mount)
+        assert outcome[:2] == ("raised", "MooncakeError") and f"cannot mount at {mnt}" in outcome[2], outcome
+        assert not is_mounted(mnt)
+    finally:
+        shutil.rmtree(base)
 
 
 def test_data_dir_in_use_is_refused(mount_factory, tmp_path):

@@ -164,7 +164,10 @@ def _serve(
             options.add("debug")
         if allow_other:
             options.add("allow_other")
-        pyfuse3.init(fs, path, options)
+        try:
+            pyfuse3.init(fs, path, options)
+        except RuntimeError as exc:  # libfuse says only "fuse_session_mount failed"; fusermount3 said why
+            raise MooncakeError(f"cannot mount at {path}: {exc} (the line above says why)") from None
         signalled = False
         try:
             threading.Thread(target=_when_answering, args=(path, store.path, announce), daemon=True).start()
