@@ -39,10 +39,19 @@ def make_socket_dir(path: Path, chosen: bool) -> None:
     while not os.path.lexists(parent):
         missing.append(parent)
         parent = parent.parent
-    for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # made meanwhile, perhaps by someone else: checked below
-            os.mkdir(directory, 0o700)
+    try:
+        for directory in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # made meanwhile, perhaps by someone else: checked below
+                os.mkdir(directory, 0o700)
+    except OSError as exc:  # bare "[Errno 13] Permission denied" before, from the CLI too
+        raise InvalidArgument(
+            f"cannot create {exc.filename}, the directory of the socket {path}: {exc.strerror}"
+        ) from None
     check_socket_path(path, chosen)
+    if not os.access(
+        Path(os.path.abspath(path)).parent, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids
+    ):
+        raise InvalidArgument(f"cannot create the socket {path}: its directory is not writable by this user")
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):  # the node replaces a stale socket: never anything else
             raise InvalidArgument(

@@ -217,6 +217,32 @@ def test_a_socket_directory_others_can_write_is_refused(tmp_path):
         store.close()
 
 
+def test_a_socket_directory_this_user_cannot_write_is_named(shared_dir):
+    """A node of another user's socket in root's directory said only "[Errno 13] Permission denied"."""
+    data = shared_dir / "data"
+    data.mkdir()
+    os.chown(data, VICTIM, VICTIM)
+    roots = shared_dir / "roots"
+    roots.mkdir(mode=0o755)
+
+    def node_at(socket_path: Path) -> Any:
+        store = mooncakefs.open(data, dram="4MiB", ssd=None)
+        try:
+            Node(store, unix_path=socket_path).start()
+        finally:
+            store.close()
+
+    outcome = as_user(VICTIM, lambda: node_at(roots / "node.sock"))
+    assert outcome == (
+        "raised",
+        "InvalidArgument",
+        f"cannot create the socket {roots / 'node.sock'}: its directory is not writable by this user",
+    ), outcome
+    outcome = as_user(VICTIM, lambda: node_at(roots / "sub" / "node.sock"))
+    assert outcome[:2] == ("raised", "InvalidArgument"), outcome
+    assert f"cannot create {roots / 'sub'}" in outcome[2] and "Permission denied" in outcome[2], outcome
+
+
 # ------------------------------------------------------------------------------- 3. reserved keys
 
 
