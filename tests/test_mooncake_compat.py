@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import shutil
 import subprocess
 import sys
@@ -194,12 +195,18 @@ def test_registered_buffers_put_from_get_into_and_refusals(store):
     assert store.put_from("after", sp, 16) == INVALID_PARAMS
 
 
-def test_a_range_past_the_address_space_is_refused_and_registration_still_works(store):
+def test_a_range_that_is_not_this_processs_memory_is_refused_and_registration_still_works(store):
     """register_buffer(ptr, 2**63) raised OverflowError (Mooncake returns a code) after recording the
-    pointer but not its range: from then on every register_buffer and put_from raised IndexError."""
+    pointer but not its range: from then on every register_buffer and put_from raised IndexError.  An
+    address with nothing mapped there (or read-only memory) was taken, and put_from (get_into) crashed
+    the process with SIGSEGV."""
     assert store.register_buffer(4096, 1 << 63) == INVALID_PARAMS
     assert store.register_buffer((1 << 64) - 8, 16) == INVALID_PARAMS
     assert "address space" in str(store.last_error)
+    assert store.register_buffer(4096, 4096) == INVALID_PARAMS  # the zero page's neighbour: never mapped
+    read_only = mmap.mmap(-1, 4096, prot=mmap.PROT_READ)
+    assert store.register_buffer(np.frombuffer(read_only, np.uint8).ctypes.data, 4096) == INVALID_PARAMS
+    assert "not readable and writable memory" in str(store.last_error)
     buf = np.arange(4096, dtype=np.uint8)
     assert store.register_buffer(buf.ctypes.data, buf.nbytes) == 0
     assert store.put_from("after-refusals", buf.ctypes.data, 4096) == 0 and store.get("after-refusals") == bytes(buf)

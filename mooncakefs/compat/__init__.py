@@ -21,6 +21,25 @@ SHIM_DIR = Path(__file__).resolve().parent / "shim"
 ENDPOINT_ENV = "MOONCAKEFS_MOONCAKE_ENDPOINT"
 
 
+def is_mapped(addr: int, size: int, write: bool) -> bool:
+    """Whether [addr, addr+size) is mapped in this process, readable (and writable for ``write``):
+    checked before a raw address from the caller is turned into a view, so a wrong one is refused
+    instead of crashing the process."""
+    end, at = addr + size, addr
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, perms = line.split(None, 2)[:2]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if hi <= at:
+                continue
+            if lo > at or perms[0] != "r" or (write and perms[1] != "w"):
+                return False
+            at = hi
+            if at >= end:
+                return True
+    return False
+
+
 def is_drop_in(module: object) -> bool:
     """Whether a module object is this drop-in (and not the real Mooncake)."""
     return bool(getattr(module, "__mooncakefs__", False))
@@ -73,4 +92,4 @@ def child_environment(endpoint: str | None = None, env: dict[str, str] | None = 
     return env
 
 
-__all__ = ["ENDPOINT_ENV", "SHIM_DIR", "child_environment", "install", "is_drop_in"]
+__all__ = ["ENDPOINT_ENV", "SHIM_DIR", "child_environment", "install", "is_drop_in", "is_mapped"]

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mooncakefs import _engine
+from mooncakefs.compat import is_mapped
 from mooncakefs.errors import InvalidArgument, KeyExists, KeyNotFound, MooncakeError
 from mooncakefs.p2p.store import MAX_SHARD_SIZE, PayloadInfo
 from mooncakefs.p2p.store import P2PStore as _Store
@@ -92,25 +93,6 @@ def metadata_url(metadata_uri: str) -> str:
     return f"etcd://{endpoints}/{cluster.strip('/') or DEFAULT_CLUSTER}"
 
 
-def _mapped(addr: int, size: int, write: bool) -> bool:
-    """Whether [addr, addr+size) is mapped in this process, readable (and writable for ``write``):
-    checked before a raw address from the caller is turned into a view, so a wrong one is refused
-    instead of crashing the process."""
-    end, at = addr + size, addr
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            span, perms = line.split(None, 2)[:2]
-            lo, hi = (int(x, 16) for x in span.split("-"))
-            if hi <= at:
-                continue
-            if lo > at or perms[0] != "r" or (write and perms[1] != "w"):
-                return False
-            at = hi
-            if at >= end:
-                return True
-    return False
-
-
 def _views(addr_list: Sequence[int], size_list: Sequence[int], write: bool) -> list[memoryview]:
     if isinstance(addr_list, int | bytes | str) or isinstance(size_list, int | bytes | str):
         raise InvalidArgument("addr_list and size_list are lists (one address and one size per buffer)")
@@ -123,7 +105,7 @@ def _views(addr_list: Sequence[int], size_list: Sequence[int], write: bool) -> l
     for addr, size in zip(addrs, sizes, strict=True):
         if type(addr) is not int or type(size) is not int or addr <= 0 or size <= 0 or addr + size > 1 << 64:
             raise InvalidArgument(f"error: invalid argument: address {addr!r:.30}, size {size!r:.30}")
-        if not _mapped(addr, size, write):
+        if not is_mapped(addr, size, write):
             raise InvalidArgument(
                 f"[{addr:#x}, +{size}) is not {'writable' if write else 'readable'} memory of this process"
             )

@@ -30,7 +30,7 @@ from typing import Any
 
 import mooncakefs
 from mooncakefs.api import SINGLE_KEY_TYPES, KVStore
-from mooncakefs.compat import ENDPOINT_ENV
+from mooncakefs.compat import ENDPOINT_ENV, is_mapped
 from mooncakefs.errors import (
     BufferTooSmall,
     ChecksumError,
@@ -508,6 +508,8 @@ class MooncakeDistributedStore:
                 )
             if buffer_ptr + size > _U64 or size > sys.maxsize:
                 raise InvalidArgument(f"[{buffer_ptr:#x}, +{size}) runs past the end of the address space")
+            if not is_mapped(buffer_ptr, size, write=True):  # put_from reads it, get_into writes it
+                raise InvalidArgument(f"[{buffer_ptr:#x}, +{size}) is not readable and writable memory of this process")
             region = _Registered(buffer_ptr, size)  # before the lists change: they stay in step whatever fails
             with self._lock:
                 i = bisect.bisect_right(self._bases, buffer_ptr)
