@@ -116,7 +116,10 @@ def parse_cluster_url(url: str) -> tuple[str, str]:
     if parts.scheme != "etcd" or not parts.netloc or not cluster or "/" in cluster:
         raise InvalidArgument(f"cluster URL must look like etcd://127.0.0.1:2379/prod, got {url!r}")
     endpoints = ",".join(f"http://{member}" for member in parts.netloc.split(","))
-    parse_etcd_url(endpoints)  # each member must be host:port
+    try:
+        parse_etcd_url(endpoints)  # each member must be host:port
+    except InvalidArgument:  # said of the URL given, not of the http:// one made from it
+        raise InvalidArgument(f"cluster URL must look like etcd://127.0.0.1:2379/prod, got {url!r}") from None
     return endpoints, cluster
 
 
