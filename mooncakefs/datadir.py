@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import socket
+import stat
 import sys
 from pathlib import Path
 
@@ -29,15 +31,47 @@ def private_dir(path: Path) -> Path:
     The umask is process-wide, so it is never changed (other threads create files too); instead an
     existing directory of ours that others may enter is tightened.  One owned by someone else is left
     as it is: changing it is its owner's business.  A path that cannot be a directory of ours (a file
-    is there, no permission, a read-only filesystem) is InvalidArgument, naming the path and why."""
+    is there, no permission, a read-only filesystem) is InvalidArgument, naming the path and why, and
+    so is one that is not ours to tighten (``_check_ours_to_tighten``)."""
+    existed = path.is_dir()
     try:
         path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
     except FileExistsError:  # exist_ok covers a directory: something else is there
         raise InvalidArgument(f"cannot use {path} as a directory: it exists and is not one") from None
     except OSError as exc:
         raise InvalidArgument(f"cannot create the directory {path}: {exc.strerror or exc}") from None
+    if existed:
+        _check_ours_to_tighten(path)
     _tighten(path, DIR_MODE)
     return path
+
+
+#: What mooncakefs keeps in its directories: a looser one holding any of these is a store's to tighten.
+OWN_NAMES = re.compile(r"LOCK|node-id|mount\.log|ssd|(index|fs)\.sqlite.*|seg-\d{8}\.(dat|keys)")
+IGNORED_NAMES = {"lost+found"}  # what a fresh filesystem holds: its root may be an SSD dir
+
+
+def _check_ours_to_tighten(path: Path) -> None:
+    """InvalidArgument for an existing directory of ours that others may enter and that is not a
+    store's: shared by every user (sticky, like /tmp), or holding files of other kinds.  A mistyped or
+    empty --data ("$UNSET") would otherwise have made the current directory, /, /home or /tmp mode
+    0700, locking every other user out."""
+    st = os.lstat(path)
+    if st.st_uid != os.geteuid() or stat.S_ISLNK(st.st_mode) or stat.S_IMODE(st.st_mode) == DIR_MODE:
+        return  # nothing will be changed
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & stat.S_ISVTX:
+        raise InvalidArgument(
+            f"{path} is a directory every user shares (mode {mode:04o}, like /tmp): give a directory of your own in it"
+        )
+    names = set(os.listdir(path)) - IGNORED_NAMES
+    if names and not any(OWN_NAMES.fullmatch(name) for name in names):
+        shown = ", ".join(sorted(names)[:3]) + (", …" if len(names) > 3 else "")
+        raise InvalidArgument(
+            f"{path} (mode {mode:04o}) holds files that are not mooncakefs's ({shown}): its directories are "
+            f"made private (0700), and this one is not mooncakefs's to change; give a new or empty "
+            f"directory, or chmod 700 {path} first"
+        )
 
 
 def private_file(path: Path, flags: int = os.O_RDWR) -> int:

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import child_env
+
+import mooncakefs
 
 CHILD = r"""
 import json, os, sys
@@ -123,3 +127,32 @@ def test_a_cluster_nodes_id_file_is_private_under_umask_0(tmp_path):
     ).stdout.split()
     assert again == out
     assert_private({str(path): os.stat(path).st_mode & 0o777})
+
+
+def test_a_looser_directory_that_is_not_a_stores_is_refused_and_left_as_it_is(tmp_path):
+    """`--data "$UNSET"` from a project dir (or --data /home, /tmp, / as root) made that directory 0700,
+    locking every other user out of it."""
+    project = tmp_path / "project"
+    project.mkdir(mode=0o755)
+    (project / "main.py").write_text("print('mine')\n")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    for path, why in ((project, "holds files that are not mooncakefs's (main.py)"), (shared, "every user shares")):
+        with pytest.raises(mooncakefs.InvalidArgument, match=re.escape(why)):
+            mooncakefs.open(path, dram="4MiB")
+    assert os.stat(project).st_mode & 0o7777 == 0o755 and os.listdir(project) == ["main.py"]
+    assert os.stat(shared).st_mode & 0o7777 == 0o1777 and os.listdir(shared) == []
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        with pytest.raises(mooncakefs.InvalidArgument, match=str(project)):
+            mooncakefs.open("", dram="4MiB")  # an empty path is the current directory
+    finally:
+        os.chdir(cwd)
+    fresh_filesystem = tmp_path / "nvme"  # its root, as an SSD dir: lost+found is no reason to refuse
+    (fresh_filesystem / "lost+found").mkdir(parents=True)
+    fresh_filesystem.chmod(0o755)
+    with mooncakefs.open(tmp_path / "data", dram="4MiB", ssd="4MiB", ssd_dir=fresh_filesystem, segment_size="1MiB"):
+        pass
+    assert os.stat(fresh_filesystem).st_mode & 0o777 == 0o700
