@@ -5,7 +5,7 @@ the pool arena and the compact index entry.
 Each has a pure-Python twin in ``mooncakefs._reference`` that the tests run against this module.
 """
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_CheckSignals, PyErr_Clear, PyErr_ExceptionMatches
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
@@ -22,7 +22,7 @@ cimport cython
 import os
 import threading
 
-from mooncakefs.api import BATCH_ERRORS, PLAIN_PUT, value_error
+from mooncakefs.api import BATCH_ERRORS, PLAIN_PUT, objects_error, value_error
 from mooncakefs.keys import INTERNAL_PREFIX, MAX_KEY_BYTES, InternalKey
 from mooncakefs.keys import encode_key as _encode_key_checked
 
@@ -97,9 +97,37 @@ cdef bint _strided(object obj):
         return False
 
 
+# Buffers are taken with their format, to refuse Python objects (``_holds_objects``); a format comes
+# only with a shape (a memoryview refuses PyBUF_FORMAT alone), and no strides: C-contiguous, as before.
+cdef int AS_BYTES = PyBUF_ND | PyBUF_FORMAT
+
+
+cdef bint _holds_objects(const char *fmt) noexcept:
+    """Whether a buffer of struct format ``fmt`` holds Python objects (numpy's dtype object): its bytes
+    are pointers, never a value's.  Field names (":name:") are skipped.  Twin: ``api.holds_objects``."""
+    if fmt == NULL:
+        return False
+    cdef bint in_name = False
+    while fmt[0]:
+        if fmt[0] == b":":
+            in_name = not in_name
+        elif fmt[0] == b"O" and not in_name:
+            return True
+        fmt += 1
+    return False
+
+
+cdef inline int _refuse_objects(object obj, Py_buffer *view, str what) except -1:
+    """Give back a buffer of Python objects and say why it is no value (``_get_read``, ``_get_write``)."""
+    if _holds_objects(view.format):
+        PyBuffer_Release(view)
+        raise objects_error(what, obj)
+    return 0
+
+
 cdef inline int _get_read(object obj, Py_buffer *view, str what) except -1:
     try:
-        PyObject_GetBuffer(obj, view, PyBUF_SIMPLE)
+        PyObject_GetBuffer(obj, view, AS_BYTES)
     except BufferError as exc:
         raise TypeError(f"{what} must be a C-contiguous bytes-like object: {exc}") from None
     except ValueError as exc:  # numpy's word for a strided array; a closed mmap's too, which stays one
@@ -109,19 +137,19 @@ cdef inline int _get_read(object obj, Py_buffer *view, str what) except -1:
     except TypeError:
         raise TypeError(f"{what} must be a bytes-like object (bytes, bytearray, memoryview, numpy array), "
                         f"not {type(obj).__name__}") from None
-    return 0
+    return _refuse_objects(obj, view, what)
 
 
 cdef inline int _get_write(object obj, Py_buffer *view, str what) except -1:
     try:
-        PyObject_GetBuffer(obj, view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        PyObject_GetBuffer(obj, view, AS_BYTES | PyBUF_WRITABLE)
     except (BufferError, ValueError) as exc:  # numpy says ValueError for read-only arrays
         raise TypeError(f"{what} must be a writable, C-contiguous buffer (bytearray, numpy array, "
                         f"writable memoryview): {exc}") from None
     except TypeError:
         raise TypeError(f"{what} must be a writable buffer (bytearray, numpy array, writable memoryview), "
                         f"not {type(obj).__name__}") from None
-    return 0
+    return _refuse_objects(obj, view, what)
 
 
 cdef extern from "_stream_copy.h" nogil:
@@ -1844,8 +1872,11 @@ cdef int _take_buffer(object obj, Py_buffer *view, int flags) except -1:
     """Take a view of ``obj`` with ``flags``: 1, or 0 (no error set) if it has none (BufferError,
     TypeError, ValueError: numpy's word for a read-only array).  No try block: the call is on every put
     and read."""
-    if _get_buffer(obj, view, flags) == 0:
-        return 1
+    if _get_buffer(obj, view, flags | AS_BYTES) == 0:
+        if not _holds_objects(view.format):
+            return 1
+        PyBuffer_Release(view)  # Python objects: the general path says why they are no value
+        return 0
     if PyErr_ExceptionMatches(BufferError) or PyErr_ExceptionMatches(TypeError) or PyErr_ExceptionMatches(ValueError):
         PyErr_Clear()
         return 0

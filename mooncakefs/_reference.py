@@ -21,7 +21,7 @@ from typing import Any
 
 import msgpack
 
-from mooncakefs.api import BATCH_ERRORS, PLAIN_PUT, value_error
+from mooncakefs.api import BATCH_ERRORS, PLAIN_PUT, holds_objects, objects_error, value_error
 from mooncakefs.errors import ProtocolError, Unavailable
 from mooncakefs.frame import (
     CRC_CHUNK,
@@ -59,6 +59,8 @@ def _read_view(obj: object, what: str) -> memoryview:
         raise TypeError(f"{what} must be a bytes-like object, not {type(obj).__name__}") from None
     if not view.c_contiguous:
         raise TypeError(f"{what} must be a C-contiguous bytes-like object")
+    if holds_objects(view.format):
+        raise objects_error(what, obj)
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import math
 import numbers
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -169,6 +170,27 @@ def put_options(
     return PutOptions(pin, ttl, if_absent, durable, version, if_newer, tag, replicas, placement)  # type: ignore[arg-type]
 
 
+def holds_objects(fmt: str | None) -> bool:
+    """Whether a buffer of this struct format holds Python objects (a numpy array of dtype object, or a
+    record with such a field): its bytes are pointers, which no store may copy as data."""
+    return fmt is not None and "O" in re.sub(r":[^:]*:", "", fmt)  # field names (":name:") aside
+
+
+def objects_error(what: str, value: object) -> InvalidArgument:
+    return InvalidArgument(
+        f"{what} holds Python objects ({type(value).__name__} of dtype object): its bytes are pointers, "
+        "not data; store bytes instead (pickle.dumps, or a numeric dtype)"
+    )
+
+
+def check_seconds(value: object, what: str) -> float:
+    """A timeout as a float: a number of seconds above 0 and below a million (a socket's limit is
+    finite), else InvalidArgument naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1e6:
+        raise InvalidArgument(f"{what} must be a number of seconds above 0 and below 1e6, got {value!r:.40}")
+    return float(value)
+
+
 def value_error(value: object, what: str = "value") -> InvalidArgument:
     """Why ``value`` is not a value to put (call only once taking its buffer has failed)."""
     if isinstance(value, str):
@@ -183,6 +205,8 @@ def value_error(value: object, what: str = "value") -> InvalidArgument:
         return InvalidArgument(
             f"{what} must be a C-contiguous buffer ({type(value).__name__} is not; numpy: np.ascontiguousarray(a))"
         )
+    if holds_objects(view.format):
+        return objects_error(what, value)
     return InvalidArgument(
         f"{what} must be a C-contiguous bytes-like object ({BUFFER_KINDS}), not {type(value).__name__}"
     )
@@ -208,6 +232,8 @@ def buffer_error(buffer: object) -> InvalidArgument | None:
         return InvalidArgument(
             f"buffer must be a C-contiguous buffer ({type(buffer).__name__} is not; numpy: np.ascontiguousarray(a))"
         )
+    if holds_objects(view.format):
+        return objects_error("buffer", buffer)
     return None
 
 

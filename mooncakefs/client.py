@@ -34,6 +34,8 @@ from mooncakefs.api import (
     PutOptions,
     batch_targets,
     buffer_error,
+    check_seconds,
+    holds_objects,
     key_list,
     put_options,
     put_pairs,
@@ -105,8 +107,12 @@ def parse_url(url: str | os.PathLike[str] | None) -> tuple[str, Any]:
     parts = urlsplit(text)
     if parts.scheme == "unix":
         return "unix", parts.path
-    if parts.scheme == "tcp" and parts.hostname:
-        return "tcp", (parts.hostname, parts.port or DEFAULT_PORT)
+    try:
+        port = parts.port  # ValueError for one that is not a number from 0 to 65535
+    except ValueError:
+        port = -1
+    if parts.scheme == "tcp" and parts.hostname and port != -1:
+        return "tcp", (parts.hostname, port or DEFAULT_PORT)
     raise InvalidArgument(
         f"node URL must be unix:///path/to/node.sock or tcp://host:port "
         f"(a cluster: etcd://host:2379/CLUSTER, through mooncakefs.connect), got {text!r}"
@@ -120,7 +126,7 @@ def _bytes_of(value: Any) -> memoryview:
         view = memoryview(value)
     except TypeError:
         raise value_error(value) from None
-    if not view.c_contiguous:
+    if not view.c_contiguous or holds_objects(view.format):
         raise value_error(value)
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
@@ -180,7 +186,7 @@ class RemoteStore(KVMapping):
         self._socket_chosen = url is not None or default_socket()[1]  # a default path must be in our dirs
         secret = secret if secret is not None else os.environ.get("MOONCAKEFS_SECRET")
         self._secret = secret.encode() if isinstance(secret, str) else secret
-        self.timeout = timeout
+        self.timeout = check_seconds(timeout, "timeout")
         self._idle: list[Channel] = []
         self._lock = threading.Lock()
         self._closed = False

@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from mooncakefs.api import check_seconds
 from mooncakefs.errors import AuthenticationError, MooncakeError, NotServing, ProtocolError, Unavailable
 from mooncakefs.wire import PREAUTH_MAX_META, VERSION, Channel, Op, auth_proof, error_meta
 
@@ -43,10 +44,9 @@ class Timeouts:
     __slots__ = ("handshake", "idle", "io")
 
     def __init__(self, handshake: float = 10.0, idle: float = 600.0, io: float = 30.0) -> None:
-        for name, value in (("handshake", handshake), ("idle", idle), ("io", io)):
-            if not (isinstance(value, int | float) and 0 < value < 1e6):
-                raise ValueError(f"the {name} timeout must be a number of seconds above 0, got {value!r:.40}")
-        self.handshake, self.idle, self.io = float(handshake), float(idle), float(io)
+        self.handshake = check_seconds(handshake, "the handshake timeout")
+        self.idle = check_seconds(idle, "the idle timeout")
+        self.io = check_seconds(io, "the io timeout")
 
 
 class Connection:

@@ -548,6 +548,32 @@ def test_get_into_readonly_numpy(store):
         store.get_into("k", arr)
 
 
+def _object_arrays() -> list[np.ndarray]:
+    """Arrays whose bytes are pointers to Python objects: of dtype object, and a record with such a field
+    (the other field's name has an O in it, which is no object)."""
+    return [np.array([b"a", 7, None], dtype=object), np.zeros(2, dtype=[("Obj", "i4"), ("ptr", "O")])]
+
+
+def test_arrays_of_python_objects_are_refused_and_nothing_is_stored_or_written(store):
+    """Their bytes are pointers: stored, they would come back as dangling addresses; a value read into one
+    would overwrite its pointers (the process crashed on the next look at the array)."""
+    store.put("k", b"\x01" * 48)
+    for objects in _object_arrays():
+        with pytest.raises(mooncakefs.InvalidArgument, match="holds Python objects"):
+            store.put("o", objects)
+        assert not store.exists("o")
+        with pytest.raises(mooncakefs.InvalidArgument, match="holds Python objects"):
+            store.get_into("k", objects)
+        (error,) = store.batch_put([("o", objects)])
+        assert isinstance(error, mooncakefs.InvalidArgument) and not store.exists("o")
+        (error,) = store.batch_get_into(["k"], [objects])
+        assert isinstance(error, mooncakefs.InvalidArgument)
+    assert _object_arrays()[0][0] == b"a"  # what a read would have overwritten
+    record = np.zeros(2, dtype=[("Obj", "i4"), ("f", "f4")])  # no objects, whatever the names
+    store.put("record", record)
+    assert store.get("record") == record.tobytes()
+
+
 @pytest.mark.parametrize("size", [0, 1, 999])
 def test_get_into_too_small(store, size):
     value = rand_bytes(1000, "small")

@@ -217,6 +217,17 @@ def test_a_socket_directory_others_can_write_is_refused(tmp_path):
         store.close()
 
 
+def test_an_unknown_socket_group_is_a_clear_error_and_leaves_no_socket(tmp_path):
+    """Node(..., socket_group=NAME) for a group this host lacks raised a bare KeyError from grp."""
+    store = mooncakefs.open(tmp_path / "data", dram="4MiB", ssd=None)
+    try:
+        with pytest.raises(mooncakefs.InvalidArgument, match="no-such-group.*no such group"):
+            Node(store, unix_path=tmp_path / "node.sock", socket_group="no-such-group").start()
+        assert not (tmp_path / "node.sock").exists()
+    finally:
+        store.close()
+
+
 def test_a_socket_directory_this_user_cannot_write_is_named(shared_dir):
     """A node of another user's socket in root's directory said only "[Errno 13] Permission denied"."""
     data = shared_dir / "data"

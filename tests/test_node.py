@@ -439,6 +439,22 @@ def test_connect_errors(tmp_path):
         mooncakefs.connect(f"tcp://127.0.0.1:{free_port()}", timeout=1)
     with pytest.raises(mooncakefs.InvalidArgument, match="etcd://host:2379/CLUSTER"):  # it did not name the cluster URL
         mooncakefs.connect("http://example.invalid/")
+    with pytest.raises(mooncakefs.InvalidArgument, match="tcp://host:port"):  # a port past 65535
+        mooncakefs.connect("tcp://127.0.0.1:99999")
+    for timeout in (0, -1, float("nan"), 1e308, "10", True):
+        with pytest.raises(mooncakefs.InvalidArgument, match="timeout must be a number of seconds"):
+            mooncakefs.connect(f"tcp://127.0.0.1:{free_port()}", timeout=timeout)
+
+
+def test_arrays_of_python_objects_are_refused_by_a_node_client(client):
+    """As by the embedded store (test_api): nothing of theirs crosses the socket, nothing lands in them."""
+    client.put(client.ns + "k", b"\x01" * 48)
+    objects = np.array([b"a", 7, None], dtype=object)
+    with pytest.raises(mooncakefs.InvalidArgument, match="holds Python objects"):
+        client.put(client.ns + "o", objects)
+    with pytest.raises(mooncakefs.InvalidArgument, match="holds Python objects"):
+        client.get_into(client.ns + "k", objects)
+    assert objects[0] == b"a" and not client.exists(client.ns + "o")
 
 
 def test_closed_client_raises_unavailable(shared_node):

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from mooncakefs import _engine
 from mooncakefs.errors import (
     ChecksumError,
+    InvalidArgument,
     InvalidKey,
     KeyNotFound,
     MooncakeError,
@@ -211,7 +212,12 @@ class Node(FramedServer):
         if self.socket_group is not None:
             import grp
 
-            gid = self.socket_group if isinstance(self.socket_group, int) else grp.getgrnam(self.socket_group).gr_gid
+            gid = self.socket_group
+            if not isinstance(gid, int):
+                try:
+                    gid = grp.getgrnam(gid).gr_gid
+                except KeyError:
+                    raise InvalidArgument(f"socket group {gid!r}: no such group on this host") from None
             os.chown(path, -1, gid)
         sock.listen(ACCEPT_BACKLOG)
         self._listeners.append(sock)
