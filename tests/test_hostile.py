@@ -221,7 +221,7 @@ def test_an_unknown_socket_group_is_a_clear_error_and_leaves_no_socket(tmp_path)
     """Node(..., socket_group=NAME) for a group this host lacks raised a bare KeyError from grp."""
     store = mooncakefs.open(tmp_path / "data", dram="4MiB", ssd=None)
     try:
-        with pytest.raises(mooncakefs.InvalidArgument, match="no-such-group.*no such group"):
+        with pytest.raises(mooncakefs.InvalidArgument, match=r"no-such-group.*no such group"):
             Node(store, unix_path=tmp_path / "node.sock", socket_group="no-such-group").start()
         assert not (tmp_path / "node.sock").exists()
     finally:
