@@ -717,7 +717,9 @@ def test_full_disk_under_the_ssd_tier_is_out_of_space(tmp_path):
 
     disk = tmp_path / "small-disk"
     disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], check=True)
+    # A disk of the tier's own: a tmpfs root is 1777 by default, a directory every user shares, which a
+    # store refuses to make private (docs/security.md).
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0755", "tmpfs", str(disk)], check=True)
     try:
         with mooncakefs.open(tmp_path / "data", dram="8MiB", ssd="64MiB", ssd_dir=disk, segment_size="1MiB") as store:
             stored = {}
