@@ -2060,12 +2060,8 @@ def frame_head(int op, int flags, bytes m, uint64_t payload_len, first=None, des
 
 
 cdef bint _timed_out(object exc):
-    return exc.errno in (_errno.EAGAIN, _errno.EWOULDBLOCK) or isinstance(exc, TimeoutError)
-
-
-def timed_out(exc: OSError) -> bool:
     """Whether a socket call failed only because its timeout passed."""
-    return _timed_out(exc)
+    return exc.errno in (_errno.EAGAIN, _errno.EWOULDBLOCK) or isinstance(exc, TimeoutError)
 
 
 cdef class Framing:
@@ -2139,31 +2135,35 @@ cdef class Framing:
         expecting a large payload asks for little: ``read_frame``'s ``first_read``)."""
         cdef bytes m = _pack(meta)
         cdef list parts = payload if isinstance(payload, list) else ([] if payload is None else [payload])
-        cdef Py_buffer view
-        cdef Py_ssize_t size = 0, at
-        for part in parts:
-            _get_read(part, &view, "payload")
-            size += view.len
-            PyBuffer_Release(&view)
-        try:
-            if size > SMALL_SEND:  # one system call for the header and the payload (a READV reply's ranges too)
-                self._send_parts([_frame_head(op, flags, m, size, parts[0], destination), *parts])
-                return
-            out = _frame_head(op, flags, m, size, None, 0, size)
-            at = HEADER_SIZE + len(m)
+        cdef Py_ssize_t n = len(parts), taken = 0, size = 0, at, i
+        cdef Py_buffer few[4]
+        cdef Py_buffer *views = &few[0]
+        if n > 4:
+            views = <Py_buffer *>malloc(n * sizeof(Py_buffer))
+            if views == NULL:
+                raise MemoryError()
+        try:  # each part's buffer taken once: for its size, then for its copy
             for part in parts:
-                _get_read(part, &view, "payload")
-                if view.len > len(out) - at:
-                    PyBuffer_Release(&view)
-                    raise ValueError("a payload buffer grew while its frame was being sent")
-                memcpy(PyBytes_AS_STRING(out) + at, view.buf, view.len)
-                at += view.len
-                PyBuffer_Release(&view)
-            if at != len(out):
-                raise ValueError("a payload buffer shrank while its frame was being sent")
-            self.sock.sendall(out)
-        except OSError as exc:
-            raise self._lost(exc) from None
+                _get_read(part, &views[taken], "payload")
+                size += views[taken].len
+                taken += 1
+            try:
+                if size > SMALL_SEND:  # one system call for the header and the payload (a READV reply's ranges too)
+                    self._send_parts([_frame_head(op, flags, m, size, parts[0], destination), *parts])
+                    return
+                out = _frame_head(op, flags, m, size, None, 0, size)
+                at = HEADER_SIZE + len(m)
+                for i in range(taken):
+                    memcpy(PyBytes_AS_STRING(out) + at, views[i].buf, views[i].len)
+                    at += views[i].len
+                self.sock.sendall(out)
+            except OSError as exc:
+                raise self._lost(exc) from None
+        finally:
+            for i in range(taken):
+                PyBuffer_Release(&views[i])
+            if views != &few[0]:
+                c_free(views)
 
     def send_value(self, int op, meta, value, crc=None):
         """Send a frame whose payload is ``value`` then its CRC-32C (CRC_TRAILER); returns the CRC.  A small

@@ -1077,7 +1077,7 @@ def frame_head(op: int, flags: int, m: bytes, payload_len: int, first: Any = Non
     return head + bytes(pad) if pad else head
 
 
-def timed_out(exc: OSError) -> bool:
+def _timed_out(exc: OSError) -> bool:
     """Whether a socket call failed only because its timeout passed."""
     return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or isinstance(exc, TimeoutError)
 
@@ -1126,7 +1126,7 @@ class Framing:
         self.close()
         if exc is None:
             why = "closed by the peer"
-        elif timed_out(exc):
+        elif _timed_out(exc):
             why = "timed out"
         else:
             why = f"failed: {exc.strerror or exc}"
@@ -1326,7 +1326,7 @@ class Framing:
             try:
                 got = self.sock.recv_into(self._view, FIRST_READ)
             except OSError as exc:
-                if timed_out(exc) and time.monotonic() < until:
+                if _timed_out(exc) and time.monotonic() < until:
                     continue
                 raise self._lost(exc) from None
             if not got:

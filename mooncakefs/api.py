@@ -183,11 +183,16 @@ def objects_error(what: str, value: object) -> InvalidArgument:
     )
 
 
+MAX_SECONDS = 1e6  # a timeout's bound (11.6 days): a socket's is finite
+
+
 def check_seconds(value: object, what: str) -> float:
-    """A timeout as a float: a number of seconds above 0 and below a million (a socket's limit is
-    finite), else InvalidArgument naming ``what``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1e6:
-        raise InvalidArgument(f"{what} must be a number of seconds above 0 and below 1e6, got {value!r:.40}")
+    """A timeout as a float: a number of seconds above 0 and below MAX_SECONDS, else InvalidArgument
+    naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < MAX_SECONDS:
+        raise InvalidArgument(
+            f"{what} must be a number of seconds above 0 and below {MAX_SECONDS:g}, got {value!r:.40}"
+        )
     return float(value)
 
 

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import click
 
 import mooncakefs
+from mooncakefs.api import MAX_SECONDS
 from mooncakefs.errors import MooncakeError, exit_code_of
 from mooncakefs.progress import on_terminal, progress
 from mooncakefs.units import format_size, parse_size, parse_ssd, parse_vram
@@ -66,15 +67,15 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
 
 
 class Seconds(click.FloatRange):
-    """A number of seconds above ``min`` (or at least it, with ``min_open=False``), finite and at most a
-    year: click's FloatRange lets NaN through (it compares false with every bound), and a socket timeout
-    beyond what the kernel's clock counts is an OverflowError."""
+    """A number of seconds above ``min`` (or at least it, with ``min_open=False``), finite and below
+    ``api.MAX_SECONDS``, the bound every timeout of the API has: click's FloatRange lets NaN through (it
+    compares false with every bound), and a socket timeout beyond what the kernel's clock counts is an
+    OverflowError."""
 
     name = "seconds"
-    LIMIT = 365 * 86400.0
 
     def __init__(self, min: float = 0.0, min_open: bool = True) -> None:
-        super().__init__(min=min, max=self.LIMIT, min_open=min_open)
+        super().__init__(min=min, max=MAX_SECONDS, min_open=min_open, max_open=True)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         seconds = super().convert(value, param, ctx)
