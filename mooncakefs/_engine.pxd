@@ -109,3 +109,27 @@ cdef class EntryQueue:
     cdef void to_back(self, Entry entry) noexcept
     cdef void drop_all(self) noexcept
     cdef int check(self, Entry entry) except -1
+
+
+cdef extern from "Python.h":
+    ctypedef Py_ssize_t Py_hash_t
+
+
+cdef struct IndexSlot:
+    Py_hash_t hash
+    PyObject *entry  # owned; NULL: empty
+
+
+cdef class KeyIndex:
+    cdef IndexSlot *slots
+    cdef Py_ssize_t mask  # the slots less one: a power of two less one
+    cdef Py_ssize_t used
+
+    cdef void _drop_all(self) noexcept
+    cdef Py_ssize_t _find(self, const char *p, Py_ssize_t n, Py_hash_t h) noexcept
+    cdef Py_ssize_t _find_raw(self, bytes raw, Py_hash_t h) noexcept
+    cpdef object lookup(self, key)
+    cdef object swap(self, bytes raw, Entry entry, Py_hash_t h)
+    cdef int _grow(self) except -1
+    cdef object _take(self, Py_ssize_t i)
+    cpdef object remove(self, bytes raw)

@@ -10,10 +10,16 @@ from cpython.exc cimport PyErr_CheckSignals, PyErr_Clear, PyErr_ExceptionMatches
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
+from cpython.object cimport PyObject_Hash
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_COMPACT_ASCII(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+    void *PyUnicode_DATA(object o)
 from cpython.unicode cimport PyUnicode_AsUTF8String
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free as c_free, malloc, realloc
-from libc.string cimport memcpy, memset
+from libc.stdlib cimport calloc, free as c_free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.types cimport clockid_t
 
@@ -1020,6 +1026,219 @@ cdef class EntryQueue:
         self.drop_all()
 
 
+# An ASCII str's hash is that of its characters as bytes, which are its UTF-8: the index hashes a key as
+# its encoded bytes, so a str key's own hash (kept in the str once computed) finds it with no bytes made.
+cdef bint STR_HASH_IS_UTF8_HASH = hash("mooncakefs/key") == hash(b"mooncakefs/key")
+cdef Py_ssize_t INDEX_MIN_SLOTS = 8
+cdef object _ABSENT = object()
+
+
+@cython.final
+cdef class KeyIndex:
+    """The store's index: each key's encoded bytes -> its ``Entry``, a table of ``(hash, entry)`` slots
+    probed in line, whose key is the entry's own ``key`` (set here).  It is a dict for the store's
+    Python (bytes keys, Entry values; ``keys``, ``values`` and ``items`` are lists, taken at once); the
+    store's C paths look a caller's key up as given (``lookup``): an ASCII str key, nearly every key,
+    is hashed and compared as it is, with no bytes object made for it.  A 4 KiB batched read spent
+    more beside its copy on the dict (a new bytes key, its siphash, the probe) than on anything else.
+    The hash is Python's (siphash, seeded per process), so keys chosen to collide cannot be made."""
+
+    def __cinit__(self):
+        self.slots = <IndexSlot *>calloc(INDEX_MIN_SLOTS, sizeof(IndexSlot))
+        if self.slots == NULL:
+            raise MemoryError()
+        self.mask = INDEX_MIN_SLOTS - 1
+
+    def __dealloc__(self):
+        self._drop_all()
+        c_free(self.slots)
+
+    cdef void _drop_all(self) noexcept:
+        """Empty every slot, then let their entries go (an entry's release runs no Python code, but the
+        table is consistent before any of it does)."""
+        cdef Py_ssize_t i, n = self.mask + 1
+        cdef IndexSlot *old = self.slots
+        cdef IndexSlot *fresh = <IndexSlot *>calloc(INDEX_MIN_SLOTS, sizeof(IndexSlot))
+        if fresh == NULL:  # keep the table; release its entries in place
+            for i in range(n):
+                if old[i].entry != NULL:
+                    Py_DECREF(<object>old[i].entry)
+                    old[i].entry = NULL
+            self.used = 0
+            return
+        self.slots, self.mask, self.used = fresh, INDEX_MIN_SLOTS - 1, 0
+        for i in range(n):
+            if old[i].entry != NULL:
+                Py_DECREF(<object>old[i].entry)
+        c_free(old)
+
+    cdef inline Py_ssize_t _find(self, const char *p, Py_ssize_t n, Py_hash_t h) noexcept:
+        """The slot holding the key of ``n`` bytes at ``p`` whose hash is ``h``, or ``-1 - i`` where
+        ``i`` is the empty slot that ends its probe."""
+        cdef size_t i = <size_t>h & <size_t>self.mask
+        cdef PyObject *key
+        while True:
+            if self.slots[i].entry == NULL:
+                return -1 - <Py_ssize_t>i
+            if self.slots[i].hash == h:
+                key = <PyObject *>(<Entry>self.slots[i].entry).key
+                if PyBytes_GET_SIZE(<object>key) == n and memcmp(PyBytes_AS_STRING(<object>key), p, n) == 0:
+                    return i
+            i = (i + 1) & <size_t>self.mask
+
+    cdef inline Py_ssize_t _find_raw(self, bytes raw, Py_hash_t h) noexcept:
+        return self._find(PyBytes_AS_STRING(raw), PyBytes_GET_SIZE(raw), h)
+
+    cpdef object lookup(self, key):
+        """The entry under a caller's key (anything ``encode_key`` takes), or None; a refused key raises
+        what ``encode_key`` says.  An ASCII str or a bytes key makes no object."""
+        cdef Py_ssize_t n, i
+        cdef bytes raw
+        if type(key) is str and STR_HASH_IS_UTF8_HASH and PyUnicode_IS_COMPACT_ASCII(key):
+            n = PyUnicode_GET_LENGTH(key)
+            if 0 < n <= MAX_KEY:
+                i = self._find(<const char *>PyUnicode_DATA(key), n, PyObject_Hash(key))
+                return <object>self.slots[i].entry if i >= 0 else None
+        raw = encode_key(key)
+        i = self._find_raw(raw, PyObject_Hash(raw))
+        return <object>self.slots[i].entry if i >= 0 else None
+
+    cdef object swap(self, bytes raw, Entry entry, Py_hash_t h):
+        """Put ``entry`` under ``raw`` (whose hash is ``h``: see ``key_hash``) and return the entry it
+        replaced, or None."""
+        cdef Py_ssize_t i = self._find_raw(raw, h)
+        cdef PyObject *old
+        entry.key = raw
+        Py_INCREF(entry)
+        if i >= 0:
+            old = self.slots[i].entry
+            self.slots[i].entry = <PyObject *>entry
+            replaced = <object>old
+            Py_DECREF(replaced)  # the slot's reference: ``replaced`` holds one of its own
+            return replaced
+        if (self.used + 1) * 10 > (self.mask + 1) * 7:
+            try:
+                self._grow()
+            except BaseException:
+                Py_DECREF(entry)
+                raise
+            i = self._find_raw(raw, h)
+        i = -1 - i
+        self.slots[i].hash = h
+        self.slots[i].entry = <PyObject *>entry
+        self.used += 1
+        return None
+
+    cdef int _grow(self) except -1:
+        """Twice the slots, each entry placed again by its hash (no key is read)."""
+        cdef Py_ssize_t i, n = self.mask + 1
+        cdef size_t j, mask = <size_t>(2 * n - 1)
+        cdef IndexSlot *old = self.slots
+        cdef IndexSlot *fresh = <IndexSlot *>calloc(2 * n, sizeof(IndexSlot))
+        if fresh == NULL:
+            raise MemoryError()
+        for i in range(n):
+            if old[i].entry != NULL:
+                j = <size_t>old[i].hash & mask
+                while fresh[j].entry != NULL:
+                    j = (j + 1) & mask
+                fresh[j] = old[i]
+        self.slots, self.mask = fresh, <Py_ssize_t>mask
+        c_free(old)
+        return 0
+
+    cdef object _take(self, Py_ssize_t i):
+        """Empty slot ``i``, shifting back the entries after it whose probe passed it, so that every
+        probe still ends at an empty slot; returns its entry (the reference the slot held)."""
+        cdef PyObject *gone = self.slots[i].entry
+        cdef size_t hole = <size_t>i, at = <size_t>i, home, mask = <size_t>self.mask
+        while True:
+            at = (at + 1) & mask
+            if self.slots[at].entry == NULL:
+                break
+            home = <size_t>self.slots[at].hash & mask
+            if ((at - home) & mask) >= ((at - hole) & mask):  # its probe passed the hole: move it there
+                self.slots[hole] = self.slots[at]
+                hole = at
+        self.slots[hole].entry = NULL
+        self.used -= 1
+        result = <object>gone
+        Py_DECREF(result)  # the slot's reference: ``result`` holds one of its own
+        return result
+
+    cpdef object remove(self, bytes raw):
+        """Take the entry under ``raw`` out, returning it; None if there is none."""
+        cdef Py_ssize_t i = self._find_raw(raw, PyObject_Hash(raw))
+        return self._take(i) if i >= 0 else None
+
+    # -- the dict the store's Python sees --
+
+    def __len__(self) -> int:
+        return self.used
+
+    def __contains__(self, raw) -> bool:
+        return type(raw) is bytes and self._find_raw(raw, PyObject_Hash(raw)) >= 0
+
+    def get(self, raw, default=None):
+        cdef Py_ssize_t i
+        if type(raw) is not bytes:
+            return default
+        i = self._find_raw(raw, PyObject_Hash(raw))
+        return <object>self.slots[i].entry if i >= 0 else default
+
+    def __getitem__(self, raw):
+        found = self.get(raw, _ABSENT)
+        if found is _ABSENT:
+            raise KeyError(raw)
+        return found
+
+    def __setitem__(self, raw, entry) -> None:
+        if type(raw) is not bytes:
+            raise TypeError(f"the index's keys are encoded keys (bytes), got {type(raw).__name__}")
+        if type(entry) is not Entry:
+            raise TypeError(f"the index holds entries, got {type(entry).__name__}")
+        self.swap(raw, entry, PyObject_Hash(raw))
+
+    def __delitem__(self, raw) -> None:
+        if type(raw) is not bytes or self.remove(raw) is None:
+            raise KeyError(raw)
+
+    def pop(self, raw, default=_ABSENT):
+        found = self.remove(raw) if type(raw) is bytes else None
+        if found is None:
+            if default is _ABSENT:
+                raise KeyError(raw)
+            return default
+        return found
+
+    def clear(self) -> None:
+        self._drop_all()
+
+    def values(self) -> list:
+        cdef Py_ssize_t i
+        return [<object>self.slots[i].entry for i in range(self.mask + 1) if self.slots[i].entry != NULL]
+
+    def items(self) -> list:
+        return [(entry.key, entry) for entry in self.values()]
+
+    def keys(self) -> list:
+        return [entry.key for entry in self.values()]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __repr__(self) -> str:
+        return f"<KeyIndex: {self.used} keys>"
+
+
+cdef inline Py_hash_t key_hash(object key, bytes raw) except -1:
+    """The index's hash of ``raw``, the encoding of a caller's ``key``: the str's own, kept in it, where
+    that is the same (see ``STR_HASH_IS_UTF8_HASH``)."""
+    if type(key) is str and STR_HASH_IS_UTF8_HASH and PyUnicode_IS_COMPACT_ASCII(key):
+        return PyObject_Hash(key)
+    return PyObject_Hash(raw)
+
+
 # ---------------------------------------------------------------------------------------------------
 
 cdef extern from "_shared_index.h" nogil:
@@ -1332,7 +1551,8 @@ cdef class PlainPath:
 
     cdef object dram, store, ghost
     cdef StoreLock lock
-    cdef dict index, counters
+    cdef KeyIndex index
+    cdef dict counters
     cdef list expiring
     cdef EntryQueue fresh, main
     cdef OffsetAllocator allocator
@@ -1412,7 +1632,7 @@ cdef class PlainPath:
                 continue
             vraw = victim.key
             queue.unlink(victim)
-            del self.index[vraw]
+            self.index.remove(vraw)
             victim.word.dead = True
             self.allocator._free(victim.dram)
             victim.dram = -1
@@ -1448,8 +1668,7 @@ cdef class PlainPath:
         _copy_to_pool(self.arena.base + <size_t>offset, src, size)
         entry.dram = handle
         entry.dram_unit = <uint32_t>(offset // UNIT)
-        old = self.index.get(raw)
-        self.index[raw] = entry
+        old = self.index.swap(raw, entry, key_hash(key, raw))
         if old is not None:  # replaced: DramTier.unqueue and Store._discard, inline
             if old.word.queue == MAIN_QUEUE:
                 self.main.unlink(old)
@@ -1692,26 +1911,27 @@ cdef class PlainPath:
 
     # -- reading --
 
-    cdef Entry _hit(self, bytes raw, long long limit):
+    cdef Entry _hit(self, key, long long limit):
         """The entry of a DRAM-resident value of at most ``limit`` bytes that cannot expire, counted as a
-        hit and touched (the most recent of main); None where the store's general path must do the work."""
-        cdef object found = self.index.get(raw)
+        hit and touched (the most recent of main); None where the store's general path must do the work.
+        A refused key raises."""
+        cdef object found = self.index.lookup(key)
         if found is None:
             return None
         cdef Entry entry = <Entry>found
         if entry.dram < 0 or <long long>entry.word.size > limit or entry.expires:
             return None
         self.hits += 1
-        self._touch(raw, entry)
+        self._touch(entry)
         return entry
 
-    cdef inline void _touch(self, bytes raw, Entry entry) except *:
+    cdef inline void _touch(self, Entry entry) except *:
         """DramTier.touch: a read makes a resident the most recent of main."""
         if entry.word.queue == MAIN_QUEUE:
             self.main.to_back(entry)
         elif entry.word.queue == FRESH_QUEUE:
             self.fresh.unlink(entry)
-            self.main.push(raw, entry)
+            self.main.push(entry.key, entry)
 
     cdef inline bytes _copy_out(self, Entry entry):
         cdef size_t size = entry.word.size
@@ -1729,13 +1949,12 @@ cdef class PlainPath:
     cdef bytes _get_small(self, key):
         """``get`` of a small DRAM-resident value in an open store, the store's lock taken here: the value
         as new bytes, or None: ask the store's general path.  A refused key raises."""
-        cdef bytes raw = encode_key(key)
         cdef Entry entry
         self.acquire()
         try:
             if self.closed:
                 return None
-            entry = self._hit(raw, self.small_max - 1)
+            entry = self._hit(key, self.small_max - 1)
             return None if entry is None else self._copy_out(entry)
         finally:
             self.release()
@@ -1744,7 +1963,6 @@ cdef class PlainPath:
         """``Store.get_into`` of a small DRAM-resident value in an open store, the store's lock taken here:
         its size; -1 to ask the store's general path (which also says what is wrong with a buffer that is
         not writable); -2 - size if the buffer is too small (nothing written).  A refused key raises."""
-        cdef bytes raw = encode_key(key)
         cdef Entry entry
         cdef Py_buffer d
         cdef long long size
@@ -1755,7 +1973,7 @@ cdef class PlainPath:
             try:
                 if self.closed:
                     return -1
-                entry = self._hit(raw, self.small_max - 1)
+                entry = self._hit(key, self.small_max - 1)
                 if entry is None:
                     return -1
                 size = entry.word.size
@@ -1783,8 +2001,7 @@ cdef class PlainPath:
                 key = keys[i]
                 i += 1
                 try:
-                    raw = encode_key(key)
-                    found = self.index.get(raw)
+                    found = self.index.lookup(key)
                     if found is None:
                         continue
                     entry = <Entry>found
@@ -1810,7 +2027,7 @@ cdef class PlainPath:
                         else:  # the store's own copy raises why not (a short or read-only buffer)
                             results[i - 1] = self.store._copy_into(key, entry, buffers[i - 1])
                     hits += 1
-                    self._touch(raw, entry)
+                    self._touch(entry)
                     if size >= self.small_max:  # small ones were always copied under the lock
                         copied += size
                         if copied >= self.batch_bytes:

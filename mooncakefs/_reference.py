@@ -585,6 +585,32 @@ class EntryQueue:
         self.nbytes = 0
 
 
+class KeyIndex(dict):
+    """``_engine.KeyIndex`` as a dict: encoded keys to entries, each entry's ``key`` set as it goes in,
+    a caller's key looked up as the stores take it (``lookup``), and ``keys``, ``values`` and ``items``
+    as lists taken at once."""
+
+    def __setitem__(self, raw: bytes, entry: Entry) -> None:
+        if type(raw) is not bytes:
+            raise TypeError(f"the index's keys are encoded keys (bytes), got {type(raw).__name__}")
+        if type(entry).__name__ != "Entry":  # either engine's: the tests run PlainPath's twin on both
+            raise TypeError(f"the index holds entries, got {type(entry).__name__}")
+        entry.key = raw
+        super().__setitem__(raw, entry)
+
+    def lookup(self, key: Any) -> Entry | None:
+        return self.get(encode_key(key))
+
+    def keys(self) -> list[bytes]:  # type: ignore[override]
+        return list(super().keys())
+
+    def values(self) -> list[Entry]:  # type: ignore[override]
+        return list(super().values())
+
+    def items(self) -> list[tuple[bytes, Entry]]:  # type: ignore[override]
+        return list(super().items())
+
+
 INDEX_HEADER_BYTES, INDEX_SLOT_BYTES = 64, 32
 _HEAD = struct.Struct("<QQq")  # magic, slots, heartbeat (ns)
 _U32 = struct.Struct("<I")
@@ -965,20 +991,20 @@ class PlainPath:
 
     # -- reading --
 
-    def _hit(self, raw: bytes, limit: int) -> Entry | None:
-        entry = self.index.get(raw)
+    def _hit(self, key: Any, limit: int) -> Entry | None:
+        entry = self.index.lookup(key)
         if entry is None or entry.dram < 0 or entry.size > limit or entry.expires:
             return None
         self.hits += 1
-        self._touch(raw, entry)
+        self._touch(entry)
         return entry
 
-    def _touch(self, raw: bytes, entry: Entry) -> None:
+    def _touch(self, entry: Entry) -> None:
         if entry.queue == self.main.ident:
             self.main.move_to_back(entry)
         elif entry.queue == self.fresh.ident:
             self.fresh.remove(entry)
-            self.main.append(raw, entry)
+            self.main.append(entry.key, entry)
 
     def _copy_out(self, entry: Entry) -> bytes:
         return self.view[entry.dram_off : entry.dram_off + entry.size].tobytes()
@@ -988,15 +1014,13 @@ class PlainPath:
         return self.store._get_general(key) if value is None else value
 
     def _get_small(self, key: Any) -> bytes | None:
-        raw = encode_key(key)
         with self.lock:
             if self.closed:
                 return None
-            entry = self._hit(raw, self.small_max - 1)
+            entry = self._hit(key, self.small_max - 1)
             return None if entry is None else self._copy_out(entry)
 
     def get_into(self, key: Any, buffer: Any) -> int:
-        raw = encode_key(key)
         try:
             out = _write_view(buffer, "buffer")
         except (BufferError, TypeError, ValueError):  # what _engine's _writable turns away
@@ -1004,7 +1028,7 @@ class PlainPath:
         with self.lock:
             if self.closed:
                 return -1
-            entry = self._hit(raw, self.small_max - 1)
+            entry = self._hit(key, self.small_max - 1)
             if entry is None:
                 return -1
             if out.nbytes < entry.size:
@@ -1019,8 +1043,7 @@ class PlainPath:
                 key = keys[i]
                 i += 1
                 try:
-                    raw = encode_key(key)
-                    entry = self.index.get(raw)
+                    entry = self.index.lookup(key)
                     if entry is None or entry.dram < 0 or entry.size > self.batch_max or entry.expires:
                         continue
                     if buffers is None:
@@ -1036,7 +1059,7 @@ class PlainPath:
                         else:
                             results[i - 1] = self.store._copy_into(key, entry, buffers[i - 1])
                     hits += 1
-                    self._touch(raw, entry)
+                    self._touch(entry)
                     if entry.size >= self.small_max:
                         copied += entry.size
                         if copied >= self.batch_bytes:

@@ -256,7 +256,7 @@ class Store(KVMapping):
         """The index, with whatever the SSD tier already holds, and the tiers wired to it."""
         dram, ssd = self._dram, self._ssd
         self._promote_after = promote_after
-        self._index: dict[bytes, Entry] = {}
+        self._index = _engine.KeyIndex()
         dram.index, dram.place, dram.has_lower = self._index, self, ssd is not None
         if ssd is not None:
             ssd.attach(self._index, self, high_watermark)

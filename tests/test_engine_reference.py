@@ -1255,3 +1255,136 @@ def test_a_value_that_does_not_match_is_refused_as_in_the_twin(engine, reference
         except Exception as exc:
             seen.append((type(exc).__name__, str(exc)))
     assert seen[0] is not None and seen[0] == seen[1]
+
+
+# ---------------------------------------------------------------------------------------- KeyIndex
+
+
+def _lookup_outcome(index, key: object) -> tuple:
+    """What ``index.lookup(key)`` does: the entry found (or None), or the error's type and message."""
+    try:
+        return ("found", index.lookup(key))
+    except Exception as exc:  # the type and message are what is compared
+        return type(exc), str(exc)
+
+
+@pytest.mark.parametrize("key", ENCODE_CASES, ids=repr)
+def test_key_index_lookup_takes_every_key_as_encode_key_does(impl, key):
+    """``lookup`` finds a caller's key as the store encodes it (an ASCII str without encoding it, anything
+    else through ``encode_key``), and refuses what ``encode_key`` refuses, with its words."""
+    index = impl.KeyIndex()
+    try:
+        raw = impl.encode_key(key)
+    except Exception as exc:  # a refused key: lookup says the same
+        assert _lookup_outcome(index, key) == (type(exc), str(exc))
+        return
+    assert index.lookup(key) is None
+    entry = impl.Entry(1)
+    index[raw] = entry
+    assert index.lookup(key) is entry and index.lookup(raw) is entry and entry.key == raw
+
+
+_index_keys = st.one_of(
+    st.text(alphabet="abcé", min_size=1, max_size=3),  # a few keys: replaced and removed often
+    st.binary(min_size=1, max_size=2).filter(lambda b: not b.startswith(b"\xc0\x80")),
+)
+_index_op_names = st.sampled_from(["set", "del", "pop", "get", "lookup", "clear"])
+_index_ops = st.lists(st.tuples(_index_op_names, _index_keys), max_size=300)
+
+
+def _replay_index(impl, ops: list[tuple[str, object]]) -> list:
+    """Run ``ops`` on a KeyIndex and on a dict, checking them against each other at every step; returns
+    what each step saw, to compare the two engines."""
+    index, model, seen = impl.KeyIndex(), {}, []
+    for n, (op, key) in enumerate(ops):
+        raw = impl.encode_key(key)
+        if op == "set":
+            entry = impl.Entry(n)
+            index[raw] = entry
+            model[raw] = entry
+            assert entry.key == raw
+        elif op == "del":
+            if raw in model:
+                del index[raw], model[raw]
+            else:
+                with pytest.raises(KeyError):
+                    del index[raw]
+        elif op == "pop":
+            assert index.pop(raw, None) is model.pop(raw, None)
+        elif op == "get":
+            assert index.get(raw) is model.get(raw) and (raw in index) == (raw in model)
+        elif op == "lookup":
+            assert index.lookup(key) is model.get(raw)
+        elif n % 50 == 0:  # clear, now and then
+            index.clear()
+            model.clear()
+        assert len(index) == len(model)
+        seen.append(sorted((k, e.size) for k, e in index.items()))
+    assert sorted(index.keys()) == sorted(model) and sorted(map(id, index.values())) == sorted(map(id, model.values()))
+    assert all(index[k] is e for k, e in model.items())
+    return seen
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_index_ops)
+def test_key_index_is_a_dict_of_entries_on_both_engines(engine, reference, ops):
+    assert _replay_index(engine, ops) == _replay_index(reference, ops)
+
+
+def test_key_index_long_run_of_growth_and_removal(engine, reference):
+    """Thousands of keys put and removed in a random order: the table grows many times, and each removal
+    moves back the entries whose probe passed its slot; every key stays findable throughout."""
+    rng = random.Random(14)
+    words = [f"k{i}" for i in range(3000)] + [f"é{i}" for i in range(200)]
+    ops = [(rng.choice(["set", "set", "set", "del", "pop", "lookup", "get"]), rng.choice(words)) for _ in range(20000)]
+    for impl in (engine, reference):
+        index, model = impl.KeyIndex(), {}
+        for n, (op, key) in enumerate(ops):
+            raw = impl.encode_key(key)
+            if op == "set":
+                model[raw] = index[raw] = impl.Entry(n)
+            elif op in ("del", "pop"):
+                assert index.pop(raw, None) is model.pop(raw, None)
+            else:
+                assert index.lookup(key) is model.get(raw) and index.get(raw) is model.get(raw)
+        assert len(index) == len(model) > 1000
+        assert all(index.lookup(k.decode()) is e for k, e in model.items())
+
+
+def test_key_index_refuses_what_is_not_a_key_or_an_entry(impl):
+    index = impl.KeyIndex()
+    with pytest.raises(TypeError, match="encoded keys"):
+        index["str"] = impl.Entry(1)
+    with pytest.raises(TypeError, match="entries"):
+        index[b"k"] = object()
+    with pytest.raises(KeyError):
+        index[b"missing"]
+    with pytest.raises(KeyError):
+        index.pop(b"missing")
+    assert index.get("str") is None and "str" not in index and len(index) == 0
+
+
+def test_key_index_holds_one_reference_to_each_entry(engine):
+    """An entry in the index is held once: replaced, removed or cleared, it is let go (a leak would keep
+    every value's entry alive; one reference too few would free an entry still in use)."""
+    index, entry = engine.KeyIndex(), engine.Entry(1)
+    alone = sys.getrefcount(entry)
+    index[b"k"] = entry
+    assert sys.getrefcount(entry) == alone + 1
+    index[b"k"] = engine.Entry(2)  # replaced
+    assert sys.getrefcount(entry) == alone
+    index[b"k"] = entry
+    popped = index.pop(b"k")  # (not inside the assert: pytest keeps what an assert's parts return)
+    assert popped is entry
+    del popped
+    assert sys.getrefcount(entry) == alone
+    index[b"k"] = entry
+    del index[b"k"]
+    assert sys.getrefcount(entry) == alone
+    index[b"k"] = entry
+    index.clear()
+    assert sys.getrefcount(entry) == alone and len(index) == 0
+    index[b"k"] = entry  # usable after clear
+    assert index[b"k"] is entry
+    del index
+    assert sys.getrefcount(entry) == alone
