@@ -69,6 +69,17 @@ def check_tag(tag: object) -> int:
     return tag
 
 
+TIER_HINTS = (None, "vram", "dram")  # what put(..., tier=) takes: where a value goes first
+
+
+def check_tier(tier: object) -> str | None:
+    """A put's tier hint names a tier it may go to first (None: the store decides).  Only the name is
+    checked here; whether the store has that tier is the store's to say (``tiers.vram.choose_tier``)."""
+    if tier not in TIER_HINTS:
+        raise InvalidArgument(f"tier must be one of {TIER_HINTS}, got {tier!r:.40}")
+    return tier  # type: ignore[return-value]
+
+
 class Replace(enum.IntEnum):
     """When a put may take the place of the value a key already holds."""
 
@@ -361,7 +372,8 @@ class KVMapping:
 class KVStore(Protocol):
     """What every store offers, embedded (``mooncakefs.open``), one node's (``RemoteStore``) or a
     cluster's (``ClusterStore``): code written against this (the FUSE layer, the Mooncake drop-in)
-    works on all three.  Each store's own docstrings say what it adds (``version``, ``if_newer``...)."""
+    works on all three.  Each store's own docstrings say what it adds (``version``, ``if_newer``; ``tier``
+    on an embedded store or one node, whose VRAM tier it names...)."""
 
     @property
     def closed(self) -> bool: ...

@@ -35,6 +35,7 @@ from mooncakefs.api import (
     batch_targets,
     buffer_error,
     check_seconds,
+    check_tier,
     holds_objects,
     key_list,
     put_options,
@@ -375,24 +376,35 @@ class RemoteStore(KVMapping):
         if_newer: bool = False,
         replicas: int | None = None,
         placement: str | None = None,
+        tier: str | None = None,
         cluster_flags: int = 0,
         crc: int | None = None,
     ) -> None:
         """As ``Store.put``; its arguments are checked here, before anything is sent.  The value travels
         with its CRC-32C, computed as it is sent; the node refuses it (ChecksumError, nothing stored) if
-        the bytes that arrive do not match.  (``cluster_flags``: the cluster client's LOCAL and replica
-        count.  ``crc``: the value's CRC-32C when the caller keeps one, as a node copying a stored value
-        does: sent instead of computed, so a copy whose bytes differ from the original is refused.)"""
+        the bytes that arrive do not match.  ``tier`` ("vram" or "dram") travels with the value: the
+        node's store places it as ``Store.put`` places a host buffer (tier='vram' needs a node with a
+        VRAM tier, ``mooncakefs node --vram``).  (``cluster_flags``: the cluster client's LOCAL and
+        replica count.  ``crc``: the value's CRC-32C when the caller keeps one, as a node copying a stored
+        value does: sent instead of computed, so a copy whose bytes differ from the original is refused.)"""
         options = put_options(pin, ttl, if_absent, durable, version, if_newer, 0, replicas, placement)
         if options is not PLAIN_PUT:
             options.single_store("put", f"the node at {self.url}")
-        self._put(key, value, options, cluster_flags, crc)
+        self._put(key, value, options, cluster_flags, crc, check_tier(tier))
 
-    def _put(self, key: Key, value: Any, options: PutOptions, cluster_flags: int = 0, crc: int | None = None) -> None:
-        """``put`` with its options checked (``replicas`` and ``placement`` are the cluster client's, which
-        tells the node how it placed the value through ``cluster_flags``)."""
+    def _put(
+        self,
+        key: Key,
+        value: Any,
+        options: PutOptions,
+        cluster_flags: int = 0,
+        crc: int | None = None,
+        tier: str | None = None,
+    ) -> None:
+        """``put`` with its options and tier checked (``replicas`` and ``placement`` are the cluster
+        client's, which tells the node how it placed the value through ``cluster_flags``)."""
         raw, src = encode_key(key), _bytes_of(value)
-        head = [raw, len(src), *pack_put_options(options, cluster_flags)]
+        head = [raw, len(src), *pack_put_options(options, cluster_flags, tier)]
         if len(src) <= self.inline_max:
 
             def put_inline(ch: Channel) -> None:

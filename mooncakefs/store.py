@@ -143,12 +143,16 @@ class PendingPut:
     """A put whose bytes arrive later (the node fills it from a socket or a client's memcpy).
 
     ``buffer`` is where the value goes: its DRAM block (``pool_offset`` >= 0), or, when DRAM has no
-    room, a private buffer written to SSD at ``Store.end_put``.  Nobody sees it until then."""
+    room, a private buffer written to SSD at ``Store.end_put``.  Nobody sees it until then.  ``tier``
+    is "vram" when ``end_put`` is to copy it from there into VRAM (a put with tier='vram'), else None."""
 
-    __slots__ = ("buffer", "entry", "key", "options", "raw")
+    __slots__ = ("buffer", "entry", "key", "options", "raw", "tier")
 
-    def __init__(self, raw: bytes, key: Key, entry: Entry, buffer: memoryview, options: PutOptions) -> None:
+    def __init__(
+        self, raw: bytes, key: Key, entry: Entry, buffer: memoryview, options: PutOptions, tier: str | None = None
+    ) -> None:
         self.raw, self.key, self.entry, self.buffer, self.options = raw, key, entry, buffer, options
+        self.tier = tier
 
     @property
     def pool_offset(self) -> int:
@@ -463,14 +467,7 @@ class Store(KVMapping):
         on_device = isinstance(value, DeviceBuffer) and value.on_device
         size = value.nbytes
         raw, entry = self._prepare_put(key, size, options)
-        where = choose_tier(
-            hint,
-            on_device=on_device,
-            has_vram=self._vram is not None,
-            pinned=entry.pinned,
-            durable=entry.durable,
-            sticky=entry.sticky,
-        )
+        where = self._first_tier(hint, entry, on_device)
         if where == "vram" and self._put_vram(raw, key, entry, value, options.replace):
             return
         if isinstance(value, DeviceBuffer):  # to the host, then as any put
@@ -481,6 +478,18 @@ class Store(KVMapping):
                 gpu.d2h(_engine.address(host), value.ptr, size)
             value = host
         self._put_prepared(raw, key, entry, value, options)
+
+    def _first_tier(self, hint: str | None, entry: Entry, on_device: bool) -> str:
+        """Where a put of ``entry`` goes first, "vram" or "dram" (``choose_tier``: InvalidArgument for a
+        hint this store cannot follow)."""
+        return choose_tier(
+            hint,
+            on_device=on_device,
+            has_vram=self._vram is not None,
+            pinned=entry.pinned,
+            durable=entry.durable,
+            sticky=entry.sticky,
+        )
 
     def _put_vram(self, raw: bytes, key: Key, entry: Entry, value: Any, replace: Replace) -> bool:
         """Put a value into a fresh VRAM block: False (nothing done) when VRAM has no room for it.
@@ -704,12 +713,15 @@ class Store(KVMapping):
         """The fastest tier holding the entry."""
         return "vram" if entry.vram >= 0 else "dram" if entry.dram >= 0 else "ssd"
 
-    def begin_put(self, key: Key, size: int, options: PutOptions = PLAIN_PUT) -> PendingPut:
+    def begin_put(self, key: Key, size: int, options: PutOptions = PLAIN_PUT, tier: str | None = None) -> PendingPut:
         """Reserve room for a ``size``-byte value: fill ``.buffer``, then ``end_put`` (or ``abort_put``).
 
         This is ``put`` in two halves, for callers that receive the bytes straight into place (a node
         receiving a put); ``options`` are ``put``'s keywords, checked (``PutOptions``), which the caller
-        carries from where it got them.  A value that must go straight to SSD is staged in memory first;
+        carries from where it got them, and ``tier`` is ``put``'s for a host buffer, checked here, before
+        any bytes arrive.  The bytes arrive in host memory either way: a value bound for VRAM is copied
+        there at ``end_put`` (straight from the DRAM pool, which CUDA can reach), and stays where it
+        arrived when VRAM has no room.  A value that must go straight to SSD is staged in memory first;
         staging is limited in all (to the DRAM pool's size, or STAGING_MIN if more), so puts in flight
         cannot take the host's memory."""
         if type(size) is not int or not 0 <= size < 1 << 48:
@@ -718,6 +730,7 @@ class Store(KVMapping):
             raise InvalidArgument(f"begin_put's options must be a PutOptions, got {type(options).__name__}")
         options.single_store("begin_put", f"the embedded store at {self.path}")
         raw, entry = self._prepare_put(key, size, options)
+        first = "vram" if tier is not None and self._first_tier(tier, entry, False) == "vram" else None
         with self._lock:
             self._check_open()
             if self._expiring:
@@ -725,7 +738,9 @@ class Store(KVMapping):
             self._check_replace(raw, key, entry, options.replace)
             entry.dram, entry.dram_off = self._reserve(size)
             if entry.dram >= 0:
-                return PendingPut(raw, key, entry, self._dram.view[entry.dram_off : entry.dram_off + size], options)
+                return PendingPut(
+                    raw, key, entry, self._dram.view[entry.dram_off : entry.dram_off + size], options, first
+                )
             if entry.pinned or self._ssd is None:
                 self._put_ssd_only(raw, key, entry, b"")  # raises the OutOfSpace a put would
             budget = max(self._dram.capacity, STAGING_MIN)
@@ -740,7 +755,7 @@ class Store(KVMapping):
             except OSError as exc:
                 raise OutOfSpace(f"key {describe_key(key)}: cannot stage {format_size(size)}: {exc.strerror}") from None
             self._staged += size
-        return PendingPut(raw, key, entry, buffer, options)
+        return PendingPut(raw, key, entry, buffer, options, first)
 
     def end_put(self, pending: PendingPut, crc: int | None = None) -> None:
         """Publish a filled ``begin_put``: from here on readers see the new value.  ``crc``: its CRC-32C,
@@ -748,6 +763,8 @@ class Store(KVMapping):
         raw, key, entry = pending.raw, pending.key, pending.entry
         if crc is not None:
             entry.crc = crc
+        if pending.tier == "vram" and self._end_put_vram(pending):
+            return
         with self._lock:
             if entry.dram >= 0:
                 self._publish(raw, key, entry, pending.options, pending.buffer)
@@ -758,6 +775,20 @@ class Store(KVMapping):
                 self._put_ssd_only(raw, key, entry, pending.buffer)
             finally:
                 self._unstage(pending)
+
+    def _end_put_vram(self, pending: PendingPut) -> bool:
+        """Copy a filled put bound for VRAM into a VRAM entry of its own, as a host buffer's put with
+        tier='vram' is, then give back the room it arrived in; False (nothing done) when VRAM has no room."""
+        _raw, entry = self._prepare_put(pending.key, pending.size, pending.options)  # checked at begin_put
+        entry.crc = pending.entry.crc
+        try:
+            moved = self._put_vram(pending.raw, pending.key, entry, pending.buffer, pending.options.replace)
+        except BaseException:
+            self.abort_put(pending)
+            raise
+        if moved:
+            self.abort_put(pending)
+        return moved
 
     def abort_put(self, pending: PendingPut) -> None:
         """Give back a ``begin_put`` that will not be published (its writer went away)."""

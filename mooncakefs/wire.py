@@ -88,9 +88,10 @@ _PLACED_PUTS: dict[int, PutOptions] = {}
 _PLACED_PUTS_MAX = 64
 
 
-def pack_put_options(options: PutOptions = PLAIN_PUT, cluster_flags: int = 0) -> list[Any]:
-    """A put's options (checked ``PutOptions``, and the cluster's placement flags) as the end of its
-    meta: [flags, ttl, version]."""
+def pack_put_options(options: PutOptions = PLAIN_PUT, cluster_flags: int = 0, tier: str | None = None) -> list[Any]:
+    """A put's options (checked ``PutOptions``, the cluster's placement flags, and a PUT's or PUT_BEGIN's
+    tier hint) as the end of its meta: [flags, ttl, version], then the tier where one is given (a put
+    without one is the frame of before the field came, which every node takes)."""
     flags = (
         (PIN if options.pin else 0)
         | (IF_ABSENT if options.if_absent else 0)
@@ -98,7 +99,18 @@ def pack_put_options(options: PutOptions = PLAIN_PUT, cluster_flags: int = 0) ->
         | (IF_NEWER if options.if_newer else 0)
         | cluster_flags
     )
-    return [flags, options.ttl, pack_version(options.version)]
+    packed = [flags, options.ttl, pack_version(options.version)]
+    if tier is not None:
+        packed.append(tier)
+    return packed
+
+
+def unpack_put_head(meta: Sequence[Any]) -> tuple[Any, Any, PutOptions, Any]:
+    """A PUT's or PUT_BEGIN's meta, [key, size, flags, ttl, version] and maybe a tier: (key, size,
+    options, tier), the tier None where the client sent none (as one from before it travelled does);
+    the store checks it."""
+    key, size, flags, ttl, version, tier = meta if len(meta) == 6 else (*meta, None)
+    return key, size, unpack_put_options(flags, ttl, version), tier
 
 
 def unpack_put_options(flags: Any, ttl: Any, version: Any) -> PutOptions:

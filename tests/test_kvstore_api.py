@@ -94,6 +94,15 @@ def test_put_options_travel_to_a_node_as_put_options():
         wire.unpack_put_options(wire.IF_ABSENT | wire.IF_NEWER, None, None)
 
 
+def test_a_put_tier_travels_as_the_last_field_of_its_meta_and_only_when_given():
+    """A put's tier hint follows its options in PUT and PUT_BEGIN meta, only when there is one: a put
+    without one is the frame of before the field came, and such a frame unpacks to no tier."""
+    options = PutOptions(ttl=30, version=9)
+    assert wire.pack_put_options(options, 0, "vram") == [*wire.pack_put_options(options), "vram"]
+    assert wire.unpack_put_head([b"k", 3, *wire.pack_put_options(options, 0, "vram")]) == (b"k", 3, options, "vram")
+    assert wire.unpack_put_head([b"k", 3, *wire.pack_put_options()]) == (b"k", 3, PLAIN_PUT, None)
+
+
 def _protocol_methods() -> dict[str, inspect.Signature]:
     names = [n for n, v in vars(KVStore).items() if callable(v) and (not n.startswith("_") or n.startswith("__"))]
     wanted = {n for n in names if n not in vars(object) or n in ("__contains__", "__len__", "__enter__", "__exit__")}

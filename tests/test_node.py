@@ -251,6 +251,60 @@ def test_pin_ttl_and_stat(client):
         client.get(client.ns + "ttl")
 
 
+def _embedded_error(tmp_path: Path, **put_options) -> str:
+    """What the embedded store (no VRAM tier, as the shared node has none) says to a put with these options."""
+    with mooncakefs.open(tmp_path / "embedded", dram="4MiB") as store, pytest.raises(InvalidArgument) as refused:
+        store.put("k", b"v", **put_options)
+    return str(refused.value)
+
+
+def _puts_served(node: NodeProcess) -> float:
+    metrics = scrape_metrics(node)
+    return sum(metrics.get(f'mooncakefs_requests_total{{op="{op}"}}', 0) for op in ("put", "put_begin"))
+
+
+@pytest.mark.parametrize("size", [16, 1 * MiB], ids=["16B", "1MiB"])  # in the PUT; PUT_BEGIN on the Unix socket
+def test_a_put_tier_travels_to_the_node_and_is_checked_as_the_embedded_store_checks_it(
+    client, shared_node, tmp_path, size
+):
+    """``tier=`` reaches the node's store: a node without a VRAM tier refuses tier="vram" as the embedded
+    store does (nothing stored) and takes tier="dram"; a tier name no store knows is refused by the client
+    before any frame is sent."""
+    key, value = client.ns + "tiered", rand_bytes(size, "tier")
+    with pytest.raises(InvalidArgument) as refused:
+        client.put(key, value, tier="vram")
+    assert str(refused.value) == _embedded_error(tmp_path, tier="vram")
+    assert not client.exists(key)
+    client.put(key, value, tier="dram")
+    assert client.stat(key).tier == "dram" and client.get(key) == value
+    puts = _puts_served(shared_node)
+    for bad in ("gpu", "VRAM", 0):
+        with pytest.raises(InvalidArgument) as refused:
+            client.put(key, b"never sent", tier=bad)
+        assert str(refused.value) == _embedded_error(tmp_path, tier=bad)
+    assert _puts_served(shared_node) == puts and client.get(key) == value
+
+
+def test_a_put_frame_without_a_tier_is_still_taken(shared_node, transport):
+    """The tier is an optional last field of PUT's meta: a frame without it (a client from before it)
+    is a plain put, and one with it is placed by it."""
+    ch = raw_channel(shared_node.url(transport))
+    try:
+        ch.send(Op.PUT, [b"oldstyle/k", 3, 0, None, None], b"old")
+        ch.read_reply()
+        ch.send(Op.PUT, [b"oldstyle/k", 3, 0, None, None, "vram"], b"new")
+        with pytest.raises(InvalidArgument, match="tier='vram' needs a VRAM tier"):
+            ch.read_reply()
+        ch.send(Op.PUT_BEGIN, [b"oldstyle/big", 3, 0, None, None, "gpu"])
+        with pytest.raises(InvalidArgument, match="tier must be one of"):
+            ch.read_reply()
+    finally:
+        ch.close()
+    with mooncakefs.connect(shared_node.url(transport), timeout=10) as client:
+        assert client.get("oldstyle/k") == b"old" and not client.exists("oldstyle/big")
+        assert client.remove_prefix("oldstyle/") == 1
+
+
 def test_listing_prefix_stats_persist(client):
     ns = client.ns
     chain = [f"{ns}blk/{i}" for i in range(10)]

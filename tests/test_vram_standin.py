@@ -17,8 +17,9 @@ import pytest
 
 import mooncakefs
 from mooncakefs import _engine, gpu
-from mooncakefs.errors import ChecksumError
+from mooncakefs.errors import ChecksumError, InvalidArgument
 from mooncakefs.gpu import DL_CUDA, DeviceBuffer, export_dlpack
+from mooncakefs.node import Node
 from mooncakefs.tiers import gds as gds_module
 from mooncakefs.tiers import vram as vram_module
 from mooncakefs.tiers.gds import COMPAT, GpuDirect
@@ -615,3 +616,43 @@ def test_a_value_corrupted_on_ssd_is_caught_on_its_first_cufile_read(tmp_path, c
             store.get_into("bad", HostArray(bytes(len(bad))))
         assert "bad" not in store and store.get("good") == good
         assert store.stats()["ssd"]["gpudirect"]["checked"] == 2  # the first read of each value only
+
+
+@pytest.fixture
+def vram_node(tmp_path, cudas) -> Any:
+    """A node (in this process: its VRAM tier is the stand-in's) over a store with 1 MiB of VRAM, served on a
+    Unix socket and loopback TCP; stopped (its store closed) at teardown."""
+    store = mooncakefs.open(tmp_path / "kv", dram="8MiB", vram="1MiB")
+    node = Node(store, unix_path=tmp_path / "node.sock", tcp=("127.0.0.1", 0))
+    try:
+        node.start()
+    except BaseException:
+        store.close()
+        raise
+    yield node
+    node.stop()
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+@pytest.mark.parametrize("size", [1000, 256 << 10], ids=["in the PUT", "PUT_BEGIN"])
+def test_a_node_client_places_a_host_value_with_tier(vram_node, transport, size):
+    """``RemoteStore.put(tier=)`` reaches the node's store, which places the value as ``Store.put`` places
+    a host buffer: "vram" into its VRAM tier (or DRAM, where VRAM has no room), "dram" and no tier not."""
+    host, port = vram_node.tcp
+    url = f"unix://{vram_node.unix_path}" if transport == "unix" else f"tcp://{host}:{port}"
+    # inline_max: the larger value leaves the request for PUT_BEGIN on either transport (the pool, the engine)
+    with mooncakefs.connect(url, timeout=HANG_GUARD, inline_max=32 << 10) as client:
+        values = {tier: bytes([i + 1]) * size for i, tier in enumerate(("vram", "dram", None))}
+        for tier, value in values.items():
+            client.put(f"k-{tier}", value, tier=tier)
+        assert [client.stat(f"k-{tier}").tier for tier in values] == ["vram", "dram", "dram"]
+        assert all(client.get(f"k-{tier}") == value for tier, value in values.items())
+        too_big = b"b" * (2 << 20)  # over the whole VRAM tier: it stays in DRAM, where it arrived
+        client.put("big", too_big, tier="vram")
+        assert client.stat("big").tier == "dram" and client.get("big") == too_big
+        with pytest.raises(InvalidArgument, match="tier='vram' cannot be combined with pin"):
+            client.put("pinned", b"p" * size, tier="vram", pin=True)
+        assert "pinned" not in client
+        assert client.remove_prefix("") == 4
+    stats = vram_node.store.stats()
+    assert stats["vram"]["used"] == stats["dram"]["used"] == 0  # the room a VRAM value arrived in was given back

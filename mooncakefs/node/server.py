@@ -54,6 +54,7 @@ from mooncakefs.wire import (
     check_crc,
     error_meta,
     pack_version,
+    unpack_put_head,
     unpack_put_options,
 )
 
@@ -365,16 +366,15 @@ class Node(FramedServer):
             self.cluster.check(session.epoch, write=True)  # type: ignore[union-attr]
 
     def _put(self, session: Session, meta: list[Any], payload_len: int) -> None:
-        key, size, flags, ttl, version = meta
+        key, size, options, tier = unpack_put_head(meta)
         if type(size) is not int or size + (CRC_TRAILER.size if session.channel.flags & WITH_CRC else 0) != payload_len:
             raise ValueError(f"put declares {size!r:.40} bytes but carries {payload_len}")
-        options = unpack_put_options(flags, ttl, version)
-        self._receive_put(session, self.store.begin_put(self._key(session, key), size, options))
+        self._receive_put(session, self.store.begin_put(self._key(session, key), size, options, tier))
         self._ok(session)
 
     def _put_begin(self, session: Session, meta: list[Any], _n: int) -> None:
-        key, size, flags, ttl, version = meta
-        pending = self.store.begin_put(self._key(session, key), size, unpack_put_options(flags, ttl, version))
+        key, size, options, tier = unpack_put_head(meta)
+        pending = self.store.begin_put(self._key(session, key), size, options, tier)
         put_id = secrets.randbits(63)
         with self._pending_lock:
             self._pending[put_id] = Reservation(pending, session)

@@ -22,12 +22,11 @@ from typing import Any
 
 from mooncakefs import _engine
 from mooncakefs._engine import Entry
+from mooncakefs.api import check_tier
 from mooncakefs.errors import InvalidArgument
 from mooncakefs.gpu import DL_CUDA, Cuda, DeviceBuffer, export_dlpack
 from mooncakefs.tiers.base import Placement
 from mooncakefs.units import format_size
-
-TIER_HINTS = (None, "vram", "dram")  # what put(..., tier=) takes
 
 
 def choose_tier(hint: str | None, *, on_device: bool, has_vram: bool, pinned: bool, durable: bool, sticky: bool) -> str:
@@ -36,8 +35,7 @@ def choose_tier(hint: str | None, *, on_device: bool, has_vram: bool, pinned: bo
     A GPU buffer goes to VRAM when the store has a VRAM tier, a host buffer to DRAM, unless ``hint``
     says otherwise.  Pinned, durable and sticky values go to DRAM: pinned ones live there, and the other
     two need their SSD copy written from host memory."""
-    if hint not in TIER_HINTS:
-        raise InvalidArgument(f"tier must be one of {TIER_HINTS}, got {hint!r:.40}")
+    check_tier(hint)
     if hint == "vram":
         if not has_vram:
             raise InvalidArgument("tier='vram' needs a VRAM tier: open the store with vram=... (a node: --vram)")
