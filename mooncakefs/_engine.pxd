@@ -128,6 +128,7 @@ cdef class KeyIndex:
     cdef void _drop_all(self) noexcept
     cdef Py_ssize_t _find(self, const char *p, Py_ssize_t n, Py_hash_t h) noexcept
     cdef Py_ssize_t _find_raw(self, bytes raw, Py_hash_t h) noexcept
+    cdef PyObject *_at(self, raw) except? NULL
     cpdef object lookup(self, key)
     cdef object swap(self, bytes raw, Entry entry, Py_hash_t h)
     cdef int _grow(self) except -1

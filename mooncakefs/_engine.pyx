@@ -1176,21 +1176,26 @@ cdef class KeyIndex:
     def __len__(self) -> int:
         return self.used
 
-    def __contains__(self, raw) -> bool:
-        return type(raw) is bytes and self._find_raw(raw, PyObject_Hash(raw)) >= 0
-
-    def get(self, raw, default=None):
+    cdef inline PyObject *_at(self, raw) except? NULL:
+        """The entry under ``raw`` (borrowed), NULL if none: any key but bytes is in no slot."""
         cdef Py_ssize_t i
         if type(raw) is not bytes:
-            return default
+            return NULL
         i = self._find_raw(raw, PyObject_Hash(raw))
-        return <object>self.slots[i].entry if i >= 0 else default
+        return self.slots[i].entry if i >= 0 else NULL
+
+    def __contains__(self, raw) -> bool:
+        return self._at(raw) != NULL
+
+    def get(self, raw, default=None):
+        cdef PyObject *found = self._at(raw)
+        return default if found == NULL else <object>found
 
     def __getitem__(self, raw):
-        found = self.get(raw, _ABSENT)
-        if found is _ABSENT:
+        cdef PyObject *found = self._at(raw)
+        if found == NULL:
             raise KeyError(raw)
-        return found
+        return <object>found
 
     def __setitem__(self, raw, entry) -> None:
         if type(raw) is not bytes:
