@@ -777,6 +777,7 @@ VERSION_LOW_MASK = (1 << 63) - 1
 
 
 VALUE_SIZE_LIMIT = 1 << 48  # what an entry's size field holds (Store.begin_put's limit too)
+cdef long long ANY_SIZE = VALUE_SIZE_LIMIT  # (in C)
 
 
 cdef extern from *:
@@ -1991,6 +1992,34 @@ cdef class PlainPath:
                 self.release()
         finally:
             PyBuffer_Release(&d)
+
+    def lease(self, key):
+        """``ValueView``'s read of a DRAM-resident value that cannot expire, the store's lock taken here:
+        its entry, leased (its block is neither evicted nor reused until ``unlease``), counted as a hit
+        and touched; None to leave the read to the store's general path.  A refused key raises."""
+        cdef Entry entry
+        self.acquire()
+        try:
+            if self.closed:
+                return None
+            entry = self._hit(key, ANY_SIZE)
+            if entry is not None:
+                entry.readers += 1
+            return entry
+        finally:
+            self.release()
+
+    def unlease(self, Entry entry) -> None:
+        """End a ``lease``, the store's lock taken here; the last reader of a value replaced or removed
+        meanwhile frees it through ``Store._release_lease``."""
+        self.acquire()
+        try:
+            if entry.readers > 1 or not entry.word.dead:
+                entry.readers -= 1
+            else:
+                self.store._release_lease(entry)
+        finally:
+            self.release()
 
     cdef Py_ssize_t _read_many(self, list keys, list buffers, list results, Py_ssize_t i) except -1:
         """One lock's worth of ``read_batch`` (lock held): from key ``i`` on, until ``batch_bytes`` of

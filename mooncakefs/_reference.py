@@ -1036,6 +1036,22 @@ class PlainPath:
             out[: entry.size] = self.view[entry.dram_off : entry.dram_off + entry.size]
             return entry.size
 
+    def lease(self, key: Any) -> Entry | None:
+        with self.lock:
+            if self.closed:
+                return None
+            entry = self._hit(key, VALUE_SIZE_LIMIT)
+            if entry is not None:
+                entry.readers += 1
+            return entry
+
+    def unlease(self, entry: Entry) -> None:
+        with self.lock:
+            if entry.readers > 1 or not entry.dead:
+                entry.readers -= 1
+            else:
+                self.store._release_lease(entry)
+
     def _read_many(self, keys: list[Any], buffers: list[Any] | None, results: list[Any], i: int) -> int:
         copied = hits = 0
         try:

@@ -100,6 +100,11 @@ class ValueView:
 
     def __enter__(self) -> memoryview:
         store, key = self._store, self._key
+        entry = store._plain.lease(key)
+        if entry is not None:  # in DRAM: viewed in place
+            self.version, self._crc, self._entry = entry.version, entry.crc, entry
+            self._view = store._dram.readonly_view(entry.dram_off, entry.size)
+            return self._view
         raw = encode_key(key)
         with store._lock:
             entry = store._find(raw, key)
@@ -134,8 +139,7 @@ class ValueView:
             self._view.release()
             self._view = None
         if self._entry is not None:
-            with self._store._lock:
-                self._store._release_lease(self._entry)
+            self._store._plain.unlease(self._entry)
             self._entry = None
 
 
