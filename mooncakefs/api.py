@@ -44,6 +44,8 @@ def check_ttl(ttl: object) -> float | None:
     ``ttl=True`` are mistakes, not 30 s and 1 s."""
     if ttl is None:
         return None
+    if type(ttl) is float and 0 < ttl < math.inf:  # the common case, without the ABC check below
+        return ttl
     if isinstance(ttl, bool) or not isinstance(ttl, numbers.Real):
         raise InvalidArgument(f"ttl must be a number of seconds (int or float) or None, got {given(ttl)}")
     try:
@@ -110,15 +112,21 @@ class PutOptions:
     replace: Replace = field(init=False, default=Replace.ALWAYS, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("pin", "if_absent", "durable", "if_newer"):
-            check_flag(name, getattr(self, name))
-        if self.if_absent and self.if_newer:
+        pin, if_absent, durable, if_newer = self.pin, self.if_absent, self.durable, self.if_newer
+        if not (pin is False or pin is True) or not (if_absent is False or if_absent is True):
+            check_flag("pin", pin)
+            check_flag("if_absent", if_absent)
+        if not (durable is False or durable is True) or not (if_newer is False or if_newer is True):
+            check_flag("durable", durable)
+            check_flag("if_newer", if_newer)
+        if if_absent and if_newer:
             raise InvalidArgument("put takes if_absent or if_newer, not both")
         check_version(self.version)
         check_tag(self.tag)
-        object.__setattr__(self, "ttl", check_ttl(self.ttl))
-        replace = Replace.NEVER if self.if_absent else Replace.IF_OLDER if self.if_newer else Replace.ALWAYS
-        object.__setattr__(self, "replace", replace)
+        if self.ttl is not None:
+            object.__setattr__(self, "ttl", check_ttl(self.ttl))
+        if if_absent or if_newer:
+            object.__setattr__(self, "replace", Replace.NEVER if if_absent else Replace.IF_OLDER)
 
     def stamped(self, version: int) -> PutOptions:
         """These options with ``version`` (checked): what a cluster client sends with each value it puts.
