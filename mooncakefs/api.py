@@ -138,16 +138,17 @@ class PutOptions:
         object.__setattr__(copy, "version", check_version(version))
         return copy
 
-    def single_store(self, call: str, where: str) -> None:
+    def single_store(self, call: str, kind: str, place: object) -> None:
         """``replicas`` and ``placement`` mean something only in a cluster: a single store (embedded, or
-        one node) keeps one copy of each value, so it takes replicas=1 and no placement, and says so."""
+        one node) keeps one copy of each value, so it takes replicas=1 and no placement, and says so,
+        naming the store as "the ``kind`` at ``place``" (made only then: every put with options calls this)."""
         replicas, placement = self.replicas, self.placement
         if (replicas is None or (type(replicas) is int and replicas == 1)) and placement is None:
             return
         option = f"replicas={replicas!r:.40}" if placement is None else f"placement={placement!r:.40}"
         raise InvalidArgument(
-            f"{call}({option}): replicas and placement need a cluster, and {where} is a single store that keeps "
-            "one copy of each value; connect to a cluster with mooncakefs.connect('etcd://HOST:2379/CLUSTER')"
+            f"{call}({option}): replicas and placement need a cluster, and the {kind} at {place} is a single store "
+            "that keeps one copy of each value; connect to a cluster with mooncakefs.connect('etcd://HOST:2379/CLUSTER')"
         )
 
 

@@ -389,7 +389,7 @@ class RemoteStore(KVMapping):
         value does: sent instead of computed, so a copy whose bytes differ from the original is refused.)"""
         options = put_options(pin, ttl, if_absent, durable, version, if_newer, 0, replicas, placement)
         if options is not PLAIN_PUT:
-            options.single_store("put", f"the node at {self.url}")
+            options.single_store("put", "node", self.url)
         self._put(key, value, options, cluster_flags, crc, check_tier(tier))
 
     def _put(
@@ -494,7 +494,7 @@ class RemoteStore(KVMapping):
         raised; bad options or items that are not pairs fail the call before anything is sent.  Small
         values go in one frame; large ones one by one."""
         options = put_options(pin, ttl, if_absent, durable, version, if_newer, 0, replicas, placement)
-        options.single_store("batch_put", f"the node at {self.url}")
+        options.single_store("batch_put", "node", self.url)
         return self._batch_put(put_pairs(items), options, cluster_flags)
 
     def _batch_put(self, pairs: list[tuple[Any, Any]], options: PutOptions, cluster_flags: int = 0) -> list[Any]:

@@ -419,7 +419,7 @@ class Store(KVMapping):
             self._plain.put(key, value)
             return
         if options is not PLAIN_PUT and (replicas is not None or placement is not None):
-            options.single_store("put", f"the embedded store at {self.path}")
+            options.single_store("put", "embedded store", self.path)
         self._put_general(key, value, options, tier)
 
     def _put_general(self, key: Key, value: Any, options: PutOptions, tier: str | None) -> None:
@@ -732,7 +732,7 @@ class Store(KVMapping):
             raise ValueError(f"value size must be an integer from 0 to 2**48, got {size!r:.40}")
         if not isinstance(options, PutOptions):
             raise InvalidArgument(f"begin_put's options must be a PutOptions, got {type(options).__name__}")
-        options.single_store("begin_put", f"the embedded store at {self.path}")
+        options.single_store("begin_put", "embedded store", self.path)
         raw, entry = self._prepare_put(key, size, options)
         first = "vram" if tier is not None and self._first_tier(tier, entry, False) == "vram" else None
         with self._lock:
@@ -1489,7 +1489,7 @@ class Store(KVMapping):
         options only."""
         options = put_options(pin, ttl, if_absent, durable, version, if_newer, tag, replicas, placement)
         if options is not PLAIN_PUT:
-            options.single_store("batch_put", f"the embedded store at {self.path}")
+            options.single_store("batch_put", "embedded store", self.path)
         return self._batch_put(items, options)
 
     def _batch_put(self, items: Any, options: PutOptions) -> list[Any]:

@@ -71,9 +71,9 @@ def test_a_replica_count_alone_costs_no_check():
 
 @pytest.mark.parametrize("options", [PutOptions(replicas=2), PutOptions(placement="local")])
 def test_single_store_refuses_cluster_options(options):
-    with pytest.raises(InvalidArgument, match="replicas and placement need a cluster"):
-        options.single_store("put", "the embedded store at /x")
-    PutOptions(replicas=1).single_store("put", "the embedded store at /x")  # one copy: fine
+    with pytest.raises(InvalidArgument, match="need a cluster, and the embedded store at /x is a single store"):
+        options.single_store("put", "embedded store", "/x")
+    PutOptions(replicas=1).single_store("put", "embedded store", "/x")  # one copy: fine
 
 
 def test_put_options_travel_to_a_node_as_put_options():
