@@ -42,6 +42,11 @@ cdef extern from *:
 
 cdef extern from "<sys/mman.h>" nogil:
     int madvise(void *addr, size_t length, int advice)
+    int mincore(void *addr, size_t length, unsigned char *vec)
+
+cdef extern from "<unistd.h>" nogil:
+    long sysconf(int name)
+    int _SC_PAGESIZE
 
 
 cdef extern from *:
@@ -233,6 +238,23 @@ cpdef bytes encode_key(object key):
     if 0 < PyBytes_GET_SIZE(raw) <= MAX_KEY:
         return raw
     return _encode_key_checked(key)
+
+
+def pages_mapped(size_t addr, size_t size) -> bool:
+    """Whether every page of [addr, addr+size) is mapped in this process (``mincore`` fails with ENOMEM
+    where one is not): a raw address registered earlier may have been unmapped since, and a copy from
+    it would kill the process.  Permissions are not checked; one system call per 16 MiB."""
+    cdef unsigned char vec[4096]
+    cdef size_t page = <size_t>sysconf(_SC_PAGESIZE)
+    cdef size_t at = addr - addr % page, end = addr + size, step = sizeof(vec) * page, n
+    if size == 0 or end < addr:
+        return size == 0
+    while at < end:
+        n = min(step, end - at)
+        if mincore(<void *>at, n, vec) != 0:
+            return False
+        at += n
+    return True
 
 
 def address(obj) -> int:

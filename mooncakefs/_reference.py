@@ -75,6 +75,17 @@ def nbytes(obj: object) -> int:
     return _read_view(obj, "value").nbytes
 
 
+def pages_mapped(addr: int, size: int) -> bool:
+    """``_engine.pages_mapped``: ``mincore`` through ctypes, one page vector for the whole range."""
+    if size == 0 or addr + size > 1 << 64:
+        return size == 0
+    page = os.sysconf("SC_PAGESIZE")
+    start = addr - addr % page
+    length = addr + size - start
+    vec = ctypes.create_string_buffer((length + page - 1) // page)
+    return _libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vec) == 0
+
+
 def address(obj: object) -> int:
     """Memory address of a buffer's first byte (to check alignment for O_DIRECT I/O), through numpy."""
     import numpy

@@ -1388,3 +1388,18 @@ def test_key_index_holds_one_reference_to_each_entry(engine):
     assert index[b"k"] is entry
     del index
     assert sys.getrefcount(entry) == alone
+
+
+def test_pages_mapped_sees_a_range_unmapped_since(impl):
+    """``pages_mapped``: true for memory of this process, at any offset into a page and across pages,
+    false once any page of the range is unmapped; an empty range is always mapped."""
+    import mmap
+
+    region = mmap.mmap(-1, 5 * 4096)
+    base = impl.address(region)
+    assert impl.pages_mapped(base, 5 * 4096) and impl.pages_mapped(base + 100, 3 * 4096) and impl.pages_mapped(0, 0)
+    region.close()
+    assert not impl.pages_mapped(base, 4096) and not impl.pages_mapped(base + 4095, 2)
+    assert not impl.pages_mapped((1 << 64) - 4096, 4096)
+    big = np.zeros(40 << 20, dtype=np.uint8)  # past one system call's 16 MiB of pages
+    assert impl.pages_mapped(big.ctypes.data, big.nbytes)

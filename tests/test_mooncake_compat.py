@@ -213,6 +213,40 @@ def test_a_range_that_is_not_this_processs_memory_is_refused_and_registration_st
     assert store.unregister_buffer(buf.ctypes.data) == 0
 
 
+def test_a_registered_buffer_unmapped_since_is_refused_not_a_crash(node):
+    """A buffer registered, then freed (unmapped) without unregister_buffer: put_from, get_into and their
+    batches read or wrote it through the view made at registration, and the process died of SIGSEGV.
+    Run in a process of its own, so that a crash is this test's failure alone."""
+    host, port = node.tcp_address
+    done = run_as_mooncake(
+        f"""
+        import mmap, sys
+        from mooncake.store import MooncakeDistributedStore
+        from mooncakefs import _engine
+
+        store = MooncakeDistributedStore()
+        assert store.setup("localhost", "P2PHANDSHAKE", 512 << 20, 16 << 20, "tcp", "", "{host}:{port}") == 0
+        region = mmap.mmap(-1, 1 << 20)
+        ptr = _engine.address(region)
+        assert store.register_buffer(ptr, 1 << 20) == 0 and store.put_from("kept", ptr, 4096) == 0
+        region.close()  # unmapped, still registered
+        codes = [
+            store.put_from("gone", ptr, 4096),
+            store.get_into("kept", ptr + 8192, 4096),
+            *store.batch_put_from(["gone"], [ptr], [4096]),
+            *store.batch_get_into(["kept"], [ptr], [4096]),
+        ]
+        print(codes, store.last_error)
+        assert all(code < 0 for code in codes), codes
+        assert "no longer mapped" in str(store.last_error)
+        assert store.is_exist("gone") == 0 and store.get("kept") == bytes(4096)
+        assert store.unregister_buffer(ptr) == 0
+        store.close()
+        """
+    )
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
+
+
 def test_setup_config_dict_with_human_readable_sizes_and_clear_refusals(node):
     s = MooncakeDistributedStore()
     config = {

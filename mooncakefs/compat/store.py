@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import mooncakefs
+from mooncakefs import _engine
 from mooncakefs.api import SINGLE_KEY_TYPES, KVStore
 from mooncakefs.compat import ENDPOINT_ENV, is_mapped
 from mooncakefs.errors import (
@@ -340,6 +341,11 @@ class MooncakeDistributedStore:
             region = self._regions[i]
             offset = ptr - region.base
             if offset + size <= region.size:
+                if not _engine.pages_mapped(ptr, size):
+                    raise InvalidArgument(
+                        f"[{ptr:#x}, +{size}) was registered but is no longer mapped memory of this process "
+                        "(freed without unregister_buffer?)"
+                    )
                 return region.view[offset : offset + size]
         raise InvalidArgument(f"[{ptr:#x}, +{size}) is not inside a registered buffer: call register_buffer first")
 
