@@ -247,6 +247,26 @@ def test_a_registered_buffer_unmapped_since_is_refused_not_a_crash(node):
     assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
 
 
+def test_a_store_left_open_at_exit_says_nothing(node):
+    """A program that never closed its store, held by another module (as LMCache and SGLang keep their
+    connectors), printed "Exception ignored in __del__" at exit: the store was collected after the
+    drop-in's module was torn down."""
+    host, port = node.tcp_address
+    done = run_as_mooncake(
+        f"""
+        from mooncake.store import MooncakeDistributedStore
+
+        store = MooncakeDistributedStore()
+        assert store.setup("localhost", "P2PHANDSHAKE", 512 << 20, 16 << 20, "tcp", "", "{host}:{port}") == 0
+        assert store.put("left-open", b"v") == 0
+        from mooncakefs import _engine as library  # a module torn down after the drop-in's at exit
+
+        library.connector = lambda: store  # kept by a module: collected after the drop-in's was torn down
+        """
+    )
+    assert done.returncode == 0 and done.stderr == "", (done.returncode, done.stderr[-2000:])
+
+
 def test_setup_config_dict_with_human_readable_sizes_and_clear_refusals(node):
     s = MooncakeDistributedStore()
     config = {
