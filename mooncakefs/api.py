@@ -381,8 +381,8 @@ class KVMapping:
 class KVStore(Protocol):
     """What every store offers, embedded (``mooncakefs.open``), one node's (``RemoteStore``) or a
     cluster's (``ClusterStore``): code written against this (the FUSE layer, the Mooncake drop-in)
-    works on all three.  Each store's own docstrings say what it adds (``version``, ``if_newer``; ``tier``
-    on an embedded store or one node, whose VRAM tier it names...)."""
+    works on all three.  Each store's own docstrings say what it adds (``version``, ``if_newer``...).
+    ``tier`` names the tier a value goes to first on every store: a cluster's, on each node it writes."""
 
     @property
     def closed(self) -> bool: ...
@@ -398,6 +398,7 @@ class KVStore(Protocol):
         durable: bool = False,
         replicas: int | None = None,
         placement: str | None = None,
+        tier: str | None = None,
     ) -> None: ...
 
     def batch_put(

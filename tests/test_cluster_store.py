@@ -21,7 +21,7 @@ import mooncakefs.cluster.client
 import mooncakefs.wire
 from mooncakefs.cluster.client import NodeLink
 from mooncakefs.cluster.placement import PlacementMap
-from mooncakefs.errors import KeyNotFound, StaleEpoch, Unavailable
+from mooncakefs.errors import InvalidArgument, KeyNotFound, StaleEpoch, Unavailable
 
 pytestmark = pytest.mark.skipif(
     shutil.which("etcd") is None, reason="etcd is not installed (tools/install-deps.sh installs etcd-server)"
@@ -147,6 +147,14 @@ def test_keys_live_on_the_first_r_nodes_of_their_group(make_cluster):
         store.put("k", b"v", replicas=0)
     with pytest.raises(ValueError, match="placement"):
         store.put("k", b"v", placement="elsewhere")
+    # tier= travels to every copy's node, checked as the embedded store checks it
+    store.put("tiered", b"t", replicas=2, tier="dram")
+    assert store.get("tiered") == b"t" and cluster.holders("tiered") == set(store.map.owners(b"tiered")[:2])
+    with pytest.raises(InvalidArgument, match="tier='vram' needs a VRAM tier"):
+        store.put("in-vram", b"v", tier="vram")  # these nodes have none
+    with pytest.raises(InvalidArgument, match="tier must be one of"):
+        store.put("in-gpu", b"v", tier="gpu")
+    assert not store.exists("in-vram") and not store.exists("in-gpu")
 
 
 def test_copies_sent_over_tcp_share_one_crc_of_the_value(make_cluster, monkeypatch):

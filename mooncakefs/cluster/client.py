@@ -30,6 +30,7 @@ from mooncakefs.api import (
     ObjectInfo,
     PutOptions,
     batch_targets,
+    check_tier,
     key_list,
     put_options,
     put_pairs,
@@ -254,15 +255,17 @@ class ClusterStore(KVMapping):
         ttl: float | None = None,
         if_absent: bool = False,
         durable: bool = False,
+        tier: str | None = None,
     ) -> None:
         """Store ``value`` on the first ``replicas`` nodes of the key's group; returns once all hold it.
         ``placement="local"`` keeps it on this host's node instead (the group's nodes note where).
-        Arguments are checked as every store checks them, before any node is asked."""
-        self._put(
-            key, value, self._options(put_options(pin, ttl, if_absent, durable, 0, False, 0, replicas, placement))
-        )
+        ``tier`` ("vram" or "dram") is where each node puts its copy first, as ``RemoteStore.put`` says;
+        a copy that repair makes later goes where that node's store places it.  Arguments are checked as
+        every store checks them, before any node is asked."""
+        options = put_options(pin, ttl, if_absent, durable, 0, False, 0, replicas, placement)
+        self._put(key, value, self._options(options), check_tier(tier))
 
-    def _put(self, key: Key, value: Any, options: PutOptions) -> None:
+    def _put(self, key: Key, value: Any, options: PutOptions, tier: str | None = None) -> None:
         """``put`` with its options checked.  Several copies sent over TCP carry one CRC-32C of the value,
         computed once here rather than once per copy as each is sent."""
         raw, view = encode_key(key), _bytes_of(value)
@@ -276,7 +279,7 @@ class ClusterStore(KVMapping):
             stamped = options.stamped(self._version(pmap))
             if options.placement == "local":
                 here = self._local_node(pmap)
-                self._call(here, pmap, lambda link: link._put(key, view, stamped, placement_flags(1, True)))
+                self._call(here, pmap, lambda link: link._put(key, view, stamped, placement_flags(1, True), None, tier))
                 pointer = PutOptions(version=stamped.version)
                 self._on_all(pmap, owners, lambda link: link._put(pointer_key(raw), here.encode(), pointer, spread))
                 return
@@ -284,7 +287,7 @@ class ClusterStore(KVMapping):
                 crc = crc32c(view)
 
             def send(link: NodeLink) -> None:
-                link._put(key, view, stamped, spread, crc if link.kind == "tcp" else None)
+                link._put(key, view, stamped, spread, crc if link.kind == "tcp" else None, tier)
 
             self._on_all(pmap, owners, send)
 
