@@ -291,7 +291,8 @@ class _Registered:
 
 def _check_mapped(ptr: int, size: int) -> None:
     """Registered memory must still be mapped: a range freed without ``unregister_buffer`` is refused,
-    where a copy through it would kill the process (a system call, ~2.5 us on the dev VMs)."""
+    where a copy through it would kill the process (one system call: ~2.4 us a call on the dev VMs, as
+    docs/mooncake-compat.md measured)."""
     if not _engine.pages_mapped(ptr, size):
         raise InvalidArgument(
             f"[{ptr:#x}, +{size}) was registered but is no longer mapped memory of this process "
