@@ -51,6 +51,7 @@ from mooncakefs.errors import (
     Unavailable,
     describe_key,
 )
+from mooncakefs.heap import keep_freed
 from mooncakefs.keys import Key, decode_key, encode_key, encode_prefix, key_digest
 from mooncakefs.sockets import check_socket_path, default_socket
 from mooncakefs.transfer.core import READ, WRITE, Region, Router, Transfer, Transport
@@ -130,6 +131,14 @@ def _bytes_of(value: Any) -> memoryview:
     if not view.c_contiguous or holds_objects(view.format):
         raise value_error(value)
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def batch_values(slots: list[Any]) -> list[bytes | None]:
+    """``batch_get``'s answer from ``_batch_read``'s slots: each value as bytes, None for a miss or an
+    error; the heap they take is kept for the next batch (``heap.keep_freed``)."""
+    values = [bytes(v) if isinstance(v, bytearray) else v if isinstance(v, bytes) else None for v in slots]
+    keep_freed(sum(map(len, filter(None, values))))
+    return values
 
 
 def _writable_bytes_of(buffer: Any) -> memoryview:
@@ -663,8 +672,7 @@ class RemoteStore(KVMapping):
     def batch_get(self, keys: Iterable[Key]) -> list[bytes | None]:
         """As ``Store.batch_get``: the values, None where a key is missing."""
         keys = list(key_list(keys, "batch_get"))
-        out = self._batch_read(keys, [None] * len(keys))
-        return [bytes(v) if isinstance(v, bytearray) else v if isinstance(v, bytes) else None for v in out]
+        return batch_values(self._batch_read(keys, [None] * len(keys)))
 
     def _batch_read(self, keys: list[Key], dsts: list[Any]) -> list[Any]:
         if len(keys) > MAX_BATCH:

@@ -62,6 +62,7 @@ from mooncakefs.errors import (
     given,
 )
 from mooncakefs.gpu import DeviceBuffer, device_buffer, is_gpu_buffer
+from mooncakefs.heap import keep_freed
 from mooncakefs.keys import (
     INTERNAL_PREFIX,
     MAX_KEY_BYTES,
@@ -1594,7 +1595,9 @@ class Store(KVMapping):
         keys = list(key_list(keys, "batch_get"))
         results = self._plain.read_batch(keys, None)  # under the lock, once per MiB copied
         out = [self._each(self.get, keys[i]) if r is None else r for i, r in enumerate(results)]
-        return [None if isinstance(v, Exception) else v for v in out]
+        values = [None if isinstance(v, Exception) else v for v in out]
+        keep_freed(sum(map(len, filter(None, values))))
+        return values
 
     def batch_exists(self, keys: Iterable[Key]) -> list[bool]:
         out = [self._each(self.exists, key) for key in key_list(keys, "batch_exists")]

@@ -16,7 +16,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
              "test_shm"),
     "engine": ("test_api", "test_tiers", "test_ssd_direct", "test_policy", "test_stateful", "test_concurrency",
                "test_versions", "test_bench_harness", "test_tier_contract", "test_gpu_buffers", "test_vram",
-               "test_vram_standin", "test_plain_path"),
+               "test_vram_standin", "test_plain_path", "test_heap"),
     "node": ("test_node", "test_checksums", "test_permissions", "test_shared_index", "test_cli",
              "test_error_codes", "test_mooncake_compat"),
     "transfer": ("test_transfer", "test_transfer_engine", "test_rdma_device"),

@@ -31,6 +31,7 @@ import msgpack
 import numpy as np
 import pytest
 from conftest import KiB, MiB, child_env, kill_process, rand_bytes, spawn_python
+from heap_probe import HAS_MALLINFO2, heap_after_batch
 from node_helpers import NodeProcess, free_port, raw_channel, scrape_metrics, wait_for
 
 import mooncakefs
@@ -356,6 +357,17 @@ def test_batch_operations(client):
 
     assert client.batch_exists([ns + "a", ns + "missing", "", ns + "big"]) == [True, False, False, True]
     assert client.batch_get([]) == [] and client.batch_put({}) == []
+
+
+@pytest.mark.skipif(not HAS_MALLINFO2, reason="needs glibc 2.33+ (mallinfo2) to see the heap")
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_a_clients_dropped_batch_stays_in_its_heap_for_the_next(shared_node, transport):
+    """As the embedded store's (test_heap.py): a client's batch_get keeps the heap its values free."""
+    kept = heap_after_batch("remote", shared_node.url(transport))
+    assert kept["kept"] > 0
+    assert kept["free"] >= 16 * MiB
+    gone = heap_after_batch("remote", shared_node.url(transport), MOONCAKEFS_HEAP_KEEP="0")
+    assert gone["free"] < 8 * MiB
 
 
 def test_mapping_protocol(client):

@@ -35,7 +35,7 @@ from mooncakefs.api import (
     put_options,
     put_pairs,
 )
-from mooncakefs.client import RemoteStore, _bytes_of, _writable_bytes_of
+from mooncakefs.client import RemoteStore, _bytes_of, _writable_bytes_of, batch_values
 from mooncakefs.cluster.etcd import parse_etcd_url
 from mooncakefs.cluster.membership import cluster_prefix, connect_etcd, host_id
 from mooncakefs.cluster.placement import PlacementMap, pointer_key
@@ -511,8 +511,9 @@ class ClusterStore(KVMapping):
     def batch_get(self, keys: Iterable[Key]) -> list[bytes | None]:
         """As ``Store.batch_get``: the values, None where a key is missing."""
         keys = list(key_list(keys, "batch_get"))
-        out = self._batch(keys, lambda link, idx: link._batch_read([keys[i] for i in idx], [None] * len(idx)))
-        return [bytes(v) if isinstance(v, bytearray) else v if isinstance(v, bytes) else None for v in out]
+        return batch_values(
+            self._batch(keys, lambda link, idx: link._batch_read([keys[i] for i in idx], [None] * len(idx)))
+        )
 
     def batch_get_into(self, keys: Iterable[Key], buffers: Iterable[Any]) -> list[Any]:
         """As ``Store.batch_get_into``: one result per key, the byte count or the exception."""
