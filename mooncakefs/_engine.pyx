@@ -5,7 +5,7 @@ the pool arena and the compact index entry.
 Each has a pure-Python twin in ``mooncakefs._reference`` that the tests run against this module.
 """
 
-from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_CheckSignals, PyErr_Clear, PyErr_ExceptionMatches
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
@@ -357,6 +357,23 @@ def fill_bytes(Py_ssize_t n, fill) -> bytes:
     finally:
         view.release()
     return out
+
+
+cdef class _Filling:
+    """A writable buffer over a new bytes object that it keeps alive: ``bytes_to_fill``'s view."""
+    cdef bytes out
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        PyBuffer_FillInfo(view, self, PyBytes_AS_STRING(self.out), PyBytes_GET_SIZE(self.out), 0, flags)
+
+
+def bytes_to_fill(Py_ssize_t n):
+    """A new, uninitialised bytes object of ``n`` bytes and a writable memoryview of it, for values that
+    arrive later than ``fill_bytes`` can wait (a batch's, by the transfer engine): the caller fills the
+    view and drops it before anyone else sees the bytes."""
+    cdef _Filling filling = _Filling.__new__(_Filling)
+    filling.out = _new_bytes(n)
+    return filling.out, memoryview(filling)
 
 
 cdef extern from "Python.h":

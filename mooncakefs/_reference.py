@@ -120,6 +120,12 @@ def fill_bytes(n: int, fill: Callable[[memoryview], object]) -> bytes:
     return bytes(buf)
 
 
+def bytes_to_fill(n: int) -> tuple[bytearray, memoryview]:
+    """A bytearray in place of the bytes (its caller turns it into bytes once filled) and its view."""
+    buf = bytearray(n)
+    return buf, memoryview(buf)
+
+
 def view_at(addr: int, n: int, writable: bool = False) -> memoryview:
     """A memoryview of ``n`` bytes at ``addr`` in this process, through ctypes."""
     if addr == 0 or n < 0:

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from mooncakefs import shm
-from mooncakefs._engine import SharedIndex, address, crc32c, fill_bytes
+from mooncakefs._engine import SharedIndex, address, bytes_to_fill, crc32c, fill_bytes
 from mooncakefs.api import (
     BATCH_ERRORS,
     PLAIN_PUT,
@@ -51,7 +51,7 @@ from mooncakefs.errors import (
     Unavailable,
     describe_key,
 )
-from mooncakefs.heap import keep_freed
+from mooncakefs.heap import keep_freed, keep_values
 from mooncakefs.keys import Key, decode_key, encode_key, encode_prefix, key_digest
 from mooncakefs.sockets import check_socket_path, default_socket
 from mooncakefs.transfer.core import READ, WRITE, Region, Router, Transfer, Transport
@@ -213,6 +213,7 @@ class RemoteStore(KVMapping):
         self._tcp = TcpTransport(self._connect, connections=connections, stripe=stripe)
         self._engine = Router([self._tcp])
         self._give_back(self._connect())  # fail now, clearly, if the node is not there
+        keep_values()  # values of up to 32 MiB leave the heap they free to the next (heap.py)
 
     # -- connections ------------------------------------------------------------------------------------
 
@@ -727,8 +728,10 @@ class RemoteStore(KVMapping):
                 if dst is not None and size > len(dst):
                     results[i] = BufferTooSmall(keys[i], size, len(dst))
                     continue
-                out = dst[:size] if dst is not None else memoryview(bytearray(size))
-                results[i] = size if dst is not None else out.obj
+                if dst is not None:
+                    out, results[i] = dst[:size], size
+                else:
+                    results[i], out = bytes_to_fill(size)
                 if lease:
                     transfers.append(Transfer(READ, out, Region(lease, size, pool_offset)))
                     checks.append((i, crc, out))

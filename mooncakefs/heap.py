@@ -1,12 +1,13 @@
-"""Keep the heap a batch of values frees, so that the next batch does not fault it in again.
+"""Keep the heap that values free, so that the next values do not fault it in again.
 
-``batch_get`` hands its caller many new bytes objects at once.  When the caller drops them, glibc finds
-more free memory at the top of its heap than its trim threshold (128 KiB, or twice the largest block it
-has had to mmap, at most 64 MiB) and gives it back to the kernel; the next batch then takes every page
-again as a fresh fault, zeroed.  With 64 KiB - 16 MiB values that made ``batch_get`` 0.1-0.5x the rate
-of the same values read one ``get`` at a time (docs/performance.md, "batch_get and the heap").  glibc
-raises its thresholds by itself for one large block, never for many freed together: ``keep_freed``
-raises them for the largest batch a process has been handed, as glibc would for one block that size.
+A value read as bytes takes new heap; when its caller drops it, glibc gives the top of its heap back to
+the kernel once more than its trim threshold is free there (128 KiB, or twice the largest block it has
+had to mmap, at most 64 MiB), and the next value's pages come back as fresh faults, zeroed.  A batch
+frees many values at once and always crossed it: ``batch_get`` of 256 KiB - 16 MiB values ran at
+0.06-0.3x the rate of single gets of the same values (docs/performance.md, "Values and the heap").  glibc
+raises its thresholds by itself for one large block, never for many freed together, and only once it
+has had to mmap one: ``keep_values`` sets them where glibc's own rule ends when a store or client
+opens, and ``keep_freed`` raises them for the largest batch the process has been handed.
 
 The most kept is ``MOONCAKEFS_HEAP_KEEP`` (a size; 0 leaves glibc's thresholds alone), by default 1 GiB
 or a sixteenth of the machine's memory, whichever is less.  Elsewhere than glibc this does nothing.
@@ -76,6 +77,14 @@ def keep_freed(nbytes: int) -> None:
     with _lock:
         if want > _kept and _set(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and _set(_M_TRIM_THRESHOLD, want):
             _kept = want
+
+
+def keep_values() -> None:
+    """What a store or client does when it opens: keep the heap that values of up to 32 MiB free, as glibc
+    itself does once it has freed one block of 32 MiB.  Before that, glibc's thresholds follow the
+    process's history: a client reading 1 MiB values from a node (``RemoteStore.get``) found them low
+    enough to hand the heap back and fault it in again at nearly every get, at 0.25x the rate."""
+    keep_freed(MMAP_THRESHOLD)
 
 
 def kept() -> int:

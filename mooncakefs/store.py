@@ -62,7 +62,7 @@ from mooncakefs.errors import (
     given,
 )
 from mooncakefs.gpu import DeviceBuffer, device_buffer, is_gpu_buffer
-from mooncakefs.heap import keep_freed
+from mooncakefs.heap import keep_freed, keep_values
 from mooncakefs.keys import (
     INTERNAL_PREFIX,
     MAX_KEY_BYTES,
@@ -247,6 +247,7 @@ class Store(KVMapping):
                 self._dram.close()
             self._datadir_lock.release()
             raise
+        keep_values()  # values of up to 32 MiB leave the heap they free to the next (heap.py)
 
     def _close_gpu(self) -> None:
         """cuFile's registrations, the DRAM pool's pinning (before the pool is unmapped), then the VRAM

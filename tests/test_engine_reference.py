@@ -659,6 +659,23 @@ def test_allocator_engine_matches_reference_long_run(engine, reference):
         assert e.used == r.used, f"step {step}"
 
 
+def test_bytes_to_fill_hands_bytes_and_a_view_that_writes_them(impl):
+    out, view = impl.bytes_to_fill(6)
+    assert len(out) == 6 and not view.readonly and view.nbytes == 6
+    view[:] = b"abcdef"
+    del view
+    assert bytes(out) == b"abcdef"
+    empty, view = impl.bytes_to_fill(0)
+    assert len(empty) == 0 and view.nbytes == 0
+
+
+def test_the_view_of_bytes_to_fill_keeps_its_bytes_alive(engine):
+    out, view = engine.bytes_to_fill(1 << 20)
+    del out  # the view alone holds it now: writing through it must not touch freed memory
+    view[:] = b"x" * (1 << 20)
+    assert view.obj is not None and bytes(view[:3]) == b"xxx"
+
+
 def test_fill_bytes_hands_a_writable_view_then_bytes(impl):
     out = impl.fill_bytes(6, lambda view: view.__setitem__(slice(None), b"abcdef"))
     assert type(out) is bytes and out == b"abcdef"
