@@ -83,7 +83,8 @@ def keep_values() -> None:
     """What a store or client does when it opens: keep the heap that values of up to 32 MiB free, as glibc
     itself does once it has freed one block of 32 MiB.  Before that, glibc's thresholds follow the
     process's history: a client reading 1 MiB values from a node (``RemoteStore.get``) found them low
-    enough to hand the heap back and fault it in again at nearly every get, at 0.25x the rate."""
+    enough to hand the heap back and fault it in again at nearly every get, at a quarter to a third of
+    the rate."""
     keep_freed(MMAP_THRESHOLD)
 
 

@@ -7,8 +7,9 @@ socket and loopback TCP port, no metrics), waits until it accepts and has finish
 and measures from this process through ``mooncakefs.connect``:
 
 * ``unix://`` (same host: large values move by memcpy through the shared pool) and ``tcp://`` (forced
-  TCP on loopback): get_into, get and put of 16 MiB; get, get_into and put of 4 KiB; batch_get_into and
-  batch_put of 32 x 4 KiB.  ops/s counts keys (batch rows too).
+  TCP on loopback): get_into, get and put of 16 MiB, and batch_get of all --large-keys of them; get,
+  get_into and put of 4 KiB; batch_get_into and batch_put of 32 x 4 KiB.  ops/s counts keys (batch rows
+  too).
 
 Physical references, in the same run; one repetition of a row's reference runs right before each
 repetition of the row, so the drift of a noisy host reaches both sides of the ratio alike:
@@ -90,6 +91,7 @@ ROWS: tuple[tuple[str, int], ...] = (
     ("get_into", LARGE),
     ("get", LARGE),
     ("put", LARGE),
+    ("batch_get", LARGE),
     ("get", SMALL),
     ("get_into", SMALL),
     ("put", SMALL),
@@ -221,7 +223,7 @@ def measure_rows(
     of a row follows one repetition of its physical reference, so drift on a noisy host hits both."""
     loads = {
         SMALL: KVWorkload.carve(via, SMALL, args.small_keys, args.batch, src, dst),
-        LARGE: KVWorkload.carve(via, LARGE, args.large_keys, 1, src, dst),
+        LARGE: KVWorkload.carve(via, LARGE, args.large_keys, args.large_keys, src, dst),
     }
     for ref in refs.values():
         ref.warm_up(args.rep_seconds)
