@@ -164,6 +164,11 @@ class Namespace:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+        # Debian's SQLite zeroes every freed page (SECURE_DELETE): an unlinked small file's inline page was
+        # written to the WAL once more, as zeros, at its deletion and at the commit, 40% of an unlink's
+        # CPU in a profile of an unlink loop.  FAST zeroes only what a change writes anyway; a freed page
+        # keeps its old bytes until reused, as a disk filesystem's freed blocks do (the file is 0600).
+        self.db.execute("PRAGMA secure_delete=FAST")
         self.db.executescript(_SCHEMA)
         # Inode rows as the database has them: only this mount changes them, so reads need not ask it.
         self._rows: dict[int, tuple[Any, ...]] = {}
