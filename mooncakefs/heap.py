@@ -69,8 +69,8 @@ def trim_threshold_for(nbytes: int, kept: int, most: int = KEEP_MAX) -> int:
 
 
 def keep_freed(nbytes: int) -> None:
-    """The caller was just handed ``nbytes`` of values in one batch: keep as much freed heap, so that
-    the next batch reuses it.  Thresholds only ever go up."""
+    """A batch of ``nbytes`` of values was just handed out: keep twice as much freed heap (at most
+    ``KEEP_MAX``), so that the next batch reuses it.  Thresholds only ever go up."""
     global _kept
     if _set is None or not (want := trim_threshold_for(nbytes, _kept)):
         return
