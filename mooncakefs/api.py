@@ -193,7 +193,8 @@ def put_options(
 def holds_objects(fmt: str | None) -> bool:
     """Whether a buffer of this struct format holds Python objects (a numpy array of dtype object, or a
     record with such a field): its bytes are pointers, which no store may copy as data."""
-    return fmt is not None and "O" in re.sub(r":[^:]*:", "", fmt)  # field names (":name:") aside
+    # field names (":name:") aside; a format with no "O" at all (nearly every one) needs no regex
+    return fmt is not None and "O" in fmt and "O" in re.sub(r":[^:]*:", "", fmt)
 
 
 def objects_error(what: str, value: object) -> InvalidArgument:

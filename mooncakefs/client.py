@@ -33,7 +33,6 @@ from mooncakefs.api import (
     ObjectInfo,
     PutOptions,
     batch_targets,
-    buffer_error,
     check_seconds,
     check_tier,
     holds_objects,
@@ -143,10 +142,13 @@ def batch_values(slots: list[Any]) -> list[bytes | None]:
 
 def _writable_bytes_of(buffer: Any) -> memoryview:
     """A buffer to read a value into, as flat bytes; InvalidArgument if it cannot take one."""
-    error = buffer_error(buffer)
-    if error is not None:
-        raise error
-    view = memoryview(buffer)
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise_buffer_error(buffer)  # says why
+        raise
+    if view.readonly or not view.c_contiguous or holds_objects(view.format):
+        raise_buffer_error(buffer)
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 

@@ -342,7 +342,7 @@ class MooncakeDistributedStore:
             raise InvalidArgument("the key is empty")
         return key
 
-    def _view(self, ptr: object, size: object, spans: dict[int, tuple[int, int]] | None = None) -> memoryview:
+    def _view(self, ptr: object, size: object, spans: dict[int, list[int]] | None = None) -> memoryview:
         """The registered bytes at [ptr, ptr+size): InvalidArgument unless they lie inside one
         ``register_buffer`` range (a raw pointer is never dereferenced otherwise) and are still mapped.
         ``spans``: leave the mapping check to the caller, adding the bytes to their range's span in it."""
@@ -355,9 +355,13 @@ class MooncakeDistributedStore:
             if offset + size <= region.size:
                 if spans is None:
                     _check_mapped(ptr, size)
-                else:
-                    lo, hi = spans.get(i, (ptr, ptr + size))
-                    spans[i] = (min(lo, ptr), max(hi, ptr + size))
+                elif (span := spans.get(i)) is None:
+                    spans[i] = [ptr, ptr + size]
+                else:  # [lo, hi) of the region's bytes the batch touches
+                    if ptr < span[0]:
+                        span[0] = ptr
+                    if ptr + size > span[1]:
+                        span[1] = ptr + size
                 return region.view[offset : offset + size]
         raise InvalidArgument(f"[{ptr:#x}, +{size}) is not inside a registered buffer: call register_buffer first")
 
@@ -651,7 +655,7 @@ class MooncakeDistributedStore:
     def _views(self, buffer_ptrs: Sequence[int], sizes: Sequence[int], n: int) -> list[memoryview]:
         if len(buffer_ptrs) != n or len(sizes) != n:
             raise InvalidArgument(f"{n} keys but {len(buffer_ptrs)} pointers and {len(sizes)} sizes")
-        spans: dict[int, tuple[int, int]] = {}  # one mapping check for each range the batch touches
+        spans: dict[int, list[int]] = {}  # one mapping check for each range the batch touches
         views = [self._view(p, s, spans) for p, s in zip(buffer_ptrs, sizes, strict=True)]
         for lo, hi in spans.values():
             _check_mapped(lo, hi - lo)
