@@ -29,7 +29,8 @@ import os
 import threading
 
 from mooncakefs.api import BATCH_ERRORS, PLAIN_PUT, objects_error, value_error
-from mooncakefs.keys import INTERNAL_PREFIX, MAX_KEY_BYTES, InternalKey
+from mooncakefs.errors import MooncakeError
+from mooncakefs.keys import INTERNAL_PREFIX, MAX_KEY_BYTES, InternalKey, key_digest
 from mooncakefs.keys import encode_key as _encode_key_checked
 
 
@@ -1431,6 +1432,37 @@ cdef class SharedIndex:
             return n
         finally:
             PyBuffer_Release(&d)
+
+    def read_batch(self, list keys, list dsts, list results) -> list:
+        """``RemoteStore._batch_read``'s loop on the node's host: each key whose ``results[i]`` is None
+        and whose value is here gets it there, copied into ``dsts[i]`` (a writable buffer: the byte
+        count) or, where ``dsts[i]`` is None, as new bytes of at most 64 KiB; a key ``encode_key``
+        refuses gets its error.  Returns the indexes of the keys left for the node to answer (not here,
+        being changed, larger than their buffer or than 64 KiB)."""
+        cdef list left = []
+        cdef Py_ssize_t i
+        if len(dsts) != len(keys) or len(results) != len(keys):
+            raise ValueError("read_batch takes one buffer and one result slot per key")
+        for i in range(len(keys)):
+            if results[i] is not None:
+                continue
+            try:
+                raw = encode_key(keys[i])
+            except MooncakeError as exc:
+                results[i] = exc
+                continue
+            dst, digest = dsts[i], key_digest(raw)
+            if dst is None:
+                got = self.read(digest)
+                if got is None:
+                    left.append(i)
+                else:
+                    results[i] = got
+            elif (got := self.read_into(digest, dst)) >= 0:
+                results[i] = got
+            else:
+                left.append(i)
+        return left
 
     def read(self, bytes digest, size_t room=65536):
         """The value as new bytes if it is at most ``room`` bytes, else None (ask the node)."""

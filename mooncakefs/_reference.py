@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 
 from mooncakefs.api import BATCH_ERRORS, PLAIN_PUT, holds_objects, objects_error, value_error
-from mooncakefs.errors import ProtocolError, Unavailable
+from mooncakefs.errors import MooncakeError, ProtocolError, Unavailable
 from mooncakefs.frame import (
     CRC_CHUNK,
     CRC_TRAILER,
@@ -41,7 +41,7 @@ from mooncakefs.frame import (
     check_crc,
     payload_phase,
 )
-from mooncakefs.keys import InternalKey, encode_key  # the twin of _engine.encode_key: every key's rules
+from mooncakefs.keys import InternalKey, encode_key, key_digest  # the twin of _engine.encode_key: every key's rules
 
 ALLOC_UNIT = 64
 VERSION_LIMIT = 1 << 126  # two 63-bit halves: each fits a signed 64-bit SQLite column
@@ -751,6 +751,29 @@ class SharedIndex:
         hits = _U32.unpack_from(self.table, at + 4)[0]  # racy and approximate, as in C: only the hits field
         _U32.pack_into(self.table, at + 4, (hits + 1) & 0xFFFFFFFF)
         return size
+
+    def read_batch(self, keys: list[Any], dsts: list[Any], results: list[Any]) -> list[int]:
+        if len(dsts) != len(keys) or len(results) != len(keys):
+            raise ValueError("read_batch takes one buffer and one result slot per key")
+        left = []
+        for i, key in enumerate(keys):
+            if results[i] is not None:
+                continue
+            try:
+                raw = encode_key(key)
+            except MooncakeError as exc:
+                results[i] = exc
+                continue
+            if dsts[i] is None:
+                got = self.read(key_digest(raw))
+            else:
+                n = self.read_into(key_digest(raw), dsts[i])
+                got = n if n >= 0 else None
+            if got is None:
+                left.append(i)
+            else:
+                results[i] = got
+        return left
 
     def read(self, digest: bytes, room: int = 65536) -> bytes | None:
         buf = bytearray(room)

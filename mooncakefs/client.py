@@ -684,30 +684,20 @@ class RemoteStore(KVMapping):
                 for i in range(0, len(keys), MAX_BATCH)
                 for r in self._batch_read(keys[i : i + MAX_BATCH], dsts[i : i + MAX_BATCH])
             ]
-        results: list[Any] = [None] * len(keys)
+        results: list[Any] = [d if isinstance(d, Exception) else None for d in dsts]
+        if self._index is not None:  # served from shared memory where the index has them
+            asked = self._index.read_batch(keys, dsts, results)
+        else:
+            asked = [i for i, r in enumerate(results) if r is None]
         raws: list[bytes] = []
         limits: list[int] = []
         where: list[int] = []
-        index = self._index
-        for i, key in enumerate(keys):
-            if isinstance(dsts[i], Exception):
-                results[i] = dsts[i]
-                continue
+        for i in asked:
             try:
-                raw = encode_key(key)
+                raws.append(encode_key(keys[i]))
             except MooncakeError as exc:
                 results[i] = exc
                 continue
-            if index is not None:  # served from shared memory, if the index has it
-                if dsts[i] is not None:
-                    n = index.read_into(key_digest(raw), dsts[i])
-                    if n >= 0:
-                        results[i] = n
-                        continue
-                elif (value := index.read(key_digest(raw))) is not None:
-                    results[i] = value
-                    continue
-            raws.append(raw)
             limits.append(min(self.inline_max, len(dsts[i]) if dsts[i] is not None else 1 << 62))
             where.append(i)
         if not raws:

@@ -87,6 +87,44 @@ def test_read_reports_miss_too_small_and_stale_node():
         assert not node.publish(d, 100, 5)  # not 64-byte aligned: refused, not published
 
 
+def test_a_batch_read_fills_what_is_here_and_leaves_the_rest_to_the_node():
+    """``read_batch`` (a client's same-host batch): hits into their buffers or as bytes, refused keys get
+    their error, pre-filled slots are left alone, and the misses, the too-small buffers and the values
+    over 64 KiB asked as bytes come back for the node; both engines alike."""
+    answers = []
+    for impl in (_engine, _reference):
+        pool = bytearray(random.Random(3).randbytes(1 << 18))
+        table = bytearray(HEADER + 64 * _engine.INDEX_SLOT_BYTES)
+        node, reader = impl.SharedIndex(table, create=True), impl.SharedIndex(table, pool)
+        for name, off, size in ((b"a", 0, 100), (b"b", 128, 5000), (b"big", 64 * 200, 70_000), (b"nil", 64, 0)):
+            assert node.publish(digest(name), off, size)
+        node.beat()
+        keys = ["a", "b", "missing", "", "big", "nil", "a", "b", "skip"]
+        dsts = [
+            bytearray(100),
+            None,
+            bytearray(10),
+            bytearray(10),
+            None,
+            bytearray(1),
+            bytearray(99),
+            bytearray(8000),
+            None,
+        ]
+        results = [None] * 8 + ["already"]
+        left = reader.read_batch(keys, dsts, results)
+        assert left == [2, 4, 6], impl  # a miss, 70,000 bytes as bytes, 100 bytes into 99
+        assert results[0] == 100 and dsts[0] == pool[:100]
+        assert results[1] == bytes(pool[128 : 128 + 5000])
+        assert isinstance(results[3], mooncakefs.InvalidKey)
+        assert results[5] == 0 and results[7] == 5000 and dsts[7][:5000] == pool[128 : 128 + 5000]
+        assert results[8] == "already" and [results[i] for i in left] == [None] * 3
+        with pytest.raises(ValueError):
+            reader.read_batch(keys, dsts[:-1], results)
+        answers.append(([type(r).__name__ if isinstance(r, Exception) else r for r in results], left))
+    assert answers[0] == answers[1]
+
+
 def test_a_large_value_is_read_byte_exact_into_a_buffer_at_any_alignment():
     """Values of 4 MiB and more are copied with streaming stores (_stream_copy.h), on each path this CPU
     has: the bytes land exact at odd destination offsets, with a length no vector divides, and nothing
