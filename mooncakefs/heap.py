@@ -50,10 +50,9 @@ def _mallopt() -> Callable[[int, int], int] | None:
 
 _env = os.environ.get("MOONCAKEFS_HEAP_KEEP")
 try:
-    KEEP_MAX = _default_keep() if _env is None else parse_size(_env)
+    KEEP_MAX = min(_default_keep() if _env is None else parse_size(_env), 2**31 - 1)  # mallopt takes an int
 except ValueError as exc:
     raise ImportError(f"MOONCAKEFS_HEAP_KEEP={_env!r}: {exc}") from None
-KEEP_MAX = min(KEEP_MAX, 2**31 - 1)  # mallopt takes an int
 _set = _mallopt() if KEEP_MAX else None
 _lock = threading.Lock()
 _kept = 0  # the trim threshold this module last set; 0: glibc's own

@@ -7,12 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import child_env
+from conftest import MiB, child_env
 from heap_probe import HAS_MALLINFO2, heap_after_batch
 
 from mooncakefs.heap import KEEP_MIN, TRIM_FLOOR, trim_threshold_for
 
-MiB = 1 << 20
 has_mallinfo2 = pytest.mark.skipif(not HAS_MALLINFO2, reason="needs glibc 2.33+ (mallinfo2) to see the heap")
 
 
